@@ -1,0 +1,12 @@
+"""edgeq: an open deployment compiler toolchain for edge NPUs.
+
+Stages, one module each, data flowing one way: :mod:`edgeq.quantization` (float model -> integer model),
+then export, check, compile and the on-device runtime.
+"""
+
+from edgeq.errors import EdgeqError
+from edgeq.targets import Target, list_targets, load_target
+
+__version__ = "0.1.0"
+
+__all__ = ["EdgeqError", "Target", "__version__", "list_targets", "load_target"]

@@ -1,0 +1,30 @@
+"""The one exception hierarchy of edgeq.
+
+Every error that edgeq raises on purpose derives from :class:`EdgeqError`, so a caller (and the CLI) can
+catch one type and print one line. Messages follow two shapes:
+
+- for graph nodes: ``<op> '<node>': <rule>; got <actual> (allowed: <range>)``
+- for files: ``<file>: <key path>: <problem>``
+"""
+
+from __future__ import annotations
+
+
+class EdgeqError(Exception):
+    """Base class of every error edgeq raises on purpose."""
+
+
+class TargetError(EdgeqError):
+    """A target name is unknown or a target file is malformed."""
+
+
+class TraceError(EdgeqError):
+    """torch.fx could not trace the model into a static graph."""
+
+
+class UnsupportedOpError(EdgeqError):
+    """A node in the quantized region has no integer implementation."""
+
+
+class QuantizationError(EdgeqError):
+    """Quantization parameters are missing, inconsistent or outside the range the numerics allow."""

@@ -1,0 +1,251 @@
+"""edgeq's integer numerics: the one implementation of ``docs/numerics.md``.
+
+Every integer computation that edgeq performs or emits is defined here, once, with the names the spec uses:
+the integer model calls these functions on tensors, and the compiler derives the same multipliers and shifts
+from the same scales. Nothing here clamps or substitutes silently: a value outside the range the hardware
+can represent raises :class:`~edgeq.errors.QuantizationError` with the values.
+
+Conventions (see the spec for the why):
+
+- activations: int8, symmetric, zero point 0, range [-128, 127], one float32 scale per tensor;
+- weights: int8, symmetric, range [-127, 127], one float32 scale per output channel;
+- bias: int32 at scale ``s_in * s_w[c]``; accumulation in int32 (proved not to overflow, see
+  :func:`check_accumulator_bound`);
+- requantization: ``y = (acc * M + 2**(n-1)) >> n`` in int64 with ``2**30 <= M < 2**31`` and ``1 <= n <= 62``:
+  one rounding, half toward +infinity ("single-rounding fixed point");
+- float to int8: ``round_half_to_even(x / s)`` in float32, then saturation (as ONNX QuantizeLinear);
+- int to float: ``float32(q) * s`` in float32 (as ONNX DequantizeLinear).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+import torch
+
+from edgeq.errors import QuantizationError
+
+ACTIVATION_QMIN = -128
+ACTIVATION_QMAX = 127
+WEIGHT_QMIN = -127
+WEIGHT_QMAX = 127
+INT32_MIN = -(2**31)
+INT32_MAX = 2**31 - 1
+
+MULTIPLIER_BITS = 31
+"""A requantization multiplier M is a 31-bit positive integer: ``2**30 <= M < 2**31`` (or smaller when it
+shares a shift with a larger one, see :func:`quantize_multipliers`)."""
+MIN_SHIFT = 1
+MAX_SHIFT = 62
+
+SCALE_FLOOR = float(np.finfo(np.float32).eps)
+"""The smallest scale an observer produces (2**-23): an all-zero tensor still gets a usable scale."""
+
+RELU6_CEILING = 6.0
+
+
+class ScaleRule(str, Enum):
+    """Which scales a target accepts."""
+
+    ANY = "any"
+    """Any positive float32 scale; requantization uses a fixed-point multiplier."""
+    POWER_OF_TWO = "power_of_two"
+    """Scales are powers of two, rounded up (never clipping more); requantization is a pure rounding shift."""
+
+
+def float32(value: float) -> float:
+    """Round a Python float to the nearest float32 and return it as a Python float."""
+    return float(np.float32(value))
+
+
+def scale_from_amax(amax: torch.Tensor, qmax: int, rule: ScaleRule) -> torch.Tensor:
+    """The symmetric scale that maps ``amax`` to ``qmax``, per the target's scale rule.
+
+    Args:
+        amax: largest absolute value to represent (any shape: one scale per element), float.
+        qmax: the largest quantized value (127 for activations and weights).
+        rule: :class:`ScaleRule` of the target.
+
+    Returns:
+        float32 scales, ``max(amax, SCALE_FLOOR * qmax) / qmax``; for ``POWER_OF_TWO`` rounded up to the next
+        power of two.
+    """
+    scale = torch.clamp(amax.detach().to(torch.float32), min=SCALE_FLOOR * qmax) / qmax
+    if rule is ScaleRule.POWER_OF_TWO:
+        mantissa, exponent = torch.frexp(scale)
+        exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+        scale = torch.ldexp(torch.ones_like(scale), exponent)
+    return scale
+
+
+def is_power_of_two(scale: float) -> bool:
+    """True when ``scale`` is exactly 2**k for an integer k."""
+    mantissa, _ = math.frexp(scale)
+    return scale > 0 and mantissa == 0.5
+
+
+@dataclass(frozen=True)
+class FixedPointMultiplier:
+    """A real multiplier represented as ``multiplier * 2**-shift``."""
+
+    multiplier: int
+    shift: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.multiplier < 2**MULTIPLIER_BITS:
+            raise QuantizationError(f"multiplier {self.multiplier} outside (0, 2**31)")
+        if not MIN_SHIFT <= self.shift <= MAX_SHIFT:
+            raise QuantizationError(f"shift {self.shift} outside [{MIN_SHIFT}, {MAX_SHIFT}]")
+
+    @property
+    def real(self) -> float:
+        """The real number this multiplier represents."""
+        return math.ldexp(self.multiplier, -self.shift)
+
+
+def quantize_multipliers(reals: Sequence[float], *, what: str) -> tuple[list[int], int]:
+    """Represent real multipliers as 31-bit integers sharing one shift: ``real_i ~ M_i * 2**-n``.
+
+    The shift is chosen so the largest multiplier uses all 31 bits (``2**30 <= M_max < 2**31``); each ``M_i`` is
+    ``round_half_to_even(real_i * 2**n)``, which is exact in float64 before the rounding. One multiplier alone
+    is the common case (:func:`quantize_multiplier`); elementwise add gives each input its own ``M_i`` with
+    a shared shift, so their sum is rounded once.
+
+    Raises:
+        QuantizationError: a multiplier is not positive and finite, or needs a shift outside [1, 62]
+            (it is at least 2**30, or so small that it rounds to zero), naming ``what``.
+    """
+    if not reals or any(not (math.isfinite(r) and r > 0) for r in reals):
+        raise QuantizationError(f"{what}: requantization multipliers must be positive and finite; got {list(reals)}")
+    largest = max(reals)
+    _, exponent = math.frexp(largest)
+    shift = MULTIPLIER_BITS - exponent
+    if round(math.ldexp(largest, shift)) == 2**MULTIPLIER_BITS:
+        shift -= 1
+    if not MIN_SHIFT <= shift <= MAX_SHIFT:
+        raise QuantizationError(
+            f"{what}: requantization multiplier {largest:.6g} needs shift {shift}; "
+            f"allowed: multipliers in [2**-32, 2**30) (shift {MIN_SHIFT}..{MAX_SHIFT}). "
+            "The scales around this op are inconsistent: check its calibration"
+        )
+    multipliers = [round(math.ldexp(r, shift)) for r in reals]
+    if min(multipliers) == 0:
+        raise QuantizationError(
+            f"{what}: multiplier {min(reals):.6g} rounds to zero next to {largest:.6g} with a shared shift {shift}; "
+            "the input scales differ by more than 2**31"
+        )
+    return multipliers, shift
+
+
+def quantize_multiplier(real: float, *, what: str) -> FixedPointMultiplier:
+    """Represent one real multiplier as ``M * 2**-n`` (see :func:`quantize_multipliers`)."""
+    (multiplier,), shift = quantize_multipliers([real], what=what)
+    return FixedPointMultiplier(multiplier, shift)
+
+
+def real_multiplier(input_scale: float, output_scale: float, weight_scale: float = 1.0, count: int = 1) -> float:
+    """The real requantization factor ``(s_in * s_w) / (s_out * count)`` evaluated in float64.
+
+    ``count`` folds the 1/N of average pooling; ``weight_scale`` is 1 for ops without weights. All inputs are
+    float32 values, so ``s_in * s_w`` is exact in float64.
+    """
+    return (float(input_scale) * float(weight_scale)) / (float(output_scale) * count)
+
+
+def conv_multipliers(
+    input_scale: float, weight_scales: Sequence[float], output_scale: float, *, what: str
+) -> list[FixedPointMultiplier]:
+    """Per-output-channel multipliers of a conv or linear layer."""
+    return [
+        quantize_multiplier(real_multiplier(input_scale, output_scale, w), what=f"{what} channel {c}")
+        for c, w in enumerate(weight_scales)
+    ]
+
+
+def bias_scales(input_scale: float, weight_scales: Sequence[float]) -> list[float]:
+    """float32 scales of the int32 bias (and of an int32 output): ``float32(s_in * s_w[c])``."""
+    return [float32(float(input_scale) * float(w)) for w in weight_scales]
+
+
+def rounding_right_shift(value: torch.Tensor, shift: torch.Tensor | int) -> torch.Tensor:
+    """``(value + 2**(shift-1)) >> shift`` on int64: divide by 2**shift, rounding half toward +infinity."""
+    if isinstance(shift, int):
+        return (value + (1 << (shift - 1))) >> shift
+    return torch.bitwise_right_shift(value + torch.bitwise_left_shift(torch.ones_like(shift), shift - 1), shift)
+
+
+def requantize(acc: torch.Tensor, multiplier: torch.Tensor | int, shift: torch.Tensor | int) -> torch.Tensor:
+    """Scale an int32-range accumulator by ``M * 2**-n`` with one rounding: int64 in, int64 out (unsaturated).
+
+    ``|acc| < 2**31`` and ``M < 2**31`` keep ``acc * M + 2**(n-1)`` inside int64.
+    """
+    return rounding_right_shift(acc.to(torch.int64) * multiplier, shift)
+
+
+def saturate(value: torch.Tensor, low: int, high: int, dtype: torch.dtype) -> torch.Tensor:
+    """Clamp to ``[low, high]`` and cast to ``dtype``."""
+    return torch.clamp(value, low, high).to(dtype)
+
+
+def quantize(value: torch.Tensor, scale: float) -> torch.Tensor:
+    """float -> int8: ``saturate(round_half_to_even(float32(x) / float32(s)))``, as ONNX QuantizeLinear."""
+    scaled = value.to(torch.float32) / torch.tensor(scale, dtype=torch.float32)
+    return saturate(torch.round(scaled), ACTIVATION_QMIN, ACTIVATION_QMAX, torch.int8)
+
+
+def dequantize(value: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """int -> float32: ``float32(q) * float32(s)``, as ONNX DequantizeLinear."""
+    return value.to(torch.float32) * torch.as_tensor(scale, dtype=torch.float32)
+
+
+def quantize_weight(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float weight -> int8 per output channel (axis 0), the same computation as aten's fake-quantize kernels.
+
+    ``q = saturate(round_half_to_even(w * float32(1 / s_c)), -127, 127)`` in float32, so the integer weights equal
+    the ones the QAT model trained and validated with.
+    """
+    inverse = (1.0 / scales.to(torch.float32)).reshape(-1, *([1] * (weight.dim() - 1)))
+    return saturate(torch.round(weight.to(torch.float32) * inverse), WEIGHT_QMIN, WEIGHT_QMAX, torch.int8)
+
+
+def quantize_bias(bias: torch.Tensor, scales: Sequence[float], *, what: str) -> torch.Tensor:
+    """float bias -> int32 at ``scales`` (from :func:`bias_scales`): ``round_half_to_even(b / s)`` in float64.
+
+    Raises:
+        QuantizationError: a bias does not fit int32, naming the channel and the values.
+    """
+    scaled = bias.detach().to(torch.float64) / torch.tensor(scales, dtype=torch.float64)
+    rounded = torch.round(scaled)
+    too_large = (rounded < INT32_MIN) | (rounded > INT32_MAX)
+    if bool(too_large.any()):
+        channel = int(torch.nonzero(too_large)[0])
+        raise QuantizationError(
+            f"{what}: bias of channel {channel} is {float(bias[channel]):.6g}, which is {float(rounded[channel]):.6g} "
+            f"steps of its scale {scales[channel]:.6g} (allowed: int32). The channel's weights are almost all zero; "
+            "prune the channel or give its weights a non-zero range"
+        )
+    return rounded.to(torch.int32)
+
+
+def check_accumulator_bound(reduction_size: int, bias: torch.Tensor | None, *, what: str) -> None:
+    """Prove that an int32 accumulator cannot overflow: ``K * 128 * 127 + max|bias| <= 2**31 - 1``.
+
+    ``reduction_size`` K is the number of products summed per output (in_channels / groups * kh * kw for a conv).
+    With the bound met, int64 arithmetic in the integer model equals the NPU's int32 accumulator.
+    """
+    largest_bias = int(bias.abs().max()) if bias is not None and bias.numel() else 0
+    bound = reduction_size * -ACTIVATION_QMIN * WEIGHT_QMAX + largest_bias
+    if bound > INT32_MAX:
+        raise QuantizationError(
+            f"{what}: int32 accumulator may overflow; got {reduction_size} products per output and bias up to "
+            f"{largest_bias}, bound {bound} (allowed: <= {INT32_MAX}). Split the reduction into smaller layers"
+        )
+
+
+def relu6_ceiling(scale: float) -> int:
+    """The int8 value of 6.0 at ``scale``: ``min(127, round_half_to_even(float32(6) / float32(s)))``."""
+    return min(ACTIVATION_QMAX, int(np.round(np.float32(RELU6_CEILING) / np.float32(scale))))

@@ -1,0 +1,183 @@
+"""An independent int64 numpy reference of docs/numerics.md, for tests only.
+
+Written from the spec, not from edgeq.numerics: division by powers of two uses ``np.floor_divide`` (not shifts),
+convolution is an explicit sum over kernel taps, and nothing runs in floating point except the float32
+quantize / dequantize steps that the spec defines in float32. The interpreter at the bottom evaluates an
+integer model's graph with these functions, op by op.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from edgeq.quantization import integer_ops as ops
+
+
+def round_shift(values: np.ndarray, multiplier: Any, shift: Any) -> np.ndarray:
+    """floor((values * M + 2**(n-1)) / 2**n) in int64 (half toward +infinity)."""
+    values = np.asarray(values, dtype=np.int64)
+    multiplier = np.asarray(multiplier, dtype=np.int64)
+    shift = np.asarray(shift, dtype=np.int64)
+    power = np.left_shift(np.int64(1), shift)
+    return np.floor_divide(values * multiplier + power // 2, power)
+
+
+def saturate8(values: np.ndarray, low: int = -128, high: int = 127) -> np.ndarray:
+    return np.clip(values, low, high).astype(np.int64)
+
+
+def quantize(values: np.ndarray, scale: float) -> np.ndarray:
+    scaled = np.asarray(values, dtype=np.float32) / np.float32(scale)
+    return saturate8(np.rint(scaled).astype(np.int64))  # np.rint rounds half to even
+
+
+def dequantize(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    return np.asarray(values).astype(np.float32) * np.asarray(scales, dtype=np.float32)
+
+
+def conv2d_accumulate(
+    x: np.ndarray, weight: np.ndarray, stride: tuple, padding: tuple, dilation: tuple, groups: int
+) -> np.ndarray:
+    """int64 sum over kernel taps: out[n,o,y,x] = sum_{c,i,j} x[n, g*Cg+c, y*s+i*d, x*s+j*d] * w[o,c,i,j]."""
+    x = np.asarray(x, dtype=np.int64)
+    weight = np.asarray(weight, dtype=np.int64)
+    batch, channels, height, width = x.shape
+    out_channels, per_group, kh, kw = weight.shape
+    padded = np.zeros((batch, channels, height + 2 * padding[0], width + 2 * padding[1]), dtype=np.int64)
+    padded[:, :, padding[0] : padding[0] + height, padding[1] : padding[1] + width] = x
+    out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out = np.zeros((batch, out_channels, out_h, out_w), dtype=np.int64)
+    outs_per_group = out_channels // groups
+    for g in range(groups):
+        xs = padded[:, g * per_group : (g + 1) * per_group]
+        ws = weight[g * outs_per_group : (g + 1) * outs_per_group]
+        for i in range(kh):
+            for j in range(kw):
+                top, left = i * dilation[0], j * dilation[1]
+                window = xs[:, :, top : top + stride[0] * (out_h - 1) + 1 : stride[0], left : left + stride[1] * (out_w - 1) + 1 : stride[1]]
+                out[:, g * outs_per_group : (g + 1) * outs_per_group] += np.einsum("ncyx,oc->noyx", window, ws[:, :, i, j])
+    return out
+
+
+def requantize_channels(acc: np.ndarray, multiplier: np.ndarray, shift: np.ndarray, axis: int) -> np.ndarray:
+    shape = [1] * acc.ndim
+    shape[axis] = -1
+    return round_shift(acc, np.reshape(multiplier, shape), np.reshape(shift, shape))
+
+
+def weighted_output(op: ops._WeightedOp, acc: np.ndarray, axis: int) -> np.ndarray:
+    shape = [1] * acc.ndim
+    shape[axis] = -1
+    acc = acc + op.bias.numpy().astype(np.int64).reshape(shape)
+    if op.output.dtype == "int32":
+        return acc
+    return saturate8(requantize_channels(acc, op.multiplier.numpy(), op.shift.numpy(), axis), *op.clamp)
+
+
+def window_view(x: np.ndarray, kernel: tuple, stride: tuple, padding: tuple, dilation: tuple, fill: int) -> np.ndarray:
+    """[N, C, out_h, out_w, kh*kw] windows of a zero/fill-padded input (floor mode)."""
+    batch, channels, height, width = x.shape
+    padded = np.full((batch, channels, height + 2 * padding[0], width + 2 * padding[1]), fill, dtype=np.int64)
+    padded[:, :, padding[0] : padding[0] + height, padding[1] : padding[1] + width] = x
+    out_h = (height + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    out_w = (width + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    taps = []
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            top, left = i * dilation[0], j * dilation[1]
+            taps.append(padded[:, :, top : top + stride[0] * (out_h - 1) + 1 : stride[0], left : left + stride[1] * (out_w - 1) + 1 : stride[1]])
+    return np.stack(taps, axis=-1)
+
+
+def evaluate_op(module: torch.nn.Module, args: list[Any]) -> Any:
+    """One integer op in numpy int64."""
+    if isinstance(module, ops.IntQuantize):
+        (x,) = args
+        return x if x.dtype == np.int8 else quantize(x, module.output_scale)
+    if isinstance(module, ops.IntDequantize):
+        (x,) = args
+        scales = np.asarray(module.quant.scales, dtype=np.float32)
+        if module.quant.axis is not None:
+            shape = [1] * x.ndim
+            shape[module.quant.axis] = -1
+            scales = scales.reshape(shape)
+        return dequantize(x, scales if module.quant.axis is not None else scales[0])
+    if isinstance(module, ops.IntConv2d):
+        acc = conv2d_accumulate(args[0], module.weight.numpy(), module.stride, module.padding, module.dilation, module.groups)
+        return weighted_output(module, acc, axis=1)
+    if isinstance(module, ops.IntLinear):
+        acc = np.asarray(args[0], dtype=np.int64) @ module.weight.numpy().astype(np.int64).T
+        return weighted_output(module, acc, axis=acc.ndim - 1)
+    if isinstance(module, ops.IntAdd):
+        left, right = (np.asarray(a, dtype=np.int64) for a in args)
+        total = left * module.multipliers[0] + right * module.multipliers[1]
+        return saturate8(round_shift(total, 1, module.shift), *module.clamp)
+    if isinstance(module, ops.IntConcat):
+        parts = [saturate8(round_shift(a, m.multiplier, m.shift)) for a, m in zip(args, module.multipliers)]
+        return np.concatenate(parts, axis=module.dim)
+    if isinstance(module, ops.IntAvgPool2d):
+        windows = window_view(np.asarray(args[0], dtype=np.int64), module.kernel_size, module.stride, module.padding, (1, 1), 0)
+        return saturate8(round_shift(windows.sum(axis=-1), module.multiplier.multiplier, module.multiplier.shift))
+    if isinstance(module, ops.IntGlobalAvgPool2d):
+        total = np.asarray(args[0], dtype=np.int64).sum(axis=(2, 3), keepdims=module.keepdim)
+        return saturate8(round_shift(total, module.multiplier.multiplier, module.multiplier.shift))
+    if isinstance(module, ops.IntMaxPool2d):
+        assert not module.ceil_mode
+        windows = window_view(np.asarray(args[0], dtype=np.int64), module.kernel_size, module.stride, module.padding, module.dilation, -(2**40))
+        return windows.max(axis=-1)
+    if isinstance(module, ops.IntClamp):
+        return np.clip(args[0], module.low, module.high)
+    if isinstance(module, ops.IntUpsampleNearest2d):
+        fh, fw = module.scale_factor
+        return np.repeat(np.repeat(args[0], fh, axis=2), fw, axis=3)
+    raise NotImplementedError(type(module).__name__)
+
+
+def _to_torch(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.astype(np.int64) if value.dtype.kind in "iu" else value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_torch(v) for v in value)
+    return value
+
+
+def _to_numpy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_numpy(v) for v in value)
+    return value
+
+
+def run_reference(graph_module: fx.GraphModule, *inputs: np.ndarray, stop_at_dequantize: bool = True) -> Any:
+    """Evaluate an integer graph node by node: integer ops in numpy int64; data-movement nodes (view, transpose,
+    getitem, size...) with torch on int64 copies, since they do no arithmetic."""
+    modules = dict(graph_module.named_modules())
+    env: dict[fx.Node, Any] = {}
+    placeholders = iter(inputs)
+    for node in graph_module.graph.nodes:
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        if node.op == "placeholder":
+            env[node] = next(placeholders)
+        elif node.op == "output":
+            return args[0]
+        elif node.op == "call_module" and isinstance(modules[node.target], ops.IntDequantize) and stop_at_dequantize:
+            env[node] = np.asarray(args[0], dtype=np.int64)
+        elif node.op == "call_module" and type(modules[node.target]).__module__ == ops.__name__:
+            env[node] = evaluate_op(modules[node.target], list(args))
+        elif node.op == "call_module":
+            env[node] = _to_numpy(modules[node.target](*_to_torch(args)))
+        elif node.op == "call_function":
+            env[node] = _to_numpy(node.target(*_to_torch(args), **kwargs))
+        elif node.op == "call_method":
+            receiver, *rest = _to_torch(args)
+            env[node] = _to_numpy(getattr(receiver, node.target)(*rest, **kwargs))
+        else:
+            raise NotImplementedError(node.op)
+    raise AssertionError("graph without output")

@@ -1,0 +1,126 @@
+"""edgeq.numerics against the spec (docs/numerics.md) and the independent numpy reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from edgeq import numerics as nx
+from edgeq.errors import QuantizationError
+from reference import quantize as reference_quantize
+from reference import round_shift
+
+RNG = np.random.default_rng(1234)
+
+
+def test_quantize_multiplier_literal_goldens():
+    assert nx.quantize_multiplier(1.0, what="t") == nx.FixedPointMultiplier(2**30, 30)
+    assert nx.quantize_multiplier(0.5, what="t") == nx.FixedPointMultiplier(2**30, 31)
+    assert nx.quantize_multiplier(0.75, what="t") == nx.FixedPointMultiplier(3 * 2**29, 31)
+    # 0.1 = 0.8 * 2**-3: M = round(0.8 * 2**31) = 1717986918, n = 34
+    assert nx.quantize_multiplier(0.1, what="t") == nx.FixedPointMultiplier(1717986918, 34)
+    # just below 1: the 31-bit mantissa rounds up to 2**31, so the shift drops by one
+    assert nx.quantize_multiplier(1 - 2**-40, what="t") == nx.FixedPointMultiplier(2**30, 30)
+
+
+@pytest.mark.parametrize("exponent", range(-31, 31, 3))
+def test_quantize_multiplier_precision(exponent):
+    for _ in range(50):
+        real = math.ldexp(RNG.uniform(0.5, 1.0), exponent)
+        fp = nx.quantize_multiplier(real, what="t")
+        assert 2**30 <= fp.multiplier < 2**31
+        assert abs(fp.real - real) <= math.ldexp(1, -fp.shift - 1)
+
+
+@pytest.mark.parametrize("real", [0.0, -1.0, float("inf"), float("nan"), 2.0**30, 2.0**-34])
+def test_quantize_multiplier_rejects_out_of_range(real):
+    with pytest.raises(QuantizationError, match="conv 'x'"):
+        nx.quantize_multiplier(real, what="conv 'x'")
+
+
+def test_shared_shift_multipliers():
+    multipliers, shift = nx.quantize_multipliers([0.75, 0.1], what="add")
+    assert shift == 31
+    assert multipliers == [3 * 2**29, round(0.1 * 2**31)]
+    with pytest.raises(QuantizationError, match="rounds to zero"):
+        nx.quantize_multipliers([1.0, 2.0**-33], what="add")
+
+
+def test_requantize_matches_reference_on_random_values():
+    acc = RNG.integers(-(2**31), 2**31, size=20000, dtype=np.int64)
+    multiplier = RNG.integers(2**30, 2**31, size=20000, dtype=np.int64)
+    shift = RNG.integers(1, 63, size=20000, dtype=np.int64)
+    got = nx.requantize(torch.from_numpy(acc), torch.from_numpy(multiplier), torch.from_numpy(shift))
+    np.testing.assert_array_equal(got.numpy(), round_shift(acc, multiplier, shift))
+
+
+def test_requantize_rounds_ties_half_up():
+    # M * 2**-n = 0.5: odd accumulators land exactly on .5
+    acc = torch.tensor([-5, -3, -1, 1, 3, 5], dtype=torch.int64)
+    got = nx.requantize(acc, 2**30, 31)
+    np.testing.assert_array_equal(got.numpy(), [-2, -1, 0, 1, 2, 3])
+
+
+def test_power_of_two_requantization_is_a_rounding_shift():
+    acc = torch.from_numpy(RNG.integers(-(2**31), 2**31, size=5000, dtype=np.int64))
+    for k in range(1, 20):
+        fp = nx.quantize_multiplier(2.0**-k, what="t")
+        assert fp.multiplier == 2**30
+        np.testing.assert_array_equal(nx.requantize(acc, fp.multiplier, fp.shift).numpy(), nx.rounding_right_shift(acc, k).numpy())
+
+
+def test_quantize_rounds_half_to_even_and_saturates():
+    values = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 200.0, -200.0, 127.4, -128.6])
+    np.testing.assert_array_equal(nx.quantize(values, 1.0).numpy(), [0, 2, 2, 0, -2, -2, 127, -128, 127, -128])
+    random = torch.from_numpy(RNG.normal(0, 3, size=10000).astype(np.float32))
+    for scale in (1 / 128, 0.0371, 0.1):
+        np.testing.assert_array_equal(nx.quantize(random, scale).numpy(), reference_quantize(random.numpy(), scale))
+
+
+def test_dequantize_is_a_float32_product():
+    q = torch.tensor([-128, -1, 0, 1, 127], dtype=torch.int8)
+    np.testing.assert_array_equal(nx.dequantize(q, 0.1).numpy(), q.numpy().astype(np.float32) * np.float32(0.1))
+
+
+def test_scale_from_amax_rules():
+    amax = torch.tensor([127.0, 1.0, 0.0, 3.0])
+    np.testing.assert_array_equal(
+        nx.scale_from_amax(amax, 127, nx.ScaleRule.ANY).numpy(),
+        np.array([1.0, 1 / 127, nx.SCALE_FLOOR, 3 / 127], dtype=np.float32),
+    )
+    pow2 = nx.scale_from_amax(amax, 127, nx.ScaleRule.POWER_OF_TWO).numpy()
+    np.testing.assert_array_equal(pow2, np.array([1.0, 2.0**-6, 2.0**-23, 2.0**-5], dtype=np.float32))
+    assert all(nx.is_power_of_two(float(s)) for s in pow2)
+    assert not nx.is_power_of_two(0.1)
+
+
+def test_weight_quantization_equals_aten_fake_quantize():
+    weight = torch.from_numpy(RNG.normal(0, 1, size=(32, 64)).astype(np.float32))
+    scales = weight.abs().amax(dim=1) / 127
+    weight[0, :4] = torch.tensor([0.5, 1.5, -0.5, 2.5]) * scales[0]  # ties
+    fake = torch.fake_quantize_per_channel_affine(weight, scales, torch.zeros(32, dtype=torch.int32), 0, -127, 127)
+    q = nx.quantize_weight(weight, scales)
+    np.testing.assert_array_equal((q.to(torch.float32) * scales[:, None]).numpy(), fake.numpy())
+
+
+def test_bias_quantization_and_overflow():
+    scales = nx.bias_scales(0.5, [0.25, 0.125])
+    assert scales == [0.125, 0.0625]
+    np.testing.assert_array_equal(nx.quantize_bias(torch.tensor([1.0, -0.09375]), scales, what="c").numpy(), [8, -2])
+    with pytest.raises(QuantizationError, match=r"conv 'c': bias of channel 1 is 1e\+09"):
+        nx.quantize_bias(torch.tensor([0.0, 1e9]), scales, what="conv 'c'")
+
+
+def test_accumulator_bound():
+    nx.check_accumulator_bound(4608, torch.tensor([10**6], dtype=torch.int32), what="c")
+    with pytest.raises(QuantizationError, match="int32 accumulator may overflow; got 200000 products"):
+        nx.check_accumulator_bound(200000, None, what="c")
+
+
+def test_relu6_ceiling():
+    assert nx.relu6_ceiling(6 / 127) == 127
+    assert nx.relu6_ceiling(2.0**-4) == 96
+    assert nx.relu6_ceiling(0.1) == 60

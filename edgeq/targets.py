@@ -1,0 +1,165 @@
+"""Target descriptions: hardware facts and rules read from ``targets/*.toml``.
+
+No Python file names a target: code reads a :class:`Target`. Files are validated strictly on load (an unknown
+key, a wrong type or a missing section is a :class:`~edgeq.errors.TargetError` naming the file and key path).
+Units are part of the key names (``clock_hz``, ``sram_bytes``).
+
+pydantic does the validation: it reports every problem with its key path, and the schema below doubles as
+the documentation of the file format (``docs/targets.md``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from enum import Enum
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edgeq.errors import TargetError
+from edgeq.numerics import ScaleRule
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TargetKind(str, Enum):
+    """What executes the model: a CPU alone, or an NPU beside a host CPU that runs what the NPU cannot."""
+
+    CPU = "cpu"
+    NPU = "npu"
+
+
+class LLVMCodegen(_Strict):
+    """How TVM's LLVM backend generates code for a CPU target."""
+
+    mtriple: str = Field(min_length=1)
+    mattr: tuple[str, ...] = ()
+
+
+class Hardware(_Strict):
+    """An NPU's figures, read by the op-support check and the performance estimator."""
+
+    int8_macs_per_cycle: Annotated[int, Field(gt=0)]
+    clock_hz: Annotated[int, Field(gt=0)]
+    sram_bytes: Annotated[int, Field(gt=0)]
+    dram_bandwidth_bytes_per_s: Annotated[int, Field(gt=0)]
+
+    @property
+    def peak_int8_ops_per_s(self) -> int:
+        """Peak throughput, counting a multiply-accumulate as two operations."""
+        return 2 * self.int8_macs_per_cycle * self.clock_hz
+
+
+class QuantizationRules(_Strict):
+    """Constraints that ``prepare_qat_fx`` applies to every scale it chooses."""
+
+    scale_rule: ScaleRule
+    concat_shares_input_scale: bool
+
+
+class Target(_Strict):
+    """One deployment target."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    kind: TargetKind
+    description: str = Field(min_length=1)
+    host: str | None = None
+    llvm: LLVMCodegen | None = None
+    hardware: Hardware | None = None
+    quantization: QuantizationRules
+    source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _sections_match_kind(self) -> Target:
+        if self.kind is TargetKind.CPU:
+            if self.llvm is None:
+                raise ValueError("a cpu target needs an [llvm] section")
+            if self.host is not None:
+                raise ValueError("a cpu target has no host (it is the host)")
+        else:
+            if self.hardware is None:
+                raise ValueError("an npu target needs a [hardware] section")
+            if self.host is None:
+                raise ValueError("an npu target needs host = '<cpu target name>' for what falls back to the CPU")
+        return self
+
+    def summary(self) -> str:
+        """One line for listings: name, kind and description."""
+        return f"{self.name:<8} {self.kind.value:<4} {self.description}"
+
+
+_SOURCE_TARGETS = Path(__file__).resolve().parent.parent / "targets"
+"""``targets/`` of a source checkout (and of an editable install)."""
+_INSTALLED_TARGETS_PACKAGE = "edgeq._targets"
+"""Where a wheel install puts ``targets/`` (pyproject.toml maps it into the package)."""
+
+
+def _builtin_target_files() -> dict[str, Path]:
+    folder = _SOURCE_TARGETS if _SOURCE_TARGETS.is_dir() else Path(str(resources.files(_INSTALLED_TARGETS_PACKAGE)))
+    return {path.stem: path for path in sorted(folder.glob("*.toml"))}
+
+
+def _format_location(location: tuple[str | int, ...]) -> str:
+    return ".".join(str(part) for part in location) or "(top level)"
+
+
+def load_target_file(path: str | Path) -> Target:
+    """Read and validate one target file.
+
+    Raises:
+        TargetError: ``<file>: <key path>: <problem>`` for unreadable TOML, unknown keys, wrong types or a
+            ``name`` that differs from the file name.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TargetError(f"{path}: no such target file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise TargetError(f"{path}: not valid TOML: {error}") from None
+    try:
+        target = Target.model_validate({**data, "source": path})
+    except ValidationError as error:
+        problems = "; ".join(f"{_format_location(e['loc'])}: {e['msg']}" for e in error.errors())
+        raise TargetError(f"{path}: {problems}") from None
+    if target.name != path.stem:
+        raise TargetError(f"{path}: name: '{target.name}' differs from the file name '{path.stem}'")
+    return target
+
+
+@cache
+def _load_builtin(name: str) -> Target:
+    return load_target_file(_builtin_target_files()[name])
+
+
+def target_names() -> list[str]:
+    """Names of the built-in targets, sorted."""
+    return sorted(_builtin_target_files())
+
+
+def list_targets() -> list[Target]:
+    """Every built-in target, loaded and validated."""
+    return [_load_builtin(name) for name in target_names()]
+
+
+def load_target(target: str | Path | Target) -> Target:
+    """Resolve a target given by built-in name, by path to a ``.toml`` file, or as a :class:`Target`.
+
+    Raises:
+        TargetError: unknown name (listing the known ones) or malformed file.
+    """
+    if isinstance(target, Target):
+        return target
+    if isinstance(target, Path) or str(target).endswith(".toml"):
+        return load_target_file(target)
+    if target not in _builtin_target_files():
+        raise TargetError(f"unknown target '{target}'; known targets: {', '.join(target_names())}")
+    return _load_builtin(target)
+
+
+TargetLike = str | Path | Target

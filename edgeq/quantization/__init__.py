@@ -1,0 +1,43 @@
+"""Quantization: prepare a float model for calibration and QAT, then convert it to the integer model.
+
+The workflow of seed 002 (float -> calib -> qat -> int_infer), with edgeq's own fake-quant and integer ops::
+
+    qat_model = prepare_qat_fx(float_model, default_calib_qconfig, example_inputs=(x,), target="npu-m")
+    set_fake_quantize(qat_model, FakeQuantState.CALIBRATION)   # observe a few batches
+    set_fake_quantize(qat_model, FakeQuantState.QAT)           # train
+    set_fake_quantize(qat_model, FakeQuantState.VALIDATION)    # evaluate
+    int_model = convert_fx(qat_model)                          # exact integer arithmetic of the NPU
+"""
+
+from edgeq.quantization.convert import convert_fx
+from edgeq.quantization.integer_model import IntegerModel
+from edgeq.quantization.observers import EMAMinMaxObserver, HistogramObserver, MinMaxObserver, Observer
+from edgeq.quantization.prepare import prepare_qat_fx
+from edgeq.quantization.qconfig import (
+    QConfig,
+    default_calib_int32_output_qconfig,
+    default_calib_qconfig,
+    default_qat_int32_output_qconfig,
+    default_qat_qconfig,
+)
+from edgeq.quantization.state import FakeQuantState, set_fake_quantize
+from edgeq.quantization.stubs import DeQuantStub, QuantStub
+
+__all__ = [
+    "DeQuantStub",
+    "EMAMinMaxObserver",
+    "FakeQuantState",
+    "HistogramObserver",
+    "IntegerModel",
+    "MinMaxObserver",
+    "Observer",
+    "QConfig",
+    "QuantStub",
+    "convert_fx",
+    "default_calib_int32_output_qconfig",
+    "default_calib_qconfig",
+    "default_qat_int32_output_qconfig",
+    "default_qat_qconfig",
+    "prepare_qat_fx",
+    "set_fake_quantize",
+]

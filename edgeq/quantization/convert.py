@@ -1,0 +1,277 @@
+"""``convert_fx``: a calibrated / QAT model becomes the integer model.
+
+Each canonical op of the prepared graph becomes its integer twin: BatchNorm is folded with its running
+statistics, weights are quantized exactly as the QAT model fake-quantized them, biases become int32, and every
+requantization factor becomes a fixed-point multiplier and shift (docs/numerics.md). Ops that only move values
+(reshape, transpose, chunk, getitem) are kept; dropout disappears.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from edgeq.errors import QuantizationError
+from edgeq.numerics import (
+    ACTIVATION_QMAX,
+    ACTIVATION_QMIN,
+    FixedPointMultiplier,
+    bias_scales,
+    check_accumulator_bound,
+    conv_multipliers,
+    quantize_bias,
+    quantize_multiplier,
+    quantize_multipliers,
+    quantize_weight,
+    real_multiplier,
+    relu6_ceiling,
+)
+from edgeq.quantization.fake_quantize import weight_scales
+from edgeq.quantization.graph import getattr_path, input_nodes
+from edgeq.quantization.integer_model import IntegerModel
+from edgeq.quantization.integer_ops import (
+    IntAdd,
+    IntAvgPool2d,
+    IntClamp,
+    IntConcat,
+    IntConv2d,
+    IntDequantize,
+    IntGlobalAvgPool2d,
+    IntLinear,
+    IntMaxPool2d,
+    IntQuantize,
+    IntUpsampleNearest2d,
+    TensorQuant,
+)
+from edgeq.quantization.patterns import OpKind, op_kind
+from edgeq.quantization.prepare import TARGET_ATTRIBUTE
+from edgeq.quantization.qat_modules import (
+    Activation,
+    AddAct,
+    AvgPool2d,
+    Clamp,
+    Concat,
+    ConvAct2d,
+    DequantizeOutput,
+    GlobalAvgPool2d,
+    LinearAct,
+    MaxPool2d,
+    QuantizeInput,
+    Requantizing,
+    UpsampleNearest2d,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def convert_fx(model: fx.GraphModule) -> IntegerModel:
+    """Convert a prepared (calibrated or QAT-trained) model to the integer model.
+
+    The prepared model is not modified. Convert in any fake-quant state: the ranges observed so far are used.
+
+    Raises:
+        QuantizationError: the model was not prepared by ``prepare_qat_fx``, an activation range was never
+            observed, or a scale, multiplier or bias falls outside the ranges of docs/numerics.md.
+    """
+    target = getattr(model, TARGET_ATTRIBUTE, None)
+    if not isinstance(model, fx.GraphModule) or target is None:
+        raise QuantizationError(
+            f"convert_fx: {type(model).__name__} was not prepared by edgeq's prepare_qat_fx; prepare, calibrate "
+            "or train, then convert"
+        )
+    with torch.no_grad():
+        graph_module, tensor_quant = _Converter(model).run()
+    logger.info("converted %s to the integer model for %s", type(model).__name__, target)
+    return IntegerModel(graph_module, tensor_quant, target)
+
+
+class _Converter:
+    """Builds the integer graph node by node (one instance per call)."""
+
+    def __init__(self, prepared: fx.GraphModule) -> None:
+        self.prepared = prepared
+        self.modules = dict(prepared.named_modules())
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.new_modules: dict[str, nn.Module] = {}
+        self.quant: dict[fx.Node, TensorQuant] = {}
+        self.converters: dict[type[nn.Module], Callable[[fx.Node, nn.Module], tuple[nn.Module, TensorQuant]]] = {
+            QuantizeInput: self._quantize_input,
+            DequantizeOutput: self._dequantize_output,
+            ConvAct2d: self._conv,
+            LinearAct: self._linear,
+            AddAct: self._add,
+            Concat: self._concat,
+            AvgPool2d: self._avg_pool,
+            GlobalAvgPool2d: self._global_avg_pool,
+            Clamp: self._clamp,
+            MaxPool2d: self._max_pool,
+            UpsampleNearest2d: self._upsample,
+        }
+
+    def run(self) -> tuple[fx.GraphModule, dict[str, TensorQuant]]:
+        for node in self.prepared.graph.nodes:
+            module = self.modules.get(node.target) if node.op == "call_module" else None
+            converter = self.converters.get(type(module)) if module is not None else None
+            if converter is not None:
+                integer_op, quant = converter(node, module)
+                self.new_modules[node.target] = integer_op
+                self.env[node] = self.graph.call_module(node.target, fx.node.map_arg(node.args, self.env.__getitem__))
+                if quant is not None:
+                    self.quant[node] = quant
+            elif self._is_integer_passthrough(node):
+                self._pass_through(node)
+            else:
+                self._copy(node)
+        graph_module = fx.GraphModule(self.new_modules, self.graph, class_name=self.prepared.__class__.__name__.replace("QAT", "Int"))
+        graph_module.graph.lint()
+        tensor_quant = {self.env[node].name: quant for node, quant in self.quant.items()}
+        return graph_module, tensor_quant
+
+    # ---- nodes that are not canonical ops -------------------------------------------------------------------
+    def _is_integer_passthrough(self, node: fx.Node) -> bool:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            return False
+        if op_kind(node, self.modules) not in (OpKind.RESHAPE, OpKind.DROPOUT):
+            return False
+        return any(n in self.quant for n in input_nodes(node))
+
+    def _pass_through(self, node: fx.Node) -> None:
+        source = next(n for n in input_nodes(node) if n in self.quant)
+        self.quant[node] = self.quant[source]
+        kind = op_kind(node, self.modules)
+        if kind is OpKind.DROPOUT or (node.op == "call_module" and isinstance(self.modules[node.target], nn.Identity)):
+            self.env[node] = self.env[source]
+            return
+        self._copy(node)
+
+    def _copy(self, node: fx.Node) -> None:
+        if node.op == "call_module":
+            self.new_modules[node.target] = copy.deepcopy(self.modules[node.target])
+        elif node.op == "get_attr":
+            self.new_modules[node.target] = copy.deepcopy(getattr_path(self.prepared, node.target))
+        self.env[node] = self.graph.node_copy(node, self.env.__getitem__)
+
+    # ---- scales -----------------------------------------------------------------------------------------------
+    def _input_quant(self, node: fx.Node, index: int = 0) -> TensorQuant:
+        source = node.args[index]
+        if source not in self.quant:
+            raise QuantizationError(f"'{node.target}': input '{source.name}' is not quantized")
+        quant = self.quant[source]
+        if quant.dtype != "int8":
+            raise QuantizationError(f"'{node.target}': input '{source.name}' is {quant.dtype}; expected int8")
+        return quant
+
+    def _output_scale(self, module: Requantizing) -> float:
+        if module.output_scale_from is not None:
+            module = self.modules[module.output_scale_from]
+        assert module.output_quantizer is not None
+        return module.output_quantizer.scale()
+
+    @staticmethod
+    def _clamp_for(activation: Activation, scale: float) -> tuple[int, int]:
+        if activation is Activation.RELU:
+            return (0, ACTIVATION_QMAX)
+        if activation is Activation.RELU6:
+            return (0, relu6_ceiling(scale))
+        return (ACTIVATION_QMIN, ACTIVATION_QMAX)
+
+    # ---- one converter per canonical op ---------------------------------------------------------------------
+    def _quantize_input(self, node: fx.Node, module: QuantizeInput) -> tuple[nn.Module, TensorQuant]:
+        scale = self._output_scale(module)
+        return IntQuantize(scale), TensorQuant("int8", (scale,))
+
+    def _dequantize_output(self, node: fx.Node, module: DequantizeOutput) -> tuple[nn.Module, None]:
+        source = node.args[0]
+        return IntDequantize(self.quant[source]), None
+
+    def _weighted(self, node: fx.Node, module: ConvAct2d | LinearAct, channel_axis: int) -> dict:
+        path = str(node.target)
+        input_scale = self._input_quant(node).scale
+        weight = module.folded_weight().detach()
+        scales = weight_scales(weight, module.scale_rule)
+        weight_q = quantize_weight(weight, scales)
+        scale_list = [float(s) for s in scales]
+        bias_scale = bias_scales(input_scale, scale_list)
+        bias_q = quantize_bias(module.folded_bias(), bias_scale, what=f"{type(module).__name__} '{path}'")
+        check_accumulator_bound(weight[0].numel(), bias_q, what=f"{type(module).__name__} '{path}'")
+        if module.output_dtype == "int32":
+            output, multipliers, clamp = TensorQuant("int32", tuple(bias_scale), axis=channel_axis), None, None
+        else:
+            output_scale = self._output_scale(module)
+            output = TensorQuant("int8", (output_scale,))
+            multipliers = conv_multipliers(input_scale, scale_list, output_scale, what=f"{type(module).__name__} '{path}'")
+            clamp = self._clamp_for(module.activation, output_scale)
+        return dict(
+            weight=weight_q,
+            bias=bias_q,
+            input_scale=input_scale,
+            weight_scales=scale_list,
+            output=output,
+            multipliers=multipliers,
+            clamp=clamp,
+        )
+
+    def _conv(self, node: fx.Node, module: ConvAct2d) -> tuple[nn.Module, TensorQuant]:
+        parts = self._weighted(node, module, channel_axis=1)
+        op = IntConv2d(**parts, stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
+        return op, parts["output"]
+
+    def _linear(self, node: fx.Node, module: LinearAct) -> tuple[nn.Module, TensorQuant]:
+        parts = self._weighted(node, module, channel_axis=-1)
+        return IntLinear(**parts), parts["output"]
+
+    def _add(self, node: fx.Node, module: AddAct) -> tuple[nn.Module, TensorQuant]:
+        scales = (self._input_quant(node, 0).scale, self._input_quant(node, 1).scale)
+        output_scale = self._output_scale(module)
+        multipliers, shift = quantize_multipliers(
+            [real_multiplier(s, output_scale) for s in scales], what=f"add '{node.target}'"
+        )
+        clamp = self._clamp_for(module.activation, output_scale)
+        return IntAdd(scales, output_scale, (multipliers[0], multipliers[1]), shift, clamp), TensorQuant("int8", (output_scale,))
+
+    def _concat(self, node: fx.Node, module: Concat) -> tuple[nn.Module, TensorQuant]:
+        scales = [self._input_quant(node, i).scale for i in range(len(node.args))]
+        output_scale = self._output_scale(module)
+        multipliers = [
+            quantize_multiplier(real_multiplier(s, output_scale), what=f"cat '{node.target}' input {i}")
+            for i, s in enumerate(scales)
+        ]
+        return IntConcat(module.dim, scales, output_scale, multipliers), TensorQuant("int8", (output_scale,))
+
+    def _pooling_multiplier(
+        self, node: fx.Node, module: Requantizing, count: int
+    ) -> tuple[float, float, FixedPointMultiplier]:
+        input_scale = self._input_quant(node).scale
+        output_scale = self._output_scale(module)
+        multiplier = quantize_multiplier(real_multiplier(input_scale, output_scale, count=count), what=f"'{node.target}'")
+        return input_scale, output_scale, multiplier
+
+    def _avg_pool(self, node: fx.Node, module: AvgPool2d) -> tuple[nn.Module, TensorQuant]:
+        count = module.kernel_size[0] * module.kernel_size[1]
+        input_scale, output_scale, multiplier = self._pooling_multiplier(node, module, count)
+        op = IntAvgPool2d(module.kernel_size, module.stride, module.padding, input_scale, output_scale, multiplier)
+        return op, TensorQuant("int8", (output_scale,))
+
+    def _global_avg_pool(self, node: fx.Node, module: GlobalAvgPool2d) -> tuple[nn.Module, TensorQuant]:
+        count = module.input_size[0] * module.input_size[1]
+        input_scale, output_scale, multiplier = self._pooling_multiplier(node, module, count)
+        op = IntGlobalAvgPool2d(module.keepdim, module.input_size, input_scale, output_scale, multiplier)
+        return op, TensorQuant("int8", (output_scale,))
+
+    def _clamp(self, node: fx.Node, module: Clamp) -> tuple[nn.Module, TensorQuant]:
+        quant = self._input_quant(node)
+        return IntClamp(*self._clamp_for(module.activation, quant.scale)), quant
+
+    def _max_pool(self, node: fx.Node, module: MaxPool2d) -> tuple[nn.Module, TensorQuant]:
+        quant = self._input_quant(node)
+        op = IntMaxPool2d(module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
+        return op, quant
+
+    def _upsample(self, node: fx.Node, module: UpsampleNearest2d) -> tuple[nn.Module, TensorQuant]:
+        return IntUpsampleNearest2d(module.scale_factor), self._input_quant(node)

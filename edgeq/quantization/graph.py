@@ -1,0 +1,191 @@
+"""Tracing a user's model with torch.fx and finding its integer region.
+
+The integer region is every tensor that flows from a QuantStub to a DeQuantStub. Nodes outside it (float
+pre- and post-processing) are left as they are; shape arithmetic (``x.size()``, ``//``) is neither.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from edgeq.errors import QuantizationError, TraceError
+from edgeq.quantization.stubs import is_dequant_stub, is_quant_stub
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape and dtype of a tensor seen while running the example inputs."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+VALUE_KEY = "edgeq_value"
+"""``node.meta`` key: :class:`TensorInfo`, a tuple of them, or the Python value (shapes, ints)."""
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with edgeq's stubs as leaves (they must stay visible in the graph)."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return is_quant_stub(module) or is_dequant_stub(module) or super().is_leaf_module(module, qualified_name)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace a deep copy of ``model`` (the user's model is never modified).
+
+    Raises:
+        TraceError: the forward has data-dependent control flow or other code torch.fx cannot trace.
+    """
+    model = copy.deepcopy(model)
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as error:  # torch.fx raises TraceError, TypeError, RuntimeError... depending on the code
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}: {type(error).__name__}: {error}. "
+            "edgeq needs a static graph: move data-dependent control flow (if/for on tensor values) out of "
+            "forward, or wrap it in a leaf module outside the QuantStub/DeQuantStub region"
+        ) from error
+    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+
+
+def _describe(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return TensorInfo(tuple(value.shape), value.dtype)
+    if isinstance(value, (tuple, list)) and any(isinstance(item, torch.Tensor) for item in value):
+        return tuple(_describe(item) for item in value)
+    return value
+
+
+class _ExampleRecorder(fx.Interpreter):
+    def run_node(self, node: fx.Node) -> Any:
+        result = super().run_node(node)
+        node.meta[VALUE_KEY] = _describe(result)
+        return result
+
+
+def record_example_values(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
+    """Run ``example_inputs`` through ``module`` and store every node's shape/dtype in ``node.meta``."""
+    if not isinstance(example_inputs, (tuple, list)):
+        raise QuantizationError(
+            f"example_inputs must be a tuple of the model's inputs; got {type(example_inputs).__name__}. "
+            "Write example_inputs=(x,) for a single input"
+        )
+    with torch.no_grad():
+        try:
+            _ExampleRecorder(module).run(*example_inputs)
+        except Exception as error:
+            raise QuantizationError(f"running the example inputs through the model failed: {error}") from error
+
+
+def produces_tensor(node: fx.Node) -> bool:
+    """Whether the node's example value is a tensor or a tuple of tensors."""
+    value = node.meta.get(VALUE_KEY)
+    return isinstance(value, TensorInfo) or (isinstance(value, tuple) and any(isinstance(v, TensorInfo) for v in value))
+
+
+def tensor_info(node: fx.Node) -> TensorInfo:
+    """The example :class:`TensorInfo` of a node that produces one tensor."""
+    value = node.meta.get(VALUE_KEY)
+    if not isinstance(value, TensorInfo):
+        raise QuantizationError(f"node '{node.name}': expected one tensor; got {value!r}")
+    return value
+
+
+def input_nodes(node: fx.Node) -> Iterator[fx.Node]:
+    """Every node among ``node``'s arguments, nested lists included, in order."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), found.append)
+    yield from found
+
+
+def describe_node(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """``<op> '<node>'`` for messages: the module class or function name, and where the node is."""
+    if node.op == "call_module":
+        return f"{type(modules[node.target]).__name__} '{node.target}'"
+    if node.op == "call_method":
+        return f"Tensor.{node.target} '{node.name}'"
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", str(node.target))
+        scope = module_scope(node)
+        return f"{name} '{node.name}'" + (f" (in {scope})" if scope else "")
+    return f"{node.op} '{node.name}'"
+
+
+def module_scope(node: fx.Node) -> str:
+    """The path of the innermost module whose forward created ``node`` (``""`` for the top level)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path if isinstance(path, str) else ""
+
+
+def integer_region(module: fx.GraphModule) -> set[fx.Node]:
+    """The nodes that carry quantized tensors: from QuantStubs (included) up to DeQuantStubs (excluded).
+
+    Raises:
+        QuantizationError: no QuantStub; a node mixes quantized and float tensors; a DeQuantStub gets a float
+            tensor; a quantized tensor reaches the model output without a DeQuantStub.
+    """
+    modules = dict(module.named_modules())
+    region: set[fx.Node] = set()
+    for node in module.graph.nodes:
+        target_module = modules.get(node.target) if node.op == "call_module" else None
+        tensor_inputs = [n for n in input_nodes(node) if produces_tensor(n)]
+        quantized_inputs = [n for n in tensor_inputs if n in region]
+        if is_quant_stub(target_module):
+            if quantized_inputs:
+                raise QuantizationError(
+                    f"{describe_node(node, modules)}: receives a quantized tensor from '{quantized_inputs[0].name}'; "
+                    "a QuantStub takes float input (remove it, or put a DeQuantStub before it)"
+                )
+            region.add(node)
+            continue
+        if is_dequant_stub(target_module):
+            if not quantized_inputs:
+                raise QuantizationError(
+                    f"{describe_node(node, modules)}: receives a float tensor; a DeQuantStub ends the integer "
+                    "region started by a QuantStub (remove it, or add a QuantStub before)"
+                )
+            continue
+        if node.op == "output":
+            if quantized_inputs:
+                raise QuantizationError(
+                    f"model output: '{quantized_inputs[0].name}' is quantized; put a DeQuantStub before each output"
+                )
+            continue
+        if not quantized_inputs:
+            continue
+        float_inputs = [n for n in tensor_inputs if n not in region]
+        if float_inputs:
+            raise QuantizationError(
+                f"{describe_node(node, modules)}: mixes quantized input '{quantized_inputs[0].name}' with float "
+                f"input '{float_inputs[0].name}'; every tensor input of the integer region must come through a "
+                "QuantStub (constants and parameters used outside nn.Conv2d / nn.Linear are not supported)"
+            )
+        if produces_tensor(node):
+            region.add(node)
+    if not any(is_quant_stub(modules.get(n.target)) for n in region if n.op == "call_module"):
+        raise QuantizationError(
+            "the model has no edgeq QuantStub on its path from input to output: wrap the part to quantize "
+            "between edgeq.quantization.QuantStub and DeQuantStub"
+        )
+    return region
+
+
+def getattr_path(module: nn.Module, path: str) -> Any:
+    """``module.a.b.c`` for ``path="a.b.c"``."""
+    value: Any = module
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value

@@ -1,0 +1,362 @@
+"""Integer ops: the modules of the integer model, each one op of ``docs/numerics.md``.
+
+Tensors between ops are int8 (int32 for a high-precision output). Every op keeps its integer parameters as
+buffers and its quantization parameters as plain attributes, so that export and the compiler read them
+directly. Convolutions and sums run in float64 on integer values, which is exact: every product and partial
+sum is an integer below 2**53 (products are at most 2**14; a reduction would need 2**39 terms to reach 2**53),
+so no rounding can occur whatever the summation order; the result is then cast back to int64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeq.errors import QuantizationError
+from edgeq.numerics import (
+    ACTIVATION_QMAX,
+    ACTIVATION_QMIN,
+    FixedPointMultiplier,
+    dequantize,
+    quantize,
+    requantize,
+    rounding_right_shift,
+    saturate,
+)
+from edgeq.quantization.qat_modules import upsample_nearest
+
+
+@dataclass(frozen=True)
+class TensorQuant:
+    """How an integer tensor maps to real numbers: ``real = float32(q) * scale``.
+
+    ``scales`` has one entry (per tensor) or one per channel along ``axis`` (an int32 output of a conv/linear,
+    whose scale is ``s_in * s_w[c]``). The zero point is always 0.
+    """
+
+    dtype: Literal["int8", "int32"]
+    scales: tuple[float, ...]
+    axis: int | None = None
+
+    @property
+    def scale(self) -> float:
+        """The per-tensor scale.
+
+        Raises:
+            QuantizationError: the tensor is quantized per channel.
+        """
+        if len(self.scales) != 1 or self.axis is not None:
+            raise QuantizationError(f"expected a per-tensor scale; got {len(self.scales)} scales along axis {self.axis}")
+        return self.scales[0]
+
+
+def _channel_view(values: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
+    shape = [1] * rank
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+def _multiplier_buffers(module: nn.Module, multipliers: Sequence[FixedPointMultiplier]) -> None:
+    module.register_buffer("multiplier", torch.tensor([m.multiplier for m in multipliers], dtype=torch.int64))
+    module.register_buffer("shift", torch.tensor([m.shift for m in multipliers], dtype=torch.int64))
+
+
+class IntQuantize(nn.Module):
+    """QuantStub: float -> int8 at ``output_scale``. An int8 input is taken as already quantized (raw)."""
+
+    def __init__(self, output_scale: float) -> None:
+        super().__init__()
+        self.output_scale = output_scale
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        if value.dtype == torch.int8:
+            return value
+        return quantize(value, self.output_scale)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.output_scale:.6g}"
+
+
+class IntDequantize(nn.Module):
+    """DeQuantStub: int8/int32 -> float32 (per tensor, or per channel along ``axis``)."""
+
+    def __init__(self, quant: TensorQuant) -> None:
+        super().__init__()
+        self.quant = quant
+        self.register_buffer("scales", torch.tensor(quant.scales, dtype=torch.float32))
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        if self.quant.axis is None:
+            return dequantize(value, self.scales[0])
+        return dequantize(value, _channel_view(self.scales, value.dim(), self.quant.axis))
+
+    def extra_repr(self) -> str:
+        return f"{self.quant.dtype}, {len(self.quant.scales)} scale(s)"
+
+
+class _WeightedOp(nn.Module):
+    """Conv and linear: int8 x int8 -> int32 accumulator (+ int32 bias), then requantization or int32 out."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        input_scale: float,
+        weight_scales: Sequence[float],
+        output: TensorQuant,
+        multipliers: Sequence[FixedPointMultiplier] | None,
+        clamp: tuple[int, int] | None,
+    ) -> None:
+        super().__init__()
+        if (multipliers is None or clamp is None) != (output.dtype == "int32"):
+            raise ValueError("multipliers and clamp are given exactly when the output is int8")
+        self.register_buffer("weight", weight.to(torch.int8))
+        self.register_buffer("bias", bias.to(torch.int32))
+        self.input_scale = input_scale
+        self.weight_scales = tuple(weight_scales)
+        self.output = output
+        self.clamp = clamp
+        if multipliers is not None:
+            _multiplier_buffers(self, multipliers)
+
+    def _finish(self, accumulator: torch.Tensor, channel_axis: int) -> torch.Tensor:
+        rank = accumulator.dim()
+        accumulator = accumulator.to(torch.int64) + _channel_view(self.bias.to(torch.int64), rank, channel_axis)
+        if self.output.dtype == "int32":
+            return accumulator.to(torch.int32)
+        assert self.clamp is not None
+        scaled = requantize(
+            accumulator,
+            _channel_view(self.multiplier, rank, channel_axis),
+            _channel_view(self.shift, rank, channel_axis),
+        )
+        return saturate(scaled, *self.clamp, torch.int8)
+
+
+class IntConv2d(_WeightedOp):
+    """2-D convolution (groups, stride, padding and dilation as in torch)."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        input_scale: float,
+        weight_scales: Sequence[float],
+        output: TensorQuant,
+        multipliers: Sequence[FixedPointMultiplier] | None,
+        clamp: tuple[int, int] | None,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+    ) -> None:
+        super().__init__(weight, bias, input_scale, weight_scales, output, multipliers, clamp)
+        self.stride = stride
+        self.padding = padding
+        self.dilation = dilation
+        self.groups = groups
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        products = F.conv2d(
+            value.to(torch.float64), self.weight.to(torch.float64), None, self.stride, self.padding, self.dilation, self.groups
+        )
+        return self._finish(products, channel_axis=1)
+
+    def extra_repr(self) -> str:
+        out_channels, in_per_group, kh, kw = self.weight.shape
+        return (
+            f"{in_per_group * self.groups}, {out_channels}, kernel_size=({kh}, {kw}), stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, clamp={self.clamp}, "
+            f"output={self.output.dtype}"
+        )
+
+
+class IntLinear(_WeightedOp):
+    """Fully connected layer over the last axis."""
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        products = F.linear(value.to(torch.float64), self.weight.to(torch.float64))
+        return self._finish(products, channel_axis=products.dim() - 1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, clamp={self.clamp}, output={self.output.dtype}"
+
+
+class IntAdd(nn.Module):
+    """``saturate(((a * M_a + b * M_b) + 2**(n-1)) >> n)``: both inputs rescaled to the output, one rounding."""
+
+    def __init__(
+        self,
+        input_scales: tuple[float, float],
+        output_scale: float,
+        multipliers: tuple[int, int],
+        shift: int,
+        clamp: tuple[int, int],
+    ) -> None:
+        super().__init__()
+        self.input_scales = input_scales
+        self.output_scale = output_scale
+        self.multipliers = multipliers
+        self.shift = shift
+        self.clamp = clamp
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        total = left.to(torch.int64) * self.multipliers[0] + right.to(torch.int64) * self.multipliers[1]
+        return saturate(rounding_right_shift(total, self.shift), *self.clamp, torch.int8)
+
+    def extra_repr(self) -> str:
+        return f"multipliers={self.multipliers}, shift={self.shift}, clamp={self.clamp}"
+
+
+class IntConcat(nn.Module):
+    """Concatenation; each input requantized to the output scale (exactly the identity when scales match)."""
+
+    def __init__(
+        self, dim: int, input_scales: Sequence[float], output_scale: float, multipliers: Sequence[FixedPointMultiplier]
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.input_scales = tuple(input_scales)
+        self.output_scale = output_scale
+        self.multipliers = tuple(multipliers)
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        rescaled = [
+            saturate(requantize(t, m.multiplier, m.shift), ACTIVATION_QMIN, ACTIVATION_QMAX, torch.int8)
+            for t, m in zip(tensors, self.multipliers)
+        ]
+        return torch.cat(rescaled, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, inputs={len(self.multipliers)}"
+
+
+class _PoolingRequantize(nn.Module):
+    """An integer sum of ``count`` values, requantized with a multiplier that folds 1/count."""
+
+    def __init__(self, input_scale: float, output_scale: float, count: int, multiplier: FixedPointMultiplier) -> None:
+        super().__init__()
+        self.input_scale = input_scale
+        self.output_scale = output_scale
+        self.count = count
+        self.multiplier = multiplier
+
+    def _finish(self, total: torch.Tensor) -> torch.Tensor:
+        scaled = requantize(total, self.multiplier.multiplier, self.multiplier.shift)
+        return saturate(scaled, ACTIVATION_QMIN, ACTIVATION_QMAX, torch.int8)
+
+
+class IntAvgPool2d(_PoolingRequantize):
+    """Average pooling: window sums (padding counts as zeros), then requantization folding 1/(kh*kw)."""
+
+    def __init__(
+        self,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        input_scale: float,
+        output_scale: float,
+        multiplier: FixedPointMultiplier,
+    ) -> None:
+        super().__init__(input_scale, output_scale, kernel_size[0] * kernel_size[1], multiplier)
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        sums = F.avg_pool2d(
+            value.to(torch.float64), self.kernel_size, self.stride, self.padding, count_include_pad=True, divisor_override=1
+        )
+        return self._finish(sums.to(torch.int64))
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class IntGlobalAvgPool2d(_PoolingRequantize):
+    """Mean over H and W: the integer sum over ``input_size``, then requantization folding 1/(H*W)."""
+
+    def __init__(
+        self,
+        keepdim: bool,
+        input_size: tuple[int, int],
+        input_scale: float,
+        output_scale: float,
+        multiplier: FixedPointMultiplier,
+    ) -> None:
+        super().__init__(input_scale, output_scale, input_size[0] * input_size[1], multiplier)
+        self.keepdim = keepdim
+        self.input_size = input_size
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        if tuple(value.shape[-2:]) != tuple(self.input_size):
+            raise QuantizationError(
+                f"global average pool: input is {tuple(value.shape[-2:])} but the model was converted for "
+                f"{tuple(self.input_size)} (its 1/(H*W) is folded into the multiplier); prepare with inputs of this size"
+            )
+        return self._finish(value.to(torch.int64).sum(dim=(2, 3), keepdim=self.keepdim))
+
+    def extra_repr(self) -> str:
+        return f"keepdim={self.keepdim}, input_size={self.input_size}"
+
+
+class IntClamp(nn.Module):
+    """A standalone ReLU / ReLU6: ``clamp(q, low, high)`` at the input's scale."""
+
+    def __init__(self, low: int, high: int) -> None:
+        super().__init__()
+        self.low = low
+        self.high = high
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(value, self.low, self.high)
+
+    def extra_repr(self) -> str:
+        return f"low={self.low}, high={self.high}"
+
+
+class IntMaxPool2d(nn.Module):
+    """Max pooling of int8 values (padding never wins: it is ignored, as in torch)."""
+
+    def __init__(
+        self,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        ceil_mode: bool,
+    ) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.dilation = dilation
+        self.ceil_mode = ceil_mode
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        pooled = F.max_pool2d(
+            value.to(torch.float64), self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode
+        )
+        return pooled.to(torch.int8)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
+
+
+class IntUpsampleNearest2d(nn.Module):
+    """Nearest-neighbour upsampling by integer factors: pure copies."""
+
+    def __init__(self, scale_factor: tuple[int, int]) -> None:
+        super().__init__()
+        self.scale_factor = scale_factor
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return upsample_nearest(value, self.scale_factor)
+
+    def extra_repr(self) -> str:
+        return f"scale_factor={self.scale_factor}"

@@ -1,0 +1,185 @@
+"""Observers: they watch an activation over batches and choose the range it is quantized to.
+
+Every observer keeps the chosen range in two persistent buffers, ``running_min`` and ``running_max``, whatever
+its method. A checkpoint of a calibrated model therefore loads into a QAT model prepared with another observer
+(the seed flow: calibrate with a histogram, then train with an EMA), which continues from the calibrated range.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+
+from edgeq.numerics import SCALE_FLOOR
+
+ObserverFactory = Callable[[], "Observer"]
+
+
+class Observer(nn.Module):
+    """Base class: records ``running_min`` / ``running_max`` and returns the clipping range."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("running_min", torch.tensor(float("inf")))
+        self.register_buffer("running_max", torch.tensor(float("-inf")))
+
+    @classmethod
+    def with_args(cls, **kwargs: Any) -> ObserverFactory:
+        """A factory that builds this observer with ``kwargs`` (what a :class:`QConfig` holds)."""
+        return functools.partial(cls, **kwargs)
+
+    @property
+    def has_data(self) -> bool:
+        """Whether any batch has been observed (or a range loaded from a checkpoint)."""
+        return bool(self.running_min <= self.running_max)
+
+    def observe(self, value: torch.Tensor) -> None:
+        """Record one batch."""
+        raise NotImplementedError
+
+    def clipping_range(self) -> tuple[float, float]:
+        """The range ``(low, high)`` to quantize to."""
+        return float(self.running_min), float(self.running_max)
+
+    def extra_repr(self) -> str:
+        if not self.has_data:
+            return "no data"
+        low, high = self.clipping_range()
+        return f"range=[{low:.6g}, {high:.6g}]"
+
+
+class MinMaxObserver(Observer):
+    """The smallest and largest value seen over all batches."""
+
+    def observe(self, value: torch.Tensor) -> None:
+        low, high = torch.aminmax(value.detach().to(torch.float32))
+        self.running_min = torch.minimum(self.running_min, low)
+        self.running_max = torch.maximum(self.running_max, high)
+
+
+class EMAMinMaxObserver(Observer):
+    """Exponential moving average of each batch's min and max: the QAT default, as in torch.ao.
+
+    Args:
+        averaging_constant: weight of the newest batch, in (0, 1].
+    """
+
+    def __init__(self, averaging_constant: float = 0.01) -> None:
+        super().__init__()
+        if not 0.0 < averaging_constant <= 1.0:
+            raise ValueError(f"averaging_constant must be in (0, 1]; got {averaging_constant}")
+        self.averaging_constant = averaging_constant
+
+    def observe(self, value: torch.Tensor) -> None:
+        low, high = torch.aminmax(value.detach().to(torch.float32))
+        if not self.has_data:
+            self.running_min, self.running_max = low.clone(), high.clone()
+            return
+        c = self.averaging_constant
+        self.running_min = self.running_min + c * (low - self.running_min)
+        self.running_max = self.running_max + c * (high - self.running_max)
+
+
+class HistogramObserver(Observer):
+    """A histogram of |x| over all batches, then a clipping threshold chosen by MSE or percentile.
+
+    With ``method="mse"`` (the calibration default) the threshold t minimises the expected squared error of
+    symmetric int8 quantization over the histogram: values above t cost ``(|x| - t)**2`` (clipping), values
+    below cost ``(t / 127)**2 / 12`` (rounding). With ``method="percentile"`` t is the given percentile of |x|.
+    Outliers therefore do not stretch the scale as they do with min/max.
+
+    The histogram has a fixed number of bins over [0, R]; when a batch exceeds R, R doubles as often as needed
+    and adjacent bins merge, so no count is ever re-interpolated. The histogram itself is not saved in a
+    checkpoint; the chosen range is (``running_min`` / ``running_max``).
+
+    Args:
+        method: ``"mse"`` or ``"percentile"``.
+        bins: number of histogram bins, a power of two.
+        percentile: for ``method="percentile"``, in (0, 100].
+    """
+
+    def __init__(self, method: Literal["mse", "percentile"] = "mse", bins: int = 2048, percentile: float = 99.99):
+        super().__init__()
+        if method not in ("mse", "percentile"):
+            raise ValueError(f"method must be 'mse' or 'percentile'; got {method!r}")
+        if bins < 2 or bins & (bins - 1):
+            raise ValueError(f"bins must be a power of two >= 2; got {bins}")
+        if not 0.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100]; got {percentile}")
+        self.method = method
+        self.bins = bins
+        self.percentile = percentile
+        self.register_buffer("histogram", torch.zeros(bins, dtype=torch.float64), persistent=False)
+        self.register_buffer("histogram_max", torch.tensor(0.0, dtype=torch.float64), persistent=False)
+        self.register_buffer("data_min", torch.tensor(float("inf")), persistent=False)
+        self.register_buffer("data_max", torch.tensor(float("-inf")), persistent=False)
+        self._stale = False
+        self.register_state_dict_pre_hook(_choose_range_before_saving)
+
+    def observe(self, value: torch.Tensor) -> None:
+        value = value.detach().to(torch.float32)
+        low, high = torch.aminmax(value)
+        self.data_min = torch.minimum(self.data_min, low)
+        self.data_max = torch.maximum(self.data_max, high)
+        magnitude = value.abs().flatten().to(torch.float64)
+        largest = float(magnitude.max())
+        if float(self.histogram_max) == 0.0:
+            self.histogram_max.fill_(max(largest, SCALE_FLOOR))
+        elif largest > float(self.histogram_max):
+            self._grow(largest)
+        self.histogram += torch.histc(magnitude, bins=self.bins, min=0.0, max=float(self.histogram_max))
+        self._stale = True
+
+    def _grow(self, largest: float) -> None:
+        factor = 1
+        while float(self.histogram_max) * factor < largest:
+            factor *= 2
+        if factor >= self.bins:
+            merged = torch.zeros_like(self.histogram)
+            merged[0] = self.histogram.sum()
+        else:
+            merged = torch.zeros_like(self.histogram)
+            merged[: self.bins // factor] = self.histogram.reshape(-1, factor).sum(dim=1)
+        self.histogram = merged
+        self.histogram_max.mul_(factor)
+
+    def _threshold(self) -> float:
+        counts = self.histogram
+        width = float(self.histogram_max) / self.bins
+        upper_edges = torch.arange(1, self.bins + 1, dtype=torch.float64, device=counts.device) * width
+        if self.method == "percentile":
+            cumulative = torch.cumsum(counts, 0) / counts.sum()
+            index = int(torch.searchsorted(cumulative, self.percentile / 100.0 * (1 - 1e-12)))
+            return float(upper_edges[min(index, self.bins - 1)])
+        centers = upper_edges - width / 2
+        # clipping error of every bin above a threshold, via suffix sums of h, h*c and h*c^2
+        def suffix(x: torch.Tensor) -> torch.Tensor:
+            return torch.flip(torch.cumsum(torch.flip(x, [0]), 0), [0]) - x
+
+        above_count = suffix(counts)
+        above_sum = suffix(counts * centers)
+        above_square = suffix(counts * centers**2)
+        thresholds = upper_edges
+        clipping = above_square - 2 * thresholds * above_sum + thresholds**2 * above_count
+        rounding = (thresholds / 127.0) ** 2 / 12.0 * (counts.sum() - above_count)
+        return float(thresholds[int(torch.argmin(clipping + rounding))])
+
+    def clipping_range(self) -> tuple[float, float]:
+        if self._stale:
+            threshold = self._threshold()
+            self.running_min = torch.clamp(self.data_min, min=-threshold)
+            self.running_max = torch.clamp(self.data_max, max=threshold)
+            self._stale = False
+        return super().clipping_range()
+
+    @property
+    def has_data(self) -> bool:
+        return self._stale or super().has_data
+
+
+def _choose_range_before_saving(module: HistogramObserver, prefix: str, keep_vars: bool) -> None:
+    """state_dict pre-hook: a checkpoint holds the range chosen from every batch observed so far."""
+    module.clipping_range()

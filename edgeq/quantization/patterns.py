@@ -1,0 +1,157 @@
+"""Recognising the user's ops: one vocabulary for module calls, functional calls and tensor methods.
+
+:func:`op_kind` maps every fx node to an :class:`OpKind` (``nn.ReLU``, ``F.relu``, ``torch.relu`` and
+``x.relu()`` are all ``RELU``), and :func:`argument` reads an argument the same way whether it was passed by
+position or by keyword. Adding an op to edgeq starts by adding its spellings here.
+"""
+
+from __future__ import annotations
+
+import operator
+from enum import Enum
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from edgeq.quantization.stubs import is_dequant_stub, is_quant_stub
+
+
+class OpKind(str, Enum):
+    """What a node does, whatever its spelling."""
+
+    QUANT_STUB = "quant_stub"
+    DEQUANT_STUB = "dequant_stub"
+    CONV2D = "conv2d"
+    LINEAR = "linear"
+    BATCHNORM2D = "batchnorm2d"
+    RELU = "relu"
+    RELU6 = "relu6"
+    ADD = "add"
+    CAT = "cat"
+    MAXPOOL2D = "maxpool2d"
+    AVGPOOL2D = "avgpool2d"
+    ADAPTIVE_AVGPOOL2D = "adaptive_avgpool2d"
+    MEAN = "mean"
+    UPSAMPLE = "upsample"
+    RESHAPE = "reshape"
+    """Moves or views integer values without arithmetic (view, flatten, transpose, chunk, getitem...)."""
+    DROPOUT = "dropout"
+    """Active in QAT training, removed by convert."""
+    UNSUPPORTED = "unsupported"
+
+
+_MODULE_KINDS: dict[type[nn.Module], OpKind] = {
+    nn.Conv2d: OpKind.CONV2D,
+    nn.Linear: OpKind.LINEAR,
+    nn.BatchNorm2d: OpKind.BATCHNORM2D,
+    nn.ReLU: OpKind.RELU,
+    nn.ReLU6: OpKind.RELU6,
+    nn.MaxPool2d: OpKind.MAXPOOL2D,
+    nn.AvgPool2d: OpKind.AVGPOOL2D,
+    nn.AdaptiveAvgPool2d: OpKind.ADAPTIVE_AVGPOOL2D,
+    nn.Upsample: OpKind.UPSAMPLE,
+    nn.UpsamplingNearest2d: OpKind.UPSAMPLE,
+    nn.Flatten: OpKind.RESHAPE,
+    nn.Unflatten: OpKind.RESHAPE,
+    nn.Identity: OpKind.RESHAPE,
+    nn.Dropout: OpKind.DROPOUT,
+    nn.Dropout2d: OpKind.DROPOUT,
+}
+
+_FUNCTION_KINDS: dict[Any, OpKind] = {
+    F.relu: OpKind.RELU,
+    torch.relu: OpKind.RELU,
+    torch.relu_: OpKind.RELU,
+    F.relu6: OpKind.RELU6,
+    operator.add: OpKind.ADD,
+    operator.iadd: OpKind.ADD,
+    torch.add: OpKind.ADD,
+    torch.cat: OpKind.CAT,
+    torch.concat: OpKind.CAT,
+    torch.concatenate: OpKind.CAT,
+    F.max_pool2d: OpKind.MAXPOOL2D,
+    F.avg_pool2d: OpKind.AVGPOOL2D,
+    F.adaptive_avg_pool2d: OpKind.ADAPTIVE_AVGPOOL2D,
+    torch.mean: OpKind.MEAN,
+    F.interpolate: OpKind.UPSAMPLE,
+    torch.flatten: OpKind.RESHAPE,
+    torch.reshape: OpKind.RESHAPE,
+    torch.transpose: OpKind.RESHAPE,
+    torch.permute: OpKind.RESHAPE,
+    torch.squeeze: OpKind.RESHAPE,
+    torch.unsqueeze: OpKind.RESHAPE,
+    torch.chunk: OpKind.RESHAPE,
+    torch.split: OpKind.RESHAPE,
+    operator.getitem: OpKind.RESHAPE,
+    F.dropout: OpKind.DROPOUT,
+}
+
+_METHOD_KINDS: dict[str, OpKind] = {
+    "relu": OpKind.RELU,
+    "relu_": OpKind.RELU,
+    "add": OpKind.ADD,
+    "add_": OpKind.ADD,
+    "__add__": OpKind.ADD,
+    "mean": OpKind.MEAN,
+    "view": OpKind.RESHAPE,
+    "reshape": OpKind.RESHAPE,
+    "flatten": OpKind.RESHAPE,
+    "transpose": OpKind.RESHAPE,
+    "permute": OpKind.RESHAPE,
+    "contiguous": OpKind.RESHAPE,
+    "squeeze": OpKind.RESHAPE,
+    "unsqueeze": OpKind.RESHAPE,
+    "chunk": OpKind.RESHAPE,
+    "split": OpKind.RESHAPE,
+    "__getitem__": OpKind.RESHAPE,
+}
+
+SUPPORTED_OPS = (
+    "Conv2d (+BatchNorm2d, +ReLU/ReLU6), Linear (+ReLU/ReLU6), add (+ReLU/ReLU6), cat, ReLU, ReLU6, "
+    "max_pool2d, avg_pool2d, adaptive_avg_pool2d, mean over H and W, nearest upsample by integer factors, "
+    "flatten / view / reshape / transpose / permute / chunk / split / getitem, dropout"
+)
+
+
+def op_kind(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind:
+    """The :class:`OpKind` of an fx node (``UNSUPPORTED`` when edgeq has no integer implementation)."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        if is_quant_stub(module):
+            return OpKind.QUANT_STUB
+        if is_dequant_stub(module):
+            return OpKind.DEQUANT_STUB
+        if isinstance(module, nn.Hardtanh) and (module.min_val, module.max_val) == (0.0, 6.0):
+            return OpKind.RELU6
+        return _MODULE_KINDS.get(type(module), OpKind.UNSUPPORTED)
+    if node.op == "call_function":
+        if node.target is F.hardtanh and (argument(node, 1, "min_val", -1.0), argument(node, 2, "max_val", 1.0)) == (
+            0.0,
+            6.0,
+        ):
+            return OpKind.RELU6
+        return _FUNCTION_KINDS.get(node.target, OpKind.UNSUPPORTED)
+    if node.op == "call_method":
+        return _METHOD_KINDS.get(str(node.target), OpKind.UNSUPPORTED)
+    return OpKind.UNSUPPORTED
+
+
+def argument(node: fx.Node, position: int, name: str, default: Any = None) -> Any:
+    """An argument of a call node, passed by keyword or at ``position`` (0 is the first tensor)."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    if len(node.args) > position:
+        return node.args[position]
+    return default
+
+
+def pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    """``3 -> (3, 3)``; ``(2, 3) -> (2, 3)``."""
+    if isinstance(value, int):
+        return (value, value)
+    if len(value) == 1:
+        return (int(value[0]), int(value[0]))
+    return (int(value[0]), int(value[1]))

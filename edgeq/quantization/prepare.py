@@ -1,0 +1,476 @@
+"""``prepare_qat_fx``: a float model with QuantStub/DeQuantStub becomes a calibration / QAT model.
+
+Steps: trace with torch.fx (a deep copy: the user's model is never modified), run the example inputs to learn
+every tensor's shape, find the integer region, fuse conv+bn(+relu/relu6), linear(+relu/relu6) and
+add(+relu/relu6), and rewrite every node of the region into one canonical op of
+:mod:`edgeq.quantization.qat_modules` with the quantizer its output needs, applying the target's
+constraints (scale rule, shared concat scales).
+
+An op inside the integer region that edgeq cannot run in integers is an error naming the node and the op,
+never a silent float fallback: move it after a DeQuantStub to keep it float.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from edgeq.errors import QuantizationError, UnsupportedOpError
+from edgeq.numerics import ScaleRule, is_power_of_two
+from edgeq.quantization.fake_quantize import ActivationFakeQuantize
+from edgeq.quantization.graph import (
+    describe_node,
+    getattr_path,
+    input_nodes,
+    integer_region,
+    module_scope,
+    record_example_values,
+    tensor_info,
+    trace,
+)
+from edgeq.quantization.patterns import SUPPORTED_OPS, OpKind, argument, op_kind, pair
+from edgeq.quantization.qat_modules import (
+    Activation,
+    AddAct,
+    AvgPool2d,
+    Clamp,
+    Concat,
+    ConvAct2d,
+    DequantizeOutput,
+    GlobalAvgPool2d,
+    LinearAct,
+    MaxPool2d,
+    QuantizeInput,
+    Requantizing,
+    UpsampleNearest2d,
+)
+from edgeq.quantization.qconfig import QConfig, QConfigSpec, qconfig_resolver
+from edgeq.quantization.state import FakeQuantState, set_fake_quantize
+from edgeq.quantization.stubs import fixed_scale_of
+from edgeq.targets import Target, TargetLike, load_target
+
+logger = logging.getLogger(__name__)
+
+TARGET_ATTRIBUTE = "edgeq_target"
+"""Attribute of a prepared (and converted) model: the name of the target it was prepared for."""
+
+_FUSABLE_ACTIVATIONS = {OpKind.RELU: Activation.RELU, OpKind.RELU6: Activation.RELU6}
+_SINGLE_CALL_KINDS = {
+    OpKind.QUANT_STUB,
+    OpKind.CONV2D,
+    OpKind.LINEAR,
+    OpKind.BATCHNORM2D,
+    OpKind.AVGPOOL2D,
+    OpKind.ADAPTIVE_AVGPOOL2D,
+}
+
+
+def prepare_qat_fx(
+    model: nn.Module,
+    qconfig: QConfigSpec = None,
+    *,
+    example_inputs: Sequence[torch.Tensor],
+    target: TargetLike,
+) -> fx.GraphModule:
+    """Prepare a float model for calibration and quantization-aware training.
+
+    Args:
+        model: float model whose integer region is marked by QuantStub / DeQuantStub.
+        qconfig: a :class:`QConfig`, the dict form ``{"": qconfig, "module_name": {"classifier": qconfig}}``, or
+            ``None`` to use each module's ``qconfig`` attribute where set and the default QAT qconfig elsewhere.
+        example_inputs: a tuple of example inputs (shapes are recorded from them; values do not matter).
+        target: target name (``"npu-s"``), path to a target file, or :class:`~edgeq.targets.Target`; its
+            quantization rules apply to every scale.
+
+    Returns:
+        The prepared model (an ``fx.GraphModule``) in the ``QAT`` fake-quant state, in the same train/eval mode
+        as ``model``. Prepare the calibration and the QAT model from the same float model: their state dicts
+        have the same keys, so a calibration checkpoint loads into the QAT model.
+
+    Raises:
+        TraceError, QuantizationError, UnsupportedOpError, TargetError: with the node, op and what to do.
+    """
+    resolved_target = load_target(target)
+    resolve = qconfig_resolver(qconfig, model)
+    traced = trace(model)
+    record_example_values(traced, tuple(example_inputs) if isinstance(example_inputs, list) else example_inputs)
+    region = integer_region(traced)
+    prepared = _Preparer(traced, region, resolved_target, resolve).run()
+    prepared.train(model.training)
+    set_fake_quantize(prepared, FakeQuantState.QAT)
+    setattr(prepared, TARGET_ATTRIBUTE, resolved_target.name)
+    logger.info("prepared %s for %s", type(model).__name__, resolved_target.name)
+    return prepared
+
+
+@dataclass
+class _Fusion:
+    """A head node and the nodes fused into it (BatchNorm, activation), last one last."""
+
+    head: fx.Node
+    batchnorm: fx.Node | None = None
+    activation_node: fx.Node | None = None
+    activation: Activation = Activation.NONE
+
+    @property
+    def last(self) -> fx.Node:
+        return self.activation_node or self.batchnorm or self.head
+
+    @property
+    def absorbed(self) -> list[fx.Node]:
+        return [n for n in (self.batchnorm, self.activation_node) if n is not None]
+
+
+class _Preparer:
+    """Builds the prepared graph node by node (one instance per call)."""
+
+    def __init__(
+        self, traced: fx.GraphModule, region: set[fx.Node], target: Target, resolve: Callable[[str], QConfig]
+    ) -> None:
+        self.traced = traced
+        self.region = region
+        self.target = target
+        self.scale_rule: ScaleRule = target.quantization.scale_rule
+        self.resolve = resolve
+        self.modules = dict(traced.named_modules())
+        self.kinds = {node: op_kind(node, self.modules) for node in region}
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.new_modules: dict[str, nn.Module] = {}
+        self.fusions: dict[fx.Node, _Fusion] = {}
+        self.absorbed: set[fx.Node] = set()
+
+    # ---- driver ---------------------------------------------------------------------------------------------
+    def run(self) -> fx.GraphModule:
+        self._check_single_calls()
+        self._find_fusions()
+        for node in self.traced.graph.nodes:
+            if node in self.absorbed:
+                continue
+            if node in self.region:
+                self.env[self._last(node)] = self._emit_integer_op(node)
+            elif node.op == "call_module" and op_kind(node, self.modules) is OpKind.DEQUANT_STUB:
+                self.env[node] = self._call(str(node.target), DequantizeOutput(), node.args, node)
+            else:
+                self.env[node] = self._copy(node)
+        if self.target.quantization.concat_shares_input_scale:
+            self._share_concat_scales()
+        self._check_int32_outputs()
+        prepared = fx.GraphModule(self.new_modules, self.graph, class_name=f"{type(self.traced).__name__}QAT")
+        prepared.graph.lint()
+        return prepared
+
+    def _last(self, node: fx.Node) -> fx.Node:
+        fusion = self.fusions.get(node)
+        return fusion.last if fusion else node
+
+    def _check_single_calls(self) -> None:
+        calls = Counter(n.target for n in self.region if n.op == "call_module" and self.kinds[n] in _SINGLE_CALL_KINDS)
+        for path, count in calls.items():
+            if count > 1:
+                raise QuantizationError(
+                    f"{type(self.modules[path]).__name__} '{path}': called {count} times in the integer region; each "
+                    "call needs its own quantization, so give each call a module of its own"
+                )
+
+    # ---- fusion ---------------------------------------------------------------------------------------------
+    def _sole_user(self, node: fx.Node) -> fx.Node | None:
+        users = list(node.users)
+        if len(users) == 1 and users[0] in self.region and list(input_nodes(users[0])) == [node]:
+            return users[0]
+        return None
+
+    def _find_fusions(self) -> None:
+        for node, kind in self.kinds.items():
+            if kind not in (OpKind.CONV2D, OpKind.LINEAR, OpKind.ADD):
+                continue
+            fusion = _Fusion(node)
+            follower = self._sole_user(node)
+            if kind is OpKind.CONV2D and follower is not None and self.kinds.get(follower) is OpKind.BATCHNORM2D:
+                fusion.batchnorm = follower
+                follower = self._sole_user(follower)
+            if follower is not None and self.kinds.get(follower) in _FUSABLE_ACTIVATIONS:
+                fusion.activation_node = follower
+                fusion.activation = _FUSABLE_ACTIVATIONS[self.kinds[follower]]
+            self.fusions[node] = fusion
+            self.absorbed.update(fusion.absorbed)
+
+    # ---- copying float, shape and reshape nodes ------------------------------------------------------------
+    def _copy(self, node: fx.Node) -> fx.Node:
+        if node.op == "call_module":
+            self.new_modules[node.target] = self.modules[node.target]
+        elif node.op == "get_attr":
+            self.new_modules[node.target] = getattr_path(self.traced, node.target)
+        return self.graph.node_copy(node, lambda n: self.env[n])
+
+    def _call(self, path: str, module: nn.Module, args: Sequence[object], source: fx.Node) -> fx.Node:
+        self.new_modules[path] = module
+        mapped = fx.node.map_arg(tuple(args), lambda n: self.env[n])
+        new_node = self.graph.call_module(path, mapped)
+        new_node.meta = dict(source.meta)
+        return new_node
+
+    def _functional_path(self, node: fx.Node, base: str) -> str:
+        if node.op == "call_module":
+            return str(node.target)
+        scope = module_scope(node)
+        stem = f"{scope}.{base}" if scope else base
+        path, suffix = stem, 0
+        while path in self.new_modules or path in self.modules:
+            suffix += 1
+            path = f"{stem}_{suffix}"
+        return path
+
+    # ---- quantizers -----------------------------------------------------------------------------------------
+    def _qconfig(self, node: fx.Node, path: str, allows_int32: bool) -> QConfig:
+        qconfig = self.resolve(path if node.op == "call_module" else module_scope(node))
+        if qconfig.output_dtype == "int32" and not allows_int32:
+            raise QuantizationError(
+                f"{describe_node(node, self.modules)}: its qconfig asks for an int32 output, which only a Conv2d or "
+                "Linear followed by a DeQuantStub can give; set the int32 qconfig on that layer alone"
+            )
+        return qconfig
+
+    def _quantizer(self, node: fx.Node, path: str, fixed_scale: float | None = None) -> ActivationFakeQuantize:
+        if fixed_scale is not None:
+            return ActivationFakeQuantize(None, self.scale_rule, fixed_scale=fixed_scale, owner=path)
+        qconfig = self._qconfig(node, path, allows_int32=False)
+        return ActivationFakeQuantize(qconfig.activation_observer(), self.scale_rule, owner=path)
+
+    # ---- one emitter per op kind ----------------------------------------------------------------------------
+    def _emit_integer_op(self, node: fx.Node) -> fx.Node:
+        kind = self.kinds[node]
+        emitter = getattr(self, f"_emit_{kind.value}", None)
+        if emitter is None:
+            raise self._unsupported(node, "edgeq has no integer implementation of this op")
+        return emitter(node)
+
+    def _unsupported(self, node: fx.Node, reason: str) -> UnsupportedOpError:
+        return UnsupportedOpError(
+            f"{describe_node(node, self.modules)}: {reason}. Supported in the integer region: {SUPPORTED_OPS}. "
+            "To keep this op in float, move it after a DeQuantStub (and re-enter with a QuantStub)"
+        )
+
+    def _emit_quant_stub(self, node: fx.Node) -> fx.Node:
+        path = str(node.target)
+        fixed_scale = fixed_scale_of(self.modules[path])
+        if fixed_scale is not None and self.scale_rule is ScaleRule.POWER_OF_TWO and not is_power_of_two(fixed_scale):
+            raise QuantizationError(
+                f"QuantStub '{path}': fixed scale {fixed_scale:.6g} is not a power of two; target "
+                f"'{self.target.name}' accepts power-of-two scales only (e.g. 1/128, 1/64)"
+            )
+        self._qconfig(node, path, allows_int32=False)
+        return self._call(path, QuantizeInput(self._quantizer(node, path, fixed_scale)), node.args, node)
+
+    def _emit_conv2d(self, node: fx.Node) -> fx.Node:
+        conv = self.modules[node.target]
+        fusion = self.fusions[node]
+        if conv.padding_mode != "zeros":
+            raise self._unsupported(node, f"padding_mode '{conv.padding_mode}' (allowed: 'zeros')")
+        conv.padding = _explicit_padding(conv, lambda reason: self._unsupported(node, reason))
+        batchnorm = self.modules[fusion.batchnorm.target] if fusion.batchnorm is not None else None
+        if batchnorm is not None and batchnorm.running_var is None:
+            raise self._unsupported(fusion.batchnorm, "BatchNorm2d without running statistics cannot be folded")
+        quantizer = self._weighted_output_quantizer(node, fusion)
+        module = ConvAct2d(conv, batchnorm, fusion.activation, self.scale_rule, quantizer)
+        return self._call(str(node.target), module, node.args, fusion.last)
+
+    def _emit_linear(self, node: fx.Node) -> fx.Node:
+        fusion = self.fusions[node]
+        quantizer = self._weighted_output_quantizer(node, fusion)
+        module = LinearAct(self.modules[node.target], fusion.activation, self.scale_rule, quantizer)
+        return self._call(str(node.target), module, node.args, fusion.last)
+
+    def _weighted_output_quantizer(self, node: fx.Node, fusion: _Fusion) -> ActivationFakeQuantize | None:
+        path = str(node.target)
+        if self._qconfig(node, path, allows_int32=True).output_dtype == "int8":
+            return self._quantizer(node, path)
+        if fusion.activation is not Activation.NONE:
+            raise QuantizationError(
+                f"{describe_node(node, self.modules)}: an int32 output cannot have a fused "
+                f"{fusion.activation.value}; use the int32 qconfig on a final layer without activation"
+            )
+        return None
+
+    def _emit_batchnorm2d(self, node: fx.Node) -> fx.Node:
+        raise self._unsupported(node, "a BatchNorm2d that does not directly follow a Conv2d cannot be folded")
+
+    def _emit_add(self, node: fx.Node) -> fx.Node:
+        left, right = argument(node, 0, "input"), argument(node, 1, "other")
+        if not (isinstance(left, fx.Node) and isinstance(right, fx.Node)):
+            raise self._unsupported(node, "only the sum of two quantized tensors is supported (not a constant)")
+        if argument(node, 2, "alpha", 1) != 1:
+            raise self._unsupported(node, "add with alpha != 1")
+        fusion = self.fusions[node]
+        path = self._functional_path(node, "add")
+        module = AddAct(fusion.activation, self._quantizer(node, path))
+        return self._call(path, module, (left, right), fusion.last)
+
+    def _emit_cat(self, node: fx.Node) -> fx.Node:
+        tensors = list(argument(node, 0, "tensors"))
+        rank = len(tensor_info(node).shape)
+        dim = argument(node, 1, "dim", 0) % rank
+        path = self._functional_path(node, "cat")
+        return self._call(path, Concat(dim, self._quantizer(node, path)), tensors, node)
+
+    def _emit_maxpool2d(self, node: fx.Node) -> fx.Node:
+        if node.op == "call_module":
+            pool = self.modules[node.target]
+            settings = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode, pool.return_indices)
+        else:
+            kernel = argument(node, 1, "kernel_size")
+            settings = (
+                kernel,
+                argument(node, 2, "stride") or kernel,
+                argument(node, 3, "padding", 0),
+                argument(node, 4, "dilation", 1),
+                argument(node, 5, "ceil_mode", False),
+                argument(node, 6, "return_indices", False),
+            )
+        kernel, stride, padding, dilation, ceil_mode, return_indices = settings
+        if return_indices:
+            raise self._unsupported(node, "max pooling with return_indices")
+        module = MaxPool2d(pair(kernel), pair(stride), pair(padding), pair(dilation), ceil_mode=bool(ceil_mode))
+        return self._call(self._functional_path(node, "max_pool2d"), module, (node.args[0],), node)
+
+    def _emit_avgpool2d(self, node: fx.Node) -> fx.Node:
+        if node.op == "call_module":
+            pool = self.modules[node.target]
+            settings = (
+                pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode, pool.count_include_pad, pool.divisor_override
+            )
+        else:
+            kernel = argument(node, 1, "kernel_size")
+            settings = (
+                kernel,
+                argument(node, 2, "stride") or kernel,
+                argument(node, 3, "padding", 0),
+                argument(node, 4, "ceil_mode", False),
+                argument(node, 5, "count_include_pad", True),
+                argument(node, 6, "divisor_override"),
+            )
+        kernel, stride, padding, ceil_mode, count_include_pad, divisor_override = settings
+        kernel, stride, padding = pair(kernel), pair(stride), pair(padding)
+        if divisor_override is not None:
+            raise self._unsupported(node, "avg pooling with divisor_override")
+        if any(padding) and not count_include_pad:
+            raise self._unsupported(node, "avg pooling over padding with count_include_pad=False (the divisor varies)")
+        if ceil_mode and _pooled_size(node, kernel, stride, padding, ceil=True) != _pooled_size(
+            node, kernel, stride, padding, ceil=False
+        ):
+            raise self._unsupported(node, "avg pooling whose ceil_mode creates partial windows (the divisor varies)")
+        path = self._functional_path(node, "avg_pool2d")
+        return self._call(path, AvgPool2d(kernel, stride, padding, self._quantizer(node, path)), (node.args[0],), node)
+
+    def _emit_adaptive_avgpool2d(self, node: fx.Node) -> fx.Node:
+        source = node.args[0]
+        height, width = tensor_info(source).shape[-2:]
+        size = self.modules[node.target].output_size if node.op == "call_module" else argument(node, 1, "output_size")
+        size = size if isinstance(size, (tuple, list)) else (size, size)
+        out_h, out_w = (height if size[0] is None else size[0]), (width if size[1] is None else size[1])
+        path = self._functional_path(node, "adaptive_avg_pool2d")
+        if (out_h, out_w) == (1, 1):
+            module: nn.Module = GlobalAvgPool2d(True, (height, width), self._quantizer(node, path))
+        elif height % out_h == 0 and width % out_w == 0:
+            kernel = (height // out_h, width // out_w)
+            module = AvgPool2d(kernel, kernel, (0, 0), self._quantizer(node, path))
+        else:
+            raise self._unsupported(
+                node, f"adaptive avg pooling from {height}x{width} to {out_h}x{out_w} (windows of different sizes)"
+            )
+        return self._call(path, module, (source,), node)
+
+    def _emit_mean(self, node: fx.Node) -> fx.Node:
+        source = node.args[0]
+        shape = tensor_info(source).shape
+        dims = argument(node, 1, "dim")
+        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+        if len(shape) != 4 or sorted(d % 4 for d in dims) != [2, 3] or argument(node, 3, "dtype") is not None:
+            raise self._unsupported(node, f"mean over dims {dims} of a {len(shape)}-D tensor (allowed: H and W of 4-D)")
+        path = self._functional_path(node, "mean")
+        module = GlobalAvgPool2d(bool(argument(node, 2, "keepdim", False)), shape[2:], self._quantizer(node, path))
+        return self._call(path, module, (source,), node)
+
+    def _emit_upsample(self, node: fx.Node) -> fx.Node:
+        mode = self.modules[node.target].mode if node.op == "call_module" else argument(node, 3, "mode", "nearest")
+        if mode != "nearest":
+            raise self._unsupported(node, f"upsampling mode '{mode}' (allowed: 'nearest')")
+        source = node.args[0]
+        in_shape, out_shape = tensor_info(source).shape[-2:], tensor_info(node).shape[-2:]
+        if any(o % i for o, i in zip(out_shape, in_shape)):
+            raise self._unsupported(node, f"upsampling {in_shape} to {out_shape} is not by integer factors")
+        factor = (out_shape[0] // in_shape[0], out_shape[1] // in_shape[1])
+        return self._call(self._functional_path(node, "upsample"), UpsampleNearest2d(factor), (source,), node)
+
+    def _emit_relu(self, node: fx.Node) -> fx.Node:
+        return self._emit_clamp(node, Activation.RELU)
+
+    def _emit_relu6(self, node: fx.Node) -> fx.Node:
+        return self._emit_clamp(node, Activation.RELU6)
+
+    def _emit_clamp(self, node: fx.Node, activation: Activation) -> fx.Node:
+        path = self._functional_path(node, activation.value)
+        return self._call(path, Clamp(activation), (node.args[0],), node)
+
+    def _emit_reshape(self, node: fx.Node) -> fx.Node:
+        return self._copy(node)
+
+    def _emit_dropout(self, node: fx.Node) -> fx.Node:
+        return self._copy(node)
+
+    # ---- target constraints and final checks ----------------------------------------------------------------
+    def _share_concat_scales(self) -> None:
+        for node in self.graph.nodes:
+            if node.op != "call_module" or not isinstance(self.new_modules[node.target], Concat):
+                continue
+            for producer in input_nodes(node):
+                module = self.new_modules.get(producer.target) if producer.op == "call_module" else None
+                if (
+                    isinstance(module, Requantizing)
+                    and not isinstance(module, QuantizeInput)
+                    and module.output_quantizer is not None
+                    and len(producer.users) == 1
+                ):
+                    module.share_output_scale_with(str(node.target))
+
+    def _check_int32_outputs(self) -> None:
+        for node in self.graph.nodes:
+            module = self.new_modules.get(node.target) if node.op == "call_module" else None
+            if isinstance(module, (ConvAct2d, LinearAct)) and module.output_dtype == "int32":
+                consumers = [self.new_modules.get(user.target) for user in node.users if user.op == "call_module"]
+                if len(consumers) != len(node.users) or not all(isinstance(c, DequantizeOutput) for c in consumers):
+                    raise QuantizationError(
+                        f"{type(module).__name__} '{node.target}': an int32 output must go straight to a DeQuantStub; "
+                        "it feeds other ops. Use the int32 qconfig on the model's final layer only"
+                    )
+
+
+def _explicit_padding(conv: nn.Conv2d, unsupported: Callable[[str], Exception]) -> tuple[int, int]:
+    if not isinstance(conv.padding, str):
+        return pair(conv.padding)
+    if conv.padding == "valid":
+        return (0, 0)
+    totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    if any(total % 2 for total in totals):
+        raise unsupported("padding='same' with an even kernel pads unevenly; pad explicitly")
+    return (totals[0] // 2, totals[1] // 2)
+
+
+def _pooled_size(
+    node: fx.Node, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int], ceil: bool
+) -> tuple[int, ...]:
+    size = tensor_info(node.args[0]).shape[-2:]
+    result = []
+    for length, k, s, p in zip(size, kernel, stride, padding):
+        span = length + 2 * p - k
+        out = (-(-span // s) if ceil else span // s) + 1
+        if ceil and (out - 1) * s >= length + p:
+            out -= 1
+        result.append(out)
+    return tuple(result)

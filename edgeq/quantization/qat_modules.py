@@ -1,0 +1,319 @@
+"""The canonical ops of a prepared (calibration / QAT) model.
+
+``prepare_qat_fx`` rewrites every supported pattern of the user's model (modules and functional calls alike)
+into one of these modules, so that each node of the prepared graph is one integer op of the NPU. Ops that
+produce a new scale own the quantizer of their output (``output_quantizer``); ops that keep their input's
+scale (max pool, ReLU, reshapes) have none. ``convert_fx`` turns each module into its integer twin.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeq.numerics import ScaleRule
+from edgeq.quantization.fake_quantize import ActivationFakeQuantize, fake_quantize_weight, weight_scales
+from edgeq.quantization.state import FakeQuantStateful
+
+
+class Activation(str, Enum):
+    """An activation fused into the op before it (an integer clamp after requantization)."""
+
+    NONE = "none"
+    RELU = "relu"
+    RELU6 = "relu6"
+
+    def __call__(self, value: torch.Tensor) -> torch.Tensor:
+        if self is Activation.RELU:
+            return F.relu(value)
+        if self is Activation.RELU6:
+            return F.relu6(value)
+        return value
+
+
+class Requantizing(nn.Module):
+    """An op whose int8 output has a scale of its own.
+
+    Its ``output_quantizer`` observes and fake-quantizes the output. On targets where concat inputs share one
+    scale, ``prepare_qat_fx`` removes the quantizer of a producer that feeds only a concat and names the concat
+    in ``output_scale_from``: the concat's quantizer then decides this output's scale too.
+    """
+
+    output_quantizer: ActivationFakeQuantize | None
+    output_scale_from: str | None = None
+
+    def share_output_scale_with(self, module_path: str) -> None:
+        """Let the quantizer of the module at ``module_path`` decide this op's output scale."""
+        self.output_quantizer = None
+        self.output_scale_from = module_path
+
+    def _quantize_output(self, value: torch.Tensor) -> torch.Tensor:
+        return value if self.output_quantizer is None else self.output_quantizer(value)
+
+
+class QuantizeInput(Requantizing):
+    """A QuantStub: float in, int8 at ``output_quantizer``'s scale out."""
+
+    def __init__(self, output_quantizer: ActivationFakeQuantize) -> None:
+        super().__init__()
+        self.output_quantizer = output_quantizer
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return self.output_quantizer(value)
+
+
+class DequantizeOutput(nn.Module):
+    """A DeQuantStub: the integer region ends here (identity while fake-quantized)."""
+
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+
+class _WeightedLayer(Requantizing, FakeQuantStateful):
+    """Shared parts of conv and linear: weight fake quantization and the output quantizer.
+
+    ``output_quantizer`` is ``None`` for an int32 output (``output_dtype == "int32"``): the accumulator leaves
+    the layer unrounded, at scale ``s_in * s_w[c]``.
+    """
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        activation: Activation,
+        scale_rule: ScaleRule,
+        output_quantizer: ActivationFakeQuantize | None,
+    ) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.activation = activation
+        self.scale_rule = scale_rule
+        self.output_quantizer = output_quantizer
+        self.output_dtype = "int32" if output_quantizer is None else "int8"
+
+    def _fake_quantized(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.fake_quant_state.fake_quantizes:
+            return weight
+        return fake_quantize_weight(weight, weight_scales(weight, self.scale_rule))
+
+    def _finish(self, value: torch.Tensor) -> torch.Tensor:
+        return self._quantize_output(self.activation(value))
+
+
+class ConvAct2d(_WeightedLayer):
+    """Conv2d with an optional BatchNorm2d folded in and an optional ReLU/ReLU6, then int8 requantization.
+
+    With BatchNorm, training follows torch.ao's approach: the weight is scaled by ``gamma / running_std`` before
+    fake quantization (so it is quantized as it will be folded), the conv output is scaled back, and the real
+    BatchNorm runs on it, keeping batch statistics and running estimates correct. In eval mode this equals the
+    folded conv.
+    """
+
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        bn: nn.BatchNorm2d | None,
+        activation: Activation,
+        scale_rule: ScaleRule,
+        output_quantizer: ActivationFakeQuantize | None,
+    ) -> None:
+        super().__init__(conv.weight, conv.bias, activation, scale_rule, output_quantizer)
+        self.bn = bn
+        self.stride = conv.stride
+        self.padding = conv.padding
+        self.dilation = conv.dilation
+        self.groups = conv.groups
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    def bn_scale_factor(self) -> torch.Tensor:
+        """``gamma / sqrt(running_var + eps)`` per output channel."""
+        assert self.bn is not None
+        gamma = self.bn.weight if self.bn.weight is not None else torch.ones_like(self.bn.running_var)
+        return gamma / torch.sqrt(self.bn.running_var + self.bn.eps)
+
+    def folded_weight(self) -> torch.Tensor:
+        """The weight with BatchNorm's scale folded in (the weight itself without BatchNorm)."""
+        if self.bn is None:
+            return self.weight
+        return self.weight * self.bn_scale_factor().reshape(-1, 1, 1, 1)
+
+    def folded_bias(self) -> torch.Tensor:
+        """The bias with BatchNorm folded in, from running statistics (zeros when there is neither)."""
+        bias = self.bias if self.bias is not None else torch.zeros_like(self.weight[:, 0, 0, 0])
+        if self.bn is None:
+            return bias
+        beta = self.bn.bias if self.bn.bias is not None else torch.zeros_like(bias)
+        return (bias - self.bn.running_mean) * self.bn_scale_factor() + beta
+
+    def _conv(self, value: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(value, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        if self.bn is None:
+            return self._finish(self._conv(value, self._fake_quantized(self.weight), self.bias))
+        factor = self.bn_scale_factor()
+        out = self._conv(value, self._fake_quantized(self.folded_weight()), None)
+        # A zero gamma folds its channel to zero; divide by 1 there (BatchNorm then outputs beta, as it should).
+        safe_factor = torch.where(factor == 0, torch.ones_like(factor), factor)
+        out = out / safe_factor.reshape(1, -1, 1, 1)
+        if self.bias is not None:
+            out = out + self.bias.reshape(1, -1, 1, 1)
+        return self._finish(self.bn(out))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.weight.shape[1] * self.groups}, {self.out_channels}, kernel_size={tuple(self.weight.shape[2:])}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"activation={self.activation.value}, output={self.output_dtype}"
+        )
+
+
+class LinearAct(_WeightedLayer):
+    """Linear with an optional ReLU/ReLU6, then int8 requantization (or an int32 output)."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        activation: Activation,
+        scale_rule: ScaleRule,
+        output_quantizer: ActivationFakeQuantize | None,
+    ) -> None:
+        super().__init__(linear.weight, linear.bias, activation, scale_rule, output_quantizer)
+
+    def folded_weight(self) -> torch.Tensor:
+        """The weight (nothing folds into a linear layer)."""
+        return self.weight
+
+    def folded_bias(self) -> torch.Tensor:
+        """The bias, zeros when there is none."""
+        return self.bias if self.bias is not None else torch.zeros_like(self.weight[:, 0])
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return self._finish(F.linear(value, self._fake_quantized(self.weight), self.bias))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, "
+            f"activation={self.activation.value}, output={self.output_dtype}"
+        )
+
+
+class AddAct(Requantizing):
+    """Elementwise add of two int8 tensors, with an optional ReLU/ReLU6, requantized to its own scale."""
+
+    def __init__(self, activation: Activation, output_quantizer: ActivationFakeQuantize) -> None:
+        super().__init__()
+        self.activation = activation
+        self.output_quantizer = output_quantizer
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        return self._quantize_output(self.activation(left + right))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation.value}"
+
+
+class Concat(Requantizing):
+    """Concatenation along ``dim``; each input is brought to the output's scale."""
+
+    def __init__(self, dim: int, output_quantizer: ActivationFakeQuantize) -> None:
+        super().__init__()
+        self.dim = dim
+        self.output_quantizer = output_quantizer
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self._quantize_output(torch.cat(tensors, self.dim))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class AvgPool2d(Requantizing):
+    """Average pooling with a constant divisor (kernel area): integer sum, then requantization folding 1/N."""
+
+    def __init__(
+        self,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        output_quantizer: ActivationFakeQuantize,
+    ) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.output_quantizer = output_quantizer
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        pooled = F.avg_pool2d(value, self.kernel_size, self.stride, self.padding, count_include_pad=True)
+        return self._quantize_output(pooled)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class GlobalAvgPool2d(Requantizing):
+    """Mean over height and width; output ``[N, C, 1, 1]`` (``keepdim``) or ``[N, C]``.
+
+    ``input_size`` (H, W) is recorded from the example inputs: the integer op folds 1/(H*W) into its multiplier.
+    """
+
+    def __init__(self, keepdim: bool, input_size: tuple[int, int], output_quantizer: ActivationFakeQuantize) -> None:
+        super().__init__()
+        self.keepdim = keepdim
+        self.input_size = input_size
+        self.output_quantizer = output_quantizer
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return self._quantize_output(value.mean(dim=(2, 3), keepdim=self.keepdim))
+
+    def extra_repr(self) -> str:
+        return f"keepdim={self.keepdim}, input_size={self.input_size}"
+
+
+class Clamp(nn.Module):
+    """A ReLU or ReLU6 that could not be fused into its producer: an integer clamp at the input's scale."""
+
+
+    def __init__(self, activation: Activation) -> None:
+        super().__init__()
+        self.activation = activation
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return self.activation(value)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation.value}"
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """Max pooling (keeps its input's scale)."""
+
+
+
+class UpsampleNearest2d(nn.Module):
+    """Nearest-neighbour upsampling by an integer factor per axis (keeps its input's scale)."""
+
+
+    def __init__(self, scale_factor: tuple[int, int]) -> None:
+        super().__init__()
+        self.scale_factor = scale_factor
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return upsample_nearest(value, self.scale_factor)
+
+    def extra_repr(self) -> str:
+        return f"scale_factor={self.scale_factor}"
+
+
+def upsample_nearest(value: torch.Tensor, scale_factor: tuple[int, int]) -> torch.Tensor:
+    """Output pixel (i, j) copies input pixel (i // fh, j // fw): exact for any dtype, unlike float index maths."""
+    return value.repeat_interleave(scale_factor[0], dim=-2).repeat_interleave(scale_factor[1], dim=-1)

@@ -1,0 +1,129 @@
+"""Models and flows shared by the tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from edgeq.quantization import (
+    DeQuantStub,
+    FakeQuantState,
+    QuantStub,
+    convert_fx,
+    default_calib_qconfig,
+    prepare_qat_fx,
+    set_fake_quantize,
+)
+from edgeq.quantization.integer_model import IntegerModel
+
+
+class SmallCNN(nn.Module):
+    """A digits-sized CNN with a fixed-scale input, BN, residual add, pooling and an int8 classifier."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.quant = QuantStub(scale=1 / 128)
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.pool = nn.MaxPool2d(2)
+        self.conv3 = nn.Conv2d(16, 32, 3, padding=1)
+        self.relu = nn.ReLU6()
+        self.fc = nn.Linear(32, num_classes)
+        self.dequant = DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quant(x)
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(x + self.bn2(self.conv2(x)))
+        x = self.relu(self.conv3(self.pool(x)))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.dequant(self.fc(x))
+
+
+class FunctionalOps(nn.Module):
+    """Every functional spelling edgeq quantizes: +, torch.add, torch.cat, F.relu, pooling, flatten, mean..."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = QuantStub()
+        self.conv_a = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv_b = nn.Conv2d(3, 8, 1)
+        self.conv_c = nn.Conv2d(16, 8, 3, stride=2, padding=1, groups=8)
+        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
+        self.fc = nn.Linear(8, 4)
+        self.dequant = DeQuantStub()
+        self.dequant_map = DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.quant(x)
+        a, b = self.conv_a(x), self.conv_b(x)
+        s = torch.add(a, b)
+        s = F.relu(s) + b
+        c = torch.cat([s, F.relu6(a)], dim=1)
+        c = F.max_pool2d(c, kernel_size=3, stride=1, padding=1)
+        c = self.conv_c(c)
+        c = F.avg_pool2d(c, 2)
+        up = self.upsample(c)
+        first, second = up.chunk(2, dim=1)
+        mixed = torch.cat([second, first], 1).relu()
+        pooled = mixed.mean((2, 3))
+        return self.dequant(self.fc(pooled.flatten(1))), self.dequant_map(mixed.transpose(2, 3).contiguous())
+
+
+class Wrapped(nn.Module):
+    """A torchvision model between a QuantStub and a DeQuantStub."""
+
+    def __init__(self, model: nn.Module, scale: float | None = None) -> None:
+        super().__init__()
+        self.quant = QuantStub(scale=scale)
+        self.model = model
+        self.dequant = DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.model(self.quant(x)))
+
+
+def torchvision_model(name: str) -> nn.Module:
+    """Random-init torchvision classifier, wrapped, with BatchNorm statistics set on random data.
+
+    Fresh BatchNorm layers (mean 0, var 1) let random-init activations shrink towards zero over the layers;
+    a few forward passes in train mode give every layer unit-scale activations, like a trained model's.
+    """
+    torch.manual_seed(0)
+    model = Wrapped(getattr(torchvision.models, name)(num_classes=10))
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(4, 3, 64, 64))
+    return model.eval()
+
+
+def calibrate(
+    model: nn.Module,
+    example: torch.Tensor,
+    target: str,
+    batches: Callable[[], torch.Tensor],
+    count: int = 3,
+    qconfig: object = default_calib_qconfig,
+) -> torch.fx.GraphModule:
+    """Prepare with the calibration qconfig, observe ``count`` batches, and switch to VALIDATION."""
+    prepared = prepare_qat_fx(model, qconfig, example_inputs=(example,), target=target)
+    prepared.eval()
+    set_fake_quantize(prepared, FakeQuantState.CALIBRATION)
+    with torch.no_grad():
+        for _ in range(count):
+            prepared(batches())
+    set_fake_quantize(prepared, FakeQuantState.VALIDATION)
+    return prepared
+
+
+def integer_model(model: nn.Module, example: torch.Tensor, target: str, **kwargs: object) -> IntegerModel:
+    """Calibrated on random batches shaped like ``example``, then converted."""
+    prepared = calibrate(model, example, target, lambda: torch.randn_like(example), **kwargs)
+    return convert_fx(prepared)

@@ -1,0 +1,158 @@
+"""Each integer op against the independent int64 numpy reference: exact equality over random shapes and values,
+with saturation and rounding ties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgeq.numerics import FixedPointMultiplier
+from edgeq.quantization import integer_ops as ops
+from reference import evaluate_op
+
+RNG = np.random.default_rng(2024)
+
+
+def int8(shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.from_numpy(RNG.integers(-128, 128, size=shape, dtype=np.int64)).to(torch.int8)
+
+
+def multipliers(count: int, low_shift: int, high_shift: int) -> list[FixedPointMultiplier]:
+    return [
+        FixedPointMultiplier(int(RNG.integers(2**30, 2**31)), int(RNG.integers(low_shift, high_shift)))
+        for _ in range(count)
+    ]
+
+
+def check(module: torch.nn.Module, *inputs: torch.Tensor) -> np.ndarray:
+    got = module(*inputs).numpy()
+    expected = evaluate_op(module, [t.numpy() for t in inputs])
+    np.testing.assert_array_equal(got, expected)
+    return got
+
+
+CONV_CASES = [
+    # (batch, in, out, size, kernel, stride, padding, dilation, groups)
+    (2, 3, 8, 9, 3, 1, 1, 1, 1),
+    (1, 16, 16, 8, 3, 2, 1, 1, 16),  # depthwise
+    (1, 8, 12, 7, 1, 1, 0, 1, 4),
+    (2, 4, 6, 11, 5, 2, 2, 1, 2),
+    (1, 5, 7, 10, 3, 1, 2, 2, 1),  # dilation
+    (1, 64, 32, 6, 3, 1, 1, 1, 1),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("clamp", [(-128, 127), (0, 127), (0, 96)])
+def test_conv2d(case, clamp):
+    batch, cin, cout, size, kernel, stride, padding, dilation, groups = case
+    weight = int8((cout, cin // groups, kernel, kernel)).clamp(-127, 127)
+    bias = torch.from_numpy(RNG.integers(-(2**16), 2**16, size=cout)).to(torch.int32)
+    # shifts from 8 to 20 on 31-bit multipliers: many outputs saturate, many do not
+    op = ops.IntConv2d(
+        weight, bias, 0.1, [0.01] * cout, ops.TensorQuant("int8", (0.2,)), multipliers(cout, 30, 42), clamp,
+        (stride, stride), (padding, padding), (dilation, dilation), groups,
+    )
+    out = check(op, int8((batch, cin, size, size)))
+    assert (out == clamp[1]).any() and (out == clamp[0]).any() and ((out > clamp[0]) & (out < clamp[1])).any()
+
+
+def test_conv2d_int32_output():
+    weight = int8((6, 4, 3, 3)).clamp(-127, 127)
+    bias = torch.from_numpy(RNG.integers(-(2**20), 2**20, size=6)).to(torch.int32)
+    op = ops.IntConv2d(
+        weight, bias, 0.1, [0.01] * 6, ops.TensorQuant("int32", (0.001,) * 6, axis=1), None, None,
+        (1, 1), (1, 1), (1, 1), 1,
+    )
+    out = check(op, int8((2, 4, 5, 5)))
+    assert out.dtype == np.int32
+
+
+def test_conv2d_rounding_ties_go_half_up():
+    # multiplier 0.5, all-ones 1x1 kernel: odd inputs sit exactly on .5
+    op = ops.IntConv2d(
+        torch.ones(1, 1, 1, 1, dtype=torch.int8), torch.zeros(1, dtype=torch.int32), 1.0, [1.0],
+        ops.TensorQuant("int8", (2.0,)), [FixedPointMultiplier(2**30, 31)], (-128, 127), (1, 1), (0, 0), (1, 1), 1,
+    )
+    x = torch.tensor([-5, -3, -1, 1, 3, 5], dtype=torch.int8).reshape(1, 1, 1, 6)
+    np.testing.assert_array_equal(check(op, x).ravel(), [-2, -1, 0, 1, 2, 3])
+
+
+@pytest.mark.parametrize("shape", [(3, 17), (2, 5, 64)])
+def test_linear(shape):
+    out_features = 9
+    weight = int8((out_features, shape[-1])).clamp(-127, 127)
+    bias = torch.from_numpy(RNG.integers(-5000, 5000, size=out_features)).to(torch.int32)
+    op = ops.IntLinear(
+        weight, bias, 0.1, [0.02] * out_features, ops.TensorQuant("int8", (0.3,)),
+        multipliers(out_features, 36, 44), (-128, 127),
+    )
+    check(op, int8(shape))
+    int32_op = ops.IntLinear(
+        weight, bias, 0.1, [0.02] * out_features, ops.TensorQuant("int32", (0.002,) * out_features, axis=-1), None, None
+    )
+    check(int32_op, int8(shape))
+
+
+@pytest.mark.parametrize("clamp", [(-128, 127), (0, 127)])
+def test_add(clamp):
+    for _ in range(20):
+        ma, mb = (int(m) for m in RNG.integers(2**28, 2**31, size=2))
+        op = ops.IntAdd((0.1, 0.2), 0.15, (ma, mb), int(RNG.integers(29, 33)), clamp)
+        check(op, int8((2, 8, 5, 5)), int8((2, 8, 5, 5)))
+
+
+def test_add_ties_and_broadcast():
+    op = ops.IntAdd((1.0, 1.0), 2.0, (2**30, 2**30), 31, (-128, 127))
+    a = torch.tensor([[1, 2, -1, -2, 127]], dtype=torch.int8)
+    b = torch.tensor([[0], [1]], dtype=torch.int8)
+    np.testing.assert_array_equal(check(op, a, b), [[1, 1, 0, -1, 64], [1, 2, 0, 0, 64]])
+
+
+def test_concat():
+    op = ops.IntConcat(1, [0.1, 0.2, 0.05], 0.1, [FixedPointMultiplier(2**30, 30), FixedPointMultiplier(2**30, 29), FixedPointMultiplier(2**30, 31)])
+    out = check(op, int8((2, 3, 4, 4)), int8((2, 2, 4, 4)), int8((2, 1, 4, 4)))
+    assert out.shape == (2, 6, 4, 4)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [((2, 2), (2, 2), (0, 0)), ((3, 3), (1, 1), (1, 1)), ((3, 2), (2, 1), (1, 0))])
+def test_avg_pool(kernel, stride, padding):
+    count = kernel[0] * kernel[1]
+    from edgeq.numerics import quantize_multiplier
+
+    multiplier = quantize_multiplier(0.1 / (0.07 * count), what="t")
+    op = ops.IntAvgPool2d(kernel, stride, padding, 0.1, 0.07, multiplier)
+    check(op, int8((2, 3, 9, 8)))
+
+
+@pytest.mark.parametrize("keepdim", [True, False])
+def test_global_avg_pool(keepdim):
+    op = ops.IntGlobalAvgPool2d(keepdim, (7, 7), 0.1, 0.05, FixedPointMultiplier(int(RNG.integers(2**30, 2**31)), 35))
+    check(op, int8((3, 16, 7, 7)))
+
+
+def test_global_avg_pool_rejects_other_sizes():
+    op = ops.IntGlobalAvgPool2d(True, (7, 7), 0.1, 0.05, FixedPointMultiplier(2**30, 35))
+    with pytest.raises(Exception, match=r"input is \(5, 5\) but the model was converted for \(7, 7\)"):
+        op(int8((1, 2, 5, 5)))
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [(3, 2, 1, 1), (2, 2, 0, 1), (3, 1, 1, 2)])
+def test_max_pool(kernel, stride, padding, dilation):
+    op = ops.IntMaxPool2d((kernel, kernel), (stride, stride), (padding, padding), (dilation, dilation), False)
+    x = int8((2, 4, 9, 9))
+    x[0, 0] = -128  # an all-minimum plane: padding must never win
+    check(op, x)
+
+
+def test_clamp_upsample_quantize_dequantize():
+    check(ops.IntClamp(0, 96), int8((2, 3, 4, 4)))
+    check(ops.IntUpsampleNearest2d((2, 3)), int8((1, 2, 3, 4)))
+    x = torch.from_numpy(RNG.normal(0, 2, size=(2, 3, 5)).astype(np.float32))
+    check(ops.IntQuantize(0.037), x)
+    raw = int8((2, 3))
+    assert ops.IntQuantize(1 / 128)(raw) is raw
+    check(ops.IntDequantize(ops.TensorQuant("int8", (0.037,))), int8((2, 3)))
+    per_channel = ops.IntDequantize(ops.TensorQuant("int32", (0.1, 0.2, 0.3), axis=1))
+    check(per_channel, torch.from_numpy(RNG.integers(-(2**30), 2**30, size=(2, 3, 4))).to(torch.int32))

@@ -1,0 +1,423 @@
+"""prepare_qat_fx / set_fake_quantize / convert_fx: the workflow, the states, the presets and the errors."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeq.errors import QuantizationError, TraceError, UnsupportedOpError
+from edgeq.numerics import is_power_of_two
+from edgeq.quantization import (
+    DeQuantStub,
+    FakeQuantState,
+    QConfig,
+    QuantStub,
+    convert_fx,
+    default_calib_int32_output_qconfig,
+    default_calib_qconfig,
+    default_qat_int32_output_qconfig,
+    default_qat_qconfig,
+    prepare_qat_fx,
+    set_fake_quantize,
+)
+from edgeq.quantization import integer_ops as ops
+from edgeq.quantization.observers import HistogramObserver, MinMaxObserver
+from edgeq.quantization.qat_modules import ConvAct2d, Requantizing
+from models import FunctionalOps, SmallCNN, calibrate, integer_model
+from reference import run_reference
+
+
+def digits_like(batch: int = 8) -> torch.Tensor:
+    return torch.rand(batch, 1, 8, 8) * 2 - 1
+
+
+def as_tuple(value):
+    return value if isinstance(value, tuple) else (value,)
+
+
+def assert_matches_reference(int_model, *inputs: torch.Tensor) -> None:
+    got = as_tuple(int_model.run_integer(*inputs))
+    expected = as_tuple(run_reference(int_model.graph_module, *(x.numpy() for x in inputs)))
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g.numpy(), e)
+
+
+# ---- the integer model is the direct integer evaluation of its graph ------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["x86_64", "npu-m", "npu-s"])
+def test_small_cnn_integer_model_equals_reference(target):
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    int_model = integer_model(model, digits_like(), target)
+    assert_matches_reference(int_model, digits_like(16))
+
+
+@pytest.mark.parametrize("target", ["x86_64", "npu-s"])
+def test_functional_ops_are_quantized(target):
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 8, 8)
+    int_model = integer_model(FunctionalOps().eval(), example, target)
+    kinds = {type(m).__name__ for m in int_model.graph_module.modules()}
+    assert {"IntAdd", "IntConcat", "IntClamp", "IntMaxPool2d", "IntAvgPool2d", "IntGlobalAvgPool2d"} <= kinds
+    assert {"IntUpsampleNearest2d", "IntLinear", "IntConv2d"} <= kinds
+    assert_matches_reference(int_model, torch.randn(3, 3, 8, 8))
+
+
+def test_integer_model_tracks_fake_quantized_model():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    prepared = calibrate(model, digits_like(), "npu-m", digits_like)
+    x = digits_like(64)
+    fake = prepared(x)
+    int_model = convert_fx(prepared)
+    real = int_model(x)
+    step = int_model.output_quant()[0].scale
+    # the same grid, up to rounding of multipliers, biases and ties: a few output steps at most
+    assert torch.max(torch.abs(fake - real)) <= 3 * step
+    assert torch.equal(fake.argmax(1), real.argmax(1)) or (fake.argmax(1) != real.argmax(1)).float().mean() < 0.05
+    assert torch.max(torch.abs(model(x) - real)) < 0.1 * model(x).abs().max()
+
+
+def test_float_and_raw_int8_inputs_agree():
+    torch.manual_seed(0)
+    int_model = integer_model(SmallCNN().eval(), digits_like(), "npu-s")
+    pixels = torch.randint(0, 256, (4, 1, 8, 8))
+    normalised = (pixels.float() - 128) / 128
+    raw = (pixels - 128).to(torch.int8)
+    assert torch.equal(int_model.run_integer(normalised), int_model.run_integer(raw))
+
+
+# ---- fixed-scale QuantStub ------------------------------------------------------------------------------------
+
+
+def test_fixed_scale_stub_survives_calibration_qat_and_convert():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    calib = calibrate(model.eval(), digits_like(), "npu-m", lambda: digits_like() * 3)
+    assert calib.quant.output_quantizer.scale() == 1 / 128
+    qat = prepare_qat_fx(model.train(), default_qat_qconfig, example_inputs=(digits_like(),), target="npu-m")
+    qat.load_state_dict(calib.state_dict())
+    set_fake_quantize(qat, FakeQuantState.QAT)
+    optimizer = torch.optim.SGD(qat.parameters(), lr=0.1)
+    for _ in range(3):
+        loss = F.cross_entropy(qat(digits_like() * 5), torch.randint(0, 10, (8,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert qat.quant.output_quantizer.scale() == 1 / 128
+    int_model = convert_fx(qat)
+    assert int_model.graph_module.quant.output_scale == 1 / 128
+    assert int_model.tensor_quant["quant"].scales == (1 / 128,)
+
+
+def test_fixed_scale_must_be_power_of_two_on_npu_s():
+    class Model(SmallCNN):
+        def __init__(self):
+            super().__init__()
+            self.quant = QuantStub(scale=0.01)
+
+    with pytest.raises(QuantizationError, match=r"QuantStub 'quant': fixed scale 0.01 is not a power of two"):
+        prepare_qat_fx(Model(), example_inputs=(digits_like(),), target="npu-s")
+    with pytest.raises(QuantizationError, match="positive finite"):
+        QuantStub(scale=-1.0)
+
+
+# ---- states -----------------------------------------------------------------------------------------------------
+
+
+def _quantizers(model):
+    return {name: m.output_quantizer for name, m in model.named_modules() if isinstance(m, Requantizing) and m.output_quantizer is not None}
+
+
+def _ranges(model):
+    return {name: q.observer.clipping_range() for name, q in _quantizers(model).items() if q.observer is not None}
+
+
+def _on_grid(values: torch.Tensor, scale: float) -> bool:
+    steps = values / scale
+    return bool(torch.all(torch.abs(steps - torch.round(steps)) < 1e-3))
+
+
+def test_calibration_observes_without_fake_quantizing():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    prepared = prepare_qat_fx(model, default_calib_qconfig, example_inputs=(digits_like(),), target="npu-m").eval()
+    set_fake_quantize(prepared, FakeQuantState.CALIBRATION)
+    x = digits_like()
+    out = prepared(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)  # float arithmetic, BN folded differently
+    assert all(q.observer.has_data for q in _quantizers(prepared).values() if q.observer is not None)
+
+
+def test_qat_state_trains_observers_and_fake_quantizes():
+    torch.manual_seed(0)
+    prepared = prepare_qat_fx(SmallCNN().train(), example_inputs=(digits_like(),), target="npu-m")
+    set_fake_quantize(prepared, FakeQuantState.QAT)
+    prepared(digits_like())
+    before = _ranges(prepared)
+    bn_mean = prepared.conv1.bn.running_mean.clone()
+    out = prepared(digits_like() * 2)
+    assert _ranges(prepared) != before
+    assert not torch.equal(prepared.conv1.bn.running_mean, bn_mean)  # BatchNorm statistics keep updating
+    assert _on_grid(out, prepared.fc.output_quantizer.scale())
+    F.cross_entropy(out, torch.randint(0, 10, (8,))).backward()
+    assert prepared.conv1.weight.grad is not None and prepared.conv1.weight.grad.abs().sum() > 0
+    assert prepared.conv1.bn.weight.grad is not None
+
+
+def test_validation_freezes_ranges():
+    torch.manual_seed(0)
+    prepared = calibrate(SmallCNN().eval(), digits_like(), "npu-m", digits_like)
+    before = _ranges(prepared)
+    out = prepared(digits_like() * 10)
+    assert _ranges(prepared) == before
+    assert _on_grid(out, prepared.fc.output_quantizer.scale())
+
+
+def test_set_fake_quantize_needs_a_prepared_model():
+    with pytest.raises(QuantizationError, match="prepare it with prepare_qat_fx first"):
+        set_fake_quantize(nn.Linear(2, 2), FakeQuantState.QAT)
+
+
+def test_calibration_checkpoint_loads_into_qat_model():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    calib = calibrate(model, digits_like(), "npu-m", digits_like)
+    qat = prepare_qat_fx(model, default_qat_qconfig, example_inputs=(digits_like(),), target="npu-m")
+    qat.load_state_dict(calib.state_dict())  # strict: same keys
+    set_fake_quantize(qat, FakeQuantState.VALIDATION)
+    qat.eval()
+    x = digits_like()
+    torch.testing.assert_close(qat(x), calib(x), rtol=0, atol=0)
+
+
+def test_prepare_does_not_modify_the_float_model():
+    model = SmallCNN().eval()
+    state = copy.deepcopy(model.state_dict())
+    prepare_qat_fx(model, example_inputs=(digits_like(),), target="npu-s")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert isinstance(model.conv1, nn.Conv2d)
+
+
+# ---- qconfig forms and presets --------------------------------------------------------------------------------
+
+
+def test_int32_output_preset_via_module_name_dict():
+    torch.manual_seed(0)
+    qconfig = {"": default_calib_qconfig, "module_name": {"fc": default_calib_int32_output_qconfig}}
+    prepared = calibrate(SmallCNN().eval(), digits_like(), "npu-m", digits_like, qconfig=qconfig)
+    assert prepared.fc.output_quantizer is None
+    int_model = convert_fx(prepared)
+    (quant,) = int_model.output_quant()
+    assert quant.dtype == "int32" and quant.axis == -1 and len(quant.scales) == 10
+    raw = int_model.run_integer(digits_like())
+    assert raw.dtype == torch.int32
+    assert_matches_reference(int_model, digits_like())
+    scales = torch.tensor(quant.scales, dtype=torch.float32)
+    x = digits_like(4)
+    assert torch.equal(int_model(x), int_model.run_integer(x).float() * scales)
+
+
+def test_qconfig_attributes_like_the_seed_flow():
+    model = SmallCNN().eval()
+    model.qconfig = default_calib_qconfig
+    model.fc.qconfig = default_qat_int32_output_qconfig
+    prepared = prepare_qat_fx(model, example_inputs=(digits_like(),), target="x86_64")
+    assert isinstance(prepared.conv1.output_quantizer.observer, HistogramObserver)
+    assert prepared.fc.output_dtype == "int32"
+
+
+def test_custom_observer_qconfig():
+    qconfig = QConfig(MinMaxObserver.with_args())
+    prepared = prepare_qat_fx(SmallCNN(), qconfig, example_inputs=(digits_like(),), target="x86_64")
+    assert all(isinstance(q.observer, MinMaxObserver) for q in _quantizers(prepared).values() if q.observer is not None)
+
+
+@pytest.mark.parametrize(
+    "qconfig,message",
+    [
+        ({"": default_qat_qconfig, "modules": {}}, r"unknown keys \['modules'\]"),
+        ({"module_name": {"classifier": default_qat_qconfig}}, "module_name 'classifier' is not a module"),
+        ({"": "qat"}, "'' must map to a QConfig"),
+        (42, "qconfig must be a QConfig"),
+    ],
+)
+def test_bad_qconfig(qconfig, message):
+    with pytest.raises(QuantizationError, match=message):
+        prepare_qat_fx(SmallCNN(), qconfig, example_inputs=(digits_like(),), target="x86_64")
+
+
+def test_int32_output_must_feed_a_dequant_stub():
+    qconfig = {"": default_qat_qconfig, "module_name": {"conv3": default_qat_int32_output_qconfig}}
+
+    class NoActivation(SmallCNN):
+        def __init__(self):
+            super().__init__()
+            self.relu = nn.Identity()
+
+    with pytest.raises(QuantizationError, match="ConvAct2d 'conv3': an int32 output must go straight to a DeQuantStub"):
+        prepare_qat_fx(NoActivation(), qconfig, example_inputs=(digits_like(),), target="x86_64")
+    with pytest.raises(QuantizationError, match="int32 output cannot have a fused relu6"):
+        prepare_qat_fx(SmallCNN(), qconfig, example_inputs=(digits_like(),), target="x86_64")
+
+
+# ---- target constraints ---------------------------------------------------------------------------------------
+
+
+def test_power_of_two_target_gives_pure_shifts():
+    torch.manual_seed(0)
+    int_model = integer_model(FunctionalOps().eval(), torch.randn(2, 3, 8, 8), "npu-s")
+    for quant in int_model.tensor_quant.values():
+        assert all(is_power_of_two(s) for s in quant.scales)
+    for module in int_model.graph_module.modules():
+        if isinstance(module, ops.IntConv2d):
+            assert torch.all(module.multiplier == 2**30)
+            assert all(is_power_of_two(s) for s in module.weight_scales)
+        if isinstance(module, ops.IntAdd):
+            assert all(m & (m - 1) == 0 for m in module.multipliers)
+
+
+def test_concat_inputs_share_the_concat_scale_on_npu_s():
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant = QuantStub(), DeQuantStub()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            x = self.quant(x)
+            return self.dequant(torch.cat([self.a(x), F.relu(self.b(x))], 1))
+
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 6, 6)
+    shared = integer_model(Branches().eval(), example, "npu-s")
+    cat = shared.graph_module.cat
+    assert all(m.multiplier == 2**30 and m.shift == 30 for m in cat.multipliers)  # identity: one scale
+    assert shared.graph_module.a.output.scale == cat.output_scale == shared.graph_module.b.output.scale
+    separate = integer_model(Branches().eval(), example, "npu-m")
+    assert separate.graph_module.a.output.scale != separate.graph_module.b.output.scale
+    assert_matches_reference(shared, torch.randn(2, 3, 6, 6))
+
+
+# ---- errors -----------------------------------------------------------------------------------------------------
+
+
+class _Wrap(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.quant, self.body, self.dequant = QuantStub(), body, DeQuantStub()
+
+    def forward(self, x):
+        return self.dequant(self.body(self.quant(x)))
+
+
+def _prepare(body, example=None):
+    example = torch.randn(1, 3, 8, 8) if example is None else example
+    return prepare_qat_fx(_Wrap(body), example_inputs=(example,), target="npu-m")
+
+
+def test_unsupported_op_names_node_and_op():
+    with pytest.raises(UnsupportedOpError, match=r"Hardswish 'body.1': edgeq has no integer implementation.*DeQuantStub"):
+        _prepare(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Hardswish()))
+
+
+def test_constant_add_is_unsupported():
+    class AddConstant(nn.Module):
+        def forward(self, x):
+            return x + 1.0
+
+    with pytest.raises(UnsupportedOpError, match=r"add 'add' \(in body\): only the sum of two quantized tensors"):
+        _prepare(AddConstant())
+
+
+def test_standalone_batchnorm_is_unsupported():
+    with pytest.raises(UnsupportedOpError, match="BatchNorm2d 'body.2': a BatchNorm2d that does not directly follow a Conv2d"):
+        _prepare(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.BatchNorm2d(4)))
+
+
+def test_module_called_twice_is_rejected():
+    conv = nn.Conv2d(3, 3, 1)
+    with pytest.raises(QuantizationError, match="Conv2d 'body.0': called 2 times"):
+        _prepare(nn.Sequential(conv, conv))
+
+
+def test_float_and_quantized_tensors_must_not_mix():
+    class Mix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant = QuantStub(), DeQuantStub()
+
+        def forward(self, x):
+            return self.dequant(self.quant(x) + x)
+
+    with pytest.raises(QuantizationError, match="mixes quantized input 'quant' with float input 'x'"):
+        prepare_qat_fx(Mix(), example_inputs=(torch.randn(1, 3),), target="x86_64")
+
+
+def test_model_without_stubs():
+    with pytest.raises(QuantizationError, match="no edgeq QuantStub"):
+        prepare_qat_fx(nn.Conv2d(3, 3, 1), example_inputs=(torch.randn(1, 3, 4, 4),), target="x86_64")
+
+
+def test_output_without_dequant_stub():
+    class NoDequant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.conv = QuantStub(), nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.conv(self.quant(x))
+
+    with pytest.raises(QuantizationError, match="model output: 'conv' is quantized; put a DeQuantStub"):
+        prepare_qat_fx(NoDequant(), example_inputs=(torch.randn(1, 3, 4, 4),), target="x86_64")
+
+
+def test_data_dependent_control_flow_is_a_trace_error():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(TraceError, match="torch.fx could not trace _Wrap.*data-dependent control flow"):
+        _prepare(Branchy())
+
+
+def test_convert_before_calibration_names_the_quantizer():
+    prepared = prepare_qat_fx(SmallCNN(), example_inputs=(digits_like(),), target="npu-m")
+    with pytest.raises(QuantizationError, match="'conv1': its activation range has not been observed; run calibration"):
+        convert_fx(prepared)
+
+
+def test_convert_needs_a_prepared_model():
+    with pytest.raises(QuantizationError, match="was not prepared by edgeq's prepare_qat_fx"):
+        convert_fx(SmallCNN())
+
+
+def test_example_inputs_must_be_a_tuple():
+    with pytest.raises(QuantizationError, match=r"Write example_inputs=\(x,\)"):
+        prepare_qat_fx(SmallCNN(), example_inputs=digits_like(), target="npu-m")
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        (nn.AvgPool2d(3, 1, 1, count_include_pad=False), "count_include_pad=False"),
+        (nn.AdaptiveAvgPool2d(3), "adaptive avg pooling from 8x8 to 3x3"),
+        (nn.Upsample(scale_factor=2, mode="bilinear"), "upsampling mode 'bilinear'"),
+        (nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), "padding_mode 'reflect'"),
+    ],
+)
+def test_unsupported_settings(body, message):
+    with pytest.raises(UnsupportedOpError, match=message):
+        _prepare(body)
+
+
+def test_conv_padding_same_is_made_explicit():
+    prepared = _prepare(nn.Conv2d(3, 4, 5, padding="same"))
+    assert isinstance(prepared.body, ConvAct2d) and prepared.body.padding == (2, 2)

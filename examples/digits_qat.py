@@ -1,0 +1,209 @@
+"""The seed's staged QAT flow on real data: float -> calib -> qat -> int_infer.
+
+Data: scikit-learn's handwritten digits (1797 images of 8x8 pixels, shipped inside the package), as uint8
+pixels. The model's ``QuantStub(scale=1/128)`` takes inputs normalised as ``(pixel - 128) / 128``, so on the NPU
+the raw pixels enter as ``pixel - 128`` with no arithmetic; the final classifier keeps an int32 output.
+
+Each stage saves a checkpoint in ``--workdir`` and the next one starts from it, as in the seed::
+
+    python examples/digits_qat.py --stage float
+    python examples/digits_qat.py --stage calib
+    python examples/digits_qat.py --stage qat
+    python examples/digits_qat.py --stage int_infer
+    python examples/digits_qat.py              # all four in order
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+
+from edgeq.quantization import (
+    DeQuantStub,
+    FakeQuantState,
+    IntegerModel,
+    QuantStub,
+    convert_fx,
+    default_calib_int32_output_qconfig,
+    default_calib_qconfig,
+    default_qat_int32_output_qconfig,
+    default_qat_qconfig,
+    prepare_qat_fx,
+    set_fake_quantize,
+)
+
+STAGES = ("float", "calib", "qat", "int_infer")
+
+
+class DigitsNet(nn.Module):
+    """A small residual CNN for 8x8 digits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = QuantStub(scale=1 / 128)
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.block = nn.Sequential(
+            nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.classifier = nn.Linear(32, 10)
+        self.dequant = DeQuantStub()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.quant(pixels)
+        x = self.stem(x)
+        x = F.relu(x + self.block(x))
+        x = self.head(self.pool(x))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.dequant(self.classifier(x))
+
+
+def load_pixels(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 pixels [N, 1, 8, 8] and labels, split 70/30 into train and test (fixed seed)."""
+    digits = load_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    train_x, test_x, train_y, test_y = train_test_split(
+        pixels, digits.target, test_size=0.3, random_state=seed, stratify=digits.target
+    )
+    return (torch.from_numpy(train_x), torch.from_numpy(train_y), torch.from_numpy(test_x), torch.from_numpy(test_y))
+
+
+def normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels to the float input of the model: (pixel - 128) / 128, exactly representable at scale 1/128."""
+    return (pixels.to(torch.float32) - 128.0) / 128.0
+
+
+def batches(pixels: torch.Tensor, labels: torch.Tensor, size: int, shuffle: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    order = torch.randperm(len(pixels)) if shuffle else torch.arange(len(pixels))
+    for start in range(0, len(pixels), size):
+        index = order[start : start + size]
+        yield pixels[index], labels[index]
+
+
+def accuracy(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, raw_int8: bool = False) -> float:
+    """Top-1 accuracy in percent. ``raw_int8`` feeds ``pixel - 128`` as int8, as the NPU receives it."""
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for x, y in batches(pixels, labels, 256, shuffle=False):
+            inputs = (x.to(torch.int16) - 128).to(torch.int8) if raw_int8 else normalise(x)
+            correct += int((model(inputs).argmax(1) == y).sum())
+    return 100.0 * correct / len(pixels)
+
+
+def train(model: nn.Module, data: tuple, epochs: int, optimizer: torch.optim.Optimizer, stage: str) -> None:
+    train_x, train_y, test_x, test_y = data
+    for epoch in range(epochs):
+        model.train()
+        if stage == "qat":
+            set_fake_quantize(model, FakeQuantState.QAT)
+        total = 0.0
+        for x, y in batches(train_x, train_y, 64, shuffle=True):
+            loss = F.cross_entropy(model(normalise(x)), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(x)
+        model.eval()
+        if stage == "qat":
+            set_fake_quantize(model, FakeQuantState.VALIDATION)
+        if epoch % 5 == 4 or epoch == epochs - 1:
+            print(f"  {stage} epoch {epoch + 1}/{epochs}: loss {total / len(train_x):.4f}, test accuracy {accuracy(model, test_x, test_y):.2f}%")
+
+
+def float_model(workdir: Path, trained: bool) -> DigitsNet:
+    model = DigitsNet()
+    if trained:
+        model.load_state_dict(torch.load(workdir / "float-checkpoint.pt"))
+    return model.eval()
+
+
+def example_input() -> torch.Tensor:
+    return torch.zeros(1, 1, 8, 8)
+
+
+def calib_model(workdir: Path, target: str) -> torch.fx.GraphModule:
+    qconfig = {"": default_calib_qconfig, "module_name": {"classifier": default_calib_int32_output_qconfig}}
+    return prepare_qat_fx(float_model(workdir, True), qconfig, example_inputs=(example_input(),), target=target)
+
+
+def qat_model(workdir: Path, target: str) -> torch.fx.GraphModule:
+    qconfig = {"": default_qat_qconfig, "module_name": {"classifier": default_qat_int32_output_qconfig}}
+    return prepare_qat_fx(float_model(workdir, True), qconfig, example_inputs=(example_input(),), target=target)
+
+
+def run_stage(stage: str, workdir: Path, target: str, data: tuple, results: dict[str, float]) -> None:
+    train_x, train_y, test_x, test_y = data
+    started = time.perf_counter()
+    print(f"== stage {stage} (target {target})")
+    if stage == "float":
+        model = float_model(workdir, trained=False)
+        train(model, data, epochs=40, optimizer=torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4), stage=stage)
+        torch.save(model.state_dict(), workdir / "float-checkpoint.pt")
+        results["float"] = accuracy(model, test_x, test_y)
+    elif stage == "calib":
+        model = calib_model(workdir, target).eval()
+        set_fake_quantize(model, FakeQuantState.CALIBRATION)
+        with torch.no_grad():
+            for x, _ in batches(train_x, train_y, 128, shuffle=False):
+                model(normalise(x))
+        set_fake_quantize(model, FakeQuantState.VALIDATION)
+        torch.save(model.state_dict(), workdir / "calib-checkpoint.pt")
+        results["calib"] = accuracy(model, test_x, test_y)
+    elif stage == "qat":
+        model = qat_model(workdir, target)
+        model.load_state_dict(torch.load(workdir / "calib-checkpoint.pt"))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+        train(model, data, epochs=5, optimizer=optimizer, stage=stage)
+        torch.save(model.state_dict(), workdir / "qat-checkpoint.pt")
+        results["qat"] = accuracy(model, test_x, test_y)
+    else:
+        model = qat_model(workdir, target)
+        model.load_state_dict(torch.load(workdir / "qat-checkpoint.pt"))
+        set_fake_quantize(model, FakeQuantState.VALIDATION)
+        int_model: IntegerModel = convert_fx(model.eval())
+        results["int_infer"] = accuracy(int_model, test_x, test_y)
+        results["int_infer_raw_pixels"] = accuracy(int_model, test_x, test_y, raw_int8=True)
+    print(f"   {stage}: test accuracy {results.get(stage, 0.0):.2f}% ({time.perf_counter() - started:.1f} s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="stage to run (default: all, in order)")
+    parser.add_argument("--target", default="npu-s", help="target whose quantization rules apply (default: npu-s)")
+    parser.add_argument("--workdir", type=Path, default=Path("build/digits"), help="where checkpoints go")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(args.seed)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    data = load_pixels(args.seed)
+    print(f"digits: {len(data[0])} train and {len(data[2])} test images, 8x8 uint8")
+    results_file = args.workdir / "accuracy.json"
+    results: dict[str, float] = json.loads(results_file.read_text()) if results_file.exists() else {}
+    for stage in STAGES if args.stage == "all" else (args.stage,):
+        run_stage(stage, args.workdir, args.target, data, results)
+    results_file.write_text(json.dumps(results, indent=2))
+    print("\nstage       test accuracy")
+    for stage in (*STAGES, "int_infer_raw_pixels"):
+        if stage in results:
+            print(f"{stage:<22}{results[stage]:6.2f}%")
+    if "float" in results and "int_infer" in results:
+        print(f"integer model vs float: {results['int_infer'] - results['float']:+.2f} points")
+
+
+if __name__ == "__main__":
+    main()

@@ -28,7 +28,7 @@ from edgeq.numerics import (
     rounding_right_shift,
     saturate,
 )
-from edgeq.quantization.qat_modules import upsample_nearest
+from edgeq.quantization.qat_modules import UpsampleNearest2d
 
 
 @dataclass(frozen=True)
@@ -348,15 +348,5 @@ class IntMaxPool2d(nn.Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
 
 
-class IntUpsampleNearest2d(nn.Module):
-    """Nearest-neighbour upsampling by integer factors: pure copies."""
-
-    def __init__(self, scale_factor: tuple[int, int]) -> None:
-        super().__init__()
-        self.scale_factor = scale_factor
-
-    def forward(self, value: torch.Tensor) -> torch.Tensor:
-        return upsample_nearest(value, self.scale_factor)
-
-    def extra_repr(self) -> str:
-        return f"scale_factor={self.scale_factor}"
+class IntUpsampleNearest2d(UpsampleNearest2d):
+    """Nearest-neighbour upsampling by integer factors: pure copies, the same on int8 as on float."""

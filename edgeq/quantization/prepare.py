@@ -319,44 +319,33 @@ class _Preparer:
         path = self._functional_path(node, "cat")
         return self._call(path, Concat(dim, self._quantizer(node, path)), tensors, node)
 
-    def _emit_maxpool2d(self, node: fx.Node) -> fx.Node:
+    def _pool_settings(self, node: fx.Node, names: tuple[str, ...], defaults: tuple[object, ...]) -> list:
+        """Pooling settings by name, from the module or from the functional call (same names in both)."""
         if node.op == "call_module":
-            pool = self.modules[node.target]
-            settings = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode, pool.return_indices)
+            values = [getattr(self.modules[node.target], name) for name in names]
         else:
-            kernel = argument(node, 1, "kernel_size")
-            settings = (
-                kernel,
-                argument(node, 2, "stride") or kernel,
-                argument(node, 3, "padding", 0),
-                argument(node, 4, "dilation", 1),
-                argument(node, 5, "ceil_mode", False),
-                argument(node, 6, "return_indices", False),
-            )
-        kernel, stride, padding, dilation, ceil_mode, return_indices = settings
+            values = [argument(node, i + 1, name, default) for i, (name, default) in enumerate(zip(names, defaults))]
+        kernel, stride, *rest = values
+        return [pair(kernel), pair(stride or kernel), *rest]
+
+    def _emit_maxpool2d(self, node: fx.Node) -> fx.Node:
+        kernel, stride, padding, dilation, ceil_mode, return_indices = self._pool_settings(
+            node,
+            ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+            (None, None, 0, 1, False, False),
+        )
         if return_indices:
             raise self._unsupported(node, "max pooling with return_indices")
-        module = MaxPool2d(pair(kernel), pair(stride), pair(padding), pair(dilation), ceil_mode=bool(ceil_mode))
+        module = MaxPool2d(kernel, stride, pair(padding), pair(dilation), ceil_mode=bool(ceil_mode))
         return self._call(self._functional_path(node, "max_pool2d"), module, (node.args[0],), node)
 
     def _emit_avgpool2d(self, node: fx.Node) -> fx.Node:
-        if node.op == "call_module":
-            pool = self.modules[node.target]
-            settings = (
-                pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode, pool.count_include_pad, pool.divisor_override
-            )
-        else:
-            kernel = argument(node, 1, "kernel_size")
-            settings = (
-                kernel,
-                argument(node, 2, "stride") or kernel,
-                argument(node, 3, "padding", 0),
-                argument(node, 4, "ceil_mode", False),
-                argument(node, 5, "count_include_pad", True),
-                argument(node, 6, "divisor_override"),
-            )
-        kernel, stride, padding, ceil_mode, count_include_pad, divisor_override = settings
-        kernel, stride, padding = pair(kernel), pair(stride), pair(padding)
+        kernel, stride, padding, ceil_mode, count_include_pad, divisor_override = self._pool_settings(
+            node,
+            ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+            (None, None, 0, False, True, None),
+        )
+        padding = pair(padding)
         if divisor_override is not None:
             raise self._unsupported(node, "avg pooling with divisor_override")
         if any(padding) and not count_include_pad:

@@ -11,8 +11,8 @@ Conventions (see the spec for the why):
 - weights: int8, symmetric, range [-127, 127], one float32 scale per output channel;
 - bias: int32 at scale ``s_in * s_w[c]``; accumulation in int32 (proved not to overflow, see
   :func:`check_accumulator_bound`);
-- requantization: ``y = (acc * M + 2**(n-1)) >> n`` in int64 with ``2**30 <= M < 2**31`` and ``1 <= n <= 62``:
-  one rounding, half toward +infinity ("single-rounding fixed point");
+- requantization: ``y = round_half_to_even(acc * M / 2**n)`` exactly in int64, with ``2**30 <= M < 2**31`` and
+  ``1 <= n <= 62``: one rounding, to nearest with ties to even, the rule of every rounding in edgeq;
 - float to int8: ``round_half_to_even(x / s)`` in float32, then saturation (as ONNX QuantizeLinear);
 - int to float: ``float32(q) * s`` in float32 (as ONNX DequantizeLinear).
 """
@@ -172,16 +172,23 @@ def bias_scales(input_scale: float, weight_scales: Sequence[float]) -> list[floa
 
 
 def rounding_right_shift(value: torch.Tensor, shift: torch.Tensor | int) -> torch.Tensor:
-    """``(value + 2**(shift-1)) >> shift`` on int64: divide by 2**shift, rounding half toward +infinity."""
+    """``value / 2**shift`` on int64, rounded to nearest with ties to even.
+
+    ``q = value >> shift`` (floor) and the remainder ``r = value - (q << shift)`` in ``[0, 2**shift)``; the result
+    is ``q + 1`` when ``r > 2**(shift-1)``, or when ``r == 2**(shift-1)`` and ``q`` is odd.
+    """
     if isinstance(shift, int):
-        return (value + (1 << (shift - 1))) >> shift
-    return torch.bitwise_right_shift(value + torch.bitwise_left_shift(torch.ones_like(shift), shift - 1), shift)
+        shift = torch.tensor(shift, dtype=torch.int64, device=value.device)
+    floor = torch.bitwise_right_shift(value, shift)
+    remainder = value - torch.bitwise_left_shift(floor, shift)
+    half = torch.bitwise_left_shift(torch.ones_like(shift), shift - 1)
+    round_up = (remainder > half) | ((remainder == half) & (torch.bitwise_and(floor, 1) == 1))
+    return floor + round_up.to(torch.int64)
 
 
 def requantize(acc: torch.Tensor, multiplier: torch.Tensor | int, shift: torch.Tensor | int) -> torch.Tensor:
-    """Scale an int32-range accumulator by ``M * 2**-n`` with one rounding: int64 in, int64 out (unsaturated).
-
-    ``|acc| < 2**31`` and ``M < 2**31`` keep ``acc * M + 2**(n-1)`` inside int64.
+    """Scale an int32-range accumulator by ``M * 2**-n`` with one rounding (to nearest, ties to even): int64 in,
+    int64 out (unsaturated). ``|acc| < 2**31`` and ``M < 2**31`` keep ``acc * M`` inside int64.
     """
     return rounding_right_shift(acc.to(torch.int64) * multiplier, shift)
 

@@ -18,12 +18,12 @@ from edgeq.quantization import integer_ops as ops
 
 
 def round_shift(values: np.ndarray, multiplier: Any, shift: Any) -> np.ndarray:
-    """floor((values * M + 2**(n-1)) / 2**n) in int64 (half toward +infinity)."""
-    values = np.asarray(values, dtype=np.int64)
-    multiplier = np.asarray(multiplier, dtype=np.int64)
-    shift = np.asarray(shift, dtype=np.int64)
-    power = np.left_shift(np.int64(1), shift)
-    return np.floor_divide(values * multiplier + power // 2, power)
+    """values * M / 2**n rounded to nearest, ties to even, in int64 (floor division and remainder, no shifts)."""
+    product = np.asarray(values, dtype=np.int64) * np.asarray(multiplier, dtype=np.int64)
+    power = np.left_shift(np.int64(1), np.asarray(shift, dtype=np.int64))
+    quotient, remainder = np.divmod(product, power)
+    half = power // 2
+    return quotient + ((remainder > half) | ((remainder == half) & (quotient % 2 == 1)))
 
 
 def saturate8(values: np.ndarray, low: int = -128, high: int = 127) -> np.ndarray:

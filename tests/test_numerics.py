@@ -57,11 +57,13 @@ def test_requantize_matches_reference_on_random_values():
     np.testing.assert_array_equal(got.numpy(), round_shift(acc, multiplier, shift))
 
 
-def test_requantize_rounds_ties_half_up():
+def test_requantize_rounds_ties_to_even():
     # M * 2**-n = 0.5: odd accumulators land exactly on .5
-    acc = torch.tensor([-5, -3, -1, 1, 3, 5], dtype=torch.int64)
+    acc = torch.tensor([-5, -3, -1, 1, 3, 5, 7], dtype=torch.int64)
     got = nx.requantize(acc, 2**30, 31)
-    np.testing.assert_array_equal(got.numpy(), [-2, -1, 0, 1, 2, 3])
+    np.testing.assert_array_equal(got.numpy(), [-2, -2, 0, 0, 2, 2, 4])
+    # 0.75 * [2, 6, -2] = [1.5, 4.5, -1.5]: ties; 0.75 * 5 = 3.75 is not
+    np.testing.assert_array_equal(nx.requantize(torch.tensor([2, 6, -2, 5]), 3 * 2**29, 31).numpy(), [2, 4, -2, 4])
 
 
 def test_power_of_two_requantization_is_a_rounding_shift():

@@ -188,7 +188,7 @@ class IntLinear(_WeightedOp):
 
 
 class IntAdd(nn.Module):
-    """``saturate(((a * M_a + b * M_b) + 2**(n-1)) >> n)``: both inputs rescaled to the output, one rounding."""
+    """``saturate(round_half_to_even((a * M_a + b * M_b) / 2**n))``: both inputs rescaled to the output, one rounding."""
 
     def __init__(
         self,

@@ -28,3 +28,11 @@ class UnsupportedOpError(EdgeqError):
 
 class QuantizationError(EdgeqError):
     """Quantization parameters are missing, inconsistent or outside the range the numerics allow."""
+
+
+class ExportError(EdgeqError):
+    """A model cannot be exported (an op or a value has no representation in the output format)."""
+
+
+class ModelFileError(EdgeqError):
+    """A model file is missing, unreadable, malformed, or its quantization is inconsistent."""

@@ -155,3 +155,70 @@ def pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
     if len(value) == 1:
         return (int(value[0]), int(value[0]))
     return (int(value[0]), int(value[1]))
+
+
+class Movement(str, Enum):
+    """What a RESHAPE-kind node does to its values (export and the compiler need the detail)."""
+
+    ALIAS = "alias"
+    """No change at all (``contiguous``, ``nn.Identity``)."""
+    RESHAPE = "reshape"
+    """Same values in row-major order, another shape (view, reshape, flatten, squeeze, unsqueeze)."""
+    TRANSPOSE = "transpose"
+    """A permutation of the axes (transpose, permute)."""
+    SPLIT = "split"
+    """Several outputs along one axis (chunk, split)."""
+    GETITEM = "getitem"
+    """One output of a split, or a slice of a tensor."""
+
+
+_MOVEMENTS: dict[Any, Movement] = {
+    nn.Identity: Movement.ALIAS,
+    "contiguous": Movement.ALIAS,
+    nn.Flatten: Movement.RESHAPE,
+    nn.Unflatten: Movement.RESHAPE,
+    torch.flatten: Movement.RESHAPE,
+    torch.reshape: Movement.RESHAPE,
+    torch.squeeze: Movement.RESHAPE,
+    torch.unsqueeze: Movement.RESHAPE,
+    "view": Movement.RESHAPE,
+    "reshape": Movement.RESHAPE,
+    "flatten": Movement.RESHAPE,
+    "squeeze": Movement.RESHAPE,
+    "unsqueeze": Movement.RESHAPE,
+    torch.transpose: Movement.TRANSPOSE,
+    torch.permute: Movement.TRANSPOSE,
+    "transpose": Movement.TRANSPOSE,
+    "permute": Movement.TRANSPOSE,
+    torch.chunk: Movement.SPLIT,
+    torch.split: Movement.SPLIT,
+    "chunk": Movement.SPLIT,
+    "split": Movement.SPLIT,
+    operator.getitem: Movement.GETITEM,
+    "__getitem__": Movement.GETITEM,
+}
+
+
+def movement(node: fx.Node, modules: dict[str, nn.Module]) -> Movement:
+    """The :class:`Movement` of a RESHAPE-kind node."""
+    key = type(modules[node.target]) if node.op == "call_module" else node.target
+    return _MOVEMENTS[key]
+
+
+def permutation(node: fx.Node, rank: int) -> list[int]:
+    """The axis permutation of a TRANSPOSE node (transpose swaps two axes, permute lists them all)."""
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    if name == "transpose":
+        first, second = argument(node, 1, "dim0") % rank, argument(node, 2, "dim1") % rank
+        order = list(range(rank))
+        order[first], order[second] = second, first
+        return order
+    dims = node.args[1:] if node.op == "call_method" else argument(node, 1, "dims")
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = dims[0]
+    return [d % rank for d in dims]
+
+
+def split_axis(node: fx.Node, rank: int) -> int:
+    """The axis a SPLIT node splits along."""
+    return argument(node, 2, "dim", 0) % rank

@@ -1,0 +1,301 @@
+"""Reading QDQ ONNX files (edgeq's and other tools') into the form the compiler consumes.
+
+:func:`load_onnx` validates the file (ONNX checker, full check), then recovers the quantization of every
+quantized tensor from its QuantizeLinear / DequantizeLinear nodes: dtype, scale(s), zero point(s) and axis.
+Structural problems (a scale that is not a positive constant, zero points that disagree with the scales'
+shape, a tensor quantized one way and dequantized another) are errors naming the file and the node. What is
+valid QDQ but does not fit edgeq's integer numerics (uint8 or asymmetric activations, a bias whose scale is not
+``s_in * s_w``, ops outside edgeq's vocabulary) is recorded as a :class:`Finding`, never changed: the check and
+compile stages decide what to do with it.
+
+:func:`load_torchscript` reads a ``.pt`` file saved from :func:`edgeq.export.trace`, which carries the QDQ form
+of the same integer model; :func:`load_model_file` accepts either.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgeq.errors import ModelFileError
+from edgeq.export.onnx_writer import TARGET_METADATA_KEY
+
+QDQ_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "Conv",
+    "Gemm",
+    "MatMul",
+    "Add",
+    "Relu",
+    "Clip",
+    "Concat",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Resize",
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Split",
+    "Slice",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+}
+"""ONNX ops with an integer implementation in edgeq (between DequantizeLinear and QuantizeLinear)."""
+
+_BIAS_SCALE_TOLERANCE = 1e-6
+"""Relative tolerance on ``s_bias == s_in * s_w`` (float32 products computed by different tools)."""
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """How a quantized tensor maps to real numbers: ``real = (q - zero_point) * scale``, per tensor or along
+    ``axis``."""
+
+    dtype: str
+    scales: tuple[float, ...]
+    zero_points: tuple[int, ...]
+    axis: int | None
+
+    @property
+    def symmetric(self) -> bool:
+        """Signed with all zero points 0: edgeq's NPU numerics."""
+        return self.dtype in ("int8", "int32") and not any(self.zero_points)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something valid in QDQ terms that does not fit edgeq's integer numerics."""
+
+    node: str
+    op_type: str
+    kind: str
+    message: str
+
+
+@dataclass
+class QDQModel:
+    """A validated QDQ model: the ONNX graph and the quantization of each of its quantized tensors.
+
+    Attributes:
+        source: the file it was read from.
+        model: the ONNX model, unchanged.
+        quant: :class:`QuantParams` by quantized tensor name (QuantizeLinear outputs, DequantizeLinear inputs).
+        findings: what does not fit edgeq's numerics, in graph order.
+        target: the target edgeq quantized it for (``None`` for files from other tools).
+    """
+
+    source: Path
+    model: onnx.ModelProto
+    quant: dict[str, QuantParams]
+    findings: list[Finding] = field(default_factory=list)
+    target: str | None = None
+
+    @property
+    def fits_edgeq_numerics(self) -> bool:
+        """No finding: every op and tensor can be computed by docs/numerics.md."""
+        return not self.findings
+
+
+def load_model_file(path: str | Path) -> QDQModel:
+    """Read a QDQ ONNX file or an edgeq TorchScript file, whichever ``path`` holds."""
+    path = Path(path)
+    if _is_zip(path):
+        return load_torchscript(path)
+    return load_onnx(path)
+
+
+def load_onnx(path: str | Path) -> QDQModel:
+    """Read and validate a QDQ ONNX file.
+
+    Raises:
+        ModelFileError: missing, unreadable, not ONNX, truncated, failing the ONNX checker, or with inconsistent
+            quantization; the message names the file and, where there is one, the node.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as error:  # protobuf raises DecodeError, others raise ValueError / RuntimeError
+        raise ModelFileError(f"{path}: not an ONNX file, or truncated ({type(error).__name__}: {error})") from None
+    return _read(model, path)
+
+
+def load_torchscript(path: str | Path) -> QDQModel:
+    """Read the QDQ description carried by a TorchScript file saved from :func:`edgeq.export.trace`.
+
+    Raises:
+        ModelFileError: missing or unreadable file, or a TorchScript module that edgeq did not trace.
+    """
+    import torch
+
+    from edgeq.export.torchscript import DESCRIPTION_BUFFER
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as error:
+        raise ModelFileError(f"{path}: not a TorchScript file, or truncated ({type(error).__name__})") from None
+    description = getattr(module, DESCRIPTION_BUFFER, None)
+    if description is None:
+        raise ModelFileError(
+            f"{path}: TorchScript module without edgeq's graph description; trace the integer model with "
+            "edgeq.export.trace (not torch.jit.trace) and save that"
+        )
+    try:
+        model = onnx.load_from_string(description.numpy().tobytes())
+    except Exception:
+        raise ModelFileError(f"{path}: edgeq's graph description inside the TorchScript file is corrupt") from None
+    return _read(model, path)
+
+
+def _is_zip(path: Path) -> bool:
+    return path.is_file() and zipfile.is_zipfile(path)
+
+
+def _read(model: onnx.ModelProto, path: Path) -> QDQModel:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as error:
+        raise ModelFileError(f"{path}: fails the ONNX checker: {str(error).strip().splitlines()[0]}") from None
+    reader = _QuantReader(model, path)
+    reader.run()
+    target = next((p.value for p in model.metadata_props if p.key == TARGET_METADATA_KEY), None)
+    return QDQModel(path, model, reader.quant, reader.findings, target)
+
+
+class _QuantReader:
+    """Collects quantization per tensor and findings (one instance per file)."""
+
+    def __init__(self, model: onnx.ModelProto, path: Path) -> None:
+        self.model = model
+        self.path = path
+        self.constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+        for node in model.graph.node:
+            if node.op_type == "Constant":
+                self.constants[node.output[0]] = numpy_helper.to_array(_attribute(node, "value"))
+        self.quant: dict[str, QuantParams] = {}
+        self.quant_source: dict[str, str] = {}
+        self.findings: list[Finding] = []
+        self.producer = {out: node for node in model.graph.node for out in node.output}
+
+    def run(self) -> None:
+        for node in self.model.graph.node:
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                quantized = node.output[0] if node.op_type == "QuantizeLinear" else node.input[0]
+                self._record(quantized, self._params(node, quantized), node)
+            elif node.op_type not in QDQ_OPS and node.op_type != "Constant":
+                self._find(node, "unsupported_op", f"{node.op_type} has no integer implementation in edgeq")
+        for node in self.model.graph.node:
+            if node.op_type in ("Conv", "Gemm") and len(node.input) > 2:
+                self._check_bias(node)
+
+    def _error(self, node: onnx.NodeProto, problem: str) -> ModelFileError:
+        return ModelFileError(f"{self.path}: {node.op_type} '{node.name or node.output[0]}': {problem}")
+
+    def _find(self, node: onnx.NodeProto, kind: str, message: str) -> None:
+        self.findings.append(Finding(node.name or node.output[0], node.op_type, kind, message))
+
+    def _constant(self, node: onnx.NodeProto, index: int, what: str) -> np.ndarray | None:
+        if len(node.input) <= index or not node.input[index]:
+            return None
+        name = node.input[index]
+        if name not in self.constants:
+            raise self._error(node, f"{what} '{name}' must be a constant (initializer or Constant node)")
+        return self.constants[name]
+
+    def _params(self, node: onnx.NodeProto, quantized: str) -> QuantParams:
+        scale = self._constant(node, 1, "scale")
+        zero_point = self._constant(node, 2, "zero point")
+        if scale is None:
+            raise self._error(node, "has no scale")
+        if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+            raise self._error(node, f"scales must be positive and finite; got {scale.ravel()[:8].tolist()}")
+        if zero_point is None:
+            zero_point = np.zeros(scale.shape, dtype=np.uint8)
+        if scale.ndim > 1 or zero_point.ndim > 1:
+            raise self._error(node, f"scale and zero point must be scalars or 1-D; got shapes {list(scale.shape)}, {list(zero_point.shape)}")
+        if zero_point.size != scale.size:
+            raise self._error(node, f"{zero_point.size} zero points for {scale.size} scales")
+        per_axis = scale.ndim == 1 and scale.size > 1
+        axis = _attribute_value(node, "axis", 1) if per_axis else None
+        if axis is not None:
+            length = self._axis_length(quantized, axis)
+            if length is not None and length != scale.size:
+                raise self._error(node, f"{scale.size} scales for axis {axis} of length {length}")
+        return QuantParams(
+            str(zero_point.dtype), tuple(float(s) for s in scale.ravel()), tuple(int(z) for z in zero_point.ravel()), axis
+        )
+
+    def _axis_length(self, tensor: str, axis: int) -> int | None:
+        if tensor in self.constants:
+            shape = self.constants[tensor].shape
+            return shape[axis] if -len(shape) <= axis < len(shape) else None
+        return None
+
+    def _record(self, tensor: str, params: QuantParams, node: onnx.NodeProto) -> None:
+        label = node.name or node.output[0]
+        if tensor in self.quant and self.quant[tensor] != params:
+            raise self._error(
+                node,
+                f"quantizes '{tensor}' with scale {list(params.scales)[:4]} and zero point {list(params.zero_points)[:4]}, "
+                f"but '{self.quant_source[tensor]}' uses scale {list(self.quant[tensor].scales)[:4]} and zero point "
+                f"{list(self.quant[tensor].zero_points)[:4]}: inconsistent scales",
+            )
+        if tensor in self.quant:
+            return
+        self.quant[tensor] = params
+        self.quant_source[tensor] = label
+        if params.dtype != "int32" and tensor not in self.constants and not params.symmetric:
+            self._find(
+                node, "asymmetric_activation",
+                f"'{tensor}' is {params.dtype} with zero point {params.zero_points[0]}; edgeq's NPU numerics need "
+                "int8 activations with zero point 0",
+            )
+        elif tensor in self.constants and not params.symmetric:
+            self._find(node, "asymmetric_weight", f"constant '{tensor}' is {params.dtype} with non-zero zero points")
+
+    def _dequantized_params(self, tensor: str) -> QuantParams | None:
+        node = self.producer.get(tensor)
+        if node is None or node.op_type != "DequantizeLinear":
+            return None
+        return self.quant.get(node.input[0])
+
+    def _check_bias(self, node: onnx.NodeProto) -> None:
+        source, weight, bias = (self._dequantized_params(name) for name in node.input[:3])
+        if source is None or weight is None or bias is None:
+            return
+        expected = np.float64(source.scales[0]) * np.asarray(weight.scales, dtype=np.float64)
+        actual = np.asarray(bias.scales, dtype=np.float64)
+        if expected.shape != actual.shape and expected.size != 1 and actual.size != 1:
+            return
+        if not np.allclose(actual, expected, rtol=_BIAS_SCALE_TOLERANCE, atol=0):
+            self._find(
+                node, "bias_scale",
+                f"bias scale {actual.ravel()[:3].tolist()} is not input scale x weight scale "
+                f"{expected.ravel()[:3].tolist()}: the bias cannot join the int32 accumulator exactly",
+            )
+
+
+def _attribute(node: onnx.NodeProto, name: str) -> onnx.AttributeProto:
+    return next(a for a in node.attribute if a.name == name).t
+
+
+def _attribute_value(node: onnx.NodeProto, name: str, default: int) -> int:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return int(onnx.helper.get_attribute_value(attribute))
+    return default

@@ -1,0 +1,39 @@
+"""Fixtures shared across test files."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_example(name: str):
+    """Import ``examples/<name>.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def digits_integer_model(tmp_path_factory):
+    """The example CNN, trained through the example's float -> calib -> qat stages (npu-m), converted; with the
+    test set's uint8 pixels."""
+    digits = load_example("digits_qat")
+    workdir = tmp_path_factory.mktemp("digits")
+    torch.manual_seed(0)
+    data = digits.load_pixels()
+    results: dict[str, float] = {}
+    for stage in ("float", "calib", "qat"):
+        digits.run_stage(stage, workdir, "npu-m", data, results)
+    qat = digits.qat_model(workdir, "npu-m")
+    qat.load_state_dict(torch.load(workdir / "qat-checkpoint.pt"))
+    qat.eval()
+    digits.set_fake_quantize(qat, digits.FakeQuantState.VALIDATION)
+    return digits.convert_fx(qat), data[2]

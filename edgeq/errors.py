@@ -23,7 +23,15 @@ class TraceError(EdgeqError):
 
 
 class UnsupportedOpError(EdgeqError):
-    """A node in the quantized region has no integer implementation."""
+    """A node in the quantized region has no integer implementation.
+
+    Attributes:
+        reason: why, without the node's name (``"upsampling mode 'bilinear' (allowed: 'nearest')"``).
+    """
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class QuantizationError(EdgeqError):

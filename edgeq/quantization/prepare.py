@@ -96,17 +96,36 @@ def prepare_qat_fx(
     Raises:
         TraceError, QuantizationError, UnsupportedOpError, TargetError: with the node, op and what to do.
     """
-    resolved_target = load_target(target)
+    prepared, _ = _prepare(model, qconfig, example_inputs, load_target(target), lenient=False)
+    logger.info("prepared %s for %s", type(model).__name__, getattr(prepared, TARGET_ATTRIBUTE))
+    return prepared
+
+
+def prepare_for_analysis(
+    model: nn.Module, example_inputs: Sequence[torch.Tensor], target: TargetLike
+) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Prepare as :func:`prepare_qat_fx` does, but keep going past ops it cannot quantize.
+
+    Returns:
+        The prepared graph, in which each rejected node is left as it was, and the reason of each rejection by
+        node name. ``check_model`` uses it to report every such op at once, before any training.
+    """
+    return _prepare(model, None, example_inputs, load_target(target), lenient=True)
+
+
+def _prepare(
+    model: nn.Module, qconfig: QConfigSpec, example_inputs: Sequence[torch.Tensor], target: Target, lenient: bool
+) -> tuple[fx.GraphModule, dict[str, str]]:
     resolve = qconfig_resolver(qconfig, model)
     traced = trace(model)
     record_example_values(traced, tuple(example_inputs) if isinstance(example_inputs, list) else example_inputs)
     region = integer_region(traced)
-    prepared = _Preparer(traced, region, resolved_target, resolve).run()
+    preparer = _Preparer(traced, region, target, resolve, lenient)
+    prepared = preparer.run()
     prepared.train(model.training)
     set_fake_quantize(prepared, FakeQuantState.QAT)
-    setattr(prepared, TARGET_ATTRIBUTE, resolved_target.name)
-    logger.info("prepared %s for %s", type(model).__name__, resolved_target.name)
-    return prepared
+    setattr(prepared, TARGET_ATTRIBUTE, target.name)
+    return prepared, preparer.rejected
 
 
 @dataclass
@@ -131,9 +150,16 @@ class _Preparer:
     """Builds the prepared graph node by node (one instance per call)."""
 
     def __init__(
-        self, traced: fx.GraphModule, region: set[fx.Node], target: Target, resolve: Callable[[str], QConfig]
+        self,
+        traced: fx.GraphModule,
+        region: set[fx.Node],
+        target: Target,
+        resolve: Callable[[str], QConfig],
+        lenient: bool,
     ) -> None:
         self.traced = traced
+        self.lenient = lenient
+        self.rejected: dict[str, str] = {}
         self.region = region
         self.target = target
         self.scale_rule: ScaleRule = target.quantization.scale_rule
@@ -245,16 +271,23 @@ class _Preparer:
 
     # ---- one emitter per op kind ----------------------------------------------------------------------------
     def _emit_integer_op(self, node: fx.Node) -> fx.Node:
-        kind = self.kinds[node]
-        emitter = getattr(self, f"_emit_{kind.value}", None)
-        if emitter is None:
-            raise self._unsupported(node, "edgeq has no integer implementation of this op")
-        return emitter(node)
+        emitter = getattr(self, f"_emit_{self.kinds[node].value}", None)
+        try:
+            if emitter is None:
+                raise self._unsupported(node, "edgeq has no integer implementation of this op")
+            return emitter(node)
+        except (UnsupportedOpError, QuantizationError) as error:
+            if not self.lenient:
+                raise
+            copied = self._copy(node)
+            self.rejected[copied.name] = error.reason if isinstance(error, UnsupportedOpError) else str(error)
+            return copied
 
     def _unsupported(self, node: fx.Node, reason: str) -> UnsupportedOpError:
         return UnsupportedOpError(
             f"{describe_node(node, self.modules)}: {reason}. Supported in the integer region: {SUPPORTED_OPS}. "
-            "To keep this op in float, move it after a DeQuantStub (and re-enter with a QuantStub)"
+            "To keep this op in float, move it after a DeQuantStub (and re-enter with a QuantStub)",
+            reason=reason,
         )
 
     def _emit_quant_stub(self, node: fx.Node) -> fx.Node:

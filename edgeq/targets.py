@@ -15,7 +15,7 @@ from enum import Enum
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -55,6 +55,84 @@ class Hardware(_Strict):
         return 2 * self.int8_macs_per_cycle * self.clock_hz
 
 
+NPU_OPS = (
+    "conv2d",
+    "linear",
+    "add",
+    "concat",
+    "max_pool2d",
+    "avg_pool2d",
+    "global_avg_pool2d",
+    "relu",
+    "upsample_nearest2d",
+    "reshape",
+    "transpose",
+    "split",
+    "slice",
+)
+"""The integer ops an NPU target can list in ``[npu] ops`` (edgeq's vocabulary after fusion)."""
+NpuOp = Literal[NPU_OPS]  # type: ignore[valid-type]
+
+
+class ConvRules(_Strict):
+    """Limits of the NPU's convolution engine."""
+
+    max_kernel: Annotated[int, Field(gt=0)]
+    max_stride: Annotated[int, Field(gt=0)]
+    dilations: tuple[Annotated[int, Field(gt=0)], ...]
+    max_padding: Annotated[int, Field(ge=0)]
+    groups: Literal["any", "depthwise", "none"]
+    channel_alignment: Annotated[int, Field(gt=0)]
+    """Channel counts that are multiples of this use every MAC (advice only)."""
+
+
+class LinearRules(_Strict):
+    """Limits of fully connected layers."""
+
+    max_in_features: Annotated[int, Field(gt=0)]
+    channel_alignment: Annotated[int, Field(gt=0)]
+
+
+class PoolRules(_Strict):
+    """Limits of a pooling unit."""
+
+    max_kernel: Annotated[int, Field(gt=0)]
+    max_stride: Annotated[int, Field(gt=0)]
+
+
+class UpsampleRules(_Strict):
+    """Nearest-neighbour upsampling factors the NPU supports."""
+
+    factors: tuple[Annotated[int, Field(gt=1)], ...]
+
+
+class NpuRules(_Strict):
+    """Which ops run on the NPU, and the limits that decide it (everything else falls back to the host CPU)."""
+
+    ops: tuple[NpuOp, ...]
+    max_tensor_bytes: Annotated[int, Field(gt=0)]
+    """Largest activation tensor the NPU addresses."""
+    max_spatial: Annotated[int, Field(gt=0)]
+    """Largest height or width of a tensor."""
+    conv2d: ConvRules | None = None
+    linear: LinearRules | None = None
+    max_pool2d: PoolRules | None = None
+    avg_pool2d: PoolRules | None = None
+    upsample_nearest2d: UpsampleRules | None = None
+    substitutes: dict[str, str] = {}
+    """An op the NPU lacks -> one it has that often replaces it (advice)."""
+
+    @model_validator(mode="after")
+    def _rules_for_listed_ops(self) -> NpuRules:
+        for op in ("conv2d", "linear", "max_pool2d", "avg_pool2d", "upsample_nearest2d"):
+            listed, section = op in self.ops, getattr(self, op) is not None
+            if listed and not section:
+                raise ValueError(f"op '{op}' is listed in npu.ops but has no [npu.{op}] section")
+            if section and not listed:
+                raise ValueError(f"[npu.{op}] describes an op that npu.ops does not list")
+        return self
+
+
 class QuantizationRules(_Strict):
     """Constraints that ``prepare_qat_fx`` applies to every scale it chooses."""
 
@@ -71,6 +149,7 @@ class Target(_Strict):
     host: str | None = None
     llvm: LLVMCodegen | None = None
     hardware: Hardware | None = None
+    npu: NpuRules | None = None
     quantization: QuantizationRules
     source: Path | None = Field(default=None, exclude=True)
 
@@ -79,11 +158,11 @@ class Target(_Strict):
         if self.kind is TargetKind.CPU:
             if self.llvm is None:
                 raise ValueError("a cpu target needs an [llvm] section")
-            if self.host is not None:
-                raise ValueError("a cpu target has no host (it is the host)")
+            if self.host is not None or self.npu is not None or self.hardware is not None:
+                raise ValueError("a cpu target has no host, [npu] or [hardware] section (it is the host)")
         else:
-            if self.hardware is None:
-                raise ValueError("an npu target needs a [hardware] section")
+            if self.hardware is None or self.npu is None:
+                raise ValueError("an npu target needs [hardware] and [npu] sections")
             if self.host is None:
                 raise ValueError("an npu target needs host = '<cpu target name>' for what falls back to the CPU")
         return self

@@ -22,6 +22,19 @@ clock_hz = 500_000_000
 sram_bytes = 65536
 dram_bandwidth_bytes_per_s = 1_000_000_000
 
+[npu]
+ops = ["add", "relu", "conv2d"]
+max_tensor_bytes = 1048576
+max_spatial = 256
+
+[npu.conv2d]
+max_kernel = 3
+max_stride = 2
+dilations = [1]
+max_padding = 1
+groups = "none"
+channel_alignment = 8
+
 [quantization]
 scale_rule = "power_of_two"
 concat_shares_input_scale = true
@@ -67,7 +80,11 @@ def test_unknown_target_lists_known_ones():
         (lambda t: t.replace('"power_of_two"', '"log2"'), r"quantization.scale_rule: Input should be 'any' or 'power_of_two'"),
         (lambda t: t.replace("concat_shares_input_scale = true\n", ""), r"quantization.concat_shares_input_scale: Field required"),
         (lambda t: t.replace('host = "aarch64"\n', ""), r"an npu target needs host"),
-        (lambda t: t.replace("[hardware]", "[hardware_]"), r"an npu target needs a \[hardware\] section|hardware_"),
+        (lambda t: t.replace("[hardware]", "[hardware_]"), r"hardware_: Extra inputs are not permitted"),
+        (lambda t: t.replace('ops = ["add", "relu", "conv2d"]', 'ops = ["add", "relu"]'), r"\[npu.conv2d\] describes an op that npu.ops does not list"),
+        (lambda t: t.replace('ops = ["add", "relu", "conv2d"]', 'ops = ["add", "relu", "conv2d", "linear"]'), r"op 'linear' is listed in npu.ops but has no \[npu.linear\] section"),
+        (lambda t: t.replace('ops = ["add", "relu", "conv2d"]', 'ops = ["add", "softmax"]'), r"npu.ops.1: Input should be 'conv2d', 'linear'"),
+        (lambda t: t.replace('groups = "none"', 'groups = "some"'), r"npu.conv2d.groups: Input should be 'any', 'depthwise' or 'none'"),
         (lambda t: t.replace('name = "my-npu"', 'name = "other"'), r"name: 'other' differs from the file name 'my-npu'"),
         (lambda t: t + "\n[hardware\n", r"not valid TOML"),
     ],

@@ -127,7 +127,7 @@ def load_onnx(path: str | Path) -> QDQModel:
         model = onnx.load(str(path))
     except Exception as error:  # protobuf raises DecodeError, others raise ValueError / RuntimeError
         raise ModelFileError(f"{path}: not an ONNX file, or truncated ({type(error).__name__}: {error})") from None
-    return _read(model, path)
+    return read_qdq(model, path)
 
 
 def load_torchscript(path: str | Path) -> QDQModel:
@@ -138,8 +138,6 @@ def load_torchscript(path: str | Path) -> QDQModel:
     """
     import torch
 
-    from edgeq.export.torchscript import DESCRIPTION_BUFFER
-
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file")
@@ -149,24 +147,41 @@ def load_torchscript(path: str | Path) -> QDQModel:
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as error:
         raise ModelFileError(f"{path}: not a TorchScript file, or truncated ({type(error).__name__})") from None
+    return qdq_from_torchscript(module, path)
+
+
+def qdq_from_torchscript(module: object, source: str | Path) -> QDQModel:
+    """The QDQ description carried by an edgeq TorchScript module (loaded, or straight from ``trace``).
+
+    Raises:
+        ModelFileError: the module carries no description, or a corrupt one.
+    """
+    from edgeq.export.torchscript import DESCRIPTION_BUFFER
+
     description = getattr(module, DESCRIPTION_BUFFER, None)
     if description is None:
         raise ModelFileError(
-            f"{path}: TorchScript module without edgeq's graph description; trace the integer model with "
+            f"{source}: TorchScript module without edgeq's graph description; trace the integer model with "
             "edgeq.export.trace (not torch.jit.trace) and save that"
         )
     try:
         model = onnx.load_from_string(description.numpy().tobytes())
     except Exception:
-        raise ModelFileError(f"{path}: edgeq's graph description inside the TorchScript file is corrupt") from None
-    return _read(model, path)
+        raise ModelFileError(f"{source}: edgeq's graph description inside the TorchScript module is corrupt") from None
+    return read_qdq(model, Path(str(source)))
 
 
 def _is_zip(path: Path) -> bool:
     return path.is_file() and zipfile.is_zipfile(path)
 
 
-def _read(model: onnx.ModelProto, path: Path) -> QDQModel:
+def read_qdq(model: onnx.ModelProto, path: str | Path) -> QDQModel:
+    """Validate an in-memory QDQ model as :func:`load_onnx` validates a file (``path`` names it in messages).
+
+    Raises:
+        ModelFileError: the model fails the ONNX checker or its quantization is inconsistent.
+    """
+    path = Path(path)
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as error:

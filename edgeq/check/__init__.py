@@ -1,0 +1,131 @@
+"""check_model: for each op, where it runs on the target (NPU, CPU fallback, or unsupported), why, and advice.
+
+Works before any training (on the float model) as well as on the prepared model, the integer model, an edgeq
+TorchScript module or file, and any QDQ ONNX file. The rules are the target's data (``targets/*.toml``,
+``[npu]`` section) and the functions of :mod:`edgeq.check.rules`; the compiler partitions with the same report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from edgeq.check.from_fx import records_from_prepared
+from edgeq.check.from_onnx import records_from_qdq
+from edgeq.check.records import OpRecord
+from edgeq.check.report import CheckReport, NodeReport, Placement, Summary
+from edgeq.check.rules import COMMON_RULES, NPU_RULES
+from edgeq.errors import EdgeqError
+from edgeq.export.onnx_reader import QDQModel, load_model_file, qdq_from_torchscript, read_qdq
+from edgeq.export.onnx_writer import build_onnx
+from edgeq.quantization.convert import convert_fx
+from edgeq.quantization.integer_model import IntegerModel
+from edgeq.quantization.prepare import TARGET_ATTRIBUTE, prepare_for_analysis
+from edgeq.quantization.qat_modules import Requantizing
+from edgeq.targets import Target, TargetKind, TargetLike, load_target
+
+__all__ = ["CheckReport", "NodeReport", "Placement", "Summary", "check_model", "check_qdq"]
+
+ModelLike = nn.Module | torch.jit.ScriptModule | str | Path
+
+_NOT_CALIBRATED = (
+    "scales not checked: the model has no quantization parameters yet (power-of-two scales and shared concat "
+    "scales are checked once it is calibrated)"
+)
+
+
+def check_model(
+    model: ModelLike,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    target: TargetLike | None = None,
+    advice: bool = True,
+) -> CheckReport:
+    """Where each op of ``model`` runs on ``target``, and why.
+
+    Args:
+        model: a float model with QuantStub/DeQuantStub, a prepared (calibration/QAT) model, the integer model,
+            a TorchScript module from ``edgeq.export.trace``, or the path of a QDQ ONNX or edgeq TorchScript file.
+        example_inputs: inputs of the right shape; needed for PyTorch models (not for files).
+        target: target name, file or :class:`~edgeq.targets.Target`; by default the target the model was
+            quantized for (required for a float model and for QDQ files from other tools).
+        advice: include advice (performance hints and replacements).
+
+    Returns:
+        A :class:`CheckReport`; ``print(report)`` shows the table, ``report.to_json()`` the data.
+
+    Raises:
+        EdgeqError: no target given or recorded, missing example inputs, or the model cannot be read.
+    """
+    source, recorded_target, records, notes = _records(model, example_inputs, target)
+    resolved = _resolve_target(target, recorded_target)
+    return _report(records, resolved, source, notes, advice)
+
+
+def check_qdq(qdq: QDQModel, target: TargetLike | None = None, advice: bool = True) -> CheckReport:
+    """:func:`check_model` for an already loaded :class:`QDQModel` (the compiler's entry point)."""
+    return _report(records_from_qdq(qdq), _resolve_target(target, qdq.target), str(qdq.source), [], advice)
+
+
+def _records(
+    model: ModelLike, example_inputs: Sequence[torch.Tensor] | None, target: TargetLike | None
+) -> tuple[str, str | None, list[OpRecord], list[str]]:
+    if isinstance(model, (str, Path)):
+        qdq = load_model_file(model)
+        return str(model), qdq.target, records_from_qdq(qdq), []
+    if isinstance(model, torch.jit.ScriptModule):
+        qdq = qdq_from_torchscript(model, "TorchScript module")
+        return "TorchScript module", qdq.target, records_from_qdq(qdq), []
+    inputs = _example_inputs(model, example_inputs)
+    if isinstance(model, fx.GraphModule) and hasattr(model, TARGET_ATTRIBUTE) and _calibrated(model):
+        model = convert_fx(model)
+    if isinstance(model, IntegerModel):
+        qdq = read_qdq(build_onnx(model, inputs), type(model.graph_module).__name__)
+        return f"integer model {type(model.graph_module).__name__}", model.target, records_from_qdq(qdq), []
+    if isinstance(model, fx.GraphModule) and hasattr(model, TARGET_ATTRIBUTE):
+        return f"prepared model {type(model).__name__}", getattr(model, TARGET_ATTRIBUTE), records_from_prepared(model, {}), [_NOT_CALIBRATED]
+    if target is None:
+        raise EdgeqError("check_model: a float model needs a target (for example target='npu-s')")
+    prepared, rejected = prepare_for_analysis(model, inputs, target)
+    return f"float model {type(model).__name__}", None, records_from_prepared(prepared, rejected), [_NOT_CALIBRATED]
+
+
+def _example_inputs(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+    if example_inputs is None:
+        raise EdgeqError(f"check_model: {type(model).__name__} is a PyTorch model; give example_inputs=(x,) for its shapes")
+    return tuple(example_inputs)
+
+
+def _calibrated(prepared: fx.GraphModule) -> bool:
+    quantizers = [m.output_quantizer for m in prepared.modules() if isinstance(m, Requantizing) and m.output_quantizer is not None]
+    return all(q.observer is None or q.observer.has_data for q in quantizers)
+
+
+def _resolve_target(target: TargetLike | None, recorded: str | None) -> Target:
+    if target is not None:
+        return load_target(target)
+    if recorded is None:
+        raise EdgeqError("the model records no target; name one (target='npu-s' in Python, --target npu-s on the command line)")
+    return load_target(recorded)
+
+
+def _report(records: list[OpRecord], target: Target, source: str, notes: list[str], advice: bool) -> CheckReport:
+    nodes = [_place(record, target) for record in records]
+    if not advice:
+        nodes = [dataclasses.replace(n, results=[dataclasses.replace(r, advice=None) for r in n.results]) for n in nodes]
+    return CheckReport(target, source, nodes, notes, with_advice=advice)
+
+
+def _place(record: OpRecord, target: Target) -> NodeReport:
+    results = [result for rule in COMMON_RULES if (result := rule(record, target)) is not None]
+    if results:
+        return NodeReport(record, Placement.UNSUPPORTED, results)
+    if target.kind is TargetKind.CPU:
+        return NodeReport(record, Placement.CPU, results)
+    results = [result for rule in NPU_RULES if (result := rule(record, target)) is not None]
+    placement = Placement.CPU if any(r.blocking for r in results) else Placement.NPU
+    return NodeReport(record, placement, results)

@@ -1,0 +1,241 @@
+"""Op records from a QDQ ONNX model: every node other than QuantizeLinear / DequantizeLinear is one op.
+
+The quantization of an op is read from the DequantizeLinear nodes feeding it and the QuantizeLinear consuming
+its output; a weight or bias is a constant behind a DequantizeLinear. Data edges skip the Q/DQ pairs, so that
+``inputs`` name the ops (or model inputs) that produce each value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgeq.check.records import INPUT_PREFIX, OpRecord, QuantFacts, foreign_op_name
+from edgeq.export.onnx_reader import QDQModel, QuantParams
+
+_QDQ = ("QuantizeLinear", "DequantizeLinear", "Constant")
+
+_OPS = {
+    "Conv": "conv2d",
+    "Gemm": "linear",
+    "MatMul": "linear",
+    "Add": "add",
+    "Relu": "relu",
+    "Clip": "relu",
+    "Concat": "concat",
+    "MaxPool": "max_pool2d",
+    "AveragePool": "avg_pool2d",
+    "GlobalAveragePool": "global_avg_pool2d",
+    "Reshape": "reshape",
+    "Flatten": "reshape",
+    "Squeeze": "reshape",
+    "Unsqueeze": "reshape",
+    "Identity": "reshape",
+    "Transpose": "transpose",
+    "Split": "split",
+    "Slice": "slice",
+}
+
+
+def records_from_qdq(qdq: QDQModel) -> list[OpRecord]:
+    """One record per compute node of the QDQ model, in graph order."""
+    return _OnnxWalker(qdq).run()
+
+
+class _OnnxWalker:
+    def __init__(self, qdq: QDQModel) -> None:
+        self.qdq = qdq
+        model = onnx.shape_inference.infer_shapes(qdq.model)
+        graph = model.graph
+        self.nodes = list(graph.node)
+        self.producer = {out: node for node in self.nodes for out in node.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.nodes:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for info in [*graph.input, *graph.value_info, *graph.output]:
+            dims = info.type.tensor_type.shape.dim
+            if dims and all(d.HasField("dim_value") for d in dims):
+                self.shapes[info.name] = tuple(d.dim_value for d in dims)
+        for name, value in self.constants.items():
+            self.shapes[name] = value.shape
+        self.inputs = {info.name for info in graph.input}
+        self.problems = _tensor_problems(qdq)
+        for finding in qdq.findings:
+            if finding.kind == "bias_scale":
+                self.problems.setdefault(finding.node, []).append(finding.message)
+
+    def run(self) -> list[OpRecord]:
+        bias_adds = {id(self._bias_add(n)) for n in self.nodes if n.op_type == "MatMul" and self._bias_add(n) is not None}
+        return [self._record(node) for node in self.nodes if node.op_type not in _QDQ and id(node) not in bias_adds]
+
+    def _bias_add(self, matmul: onnx.NodeProto) -> onnx.NodeProto | None:
+        """The Add of a dequantized constant bias right after a MatMul: part of one linear layer."""
+        consumers = self.consumers.get(matmul.output[0], [])
+        if len(consumers) != 1 or consumers[0].op_type != "Add":
+            return None
+        add = consumers[0]
+        other = [t for t in add.input if t != matmul.output[0]]
+        dequantized = self._dequantized(other[0]) if len(other) == 1 else None
+        return add if dequantized is not None and dequantized[0] in self.constants else None
+
+    # ---- following values through Q/DQ ----------------------------------------------------------------------
+    def _dequantized(self, tensor: str) -> tuple[str, QuantParams] | None:
+        """(quantized tensor, its parameters) when ``tensor`` is the output of a DequantizeLinear."""
+        node = self.producer.get(tensor)
+        if node is None or node.op_type != "DequantizeLinear":
+            return None
+        return node.input[0], self.qdq.quant[node.input[0]]
+
+    def _source(self, tensor: str) -> str:
+        """The op (or ``input:<name>``) that produces ``tensor``, skipping QuantizeLinear / DequantizeLinear."""
+        while True:
+            if tensor in self.inputs:
+                return INPUT_PREFIX + tensor
+            node = self.producer[tensor]
+            if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+                return _node_name(node)
+            tensor = node.input[0]
+
+    def _activation_inputs(self, node: onnx.NodeProto) -> list[str]:
+        names = []
+        for tensor in node.input:
+            if not tensor or tensor in self.constants:
+                continue
+            dequantized = self._dequantized(tensor)
+            if dequantized is not None and dequantized[0] in self.constants:
+                continue  # a weight or a bias
+            names.append(tensor)
+        return names
+
+    def _output(self, node: onnx.NodeProto) -> str:
+        """The tensor that leaves the op (after the bias Add of a MatMul)."""
+        add = self._bias_add(node) if node.op_type == "MatMul" else None
+        return (add or node).output[0]
+
+    def _output_quant(self, node: onnx.NodeProto) -> QuantParams | None:
+        consumers = self.consumers.get(self._output(node), [])
+        quantizers = [c for c in consumers if c.op_type == "QuantizeLinear"]
+        return self.qdq.quant[quantizers[0].output[0]] if quantizers else None
+
+    # ---- one record -------------------------------------------------------------------------------------------
+    def _record(self, node: onnx.NodeProto) -> OpRecord:
+        activations = self._activation_inputs(node)
+        input_quant = [self._dequantized(t) for t in activations]
+        output_quant = self._output_quant(node)
+        int32_output = node.op_type in ("Conv", "Gemm", "MatMul") and self._feeds_model_output(node)
+        quantized = all(q is not None for q in input_quant) and bool(input_quant) and (
+            output_quant is not None or int32_output
+        )
+        op, attrs = self._describe(node)
+        record = OpRecord(
+            name=_node_name(node),
+            op=op,
+            source_op=node.op_type,
+            inputs=[self._source(t) for t in activations],
+            input_shapes=[self.shapes[t] for t in activations if t in self.shapes],
+            output_shape=self.shapes.get(self._output(node)),
+            attrs=attrs,
+            float_only=not quantized,
+            onnx_op=node.op_type,
+        )
+        if quantized:
+            record.quant = self._quant_facts(node, activations, input_quant, output_quant)
+        return record
+
+    def _feeds_model_output(self, node: onnx.NodeProto) -> bool:
+        return any(self._output(node) == out.name for out in self.qdq.model.graph.output)
+
+    def _quant_facts(
+        self,
+        node: onnx.NodeProto,
+        activations: list[str],
+        input_quant: list[tuple[str, QuantParams] | None],
+        output_quant: QuantParams | None,
+    ) -> QuantFacts:
+        facts = QuantFacts(
+            input_scales=tuple(q[1].scales[0] for q in input_quant if q is not None),
+            output_scale=output_quant.scales[0] if output_quant is not None else None,
+        )
+        weight = self._dequantized(node.input[1]) if len(node.input) > 1 and node.op_type in ("Conv", "Gemm", "MatMul") else None
+        if weight is not None:
+            facts.weight_scales = weight[1].scales
+        for quantized, _ in (q for q in input_quant if q is not None):
+            facts.problems.extend(self.problems.get(quantized, []))
+        for consumer in self.consumers.get(self._output(node), []):
+            if consumer.op_type == "QuantizeLinear":
+                facts.problems.extend(self.problems.get(consumer.output[0], []))
+        facts.problems.extend(self.problems.get(_node_name(node), []))
+        return facts
+
+    def _describe(self, node: onnx.NodeProto) -> tuple[str, dict[str, Any]]:
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Conv":
+            weight_shape = self._weight_shape(node.input[1])
+            if weight_shape is None:
+                return "conv2d", {}
+            kernel = tuple(attributes.get("kernel_shape", weight_shape[2:]))
+            pads = tuple(attributes.get("pads", [0] * 4))
+            groups = int(attributes.get("group", 1))
+            return "conv2d", {
+                "kernel": kernel,
+                "stride": tuple(attributes.get("strides", (1, 1))),
+                "padding": (max(pads[0], pads[2]), max(pads[1], pads[3])),
+                "dilation": tuple(attributes.get("dilations", (1, 1))),
+                "groups": groups,
+                "in_channels": weight_shape[1] * groups,
+                "out_channels": weight_shape[0],
+                "weight_bytes": int(np.prod(weight_shape)),
+            }
+        if node.op_type in ("Gemm", "MatMul"):
+            weight_shape = self._weight_shape(node.input[1])
+            if weight_shape is None:
+                return "linear", {}
+            transposed = node.op_type == "Gemm" and attributes.get("transB", 0)
+            out_features, in_features = weight_shape if transposed else weight_shape[::-1]
+            return "linear", {"in_features": in_features, "out_channels": out_features, "weight_bytes": int(np.prod(weight_shape))}
+        if node.op_type in ("MaxPool", "AveragePool"):
+            pads = tuple(attributes.get("pads", [0] * 4))
+            kernel = tuple(attributes["kernel_shape"])
+            return _OPS[node.op_type], {
+                "kernel": kernel,
+                "stride": tuple(attributes.get("strides", (1, 1))),
+                "padding": (max(pads[0], pads[2]), max(pads[1], pads[3])),
+            }
+        if node.op_type == "Resize":
+            return self._resize(node, attributes)
+        if node.op_type in _OPS:
+            return _OPS[node.op_type], {}
+        return foreign_op_name(node.op_type), {}
+
+    def _weight_shape(self, tensor: str) -> tuple[int, ...] | None:
+        dequantized = self._dequantized(tensor)
+        name = dequantized[0] if dequantized is not None else tensor
+        return tuple(self.constants[name].shape) if name in self.constants else None
+
+    def _resize(self, node: onnx.NodeProto, attributes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        mode = attributes.get("mode", b"nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        source, target = self.shapes.get(node.input[0]), self.shapes.get(node.output[0])
+        if mode != "nearest" or source is None or target is None or any(t % s for t, s in zip(target[2:], source[2:])):
+            return foreign_op_name(f"resize_{mode}"), {}
+        return "upsample_nearest2d", {"factor": tuple(t // s for t, s in zip(target[2:], source[2:]))}
+
+
+def _node_name(node: onnx.NodeProto) -> str:
+    return node.name or node.output[0]
+
+
+def _tensor_problems(qdq: QDQModel) -> dict[str, list[str]]:
+    problems: dict[str, list[str]] = {}
+    for tensor, params in qdq.quant.items():
+        if not params.symmetric and params.dtype != "int32":
+            problems.setdefault(tensor, []).append(
+                f"'{tensor}' is {params.dtype} with zero point {params.zero_points[0]}"
+            )
+    return problems

@@ -1,0 +1,80 @@
+"""What the check knows about each op, whatever the model came from (PyTorch graph or QDQ ONNX file)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+INPUT_PREFIX = "input:"
+"""Prefix of the producer name of a model input (``input:x``)."""
+
+
+@dataclass
+class QuantFacts:
+    """The quantization around one op, when the model is quantized.
+
+    Attributes:
+        input_scales: scale of each activation input (per tensor).
+        output_scale: scale of the int8 output (``None`` for an int32 or float output).
+        weight_scales: per-output-channel weight scales (conv and linear).
+        problems: why the op's tensors do not fit edgeq's int8 symmetric numerics, one sentence each.
+    """
+
+    input_scales: tuple[float, ...] = ()
+    output_scale: float | None = None
+    weight_scales: tuple[float, ...] = ()
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OpRecord:
+    """One op of the model as the NPU would see it (after fusion).
+
+    Attributes:
+        name: the node's name (module path, or ONNX node name).
+        op: edgeq's op name (``conv2d``, ``add``... see ``edgeq.targets.NPU_OPS``) or, for an op edgeq has no
+            integer implementation of, its own lowercase name (``hardswish``).
+        source_op: what the model says (``Conv2d+BatchNorm2d+ReLU6``, ``Conv``) for display.
+        inputs: names of the records producing this op's inputs (``input:<name>`` for model inputs).
+        input_shapes: shapes of the activation inputs.
+        output_shape: shape of the (first) output.
+        attrs: op settings: ``kernel``, ``stride``, ``padding``, ``dilation``, ``groups``, ``in_channels``,
+            ``out_channels``, ``in_features``, ``factor``, ``activation``, ``weight_bytes``.
+        quant: quantization, ``None`` while the model is float.
+        rejected: why edgeq cannot run this op at all (it cannot quantize it, or it is float code outside the
+            integer region); ``None`` otherwise.
+        float_only: the op is not quantized in a QDQ file (it would run in float).
+        onnx_op: the ONNX op type, for ops read from an ONNX file.
+    """
+
+    name: str
+    op: str
+    source_op: str
+    inputs: list[str]
+    input_shapes: list[tuple[int, ...]]
+    output_shape: tuple[int, ...] | None
+    attrs: dict[str, Any] = field(default_factory=dict)
+    quant: QuantFacts | None = None
+    rejected: str | None = None
+    float_only: bool = False
+    onnx_op: str | None = None
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates per inference (convolutions and linear layers; 0 for other ops)."""
+        if self.output_shape is None:
+            return 0
+        outputs = math.prod(self.output_shape)
+        if self.op == "conv2d" and "kernel" in self.attrs:
+            kh, kw = self.attrs["kernel"]
+            return outputs * self.attrs["in_channels"] // self.attrs["groups"] * kh * kw
+        if self.op == "linear" and "in_features" in self.attrs:
+            return outputs * self.attrs["in_features"]
+        return 0
+
+
+def foreign_op_name(name: str) -> str:
+    """The name of an op edgeq does not know, one spelling for all sources: lowercase, no underscores
+    (ONNX ``LeakyRelu``, ``nn.LeakyReLU`` and ``F.leaky_relu_`` are all ``leakyrelu``)."""
+    return name.lower().replace("_", "")

@@ -1,0 +1,90 @@
+"""The ``edgeq`` command line.
+
+Exit status: 0 success; 1 an error (the message names the file, node or key); 2 a usage error; 4 ``check``
+found an op that cannot run anywhere on the target (no CPU fallback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from edgeq import __version__
+from edgeq.errors import EdgeqError
+from edgeq.fileio import atomic_write
+
+EXIT_ERROR = 1
+EXIT_NOT_DEPLOYABLE = 4
+
+
+def _targets(args: argparse.Namespace, console: Console) -> int:
+    from edgeq.targets import list_targets
+
+    if args.markdown:
+        from edgeq.check.supported_ops import supported_ops_markdown
+
+        sys.stdout.write(supported_ops_markdown() + "\n")
+        return 0
+    for target in list_targets():
+        console.print(target.summary(), highlight=False, soft_wrap=True)
+    return 0
+
+
+def _check(args: argparse.Namespace, console: Console) -> int:
+    from edgeq.check import check_model
+
+    report = check_model(args.model, target=args.target, advice=not args.no_advice)
+    report.render(console)
+    if args.json == "-":
+        sys.stdout.write(report.to_json() + "\n")
+    elif args.json:
+        with atomic_write(args.json) as temporary:
+            temporary.write_text(report.to_json() + "\n", encoding="utf-8")
+        console.print(f"wrote {args.json}", highlight=False)
+    return 0 if report.deployable else EXIT_NOT_DEPLOYABLE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (subcommands: targets, check)."""
+    parser = argparse.ArgumentParser(prog="edgeq", description="Open deployment compiler toolchain for edge NPUs.")
+    parser.add_argument("--version", action="version", version=f"edgeq {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    targets = commands.add_parser("targets", help="list the targets, a line each")
+    targets.add_argument("--markdown", action="store_true", help="print the supported-ops page (docs/supported-ops.md)")
+    targets.set_defaults(run=_targets)
+
+    check = commands.add_parser(
+        "check",
+        help="where each op runs on a target, why, and advice",
+        description="Report, op by op, what the target's NPU runs, what falls back to the CPU and why. "
+        "Exit status 4 when an op cannot run at all.",
+    )
+    check.add_argument("model", type=Path, help="QDQ ONNX file, or TorchScript file saved by edgeq")
+    check.add_argument("--target", help="target name or .toml file (default: the target the model was quantized for)")
+    check.add_argument("--json", help="also write the report as JSON to this path ('-' for standard output)")
+    check.add_argument("--no-advice", action="store_true", help="leave out advice")
+    check.set_defaults(run=_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    console = Console(stderr=args.__dict__.get("json") == "-")
+    try:
+        return args.run(args, console)
+    except EdgeqError as error:
+        Console(stderr=True).print(f"edgeq {args.command}: error: {error}", highlight=False, markup=False)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

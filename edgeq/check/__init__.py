@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
-import torch.fx as fx
-from torch import nn
 
 from edgeq.check.from_fx import records_from_prepared
 from edgeq.check.from_onnx import records_from_qdq
@@ -21,17 +18,12 @@ from edgeq.check.records import OpRecord
 from edgeq.check.report import CheckReport, NodeReport, Placement, Summary
 from edgeq.check.rules import COMMON_RULES, NPU_RULES
 from edgeq.errors import EdgeqError
-from edgeq.export.onnx_reader import QDQModel, load_model_file, qdq_from_torchscript, read_qdq
-from edgeq.export.onnx_writer import build_onnx
-from edgeq.quantization.convert import convert_fx
-from edgeq.quantization.integer_model import IntegerModel
+from edgeq.export.onnx_reader import QDQModel
+from edgeq.export.sources import ModelLike, is_prepared, quantized_form
 from edgeq.quantization.prepare import TARGET_ATTRIBUTE, prepare_for_analysis
-from edgeq.quantization.qat_modules import Requantizing
 from edgeq.targets import Target, TargetKind, TargetLike, load_target
 
 __all__ = ["CheckReport", "NodeReport", "Placement", "Summary", "check_model", "check_qdq"]
-
-ModelLike = nn.Module | torch.jit.ScriptModule | str | Path
 
 _NOT_CALIBRATED = (
     "scales not checked: the model has no quantization parameters yet (power-of-two scales and shared concat "
@@ -74,35 +66,18 @@ def check_qdq(qdq: QDQModel, target: TargetLike | None = None, advice: bool = Tr
 def _records(
     model: ModelLike, example_inputs: Sequence[torch.Tensor] | None, target: TargetLike | None
 ) -> tuple[str, str | None, list[OpRecord], list[str]]:
-    if isinstance(model, (str, Path)):
-        qdq = load_model_file(model)
-        return str(model), qdq.target, records_from_qdq(qdq), []
-    if isinstance(model, torch.jit.ScriptModule):
-        qdq = qdq_from_torchscript(model, "TorchScript module")
-        return "TorchScript module", qdq.target, records_from_qdq(qdq), []
-    inputs = _example_inputs(model, example_inputs)
-    if isinstance(model, fx.GraphModule) and hasattr(model, TARGET_ATTRIBUTE) and _calibrated(model):
-        model = convert_fx(model)
-    if isinstance(model, IntegerModel):
-        qdq = read_qdq(build_onnx(model, inputs), type(model.graph_module).__name__)
-        return f"integer model {type(model.graph_module).__name__}", model.target, records_from_qdq(qdq), []
-    if isinstance(model, fx.GraphModule) and hasattr(model, TARGET_ATTRIBUTE):
+    quantized = quantized_form(model, example_inputs)
+    if quantized is not None:
+        qdq, source = quantized
+        return source, qdq.target, records_from_qdq(qdq), []
+    if example_inputs is None:
+        raise EdgeqError(f"check_model: {type(model).__name__} is a PyTorch model; give example_inputs=(x,) for its shapes")
+    if is_prepared(model):
         return f"prepared model {type(model).__name__}", getattr(model, TARGET_ATTRIBUTE), records_from_prepared(model, {}), [_NOT_CALIBRATED]
     if target is None:
         raise EdgeqError("check_model: a float model needs a target (for example target='npu-s')")
-    prepared, rejected = prepare_for_analysis(model, inputs, target)
+    prepared, rejected = prepare_for_analysis(model, tuple(example_inputs), target)
     return f"float model {type(model).__name__}", None, records_from_prepared(prepared, rejected), [_NOT_CALIBRATED]
-
-
-def _example_inputs(model: nn.Module, example_inputs: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
-    if example_inputs is None:
-        raise EdgeqError(f"check_model: {type(model).__name__} is a PyTorch model; give example_inputs=(x,) for its shapes")
-    return tuple(example_inputs)
-
-
-def _calibrated(prepared: fx.GraphModule) -> bool:
-    quantizers = [m.output_quantizer for m in prepared.modules() if isinstance(m, Requantizing) and m.output_quantizer is not None]
-    return all(q.observer is None or q.observer.has_data for q in quantizers)
 
 
 def _resolve_target(target: TargetLike | None, recorded: str | None) -> Target:

@@ -1,0 +1,194 @@
+"""Model: a loaded artifact, run from numpy arrays."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeq_runtime.artifact import Artifact, ArtifactError
+from edgeq_runtime.vm import load_vm
+
+_ARCH_NAMES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One input or output of the compiled program."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    scale: np.ndarray | None
+    zero_point: np.ndarray | None
+    axis: int | None
+
+    @classmethod
+    def from_manifest(cls, entry: Mapping[str, Any]) -> TensorInfo:
+        quant = entry.get("quant")
+        if quant is None:
+            return cls(entry["name"], tuple(entry["shape"]), entry["dtype"], None, None, None)
+        return cls(
+            entry["name"],
+            tuple(entry["shape"]),
+            entry["dtype"],
+            np.asarray(quant["scale"], dtype=np.float32),
+            np.asarray(quant["zero_point"], dtype=np.int64),
+            quant["axis"],
+        )
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale is not None
+
+    def _broadcast(self, values: np.ndarray, rank: int) -> np.ndarray:
+        if values.size == 1 or self.axis is None:
+            return values.reshape(())
+        shape = [1] * rank
+        shape[self.axis] = -1
+        return values.reshape(shape)
+
+    def quantize(self, values: np.ndarray) -> np.ndarray:
+        """float -> integer: ``saturate(round_half_to_even(float32(x) / float32(s)) + zero_point)``."""
+        scale = self._broadcast(self.scale, values.ndim)
+        zero = self._broadcast(self.zero_point, values.ndim)
+        limits = np.iinfo(self.dtype)
+        steps = np.rint(values.astype(np.float32) / scale).astype(np.int64) + zero
+        return np.clip(steps, limits.min, limits.max).astype(self.dtype)
+
+    def dequantize(self, values: np.ndarray) -> np.ndarray:
+        """integer -> float32: ``float32(q - zero_point) * float32(s)``."""
+        zero = self._broadcast(self.zero_point, values.ndim)
+        return (values.astype(np.int64) - zero).astype(np.float32) * self._broadcast(self.scale, values.ndim)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Latency of repeated runs, in milliseconds."""
+
+    median_ms: float
+    min_ms: float
+    mean_ms: float
+    runs: int
+
+
+def host_arch() -> str:
+    """This machine's architecture in the manifest's spelling."""
+    return _ARCH_NAMES.get(platform.machine().lower(), platform.machine().lower())
+
+
+class Model:
+    """A compiled edgeq model, ready to run on this machine."""
+
+    def __init__(self, artifact: Artifact, folder: Path) -> None:
+        manifest = artifact.manifest
+        self.path = artifact.path
+        self.manifest = manifest
+        self.target: str = manifest["target"]["name"]
+        self.arch: str = manifest["library"]["arch"]
+        self.inputs = [TensorInfo.from_manifest(e) for e in manifest["inputs"]]
+        self.outputs = [TensorInfo.from_manifest(e) for e in manifest["outputs"]]
+        self._folder = folder
+        library = folder / manifest["library"]["member"]
+        library.write_bytes(artifact.members[manifest["library"]["member"]])
+        self._main = load_vm(library)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Model:
+        """Verify the artifact (manifest, checksums, architecture), then load its library.
+
+        Raises:
+            ArtifactError: a damaged or foreign artifact, or one built for another architecture.
+        """
+        artifact = Artifact.read(path)
+        arch = artifact.manifest["library"].get("arch")
+        if arch != host_arch():
+            raise ArtifactError(
+                f"{artifact.path}: built for {arch}; this machine is {host_arch()} (run it under qemu-{arch} with "
+                "the C++ runtime, edgeq run, or compile with --simulate for this machine)"
+            )
+        if artifact.manifest["library"]["member"] not in artifact.members:
+            raise ArtifactError(f"{artifact.path}: the library member {artifact.manifest['library']['member']} is missing")
+        folder = Path(tempfile.mkdtemp(prefix="edgeq-"))  # a fresh path: the loader caches libraries by path
+        try:
+            return cls(artifact, folder)
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    def close(self) -> None:
+        """Delete the extracted library (the model cannot run afterwards)."""
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- running ---------------------------------------------------------------------------------------------
+    def _prepare(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
+        if isinstance(inputs, np.ndarray):
+            inputs = [inputs]
+        if isinstance(inputs, Mapping):
+            names = [i.name for i in self.inputs]
+            unknown = sorted(set(inputs) - set(names))
+            missing = [n for n in names if n not in inputs]
+            if unknown or missing:
+                raise ValueError(f"{self.path}: inputs {unknown} are unknown and {missing} missing (inputs: {names})")
+            inputs = [inputs[n] for n in names]
+        if len(inputs) != len(self.inputs):
+            raise ValueError(f"{self.path}: {len(inputs)} input(s) given; the model takes {len(self.inputs)}")
+        return [self._check(info, np.asarray(value)) for info, value in zip(self.inputs, inputs)]
+
+    def _check(self, info: TensorInfo, value: np.ndarray) -> np.ndarray:
+        if value.shape != info.shape:
+            raise ValueError(f"{self.path}: input '{info.name}' has shape {list(value.shape)}; expected {list(info.shape)}")
+        if value.dtype == np.dtype(info.dtype):
+            return np.ascontiguousarray(value)
+        if info.quantized and np.issubdtype(value.dtype, np.floating):
+            return info.quantize(value)
+        raise ValueError(
+            f"{self.path}: input '{info.name}' has dtype {value.dtype}; expected {info.dtype}"
+            + (" (raw) or a float array to quantize" if info.quantized else "")
+        )
+
+    def run(
+        self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray, raw: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Run once: inputs by name or position (float arrays are quantized per the manifest, arrays of the
+        input's integer dtype are taken as already quantized); outputs by name, dequantized to float32 unless
+        ``raw`` (then the integers the program computed).
+
+        Raises:
+            ValueError: an unknown or missing name, a wrong shape or dtype (the message names the input).
+        """
+        import tvm_ffi
+
+        arrays = self._prepare(inputs)
+        result = self._main(*[tvm_ffi.from_dlpack(a) for a in arrays])
+        results = [result] if len(self.outputs) == 1 else list(result)
+        outputs = {}
+        for info, value in zip(self.outputs, results):
+            array = np.from_dlpack(value).copy()
+            outputs[info.name] = array if raw or not info.quantized else info.dequantize(array)
+        return outputs
+
+    def benchmark(self, inputs: Any, warmup: int = 3, runs: int = 20) -> Timing:
+        """Latency of ``run`` on ``inputs`` after ``warmup`` runs: median, minimum and mean over ``runs``."""
+        for _ in range(warmup):
+            self.run(inputs, raw=True)
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            self.run(inputs, raw=True)
+            times.append((time.perf_counter() - started) * 1000)
+        return Timing(statistics.median(times), min(times), statistics.fmean(times), runs)

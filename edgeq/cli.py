@@ -1,4 +1,4 @@
-"""The ``edgeq`` command line.
+"""The ``edgeq`` command line: ``targets``, ``check``, ``compile``.
 
 Exit status: 0 success; 1 an error (the message names the file, node or key); 2 a usage error; 4 ``check``
 found an op that cannot run anywhere on the target (no CPU fallback).
@@ -49,6 +49,37 @@ def _check(args: argparse.Namespace, console: Console) -> int:
     return 0 if report.deployable else EXIT_NOT_DEPLOYABLE
 
 
+def _shape(text: str) -> tuple[str, list[int]]:
+    name, _, dims = text.partition("=")
+    try:
+        return name, [int(d) for d in dims.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=1x3x224x224; got {text!r}") from None
+
+
+def _compile(args: argparse.Namespace, console: Console) -> int:
+    from edgeq.compile import compile_model
+
+    started = [0]
+
+    def progress(line: str) -> None:
+        started[0] += 1
+        console.print(f"[{started[0]}] {line}", highlight=False, soft_wrap=True)
+
+    result = compile_model(
+        args.model,
+        target=args.target,
+        out=args.output,
+        opt_level=args.opt_level,
+        simulate=args.simulate,
+        input_shapes=dict(args.input_shape or []),
+        progress=progress,
+    )
+    for line in result.summary_lines():
+        console.print(line, highlight=False, soft_wrap=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands: targets, check)."""
     parser = argparse.ArgumentParser(prog="edgeq", description="Open deployment compiler toolchain for edge NPUs.")
@@ -71,6 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", help="also write the report as JSON to this path ('-' for standard output)")
     check.add_argument("--no-advice", action="store_true", help="leave out advice")
     check.set_defaults(run=_check)
+
+    compile_ = commands.add_parser(
+        "compile",
+        help="compile a quantized model into one .edgeq artifact",
+        description="Compile a QDQ ONNX file or an edgeq TorchScript file for a target. NPU regions run as a "
+        "bit-exact simulation on the NPU's host CPU; --simulate builds for this machine instead.",
+    )
+    compile_.add_argument("model", type=Path, help="QDQ ONNX file, or TorchScript file saved by edgeq")
+    compile_.add_argument("--target", help="target name or .toml file (default: the target the model was quantized for)")
+    compile_.add_argument("-o", "--output", type=Path, help="artifact path (default: MODEL with .edgeq)")
+    compile_.add_argument("-O", dest="opt_level", type=int, default=2, choices=(0, 1, 2), help="optimisation level (default 2)")
+    compile_.add_argument("--input-shape", type=_shape, action="append", metavar="NAME=1x3x224x224",
+                          help="static shape of an input with dynamic dimensions (repeatable)")
+    compile_.add_argument("--simulate", action="store_true", help="build for this machine instead of the target's CPU")
+    compile_.set_defaults(run=_compile)
     return parser
 
 
@@ -82,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args, console)
     except EdgeqError as error:
-        Console(stderr=True).print(f"edgeq {args.command}: error: {error}", highlight=False, markup=False)
+        Console(stderr=True).print(f"edgeq {args.command}: error: {error}", highlight=False, markup=False, soft_wrap=True)
         return EXIT_ERROR
 
 

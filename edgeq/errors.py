@@ -44,3 +44,7 @@ class ExportError(EdgeqError):
 
 class ModelFileError(EdgeqError):
     """A model file is missing, unreadable, malformed, or its quantization is inconsistent."""
+
+
+class CompileError(EdgeqError):
+    """A model cannot be compiled for the target (the message names the node and the op)."""

@@ -1,34 +1,43 @@
 #!/usr/bin/env bash
-# Install edgeq and everything it needs into .venv/ at the repository root.
+# Install edgeq and everything it needs: Debian packages (as root, when missing) and .venv/ at the repository root.
 #
-# Idempotent and quick the second time: it does nothing when .venv/ was made from the same pyproject.toml and
-# this script. As root, it installs the Debian packages it needs when they are missing.
+# Idempotent and quick the second time: the Python part is skipped when .venv/ was made from the same
+# pyproject files and this script.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 python="${PYTHON:-python3}"
-stamp=".venv/.edgeq-install-stamp"
-wanted="$(cat pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)"
 
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] && [ -x .venv/bin/python ]; then
-    exit 0
-fi
-
-# Debian packages: the venv module (Debian splits it out of python3). Installed only as root and only if missing.
-if ! "$python" -c "import venv, ensurepip" 2>/dev/null; then
+# Debian packages: the venv module, a C++ toolchain and CMake (the C++ runtime), the aarch64 cross compiler
+# (aarch64 artifacts and runtime) and qemu-user (running aarch64 programs here).
+missing=()
+"$python" -c "import venv, ensurepip" 2>/dev/null || missing+=(python3-venv)
+command -v g++ >/dev/null || missing+=(g++)
+command -v make >/dev/null || missing+=(make)
+command -v cmake >/dev/null || missing+=(cmake)
+command -v aarch64-linux-gnu-g++ >/dev/null || missing+=(g++-aarch64-linux-gnu)
+command -v qemu-aarch64 >/dev/null || missing+=(qemu-user)
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "edgeq install: installing python3-venv (apt-get)"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+        echo "edgeq install: installing Debian packages: ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "edgeq install: $python has no venv module; install python3-venv (as root: apt-get install python3-venv)" >&2
+        echo "edgeq install: missing Debian packages: ${missing[*]} (as root: apt-get install ${missing[*]})" >&2
         exit 1
     fi
+fi
+
+stamp=".venv/.edgeq-install-stamp"
+wanted="$(cat pyproject.toml runtime/python/pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] && [ -x .venv/bin/python ]; then
+    exit 0
 fi
 
 echo "edgeq install: setting up .venv/ (the first time takes a minute: torch is large)"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+.venv/bin/python -m pip install --quiet -e ".[dev]" -e runtime/python
 echo "$wanted" > "$stamp"
 echo "edgeq install: done ($(.venv/bin/python -c 'import torch, edgeq; print("edgeq", edgeq.__version__, "torch", torch.__version__)'))"

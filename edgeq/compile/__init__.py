@@ -1,0 +1,239 @@
+"""compile_model: a quantized model becomes one deployable ``.edgeq`` artifact.
+
+The steps, one module each: read the model as QDQ (:mod:`edgeq.export.sources`), place its ops with the target's
+rules (:mod:`edgeq.check`), cut it into NPU and CPU regions (:mod:`.partition`), import each region with TVM's
+ONNX frontend and lower it to integers (:mod:`.lower_integer`), build one library (:mod:`.codegen`), and write the
+artifact with the NPU program and the compiled graph (:mod:`.artifact`, :mod:`.npu_program`,
+:mod:`.compiled_graph`).
+
+NPU hardware does not exist here: NPU regions are compiled for the host CPU as a bit-exact simulation of the
+NPU, and the artifact records the NPU program a driver for real silicon would take.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+import tvm
+from tvm import relax
+
+from edgeq import __version__
+from edgeq.check import CheckReport, check_qdq
+from edgeq.compile.artifact import CHECK, GRAPH, LIBRARY, NPU_PROGRAM, json_bytes, write_artifact
+from edgeq.compile.codegen import OPT_LEVELS, Machine, build_library, build_relax_module
+from edgeq.compile.compiled_graph import compiled_graph
+from edgeq.compile.npu_program import npu_program
+from edgeq.compile.partition import Partition, TensorSpec, partition
+from edgeq.errors import CompileError
+from edgeq.export.onnx_reader import QDQModel, read_qdq
+from edgeq.export.sources import ModelLike, quantized_form
+from edgeq.targets import Target, TargetKind, TargetLike, load_target
+
+__all__ = ["CompileError", "CompileResult", "compile_model"]
+
+logger = logging.getLogger(__name__)
+
+SIMULATION_NOTE = "NPU execution is simulated: NPU regions run on the host CPU, bit-exact to the NPU's integer arithmetic"
+
+
+@dataclass
+class CompileResult:
+    """What ``compile_model`` made: the artifact, and everything that stays inspectable after compile.
+
+    Attributes:
+        artifact: path of the ``.edgeq`` file.
+        target: the target compiled for.
+        arch: the architecture of the library (``x86_64`` or ``aarch64``).
+        report: the check report the placement came from.
+        partition: the program's inputs, outputs and regions.
+        module: the Relax module after integer lowering, before the build pipeline.
+        manifest: the artifact's manifest (without the member checksums).
+        seconds: time of each step.
+    """
+
+    artifact: Path
+    target: Target
+    arch: str
+    report: CheckReport
+    partition: Partition
+    module: relax.IRModule
+    manifest: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary_lines(self) -> list[str]:
+        """Placement, size and time, for the end of ``edgeq compile``."""
+        summary = self.report.summary
+        regions = self.partition.regions
+        npu = sum(r.placement.value == "NPU" for r in regions)
+        lines = [f"placement: {summary.verdict}"]
+        if self.target.kind is TargetKind.NPU:
+            lines.append(
+                f"  {summary.ops_on_npu}/{summary.ops} ops and {summary.npu_mac_share:.1%} of MACs on the NPU, "
+                f"{npu} NPU region(s), {len(regions) - npu} CPU region(s)"
+            )
+            lines.append(f"  {SIMULATION_NOTE}" + ("" if self.arch == "aarch64" else f" ({self.arch} build)"))
+        size = self.artifact.stat().st_size
+        lines.append(f"artifact: {self.artifact} ({size / 2**20:.1f} MiB, {self.arch} library)")
+        lines.append(f"compile time: {sum(self.seconds.values()):.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()) + ")")
+        return lines
+
+
+def _machine(target: Target, simulate: bool) -> Machine:
+    """The CPU the library runs on: the target's own, its NPU's host, or this machine when simulating."""
+    if simulate:
+        here = {"x86_64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}.get(platform.machine())
+        if here is None:
+            raise CompileError(f"simulation needs an x86_64 or aarch64 build machine; this one is {platform.machine()}")
+        cpu = load_target(here)
+    elif target.kind is TargetKind.NPU:
+        cpu = load_target(target.host)
+    else:
+        cpu = target
+    arch = cpu.llvm.mtriple.split("-")[0]
+    native = arch == {"arm64": "aarch64"}.get(platform.machine(), platform.machine())
+    llvm = {"kind": "llvm", "mtriple": cpu.llvm.mtriple}
+    if cpu.llvm.mattr:
+        llvm["mattr"] = list(cpu.llvm.mattr)
+    return Machine(arch, llvm, None if native else f"{arch}-linux-gnu-g++")
+
+
+def _with_input_shapes(qdq: QDQModel, shapes: dict[str, Sequence[int]]) -> QDQModel:
+    model = onnx.ModelProto()
+    model.CopyFrom(qdq.model)
+    names = [i.name for i in model.graph.input]
+    for name, shape in shapes.items():
+        if name not in names:
+            raise CompileError(f"--input-shape: the model has no input '{name}' (inputs: {', '.join(names)})")
+        info = next(i for i in model.graph.input if i.name == name)
+        dims = info.type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            raise CompileError(f"--input-shape {name}: {len(shape)} dimensions given; the input has {len(dims)}")
+        for dim, size in zip(dims, shape):
+            dim.Clear()
+            dim.dim_value = int(size)
+    return read_qdq(model, qdq.source)
+
+
+def _tensor_entry(spec: TensorSpec) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": spec.source, "shape": list(spec.shape), "dtype": spec.dtype, "quant": None}
+    if spec.quant is not None:
+        entry["quant"] = {
+            "scale": list(spec.quant.scales),
+            "zero_point": list(spec.quant.zero_points),
+            "axis": spec.quant.axis,
+        }
+    return entry
+
+
+def compile_model(
+    model: ModelLike,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    target: TargetLike | None = None,
+    out: str | Path | None = None,
+    opt_level: int = 2,
+    simulate: bool = False,
+    input_shapes: dict[str, Sequence[int]] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> CompileResult:
+    """Compile a quantized model for ``target`` into one ``.edgeq`` artifact.
+
+    Args:
+        model: path of a QDQ ONNX or edgeq TorchScript file, an edgeq TorchScript module, the integer model, or a
+            calibrated / trained prepared model.
+        example_inputs: inputs of the right shape, for PyTorch models.
+        target: target name, file or :class:`~edgeq.targets.Target` (default: the one the model was quantized for).
+        out: artifact path (default: the model file's name with ``.edgeq``, or ``model.edgeq``).
+        opt_level: 0, 1 or 2 (default; see :mod:`edgeq.compile.codegen`); the numbers are the same at every level.
+        simulate: build for this machine instead of the target's CPU (NPU targets run on an aarch64 host).
+        input_shapes: static shapes for ONNX inputs with dynamic dimensions, by input name.
+        progress: called with a line before each long step (default: logging at INFO level).
+
+    Raises:
+        CompileError: unsupported ops (named), a model that is not quantized, an unknown optimisation level, or a
+            failure of TVM or the linker (with the region).
+        TargetError, ModelFileError: unknown target (listing the known ones), unreadable model.
+    """
+    report_progress = progress or logger.info
+    if opt_level not in OPT_LEVELS:
+        raise CompileError(f"optimisation level {opt_level} is unknown (allowed: {', '.join(map(str, OPT_LEVELS))})")
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def step(name: str) -> None:
+        nonlocal started
+        now = time.perf_counter()
+        seconds[name] = seconds.get(name, 0.0) + now - started
+        started = now
+
+    report_progress("import: reading the model")
+    quantized = quantized_form(model, example_inputs)
+    if quantized is None:
+        raise CompileError(
+            f"{type(model).__name__} is not quantized yet: prepare, calibrate (or train) and convert it, or pass the "
+            "prepared model after calibration"
+        )
+    qdq, source = quantized
+    if input_shapes:
+        qdq = _with_input_shapes(qdq, input_shapes)
+    resolved = load_target(target) if target is not None else _recorded_target(qdq)
+    machine = _machine(resolved, simulate)
+    step("import")
+
+    report_progress(f"partition: placing {source} on {resolved.name}")
+    report = check_qdq(qdq, resolved)
+    parts = partition(qdq, report)
+    step("partition")
+
+    module = build_relax_module(parts, report_progress)
+    step("lowering")
+
+    out_path = Path(out) if out is not None else _default_out(model)
+    with tempfile.TemporaryDirectory() as folder:
+        library = Path(folder) / LIBRARY
+        build_library(module, machine, opt_level, str(library), report_progress)
+        library_bytes = library.read_bytes()
+    step("codegen")
+
+    report_progress(f"write {out_path}")
+    manifest = {
+        "edgeq_version": __version__,
+        "tvm_version": tvm.__version__,
+        "target": {"name": resolved.name, "kind": resolved.kind.value, "host": resolved.host},
+        "library": {"member": LIBRARY, "arch": machine.arch, "entry": "main", "format": "tvm-relax-vm"},
+        "npu_execution": "simulated" if resolved.kind is TargetKind.NPU else None,
+        "opt_level": opt_level,
+        "source": source,
+        "inputs": [_tensor_entry(s) for s in parts.inputs],
+        "outputs": [_tensor_entry(s) for s in parts.outputs],
+        "placement": {**asdict(report.summary), "regions": [{"name": r.name, "placement": r.placement.value, "ops": len(r.nodes)} for r in parts.regions]},
+    }
+    members = {
+        LIBRARY: library_bytes,
+        NPU_PROGRAM: json_bytes(npu_program(parts, report)),
+        GRAPH: json_bytes(compiled_graph(parts, report)),
+        CHECK: json_bytes(report.to_dict()),
+    }
+    write_artifact(out_path, manifest, members)
+    step("write")
+    return CompileResult(out_path, resolved, machine.arch, report, parts, module, manifest, seconds)
+
+
+def _recorded_target(qdq: QDQModel) -> Target:
+    if qdq.target is None:
+        raise CompileError(f"{qdq.source}: the model records no target; name one (target='npu-m', --target npu-m)")
+    return load_target(qdq.target)
+
+
+def _default_out(model: ModelLike) -> Path:
+    if isinstance(model, (str, Path)):
+        return Path(model).with_suffix(".edgeq")
+    return Path("model.edgeq")

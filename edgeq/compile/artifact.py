@@ -1,0 +1,52 @@
+"""Writing the ``.edgeq`` artifact: one zip file, members stored uncompressed, written atomically.
+
+Members (docs/artifact.md describes each field):
+
+- ``manifest.json``: schema version, edgeq and TVM versions, target, the library's architecture, inputs and
+  outputs (name, shape, dtype, quantization), placement summary, and the size and sha256 of every other member;
+- ``model.so``: the compiled library (TVM Relax VM executable, function ``main``);
+- ``npu_program.json``: the NPU program, per NPU region;
+- ``graph.json``: the compiled graph (ops, placement, regions, quantization, edges) that the visualizer draws;
+- ``check.json``: the check report the placement came from.
+
+No member is a pickle. Members are stored (not deflated) so that a small reader can take them by offset, and a
+reader verifies every member against the manifest before loading the library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from edgeq.fileio import atomic_write
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+LIBRARY = "model.so"
+NPU_PROGRAM = "npu_program.json"
+GRAPH = "graph.json"
+CHECK = "check.json"
+
+
+def json_bytes(data: Any) -> bytes:
+    """Stable, readable JSON."""
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def write_artifact(path: str | Path, manifest: dict[str, Any], members: dict[str, bytes]) -> Path:
+    """Write the artifact at ``path`` (atomically): the manifest, completed with each member's size and sha256,
+    then the members."""
+    manifest = {
+        **manifest,
+        "schema_version": SCHEMA_VERSION,
+        "members": {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in members.items()},
+    }
+    with atomic_write(path) as temporary:
+        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED) as archive:
+            archive.writestr(MANIFEST, json_bytes(manifest))
+            for name, data in members.items():
+                archive.writestr(name, data)
+    return Path(path)

@@ -1,0 +1,459 @@
+"""The integer lowering: a Relax pass that turns QDQ units into the integer arithmetic of docs/numerics.md.
+
+TVM's ONNX frontend imports a QDQ graph as ``quantize(op(dequantize(q), dequantize(weights)))``: the op runs in
+float and only emulates int8. This pass rewrites every such unit whose quantization fits edgeq's numerics (int8
+activations with zero point 0, per-tensor scales; int8 weights with zero point 0; an int32 bias at
+``s_in * s_w``) into integer Relax ops: an int8 convolution into an int32 accumulator, the int32 bias, and the
+fixed-point requantization of :mod:`edgeq.numerics` in int64, with the same multipliers and shifts the integer
+model uses. A unit that does not fit (asymmetric or uint8 tensors, a bias at another scale, an op edgeq does
+not know) is left as TVM imported it: TVM then computes it in float with its own quantize/dequantize, zero points
+included. The float ops of rewritten units become dead and ``DeadCodeElimination`` removes them.
+
+Each rule is a dataflow pattern (``tvm.relax.dpl``) and a rewriter; a rewriter that finds the match does not fit
+returns the matched call unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import relax
+from tvm.relax import op as R
+from tvm.relax.dpl import DFPattern, is_const, is_op, is_tuple_get_item, rewrite_call, wildcard
+
+from edgeq.numerics import (
+    ACTIVATION_QMAX,
+    ACTIVATION_QMIN,
+    FixedPointMultiplier,
+    bias_scales,
+    conv_multipliers,
+    quantize_multiplier,
+    quantize_multipliers,
+    real_multiplier,
+)
+
+_BIAS_SCALE_TOLERANCE = 1e-6
+
+
+# ---- reading constants and quantization parameters --------------------------------------------------------------
+
+
+def _constant(expr: relax.Expr) -> np.ndarray | None:
+    value = getattr(expr, "value", None)
+    return value.numpy() if hasattr(value, "numpy") else None
+
+
+@dataclass(frozen=True)
+class _Quant:
+    """The parameters of one quantize/dequantize call, when they are constants."""
+
+    scales: np.ndarray
+    zero_points: np.ndarray
+    dtype: str
+    axis: int
+
+    @property
+    def symmetric_int8(self) -> bool:
+        return self.dtype == "int8" and not self.zero_points.any()
+
+    @property
+    def per_tensor_scale(self) -> float | None:
+        """The scale of a symmetric int8 per-tensor quantization (``None`` for anything else)."""
+        if self.symmetric_int8 and self.scales.size == 1:
+            return float(self.scales.reshape(()))
+        return None
+
+
+def _quant(call: relax.Call, quantized: relax.Expr) -> _Quant | None:
+    scales, zero_points = _constant(call.args[1]), _constant(call.args[2])
+    if scales is None or zero_points is None:
+        return None
+    dtype = str(call.ty.dtype if call.op.name == "relax.quantize" else quantized.ty.dtype)
+    return _Quant(scales.astype(np.float32).reshape(-1), zero_points.reshape(-1), dtype, int(call.attrs.axis))
+
+
+# ---- integer building blocks (Relax expressions) ----------------------------------------------------------------
+
+
+def _i64(values: Sequence[int] | np.ndarray, shape: Sequence[int]) -> relax.Constant:
+    return relax.const(np.asarray(values, dtype=np.int64).reshape(shape), "int64")
+
+
+def _channel_shape(rank: int, axis: int, channels: int) -> list[int]:
+    shape = [1] * rank
+    shape[axis] = channels
+    return shape
+
+
+def _round_shift(product: relax.Expr, shifts: Sequence[int], shape: Sequence[int]) -> relax.Expr:
+    """``round_half_to_even(product / 2**n)`` on int64, as ``edgeq.numerics.rounding_right_shift``."""
+    shift = _i64(shifts, shape)
+    floor = R.right_shift(product, shift)
+    remainder = R.subtract(product, R.left_shift(floor, shift))
+    half = _i64([1 << (n - 1) for n in shifts], shape)
+    one = relax.const(1, "int64")
+    odd = R.equal(R.bitwise_and(floor, one), one)
+    round_up = R.logical_or(R.greater(remainder, half), R.logical_and(R.equal(remainder, half), odd))
+    return R.add(floor, R.astype(round_up, "int64"))
+
+
+def _saturate(value: relax.Expr, low: int = ACTIVATION_QMIN, high: int = ACTIVATION_QMAX) -> relax.Expr:
+    return R.astype(R.clip(value, low, high), "int8")
+
+
+def _requantize(acc: relax.Expr, multipliers: Sequence[FixedPointMultiplier], rank: int, axis: int) -> relax.Expr:
+    """int32/int64 accumulator -> int8 (``edgeq.numerics.requantize`` then saturation), per channel on ``axis``."""
+    shape = _channel_shape(rank, axis, len(multipliers)) if len(multipliers) > 1 else [1] * rank
+    product = R.multiply(R.astype(acc, "int64"), _i64([m.multiplier for m in multipliers], shape))
+    return _saturate(_round_shift(product, [m.shift for m in multipliers], shape))
+
+
+def _rescale(value: relax.Expr, input_scale: float, output_scale: float, rank: int, what: str) -> relax.Expr:
+    """An int8 tensor brought to another scale (the identity, skipped, when the scales are equal)."""
+    if input_scale == output_scale:
+        return value
+    multiplier = quantize_multiplier(real_multiplier(input_scale, output_scale), what=what)
+    return _requantize(value, [multiplier], rank, 0)
+
+
+# ---- the rules ------------------------------------------------------------------------------------------------------
+
+
+def _dq(source: DFPattern | None = None) -> DFPattern:
+    return is_op("relax.dequantize")(source or wildcard(), is_const(), is_const())
+
+
+def _q(body: DFPattern) -> DFPattern:
+    return is_op("relax.quantize")(body, is_const(), is_const())
+
+
+class _Rule:
+    """One QDQ unit: a pattern rooted at its quantize (or op) call, and how to write it in integers."""
+
+    def __init__(self, name: str, pattern: DFPattern, rewrite: Callable[[relax.Call, dict], relax.Expr | None]):
+        self.name = name
+        self.pattern = pattern
+        self.rewrite = rewrite
+
+    def __call__(self, func: relax.Function) -> relax.Function:
+        def rewriter(matched: relax.Call, matches: dict) -> relax.Expr:
+            integer = self.rewrite(matched, matches)
+            return matched if integer is None else integer
+
+        return rewrite_call(self.pattern, rewriter, func)
+
+
+def _input_scale(dequantize: relax.Call) -> float | None:
+    quant = _quant(dequantize, dequantize.args[0])
+    return quant.per_tensor_scale if quant is not None and str(dequantize.args[0].ty.dtype) == "int8" else None
+
+
+def _weights(dequantize: relax.Call, channels_axis: int, channels: int) -> tuple[np.ndarray, list[float]] | None:
+    """int8 weights and their per-channel scales (a per-tensor scale is repeated), or None if they do not fit."""
+    values = _constant(dequantize.args[0])
+    quant = _quant(dequantize, dequantize.args[0])
+    if values is None or quant is None or values.dtype != np.int8 or quant.zero_points.any():
+        return None
+    if quant.scales.size == 1:
+        return values, [float(quant.scales[0])] * channels
+    if quant.axis != channels_axis or quant.scales.size != channels:
+        return None
+    return values, [float(s) for s in quant.scales]
+
+
+def _bias(dequantize: relax.Call | None, input_scale: float, weight_scales: list[float]) -> np.ndarray | None:
+    """The int32 bias, if it sits at ``s_in * s_w`` (zeros when there is none); None if it does not fit."""
+    if dequantize is None:
+        return np.zeros(len(weight_scales), dtype=np.int32)
+    values = _constant(dequantize.args[0])
+    quant = _quant(dequantize, dequantize.args[0])
+    if values is None or quant is None or values.dtype != np.int32 or quant.zero_points.any():
+        return None
+    expected = np.asarray(bias_scales(input_scale, weight_scales), dtype=np.float64)
+    actual = np.broadcast_to(quant.scales.astype(np.float64), expected.shape)
+    if not np.allclose(actual, expected, rtol=_BIAS_SCALE_TOLERANCE, atol=0):
+        return None
+    return values.reshape(-1)
+
+
+@dataclass(frozen=True)
+class Conv2dSettings:
+    """Stride, padding (top, left, bottom, right), dilation and groups of an NCHW / OIHW convolution."""
+
+    strides: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+
+
+def integer_accumulator(
+    source: relax.Expr, weights: np.ndarray, bias: np.ndarray, conv: Conv2dSettings | None = None
+) -> relax.Expr:
+    """int8 x int8 -> int32 accumulation plus the int32 bias (docs/numerics.md section 5).
+
+    ``weights`` are OIHW for a convolution (``conv`` given), else ``[in_features, out_features]`` for a matmul
+    over the last axis of ``source``.
+    """
+    if conv is not None:
+        acc = R.nn.conv2d(
+            source, relax.const(weights, "int8"), conv.strides, conv.padding, conv.dilation, conv.groups,
+            "NCHW", "OIHW", "NCHW", "int32",
+        )
+        shape = [1, -1, 1, 1]
+    else:
+        acc = R.matmul(source, relax.const(np.ascontiguousarray(weights), "int8"), out_dtype="int32")
+        shape = [-1]
+    return R.add(acc, relax.const(bias.astype(np.int32).reshape(shape), "int32"))
+
+
+class _WeightedUnit:
+    """A conv2d or linear QDQ unit: the float chain TVM imports, requantized to int8."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source, self.weights, self.bias = _dq(), _dq(is_const()), _dq(is_const())
+        if name == "conv2d":
+            self.op = is_op("relax.nn.conv2d")(self.source, self.weights)
+            chain = is_op("relax.add")(self.op, is_op("relax.reshape")(self.bias, wildcard())) | self.op
+        else:
+            self.transposed = is_op("relax.permute_dims")(self.weights)
+            self.op = is_op("relax.matmul")(self.source, self.transposed | self.weights)
+            chain = is_op("relax.add")(self.op, self.bias) | self.op
+        self.pattern = _q(chain)
+
+    def rewrite(self, matched: relax.Call, m: dict) -> relax.Expr | None:
+        input_scale, output_scale = _input_scale(m[self.source]), _output_scale(matched)
+        if input_scale is None or output_scale is None:
+            return None
+        call = m[self.op]
+        conv = None
+        if self.name == "conv2d":
+            attrs = call.attrs
+            if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW":
+                return None
+            conv = Conv2dSettings(tuple(attrs.strides), tuple(attrs.padding), tuple(attrs.dilation), int(attrs.groups))
+            rank, axis, transposed = 4, 1, False
+        else:
+            rank = len(call.ty.shape)
+            axis = rank - 1
+            transposed = self.transposed in m
+            if transposed and [int(a) for a in m[self.transposed].attrs.axes] != [1, 0]:
+                return None
+        channels = int(call.ty.shape[axis])
+        fitted = _weights(m[self.weights], 0 if conv is not None or transposed else 1, channels)
+        if fitted is None:
+            return None
+        values, weight_scales = fitted
+        bias = _bias(m.get(self.bias), input_scale, weight_scales)
+        if bias is None:
+            return None
+        if conv is None and transposed:
+            values = values.T
+        acc = integer_accumulator(m[self.source].args[0], values, bias, conv)
+        multipliers = conv_multipliers(input_scale, weight_scales, output_scale, what=self.name)
+        return _requantize(acc, multipliers, rank, axis)
+
+
+def _weighted_rule(name: str) -> _Rule:
+    unit = _WeightedUnit(name)
+    return _Rule(name, unit.pattern, unit.rewrite)
+
+
+def _output_scale(quantize: relax.Call) -> float | None:
+    quant = _quant(quantize, None)
+    return quant.per_tensor_scale if quant is not None else None
+
+
+def _add_rule() -> _Rule:
+    left, right = _dq(), _dq()
+    quantize = _q(is_op("relax.add")(left, right))
+
+    def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
+        scales = (_input_scale(m[left]), _input_scale(m[right]))
+        output_scale = _output_scale(matched)
+        if None in scales or output_scale is None:
+            return None
+        (left_m, right_m), shift = quantize_multipliers(
+            [real_multiplier(s, output_scale) for s in scales], what="add"
+        )
+        rank = len(matched.ty.shape)
+        total = R.add(
+            R.multiply(R.astype(m[left].args[0], "int64"), relax.const(left_m, "int64")),
+            R.multiply(R.astype(m[right].args[0], "int64"), relax.const(right_m, "int64")),
+        )
+        return _saturate(_round_shift(total, [shift], [1] * rank))
+
+    return _Rule("add", quantize, rewrite)
+
+
+def _same_scale(matched: relax.Call, dequantize: relax.Call) -> bool:
+    input_scale = _input_scale(dequantize)
+    return input_scale is not None and input_scale == _output_scale(matched)
+
+
+def _clamp_rule() -> _Rule:
+    source = _dq()
+    relu = is_op("relax.nn.relu")(source)
+    clip = is_op("relax.clip")(source, wildcard(), wildcard())
+    quantize = _q(relu | clip)
+
+    def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
+        if not _same_scale(matched, m[source]):
+            return None
+        value = m[source].args[0]
+        if relu in m:
+            return R.maximum(value, relax.const(0, "int8"))
+        scale = _output_scale(matched)
+        bounds = [_prim_float(m[clip].args[i]) for i in (1, 2)]
+        if None in bounds:
+            return None
+        low, high = (int(np.round(np.float32(b) / np.float32(scale))) for b in bounds)
+        return _saturate(value, max(low, ACTIVATION_QMIN), min(high, ACTIVATION_QMAX))
+
+    return _Rule("clamp", quantize, rewrite)
+
+
+def _prim_float(expr: relax.Expr) -> float | None:
+    constant = _constant(expr)
+    if constant is not None:
+        return float(constant.reshape(()))
+    value = getattr(expr, "value", None)
+    return float(value.value) if value is not None and hasattr(value, "value") else None
+
+
+def _data_movement_rule() -> _Rule:
+    """Ops that only move values (reshape, transpose, max pool, nearest resize, slices): same op on int8."""
+    source = _dq()
+    moves = (
+        is_op("relax.reshape")(source, wildcard())
+        | is_op("relax.permute_dims")(source)
+        | is_op("relax.nn.max_pool2d")(source)
+        | is_op("relax.strided_slice")(source, wildcard(), wildcard(), wildcard(), wildcard())
+        | is_op("relax.squeeze")(source)
+        | is_op("relax.expand_dims")(source)
+        | is_op("relax.image.resize2d")(source, wildcard())
+    )
+    quantize = _q(moves)
+
+    def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
+        if not _same_scale(matched, m[source]):
+            return None
+        op = m[moves]
+        if op.op.name == "relax.image.resize2d":
+            return _repeat(m[source].args[0], op)
+        return relax.Call(op.op, [m[source].args[0], *op.args[1:]], op.attrs)
+
+    return _Rule("data movement", quantize, rewrite)
+
+
+def _repeat(value: relax.Expr, resize: relax.Call) -> relax.Expr | None:
+    """Nearest upsampling by integer factors (asymmetric coordinates, floor) as repeats along H and W."""
+    attrs = resize.attrs
+    if attrs.method != "nearest_neighbor" or attrs.coordinate_transformation_mode != "asymmetric" or attrs.rounding_method != "floor":
+        return None
+    source = [int(d) for d in value.ty.shape]
+    target = [int(d) for d in resize.ty.shape]
+    if any(t % s for t, s in zip(target[2:], source[2:])):
+        return None
+    return R.repeat(R.repeat(value, target[2] // source[2], axis=2), target[3] // source[3], axis=3)
+
+
+def _split_rule() -> _Rule:
+    source = _dq()
+    split = is_op("relax.split")(source)
+    item = is_tuple_get_item(split)
+    quantize = _q(item)
+
+    def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
+        if not _same_scale(matched, m[source]):
+            return None
+        parts = relax.Call(m[split].op, [m[source].args[0]], m[split].attrs)
+        return relax.TupleGetItem(parts, m[item].index)
+
+    return _Rule("split", quantize, rewrite)
+
+
+def _pool_rule() -> _Rule:
+    """Average pools: the integer window sum, then requantization folding 1/N."""
+    source = _dq()
+    average = is_op("relax.nn.avg_pool2d")(source)
+    mean = is_op("relax.mean")(source)
+    quantize = _q(average | mean)
+
+    def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
+        input_scale, output_scale = _input_scale(m[source]), _output_scale(matched)
+        value = m[source].args[0]
+        shape = [int(d) for d in value.ty.shape]
+        if input_scale is None or output_scale is None or len(shape) != 4:
+            return None
+        if average in m:
+            attrs = m[average].attrs
+            if not attrs.count_include_pad or attrs.ceil_mode or any(int(d) != 1 for d in attrs.dilation):
+                return None
+            kernel = [int(k) for k in attrs.pool_size]
+            ones = relax.const(np.ones((shape[1], 1, *kernel), dtype=np.int8), "int8")
+            total = R.nn.conv2d(value, ones, attrs.strides, attrs.padding, (1, 1), shape[1], "NCHW", "OIHW", "NCHW", "int32")
+            count = kernel[0] * kernel[1]
+        else:
+            axes = sorted(int(a) % 4 for a in m[mean].attrs.axis)
+            if axes != [2, 3]:
+                return None
+            total = R.sum(R.astype(value, "int32"), axis=[2, 3], keepdims=bool(m[mean].attrs.keepdims))
+            count = shape[2] * shape[3]
+        multiplier = quantize_multiplier(real_multiplier(input_scale, output_scale, count=count), what="pool")
+        return _requantize(total, [multiplier], len(matched.ty.shape), 0)
+
+    return _Rule("pool", quantize, rewrite)
+
+
+def _concat_rule(bindings: dict[relax.Var, relax.Expr]) -> _Rule:
+    concat = is_op("relax.concat")(wildcard())
+    quantize = _q(concat)
+
+    def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
+        output_scale = _output_scale(matched)
+        fields = m[concat].args[0]
+        fields = bindings.get(fields, fields)
+        if output_scale is None or not isinstance(fields, relax.Tuple):
+            return None
+        parts = []
+        rank = len(matched.ty.shape)
+        for index, field in enumerate(fields.fields):
+            dequantize = bindings.get(field, field)
+            if not (isinstance(dequantize, relax.Call) and dequantize.op.name == "relax.dequantize"):
+                return None
+            input_scale = _input_scale(dequantize)
+            if input_scale is None:
+                return None
+            parts.append(_rescale(dequantize.args[0], input_scale, output_scale, rank, f"concat input {index}"))
+        return R.concat(parts, axis=int(m[concat].attrs.axis))
+
+    return _Rule("concat", quantize, rewrite)
+
+
+def _bindings(func: relax.Function) -> dict[relax.Var, relax.Expr]:
+    return {binding.var: binding.value for block in func.body.blocks for binding in block.bindings}
+
+
+def lower_to_integer(func: relax.Function) -> relax.Function:
+    """Rewrite every QDQ unit of ``func`` that fits docs/numerics.md into integer Relax ops (see module doc).
+
+    Raises:
+        QuantizationError: a unit fits but its scales need a multiplier outside the numerics' range.
+    """
+    rules = [
+        _weighted_rule("conv2d"),
+        _weighted_rule("linear"),
+        _add_rule(),
+        _pool_rule(),
+        _clamp_rule(),
+        _data_movement_rule(),
+        _split_rule(),
+    ]
+    for rule in rules:
+        func = rule(func)
+    func = _concat_rule(_bindings(func))(func)
+    return func
+

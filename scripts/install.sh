@@ -29,9 +29,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
 fi
 
+build_runtime() {  # the C++ runtime for this machine and for aarch64 (incremental: quick when up to date)
+    "$repo/scripts/build_runtime.sh" x86_64 aarch64
+}
+
 stamp=".venv/.edgeq-install-stamp"
 wanted="$(cat pyproject.toml runtime/python/pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] && [ -x .venv/bin/python ]; then
+    build_runtime
     exit 0
 fi
 
@@ -40,4 +45,5 @@ echo "edgeq install: setting up .venv/ (the first time takes a minute: torch is 
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[dev]" -e runtime/python
 echo "$wanted" > "$stamp"
+build_runtime
 echo "edgeq install: done ($(.venv/bin/python -c 'import torch, edgeq; print("edgeq", edgeq.__version__, "torch", torch.__version__)'))"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,8 @@ def runtime_library() -> Path:
     explicit = os.environ.get(_RUNTIME_VARIABLE)
     if explicit:
         return Path(explicit)
-    spec = importlib.util.find_spec("tvm")  # locates the package without importing (or loading) the compiler
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(folder) / "lib" / "libtvm_runtime.so"
+    for entry in sys.path:  # the installed package's folder; nothing of the TVM compiler is imported or loaded
+        candidate = Path(entry or ".") / "tvm" / "lib" / "libtvm_runtime.so"
         if candidate.is_file():
             return candidate
     raise RuntimeLibraryError(

@@ -1,0 +1,81 @@
+// edgeq C++ runtime: load a .edgeq artifact, check it, and run it with TVM's runtime.
+//
+//   edgeq::Model model = edgeq::Model::Load("model.edgeq");
+//   std::vector<edgeq::HostTensor> outputs = model.Run({input});   // raw integers, as the program computes
+//   std::vector<float> logits = model.Dequantize(0, outputs[0]);   // per the manifest
+//
+// Only the tvm-ffi headers and libraries (libtvm_ffi.so, libtvm_runtime.so) are needed.
+#ifndef EDGEQ_RUNTIME_H_
+#define EDGEQ_RUNTIME_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace edgeq {
+
+// Every error the runtime reports on purpose (bad artifact, bad input); the message names the file or input.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// A tensor in host memory: dtype ("int8", "uint8", "int32", "float32"), shape, row-major bytes.
+struct HostTensor {
+  std::string dtype;
+  std::vector<int64_t> shape;
+  std::vector<uint8_t> data;
+
+  int64_t NumElements() const;
+  static size_t ElementBytes(const std::string& dtype);  // throws Error for other dtypes
+};
+
+// One input or output of the compiled program, from the manifest.
+struct TensorInfo {
+  std::string name;
+  std::vector<int64_t> shape;
+  std::string dtype;
+  bool quantized = false;
+  std::vector<float> scale;         // one, or one per channel along `axis`
+  std::vector<int64_t> zero_point;  // same length as scale
+  int axis = -1;                    // channel axis of per-channel quantization, -1 for per tensor
+};
+
+class Model {
+ public:
+  // Reads and verifies the artifact (schema version, every member's size and sha256, architecture),
+  // then loads its library. Throws Error before loading anything from a damaged or foreign file.
+  static Model Load(const std::string& path);
+
+  Model(Model&&) noexcept;
+  Model& operator=(Model&&) noexcept;
+  ~Model();
+
+  const std::vector<TensorInfo>& Inputs() const;
+  const std::vector<TensorInfo>& Outputs() const;
+  const std::string& Target() const;  // the target the artifact was compiled for
+  const std::string& Arch() const;    // the architecture of its library
+  bool NpuSimulated() const;          // NPU regions run as a simulation on the host CPU
+
+  // Runs the program. Inputs in the manifest's order; each must match its shape; a float32 input is quantized
+  // per the manifest, an input of the program's integer dtype is taken as raw. Returns the raw outputs.
+  std::vector<HostTensor> Run(const std::vector<HostTensor>& inputs) const;
+
+  // float32 values of output `index`: (q - zero_point) * scale, per tensor or per channel.
+  std::vector<float> Dequantize(size_t index, const HostTensor& output) const;
+
+ private:
+  struct Impl;
+  explicit Model(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Quantize float32 values to `info`'s integer dtype: saturate(round_half_to_even(x / scale) + zero_point).
+HostTensor Quantize(const TensorInfo& info, const HostTensor& values);
+
+}  // namespace edgeq
+
+#endif  // EDGEQ_RUNTIME_H_

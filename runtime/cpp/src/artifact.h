@@ -1,0 +1,38 @@
+// Reading a .edgeq artifact: a zip whose members are stored uncompressed (docs/artifact.md). Everything is
+// checked here, before any library is loaded: sizes and offsets against the file, the schema version, and
+// every member's size and sha256 against the manifest.
+#ifndef EDGEQ_ARTIFACT_H_
+#define EDGEQ_ARTIFACT_H_
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "edgeq/runtime.h"
+
+namespace edgeq {
+
+constexpr int64_t kSchemaVersion = 1;
+
+struct Manifest {
+  std::string target;
+  std::string target_kind;
+  std::string arch;
+  std::string library_member;
+  bool npu_simulated = false;
+  std::vector<TensorInfo> inputs;
+  std::vector<TensorInfo> outputs;
+};
+
+struct Artifact {
+  Manifest manifest;
+  std::map<std::string, std::vector<uint8_t>> members;
+
+  // Throws Error naming `path` for anything that does not check out.
+  static Artifact Read(const std::string& path);
+};
+
+}  // namespace edgeq
+
+#endif  // EDGEQ_ARTIFACT_H_

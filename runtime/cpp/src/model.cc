@@ -1,0 +1,232 @@
+#include <dlpack/dlpack.h>
+#include <tvm/ffi/any.h>
+#include <tvm/ffi/container/array.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/module.h>
+#include <tvm/ffi/function.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <optional>
+
+#include "artifact.h"
+#include "edgeq/runtime.h"
+
+namespace edgeq {
+namespace {
+
+namespace ffi = tvm::ffi;
+
+#if defined(__aarch64__)
+constexpr char kHostArch[] = "aarch64";
+#elif defined(__x86_64__)
+constexpr char kHostArch[] = "x86_64";
+#else
+constexpr char kHostArch[] = "unknown";
+#endif
+
+constexpr int kCpu = kDLCPU;
+constexpr int kPooledAllocator = 2;
+
+struct HostAllocator {
+  void AllocData(DLTensor* tensor) {
+    tensor->data = std::malloc(ffi::GetDataSize(*tensor) ? ffi::GetDataSize(*tensor) : 1);
+    if (tensor->data == nullptr) throw Error("out of memory");
+  }
+  void FreeData(DLTensor* tensor) { std::free(tensor->data); }
+};
+
+DLDataType DataType(const std::string& dtype) {
+  if (dtype == "int8") return {kDLInt, 8, 1};
+  if (dtype == "uint8") return {kDLUInt, 8, 1};
+  if (dtype == "int32") return {kDLInt, 32, 1};
+  if (dtype == "float32") return {kDLFloat, 32, 1};
+  throw Error("dtype " + dtype + " is not supported by the runtime");
+}
+
+std::string ShapeText(const std::vector<int64_t>& shape) {
+  std::string text = "[";
+  for (size_t i = 0; i < shape.size(); ++i) text += (i ? ", " : "") + std::to_string(shape[i]);
+  return text + "]";
+}
+
+// The library is written to a fresh temporary file (the dynamic loader caches libraries by path), named .so
+// (TVM picks the loader by extension).
+std::string WriteTemporary(const std::vector<uint8_t>& bytes) {
+  const char* folder = std::getenv("TMPDIR");
+  std::string pattern = std::string(folder && *folder ? folder : "/tmp") + "/edgeq-XXXXXX.so";
+  std::vector<char> name(pattern.begin(), pattern.end());
+  name.push_back('\0');
+  int fd = mkstemps(name.data(), 3);
+  if (fd < 0) throw Error("cannot create a temporary file in " + pattern);
+  size_t written = 0;
+  while (written < bytes.size()) {
+    ssize_t n = write(fd, bytes.data() + written, bytes.size() - written);
+    if (n <= 0) {
+      close(fd);
+      unlink(name.data());
+      throw Error("cannot write the model library to " + std::string(name.data()));
+    }
+    written += size_t(n);
+  }
+  close(fd);
+  return name.data();
+}
+
+int64_t Channel(const TensorInfo& info, int64_t flat_index) {
+  if (info.scale.size() == 1) return 0;
+  int64_t stride = 1;
+  for (size_t d = info.axis + 1; d < info.shape.size(); ++d) stride *= info.shape[d];
+  return (flat_index / stride) % info.shape[info.axis];
+}
+
+}  // namespace
+
+int64_t HostTensor::NumElements() const {
+  int64_t count = 1;
+  for (int64_t d : shape) count *= d;
+  return count;
+}
+
+size_t HostTensor::ElementBytes(const std::string& dtype) { return DataType(dtype).bits / 8; }
+
+HostTensor Quantize(const TensorInfo& info, const HostTensor& values) {
+  if (values.dtype != "float32") throw Error("input '" + info.name + "': only float32 values are quantized");
+  HostTensor out{info.dtype, values.shape, std::vector<uint8_t>(values.NumElements() * HostTensor::ElementBytes(info.dtype))};
+  const float* x = reinterpret_cast<const float*>(values.data.data());
+  int64_t low = info.dtype == "uint8" ? 0 : info.dtype == "int8" ? -128 : std::numeric_limits<int32_t>::min();
+  int64_t high = info.dtype == "uint8" ? 255 : info.dtype == "int8" ? 127 : std::numeric_limits<int32_t>::max();
+  for (int64_t i = 0; i < values.NumElements(); ++i) {
+    int64_t c = Channel(info, i);
+    float steps = x[i] / info.scale[c];          // float32 division, as ONNX QuantizeLinear
+    float rounded = std::nearbyint(steps);       // round half to even in the default rounding mode
+    double value = std::isnan(rounded) ? 0.0 : double(rounded) + double(info.zero_point[c]);
+    int64_t q = value < double(low) ? low : value > double(high) ? high : int64_t(value);
+    if (info.dtype == "int8") reinterpret_cast<int8_t*>(out.data.data())[i] = int8_t(q);
+    else if (info.dtype == "uint8") out.data[i] = uint8_t(q);
+    else reinterpret_cast<int32_t*>(out.data.data())[i] = int32_t(q);
+  }
+  return out;
+}
+
+struct Model::Impl {
+  Artifact artifact;
+  std::string library_path;
+  std::optional<ffi::Module> library;  // kept alive while the VM runs code from it
+  std::optional<ffi::Module> vm;
+  std::optional<ffi::Function> main;
+
+  ~Impl() {
+    if (!library_path.empty()) unlink(library_path.c_str());
+  }
+};
+
+Model::Model(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Model::Model(Model&&) noexcept = default;
+Model& Model::operator=(Model&&) noexcept = default;
+Model::~Model() = default;
+
+Model Model::Load(const std::string& path) {
+  auto impl = std::make_unique<Impl>();
+  impl->artifact = Artifact::Read(path);
+  const Manifest& manifest = impl->artifact.manifest;
+  if (manifest.arch != kHostArch) {
+    throw Error(path + ": built for " + manifest.arch + "; this machine is " + kHostArch +
+                " (run the " + manifest.arch + " build of edgeq-run, e.g. under qemu-" + manifest.arch + ")");
+  }
+  impl->library_path = WriteTemporary(impl->artifact.members.at(manifest.library_member));
+  try {
+    impl->library = ffi::Module::LoadFromFile(impl->library_path);
+    impl->vm = (*impl->library)->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
+    (*impl->vm)->GetFunction("vm_initialization").value()(kCpu, 0, kPooledAllocator, kCpu, 0, kPooledAllocator);
+    impl->main = (*impl->vm)->GetFunction("main").value();
+  } catch (const ffi::Error& error) {
+    throw Error(path + ": the model library cannot be loaded: " + std::string(error.what()));
+  }
+  return Model(std::move(impl));
+}
+
+const std::vector<TensorInfo>& Model::Inputs() const { return impl_->artifact.manifest.inputs; }
+const std::vector<TensorInfo>& Model::Outputs() const { return impl_->artifact.manifest.outputs; }
+const std::string& Model::Target() const { return impl_->artifact.manifest.target; }
+const std::string& Model::Arch() const { return impl_->artifact.manifest.arch; }
+bool Model::NpuSimulated() const { return impl_->artifact.manifest.npu_simulated; }
+
+std::vector<HostTensor> Model::Run(const std::vector<HostTensor>& inputs) const {
+  const auto& infos = Inputs();
+  if (inputs.size() != infos.size()) {
+    throw Error(std::to_string(inputs.size()) + " input(s) given; the model takes " + std::to_string(infos.size()));
+  }
+  std::vector<ffi::Tensor> tensors;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const TensorInfo& info = infos[i];
+    if (inputs[i].shape != info.shape) {
+      throw Error("input '" + info.name + "' has shape " + ShapeText(inputs[i].shape) + "; expected " + ShapeText(info.shape));
+    }
+    HostTensor value = inputs[i];
+    if (value.dtype != info.dtype) {
+      if (!info.quantized || value.dtype != "float32") {
+        throw Error("input '" + info.name + "' has dtype " + value.dtype + "; expected " + info.dtype +
+                    (info.quantized ? " (raw) or float32 to quantize" : ""));
+      }
+      value = Quantize(info, value);
+    }
+    if (value.data.size() != size_t(value.NumElements()) * HostTensor::ElementBytes(value.dtype)) {
+      throw Error("input '" + info.name + "': data size does not match its shape");
+    }
+    ffi::Tensor tensor = ffi::Tensor::FromNDAlloc(HostAllocator(), ffi::ShapeView(value.shape.data(), value.shape.size()),
+                                                  DataType(value.dtype), DLDevice{kDLCPU, 0});
+    std::memcpy(tensor.data_ptr(), value.data.data(), value.data.size());
+    tensors.push_back(tensor);
+  }
+  std::vector<ffi::AnyView> arguments(tensors.begin(), tensors.end());
+  ffi::Any result;
+  try {
+    impl_->main->CallPacked(arguments.data(), static_cast<int32_t>(arguments.size()), &result);
+  } catch (const ffi::Error& error) {
+    throw Error(std::string("running the model failed: ") + error.what());
+  }
+  std::vector<ffi::Tensor> produced;
+  if (auto single = result.as<ffi::Tensor>()) {
+    produced.push_back(*single);
+  } else if (auto many = result.as<ffi::Array<ffi::Any>>()) {
+    for (const ffi::Any& item : *many) produced.push_back(item.cast<ffi::Tensor>());
+  }
+  if (produced.size() != Outputs().size()) throw Error("the model returned " + std::to_string(produced.size()) + " outputs; the manifest lists " + std::to_string(Outputs().size()));
+  std::vector<HostTensor> outputs;
+  for (size_t i = 0; i < produced.size(); ++i) {
+    const ffi::Tensor& tensor = produced[i];
+    HostTensor out{Outputs()[i].dtype, std::vector<int64_t>(tensor.shape().begin(), tensor.shape().end()), {}};
+    if (out.shape != Outputs()[i].shape) throw Error("output '" + Outputs()[i].name + "' has an unexpected shape");
+    out.data.resize(size_t(out.NumElements()) * HostTensor::ElementBytes(out.dtype));
+    if (ffi::GetDataSize(*tensor.GetDLTensorPtr()) != out.data.size()) throw Error("output '" + Outputs()[i].name + "' has an unexpected dtype");
+    std::memcpy(out.data.data(), tensor.data_ptr(), out.data.size());
+    outputs.push_back(std::move(out));
+  }
+  return outputs;
+}
+
+std::vector<float> Model::Dequantize(size_t index, const HostTensor& output) const {
+  const TensorInfo& info = Outputs().at(index);
+  std::vector<float> values(output.NumElements());
+  for (int64_t i = 0; i < output.NumElements(); ++i) {
+    int64_t q = info.dtype == "int8" ? reinterpret_cast<const int8_t*>(output.data.data())[i]
+              : info.dtype == "uint8" ? output.data[i]
+              : info.dtype == "int32" ? reinterpret_cast<const int32_t*>(output.data.data())[i]
+              : 0;
+    if (!info.quantized) {
+      values[i] = reinterpret_cast<const float*>(output.data.data())[i];
+      continue;
+    }
+    int64_t c = Channel(info, i);
+    values[i] = float(q - info.zero_point[c]) * info.scale[c];  // float32(q - zp) * float32(s)
+  }
+  return values;
+}
+
+}  // namespace edgeq

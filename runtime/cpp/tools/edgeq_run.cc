@@ -1,0 +1,100 @@
+// edgeq-run: run a .edgeq artifact on .npy inputs, write each output as OUTPUT_DIR/<name>.npy.
+//
+//   edgeq-run MODEL.edgeq --input x.npy [--input y.npy ...] --output-dir DIR [--raw] [--bench N]
+//
+// Float32 inputs are quantized per the manifest; inputs of the program's integer dtype are taken raw. Outputs are
+// dequantized to float32 unless --raw. Exit status: 0 success, 1 error (message on stderr), 2 usage.
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "edgeq/runtime.h"
+#include "npy.h"
+
+namespace {
+
+int Usage(const std::string& problem) {
+  std::cerr << "edgeq-run: " << problem << "\n"
+            << "usage: edgeq-run MODEL.edgeq --input x.npy [--input ...] --output-dir DIR [--raw] [--bench N]\n";
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string model_path, output_dir;
+  std::vector<std::string> input_paths;
+  bool raw = false;
+  int bench = 0;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    auto value = [&](const std::string& flag) -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
+    if (arg == "--input") {
+      const char* v = value(arg);
+      if (!v) return Usage("--input needs a path");
+      input_paths.push_back(v);
+    } else if (arg == "--output-dir") {
+      const char* v = value(arg);
+      if (!v) return Usage("--output-dir needs a path");
+      output_dir = v;
+    } else if (arg == "--raw") {
+      raw = true;
+    } else if (arg == "--bench") {
+      const char* v = value(arg);
+      try {
+        bench = v ? std::stoi(v) : -1;
+      } catch (const std::exception&) {
+        bench = -1;
+      }
+      if (bench < 1) return Usage("--bench needs a positive count");
+    } else if (arg == "-h" || arg == "--help") {
+      return Usage("runs a .edgeq artifact");
+    } else if (!arg.empty() && arg[0] == '-') {
+      return Usage("unknown option " + arg);
+    } else if (model_path.empty()) {
+      model_path = arg;
+    } else {
+      return Usage("one model only");
+    }
+  }
+  if (model_path.empty() || output_dir.empty()) return Usage("MODEL and --output-dir are required");
+  try {
+    struct stat info;
+    if (stat(output_dir.c_str(), &info) != 0 || !S_ISDIR(info.st_mode)) throw edgeq::Error(output_dir + ": no such folder");
+    edgeq::Model model = edgeq::Model::Load(model_path);
+    if (model.NpuSimulated()) {
+      std::cerr << "edgeq-run: NPU target " << model.Target() << ": NPU regions run as a bit-exact simulation on this CPU\n";
+    }
+    std::vector<edgeq::HostTensor> inputs;
+    for (const std::string& path : input_paths) inputs.push_back(edgeq::ReadNpy(path));
+    std::vector<edgeq::HostTensor> outputs = model.Run(inputs);
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      edgeq::HostTensor written = outputs[i];
+      if (!raw && model.Outputs()[i].quantized) {
+        std::vector<float> values = model.Dequantize(i, outputs[i]);
+        written = {"float32", outputs[i].shape, std::vector<uint8_t>(values.size() * 4)};
+        std::copy(reinterpret_cast<const uint8_t*>(values.data()), reinterpret_cast<const uint8_t*>(values.data()) + values.size() * 4, written.data.begin());
+      }
+      edgeq::WriteNpy(output_dir + "/" + model.Outputs()[i].name + ".npy", written);
+    }
+    if (bench > 0) {
+      std::vector<double> times;
+      for (int i = 0; i < bench; ++i) {
+        auto start = std::chrono::steady_clock::now();
+        model.Run(inputs);
+        times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+      }
+      std::sort(times.begin(), times.end());
+      std::printf("latency over %d runs: median %.3f ms, min %.3f ms\n", bench, times[times.size() / 2], times.front());
+    }
+  } catch (const std::exception& error) {
+    std::cerr << "edgeq-run: error: " << error.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

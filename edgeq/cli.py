@@ -1,4 +1,4 @@
-"""The ``edgeq`` command line: ``targets``, ``check``, ``compile``.
+"""The ``edgeq`` command line: ``targets``, ``check``, ``compile``, ``run``.
 
 Exit status: 0 success; 1 an error (the message names the file, node or key); 2 a usage error; 4 ``check``
 found an op that cannot run anywhere on the target (no CPU fallback).
@@ -80,6 +80,20 @@ def _compile(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace, console: Console) -> int:
+    from edgeq.run import run_artifact
+
+    def say(line: str) -> None:
+        console.print(line, highlight=False, soft_wrap=True)
+
+    result = run_artifact(args.model, args.input or [], args.output_dir, args.runtime, args.bench, args.raw, say)
+    for name, path in result.outputs.items():
+        say(f"wrote {path}")
+    if result.timing:
+        say(result.timing + (" (emulated)" if result.emulated else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands: targets, check)."""
     parser = argparse.ArgumentParser(prog="edgeq", description="Open deployment compiler toolchain for edge NPUs.")
@@ -117,6 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
                           help="static shape of an input with dynamic dimensions (repeatable)")
     compile_.add_argument("--simulate", action="store_true", help="build for this machine instead of the target's CPU")
     compile_.set_defaults(run=_compile)
+
+    run = commands.add_parser(
+        "run",
+        help="run an artifact on .npy inputs",
+        description="Run a .edgeq artifact and write each output as OUTPUT_DIR/<name>.npy. Float inputs are "
+        "quantized per the manifest, inputs of the program's integer dtype are taken raw. An aarch64 artifact runs "
+        "under qemu-aarch64 with the C++ runtime; NPU regions run as a bit-exact simulation.",
+    )
+    run.add_argument("model", type=Path, help=".edgeq artifact")
+    run.add_argument("--input", action="append", metavar="[NAME=]FILE.npy", help="an input, in order or by name (repeatable)")
+    run.add_argument("--output-dir", type=Path, required=True, help="folder for the outputs")
+    run.add_argument("--runtime", choices=("python", "cpp"), default="python", help="which runtime (default: python)")
+    run.add_argument("--bench", type=int, metavar="N", help="also time N runs (median, min)")
+    run.add_argument("--raw", action="store_true", help="write the integer outputs, not dequantized")
+    run.set_defaults(run=_run)
     return parser
 
 

@@ -1,0 +1,290 @@
+"""The runtimes: Python (edgeq_runtime) and C++ (edgeq-run, x86_64 and aarch64 under qemu), exact against each
+other and the integer model, refusing bad artifacts and inputs with clear errors, never crashing."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgeq.cli import main
+from edgeq.compile import compile_model
+from edgeq_runtime import ArtifactError, Model
+from models import FunctionalOps, SmallCNN, integer_model
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD = REPO / "runtime" / "cpp" / "build"
+QEMU = ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]
+
+
+@pytest.fixture(scope="session")
+def edgeq_run() -> dict[str, Path]:
+    """The C++ runtime, built (incrementally) for x86_64, x86_64 with AddressSanitizer, and aarch64."""
+    subprocess.run([str(REPO / "scripts" / "build_runtime.sh")], check=True, capture_output=True)
+    return {variant: BUILD / variant / "edgeq-run" for variant in ("x86_64", "x86_64-asan", "aarch64")}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A two-output model compiled for this machine (simulated NPU), for npu-s on its aarch64 host, and for the
+    aarch64 CPU; with the integer model and an input file."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 8, 8)
+    int_model = integer_model(FunctionalOps().eval(), example, "npu-s")
+    folder = tmp_path_factory.mktemp("runtime")
+    artifacts = {
+        "x86_64": compile_model(int_model, (example,), out=folder / "x86.edgeq", simulate=True).artifact,
+        "npu-s": compile_model(int_model, (example,), out=folder / "npu.edgeq").artifact,
+        "aarch64": compile_model(int_model, (example,), target="aarch64", out=folder / "arm.edgeq").artifact,
+    }
+    x = torch.randn(2, 3, 8, 8)
+    np.save(folder / "x.npy", x.numpy())
+    return int_model, artifacts, x, folder
+
+
+def run_cli(command: list[str], *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*command, *args], capture_output=True, text=True, errors="replace", check=False, env=env, timeout=120)
+
+
+def cli_outputs(command: list[str], artifact: Path, inputs: list[Path], folder: Path, raw: bool = True) -> dict[str, np.ndarray]:
+    folder.mkdir(exist_ok=True)
+    args = [str(artifact), "--output-dir", str(folder), *sum((["--input", str(i)] for i in inputs), [])]
+    completed = run_cli(command, *args, *(["--raw"] if raw else []))
+    assert completed.returncode == 0, completed.stderr
+    return {p.stem: np.load(p) for p in folder.glob("*.npy")}
+
+
+# ---- exactness --------------------------------------------------------------------------------------------------
+
+
+def test_python_runtime_equals_the_integer_model(models):
+    int_model, artifacts, x, _ = models
+    with Model.load(artifacts["x86_64"]) as model:
+        assert model.target == "npu-s" and model.arch == "x86_64"
+        outputs = model.run({"x": x.numpy()}, raw=True)
+    for got, expected in zip(outputs.values(), int_model.run_integer(x)):
+        np.testing.assert_array_equal(got, expected.numpy())
+
+
+def test_cpp_cli_equals_the_python_runtime(models, edgeq_run, tmp_path):
+    _, artifacts, x, folder = models
+    with Model.load(artifacts["x86_64"]) as model:
+        raw = model.run(x.numpy(), raw=True)
+        dequantized = model.run(x.numpy())
+    cpp_raw = cli_outputs([str(edgeq_run["x86_64"])], artifacts["x86_64"], [folder / "x.npy"], tmp_path / "raw")
+    cpp_float = cli_outputs([str(edgeq_run["x86_64"])], artifacts["x86_64"], [folder / "x.npy"], tmp_path / "float", raw=False)
+    for name in raw:
+        np.testing.assert_array_equal(cpp_raw[name], raw[name])
+        assert cpp_raw[name].dtype == raw[name].dtype
+        np.testing.assert_array_equal(cpp_float[name], dequantized[name])
+
+
+def test_cpp_cli_takes_raw_int8_inputs(models, edgeq_run, tmp_path):
+    int_model, artifacts, x, _ = models
+    raw_input = int_model.graph_module.quant(x).numpy()
+    np.save(tmp_path / "q.npy", raw_input)
+    outputs = cli_outputs([str(edgeq_run["x86_64"])], artifacts["x86_64"], [tmp_path / "q.npy"], tmp_path / "out")
+    for name, expected in zip(("dequant", "dequant_map"), int_model.run_integer(x)):
+        np.testing.assert_array_equal(outputs[name], expected.numpy())
+
+
+@pytest.mark.parametrize("which", ["npu-s", "aarch64"])
+def test_aarch64_cli_under_qemu_equals_x86_64(models, edgeq_run, tmp_path, which):
+    int_model, artifacts, x, folder = models
+    with Model.load(artifacts["x86_64"]) as model:
+        expected = model.run(x.numpy(), raw=True)
+    got = cli_outputs([*QEMU, str(edgeq_run["aarch64"])], artifacts[which], [folder / "x.npy"], tmp_path / which)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_runtime_imports_without_torch_onnx_or_the_tvm_compiler(models):
+    _, artifacts, x, folder = models
+    script = f"""
+import sys
+for name in ("torch", "onnx", "onnxruntime", "tvm", "edgeq"):
+    sys.modules[name] = None  # any import of these now fails
+import numpy as np
+from edgeq_runtime import Model
+with Model.load({str(artifacts["x86_64"])!r}) as model:
+    outputs = model.run(np.load({str(folder / "x.npy")!r}))
+print(sorted(outputs))
+"""
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "['dequant', 'dequant_map']"
+
+
+# ---- bad artifacts: both runtimes give clear errors ----------------------------------------------------------
+
+
+def rewrite(source: Path, target: Path, change) -> Path:
+    """Copy an artifact, letting ``change(manifest, members)`` edit the manifest dict and the members dict."""
+    with zipfile.ZipFile(source) as archive:
+        manifest = json.loads(archive.read("manifest.json"))
+        members = {i.filename: archive.read(i) for i in archive.infolist() if i.filename != "manifest.json"}
+    change(manifest, members)
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("manifest.json", json.dumps(manifest))
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return target
+
+
+def _flip(manifest, members):
+    library = bytearray(members["model.so"])
+    library[len(library) // 2] ^= 0xFF
+    members["model.so"] = bytes(library)
+
+
+def _drop(manifest, members):
+    del members["npu_program.json"]
+
+
+def _future(manifest, members):
+    manifest["schema_version"] = 2
+
+
+def _elsewhere(manifest, members):
+    manifest["library"]["arch"] = "riscv64"
+
+
+def _escape(manifest, members):
+    members["../evil.so"] = b"x"
+    manifest["members"]["../evil.so"] = {"size": 1, "sha256": "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"}
+
+
+BAD_ARTIFACTS = {
+    "flipped byte": (_flip, "member model.so fails its sha256 check"),
+    "missing member": (_drop, "npu_program.json"),
+    "future schema": (_future, "schema version 2; this runtime reads version 1"),
+    "other architecture": (_elsewhere, "built for riscv64; this machine is x86_64"),
+    "path traversal": (_escape, "member name '../evil.so' is not allowed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARTIFACTS))
+def test_bad_artifacts_are_refused_by_both_runtimes(case, models, edgeq_run, tmp_path):
+    change, message = BAD_ARTIFACTS[case]
+    bad = rewrite(models[1]["x86_64"], tmp_path / "bad.edgeq", change)
+    with pytest.raises(ArtifactError, match=message.replace("(", r"\(")):
+        Model.load(bad)
+    completed = run_cli([str(edgeq_run["x86_64"])], str(bad), "--input", str(models[3] / "x.npy"), "--output-dir", str(tmp_path))
+    assert completed.returncode == 1 and message in completed.stderr, completed.stderr
+
+
+def test_truncated_artifact(models, edgeq_run, tmp_path):
+    data = models[1]["x86_64"].read_bytes()
+    truncated = tmp_path / "truncated.edgeq"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="not an edgeq artifact, or truncated"):
+        Model.load(truncated)
+    completed = run_cli([str(edgeq_run["x86_64"])], str(truncated), "--output-dir", str(tmp_path))
+    assert completed.returncode == 1 and "not an edgeq artifact, or truncated" in completed.stderr
+
+
+def test_aarch64_artifact_on_this_machine(models):
+    with pytest.raises(ArtifactError, match=r"built for aarch64; this machine is x86_64 \(run it under qemu-aarch64"):
+        Model.load(models[1]["npu-s"])
+
+
+# ---- bad inputs ----------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_python(models):
+    _, artifacts, x, _ = models
+    with Model.load(artifacts["x86_64"]) as model:
+        with pytest.raises(ValueError, match=r"inputs \['image'\] are unknown and \['x'\] missing \(inputs: \['x'\]\)"):
+            model.run({"image": x.numpy()})
+        with pytest.raises(ValueError, match=r"input 'x' has shape \[1, 3, 8, 8\]; expected \[2, 3, 8, 8\]"):
+            model.run(x[:1].numpy())
+        with pytest.raises(ValueError, match=r"input 'x' has dtype int32; expected int8 \(raw\) or a float array to quantize"):
+            model.run(x.numpy().astype(np.int32))
+        with pytest.raises(ValueError, match=r"2 input\(s\) given; the model takes 1"):
+            model.run([x.numpy(), x.numpy()])
+
+
+def test_bad_inputs_cpp(models, edgeq_run, tmp_path):
+    _, artifacts, x, _ = models
+    binary = [str(edgeq_run["x86_64"])]
+    np.save(tmp_path / "small.npy", x[:1].numpy())
+    np.save(tmp_path / "int32.npy", x.numpy().astype(np.int32))
+    (tmp_path / "text.npy").write_text("not an array")
+    out = str(tmp_path)
+    cases = [
+        (["--input", str(tmp_path / "small.npy")], "input 'x' has shape [1, 3, 8, 8]; expected [2, 3, 8, 8]"),
+        (["--input", str(tmp_path / "int32.npy")], "input 'x' has dtype int32; expected int8 (raw) or float32 to quantize"),
+        (["--input", str(tmp_path / "text.npy")], "text.npy: not a .npy file"),
+        ([], "0 input(s) given; the model takes 1"),
+    ]
+    for extra, message in cases:
+        completed = run_cli(binary, str(artifacts["x86_64"]), "--output-dir", out, *extra)
+        assert completed.returncode == 1 and message in completed.stderr, (extra, completed.stderr)
+    assert run_cli(binary, str(artifacts["x86_64"])).returncode == 2
+
+
+# ---- fuzzing the C++ reader under AddressSanitizer --------------------------------------------------------------
+
+
+def test_random_corruptions_never_crash_the_cpp_runtime(models, edgeq_run, tmp_path):
+    """Bounded: 300 corrupted artifacts or 120 seconds, whichever comes first. Every run must end with exit status
+    0 (a corruption that changes nothing checked, e.g. a zip timestamp) or 1 with a message, never a signal or an
+    AddressSanitizer report."""
+    data = models[1]["x86_64"].read_bytes()
+    generator = random.Random(1234)
+    env = {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0", "PATH": "/usr/bin:/bin"}
+    started, runs, refused = time.monotonic(), 0, 0
+    while runs < 300 and time.monotonic() - started < 120:
+        corrupted = bytearray(data)
+        kind = runs % 4
+        if kind == 0:  # flip bytes, mostly in the headers and the manifest
+            for _ in range(generator.randint(1, 8)):
+                corrupted[generator.randrange(min(len(corrupted), 4096)) if generator.random() < 0.7 else generator.randrange(len(corrupted))] ^= 1 << generator.randrange(8)
+        elif kind == 1:  # truncate
+            corrupted = corrupted[: generator.randrange(len(corrupted))]
+        elif kind == 2:  # overwrite a range with random bytes
+            start = generator.randrange(len(corrupted))
+            corrupted[start : start + generator.randint(1, 64)] = bytes(generator.randrange(256) for _ in range(64))
+        else:  # damage the central directory at the end
+            for _ in range(generator.randint(1, 4)):
+                corrupted[-generator.randint(1, min(300, len(corrupted)))] = generator.randrange(256)
+        path = tmp_path / f"fuzz{runs}.edgeq"
+        path.write_bytes(bytes(corrupted))
+        completed = run_cli([str(edgeq_run["x86_64-asan"])], str(path), "--input", str(models[3] / "x.npy"), "--output-dir", str(tmp_path), env=env)
+        assert completed.returncode in (0, 1), (runs, completed.returncode, completed.stderr[-2000:])
+        assert "AddressSanitizer" not in completed.stderr, completed.stderr[-2000:]
+        refused += completed.returncode == 1
+        runs += 1
+        path.unlink()
+    assert runs >= 20 and refused >= runs // 2
+
+
+# ---- edgeq run ------------------------------------------------------------------------------------------------------
+
+
+def test_edgeq_run_command(models, edgeq_run, tmp_path, capsys):
+    _, artifacts, x, folder = models
+    for runtime in ("python", "cpp"):
+        out = tmp_path / runtime
+        out.mkdir()
+        assert main(["run", str(artifacts["x86_64"]), "--input", f"x={folder / 'x.npy'}", "--output-dir", str(out), "--runtime", runtime, "--bench", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "NPU regions run as a bit-exact simulation" in printed and "latency over 3 runs" in printed
+    for name in ("dequant", "dequant_map"):
+        np.testing.assert_array_equal(np.load(tmp_path / "python" / f"{name}.npy"), np.load(tmp_path / "cpp" / f"{name}.npy"))
+    emulated = tmp_path / "arm"
+    emulated.mkdir()
+    assert main(["run", str(artifacts["npu-s"]), "--input", str(folder / "x.npy"), "--output-dir", str(emulated)]) == 0
+    assert "under qemu-aarch64" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(emulated / "dequant.npy"), np.load(tmp_path / "python" / "dequant.npy"))
+    assert main(["run", str(artifacts["x86_64"]), "--input", f"y={folder / 'x.npy'}", "--output-dir", str(tmp_path)]) == 1
+    assert "names ['y'] are unknown and ['x'] missing" in capsys.readouterr().err
+    assert main(["run", str(artifacts["x86_64"]), "--input", str(folder / "x.npy"), "--output-dir", str(tmp_path / "absent")]) == 1

@@ -1,4 +1,4 @@
-"""The seed's staged QAT flow on real data: float -> calib -> qat -> int_infer.
+"""The seed's staged QAT flow on real data: float -> calib -> qat -> int_infer -> compile.
 
 Data: scikit-learn's handwritten digits (1797 images of 8x8 pixels, shipped inside the package), as uint8
 pixels. The model's ``QuantStub(scale=1/128)`` takes inputs normalised as ``(pixel - 128) / 128``, so on the NPU
@@ -10,7 +10,13 @@ Each stage saves a checkpoint in ``--workdir`` and the next one starts from it, 
     python examples/digits_qat.py --stage calib
     python examples/digits_qat.py --stage qat
     python examples/digits_qat.py --stage int_infer
-    python examples/digits_qat.py              # all four in order
+    python examples/digits_qat.py --stage compile
+    python examples/digits_qat.py              # all five in order
+
+The compile stage saves ``int_model.pt`` (TorchScript) and ``model.onnx`` (QDQ), prints the target check, compiles
+``digits.edgeq`` for the target's board (aarch64) and ``digits-x86_64.edgeq`` for this machine, measures the
+artifact's accuracy with the runtime (it must equal the integer model's), and runs the aarch64 artifact under
+qemu on one image.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from edgeq.quantization import (
     set_fake_quantize,
 )
 
-STAGES = ("float", "calib", "qat", "int_infer")
+STAGES = ("float", "calib", "qat", "int_infer", "compile")
 
 
 class DigitsNet(nn.Module):
@@ -170,14 +176,53 @@ def run_stage(stage: str, workdir: Path, target: str, data: tuple, results: dict
         train(model, data, epochs=5, optimizer=optimizer, stage=stage)
         torch.save(model.state_dict(), workdir / "qat-checkpoint.pt")
         results["qat"] = accuracy(model, test_x, test_y)
+    elif stage == "int_infer":
+        results["int_infer"] = accuracy(int_model(workdir, target), test_x, test_y)
+        results["int_infer_raw_pixels"] = accuracy(int_model(workdir, target), test_x, test_y, raw_int8=True)
     else:
-        model = qat_model(workdir, target)
-        model.load_state_dict(torch.load(workdir / "qat-checkpoint.pt"))
-        set_fake_quantize(model, FakeQuantState.VALIDATION)
-        int_model: IntegerModel = convert_fx(model.eval())
-        results["int_infer"] = accuracy(int_model, test_x, test_y)
-        results["int_infer_raw_pixels"] = accuracy(int_model, test_x, test_y, raw_int8=True)
+        results["compile"] = compile_stage(int_model(workdir, target), workdir, target, test_x, test_y)
     print(f"   {stage}: test accuracy {results.get(stage, 0.0):.2f}% ({time.perf_counter() - started:.1f} s)")
+
+
+def int_model(workdir: Path, target: str) -> IntegerModel:
+    """The integer model of the QAT checkpoint."""
+    model = qat_model(workdir, target)
+    model.load_state_dict(torch.load(workdir / "qat-checkpoint.pt"))
+    set_fake_quantize(model, FakeQuantState.VALIDATION)
+    return convert_fx(model.eval())
+
+
+def compile_stage(integer: IntegerModel, workdir: Path, target: str, test_x: torch.Tensor, test_y: torch.Tensor) -> float:
+    """Export, check, compile for the board and for this machine; the artifact's accuracy on the test set."""
+    from edgeq.check import check_model
+    from edgeq.compile import compile_model
+    from edgeq.export import save_torchscript, to_onnx
+    from edgeq.run import run_artifact
+    from edgeq_runtime import Model
+
+    example = (normalise(test_x[:1]),)
+    save_torchscript(integer, example, workdir / "int_model.pt")
+    onnx_path = to_onnx(integer, example, workdir / "model.onnx")
+    report = check_model(onnx_path, target=target)
+    print("\n".join(f"  check: {line}" for line in report.summary_lines()))
+    board = compile_model(onnx_path, out=workdir / "digits.edgeq", progress=lambda line: None)
+    here = compile_model(onnx_path, out=workdir / "digits-x86_64.edgeq", simulate=True, progress=lambda line: None)
+    print(f"  compiled {board.artifact.name} ({board.arch}) and {here.artifact.name} ({here.arch}); "
+          f"{board.report.summary.verdict}; {sum(board.seconds.values()):.1f} s")
+    correct = 0
+    with Model.load(here.artifact) as model:
+        for pixels, label in zip(test_x, test_y):
+            raw = (pixels[None].to(torch.int16) - 128).to(torch.int8).numpy()  # uint8 pixels enter as pixel - 128
+            logits = next(iter(model.run(raw).values()))
+            correct += int(logits.argmax() == int(label))
+        raw = (test_x[:1].to(torch.int16) - 128).to(torch.int8).numpy()
+        expected = next(iter(model.run(raw, raw=True).values()))
+    np.save(workdir / "pixel0.npy", raw)
+    run_artifact(board.artifact, [str(workdir / "pixel0.npy")], workdir, raw=True, say=lambda line: print(f"  run: {line}"))
+    board_output = np.load(workdir / f"{here.manifest['outputs'][0]['name']}.npy")
+    print(f"  the {board.arch} artifact under qemu gives the same integers as {here.artifact.name}: "
+          f"{bool(np.array_equal(board_output, expected))}")
+    return 100.0 * correct / len(test_x)
 
 
 def main() -> None:
@@ -198,9 +243,10 @@ def main() -> None:
         run_stage(stage, args.workdir, args.target, data, results)
     results_file.write_text(json.dumps(results, indent=2))
     print("\nstage       test accuracy")
-    for stage in (*STAGES, "int_infer_raw_pixels"):
+    for stage in ("float", "calib", "qat", "int_infer", "int_infer_raw_pixels", "compile"):
         if stage in results:
-            print(f"{stage:<22}{results[stage]:6.2f}%")
+            label = "compile (the artifact)" if stage == "compile" else stage
+            print(f"{label:<24}{results[stage]:6.2f}%")
     if "float" in results and "int_infer" in results:
         print(f"integer model vs float: {results['int_infer'] - results['float']:+.2f} points")
 

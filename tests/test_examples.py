@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_digits_staged_flow(tmp_path):
-    """float -> calib -> qat -> int_infer on real data: the integer model within 1.0 point of the float model."""
+    """float -> calib -> qat -> int_infer -> compile on real data: the integer model within 1.0 point of the float
+    model, and the compiled artifact exactly as accurate as the integer model."""
     result = subprocess.run(
         [sys.executable, str(REPO / "examples" / "digits_qat.py"), "--workdir", str(tmp_path)],
         capture_output=True, text=True, timeout=600, check=False,
@@ -21,6 +22,10 @@ def test_digits_staged_flow(tmp_path):
     assert accuracy["float"] > 95.0
     assert abs(accuracy["int_infer"] - accuracy["float"]) <= 1.0
     assert accuracy["int_infer_raw_pixels"] == accuracy["int_infer"]  # pixel - 128 as int8 is the same input
+    assert accuracy["compile"] == accuracy["int_infer"]
     for stage in ("float", "calib", "qat"):
         assert (tmp_path / f"{stage}-checkpoint.pt").exists()
+    for artifact in ("int_model.pt", "model.onnx", "digits.edgeq", "digits-x86_64.edgeq"):
+        assert (tmp_path / artifact).exists()
     assert "integer model vs float" in result.stdout
+    assert "under qemu gives the same integers as digits-x86_64.edgeq: True" in result.stdout

@@ -87,7 +87,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         console.print(line, highlight=False, soft_wrap=True)
 
     result = run_artifact(args.model, args.input or [], args.output_dir, args.runtime, args.bench, args.raw, say)
-    for name, path in result.outputs.items():
+    for path in result.outputs.values():
         say(f"wrote {path}")
     if result.timing:
         say(result.timing + (" (emulated)" if result.emulated else ""))

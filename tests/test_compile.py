@@ -33,7 +33,7 @@ def assert_artifact_exact(artifact, int_model, x: torch.Tensor) -> None:
         raw = int_model.graph_module.quant(x).numpy()
         from_raw = list(model.run(raw, raw=True).values())
         dequantized = list(model.run(x.numpy()).values())
-    for e, f, r, d in zip(expected, from_float, from_raw, dequantized):
+    for e, f, r in zip(expected, from_float, from_raw):
         np.testing.assert_array_equal(f, e)
         np.testing.assert_array_equal(r, e)
         assert f.dtype == e.dtype
@@ -257,10 +257,6 @@ def test_missing_cross_compiler_is_explained(small_onnx, tmp_path, monkeypatch):
 
 
 def test_dynamic_input_needs_a_shape(tmp_path):
-    class Tiny(nn.Module):
-        def forward(self, x):
-            return x
-
     torch.manual_seed(0)
     int_model = integer_model(Wrapped(nn.Conv2d(3, 4, 1)).eval(), torch.randn(1, 3, 4, 4), "x86_64")
     path = to_onnx(int_model, (torch.randn(1, 3, 4, 4),), tmp_path / "d.onnx")

@@ -18,7 +18,7 @@ import torch
 from edgeq.cli import main
 from edgeq.compile import compile_model
 from edgeq_runtime import ArtifactError, Model
-from models import FunctionalOps, SmallCNN, integer_model
+from models import FunctionalOps, integer_model
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "runtime" / "cpp" / "build"

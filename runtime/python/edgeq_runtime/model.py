@@ -7,6 +7,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,7 @@ class Model:
         self.arch: str = manifest["library"]["arch"]
         self.inputs = [TensorInfo.from_manifest(e) for e in manifest["inputs"]]
         self.outputs = [TensorInfo.from_manifest(e) for e in manifest["outputs"]]
-        self._folder = folder
+        self._cleanup = weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
         library = folder / manifest["library"]["member"]
         library.write_bytes(artifact.members[manifest["library"]["member"]])
         self._main = load_vm(library)
@@ -125,8 +126,8 @@ class Model:
             raise
 
     def close(self) -> None:
-        """Delete the extracted library (the model cannot run afterwards)."""
-        shutil.rmtree(self._folder, ignore_errors=True)
+        """Delete the extracted library now (it is also deleted when the model is garbage collected)."""
+        self._cleanup()
 
     def __enter__(self) -> Model:
         return self

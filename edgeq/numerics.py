@@ -238,13 +238,14 @@ def quantize_bias(bias: torch.Tensor, scales: Sequence[float], *, what: str) -> 
     return rounded.to(torch.int32)
 
 
-def check_accumulator_bound(reduction_size: int, bias: torch.Tensor | None, *, what: str) -> None:
+def check_accumulator_bound(reduction_size: int, bias: torch.Tensor | np.ndarray | None, *, what: str) -> None:
     """Prove that an int32 accumulator cannot overflow: ``K * 128 * 127 + max|bias| <= 2**31 - 1``.
 
     ``reduction_size`` K is the number of products summed per output (in_channels / groups * kh * kw for a conv).
     With the bound met, int64 arithmetic in the integer model equals the NPU's int32 accumulator.
     """
-    largest_bias = int(bias.abs().max()) if bias is not None and bias.numel() else 0
+    magnitudes = np.abs(np.asarray(bias, dtype=np.int64)) if bias is not None else np.zeros(0, dtype=np.int64)
+    largest_bias = int(magnitudes.max()) if magnitudes.size else 0
     bound = reduction_size * -ACTIVATION_QMIN * WEIGHT_QMAX + largest_bias
     if bound > INT32_MAX:
         raise QuantizationError(

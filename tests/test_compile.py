@@ -236,6 +236,13 @@ def test_unsupported_op_on_a_cpu_target_names_node_and_op(small_onnx, tmp_path):
     assert not (tmp_path / "c.edgeq").exists()
 
 
+def test_an_artifact_is_not_a_model(small_artifact, tmp_path):
+    from edgeq.errors import ModelFileError
+
+    with pytest.raises(ModelFileError, match=r"small.edgeq: an edgeq artifact \(already compiled\)"):
+        compile_model(small_artifact[0].artifact, out=tmp_path / "again.edgeq")
+
+
 def test_float_model_is_refused(tmp_path):
     with pytest.raises(CompileError, match="SmallCNN is not quantized yet"):
         compile_model(SmallCNN(), (torch.rand(1, 1, 8, 8),), target="npu-s", out=tmp_path / "f.edgeq")

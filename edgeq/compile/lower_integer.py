@@ -28,6 +28,7 @@ from edgeq.numerics import (
     ACTIVATION_QMIN,
     FixedPointMultiplier,
     bias_scales,
+    check_accumulator_bound,
     conv_multipliers,
     quantize_multiplier,
     quantize_multipliers,
@@ -195,7 +196,12 @@ def integer_accumulator(
 
     ``weights`` are OIHW for a convolution (``conv`` given), else ``[in_features, out_features]`` for a matmul
     over the last axis of ``source``.
+
+    Raises:
+        QuantizationError: the int32 accumulator could overflow (the bound of ``check_accumulator_bound``).
     """
+    products_per_output = weights[0].size if conv is not None else weights.shape[0]
+    check_accumulator_bound(products_per_output, bias, what="accumulator")
     if conv is not None:
         acc = R.nn.conv2d(
             source, relax.const(weights, "int8"), conv.strides, conv.padding, conv.dilation, conv.groups,

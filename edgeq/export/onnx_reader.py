@@ -109,6 +109,9 @@ def load_model_file(path: str | Path) -> QDQModel:
     """Read a QDQ ONNX file or an edgeq TorchScript file, whichever ``path`` holds."""
     path = Path(path)
     if _is_zip(path):
+        with zipfile.ZipFile(path) as archive:
+            if "manifest.json" in archive.namelist():
+                raise ModelFileError(f"{path}: an edgeq artifact (already compiled); give the .onnx or .pt model instead")
         return load_torchscript(path)
     return load_onnx(path)
 

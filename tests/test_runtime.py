@@ -288,3 +288,16 @@ def test_edgeq_run_command(models, edgeq_run, tmp_path, capsys):
     assert main(["run", str(artifacts["x86_64"]), "--input", f"y={folder / 'x.npy'}", "--output-dir", str(tmp_path)]) == 1
     assert "names ['y'] are unknown and ['x'] missing" in capsys.readouterr().err
     assert main(["run", str(artifacts["x86_64"]), "--input", str(folder / "x.npy"), "--output-dir", str(tmp_path / "absent")]) == 1
+
+
+def test_edgeq_run_explains_missing_tools(models, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    _, artifacts, _, folder = models
+    monkeypatch.setenv("EDGEQ_RUN_X86_64", str(tmp_path / "absent-edgeq-run"))
+    assert main(["run", str(artifacts["x86_64"]), "--input", str(folder / "x.npy"), "--output-dir", str(tmp_path), "--runtime", "cpp"]) == 1
+    assert "the x86_64 C++ runtime is not built" in capsys.readouterr().err
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name: None if name.startswith("qemu") else real_which(name))
+    assert main(["run", str(artifacts["npu-s"]), "--input", str(folder / "x.npy"), "--output-dir", str(tmp_path)]) == 1
+    assert "needs qemu-aarch64 (Debian: apt-get install qemu-user)" in capsys.readouterr().err

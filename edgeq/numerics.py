@@ -171,6 +171,20 @@ def bias_scales(input_scale: float, weight_scales: Sequence[float]) -> list[floa
     return [float32(float(input_scale) * float(w)) for w in weight_scales]
 
 
+BIAS_SCALE_TOLERANCE = 1e-6
+"""Relative tolerance on ``s_bias == s_in * s_w``: tools compute the float32 product in different ways."""
+
+
+def bias_at_accumulator_scale(bias_scale: Sequence[float], input_scale: float, weight_scales: Sequence[float]) -> bool:
+    """Whether a bias's scale (one, or one per channel) is ``s_in * s_w[c]``, so that its integers join the int32
+    accumulator exactly."""
+    expected = np.asarray(bias_scales(input_scale, weight_scales), dtype=np.float64)
+    actual = np.asarray(bias_scale, dtype=np.float64).reshape(-1)
+    if actual.size not in (1, expected.size):
+        return False
+    return bool(np.allclose(np.broadcast_to(actual, expected.shape), expected, rtol=BIAS_SCALE_TOLERANCE, atol=0))
+
+
 def rounding_right_shift(value: torch.Tensor, shift: torch.Tensor | int) -> torch.Tensor:
     """``value / 2**shift`` on int64, rounded to nearest with ties to even.
 

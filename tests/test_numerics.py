@@ -126,3 +126,12 @@ def test_relu6_ceiling():
     assert nx.relu6_ceiling(6 / 127) == 127
     assert nx.relu6_ceiling(2.0**-4) == 96
     assert nx.relu6_ceiling(0.1) == 60
+
+
+def test_bias_at_accumulator_scale():
+    scales = nx.bias_scales(0.5, [0.25, 0.125])
+    assert nx.bias_at_accumulator_scale(scales, 0.5, [0.25, 0.125])
+    assert nx.bias_at_accumulator_scale([0.125], 0.5, [0.25])
+    assert nx.bias_at_accumulator_scale([s * (1 + 1e-7) for s in scales], 0.5, [0.25, 0.125])
+    assert not nx.bias_at_accumulator_scale([s * 2 for s in scales], 0.5, [0.25, 0.125])
+    assert not nx.bias_at_accumulator_scale([0.125, 0.0625, 0.1], 0.5, [0.25, 0.125])

@@ -27,7 +27,7 @@ from edgeq.numerics import (
     ACTIVATION_QMAX,
     ACTIVATION_QMIN,
     FixedPointMultiplier,
-    bias_scales,
+    bias_at_accumulator_scale,
     check_accumulator_bound,
     conv_multipliers,
     quantize_multiplier,
@@ -35,7 +35,6 @@ from edgeq.numerics import (
     real_multiplier,
 )
 
-_BIAS_SCALE_TOLERANCE = 1e-6
 
 
 # ---- reading constants and quantization parameters --------------------------------------------------------------
@@ -172,9 +171,7 @@ def _bias(dequantize: relax.Call | None, input_scale: float, weight_scales: list
     quant = _quant(dequantize, dequantize.args[0])
     if values is None or quant is None or values.dtype != np.int32 or quant.zero_points.any():
         return None
-    expected = np.asarray(bias_scales(input_scale, weight_scales), dtype=np.float64)
-    actual = np.broadcast_to(quant.scales.astype(np.float64), expected.shape)
-    if not np.allclose(actual, expected, rtol=_BIAS_SCALE_TOLERANCE, atol=0):
+    if not bias_at_accumulator_scale(quant.scales, input_scale, weight_scales):
         return None
     return values.reshape(-1)
 

@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 from edgeq.check.report import CheckReport, Placement
 from edgeq.errors import CompileError
 from edgeq.export.onnx_reader import QDQModel, QuantParams
-from edgeq.numerics import bias_scales
+from edgeq.numerics import bias_at_accumulator_scale, bias_scales
 
 
 @dataclass(frozen=True)
@@ -185,9 +185,9 @@ class _Graph:
             return None
         channels = weight_values.shape[0] if node.op_type == "Conv" or attributes.get("transB", 0) else weight_values.shape[1]
         weight_scales = list(weights[1].scales) * (channels if len(weights[1].scales) == 1 else 1)
-        expected = np.asarray(bias_scales(source[1].scales[0], weight_scales), dtype=np.float64)
-        if len(bias[1].scales) not in (1, channels) or not np.allclose(np.broadcast_to(bias[1].scales, expected.shape), expected, rtol=1e-6, atol=0):
+        if not bias_at_accumulator_scale(bias[1].scales, source[1].scales[0], weight_scales):
             return None
+        expected = bias_scales(source[1].scales[0], weight_scales)
         axis = 1 if node.op_type == "Conv" else len(self.shapes[output]) - 1
         quant = QuantParams("int32", tuple(float(np.float32(s)) for s in expected), (0,) * channels, axis)
         return Int32Head(node, self.shapes[source[0]], weight_values, bias_values.reshape(-1), quant)

@@ -25,6 +25,7 @@ from onnx import numpy_helper
 
 from edgeq.errors import ModelFileError
 from edgeq.export.onnx_writer import TARGET_METADATA_KEY
+from edgeq.numerics import bias_at_accumulator_scale, bias_scales
 
 QDQ_OPS = {
     "QuantizeLinear",
@@ -50,10 +51,6 @@ QDQ_OPS = {
     "Identity",
 }
 """ONNX ops with an integer implementation in edgeq (between DequantizeLinear and QuantizeLinear)."""
-
-_BIAS_SCALE_TOLERANCE = 1e-6
-"""Relative tolerance on ``s_bias == s_in * s_w`` (float32 products computed by different tools)."""
-
 
 @dataclass(frozen=True)
 class QuantParams:
@@ -296,15 +293,14 @@ class _QuantReader:
         source, weight, bias = (self._dequantized_params(name) for name in node.input[:3])
         if source is None or weight is None or bias is None:
             return
-        expected = np.float64(source.scales[0]) * np.asarray(weight.scales, dtype=np.float64)
-        actual = np.asarray(bias.scales, dtype=np.float64)
-        if expected.shape != actual.shape and expected.size != 1 and actual.size != 1:
+        if len(weight.scales) != len(bias.scales) and len(weight.scales) != 1 and len(bias.scales) != 1:
             return
-        if not np.allclose(actual, expected, rtol=_BIAS_SCALE_TOLERANCE, atol=0):
+        if not bias_at_accumulator_scale(bias.scales, source.scales[0], weight.scales):
+            expected = bias_scales(source.scales[0], weight.scales)
             self._find(
                 node, "bias_scale",
-                f"bias scale {actual.ravel()[:3].tolist()} is not input scale x weight scale "
-                f"{expected.ravel()[:3].tolist()}: the bias cannot join the int32 accumulator exactly",
+                f"bias scale {list(bias.scales)[:3]} is not input scale x weight scale "
+                f"{expected[:3]}: the bias cannot join the int32 accumulator exactly",
             )
 
 

@@ -32,6 +32,7 @@ from edgeq.errors import ExportError
 from edgeq.fileio import atomic_write
 from edgeq.numerics import bias_scales
 from edgeq.quantization import integer_ops as ops
+from edgeq.quantization.graph import record_values
 from edgeq.quantization.integer_model import IntegerModel
 from edgeq.quantization.patterns import Movement, OpKind, movement, op_kind, permutation, split_axis
 
@@ -59,17 +60,6 @@ class _Int32Result:
     quant: ops.TensorQuant
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, module: fx.GraphModule) -> None:
-        super().__init__(module)
-        self.values: dict[fx.Node, Any] = {}
-
-    def run_node(self, node: fx.Node) -> Any:
-        result = super().run_node(node)
-        self.values[node] = result
-        return result
-
-
 def build_onnx(
     int_model: IntegerModel,
     example_inputs: Sequence[torch.Tensor],
@@ -80,10 +70,8 @@ def build_onnx(
     for index, tensor in enumerate(example_inputs):
         if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
             raise ExportError(f"example input {index} must be a float tensor (QDQ ONNX files take float inputs)")
-    recorder = _Recorder(int_model.graph_module)
-    with torch.no_grad():
-        recorder.run(*example_inputs)
-    return _Builder(int_model, recorder.values, input_names, output_names).build()
+    values = record_values(int_model.graph_module, *example_inputs)
+    return _Builder(int_model, values, input_names, output_names).build()
 
 
 class _Builder:

@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-import torch.fx as fx
 
+from edgeq.quantization.graph import record_values
 from edgeq.quantization.integer_model import IntegerModel
 
 
@@ -36,17 +36,8 @@ def steps_apart(ort_output: np.ndarray, integers: torch.Tensor, scale: float) ->
 
 def intermediate_values(int_model: IntegerModel, *inputs: torch.Tensor) -> dict[str, Any]:
     """Every node's output, by the name the ONNX writer derives tensor names from (module path or node name)."""
-    values: dict[str, Any] = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, node: fx.Node) -> Any:
-            result = super().run_node(node)
-            values[str(node.target) if node.op == "call_module" else node.name] = result
-            return result
-
-    with torch.no_grad():
-        Recorder(int_model.graph_module).run(*inputs)
-    return values
+    values = record_values(int_model.graph_module, *inputs)
+    return {str(node.target) if node.op == "call_module" else node.name: value for node, value in values.items()}
 
 
 def _integer_value(values: dict[str, Any], tensor: str) -> torch.Tensor | None:

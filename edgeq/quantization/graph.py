@@ -64,11 +64,22 @@ def _describe(value: Any) -> Any:
     return value
 
 
-class _ExampleRecorder(fx.Interpreter):
+class _Recorder(fx.Interpreter):
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__(module)
+        self.values: dict[fx.Node, Any] = {}
+
     def run_node(self, node: fx.Node) -> Any:
-        result = super().run_node(node)
-        node.meta[VALUE_KEY] = _describe(result)
-        return result
+        self.values[node] = super().run_node(node)
+        return self.values[node]
+
+
+def record_values(module: fx.GraphModule, *inputs: Any) -> dict[fx.Node, Any]:
+    """Run ``inputs`` through ``module`` (without gradients) and return every node's value."""
+    recorder = _Recorder(module)
+    with torch.no_grad():
+        recorder.run(*inputs)
+    return recorder.values
 
 
 def record_example_values(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
@@ -78,11 +89,12 @@ def record_example_values(module: fx.GraphModule, example_inputs: Sequence[torch
             f"example_inputs must be a tuple of the model's inputs; got {type(example_inputs).__name__}. "
             "Write example_inputs=(x,) for a single input"
         )
-    with torch.no_grad():
-        try:
-            _ExampleRecorder(module).run(*example_inputs)
-        except Exception as error:
-            raise QuantizationError(f"running the example inputs through the model failed: {error}") from error
+    try:
+        values = record_values(module, *example_inputs)
+    except Exception as error:
+        raise QuantizationError(f"running the example inputs through the model failed: {error}") from error
+    for node, value in values.items():
+        node.meta[VALUE_KEY] = _describe(value)
 
 
 def produces_tensor(node: fx.Node) -> bool:

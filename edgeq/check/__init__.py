@@ -19,8 +19,8 @@ from edgeq.check.report import CheckReport, NodeReport, Placement, Summary
 from edgeq.check.rules import COMMON_RULES, NPU_RULES
 from edgeq.errors import EdgeqError
 from edgeq.export.onnx_reader import QDQModel
-from edgeq.export.sources import ModelLike, is_prepared, quantized_form
-from edgeq.quantization.prepare import TARGET_ATTRIBUTE, prepare_for_analysis
+from edgeq.export.sources import ModelLike, quantized_form
+from edgeq.quantization.prepare import TARGET_ATTRIBUTE, is_prepared, prepare_for_analysis
 from edgeq.targets import Target, TargetKind, TargetLike, load_target
 
 __all__ = ["CheckReport", "NodeReport", "Placement", "Summary", "check_model", "check_qdq"]

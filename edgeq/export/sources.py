@@ -14,15 +14,10 @@ from edgeq.export.onnx_reader import QDQModel, load_model_file, qdq_from_torchsc
 from edgeq.export.onnx_writer import build_onnx
 from edgeq.quantization.convert import convert_fx
 from edgeq.quantization.integer_model import IntegerModel
-from edgeq.quantization.prepare import TARGET_ATTRIBUTE
+from edgeq.quantization.prepare import is_prepared
 from edgeq.quantization.qat_modules import Requantizing
 
 ModelLike = nn.Module | torch.jit.ScriptModule | str | Path
-
-
-def is_prepared(model: object) -> bool:
-    """Whether ``model`` was made by ``prepare_qat_fx``."""
-    return isinstance(model, fx.GraphModule) and hasattr(model, TARGET_ATTRIBUTE)
 
 
 def is_calibrated(prepared: fx.GraphModule) -> bool:

@@ -49,7 +49,7 @@ from edgeq.quantization.integer_ops import (
     TensorQuant,
 )
 from edgeq.quantization.patterns import OpKind, op_kind
-from edgeq.quantization.prepare import TARGET_ATTRIBUTE
+from edgeq.quantization.prepare import TARGET_ATTRIBUTE, is_prepared
 from edgeq.quantization.qat_modules import (
     Activation,
     AddAct,
@@ -78,14 +78,14 @@ def convert_fx(model: fx.GraphModule) -> IntegerModel:
         QuantizationError: the model was not prepared by ``prepare_qat_fx``, an activation range was never
             observed, or a scale, multiplier or bias falls outside the ranges of docs/numerics.md.
     """
-    target = getattr(model, TARGET_ATTRIBUTE, None)
-    if not isinstance(model, fx.GraphModule) or target is None:
+    if not is_prepared(model):
         raise QuantizationError(
             f"convert_fx: {type(model).__name__} was not prepared by edgeq's prepare_qat_fx; prepare, calibrate "
             "or train, then convert"
         )
     with torch.no_grad():
         graph_module, tensor_quant = _Converter(model).run()
+    target = getattr(model, TARGET_ATTRIBUTE)
     logger.info("converted %s to the integer model for %s", type(model).__name__, target)
     return IntegerModel(graph_module, tensor_quant, target)
 

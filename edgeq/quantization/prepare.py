@@ -71,6 +71,11 @@ _SINGLE_CALL_KINDS = {
 }
 
 
+def is_prepared(model: object) -> bool:
+    """Whether ``model`` was made by ``prepare_qat_fx`` (it records its target)."""
+    return isinstance(model, fx.GraphModule) and hasattr(model, TARGET_ATTRIBUTE)
+
+
 def prepare_qat_fx(
     model: nn.Module,
     qconfig: QConfigSpec = None,

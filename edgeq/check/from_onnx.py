@@ -11,12 +11,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from edgeq.check.records import INPUT_PREFIX, OpRecord, QuantFacts, foreign_op_name
 from edgeq.export.onnx_reader import QDQModel, QuantParams
-
-_QDQ = ("QuantizeLinear", "DequantizeLinear", "Constant")
+from edgeq.export.qdq_graph import QDQGraph, node_name
 
 _OPS = {
     "Conv": "conv2d",
@@ -45,26 +44,9 @@ def records_from_qdq(qdq: QDQModel) -> list[OpRecord]:
     return _OnnxWalker(qdq).run()
 
 
-class _OnnxWalker:
+class _OnnxWalker(QDQGraph):
     def __init__(self, qdq: QDQModel) -> None:
-        self.qdq = qdq
-        model = onnx.shape_inference.infer_shapes(qdq.model)
-        graph = model.graph
-        self.nodes = list(graph.node)
-        self.producer = {out: node for node in self.nodes for out in node.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in self.nodes:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-        self.constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        for info in [*graph.input, *graph.value_info, *graph.output]:
-            dims = info.type.tensor_type.shape.dim
-            if dims and all(d.HasField("dim_value") for d in dims):
-                self.shapes[info.name] = tuple(d.dim_value for d in dims)
-        for name, value in self.constants.items():
-            self.shapes[name] = value.shape
-        self.inputs = {info.name for info in graph.input}
+        super().__init__(qdq)
         self.problems = _tensor_problems(qdq)
         for finding in qdq.findings:
             if finding.kind == "bias_scale":
@@ -72,7 +54,7 @@ class _OnnxWalker:
 
     def run(self) -> list[OpRecord]:
         bias_adds = {id(self._bias_add(n)) for n in self.nodes if n.op_type == "MatMul" and self._bias_add(n) is not None}
-        return [self._record(node) for node in self.nodes if node.op_type not in _QDQ and id(node) not in bias_adds]
+        return [self._record(node) for node in self.compute_nodes if id(node) not in bias_adds]
 
     def _bias_add(self, matmul: onnx.NodeProto) -> onnx.NodeProto | None:
         """The Add of a dequantized constant bias right after a MatMul: part of one linear layer."""
@@ -81,17 +63,10 @@ class _OnnxWalker:
             return None
         add = consumers[0]
         other = [t for t in add.input if t != matmul.output[0]]
-        dequantized = self._dequantized(other[0]) if len(other) == 1 else None
+        dequantized = self.dequantized(other[0]) if len(other) == 1 else None
         return add if dequantized is not None and dequantized[0] in self.constants else None
 
     # ---- following values through Q/DQ ----------------------------------------------------------------------
-    def _dequantized(self, tensor: str) -> tuple[str, QuantParams] | None:
-        """(quantized tensor, its parameters) when ``tensor`` is the output of a DequantizeLinear."""
-        node = self.producer.get(tensor)
-        if node is None or node.op_type != "DequantizeLinear":
-            return None
-        return node.input[0], self.qdq.quant[node.input[0]]
-
     def _source(self, tensor: str) -> str:
         """The op (or ``input:<name>``) that produces ``tensor``, skipping QuantizeLinear / DequantizeLinear."""
         while True:
@@ -99,7 +74,7 @@ class _OnnxWalker:
                 return INPUT_PREFIX + tensor
             node = self.producer[tensor]
             if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-                return _node_name(node)
+                return node_name(node)
             tensor = node.input[0]
 
     def _activation_inputs(self, node: onnx.NodeProto) -> list[str]:
@@ -107,7 +82,7 @@ class _OnnxWalker:
         for tensor in node.input:
             if not tensor or tensor in self.constants:
                 continue
-            dequantized = self._dequantized(tensor)
+            dequantized = self.dequantized(tensor)
             if dequantized is not None and dequantized[0] in self.constants:
                 continue  # a weight or a bias
             names.append(tensor)
@@ -126,7 +101,7 @@ class _OnnxWalker:
     # ---- one record -------------------------------------------------------------------------------------------
     def _record(self, node: onnx.NodeProto) -> OpRecord:
         activations = self._activation_inputs(node)
-        input_quant = [self._dequantized(t) for t in activations]
+        input_quant = [self.dequantized(t) for t in activations]
         output_quant = self._output_quant(node)
         int32_output = node.op_type in ("Conv", "Gemm", "MatMul") and self._feeds_model_output(node)
         quantized = all(q is not None for q in input_quant) and bool(input_quant) and (
@@ -134,12 +109,12 @@ class _OnnxWalker:
         )
         op, attrs = self._describe(node)
         record = OpRecord(
-            name=_node_name(node),
+            name=node_name(node),
             op=op,
             source_op=node.op_type,
             inputs=[self._source(t) for t in activations],
-            input_shapes=[self.shapes[t] for t in activations if t in self.shapes],
-            output_shape=self.shapes.get(self._output(node)),
+            input_shapes=[shape for shape in map(self.static_shape, activations) if shape is not None],
+            output_shape=self.static_shape(self._output(node)),
             attrs=attrs,
             float_only=not quantized,
             onnx_op=node.op_type,
@@ -162,7 +137,7 @@ class _OnnxWalker:
             input_scales=tuple(q[1].scales[0] for q in input_quant if q is not None),
             output_scale=output_quant.scales[0] if output_quant is not None else None,
         )
-        weight = self._dequantized(node.input[1]) if len(node.input) > 1 and node.op_type in ("Conv", "Gemm", "MatMul") else None
+        weight = self.dequantized(node.input[1]) if len(node.input) > 1 and node.op_type in ("Conv", "Gemm", "MatMul") else None
         if weight is not None:
             facts.weight_scales = weight[1].scales
         for quantized, _ in (q for q in input_quant if q is not None):
@@ -170,7 +145,7 @@ class _OnnxWalker:
         for consumer in self.consumers.get(self._output(node), []):
             if consumer.op_type == "QuantizeLinear":
                 facts.problems.extend(self.problems.get(consumer.output[0], []))
-        facts.problems.extend(self.problems.get(_node_name(node), []))
+        facts.problems.extend(self.problems.get(node_name(node), []))
         return facts
 
     def _describe(self, node: onnx.NodeProto) -> tuple[str, dict[str, Any]]:
@@ -214,21 +189,17 @@ class _OnnxWalker:
         return foreign_op_name(node.op_type), {}
 
     def _weight_shape(self, tensor: str) -> tuple[int, ...] | None:
-        dequantized = self._dequantized(tensor)
+        dequantized = self.dequantized(tensor)
         name = dequantized[0] if dequantized is not None else tensor
         return tuple(self.constants[name].shape) if name in self.constants else None
 
     def _resize(self, node: onnx.NodeProto, attributes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         mode = attributes.get("mode", b"nearest")
         mode = mode.decode() if isinstance(mode, bytes) else mode
-        source, target = self.shapes.get(node.input[0]), self.shapes.get(node.output[0])
+        source, target = self.static_shape(node.input[0]), self.static_shape(node.output[0])
         if mode != "nearest" or source is None or target is None or any(t % s for t, s in zip(target[2:], source[2:])):
             return foreign_op_name(f"resize_{mode}"), {}
         return "upsample_nearest2d", {"factor": tuple(t // s for t, s in zip(target[2:], source[2:]))}
-
-
-def _node_name(node: onnx.NodeProto) -> str:
-    return node.name or node.output[0]
 
 
 def _tensor_problems(qdq: QDQModel) -> dict[str, list[str]]:

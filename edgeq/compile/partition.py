@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from edgeq.check.report import CheckReport, Placement
 from edgeq.errors import CompileError
 from edgeq.export.onnx_reader import QDQModel, QuantParams
+from edgeq.export.qdq_graph import QDQGraph, node_name
 from edgeq.numerics import bias_at_accumulator_scale, bias_scales
 
 
@@ -76,8 +77,8 @@ def partition(qdq: QDQModel, report: CheckReport) -> Partition:
             f"{first.record.source_op} '{first.record.name}' cannot run on {report.target.name}: "
             f"{first.reasons[0].message}" + (f" ({len(unsupported) - 1} more unsupported op(s); run edgeq check)" if len(unsupported) > 1 else "")
         )
-    model = onnx.shape_inference.infer_shapes(qdq.model)
-    graph = _Graph(model, qdq)
+    graph = _Graph(qdq)
+    model = graph.model
     heads = {h.node.output[0]: h for h in (graph.int32_head(o.name) for o in model.graph.output) if h is not None}
     inputs = [graph.input_spec(info) for info in model.graph.input]
     outputs = [graph.output_spec(info, heads.get(info.name)) for info in model.graph.output]
@@ -85,20 +86,16 @@ def partition(qdq: QDQModel, report: CheckReport) -> Partition:
     regions: list[Region] = []
     for node in graph.compute_nodes:
         head = heads.get(node.output[0])
-        placement = placements[_name(node)]
+        placement = placements[node_name(node)]
         if head is not None or not regions or regions[-1].placement is not placement or regions[-1].head is not None:
             regions.append(Region(len(regions), placement, [], head=head))
-        regions[-1].nodes.append(_name(node))
+        regions[-1].nodes.append(node_name(node))
     graph.connect(regions, [s.name for s in inputs], [s.name for s in outputs])
     extractor = onnx.utils.Extractor(model)
     for region in regions:
         if region.head is None:
             region.model = extractor.extract_model(region.inputs, region.outputs)
     return Partition(inputs, outputs, regions)
-
-
-def _name(node: onnx.NodeProto) -> str:
-    return node.name or node.output[0]
 
 
 @dataclass(frozen=True)
@@ -113,30 +110,15 @@ class Int32Head:
     output: QuantParams
 
 
-class _Graph:
-    """Producer/consumer lookups over the model with explicit int32 outputs."""
-
-    def __init__(self, model: onnx.ModelProto, qdq: QDQModel) -> None:
-        self.model = model
-        self.qdq = qdq
-        self.producer = {out: node for node in model.graph.node for out in node.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in model.graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-        self.constant_values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-        self.constants = set(self.constant_values)
-        self.shapes = {}
-        for info in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
-            self.shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in info.type.tensor_type.shape.dim)
-        self.compute_nodes = [n for n in model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Constant")]
+class _Graph(QDQGraph):
+    """The QDQ lookups, and the program's boundary and region borders."""
 
     # ---- the program's boundary --------------------------------------------------------------------------------
     def _static_shape(self, name: str, what: str) -> tuple[int, ...]:
-        shape = self.shapes.get(name)
-        if shape is None or any(d <= 0 for d in shape):
+        shape = self.static_shape(name)
+        if shape is None:
             raise CompileError(
-                f"{self.qdq.source}: {what} '{name}' has no static shape ({list(shape or [])}); give it one "
+                f"{self.qdq.source}: {what} '{name}' has no static shape ({list(self.shapes.get(name, []))}); give it one "
                 f"(edgeq compile --input-shape {name}=1x3x224x224)"
             )
         return shape
@@ -160,12 +142,6 @@ class _Graph:
             return TensorSpec(info.name, shape, "int32", head.output, info.name)
         return TensorSpec(info.name, shape, "float32", None, info.name)
 
-    def _dequantized(self, tensor: str) -> tuple[str, QuantParams] | None:
-        node = self.producer.get(tensor)
-        if node is None or node.op_type != "DequantizeLinear":
-            return None
-        return node.input[0], self.qdq.quant[node.input[0]]
-
     def int32_head(self, output: str) -> Int32Head | None:
         """The Conv/Gemm making model output ``output`` when its int32 accumulator fits edgeq's numerics."""
         node = self.producer.get(output)
@@ -174,13 +150,13 @@ class _Graph:
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "Gemm" and (attributes.get("alpha", 1.0), attributes.get("beta", 1.0), attributes.get("transA", 0)) != (1.0, 1.0, 0):
             return None
-        source, weights, bias = (self._dequantized(t) for t in node.input[:3])
+        source, weights, bias = (self.dequantized(t) for t in node.input[:3])
         if source is None or weights is None or bias is None or weights[0] not in self.constants or bias[0] not in self.constants:
             return None
         if not source[1].symmetric or source[1].dtype != "int8" or len(source[1].scales) != 1:
             return None
-        weight_values = self.constant_values[weights[0]]
-        bias_values = self.constant_values[bias[0]]
+        weight_values = self.constants[weights[0]]
+        bias_values = self.constants[bias[0]]
         if weight_values.dtype != np.int8 or not weights[1].symmetric or bias_values.dtype != np.int32 or any(bias[1].zero_points):
             return None
         channels = weight_values.shape[0] if node.op_type == "Conv" or attributes.get("transB", 0) else weight_values.shape[1]
@@ -218,20 +194,20 @@ class _Graph:
     def connect(self, regions: list[Region], program_inputs: list[str], program_outputs: list[str]) -> None:
         """Fill each region's inputs and outputs: tensors it reads from outside, and tensors it makes that a
         later region or the program's output reads."""
-        by_name = {_name(n): n for n in self.compute_nodes}
+        by_name = {node_name(n): n for n in self.compute_nodes}
         made_in, made_by = {}, {}
         for region in regions:
-            for node_name in region.nodes:
-                for tensor in self._produced(by_name[node_name]):
-                    made_in[tensor], made_by[tensor] = region.index, node_name
+            for op in region.nodes:
+                for tensor in self._produced(by_name[op]):
+                    made_in[tensor], made_by[tensor] = region.index, op
         for region in regions:
-            for node_name in region.nodes:
-                for tensor in self._consumed(by_name[node_name]):
+            for op in region.nodes:
+                for tensor in self._consumed(by_name[op]):
                     origin = made_in.get(tensor)
                     if origin == region.index:
                         continue
                     if origin is None and tensor not in program_inputs:
-                        raise CompileError(f"{self.qdq.source}: '{node_name}' reads '{tensor}', which no op or input makes")
+                        raise CompileError(f"{self.qdq.source}: '{op}' reads '{tensor}', which no op or input makes")
                     if tensor not in region.inputs:
                         region.inputs.append(tensor)
                     if origin is not None and tensor not in regions[origin].outputs:

@@ -77,17 +77,6 @@ class _OnnxWalker(QDQGraph):
                 return node_name(node)
             tensor = node.input[0]
 
-    def _activation_inputs(self, node: onnx.NodeProto) -> list[str]:
-        names = []
-        for tensor in node.input:
-            if not tensor or tensor in self.constants:
-                continue
-            dequantized = self.dequantized(tensor)
-            if dequantized is not None and dequantized[0] in self.constants:
-                continue  # a weight or a bias
-            names.append(tensor)
-        return names
-
     def _output(self, node: onnx.NodeProto) -> str:
         """The tensor that leaves the op (after the bias Add of a MatMul)."""
         add = self._bias_add(node) if node.op_type == "MatMul" else None
@@ -100,7 +89,7 @@ class _OnnxWalker(QDQGraph):
 
     # ---- one record -------------------------------------------------------------------------------------------
     def _record(self, node: onnx.NodeProto) -> OpRecord:
-        activations = self._activation_inputs(node)
+        activations = self.activation_inputs(node)
         input_quant = [self.dequantized(t) for t in activations]
         output_quant = self._output_quant(node)
         int32_output = node.op_type in ("Conv", "Gemm", "MatMul") and self._feeds_model_output(node)

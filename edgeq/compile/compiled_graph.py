@@ -7,7 +7,7 @@ from typing import Any
 
 from edgeq.check.records import INPUT_PREFIX
 from edgeq.check.report import CheckReport
-from edgeq.compile.npu_program import requantization
+from edgeq.compile.npu_program import quant_scales, requantization
 from edgeq.compile.partition import Partition
 
 
@@ -32,12 +32,7 @@ def compiled_graph(partition: Partition, report: CheckReport) -> dict[str, Any]:
             "reasons": [r.message for r in node.reasons],
         }
         if record.quant is not None:
-            entry["quant"] = {
-                "input_scales": list(record.quant.input_scales),
-                "output_scale": record.quant.output_scale,
-                "weight_scales": list(record.quant.weight_scales),
-                "requantization": requantization(record),
-            }
+            entry["quant"] = {**quant_scales(record.quant), "requantization": requantization(record)}
         nodes.append(entry)
         edges += [{"from": source, "to": record.name} for source in record.inputs]
     regions = [

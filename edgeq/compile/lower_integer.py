@@ -36,7 +36,6 @@ from edgeq.numerics import (
 )
 
 
-
 # ---- reading constants and quantization parameters --------------------------------------------------------------
 
 
@@ -150,12 +149,21 @@ def _input_scale(dequantize: relax.Call) -> float | None:
     return quant.per_tensor_scale if quant is not None and str(dequantize.args[0].ty.dtype) == "int8" else None
 
 
-def _weights(dequantize: relax.Call, channels_axis: int, channels: int) -> tuple[np.ndarray, list[float]] | None:
-    """int8 weights and their per-channel scales (a per-tensor scale is repeated), or None if they do not fit."""
+def _symmetric_constant(dequantize: relax.Call, dtype: type[np.integer]) -> tuple[np.ndarray, _Quant] | None:
+    """The values and quantization of a dequantized constant of ``dtype`` with zero points 0, else None."""
     values = _constant(dequantize.args[0])
     quant = _quant(dequantize, dequantize.args[0])
-    if values is None or quant is None or values.dtype != np.int8 or quant.zero_points.any():
+    if values is None or quant is None or values.dtype != dtype or quant.zero_points.any():
         return None
+    return values, quant
+
+
+def _weights(dequantize: relax.Call, channels_axis: int, channels: int) -> tuple[np.ndarray, list[float]] | None:
+    """int8 weights and their per-channel scales (a per-tensor scale is repeated), or None if they do not fit."""
+    constant = _symmetric_constant(dequantize, np.int8)
+    if constant is None:
+        return None
+    values, quant = constant
     if quant.scales.size == 1:
         return values, [float(quant.scales[0])] * channels
     if quant.axis != channels_axis or quant.scales.size != channels:
@@ -167,13 +175,10 @@ def _bias(dequantize: relax.Call | None, input_scale: float, weight_scales: list
     """The int32 bias, if it sits at ``s_in * s_w`` (zeros when there is none); None if it does not fit."""
     if dequantize is None:
         return np.zeros(len(weight_scales), dtype=np.int32)
-    values = _constant(dequantize.args[0])
-    quant = _quant(dequantize, dequantize.args[0])
-    if values is None or quant is None or values.dtype != np.int32 or quant.zero_points.any():
+    constant = _symmetric_constant(dequantize, np.int32)
+    if constant is None or not bias_at_accumulator_scale(constant[1].scales, input_scale, weight_scales):
         return None
-    if not bias_at_accumulator_scale(quant.scales, input_scale, weight_scales):
-        return None
-    return values.reshape(-1)
+    return constant[0].reshape(-1)
 
 
 @dataclass(frozen=True)

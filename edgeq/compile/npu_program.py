@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from edgeq.check.records import OpRecord
+from edgeq.check.records import OpRecord, QuantFacts
 from edgeq.check.report import CheckReport, Placement
 from edgeq.compile.partition import Partition, Region, TensorSpec
 from edgeq.numerics import conv_multipliers, quantize_multiplier, quantize_multipliers, real_multiplier
@@ -53,6 +53,15 @@ def requantization(record: OpRecord) -> dict[str, Any] | None:
     return None
 
 
+def quant_scales(quant: QuantFacts) -> dict[str, Any]:
+    """The scales around an op, as JSON."""
+    return {
+        "input_scales": list(quant.input_scales),
+        "output_scale": quant.output_scale,
+        "weight_scales": list(quant.weight_scales),
+    }
+
+
 def _multiplier(real: float, what: str) -> dict[str, int]:
     fixed = quantize_multiplier(real, what=what)
     return {"multiplier": fixed.multiplier, "shift": fixed.shift}
@@ -69,11 +78,7 @@ def _op_entry(record: OpRecord) -> dict[str, Any]:
         "macs": record.macs,
     }
     if record.quant is not None:
-        entry["quant"] = {
-            "input_scales": list(record.quant.input_scales),
-            "output_scale": record.quant.output_scale,
-            "weight_scales": list(record.quant.weight_scales),
-        }
+        entry["quant"] = quant_scales(record.quant)
         entry["requantization"] = requantization(record)
     return entry
 

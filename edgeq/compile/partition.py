@@ -172,15 +172,9 @@ class _Graph(QDQGraph):
     def _consumed(self, node: onnx.NodeProto) -> list[str]:
         """Tensors a compute node reads, seen through DequantizeLinear (its quantized input) and not constants."""
         tensors = []
-        for name in node.input:
-            if not name or name in self.constants:
-                continue
-            producer = self.producer.get(name)
-            if producer is not None and producer.op_type == "DequantizeLinear":
-                if producer.input[0] in self.constants:
-                    continue
-                name = producer.input[0]
-            tensors.append(name)
+        for tensor in self.activation_inputs(node):
+            dequantized = self.dequantized(tensor)
+            tensors.append(tensor if dequantized is None else dequantized[0])
         return tensors
 
     def _produced(self, node: onnx.NodeProto) -> list[str]:

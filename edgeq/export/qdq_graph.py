@@ -50,6 +50,18 @@ class QDQGraph:
             return None
         return node.input[0], self.qdq.quant[node.input[0]]
 
+    def activation_inputs(self, node: onnx.NodeProto) -> list[str]:
+        """The tensors ``node`` reads that are neither constants nor dequantized constants (weights, biases)."""
+        names = []
+        for tensor in node.input:
+            if not tensor or tensor in self.constants:
+                continue
+            dequantized = self.dequantized(tensor)
+            if dequantized is not None and dequantized[0] in self.constants:
+                continue
+            names.append(tensor)
+        return names
+
 
 def node_name(node: onnx.NodeProto) -> str:
     """A node's name, or its first output's when it has none."""

@@ -263,6 +263,15 @@ def test_missing_cross_compiler_is_explained(small_onnx, tmp_path, monkeypatch):
     assert not (tmp_path / "a.edgeq").exists()
 
 
+def test_simulation_needs_a_known_build_machine(small_onnx, tmp_path, monkeypatch):
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "riscv64")
+    with pytest.raises(CompileError, match="simulation needs an x86_64 or aarch64 build machine; this one is riscv64"):
+        compile_model(small_onnx, simulate=True, out=tmp_path / "r.edgeq")
+    assert not (tmp_path / "r.edgeq").exists()
+
+
 def test_dynamic_input_needs_a_shape(tmp_path):
     torch.manual_seed(0)
     int_model = integer_model(Wrapped(nn.Conv2d(3, 4, 1)).eval(), torch.randn(1, 3, 4, 4), "x86_64")
@@ -276,6 +285,8 @@ def test_dynamic_input_needs_a_shape(tmp_path):
     assert result.manifest["inputs"][0]["shape"] == [1, 3, 4, 4]
     with pytest.raises(CompileError, match=r"the model has no input 'y' \(inputs: x\)"):
         compile_model(path, out=tmp_path / "d.edgeq", simulate=True, input_shapes={"y": [1]})
+    with pytest.raises(CompileError, match=r"--input-shape x: 3 dimensions given; the input has 4"):
+        compile_model(path, out=tmp_path / "d.edgeq", simulate=True, input_shapes={"x": [3, 4, 4]})
 
 
 # ---- the command line ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from tvm import relax
 from edgeq import __version__
 from edgeq.check import CheckReport, check_qdq
 from edgeq.compile.artifact import CHECK, GRAPH, LIBRARY, NPU_PROGRAM, json_bytes, write_artifact
-from edgeq.compile.codegen import OPT_LEVELS, Machine, build_library, build_relax_module
+from edgeq.compile.codegen import Machine, build_library, build_relax_module, check_opt_level
 from edgeq.compile.compiled_graph import compiled_graph
 from edgeq.compile.npu_program import npu_program
 from edgeq.compile.partition import Partition, TensorSpec, partition
@@ -89,9 +89,9 @@ class CompileResult:
 
 def _machine(target: Target, simulate: bool) -> Machine:
     """The CPU the library runs on: the target's own, its NPU's host, or this machine when simulating."""
+    here = {"arm64": "aarch64"}.get(platform.machine(), platform.machine())
     if simulate:
-        here = {"x86_64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}.get(platform.machine())
-        if here is None:
+        if here not in ("x86_64", "aarch64"):
             raise CompileError(f"simulation needs an x86_64 or aarch64 build machine; this one is {platform.machine()}")
         cpu = load_target(here)
     elif target.kind is TargetKind.NPU:
@@ -99,7 +99,7 @@ def _machine(target: Target, simulate: bool) -> Machine:
     else:
         cpu = target
     arch = cpu.llvm.mtriple.split("-")[0]
-    native = arch == {"arm64": "aarch64"}.get(platform.machine(), platform.machine())
+    native = arch == here
     llvm = {"kind": "llvm", "mtriple": cpu.llvm.mtriple}
     if cpu.llvm.mattr:
         llvm["mattr"] = list(cpu.llvm.mattr)
@@ -163,8 +163,7 @@ def compile_model(
         TargetError, ModelFileError: unknown target (listing the known ones), unreadable model.
     """
     report_progress = progress or logger.info
-    if opt_level not in OPT_LEVELS:
-        raise CompileError(f"optimisation level {opt_level} is unknown (allowed: {', '.join(map(str, OPT_LEVELS))})")
+    check_opt_level(opt_level)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
 

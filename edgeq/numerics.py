@@ -22,12 +22,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 import numpy as np
 import torch
 
 from edgeq.errors import QuantizationError
+from edgeq.targets import ScaleRule
 
 ACTIVATION_QMIN = -128
 ACTIVATION_QMAX = 127
@@ -46,15 +46,6 @@ SCALE_FLOOR = float(np.finfo(np.float32).eps)
 """The smallest scale an observer produces (2**-23): an all-zero tensor still gets a usable scale."""
 
 RELU6_CEILING = 6.0
-
-
-class ScaleRule(str, Enum):
-    """Which scales a target accepts."""
-
-    ANY = "any"
-    """Any positive float32 scale; requantization uses a fixed-point multiplier."""
-    POWER_OF_TWO = "power_of_two"
-    """Scales are powers of two, rounded up (never clipping more); requantization is a pure rounding shift."""
 
 
 def float32(value: float) -> float:

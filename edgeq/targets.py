@@ -20,11 +20,19 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgeq.errors import TargetError
-from edgeq.numerics import ScaleRule
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ScaleRule(str, Enum):
+    """Which scales a target accepts."""
+
+    ANY = "any"
+    """Any positive float32 scale; requantization uses a fixed-point multiplier."""
+    POWER_OF_TWO = "power_of_two"
+    """Scales are powers of two, rounded up (never clipping more); requantization is a pure rounding shift."""
 
 
 class TargetKind(str, Enum):

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from edgeq.errors import TargetError
-from edgeq.numerics import ScaleRule
-from edgeq.targets import TargetKind, list_targets, load_target, target_names
+from edgeq.targets import ScaleRule, TargetKind, list_targets, load_target, target_names
 
 VALID_NPU = """
 name = "{name}"

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edgeq.check.records import OpRecord
-from edgeq.numerics import ScaleRule, is_power_of_two
-from edgeq.targets import NPU_OPS, ConvRules, PoolRules, Target
+from edgeq.numerics import is_power_of_two
+from edgeq.targets import NPU_OPS, ConvRules, PoolRules, ScaleRule, Target
 
 
 @dataclass(frozen=True)

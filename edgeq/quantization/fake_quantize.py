@@ -14,12 +14,12 @@ from edgeq.numerics import (
     ACTIVATION_QMIN,
     WEIGHT_QMAX,
     WEIGHT_QMIN,
-    ScaleRule,
     float32,
     scale_from_amax,
 )
 from edgeq.quantization.observers import Observer
 from edgeq.quantization.state import FakeQuantStateful
+from edgeq.targets import ScaleRule
 
 
 class ActivationFakeQuantize(FakeQuantStateful):
@@ -27,7 +27,7 @@ class ActivationFakeQuantize(FakeQuantStateful):
 
     Args:
         observer: chooses the range; ``None`` when the scale is fixed.
-        scale_rule: the target's :class:`~edgeq.numerics.ScaleRule`.
+        scale_rule: the target's :class:`~edgeq.targets.ScaleRule`.
         fixed_scale: a scale that nothing changes (a ``QuantStub(scale=...)``).
         owner: the node this quantizer belongs to, for error messages.
     """

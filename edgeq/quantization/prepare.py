@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from edgeq.errors import QuantizationError, UnsupportedOpError
-from edgeq.numerics import ScaleRule, is_power_of_two
+from edgeq.numerics import is_power_of_two
 from edgeq.quantization.fake_quantize import ActivationFakeQuantize
 from edgeq.quantization.graph import (
     describe_node,
@@ -53,7 +53,7 @@ from edgeq.quantization.qat_modules import (
 from edgeq.quantization.qconfig import QConfig, QConfigSpec, qconfig_resolver
 from edgeq.quantization.state import FakeQuantState, set_fake_quantize
 from edgeq.quantization.stubs import fixed_scale_of
-from edgeq.targets import Target, TargetLike, load_target
+from edgeq.targets import ScaleRule, Target, TargetLike, load_target
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeq.numerics import ScaleRule
 from edgeq.quantization.fake_quantize import ActivationFakeQuantize, fake_quantize_weight, weight_scales
 from edgeq.quantization.state import FakeQuantStateful
+from edgeq.targets import ScaleRule
 
 
 class Activation(str, Enum):

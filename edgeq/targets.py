@@ -250,3 +250,18 @@ def load_target(target: str | Path | Target) -> Target:
 
 
 TargetLike = str | Path | Target
+
+
+def resolve_target(target: TargetLike | None, recorded: str | None, source: str) -> Target:
+    """The target given, else the one the model ``source`` records (edgeq stores it when it quantizes).
+
+    Raises:
+        TargetError: no target given and none recorded, an unknown name, or a malformed file.
+    """
+    if target is not None:
+        return load_target(target)
+    if recorded is None:
+        raise TargetError(
+            f"{source}: the model records no target; name one (target='npu-s' in Python, --target npu-s on the command line)"
+        )
+    return load_target(recorded)

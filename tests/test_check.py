@@ -15,7 +15,7 @@ from torch import nn
 
 from edgeq.check import Placement, check_model
 from edgeq.cli import EXIT_ERROR, EXIT_NOT_DEPLOYABLE, main
-from edgeq.errors import EdgeqError
+from edgeq.errors import EdgeqError, TargetError
 from edgeq.export import save_torchscript, to_onnx, trace
 from models import SmallCNN, Wrapped, calibrate, integer_model, torchvision_model
 
@@ -224,6 +224,8 @@ def test_asymmetric_third_party_file_is_not_npu_ready(tmp_path):
     assert_cpu(conv, "is uint8 with zero point", "ActivationSymmetric=True")
     assert "npu-m needs int8 with zero point 0" in conv.reasons[0].message
     assert check_model(tmp_path / "q.onnx", target="x86_64").summary.verdict == "runs on the x86_64 CPU"
+    with pytest.raises(TargetError, match=r"q.onnx: the model records no target; name one \(target='npu-s' in Python"):
+        check_model(tmp_path / "q.onnx")
 
 
 # ---- every kind of input ----------------------------------------------------------------------------------------

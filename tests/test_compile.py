@@ -224,6 +224,15 @@ def test_unknown_target_lists_the_known_ones(small_onnx, tmp_path):
         compile_model(small_onnx, target="npu-x", out=tmp_path / "x.edgeq")
 
 
+def test_a_model_without_a_recorded_target_needs_one(small_onnx, tmp_path):
+    model = onnx.load(str(small_onnx))
+    del model.metadata_props[:]
+    onnx.save(model, str(tmp_path / "foreign.onnx"))
+    with pytest.raises(TargetError, match=r"foreign.onnx: the model records no target; name one \(target='npu-s'"):
+        compile_model(tmp_path / "foreign.onnx", out=tmp_path / "f.edgeq")
+    assert not (tmp_path / "f.edgeq").exists()
+
+
 def test_unsupported_op_on_a_cpu_target_names_node_and_op(small_onnx, tmp_path):
     from onnx import helper
 

@@ -21,7 +21,7 @@ from edgeq.errors import EdgeqError
 from edgeq.export.onnx_reader import QDQModel
 from edgeq.export.sources import ModelLike, quantized_form
 from edgeq.quantization.prepare import TARGET_ATTRIBUTE, is_prepared, prepare_for_analysis
-from edgeq.targets import Target, TargetKind, TargetLike, load_target
+from edgeq.targets import Target, TargetKind, TargetLike, resolve_target
 
 __all__ = ["CheckReport", "NodeReport", "Placement", "Summary", "check_model", "check_qdq"]
 
@@ -51,16 +51,16 @@ def check_model(
         A :class:`CheckReport`; ``print(report)`` shows the table, ``report.to_json()`` the data.
 
     Raises:
-        EdgeqError: no target given or recorded, missing example inputs, or the model cannot be read.
+        TargetError: no target given or recorded, or an unknown or malformed target.
+        EdgeqError: missing example inputs, or the model cannot be read.
     """
     source, recorded_target, records, notes = _records(model, example_inputs, target)
-    resolved = _resolve_target(target, recorded_target)
-    return _report(records, resolved, source, notes, advice)
+    return _report(records, resolve_target(target, recorded_target, source), source, notes, advice)
 
 
 def check_qdq(qdq: QDQModel, target: TargetLike | None = None, advice: bool = True) -> CheckReport:
     """:func:`check_model` for an already loaded :class:`QDQModel` (the compiler's entry point)."""
-    return _report(records_from_qdq(qdq), _resolve_target(target, qdq.target), str(qdq.source), [], advice)
+    return _report(records_from_qdq(qdq), resolve_target(target, qdq.target, str(qdq.source)), str(qdq.source), [], advice)
 
 
 def _records(
@@ -78,14 +78,6 @@ def _records(
         raise EdgeqError("check_model: a float model needs a target (for example target='npu-s')")
     prepared, rejected = prepare_for_analysis(model, tuple(example_inputs), target)
     return f"float model {type(model).__name__}", None, records_from_prepared(prepared, rejected), [_NOT_CALIBRATED]
-
-
-def _resolve_target(target: TargetLike | None, recorded: str | None) -> Target:
-    if target is not None:
-        return load_target(target)
-    if recorded is None:
-        raise EdgeqError("the model records no target; name one (target='npu-s' in Python, --target npu-s on the command line)")
-    return load_target(recorded)
 
 
 def _report(records: list[OpRecord], target: Target, source: str, notes: list[str], advice: bool) -> CheckReport:

@@ -36,7 +36,7 @@ from edgeq.compile.partition import Partition, TensorSpec, partition
 from edgeq.errors import CompileError
 from edgeq.export.onnx_reader import QDQModel, read_qdq
 from edgeq.export.sources import ModelLike, quantized_form
-from edgeq.targets import Target, TargetKind, TargetLike, load_target
+from edgeq.targets import Target, TargetKind, TargetLike, load_target, resolve_target
 
 __all__ = ["CompileError", "CompileResult", "compile_model"]
 
@@ -160,7 +160,8 @@ def compile_model(
     Raises:
         CompileError: unsupported ops (named), a model that is not quantized, an unknown optimisation level, or a
             failure of TVM or the linker (with the region).
-        TargetError, ModelFileError: unknown target (listing the known ones), unreadable model.
+        TargetError, ModelFileError: no target given or recorded, unknown target (listing the known ones),
+            unreadable model.
     """
     report_progress = progress or logger.info
     check_opt_level(opt_level)
@@ -183,7 +184,7 @@ def compile_model(
     qdq, source = quantized
     if input_shapes:
         qdq = _with_input_shapes(qdq, input_shapes)
-    resolved = load_target(target) if target is not None else _recorded_target(qdq)
+    resolved = resolve_target(target, qdq.target, str(qdq.source))
     machine = _machine(resolved, simulate)
     step("import")
 
@@ -224,12 +225,6 @@ def compile_model(
     write_artifact(out_path, manifest, members)
     step("write")
     return CompileResult(out_path, resolved, machine.arch, report, parts, module, manifest, seconds)
-
-
-def _recorded_target(qdq: QDQModel) -> Target:
-    if qdq.target is None:
-        raise CompileError(f"{qdq.source}: the model records no target; name one (target='npu-m', --target npu-m)")
-    return load_target(qdq.target)
 
 
 def _default_out(model: ModelLike) -> Path:

@@ -14,10 +14,14 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgeq.errors import EdgeqError
+
+if TYPE_CHECKING:
+    from edgeq_runtime import Artifact
 
 _REPOSITORY = Path(__file__).resolve().parent.parent
 _CROSS_SYSROOT = {"aarch64": "/usr/aarch64-linux-gnu"}
@@ -75,9 +79,10 @@ def run_artifact(
     from edgeq_runtime.model import host_arch
 
     try:
-        manifest = Artifact.read(artifact).manifest
+        verified = Artifact.read(artifact)
     except ArtifactError as error:
         raise EdgeqError(str(error)) from None
+    manifest = verified.manifest
     if not output_dir.is_dir():
         raise EdgeqError(f"{output_dir}: no such folder")
     files = _ordered_inputs(inputs, [i["name"] for i in manifest["inputs"]])
@@ -89,11 +94,11 @@ def run_artifact(
         say(f"the artifact is built for {arch}: running it with the C++ runtime")
         runtime = "cpp"
     if runtime == "python":
-        return _run_python(artifact, files, output_dir, bench, raw)
+        return _run_python(verified, files, output_dir, bench, raw)
     return _run_cpp(artifact, files, output_dir, arch, emulated, bench, raw, [o["name"] for o in manifest["outputs"]], say)
 
 
-def _run_python(artifact: Path, files: list[Path], output_dir: Path, bench: int | None, raw: bool) -> RunResult:
+def _run_python(artifact: Artifact, files: list[Path], output_dir: Path, bench: int | None, raw: bool) -> RunResult:
     from edgeq_runtime import ArtifactError, Model
     from edgeq_runtime.vm import RuntimeLibraryError
 
@@ -102,7 +107,7 @@ def _run_python(artifact: Path, files: list[Path], output_dir: Path, bench: int 
     except (OSError, ValueError) as error:
         raise EdgeqError(f"cannot read an input: {error}") from None
     try:
-        with Model.load(artifact) as model:
+        with Model.from_artifact(artifact) as model:
             outputs = model.run(arrays, raw=raw)
             timing = model.benchmark(arrays, runs=bench) if bench else None
     except (ValueError, ArtifactError, RuntimeLibraryError) as error:  # the runtime's messages name the input

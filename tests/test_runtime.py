@@ -290,6 +290,20 @@ def test_edgeq_run_command(models, edgeq_run, tmp_path, capsys):
     assert main(["run", str(artifacts["x86_64"]), "--input", str(folder / "x.npy"), "--output-dir", str(tmp_path / "absent")]) == 1
 
 
+def test_edgeq_run_needs_neither_torch_nor_the_tvm_compiler(models, tmp_path):
+    _, artifacts, _, folder = models
+    script = f"""
+import sys
+for name in ("torch", "onnx", "onnxruntime", "tvm"):
+    sys.modules[name] = None  # any import of these now fails
+from edgeq.cli import main
+sys.exit(main(["run", {str(artifacts["x86_64"])!r}, "--input", {str(folder / "x.npy")!r}, "--output-dir", {str(tmp_path)!r}]))
+"""
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert completed.returncode == 0, completed.stderr
+    assert sorted(p.name for p in tmp_path.glob("*.npy")) == ["dequant.npy", "dequant_map.npy"]
+
+
 def test_edgeq_run_explains_missing_tools(models, tmp_path, monkeypatch, capsys):
     import shutil
 

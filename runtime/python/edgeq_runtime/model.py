@@ -109,7 +109,15 @@ class Model:
         Raises:
             ArtifactError: a damaged or foreign artifact, or one built for another architecture.
         """
-        artifact = Artifact.read(path)
+        return cls.from_artifact(Artifact.read(path))
+
+    @classmethod
+    def from_artifact(cls, artifact: Artifact) -> Model:
+        """Load the library of an artifact already read and verified by :meth:`Artifact.read`.
+
+        Raises:
+            ArtifactError: the artifact is built for another architecture, or its library member is missing.
+        """
         arch = artifact.manifest["library"].get("arch")
         if arch != host_arch():
             raise ArtifactError(

@@ -19,7 +19,6 @@ import statistics
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import torch
@@ -29,17 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from edgeq.compile import compile_model  # noqa: E402
 from edgeq.export import to_onnx  # noqa: E402
 from edgeq.export.peer import session  # noqa: E402
+from edgeq_runtime import Model  # noqa: E402
 from models import integer_model, torchvision_model  # noqa: E402
-
-
-def load_vm(artifact: Path):
-    import tvm
-    from tvm import relax
-
-    folder = Path(tempfile.mkdtemp())
-    library = folder / "model.so"
-    library.write_bytes(zipfile.ZipFile(artifact).read("model.so"))
-    return relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
 
 
 def main() -> None:
@@ -51,7 +41,6 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     import onnx
-    import tvm
 
     torch.manual_seed(0)
     example = torch.randn(1, 3, args.size, args.size)
@@ -66,18 +55,17 @@ def main() -> None:
         started = time.perf_counter()
         result = compile_model(onnx_path, out=folder / f"O{level}.edgeq", opt_level=level, simulate=True, progress=lambda _: None)
         compile_seconds = time.perf_counter() - started
-        vm = load_vm(result.artifact)
-        tensor = tvm.runtime.tensor(x_q)
-        vm["main"](tensor)
-        peer.run(None, {"x": x})
         times = {"edgeq": [], "onnxruntime": []}
-        for _ in range(args.runs):
-            started = time.perf_counter()
-            vm["main"](tensor)
-            times["edgeq"].append(time.perf_counter() - started)
-            started = time.perf_counter()
+        with Model.load(result.artifact) as model:
+            model.run(x_q, raw=True)
             peer.run(None, {"x": x})
-            times["onnxruntime"].append(time.perf_counter() - started)
+            for _ in range(args.runs):
+                started = time.perf_counter()
+                model.run(x_q, raw=True)
+                times["edgeq"].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                peer.run(None, {"x": x})
+                times["onnxruntime"].append(time.perf_counter() - started)
         edgeq, ort = statistics.median(times["edgeq"]), statistics.median(times["onnxruntime"])
         print(f"  -O{level}: compile {compile_seconds:.1f} s; edgeq {edgeq * 1000:.1f} ms, ONNX Runtime {ort * 1000:.2f} ms, ratio {edgeq / ort:.0f}x")
 

@@ -30,7 +30,6 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from edgeq.export import build_onnx  # noqa: E402
 from edgeq.export.peer import per_op_differences, session  # noqa: E402
-from edgeq.quantization import FakeQuantState, convert_fx, set_fake_quantize  # noqa: E402
 from models import integer_model, torchvision_model  # noqa: E402
 
 
@@ -43,12 +42,8 @@ def digits_model(target: str, images: int) -> tuple:
     torch.manual_seed(0)
     for stage in ("float", "calib", "qat"):
         digits.run_stage(stage, workdir, target, data, {})
-    qat = digits.qat_model(workdir, target)
-    qat.load_state_dict(torch.load(workdir / "qat-checkpoint.pt"))
-    qat.eval()
-    set_fake_quantize(qat, FakeQuantState.VALIDATION)
     inputs = digits.normalise(data[2][:images])
-    return convert_fx(qat), inputs[:2], inputs
+    return digits.int_model(workdir, target), inputs[:2], inputs
 
 
 def torchvision(name: str, target: str, images: int) -> tuple:

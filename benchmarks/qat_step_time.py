@@ -14,23 +14,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from edgeq.quantization import DeQuantStub, FakeQuantState, QuantStub, prepare_qat_fx, set_fake_quantize
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-
-class Wrapped(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.quant, self.model, self.dequant = QuantStub(), model, DeQuantStub()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dequant(self.model(self.quant(x)))
+from edgeq.quantization import FakeQuantState, prepare_qat_fx, set_fake_quantize  # noqa: E402
+from models import Wrapped  # noqa: E402
 
 
 def step_seconds(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor) -> float:

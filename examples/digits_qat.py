@@ -92,6 +92,11 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.to(torch.float32) - 128.0) / 128.0
 
 
+def raw_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels as the NPU receives them: ``pixel - 128`` in int8 (the quantized input at scale 1/128)."""
+    return (pixels.to(torch.int16) - 128).to(torch.int8)
+
+
 def batches(pixels: torch.Tensor, labels: torch.Tensor, size: int, shuffle: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     order = torch.randperm(len(pixels)) if shuffle else torch.arange(len(pixels))
     for start in range(0, len(pixels), size):
@@ -105,7 +110,7 @@ def accuracy(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, raw_i
     correct = 0
     with torch.no_grad():
         for x, y in batches(pixels, labels, 256, shuffle=False):
-            inputs = (x.to(torch.int16) - 128).to(torch.int8) if raw_int8 else normalise(x)
+            inputs = raw_pixels(x) if raw_int8 else normalise(x)
             correct += int((model(inputs).argmax(1) == y).sum())
     return 100.0 * correct / len(pixels)
 
@@ -177,8 +182,9 @@ def run_stage(stage: str, workdir: Path, target: str, data: tuple, results: dict
         torch.save(model.state_dict(), workdir / "qat-checkpoint.pt")
         results["qat"] = accuracy(model, test_x, test_y)
     elif stage == "int_infer":
-        results["int_infer"] = accuracy(int_model(workdir, target), test_x, test_y)
-        results["int_infer_raw_pixels"] = accuracy(int_model(workdir, target), test_x, test_y, raw_int8=True)
+        integer = int_model(workdir, target)
+        results["int_infer"] = accuracy(integer, test_x, test_y)
+        results["int_infer_raw_pixels"] = accuracy(integer, test_x, test_y, raw_int8=True)
     else:
         results["compile"] = compile_stage(int_model(workdir, target), workdir, target, test_x, test_y)
     print(f"   {stage}: test accuracy {results.get(stage, 0.0):.2f}% ({time.perf_counter() - started:.1f} s)")
@@ -212,10 +218,9 @@ def compile_stage(integer: IntegerModel, workdir: Path, target: str, test_x: tor
     correct = 0
     with Model.load(here.artifact) as model:
         for pixels, label in zip(test_x, test_y):
-            raw = (pixels[None].to(torch.int16) - 128).to(torch.int8).numpy()  # uint8 pixels enter as pixel - 128
-            logits = next(iter(model.run(raw).values()))
+            logits = next(iter(model.run(raw_pixels(pixels[None]).numpy()).values()))
             correct += int(logits.argmax() == int(label))
-        raw = (test_x[:1].to(torch.int16) - 128).to(torch.int8).numpy()
+        raw = raw_pixels(test_x[:1]).numpy()
         expected = next(iter(model.run(raw, raw=True).values()))
     np.save(workdir / "pixel0.npy", raw)
     run_artifact(board.artifact, [str(workdir / "pixel0.npy")], workdir, raw=True, say=lambda line: print(f"  run: {line}"))

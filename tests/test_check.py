@@ -258,6 +258,15 @@ def test_missing_target_and_inputs_are_clear_errors(small_onnx):
         check_model(SmallCNN(), target="npu-s")
 
 
+def test_aliases_leave_no_record():
+    model = Wrapped(nn.Sequential(nn.Conv2d(8, 8, 3), nn.Identity(), nn.ReLU(), nn.Identity())).eval()
+    report = check_model(model, (image(),), target="npu-s")
+    assert [(n.record.name, n.record.op, n.record.inputs) for n in report.nodes] == [
+        ("model.0", "conv2d", ["input:x"]),
+        ("model.2", "relu", ["model.0"]),
+    ]
+
+
 def test_advice_can_be_left_out():
     report = check_model(Wrapped(nn.Conv2d(8, 30, 3)).eval(), (image(),), target="npu-s", advice=False)
     assert report.node("model").advice == [] and "advice" not in str(report).splitlines()[1]

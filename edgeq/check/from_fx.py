@@ -51,7 +51,7 @@ def records_from_prepared(prepared: fx.GraphModule, rejected: dict[str, str]) ->
         if isinstance(module, qm.DequantizeOutput):
             producer[node] = producer[sources[0]]
             continue
-        if op_kind(node, modules) is OpKind.DROPOUT or isinstance(module, nn.Identity):
+        if op_kind(node, modules) is OpKind.DROPOUT:
             producer[node] = producer[sources[0]]
             if in_region:
                 region.add(node)

@@ -11,11 +11,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from edgeq.check.records import INPUT_PREFIX, OpRecord, QuantFacts, foreign_op_name
-from edgeq.export.onnx_reader import QDQModel, QuantParams
-from edgeq.export.qdq_graph import QDQGraph, node_name
+from edgeq.export.onnx_reader import QDQModel, QuantParams, node_attributes, node_name
+from edgeq.export.qdq_graph import QDQGraph
 
 _OPS = {
     "Conv": "conv2d",
@@ -138,7 +137,7 @@ class _OnnxWalker(QDQGraph):
         return facts
 
     def _describe(self, node: onnx.NodeProto) -> tuple[str, dict[str, Any]]:
-        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attributes = node_attributes(node)
         if node.op_type == "Conv":
             weight_shape = self._weight_shape(node.input[1])
             if weight_shape is None:

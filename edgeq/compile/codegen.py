@@ -22,7 +22,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import onnx
 import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
@@ -31,6 +30,7 @@ from edgeq.check.report import Placement
 from edgeq.compile.lower_integer import Conv2dSettings, integer_accumulator, lower_to_integer
 from edgeq.compile.partition import Int32Head, Partition, Region, TensorSpec
 from edgeq.errors import CompileError
+from edgeq.export.onnx_reader import node_attributes
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def _annotated(function: relax.Function, region: Region) -> relax.Function:
 
 def _head_function(head: Int32Head) -> relax.Function:
     """A Conv/Gemm whose int32 accumulator is a model output, built directly from its integer weights."""
-    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in head.node.attribute}
+    attributes = node_attributes(head.node)
     builder = relax.BlockBuilder()
     source = relax.Var("source", relax.TensorType(list(head.input_shape), "int8"))
     with builder.function("head", [source]):

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from edgeq.check.report import CheckReport, Placement
 from edgeq.errors import CompileError
-from edgeq.export.onnx_reader import QDQModel, QuantParams
-from edgeq.export.qdq_graph import QDQGraph, node_name
+from edgeq.export.onnx_reader import QDQModel, QuantParams, node_attributes, node_name
+from edgeq.export.qdq_graph import QDQGraph
 from edgeq.numerics import bias_at_accumulator_scale, bias_scales
 
 
@@ -147,7 +146,7 @@ class _Graph(QDQGraph):
         node = self.producer.get(output)
         if node is None or node.op_type not in ("Conv", "Gemm") or len(node.input) < 3:
             return None
-        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attributes = node_attributes(node)
         if node.op_type == "Gemm" and (attributes.get("alpha", 1.0), attributes.get("beta", 1.0), attributes.get("transA", 0)) != (1.0, 1.0, 0):
             return None
         source, weights, bias = (self.dequantized(t) for t in node.input[:3])

@@ -18,6 +18,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -201,7 +202,7 @@ class _QuantReader:
         self.constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
         for node in model.graph.node:
             if node.op_type == "Constant":
-                self.constants[node.output[0]] = numpy_helper.to_array(_attribute(node, "value"))
+                self.constants[node.output[0]] = numpy_helper.to_array(node_attributes(node)["value"])
         self.quant: dict[str, QuantParams] = {}
         self.quant_source: dict[str, str] = {}
         self.findings: list[Finding] = []
@@ -219,10 +220,10 @@ class _QuantReader:
                 self._check_bias(node)
 
     def _error(self, node: onnx.NodeProto, problem: str) -> ModelFileError:
-        return ModelFileError(f"{self.path}: {node.op_type} '{node.name or node.output[0]}': {problem}")
+        return ModelFileError(f"{self.path}: {node.op_type} '{node_name(node)}': {problem}")
 
     def _find(self, node: onnx.NodeProto, kind: str, message: str) -> None:
-        self.findings.append(Finding(node.name or node.output[0], node.op_type, kind, message))
+        self.findings.append(Finding(node_name(node), node.op_type, kind, message))
 
     def _constant(self, node: onnx.NodeProto, index: int, what: str) -> np.ndarray | None:
         if len(node.input) <= index or not node.input[index]:
@@ -246,7 +247,7 @@ class _QuantReader:
         if zero_point.size != scale.size:
             raise self._error(node, f"{zero_point.size} zero points for {scale.size} scales")
         per_axis = scale.ndim == 1 and scale.size > 1
-        axis = _attribute_value(node, "axis", 1) if per_axis else None
+        axis = int(node_attributes(node).get("axis", 1)) if per_axis else None
         if axis is not None:
             length = self._axis_length(quantized, axis)
             if length is not None and length != scale.size:
@@ -262,7 +263,7 @@ class _QuantReader:
         return None
 
     def _record(self, tensor: str, params: QuantParams, node: onnx.NodeProto) -> None:
-        label = node.name or node.output[0]
+        label = node_name(node)
         if tensor in self.quant and self.quant[tensor] != params:
             raise self._error(
                 node,
@@ -304,12 +305,11 @@ class _QuantReader:
             )
 
 
-def _attribute(node: onnx.NodeProto, name: str) -> onnx.AttributeProto:
-    return next(a for a in node.attribute if a.name == name).t
+def node_name(node: onnx.NodeProto) -> str:
+    """A node's name, or its first output's when it has none."""
+    return node.name or node.output[0]
 
 
-def _attribute_value(node: onnx.NodeProto, name: str, default: int) -> int:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return int(onnx.helper.get_attribute_value(attribute))
-    return default
+def node_attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    """A node's attributes by name, as Python values (a tensor attribute as its ``TensorProto``)."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

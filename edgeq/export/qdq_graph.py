@@ -61,8 +61,3 @@ class QDQGraph:
                 continue
             names.append(tensor)
         return names
-
-
-def node_name(node: onnx.NodeProto) -> str:
-    """A node's name, or its first output's when it has none."""
-    return node.name or node.output[0]

@@ -163,6 +163,23 @@ def small_artifact(tmp_path_factory):
     return compile_model(int_model, (example,), out=path, simulate=True), int_model
 
 
+def test_weights_in_constant_nodes_are_read_as_constants(small_artifact, tmp_path):
+    """Some exporters write weights and scales as Constant nodes instead of initializers: same placement, same
+    numbers."""
+    reference, int_model = small_artifact
+    example = torch.rand(2, 1, 8, 8)
+    model = onnx.load(str(to_onnx(int_model, (example,), tmp_path / "s.onnx")))
+    constants = [onnx.helper.make_node("Constant", [], [i.name], value=i) for i in model.graph.initializer]
+    nodes = [*constants, *model.graph.node]
+    del model.graph.initializer[:], model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(tmp_path / "constants.onnx"))
+    result = compile_model(tmp_path / "constants.onnx", out=tmp_path / "c.edgeq", simulate=True)
+    placed = [(n.record.name, n.record.inputs, n.placement) for n in result.report.nodes]
+    assert placed == [(n.record.name, n.record.inputs, n.placement) for n in reference.report.nodes]
+    assert_artifact_exact(result.artifact, int_model, example)
+
+
 def test_artifact_contents(small_artifact):
     result, int_model = small_artifact
     archive = zipfile.ZipFile(result.artifact)

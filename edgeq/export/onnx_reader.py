@@ -87,6 +87,7 @@ class QDQModel:
         source: the file it was read from.
         model: the ONNX model, unchanged.
         quant: :class:`QuantParams` by quantized tensor name (QuantizeLinear outputs, DequantizeLinear inputs).
+        constants: the value of every constant tensor (initializers and Constant node outputs).
         findings: what does not fit edgeq's numerics, in graph order.
         target: the target edgeq quantized it for (``None`` for files from other tools).
     """
@@ -94,6 +95,7 @@ class QDQModel:
     source: Path
     model: onnx.ModelProto
     quant: dict[str, QuantParams]
+    constants: dict[str, np.ndarray]
     findings: list[Finding] = field(default_factory=list)
     target: str | None = None
 
@@ -190,7 +192,7 @@ def read_qdq(model: onnx.ModelProto, path: str | Path) -> QDQModel:
     reader = _QuantReader(model, path)
     reader.run()
     target = next((p.value for p in model.metadata_props if p.key == TARGET_METADATA_KEY), None)
-    return QDQModel(path, model, reader.quant, reader.findings, target)
+    return QDQModel(path, model, reader.quant, reader.constants, reader.findings, target)
 
 
 class _QuantReader:

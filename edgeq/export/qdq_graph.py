@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import onnx
-from onnx import numpy_helper
 
 from edgeq.export.onnx_reader import QDQModel, QuantParams
 
@@ -31,7 +30,7 @@ class QDQGraph:
         for node in self.nodes:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
-        self.constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+        self.constants = qdq.constants
         self.shapes: dict[str, tuple[int, ...]] = {
             info.name: tuple(d.dim_value if d.HasField("dim_value") else -1 for d in info.type.tensor_type.shape.dim)
             for info in [*graph.input, *graph.value_info, *graph.output]

@@ -164,7 +164,7 @@ class _Graph(QDQGraph):
             return None
         expected = bias_scales(source[1].scales[0], weight_scales)
         axis = 1 if node.op_type == "Conv" else len(self.shapes[output]) - 1
-        quant = QuantParams("int32", tuple(float(np.float32(s)) for s in expected), (0,) * channels, axis)
+        quant = QuantParams("int32", tuple(expected), (0,) * channels, axis)
         return Int32Head(node, self.shapes[source[0]], weight_values, bias_values.reshape(-1), quant)
 
     # ---- region borders ----------------------------------------------------------------------------------------

@@ -137,11 +137,10 @@ class HistogramObserver(Observer):
         factor = 1
         while float(self.histogram_max) * factor < largest:
             factor *= 2
+        merged = torch.zeros_like(self.histogram)
         if factor >= self.bins:
-            merged = torch.zeros_like(self.histogram)
             merged[0] = self.histogram.sum()
         else:
-            merged = torch.zeros_like(self.histogram)
             merged[: self.bins // factor] = self.histogram.reshape(-1, factor).sum(dim=1)
         self.histogram = merged
         self.histogram_max.mul_(factor)

@@ -123,7 +123,7 @@ def _prepare(
 ) -> tuple[fx.GraphModule, dict[str, str]]:
     resolve = qconfig_resolver(qconfig, model)
     traced = trace(model)
-    record_example_values(traced, tuple(example_inputs) if isinstance(example_inputs, list) else example_inputs)
+    record_example_values(traced, example_inputs)
     region = integer_region(traced)
     preparer = _Preparer(traced, region, target, resolve, lenient)
     prepared = preparer.run()

@@ -52,8 +52,6 @@ def set_fake_quantize(model: nn.Module, state: FakeQuantState) -> None:
 
     Example:
         >>> from torch import nn
-
-from edgeq.errors import QuantizationError
         >>> set_fake_quantize(nn.Linear(2, 2), FakeQuantState.VALIDATION)
         Traceback (most recent call last):
         ...

@@ -50,10 +50,14 @@ class _OnnxWalker(QDQGraph):
         for finding in qdq.findings:
             if finding.kind == "bias_scale":
                 self.problems.setdefault(finding.node, []).append(finding.message)
+        self.bias_adds = {
+            node_name(n): add for n in self.compute_nodes if n.op_type == "MatMul" and (add := self._bias_add(n)) is not None
+        }
+        """MatMul name -> the Add of its bias (the two are one linear layer, one record)."""
 
     def run(self) -> list[OpRecord]:
-        bias_adds = {id(self._bias_add(n)) for n in self.nodes if n.op_type == "MatMul" and self._bias_add(n) is not None}
-        return [self._record(node) for node in self.compute_nodes if id(node) not in bias_adds]
+        fused = {node_name(add) for add in self.bias_adds.values()}
+        return [self._record(node) for node in self.compute_nodes if node_name(node) not in fused]
 
     def _bias_add(self, matmul: onnx.NodeProto) -> onnx.NodeProto | None:
         """The Add of a dequantized constant bias right after a MatMul: part of one linear layer."""
@@ -78,8 +82,7 @@ class _OnnxWalker(QDQGraph):
 
     def _output(self, node: onnx.NodeProto) -> str:
         """The tensor that leaves the op (after the bias Add of a MatMul)."""
-        add = self._bias_add(node) if node.op_type == "MatMul" else None
-        return (add or node).output[0]
+        return self.bias_adds.get(node_name(node), node).output[0]
 
     def _output_quant(self, node: onnx.NodeProto) -> QuantParams | None:
         consumers = self.consumers.get(self._output(node), [])

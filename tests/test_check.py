@@ -258,6 +258,18 @@ def test_missing_target_and_inputs_are_clear_errors(small_onnx):
         check_model(SmallCNN(), target="npu-s")
 
 
+def test_linear_over_more_axes_is_one_record_that_the_next_op_names():
+    """A linear layer over a 4-D tensor is exported as MatMul + bias Add: one record, and the op after it reads
+    that record (not the Add)."""
+    torch.manual_seed(0)
+    example = image(5, 3)
+    model = Wrapped(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Linear(5, 6), nn.ReLU())).eval()
+    report = check_model(integer_model(model, example, "npu-m"), (example,))
+    conv, linear, relu = (n.record for n in report.nodes)
+    assert (conv.op, linear.op, relu.op) == ("conv2d", "linear", "relu")
+    assert linear.inputs == [conv.name] and relu.inputs == [linear.name]
+
+
 def test_aliases_leave_no_record():
     model = Wrapped(nn.Sequential(nn.Conv2d(8, 8, 3), nn.Identity(), nn.ReLU(), nn.Identity())).eval()
     report = check_model(model, (image(),), target="npu-s")

@@ -180,6 +180,16 @@ def test_weights_in_constant_nodes_are_read_as_constants(small_artifact, tmp_pat
     assert_artifact_exact(result.artifact, int_model, example)
 
 
+def test_linear_over_more_axes_compiles_exactly(tmp_path):
+    """A linear layer over a 4-D tensor is a MatMul and a bias Add in ONNX, one op for the check and the compiler."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 5, 5)
+    int_model = integer_model(Wrapped(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Linear(5, 6), nn.ReLU())).eval(), example, "npu-m")
+    result = compile_model(int_model, (example,), out=tmp_path / "l.edgeq", simulate=True)
+    assert [r.nodes for r in result.partition.regions] == [["model.0/Conv", "model.1/MatMul", "model.1/Relu"]]
+    assert_artifact_exact(result.artifact, int_model, example)
+
+
 def test_artifact_contents(small_artifact):
     result, int_model = small_artifact
     archive = zipfile.ZipFile(result.artifact)

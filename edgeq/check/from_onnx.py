@@ -50,24 +50,9 @@ class _OnnxWalker(QDQGraph):
         for finding in qdq.findings:
             if finding.kind == "bias_scale":
                 self.problems.setdefault(finding.node, []).append(finding.message)
-        self.bias_adds = {
-            node_name(n): add for n in self.compute_nodes if n.op_type == "MatMul" and (add := self._bias_add(n)) is not None
-        }
-        """MatMul name -> the Add of its bias (the two are one linear layer, one record)."""
 
     def run(self) -> list[OpRecord]:
-        fused = {node_name(add) for add in self.bias_adds.values()}
-        return [self._record(node) for node in self.compute_nodes if node_name(node) not in fused]
-
-    def _bias_add(self, matmul: onnx.NodeProto) -> onnx.NodeProto | None:
-        """The Add of a dequantized constant bias right after a MatMul: part of one linear layer."""
-        consumers = self.consumers.get(matmul.output[0], [])
-        if len(consumers) != 1 or consumers[0].op_type != "Add":
-            return None
-        add = consumers[0]
-        other = [t for t in add.input if t != matmul.output[0]]
-        dequantized = self.dequantized(other[0]) if len(other) == 1 else None
-        return add if dequantized is not None and dequantized[0] in self.constants else None
+        return [self._record(node) for node in self.ops]
 
     # ---- following values through Q/DQ ----------------------------------------------------------------------
     def _source(self, tensor: str) -> str:
@@ -77,15 +62,11 @@ class _OnnxWalker(QDQGraph):
                 return INPUT_PREFIX + tensor
             node = self.producer[tensor]
             if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-                return node_name(node)
+                return self.op_name(node)
             tensor = node.input[0]
 
-    def _output(self, node: onnx.NodeProto) -> str:
-        """The tensor that leaves the op (after the bias Add of a MatMul)."""
-        return self.bias_adds.get(node_name(node), node).output[0]
-
     def _output_quant(self, node: onnx.NodeProto) -> QuantParams | None:
-        consumers = self.consumers.get(self._output(node), [])
+        consumers = self.consumers.get(self.op_output(node), [])
         quantizers = [c for c in consumers if c.op_type == "QuantizeLinear"]
         return self.qdq.quant[quantizers[0].output[0]] if quantizers else None
 
@@ -105,7 +86,7 @@ class _OnnxWalker(QDQGraph):
             source_op=node.op_type,
             inputs=[self._source(t) for t in activations],
             input_shapes=[shape for shape in map(self.static_shape, activations) if shape is not None],
-            output_shape=self.static_shape(self._output(node)),
+            output_shape=self.static_shape(self.op_output(node)),
             attrs=attrs,
             float_only=not quantized,
             onnx_op=node.op_type,
@@ -115,7 +96,7 @@ class _OnnxWalker(QDQGraph):
         return record
 
     def _feeds_model_output(self, node: onnx.NodeProto) -> bool:
-        return any(self._output(node) == out.name for out in self.qdq.model.graph.output)
+        return any(self.op_output(node) == out.name for out in self.qdq.model.graph.output)
 
     def _quant_facts(
         self,
@@ -133,7 +114,7 @@ class _OnnxWalker(QDQGraph):
             facts.weight_scales = weight[1].scales
         for quantized, _ in (q for q in input_quant if q is not None):
             facts.problems.extend(self.problems.get(quantized, []))
-        for consumer in self.consumers.get(self._output(node), []):
+        for consumer in self.consumers.get(self.op_output(node), []):
             if consumer.op_type == "QuantizeLinear":
                 facts.problems.extend(self.problems.get(consumer.output[0], []))
         facts.problems.extend(self.problems.get(node_name(node), []))

@@ -83,7 +83,7 @@ def partition(qdq: QDQModel, report: CheckReport) -> Partition:
     outputs = [graph.output_spec(info, heads.get(info.name)) for info in model.graph.output]
     placements = {n.record.name: n.placement for n in report.nodes}
     regions: list[Region] = []
-    for node in graph.compute_nodes:
+    for node in graph.ops:
         head = heads.get(node.output[0])
         placement = placements[node_name(node)]
         if head is not None or not regions or regions[-1].placement is not placement or regions[-1].head is not None:
@@ -168,18 +168,18 @@ class _Graph(QDQGraph):
         return Int32Head(node, self.shapes[source[0]], weight_values, bias_values.reshape(-1), quant)
 
     # ---- region borders ----------------------------------------------------------------------------------------
-    def _consumed(self, node: onnx.NodeProto) -> list[str]:
-        """Tensors a compute node reads, seen through DequantizeLinear (its quantized input) and not constants."""
+    def _consumed(self, op: onnx.NodeProto) -> list[str]:
+        """Tensors an op's nodes read, seen through DequantizeLinear (its quantized input) and not constants."""
         tensors = []
-        for tensor in self.activation_inputs(node):
+        for tensor in (t for node in self.members(op) for t in self.activation_inputs(node)):
             dequantized = self.dequantized(tensor)
             tensors.append(tensor if dequantized is None else dequantized[0])
         return tensors
 
-    def _produced(self, node: onnx.NodeProto) -> list[str]:
-        """Tensors a compute node makes, seen through QuantizeLinear (its quantized output)."""
+    def _produced(self, op: onnx.NodeProto) -> list[str]:
+        """Tensors an op's nodes make, seen through QuantizeLinear (its quantized output)."""
         tensors = []
-        for name in node.output:
+        for name in (t for node in self.members(op) for t in node.output):
             quantizers = [c for c in self.consumers.get(name, []) if c.op_type == "QuantizeLinear"]
             tensors += [q.output[0] for q in quantizers] or [name]
         return tensors
@@ -187,7 +187,7 @@ class _Graph(QDQGraph):
     def connect(self, regions: list[Region], program_inputs: list[str], program_outputs: list[str]) -> None:
         """Fill each region's inputs and outputs: tensors it reads from outside, and tensors it makes that a
         later region or the program's output reads."""
-        by_name = {node_name(n): n for n in self.compute_nodes}
+        by_name = {node_name(n): n for n in self.ops}
         made_in, made_by = {}, {}
         for region in regions:
             for op in region.nodes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from edgeq.export.onnx_reader import QDQModel, QuantParams
+from edgeq.export.onnx_reader import QDQModel, QuantParams, node_name
 
 QDQ_NODES = ("QuantizeLinear", "DequantizeLinear", "Constant")
 """Node types that carry quantization (or constants) rather than compute."""
@@ -12,9 +12,13 @@ QDQ_NODES = ("QuantizeLinear", "DequantizeLinear", "Constant")
 
 class QDQGraph:
     """A QDQ model with inferred shapes: which node makes and which nodes read each tensor, the constants, the
-    shapes, and the quantized tensor behind each DequantizeLinear.
+    shapes, the quantized tensor behind each DequantizeLinear, and the ops.
 
     Attributes:
+        ops: the compute nodes that are ops of their own, in graph order: a linear layer over more than two axes
+            is a MatMul and the Add of its bias, one op named after the MatMul.
+        bias_adds: MatMul name -> the Add of its bias.
+        fused_into: bias Add name -> the MatMul whose op it is part of.
         shapes: every tensor's shape as far as inference knows it (-1 for a dynamic dimension).
     """
 
@@ -23,7 +27,6 @@ class QDQGraph:
         self.model = onnx.shape_inference.infer_shapes(qdq.model)
         graph = self.model.graph
         self.nodes = list(graph.node)
-        self.compute_nodes = [n for n in self.nodes if n.op_type not in QDQ_NODES]
         self.inputs = {info.name for info in graph.input}
         self.producer = {out: node for node in self.nodes for out in node.output}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -36,6 +39,35 @@ class QDQGraph:
             for info in [*graph.input, *graph.value_info, *graph.output]
         }
         self.shapes.update({name: value.shape for name, value in self.constants.items()})
+        compute_nodes = [n for n in self.nodes if n.op_type not in QDQ_NODES]
+        self.bias_adds = {
+            node_name(n): add for n in compute_nodes if n.op_type == "MatMul" and (add := self._bias_add(n)) is not None
+        }
+        self.fused_into = {node_name(add): matmul for matmul, add in self.bias_adds.items()}
+        self.ops = [n for n in compute_nodes if node_name(n) not in self.fused_into]
+
+    def _bias_add(self, matmul: onnx.NodeProto) -> onnx.NodeProto | None:
+        """The Add of a dequantized constant bias right after a MatMul."""
+        consumers = self.consumers.get(matmul.output[0], [])
+        if len(consumers) != 1 or consumers[0].op_type != "Add":
+            return None
+        add = consumers[0]
+        other = [t for t in add.input if t != matmul.output[0]]
+        dequantized = self.dequantized(other[0]) if len(other) == 1 else None
+        return add if dequantized is not None and dequantized[0] in self.constants else None
+
+    def op_name(self, node: onnx.NodeProto) -> str:
+        """The name of the op a compute node is (part of)."""
+        return self.fused_into.get(node_name(node), node_name(node))
+
+    def members(self, op: onnx.NodeProto) -> list[onnx.NodeProto]:
+        """The nodes of an op: the node itself, and a MatMul's bias Add."""
+        add = self.bias_adds.get(node_name(op))
+        return [op] if add is None else [op, add]
+
+    def op_output(self, op: onnx.NodeProto) -> str:
+        """The tensor that leaves an op (after a MatMul's bias Add)."""
+        return self.members(op)[-1].output[0]
 
     def static_shape(self, tensor: str) -> tuple[int, ...] | None:
         """The tensor's shape when every dimension is known."""

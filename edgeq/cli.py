@@ -105,26 +105,28 @@ def build_parser() -> argparse.ArgumentParser:
     targets.add_argument("--markdown", action="store_true", help="print the supported-ops page (docs/supported-ops.md)")
     targets.set_defaults(run=_targets)
 
+    quantized_model = argparse.ArgumentParser(add_help=False)  # the arguments check and compile share
+    quantized_model.add_argument("model", type=Path, help="QDQ ONNX file, or TorchScript file saved by edgeq")
+    quantized_model.add_argument("--target", help="target name or .toml file (default: the target the model was quantized for)")
+
     check = commands.add_parser(
         "check",
+        parents=[quantized_model],
         help="where each op runs on a target, why, and advice",
         description="Report, op by op, what the target's NPU runs, what falls back to the CPU and why. "
         "Exit status 4 when an op cannot run at all.",
     )
-    check.add_argument("model", type=Path, help="QDQ ONNX file, or TorchScript file saved by edgeq")
-    check.add_argument("--target", help="target name or .toml file (default: the target the model was quantized for)")
     check.add_argument("--json", help="also write the report as JSON to this path ('-' for standard output)")
     check.add_argument("--no-advice", action="store_true", help="leave out advice")
     check.set_defaults(run=_check)
 
     compile_ = commands.add_parser(
         "compile",
+        parents=[quantized_model],
         help="compile a quantized model into one .edgeq artifact",
         description="Compile a QDQ ONNX file or an edgeq TorchScript file for a target. NPU regions run as a "
         "bit-exact simulation on the NPU's host CPU; --simulate builds for this machine instead.",
     )
-    compile_.add_argument("model", type=Path, help="QDQ ONNX file, or TorchScript file saved by edgeq")
-    compile_.add_argument("--target", help="target name or .toml file (default: the target the model was quantized for)")
     compile_.add_argument("-o", "--output", type=Path, help="artifact path (default: MODEL with .edgeq)")
     compile_.add_argument("-O", dest="opt_level", type=int, default=2, choices=(0, 1, 2), help="optimisation level (default 2)")
     compile_.add_argument("--input-shape", type=_shape, action="append", metavar="NAME=1x3x224x224",

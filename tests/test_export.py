@@ -387,3 +387,19 @@ def test_example_inputs_must_be_float(small, tmp_path):
     int_model, example = small
     with pytest.raises(ExportError, match="example input 0 must be a float tensor"):
         to_onnx(int_model, (example.to(torch.int8),), tmp_path / "x.onnx")
+
+
+def test_qdq_graph_tells_an_unknown_rank_from_a_scalar(tmp_path):
+    from edgeq.export.onnx_reader import read_qdq
+    from edgeq.export.qdq_graph import QDQGraph
+
+    def info(name, element, shape):
+        return helper.make_tensor_value_info(name, element, shape)
+
+    float_ = onnx.TensorProto.FLOAT
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"]), helper.make_node("Relu", ["y"], ["z"]), helper.make_node("Relu", ["s"], ["t"])]
+    inputs = [info("x", float_, [2, 3]), info("shape", onnx.TensorProto.INT64, ["K"]), info("s", float_, [])]
+    graph = helper.make_graph(nodes, "g", inputs, [info("z", float_, ["a", "b"]), info("t", float_, [])])
+    qdq_graph = QDQGraph(read_qdq(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), tmp_path / "m.onnx"))
+    assert qdq_graph.static_shape("y") is None  # a reshape to a shape of unknown length: even the rank is unknown
+    assert (qdq_graph.static_shape("x"), qdq_graph.static_shape("s"), qdq_graph.static_shape("t")) == ((2, 3), (), ())

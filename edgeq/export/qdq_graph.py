@@ -37,6 +37,7 @@ class QDQGraph:
         self.shapes: dict[str, tuple[int, ...]] = {
             info.name: tuple(d.dim_value if d.HasField("dim_value") else -1 for d in info.type.tensor_type.shape.dim)
             for info in [*graph.input, *graph.value_info, *graph.output]
+            if info.type.tensor_type.HasField("shape")  # no shape at all: even the rank is unknown
         }
         self.shapes.update({name: value.shape for name, value in self.constants.items()})
         compute_nodes = [n for n in self.nodes if n.op_type not in QDQ_NODES]

@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgeq.errors import TargetError
+from edgeq.ops import OP_NAMES, Op, OpTable
 
 
 class _Strict(BaseModel):
@@ -63,25 +64,16 @@ class Hardware(_Strict):
         return 2 * self.int8_macs_per_cycle * self.clock_hz
 
 
-NPU_OPS = (
-    "conv2d",
-    "linear",
-    "add",
-    "concat",
-    "max_pool2d",
-    "avg_pool2d",
-    "global_avg_pool2d",
-    "relu",
-    "upsample_nearest2d",
-    "reshape",
-    "transpose",
-    "split",
-    "slice",
-)
-"""The integer ops an NPU target can list in ``[npu] ops`` (edgeq's vocabulary after fusion)."""
+NPU_OPS = OP_NAMES
+"""The integer ops an NPU target can list in ``[npu] ops`` (edgeq's vocabulary after fusion, :mod:`edgeq.ops`)."""
 NpuOp = Literal[NPU_OPS]  # type: ignore[valid-type]
 
+NPU_LIMITS: OpTable[type[BaseModel]] = OpTable("[npu.<op>] limits section in targets.py", lambda info: info.npu_limits)
+"""The section that describes an op's limits in a target file, for the ops whose :class:`~edgeq.ops.OpInfo` says
+``npu_limits``; ``NpuRules`` has a field of that type named after the op."""
 
+
+@NPU_LIMITS.register(Op.CONV2D)
 class ConvRules(_Strict):
     """Limits of the NPU's convolution engine."""
 
@@ -93,25 +85,48 @@ class ConvRules(_Strict):
     channel_alignment: Annotated[int, Field(gt=0)]
     """Channel counts that are multiples of this use every MAC (advice only)."""
 
+    def describe(self) -> str:
+        """The limits in words (docs/supported-ops.md)."""
+        return (
+            f"kernel ≤ {self.max_kernel}x{self.max_kernel}, stride ≤ {self.max_stride}, padding ≤ {self.max_padding}, "
+            f"dilation {', '.join(map(str, self.dilations))}, groups: {self.groups}; full MAC use at multiples of "
+            f"{self.channel_alignment} channels"
+        )
 
+
+@NPU_LIMITS.register(Op.LINEAR)
 class LinearRules(_Strict):
     """Limits of fully connected layers."""
 
     max_in_features: Annotated[int, Field(gt=0)]
     channel_alignment: Annotated[int, Field(gt=0)]
 
+    def describe(self) -> str:
+        """The limits in words (docs/supported-ops.md)."""
+        return f"in_features ≤ {self.max_in_features}; full MAC use at multiples of {self.channel_alignment}"
 
+
+@NPU_LIMITS.register(Op.MAX_POOL2D, Op.AVG_POOL2D)
 class PoolRules(_Strict):
     """Limits of a pooling unit."""
 
     max_kernel: Annotated[int, Field(gt=0)]
     max_stride: Annotated[int, Field(gt=0)]
 
+    def describe(self) -> str:
+        """The limits in words (docs/supported-ops.md)."""
+        return f"kernel ≤ {self.max_kernel}x{self.max_kernel}, stride ≤ {self.max_stride}"
 
+
+@NPU_LIMITS.register(Op.UPSAMPLE_NEAREST2D)
 class UpsampleRules(_Strict):
     """Nearest-neighbour upsampling factors the NPU supports."""
 
     factors: tuple[Annotated[int, Field(gt=1)], ...]
+
+    def describe(self) -> str:
+        """The limits in words (docs/supported-ops.md)."""
+        return "factors " + ", ".join(f"x{f}" for f in self.factors)
 
 
 class NpuRules(_Strict):
@@ -130,9 +145,13 @@ class NpuRules(_Strict):
     substitutes: dict[str, str] = {}
     """An op the NPU lacks -> one it has that often replaces it (advice)."""
 
+    def limits(self, op: str) -> ConvRules | LinearRules | PoolRules | UpsampleRules | None:
+        """The ``[npu.<op>]`` section of ``op`` (``None`` when the NPU lacks the op or the op has no limits)."""
+        return getattr(self, op) if op in self.ops and Op(op).info.npu_limits else None
+
     @model_validator(mode="after")
     def _rules_for_listed_ops(self) -> NpuRules:
-        for op in ("conv2d", "linear", "max_pool2d", "avg_pool2d", "upsample_nearest2d"):
+        for op in (op.value for op in Op if op.info.npu_limits):
             listed, section = op in self.ops, getattr(self, op) is not None
             if listed and not section:
                 raise ValueError(f"op '{op}' is listed in npu.ops but has no [npu.{op}] section")

@@ -6,6 +6,7 @@ reject; those come out as records with ``rejected`` set, so the check reports al
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch.fx as fx
@@ -14,14 +15,8 @@ from torch import nn
 from edgeq.check.records import INPUT_PREFIX, OpRecord, foreign_op_name
 from edgeq.quantization import qat_modules as qm
 from edgeq.quantization.graph import VALUE_KEY, TensorInfo, input_nodes, produces_tensor
-from edgeq.quantization.patterns import Movement, OpKind, movement, op_kind
-
-_MOVEMENT_OPS = {
-    Movement.RESHAPE: "reshape",
-    Movement.TRANSPOSE: "transpose",
-    Movement.SPLIT: "split",
-    Movement.GETITEM: "slice",
-}
+from edgeq.ops import Op, OpTable
+from edgeq.quantization.patterns import MOVEMENT_OPS, OpKind, movement, op_kind
 
 _OUTSIDE_REGION = (
     "float code outside the QuantStub/DeQuantStub region: edgeq deploys only the integer region; do this in "
@@ -89,47 +84,84 @@ def _record(
     return OpRecord(name, op, source_op, inputs, shapes, _shape(node), attrs)
 
 
+Description = Callable[[nn.Module], tuple[str, dict[str, Any]]]
+
+DESCRIPTIONS: OpTable[Description] = OpTable("check record in check/from_fx.py", lambda info: not info.movement)
+"""What the check records of each op's canonical module: the source op for display, and the attributes."""
+
+
 def _describe(node: fx.Node, module: nn.Module | None, modules: dict[str, nn.Module]) -> tuple[str, str, dict[str, Any]]:
-    if isinstance(module, qm.ConvAct2d):
-        attrs = {
-            "kernel": tuple(module.weight.shape[2:]),
-            "stride": tuple(module.stride),
-            "padding": tuple(module.padding),
-            "dilation": tuple(module.dilation),
-            "groups": module.groups,
-            "in_channels": module.weight.shape[1] * module.groups,
-            "out_channels": module.weight.shape[0],
-            "activation": module.activation.value,
-            "weight_bytes": module.weight.numel(),
-        }
-        parts = ["Conv2d"] + (["BatchNorm2d"] if module.bn is not None else []) + _activation_part(module.activation)
-        return "conv2d", "+".join(parts), attrs
-    if isinstance(module, qm.LinearAct):
-        attrs = {
-            "in_features": module.weight.shape[1],
-            "out_channels": module.weight.shape[0],
-            "activation": module.activation.value,
-            "weight_bytes": module.weight.numel(),
-        }
-        return "linear", "+".join(["Linear", *_activation_part(module.activation)]), attrs
-    if isinstance(module, qm.AddAct):
-        return "add", "+".join(["add", *_activation_part(module.activation)]), {"activation": module.activation.value}
-    if isinstance(module, qm.Concat):
-        return "concat", "cat", {"dim": module.dim}
-    if isinstance(module, qm.MaxPool2d):
-        return "max_pool2d", "MaxPool2d", _pool_attrs(module.kernel_size, module.stride, module.padding)
-    if isinstance(module, qm.AvgPool2d):
-        return "avg_pool2d", "AvgPool2d", _pool_attrs(module.kernel_size, module.stride, module.padding)
-    if isinstance(module, qm.GlobalAvgPool2d):
-        return "global_avg_pool2d", "global average pool", {}
-    if isinstance(module, qm.Clamp):
-        return "relu", module.activation.value, {"activation": module.activation.value}
-    if isinstance(module, qm.UpsampleNearest2d):
-        return "upsample_nearest2d", "upsample (nearest)", {"factor": tuple(module.scale_factor)}
+    op = qm.CANONICAL.op_of(type(module)) if module is not None else None
+    if op is not None:
+        source_op, attrs = DESCRIPTIONS[op](module)
+        return op.value, source_op, attrs
     if op_kind(node, modules) is OpKind.RESHAPE:
-        kind = movement(node, modules)
-        return ("alias" if kind is Movement.ALIAS else _MOVEMENT_OPS[kind]), _spelling(node, module), {}
+        moved = MOVEMENT_OPS[movement(node, modules)]
+        return ("alias" if moved is None else moved.value), _spelling(node, module), {}
     return foreign_op_name(_spelling(node, module)), _spelling(node, module), {}
+
+
+@DESCRIPTIONS.register(Op.CONV2D)
+def _conv(module: qm.ConvAct2d) -> tuple[str, dict[str, Any]]:
+    attrs = {
+        "kernel": tuple(module.weight.shape[2:]),
+        "stride": tuple(module.stride),
+        "padding": tuple(module.padding),
+        "dilation": tuple(module.dilation),
+        "groups": module.groups,
+        "in_channels": module.weight.shape[1] * module.groups,
+        "out_channels": module.weight.shape[0],
+        "activation": module.activation.value,
+        "weight_bytes": module.weight.numel(),
+    }
+    parts = ["Conv2d"] + (["BatchNorm2d"] if module.bn is not None else []) + _activation_part(module.activation)
+    return "+".join(parts), attrs
+
+
+@DESCRIPTIONS.register(Op.LINEAR)
+def _linear(module: qm.LinearAct) -> tuple[str, dict[str, Any]]:
+    attrs = {
+        "in_features": module.weight.shape[1],
+        "out_channels": module.weight.shape[0],
+        "activation": module.activation.value,
+        "weight_bytes": module.weight.numel(),
+    }
+    return "+".join(["Linear", *_activation_part(module.activation)]), attrs
+
+
+@DESCRIPTIONS.register(Op.ADD)
+def _add(module: qm.AddAct) -> tuple[str, dict[str, Any]]:
+    return "+".join(["add", *_activation_part(module.activation)]), {"activation": module.activation.value}
+
+
+@DESCRIPTIONS.register(Op.CONCAT)
+def _concat(module: qm.Concat) -> tuple[str, dict[str, Any]]:
+    return "cat", {"dim": module.dim}
+
+
+@DESCRIPTIONS.register(Op.MAX_POOL2D)
+def _max_pool(module: qm.MaxPool2d) -> tuple[str, dict[str, Any]]:
+    return "MaxPool2d", _pool_attrs(module.kernel_size, module.stride, module.padding)
+
+
+@DESCRIPTIONS.register(Op.AVG_POOL2D)
+def _avg_pool(module: qm.AvgPool2d) -> tuple[str, dict[str, Any]]:
+    return "AvgPool2d", _pool_attrs(module.kernel_size, module.stride, module.padding)
+
+
+@DESCRIPTIONS.register(Op.GLOBAL_AVG_POOL2D)
+def _global_avg_pool(module: qm.GlobalAvgPool2d) -> tuple[str, dict[str, Any]]:
+    return "global average pool", {}
+
+
+@DESCRIPTIONS.register(Op.RELU)
+def _clamp(module: qm.Clamp) -> tuple[str, dict[str, Any]]:
+    return module.activation.value, {"activation": module.activation.value}
+
+
+@DESCRIPTIONS.register(Op.UPSAMPLE_NEAREST2D)
+def _upsample(module: qm.UpsampleNearest2d) -> tuple[str, dict[str, Any]]:
+    return "upsample (nearest)", {"factor": tuple(module.scale_factor)}
 
 
 def _activation_part(activation: qm.Activation) -> list[str]:

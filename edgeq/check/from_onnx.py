@@ -15,28 +15,7 @@ import onnx
 from edgeq.check.records import INPUT_PREFIX, OpRecord, QuantFacts, foreign_op_name
 from edgeq.export.onnx_reader import QDQModel, QuantParams, node_attributes, node_name
 from edgeq.export.qdq_graph import QDQGraph
-
-_OPS = {
-    "Conv": "conv2d",
-    "Gemm": "linear",
-    "MatMul": "linear",
-    "Add": "add",
-    "Relu": "relu",
-    "Clip": "relu",
-    "Concat": "concat",
-    "MaxPool": "max_pool2d",
-    "AveragePool": "avg_pool2d",
-    "GlobalAveragePool": "global_avg_pool2d",
-    "Reshape": "reshape",
-    "Flatten": "reshape",
-    "Squeeze": "reshape",
-    "Unsqueeze": "reshape",
-    "Identity": "reshape",
-    "Transpose": "transpose",
-    "Split": "split",
-    "Slice": "slice",
-}
-
+from edgeq.ops import op_of_onnx_type
 
 def records_from_qdq(qdq: QDQModel) -> list[OpRecord]:
     """One record per compute node of the QDQ model, in graph order."""
@@ -75,7 +54,8 @@ class _OnnxWalker(QDQGraph):
         activations = self.activation_inputs(node)
         input_quant = [self.dequantized(t) for t in activations]
         output_quant = self._output_quant(node)
-        int32_output = node.op_type in ("Conv", "Gemm", "MatMul") and self._feeds_model_output(node)
+        weighted = _weighted(node)
+        int32_output = weighted and self._feeds_model_output(node)
         quantized = all(q is not None for q in input_quant) and bool(input_quant) and (
             output_quant is not None or int32_output
         )
@@ -109,7 +89,7 @@ class _OnnxWalker(QDQGraph):
             input_scales=tuple(q[1].scales[0] for q in input_quant if q is not None),
             output_scale=output_quant.scales[0] if output_quant is not None else None,
         )
-        weight = self.dequantized(node.input[1]) if len(node.input) > 1 and node.op_type in ("Conv", "Gemm", "MatMul") else None
+        weight = self.dequantized(node.input[1]) if len(node.input) > 1 and _weighted(node) else None
         if weight is not None:
             facts.weight_scales = weight[1].scales
         for quantized, _ in (q for q in input_quant if q is not None):
@@ -149,16 +129,15 @@ class _OnnxWalker(QDQGraph):
         if node.op_type in ("MaxPool", "AveragePool"):
             pads = tuple(attributes.get("pads", [0] * 4))
             kernel = tuple(attributes["kernel_shape"])
-            return _OPS[node.op_type], {
+            return op_of_onnx_type(node.op_type).value, {
                 "kernel": kernel,
                 "stride": tuple(attributes.get("strides", (1, 1))),
                 "padding": (max(pads[0], pads[2]), max(pads[1], pads[3])),
             }
         if node.op_type == "Resize":
             return self._resize(node, attributes)
-        if node.op_type in _OPS:
-            return _OPS[node.op_type], {}
-        return foreign_op_name(node.op_type), {}
+        op = op_of_onnx_type(node.op_type)
+        return (op.value if op is not None else foreign_op_name(node.op_type)), {}
 
     def _weight_shape(self, tensor: str) -> tuple[int, ...] | None:
         dequantized = self.dequantized(tensor)
@@ -172,6 +151,11 @@ class _OnnxWalker(QDQGraph):
         if mode != "nearest" or source is None or target is None or any(t % s for t, s in zip(target[2:], source[2:])):
             return foreign_op_name(f"resize_{mode}"), {}
         return "upsample_nearest2d", {"factor": tuple(t // s for t, s in zip(target[2:], source[2:]))}
+
+
+def _weighted(node: onnx.NodeProto) -> bool:
+    op = op_of_onnx_type(node.op_type)
+    return op is not None and op.info.weighted
 
 
 def _tensor_problems(qdq: QDQModel) -> dict[str, list[str]]:

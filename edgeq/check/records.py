@@ -33,7 +33,7 @@ class OpRecord:
 
     Attributes:
         name: the node's name (module path, or ONNX node name).
-        op: edgeq's op name (``conv2d``, ``add``... see ``edgeq.targets.NPU_OPS``) or, for an op edgeq has no
+        op: edgeq's op name (``conv2d``, ``add``... an :class:`edgeq.ops.Op`) or, for an op edgeq has no
             integer implementation of, its own lowercase name (``hardswish``).
         source_op: what the model says (``Conv2d+BatchNorm2d+ReLU6``, ``Conv``) for display.
         inputs: names of the records producing this op's inputs (``input:<name>`` for model inputs).

@@ -1,9 +1,11 @@
 """The rules that decide where an op runs, one function per rule.
 
-Each rule reads an :class:`~edgeq.check.records.OpRecord` and the target's data and returns a
+Each rule is declared with its id (the name check.json and docs/supported-ops.md both use) and the ops it
+applies to, reads an :class:`~edgeq.check.records.OpRecord` and the target's data, and returns a
 :class:`RuleResult` when it has something to say: a *blocking* result sends the op to the CPU (or, for
 ``rejected``, makes it unsupported), a non-blocking one is advice for speed. The first line of each rule's
-docstring is its sentence on the generated page docs/supported-ops.md (``edgeq targets --markdown``).
+docstring is its sentence on the generated page docs/supported-ops.md (``edgeq targets --markdown``). A rule
+that reads an op's ``[npu.<op>]`` limits runs only where the NPU has the op (``op_not_on_npu`` speaks otherwise).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from dataclasses import dataclass
 
 from edgeq.check.records import OpRecord
 from edgeq.numerics import is_power_of_two
-from edgeq.targets import NPU_OPS, ConvRules, PoolRules, ScaleRule, Target
+from edgeq.ops import Op
+from edgeq.targets import NPU_OPS, ScaleRule, Target
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,55 @@ class RuleResult:
     advice: str | None = None
 
 
-Rule = Callable[[OpRecord, Target], "RuleResult | None"]
+@dataclass(frozen=True)
+class Outcome:
+    """What a rule's function says about one op; the :class:`Rule` adds its id."""
+
+    message: str
+    blocking: bool
+    advice: str | None = None
+
+
+Check = Callable[[OpRecord, Target], "Outcome | None"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One placement rule.
+
+    Attributes:
+        id: the rule's name in every report (``RuleResult.rule``, check.json) and on docs/supported-ops.md.
+        check: the function; the first line of its docstring is the rule's sentence.
+        ops: the ops it applies to (``None``: every op).
+    """
+
+    id: str
+    check: Check
+    ops: frozenset[Op] | None = None
+
+    @property
+    def sentence(self) -> str:
+        """What the rule means, in one sentence."""
+        return (self.check.__doc__ or "").strip().splitlines()[0]
+
+    def applies_to(self, op: str) -> bool:
+        """Whether the rule looks at records of ``op``."""
+        return self.ops is None or op in self.ops
+
+    def __call__(self, record: OpRecord, target: Target) -> RuleResult | None:
+        if not self.applies_to(record.op):
+            return None
+        outcome = self.check(record, target)
+        return None if outcome is None else RuleResult(self.id, outcome.message, outcome.blocking, outcome.advice)
+
+
+def rule(rule_id: str, *ops: Op) -> Callable[[Check], Rule]:
+    """Decorator declaring a rule with its id and the ops it applies to (none listed: every op)."""
+
+    def declare(check: Check) -> Rule:
+        return Rule(rule_id, check, frozenset(ops) if ops else None)
+
+    return declare
 
 
 def _size(value: tuple[int, ...]) -> str:
@@ -50,18 +101,20 @@ def _substitute_advice(record: OpRecord, target: Target) -> str | None:
 # ---- rules for every target -------------------------------------------------------------------------------------
 
 
-def rejected(record: OpRecord, target: Target) -> RuleResult | None:
+@rule("rejected")
+def rejected(record: OpRecord, target: Target) -> Outcome | None:
     """edgeq cannot compute this op in integers: it is unsupported on every target."""
     if record.rejected is None:
         return None
-    return RuleResult("rejected", record.rejected, True, _substitute_advice(record, target))
+    return Outcome(record.rejected, True, _substitute_advice(record, target))
 
 
-def no_cpu_implementation(record: OpRecord, target: Target) -> RuleResult | None:
+@rule("no_cpu_implementation")
+def no_cpu_implementation(record: OpRecord, target: Target) -> Outcome | None:
     """An ONNX op outside edgeq's vocabulary runs (in float, on the CPU) only where TVM's ONNX frontend converts it."""
     if record.onnx_op is None or record.op in NPU_OPS or record.onnx_op in _tvm_onnx_ops():
         return None
-    return RuleResult("no_cpu_implementation", f"{record.onnx_op} has no converter in TVM's ONNX frontend", True)
+    return Outcome(f"{record.onnx_op} has no converter in TVM's ONNX frontend", True)
 
 
 @functools.cache
@@ -74,26 +127,28 @@ def _tvm_onnx_ops() -> frozenset[str]:
 # ---- rules for NPU targets ------------------------------------------------------------------------------------
 
 
-def not_quantized(record: OpRecord, target: Target) -> RuleResult | None:
+@rule("not_quantized")
+def not_quantized(record: OpRecord, target: Target) -> Outcome | None:
     """An op the QDQ file leaves in float runs on the CPU."""
     if not record.float_only or record.rejected:
         return None
-    return RuleResult("not_quantized", f"{record.source_op} is not quantized in the file: it runs in float", True)
+    return Outcome(f"{record.source_op} is not quantized in the file: it runs in float", True)
 
 
-def op_not_on_npu(record: OpRecord, target: Target) -> RuleResult | None:
+@rule("op_not_on_npu")
+def op_not_on_npu(record: OpRecord, target: Target) -> Outcome | None:
     """The NPU does not have this op."""
     if record.op in target.npu.ops or record.rejected:
         return None
-    return RuleResult("op_not_on_npu", f"{record.op} is not among {target.name}'s ops", True, _substitute_advice(record, target))
+    return Outcome(f"{record.op} is not among {target.name}'s ops", True, _substitute_advice(record, target))
 
 
-def not_int8_symmetric(record: OpRecord, target: Target) -> RuleResult | None:
+@rule("int8_symmetric")
+def not_int8_symmetric(record: OpRecord, target: Target) -> Outcome | None:
     """The NPU computes int8 tensors with zero point 0 (docs/numerics.md); other quantization runs on the CPU."""
     if record.quant is None or not record.quant.problems:
         return None
-    return RuleResult(
-        "int8_symmetric",
+    return Outcome(
         f"{record.quant.problems[0]}; {target.name} needs int8 with zero point 0",
         True,
         "quantize with edgeq's prepare_qat_fx, or ONNX Runtime's quantize_static with QInt8 activations and "
@@ -101,7 +156,8 @@ def not_int8_symmetric(record: OpRecord, target: Target) -> RuleResult | None:
     )
 
 
-def scale_not_power_of_two(record: OpRecord, target: Target) -> RuleResult | None:
+@rule("power_of_two_scales")
+def scale_not_power_of_two(record: OpRecord, target: Target) -> Outcome | None:
     """On a power-of-two target every scale must be a power of two (requantization is a shift)."""
     if record.quant is None or target.quantization.scale_rule is not ScaleRule.POWER_OF_TWO:
         return None
@@ -111,170 +167,183 @@ def scale_not_power_of_two(record: OpRecord, target: Target) -> RuleResult | Non
     odd = [s for s in scales if not is_power_of_two(s)]
     if not odd:
         return None
-    return RuleResult(
-        "power_of_two_scales",
+    return Outcome(
         f"scale {odd[0]:.6g} is not a power of two; {target.name} requantizes by shifts only",
         True,
         f"prepare the model with target='{target.name}': every scale is then a power of two",
     )
 
 
-def kernel_too_large(record: OpRecord, target: Target) -> RuleResult | None:
+@rule("max_kernel", Op.CONV2D, Op.MAX_POOL2D, Op.AVG_POOL2D)
+def kernel_too_large(record: OpRecord, target: Target) -> Outcome | None:
     """Kernels larger than the NPU's maximum run on the CPU."""
-    rules = _pool_or_conv_rules(record, target)
-    if rules is None or "kernel" not in record.attrs or max(record.attrs["kernel"]) <= rules.max_kernel:
+    limits = target.npu.limits(record.op)
+    if limits is None or "kernel" not in record.attrs or max(record.attrs["kernel"]) <= limits.max_kernel:
         return None
     advice = "two stacked 3x3 convolutions see as far as one 5x5, three as far as one 7x7" if record.op == "conv2d" else None
-    return RuleResult(
-        "max_kernel",
-        f"kernel {_size(record.attrs['kernel'])}, {target.name} supports ≤ {rules.max_kernel}x{rules.max_kernel}",
+    return Outcome(
+        f"kernel {_size(record.attrs['kernel'])}, {target.name} supports ≤ {limits.max_kernel}x{limits.max_kernel}",
         True,
         advice,
     )
 
 
-def stride_too_large(record: OpRecord, target: Target) -> RuleResult | None:
+@rule("max_stride", Op.CONV2D, Op.MAX_POOL2D, Op.AVG_POOL2D)
+def stride_too_large(record: OpRecord, target: Target) -> Outcome | None:
     """Strides larger than the NPU's maximum run on the CPU."""
-    rules = _pool_or_conv_rules(record, target)
-    if rules is None or "stride" not in record.attrs or max(record.attrs["stride"]) <= rules.max_stride:
+    limits = target.npu.limits(record.op)
+    if limits is None or "stride" not in record.attrs or max(record.attrs["stride"]) <= limits.max_stride:
         return None
-    return RuleResult("max_stride", f"stride {_size(record.attrs['stride'])}, {target.name} supports ≤ {rules.max_stride}", True)
+    return Outcome(f"stride {_size(record.attrs['stride'])}, {target.name} supports ≤ {limits.max_stride}", True)
 
 
-def padding_too_large(record: OpRecord, target: Target) -> RuleResult | None:
+@rule("max_padding", Op.CONV2D)
+def padding_too_large(record: OpRecord, target: Target) -> Outcome | None:
     """Convolution padding beyond the NPU's maximum runs on the CPU."""
-    if record.op != "conv2d" or "padding" not in record.attrs:
+    limits = target.npu.limits(record.op)
+    if limits is None or "padding" not in record.attrs or max(record.attrs["padding"]) <= limits.max_padding:
         return None
-    limit = target.npu.conv2d.max_padding
-    if max(record.attrs["padding"]) <= limit:
-        return None
-    return RuleResult("max_padding", f"padding {_size(record.attrs['padding'])}, {target.name} supports ≤ {limit}", True)
+    return Outcome(f"padding {_size(record.attrs['padding'])}, {target.name} supports ≤ {limits.max_padding}", True)
 
 
-def dilation_unsupported(record: OpRecord, target: Target) -> RuleResult | None:
+@rule("dilation", Op.CONV2D)
+def dilation_unsupported(record: OpRecord, target: Target) -> Outcome | None:
     """Dilations the NPU does not list run on the CPU."""
-    if record.op != "conv2d" or "dilation" not in record.attrs:
+    limits = target.npu.limits(record.op)
+    if limits is None or "dilation" not in record.attrs or all(d in limits.dilations for d in record.attrs["dilation"]):
         return None
-    allowed = target.npu.conv2d.dilations
-    if all(d in allowed for d in record.attrs["dilation"]):
-        return None
-    return RuleResult(
-        "dilation", f"dilation {_size(record.attrs['dilation'])}, {target.name} supports {', '.join(map(str, allowed))}", True
-    )
+    allowed = ", ".join(map(str, limits.dilations))
+    return Outcome(f"dilation {_size(record.attrs['dilation'])}, {target.name} supports {allowed}", True)
 
 
-def groups_unsupported(record: OpRecord, target: Target) -> RuleResult | None:
+@rule("groups", Op.CONV2D)
+def groups_unsupported(record: OpRecord, target: Target) -> Outcome | None:
     """Grouped convolutions the NPU cannot do (depthwise only, or none) run on the CPU."""
-    if record.op != "conv2d" or "groups" not in record.attrs or record.attrs["groups"] == 1:
+    limits = target.npu.limits(record.op)
+    if limits is None or "groups" not in record.attrs or record.attrs["groups"] == 1:
         return None
-    allowed = target.npu.conv2d.groups
+    allowed = limits.groups
     depthwise = record.attrs["groups"] == record.attrs["in_channels"] == record.attrs["out_channels"]
     if allowed == "any" or (allowed == "depthwise" and depthwise):
         return None
     kind = "depthwise" if depthwise else f"groups={record.attrs['groups']}"
     supported = {"depthwise": "depthwise only", "none": "no grouped convolution"}[allowed]
-    return RuleResult(
-        "groups", f"{kind} convolution, {target.name} supports {supported}", True,
+    return Outcome(
+        f"{kind} convolution, {target.name} supports {supported}",
+        True,
         "use groups=1, or depthwise (groups = channels) followed by a 1x1 convolution" if allowed == "depthwise" else None,
     )
 
 
-def linear_too_wide(record: OpRecord, target: Target) -> RuleResult | None:
+@rule("max_in_features", Op.LINEAR)
+def linear_too_wide(record: OpRecord, target: Target) -> Outcome | None:
     """Linear layers with more inputs than the NPU's maximum run on the CPU."""
-    if record.op != "linear" or "in_features" not in record.attrs or target.npu.linear is None:
+    limits = target.npu.limits(record.op)
+    if limits is None or "in_features" not in record.attrs or record.attrs["in_features"] <= limits.max_in_features:
         return None
-    limit = target.npu.linear.max_in_features
-    if record.attrs["in_features"] <= limit:
-        return None
-    return RuleResult("max_in_features", f"in_features {record.attrs['in_features']}, {target.name} supports ≤ {limit}", True)
+    return Outcome(f"in_features {record.attrs['in_features']}, {target.name} supports ≤ {limits.max_in_features}", True)
 
 
-def upsample_factor_unsupported(record: OpRecord, target: Target) -> RuleResult | None:
+@rule("upsample_factor", Op.UPSAMPLE_NEAREST2D)
+def upsample_factor_unsupported(record: OpRecord, target: Target) -> Outcome | None:
     """Upsampling factors the NPU does not list run on the CPU."""
-    if record.op != "upsample_nearest2d" or "factor" not in record.attrs or target.npu.upsample_nearest2d is None:
+    limits = target.npu.limits(record.op)
+    if limits is None or "factor" not in record.attrs or all(f in limits.factors for f in record.attrs["factor"]):
         return None
-    allowed = target.npu.upsample_nearest2d.factors
-    if all(f in allowed for f in record.attrs["factor"]):
-        return None
-    return RuleResult(
-        "upsample_factor",
-        f"upsample x{_size(record.attrs['factor'])}, {target.name} supports x{', x'.join(map(str, allowed))}",
+    return Outcome(
+        f"upsample x{_size(record.attrs['factor'])}, {target.name} supports x{', x'.join(map(str, limits.factors))}",
         True,
-        f"chain upsamples by x{allowed[0]}",
+        f"chain upsamples by x{limits.factors[0]}",
     )
 
 
-def tensor_too_large(record: OpRecord, target: Target) -> RuleResult | None:
-    """Tensors wider, taller or larger than the NPU addresses run on the CPU."""
-    for shape in [*record.input_shapes, *([record.output_shape] if record.output_shape else [])]:
-        if len(shape) == 4 and max(shape[2:]) > target.npu.max_spatial:
-            return RuleResult(
-                "max_spatial", f"spatial size {_size(shape[2:])}, {target.name} supports ≤ {target.npu.max_spatial}", True,
-                "reduce the input resolution or tile the image",
-            )
-        size = math.prod(shape[1:])
-        if size > target.npu.max_tensor_bytes:
-            return RuleResult(
-                "max_tensor_bytes",
-                f"tensor of {_bytes(size)} per image, {target.name} addresses ≤ {_bytes(target.npu.max_tensor_bytes)}",
-                True,
-                "reduce the input resolution or the channel count",
-            )
-    return None
+def _shapes(record: OpRecord) -> list[tuple[int, ...]]:
+    return [*record.input_shapes, *([record.output_shape] if record.output_shape else [])]
 
 
-def concat_scales_differ(record: OpRecord, target: Target) -> RuleResult | None:
-    """Concat inputs at different scales need a requantize; an NPU that only copies cannot do it."""
-    if record.op != "concat" or record.quant is None or record.quant.output_scale is None:
+@rule("max_spatial")
+def tensor_too_wide(record: OpRecord, target: Target) -> Outcome | None:
+    """Tensors wider or taller than the NPU addresses run on the CPU."""
+    shape = next((s for s in _shapes(record) if len(s) == 4 and max(s[2:]) > target.npu.max_spatial), None)
+    if shape is None:
         return None
-    scales = record.quant.input_scales
-    if all(s == record.quant.output_scale for s in scales):
+    return Outcome(
+        f"spatial size {_size(shape[2:])}, {target.name} supports ≤ {target.npu.max_spatial}",
+        True,
+        "reduce the input resolution or tile the image",
+    )
+
+
+@rule("max_tensor_bytes")
+def tensor_too_large(record: OpRecord, target: Target) -> Outcome | None:
+    """Tensors larger than the NPU addresses run on the CPU."""
+    size = max((math.prod(s[1:]) for s in _shapes(record)), default=0)
+    if size <= target.npu.max_tensor_bytes:
         return None
-    listed = ", ".join(f"{s:.4g}" for s in scales)
-    if target.quantization.concat_shares_input_scale:
-        return RuleResult(
-            "concat_shared_scale",
-            f"concat inputs have scales {listed}; {target.name} cannot rescale while concatenating",
-            True,
-            f"prepare with target='{target.name}': inputs used only by the concat then share its scale",
-        )
-    return RuleResult("concat_scales", f"concat inputs have scales {listed}", False, "a shared scale avoids a requantize")
+    return Outcome(
+        f"tensor of {_bytes(size)} per image, {target.name} addresses ≤ {_bytes(target.npu.max_tensor_bytes)}",
+        True,
+        "reduce the input resolution or the channel count",
+    )
 
 
-def channels_misaligned(record: OpRecord, target: Target) -> RuleResult | None:
+def _differing_concat_scales(record: OpRecord) -> str | None:
+    """The concat's input scales in words, when they differ from its output scale."""
+    if record.quant is None or record.quant.output_scale is None:
+        return None
+    if all(s == record.quant.output_scale for s in record.quant.input_scales):
+        return None
+    return ", ".join(f"{s:.4g}" for s in record.quant.input_scales)
+
+
+@rule("concat_shared_scale", Op.CONCAT)
+def concat_cannot_rescale(record: OpRecord, target: Target) -> Outcome | None:
+    """On an NPU that only copies while concatenating, concat inputs at different scales run on the CPU."""
+    listed = _differing_concat_scales(record)
+    if listed is None or not target.quantization.concat_shares_input_scale:
+        return None
+    return Outcome(
+        f"concat inputs have scales {listed}; {target.name} cannot rescale while concatenating",
+        True,
+        f"prepare with target='{target.name}': inputs used only by the concat then share its scale",
+    )
+
+
+@rule("concat_scales", Op.CONCAT)
+def concat_scales_differ(record: OpRecord, target: Target) -> Outcome | None:
+    """Concat inputs at different scales need a requantize."""
+    listed = _differing_concat_scales(record)
+    if listed is None or target.quantization.concat_shares_input_scale:
+        return None
+    return Outcome(f"concat inputs have scales {listed}", False, "a shared scale avoids a requantize")
+
+
+@rule("channel_alignment", Op.CONV2D, Op.LINEAR)
+def channels_misaligned(record: OpRecord, target: Target) -> Outcome | None:
     """Channel counts that are not a multiple of the MAC array's width leave MACs idle."""
-    rules = target.npu.conv2d if record.op == "conv2d" else target.npu.linear if record.op == "linear" else None
+    limits = target.npu.limits(record.op)
     channels = record.attrs.get("out_channels")
-    if rules is None or channels is None or channels % rules.channel_alignment == 0:
+    if limits is None or channels is None or channels % limits.channel_alignment == 0:
         return None
-    padded = -(-channels // rules.channel_alignment) * rules.channel_alignment
-    return RuleResult(
-        "channel_alignment",
-        f"out channels {channels}, not a multiple of {rules.channel_alignment}",
+    padded = -(-channels // limits.channel_alignment) * limits.channel_alignment
+    return Outcome(
+        f"out channels {channels}, not a multiple of {limits.channel_alignment}",
         False,
         f"out channels {channels}: pad to {padded} for full MAC use",
     )
 
 
-def weights_exceed_sram(record: OpRecord, target: Target) -> RuleResult | None:
+@rule("weights_in_sram", Op.CONV2D, Op.LINEAR)
+def weights_exceed_sram(record: OpRecord, target: Target) -> Outcome | None:
     """Weights larger than the on-chip SRAM are streamed from DRAM on every inference."""
     weight_bytes = record.attrs.get("weight_bytes", 0)
     if weight_bytes <= target.hardware.sram_bytes:
         return None
-    return RuleResult(
-        "weights_in_sram",
+    return Outcome(
         f"weights {_bytes(weight_bytes)} exceed the {_bytes(target.hardware.sram_bytes)} SRAM",
         False,
         f"weights {_bytes(weight_bytes)} are streamed from DRAM on every inference; fewer channels keep them on chip",
     )
-
-
-def _pool_or_conv_rules(record: OpRecord, target: Target) -> ConvRules | PoolRules | None:
-    return {
-        "conv2d": target.npu.conv2d,
-        "max_pool2d": target.npu.max_pool2d,
-        "avg_pool2d": target.npu.avg_pool2d,
-    }.get(record.op)
 
 
 COMMON_RULES: tuple[Rule, ...] = (rejected, no_cpu_implementation)
@@ -292,9 +361,14 @@ NPU_RULES: tuple[Rule, ...] = (
     groups_unsupported,
     linear_too_wide,
     upsample_factor_unsupported,
+    tensor_too_wide,
     tensor_too_large,
+    concat_cannot_rescale,
     concat_scales_differ,
     channels_misaligned,
     weights_exceed_sram,
 )
 """Rules for NPU targets, in the order their results are listed."""
+
+RULES: tuple[Rule, ...] = (*COMMON_RULES, *NPU_RULES)
+"""Every rule, common ones first."""

@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-from edgeq.check.rules import COMMON_RULES, NPU_RULES
+from edgeq.check.rules import RULES, Rule
+from edgeq.ops import Op
 from edgeq.targets import Target, TargetKind, list_targets
 
 PAGE = "docs/supported-ops.md"
 
 
-def _first_line(text: str | None) -> str:
-    return (text or "").strip().splitlines()[0]
+def _ops(rule: Rule) -> str:
+    return "all" if rule.ops is None else ", ".join(f"`{op.value}`" for op in Op if op in rule.ops)
 
 
 def _limits(target: Target, op: str) -> str:
-    rules = target.npu
-    if op == "conv2d" and rules.conv2d:
-        c = rules.conv2d
-        return (
-            f"kernel ≤ {c.max_kernel}x{c.max_kernel}, stride ≤ {c.max_stride}, padding ≤ {c.max_padding}, "
-            f"dilation {', '.join(map(str, c.dilations))}, groups: {c.groups}; full MAC use at multiples of "
-            f"{c.channel_alignment} channels"
-        )
-    if op == "linear" and rules.linear:
-        return f"in_features ≤ {rules.linear.max_in_features}; full MAC use at multiples of {rules.linear.channel_alignment}"
-    pool = {"max_pool2d": rules.max_pool2d, "avg_pool2d": rules.avg_pool2d}.get(op)
-    if pool is not None:
-        return f"kernel ≤ {pool.max_kernel}x{pool.max_kernel}, stride ≤ {pool.max_stride}"
-    if op == "upsample_nearest2d" and rules.upsample_nearest2d:
-        return "factors " + ", ".join(f"x{f}" for f in rules.upsample_nearest2d.factors)
-    return ""
+    limits = target.npu.limits(op)
+    return limits.describe() if limits is not None else ""
 
 
 def _target_section(target: Target) -> list[str]:
@@ -61,10 +48,10 @@ def supported_ops_markdown() -> str:
         "",
         "## Rules",
         "",
-        "| rule | meaning |",
-        "|---|---|",
+        "| rule | ops | meaning |",
+        "|---|---|---|",
     ]
-    lines += [f"| `{rule.__name__}` | {_first_line(rule.__doc__)} |" for rule in (*COMMON_RULES, *NPU_RULES)]
+    lines += [f"| `{rule.id}` | {_ops(rule)} | {rule.sentence} |" for rule in RULES]
     lines.append("")
     for target in list_targets():
         lines += _target_section(target)

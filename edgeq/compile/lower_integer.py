@@ -23,6 +23,7 @@ from tvm import relax
 from tvm.relax import op as R
 from tvm.relax.dpl import DFPattern, is_const, is_op, is_tuple_get_item, rewrite_call, wildcard
 
+from edgeq.ops import Op, OpTable
 from edgeq.numerics import (
     ACTIVATION_QMAX,
     ACTIVATION_QMIN,
@@ -126,6 +127,10 @@ def _dq(source: DFPattern | None = None) -> DFPattern:
 
 def _q(body: DFPattern) -> DFPattern:
     return is_op("relax.quantize")(body, is_const(), is_const())
+
+
+LOWERING: OpTable[Callable[..., "_Rule"]] = OpTable("lowering rule in compile/lower_integer.py")
+"""The factory of the rule that lowers each op's QDQ unit (``lower_to_integer`` runs them in its order)."""
 
 
 class _Rule:
@@ -264,6 +269,7 @@ class _WeightedUnit:
         return _requantize(acc, multipliers, rank, axis)
 
 
+@LOWERING.register(Op.CONV2D, Op.LINEAR)
 def _weighted_rule(name: str) -> _Rule:
     unit = _WeightedUnit(name)
     return _Rule(name, unit.pattern, unit.rewrite)
@@ -274,6 +280,7 @@ def _output_scale(quantize: relax.Call) -> float | None:
     return quant.per_tensor_scale if quant is not None else None
 
 
+@LOWERING.register(Op.ADD)
 def _add_rule() -> _Rule:
     left, right = _dq(), _dq()
     quantize = _q(is_op("relax.add")(left, right))
@@ -301,6 +308,7 @@ def _same_scale(matched: relax.Call, dequantize: relax.Call) -> bool:
     return input_scale is not None and input_scale == _output_scale(matched)
 
 
+@LOWERING.register(Op.RELU)
 def _clamp_rule() -> _Rule:
     source = _dq()
     relu = is_op("relax.nn.relu")(source)
@@ -331,6 +339,7 @@ def _prim_float(expr: relax.Expr) -> float | None:
     return float(value.value) if value is not None and hasattr(value, "value") else None
 
 
+@LOWERING.register(Op.RESHAPE, Op.TRANSPOSE, Op.MAX_POOL2D, Op.SLICE, Op.UPSAMPLE_NEAREST2D)
 def _data_movement_rule() -> _Rule:
     """Ops that only move values (reshape, transpose, max pool, nearest resize, slices): same op on int8."""
     source = _dq()
@@ -368,6 +377,7 @@ def _repeat(value: relax.Expr, resize: relax.Call) -> relax.Expr | None:
     return R.repeat(R.repeat(value, target[2] // source[2], axis=2), target[3] // source[3], axis=3)
 
 
+@LOWERING.register(Op.SPLIT)
 def _split_rule() -> _Rule:
     source = _dq()
     split = is_op("relax.split")(source)
@@ -383,6 +393,7 @@ def _split_rule() -> _Rule:
     return _Rule("split", quantize, rewrite)
 
 
+@LOWERING.register(Op.AVG_POOL2D, Op.GLOBAL_AVG_POOL2D)
 def _pool_rule() -> _Rule:
     """Average pools: the integer window sum, then requantization folding 1/N."""
     source = _dq()
@@ -416,6 +427,7 @@ def _pool_rule() -> _Rule:
     return _Rule("pool", quantize, rewrite)
 
 
+@LOWERING.register(Op.CONCAT)
 def _concat_rule(bindings: dict[relax.Var, relax.Expr]) -> _Rule:
     concat = is_op("relax.concat")(wildcard())
     quantize = _q(concat)

@@ -10,11 +10,13 @@ a driver for real silicon would consume.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from edgeq.check.records import OpRecord, QuantFacts
 from edgeq.check.report import CheckReport, Placement
 from edgeq.compile.partition import Partition, Region, TensorSpec
+from edgeq.ops import OP_NAMES, Op, OpTable
 from edgeq.numerics import conv_multipliers, quantize_multiplier, quantize_multipliers, real_multiplier
 from edgeq.targets import Target
 
@@ -28,29 +30,47 @@ def _plain(value: Any) -> Any:
     return value
 
 
+Requantization = Callable[[OpRecord, QuantFacts, str], dict[str, Any]]
+
+REQUANTIZATION: OpTable[Requantization] = OpTable("requantization in npu_program.py", lambda info: info.requantizes)
+"""The integer constants of each op whose output scale differs from its input's, as the NPU program lists them."""
+
+
 def requantization(record: OpRecord) -> dict[str, Any] | None:
     """The integer constants an op's requantization uses (None when it keeps its input's scale)."""
     quant = record.quant
-    if quant is None:
+    if quant is None or quant.output_scale is None or record.op not in OP_NAMES:
         return None
-    what = f"'{record.name}'"
-    if record.op in ("conv2d", "linear") and quant.output_scale is not None:
-        multipliers = conv_multipliers(quant.input_scales[0], quant.weight_scales, quant.output_scale, what=what)
-        return {"per_channel": [{"multiplier": m.multiplier, "shift": m.shift} for m in multipliers]}
-    if record.op == "add" and quant.output_scale is not None:
-        reals = [real_multiplier(s, quant.output_scale) for s in quant.input_scales]
-        multipliers, shift = quantize_multipliers(reals, what=what)
-        return {"multipliers": multipliers, "shift": shift}
-    if record.op == "concat" and quant.output_scale is not None:
-        return {
-            "inputs": [
-                _multiplier(real_multiplier(s, quant.output_scale), what) for s in quant.input_scales
-            ]
-        }
-    if record.op in ("avg_pool2d", "global_avg_pool2d") and quant.output_scale is not None:
-        count = math.prod(record.attrs["kernel"]) if record.op == "avg_pool2d" else math.prod(record.input_shapes[0][2:])
-        return {"count": count, **_multiplier(real_multiplier(quant.input_scales[0], quant.output_scale, count=count), what)}
-    return None
+    constants = REQUANTIZATION.get(Op(record.op))
+    return constants(record, quant, f"'{record.name}'") if constants is not None else None
+
+
+@REQUANTIZATION.register(Op.CONV2D, Op.LINEAR)
+def _per_channel(record: OpRecord, quant: QuantFacts, what: str) -> dict[str, Any]:
+    multipliers = conv_multipliers(quant.input_scales[0], quant.weight_scales, quant.output_scale, what=what)
+    return {"per_channel": [{"multiplier": m.multiplier, "shift": m.shift} for m in multipliers]}
+
+
+@REQUANTIZATION.register(Op.ADD)
+def _sum(record: OpRecord, quant: QuantFacts, what: str) -> dict[str, Any]:
+    reals = [real_multiplier(s, quant.output_scale) for s in quant.input_scales]
+    multipliers, shift = quantize_multipliers(reals, what=what)
+    return {"multipliers": multipliers, "shift": shift}
+
+
+@REQUANTIZATION.register(Op.CONCAT)
+def _per_input(record: OpRecord, quant: QuantFacts, what: str) -> dict[str, Any]:
+    return {"inputs": [_multiplier(real_multiplier(s, quant.output_scale), what) for s in quant.input_scales]}
+
+
+@REQUANTIZATION.register(Op.AVG_POOL2D, Op.GLOBAL_AVG_POOL2D)
+def _average(record: OpRecord, quant: QuantFacts, what: str) -> dict[str, Any]:
+    count = math.prod(record.attrs["kernel"]) if record.op == "avg_pool2d" else math.prod(record.input_shapes[0][2:])
+    return {"count": count, **_multiplier(real_multiplier(quant.input_scales[0], quant.output_scale, count=count), what)}
+
+
+def _weighted(record: OpRecord) -> bool:
+    return record.op in OP_NAMES and Op(record.op).info.weighted
 
 
 def quant_scales(quant: QuantFacts) -> dict[str, Any]:
@@ -84,7 +104,7 @@ def _op_entry(record: OpRecord) -> dict[str, Any]:
 
 
 def _tensor_bytes(record: OpRecord) -> int:
-    int32_output = record.op in ("conv2d", "linear") and record.quant is not None and record.quant.output_scale is None
+    int32_output = _weighted(record) and record.quant is not None and record.quant.output_scale is None
     return math.prod(record.output_shape or ()) * (4 if int32_output else 1)
 
 
@@ -113,7 +133,7 @@ def memory_plan(region: Region, records: list[OpRecord], target: Target) -> dict
             offset = max(offset, other["offset"] + other["bytes"])
         placed.append({"tensor": record.name, "bytes": size, "offset": offset, "first_op": start, "last_op": end})
     arena = max((p["offset"] + p["bytes"] for p in placed), default=0)
-    weights = sum(r.attrs.get("weight_bytes", 0) + 4 * r.attrs.get("out_channels", 0) for r in records if r.op in ("conv2d", "linear"))
+    weights = sum(r.attrs.get("weight_bytes", 0) + 4 * r.attrs.get("out_channels", 0) for r in records if _weighted(r))
     sram = target.hardware.sram_bytes
     return {
         "activation_arena_bytes": arena,

@@ -27,31 +27,7 @@ from onnx import numpy_helper
 from edgeq.errors import ModelFileError
 from edgeq.export.onnx_writer import TARGET_METADATA_KEY
 from edgeq.numerics import bias_at_accumulator_scale, bias_scales
-
-QDQ_OPS = {
-    "QuantizeLinear",
-    "DequantizeLinear",
-    "Conv",
-    "Gemm",
-    "MatMul",
-    "Add",
-    "Relu",
-    "Clip",
-    "Concat",
-    "MaxPool",
-    "AveragePool",
-    "GlobalAveragePool",
-    "Resize",
-    "Reshape",
-    "Flatten",
-    "Transpose",
-    "Split",
-    "Slice",
-    "Squeeze",
-    "Unsqueeze",
-    "Identity",
-}
-"""ONNX ops with an integer implementation in edgeq (between DequantizeLinear and QuantizeLinear)."""
+from edgeq.ops import op_of_onnx_type
 
 @dataclass(frozen=True)
 class QuantParams:
@@ -215,7 +191,7 @@ class _QuantReader:
             if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
                 quantized = node.output[0] if node.op_type == "QuantizeLinear" else node.input[0]
                 self._record(quantized, self._params(node, quantized), node)
-            elif node.op_type not in QDQ_OPS and node.op_type != "Constant":
+            elif op_of_onnx_type(node.op_type) is None and node.op_type != "Constant":
                 self._find(node, "unsupported_op", f"{node.op_type} has no integer implementation in edgeq")
         for node in self.model.graph.node:
             if node.op_type in ("Conv", "Gemm") and len(node.input) > 2:

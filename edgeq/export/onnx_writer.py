@@ -31,6 +31,7 @@ from edgeq import __version__
 from edgeq.errors import ExportError
 from edgeq.fileio import atomic_write
 from edgeq.numerics import bias_scales
+from edgeq.ops import Op, OpTable
 from edgeq.quantization import integer_ops as ops
 from edgeq.quantization.graph import record_values
 from edgeq.quantization.integer_model import IntegerModel
@@ -42,6 +43,13 @@ OPSET = 13
 
 TARGET_METADATA_KEY = "edgeq.target"
 """``metadata_props`` key holding the name of the target the model was quantized for."""
+
+
+Emitter = Callable[["_Builder", fx.Node, Any, list[Any]], Any]
+
+EMITTERS: OpTable[Emitter] = OpTable("QDQ unit in onnx_writer.py", lambda info: not info.movement)
+"""How each op's integer op becomes its QDQ unit (a method of ``_Builder``); ops that only move values are
+written from their fx node (``_Builder._move``)."""
 
 
 @dataclass(frozen=True)
@@ -97,19 +105,14 @@ class _Builder:
         dequantizers = [n for n in self.graph.nodes if n.op == "call_module" and isinstance(self.modules[n.target], ops.IntDequantize)]
         self.input_names = self._names("input", input_names, [n.name for n in placeholders])
         self.output_names = dict(zip(dequantizers, self._names("output", output_names, [str(n.target) for n in dequantizers])))
-        self.emitters: dict[type, Callable[[fx.Node, Any, list[Any]], Any]] = {
-            ops.IntQuantize: self._quantize_input,
-            ops.IntDequantize: self._dequantize_output,
-            ops.IntConv2d: self._conv,
-            ops.IntLinear: self._linear,
-            ops.IntAdd: self._add,
-            ops.IntConcat: self._concat,
-            ops.IntMaxPool2d: self._max_pool,
-            ops.IntAvgPool2d: self._avg_pool,
-            ops.IntGlobalAvgPool2d: self._global_avg_pool,
-            ops.IntClamp: self._clamp,
-            ops.IntUpsampleNearest2d: self._upsample,
+        self.boundaries: dict[type, Emitter] = {
+            ops.IntQuantize: _Builder._quantize_input,
+            ops.IntDequantize: _Builder._dequantize_output,
         }
+
+    def _emitter(self, module: torch.nn.Module) -> Emitter | None:
+        op = ops.INTEGER_OPS.op_of(type(module))
+        return EMITTERS[op] if op is not None else self.boundaries.get(type(module))
 
     @staticmethod
     def _names(kind: str, chosen: Sequence[str] | None, defaults: list[str]) -> list[str]:
@@ -148,8 +151,9 @@ class _Builder:
 
     def _emit(self, node: fx.Node) -> Any:
         args = list(fx.node.map_arg(node.args, self.env.__getitem__))
-        if node.op == "call_module" and type(self.modules[node.target]) in self.emitters:
-            return self.emitters[type(self.modules[node.target])](node, self.modules[node.target], args)
+        emitter = self._emitter(self.modules[node.target]) if node.op == "call_module" else None
+        if emitter is not None:
+            return emitter(self, node, self.modules[node.target], args)
         value = self.values[node]
         if not (isinstance(value, torch.Tensor) or _holds_tensor(value)):
             return value  # shape arithmetic (x.size(), //): its value is static
@@ -254,6 +258,7 @@ class _Builder:
         bias_name = self._constant_dequantized(f"{path}.bias_q", op.bias, bias_scales(op.input_scale, op.weight_scales), axis=0)
         return weight_name, bias_name
 
+    @EMITTERS.register(Op.CONV2D)
     def _conv(self, node: fx.Node, op: ops.IntConv2d, args: list[Any]) -> Any:
         path = self._path(node)
         weight, bias = self._weights(path, op)
@@ -264,6 +269,7 @@ class _Builder:
         )
         return self._finish(node, out, op.output, op.clamp)
 
+    @EMITTERS.register(Op.LINEAR)
     def _linear(self, node: fx.Node, op: ops.IntLinear, args: list[Any]) -> Any:
         path = self._path(node)
         source = self._dequantize(args[0])
@@ -277,16 +283,19 @@ class _Builder:
             out = self._node("Add", [product, bias], output, f"{path}/Add")
         return self._finish(node, out, op.output, op.clamp)
 
+    @EMITTERS.register(Op.ADD)
     def _add(self, node: fx.Node, op: ops.IntAdd, args: list[Any]) -> Any:
         path = self._path(node)
         out = self._node("Add", [self._dequantize(args[0]), self._dequantize(args[1])], f"{path}.out", f"{path}/Add")
         return self._finish(node, out, ops.TensorQuant("int8", (op.output_scale,)), op.clamp)
 
+    @EMITTERS.register(Op.CONCAT)
     def _concat(self, node: fx.Node, op: ops.IntConcat, args: list[Any]) -> Any:
         path = self._path(node)
         out = self._node("Concat", [self._dequantize(a) for a in args], f"{path}.out", f"{path}/Concat", axis=op.dim)
         return self._finish(node, out, ops.TensorQuant("int8", (op.output_scale,)), None)
 
+    @EMITTERS.register(Op.MAX_POOL2D)
     def _max_pool(self, node: fx.Node, op: ops.IntMaxPool2d, args: list[Any]) -> Any:
         path = self._path(node)
         out = self._node(
@@ -295,6 +304,7 @@ class _Builder:
         )
         return self._finish(node, out, args[0].quant, None)
 
+    @EMITTERS.register(Op.AVG_POOL2D)
     def _avg_pool(self, node: fx.Node, op: ops.IntAvgPool2d, args: list[Any]) -> Any:
         path = self._path(node)
         out = self._node(
@@ -303,6 +313,7 @@ class _Builder:
         )
         return self._finish(node, out, ops.TensorQuant("int8", (op.output_scale,)), None)
 
+    @EMITTERS.register(Op.GLOBAL_AVG_POOL2D)
     def _global_avg_pool(self, node: fx.Node, op: ops.IntGlobalAvgPool2d, args: list[Any]) -> Any:
         path = self._path(node)
         quant = ops.TensorQuant("int8", (op.output_scale,))
@@ -313,9 +324,11 @@ class _Builder:
         pooled = self._quantize(out, stem, quant)
         return self._reshape(path, pooled, tuple(self.values[node].shape))
 
+    @EMITTERS.register(Op.RELU)
     def _clamp(self, node: fx.Node, op: ops.IntClamp, args: list[Any]) -> Any:
         return self._clamped(self._path(node), args[0], (op.low, op.high))
 
+    @EMITTERS.register(Op.UPSAMPLE_NEAREST2D)
     def _upsample(self, node: fx.Node, op: ops.IntUpsampleNearest2d, args: list[Any]) -> Any:
         path = self._path(node)
         scales = self._initializer(f"{path}.scales", np.array([1.0, 1.0, *op.scale_factor], dtype=np.float32))

@@ -48,9 +48,11 @@ from edgeq.quantization.integer_ops import (
     IntUpsampleNearest2d,
     TensorQuant,
 )
+from edgeq.ops import Op, OpTable
 from edgeq.quantization.patterns import OpKind, op_kind
 from edgeq.quantization.prepare import TARGET_ATTRIBUTE, is_prepared
 from edgeq.quantization.qat_modules import (
+    CANONICAL,
     Activation,
     AddAct,
     AvgPool2d,
@@ -67,6 +69,11 @@ from edgeq.quantization.qat_modules import (
 )
 
 logger = logging.getLogger(__name__)
+
+Converter = Callable[["_Converter", fx.Node, nn.Module], "tuple[nn.Module, TensorQuant | None]"]
+
+CONVERTERS: OpTable[Converter] = OpTable("converter in convert.py", lambda info: not info.movement)
+"""How ``convert_fx`` turns each op's canonical module into its integer op (a method of ``_Converter``)."""
 
 
 def convert_fx(model: fx.GraphModule) -> IntegerModel:
@@ -100,26 +107,21 @@ class _Converter:
         self.env: dict[fx.Node, fx.Node] = {}
         self.new_modules: dict[str, nn.Module] = {}
         self.quant: dict[fx.Node, TensorQuant] = {}
-        self.converters: dict[type[nn.Module], Callable[[fx.Node, nn.Module], tuple[nn.Module, TensorQuant]]] = {
-            QuantizeInput: self._quantize_input,
-            DequantizeOutput: self._dequantize_output,
-            ConvAct2d: self._conv,
-            LinearAct: self._linear,
-            AddAct: self._add,
-            Concat: self._concat,
-            AvgPool2d: self._avg_pool,
-            GlobalAvgPool2d: self._global_avg_pool,
-            Clamp: self._clamp,
-            MaxPool2d: self._max_pool,
-            UpsampleNearest2d: self._upsample,
+        self.boundaries: dict[type[nn.Module], Converter] = {
+            QuantizeInput: _Converter._quantize_input,
+            DequantizeOutput: _Converter._dequantize_output,
         }
+
+    def _converter(self, module: nn.Module) -> Converter | None:
+        op = CANONICAL.op_of(type(module))
+        return CONVERTERS[op] if op is not None else self.boundaries.get(type(module))
 
     def run(self) -> tuple[fx.GraphModule, dict[str, TensorQuant]]:
         for node in self.prepared.graph.nodes:
             module = self.modules.get(node.target) if node.op == "call_module" else None
-            converter = self.converters.get(type(module)) if module is not None else None
+            converter = self._converter(module) if module is not None else None
             if converter is not None:
-                integer_op, quant = converter(node, module)
+                integer_op, quant = converter(self, node, module)
                 self.new_modules[node.target] = integer_op
                 self.env[node] = self.graph.call_module(node.target, fx.node.map_arg(node.args, self.env.__getitem__))
                 if quant is not None:
@@ -217,15 +219,18 @@ class _Converter:
             clamp=clamp,
         )
 
+    @CONVERTERS.register(Op.CONV2D)
     def _conv(self, node: fx.Node, module: ConvAct2d) -> tuple[nn.Module, TensorQuant]:
         parts = self._weighted(node, module, channel_axis=1)
         op = IntConv2d(**parts, stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
         return op, parts["output"]
 
+    @CONVERTERS.register(Op.LINEAR)
     def _linear(self, node: fx.Node, module: LinearAct) -> tuple[nn.Module, TensorQuant]:
         parts = self._weighted(node, module, channel_axis=-1)
         return IntLinear(**parts), parts["output"]
 
+    @CONVERTERS.register(Op.ADD)
     def _add(self, node: fx.Node, module: AddAct) -> tuple[nn.Module, TensorQuant]:
         scales = (self._input_quant(node, 0).scale, self._input_quant(node, 1).scale)
         output_scale = self._output_scale(module)
@@ -235,6 +240,7 @@ class _Converter:
         clamp = self._clamp_for(module.activation, output_scale)
         return IntAdd(scales, output_scale, (multipliers[0], multipliers[1]), shift, clamp), TensorQuant("int8", (output_scale,))
 
+    @CONVERTERS.register(Op.CONCAT)
     def _concat(self, node: fx.Node, module: Concat) -> tuple[nn.Module, TensorQuant]:
         scales = [self._input_quant(node, i).scale for i in range(len(node.args))]
         output_scale = self._output_scale(module)
@@ -252,26 +258,31 @@ class _Converter:
         multiplier = quantize_multiplier(real_multiplier(input_scale, output_scale, count=count), what=f"'{node.target}'")
         return input_scale, output_scale, multiplier
 
+    @CONVERTERS.register(Op.AVG_POOL2D)
     def _avg_pool(self, node: fx.Node, module: AvgPool2d) -> tuple[nn.Module, TensorQuant]:
         count = module.kernel_size[0] * module.kernel_size[1]
         input_scale, output_scale, multiplier = self._pooling_multiplier(node, module, count)
         op = IntAvgPool2d(module.kernel_size, module.stride, module.padding, input_scale, output_scale, multiplier)
         return op, TensorQuant("int8", (output_scale,))
 
+    @CONVERTERS.register(Op.GLOBAL_AVG_POOL2D)
     def _global_avg_pool(self, node: fx.Node, module: GlobalAvgPool2d) -> tuple[nn.Module, TensorQuant]:
         count = module.input_size[0] * module.input_size[1]
         input_scale, output_scale, multiplier = self._pooling_multiplier(node, module, count)
         op = IntGlobalAvgPool2d(module.keepdim, module.input_size, input_scale, output_scale, multiplier)
         return op, TensorQuant("int8", (output_scale,))
 
+    @CONVERTERS.register(Op.RELU)
     def _clamp(self, node: fx.Node, module: Clamp) -> tuple[nn.Module, TensorQuant]:
         quant = self._input_quant(node)
         return IntClamp(*self._clamp_for(module.activation, quant.scale)), quant
 
+    @CONVERTERS.register(Op.MAX_POOL2D)
     def _max_pool(self, node: fx.Node, module: MaxPool2d) -> tuple[nn.Module, TensorQuant]:
         quant = self._input_quant(node)
         op = IntMaxPool2d(module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
         return op, quant
 
+    @CONVERTERS.register(Op.UPSAMPLE_NEAREST2D)
     def _upsample(self, node: fx.Node, module: UpsampleNearest2d) -> tuple[nn.Module, TensorQuant]:
         return IntUpsampleNearest2d(module.scale_factor), self._input_quant(node)

@@ -28,7 +28,11 @@ from edgeq.numerics import (
     rounding_right_shift,
     saturate,
 )
+from edgeq.ops import Op, OpTable
 from edgeq.quantization.qat_modules import UpsampleNearest2d
+
+INTEGER_OPS: OpTable[type[nn.Module]] = OpTable("integer op in integer_ops.py", lambda info: not info.movement)
+"""The integer op (a module class of this file) that ``convert_fx`` makes of each op."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,7 @@ class _WeightedOp(nn.Module):
         return saturate(scaled, *self.clamp, torch.int8)
 
 
+@INTEGER_OPS.register(Op.CONV2D)
 class IntConv2d(_WeightedOp):
     """2-D convolution (groups, stride, padding and dilation as in torch)."""
 
@@ -176,6 +181,7 @@ class IntConv2d(_WeightedOp):
         )
 
 
+@INTEGER_OPS.register(Op.LINEAR)
 class IntLinear(_WeightedOp):
     """Fully connected layer over the last axis."""
 
@@ -187,6 +193,7 @@ class IntLinear(_WeightedOp):
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, clamp={self.clamp}, output={self.output.dtype}"
 
 
+@INTEGER_OPS.register(Op.ADD)
 class IntAdd(nn.Module):
     """``saturate(round_half_to_even((a * M_a + b * M_b) / 2**n))``: both inputs rescaled to the output, one rounding."""
 
@@ -213,6 +220,7 @@ class IntAdd(nn.Module):
         return f"multipliers={self.multipliers}, shift={self.shift}, clamp={self.clamp}"
 
 
+@INTEGER_OPS.register(Op.CONCAT)
 class IntConcat(nn.Module):
     """Concatenation; each input requantized to the output scale (exactly the identity when scales match)."""
 
@@ -251,6 +259,7 @@ class _PoolingRequantize(nn.Module):
         return saturate(scaled, ACTIVATION_QMIN, ACTIVATION_QMAX, torch.int8)
 
 
+@INTEGER_OPS.register(Op.AVG_POOL2D)
 class IntAvgPool2d(_PoolingRequantize):
     """Average pooling: window sums (padding counts as zeros), then requantization folding 1/(kh*kw)."""
 
@@ -278,6 +287,7 @@ class IntAvgPool2d(_PoolingRequantize):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
+@INTEGER_OPS.register(Op.GLOBAL_AVG_POOL2D)
 class IntGlobalAvgPool2d(_PoolingRequantize):
     """Mean over H and W: the integer sum over ``input_size``, then requantization folding 1/(H*W)."""
 
@@ -305,6 +315,7 @@ class IntGlobalAvgPool2d(_PoolingRequantize):
         return f"keepdim={self.keepdim}, input_size={self.input_size}"
 
 
+@INTEGER_OPS.register(Op.RELU)
 class IntClamp(nn.Module):
     """A standalone ReLU / ReLU6: ``clamp(q, low, high)`` at the input's scale."""
 
@@ -320,6 +331,7 @@ class IntClamp(nn.Module):
         return f"low={self.low}, high={self.high}"
 
 
+@INTEGER_OPS.register(Op.MAX_POOL2D)
 class IntMaxPool2d(nn.Module):
     """Max pooling of int8 values (padding never wins: it is ignored, as in torch)."""
 
@@ -348,5 +360,6 @@ class IntMaxPool2d(nn.Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
 
 
+@INTEGER_OPS.register(Op.UPSAMPLE_NEAREST2D)
 class IntUpsampleNearest2d(UpsampleNearest2d):
     """Nearest-neighbour upsampling by integer factors: pure copies, the same on int8 as on float."""

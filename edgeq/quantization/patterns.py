@@ -16,6 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from edgeq.ops import Op
 from edgeq.quantization.stubs import is_dequant_stub, is_quant_stub
 
 
@@ -197,6 +198,16 @@ _MOVEMENTS: dict[Any, Movement] = {
     operator.getitem: Movement.GETITEM,
     "__getitem__": Movement.GETITEM,
 }
+
+
+MOVEMENT_OPS: dict[Movement, Op | None] = {
+    Movement.ALIAS: None,
+    Movement.RESHAPE: Op.RESHAPE,
+    Movement.TRANSPOSE: Op.TRANSPOSE,
+    Movement.SPLIT: Op.SPLIT,
+    Movement.GETITEM: Op.SLICE,
+}
+"""The op each movement is (an alias is no op at all: its output is its input)."""
 
 
 def movement(node: fx.Node, modules: dict[str, nn.Module]) -> Movement:

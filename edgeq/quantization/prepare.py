@@ -133,6 +133,21 @@ def _prepare(
     return prepared, preparer.rejected
 
 
+Emitter = Callable[["_Preparer", fx.Node], fx.Node]
+
+EMITTERS: dict[OpKind, Emitter] = {}
+"""How ``prepare_qat_fx`` rewrites a node of each kind the user wrote into its canonical op (a method of
+``_Preparer``); a kind without one has no integer implementation."""
+
+
+def _emits(*kinds: OpKind) -> Callable[[Emitter], Emitter]:
+    def register(emitter: Emitter) -> Emitter:
+        EMITTERS.update(dict.fromkeys(kinds, emitter))
+        return emitter
+
+    return register
+
+
 @dataclass
 class _Fusion:
     """A head node and the nodes fused into it (BatchNorm, activation), last one last."""
@@ -276,11 +291,11 @@ class _Preparer:
 
     # ---- one emitter per op kind ----------------------------------------------------------------------------
     def _emit_integer_op(self, node: fx.Node) -> fx.Node:
-        emitter = getattr(self, f"_emit_{self.kinds[node].value}", None)
+        emitter = EMITTERS.get(self.kinds[node])
         try:
             if emitter is None:
                 raise self._unsupported(node, "edgeq has no integer implementation of this op")
-            return emitter(node)
+            return emitter(self, node)
         except (UnsupportedOpError, QuantizationError) as error:
             if not self.lenient:
                 raise
@@ -295,6 +310,7 @@ class _Preparer:
             reason=reason,
         )
 
+    @_emits(OpKind.QUANT_STUB)
     def _emit_quant_stub(self, node: fx.Node) -> fx.Node:
         path = str(node.target)
         fixed_scale = fixed_scale_of(self.modules[path])
@@ -306,6 +322,7 @@ class _Preparer:
         self._qconfig(node, path, allows_int32=False)
         return self._call(path, QuantizeInput(self._quantizer(node, path, fixed_scale)), node.args, node)
 
+    @_emits(OpKind.CONV2D)
     def _emit_conv2d(self, node: fx.Node) -> fx.Node:
         conv = self.modules[node.target]
         fusion = self.fusions[node]
@@ -319,6 +336,7 @@ class _Preparer:
         module = ConvAct2d(conv, batchnorm, fusion.activation, self.scale_rule, quantizer)
         return self._call(str(node.target), module, node.args, fusion.last)
 
+    @_emits(OpKind.LINEAR)
     def _emit_linear(self, node: fx.Node) -> fx.Node:
         fusion = self.fusions[node]
         quantizer = self._weighted_output_quantizer(node, fusion)
@@ -336,9 +354,11 @@ class _Preparer:
             )
         return None
 
+    @_emits(OpKind.BATCHNORM2D)
     def _emit_batchnorm2d(self, node: fx.Node) -> fx.Node:
         raise self._unsupported(node, "a BatchNorm2d that does not directly follow a Conv2d cannot be folded")
 
+    @_emits(OpKind.ADD)
     def _emit_add(self, node: fx.Node) -> fx.Node:
         left, right = argument(node, 0, "input"), argument(node, 1, "other")
         if not (isinstance(left, fx.Node) and isinstance(right, fx.Node)):
@@ -350,6 +370,7 @@ class _Preparer:
         module = AddAct(fusion.activation, self._quantizer(node, path))
         return self._call(path, module, (left, right), fusion.last)
 
+    @_emits(OpKind.CAT)
     def _emit_cat(self, node: fx.Node) -> fx.Node:
         tensors = list(argument(node, 0, "tensors"))
         rank = len(tensor_info(node).shape)
@@ -366,6 +387,7 @@ class _Preparer:
         kernel, stride, *rest = values
         return [pair(kernel), pair(stride or kernel), *rest]
 
+    @_emits(OpKind.MAXPOOL2D)
     def _emit_maxpool2d(self, node: fx.Node) -> fx.Node:
         kernel, stride, padding, dilation, ceil_mode, return_indices = self._pool_settings(
             node,
@@ -377,6 +399,7 @@ class _Preparer:
         module = MaxPool2d(kernel, stride, pair(padding), pair(dilation), ceil_mode=bool(ceil_mode))
         return self._call(self._functional_path(node, "max_pool2d"), module, (node.args[0],), node)
 
+    @_emits(OpKind.AVGPOOL2D)
     def _emit_avgpool2d(self, node: fx.Node) -> fx.Node:
         kernel, stride, padding, ceil_mode, count_include_pad, divisor_override = self._pool_settings(
             node,
@@ -395,6 +418,7 @@ class _Preparer:
         path = self._functional_path(node, "avg_pool2d")
         return self._call(path, AvgPool2d(kernel, stride, padding, self._quantizer(node, path)), (node.args[0],), node)
 
+    @_emits(OpKind.ADAPTIVE_AVGPOOL2D)
     def _emit_adaptive_avgpool2d(self, node: fx.Node) -> fx.Node:
         source = node.args[0]
         height, width = tensor_info(source).shape[-2:]
@@ -413,6 +437,7 @@ class _Preparer:
             )
         return self._call(path, module, (source,), node)
 
+    @_emits(OpKind.MEAN)
     def _emit_mean(self, node: fx.Node) -> fx.Node:
         source = node.args[0]
         shape = tensor_info(source).shape
@@ -424,6 +449,7 @@ class _Preparer:
         module = GlobalAvgPool2d(bool(argument(node, 2, "keepdim", False)), shape[2:], self._quantizer(node, path))
         return self._call(path, module, (source,), node)
 
+    @_emits(OpKind.UPSAMPLE)
     def _emit_upsample(self, node: fx.Node) -> fx.Node:
         mode = self.modules[node.target].mode if node.op == "call_module" else argument(node, 3, "mode", "nearest")
         if mode != "nearest":
@@ -435,9 +461,11 @@ class _Preparer:
         factor = (out_shape[0] // in_shape[0], out_shape[1] // in_shape[1])
         return self._call(self._functional_path(node, "upsample"), UpsampleNearest2d(factor), (source,), node)
 
+    @_emits(OpKind.RELU)
     def _emit_relu(self, node: fx.Node) -> fx.Node:
         return self._emit_clamp(node, Activation.RELU)
 
+    @_emits(OpKind.RELU6)
     def _emit_relu6(self, node: fx.Node) -> fx.Node:
         return self._emit_clamp(node, Activation.RELU6)
 
@@ -445,9 +473,11 @@ class _Preparer:
         path = self._functional_path(node, activation.value)
         return self._call(path, Clamp(activation), (node.args[0],), node)
 
+    @_emits(OpKind.RESHAPE)
     def _emit_reshape(self, node: fx.Node) -> fx.Node:
         return self._copy(node)
 
+    @_emits(OpKind.DROPOUT)
     def _emit_dropout(self, node: fx.Node) -> fx.Node:
         return self._copy(node)
 

@@ -14,9 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeq.ops import Op, OpTable
 from edgeq.quantization.fake_quantize import ActivationFakeQuantize, fake_quantize_weight, weight_scales
 from edgeq.quantization.state import FakeQuantStateful
 from edgeq.targets import ScaleRule
+
+CANONICAL: OpTable[type[nn.Module]] = OpTable("canonical op in qat_modules.py", lambda info: not info.movement)
+"""The canonical op (a module class of this file) that ``prepare_qat_fx`` makes of each op."""
 
 
 class Activation(str, Enum):
@@ -105,6 +109,7 @@ class _WeightedLayer(Requantizing, FakeQuantStateful):
         return self._quantize_output(self.activation(value))
 
 
+@CANONICAL.register(Op.CONV2D)
 class ConvAct2d(_WeightedLayer):
     """Conv2d with an optional BatchNorm2d folded in and an optional ReLU/ReLU6, then int8 requantization.
 
@@ -176,6 +181,7 @@ class ConvAct2d(_WeightedLayer):
         )
 
 
+@CANONICAL.register(Op.LINEAR)
 class LinearAct(_WeightedLayer):
     """Linear with an optional ReLU/ReLU6, then int8 requantization (or an int32 output)."""
 
@@ -206,6 +212,7 @@ class LinearAct(_WeightedLayer):
         )
 
 
+@CANONICAL.register(Op.ADD)
 class AddAct(Requantizing):
     """Elementwise add of two int8 tensors, with an optional ReLU/ReLU6, requantized to its own scale."""
 
@@ -221,6 +228,7 @@ class AddAct(Requantizing):
         return f"activation={self.activation.value}"
 
 
+@CANONICAL.register(Op.CONCAT)
 class Concat(Requantizing):
     """Concatenation along ``dim``; each input is brought to the output's scale."""
 
@@ -236,6 +244,7 @@ class Concat(Requantizing):
         return f"dim={self.dim}"
 
 
+@CANONICAL.register(Op.AVG_POOL2D)
 class AvgPool2d(Requantizing):
     """Average pooling with a constant divisor (kernel area): integer sum, then requantization folding 1/N."""
 
@@ -260,6 +269,7 @@ class AvgPool2d(Requantizing):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
+@CANONICAL.register(Op.GLOBAL_AVG_POOL2D)
 class GlobalAvgPool2d(Requantizing):
     """Mean over height and width; output ``[N, C, 1, 1]`` (``keepdim``) or ``[N, C]``.
 
@@ -279,6 +289,7 @@ class GlobalAvgPool2d(Requantizing):
         return f"keepdim={self.keepdim}, input_size={self.input_size}"
 
 
+@CANONICAL.register(Op.RELU)
 class Clamp(nn.Module):
     """A ReLU or ReLU6 that could not be fused into its producer: an integer clamp at the input's scale."""
 
@@ -294,11 +305,13 @@ class Clamp(nn.Module):
         return f"activation={self.activation.value}"
 
 
+@CANONICAL.register(Op.MAX_POOL2D)
 class MaxPool2d(nn.MaxPool2d):
     """Max pooling (keeps its input's scale)."""
 
 
 
+@CANONICAL.register(Op.UPSAMPLE_NEAREST2D)
 class UpsampleNearest2d(nn.Module):
     """Nearest-neighbour upsampling by an integer factor per axis (keeps its input's scale)."""
 

@@ -1,0 +1,144 @@
+"""The integer ops of edgeq, each declared once.
+
+An :class:`Op` is one integer op after fusion, by the name that check records, target files (``[npu] ops``),
+the NPU program and the compiler's lowering use. Its :class:`OpInfo` holds what every layer needs to know about
+it. Each layer registers its own piece against the op in an :class:`OpTable` (``@CONVERTERS.register(Op.ADD)``),
+the way TVM registers an operator's attributes against the operator, and finds it by asking for the op;
+``tests/test_ops.py`` walks every table and fails on a missing piece. docs/architecture.md "Adding an op" lists
+the pieces.
+
+This module imports nothing of edgeq's and nothing heavy, so that every layer (targets included) can use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """What every layer knows about one op.
+
+    Attributes:
+        onnx_types: the ONNX op types that read as this op between DequantizeLinear and QuantizeLinear (the
+            check refines some by their attributes, e.g. ``Resize`` by its mode).
+        movement: the op only moves int8 values (same scale in and out): there is no canonical QAT op and no
+            integer op for it, the fx node is kept as the user wrote it.
+        weighted: int8 per-channel weights and an int32 bias; the output may be int32.
+        requantizes: the output scale differs from the input's, so the NPU program carries requantization
+            constants for it.
+        npu_limits: a target file describes its NPU's limits for this op in an ``[npu.<op>]`` section.
+    """
+
+    onnx_types: tuple[str, ...]
+    movement: bool = False
+    weighted: bool = False
+    requantizes: bool = False
+    npu_limits: bool = False
+
+
+class Op(str, Enum):
+    """edgeq's integer ops after fusion (the ``op`` of a check record, the names of ``[npu] ops``)."""
+
+    CONV2D = "conv2d"
+    LINEAR = "linear"
+    ADD = "add"
+    CONCAT = "concat"
+    MAX_POOL2D = "max_pool2d"
+    AVG_POOL2D = "avg_pool2d"
+    GLOBAL_AVG_POOL2D = "global_avg_pool2d"
+    RELU = "relu"
+    UPSAMPLE_NEAREST2D = "upsample_nearest2d"
+    RESHAPE = "reshape"
+    TRANSPOSE = "transpose"
+    SPLIT = "split"
+    SLICE = "slice"
+
+    @property
+    def info(self) -> OpInfo:
+        """The op's declaration."""
+        return _INFO[self]
+
+
+_INFO: dict[Op, OpInfo] = {
+    Op.CONV2D: OpInfo(("Conv",), weighted=True, requantizes=True, npu_limits=True),
+    Op.LINEAR: OpInfo(("Gemm", "MatMul"), weighted=True, requantizes=True, npu_limits=True),
+    Op.ADD: OpInfo(("Add",), requantizes=True),
+    Op.CONCAT: OpInfo(("Concat",), requantizes=True),
+    Op.MAX_POOL2D: OpInfo(("MaxPool",), npu_limits=True),
+    Op.AVG_POOL2D: OpInfo(("AveragePool",), requantizes=True, npu_limits=True),
+    Op.GLOBAL_AVG_POOL2D: OpInfo(("GlobalAveragePool",), requantizes=True),
+    Op.RELU: OpInfo(("Relu", "Clip")),
+    Op.UPSAMPLE_NEAREST2D: OpInfo(("Resize",), npu_limits=True),
+    Op.RESHAPE: OpInfo(("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"), movement=True),
+    Op.TRANSPOSE: OpInfo(("Transpose",), movement=True),
+    Op.SPLIT: OpInfo(("Split",), movement=True),
+    Op.SLICE: OpInfo(("Slice",), movement=True),
+}
+
+OP_NAMES: tuple[str, ...] = tuple(op.value for op in Op)
+"""Every op's name, in declaration order."""
+
+
+def op_of_onnx_type(op_type: str) -> Op | None:
+    """The op an ONNX node of ``op_type`` reads as (``None`` for a type edgeq has no integer op for)."""
+    return _BY_ONNX_TYPE.get(op_type)
+
+
+_BY_ONNX_TYPE: dict[str, Op] = {op_type: op for op in Op for op_type in op.info.onnx_types}
+
+
+class OpTable(Generic[T]):
+    """One layer's piece of each op, registered against the op and found by asking for it.
+
+    Args:
+        piece: what the layer registers, for messages and the registry test (``"converter in convert.py"``).
+        needed: which ops must have this piece (all of them by default).
+    """
+
+    def __init__(self, piece: str, needed: Callable[[OpInfo], bool] = lambda info: True) -> None:
+        self.piece = piece
+        self.needed = needed
+        self._entries: dict[Op, T] = {}
+        TABLES.append(self)
+
+    def register(self, *ops: Op) -> Callable[[T], T]:
+        """Decorator: ``value`` is this layer's piece of each of ``ops``."""
+
+        def decorate(value: T) -> T:
+            for op in ops:
+                if op in self._entries:
+                    raise ValueError(f"{self.piece}: {op.value} is registered twice")
+                self._entries[op] = value
+            return value
+
+        return decorate
+
+    def __getitem__(self, op: Op) -> T:
+        if op not in self._entries:
+            raise KeyError(f"{op.value} has no {self.piece} (see docs/architecture.md, 'Adding an op')")
+        return self._entries[op]
+
+    def get(self, op: Op) -> T | None:
+        """The piece of ``op``, or ``None`` when it has none."""
+        return self._entries.get(op)
+
+    def __contains__(self, op: object) -> bool:
+        return op in self._entries
+
+    def op_of(self, value: object) -> Op | None:
+        """The op whose piece ``value`` is (the first, when several share it)."""
+        return next((op for op, entry in self._entries.items() if entry is value), None)
+
+    def missing(self) -> list[Op]:
+        """The ops that need this piece and have none (the registry test asserts there are none)."""
+        return [op for op in Op if self.needed(op.info) and op not in self._entries]
+
+
+TABLES: list[OpTable] = []
+"""Every layer's table, in import order (filled as the layers are imported)."""

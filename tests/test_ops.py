@@ -1,0 +1,128 @@
+"""The op registry: every op declared once in edgeq.ops has its piece in every layer, and targets may lack any op."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import edgeq.check
+import edgeq.compile.lower_integer
+import edgeq.compile.npu_program
+import edgeq.export.onnx_writer
+import edgeq.quantization.convert
+from edgeq.check import Placement, check_model, check_qdq
+from edgeq.check.rules import RULES
+from edgeq.export.sources import quantized_form
+from edgeq.ops import TABLES, Op, op_of_onnx_type
+from edgeq.quantization import DeQuantStub, QuantStub
+from edgeq.quantization.patterns import OpKind
+from edgeq.quantization.prepare import EMITTERS
+from edgeq.targets import NPU_LIMITS, NpuRules, Target, TargetKind, list_targets
+from tests.models import integer_model
+
+LAYERS = (edgeq.check, edgeq.compile.lower_integer, edgeq.compile.npu_program, edgeq.export.onnx_writer, edgeq.quantization.convert)
+"""Imported for their tables (each layer registers its pieces when imported)."""
+
+
+def test_every_layer_has_every_op():
+    pieces = {table.piece for table in TABLES}
+    assert {"converter in convert.py", "QDQ unit in onnx_writer.py", "lowering rule in compile/lower_integer.py"} <= pieces
+    assert {table.piece: table.missing() for table in TABLES} == {table.piece: [] for table in TABLES}
+
+
+def test_a_missing_piece_is_found():
+    table = next(t for t in TABLES if t.piece == "converter in convert.py")
+    entry = table._entries.pop(Op.ADD)
+    try:
+        assert table.missing() == [Op.ADD]
+        with pytest.raises(KeyError, match="add has no converter in convert.py"):
+            table[Op.ADD]
+    finally:
+        table._entries[Op.ADD] = entry
+
+
+def test_every_op_reads_from_onnx():
+    for op in Op:
+        assert op.info.onnx_types, op
+        assert all(op_of_onnx_type(t) is op for t in op.info.onnx_types)
+
+
+def test_npu_limits_sections_are_fields_of_the_npu_rules():
+    for op in Op:
+        field = NpuRules.model_fields.get(op.value)
+        assert (field is not None) == op.info.npu_limits, op
+        if field is not None:
+            assert NPU_LIMITS[op] in field.annotation.__args__
+
+
+def test_every_source_kind_is_rewritten_or_refused():
+    refused = {OpKind.UNSUPPORTED, OpKind.DEQUANT_STUB}
+    assert set(EMITTERS) == set(OpKind) - refused
+
+
+def test_rules_have_unique_ids_and_known_ops():
+    ids = [rule.id for rule in RULES]
+    assert len(ids) == len(set(ids))
+    for rule in RULES:
+        assert rule.sentence and (rule.ops is None or rule.ops <= set(Op))
+
+
+class EveryOp(nn.Module):
+    """One model with every op of edgeq.ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = QuantStub()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+        self.dequant = DeQuantStub()
+        self.dequant_map = DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.quant(x)
+        a = F.relu(self.conv(x))
+        s = torch.cat([a + a, F.relu6(a)], dim=1)
+        s = F.avg_pool2d(F.max_pool2d(s, 2), 2)
+        first, second = F.interpolate(s, scale_factor=2.0, mode="nearest").chunk(2, dim=1)
+        mixed = (first + second)[:, :4]
+        pooled = mixed.mean((2, 3))
+        return self.dequant(self.fc(torch.cat([pooled, pooled], 1).reshape(1, 8))), self.dequant_map(mixed.transpose(2, 3))
+
+
+def _without(target: Target, op: str) -> Target:
+    """``target`` read from its file with ``op`` dropped from ``[npu] ops`` and its ``[npu.<op>]`` section deleted."""
+    data = tomllib.loads(target.source.read_text())
+    data["npu"]["ops"] = [o for o in data["npu"]["ops"] if o != op]
+    data["npu"].pop(op, None)
+    return Target.model_validate({**data, "source": target.source})
+
+
+@pytest.fixture(scope="module")
+def every_op():
+    torch.manual_seed(0)
+    model, example = EveryOp().eval(), torch.randn(1, 3, 16, 16)
+    qdq, _ = quantized_form(integer_model(model, example, "npu-m"), (example,))
+    return model, example, qdq
+
+
+def test_the_model_has_every_op(every_op):
+    model, example, qdq = every_op
+    report = check_qdq(qdq, target="npu-m")
+    assert {node.record.op for node in report.nodes} == {op.value for op in Op}
+
+
+@pytest.mark.parametrize("target", [t for t in list_targets() if t.kind is TargetKind.NPU], ids=lambda t: t.name)
+def test_targets_lacking_each_op(every_op, target):
+    model, example, qdq = every_op
+    for op in target.npu.ops:
+        lacking = _without(target, op)
+        for report in (check_qdq(qdq, target=lacking), check_model(model, (example,), target=lacking)):
+            placed = [node for node in report.nodes if node.record.op == op]
+            assert placed, (target.name, op)
+            for node in placed:
+                assert node.placement is Placement.CPU, (target.name, op, node.record.name)
+                assert any(r.rule == "op_not_on_npu" for r in node.reasons), (target.name, op, node.reasons)

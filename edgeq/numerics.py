@@ -12,7 +12,8 @@ Conventions (see the spec for the why):
 - bias: int32 at scale ``s_in * s_w[c]``; accumulation in int32 (proved not to overflow, see
   :func:`check_accumulator_bound`);
 - requantization: ``y = round_half_to_even(acc * M / 2**n)`` exactly in int64, with ``2**30 <= M < 2**31`` and
-  ``1 <= n <= 62``: one rounding, to nearest with ties to even, the rule of every rounding in edgeq;
+  ``1 <= n <= 62``: one rounding, to nearest with ties to even, the rule of every rounding in edgeq; ``M = 0``
+  when the factor is below ``2**-32`` and the accumulator bound proves every output rounds to 0;
 - float to int8: ``round_half_to_even(x / s)`` in float32, then saturation (as ONNX QuantizeLinear);
 - int to float: ``float32(q) * s`` in float32 (as ONNX DequantizeLinear).
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -41,6 +43,8 @@ MULTIPLIER_BITS = 31
 shares a shift with a larger one, see :func:`quantize_multipliers`)."""
 MIN_SHIFT = 1
 MAX_SHIFT = 62
+SMALLEST_MULTIPLIER = 2.0 ** (MULTIPLIER_BITS - 1 - MAX_SHIFT)
+"""2**-32: smaller factors need a shift above 62 (docs/numerics.md section 4)."""
 
 SCALE_FLOOR = float(np.finfo(np.float32).eps)
 """The smallest scale an observer produces (2**-23): an all-zero tensor still gets a usable scale."""
@@ -87,8 +91,8 @@ class FixedPointMultiplier:
     shift: int
 
     def __post_init__(self) -> None:
-        if not 0 < self.multiplier < 2**MULTIPLIER_BITS:
-            raise QuantizationError(f"multiplier {self.multiplier} outside (0, 2**31)")
+        if not 0 <= self.multiplier < 2**MULTIPLIER_BITS:
+            raise QuantizationError(f"multiplier {self.multiplier} outside [0, 2**31)")
         if not MIN_SHIFT <= self.shift <= MAX_SHIFT:
             raise QuantizationError(f"shift {self.shift} outside [{MIN_SHIFT}, {MAX_SHIFT}]")
 
@@ -96,6 +100,10 @@ class FixedPointMultiplier:
     def real(self) -> float:
         """The real number this multiplier represents."""
         return math.ldexp(self.multiplier, -self.shift)
+
+
+ZERO_MULTIPLIER = FixedPointMultiplier(0, MAX_SHIFT)
+"""A factor proven to round every output to 0 (docs/numerics.md section 4): ``M = 0``."""
 
 
 def quantize_multipliers(reals: Sequence[float], *, what: str) -> tuple[list[int], int]:
@@ -132,10 +140,43 @@ def quantize_multipliers(reals: Sequence[float], *, what: str) -> tuple[list[int
     return multipliers, shift
 
 
-def quantize_multiplier(real: float, *, what: str) -> FixedPointMultiplier:
-    """Represent one real multiplier as ``M * 2**-n`` (see :func:`quantize_multipliers`)."""
+def quantize_multiplier(real: float, *, what: str, accumulator_bound: int | None = None) -> FixedPointMultiplier:
+    """Represent one real multiplier as ``M * 2**-n`` (see :func:`quantize_multipliers`).
+
+    Args:
+        real: the requantization factor.
+        what: the op (and channel), for messages.
+        accumulator_bound: the largest ``|acc|`` the factor can multiply, when known (:func:`accumulator_bounds`).
+            A factor below ``2**-32`` (shift above 62) for which ``accumulator_bound * real < 1/2`` gives 0 for
+            every accumulator, exactly: it is represented as ``M = 0`` (shift 62), docs/numerics.md section 4.
+
+    Raises:
+        QuantizationError: as :func:`quantize_multipliers`, unless the bound proves the output is always 0.
+    """
+    if accumulator_bound is not None and 0 < real < SMALLEST_MULTIPLIER:
+        if Fraction(real) * accumulator_bound < Fraction(1, 2):
+            return ZERO_MULTIPLIER
+        raise QuantizationError(
+            f"{what}: requantization multiplier {real:.6g} is below 2**-32, and accumulators up to {accumulator_bound} "
+            "can reach half a step; the scales around this op are inconsistent: check its calibration"
+        )
     (multiplier,), shift = quantize_multipliers([real], what=what)
     return FixedPointMultiplier(multiplier, shift)
+
+
+def accumulator_bounds(weights: np.ndarray | torch.Tensor, bias: np.ndarray | torch.Tensor | None, axis: int) -> list[int]:
+    """Per output channel, the largest ``|acc|`` any int8 input can give: ``128 * Σ_k |w_q[c, k]| + |b_q[c]|``.
+
+    Args:
+        weights: int8 weights; ``axis`` is the output-channel axis (0 for OIHW and for ``[out, in]``).
+        bias: the int32 bias, one per channel, or None.
+        axis: the output-channel axis of ``weights``.
+    """
+    values = np.abs(np.moveaxis(np.asarray(weights, dtype=np.int64), axis, 0)).reshape(np.shape(weights)[axis], -1)
+    totals = -ACTIVATION_QMIN * values.sum(axis=1)
+    if bias is not None:
+        totals = totals + np.abs(np.asarray(bias, dtype=np.int64).reshape(-1))
+    return [int(t) for t in totals]
 
 
 def real_multiplier(input_scale: float, output_scale: float, weight_scale: float = 1.0, count: int = 1) -> float:
@@ -148,11 +189,21 @@ def real_multiplier(input_scale: float, output_scale: float, weight_scale: float
 
 
 def conv_multipliers(
-    input_scale: float, weight_scales: Sequence[float], output_scale: float, *, what: str
+    input_scale: float,
+    weight_scales: Sequence[float],
+    output_scale: float,
+    *,
+    what: str,
+    bounds: Sequence[int] | None = None,
 ) -> list[FixedPointMultiplier]:
-    """Per-output-channel multipliers of a conv or linear layer."""
+    """Per-output-channel multipliers of a conv or linear layer; ``bounds`` are the channels'
+    :func:`accumulator_bounds` (a factor too small for a shift is then 0 where the bound proves it exact)."""
     return [
-        quantize_multiplier(real_multiplier(input_scale, output_scale, w), what=f"{what} channel {c}")
+        quantize_multiplier(
+            real_multiplier(input_scale, output_scale, w),
+            what=f"{what} channel {c}",
+            accumulator_bound=bounds[c] if bounds is not None else None,
+        )
         for c, w in enumerate(weight_scales)
     ]
 

@@ -17,6 +17,7 @@ from edgeq.errors import CompileError, TargetError
 from edgeq.export import to_onnx
 from edgeq.export.peer import session
 from edgeq_runtime import Model
+from edgeq.quantization import DeQuantStub, QuantStub
 from models import FunctionalOps, SmallCNN, Wrapped, integer_model, torchvision_model
 
 
@@ -149,6 +150,53 @@ def test_third_party_asymmetric_qdq_falls_back_to_the_cpu_on_npu_targets(ort_uin
     assert [r.placement.value for r in result.partition.regions] == ["CPU"]
     conv = next(n for n in result.report.nodes if n.record.op == "conv2d")
     assert "is uint8 with zero point" in conv.reasons[0].message
+
+
+class _Classifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.fc, self.dequant = QuantStub(), nn.Linear(16, 6), DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.fc(self.quant(x)))
+
+
+@pytest.mark.parametrize("target", ["x86_64", "npu-m"])
+def test_tiny_requantization_multiplier_compiles_to_exact_zeros(target, tmp_path):
+    """A channel whose factor needs a shift above 62 (ORT's GoogLeNet: 1.3e-11 needs shift 67) is exactly the zero
+    point wherever its accumulator bound proves it (docs/numerics.md section 4); the other channels are unchanged."""
+    torch.manual_seed(0)
+    example = torch.randn(4, 16)
+    int_model = integer_model(_Classifier().eval(), example, target)
+    model = onnx.load(str(to_onnx(int_model, (example,), tmp_path / "c.onnx")))
+    initializers = {i.name: i for i in model.graph.initializer}
+    producers = {out: n for n in model.graph.node for out in n.output}
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    input_scale = float(onnx.numpy_helper.to_array(initializers[producers[gemm.input[0]].input[1]]))
+
+    def scales(tensor: str) -> tuple[onnx.TensorProto, np.ndarray]:
+        initializer = initializers[producers[tensor].input[1]]
+        return initializer, onnx.numpy_helper.to_array(initializer).copy()
+
+    (weight_init, weight_scales), (bias_init, bias_scales) = scales(gemm.input[1]), scales(gemm.input[2])
+    weight_scales[3] = 1e-12
+    bias_scales[3] = np.float32(input_scale * np.float32(1e-12))
+    weight_init.CopyFrom(onnx.numpy_helper.from_array(weight_scales, weight_init.name))
+    bias_init.CopyFrom(onnx.numpy_helper.from_array(bias_scales, bias_init.name))
+    onnx.save(model, str(tmp_path / "tiny.onnx"))
+
+    result = compile_model(tmp_path / "tiny.onnx", target=target, out=tmp_path / "tiny.edgeq", simulate=True)
+    x = torch.randn(4, 16)
+    expected = int_model.run_integer(x).numpy().copy()
+    expected[:, 3] = 0
+    assert expected[:, [0, 1, 2, 4, 5]].any()
+    with Model.load(result.artifact) as runtime:
+        np.testing.assert_array_equal(runtime.run(x.numpy(), raw=True)[runtime.outputs[0].name], expected)
+    if target == "npu-m":
+        with zipfile.ZipFile(result.artifact) as archive:
+            (region,) = json.loads(archive.read("npu_program.json"))["regions"]
+        per_channel = region["ops"][0]["requantization"]["per_channel"]
+        assert per_channel[3] == {"multiplier": 0, "shift": 62} and all(c["multiplier"] >= 2**30 for c in per_channel[:3])
 
 
 # ---- the artifact ---------------------------------------------------------------------------------------------------

@@ -135,3 +135,32 @@ def test_bias_at_accumulator_scale():
     assert nx.bias_at_accumulator_scale([s * (1 + 1e-7) for s in scales], 0.5, [0.25, 0.125])
     assert not nx.bias_at_accumulator_scale([s * 2 for s in scales], 0.5, [0.25, 0.125])
     assert not nx.bias_at_accumulator_scale([0.125, 0.0625, 0.1], 0.5, [0.25, 0.125])
+
+
+def test_accumulator_bounds_literal():
+    weights = np.array([[1, -2, 0], [-127, 127, 3]], dtype=np.int8)
+    assert nx.accumulator_bounds(weights, np.array([5, -6]), axis=0) == [128 * 3 + 5, 128 * 257 + 6]
+    assert nx.accumulator_bounds(weights.T, None, axis=1) == [128 * 3, 128 * 257]
+
+
+def test_tiny_multiplier_is_zero_where_the_bound_proves_it():
+    """GoogLeNet's classifier as ONNX Runtime quantizes it: m = 1.3e-11 needs shift 67."""
+    with pytest.raises(QuantizationError, match="needs shift 67"):
+        nx.quantize_multiplier(1.3e-11, what="fc")
+    zero = nx.quantize_multiplier(1.3e-11, what="fc", accumulator_bound=2**31 - 1)
+    assert (zero.multiplier, zero.shift) == (0, 62)
+    acc = torch.tensor([-(2**31) + 1, -1, 0, 1, 2**31 - 1], dtype=torch.int64)
+    assert nx.requantize(acc, zero.multiplier, zero.shift).tolist() == [0, 0, 0, 0, 0]
+    # exactly half a step is not below one half: not proven, an error
+    with pytest.raises(QuantizationError, match="can reach half a step"):
+        nx.quantize_multiplier(2.0**-40, what="fc", accumulator_bound=2**39)
+    assert nx.quantize_multiplier(2.0**-40, what="fc", accumulator_bound=2**39 - 1).multiplier == 0
+    # in range: the usual multiplier, bound or not; too large: still an error
+    assert nx.quantize_multiplier(0.1, what="fc", accumulator_bound=100) == nx.quantize_multiplier(0.1, what="fc")
+    with pytest.raises(QuantizationError, match="needs shift"):
+        nx.quantize_multiplier(2.0**31, what="fc", accumulator_bound=1)
+
+
+def test_conv_multipliers_use_each_channels_bound():
+    multipliers = nx.conv_multipliers(1 / 128, [1e-12, 0.01], 1.0, what="fc", bounds=[2**20, 2**20])
+    assert multipliers[0].multiplier == 0 and multipliers[1] == nx.quantize_multiplier(0.01 / 128, what="fc")

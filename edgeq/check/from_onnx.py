@@ -15,6 +15,7 @@ import onnx
 from edgeq.check.records import INPUT_PREFIX, OpRecord, QuantFacts, foreign_op_name
 from edgeq.export.onnx_reader import QDQModel, QuantParams, node_attributes, node_name
 from edgeq.export.qdq_graph import QDQGraph
+from edgeq.numerics import accumulator_bounds
 from edgeq.ops import op_of_onnx_type
 
 def records_from_qdq(qdq: QDQModel) -> list[OpRecord]:
@@ -92,6 +93,7 @@ class _OnnxWalker(QDQGraph):
         weight = self.dequantized(node.input[1]) if len(node.input) > 1 and _weighted(node) else None
         if weight is not None:
             facts.weight_scales = weight[1].scales
+            facts.accumulator_bounds = self._accumulator_bounds(node, weight[0])
         for quantized, _ in (q for q in input_quant if q is not None):
             facts.problems.extend(self.problems.get(quantized, []))
         for consumer in self.consumers.get(self.op_output(node), []):
@@ -99,6 +101,17 @@ class _OnnxWalker(QDQGraph):
                 facts.problems.extend(self.problems.get(consumer.output[0], []))
         facts.problems.extend(self.problems.get(node_name(node), []))
         return facts
+
+    def _accumulator_bounds(self, node: onnx.NodeProto, weight: str) -> tuple[int, ...]:
+        values = self.constants.get(weight)
+        if values is None or values.dtype != np.int8:
+            return ()
+        transposed = node.op_type == "Conv" or (node.op_type == "Gemm" and node_attributes(node).get("transB", 0))
+        add = self.bias_adds.get(node_name(node))
+        bias_input = [t for t in add.input if t != node.output[0]][0] if add is not None else (node.input[2:3] or [""])[0]
+        bias = self.dequantized(bias_input) if bias_input else None
+        bias_values = self.constants.get(bias[0]) if bias is not None else None
+        return tuple(accumulator_bounds(values, bias_values, axis=0 if transposed else values.ndim - 1))
 
     def _describe(self, node: onnx.NodeProto) -> tuple[str, dict[str, Any]]:
         attributes = node_attributes(node)

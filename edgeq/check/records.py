@@ -18,12 +18,15 @@ class QuantFacts:
         input_scales: scale of each activation input (per tensor).
         output_scale: scale of the int8 output (``None`` for an int32 or float output).
         weight_scales: per-output-channel weight scales (conv and linear).
+        accumulator_bounds: per output channel, the largest ``|acc|`` any input can give (conv and linear,
+            :func:`edgeq.numerics.accumulator_bounds`); empty when the weights are not int8 constants.
         problems: why the op's tensors do not fit edgeq's int8 symmetric numerics, one sentence each.
     """
 
     input_scales: tuple[float, ...] = ()
     output_scale: float | None = None
     weight_scales: tuple[float, ...] = ()
+    accumulator_bounds: tuple[int, ...] = ()
     problems: list[str] = field(default_factory=list)
 
 

@@ -28,6 +28,7 @@ from edgeq.numerics import (
     ACTIVATION_QMAX,
     ACTIVATION_QMIN,
     FixedPointMultiplier,
+    accumulator_bounds,
     bias_at_accumulator_scale,
     check_accumulator_bound,
     conv_multipliers,
@@ -265,7 +266,8 @@ class _WeightedUnit:
         if conv is None and transposed:
             values = values.T
         acc = integer_accumulator(m[self.source].args[0], values, bias, conv)
-        multipliers = conv_multipliers(input_scale, weight_scales, output_scale, what=self.name)
+        bounds = accumulator_bounds(values, bias, axis=0 if conv is not None else 1)
+        multipliers = conv_multipliers(input_scale, weight_scales, output_scale, what=self.name, bounds=bounds)
         return _requantize(acc, multipliers, rank, axis)
 
 

@@ -47,7 +47,8 @@ def requantization(record: OpRecord) -> dict[str, Any] | None:
 
 @REQUANTIZATION.register(Op.CONV2D, Op.LINEAR)
 def _per_channel(record: OpRecord, quant: QuantFacts, what: str) -> dict[str, Any]:
-    multipliers = conv_multipliers(quant.input_scales[0], quant.weight_scales, quant.output_scale, what=what)
+    bounds = quant.accumulator_bounds or None
+    multipliers = conv_multipliers(quant.input_scales[0], quant.weight_scales, quant.output_scale, what=what, bounds=bounds)
     return {"per_channel": [{"multiplier": m.multiplier, "shift": m.shift} for m in multipliers]}
 
 

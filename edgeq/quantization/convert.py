@@ -21,6 +21,7 @@ from edgeq.numerics import (
     ACTIVATION_QMAX,
     ACTIVATION_QMIN,
     FixedPointMultiplier,
+    accumulator_bounds,
     bias_scales,
     check_accumulator_bound,
     conv_multipliers,
@@ -207,7 +208,13 @@ class _Converter:
         else:
             output_scale = self._output_scale(module)
             output = TensorQuant("int8", (output_scale,))
-            multipliers = conv_multipliers(input_scale, scale_list, output_scale, what=f"{type(module).__name__} '{path}'")
+            multipliers = conv_multipliers(
+                input_scale,
+                scale_list,
+                output_scale,
+                what=f"{type(module).__name__} '{path}'",
+                bounds=accumulator_bounds(weight_q, bias_q, axis=0),
+            )
             clamp = self._clamp_for(module.activation, output_scale)
         return dict(
             weight=weight_q,

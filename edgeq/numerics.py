@@ -21,8 +21,9 @@ Conventions (see the spec for the why):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from fractions import Fraction
 
 import numpy as np
@@ -313,3 +314,57 @@ def check_accumulator_bound(reduction_size: int, bias: torch.Tensor | np.ndarray
 def relu6_ceiling(scale: float) -> int:
     """The int8 value of 6.0 at ``scale``: ``min(127, round_half_to_even(float32(6) / float32(s)))``."""
     return min(ACTIVATION_QMAX, int(np.round(np.float32(RELU6_CEILING) / np.float32(scale))))
+
+
+class LutFunction(str, Enum):
+    """An elementwise activation computed as an int8 lookup table (docs/numerics.md section 7, table activations)."""
+
+    SIGMOID = "sigmoid"
+    TANH = "tanh"
+    HARDSIGMOID = "hardsigmoid"
+    HARDSWISH = "hardswish"
+    SILU = "silu"
+    LEAKYRELU = "leakyrelu"
+
+    def __call__(self, x: float, alpha: float) -> float:
+        """The real function in float64 (``alpha``: LeakyReLU's negative slope, unused by the others)."""
+        return _LUT_FORMULAS[self](x, alpha)
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _hardsigmoid(x: float) -> float:
+    return min(max(x + 3.0, 0.0), 6.0) / 6.0
+
+
+_LUT_FORMULAS: dict[LutFunction, Callable[[float, float], float]] = {
+    LutFunction.SIGMOID: lambda x, alpha: _sigmoid(x),
+    LutFunction.TANH: lambda x, alpha: math.tanh(x),
+    LutFunction.HARDSIGMOID: lambda x, alpha: _hardsigmoid(x),
+    LutFunction.HARDSWISH: lambda x, alpha: x * _hardsigmoid(x),
+    LutFunction.SILU: lambda x, alpha: x * _sigmoid(x),
+    LutFunction.LEAKYRELU: lambda x, alpha: x if x >= 0 else alpha * x,
+}
+
+LUT_SIZE = ACTIVATION_QMAX - ACTIVATION_QMIN + 1
+
+
+def lookup_table(function: LutFunction, input_scale: float, output_scale: float, alpha: float = 0.0) -> np.ndarray:
+    """The int8 table of ``function`` between two scales: entry ``q + 128`` is the output for input ``q``.
+
+    ``x = float32(q) * float32(s_in)`` (the float32 product of DequantizeLinear), ``y = f(x)`` in float64 with
+    Python's ``math``, ``table[q + 128] = saturate(round_half_to_even(y / float64(s_out)))``.
+    """
+    scale_in, scale_out = np.float32(input_scale), float(np.float32(output_scale))
+    values = [
+        function(float(np.float32(q) * scale_in), float(np.float32(alpha))) / scale_out
+        for q in range(ACTIVATION_QMIN, ACTIVATION_QMAX + 1)
+    ]
+    return np.clip(np.rint(values), ACTIVATION_QMIN, ACTIVATION_QMAX).astype(np.int8)
+
+
+def look_up(value: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """int8 -> int8 through a :func:`lookup_table`: ``table[q + 128]``."""
+    return table[value.to(torch.int64) - ACTIVATION_QMIN]

@@ -33,13 +33,19 @@ class OpInfo:
         requantizes: the output scale differs from the input's, so the NPU program carries requantization
             constants for it.
         npu_limits: a target file describes its NPU's limits for this op in an ``[npu.<op>]`` section.
+        lookup_table: an elementwise activation computed as an int8 table (``edgeq.numerics.LutFunction`` of the
+            same name).
+        gated: the op is ``x * g(x)`` for the op ``g`` named here (SiLU is ``x * sigmoid(x)``): its QDQ unit is
+            ``g``'s ONNX node followed by a ``Mul`` with ``g``'s input, so it has no ONNX type of its own.
     """
 
-    onnx_types: tuple[str, ...]
+    onnx_types: tuple[str, ...] = ()
     movement: bool = False
     weighted: bool = False
     requantizes: bool = False
     npu_limits: bool = False
+    lookup_table: bool = False
+    gated: str | None = None
 
 
 class Op(str, Enum):
@@ -54,6 +60,12 @@ class Op(str, Enum):
     GLOBAL_AVG_POOL2D = "global_avg_pool2d"
     RELU = "relu"
     UPSAMPLE_NEAREST2D = "upsample_nearest2d"
+    SIGMOID = "sigmoid"
+    TANH = "tanh"
+    HARDSIGMOID = "hardsigmoid"
+    HARDSWISH = "hardswish"
+    SILU = "silu"
+    LEAKYRELU = "leakyrelu"
     RESHAPE = "reshape"
     TRANSPOSE = "transpose"
     SPLIT = "split"
@@ -75,6 +87,12 @@ _INFO: dict[Op, OpInfo] = {
     Op.GLOBAL_AVG_POOL2D: OpInfo(("GlobalAveragePool",), requantizes=True),
     Op.RELU: OpInfo(("Relu", "Clip")),
     Op.UPSAMPLE_NEAREST2D: OpInfo(("Resize",), npu_limits=True),
+    Op.SIGMOID: OpInfo(("Sigmoid",), requantizes=True, lookup_table=True),
+    Op.TANH: OpInfo(("Tanh",), requantizes=True, lookup_table=True),
+    Op.HARDSIGMOID: OpInfo(("HardSigmoid",), requantizes=True, lookup_table=True),
+    Op.HARDSWISH: OpInfo(requantizes=True, lookup_table=True, gated="hardsigmoid"),
+    Op.SILU: OpInfo(requantizes=True, lookup_table=True, gated="sigmoid"),
+    Op.LEAKYRELU: OpInfo(("LeakyRelu",), requantizes=True, lookup_table=True),
     Op.RESHAPE: OpInfo(("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"), movement=True),
     Op.TRANSPOSE: OpInfo(("Transpose",), movement=True),
     Op.SPLIT: OpInfo(("Split",), movement=True),
@@ -91,6 +109,14 @@ def op_of_onnx_type(op_type: str) -> Op | None:
 
 
 _BY_ONNX_TYPE: dict[str, Op] = {op_type: op for op in Op for op_type in op.info.onnx_types}
+
+LOOKUP_TABLE_OPS: tuple[Op, ...] = tuple(op for op in Op if op.info.lookup_table)
+"""The activations computed as int8 lookup tables."""
+
+
+def gated_op(op: Op) -> Op | None:
+    """The op ``x * op(x)`` is (SiLU for sigmoid, Hardswish for Hardsigmoid), if any."""
+    return next((gated for gated in Op if gated.info.gated == op.value), None)
 
 
 class OpTable(Generic[T]):
@@ -130,6 +156,12 @@ class OpTable(Generic[T]):
 
     def __contains__(self, op: object) -> bool:
         return op in self._entries
+
+    def op_of_instance(self, instance: object) -> Op | None:
+        """The op an object of a registered class is: its own ``op`` attribute when its class serves several ops
+        (one lookup-table module for every table activation), else its class's op."""
+        own = getattr(instance, "op", None)
+        return own if isinstance(own, Op) else self.op_of(type(instance))
 
     def op_of(self, value: object) -> Op | None:
         """The op whose piece ``value`` is (the first, when several share it)."""

@@ -94,6 +94,23 @@ def window_view(x: np.ndarray, kernel: tuple, stride: tuple, padding: tuple, dil
     return np.stack(taps, axis=-1)
 
 
+_ACTIVATIONS = {
+    "sigmoid": lambda x, alpha: 0.5 * (1 + np.tanh(x / 2)),
+    "tanh": lambda x, alpha: np.tanh(x),
+    "hardsigmoid": lambda x, alpha: np.clip(x / 6 + 0.5, 0, 1),
+    "hardswish": lambda x, alpha: x * np.clip(x + 3, 0, 6) / 6,
+    "silu": lambda x, alpha: x * 0.5 * (1 + np.tanh(x / 2)),
+    "leakyrelu": lambda x, alpha: np.where(x >= 0, x, np.float64(np.float32(alpha)) * x),
+}
+
+
+def lookup_table(function: str, input_scale: float, output_scale: float, alpha: float = 0.0) -> np.ndarray:
+    """The spec's table, vectorised in numpy float64 (sigmoid through tanh): index q + 128 holds the output for q."""
+    x = dequantize(np.arange(-128, 128), input_scale).astype(np.float64)
+    y = _ACTIVATIONS[function](x, alpha) / np.float64(np.float32(output_scale))
+    return saturate8(np.rint(y).astype(np.int64))
+
+
 def evaluate_op(module: torch.nn.Module, args: list[Any]) -> Any:
     """One integer op in numpy int64."""
     if isinstance(module, ops.IntQuantize):
@@ -135,6 +152,9 @@ def evaluate_op(module: torch.nn.Module, args: list[Any]) -> Any:
     if isinstance(module, ops.IntUpsampleNearest2d):
         fh, fw = module.scale_factor
         return np.repeat(np.repeat(args[0], fh, axis=2), fw, axis=3)
+    if isinstance(module, ops.IntLookupTable):
+        table = lookup_table(module.op.value, module.input_scale, module.output_scale, module.alpha)
+        return table[np.asarray(args[0], dtype=np.int64) + 128]
     raise NotImplementedError(type(module).__name__)
 
 

@@ -110,13 +110,21 @@ def test_weights_larger_than_sram_is_advice():
 
 
 def test_op_edgeq_cannot_quantize_is_unsupported_with_advice():
-    report = check_model(Wrapped(nn.Sequential(nn.Conv2d(8, 8, 1), nn.Hardswish())).eval(), (image(),), target="npu-s")
+    report = check_model(Wrapped(nn.Sequential(nn.Conv2d(8, 8, 1), nn.GELU())).eval(), (image(),), target="npu-s")
     node = report.node("model.1")
     assert node.placement is Placement.UNSUPPORTED
     assert node.reasons[0].rule == "rejected" and "no integer implementation" in node.reasons[0].message
-    assert node.advice == ["hardswish is not on npu-s: relu6 is"]
+    assert node.advice == ["gelu is not on npu-s: relu is"]
     assert not report.deployable and report.summary.verdict == "not deployable: 1 unsupported op(s)"
-    assert check_model(Wrapped(nn.Hardswish()).eval(), (image(),), target="x86_64").node("model").placement is Placement.UNSUPPORTED
+    assert check_model(Wrapped(nn.GELU()).eval(), (image(),), target="x86_64").node("model").placement is Placement.UNSUPPORTED
+
+
+def test_table_activation_lacking_on_the_npu_falls_back_with_advice():
+    report = check_model(Wrapped(nn.Sequential(nn.Conv2d(8, 8, 1), nn.Hardswish())).eval(), (image(),), target="npu-s")
+    node = report.node("model.1")
+    assert node.placement is Placement.CPU and node.reasons[0].rule == "op_not_on_npu"
+    assert node.advice == ["hardswish is not on npu-s: relu6 is"]
+    assert check_model(Wrapped(nn.Hardswish()).eval(), (image(),), target="npu-m").node("model").placement is Placement.NPU
 
 
 def test_float_code_outside_the_region_is_unsupported():

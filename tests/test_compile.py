@@ -17,8 +17,9 @@ from edgeq.errors import CompileError, TargetError
 from edgeq.export import to_onnx
 from edgeq.export.peer import session
 from edgeq_runtime import Model
-from edgeq.quantization import DeQuantStub, QuantStub
-from models import FunctionalOps, SmallCNN, Wrapped, integer_model, torchvision_model
+import torch.nn.functional as F
+from edgeq.quantization import DeQuantStub, FakeQuantState, QuantStub, convert_fx, default_qat_qconfig, prepare_qat_fx, set_fake_quantize
+from models import FunctionalOps, SmallCNN, Wrapped, calibrate, integer_model, torchvision_model
 
 
 def as_tuple(value):
@@ -197,6 +198,63 @@ def test_tiny_requantization_multiplier_compiles_to_exact_zeros(target, tmp_path
             (region,) = json.loads(archive.read("npu_program.json"))["regions"]
         per_channel = region["ops"][0]["requantization"]["per_channel"]
         assert per_channel[3] == {"multiplier": 0, "shift": 62} and all(c["multiplier"] >= 2**30 for c in per_channel[:3])
+
+
+class _SwishNet(nn.Module):
+    """Conv-BN-Hardswish, Conv-SiLU, and SiLU written as x * sigmoid(x), then a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = QuantStub()
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardswish()
+        self.conv2, self.act2 = nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.SiLU()
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+        self.dequant = DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act2(self.conv2(self.act1(self.bn1(self.conv1(self.quant(x))))))
+        x = self.conv3(x)
+        x = x * torch.sigmoid(x)
+        return self.dequant(self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
+
+
+def test_qat_with_table_activations_compiles_exactly(tmp_path):
+    """prepare -> calibrate -> QAT -> convert -> to_onnx -> compile x86_64: the artifact equals the integer model."""
+    torch.manual_seed(0)
+    example = torch.randn(8, 1, 8, 8)
+    model = _SwishNet()
+    calib = calibrate(model.eval(), example, "x86_64", lambda: torch.randn(8, 1, 8, 8))
+    qat = prepare_qat_fx(model.train(), default_qat_qconfig, example_inputs=(example,), target="x86_64")
+    qat.load_state_dict(calib.state_dict())
+    set_fake_quantize(qat, FakeQuantState.QAT)
+    optimizer = torch.optim.SGD(qat.parameters(), lr=0.05)
+    for _ in range(3):
+        loss = F.cross_entropy(qat(torch.randn(8, 1, 8, 8)), torch.randint(0, 10, (8,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    qat.eval()
+    int_model = convert_fx(qat)
+    ops = [type(m).__name__ + ":" + m.op.value for m in int_model.graph_module.modules() if hasattr(m, "table")]
+    assert ops == ["IntLookupTable:hardswish", "IntLookupTable:silu", "IntLookupTable:silu"]
+    onnx_path = to_onnx(int_model, (example,), tmp_path / "swish.onnx")
+    result = compile_model(onnx_path, target="x86_64", out=tmp_path / "swish.edgeq")
+    assert result.module.script().count("R.take(") == 3  # each activation lowered to a table gather
+    assert_artifact_exact(result.artifact, int_model, torch.randn(8, 1, 8, 8))
+
+
+def test_table_activations_run_on_npus_that_have_tables(tmp_path):
+    torch.manual_seed(0)
+    example = torch.randn(2, 1, 8, 8)
+    for target, placement in (("npu-m", "NPU"), ("npu-s", "CPU")):
+        int_model = integer_model(_SwishNet().eval(), example, target)
+        result = compile_model(int_model, (example,), target=target, out=tmp_path / f"{target}.edgeq", simulate=True)
+        tables = [n for n in result.report.nodes if n.record.op in ("hardswish", "silu")]
+        assert len(tables) == 3 and {n.placement.value for n in tables} == {placement}
+        if target == "npu-s":
+            assert tables[0].reasons[0].rule == "op_not_on_npu" and "relu6" in tables[0].advice[0]
+        assert_artifact_exact(result.artifact, int_model, torch.randn(2, 1, 8, 8))
 
 
 # ---- the artifact ---------------------------------------------------------------------------------------------------

@@ -403,3 +403,31 @@ def test_qdq_graph_tells_an_unknown_rank_from_a_scalar(tmp_path):
     qdq_graph = QDQGraph(read_qdq(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), tmp_path / "m.onnx"))
     assert qdq_graph.static_shape("y") is None  # a reshape to a shape of unknown length: even the rank is unknown
     assert (qdq_graph.static_shape("x"), qdq_graph.static_shape("s"), qdq_graph.static_shape("t")) == ((2, 3), (), ())
+
+
+class _TableActivations(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = QuantStub()
+        self.hardswish, self.silu, self.leaky = nn.Hardswish(), nn.SiLU(), nn.LeakyReLU(0.1)
+        self.dequant = DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quant(x)
+        y = torch.tanh(self.silu(self.hardswish(x))) + torch.sigmoid(self.leaky(x)) + F.hardsigmoid(x)
+        return self.dequant(y * torch.sigmoid(y))
+
+
+def test_onnx_runtime_agrees_on_table_activations():
+    """Each table activation alone, fed every int8 value: ORT evaluates the function in float32 (docs/numerics.md
+    states the bound: at most 1 step)."""
+    torch.manual_seed(0)
+    example = torch.randn(4, 256) * 4
+    int_model = integer_model(_TableActivations(), example, "npu-m")
+    everything = torch.arange(-128, 128, dtype=torch.float32).repeat(4, 1) / 32
+    model = build_onnx(int_model, (example,))
+    assert {"Sigmoid", "Tanh", "HardSigmoid", "LeakyRelu", "Mul"} <= {n.op_type for n in model.graph.node}
+    differences = per_op_differences(model, int_model, everything)
+    tables = [d for name, d in differences.items() if any(f in name for f in ("hardswish", "silu", "leaky", "tanh", "sigmoid", "hardsigmoid"))]
+    assert len(tables) >= 7
+    assert max(int(d.max()) for d in tables) <= 1

@@ -17,12 +17,12 @@ import edgeq.quantization.convert
 from edgeq.check import Placement, check_model, check_qdq
 from edgeq.check.rules import RULES
 from edgeq.export.sources import quantized_form
-from edgeq.ops import TABLES, Op, op_of_onnx_type
+from edgeq.ops import TABLES, Op, gated_op, op_of_onnx_type
 from edgeq.quantization import DeQuantStub, QuantStub
 from edgeq.quantization.patterns import OpKind
 from edgeq.quantization.prepare import EMITTERS
 from edgeq.targets import NPU_LIMITS, NpuRules, Target, TargetKind, list_targets
-from tests.models import integer_model
+from models import integer_model
 
 LAYERS = (edgeq.check, edgeq.compile.lower_integer, edgeq.compile.npu_program, edgeq.export.onnx_writer, edgeq.quantization.convert)
 """Imported for their tables (each layer registers its pieces when imported)."""
@@ -47,8 +47,9 @@ def test_a_missing_piece_is_found():
 
 def test_every_op_reads_from_onnx():
     for op in Op:
-        assert op.info.onnx_types, op
+        assert bool(op.info.onnx_types) != bool(op.info.gated), op  # an ONNX type of its own, or x * g(x)
         assert all(op_of_onnx_type(t) is op for t in op.info.onnx_types)
+        assert op.info.gated is None or gated_op(Op(op.info.gated)) is op
 
 
 def test_npu_limits_sections_are_fields_of_the_npu_rules():
@@ -79,12 +80,14 @@ class EveryOp(nn.Module):
         self.quant = QuantStub()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.fc = nn.Linear(8, 4)
+        self.hardswish, self.leaky = nn.Hardswish(), nn.LeakyReLU(0.1)
         self.dequant = DeQuantStub()
         self.dequant_map = DeQuantStub()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.quant(x)
-        a = F.relu(self.conv(x))
+        a = self.conv(x)
+        a = F.relu(self.leaky(torch.tanh(torch.sigmoid(self.hardswish(a * torch.sigmoid(a))))) + F.hardsigmoid(a))
         s = torch.cat([a + a, F.relu6(a)], dim=1)
         s = F.avg_pool2d(F.max_pool2d(s, 2), 2)
         first, second = F.interpolate(s, scale_factor=2.0, mode="nearest").chunk(2, dim=1)

@@ -15,7 +15,7 @@ from torch import nn
 from edgeq.check.records import INPUT_PREFIX, OpRecord, foreign_op_name
 from edgeq.quantization import qat_modules as qm
 from edgeq.quantization.graph import VALUE_KEY, TensorInfo, input_nodes, produces_tensor
-from edgeq.ops import Op, OpTable
+from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable
 from edgeq.quantization.patterns import MOVEMENT_OPS, OpKind, movement, op_kind
 
 _OUTSIDE_REGION = (
@@ -91,7 +91,7 @@ DESCRIPTIONS: OpTable[Description] = OpTable("check record in check/from_fx.py",
 
 
 def _describe(node: fx.Node, module: nn.Module | None, modules: dict[str, nn.Module]) -> tuple[str, str, dict[str, Any]]:
-    op = qm.CANONICAL.op_of(type(module)) if module is not None else None
+    op = qm.CANONICAL.op_of_instance(module) if module is not None else None
     if op is not None:
         source_op, attrs = DESCRIPTIONS[op](module)
         return op.value, source_op, attrs
@@ -157,6 +157,11 @@ def _global_avg_pool(module: qm.GlobalAvgPool2d) -> tuple[str, dict[str, Any]]:
 @DESCRIPTIONS.register(Op.RELU)
 def _clamp(module: qm.Clamp) -> tuple[str, dict[str, Any]]:
     return module.activation.value, {"activation": module.activation.value}
+
+
+@DESCRIPTIONS.register(*LOOKUP_TABLE_OPS)
+def _lookup_table(module: qm.LookupTableActivation) -> tuple[str, dict[str, Any]]:
+    return module.op.value, {"function": module.op.value, "alpha": module.alpha}
 
 
 @DESCRIPTIONS.register(Op.UPSAMPLE_NEAREST2D)

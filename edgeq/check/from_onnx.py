@@ -16,7 +16,7 @@ from edgeq.check.records import INPUT_PREFIX, OpRecord, QuantFacts, foreign_op_n
 from edgeq.export.onnx_reader import QDQModel, QuantParams, node_attributes, node_name
 from edgeq.export.qdq_graph import QDQGraph
 from edgeq.numerics import accumulator_bounds
-from edgeq.ops import op_of_onnx_type
+from edgeq.ops import Op, gated_op, op_of_onnx_type
 
 def records_from_qdq(qdq: QDQModel) -> list[OpRecord]:
     """One record per compute node of the QDQ model, in graph order."""
@@ -64,7 +64,7 @@ class _OnnxWalker(QDQGraph):
         record = OpRecord(
             name=node_name(node),
             op=op,
-            source_op=node.op_type,
+            source_op="+".join(n.op_type for n in self.members(node)) if node_name(node) in self.gate_muls else node.op_type,
             inputs=[self._source(t) for t in activations],
             input_shapes=[shape for shape in map(self.static_shape, activations) if shape is not None],
             output_shape=self.static_shape(self.op_output(node)),
@@ -150,7 +150,13 @@ class _OnnxWalker(QDQGraph):
         if node.op_type == "Resize":
             return self._resize(node, attributes)
         op = op_of_onnx_type(node.op_type)
-        return (op.value if op is not None else foreign_op_name(node.op_type)), {}
+        if op is None:
+            return foreign_op_name(node.op_type), {}
+        if node_name(node) in self.gate_muls:
+            op = gated_op(op)
+        if op.info.lookup_table:
+            return op.value, {"function": op.value, "alpha": float(attributes.get("alpha", 0.0)) if op is Op.LEAKYRELU else 0.0}
+        return op.value, {}
 
     def _weight_shape(self, tensor: str) -> tuple[int, ...] | None:
         dequantized = self.dequantized(tensor)

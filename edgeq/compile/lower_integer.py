@@ -23,15 +23,17 @@ from tvm import relax
 from tvm.relax import op as R
 from tvm.relax.dpl import DFPattern, is_const, is_op, is_tuple_get_item, rewrite_call, wildcard
 
-from edgeq.ops import Op, OpTable
+from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable
 from edgeq.numerics import (
     ACTIVATION_QMAX,
     ACTIVATION_QMIN,
     FixedPointMultiplier,
+    LutFunction,
     accumulator_bounds,
     bias_at_accumulator_scale,
     check_accumulator_bound,
     conv_multipliers,
+    lookup_table,
     quantize_multiplier,
     quantize_multipliers,
     real_multiplier,
@@ -338,6 +340,8 @@ def _prim_float(expr: relax.Expr) -> float | None:
     if constant is not None:
         return float(constant.reshape(()))
     value = getattr(expr, "value", None)
+    if isinstance(value, (int, float)):  # an IntImm / FloatImm argument
+        return float(value)
     return float(value.value) if value is not None and hasattr(value, "value") else None
 
 
@@ -455,6 +459,36 @@ def _concat_rule(bindings: dict[relax.Var, relax.Expr]) -> _Rule:
     return _Rule("concat", quantize, rewrite)
 
 
+@LOWERING.register(*LOOKUP_TABLE_OPS)
+def _lookup_table_rule() -> _Rule:
+    """Table activations (as TVM imports each ONNX form): one gather from ``numerics.lookup_table``."""
+    source = _dq()
+    alpha, beta = is_const(), is_const()
+    hard = is_op("relax.clip")(is_op("relax.add")(is_op("relax.multiply")(alpha, source), beta), wildcard(), wildcard())
+    sigmoid, tanh, leaky = (is_op(name)(source) for name in ("relax.sigmoid", "relax.tanh", "relax.nn.leakyrelu"))
+    silu, hardswish = is_op("relax.multiply")(source, sigmoid), is_op("relax.multiply")(source, hard)
+    forms = {silu: LutFunction.SILU, hardswish: LutFunction.HARDSWISH, sigmoid: LutFunction.SIGMOID,
+             tanh: LutFunction.TANH, leaky: LutFunction.LEAKYRELU, hard: LutFunction.HARDSIGMOID}
+    quantize = _q(silu | hardswish | sigmoid | tanh | leaky | hard)
+
+    def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
+        input_scale, output_scale = _input_scale(m[source]), _output_scale(matched)
+        function = next(f for form, f in forms.items() if form in m)
+        if input_scale is None or output_scale is None:
+            return None
+        if hard in m:
+            slope, offset = (float(_constant(m[c]).reshape(())) for c in (alpha, beta))
+            bounds = [_prim_float(m[hard].args[i]) for i in (1, 2)]
+            if (slope, offset, *bounds) != (float(np.float32(1 / 6)), 0.5, 0.0, 1.0):
+                return None
+        slope = float(m[leaky].attrs.alpha) if leaky in m else 0.0
+        table = lookup_table(function, input_scale, output_scale, slope)
+        index = R.add(R.astype(m[source].args[0], "int32"), relax.const(-ACTIVATION_QMIN, "int32"))
+        return R.take(relax.const(table, "int8"), index, axis=0, mode="clip")  # indices are in [0, 255]: clip is a no-op
+
+    return _Rule("lookup table", quantize, rewrite)
+
+
 def _bindings(func: relax.Function) -> dict[relax.Var, relax.Expr]:
     return {binding.var: binding.value for block in func.body.blocks for binding in block.bindings}
 
@@ -473,6 +507,7 @@ def lower_to_integer(func: relax.Function) -> relax.Function:
         _clamp_rule(),
         _data_movement_rule(),
         _split_rule(),
+        _lookup_table_rule(),
     ]
     for rule in rules:
         func = rule(func)

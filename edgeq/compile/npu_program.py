@@ -16,8 +16,8 @@ from typing import Any
 from edgeq.check.records import OpRecord, QuantFacts
 from edgeq.check.report import CheckReport, Placement
 from edgeq.compile.partition import Partition, Region, TensorSpec
-from edgeq.ops import OP_NAMES, Op, OpTable
-from edgeq.numerics import conv_multipliers, quantize_multiplier, quantize_multipliers, real_multiplier
+from edgeq.ops import LOOKUP_TABLE_OPS, OP_NAMES, Op, OpTable
+from edgeq.numerics import LutFunction, conv_multipliers, lookup_table, quantize_multiplier, quantize_multipliers, real_multiplier
 from edgeq.targets import Target
 
 
@@ -68,6 +68,13 @@ def _per_input(record: OpRecord, quant: QuantFacts, what: str) -> dict[str, Any]
 def _average(record: OpRecord, quant: QuantFacts, what: str) -> dict[str, Any]:
     count = math.prod(record.attrs["kernel"]) if record.op == "avg_pool2d" else math.prod(record.input_shapes[0][2:])
     return {"count": count, **_multiplier(real_multiplier(quant.input_scales[0], quant.output_scale, count=count), what)}
+
+
+@REQUANTIZATION.register(*LOOKUP_TABLE_OPS)
+def _table(record: OpRecord, quant: QuantFacts, what: str) -> dict[str, Any]:
+    function = LutFunction(record.attrs["function"])
+    table = lookup_table(function, quant.input_scales[0], quant.output_scale, record.attrs.get("alpha", 0.0))
+    return {"table": table.tolist()}
 
 
 def _weighted(record: OpRecord) -> bool:

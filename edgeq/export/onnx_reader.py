@@ -27,7 +27,7 @@ from onnx import numpy_helper
 from edgeq.errors import ModelFileError
 from edgeq.export.onnx_writer import TARGET_METADATA_KEY
 from edgeq.numerics import bias_at_accumulator_scale, bias_scales
-from edgeq.ops import op_of_onnx_type
+from edgeq.ops import gated_op, op_of_onnx_type
 
 @dataclass(frozen=True)
 class QuantParams:
@@ -191,7 +191,7 @@ class _QuantReader:
             if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
                 quantized = node.output[0] if node.op_type == "QuantizeLinear" else node.input[0]
                 self._record(quantized, self._params(node, quantized), node)
-            elif op_of_onnx_type(node.op_type) is None and node.op_type != "Constant":
+            elif op_of_onnx_type(node.op_type) is None and node.op_type != "Constant" and gated_activation(node, self.producer) is None:
                 self._find(node, "unsupported_op", f"{node.op_type} has no integer implementation in edgeq")
         for node in self.model.graph.node:
             if node.op_type in ("Conv", "Gemm") and len(node.input) > 2:
@@ -281,6 +281,19 @@ class _QuantReader:
                 f"bias scale {list(bias.scales)[:3]} is not input scale x weight scale "
                 f"{expected[:3]}: the bias cannot join the int32 accumulator exactly",
             )
+
+
+def gated_activation(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:
+    """The activation ``g`` when ``node`` is ``Mul(x, g(x))`` for a ``g`` that has a gated form (``x * sigmoid(x)``
+    is SiLU, ``x * hardsigmoid(x)`` Hardswish); None otherwise."""
+    if node.op_type != "Mul" or len(node.input) != 2:
+        return None
+    for source, other in (node.input, node.input[::-1]):
+        gate = producer.get(other)
+        op = op_of_onnx_type(gate.op_type) if gate is not None else None
+        if op is not None and gated_op(op) is not None and list(gate.input) == [source]:
+            return gate
+    return None
 
 
 def node_name(node: onnx.NodeProto) -> str:

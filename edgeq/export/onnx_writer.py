@@ -31,7 +31,7 @@ from edgeq import __version__
 from edgeq.errors import ExportError
 from edgeq.fileio import atomic_write
 from edgeq.numerics import bias_scales
-from edgeq.ops import Op, OpTable
+from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable
 from edgeq.quantization import integer_ops as ops
 from edgeq.quantization.graph import record_values
 from edgeq.quantization.integer_model import IntegerModel
@@ -40,6 +40,9 @@ from edgeq.quantization.patterns import Movement, OpKind, movement, op_kind, per
 OPSET = 13
 """Per-axis QuantizeLinear / DequantizeLinear arrived in opset 13, the oldest opset every QDQ consumer reads
 (ONNX Runtime, TensorRT 8+, OpenVINO, TVM); nothing edgeq writes needs a newer one."""
+
+HARDSIGMOID_ATTRIBUTES = {"alpha": 1 / 6, "beta": 0.5}
+"""PyTorch's Hardsigmoid, ``relu6(x + 3) / 6``, as ONNX HardSigmoid ``clip(alpha * x + beta, 0, 1)``."""
 
 TARGET_METADATA_KEY = "edgeq.target"
 """``metadata_props`` key holding the name of the target the model was quantized for."""
@@ -111,7 +114,7 @@ class _Builder:
         }
 
     def _emitter(self, module: torch.nn.Module) -> Emitter | None:
-        op = ops.INTEGER_OPS.op_of(type(module))
+        op = ops.INTEGER_OPS.op_of_instance(module)
         return EMITTERS[op] if op is not None else self.boundaries.get(type(module))
 
     @staticmethod
@@ -337,6 +340,21 @@ class _Builder:
             mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor",
         )
         return self._quantize(out, path, args[0].quant)
+
+    @EMITTERS.register(*LOOKUP_TABLE_OPS)
+    def _lookup_table(self, node: fx.Node, op: ops.IntLookupTable, args: list[Any]) -> Any:
+        """The activation's own ONNX op; a gated one (SiLU, Hardswish) as ``Mul(x, g(x))``."""
+        path = self._path(node)
+        source = self._dequantize(args[0])
+        gate = Op(op.op.info.gated) if op.op.info.gated else op.op
+        op_type = gate.info.onnx_types[0]
+        attributes = {"alpha": op.alpha} if gate is Op.LEAKYRELU else HARDSIGMOID_ATTRIBUTES if gate is Op.HARDSIGMOID else {}
+        if gate is op.op:
+            out = self._node(op_type, [source], f"{path}.out", f"{path}/{op_type}", **attributes)
+        else:
+            gated = self._node(op_type, [source], f"{path}.gate", f"{path}/{op_type}", **attributes)
+            out = self._node("Mul", [source, gated], f"{path}.out", f"{path}/Mul")
+        return self._quantize(out, path, ops.TensorQuant("int8", (op.output_scale,)))
 
     # ---- data movement ----------------------------------------------------------------------------------------
     def _reshape(self, path: str, value: _QTensor, shape: tuple[int, ...]) -> _QTensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from edgeq.export.onnx_reader import QDQModel, QuantParams, node_name
+from edgeq.export.onnx_reader import QDQModel, QuantParams, gated_activation, node_name
 
 QDQ_NODES = ("QuantizeLinear", "DequantizeLinear", "Constant")
 """Node types that carry quantization (or constants) rather than compute."""
@@ -18,7 +18,7 @@ class QDQGraph:
         ops: the compute nodes that are ops of their own, in graph order: a linear layer over more than two axes
             is a MatMul and the Add of its bias, one op named after the MatMul.
         bias_adds: MatMul name -> the Add of its bias.
-        fused_into: bias Add name -> the MatMul whose op it is part of.
+        fused_into: name of a bias Add or a gating Mul -> the name of the MatMul or activation whose op it is part of.
         shapes: every tensor's shape as far as inference knows it (-1 for a dynamic dimension).
     """
 
@@ -44,7 +44,12 @@ class QDQGraph:
         self.bias_adds = {
             node_name(n): add for n in compute_nodes if n.op_type == "MatMul" and (add := self._bias_add(n)) is not None
         }
-        self.fused_into = {node_name(add): matmul for matmul, add in self.bias_adds.items()}
+        self.gate_muls = {
+            node_name(gate): mul for mul in compute_nodes if (gate := gated_activation(mul, self.producer)) is not None
+        }
+        """A gated activation's ``g`` node -> its ``Mul(x, g(x))`` (one op: SiLU, Hardswish)."""
+        self.followers = {**self.bias_adds, **self.gate_muls}
+        self.fused_into = {node_name(follower): op for op, follower in self.followers.items()}
         self.ops = [n for n in compute_nodes if node_name(n) not in self.fused_into]
 
     def _bias_add(self, matmul: onnx.NodeProto) -> onnx.NodeProto | None:
@@ -62,9 +67,9 @@ class QDQGraph:
         return self.fused_into.get(node_name(node), node_name(node))
 
     def members(self, op: onnx.NodeProto) -> list[onnx.NodeProto]:
-        """The nodes of an op: the node itself, and a MatMul's bias Add."""
-        add = self.bias_adds.get(node_name(op))
-        return [op] if add is None else [op, add]
+        """The nodes of an op: the node itself, and a MatMul's bias Add or a gated activation's Mul."""
+        follower = self.followers.get(node_name(op))
+        return [op] if follower is None else [op, follower]
 
     def op_output(self, op: onnx.NodeProto) -> str:
         """The tensor that leaves an op (after a MatMul's bias Add)."""

@@ -21,10 +21,12 @@ from edgeq.numerics import (
     ACTIVATION_QMAX,
     ACTIVATION_QMIN,
     FixedPointMultiplier,
+    LutFunction,
     accumulator_bounds,
     bias_scales,
     check_accumulator_bound,
     conv_multipliers,
+    lookup_table,
     quantize_bias,
     quantize_multiplier,
     quantize_multipliers,
@@ -44,12 +46,13 @@ from edgeq.quantization.integer_ops import (
     IntDequantize,
     IntGlobalAvgPool2d,
     IntLinear,
+    IntLookupTable,
     IntMaxPool2d,
     IntQuantize,
     IntUpsampleNearest2d,
     TensorQuant,
 )
-from edgeq.ops import Op, OpTable
+from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable
 from edgeq.quantization.patterns import OpKind, op_kind
 from edgeq.quantization.prepare import TARGET_ATTRIBUTE, is_prepared
 from edgeq.quantization.qat_modules import (
@@ -63,6 +66,7 @@ from edgeq.quantization.qat_modules import (
     DequantizeOutput,
     GlobalAvgPool2d,
     LinearAct,
+    LookupTableActivation,
     MaxPool2d,
     QuantizeInput,
     Requantizing,
@@ -114,7 +118,7 @@ class _Converter:
         }
 
     def _converter(self, module: nn.Module) -> Converter | None:
-        op = CANONICAL.op_of(type(module))
+        op = CANONICAL.op_of_instance(module)
         return CONVERTERS[op] if op is not None else self.boundaries.get(type(module))
 
     def run(self) -> tuple[fx.GraphModule, dict[str, TensorQuant]]:
@@ -289,6 +293,13 @@ class _Converter:
         quant = self._input_quant(node)
         op = IntMaxPool2d(module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
         return op, quant
+
+    @CONVERTERS.register(*LOOKUP_TABLE_OPS)
+    def _lookup_table(self, node: fx.Node, module: LookupTableActivation) -> tuple[nn.Module, TensorQuant]:
+        input_scale, output_scale = self._input_quant(node).scale, self._output_scale(module)
+        table = lookup_table(LutFunction(module.op.value), input_scale, output_scale, module.alpha)
+        op = IntLookupTable(module.op, module.alpha, input_scale, output_scale, torch.from_numpy(table))
+        return op, TensorQuant("int8", (output_scale,))
 
     @CONVERTERS.register(Op.UPSAMPLE_NEAREST2D)
     def _upsample(self, node: fx.Node, module: UpsampleNearest2d) -> tuple[nn.Module, TensorQuant]:

@@ -23,12 +23,13 @@ from edgeq.numerics import (
     ACTIVATION_QMIN,
     FixedPointMultiplier,
     dequantize,
+    look_up,
     quantize,
     requantize,
     rounding_right_shift,
     saturate,
 )
-from edgeq.ops import Op, OpTable
+from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable
 from edgeq.quantization.qat_modules import UpsampleNearest2d
 
 INTEGER_OPS: OpTable[type[nn.Module]] = OpTable("integer op in integer_ops.py", lambda info: not info.movement)
@@ -363,3 +364,22 @@ class IntMaxPool2d(nn.Module):
 @INTEGER_OPS.register(Op.UPSAMPLE_NEAREST2D)
 class IntUpsampleNearest2d(UpsampleNearest2d):
     """Nearest-neighbour upsampling by integer factors: pure copies, the same on int8 as on float."""
+
+
+@INTEGER_OPS.register(*LOOKUP_TABLE_OPS)
+class IntLookupTable(nn.Module):
+    """A table activation: ``table[q + 128]`` (docs/numerics.md, lookup-table activations); ``op`` says which."""
+
+    def __init__(self, op: Op, alpha: float, input_scale: float, output_scale: float, table: torch.Tensor) -> None:
+        super().__init__()
+        self.op = op
+        self.alpha = alpha
+        self.input_scale = input_scale
+        self.output_scale = output_scale
+        self.register_buffer("table", table.to(torch.int8))
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return look_up(value, self.table)
+
+    def extra_repr(self) -> str:
+        return f"{self.op.value}, {self.input_scale:.4g} -> {self.output_scale:.4g}"

@@ -37,6 +37,14 @@ class OpKind(str, Enum):
     ADAPTIVE_AVGPOOL2D = "adaptive_avgpool2d"
     MEAN = "mean"
     UPSAMPLE = "upsample"
+    SIGMOID = "sigmoid"
+    TANH = "tanh"
+    HARDSIGMOID = "hardsigmoid"
+    HARDSWISH = "hardswish"
+    SILU = "silu"
+    LEAKYRELU = "leakyrelu"
+    MUL = "mul"
+    """Product of two tensors: quantized only as ``x * sigmoid(x)`` (SiLU) and ``x * hardsigmoid(x)`` (Hardswish)."""
     RESHAPE = "reshape"
     """Moves or views integer values without arithmetic (view, flatten, transpose, chunk, getitem...)."""
     DROPOUT = "dropout"
@@ -55,6 +63,12 @@ _MODULE_KINDS: dict[type[nn.Module], OpKind] = {
     nn.AdaptiveAvgPool2d: OpKind.ADAPTIVE_AVGPOOL2D,
     nn.Upsample: OpKind.UPSAMPLE,
     nn.UpsamplingNearest2d: OpKind.UPSAMPLE,
+    nn.Sigmoid: OpKind.SIGMOID,
+    nn.Tanh: OpKind.TANH,
+    nn.Hardsigmoid: OpKind.HARDSIGMOID,
+    nn.Hardswish: OpKind.HARDSWISH,
+    nn.SiLU: OpKind.SILU,
+    nn.LeakyReLU: OpKind.LEAKYRELU,
     nn.Flatten: OpKind.RESHAPE,
     nn.Unflatten: OpKind.RESHAPE,
     nn.Identity: OpKind.RESHAPE,
@@ -78,6 +92,16 @@ _FUNCTION_KINDS: dict[Any, OpKind] = {
     F.adaptive_avg_pool2d: OpKind.ADAPTIVE_AVGPOOL2D,
     torch.mean: OpKind.MEAN,
     F.interpolate: OpKind.UPSAMPLE,
+    torch.sigmoid: OpKind.SIGMOID,
+    F.sigmoid: OpKind.SIGMOID,
+    torch.tanh: OpKind.TANH,
+    F.tanh: OpKind.TANH,
+    F.hardsigmoid: OpKind.HARDSIGMOID,
+    F.hardswish: OpKind.HARDSWISH,
+    F.silu: OpKind.SILU,
+    F.leaky_relu: OpKind.LEAKYRELU,
+    operator.mul: OpKind.MUL,
+    torch.mul: OpKind.MUL,
     torch.flatten: OpKind.RESHAPE,
     torch.reshape: OpKind.RESHAPE,
     torch.transpose: OpKind.RESHAPE,
@@ -97,6 +121,9 @@ _METHOD_KINDS: dict[str, OpKind] = {
     "add_": OpKind.ADD,
     "__add__": OpKind.ADD,
     "mean": OpKind.MEAN,
+    "sigmoid": OpKind.SIGMOID,
+    "tanh": OpKind.TANH,
+    "mul": OpKind.MUL,
     "view": OpKind.RESHAPE,
     "reshape": OpKind.RESHAPE,
     "flatten": OpKind.RESHAPE,
@@ -113,6 +140,7 @@ _METHOD_KINDS: dict[str, OpKind] = {
 SUPPORTED_OPS = (
     "Conv2d (+BatchNorm2d, +ReLU/ReLU6), Linear (+ReLU/ReLU6), add (+ReLU/ReLU6), cat, ReLU, ReLU6, "
     "max_pool2d, avg_pool2d, adaptive_avg_pool2d, mean over H and W, nearest upsample by integer factors, "
+    "Sigmoid, Tanh, Hardsigmoid, Hardswish, SiLU (also x * sigmoid(x)), LeakyReLU, "
     "flatten / view / reshape / transpose / permute / chunk / split / getitem, dropout"
 )
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from edgeq.errors import QuantizationError, UnsupportedOpError
 from edgeq.numerics import is_power_of_two
+from edgeq.ops import Op, gated_op
 from edgeq.quantization.fake_quantize import ActivationFakeQuantize
 from edgeq.quantization.graph import (
     describe_node,
@@ -45,6 +46,7 @@ from edgeq.quantization.qat_modules import (
     DequantizeOutput,
     GlobalAvgPool2d,
     LinearAct,
+    LookupTableActivation,
     MaxPool2d,
     QuantizeInput,
     Requantizing,
@@ -68,6 +70,12 @@ _SINGLE_CALL_KINDS = {
     OpKind.BATCHNORM2D,
     OpKind.AVGPOOL2D,
     OpKind.ADAPTIVE_AVGPOOL2D,
+    OpKind.SIGMOID,
+    OpKind.TANH,
+    OpKind.HARDSIGMOID,
+    OpKind.HARDSWISH,
+    OpKind.SILU,
+    OpKind.LEAKYRELU,
 }
 
 
@@ -232,8 +240,19 @@ class _Preparer:
             return users[0]
         return None
 
+    def _gating_mul(self, node: fx.Node) -> fx.Node | None:
+        """The ``x * node`` that makes ``node = g(x)`` a gated activation (``x * sigmoid(x)`` is SiLU)."""
+        users = list(node.users)
+        if len(users) != 1 or users[0] not in self.region or self.kinds.get(users[0]) is not OpKind.MUL:
+            return None
+        operands = [argument(users[0], 0, "input"), argument(users[0], 1, "other")]
+        return users[0] if sorted(operands, key=id) == sorted([node, node.args[0]], key=id) else None
+
     def _find_fusions(self) -> None:
         for node, kind in self.kinds.items():
+            if kind in (OpKind.SIGMOID, OpKind.HARDSIGMOID) and (mul := self._gating_mul(node)) is not None:
+                self.fusions[node] = _Fusion(node, activation_node=mul)
+                self.absorbed.add(mul)
             if kind not in (OpKind.CONV2D, OpKind.LINEAR, OpKind.ADD):
                 continue
             fusion = _Fusion(node)
@@ -472,6 +491,25 @@ class _Preparer:
     def _emit_clamp(self, node: fx.Node, activation: Activation) -> fx.Node:
         path = self._functional_path(node, activation.value)
         return self._call(path, Clamp(activation), (node.args[0],), node)
+
+    @_emits(OpKind.SIGMOID, OpKind.TANH, OpKind.HARDSIGMOID, OpKind.HARDSWISH, OpKind.SILU, OpKind.LEAKYRELU)
+    def _emit_lookup_table(self, node: fx.Node) -> fx.Node:
+        op = Op(self.kinds[node].value)
+        fusion = self.fusions.get(node)
+        if fusion is not None:
+            op = gated_op(op)
+        if op is Op.LEAKYRELU:
+            module = self.modules[node.target] if node.op == "call_module" else None
+            alpha = module.negative_slope if module is not None else argument(node, 1, "negative_slope", 0.01)
+        else:
+            alpha = 0.0
+        path = self._functional_path(node, op.value)
+        module = LookupTableActivation(op, alpha, self._quantizer(node, path))
+        return self._call(path, module, (node.args[0],), fusion.last if fusion else node)
+
+    @_emits(OpKind.MUL)
+    def _emit_mul(self, node: fx.Node) -> fx.Node:
+        raise self._unsupported(node, "a product of tensors (only x * sigmoid(x) and x * hardsigmoid(x) are supported)")
 
     @_emits(OpKind.RESHAPE)
     def _emit_reshape(self, node: fx.Node) -> fx.Node:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeq.ops import Op, OpTable
+from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable
 from edgeq.quantization.fake_quantize import ActivationFakeQuantize, fake_quantize_weight, weight_scales
 from edgeq.quantization.state import FakeQuantStateful
 from edgeq.targets import ScaleRule
@@ -330,3 +330,30 @@ class UpsampleNearest2d(nn.Module):
 def upsample_nearest(value: torch.Tensor, scale_factor: tuple[int, int]) -> torch.Tensor:
     """Output pixel (i, j) copies input pixel (i // fh, j // fw): exact for any dtype, unlike float index maths."""
     return value.repeat_interleave(scale_factor[0], dim=-2).repeat_interleave(scale_factor[1], dim=-1)
+
+
+_TORCH_FUNCTIONS = {
+    Op.SIGMOID: lambda value, alpha: torch.sigmoid(value),
+    Op.TANH: lambda value, alpha: torch.tanh(value),
+    Op.HARDSIGMOID: lambda value, alpha: F.hardsigmoid(value),
+    Op.HARDSWISH: lambda value, alpha: F.hardswish(value),
+    Op.SILU: lambda value, alpha: F.silu(value),
+    Op.LEAKYRELU: lambda value, alpha: F.leaky_relu(value, alpha),
+}
+
+
+@CANONICAL.register(*LOOKUP_TABLE_OPS)
+class LookupTableActivation(Requantizing):
+    """An elementwise activation that the integer model computes as an int8 lookup table (``op`` says which)."""
+
+    def __init__(self, op: Op, alpha: float, output_quantizer: ActivationFakeQuantize) -> None:
+        super().__init__()
+        self.op = op
+        self.alpha = float(alpha)
+        self.output_quantizer = output_quantizer
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return self._quantize_output(_TORCH_FUNCTIONS[self.op](value, self.alpha))
+
+    def extra_repr(self) -> str:
+        return f"{self.op.value}" + (f", alpha={self.alpha}" if self.op is Op.LEAKYRELU else "")

@@ -23,13 +23,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from fractions import Fraction
 
 import numpy as np
 import torch
 
 from edgeq.errors import QuantizationError
+from edgeq.ops import Op
 from edgeq.targets import ScaleRule
 
 ACTIVATION_QMIN = -128
@@ -316,21 +316,6 @@ def relu6_ceiling(scale: float) -> int:
     return min(ACTIVATION_QMAX, int(np.round(np.float32(RELU6_CEILING) / np.float32(scale))))
 
 
-class LutFunction(str, Enum):
-    """An elementwise activation computed as an int8 lookup table (docs/numerics.md section 7, table activations)."""
-
-    SIGMOID = "sigmoid"
-    TANH = "tanh"
-    HARDSIGMOID = "hardsigmoid"
-    HARDSWISH = "hardswish"
-    SILU = "silu"
-    LEAKYRELU = "leakyrelu"
-
-    def __call__(self, x: float, alpha: float) -> float:
-        """The real function in float64 (``alpha``: LeakyReLU's negative slope, unused by the others)."""
-        return _LUT_FORMULAS[self](x, alpha)
-
-
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
@@ -339,27 +324,29 @@ def _hardsigmoid(x: float) -> float:
     return min(max(x + 3.0, 0.0), 6.0) / 6.0
 
 
-_LUT_FORMULAS: dict[LutFunction, Callable[[float, float], float]] = {
-    LutFunction.SIGMOID: lambda x, alpha: _sigmoid(x),
-    LutFunction.TANH: lambda x, alpha: math.tanh(x),
-    LutFunction.HARDSIGMOID: lambda x, alpha: _hardsigmoid(x),
-    LutFunction.HARDSWISH: lambda x, alpha: x * _hardsigmoid(x),
-    LutFunction.SILU: lambda x, alpha: x * _sigmoid(x),
-    LutFunction.LEAKYRELU: lambda x, alpha: x if x >= 0 else alpha * x,
+TABLE_FUNCTIONS: dict[Op, Callable[[float, float], float]] = {
+    Op.SIGMOID: lambda x, alpha: _sigmoid(x),
+    Op.TANH: lambda x, alpha: math.tanh(x),
+    Op.HARDSIGMOID: lambda x, alpha: _hardsigmoid(x),
+    Op.HARDSWISH: lambda x, alpha: x * _hardsigmoid(x),
+    Op.SILU: lambda x, alpha: x * _sigmoid(x),
+    Op.LEAKYRELU: lambda x, alpha: x if x >= 0 else alpha * x,
 }
+"""The real function of each lookup-table op, in float64 (``alpha``: LeakyReLU's negative slope, unused by the
+others); docs/numerics.md section 7."""
 
 LUT_SIZE = ACTIVATION_QMAX - ACTIVATION_QMIN + 1
 
 
-def lookup_table(function: LutFunction, input_scale: float, output_scale: float, alpha: float = 0.0) -> np.ndarray:
-    """The int8 table of ``function`` between two scales: entry ``q + 128`` is the output for input ``q``.
+def lookup_table(op: Op, input_scale: float, output_scale: float, alpha: float = 0.0) -> np.ndarray:
+    """The int8 table of a lookup-table ``op`` between two scales: entry ``q + 128`` is the output for input ``q``.
 
     ``x = float32(q) * float32(s_in)`` (the float32 product of DequantizeLinear), ``y = f(x)`` in float64 with
     Python's ``math``, ``table[q + 128] = saturate(round_half_to_even(y / float64(s_out)))``.
     """
     scale_in, scale_out = np.float32(input_scale), float(np.float32(output_scale))
     values = [
-        function(float(np.float32(q) * scale_in), float(np.float32(alpha))) / scale_out
+        TABLE_FUNCTIONS[op](float(np.float32(q) * scale_in), float(np.float32(alpha))) / scale_out
         for q in range(ACTIVATION_QMIN, ACTIVATION_QMAX + 1)
     ]
     return np.clip(np.rint(values), ACTIVATION_QMIN, ACTIVATION_QMAX).astype(np.int8)

@@ -33,8 +33,8 @@ class OpInfo:
         requantizes: the output scale differs from the input's, so the NPU program carries requantization
             constants for it.
         npu_limits: a target file describes its NPU's limits for this op in an ``[npu.<op>]`` section.
-        lookup_table: an elementwise activation computed as an int8 table (``edgeq.numerics.LutFunction`` of the
-            same name).
+        lookup_table: an elementwise activation computed as an int8 table (its real function is in
+            ``edgeq.numerics.TABLE_FUNCTIONS``).
         gated: the op is ``x * g(x)`` for the op ``g`` named here (SiLU is ``x * sigmoid(x)``): its QDQ unit is
             ``g``'s ONNX node followed by a ``Mul`` with ``g``'s input, so it has no ONNX type of its own.
     """

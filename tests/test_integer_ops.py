@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgeq.numerics import FixedPointMultiplier, LutFunction, lookup_table
-from edgeq.ops import Op
+from edgeq.numerics import FixedPointMultiplier, lookup_table
+from edgeq.ops import LOOKUP_TABLE_OPS, Op
 from edgeq.quantization import integer_ops as ops
 from reference import evaluate_op
 
@@ -159,23 +159,23 @@ def test_clamp_upsample_quantize_dequantize():
     check(per_channel, torch.from_numpy(RNG.integers(-(2**30), 2**30, size=(2, 3, 4))).to(torch.int32))
 
 
-@pytest.mark.parametrize("function", list(LutFunction), ids=lambda f: f.value)
+@pytest.mark.parametrize("function", LOOKUP_TABLE_OPS, ids=lambda op: op.value)
 def test_lookup_table_activations(function):
     """Every int8 input, at random scales and at scales that saturate, against the numpy reference."""
     everything = torch.arange(-128, 128, dtype=torch.int64).to(torch.int8).reshape(4, 64)
     for input_scale, output_scale in [(RNG.uniform(0.01, 0.1), RNG.uniform(0.005, 0.05)), (0.2, 0.001)]:
         table = torch.from_numpy(lookup_table(function, input_scale, output_scale, 0.1))
-        op = ops.IntLookupTable(Op(function.value), 0.1, input_scale, output_scale, table)
+        op = ops.IntLookupTable(function, 0.1, input_scale, output_scale, table)
         got = check(op, everything)
         if output_scale == 0.001:
             assert got.max() == 127  # saturates
-            if function in (LutFunction.TANH, LutFunction.LEAKYRELU):
+            if function in (Op.TANH, Op.LEAKYRELU):
                 assert got.min() == -128
 
 
 def test_lookup_table_goldens_and_ties():
     """Literal values: hardswish at s = 1/2; LeakyReLU's identity half at s_out = 2 s_in rounds ties to even."""
-    hardswish = lookup_table(LutFunction.HARDSWISH, 0.5, 0.5)
+    hardswish = lookup_table(Op.HARDSWISH, 0.5, 0.5)
     assert hardswish[np.array([2, 4, 6, -8, -1, 127]) + 128].tolist() == [1, 3, 6, 0, 0, 127]
-    leaky = lookup_table(LutFunction.LEAKYRELU, 1.0, 2.0, 0.25)
+    leaky = lookup_table(Op.LEAKYRELU, 1.0, 2.0, 0.25)
     assert leaky[np.array([1, 3, 5, 7, -2, -6, -10]) + 128].tolist() == [0, 2, 2, 4, 0, -1, -1]

@@ -28,7 +28,6 @@ from edgeq.numerics import (
     ACTIVATION_QMAX,
     ACTIVATION_QMIN,
     FixedPointMultiplier,
-    LutFunction,
     accumulator_bounds,
     bias_at_accumulator_scale,
     check_accumulator_bound,
@@ -467,8 +466,7 @@ def _lookup_table_rule() -> _Rule:
     hard = is_op("relax.clip")(is_op("relax.add")(is_op("relax.multiply")(alpha, source), beta), wildcard(), wildcard())
     sigmoid, tanh, leaky = (is_op(name)(source) for name in ("relax.sigmoid", "relax.tanh", "relax.nn.leakyrelu"))
     silu, hardswish = is_op("relax.multiply")(source, sigmoid), is_op("relax.multiply")(source, hard)
-    forms = {silu: LutFunction.SILU, hardswish: LutFunction.HARDSWISH, sigmoid: LutFunction.SIGMOID,
-             tanh: LutFunction.TANH, leaky: LutFunction.LEAKYRELU, hard: LutFunction.HARDSIGMOID}
+    forms = {silu: Op.SILU, hardswish: Op.HARDSWISH, sigmoid: Op.SIGMOID, tanh: Op.TANH, leaky: Op.LEAKYRELU, hard: Op.HARDSIGMOID}
     quantize = _q(silu | hardswish | sigmoid | tanh | leaky | hard)
 
     def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:

@@ -17,7 +17,7 @@ from edgeq.check.records import OpRecord, QuantFacts
 from edgeq.check.report import CheckReport, Placement
 from edgeq.compile.partition import Partition, Region, TensorSpec
 from edgeq.ops import LOOKUP_TABLE_OPS, OP_NAMES, Op, OpTable
-from edgeq.numerics import LutFunction, conv_multipliers, lookup_table, quantize_multiplier, quantize_multipliers, real_multiplier
+from edgeq.numerics import conv_multipliers, lookup_table, quantize_multiplier, quantize_multipliers, real_multiplier
 from edgeq.targets import Target
 
 
@@ -72,8 +72,7 @@ def _average(record: OpRecord, quant: QuantFacts, what: str) -> dict[str, Any]:
 
 @REQUANTIZATION.register(*LOOKUP_TABLE_OPS)
 def _table(record: OpRecord, quant: QuantFacts, what: str) -> dict[str, Any]:
-    function = LutFunction(record.attrs["function"])
-    table = lookup_table(function, quant.input_scales[0], quant.output_scale, record.attrs.get("alpha", 0.0))
+    table = lookup_table(Op(record.op), quant.input_scales[0], quant.output_scale, record.attrs.get("alpha", 0.0))
     return {"table": table.tolist()}
 
 

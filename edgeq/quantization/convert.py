@@ -21,7 +21,6 @@ from edgeq.numerics import (
     ACTIVATION_QMAX,
     ACTIVATION_QMIN,
     FixedPointMultiplier,
-    LutFunction,
     accumulator_bounds,
     bias_scales,
     check_accumulator_bound,
@@ -297,7 +296,7 @@ class _Converter:
     @CONVERTERS.register(*LOOKUP_TABLE_OPS)
     def _lookup_table(self, node: fx.Node, module: LookupTableActivation) -> tuple[nn.Module, TensorQuant]:
         input_scale, output_scale = self._input_quant(node).scale, self._output_scale(module)
-        table = lookup_table(LutFunction(module.op.value), input_scale, output_scale, module.alpha)
+        table = lookup_table(module.op, input_scale, output_scale, module.alpha)
         op = IntLookupTable(module.op, module.alpha, input_scale, output_scale, torch.from_numpy(table))
         return op, TensorQuant("int8", (output_scale,))
 

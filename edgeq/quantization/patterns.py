@@ -37,12 +37,8 @@ class OpKind(str, Enum):
     ADAPTIVE_AVGPOOL2D = "adaptive_avgpool2d"
     MEAN = "mean"
     UPSAMPLE = "upsample"
-    SIGMOID = "sigmoid"
-    TANH = "tanh"
-    HARDSIGMOID = "hardsigmoid"
-    HARDSWISH = "hardswish"
-    SILU = "silu"
-    LEAKYRELU = "leakyrelu"
+    TABLE_ACTIVATION = "table_activation"
+    """An activation computed as a lookup table; :func:`table_op` says which (``Op.SIGMOID``...)."""
     MUL = "mul"
     """Product of two tensors: quantized only as ``x * sigmoid(x)`` (SiLU) and ``x * hardsigmoid(x)`` (Hardswish)."""
     RESHAPE = "reshape"
@@ -52,7 +48,7 @@ class OpKind(str, Enum):
     UNSUPPORTED = "unsupported"
 
 
-_MODULE_KINDS: dict[type[nn.Module], OpKind] = {
+_MODULE_KINDS: dict[type[nn.Module], OpKind | Op] = {
     nn.Conv2d: OpKind.CONV2D,
     nn.Linear: OpKind.LINEAR,
     nn.BatchNorm2d: OpKind.BATCHNORM2D,
@@ -63,12 +59,12 @@ _MODULE_KINDS: dict[type[nn.Module], OpKind] = {
     nn.AdaptiveAvgPool2d: OpKind.ADAPTIVE_AVGPOOL2D,
     nn.Upsample: OpKind.UPSAMPLE,
     nn.UpsamplingNearest2d: OpKind.UPSAMPLE,
-    nn.Sigmoid: OpKind.SIGMOID,
-    nn.Tanh: OpKind.TANH,
-    nn.Hardsigmoid: OpKind.HARDSIGMOID,
-    nn.Hardswish: OpKind.HARDSWISH,
-    nn.SiLU: OpKind.SILU,
-    nn.LeakyReLU: OpKind.LEAKYRELU,
+    nn.Sigmoid: Op.SIGMOID,
+    nn.Tanh: Op.TANH,
+    nn.Hardsigmoid: Op.HARDSIGMOID,
+    nn.Hardswish: Op.HARDSWISH,
+    nn.SiLU: Op.SILU,
+    nn.LeakyReLU: Op.LEAKYRELU,
     nn.Flatten: OpKind.RESHAPE,
     nn.Unflatten: OpKind.RESHAPE,
     nn.Identity: OpKind.RESHAPE,
@@ -76,7 +72,7 @@ _MODULE_KINDS: dict[type[nn.Module], OpKind] = {
     nn.Dropout2d: OpKind.DROPOUT,
 }
 
-_FUNCTION_KINDS: dict[Any, OpKind] = {
+_FUNCTION_KINDS: dict[Any, OpKind | Op] = {
     F.relu: OpKind.RELU,
     torch.relu: OpKind.RELU,
     torch.relu_: OpKind.RELU,
@@ -92,14 +88,14 @@ _FUNCTION_KINDS: dict[Any, OpKind] = {
     F.adaptive_avg_pool2d: OpKind.ADAPTIVE_AVGPOOL2D,
     torch.mean: OpKind.MEAN,
     F.interpolate: OpKind.UPSAMPLE,
-    torch.sigmoid: OpKind.SIGMOID,
-    F.sigmoid: OpKind.SIGMOID,
-    torch.tanh: OpKind.TANH,
-    F.tanh: OpKind.TANH,
-    F.hardsigmoid: OpKind.HARDSIGMOID,
-    F.hardswish: OpKind.HARDSWISH,
-    F.silu: OpKind.SILU,
-    F.leaky_relu: OpKind.LEAKYRELU,
+    torch.sigmoid: Op.SIGMOID,
+    F.sigmoid: Op.SIGMOID,
+    torch.tanh: Op.TANH,
+    F.tanh: Op.TANH,
+    F.hardsigmoid: Op.HARDSIGMOID,
+    F.hardswish: Op.HARDSWISH,
+    F.silu: Op.SILU,
+    F.leaky_relu: Op.LEAKYRELU,
     operator.mul: OpKind.MUL,
     torch.mul: OpKind.MUL,
     torch.flatten: OpKind.RESHAPE,
@@ -114,15 +110,15 @@ _FUNCTION_KINDS: dict[Any, OpKind] = {
     F.dropout: OpKind.DROPOUT,
 }
 
-_METHOD_KINDS: dict[str, OpKind] = {
+_METHOD_KINDS: dict[str, OpKind | Op] = {
     "relu": OpKind.RELU,
     "relu_": OpKind.RELU,
     "add": OpKind.ADD,
     "add_": OpKind.ADD,
     "__add__": OpKind.ADD,
     "mean": OpKind.MEAN,
-    "sigmoid": OpKind.SIGMOID,
-    "tanh": OpKind.TANH,
+    "sigmoid": Op.SIGMOID,
+    "tanh": Op.TANH,
     "mul": OpKind.MUL,
     "view": OpKind.RESHAPE,
     "reshape": OpKind.RESHAPE,
@@ -145,8 +141,8 @@ SUPPORTED_OPS = (
 )
 
 
-def op_kind(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind:
-    """The :class:`OpKind` of an fx node (``UNSUPPORTED`` when edgeq has no integer implementation)."""
+def _spelled(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind | Op:
+    """What the spelling tables say of a node: an :class:`OpKind`, or the table-activation :class:`Op` itself."""
     if node.op == "call_module":
         module = modules[node.target]
         if is_quant_stub(module):
@@ -166,6 +162,19 @@ def op_kind(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind:
     if node.op == "call_method":
         return _METHOD_KINDS.get(str(node.target), OpKind.UNSUPPORTED)
     return OpKind.UNSUPPORTED
+
+
+def op_kind(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind:
+    """The :class:`OpKind` of an fx node (``UNSUPPORTED`` when edgeq has no integer implementation)."""
+    kind = _spelled(node, modules)
+    return OpKind.TABLE_ACTIVATION if isinstance(kind, Op) else kind
+
+
+def table_op(node: fx.Node, modules: dict[str, nn.Module]) -> Op:
+    """The lookup-table op of a ``TABLE_ACTIVATION`` node (``nn.SiLU`` and ``F.silu`` are ``Op.SILU``)."""
+    kind = _spelled(node, modules)
+    assert isinstance(kind, Op), f"{node.name} is not a table activation"
+    return kind
 
 
 def argument(node: fx.Node, position: int, name: str, default: Any = None) -> Any:

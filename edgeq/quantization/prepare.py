@@ -35,7 +35,7 @@ from edgeq.quantization.graph import (
     tensor_info,
     trace,
 )
-from edgeq.quantization.patterns import SUPPORTED_OPS, OpKind, argument, op_kind, pair
+from edgeq.quantization.patterns import SUPPORTED_OPS, OpKind, argument, op_kind, pair, table_op
 from edgeq.quantization.qat_modules import (
     Activation,
     AddAct,
@@ -70,12 +70,7 @@ _SINGLE_CALL_KINDS = {
     OpKind.BATCHNORM2D,
     OpKind.AVGPOOL2D,
     OpKind.ADAPTIVE_AVGPOOL2D,
-    OpKind.SIGMOID,
-    OpKind.TANH,
-    OpKind.HARDSIGMOID,
-    OpKind.HARDSWISH,
-    OpKind.SILU,
-    OpKind.LEAKYRELU,
+    OpKind.TABLE_ACTIVATION,
 }
 
 
@@ -250,7 +245,8 @@ class _Preparer:
 
     def _find_fusions(self) -> None:
         for node, kind in self.kinds.items():
-            if kind in (OpKind.SIGMOID, OpKind.HARDSIGMOID) and (mul := self._gating_mul(node)) is not None:
+            gated = kind is OpKind.TABLE_ACTIVATION and gated_op(table_op(node, self.modules)) is not None
+            if gated and (mul := self._gating_mul(node)) is not None:
                 self.fusions[node] = _Fusion(node, activation_node=mul)
                 self.absorbed.add(mul)
             if kind not in (OpKind.CONV2D, OpKind.LINEAR, OpKind.ADD):
@@ -492,9 +488,9 @@ class _Preparer:
         path = self._functional_path(node, activation.value)
         return self._call(path, Clamp(activation), (node.args[0],), node)
 
-    @_emits(OpKind.SIGMOID, OpKind.TANH, OpKind.HARDSIGMOID, OpKind.HARDSWISH, OpKind.SILU, OpKind.LEAKYRELU)
+    @_emits(OpKind.TABLE_ACTIVATION)
     def _emit_lookup_table(self, node: fx.Node) -> fx.Node:
-        op = Op(self.kinds[node].value)
+        op = table_op(node, self.modules)
         fusion = self.fusions.get(node)
         if fusion is not None:
             op = gated_op(op)

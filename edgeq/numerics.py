@@ -209,6 +209,16 @@ def conv_multipliers(
     ]
 
 
+def product_multiplier(input_scales: Sequence[float], output_scale: float, *, what: str) -> FixedPointMultiplier:
+    """The multiplier of an elementwise product ``a * b``: ``m = s_a * s_b / s_out``; ``|a * b| <= 128 * 128``
+    bounds it (a factor too small for a shift is 0 where that proves it exact, as for conv)."""
+    return quantize_multiplier(
+        real_multiplier(input_scales[0], output_scale, input_scales[1]),
+        what=what,
+        accumulator_bound=ACTIVATION_QMIN * ACTIVATION_QMIN,
+    )
+
+
 def bias_scales(input_scale: float, weight_scales: Sequence[float]) -> list[float]:
     """float32 scales of the int32 bias (and of an int32 output): ``float32(s_in * s_w[c])``."""
     return [float32(float(input_scale) * float(w)) for w in weight_scales]

@@ -60,6 +60,7 @@ class Op(str, Enum):
     GLOBAL_AVG_POOL2D = "global_avg_pool2d"
     RELU = "relu"
     UPSAMPLE_NEAREST2D = "upsample_nearest2d"
+    MUL = "mul"
     SIGMOID = "sigmoid"
     TANH = "tanh"
     HARDSIGMOID = "hardsigmoid"
@@ -87,6 +88,7 @@ _INFO: dict[Op, OpInfo] = {
     Op.GLOBAL_AVG_POOL2D: OpInfo(("GlobalAveragePool",), requantizes=True),
     Op.RELU: OpInfo(("Relu", "Clip")),
     Op.UPSAMPLE_NEAREST2D: OpInfo(("Resize",), npu_limits=True),
+    Op.MUL: OpInfo(("Mul",), requantizes=True),
     Op.SIGMOID: OpInfo(("Sigmoid",), requantizes=True, lookup_table=True),
     Op.TANH: OpInfo(("Tanh",), requantizes=True, lookup_table=True),
     Op.HARDSIGMOID: OpInfo(("HardSigmoid",), requantizes=True, lookup_table=True),

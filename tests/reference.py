@@ -152,6 +152,9 @@ def evaluate_op(module: torch.nn.Module, args: list[Any]) -> Any:
     if isinstance(module, ops.IntUpsampleNearest2d):
         fh, fw = module.scale_factor
         return np.repeat(np.repeat(args[0], fh, axis=2), fw, axis=3)
+    if isinstance(module, ops.IntMul):
+        product = np.asarray(args[0], dtype=np.int64) * np.asarray(args[1], dtype=np.int64)
+        return saturate8(round_shift(product, module.multiplier.multiplier, module.multiplier.shift))
     if isinstance(module, ops.IntLookupTable):
         table = lookup_table(module.op.value, module.input_scale, module.output_scale, module.alpha)
         return table[np.asarray(args[0], dtype=np.int64) + 128]

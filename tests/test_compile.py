@@ -257,6 +257,32 @@ def test_table_activations_run_on_npus_that_have_tables(tmp_path):
         assert_artifact_exact(result.artifact, int_model, torch.randn(2, 1, 8, 8))
 
 
+class _SqueezeExcite(nn.Module):
+    """A squeeze-and-excitation block: x * sigmoid(fc(pool(x))), the product broadcast over H and W."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.conv = QuantStub(), nn.Conv2d(3, 8, 3, padding=1)
+        self.reduce, self.expand = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.dequant = DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(self.quant(x)))
+        scale = torch.sigmoid(self.expand(F.relu(self.reduce(F.adaptive_avg_pool2d(x, 1)))))
+        return self.dequant(x * scale)
+
+
+@pytest.mark.parametrize("target,placement", [("x86_64", "CPU"), ("npu-m", "NPU"), ("npu-s", "CPU")])
+def test_squeeze_and_excitation_is_exact(target, placement, tmp_path):
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 8, 8)
+    int_model = integer_model(_SqueezeExcite().eval(), example, target)
+    result = compile_model(int_model, (example,), target=target, out=tmp_path / "se.edgeq", simulate=True)
+    (mul,) = [n for n in result.report.nodes if n.record.op == "mul"]
+    assert mul.placement.value == placement
+    assert_artifact_exact(result.artifact, int_model, torch.randn(2, 3, 8, 8))
+
+
 # ---- the artifact ---------------------------------------------------------------------------------------------------
 
 

@@ -415,19 +415,19 @@ class _TableActivations(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quant(x)
         y = torch.tanh(self.silu(self.hardswish(x))) + torch.sigmoid(self.leaky(x)) + F.hardsigmoid(x)
-        return self.dequant(y * torch.sigmoid(y))
+        return self.dequant(y * torch.sigmoid(y) * torch.sigmoid(x.mean((2, 3), keepdim=True)))
 
 
 def test_onnx_runtime_agrees_on_table_activations():
-    """Each table activation alone, fed every int8 value: ORT evaluates the function in float32 (docs/numerics.md
-    states the bound: at most 1 step)."""
+    """Each table activation alone, fed every int8 value, and a broadcast product (x * sigmoid(pool(x))): ORT
+    evaluates them in float32 (docs/numerics.md states the bound: at most 1 step)."""
     torch.manual_seed(0)
-    example = torch.randn(4, 256) * 4
+    example = torch.randn(4, 2, 16, 8) * 4
     int_model = integer_model(_TableActivations(), example, "npu-m")
-    everything = torch.arange(-128, 128, dtype=torch.float32).repeat(4, 1) / 32
+    everything = (torch.arange(-128, 128, dtype=torch.float32) / 32).reshape(1, 2, 16, 8).repeat(4, 1, 1, 1)
     model = build_onnx(int_model, (example,))
     assert {"Sigmoid", "Tanh", "HardSigmoid", "LeakyRelu", "Mul"} <= {n.op_type for n in model.graph.node}
     differences = per_op_differences(model, int_model, everything)
-    tables = [d for name, d in differences.items() if any(f in name for f in ("hardswish", "silu", "leaky", "tanh", "sigmoid", "hardsigmoid"))]
-    assert len(tables) >= 7
+    tables = [d for name, d in differences.items() if any(f in name for f in ("hardswish", "silu", "leaky", "tanh", "sigmoid", "mul"))]
+    assert len(tables) >= 9
     assert max(int(d.max()) for d in tables) <= 1

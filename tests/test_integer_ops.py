@@ -179,3 +179,13 @@ def test_lookup_table_goldens_and_ties():
     assert hardswish[np.array([2, 4, 6, -8, -1, 127]) + 128].tolist() == [1, 3, 6, 0, 0, 127]
     leaky = lookup_table(Op.LEAKYRELU, 1.0, 2.0, 0.25)
     assert leaky[np.array([1, 3, 5, 7, -2, -6, -10]) + 128].tolist() == [0, 2, 2, 4, 0, -1, -1]
+
+
+def test_mul_broadcasts_and_rounds_ties_to_even():
+    (fixed,) = multipliers(1, 33, 40)
+    op = ops.IntMul((0.05, 0.02), 0.01, fixed)
+    check(op, int8((2, 8, 4, 4)), int8((2, 8, 1, 1)))  # squeeze-and-excitation: x * scale per channel
+    half = ops.IntMul((1.0, 1.0), 2.0, FixedPointMultiplier(2**30, 31))
+    products = torch.tensor([1, 3, 5, -1, -3, 127], dtype=torch.int8)
+    assert half(products, torch.tensor([1], dtype=torch.int8)).tolist() == [0, 2, 2, 0, -2, 64]
+    assert half(torch.tensor([-128, 127], dtype=torch.int8), torch.tensor([-128, -128], dtype=torch.int8)).tolist() == [127, -128]

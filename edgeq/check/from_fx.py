@@ -134,6 +134,11 @@ def _add(module: qm.AddAct) -> tuple[str, dict[str, Any]]:
     return "+".join(["add", *_activation_part(module.activation)]), {"activation": module.activation.value}
 
 
+@DESCRIPTIONS.register(Op.MUL)
+def _mul(module: qm.Multiply) -> tuple[str, dict[str, Any]]:
+    return "mul", {}
+
+
 @DESCRIPTIONS.register(Op.CONCAT)
 def _concat(module: qm.Concat) -> tuple[str, dict[str, Any]]:
     return "cat", {"dim": module.dim}

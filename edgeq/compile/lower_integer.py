@@ -33,6 +33,7 @@ from edgeq.numerics import (
     check_accumulator_bound,
     conv_multipliers,
     lookup_table,
+    product_multiplier,
     quantize_multiplier,
     quantize_multipliers,
     real_multiplier,
@@ -458,6 +459,23 @@ def _concat_rule(bindings: dict[relax.Var, relax.Expr]) -> _Rule:
     return _Rule("concat", quantize, rewrite)
 
 
+@LOWERING.register(Op.MUL)
+def _mul_rule() -> _Rule:
+    """Elementwise product (broadcasting): int64 product of the int8 values, then requantization."""
+    left, right = _dq(), _dq()
+    quantize = _q(is_op("relax.multiply")(left, right))
+
+    def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
+        scales, output_scale = (_input_scale(m[left]), _input_scale(m[right])), _output_scale(matched)
+        if None in scales or output_scale is None:
+            return None
+        product = R.multiply(R.astype(m[left].args[0], "int64"), R.astype(m[right].args[0], "int64"))
+        multiplier = product_multiplier(scales, output_scale, what="mul")
+        return _requantize(product, [multiplier], len(matched.ty.shape), 0)
+
+    return _Rule("mul", quantize, rewrite)
+
+
 @LOWERING.register(*LOOKUP_TABLE_OPS)
 def _lookup_table_rule() -> _Rule:
     """Table activations (as TVM imports each ONNX form): one gather from ``numerics.lookup_table``."""
@@ -506,6 +524,7 @@ def lower_to_integer(func: relax.Function) -> relax.Function:
         _data_movement_rule(),
         _split_rule(),
         _lookup_table_rule(),
+        _mul_rule(),
     ]
     for rule in rules:
         func = rule(func)

@@ -17,7 +17,7 @@ from edgeq.check.records import OpRecord, QuantFacts
 from edgeq.check.report import CheckReport, Placement
 from edgeq.compile.partition import Partition, Region, TensorSpec
 from edgeq.ops import LOOKUP_TABLE_OPS, OP_NAMES, Op, OpTable
-from edgeq.numerics import conv_multipliers, lookup_table, quantize_multiplier, quantize_multipliers, real_multiplier
+from edgeq.numerics import conv_multipliers, lookup_table, product_multiplier, quantize_multiplier, quantize_multipliers, real_multiplier
 from edgeq.targets import Target
 
 
@@ -57,6 +57,12 @@ def _sum(record: OpRecord, quant: QuantFacts, what: str) -> dict[str, Any]:
     reals = [real_multiplier(s, quant.output_scale) for s in quant.input_scales]
     multipliers, shift = quantize_multipliers(reals, what=what)
     return {"multipliers": multipliers, "shift": shift}
+
+
+@REQUANTIZATION.register(Op.MUL)
+def _product(record: OpRecord, quant: QuantFacts, what: str) -> dict[str, Any]:
+    fixed = product_multiplier(quant.input_scales, quant.output_scale, what=what)
+    return {"multiplier": fixed.multiplier, "shift": fixed.shift}
 
 
 @REQUANTIZATION.register(Op.CONCAT)

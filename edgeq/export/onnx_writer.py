@@ -292,6 +292,12 @@ class _Builder:
         out = self._node("Add", [self._dequantize(args[0]), self._dequantize(args[1])], f"{path}.out", f"{path}/Add")
         return self._finish(node, out, ops.TensorQuant("int8", (op.output_scale,)), op.clamp)
 
+    @EMITTERS.register(Op.MUL)
+    def _mul(self, node: fx.Node, op: ops.IntMul, args: list[Any]) -> Any:
+        path = self._path(node)
+        out = self._node("Mul", [self._dequantize(args[0]), self._dequantize(args[1])], f"{path}.out", f"{path}/Mul")
+        return self._quantize(out, path, ops.TensorQuant("int8", (op.output_scale,)))
+
     @EMITTERS.register(Op.CONCAT)
     def _concat(self, node: fx.Node, op: ops.IntConcat, args: list[Any]) -> Any:
         path = self._path(node)

@@ -26,6 +26,7 @@ from edgeq.numerics import (
     check_accumulator_bound,
     conv_multipliers,
     lookup_table,
+    product_multiplier,
     quantize_bias,
     quantize_multiplier,
     quantize_multipliers,
@@ -47,6 +48,7 @@ from edgeq.quantization.integer_ops import (
     IntLinear,
     IntLookupTable,
     IntMaxPool2d,
+    IntMul,
     IntQuantize,
     IntUpsampleNearest2d,
     TensorQuant,
@@ -67,6 +69,7 @@ from edgeq.quantization.qat_modules import (
     LinearAct,
     LookupTableActivation,
     MaxPool2d,
+    Multiply,
     QuantizeInput,
     Requantizing,
     UpsampleNearest2d,
@@ -249,6 +252,13 @@ class _Converter:
         )
         clamp = self._clamp_for(module.activation, output_scale)
         return IntAdd(scales, output_scale, (multipliers[0], multipliers[1]), shift, clamp), TensorQuant("int8", (output_scale,))
+
+    @CONVERTERS.register(Op.MUL)
+    def _mul(self, node: fx.Node, module: Multiply) -> tuple[nn.Module, TensorQuant]:
+        scales = (self._input_quant(node, 0).scale, self._input_quant(node, 1).scale)
+        output_scale = self._output_scale(module)
+        multiplier = product_multiplier(scales, output_scale, what=f"mul '{node.target}'")
+        return IntMul(scales, output_scale, multiplier), TensorQuant("int8", (output_scale,))
 
     @CONVERTERS.register(Op.CONCAT)
     def _concat(self, node: fx.Node, module: Concat) -> tuple[nn.Module, TensorQuant]:

@@ -221,6 +221,24 @@ class IntAdd(nn.Module):
         return f"multipliers={self.multipliers}, shift={self.shift}, clamp={self.clamp}"
 
 
+@INTEGER_OPS.register(Op.MUL)
+class IntMul(nn.Module):
+    """``saturate(round_half_to_even(a * b * M / 2**n))`` with broadcasting; ``M * 2**-n`` is ``s_a * s_b / s_out``."""
+
+    def __init__(self, input_scales: tuple[float, float], output_scale: float, multiplier: FixedPointMultiplier) -> None:
+        super().__init__()
+        self.input_scales = input_scales
+        self.output_scale = output_scale
+        self.multiplier = multiplier
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        product = left.to(torch.int64) * right.to(torch.int64)
+        return saturate(requantize(product, self.multiplier.multiplier, self.multiplier.shift), ACTIVATION_QMIN, ACTIVATION_QMAX, torch.int8)
+
+    def extra_repr(self) -> str:
+        return f"multiplier={self.multiplier.multiplier}, shift={self.multiplier.shift}"
+
+
 @INTEGER_OPS.register(Op.CONCAT)
 class IntConcat(nn.Module):
     """Concatenation; each input requantized to the output scale (exactly the identity when scales match)."""

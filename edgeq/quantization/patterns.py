@@ -40,7 +40,8 @@ class OpKind(str, Enum):
     TABLE_ACTIVATION = "table_activation"
     """An activation computed as a lookup table; :func:`table_op` says which (``Op.SIGMOID``...)."""
     MUL = "mul"
-    """Product of two tensors: quantized only as ``x * sigmoid(x)`` (SiLU) and ``x * hardsigmoid(x)`` (Hardswish)."""
+    """Product of two tensors (broadcasting); ``x * sigmoid(x)`` and ``x * hardsigmoid(x)`` fuse into SiLU and
+    Hardswish."""
     RESHAPE = "reshape"
     """Moves or views integer values without arithmetic (view, flatten, transpose, chunk, getitem...)."""
     DROPOUT = "dropout"
@@ -136,7 +137,7 @@ _METHOD_KINDS: dict[str, OpKind | Op] = {
 SUPPORTED_OPS = (
     "Conv2d (+BatchNorm2d, +ReLU/ReLU6), Linear (+ReLU/ReLU6), add (+ReLU/ReLU6), cat, ReLU, ReLU6, "
     "max_pool2d, avg_pool2d, adaptive_avg_pool2d, mean over H and W, nearest upsample by integer factors, "
-    "Sigmoid, Tanh, Hardsigmoid, Hardswish, SiLU (also x * sigmoid(x)), LeakyReLU, "
+    "Sigmoid, Tanh, Hardsigmoid, Hardswish, SiLU (also x * sigmoid(x)), LeakyReLU, product of two tensors, "
     "flatten / view / reshape / transpose / permute / chunk / split / getitem, dropout"
 )
 

@@ -48,6 +48,7 @@ from edgeq.quantization.qat_modules import (
     LinearAct,
     LookupTableActivation,
     MaxPool2d,
+    Multiply,
     QuantizeInput,
     Requantizing,
     UpsampleNearest2d,
@@ -505,7 +506,11 @@ class _Preparer:
 
     @_emits(OpKind.MUL)
     def _emit_mul(self, node: fx.Node) -> fx.Node:
-        raise self._unsupported(node, "a product of tensors (only x * sigmoid(x) and x * hardsigmoid(x) are supported)")
+        left, right = argument(node, 0, "input"), argument(node, 1, "other")
+        if not (isinstance(left, fx.Node) and isinstance(right, fx.Node)):
+            raise self._unsupported(node, "only the product of two quantized tensors is supported (not a constant)")
+        path = self._functional_path(node, "mul")
+        return self._call(path, Multiply(self._quantizer(node, path)), (left, right), node)
 
     @_emits(OpKind.RESHAPE)
     def _emit_reshape(self, node: fx.Node) -> fx.Node:

@@ -228,6 +228,19 @@ class AddAct(Requantizing):
         return f"activation={self.activation.value}"
 
 
+@CANONICAL.register(Op.MUL)
+class Multiply(Requantizing):
+    """Elementwise product of two int8 tensors (broadcasting, as ``x * scale`` in squeeze-and-excitation),
+    requantized to its own scale."""
+
+    def __init__(self, output_quantizer: ActivationFakeQuantize) -> None:
+        super().__init__()
+        self.output_quantizer = output_quantizer
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        return self._quantize_output(left * right)
+
+
 @CANONICAL.register(Op.CONCAT)
 class Concat(Requantizing):
     """Concatenation along ``dim``; each input is brought to the output's scale."""

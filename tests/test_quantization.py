@@ -324,8 +324,17 @@ def _prepare(body, example=None):
 
 
 def test_unsupported_op_names_node_and_op():
-    with pytest.raises(UnsupportedOpError, match=r"Hardswish 'body.1': edgeq has no integer implementation.*DeQuantStub"):
-        _prepare(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Hardswish()))
+    with pytest.raises(UnsupportedOpError, match=r"GELU 'body.1': edgeq has no integer implementation.*DeQuantStub"):
+        _prepare(nn.Sequential(nn.Conv2d(3, 4, 1), nn.GELU()))
+
+
+def test_product_with_a_constant_is_unsupported():
+    class Scale(nn.Module):
+        def forward(self, x):
+            return x * 2.0
+
+    with pytest.raises(UnsupportedOpError, match=r"mul 'mul' \(in body\): only the product of two quantized tensors"):
+        _prepare(Scale())
 
 
 def test_constant_add_is_unsupported():

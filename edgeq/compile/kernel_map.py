@@ -62,27 +62,33 @@ def _holds(kernel: str, op: str) -> bool:
     return any(re.search(rf"(^|_){name}\d*(_|$)", kernel) for name in _PRIMITIVES.get(op, ()))
 
 
-def kernel_map(executable: relax.VMExecutable, graph: CompiledGraph) -> dict[str, str]:
-    """The kernel of every op of ``graph`` that has one, by op name (each region is a VM function of its name)."""
-    calls = kernel_calls(executable)
-    found: dict[str, int] = {}
-    kernel: dict[str, str] = {}
+def op_calls(calls: dict[str, list[str]], graph: CompiledGraph) -> dict[str, tuple[str, int]]:
+    """Which kernel call each op of ``graph`` runs in: (region, index in the region's calls), by op name.
+
+    Args:
+        calls: the kernels each region calls, in order (:func:`kernel_calls`, or a profile of a run).
+        graph: the compiled graph.
+    """
+    placed: dict[str, tuple[str, int]] = {}
     for region in graph.regions:
         kernels = calls.get(region.name, [])
         cursor = 0
-        found.clear()
         for name in region.ops:
             op = graph.op(name)
-            made_by = [found[p] for t in op.inputs if (p := graph.tensors[t].producer) in found]
+            made_by = [placed[p][1] for t in op.inputs if (p := graph.tensors[t].producer) in placed and placed[p][0] == region.name]
             last = max(made_by, default=None)
             if op.op in _FOLLOWERS and last is not None and last == cursor - 1 and _holds(kernels[last], op.op):
-                found[name] = last
-            else:
-                end = cursor + 1 if op.op in _VIEWS else len(kernels)
-                found_at = next((i for i in range(cursor, end) if op.op not in _PRIMITIVES or _holds(kernels[i], op.op)), None)
-                if found_at is None:
-                    continue
-                found[name] = found_at
-                cursor = found_at + 1
-            kernel[name] = kernels[found[name]]
-    return kernel
+                placed[name] = (region.name, last)
+                continue
+            end = cursor + 1 if op.op in _VIEWS else len(kernels)
+            found = next((i for i in range(cursor, end) if op.op not in _PRIMITIVES or _holds(kernels[i], op.op)), None)
+            if found is not None:
+                placed[name] = (region.name, found)
+                cursor = found + 1
+    return placed
+
+
+def kernel_map(executable: relax.VMExecutable, graph: CompiledGraph) -> dict[str, str]:
+    """The kernel of every op of ``graph`` that has one, by op name (each region is a VM function of its name)."""
+    calls = kernel_calls(executable)
+    return {name: calls[region][index] for name, (region, index) in op_calls(calls, graph).items()}

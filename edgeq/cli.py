@@ -1,4 +1,4 @@
-"""The ``edgeq`` command line: ``targets``, ``check``, ``compile``, ``run``.
+"""The ``edgeq`` command line: ``targets``, ``check``, ``compile``, ``run``, ``visualize``.
 
 Exit status: 0 success; 1 an error (the message names the file, node or key); 2 a usage error; 4 ``check``
 found an op that cannot run anywhere on the target (no CPU fallback).
@@ -94,8 +94,16 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _visualize(args: argparse.Namespace, console: Console) -> int:
+    from edgeq.visualize import visualize_model
+
+    path = visualize_model(args.model, save_path=args.output or args.model.with_suffix(".svg"), target=args.target)
+    console.print(f"wrote {path}", highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommands: targets, check)."""
+    """The argument parser (subcommands: targets, check, compile, run, visualize)."""
     parser = argparse.ArgumentParser(prog="edgeq", description="Open deployment compiler toolchain for edge NPUs.")
     parser.add_argument("--version", action="version", version=f"edgeq {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -148,6 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bench", type=int, metavar="N", help="also time N runs (median, min)")
     run.add_argument("--raw", action="store_true", help="write the integer outputs, not dequantized")
     run.set_defaults(run=_run)
+
+    any_model = argparse.ArgumentParser(add_help=False)  # the arguments of the commands that read artifacts too
+    any_model.add_argument("model", type=Path, help=".edgeq artifact, QDQ ONNX file, or TorchScript file saved by edgeq (compiled first)")
+    any_model.add_argument("--target", help="target to compile a model for (default: the one it was quantized for); an artifact keeps its own")
+
+    visualize = commands.add_parser(
+        "visualize",
+        parents=[any_model],
+        help="draw the compiled graph as SVG",
+        description="Draw the model as the compiler sees it: fused ops with shapes, dtypes and scales, coloured by "
+        "placement (NPU, CPU integer, CPU float), regions as clusters, tensor sizes on the edges and NPU<->CPU "
+        "transitions in red. Needs Graphviz's dot program.",
+    )
+    visualize.add_argument("-o", "--output", type=Path, metavar="GRAPH.svg", help="SVG path (default: MODEL with .svg)")
+    visualize.set_defaults(run=_visualize)
     return parser
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from edgeq.check.records import OpRecord
 from edgeq.numerics import is_power_of_two
 from edgeq.targets import NPU_OPS, ConvRules, PoolRules, ScaleRule, Target
+from edgeq.units import bytes_text, shape_text
 
 
 @dataclass(frozen=True)
@@ -29,17 +30,6 @@ class RuleResult:
 
 
 Rule = Callable[[OpRecord, Target], "RuleResult | None"]
-
-
-def _size(value: tuple[int, ...]) -> str:
-    return "x".join(str(v) for v in value)
-
-
-def _bytes(count: int) -> str:
-    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
-        if count >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{count} B"
 
 
 def _substitute_advice(record: OpRecord, target: Target) -> str | None:
@@ -127,7 +117,7 @@ def kernel_too_large(record: OpRecord, target: Target) -> RuleResult | None:
     advice = "two stacked 3x3 convolutions see as far as one 5x5, three as far as one 7x7" if record.op == "conv2d" else None
     return RuleResult(
         "max_kernel",
-        f"kernel {_size(record.attrs['kernel'])}, {target.name} supports ≤ {rules.max_kernel}x{rules.max_kernel}",
+        f"kernel {shape_text(record.attrs['kernel'])}, {target.name} supports ≤ {rules.max_kernel}x{rules.max_kernel}",
         True,
         advice,
     )
@@ -138,7 +128,7 @@ def stride_too_large(record: OpRecord, target: Target) -> RuleResult | None:
     rules = _pool_or_conv_rules(record, target)
     if rules is None or "stride" not in record.attrs or max(record.attrs["stride"]) <= rules.max_stride:
         return None
-    return RuleResult("max_stride", f"stride {_size(record.attrs['stride'])}, {target.name} supports ≤ {rules.max_stride}", True)
+    return RuleResult("max_stride", f"stride {shape_text(record.attrs['stride'])}, {target.name} supports ≤ {rules.max_stride}", True)
 
 
 def padding_too_large(record: OpRecord, target: Target) -> RuleResult | None:
@@ -148,7 +138,7 @@ def padding_too_large(record: OpRecord, target: Target) -> RuleResult | None:
     limit = target.npu.conv2d.max_padding
     if max(record.attrs["padding"]) <= limit:
         return None
-    return RuleResult("max_padding", f"padding {_size(record.attrs['padding'])}, {target.name} supports ≤ {limit}", True)
+    return RuleResult("max_padding", f"padding {shape_text(record.attrs['padding'])}, {target.name} supports ≤ {limit}", True)
 
 
 def dilation_unsupported(record: OpRecord, target: Target) -> RuleResult | None:
@@ -159,7 +149,7 @@ def dilation_unsupported(record: OpRecord, target: Target) -> RuleResult | None:
     if all(d in allowed for d in record.attrs["dilation"]):
         return None
     return RuleResult(
-        "dilation", f"dilation {_size(record.attrs['dilation'])}, {target.name} supports {', '.join(map(str, allowed))}", True
+        "dilation", f"dilation {shape_text(record.attrs['dilation'])}, {target.name} supports {', '.join(map(str, allowed))}", True
     )
 
 
@@ -198,7 +188,7 @@ def upsample_factor_unsupported(record: OpRecord, target: Target) -> RuleResult 
         return None
     return RuleResult(
         "upsample_factor",
-        f"upsample x{_size(record.attrs['factor'])}, {target.name} supports x{', x'.join(map(str, allowed))}",
+        f"upsample x{shape_text(record.attrs['factor'])}, {target.name} supports x{', x'.join(map(str, allowed))}",
         True,
         f"chain upsamples by x{allowed[0]}",
     )
@@ -209,14 +199,14 @@ def tensor_too_large(record: OpRecord, target: Target) -> RuleResult | None:
     for shape in [*record.input_shapes, *([record.output_shape] if record.output_shape else [])]:
         if len(shape) == 4 and max(shape[2:]) > target.npu.max_spatial:
             return RuleResult(
-                "max_spatial", f"spatial size {_size(shape[2:])}, {target.name} supports ≤ {target.npu.max_spatial}", True,
+                "max_spatial", f"spatial size {shape_text(shape[2:])}, {target.name} supports ≤ {target.npu.max_spatial}", True,
                 "reduce the input resolution or tile the image",
             )
         size = math.prod(shape[1:])
         if size > target.npu.max_tensor_bytes:
             return RuleResult(
                 "max_tensor_bytes",
-                f"tensor of {_bytes(size)} per image, {target.name} addresses ≤ {_bytes(target.npu.max_tensor_bytes)}",
+                f"tensor of {bytes_text(size)} per image, {target.name} addresses ≤ {bytes_text(target.npu.max_tensor_bytes)}",
                 True,
                 "reduce the input resolution or the channel count",
             )
@@ -263,9 +253,9 @@ def weights_exceed_sram(record: OpRecord, target: Target) -> RuleResult | None:
         return None
     return RuleResult(
         "weights_in_sram",
-        f"weights {_bytes(weight_bytes)} exceed the {_bytes(target.hardware.sram_bytes)} SRAM",
+        f"weights {bytes_text(weight_bytes)} exceed the {bytes_text(target.hardware.sram_bytes)} SRAM",
         False,
-        f"weights {_bytes(weight_bytes)} are streamed from DRAM on every inference; fewer channels keep them on chip",
+        f"weights {bytes_text(weight_bytes)} are streamed from DRAM on every inference; fewer channels keep them on chip",
     )
 
 

@@ -32,21 +32,25 @@ _PRIMITIVES: dict[str, tuple[str, ...]] = {
 }
 """Names of the primitive (Relax / TIR) ops an edgeq op kind becomes, as they appear in kernel names."""
 
-_FOLLOWERS = ("relu", "add", "reshape", "transpose")
+FUSED_FOLLOWERS = ("relu", "add", "reshape", "transpose")
 """Op kinds TVM fuses into the kernel that makes their input."""
 
-_VIEWS = ("reshape",)
+VIEW_OPS = ("reshape",)
 """Op kinds that need no kernel of their own when TVM can make them a view."""
 
 _CALL = re.compile(r"^\s*call\s+(\S+)\s+in:")
 _FUNCTION = re.compile(r"^@(\S+):$")
 
 
-def kernel_calls(executable: relax.VMExecutable) -> dict[str, list[str]]:
-    """The kernels each VM function calls, in call order (VM built-ins and calls of other functions left out)."""
+def kernel_calls(text: str) -> dict[str, list[str]]:
+    """The kernels each VM function calls, in call order (VM built-ins and calls of other functions left out).
+
+    Args:
+        text: the executable's instructions (``as_text()`` of the built executable or of the loaded library).
+    """
     calls: dict[str, list[str]] = {}
     current: list[str] | None = None
-    for line in executable.as_text().splitlines():
+    for line in text.splitlines():
         function = _FUNCTION.match(line)
         if function:
             current = calls.setdefault(function.group(1), [])
@@ -77,10 +81,10 @@ def op_calls(calls: dict[str, list[str]], graph: CompiledGraph) -> dict[str, tup
             op = graph.op(name)
             made_by = [placed[p][1] for t in op.inputs if (p := graph.tensors[t].producer) in placed and placed[p][0] == region.name]
             last = max(made_by, default=None)
-            if op.op in _FOLLOWERS and last is not None and last == cursor - 1 and _holds(kernels[last], op.op):
+            if op.op in FUSED_FOLLOWERS and last is not None and last == cursor - 1 and _holds(kernels[last], op.op):
                 placed[name] = (region.name, last)
                 continue
-            end = cursor + 1 if op.op in _VIEWS else len(kernels)
+            end = cursor + 1 if op.op in VIEW_OPS else len(kernels)
             found = next((i for i in range(cursor, end) if op.op not in _PRIMITIVES or _holds(kernels[i], op.op)), None)
             if found is not None:
                 placed[name] = (region.name, found)
@@ -90,5 +94,5 @@ def op_calls(calls: dict[str, list[str]], graph: CompiledGraph) -> dict[str, tup
 
 def kernel_map(executable: relax.VMExecutable, graph: CompiledGraph) -> dict[str, str]:
     """The kernel of every op of ``graph`` that has one, by op name (each region is a VM function of its name)."""
-    calls = kernel_calls(executable)
+    calls = kernel_calls(executable.as_text())
     return {name: calls[region][index] for name, (region, index) in op_calls(calls, graph).items()}

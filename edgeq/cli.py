@@ -1,4 +1,4 @@
-"""The ``edgeq`` command line: ``targets``, ``check``, ``compile``, ``run``, ``visualize``.
+"""The ``edgeq`` command line: ``targets``, ``check``, ``compile``, ``run``, ``perf``, ``visualize``.
 
 Exit status: 0 success; 1 an error (the message names the file, node or key); 2 a usage error; 4 ``check``
 found an op that cannot run anywhere on the target (no CPU fallback).
@@ -94,6 +94,23 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _perf(args: argparse.Namespace, console: Console) -> int:
+    from edgeq.perf import perf_model
+    from edgeq.report import write_report
+
+    result = perf_model(args.model, out_dir=args.output, target=args.target, recalibrate=args.recalibrate)
+    summary = result.summary
+    console.print(
+        f"estimated latency {summary.latency_ms:.3f} ms ({summary.fps:.1f} fps) on {result.target}: NPU {summary.npu_ms:.3f} ms, "
+        f"CPU {summary.cpu_ms:.3f} ms, transitions {summary.transition_ms:.3f} ms; CPU figures {result.figures['cpu_source']}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+    console.print(f"wrote {result.report_json} and {write_report(result, args.output)}", highlight=False, markup=False, soft_wrap=True)
+    return 0
+
+
 def _visualize(args: argparse.Namespace, console: Console) -> int:
     from edgeq.visualize import visualize_model
 
@@ -103,7 +120,7 @@ def _visualize(args: argparse.Namespace, console: Console) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommands: targets, check, compile, run, visualize)."""
+    """The argument parser (subcommands: targets, check, compile, run, perf, visualize)."""
     parser = argparse.ArgumentParser(prog="edgeq", description="Open deployment compiler toolchain for edge NPUs.")
     parser.add_argument("--version", action="version", version=f"edgeq {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -160,6 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     any_model = argparse.ArgumentParser(add_help=False)  # the arguments of the commands that read artifacts too
     any_model.add_argument("model", type=Path, help=".edgeq artifact, QDQ ONNX file, or TorchScript file saved by edgeq (compiled first)")
     any_model.add_argument("--target", help="target to compile a model for (default: the one it was quantized for); an artifact keeps its own")
+
+    perf = commands.add_parser(
+        "perf",
+        parents=[any_model],
+        help="estimate latency layer by layer; write report.json and report.html",
+        description="Estimate how fast the compiled model runs on its target, layer by layer, without a board, and "
+        "write OUTPUT/report.json and OUTPUT/report.html (summary, where the time goes, a sortable layer table with "
+        "the check's reasons, the compiled graph). CPU figures are measured on this machine the first time (cached).",
+    )
+    perf.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="folder for report.json and report.html")
+    perf.add_argument("--recalibrate", action="store_true", help="measure this machine's CPU figures again")
+    perf.set_defaults(run=_perf)
 
     visualize = commands.add_parser(
         "visualize",

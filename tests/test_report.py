@@ -129,6 +129,16 @@ def test_chromium_renders_the_report_without_network_requests(fallback, tmp_path
     assert dom.count('class="node"') >= len(result.graph.ops) and 'class="cluster"' in dom
 
 
+def test_clicking_a_column_sorts_the_table(fallback, tmp_path):
+    result, _, path = fallback
+    click = "<script>[...document.querySelectorAll('#layer-table th')].find(th => th.textContent === 'time').click()</script>"
+    (tmp_path / "clicked.html").write_text(path.read_text().replace("</body>", click + "</body>"))
+    dom = chromium("--dump-dom", (tmp_path / "clicked.html").as_uri()).stdout
+    names = [re.search(r'<td class="name">(.*?)</td>', row).group(1) for row in layer_rows(dom, "layer-table")]
+    assert names == [layer.name for layer in sorted(result.layers, key=lambda layer: layer.latency_ms)]
+    assert 'aria-sort="ascending"' in dom
+
+
 def test_layer_accuracy_names_ops_and_flags_broken_layers():
     torch.manual_seed(0)
     example = torch.rand(4, 1, 8, 8)

@@ -119,6 +119,14 @@ def _visualize(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _model_arguments(model_help: str, target_help: str) -> argparse.ArgumentParser:
+    """A parent parser for the commands that read a model: the model's path and ``--target``."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("model", type=Path, help=model_help)
+    parent.add_argument("--target", help=target_help)
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands: targets, check, compile, run, perf, visualize)."""
     parser = argparse.ArgumentParser(prog="edgeq", description="Open deployment compiler toolchain for edge NPUs.")
@@ -130,9 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     targets.add_argument("--markdown", action="store_true", help="print the supported-ops page (docs/supported-ops.md)")
     targets.set_defaults(run=_targets)
 
-    quantized_model = argparse.ArgumentParser(add_help=False)  # the arguments check and compile share
-    quantized_model.add_argument("model", type=Path, help="QDQ ONNX file, or TorchScript file saved by edgeq")
-    quantized_model.add_argument("--target", help="target name or .toml file (default: the target the model was quantized for)")
+    quantized_model = _model_arguments(  # what check and compile take
+        "QDQ ONNX file, or TorchScript file saved by edgeq",
+        "target name or .toml file (default: the target the model was quantized for)",
+    )
 
     check = commands.add_parser(
         "check",
@@ -174,9 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--raw", action="store_true", help="write the integer outputs, not dequantized")
     run.set_defaults(run=_run)
 
-    any_model = argparse.ArgumentParser(add_help=False)  # the arguments of the commands that read artifacts too
-    any_model.add_argument("model", type=Path, help=".edgeq artifact, QDQ ONNX file, or TorchScript file saved by edgeq (compiled first)")
-    any_model.add_argument("--target", help="target to compile a model for (default: the one it was quantized for); an artifact keeps its own")
+    any_model = _model_arguments(  # what perf and visualize take: artifacts too
+        ".edgeq artifact, QDQ ONNX file, or TorchScript file saved by edgeq (compiled first)",
+        "target to compile a model for (default: the one it was quantized for); an artifact keeps its own",
+    )
 
     perf = commands.add_parser(
         "perf",

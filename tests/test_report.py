@@ -14,25 +14,20 @@ import torch
 from PIL import Image
 
 from edgeq.cli import main
-from edgeq.compile import compile_model
 from edgeq.errors import QuantizationError
 from edgeq.perf import perf_model
 from edgeq.report import COSINE_FLOOR, layer_accuracy, render_report, write_report
-from models import FunctionalOps, SmallCNN, integer_model
+from models import SmallCNN, integer_model
 
 
 @pytest.fixture(scope="module")
-def fallback(tmp_path_factory):
-    """FunctionalOps on npu-s (NPU and CPU regions, transitions), its estimate, and per-layer accuracy."""
-    torch.manual_seed(0)
-    example = torch.randn(4, 3, 8, 8)
-    float_model = FunctionalOps().eval()
-    int_model = integer_model(float_model, example, "npu-s")
+def fallback(functional_ops_npu_s, tmp_path_factory):
+    """The estimate of FunctionalOps on npu-s, its per-layer accuracy, and its report."""
+    float_model, int_model, samples, compiled = functional_ops_npu_s
     folder = tmp_path_factory.mktemp("report")
-    compiled = compile_model(int_model, (example[:1],), out=folder / "f.edgeq", simulate=True)
-    result = perf_model(compiled.artifact, out_dir=folder / "perf")
-    accuracy = layer_accuracy(float_model, int_model, (example,), result.graph)
-    return result, accuracy, write_report(result, folder / "perf", accuracy)
+    result = perf_model(compiled.artifact, out_dir=folder)
+    accuracy = layer_accuracy(float_model, int_model, (samples,), result.graph)
+    return result, accuracy, write_report(result, folder, accuracy)
 
 
 class Elements(HTMLParser):

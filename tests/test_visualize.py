@@ -7,25 +7,18 @@ import dataclasses
 import xml.etree.ElementTree as ElementTree
 
 import pytest
-import torch
 
 from edgeq.cli import main
-from edgeq.compile import compile_model
 from edgeq.compile.compiled_graph import CompiledGraphError
 from edgeq.errors import EdgeqError, TargetError
 from edgeq.visualize import PLACEMENT_COLOURS, TRANSITION_COLOUR, graph_svg, visualize_model
-from models import FunctionalOps, integer_model
 
 SVG = "{http://www.w3.org/2000/svg}"
 
 
 @pytest.fixture(scope="module")
-def fallback(tmp_path_factory):
-    """FunctionalOps on npu-s: NPU regions, CPU fallbacks (grouped conv, split, transpose) and transitions."""
-    torch.manual_seed(0)
-    example = torch.randn(1, 3, 8, 8)
-    int_model = integer_model(FunctionalOps().eval(), example, "npu-s")
-    return compile_model(int_model, (example,), out=tmp_path_factory.mktemp("visualize") / "f.edgeq", simulate=True)
+def fallback(functional_ops_npu_s):
+    return functional_ops_npu_s[3]
 
 
 def groups(svg: str) -> dict[str, ElementTree.Element]:

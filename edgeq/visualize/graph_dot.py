@@ -120,7 +120,7 @@ class _Drawing:
             rows.append(_text(f"{count_text(op.macs)} MACs"))
         cells = "".join(f"<tr><td>{row}</td></tr>" for row in rows)
         label = (
-            f'<<table border="1" cellborder="0" cellspacing="0" cellpadding="2" style="rounded" '
+            f'<<table border="1" cellborder="0" cellspacing="0" cellpadding="3" style="rounded" '
             f'bgcolor="{colours.fill}" color="{colours.border}">{cells}</table>>'
         )
         parent.node(self.ids[op.name], label, id=f"op:{op.name}", tooltip=_tooltip(op))

@@ -82,6 +82,15 @@ def test_visualize_model_and_command_line(fallback, tmp_path, capsys):
     assert (tmp_path / "b.svg").read_text() == svg_path.read_text()
 
 
+def test_a_model_is_compiled_first_for_the_target_given(functional_ops_npu_s, tmp_path):
+    _, int_model, samples, _ = functional_ops_npu_s
+    svg = visualize_model(int_model, (samples[:1],), save_path=tmp_path / "cpu.svg", target="x86_64").read_text()
+    drawn = groups(svg)
+    boxes = [g for name, g in drawn.items() if name.startswith("op:")]
+    assert boxes and all(PLACEMENT_COLOURS["CPU"].fill in fills(box) for box in boxes)
+    assert "x86_64 (cpu, x86_64 library)" in svg and not any(name.startswith("transition:") for name in drawn)
+
+
 def test_bad_input_is_named(fallback, tmp_path, capsys):
     (tmp_path / "notes.edgeq").write_text("not a zip file")
     with pytest.raises(CompiledGraphError, match="notes.edgeq: not an edgeq artifact, or truncated"):

@@ -82,12 +82,16 @@ class CpuFigures(_Strict):
     """Grouped and depthwise int8 convolutions."""
     linear_int8_macs_per_s: Annotated[float, Field(gt=0)]
     """int8 matrix multiplications (linear layers)."""
+    requantized_outputs_per_s: Annotated[float, Field(gt=0)]
+    """Output elements a convolution or linear kernel requantizes (fixed-point multiply, round, clamp) per second."""
     float32_macs_per_s: Annotated[float, Field(gt=0)]
     """Ops that stay in float (not quantized in the model)."""
     memory_bytes_per_s: Annotated[float, Field(gt=0)]
     """Bytes read and written per second by elementwise, pooling and data-movement kernels."""
     kernel_overhead_ns: Annotated[float, Field(ge=0)]
-    """Fixed cost of each kernel call (VM dispatch, thread-pool launch)."""
+    """Fixed cost of each convolution or linear kernel call (VM dispatch, thread-pool launch)."""
+    memory_kernel_overhead_ns: Annotated[float, Field(ge=0)]
+    """Fixed cost of each other kernel call (elementwise, pooling, data movement)."""
 
 
 NPU_OPS = (

@@ -4,10 +4,14 @@ A small calibration network (dense 3x3 and 1x1 convolutions, a depthwise convolu
 pooling and a global average pool) is quantized, compiled for this machine like any model, and run; each
 kernel's time (:mod:`.measure`) gives a figure of :class:`~edgeq.targets.CpuFigures`:
 
-- ``kernel_overhead_ns``: the median time of the kernels that move under 4 KiB;
-- ``*_int8_macs_per_s``: the MACs of the convolution (dense or depthwise) or linear kernels over their time less
-  the overhead;
-- ``memory_bytes_per_s``: bytes read and written by the pooling kernels over their time less the overhead.
+- convolution and linear kernels: a non-negative least-squares fit of their times to
+  ``kernel_overhead + dense MACs / conv2d rate + depthwise MACs / depthwise rate + linear MACs / linear rate +
+  output elements / requantized_outputs_per_s``;
+- the other kernels (pooling, requantization): a fit of their times to ``memory_kernel_overhead + bytes read
+  and written / memory_bytes_per_s``.
+
+A figure the fit cannot tell apart from the overhead (a rate so high its term fits as zero) keeps the target's
+nominal value.
 
 Float figures are not measured (``float32_macs_per_s`` stays the target's). The result is cached as JSON in
 ``$EDGEQ_CACHE_DIR`` (default ``~/.cache/edgeq``), in ``cpu-<model>.json``, keyed by the CPU model, the thread
@@ -20,10 +24,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import re
-import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -35,8 +39,6 @@ from edgeq.targets import CpuFigures, Target
 logger = logging.getLogger(__name__)
 
 CACHE_VARIABLE = "EDGEQ_CACHE_DIR"
-SMALL_KERNEL_BYTES = 4096
-"""Kernels moving fewer bytes than this measure the fixed cost of a call."""
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,8 @@ def calibrate(host: Target) -> Calibration:
 
 
 def _network() -> object:
-    """The calibration network: one kernel of each kind the figures describe."""
+    """The calibration network: convolutions of several reduction depths, a depthwise convolution, a linear
+    layer, max pooling and a global average pool."""
     import torch
     from torch import nn
 
@@ -179,20 +182,42 @@ def _network() -> object:
         def __init__(self) -> None:
             super().__init__()
             self.quant = QuantStub()
-            self.dense = nn.Conv2d(8, 32, 3, padding=1)
-            self.pointwise = nn.Conv2d(32, 64, 1)
+            self.dense = nn.Conv2d(16, 64, 3, padding=1)
+            self.pointwise = nn.Conv2d(64, 64, 1)
             self.depthwise = nn.Conv2d(64, 64, 3, padding=1, groups=64)
             self.pool = nn.MaxPool2d(2)
-            self.dense2 = nn.Conv2d(64, 64, 3, padding=1)
-            self.linear = nn.Linear(64, 256)
+            self.deep = nn.Conv2d(64, 128, 3, padding=1)
+            self.narrow = nn.Conv2d(128, 32, 1)
+            self.shrink = nn.AvgPool2d(7)
+            self.tiny = nn.Conv2d(32, 32, 1)
+            self.wide = nn.Linear(32, 512)
+            self.square = nn.Linear(512, 512)
             self.dequant = DeQuantStub()
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = torch.relu(self.pointwise(torch.relu(self.dense(self.quant(x)))))
-            x = self.dense2(self.pool(torch.relu(self.depthwise(x))))
-            return self.dequant(self.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
+            x = self.narrow(self.deep(self.pool(torch.relu(self.depthwise(x)))))
+            x = torch.flatten(nn.functional.adaptive_avg_pool2d(self.tiny(self.shrink(x)), 1), 1)
+            return self.dequant(self.square(self.wide(x)))
 
     return Calibration().eval()
+
+
+def fit_nonnegative(rows: list[list[float]], times: list[float]) -> list[float]:
+    """Coefficients ``c >= 0`` of ``rows @ c ~ times`` minimising the squared relative error (so that small
+    kernels weigh as much as large ones); a coefficient that comes out negative is dropped and the rest fitted
+    again."""
+    import numpy as np
+
+    weights = 1 / np.asarray(times, dtype=float)
+    matrix, target = np.asarray(rows, dtype=float) * weights[:, None], np.ones(len(times))
+    active = np.ones(matrix.shape[1], dtype=bool)
+    while True:
+        solution = np.zeros(matrix.shape[1])
+        solution[active] = np.linalg.lstsq(matrix[:, active], target, rcond=None)[0]
+        if (solution >= 0).all():
+            return solution.tolist()
+        active &= solution > 0
 
 
 def _measure_figures(host: Target, folder: Path) -> CpuFigures:
@@ -203,7 +228,7 @@ def _measure_figures(host: Target, folder: Path) -> CpuFigures:
     from edgeq.quantization import FakeQuantState, convert_fx, default_calib_qconfig, prepare_qat_fx, set_fake_quantize
 
     torch.manual_seed(0)
-    example = torch.randn(1, 8, 32, 32)
+    example = torch.randn(1, 16, 56, 56)
     prepared = prepare_qat_fx(_network(), default_calib_qconfig, example_inputs=(example,), target=host.name)
     set_fake_quantize(prepared, FakeQuantState.CALIBRATION)
     with torch.no_grad():
@@ -212,23 +237,40 @@ def _measure_figures(host: Target, folder: Path) -> CpuFigures:
     result = compile_model(convert_fx(prepared), (example,), target=host.name, out=folder / "calibration.edgeq", progress=lambda _: None)
     measured = measure(result.artifact, runs=5)
     graph = result.graph
-    seconds = {name: call.seconds for name, call in measured.ops.items()}
-    moved = {op.name: op.bytes_in + op.bytes_out + op.weight_bytes for op in graph.ops}
-    overhead = statistics.median(seconds[op.name] for op in graph.ops if op.name in seconds and moved[op.name] < SMALL_KERNEL_BYTES)
+    seconds = {(c.region, c.index): c.seconds for c in measured.calls}
+    anchors = {}  # the kernel call of each op that does the call's main work, by call
+    for op in graph.ops:
+        call = measured.ops.get(op.name)
+        if call is not None and (call.region, call.index) not in anchors:
+            anchors[(call.region, call.index)] = op
+    mac_calls = {k: op for k, op in anchors.items() if op.op in ("conv2d", "linear")}
+    other_calls = {k: op for k, op in anchors.items() if op.op not in ("conv2d", "linear")}
 
-    def rate(ops: list, work: dict[str, int]) -> float:
-        total = sum(work[op.name] for op in ops)
-        busy = sum(max(seconds[op.name] - overhead, seconds[op.name] / 2) for op in ops)
-        return total / busy
+    def row(op) -> list[float]:
+        outputs = math.prod(graph.tensors[op.outputs[0]].shape)
+        dense = op.macs if op.op == "conv2d" and op.attributes["groups"] == 1 else 0
+        grouped = op.macs if op.op == "conv2d" and op.attributes["groups"] > 1 else 0
+        return [1.0, dense, grouped, op.macs if op.op == "linear" else 0, outputs]
 
-    measured_ops = [op for op in graph.ops if op.name in seconds]
-    convs = [op for op in measured_ops if op.op == "conv2d"]
-    macs = {op.name: op.macs for op in graph.ops}
+    overhead, per_dense, per_grouped, per_linear, per_output = fit_nonnegative(
+        [row(op) for op in mac_calls.values()], [seconds[k] for k in mac_calls]
+    )
+    memory_overhead, per_byte = fit_nonnegative(
+        [[1.0, op.bytes_in + op.bytes_out] for op in other_calls.values()], [seconds[k] for k in other_calls]
+    )
+    logger.debug("calibration fit: %s", [overhead, per_dense, per_grouped, per_linear, per_output, memory_overhead, per_byte])
+
+    def rate(per_unit: float, nominal: float) -> float:
+        return 1 / per_unit if per_unit > 0 else nominal  # too fast to tell apart from the overhead
+
+    figures = host.perf
     return CpuFigures(
-        conv2d_int8_macs_per_s=rate([op for op in convs if op.attributes["groups"] == 1], macs),
-        depthwise_int8_macs_per_s=rate([op for op in convs if op.attributes["groups"] > 1], macs),
-        linear_int8_macs_per_s=rate([op for op in measured_ops if op.op == "linear"], macs),
-        float32_macs_per_s=host.perf.float32_macs_per_s,
-        memory_bytes_per_s=rate([op for op in measured_ops if op.op in ("max_pool2d", "global_avg_pool2d")], moved),
+        conv2d_int8_macs_per_s=rate(per_dense, figures.conv2d_int8_macs_per_s),
+        depthwise_int8_macs_per_s=rate(per_grouped, figures.depthwise_int8_macs_per_s),
+        linear_int8_macs_per_s=rate(per_linear, figures.linear_int8_macs_per_s),
+        requantized_outputs_per_s=rate(per_output, figures.requantized_outputs_per_s),
+        float32_macs_per_s=figures.float32_macs_per_s,
+        memory_bytes_per_s=rate(per_byte, figures.memory_bytes_per_s),
         kernel_overhead_ns=overhead * 1e9,
+        memory_kernel_overhead_ns=memory_overhead * 1e9,
     )

@@ -19,7 +19,7 @@ from edgeq.compile.kernel_map import kernel_calls, op_calls
 
 
 @dataclass(frozen=True)
-class KernelCall:
+class TimedCall:
     """One kernel call of a run: the region (VM function) calling it, its index among the region's kernel calls,
     the kernel, and its median time in seconds."""
 
@@ -41,8 +41,8 @@ class Measurement:
     """
 
     latency_s: float
-    calls: list[KernelCall]
-    ops: dict[str, KernelCall]
+    calls: list[TimedCall]
+    ops: dict[str, TimedCall]
 
 
 def _inputs(graph: CompiledGraph, seed: int = 0) -> list[np.ndarray]:
@@ -97,7 +97,7 @@ def measure(artifact: str | Path, runs: int = 5) -> Measurement:
             for key, seconds in _call_times(events, calls_of).items():
                 samples.setdefault(key, []).append(seconds)
     calls = [
-        KernelCall(region, index, calls_of[region][index], statistics.median(times))
+        TimedCall(region, index, calls_of[region][index].kernel, statistics.median(times))
         for (region, index), times in samples.items()
     ]
     by_place = {(c.region, c.index): c for c in calls}

@@ -118,18 +118,11 @@ class _Drawing:
             rows.append(_text(f"{shape_text(output.shape)} {output.dtype}{_scale(output)}"))
         if op.macs:
             rows.append(_text(f"{count_text(op.macs)} MACs"))
-        cells = "".join(f"<tr><td>{row}</td></tr>" for row in rows)
-        label = (
-            f'<<table border="1" cellborder="0" cellspacing="0" cellpadding="3" style="rounded" '
-            f'bgcolor="{colours.fill}" color="{colours.border}">{cells}</table>>'
-        )
-        parent.node(self.ids[op.name], label, id=f"op:{op.name}", tooltip=_tooltip(op))
+        parent.node(self.ids[op.name], _box(rows, colours), id=f"op:{op.name}", tooltip=_tooltip(op))
 
     @staticmethod
     def _boundary_label(kind: str, tensor: Tensor) -> str:
-        rows = [f"<b>{kind}</b> {_text(tensor.name)}", _text(f"{shape_text(tensor.shape)} {tensor.dtype}{_scale(tensor)}")]
-        cells = "".join(f"<tr><td>{row}</td></tr>" for row in rows)
-        return f'<<table border="1" cellborder="0" cellspacing="0" cellpadding="3" style="rounded" color="{_BOUNDARY.border}">{cells}</table>>'
+        return _box([f"<b>{kind}</b> {_text(tensor.name)}", _text(f"{shape_text(tensor.shape)} {tensor.dtype}{_scale(tensor)}")], _BOUNDARY)
 
     def _edges(self) -> None:
         """One edge per (tensor, consumer); program outputs get an edge to their output node."""
@@ -140,23 +133,29 @@ class _Drawing:
             tail = self.ids.get(tensor.producer) if tensor.producer else self.ids.get(tensor.name)
             if tail is None:
                 continue
-            heads = [c for c in tensor.consumers if c in self.ops]
-            for consumer in heads:
-                self._edge(tensor, tail, self.ids[consumer], self._placement_of(tensor), self.ops[consumer].placement)
+            made = self.ops[tensor.producer].placement if tensor.producer in self.ops else None
+            for consumer in (c for c in tensor.consumers if c in self.ops):
+                self._edge(tensor, tail, consumer, made)
             if tensor.name in outputs:
-                self._edge(tensor, tail, self.ids[f"output:{tensor.name}"], None, None)
+                self._edge(tensor, tail, f"output:{tensor.name}", None)
 
-    def _placement_of(self, tensor: Tensor) -> str | None:
-        return self.ops[tensor.producer].placement if tensor.producer in self.ops else None
-
-    def _edge(self, tensor: Tensor, tail: str, head: str, made: str | None, read: str | None) -> None:
+    def _edge(self, tensor: Tensor, tail: str, head: str, made: str | None) -> None:
+        """The edge carrying ``tensor`` to ``head`` (an op name, or ``output:<tensor>``); ``made`` is the placement
+        of the op that makes it."""
         label = f"{shape_text(tensor.shape)} · {bytes_text(tensor.bytes)}"
         tooltip = f"{tensor.name}: {shape_text(tensor.shape)} {tensor.dtype}, {bytes_text(tensor.bytes)}"
+        read = self.ops[head].placement if head in self.ops else None
         if made is not None and read is not None and made != read:
-            self.dot.edge(tail, head, label=f"{made} → {read}\n{label}", color=TRANSITION_COLOUR, fontcolor=TRANSITION_COLOUR,
+            self.dot.edge(tail, self.ids[head], label=f"{made} → {read}\n{label}", color=TRANSITION_COLOUR, fontcolor=TRANSITION_COLOUR,
                           penwidth="2.5", tooltip=f"transition {made} → {read}: {tooltip}", id=f"transition:{tensor.name}:{head}")
         else:
-            self.dot.edge(tail, head, label=label, tooltip=tooltip)
+            self.dot.edge(tail, self.ids[head], label=label, tooltip=tooltip)
+
+
+def _box(rows: list[str], colours: Colours) -> str:
+    """An HTML-like label: ``rows`` (already escaped) in a rounded box."""
+    cells = "".join(f"<tr><td>{row}</td></tr>" for row in rows)
+    return f'<<table border="1" cellborder="0" cellspacing="0" cellpadding="3" style="rounded" bgcolor="{colours.fill}" color="{colours.border}">{cells}</table>>'
 
 
 def _kind(op: Op) -> str:

@@ -162,12 +162,18 @@ def calibrate(host: Target) -> Calibration:
         measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         seconds=round(time.perf_counter() - started, 1),
     )
+    save_calibration(calibration)
+    return calibration
+
+
+def save_calibration(calibration: Calibration) -> Path:
+    """Cache ``calibration`` (:func:`cache_path`)."""
     path = cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as temporary:
         Path(temporary).write_text(json.dumps(calibration.to_dict(), indent=2) + "\n", encoding="utf-8")
     logger.info("calibration cached in %s", path)
-    return calibration
+    return path
 
 
 def _network() -> object:

@@ -7,6 +7,7 @@ machine when the CPU is this machine's kind (:mod:`.calibrate`), the target's no
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import zipfile
 from collections.abc import Sequence
@@ -99,8 +100,8 @@ def perf_model(
 
         with tempfile.TemporaryDirectory(prefix="edgeq-perf-") as folder:
             compiled = compile_model(model, example_inputs, target=resolved, out=Path(folder) / "model.edgeq", simulate=True, progress=lambda _: None)
-        result = estimate_graph(compiled.graph, compiled.target, compiled.graph.target.name if not isinstance(model, (str, Path)) else str(model), recalibrate)
+        result = estimate_graph(compiled.graph, compiled.target, compiled.manifest["source"], recalibrate)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = result.write_json(out / REPORT_JSON, layer_details)
-    return PerfResult(**{**result.__dict__, "report_json": path})
+    return dataclasses.replace(result, report_json=path)

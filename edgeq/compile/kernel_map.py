@@ -103,9 +103,8 @@ def _holds(kernel: str, kind: str) -> bool:
 class _Matcher:
     """Places the ops of one region on its kernel calls (see the module docstring)."""
 
-    def __init__(self, graph: CompiledGraph, region: str, inputs: list[str], calls: list[KernelCall]) -> None:
+    def __init__(self, graph: CompiledGraph, inputs: list[str], calls: list[KernelCall]) -> None:
         self.graph = graph
-        self.region = region
         self.calls = calls
         self.location = {tensor: index for index, tensor in enumerate(inputs)}
         self.placed: dict[str, int] = {}
@@ -154,7 +153,7 @@ def op_calls(calls: dict[str, list[KernelCall]], graph: CompiledGraph) -> dict[s
     """
     placed: dict[str, tuple[str, int]] = {}
     for region in graph.regions:
-        matcher = _Matcher(graph, region.name, region.inputs, calls.get(region.name, []))
+        matcher = _Matcher(graph, region.inputs, calls.get(region.name, []))
         for name in region.ops:
             matcher.place(graph.op(name))
         placed.update({name: (region.name, index) for name, index in matcher.placed.items()})

@@ -55,10 +55,9 @@ def estimate_graph(graph: CompiledGraph, target: Target | None = None, source: s
     Raises:
         EdgeqError: ``target`` is not the graph's.
     """
-    compiled_for = load_target(graph.target.name)
-    if target is not None and target.name != compiled_for.name:
-        raise EdgeqError(f"{source or 'the graph'} was compiled for {compiled_for.name}, not {target.name}; compile it for {target.name}")
-    resolved = target or compiled_for
+    if target is not None and target.name != graph.target.name:
+        raise EdgeqError(f"{source or 'the graph'} was compiled for {graph.target.name}, not {target.name}; compile it for {target.name}")
+    resolved = target or load_target(graph.target.name)
     host = load_target(resolved.host) if resolved.kind is TargetKind.NPU else resolved
     figures, cpu_source = host_figures(host, recalibrate)
     return estimate(graph, resolved, figures, cpu_source, source)

@@ -1,4 +1,4 @@
-"""The ``edgeq`` command line: ``targets``, ``check``, ``compile``, ``run``.
+"""The ``edgeq`` command line: ``targets``, ``check``, ``compile``, ``run``, ``perf``, ``visualize``.
 
 Exit status: 0 success; 1 an error (the message names the file, node or key); 2 a usage error; 4 ``check``
 found an op that cannot run anywhere on the target (no CPU fallback).
@@ -94,8 +94,41 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _perf(args: argparse.Namespace, console: Console) -> int:
+    from edgeq.perf import perf_model
+    from edgeq.report import write_report
+
+    result = perf_model(args.model, out_dir=args.output, target=args.target, recalibrate=args.recalibrate)
+    summary = result.summary
+    console.print(
+        f"estimated latency {summary.latency_ms:.3f} ms ({summary.fps:.1f} fps) on {result.target}: NPU {summary.npu_ms:.3f} ms, "
+        f"CPU {summary.cpu_ms:.3f} ms, transitions {summary.transition_ms:.3f} ms; CPU figures {result.figures['cpu_source']}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+    console.print(f"wrote {result.report_json} and {write_report(result, args.output)}", highlight=False, markup=False, soft_wrap=True)
+    return 0
+
+
+def _visualize(args: argparse.Namespace, console: Console) -> int:
+    from edgeq.visualize import visualize_model
+
+    path = visualize_model(args.model, save_path=args.output or args.model.with_suffix(".svg"), target=args.target)
+    console.print(f"wrote {path}", highlight=False)
+    return 0
+
+
+def _model_arguments(model_help: str, target_help: str) -> argparse.ArgumentParser:
+    """A parent parser for the commands that read a model: the model's path and ``--target``."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("model", type=Path, help=model_help)
+    parent.add_argument("--target", help=target_help)
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommands: targets, check)."""
+    """The argument parser (subcommands: targets, check, compile, run, perf, visualize)."""
     parser = argparse.ArgumentParser(prog="edgeq", description="Open deployment compiler toolchain for edge NPUs.")
     parser.add_argument("--version", action="version", version=f"edgeq {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -105,9 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     targets.add_argument("--markdown", action="store_true", help="print the supported-ops page (docs/supported-ops.md)")
     targets.set_defaults(run=_targets)
 
-    quantized_model = argparse.ArgumentParser(add_help=False)  # the arguments check and compile share
-    quantized_model.add_argument("model", type=Path, help="QDQ ONNX file, or TorchScript file saved by edgeq")
-    quantized_model.add_argument("--target", help="target name or .toml file (default: the target the model was quantized for)")
+    quantized_model = _model_arguments(  # what check and compile take
+        "QDQ ONNX file, or TorchScript file saved by edgeq",
+        "target name or .toml file (default: the target the model was quantized for)",
+    )
 
     check = commands.add_parser(
         "check",
@@ -148,6 +182,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bench", type=int, metavar="N", help="also time N runs (median, min)")
     run.add_argument("--raw", action="store_true", help="write the integer outputs, not dequantized")
     run.set_defaults(run=_run)
+
+    any_model = _model_arguments(  # what perf and visualize take: artifacts too
+        ".edgeq artifact, QDQ ONNX file, or TorchScript file saved by edgeq (compiled first)",
+        "target to compile a model for (default: the one it was quantized for); an artifact keeps its own",
+    )
+
+    perf = commands.add_parser(
+        "perf",
+        parents=[any_model],
+        help="estimate latency layer by layer; write report.json and report.html",
+        description="Estimate how fast the compiled model runs on its target, layer by layer, without a board, and "
+        "write OUTPUT/report.json and OUTPUT/report.html (summary, where the time goes, a sortable layer table with "
+        "the check's reasons, the compiled graph). CPU figures are measured on this machine the first time (cached).",
+    )
+    perf.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="folder for report.json and report.html")
+    perf.add_argument("--recalibrate", action="store_true", help="measure this machine's CPU figures again")
+    perf.set_defaults(run=_perf)
+
+    visualize = commands.add_parser(
+        "visualize",
+        parents=[any_model],
+        help="draw the compiled graph as SVG",
+        description="Draw the model as the compiler sees it: fused ops with shapes, dtypes and scales, coloured by "
+        "placement (NPU, CPU integer, CPU float), regions as clusters, tensor sizes on the edges and NPU<->CPU "
+        "transitions in red. Needs Graphviz's dot program.",
+    )
+    visualize.add_argument("-o", "--output", type=Path, metavar="GRAPH.svg", help="SVG path (default: MODEL with .svg)")
+    visualize.set_defaults(run=_visualize)
     return parser
 
 

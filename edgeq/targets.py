@@ -57,11 +57,42 @@ class Hardware(_Strict):
     clock_hz: Annotated[int, Field(gt=0)]
     sram_bytes: Annotated[int, Field(gt=0)]
     dram_bandwidth_bytes_per_s: Annotated[int, Field(gt=0)]
+    vector_ops_per_cycle: Annotated[int, Field(gt=0)]
+    """Elementwise / pooling unit: operations (one per element and input, one per window element) per clock."""
+    layer_overhead_cycles: Annotated[int, Field(ge=0)]
+    """Fixed cost of each layer: command fetch, descriptor setup, pipeline fill and drain."""
+    transition_overhead_ns: Annotated[int, Field(ge=0)]
+    """Fixed cost of each switch between the NPU and its host CPU: driver call, interrupt, cache maintenance."""
 
     @property
     def peak_int8_ops_per_s(self) -> int:
         """Peak throughput, counting a multiply-accumulate as two operations."""
         return 2 * self.int8_macs_per_cycle * self.clock_hz
+
+
+class CpuFigures(_Strict):
+    """A CPU's speed on edgeq's compiled kernels, read by the performance estimator (``[perf]`` of a CPU target).
+
+    These are nominal figures for a CPU that is not the build machine; on the build machine itself the estimator
+    measures them (:mod:`edgeq.perf.calibrate`) and uses the measurement instead.
+    """
+
+    conv2d_int8_macs_per_s: Annotated[float, Field(gt=0)]
+    """Dense (groups = 1) int8 convolutions, requantization included."""
+    depthwise_int8_macs_per_s: Annotated[float, Field(gt=0)]
+    """Grouped and depthwise int8 convolutions."""
+    linear_int8_macs_per_s: Annotated[float, Field(gt=0)]
+    """int8 matrix multiplications (linear layers)."""
+    requantized_outputs_per_s: Annotated[float, Field(gt=0)]
+    """Output elements a convolution or linear kernel requantizes (fixed-point multiply, round, clamp) per second."""
+    float32_macs_per_s: Annotated[float, Field(gt=0)]
+    """Ops that stay in float (not quantized in the model)."""
+    memory_bytes_per_s: Annotated[float, Field(gt=0)]
+    """Bytes read and written per second by elementwise, pooling and data-movement kernels."""
+    kernel_overhead_ns: Annotated[float, Field(ge=0)]
+    """Fixed cost of each convolution or linear kernel call (VM dispatch, thread-pool launch)."""
+    memory_kernel_overhead_ns: Annotated[float, Field(ge=0)]
+    """Fixed cost of each other kernel call (elementwise, pooling, data movement)."""
 
 
 NPU_OPS = OP_NAMES
@@ -176,6 +207,7 @@ class Target(_Strict):
     host: str | None = None
     llvm: LLVMCodegen | None = None
     hardware: Hardware | None = None
+    perf: CpuFigures | None = None
     npu: NpuRules | None = None
     quantization: QuantizationRules
     source: Path | None = Field(default=None, exclude=True)
@@ -187,11 +219,15 @@ class Target(_Strict):
                 raise ValueError("a cpu target needs an [llvm] section")
             if self.host is not None or self.npu is not None or self.hardware is not None:
                 raise ValueError("a cpu target has no host, [npu] or [hardware] section (it is the host)")
+            if self.perf is None:
+                raise ValueError("a cpu target needs a [perf] section (the performance estimator's figures)")
         else:
             if self.hardware is None or self.npu is None:
                 raise ValueError("an npu target needs [hardware] and [npu] sections")
             if self.host is None:
                 raise ValueError("an npu target needs host = '<cpu target name>' for what falls back to the CPU")
+            if self.perf is not None:
+                raise ValueError("an npu target has no [perf] section (its host CPU's figures cost what falls back)")
         return self
 
     def summary(self) -> str:

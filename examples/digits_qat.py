@@ -15,8 +15,10 @@ Each stage saves a checkpoint in ``--workdir`` and the next one starts from it, 
 
 The compile stage saves ``int_model.pt`` (TorchScript) and ``model.onnx`` (QDQ), prints the target check, compiles
 ``digits.edgeq`` for the target's board (aarch64) and ``digits-x86_64.edgeq`` for this machine, measures the
-artifact's accuracy with the runtime (it must equal the integer model's), and runs the aarch64 artifact under
-qemu on one image.
+artifact's accuracy with the runtime (it must equal the integer model's), runs the aarch64 artifact under
+qemu on one image, and, as the seed ends, estimates the board's latency (``perf/report.json`` and
+``perf/report.html``, with each layer's accuracy against the float model) and draws the compiled graph
+(``model.svg``).
 """
 
 from __future__ import annotations
@@ -227,7 +229,22 @@ def compile_stage(integer: IntegerModel, workdir: Path, target: str, test_x: tor
     board_output = np.load(workdir / f"{here.manifest['outputs'][0]['name']}.npy")
     print(f"  the {board.arch} artifact under qemu gives the same integers as {here.artifact.name}: "
           f"{bool(np.array_equal(board_output, expected))}")
+    perf_stage(board.artifact, integer, workdir, normalise(test_x[:64]))
     return 100.0 * correct / len(test_x)
+
+
+def perf_stage(artifact: Path, integer: IntegerModel, workdir: Path, samples: torch.Tensor) -> None:
+    """The seed's last steps: perf_model (report.json, and report.html with per-layer accuracy) and visualize_model."""
+    import edgeq
+    from edgeq.report import layer_accuracy, write_report
+
+    result = edgeq.perf_model(artifact, out_dir=workdir / "perf")
+    accuracy = layer_accuracy(float_model(workdir, trained=True), integer, (samples,), result.graph)
+    report = write_report(result, workdir / "perf", accuracy)
+    graph = edgeq.visualize_model(artifact, save_path=workdir / "model.svg")
+    worst = min(accuracy, key=lambda layer: layer.cosine)
+    print(f"  perf: estimated {result.summary.latency_ms:.3f} ms per image on {result.target}; lowest layer cosine "
+          f"{worst.cosine:.4f} ({worst.layer}); wrote {report} and {graph}")
 
 
 def main() -> None:

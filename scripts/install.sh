@@ -10,7 +10,8 @@ cd "$repo"
 python="${PYTHON:-python3}"
 
 # Debian packages: the venv module, a C++ toolchain and CMake (the C++ runtime), the aarch64 cross compiler
-# (aarch64 artifacts and runtime) and qemu-user (running aarch64 programs here).
+# (aarch64 artifacts and runtime), qemu-user (running aarch64 programs here), Graphviz (the visualizer's layout)
+# and Chromium (the tests render the HTML report in it, headless).
 missing=()
 "$python" -c "import venv, ensurepip" 2>/dev/null || missing+=(python3-venv)
 command -v g++ >/dev/null || missing+=(g++)
@@ -18,6 +19,8 @@ command -v make >/dev/null || missing+=(make)
 command -v cmake >/dev/null || missing+=(cmake)
 command -v aarch64-linux-gnu-g++ >/dev/null || missing+=(g++-aarch64-linux-gnu)
 command -v qemu-aarch64 >/dev/null || missing+=(qemu-user)
+command -v dot >/dev/null || missing+=(graphviz)
+command -v chromium >/dev/null || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "edgeq install: installing Debian packages: ${missing[*]}"

@@ -37,3 +37,18 @@ def digits_integer_model(tmp_path_factory):
     qat.eval()
     digits.set_fake_quantize(qat, digits.FakeQuantState.VALIDATION)
     return digits.convert_fx(qat), data[2]
+
+
+@pytest.fixture(scope="session")
+def functional_ops_npu_s(tmp_path_factory):
+    """FunctionalOps for npu-s, compiled (simulated): NPU regions, CPU fallbacks (grouped conv, split, transpose)
+    and transitions between them. (float model, integer model, a batch of 4 samples, CompileResult)."""
+    from edgeq.compile import compile_model
+    from models import FunctionalOps, integer_model
+
+    torch.manual_seed(0)
+    samples = torch.randn(4, 3, 8, 8)
+    float_model = FunctionalOps().eval()
+    int_model = integer_model(float_model, samples, "npu-s")
+    artifact = tmp_path_factory.mktemp("functional_ops") / "f.edgeq"
+    return float_model, int_model, samples, compile_model(int_model, (samples[:1],), out=artifact, simulate=True)

@@ -25,7 +25,8 @@ def test_digits_staged_flow(tmp_path):
     assert accuracy["compile"] == accuracy["int_infer"]
     for stage in ("float", "calib", "qat"):
         assert (tmp_path / f"{stage}-checkpoint.pt").exists()
-    for artifact in ("int_model.pt", "model.onnx", "digits.edgeq", "digits-x86_64.edgeq"):
+    for artifact in ("int_model.pt", "model.onnx", "digits.edgeq", "digits-x86_64.edgeq", "perf/report.json", "perf/report.html", "model.svg"):
         assert (tmp_path / artifact).exists()
     assert "integer model vs float" in result.stdout
     assert "under qemu gives the same integers as digits-x86_64.edgeq: True" in result.stdout
+    assert 'id="accuracy-table"' in (tmp_path / "perf" / "report.html").read_text()

@@ -11,7 +11,7 @@ from torch import nn
 
 import edgeq.check
 import edgeq.compile.lower_integer
-import edgeq.compile.npu_program
+import edgeq.compile.requantization
 import edgeq.export.onnx_writer
 import edgeq.quantization.convert
 from edgeq.check import Placement, check_model, check_qdq
@@ -24,7 +24,7 @@ from edgeq.quantization.prepare import EMITTERS
 from edgeq.targets import NPU_LIMITS, NpuRules, Target, TargetKind, list_targets
 from models import integer_model
 
-LAYERS = (edgeq.check, edgeq.compile.lower_integer, edgeq.compile.npu_program, edgeq.export.onnx_writer, edgeq.quantization.convert)
+LAYERS = (edgeq.check, edgeq.compile.lower_integer, edgeq.compile.requantization, edgeq.export.onnx_writer, edgeq.quantization.convert)
 """Imported for their tables (each layer registers its pieces when imported)."""
 
 

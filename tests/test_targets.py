@@ -20,6 +20,9 @@ int8_macs_per_cycle = 64
 clock_hz = 500_000_000
 sram_bytes = 65536
 dram_bandwidth_bytes_per_s = 1_000_000_000
+vector_ops_per_cycle = 16
+layer_overhead_cycles = 500
+transition_overhead_ns = 10_000
 
 [npu]
 ops = ["add", "relu", "conv2d"]

@@ -19,6 +19,7 @@ from edgeq.check.records import OpRecord
 from edgeq.numerics import is_power_of_two
 from edgeq.ops import Op
 from edgeq.targets import NPU_OPS, ScaleRule, Target
+from edgeq.units import bytes_text, shape_text
 
 
 @dataclass(frozen=True)
@@ -80,17 +81,6 @@ def rule(rule_id: str, *ops: Op) -> Callable[[Check], Rule]:
         return Rule(rule_id, check, frozenset(ops) if ops else None)
 
     return declare
-
-
-def _size(value: tuple[int, ...]) -> str:
-    return "x".join(str(v) for v in value)
-
-
-def _bytes(count: int) -> str:
-    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
-        if count >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{count} B"
 
 
 def _substitute_advice(record: OpRecord, target: Target) -> str | None:
@@ -182,7 +172,7 @@ def kernel_too_large(record: OpRecord, target: Target) -> Outcome | None:
         return None
     advice = "two stacked 3x3 convolutions see as far as one 5x5, three as far as one 7x7" if record.op == "conv2d" else None
     return Outcome(
-        f"kernel {_size(record.attrs['kernel'])}, {target.name} supports ≤ {limits.max_kernel}x{limits.max_kernel}",
+        f"kernel {shape_text(record.attrs['kernel'])}, {target.name} supports ≤ {limits.max_kernel}x{limits.max_kernel}",
         True,
         advice,
     )
@@ -194,7 +184,7 @@ def stride_too_large(record: OpRecord, target: Target) -> Outcome | None:
     limits = target.npu.limits(record.op)
     if limits is None or "stride" not in record.attrs or max(record.attrs["stride"]) <= limits.max_stride:
         return None
-    return Outcome(f"stride {_size(record.attrs['stride'])}, {target.name} supports ≤ {limits.max_stride}", True)
+    return Outcome(f"stride {shape_text(record.attrs['stride'])}, {target.name} supports ≤ {limits.max_stride}", True)
 
 
 @rule("max_padding", Op.CONV2D)
@@ -203,7 +193,7 @@ def padding_too_large(record: OpRecord, target: Target) -> Outcome | None:
     limits = target.npu.limits(record.op)
     if limits is None or "padding" not in record.attrs or max(record.attrs["padding"]) <= limits.max_padding:
         return None
-    return Outcome(f"padding {_size(record.attrs['padding'])}, {target.name} supports ≤ {limits.max_padding}", True)
+    return Outcome(f"padding {shape_text(record.attrs['padding'])}, {target.name} supports ≤ {limits.max_padding}", True)
 
 
 @rule("dilation", Op.CONV2D)
@@ -213,7 +203,7 @@ def dilation_unsupported(record: OpRecord, target: Target) -> Outcome | None:
     if limits is None or "dilation" not in record.attrs or all(d in limits.dilations for d in record.attrs["dilation"]):
         return None
     allowed = ", ".join(map(str, limits.dilations))
-    return Outcome(f"dilation {_size(record.attrs['dilation'])}, {target.name} supports {allowed}", True)
+    return Outcome(f"dilation {shape_text(record.attrs['dilation'])}, {target.name} supports {allowed}", True)
 
 
 @rule("groups", Op.CONV2D)
@@ -251,7 +241,7 @@ def upsample_factor_unsupported(record: OpRecord, target: Target) -> Outcome | N
     if limits is None or "factor" not in record.attrs or all(f in limits.factors for f in record.attrs["factor"]):
         return None
     return Outcome(
-        f"upsample x{_size(record.attrs['factor'])}, {target.name} supports x{', x'.join(map(str, limits.factors))}",
+        f"upsample x{shape_text(record.attrs['factor'])}, {target.name} supports x{', x'.join(map(str, limits.factors))}",
         True,
         f"chain upsamples by x{limits.factors[0]}",
     )
@@ -268,7 +258,7 @@ def tensor_too_wide(record: OpRecord, target: Target) -> Outcome | None:
     if shape is None:
         return None
     return Outcome(
-        f"spatial size {_size(shape[2:])}, {target.name} supports ≤ {target.npu.max_spatial}",
+        f"spatial size {shape_text(shape[2:])}, {target.name} supports ≤ {target.npu.max_spatial}",
         True,
         "reduce the input resolution or tile the image",
     )
@@ -281,7 +271,7 @@ def tensor_too_large(record: OpRecord, target: Target) -> Outcome | None:
     if size <= target.npu.max_tensor_bytes:
         return None
     return Outcome(
-        f"tensor of {_bytes(size)} per image, {target.name} addresses ≤ {_bytes(target.npu.max_tensor_bytes)}",
+        f"tensor of {bytes_text(size)} per image, {target.name} addresses ≤ {bytes_text(target.npu.max_tensor_bytes)}",
         True,
         "reduce the input resolution or the channel count",
     )
@@ -340,9 +330,9 @@ def weights_exceed_sram(record: OpRecord, target: Target) -> Outcome | None:
     if weight_bytes <= target.hardware.sram_bytes:
         return None
     return Outcome(
-        f"weights {_bytes(weight_bytes)} exceed the {_bytes(target.hardware.sram_bytes)} SRAM",
+        f"weights {bytes_text(weight_bytes)} exceed the {bytes_text(target.hardware.sram_bytes)} SRAM",
         False,
-        f"weights {_bytes(weight_bytes)} are streamed from DRAM on every inference; fewer channels keep them on chip",
+        f"weights {bytes_text(weight_bytes)} are streamed from DRAM on every inference; fewer channels keep them on chip",
     )
 
 

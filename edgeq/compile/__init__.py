@@ -3,8 +3,8 @@
 The steps, one module each: read the model as QDQ (:mod:`edgeq.export.sources`), place its ops with the target's
 rules (:mod:`edgeq.check`), cut it into NPU and CPU regions (:mod:`.partition`), import each region with TVM's
 ONNX frontend and lower it to integers (:mod:`.lower_integer`), build one library (:mod:`.codegen`), and write the
-artifact with the NPU program and the compiled graph (:mod:`.artifact`, :mod:`.npu_program`,
-:mod:`.compiled_graph`).
+artifact with the compiled graph, the kernel each op landed in and the NPU program derived from it
+(:mod:`.artifact`, :mod:`.compiled_graph`, :mod:`.kernel_map`, :mod:`.npu_program`).
 
 NPU hardware does not exist here: NPU regions are compiled for the host CPU as a bit-exact simulation of the
 NPU, and the artifact records the NPU program a driver for real silicon would take.
@@ -30,7 +30,8 @@ from edgeq import __version__
 from edgeq.check import CheckReport, check_qdq
 from edgeq.compile.artifact import CHECK, GRAPH, LIBRARY, NPU_PROGRAM, json_bytes, write_artifact
 from edgeq.compile.codegen import Machine, build_library, build_relax_module, check_opt_level
-from edgeq.compile.compiled_graph import compiled_graph
+from edgeq.compile.compiled_graph import CompiledGraph, build_compiled_graph
+from edgeq.compile.kernel_map import kernel_map
 from edgeq.compile.npu_program import npu_program
 from edgeq.compile.partition import Partition, TensorSpec, partition
 from edgeq.errors import CompileError
@@ -56,6 +57,7 @@ class CompileResult:
         report: the check report the placement came from.
         partition: the program's inputs, outputs and regions.
         module: the Relax module after integer lowering, before the build pipeline.
+        graph: the compiled graph (``graph.json``): ops, tensors, regions and kernels.
         manifest: the artifact's manifest (without the member checksums).
         seconds: time of each step.
     """
@@ -66,6 +68,7 @@ class CompileResult:
     report: CheckReport
     partition: Partition
     module: relax.IRModule
+    graph: CompiledGraph
     manifest: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -199,9 +202,11 @@ def compile_model(
     out_path = Path(out) if out is not None else _default_out(model)
     with tempfile.TemporaryDirectory() as folder:
         library = Path(folder) / LIBRARY
-        build_library(module, machine, opt_level, str(library), report_progress)
+        executable = build_library(module, machine, opt_level, str(library), report_progress)
         library_bytes = library.read_bytes()
     step("codegen")
+    graph = build_compiled_graph(qdq, report, parts, machine.arch)
+    graph = graph.with_kernels(kernel_map(executable, graph))
 
     report_progress(f"write {out_path}")
     manifest = {
@@ -218,13 +223,13 @@ def compile_model(
     }
     members = {
         LIBRARY: library_bytes,
-        NPU_PROGRAM: json_bytes(npu_program(parts, report)),
-        GRAPH: json_bytes(compiled_graph(parts, report)),
+        NPU_PROGRAM: json_bytes(npu_program(graph, resolved)),
+        GRAPH: json_bytes(graph.to_dict()),
         CHECK: json_bytes(report.to_dict()),
     }
     write_artifact(out_path, manifest, members)
     step("write")
-    return CompileResult(out_path, resolved, machine.arch, report, parts, module, manifest, seconds)
+    return CompileResult(out_path, resolved, machine.arch, report, parts, module, graph, manifest, seconds)
 
 
 def _default_out(model: ModelLike) -> Path:

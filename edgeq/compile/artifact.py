@@ -5,8 +5,8 @@ Members (docs/artifact.md describes each field):
 - ``manifest.json``: schema version, edgeq and TVM versions, target, the library's architecture, inputs and
   outputs (name, shape, dtype, quantization), placement summary, and the size and sha256 of every other member;
 - ``model.so``: the compiled library (TVM Relax VM executable, function ``main``);
-- ``npu_program.json``: the NPU program, per NPU region;
-- ``graph.json``: the compiled graph (ops, placement, regions, quantization, edges) that the visualizer draws;
+- ``npu_program.json``: the NPU program, per NPU region (derived from the compiled graph);
+- ``graph.json``: the compiled graph (:mod:`edgeq.compile.compiled_graph`): ops, tensors, regions and kernels;
 - ``check.json``: the check report the placement came from.
 
 No member is a pickle. Members are stored (not deflated) so that a small reader can take them by offset, and a

@@ -97,6 +97,11 @@ def partition(qdq: QDQModel, report: CheckReport) -> Partition:
     return Partition(inputs, outputs, regions)
 
 
+def graph_of(qdq: QDQModel) -> _Graph:
+    """The lookups over ``qdq`` that cut it into regions: tensors each op reads and makes, seen through Q/DQ."""
+    return _Graph(qdq)
+
+
 @dataclass(frozen=True)
 class Int32Head:
     """A Conv or Gemm whose int32 accumulator is a model output (the high-precision preset), with its integer
@@ -168,7 +173,7 @@ class _Graph(QDQGraph):
         return Int32Head(node, self.shapes[source[0]], weight_values, bias_values.reshape(-1), quant)
 
     # ---- region borders ----------------------------------------------------------------------------------------
-    def _consumed(self, op: onnx.NodeProto) -> list[str]:
+    def consumed(self, op: onnx.NodeProto) -> list[str]:
         """Tensors an op's nodes read, seen through DequantizeLinear (its quantized input) and not constants."""
         tensors = []
         for tensor in (t for node in self.members(op) for t in self.activation_inputs(node)):
@@ -176,7 +181,7 @@ class _Graph(QDQGraph):
             tensors.append(tensor if dequantized is None else dequantized[0])
         return tensors
 
-    def _produced(self, op: onnx.NodeProto) -> list[str]:
+    def produced(self, op: onnx.NodeProto) -> list[str]:
         """Tensors an op's nodes make, seen through QuantizeLinear (its quantized output)."""
         tensors = []
         for name in (t for node in self.members(op) for t in node.output):
@@ -191,11 +196,11 @@ class _Graph(QDQGraph):
         made_in, made_by = {}, {}
         for region in regions:
             for op in region.nodes:
-                for tensor in self._produced(by_name[op]):
+                for tensor in self.produced(by_name[op]):
                     made_in[tensor], made_by[tensor] = region.index, op
         for region in regions:
             for op in region.nodes:
-                for tensor in self._consumed(by_name[op]):
+                for tensor in self.consumed(by_name[op]):
                     origin = made_in.get(tensor)
                     if origin == region.index:
                         continue

@@ -1,0 +1,166 @@
+"""Which TVM kernel (PrimFunc) each op landed in, read from the built Relax VM executable.
+
+The executable's instructions (``as_text()``) list, per region function, every kernel call with its argument
+registers: the tensors it reads, then the tensor it writes. The region's parameters are its input tensors in
+order, so data flow ties the ops to the calls:
+
+- an op that anchors a kernel (conv2d, linear, pooling...) takes the first free call whose name holds one of
+  its primitive names (TVM names a fused kernel after the primitive ops in it) and which reads the registers of
+  the op's inputs;
+- an op TVM fuses into the kernel that makes its input (an activation, a residual add, a reshape) joins that
+  call when the call's name holds its primitive and the call also reads the op's other inputs; else it takes a
+  call of its own the same way;
+- an op that needs no kernel (a reshape TVM makes a view) gets none.
+
+TVM may order calls differently from the ONNX graph (a residual branch first), which data flow absorbs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from tvm import relax
+
+from edgeq.compile.compiled_graph import CompiledGraph, Op
+
+_PRIMITIVES: dict[str, tuple[str, ...]] = {
+    "conv2d": ("conv2d",),
+    "linear": ("matmul", "dense"),
+    "add": ("add",),
+    "relu": ("maximum", "clip", "relu"),
+    "max_pool2d": ("max_pool2d",),
+    "avg_pool2d": ("avg_pool2d", "conv2d", "sum"),
+    "global_avg_pool2d": ("sum", "mean", "adaptive_avg_pool2d"),
+    "concat": ("concatenate", "concat"),
+    "reshape": ("reshape",),
+    "transpose": ("transpose",),
+    "upsample_nearest2d": ("repeat", "resize2d"),
+    "split": ("split",),
+    "slice": ("strided_slice",),
+}
+"""Names of the primitive (Relax / TIR) ops an edgeq op kind becomes, as they appear in kernel names."""
+
+FUSED_FOLLOWERS = ("relu", "add", "reshape", "transpose")
+"""Op kinds TVM fuses into the kernel that makes their input."""
+
+VIEW_OPS = ("reshape",)
+"""Op kinds that need no kernel of their own when TVM can make them a view."""
+
+_CALL = re.compile(r"^\s*call\s+(\S+)\s+in:(.*?)\s+dst:\s*(\S+)")
+_FUNCTION = re.compile(r"^@(\S+):$")
+_REGISTER = re.compile(r"^%(\d+)$")
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """One kernel call in a VM function: the kernel, the registers it reads, and the register it writes."""
+
+    kernel: str
+    reads: tuple[int, ...]
+    writes: int | None
+
+
+def kernel_calls(text: str) -> dict[str, list[KernelCall]]:
+    """The kernel calls of each VM function, in call order (VM built-ins and calls of other functions left out;
+    a built-in that makes a view, such as ``vm.builtin.reshape``, makes its result an alias of its input).
+
+    Args:
+        text: the executable's instructions (``as_text()`` of the built executable or of the loaded library).
+    """
+    raw: dict[str, list[tuple[str, list[int], int | None]]] = {}
+    current: list | None = None
+    for line in text.splitlines():
+        function = _FUNCTION.match(line)
+        if function:
+            current = raw.setdefault(function.group(1), [])
+            continue
+        call = _CALL.match(line)
+        if call and current is not None:
+            registers = [int(m.group(1)) for a in call.group(2).split(",") if (m := _REGISTER.match(a.strip()))]
+            destination = _REGISTER.match(call.group(3))
+            current.append((call.group(1), registers, int(destination.group(1)) if destination else None))
+    calls: dict[str, list[KernelCall]] = {}
+    for function, instructions in raw.items():
+        alias: dict[int, int] = {}
+        found = calls[function] = []
+        for name, registers, destination in instructions:
+            registers = [alias.get(r, r) for r in registers]
+            if name.startswith("vm."):
+                if "reshape" in name and registers and destination is not None:
+                    alias[destination] = registers[0]
+                continue
+            if name in raw or not registers:  # a call of another VM function
+                continue
+            found.append(KernelCall(name, tuple(registers[:-1]), registers[-1]))
+    return calls
+
+
+def _holds(kernel: str, kind: str) -> bool:
+    return any(re.search(rf"(^|_){name}\d*(_|$)", kernel) for name in _PRIMITIVES.get(kind, ()))
+
+
+class _Matcher:
+    """Places the ops of one region on its kernel calls (see the module docstring)."""
+
+    def __init__(self, graph: CompiledGraph, inputs: list[str], calls: list[KernelCall]) -> None:
+        self.graph = graph
+        self.calls = calls
+        self.location = {tensor: index for index, tensor in enumerate(inputs)}
+        self.placed: dict[str, int] = {}
+        self.taken: set[int] = set()
+
+    def _register(self, tensor: str) -> int | None:
+        if tensor in self.location:
+            return self.location[tensor]
+        producer = self.graph.tensors[tensor].producer
+        return self.calls[self.placed[producer]].writes if producer in self.placed else None
+
+    def _producer_call(self, tensor: str) -> int | None:
+        return self.placed.get(self.graph.tensors[tensor].producer)
+
+    def _own_call(self, op: Op, registers: set[int]) -> int | None:
+        for index, call in enumerate(self.calls):
+            if index in self.taken or not registers <= set(call.reads):
+                continue
+            if op.op not in _PRIMITIVES or _holds(call.kernel, op.op):
+                return index
+        return None
+
+    def place(self, op: Op) -> None:
+        registers = {r for t in op.inputs if (r := self._register(t)) is not None}
+        if op.op in FUSED_FOLLOWERS:
+            for tensor in op.inputs:
+                index = self._producer_call(tensor)
+                if index is None or not _holds(self.calls[index].kernel, op.op):
+                    continue
+                others = {self._register(t) for t in op.inputs if self._producer_call(t) != index} - {None}
+                if others <= set(self.calls[index].reads):
+                    self.placed[op.name] = index
+                    return
+        index = None if op.op in VIEW_OPS and not registers else self._own_call(op, registers)
+        if index is not None:
+            self.placed[op.name] = index
+            self.taken.add(index)
+
+
+def op_calls(calls: dict[str, list[KernelCall]], graph: CompiledGraph) -> dict[str, tuple[str, int]]:
+    """Which kernel call each op of ``graph`` runs in: (region, index in the region's calls), by op name.
+
+    Args:
+        calls: the kernel calls of each region (:func:`kernel_calls`).
+        graph: the compiled graph.
+    """
+    placed: dict[str, tuple[str, int]] = {}
+    for region in graph.regions:
+        matcher = _Matcher(graph, region.inputs, calls.get(region.name, []))
+        for name in region.ops:
+            matcher.place(graph.op(name))
+        placed.update({name: (region.name, index) for name, index in matcher.placed.items()})
+    return placed
+
+
+def kernel_map(executable: relax.VMExecutable, graph: CompiledGraph) -> dict[str, str]:
+    """The kernel of every op of ``graph`` that has one, by op name (each region is a VM function of its name)."""
+    calls = kernel_calls(executable.as_text())
+    return {name: calls[region][index].kernel for name, (region, index) in op_calls(calls, graph).items()}

@@ -1,0 +1,93 @@
+"""The integer constants each op rescales its result with (docs/numerics.md), one function per op kind,
+registered against the op: the compiled graph, the NPU program and the report read them from here."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edgeq.check.records import OpRecord, QuantFacts
+from edgeq.numerics import (
+    conv_multipliers,
+    lookup_table,
+    product_multiplier,
+    quantize_multiplier,
+    quantize_multipliers,
+    real_multiplier,
+)
+from edgeq.ops import LOOKUP_TABLE_OPS, OP_NAMES, Op, OpTable
+
+
+@dataclass(frozen=True)
+class Requantization:
+    """The integer constants an op rescales its result with (docs/numerics.md).
+
+    Attributes:
+        multiplier: 31-bit fixed-point multipliers (empty for a lookup table).
+        shift: right shifts, one per multiplier, or one shared by all of them.
+        axis: the output's channel axis for per-channel constants (conv2d, linear), else None.
+        per: what each multiplier is for: ``channel``, ``input`` (add, concat: one per input), ``tensor``, or
+            ``table`` (a lookup-table activation: ``table`` holds the 256 int8 outputs for inputs -128..127).
+        table: the lookup table of a table activation, else None.
+    """
+
+    multiplier: list[int]
+    shift: list[int]
+    axis: int | None
+    per: str
+    table: list[int] | None = None
+
+
+Constants = Callable[[OpRecord, QuantFacts, str], Requantization]
+
+REQUANTIZATION: OpTable[Constants] = OpTable("requantization in compile/requantization.py", lambda info: info.requantizes)
+"""The integer constants of each op whose output scale differs from its input's."""
+
+
+def requantization(record: OpRecord) -> Requantization | None:
+    """The integer constants an op's requantization uses (None when it keeps its input's scale)."""
+    quant = record.quant
+    if quant is None or quant.output_scale is None or record.op not in OP_NAMES:
+        return None
+    constants = REQUANTIZATION.get(Op(record.op))
+    return constants(record, quant, f"'{record.name}'") if constants is not None else None
+
+
+@REQUANTIZATION.register(Op.CONV2D, Op.LINEAR)
+def _per_channel(record: OpRecord, quant: QuantFacts, what: str) -> Requantization:
+    bounds = quant.accumulator_bounds or None
+    fixed = conv_multipliers(quant.input_scales[0], quant.weight_scales, quant.output_scale, what=what, bounds=bounds)
+    axis = 1 if record.op == Op.CONV2D.value else len(record.output_shape or (0, 0)) - 1
+    return Requantization([m.multiplier for m in fixed], [m.shift for m in fixed], axis, "channel")
+
+
+@REQUANTIZATION.register(Op.ADD)
+def _sum(record: OpRecord, quant: QuantFacts, what: str) -> Requantization:
+    multipliers, shift = quantize_multipliers([real_multiplier(s, quant.output_scale) for s in quant.input_scales], what=what)
+    return Requantization(list(multipliers), [shift], None, "input")
+
+
+@REQUANTIZATION.register(Op.MUL)
+def _product(record: OpRecord, quant: QuantFacts, what: str) -> Requantization:
+    fixed = product_multiplier(quant.input_scales, quant.output_scale, what=what)
+    return Requantization([fixed.multiplier], [fixed.shift], None, "tensor")
+
+
+@REQUANTIZATION.register(Op.CONCAT)
+def _per_input(record: OpRecord, quant: QuantFacts, what: str) -> Requantization:
+    fixed = [quantize_multiplier(real_multiplier(s, quant.output_scale), what=what) for s in quant.input_scales]
+    return Requantization([m.multiplier for m in fixed], [m.shift for m in fixed], None, "input")
+
+
+@REQUANTIZATION.register(Op.AVG_POOL2D, Op.GLOBAL_AVG_POOL2D)
+def _average(record: OpRecord, quant: QuantFacts, what: str) -> Requantization:
+    count = math.prod(record.attrs["kernel"]) if record.op == Op.AVG_POOL2D.value else math.prod(record.input_shapes[0][2:])
+    fixed = quantize_multiplier(real_multiplier(quant.input_scales[0], quant.output_scale, count=count), what=what)
+    return Requantization([fixed.multiplier], [fixed.shift], None, "tensor")
+
+
+@REQUANTIZATION.register(*LOOKUP_TABLE_OPS)
+def _table(record: OpRecord, quant: QuantFacts, what: str) -> Requantization:
+    table = lookup_table(Op(record.op), quant.input_scales[0], quant.output_scale, record.attrs.get("alpha", 0.0))
+    return Requantization([], [], None, "table", [int(v) for v in table])

@@ -1,0 +1,106 @@
+"""The performance estimator: how fast a compiled model runs on its target, layer by layer, without a board.
+
+``perf_model`` compiles the model if needed, costs every op of its compiled graph and every NPU<->CPU transition
+(:mod:`.estimate`, formulas in docs/perf.md), and writes ``report.json``. CPU layers use figures measured on this
+machine when the CPU is this machine's kind (:mod:`.calibrate`), the target's nominal ones otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from edgeq.compile.compiled_graph import CompiledGraph, load_compiled_graph
+from edgeq.errors import EdgeqError
+from edgeq.export.sources import ModelLike
+from edgeq.perf.calibrate import Calibration, calibrate, host_figures
+from edgeq.perf.estimate import estimate
+from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
+from edgeq.targets import Target, TargetKind, TargetLike, load_target
+
+__all__ = [
+    "Calibration",
+    "LayerEstimate",
+    "PerfResult",
+    "PerfSummary",
+    "TransitionEstimate",
+    "calibrate",
+    "estimate_graph",
+    "perf_model",
+]
+
+REPORT_JSON = "report.json"
+
+
+def _is_artifact(model: ModelLike) -> bool:
+    if not isinstance(model, (str, Path)):
+        return False
+    path = Path(model)
+    return path.suffix == ".edgeq" or (path.is_file() and zipfile.is_zipfile(path) and _has_manifest(path))
+
+
+def _has_manifest(path: Path) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        return "manifest.json" in archive.namelist()
+
+
+def estimate_graph(graph: CompiledGraph, target: Target | None = None, source: str = "", recalibrate: bool = False) -> PerfResult:
+    """Estimate a compiled graph on its target (or ``target``, which must be the one it was compiled for).
+
+    Raises:
+        EdgeqError: ``target`` is not the graph's.
+    """
+    if target is not None and target.name != graph.target.name:
+        raise EdgeqError(f"{source or 'the graph'} was compiled for {graph.target.name}, not {target.name}; compile it for {target.name}")
+    resolved = target or load_target(graph.target.name)
+    host = load_target(resolved.host) if resolved.kind is TargetKind.NPU else resolved
+    figures, cpu_source = host_figures(host, recalibrate)
+    return estimate(graph, resolved, figures, cpu_source, source)
+
+
+def perf_model(
+    model: ModelLike,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    out_dir: str | Path = "perf",
+    target: TargetLike | None = None,
+    layer_details: bool = True,
+    recalibrate: bool = False,
+) -> PerfResult:
+    """Estimate the latency of ``model`` on ``target``, layer by layer, and write ``out_dir/report.json``.
+
+    Args:
+        model: a ``.edgeq`` artifact, or anything ``compile_model`` takes (a QDQ ONNX or edgeq TorchScript file,
+            the integer model, a calibrated prepared model), which is compiled for this estimate.
+        example_inputs: inputs of the right shape, for PyTorch models.
+        out_dir: folder of ``report.json`` (created if needed).
+        target: target name, file or :class:`~edgeq.targets.Target` (default: the artifact's, or the model's).
+        layer_details: include the per-layer estimates in ``report.json``.
+        recalibrate: measure this machine's CPU figures again instead of using the cached ones.
+
+    Returns:
+        The estimate; ``result.to_dict()`` is ``report.json`` (docs/perf.md).
+
+    Raises:
+        CompiledGraphError: an artifact that cannot be read.
+        TargetError: an unknown target.
+        EdgeqError: an artifact compiled for another target than ``target``; compile errors for other models.
+    """
+    resolved = load_target(target) if target is not None else None
+    if _is_artifact(model):
+        graph = load_compiled_graph(model)
+        result = estimate_graph(graph, resolved, str(model), recalibrate)
+    else:
+        from edgeq.compile import compile_model
+
+        with tempfile.TemporaryDirectory(prefix="edgeq-perf-") as folder:
+            compiled = compile_model(model, example_inputs, target=resolved, out=Path(folder) / "model.edgeq", simulate=True, progress=lambda _: None)
+        result = estimate_graph(compiled.graph, compiled.target, compiled.manifest["source"], recalibrate)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = result.write_json(out / REPORT_JSON, layer_details)
+    return dataclasses.replace(result, report_json=path)

@@ -1,0 +1,217 @@
+"""The cost model: every op of a compiled graph, every NPU<->CPU transition, and the totals (docs/perf.md).
+
+NPU layers are costed with the target's ``[hardware]`` figures, CPU layers (CPU targets, and what falls back to
+the host of an NPU target) with the host CPU's :class:`~edgeq.targets.CpuFigures`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from edgeq.compile.compiled_graph import FLOAT_PLACEMENT, CompiledGraph, Op
+from edgeq.compile.kernel_map import FUSED_FOLLOWERS, VIEW_OPS
+from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
+from edgeq.targets import CpuFigures, Hardware, Target, TargetKind
+
+MS = 1e3
+
+
+def _ceil_to(value: int, step: int) -> int:
+    return -(-value // step) * step
+
+
+def mac_utilisation(op: Op, hardware: Hardware, alignment: int) -> float:
+    """Share of the MAC array a conv2d or linear layer keeps busy.
+
+    The array computes ``alignment`` output channels at once, each over ``int8_macs_per_cycle / alignment``
+    products of its reduction (input channels per group x kernel window, or input features); a layer whose
+    output channels or reduction depth are not multiples of these leaves the rest idle.
+    """
+    attributes = op.attributes
+    if op.op == "conv2d" and "kernel" in attributes:
+        outputs = attributes["out_channels"]
+        depth = attributes["in_channels"] // attributes["groups"] * math.prod(attributes["kernel"])
+        if attributes["groups"] > 1:  # each group has its own reduction: one channel of the array per group
+            outputs = attributes["groups"]
+    elif op.op == "linear" and "in_features" in attributes:
+        outputs, depth = attributes["out_channels"], attributes["in_features"]
+    else:
+        return 1.0
+    lanes = max(hardware.int8_macs_per_cycle // alignment, 1)
+    return (outputs / _ceil_to(outputs, alignment)) * (depth / _ceil_to(depth, lanes))
+
+
+def spill_bytes(activation_bytes: int, weight_bytes: int, sram_bytes: int) -> int:
+    """Extra DRAM traffic of a layer whose working set does not fit the SRAM.
+
+    Fits: none. Else the activations stream through DRAM in tiles (their bytes once more); when the weights also
+    exceed half the SRAM they are fetched again for every tile of half the SRAM.
+    """
+    if activation_bytes + weight_bytes <= sram_bytes:
+        return 0
+    if weight_bytes <= sram_bytes // 2:
+        return activation_bytes
+    tiles = math.ceil(activation_bytes / (sram_bytes // 2))
+    return activation_bytes + weight_bytes * (tiles - 1)
+
+
+class _Estimator:
+    def __init__(self, graph: CompiledGraph, target: Target, cpu: CpuFigures) -> None:
+        self.graph = graph
+        self.target = target
+        self.cpu = cpu
+        self.region_of = {op.name: op.region for op in graph.ops}
+        self.borders = {t for region in graph.regions for t in [*region.inputs, *region.outputs]}
+
+    def fused(self, op: Op) -> bool:
+        if op.kernel is None or op.op not in FUSED_FOLLOWERS:
+            return False
+        producers = [self.graph.tensors[t].producer for t in op.inputs]
+        return any(p is not None and self.region_of[p] == op.region and self.graph.op(p).kernel == op.kernel for p in producers)
+
+    def layer(self, op: Op) -> LayerEstimate:
+        if op.placement == "NPU":
+            return self._npu(op)
+        return self._cpu(op)
+
+    def _estimate(self, op: Op, fused: bool, compute: float, memory: float, overhead: float, **figures: float) -> LayerEstimate:
+        latency = overhead + max(compute, memory)
+        if fused:
+            bound = "fused"
+        elif (op.kernel is None and op.placement != "NPU") or (op.op in VIEW_OPS and op.placement == "NPU"):
+            bound = "none"
+        elif overhead >= max(compute, memory):
+            bound = "overhead"
+        else:
+            bound = "compute" if compute >= memory else "memory"
+        return LayerEstimate(
+            name=op.name,
+            op=op.op,
+            placement=op.placement,
+            region=op.region,
+            kernel=op.kernel,
+            fused=fused,
+            macs=op.macs,
+            ops=op.ops,
+            weight_bytes=op.weight_bytes,
+            bytes_in=op.bytes_in,
+            bytes_out=op.bytes_out,
+            spill_bytes=int(figures.get("spill", 0)),
+            dram_bytes=int(figures["dram"]),
+            onchip_bytes=int(figures.get("onchip", 0)),
+            utilisation=figures.get("utilisation", 1.0),
+            compute_ms=compute * MS,
+            memory_ms=memory * MS,
+            overhead_ms=overhead * MS,
+            latency_ms=latency * MS,
+            bound=bound,
+        )
+
+    def _npu(self, op: Op) -> LayerEstimate:
+        hardware = self.target.hardware
+        if op.op in VIEW_OPS:  # the NPU reads the same bytes with another shape
+            return self._estimate(op, False, 0.0, 0.0, 0.0, dram=0)
+        rules = getattr(self.target.npu, op.op, None)
+        alignment = getattr(rules, "channel_alignment", 1)
+        fused = self.fused(op)
+        if op.op in ("conv2d", "linear"):
+            utilisation = mac_utilisation(op, hardware, alignment)
+            compute = op.macs / (hardware.int8_macs_per_cycle * utilisation * hardware.clock_hz)
+        else:
+            utilisation = 1.0
+            compute = (op.macs + op.ops) / (hardware.vector_ops_per_cycle * hardware.clock_hz)
+        activations = 0 if fused else op.bytes_in + op.bytes_out
+        spill = spill_bytes(activations, op.weight_bytes, hardware.sram_bytes)
+        border = sum(self.graph.tensors[t].bytes for t in [*op.inputs, *op.outputs] if t in self.borders)
+        dram = op.weight_bytes + border + spill
+        overhead = 0.0 if fused else hardware.layer_overhead_cycles / hardware.clock_hz
+        return self._estimate(
+            op,
+            fused,
+            compute,
+            dram / hardware.dram_bandwidth_bytes_per_s,
+            overhead,
+            spill=spill,
+            dram=dram,
+            onchip=min(activations + op.weight_bytes, hardware.sram_bytes),
+            utilisation=utilisation,
+        )
+
+    def _mac_rate(self, op: Op) -> float:
+        if op.placement == FLOAT_PLACEMENT:
+            return self.cpu.float32_macs_per_s
+        if op.op == "conv2d":
+            grouped = op.attributes.get("groups", 1) > 1
+            return self.cpu.depthwise_int8_macs_per_s if grouped else self.cpu.conv2d_int8_macs_per_s
+        if op.op == "linear":
+            return self.cpu.linear_int8_macs_per_s
+        return math.inf  # other ops are costed by the bytes they move
+
+    def _cpu(self, op: Op) -> LayerEstimate:
+        fused = self.fused(op)
+        if op.kernel is None:  # a view: no kernel, no cost
+            return self._estimate(op, fused, 0.0, 0.0, 0.0, dram=0)
+        moved = 0 if fused else op.bytes_in + op.bytes_out + op.weight_bytes
+        if op.op in ("conv2d", "linear"):
+            outputs = sum(math.prod(self.graph.tensors[t].shape) for t in op.outputs)
+            compute = op.macs / self._mac_rate(op) + outputs / self.cpu.requantized_outputs_per_s
+            overhead = self.cpu.kernel_overhead_ns
+        else:
+            compute = op.macs / self._mac_rate(op)
+            overhead = self.cpu.memory_kernel_overhead_ns
+        overhead = 0.0 if fused else overhead * 1e-9
+        return self._estimate(op, fused, compute, moved / self.cpu.memory_bytes_per_s, overhead, dram=moved)
+
+    def transitions(self) -> list[TransitionEstimate]:
+        if self.target.kind is not TargetKind.NPU:
+            return []
+        hardware = self.target.hardware
+        found = []
+        regions = self.graph.regions
+        for before, after in zip(regions, regions[1:]):
+            if before.placement == after.placement:
+                continue
+            crossing = [t for t in after.inputs if self.graph.tensors[t].producer in before.ops or t in self.graph.inputs]
+            size = sum(self.graph.tensors[t].bytes for t in crossing)
+            seconds = hardware.transition_overhead_ns * 1e-9 + size / hardware.dram_bandwidth_bytes_per_s
+            found.append(TransitionEstimate(before.name, after.name, crossing, size, seconds * MS))
+        return found
+
+
+def estimate(graph: CompiledGraph, target: Target, cpu: CpuFigures, cpu_source: str, source: str) -> PerfResult:
+    """Cost every op and transition of ``graph`` on ``target`` (its host CPU at ``cpu``)."""
+    estimator = _Estimator(graph, target, cpu)
+    layers = [estimator.layer(op) for op in graph.ops]
+    transitions = estimator.transitions()
+    npu_ms = sum(layer.latency_ms for layer in layers if layer.placement == "NPU")
+    cpu_ms = sum(layer.latency_ms for layer in layers if layer.placement != "NPU")
+    transition_ms = sum(t.latency_ms for t in transitions)
+    latency_ms = npu_ms + cpu_ms + transition_ms
+    first_input = graph.tensors[graph.inputs[0]] if graph.inputs else None
+    batch = first_input.shape[0] if first_input is not None and first_input.shape and first_input.shape[0] > 0 else 1
+    macs = sum(layer.macs for layer in layers)
+    hardware = target.hardware
+    peak_macs_per_s = hardware.int8_macs_per_cycle * hardware.clock_hz if hardware is not None else cpu.conv2d_int8_macs_per_s
+    bounds = [layer.bound for layer in layers]
+    summary = PerfSummary(
+        latency_ms=latency_ms,
+        fps=batch / (latency_ms / MS) if latency_ms > 0 else math.inf,
+        batch=batch,
+        macs=macs,
+        dram_bytes_per_frame=(sum(layer.dram_bytes for layer in layers) + sum(t.bytes for t in transitions)) / batch,
+        weight_bytes=sum(layer.weight_bytes for layer in layers),
+        peak_onchip_bytes=max((layer.onchip_bytes for layer in layers), default=0),
+        mac_utilisation=macs / (latency_ms / MS * peak_macs_per_s) if latency_ms > 0 else 0.0,
+        npu_ms=npu_ms,
+        cpu_ms=cpu_ms,
+        transition_ms=transition_ms,
+        compute_bound=bounds.count("compute"),
+        memory_bound=bounds.count("memory"),
+        overhead_bound=bounds.count("overhead"),
+    )
+    figures = {
+        "npu": hardware.model_dump() if hardware is not None else None,
+        "cpu": cpu.model_dump(),
+        "cpu_source": cpu_source,
+    }
+    return PerfResult(source, target.name, figures, summary, layers, transitions, graph)

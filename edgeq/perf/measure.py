@@ -1,0 +1,131 @@
+"""Measuring a compiled artifact on this machine: the latency of ``main``, and the time of every kernel call.
+
+Kernel calls are timed with the Relax VM's instrument hook (a callback before and after every call), in a run of
+their own; the total latency is timed without the hook. Each figure is the median over ``runs`` runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.compile.compiled_graph import CompiledGraph, load_compiled_graph
+from edgeq.compile.kernel_map import kernel_calls, op_calls
+
+
+@dataclass(frozen=True)
+class TimedCall:
+    """One kernel call of a run: the region (VM function) calling it, its index among the region's kernel calls,
+    the kernel, and its median time in seconds."""
+
+    region: str
+    index: int
+    kernel: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What one artifact takes on this machine.
+
+    Attributes:
+        latency_s: median time of ``main`` (seconds).
+        calls: every kernel call of ``main``, in order.
+        ops: the kernel call each op of the compiled graph runs in, by op name (ops that share a fused kernel
+            share its call).
+    """
+
+    latency_s: float
+    calls: list[TimedCall]
+    ops: dict[str, TimedCall]
+
+
+def _inputs(graph: CompiledGraph, seed: int = 0) -> list[np.ndarray]:
+    generator = np.random.default_rng(seed)
+    arrays = []
+    for name in graph.inputs:
+        tensor = graph.tensors[name]
+        if tensor.dtype.startswith("float"):
+            arrays.append(generator.standard_normal(tensor.shape).astype(tensor.dtype))
+        else:
+            info = np.iinfo(tensor.dtype)
+            arrays.append(generator.integers(max(info.min, -128), min(info.max, 127), tensor.shape, dtype=tensor.dtype, endpoint=True))
+    return arrays
+
+
+def measure(artifact: str | Path, runs: int = 5) -> Measurement:
+    """Run ``artifact`` on this machine ``runs`` times (after one warm-up run) and time it.
+
+    Raises:
+        CompiledGraphError: the artifact cannot be read.
+    """
+    import tvm
+    from edgeq_runtime import Artifact
+    from tvm import relax
+
+    graph = load_compiled_graph(artifact)
+    with tempfile.TemporaryDirectory(prefix="edgeq-measure-") as folder:
+        library = Path(folder) / "model.so"
+        library.write_bytes(Artifact.read(artifact).members["model.so"])
+        module = tvm.runtime.load_module(str(library))
+        calls_of = kernel_calls(module["as_text"]())
+        vm = relax.VirtualMachine(module, tvm.cpu())
+        arguments = [tvm.runtime.tensor(a) for a in _inputs(graph)]
+        main = vm["main"]
+        main(*arguments)
+        totals = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            main(*arguments)
+            totals.append(time.perf_counter() - started)
+        samples: dict[tuple[str, int], list[float]] = {}
+        events: list[tuple[str, bool, float]] = []
+
+        def instrument(_function: object, symbol: str, before: bool, _result: object, *_args: object) -> int:
+            events.append((symbol, before, time.perf_counter()))
+            return 0
+
+        vm.set_instrument(instrument)
+        for _ in range(runs):
+            events.clear()
+            main(*arguments)
+            for key, seconds in _call_times(events, calls_of).items():
+                samples.setdefault(key, []).append(seconds)
+    calls = [
+        TimedCall(region, index, calls_of[region][index].kernel, statistics.median(times))
+        for (region, index), times in samples.items()
+    ]
+    by_place = {(c.region, c.index): c for c in calls}
+    ops = {name: by_place[place] for name, place in op_calls(calls_of, graph).items() if place in by_place}
+    return Measurement(statistics.median(totals), calls, ops)
+
+
+def _call_times(events: list[tuple[str, bool, float]], calls_of: dict[str, list[str]]) -> dict[tuple[str, int], float]:
+    """(region, kernel call index) -> seconds, from the instrument's before/after events of one run."""
+    times: dict[tuple[str, int], float] = {}
+    stack: list[tuple[str, float]] = []
+    counters: dict[str, int] = {}
+    regions: list[str] = []
+    for symbol, before, at in events:
+        if symbol.startswith("vm."):
+            continue
+        if symbol in calls_of:  # a VM function (main, a region)
+            if before:
+                regions.append(symbol)
+            else:
+                regions.pop()
+            continue
+        if before:
+            stack.append((symbol, at))
+        else:
+            _, started = stack.pop()
+            region = regions[-1]
+            index = counters.get(region, 0)
+            counters[region] = index + 1
+            times[(region, index)] = at - started
+    return times

@@ -1,0 +1,151 @@
+"""What the performance estimator returns: per-layer estimates, NPU<->CPU transitions and a summary.
+
+:meth:`PerfResult.to_dict` is ``report.json``; the HTML report renders the same object. Times are in
+milliseconds, sizes in bytes; docs/perf.md gives the formula of every field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeq.compile.compiled_graph import CompiledGraph
+from edgeq.fileio import atomic_write
+
+REPORT_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerEstimate:
+    """One op of the compiled graph, costed.
+
+    Attributes:
+        name, op, placement, region, kernel: as in the compiled graph.
+        fused: the op runs inside the kernel of the op that makes its input (no call, no memory traffic of its own).
+        macs, ops: multiply-accumulates and other elementary operations.
+        weight_bytes, bytes_in, bytes_out: weights and activations the op reads and writes.
+        spill_bytes: NPU only: extra DRAM traffic because the working set exceeds the SRAM.
+        dram_bytes: bytes moved between DRAM and the processor (NPU: weights, region borders and spills; CPU:
+            activations and weights, unless fused).
+        onchip_bytes: NPU only: SRAM the layer occupies (its working set, at most the SRAM).
+        utilisation: share of the NPU's MAC array the layer's shape keeps busy (channel alignment); 1 on a CPU.
+        compute_ms, memory_ms, overhead_ms: compute time, memory time, fixed cost per layer.
+        latency_ms: ``overhead + max(compute, memory)``.
+        bound: ``compute``, ``memory``, ``overhead`` (the fixed cost dominates), ``fused`` or ``none`` (no kernel).
+    """
+
+    name: str
+    op: str
+    placement: str
+    region: str
+    kernel: str | None
+    fused: bool
+    macs: int
+    ops: int
+    weight_bytes: int
+    bytes_in: int
+    bytes_out: int
+    spill_bytes: int
+    dram_bytes: int
+    onchip_bytes: int
+    utilisation: float
+    compute_ms: float
+    memory_ms: float
+    overhead_ms: float
+    latency_ms: float
+    bound: str
+
+
+@dataclass(frozen=True)
+class TransitionEstimate:
+    """A switch between the NPU and its host CPU: the border tensors handed over, and its cost
+    (``transition_overhead_ns`` plus the tensors' bytes at DRAM bandwidth)."""
+
+    from_region: str
+    to_region: str
+    tensors: list[str]
+    bytes: int
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class PerfSummary:
+    """Totals per inference of the compiled batch (and per frame where named so).
+
+    Attributes:
+        latency_ms: sum of the layers' and transitions' latencies.
+        fps: frames per second: ``batch / latency``.
+        batch: frames per inference (the first dimension of the first input).
+        macs: total multiply-accumulates.
+        dram_bytes_per_frame: DRAM traffic of layers and transitions, divided by the batch.
+        weight_bytes: weights and biases of every layer.
+        peak_onchip_bytes: the largest NPU layer working set held in SRAM (0 on a CPU target).
+        mac_utilisation: ``macs / (latency x peak MAC rate)``; the peak is the NPU's MAC array, or on a CPU
+            target the CPU's dense convolution rate.
+        npu_ms, cpu_ms, transition_ms: the latency split by where it is spent.
+        compute_bound, memory_bound, overhead_bound: how many layers are bound by each.
+    """
+
+    latency_ms: float
+    fps: float
+    batch: int
+    macs: int
+    dram_bytes_per_frame: float
+    weight_bytes: int
+    peak_onchip_bytes: int
+    mac_utilisation: float
+    npu_ms: float
+    cpu_ms: float
+    transition_ms: float
+    compute_bound: int
+    memory_bound: int
+    overhead_bound: int
+
+
+@dataclass(frozen=True)
+class PerfResult:
+    """The estimate of one compiled model on one target (what ``edgeq.perf_model`` returns).
+
+    Attributes:
+        source: what was estimated (the artifact, or the model compiled for it).
+        target: the target's name.
+        figures: the figures used: ``npu`` (the target's ``[hardware]``, or None), ``cpu`` (the host CPU's
+            figures) and ``cpu_source`` (measured on this machine, or nominal).
+        summary: totals.
+        layers: one estimate per op of the compiled graph, in call order.
+        transitions: every NPU<->CPU switch, in call order.
+        graph: the compiled graph the estimate is made from (not part of ``to_dict``: ``graph.json``).
+        report_json: where ``report.json`` was written (None when not written).
+    """
+
+    source: str
+    target: str
+    figures: dict[str, Any]
+    summary: PerfSummary
+    layers: list[LayerEstimate]
+    transitions: list[TransitionEstimate]
+    graph: CompiledGraph = field(repr=False, compare=False)
+    report_json: Path | None = None
+
+    def to_dict(self, layer_details: bool = True) -> dict[str, Any]:
+        """``report.json``: schema version, source, target, figures, summary, transitions and (with
+        ``layer_details``) the layers."""
+        data: dict[str, Any] = {
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "source": self.source,
+            "target": self.target,
+            "figures": self.figures,
+            "summary": asdict(self.summary),
+            "transitions": [asdict(t) for t in self.transitions],
+        }
+        if layer_details:
+            data["layers"] = [asdict(layer) for layer in self.layers]
+        return data
+
+    def write_json(self, path: str | Path, layer_details: bool = True) -> Path:
+        """Write :meth:`to_dict` to ``path`` (atomically)."""
+        with atomic_write(path) as temporary:
+            Path(temporary).write_text(json.dumps(self.to_dict(layer_details), indent=2) + "\n", encoding="utf-8")
+        return Path(path)

@@ -1,0 +1,154 @@
+"""The performance estimator: hand-computed layer costs, transitions, report.json, bad inputs, and the CPU
+calibration and its cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import edgeq
+from edgeq.compile import compile_model
+from edgeq.compile.compiled_graph import CompiledGraphError
+from edgeq.errors import EdgeqError, TargetError
+from edgeq.perf.calibrate import Calibration, cached_calibration, calibrate, cpu_model, host_arch, host_figures, kernel_fingerprint, save_calibration
+from edgeq.perf.estimate import mac_utilisation, spill_bytes
+from edgeq.perf.measure import measure
+from edgeq.targets import TargetKind, list_targets, load_target
+from models import SmallCNN, Wrapped, integer_model
+
+calibration_module = importlib.import_module("edgeq.perf.calibrate")  # the module (edgeq.perf.calibrate is also a function)
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEQ_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _this_machines_cpu_target():
+    return next(t for t in list_targets() if t.kind is TargetKind.CPU and t.llvm.mtriple.startswith(host_arch()))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """SmallCNN on npu-s, batch 2, 8x8: every op on the NPU."""
+    torch.manual_seed(0)
+    example = torch.rand(2, 1, 8, 8)
+    path = tmp_path_factory.mktemp("perf") / "small.edgeq"
+    return compile_model(integer_model(SmallCNN().eval(), example, "npu-s"), (example,), out=path, simulate=True)
+
+
+def test_npu_layer_costs_by_hand(small, tmp_path, monkeypatch):
+    monkeypatch.setattr(calibration_module, "host_arch", lambda: "elsewhere")  # the host's nominal figures
+    result = edgeq.perf_model(small.artifact, out_dir=tmp_path / "out")
+    npu = load_target("npu-s").hardware
+    layers = {layer.name: layer for layer in result.layers}
+    conv = layers["conv1/Conv"]
+    # 16 output channels fill the 16-wide array; a reduction of 1 x 3 x 3 = 9 uses 9 of its 256 / 16 = 16 lanes
+    assert conv.utilisation == 9 / 16
+    assert conv.compute_ms == pytest.approx(18432 / (256 * 9 / 16 * 1e9) * 1e3)
+    assert conv.dram_bytes == 208 + 128  # weights and biases, and the program input read from DRAM
+    assert conv.memory_ms == pytest.approx(336 / 3.2e9 * 1e3)
+    assert conv.overhead_ms == pytest.approx(2000 / 1e9 * 1e3)
+    assert conv.latency_ms == pytest.approx(conv.overhead_ms + max(conv.compute_ms, conv.memory_ms))
+    assert conv.bound == "overhead" and conv.spill_bytes == 0 and conv.onchip_bytes == 128 + 2048 + 208
+    relu = layers["conv1/Relu"]
+    assert relu.fused and relu.bound == "fused" and relu.overhead_ms == 0 and relu.dram_bytes == 0
+    pool = layers["pool/MaxPool"]
+    assert pool.compute_ms == pytest.approx(2048 / (npu.vector_ops_per_cycle * 1e9) * 1e3)
+    assert layers["flatten/Reshape"].latency_ms == 0 and layers["flatten/Reshape"].bound == "none"
+
+    summary = result.summary
+    assert summary.latency_ms == pytest.approx(sum(layer.latency_ms for layer in result.layers))
+    assert summary.batch == 2 and summary.fps == pytest.approx(2 / (summary.latency_ms / 1e3))
+    assert summary.macs == sum(op.macs for op in small.graph.ops) and summary.weight_bytes == 7672
+    assert summary.mac_utilisation == pytest.approx(summary.macs / (summary.latency_ms / 1e3 * 256e9))
+    assert result.transitions == [] and summary.cpu_ms == 0 and summary.npu_ms == summary.latency_ms
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report == json.loads(json.dumps(result.to_dict())) and report["summary"]["latency_ms"] == summary.latency_ms
+    assert "nominal" in report["figures"]["cpu_source"] and len(report["layers"]) == len(small.graph.ops)
+    brief = edgeq.perf_model(small.artifact, out_dir=tmp_path / "brief", layer_details=False)
+    assert "layers" not in json.loads((tmp_path / "brief" / "report.json").read_text())
+    assert brief.summary == summary
+
+
+def test_cpu_fallback_and_transitions(tmp_path, monkeypatch):
+    """perf_model compiles an integer model; the 7x7 stem falls back to the host, then the NPU takes over."""
+    monkeypatch.setattr(calibration_module, "host_arch", lambda: "elsewhere")
+    torch.manual_seed(0)
+    example = torch.rand(1, 3, 16, 16)
+    model = Wrapped(nn.Sequential(nn.Conv2d(3, 8, 7, stride=2, padding=3), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)))
+    result = edgeq.perf_model(integer_model(model.eval(), example, "npu-s"), (example,), out_dir=tmp_path, target="npu-s")
+    cpu = load_target("aarch64").perf
+    stem = result.layers[0]
+    assert stem.placement == "CPU" and stem.bound in ("compute", "memory")
+    outputs = 8 * 8 * 8
+    assert stem.compute_ms == pytest.approx((stem.macs / cpu.conv2d_int8_macs_per_s + outputs / cpu.requantized_outputs_per_s) * 1e3)
+    assert stem.memory_ms == pytest.approx((3 * 256 + outputs + stem.weight_bytes) / cpu.memory_bytes_per_s * 1e3)
+    assert stem.overhead_ms == pytest.approx(cpu.kernel_overhead_ns * 1e-6)
+    (transition,) = result.transitions
+    assert (transition.from_region, transition.to_region, transition.bytes) == ("region0_cpu", "region1_npu", outputs)
+    npu = load_target("npu-s").hardware
+    assert transition.latency_ms == pytest.approx((npu.transition_overhead_ns * 1e-9 + outputs / npu.dram_bandwidth_bytes_per_s) * 1e3)
+    summary = result.summary
+    assert summary.latency_ms == pytest.approx(summary.npu_ms + summary.cpu_ms + summary.transition_ms)
+
+
+def test_spill_and_utilisation_formulas():
+    assert spill_bytes(100, 50, 1000) == 0
+    assert spill_bytes(1000, 100, 1000) == 1000  # activations stream through DRAM, weights stay
+    assert spill_bytes(2000, 800, 1000) == 2000 + 800 * (math.ceil(2000 / 500) - 1)  # weights fetched per tile
+    hardware = load_target("npu-m").hardware
+    op = dataclasses.make_dataclass("Op", ["op", "attributes"])
+    conv = op("conv2d", {"out_channels": 48, "in_channels": 64, "groups": 1, "kernel": [3, 3]})
+    assert mac_utilisation(conv, hardware, 32) == (48 / 64) * (576 / 576)
+    depthwise = op("conv2d", {"out_channels": 32, "in_channels": 32, "groups": 32, "kernel": [3, 3]})
+    assert mac_utilisation(depthwise, hardware, 32) == 1 * (9 / 64)
+
+
+def test_bad_inputs_are_clear_errors(small, tmp_path):
+    fake = tmp_path / "model.edgeq"
+    fake.write_text("not an artifact")
+    with pytest.raises(CompiledGraphError, match="model.edgeq: not an edgeq artifact"):
+        edgeq.perf_model(fake, out_dir=tmp_path)
+    with pytest.raises(TargetError, match="unknown target 'npu-x'; known targets"):
+        edgeq.perf_model(small.artifact, out_dir=tmp_path, target="npu-x")
+    with pytest.raises(EdgeqError, match="small.edgeq was compiled for npu-s, not npu-m; compile it for npu-m"):
+        edgeq.perf_model(small.artifact, out_dir=tmp_path, target="npu-m")
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_calibration_cache_round_trip(monkeypatch):
+    monkeypatch.setenv("TVM_NUM_THREADS", "3")
+    host = _this_machines_cpu_target()
+    assert cached_calibration() is None
+    calibration = Calibration(cpu_model(), host_arch(), 3, kernel_fingerprint(), host.perf, "2026-01-01T00:00:00Z", 1.0)
+    save_calibration(calibration)
+    assert cached_calibration() == calibration
+    assert host_figures(host) == (host.perf, f"measured on {cpu_model()} (3 threads, 2026-01-01T00:00:00Z)")
+    monkeypatch.setenv("TVM_NUM_THREADS", "4")
+    assert cached_calibration() is None  # measured with another thread count
+    monkeypatch.setenv("TVM_NUM_THREADS", "3")
+    save_calibration(dataclasses.replace(calibration, fingerprint="other kernels"))
+    assert cached_calibration() is None  # stale: the kernels changed
+
+
+def test_calibration_measures_this_machine():
+    """About 15-30 s: compiles and runs the calibration network."""
+    host = _this_machines_cpu_target()
+    calibration = calibrate(host)
+    figures = calibration.figures
+    assert figures.conv2d_int8_macs_per_s > 1e6 and figures.memory_bytes_per_s > 1e6 and figures.kernel_overhead_ns >= 0
+    assert cached_calibration() == calibration and calibration.seconds < 60
+
+
+def test_measured_kernel_calls_map_to_ops(small):
+    measured = measure(small.artifact, runs=1)
+    assert measured.latency_s > 0 and len(measured.calls) == 7
+    assert measured.ops["conv1/Relu"] == measured.ops["conv1/Conv"] and "conv2d" in measured.ops["conv1/Conv"].kernel
+    assert {c.kernel for c in measured.calls} == {op.kernel for op in small.graph.ops if op.kernel}

@@ -11,6 +11,27 @@ from pathlib import Path
 from edgeq.errors import EdgeqError
 
 
+def make_folder(path: str | Path) -> Path:
+    """Create the folder ``path`` and its parents if missing, like ``mkdir -p``.
+
+    Raises:
+        EdgeqError: it cannot be created (a file is in the way, no permission, ...), saying why.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> make_folder(pathlib.Path(tempfile.mkdtemp()) / "a" / "b").is_dir()
+        True
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocker = next((p for p in [*reversed(path.parents), path] if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else error.strerror
+        raise EdgeqError(f"{path}: cannot create the folder: {reason}") from None
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it.

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgeq.errors import EdgeqError
+from edgeq.fileio import make_folder
 
 if TYPE_CHECKING:
     from edgeq_runtime import Artifact
@@ -70,10 +71,12 @@ def run_artifact(
     raw: bool = False,
     say: Callable[[str], None] = print,
 ) -> RunResult:
-    """Run ``artifact`` on .npy ``inputs`` and write each output as ``output_dir/<name>.npy``.
+    """Run ``artifact`` on .npy ``inputs`` and write each output as ``output_dir/<name>.npy`` (the folder and its
+    parents are created if missing).
 
     Raises:
-        EdgeqError: unreadable artifact or inputs, a runtime that is not built, or a failed run (with its message).
+        EdgeqError: unreadable artifact or inputs, an output folder that cannot be created, a runtime that is not
+            built, or a failed run (with its message).
     """
     from edgeq_runtime import Artifact, ArtifactError
     from edgeq_runtime.model import host_arch
@@ -83,9 +86,8 @@ def run_artifact(
     except ArtifactError as error:
         raise EdgeqError(str(error)) from None
     manifest = verified.manifest
-    if not output_dir.is_dir():
-        raise EdgeqError(f"{output_dir}: no such folder")
     files = _ordered_inputs(inputs, [i["name"] for i in manifest["inputs"]])
+    make_folder(output_dir)
     arch = manifest["library"]["arch"]
     emulated = arch != host_arch()
     if manifest.get("npu_execution"):

@@ -287,7 +287,31 @@ def test_edgeq_run_command(models, edgeq_run, tmp_path, capsys):
     np.testing.assert_array_equal(np.load(emulated / "dequant.npy"), np.load(tmp_path / "python" / "dequant.npy"))
     assert main(["run", str(artifacts["x86_64"]), "--input", f"y={folder / 'x.npy'}", "--output-dir", str(tmp_path)]) == 1
     assert "names ['y'] are unknown and ['x'] missing" in capsys.readouterr().err
-    assert main(["run", str(artifacts["x86_64"]), "--input", str(folder / "x.npy"), "--output-dir", str(tmp_path / "absent")]) == 1
+
+
+def test_edgeq_run_creates_the_output_folder(models, edgeq_run, tmp_path):
+    _, artifacts, _, folder = models
+    for runtime in ("python", "cpp"):
+        out = tmp_path / runtime / "new" / "out"
+        assert main(["run", str(artifacts["x86_64"]), "--input", str(folder / "x.npy"), "--output-dir", str(out), "--runtime", runtime]) == 0
+        assert sorted(p.name for p in out.iterdir()) == ["dequant.npy", "dequant_map.npy"]
+    out = tmp_path / "edgeq-run" / "new"
+    completed = run_cli([str(edgeq_run["x86_64"])], str(artifacts["x86_64"]), "--input", str(folder / "x.npy"), "--output-dir", str(out))
+    assert completed.returncode == 0, completed.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["dequant.npy", "dequant_map.npy"]
+
+
+def test_an_output_folder_that_cannot_be_created_is_refused(models, edgeq_run, tmp_path, capsys):
+    _, artifacts, _, folder = models
+    in_the_way = tmp_path / "results"
+    in_the_way.write_text("a file, not a folder")
+    for out in (in_the_way, in_the_way / "run1"):
+        expected = f"{out}: cannot create the folder: {in_the_way} is a file, not a folder"
+        for runtime in ("python", "cpp"):
+            assert main(["run", str(artifacts["x86_64"]), "--input", str(folder / "x.npy"), "--output-dir", str(out), "--runtime", runtime]) == 1
+            assert f"edgeq run: error: {expected}" in capsys.readouterr().err
+        completed = run_cli([str(edgeq_run["x86_64"])], str(artifacts["x86_64"]), "--input", str(folder / "x.npy"), "--output-dir", str(out))
+        assert completed.returncode == 1 and completed.stderr.strip() == f"edgeq-run: error: {expected}"
 
 
 def test_edgeq_run_needs_neither_torch_nor_the_tvm_compiler(models, tmp_path):

@@ -3,12 +3,12 @@
 //   edgeq-run MODEL.edgeq --input x.npy [--input y.npy ...] --output-dir DIR [--raw] [--bench N]
 //
 // Float32 inputs are quantized per the manifest; inputs of the program's integer dtype are taken raw. Outputs are
-// dequantized to float32 unless --raw. Exit status: 0 success, 1 error (message on stderr), 2 usage.
-#include <sys/stat.h>
-
+// dequantized to float32 unless --raw. DIR and its parents are created if missing. Exit status: 0 success, 1 error
+// (message on stderr), 2 usage.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -22,6 +22,24 @@ int Usage(const std::string& problem) {
   std::cerr << "edgeq-run: " << problem << "\n"
             << "usage: edgeq-run MODEL.edgeq --input x.npy [--input ...] --output-dir DIR [--raw] [--bench N]\n";
   return 2;
+}
+
+// mkdir -p; throws edgeq::Error saying why the folder cannot be created (naming a file in the way).
+void MakeFolder(const std::string& path) {
+  std::error_code error;
+  std::filesystem::create_directories(path, error);
+  if (!error) return;
+  std::string reason = error.message();
+  std::filesystem::path prefix;
+  for (const std::filesystem::path& part : std::filesystem::path(path)) {
+    prefix /= part;
+    std::error_code ignored;
+    if (std::filesystem::exists(prefix, ignored) && !std::filesystem::is_directory(prefix, ignored)) {
+      reason = prefix.string() + " is a file, not a folder";
+      break;
+    }
+  }
+  throw edgeq::Error(path + ": cannot create the folder: " + reason);
 }
 
 }  // namespace
@@ -64,9 +82,8 @@ int main(int argc, char** argv) {
   }
   if (model_path.empty() || output_dir.empty()) return Usage("MODEL and --output-dir are required");
   try {
-    struct stat info;
-    if (stat(output_dir.c_str(), &info) != 0 || !S_ISDIR(info.st_mode)) throw edgeq::Error(output_dir + ": no such folder");
     edgeq::Model model = edgeq::Model::Load(model_path);
+    MakeFolder(output_dir);
     if (model.NpuSimulated()) {
       std::cerr << "edgeq-run: NPU target " << model.Target() << ": NPU regions run as a bit-exact simulation on this CPU\n";
     }

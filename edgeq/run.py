@@ -122,13 +122,7 @@ def _run_python(
     for name, value in outputs.items():
         written[name] = output_dir / f"{name}.npy"
         np.save(written[name], value)
-    text = None
-    if timing:
-        text = (
-            f"latency over {timing.runs} runs on {timing.threads} thread(s): "
-            f"median {timing.median_ms:.3f} ms, min {timing.min_ms:.3f} ms"
-        )
-    return RunResult(written, "python", False, text)
+    return RunResult(written, "python", False, str(timing) if timing else None)
 
 
 def _run_cpp(

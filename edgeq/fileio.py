@@ -34,19 +34,19 @@ def make_folder(path: str | Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it.
+    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it. The folder
+    of ``path`` is created with its parents if missing (:func:`make_folder`).
 
     Example:
         >>> import tempfile, pathlib
-        >>> target = pathlib.Path(tempfile.mkdtemp()) / "out.txt"
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "new" / "out.txt"
         >>> with atomic_write(target) as tmp:
         ...     _ = tmp.write_text("done")
         >>> target.read_text()
         'done'
     """
     path = Path(path)
-    if not path.parent.is_dir():
-        raise EdgeqError(f"{path}: folder {path.parent} does not exist")
+    make_folder(path.parent)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     os.close(handle)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -217,8 +218,9 @@ class CheckReport:
             _print_wrapped(console, line, 0)
 
     def __str__(self) -> str:
+        """The rendering at the terminal's width (``COLUMNS``, else the terminal's, else 80 columns)."""
         buffer = io.StringIO()
-        self.render(Console(file=buffer, width=200, color_system=None))
+        self.render(Console(file=buffer, width=shutil.get_terminal_size().columns, color_system=None))
         return buffer.getvalue()
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count()))  # TVM's pool may otherwise start with one thread
 
 import argparse
 import statistics

@@ -80,13 +80,24 @@ def _compile(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """A whole number >= 1 (``--bench``, ``--threads``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {text!r}")
+    return value
+
+
 def _run(args: argparse.Namespace, console: Console) -> int:
     from edgeq.run import run_artifact
 
     def say(line: str) -> None:
         console.print(line, highlight=False, soft_wrap=True)
 
-    result = run_artifact(args.model, args.input or [], args.output_dir, args.runtime, args.bench, args.raw, say)
+    result = run_artifact(args.model, args.input or [], args.output_dir, args.runtime, args.bench, args.raw, say, args.threads)
     for path in result.outputs.values():
         say(f"wrote {path}")
     if result.timing:
@@ -179,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--input", action="append", metavar="[NAME=]FILE.npy", help="an input, in order or by name (repeatable)")
     run.add_argument("--output-dir", type=Path, required=True, help="folder for the outputs")
     run.add_argument("--runtime", choices=("python", "cpp"), default="python", help="which runtime (default: python)")
-    run.add_argument("--bench", type=int, metavar="N", help="also time N runs (median, min)")
+    run.add_argument("--bench", type=_count, metavar="N", help="also time N runs (median, min)")
+    run.add_argument("--threads", type=_count, metavar="N", help="threads for inference (default: every core)")
     run.add_argument("--raw", action="store_true", help="write the integer outputs, not dequantized")
     run.set_defaults(run=_run)
 

@@ -11,21 +11,42 @@ from pathlib import Path
 from edgeq.errors import EdgeqError
 
 
-@contextlib.contextmanager
-def atomic_write(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it.
+def make_folder(path: str | Path) -> Path:
+    """Create the folder ``path`` and its parents if missing, like ``mkdir -p``.
+
+    Raises:
+        EdgeqError: it cannot be created (a file is in the way, no permission, ...), saying why.
 
     Example:
         >>> import tempfile, pathlib
-        >>> target = pathlib.Path(tempfile.mkdtemp()) / "out.txt"
+        >>> make_folder(pathlib.Path(tempfile.mkdtemp()) / "a" / "b").is_dir()
+        True
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocker = next((p for p in [*reversed(path.parents), path] if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else error.strerror
+        raise EdgeqError(f"{path}: cannot create the folder: {reason}") from None
+    return path
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it. The folder
+    of ``path`` is created with its parents if missing (:func:`make_folder`).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "new" / "out.txt"
         >>> with atomic_write(target) as tmp:
         ...     _ = tmp.write_text("done")
         >>> target.read_text()
         'done'
     """
     path = Path(path)
-    if not path.parent.is_dir():
-        raise EdgeqError(f"{path}: folder {path.parent} does not exist")
+    make_folder(path.parent)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     os.close(handle)
     try:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgeq.errors import EdgeqError
+from edgeq.fileio import make_folder
 
 if TYPE_CHECKING:
     from edgeq_runtime import Artifact
@@ -69,11 +70,14 @@ def run_artifact(
     bench: int | None = None,
     raw: bool = False,
     say: Callable[[str], None] = print,
+    threads: int | None = None,
 ) -> RunResult:
-    """Run ``artifact`` on .npy ``inputs`` and write each output as ``output_dir/<name>.npy``.
+    """Run ``artifact`` on .npy ``inputs`` and write each output as ``output_dir/<name>.npy`` (the folder and its
+    parents are created if missing). Inference runs on ``threads`` threads (default: every core).
 
     Raises:
-        EdgeqError: unreadable artifact or inputs, a runtime that is not built, or a failed run (with its message).
+        EdgeqError: unreadable artifact or inputs, an output folder that cannot be created, a runtime that is not
+            built, or a failed run (with its message).
     """
     from edgeq_runtime import Artifact, ArtifactError
     from edgeq_runtime.model import host_arch
@@ -83,9 +87,8 @@ def run_artifact(
     except ArtifactError as error:
         raise EdgeqError(str(error)) from None
     manifest = verified.manifest
-    if not output_dir.is_dir():
-        raise EdgeqError(f"{output_dir}: no such folder")
     files = _ordered_inputs(inputs, [i["name"] for i in manifest["inputs"]])
+    make_folder(output_dir)
     arch = manifest["library"]["arch"]
     emulated = arch != host_arch()
     if manifest.get("npu_execution"):
@@ -94,11 +97,14 @@ def run_artifact(
         say(f"the artifact is built for {arch}: running it with the C++ runtime")
         runtime = "cpp"
     if runtime == "python":
-        return _run_python(verified, files, output_dir, bench, raw)
-    return _run_cpp(artifact, files, output_dir, arch, emulated, bench, raw, [o["name"] for o in manifest["outputs"]], say)
+        return _run_python(verified, files, output_dir, bench, raw, threads)
+    names = [o["name"] for o in manifest["outputs"]]
+    return _run_cpp(artifact, files, output_dir, arch, emulated, bench, raw, names, say, threads)
 
 
-def _run_python(artifact: Artifact, files: list[Path], output_dir: Path, bench: int | None, raw: bool) -> RunResult:
+def _run_python(
+    artifact: Artifact, files: list[Path], output_dir: Path, bench: int | None, raw: bool, threads: int | None
+) -> RunResult:
     from edgeq_runtime import ArtifactError, Model
     from edgeq_runtime.vm import RuntimeLibraryError
 
@@ -107,7 +113,7 @@ def _run_python(artifact: Artifact, files: list[Path], output_dir: Path, bench: 
     except (OSError, ValueError) as error:
         raise EdgeqError(f"cannot read an input: {error}") from None
     try:
-        with Model.from_artifact(artifact) as model:
+        with Model.from_artifact(artifact, threads) as model:
             outputs = model.run(arrays, raw=raw)
             timing = model.benchmark(arrays, runs=bench) if bench else None
     except (ValueError, ArtifactError, RuntimeLibraryError) as error:  # the runtime's messages name the input
@@ -116,8 +122,7 @@ def _run_python(artifact: Artifact, files: list[Path], output_dir: Path, bench: 
     for name, value in outputs.items():
         written[name] = output_dir / f"{name}.npy"
         np.save(written[name], value)
-    text = f"latency over {timing.runs} runs: median {timing.median_ms:.3f} ms, min {timing.min_ms:.3f} ms" if timing else None
-    return RunResult(written, "python", False, text)
+    return RunResult(written, "python", False, str(timing) if timing else None)
 
 
 def _run_cpp(
@@ -130,6 +135,7 @@ def _run_cpp(
     raw: bool,
     names: list[str],
     say: Callable[[str], None],
+    threads: int | None,
 ) -> RunResult:
     command = [str(runtime_binary(arch)), str(artifact), "--output-dir", str(output_dir)]
     for path in files:
@@ -138,6 +144,8 @@ def _run_cpp(
         command.append("--raw")
     if bench:
         command += ["--bench", str(bench)]
+    if threads is not None:
+        command += ["--threads", str(threads)]
     if emulated:
         emulator = f"qemu-{arch}"
         if shutil.which(emulator) is None:

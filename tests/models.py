@@ -9,15 +9,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from edgeq.quantization import (
-    DeQuantStub,
-    FakeQuantState,
-    QuantStub,
-    convert_fx,
-    default_calib_qconfig,
-    prepare_qat_fx,
-    set_fake_quantize,
-)
+from edgeq.quantization import DeQuantStub, QuantStub, convert_fx, default_calib_qconfig
+from edgeq.quantization import calibrate as edgeq_calibrate
 from edgeq.quantization.integer_model import IntegerModel
 
 
@@ -112,15 +105,8 @@ def calibrate(
     count: int = 3,
     qconfig: object = default_calib_qconfig,
 ) -> torch.fx.GraphModule:
-    """Prepare with the calibration qconfig, observe ``count`` batches, and switch to VALIDATION."""
-    prepared = prepare_qat_fx(model, qconfig, example_inputs=(example,), target=target)
-    prepared.eval()
-    set_fake_quantize(prepared, FakeQuantState.CALIBRATION)
-    with torch.no_grad():
-        for _ in range(count):
-            prepared(batches())
-    set_fake_quantize(prepared, FakeQuantState.VALIDATION)
-    return prepared
+    """edgeq's calibrate on ``count`` batches drawn from ``batches``."""
+    return edgeq_calibrate(model, (batches() for _ in range(count)), example_inputs=(example,), target=target, qconfig=qconfig)
 
 
 def integer_model(model: nn.Module, example: torch.Tensor, target: str, **kwargs: object) -> IntegerModel:

@@ -3,7 +3,9 @@ torchvision models on every target, every kind of input, JSON and the command li
 
 from __future__ import annotations
 
+import io
 import json
+from collections import OrderedDict
 
 import numpy as np
 import onnx
@@ -11,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx import helper
+from rich.console import Console
 from torch import nn
 
 from edgeq.check import Placement, check_model
@@ -289,7 +292,8 @@ def test_aliases_leave_no_record():
 
 def test_advice_can_be_left_out():
     report = check_model(Wrapped(nn.Conv2d(8, 30, 3)).eval(), (image(),), target="npu-s", advice=False)
-    assert report.node("model").advice == [] and "advice" not in str(report).splitlines()[1]
+    assert report.node("model").advice == [] and "advice" not in str(report)
+    assert "advice" in str(check_model(Wrapped(nn.Conv2d(8, 30, 3)).eval(), (image(),), target="npu-s"))
 
 
 # ---- torchvision summaries on every target ----------------------------------------------------------------------
@@ -349,6 +353,47 @@ def test_command_line(small_onnx, tmp_path, capsys):
     assert "absent.onnx: no such file" in capsys.readouterr().err
     assert main(["targets"]) == 0
     assert "npu-s    npu  small edge NPU" in capsys.readouterr().out
+
+
+def _mixed_report():
+    """A report with a long op name, reasons and advice (a 7x7 kernel, a grouped convolution, 30 channels)."""
+    body = nn.Sequential(OrderedDict(
+        stem_convolution_with_a_long_name_for_a_narrow_terminal=nn.Conv2d(8, 30, 7, padding=3),
+        grouped=nn.Conv2d(30, 30, 3, padding=1, groups=3),
+    ))
+    return check_model(Wrapped(body).eval(), (image(),), target="npu-s")
+
+
+def _rendered(report, width: int) -> list[str]:
+    buffer = io.StringIO()
+    report.render(Console(file=buffer, width=width, color_system=None))
+    return buffer.getvalue().splitlines()
+
+
+def test_narrow_output_is_a_list_with_whole_names_and_every_word():
+    report = _mixed_report()
+    lines = _rendered(report, 80)
+    assert all(len(line) <= 80 for line in lines) and not any("┃" in line for line in lines)
+    words = " ".join(lines).split()
+    for node in report.nodes:
+        assert [node.placement.value, node.record.name, node.record.source_op] in [line.split() for line in lines]
+        for text in [r.message for r in node.reasons] + node.advice:
+            assert " ".join(text.split()) in " ".join(words), text
+    assert " ".join(words).endswith(" ".join(" ".join(report.summary_lines()).split()))
+
+
+def test_wide_output_is_a_table():
+    report = _mixed_report()
+    lines = _rendered(report, 200)
+    assert lines[1].startswith("┏") and "why not NPU" in lines[2] and "advice" in lines[2]
+    assert any(report.nodes[0].record.name in line and "CPU" in line for line in lines)
+
+
+def test_piped_check_follows_columns(small_onnx, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["check", str(small_onnx[2])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(len(line) <= 80 for line in lines)
 
 
 def test_supported_ops_page_is_current():

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,3 +33,29 @@ def test_digits_staged_flow(tmp_path):
     assert "integer model vs float" in result.stdout
     assert "under qemu gives the same integers as digits-x86_64.edgeq: True" in result.stdout
     assert 'id="accuracy-table"' in (tmp_path / "perf" / "report.html").read_text()
+
+
+def _tutorial_region(text: str) -> str:
+    """The lines between ``# tutorial: start`` and ``# tutorial: end`` of the example."""
+    return text.split("# tutorial: start\n", 1)[1].split("# tutorial: end\n", 1)[0]
+
+
+def test_readme_tutorial_is_the_example():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- tutorial: examples/deploy_torchvision.py -->\n```python\n", 1)[1].split("```\n", 1)[0]
+    assert block == _tutorial_region((REPO / "examples" / "deploy_torchvision.py").read_text(encoding="utf-8"))
+
+
+@pytest.mark.slow
+def test_torchvision_tutorial(tmp_path):
+    """The tutorial at 32x32: the artifact runs, equals the integer model on non-constant logits, and is timed."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "deploy_torchvision.py"), "--size", "32", "--out", str(tmp_path / "new")],
+        capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "runs on the x86_64 CPU" and (tmp_path / "new" / "model.edgeq").is_file()
+    same = re.search(r"the artifact equals the integer model: True \(1000 int8 logits from (-?\d+) to (-?\d+)\)", result.stdout)
+    assert same and int(same[1]) < int(same[2]), result.stdout
+    assert re.search(r"latency over 20 runs on \d+ thread\(s\): median [\d.]+ ms", lines[-1])

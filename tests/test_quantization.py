@@ -25,6 +25,7 @@ from edgeq.quantization import (
     prepare_qat_fx,
     set_fake_quantize,
 )
+from edgeq.quantization import calibrate as edgeq_calibrate
 from edgeq.quantization import integer_ops as ops
 from edgeq.quantization.observers import HistogramObserver, MinMaxObserver
 from edgeq.quantization.qat_modules import ConvAct2d, Requantizing
@@ -430,3 +431,13 @@ def test_unsupported_settings(body, message):
 def test_conv_padding_same_is_made_explicit():
     prepared = _prepare(nn.Conv2d(3, 4, 5, padding="same"))
     assert isinstance(prepared.body, ConvAct2d) and prepared.body.padding == (2, 2)
+
+
+def test_calibrate_needs_batches_and_accepts_input_tuples():
+    example = torch.rand(2, 1, 8, 8)
+    with pytest.raises(QuantizationError, match="calibrate: no batches given"):
+        edgeq_calibrate(SmallCNN().eval(), [], example_inputs=(example,), target="npu-m")
+    model = SmallCNN().eval()
+    by_tensor = edgeq_calibrate(copy.deepcopy(model), [example], example_inputs=(example,), target="npu-m")
+    by_tuple = edgeq_calibrate(model, [(example,)], example_inputs=(example,), target="npu-m")
+    np.testing.assert_array_equal(convert_fx(by_tensor).run_integer(example), convert_fx(by_tuple).run_integer(example))

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -18,6 +20,7 @@ import torch
 from edgeq.cli import main
 from edgeq.compile import compile_model
 from edgeq_runtime import ArtifactError, Model
+from edgeq_runtime.vm import RuntimeLibraryError, available_cores, pool_threads
 from models import FunctionalOps, integer_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -231,6 +234,87 @@ def test_bad_inputs_cpp(models, edgeq_run, tmp_path):
     assert run_cli(binary, str(artifacts["x86_64"])).returncode == 2
 
 
+# ---- threads -----------------------------------------------------------------------------------------------------
+
+
+def test_python_runtime_threads(models):
+    int_model, artifacts, x, _ = models
+    cores = len(available_cores())
+    with Model.load(artifacts["x86_64"]) as model:
+        assert model.num_threads == cores and model.benchmark(x.numpy(), warmup=0, runs=1).threads == cores
+    expected = int_model.run_integer(x)[0].numpy()
+    loaded = {n: Model.load(artifacts["x86_64"], num_threads=n) for n in range(1, cores + 1)}
+    for count in [*loaded, *reversed(loaded)]:  # models of different counts take turns in one thread
+        np.testing.assert_array_equal(loaded[count].run(x.numpy(), raw=True)["dequant"], expected)
+        assert pool_threads() == count
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(loaded[1].benchmark(x.numpy(), warmup=0, runs=1).threads))
+    worker.start()
+    worker.join()
+    assert seen == [1]  # TVM's pools are per calling thread: a model sets the pool of whichever thread runs it
+    for model in loaded.values():
+        model.close()
+
+
+@pytest.mark.skipif(len(available_cores()) < 2, reason="needs two cores")
+def test_a_thread_pool_tvm_sized_smaller_first_is_an_error(models, monkeypatch):
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")
+    errors = []
+
+    def run() -> None:
+        pool_threads()  # TVM creates this thread's pool, sized from TVM_NUM_THREADS, before the runtime runs here
+        with Model.load(models[1]["x86_64"], num_threads=2) as model, pytest.raises(RuntimeLibraryError) as error:
+            model.run(models[2].numpy())
+        errors.append(str(error.value))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert errors == [
+        f"TVM's thread pool of this thread runs 1 thread(s), not 2: TVM sized it before edgeq_runtime ran here "
+        f"(set TVM_NUM_THREADS={len(available_cores())} before the process first uses TVM)"
+    ]
+
+
+@pytest.mark.parametrize("count", [0, -1, 1.5, "2", True, None])
+def test_python_runtime_refuses_bad_thread_counts(models, count):
+    cores = len(available_cores())
+    count = cores + 1 if count is None else count
+    with pytest.raises(ValueError, match=rf"num_threads must be a whole number from 1 to {cores} \(the cores this process may use\); got {re.escape(repr(count))}$"):
+        Model.load(models[1]["x86_64"], num_threads=count)
+
+
+def test_cpp_runtime_threads(models, edgeq_run, tmp_path):
+    _, artifacts, _, folder = models
+    cores = len(available_cores())
+    binary = [str(edgeq_run["x86_64"])]
+    base = [str(artifacts["x86_64"]), "--input", str(folder / "x.npy"), "--output-dir", str(tmp_path), "--bench", "1"]
+    assert f"latency over 1 runs on {cores} thread(s)" in run_cli(binary, *base).stdout
+    for count in range(1, cores + 1):
+        completed = run_cli(binary, *base, "--threads", str(count))
+        assert completed.returncode == 0 and f"latency over 1 runs on {count} thread(s)" in completed.stdout, completed.stderr
+    for bad in ("0", "-1", "1.5", "two", ""):
+        completed = run_cli(binary, *base, "--threads", bad)
+        assert completed.returncode == 2 and f"--threads needs a whole number >= 1; got '{bad}'" in completed.stderr
+    completed = run_cli(binary, *base, "--threads", str(cores + 1))
+    assert completed.returncode == 1
+    assert f"num_threads must be a whole number from 1 to {cores} (the cores this process may use); got {cores + 1}" in completed.stderr
+
+
+def test_edgeq_run_threads(models, edgeq_run, tmp_path, capsys):
+    _, artifacts, _, folder = models
+    for artifact, runtime in ((artifacts["x86_64"], "python"), (artifacts["x86_64"], "cpp"), (artifacts["npu-s"], "cpp")):
+        command = ["run", str(artifact), "--input", str(folder / "x.npy"), "--output-dir", str(tmp_path), "--runtime", runtime]
+        assert main([*command, "--bench", "1", "--threads", "1"]) == 0
+        assert "latency over 1 runs on 1 thread(s)" in capsys.readouterr().out
+    for bad in ("0", "-2", "1.5"):
+        with pytest.raises(SystemExit):
+            main([*command, "--threads", bad])
+        assert f"argument --threads: expected a whole number >= 1; got '{bad}'" in capsys.readouterr().err
+    assert main([*command, "--threads", str(len(available_cores()) + 1)]) == 1
+    assert "num_threads must be a whole number from 1 to" in capsys.readouterr().err
+
+
 # ---- fuzzing the C++ reader under AddressSanitizer --------------------------------------------------------------
 
 
@@ -277,7 +361,7 @@ def test_edgeq_run_command(models, edgeq_run, tmp_path, capsys):
         out.mkdir()
         assert main(["run", str(artifacts["x86_64"]), "--input", f"x={folder / 'x.npy'}", "--output-dir", str(out), "--runtime", runtime, "--bench", "3"]) == 0
     printed = capsys.readouterr().out
-    assert "NPU regions run as a bit-exact simulation" in printed and "latency over 3 runs" in printed
+    assert "NPU regions run as a bit-exact simulation" in printed and "latency over 3 runs on" in printed
     for name in ("dequant", "dequant_map"):
         np.testing.assert_array_equal(np.load(tmp_path / "python" / f"{name}.npy"), np.load(tmp_path / "cpp" / f"{name}.npy"))
     emulated = tmp_path / "arm"
@@ -287,7 +371,31 @@ def test_edgeq_run_command(models, edgeq_run, tmp_path, capsys):
     np.testing.assert_array_equal(np.load(emulated / "dequant.npy"), np.load(tmp_path / "python" / "dequant.npy"))
     assert main(["run", str(artifacts["x86_64"]), "--input", f"y={folder / 'x.npy'}", "--output-dir", str(tmp_path)]) == 1
     assert "names ['y'] are unknown and ['x'] missing" in capsys.readouterr().err
-    assert main(["run", str(artifacts["x86_64"]), "--input", str(folder / "x.npy"), "--output-dir", str(tmp_path / "absent")]) == 1
+
+
+def test_edgeq_run_creates_the_output_folder(models, edgeq_run, tmp_path):
+    _, artifacts, _, folder = models
+    for runtime in ("python", "cpp"):
+        out = tmp_path / runtime / "new" / "out"
+        assert main(["run", str(artifacts["x86_64"]), "--input", str(folder / "x.npy"), "--output-dir", str(out), "--runtime", runtime]) == 0
+        assert sorted(p.name for p in out.iterdir()) == ["dequant.npy", "dequant_map.npy"]
+    out = tmp_path / "edgeq-run" / "new"
+    completed = run_cli([str(edgeq_run["x86_64"])], str(artifacts["x86_64"]), "--input", str(folder / "x.npy"), "--output-dir", str(out))
+    assert completed.returncode == 0, completed.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["dequant.npy", "dequant_map.npy"]
+
+
+def test_an_output_folder_that_cannot_be_created_is_refused(models, edgeq_run, tmp_path, capsys):
+    _, artifacts, _, folder = models
+    in_the_way = tmp_path / "results"
+    in_the_way.write_text("a file, not a folder")
+    for out in (in_the_way, in_the_way / "run1"):
+        expected = f"{out}: cannot create the folder: {in_the_way} is a file, not a folder"
+        for runtime in ("python", "cpp"):
+            assert main(["run", str(artifacts["x86_64"]), "--input", str(folder / "x.npy"), "--output-dir", str(out), "--runtime", runtime]) == 1
+            assert f"edgeq run: error: {expected}" in capsys.readouterr().err
+        completed = run_cli([str(edgeq_run["x86_64"])], str(artifacts["x86_64"]), "--input", str(folder / "x.npy"), "--output-dir", str(out))
+        assert completed.returncode == 1 and completed.stderr.strip() == f"edgeq-run: error: {expected}"
 
 
 def test_edgeq_run_needs_neither_torch_nor_the_tvm_compiler(models, tmp_path):

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from edgeq.check.records import OpRecord
 from edgeq.check.rules import RuleResult
@@ -84,8 +87,8 @@ class Summary:
 class CheckReport:
     """What ``check_model`` found: one :class:`NodeReport` per op and a :class:`Summary`.
 
-    ``print(report)`` shows the table; :meth:`to_json` gives the same for tools (the compile stage and the HTML
-    report read it).
+    ``print(report)`` shows the table (or a list of ops where the table would not fit); :meth:`to_json` gives the
+    same for tools (the compile stage and the HTML report read it).
     """
 
     target: Target
@@ -158,27 +161,38 @@ class CheckReport:
         """The report as JSON (the terminal table's content, plus MACs and shapes)."""
         return json.dumps(self.to_dict(), indent=indent)
 
+    @property
+    def _title(self) -> str:
+        return f"check_model: {self.source} on {self.target.name}"
+
+    def _notes(self, node: NodeReport) -> dict[str, str]:
+        """The text columns of ``node``'s row by heading: why it is not on the NPU, and advice (if asked for)."""
+        why = "why not NPU" if self.target.kind is TargetKind.NPU else "why"
+        notes = {why: "; ".join(r.message for r in node.reasons), "advice": "; ".join(node.advice)}
+        return notes if self.with_advice else {why: notes[why]}
+
     def table(self) -> Table:
         """A rich table, one row per op."""
-        table = Table(title=f"check_model: {self.source} on {self.target.name}", title_justify="left")
-        table.add_column("op")
-        table.add_column("kind")
-        table.add_column("where")
-        table.add_column("why not NPU" if self.target.kind is TargetKind.NPU else "why")
-        if self.with_advice:
-            table.add_column("advice")
-        styles = {Placement.NPU: "green", Placement.CPU: "yellow", Placement.UNSUPPORTED: "bold red"}
-        for node in self.nodes:
-            row = [
-                node.record.name,
-                node.record.source_op,
-                f"[{styles[node.placement]}]{node.placement.value}[/]",
-                "; ".join(r.message for r in node.reasons),
-            ]
-            if self.with_advice:
-                row.append("; ".join(node.advice))
-            table.add_row(*row)
+        table = Table()
+        rows = [(node, self._notes(node)) for node in self.nodes]
+        for column in ("op", "kind", "where"):
+            table.add_column(column, no_wrap=True)
+        for column in rows[0][1] if rows else ():
+            table.add_column(column, min_width=_MIN_TEXT_WIDTH)
+        for node, notes in rows:
+            where = Text(node.placement.value, style=_STYLES[node.placement])
+            table.add_row(node.record.name, node.record.source_op, where, *notes.values())
         return table
+
+    def render_list(self, console: Console) -> None:
+        """Print one op a line (where, name, kind; never wrapped), its reasons and advice indented below."""
+        indent = max((len(n.placement.value) for n in self.nodes), default=0) + 2
+        for node in self.nodes:
+            where = node.placement.value.ljust(indent)
+            console.print(Text.assemble((where, _STYLES[node.placement]), node.record.name, "  ", (node.record.source_op, "dim")), soft_wrap=True)
+            for label, text in self._notes(node).items():
+                if text:
+                    _print_wrapped(console, f"{label}: {text}", indent)
 
     def summary_lines(self) -> list[str]:
         summary = self.summary
@@ -192,15 +206,34 @@ class CheckReport:
         return lines + self.notes
 
     def render(self, console: Console) -> None:
-        """Print the table and the summary."""
-        console.print(self.table())
+        """Print the table, or the list of :meth:`render_list` when ``console`` is too narrow for the table (op names
+        unbroken, reasons and advice at least ``_MIN_TEXT_WIDTH`` wide), and the summary."""
+        table = self.table()
+        console.print(self._title, highlight=False, soft_wrap=True)
+        if Measurement.get(console, console.options.update_width(_UNLIMITED), table).minimum <= console.width:
+            console.print(table)
+        else:
+            self.render_list(console)
         for line in self.summary_lines():
-            console.print(line, highlight=False, soft_wrap=True)
+            _print_wrapped(console, line, 0)
 
     def __str__(self) -> str:
+        """The rendering at the terminal's width (``COLUMNS``, else the terminal's, else 80 columns)."""
         buffer = io.StringIO()
-        self.render(Console(file=buffer, width=200, color_system=None))
+        self.render(Console(file=buffer, width=shutil.get_terminal_size().columns, color_system=None))
         return buffer.getvalue()
+
+
+_UNLIMITED = 1 << 20  # a console width no table reaches, to measure a table's own width
+_MIN_TEXT_WIDTH = 30  # narrowest column for reasons and advice before the list layout reads better
+_STYLES = {Placement.NPU: "green", Placement.CPU: "yellow", Placement.UNSUPPORTED: "bold red"}
+
+
+def _print_wrapped(console: Console, text: str, indent: int) -> None:
+    """Print ``text`` wrapped at word boundaries to the console's width, every line indented by ``indent``."""
+    for line in Text(text).wrap(console, max(console.width - indent, 1)):
+        line.rstrip()
+        console.print(" " * indent, line, sep="", soft_wrap=True)
 
 
 def _components(nodes: list[NodeReport], members: set[str]) -> int:

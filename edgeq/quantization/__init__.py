@@ -7,8 +7,11 @@ The workflow of seed 002 (float -> calib -> qat -> int_infer), with edgeq's own 
     set_fake_quantize(qat_model, FakeQuantState.QAT)           # train
     set_fake_quantize(qat_model, FakeQuantState.VALIDATION)    # evaluate
     int_model = convert_fx(qat_model)                          # exact integer arithmetic of the NPU
+
+``calibrate(float_model, batches, example_inputs=(x,), target="npu-m")`` does the calibration part in one call.
 """
 
+from edgeq.quantization.calibrate import calibrate
 from edgeq.quantization.convert import convert_fx
 from edgeq.quantization.integer_model import IntegerModel
 from edgeq.quantization.observers import EMAMinMaxObserver, HistogramObserver, MinMaxObserver, Observer
@@ -33,6 +36,7 @@ __all__ = [
     "Observer",
     "QConfig",
     "QuantStub",
+    "calibrate",
     "convert_fx",
     "default_calib_int32_output_qconfig",
     "default_calib_qconfig",

@@ -5,14 +5,17 @@
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
+#include <sched.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <thread>
 
 #include "artifact.h"
 #include "edgeq/runtime.h"
@@ -32,6 +35,30 @@ constexpr char kHostArch[] = "unknown";
 
 constexpr int kCpu = kDLCPU;
 constexpr int kPooledAllocator = 2;
+constexpr int kShareAllCores = -3;  // TVM's ThreadGroup::kSpecifyThreadShareAllCore
+
+ffi::Function Global(const char* name) {
+  std::optional<ffi::Function> function = ffi::Function::GetGlobal(name);
+  if (!function) throw Error(std::string("TVM's runtime lacks ") + name);
+  return *function;
+}
+
+// TVM keeps one thread pool per calling thread, sized when that thread first runs a parallel kernel.
+// runtime.config_threadpool(mode, count, cpus) sizes it to `cpus` if the thread has none yet, lets workers run on
+// any of them and makes parallel kernels split their work `count` ways. Called once per thread and count.
+void UseThreads(int count) {
+  thread_local int configured = 0;
+  if (configured == count) return;
+  ffi::Array<ffi::String> cpus;
+  for (unsigned core : AvailableCores()) cpus.push_back(std::to_string(core));
+  Global("runtime.config_threadpool")(kShareAllCores, count, cpus);
+  if (PoolThreads() != count) {
+    throw Error("TVM's thread pool of this thread runs " + std::to_string(PoolThreads()) + " thread(s), not " +
+                std::to_string(count) + ": TVM sized it before edgeq ran here (set TVM_NUM_THREADS=" +
+                std::to_string(cpus.size()) + " before the process first uses TVM)");
+  }
+  configured = count;
+}
 
 struct HostAllocator {
   void AllocData(DLTensor* tensor) {
@@ -87,6 +114,23 @@ int64_t Channel(const TensorInfo& info, int64_t flat_index) {
 
 }  // namespace
 
+std::vector<unsigned> AvailableCores() {
+  static const std::vector<unsigned> cores = [] {  // read once: TVM pins a thread whose pool it sizes itself
+    std::vector<unsigned> found;
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+      for (unsigned core = 0; core < CPU_SETSIZE; ++core) {
+        if (CPU_ISSET(core, &set)) found.push_back(core);
+      }
+    }
+    for (unsigned core = 0; found.empty() && core < std::max(1u, std::thread::hardware_concurrency()); ++core) found.push_back(core);
+    return found;
+  }();
+  return cores;
+}
+
+int PoolThreads() { return Global("runtime.NumThreads")().cast<int>(); }
+
 int64_t HostTensor::NumElements() const {
   int64_t count = 1;
   for (int64_t d : shape) count *= d;
@@ -116,6 +160,7 @@ HostTensor Quantize(const TensorInfo& info, const HostTensor& values) {
 
 struct Model::Impl {
   Artifact artifact;
+  int num_threads = 1;
   std::string library_path;
   std::optional<ffi::Module> library;  // kept alive while the VM runs code from it
   std::optional<ffi::Module> vm;
@@ -131,8 +176,14 @@ Model::Model(Model&&) noexcept = default;
 Model& Model::operator=(Model&&) noexcept = default;
 Model::~Model() = default;
 
-Model Model::Load(const std::string& path) {
+Model Model::Load(const std::string& path, std::optional<int> num_threads) {
+  int cores = int(AvailableCores().size());
+  if (num_threads && (*num_threads < 1 || *num_threads > cores)) {
+    throw Error("num_threads must be a whole number from 1 to " + std::to_string(cores) +
+                " (the cores this process may use); got " + std::to_string(*num_threads));
+  }
   auto impl = std::make_unique<Impl>();
+  impl->num_threads = num_threads.value_or(cores);
   impl->artifact = Artifact::Read(path);
   const Manifest& manifest = impl->artifact.manifest;
   if (manifest.arch != kHostArch) {
@@ -156,6 +207,7 @@ const std::vector<TensorInfo>& Model::Outputs() const { return impl_->artifact.m
 const std::string& Model::Target() const { return impl_->artifact.manifest.target; }
 const std::string& Model::Arch() const { return impl_->artifact.manifest.arch; }
 bool Model::NpuSimulated() const { return impl_->artifact.manifest.npu_simulated; }
+int Model::NumThreads() const { return impl_->num_threads; }
 
 std::vector<HostTensor> Model::Run(const std::vector<HostTensor>& inputs) const {
   const auto& infos = Inputs();
@@ -187,6 +239,7 @@ std::vector<HostTensor> Model::Run(const std::vector<HostTensor>& inputs) const 
   std::vector<ffi::AnyView> arguments(tensors.begin(), tensors.end());
   ffi::Any result;
   try {
+    UseThreads(impl_->num_threads);
     impl_->main->CallPacked(arguments.data(), static_cast<int32_t>(arguments.size()), &result);
   } catch (const ffi::Error& error) {
     throw Error(std::string("running the model failed: ") + error.what());

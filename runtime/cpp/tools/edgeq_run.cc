@@ -1,15 +1,16 @@
 // edgeq-run: run a .edgeq artifact on .npy inputs, write each output as OUTPUT_DIR/<name>.npy.
 //
-//   edgeq-run MODEL.edgeq --input x.npy [--input y.npy ...] --output-dir DIR [--raw] [--bench N]
+//   edgeq-run MODEL.edgeq --input x.npy [--input y.npy ...] --output-dir DIR [--raw] [--bench N] [--threads N]
 //
 // Float32 inputs are quantized per the manifest; inputs of the program's integer dtype are taken raw. Outputs are
-// dequantized to float32 unless --raw. Exit status: 0 success, 1 error (message on stderr), 2 usage.
-#include <sys/stat.h>
-
+// dequantized to float32 unless --raw. DIR and its parents are created if missing. Inference runs on --threads
+// threads (default: every core this process may use). Exit status: 0 success, 1 error (message on stderr), 2 usage.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,8 +21,38 @@ namespace {
 
 int Usage(const std::string& problem) {
   std::cerr << "edgeq-run: " << problem << "\n"
-            << "usage: edgeq-run MODEL.edgeq --input x.npy [--input ...] --output-dir DIR [--raw] [--bench N]\n";
+            << "usage: edgeq-run MODEL.edgeq --input x.npy [--input ...] --output-dir DIR [--raw] [--bench N] [--threads N]\n";
   return 2;
+}
+
+// A whole number >= 1, or nothing.
+std::optional<int> Count(const char* text) {
+  if (text == nullptr) return std::nullopt;
+  try {
+    size_t used = 0;
+    int value = std::stoi(text, &used);
+    if (used == std::string(text).size() && value >= 1) return value;
+  } catch (const std::exception&) {
+  }
+  return std::nullopt;
+}
+
+// mkdir -p; throws edgeq::Error saying why the folder cannot be created (naming a file in the way).
+void MakeFolder(const std::string& path) {
+  std::error_code error;
+  std::filesystem::create_directories(path, error);
+  if (!error) return;
+  std::string reason = error.message();
+  std::filesystem::path prefix;
+  for (const std::filesystem::path& part : std::filesystem::path(path)) {
+    prefix /= part;
+    std::error_code ignored;
+    if (std::filesystem::exists(prefix, ignored) && !std::filesystem::is_directory(prefix, ignored)) {
+      reason = prefix.string() + " is a file, not a folder";
+      break;
+    }
+  }
+  throw edgeq::Error(path + ": cannot create the folder: " + reason);
 }
 
 }  // namespace
@@ -31,6 +62,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> input_paths;
   bool raw = false;
   int bench = 0;
+  std::optional<int> threads;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     auto value = [&](const std::string& flag) -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
@@ -44,14 +76,15 @@ int main(int argc, char** argv) {
       output_dir = v;
     } else if (arg == "--raw") {
       raw = true;
-    } else if (arg == "--bench") {
+    } else if (arg == "--bench" || arg == "--threads") {
       const char* v = value(arg);
-      try {
-        bench = v ? std::stoi(v) : -1;
-      } catch (const std::exception&) {
-        bench = -1;
+      std::optional<int> count = Count(v);
+      if (!count) return Usage(arg + " needs a whole number >= 1; got '" + (v ? v : "") + "'");
+      if (arg == "--bench") {
+        bench = *count;
+      } else {
+        threads = count;
       }
-      if (bench < 1) return Usage("--bench needs a positive count");
     } else if (arg == "-h" || arg == "--help") {
       return Usage("runs a .edgeq artifact");
     } else if (!arg.empty() && arg[0] == '-') {
@@ -64,9 +97,8 @@ int main(int argc, char** argv) {
   }
   if (model_path.empty() || output_dir.empty()) return Usage("MODEL and --output-dir are required");
   try {
-    struct stat info;
-    if (stat(output_dir.c_str(), &info) != 0 || !S_ISDIR(info.st_mode)) throw edgeq::Error(output_dir + ": no such folder");
-    edgeq::Model model = edgeq::Model::Load(model_path);
+    edgeq::Model model = edgeq::Model::Load(model_path, threads);
+    MakeFolder(output_dir);
     if (model.NpuSimulated()) {
       std::cerr << "edgeq-run: NPU target " << model.Target() << ": NPU regions run as a bit-exact simulation on this CPU\n";
     }
@@ -90,7 +122,8 @@ int main(int argc, char** argv) {
         times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
       }
       std::sort(times.begin(), times.end());
-      std::printf("latency over %d runs: median %.3f ms, min %.3f ms\n", bench, times[times.size() / 2], times.front());
+      std::printf("latency over %d runs on %d thread(s): median %.3f ms, min %.3f ms\n", bench, edgeq::PoolThreads(),
+                  times[times.size() / 2], times.front());
     }
   } catch (const std::exception& error) {
     std::cerr << "edgeq-run: error: " << error.what() << "\n";

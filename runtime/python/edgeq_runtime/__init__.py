@@ -1,7 +1,7 @@
 """edgeq_runtime: load and run ``.edgeq`` artifacts with TVM's runtime alone.
 
     from edgeq_runtime import Model
-    model = Model.load("model.edgeq")
+    model = Model.load("model.edgeq")          # every core; Model.load(path, num_threads=2) for fewer
     outputs = model.run({"x": image})          # float in (quantized per the manifest) or raw int8
     logits = outputs["dequant"]                # dequantized; model.run(..., raw=True) gives the integers
 

@@ -1,17 +1,29 @@
-"""TVM's Relax virtual machine through ``tvm_ffi`` and ``libtvm_runtime.so``: no TVM compiler in the process."""
+"""TVM's Relax virtual machine through ``tvm_ffi`` and ``libtvm_runtime.so``: no TVM compiler in the process.
+
+Threads: TVM keeps one thread pool per calling thread, sized when that thread first runs a parallel kernel. Its
+global function ``runtime.config_threadpool(mode, count, cpus)`` sizes the pool to ``cpus`` if the thread has none
+yet, lets workers run on any of ``cpus`` (mode ``kSpecifyThreadShareAllCore``) and makes parallel kernels split
+their work ``count`` ways; ``runtime.NumThreads()`` reads that count back. :func:`use_threads` calls it once per
+thread and count, before the thread's first run.
+"""
 
 from __future__ import annotations
 
 import ctypes
+import functools
+import numbers
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 _RUNTIME_VARIABLE = "EDGEQ_TVM_RUNTIME"
 _CPU = 1  # DLPack's kDLCPU
 _POOLED_ALLOCATOR = 2
+_SHARE_ALL_CORES = -3  # TVM's ThreadGroup::kSpecifyThreadShareAllCore
 _loaded: ctypes.CDLL | None = None
+_this_thread = threading.local()  # .threads: the count the calling thread's pool was last set to
 
 
 class RuntimeLibraryError(Exception):
@@ -35,8 +47,6 @@ def runtime_library() -> Path:
 def _load_runtime() -> None:
     global _loaded
     if _loaded is None:
-        # TVM's thread pool may otherwise start with a single thread on machines it misreads.
-        os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
         import tvm_ffi  # noqa: F401 - loads libtvm_ffi.so, which libtvm_runtime.so links against
 
         path = runtime_library()
@@ -55,3 +65,51 @@ def load_vm(library: Path) -> Any:
     vm = module["vm_load_executable"]()
     vm["vm_initialization"](_CPU, 0, _POOLED_ALLOCATOR, _CPU, 0, _POOLED_ALLOCATOR)
     return vm["main"]
+
+
+@functools.cache
+def available_cores() -> list[int]:
+    """The ids of the CPU cores this process may run on, read once: TVM pins a thread whose pool it sizes itself."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def thread_count(value: Any) -> int:
+    """``value`` as a thread count: a whole number from 1 to the cores this process may run on.
+
+    Raises:
+        ValueError: anything else, with the allowed range.
+    """
+    cores = len(available_cores())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= cores:
+        raise ValueError(f"num_threads must be a whole number from 1 to {cores} (the cores this process may use); got {value!r}")
+    return int(value)
+
+
+def use_threads(count: int) -> None:
+    """Make parallel kernels run on ``count`` threads when called from this thread.
+
+    Raises:
+        RuntimeLibraryError: this thread's pool was sized smaller by an earlier use of TVM.
+    """
+    if getattr(_this_thread, "threads", None) == count:
+        return
+    import tvm_ffi
+
+    cores = available_cores()
+    tvm_ffi.get_global_func("runtime.config_threadpool")(_SHARE_ALL_CORES, count, [str(c) for c in cores])
+    if pool_threads() != count:
+        raise RuntimeLibraryError(
+            f"TVM's thread pool of this thread runs {pool_threads()} thread(s), not {count}: TVM sized it before "
+            f"edgeq_runtime ran here (set TVM_NUM_THREADS={len(cores)} before the process first uses TVM)"
+        )
+    _this_thread.threads = count
+
+
+def pool_threads() -> int:
+    """How many threads parallel kernels started from this thread run on (TVM's ``runtime.NumThreads``)."""
+    import tvm_ffi
+
+    return int(tvm_ffi.get_global_func("runtime.NumThreads")())

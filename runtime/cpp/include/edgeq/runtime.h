@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -48,7 +49,9 @@ class Model {
  public:
   // Reads and verifies the artifact (schema version, every member's size and sha256, architecture),
   // then loads its library. Throws Error before loading anything from a damaged or foreign file.
-  static Model Load(const std::string& path);
+  // Inference runs on `num_threads` threads, from 1 to AvailableCores().size() (default: all of them);
+  // another count throws Error.
+  static Model Load(const std::string& path, std::optional<int> num_threads = std::nullopt);
 
   Model(Model&&) noexcept;
   Model& operator=(Model&&) noexcept;
@@ -59,9 +62,11 @@ class Model {
   const std::string& Target() const;  // the target the artifact was compiled for
   const std::string& Arch() const;    // the architecture of its library
   bool NpuSimulated() const;          // NPU regions run as a simulation on the host CPU
+  int NumThreads() const;             // the threads its parallel kernels run on
 
-  // Runs the program. Inputs in the manifest's order; each must match its shape; a float32 input is quantized
-  // per the manifest, an input of the program's integer dtype is taken as raw. Returns the raw outputs.
+  // Runs the program on NumThreads() threads. Inputs in the manifest's order; each must match its shape; a
+  // float32 input is quantized per the manifest, an input of the program's integer dtype is taken as raw.
+  // Returns the raw outputs.
   std::vector<HostTensor> Run(const std::vector<HostTensor>& inputs) const;
 
   // float32 values of output `index`: (q - zero_point) * scale, per tensor or per channel.
@@ -72,6 +77,12 @@ class Model {
   explicit Model(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// The ids of the CPU cores this process may run on (its CPU affinity when first asked).
+std::vector<unsigned> AvailableCores();
+
+// How many threads parallel kernels started from the calling thread run on (read back from TVM's thread pool).
+int PoolThreads();
 
 // Quantize float32 values to `info`'s integer dtype: saturate(round_half_to_even(x / scale) + zero_point).
 HostTensor Quantize(const TensorInfo& info, const HostTensor& values);

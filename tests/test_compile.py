@@ -60,7 +60,7 @@ def test_torchvision_models_are_exact(name, target, tmp_path):
     example = torch.randn(1, 3, 224, 224)
     int_model = integer_model(torchvision_model(name), example, target)
     result = compile_model(int_model, (example,), out=tmp_path / "m.edgeq", simulate=True)
-    assert result.arch == "x86_64" and sum(result.seconds.values()) < 60
+    assert result.arch == "x86_64"  # compile time is a benchmark figure (benchmarks/), not a test
     assert_artifact_exact(result.artifact, int_model, torch.randn(1, 3, 224, 224))
     if target == "npu-s" and name == "resnet18":  # the 7x7 stem falls back: one CPU region, then the NPU
         assert [r.placement.value for r in result.partition.regions] == ["CPU", "NPU"]

@@ -72,16 +72,17 @@ def compare(reference: torch.Tensor, value: torch.Tensor) -> tuple[float, float,
     Example:
         >>> compare(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0]))
         (1.0, inf, 0.0)
-        >>> [round(v, 4) for v in compare(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 3.0]))]
-        [0.98, 13.9794, 1.0]
+        >>> [round(v, 4) for v in compare(torch.tensor([3.0, 4.0]), torch.tensor([4.0, 3.0]))]
+        [0.96, 10.9691, 1.0]
     """
     f, r = reference.double().flatten(), value.double().flatten()
+    if torch.equal(f, r):
+        return 1.0, math.inf, 0.0
     norms = f.norm() * r.norm()
-    cosine = 1.0 if norms == 0 and torch.equal(f, r) else float(f @ r / norms) if norms > 0 else 0.0
-    noise = float(((f - r) ** 2).sum())
-    signal = float((f**2).sum())
-    sqnr = math.inf if noise == 0 else -math.inf if signal == 0 else 10 * math.log10(signal / noise)
-    return cosine, sqnr, float((f - r).abs().max()) if f.numel() else 0.0
+    cosine = float(f @ r / norms) if norms > 0 else 0.0
+    signal, noise = float((f**2).sum()), float(((f - r) ** 2).sum())
+    sqnr = 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+    return cosine, sqnr, float((f - r).abs().max())
 
 
 def layer_accuracy(

@@ -107,7 +107,6 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 
 def _perf(args: argparse.Namespace, console: Console) -> int:
     from edgeq.perf import perf_model
-    from edgeq.report import write_report
 
     result = perf_model(args.model, out_dir=args.output, target=args.target, recalibrate=args.recalibrate)
     summary = result.summary
@@ -118,7 +117,7 @@ def _perf(args: argparse.Namespace, console: Console) -> int:
         markup=False,
         soft_wrap=True,
     )
-    console.print(f"wrote {result.report_json} and {write_report(result, args.output)}", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"wrote {result.report_json} and {result.report_html}", highlight=False, markup=False, soft_wrap=True)
     return 0
 
 

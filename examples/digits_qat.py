@@ -236,15 +236,12 @@ def compile_stage(integer: IntegerModel, workdir: Path, target: str, test_x: tor
 def perf_stage(artifact: Path, integer: IntegerModel, workdir: Path, samples: torch.Tensor) -> None:
     """The seed's last steps: perf_model (report.json, and report.html with per-layer accuracy) and visualize_model."""
     import edgeq
-    from edgeq.report import layer_accuracy, write_report
 
-    result = edgeq.perf_model(artifact, out_dir=workdir / "perf")
-    accuracy = layer_accuracy(float_model(workdir, trained=True), integer, (samples,), result.graph)
-    report = write_report(result, workdir / "perf", accuracy)
+    result = edgeq.perf_model(artifact, (samples,), out_dir=workdir / "perf", float_model=float_model(workdir, trained=True), int_model=integer)
     graph = edgeq.visualize_model(artifact, save_path=workdir / "model.svg")
-    worst = min(accuracy, key=lambda layer: layer.cosine)
+    worst = min(result.accuracy, key=lambda layer: layer.cosine)
     print(f"  perf: estimated {result.summary.latency_ms:.3f} ms per image on {result.target}; lowest layer cosine "
-          f"{worst.cosine:.4f} ({worst.layer}); wrote {report} and {graph}")
+          f"{worst.cosine:.4f} ({worst.layer}); wrote {result.report_html} and {graph}")
 
 
 def main() -> None:

@@ -118,7 +118,7 @@ def test_bad_inputs_are_clear_errors(small, tmp_path):
         edgeq.perf_model(fake, out_dir=tmp_path)
     with pytest.raises(TargetError, match="unknown target 'npu-x'; known targets"):
         edgeq.perf_model(small.artifact, out_dir=tmp_path, target="npu-x")
-    with pytest.raises(EdgeqError, match="small.edgeq was compiled for npu-s, not npu-m; compile it for npu-m"):
+    with pytest.raises(EdgeqError, match="small.edgeq: compiled for npu-s, not npu-m; compile the model for npu-m"):
         edgeq.perf_model(small.artifact, out_dir=tmp_path, target="npu-m")
     assert not (tmp_path / "report.json").exists()
 

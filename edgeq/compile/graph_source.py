@@ -36,7 +36,8 @@ def compiled_graph_of(
     example_inputs: Sequence[torch.Tensor] | None = None,
     target: TargetLike | None = None,
 ) -> CompiledGraph:
-    """The compiled graph of ``model``: an artifact's own, or that of compiling ``model`` for ``target``.
+    """The compiled graph of ``model``: an artifact's own, or that of compiling ``model`` for ``target`` (built for
+    this machine: the graph is the same for every build machine).
 
     Args:
         model: a compiled graph, a ``.edgeq`` artifact, or anything :func:`edgeq.compile.compile_model` takes.
@@ -60,4 +61,5 @@ def compiled_graph_of(
     from edgeq.compile import compile_model
 
     with tempfile.TemporaryDirectory() as folder:
-        return compile_model(model, example_inputs, target=target, out=Path(folder) / f"model{ARTIFACT_SUFFIX}").graph
+        out = Path(folder) / f"model{ARTIFACT_SUFFIX}"
+        return compile_model(model, example_inputs, target=target, out=out, simulate=True, progress=lambda _: None).graph

@@ -8,16 +8,17 @@ machine when the CPU is this machine's kind (:mod:`.calibrate`), the target's no
 from __future__ import annotations
 
 import dataclasses
-import tempfile
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from edgeq.compile.compiled_graph import CompiledGraph, load_compiled_graph
+from edgeq.compile.compiled_graph import CompiledGraph
+from edgeq.compile.graph_source import compiled_graph_of
 from edgeq.errors import EdgeqError
 from edgeq.export.sources import ModelLike
+from edgeq.quantization.integer_model import IntegerModel
 from edgeq.perf.calibrate import Calibration, calibrate, host_figures
 from edgeq.perf.estimate import estimate
 from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
@@ -35,18 +36,6 @@ __all__ = [
 ]
 
 REPORT_JSON = "report.json"
-
-
-def _is_artifact(model: ModelLike) -> bool:
-    if not isinstance(model, (str, Path)):
-        return False
-    path = Path(model)
-    return path.suffix == ".edgeq" or (path.is_file() and zipfile.is_zipfile(path) and _has_manifest(path))
-
-
-def _has_manifest(path: Path) -> bool:
-    with zipfile.ZipFile(path) as archive:
-        return "manifest.json" in archive.namelist()
 
 
 def estimate_graph(graph: CompiledGraph, target: Target | None = None, source: str = "", recalibrate: bool = False) -> PerfResult:
@@ -70,8 +59,11 @@ def perf_model(
     target: TargetLike | None = None,
     layer_details: bool = True,
     recalibrate: bool = False,
+    float_model: nn.Module | None = None,
+    int_model: IntegerModel | None = None,
 ) -> PerfResult:
-    """Estimate the latency of ``model`` on ``target``, layer by layer, and write ``out_dir/report.json``.
+    """Estimate the latency of ``model`` on ``target``, layer by layer, and write ``out_dir/report.json`` and
+    ``out_dir/report.html``.
 
     Args:
         model: a ``.edgeq`` artifact, or anything ``compile_model`` takes (a QDQ ONNX or edgeq TorchScript file,
@@ -81,6 +73,10 @@ def perf_model(
         target: target name, file or :class:`~edgeq.targets.Target` (default: the artifact's, or the model's).
         layer_details: include the per-layer estimates in ``report.json``.
         recalibrate: measure this machine's CPU figures again instead of using the cached ones.
+        float_model: the float model; with ``example_inputs`` (real samples: the statistics are over the batch),
+            the report compares every layer's integer output with the float model's (docs/perf.md, "Per-layer
+            accuracy").
+        int_model: the integer model to compare, when ``model`` is not the integer model itself (an artifact).
 
     Returns:
         The estimate; ``result.to_dict()`` is ``report.json`` (docs/perf.md).
@@ -88,19 +84,20 @@ def perf_model(
     Raises:
         CompiledGraphError: an artifact that cannot be read.
         TargetError: an unknown target.
-        EdgeqError: an artifact compiled for another target than ``target``; compile errors for other models.
+        EdgeqError: an artifact compiled for another target than ``target``; compile errors for other models;
+            ``float_model`` without ``example_inputs`` or without an integer model.
     """
+    if float_model is not None:
+        int_model = model if isinstance(model, IntegerModel) else int_model
+        if int_model is None or example_inputs is None:
+            raise EdgeqError("per-layer accuracy needs the integer model (as model or int_model) and example_inputs besides float_model")
     resolved = load_target(target) if target is not None else None
-    if _is_artifact(model):
-        graph = load_compiled_graph(model)
-        result = estimate_graph(graph, resolved, str(model), recalibrate)
-    else:
-        from edgeq.compile import compile_model
-
-        with tempfile.TemporaryDirectory(prefix="edgeq-perf-") as folder:
-            compiled = compile_model(model, example_inputs, target=resolved, out=Path(folder) / "model.edgeq", simulate=True, progress=lambda _: None)
-        result = estimate_graph(compiled.graph, compiled.target, compiled.manifest["source"], recalibrate)
+    graph = compiled_graph_of(model, example_inputs, resolved)
+    result = estimate_graph(graph, resolved, str(model) if isinstance(model, (str, Path)) else type(model).__name__, recalibrate)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = result.write_json(out / REPORT_JSON, layer_details)
-    return dataclasses.replace(result, report_json=path)
+    from edgeq.report import layer_accuracy, write_report  # the report renders PerfResult: imported on use
+
+    accuracy = layer_accuracy(float_model, int_model, example_inputs, graph) if float_model is not None else None
+    html = write_report(result, out, accuracy)
+    return dataclasses.replace(result, report_json=result.write_json(out / REPORT_JSON, layer_details), report_html=html, accuracy=accuracy)

@@ -118,6 +118,9 @@ class PerfResult:
         transitions: every NPU<->CPU switch, in call order.
         graph: the compiled graph the estimate is made from (not part of ``to_dict``: ``graph.json``).
         report_json: where ``report.json`` was written (None when not written).
+        report_html: where ``report.html`` was written (None when not written).
+        accuracy: per-layer accuracy (:class:`edgeq.report.LayerAccuracy`, in the integer graph's order) when
+            ``perf_model`` was given the float model, else None.
     """
 
     source: str
@@ -128,6 +131,8 @@ class PerfResult:
     transitions: list[TransitionEstimate]
     graph: CompiledGraph = field(repr=False, compare=False)
     report_json: Path | None = None
+    report_html: Path | None = None
+    accuracy: list[Any] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self, layer_details: bool = True) -> dict[str, Any]:
         """``report.json``: schema version, source, target, figures, summary, transitions and (with

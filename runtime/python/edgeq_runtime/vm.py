@@ -27,7 +27,7 @@ _this_thread = threading.local()  # .threads: the count the calling thread's poo
 
 
 class RuntimeLibraryError(Exception):
-    """TVM's runtime library cannot be found or loaded."""
+    """TVM's runtime library cannot be found or loaded, or its thread pool cannot be set up."""
 
 
 def runtime_library() -> Path:
@@ -68,12 +68,12 @@ def load_vm(library: Path) -> Any:
 
 
 @functools.cache
-def available_cores() -> list[int]:
+def available_cores() -> tuple[int, ...]:
     """The ids of the CPU cores this process may run on, read once: TVM pins a thread whose pool it sizes itself."""
     try:
-        return sorted(os.sched_getaffinity(0))
+        return tuple(sorted(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
-        return list(range(os.cpu_count() or 1))
+        return tuple(range(os.cpu_count() or 1))
 
 
 def thread_count(value: Any) -> int:

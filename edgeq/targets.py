@@ -47,6 +47,9 @@ class LLVMCodegen(_Strict):
     """How TVM's LLVM backend generates code for a CPU target."""
 
     mtriple: str = Field(min_length=1)
+    mcpu: str | None = None
+    """LLVM CPU model (``znver3``, ``sapphirerapids``, ``cortex-a76``); default: this machine's own CPU when the
+    library is built for this machine, else LLVM's generic CPU of the triple."""
     mattr: tuple[str, ...] = ()
 
 

@@ -25,13 +25,15 @@ import onnx
 import torch
 import tvm
 from tvm import relax
+from tvm.target.codegen import llvm_get_system_cpu
 
 from edgeq import __version__
 from edgeq.check import CheckReport, check_qdq
 from edgeq.compile.artifact import CHECK, GRAPH, LIBRARY, NPU_PROGRAM, json_bytes, write_artifact
-from edgeq.compile.codegen import Machine, build_library, build_relax_module, check_opt_level
+from edgeq.compile.codegen import Machine, build_library, build_relax_module
 from edgeq.compile.compiled_graph import CompiledGraph, build_compiled_graph
 from edgeq.compile.kernel_map import kernel_map
+from edgeq.compile.pipeline import check_opt_level
 from edgeq.compile.npu_program import npu_program
 from edgeq.compile.partition import Partition, TensorSpec, partition
 from edgeq.errors import CompileError
@@ -59,6 +61,8 @@ class CompileResult:
         module: the Relax module after integer lowering, before the build pipeline.
         graph: the compiled graph (``graph.json``): ops, tensors, regions and kernels.
         manifest: the artifact's manifest (without the member checksums).
+        kernels: (kernel name, schedule name) of every scheduled kernel of the library (empty at ``-O0``);
+            :func:`edgeq.compile.codegen.scheduled_module` gives the fused module these names refer to.
         seconds: time of each step.
     """
 
@@ -70,6 +74,7 @@ class CompileResult:
     module: relax.IRModule
     graph: CompiledGraph
     manifest: dict[str, Any]
+    kernels: list[tuple[str, str]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def summary_lines(self) -> list[str]:
@@ -104,6 +109,9 @@ def _machine(target: Target, simulate: bool) -> Machine:
     arch = cpu.llvm.mtriple.split("-")[0]
     native = arch == here
     llvm = {"kind": "llvm", "mtriple": cpu.llvm.mtriple}
+    mcpu = cpu.llvm.mcpu or (llvm_get_system_cpu() if native else None)
+    if mcpu:
+        llvm["mcpu"] = mcpu
     if cpu.llvm.mattr:
         llvm["mattr"] = list(cpu.llvm.mattr)
     return Machine(arch, llvm, None if native else f"{arch}-linux-gnu-g++")
@@ -202,11 +210,11 @@ def compile_model(
     out_path = Path(out) if out is not None else _default_out(model)
     with tempfile.TemporaryDirectory() as folder:
         library = Path(folder) / LIBRARY
-        executable = build_library(module, machine, opt_level, str(library), report_progress)
+        built = build_library(module, machine, opt_level, str(library), report_progress)
         library_bytes = library.read_bytes()
     step("codegen")
     graph = build_compiled_graph(qdq, report, parts, machine.arch)
-    graph = graph.with_kernels(kernel_map(executable, graph))
+    graph = graph.with_kernels(kernel_map(built.executable, graph))
 
     report_progress(f"write {out_path}")
     manifest = {
@@ -229,7 +237,7 @@ def compile_model(
     }
     write_artifact(out_path, manifest, members)
     step("write")
-    return CompileResult(out_path, resolved, machine.arch, report, parts, module, graph, manifest, seconds)
+    return CompileResult(out_path, resolved, machine.arch, report, parts, module, graph, manifest, built.kernels, seconds)
 
 
 def _default_out(model: ModelLike) -> Path:

@@ -1,14 +1,13 @@
-"""From regions to a compiled library: import each region with TVM's ONNX frontend, lower it to integers,
-call the regions from one ``main``, and build with a pipeline chosen by the optimisation level.
+"""From regions to a compiled library: import each region with TVM's ONNX frontend, call the regions from one
+``main``, lower it to integers, and build it through the stages of :mod:`edgeq.compile.pipeline`.
 
 Optimisation levels (``-O``):
 
-- ``0``: every Relax op becomes its own kernel (no constant folding, no fusion): slowest, and each kernel maps to
-  one op, for debugging and per-op measurements.
-- ``1``: constant folding and operator fusion (TVM's default CPU pipeline): requantization and
-  activations fuse into the convolution or matmul that produces them.
-- ``2`` (default): level 1, and every kernel's outer loops (batch and channels, fused) run in parallel on the CPU's cores
-  (measured on ResNet18 here: 2x faster than level 1 with 2 threads).
+- ``0``: every Relax op becomes its own kernel with TVM's default, unscheduled form (no constant folding, no
+  fusion, no schedules): slowest, and each kernel maps to one op, for debugging and per-op measurements.
+- ``1``: constant folding, operator fusion (requantization and activations fuse into the convolution or matmul
+  that produces them) and edgeq's kernels and default schedules for the CPU's dot product, on one core.
+- ``2`` (default): level 1 with every kernel's tiles run in parallel on the CPU's cores.
 
 No level changes the numbers: the integer program is the same at every level (the tests compare every level
 with the integer model).
@@ -27,14 +26,16 @@ from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
 from edgeq.check.report import Placement
-from edgeq.compile.lower_integer import Conv2dSettings, integer_accumulator, lower_to_integer
+from edgeq.compile.cpu_features import dot_product
+from edgeq.compile.lower_integer import Conv2dSettings, integer_accumulator
+from edgeq.compile.pipeline import Stage, as_pass, lower_integer, run_stages, split_at, stages
+from edgeq.compile.schedules import kernel_schedules
 from edgeq.compile.partition import Int32Head, Partition, Region, TensorSpec
 from edgeq.errors import CompileError
 from edgeq.export.onnx_reader import node_attributes
 
 logger = logging.getLogger(__name__)
 
-OPT_LEVELS = (0, 1, 2)
 REGION_ATTRIBUTE = "edgeq.placement"
 """Function attribute of each region function: ``"npu"`` or ``"cpu"``."""
 
@@ -44,7 +45,8 @@ _FLOAT_OPS = ("relax.quantize", "relax.dequantize")
 
 
 def build_relax_module(partition: Partition, progress: Progress) -> relax.IRModule:
-    """One Relax module: a function per region (lowered to integers) and ``main`` calling them in order.
+    """One Relax module: a function per region and ``main`` calling them in order, through the pipeline's
+    ``lower_integer`` stage.
 
     Raises:
         CompileError: TVM cannot import a region, or an NPU region keeps float arithmetic after lowering.
@@ -52,11 +54,20 @@ def build_relax_module(partition: Partition, progress: Progress) -> relax.IRModu
     builder = relax.BlockBuilder()
     functions: list[relax.GlobalVar] = []
     for region in partition.regions:
-        progress(f"import and lower {region.name} ({len(region.nodes)} op(s))")
+        progress(f"import {region.name} ({len(region.nodes)} op(s))")
         function = _head_function(region.head) if region.head is not None else _region_function(region)
         functions.append(builder.add_func(_annotated(function, region), region.name))
     _emit_main(builder, partition, functions)
-    return relax.transform.DeadCodeElimination()(builder.get())
+    progress("lower to integers")
+    module = lower_integer()(builder.get())
+    for region, global_var in zip(partition.regions, functions):
+        leftover = _float_calls(module[global_var.name_hint]) if region.placement is Placement.NPU else set()
+        if leftover:
+            raise CompileError(
+                f"{region.name}: ops {region.nodes[:5]} are placed on the NPU but {sorted(leftover)} stayed in float "
+                "after integer lowering; this is a bug in edgeq's lowering, please report it with the model"
+            )
+    return module
 
 
 def _region_function(region: Region) -> relax.Function:
@@ -66,17 +77,7 @@ def _region_function(region: Region) -> relax.Function:
             imported = from_onnx(region.model, keep_params_in_input=False)
     except Exception as error:  # TVM raises many kinds; the node is in its message
         raise CompileError(f"{region.name}: TVM's ONNX frontend failed on ops {region.nodes[:5]}: {error}") from error
-    function = lower_to_integer(imported["main"])
-    module = relax.transform.DeadCodeElimination()(tvm.IRModule({"main": function}))
-    function = module["main"]
-    if region.placement is Placement.NPU:
-        leftover = _float_calls(function)
-        if leftover:
-            raise CompileError(
-                f"{region.name}: ops {region.nodes[:5]} are placed on the NPU but {sorted(leftover)} stayed in float "
-                "after integer lowering; this is a bug in edgeq's lowering, please report it with the model"
-            )
-    return function
+    return imported["main"]
 
 
 def _annotated(function: relax.Function, region: Region) -> relax.Function:
@@ -141,32 +142,6 @@ def _identifier(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
-def check_opt_level(opt_level: int) -> None:
-    """Raises CompileError for a level that is not one of ``OPT_LEVELS``."""
-    if opt_level not in OPT_LEVELS:
-        raise CompileError(f"optimisation level {opt_level} is unknown (allowed: {', '.join(map(str, OPT_LEVELS))})")
-
-
-def pipeline(opt_level: int, target: tvm.target.Target) -> tvm.transform.Pass:
-    """The Relax pipeline of an optimisation level (see the module docstring)."""
-    check_opt_level(opt_level)
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-
-    legalize = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern()]
-    if opt_level >= 1:
-        legalize += [relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
-    if opt_level >= 2:
-        legalize.append(parallelize_outer_loops())
-
-    @tvm.transform.module_pass(opt_level=0, name=f"edgeq_O{opt_level}")
-    def run(module: tvm.IRModule, _context: tvm.transform.PassContext) -> tvm.IRModule:
-        with target:
-            passes = cpu.library_dispatch_passes(target) + legalize + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
-            return tvm.transform.Sequential(passes)(module)
-
-    return run
-
-
 @dataclass(frozen=True)
 class Machine:
     """What the library is built for."""
@@ -177,43 +152,28 @@ class Machine:
     """Cross compiler (``aarch64-linux-gnu-g++``), or None for this machine's own."""
 
 
-def parallelize_outer_loops() -> tvm.transform.Pass:
-    """Run the outermost spatial loops of every kernel in parallel (batch and channel loops, fused).
+@dataclass(frozen=True)
+class Library:
+    """A built library and the schedule each kernel got."""
 
-    A schedule changes the order of work, never the arithmetic: results are identical. Reduction loops are left
-    alone (the schedule refuses them; such a kernel stays serial).
-    """
-    from tvm import s_tir, tirx
-
-    @tvm.transform.module_pass(opt_level=0, name="edgeq_parallelize_outer_loops")
-    def run(module: tvm.IRModule, _context: tvm.transform.PassContext) -> tvm.IRModule:
-        for global_var, function in list(module.functions.items()):
-            if not isinstance(function, tirx.PrimFunc):
-                continue
-            schedule = s_tir.Schedule(function)
-            for block in schedule.get_child_blocks(schedule.get_sblock("root")) if _has_root(schedule) else []:
-                loops = schedule.get_loops(block)
-                try:
-                    outer = schedule.fuse(*loops[:2]) if len(loops) >= 2 else loops[0]
-                    schedule.parallel(outer)
-                except (s_tir.ScheduleError, IndexError):
-                    continue
-            module[global_var] = schedule.mod["main"]
-        return module
-
-    return run
+    executable: relax.Executable
+    kernels: list[tuple[str, str]]
+    """(kernel name, schedule name) of every scheduled kernel (:func:`edgeq.compile.schedules.kernel_schedules`)."""
 
 
-def _has_root(schedule: object) -> bool:
-    try:
-        schedule.get_sblock("root")
-    except Exception:  # a PrimFunc without a root block (already lowered)
-        return False
-    return True
+def scheduled_module(module: relax.IRModule, target: tvm.target.Target, opt_level: int) -> relax.IRModule:
+    """``module`` (integer-lowered) through the pipeline up to and including the ``schedule`` stage: fused kernels
+    with their schedules, the form the kernel names of :class:`Library` refer to."""
+    return run_stages(module, target, _build_stages(opt_level, target)[0])
 
 
-def build_library(module: relax.IRModule, machine: Machine, opt_level: int, path: str, progress: Progress) -> relax.Executable:
-    """Build ``module`` for ``machine`` and export the shared library to ``path``.
+def _build_stages(opt_level: int, target: tvm.target.Target) -> tuple[list[Stage], list[Stage]]:
+    _, rest = split_at(stages(opt_level, target), "lower_integer")
+    return split_at(rest, "schedule")
+
+
+def build_library(module: relax.IRModule, machine: Machine, opt_level: int, path: str, progress: Progress) -> Library:
+    """Build ``module`` (integer-lowered) for ``machine`` and export the shared library to ``path``.
 
     Raises:
         CompileError: the cross compiler is missing, or LLVM / the linker fails.
@@ -225,9 +185,11 @@ def build_library(module: relax.IRModule, machine: Machine, opt_level: int, path
             "simulate=True (--simulate) for this machine"
         )
     target = tvm.target.Target(machine.llvm)
-    progress(f"build for {machine.arch} (LLVM, -O{opt_level})")
+    front, back = _build_stages(opt_level, target)
+    progress(f"build for {machine.arch} (LLVM, -O{opt_level}, {dot_product(target).name} kernels)")
     try:
-        executable = relax.build(module, target, relax_pipeline=pipeline(opt_level, target))
+        scheduled = run_stages(module, target, front)
+        executable = relax.build(scheduled, target, relax_pipeline=as_pass(target, back))
     except CompileError:
         raise
     except Exception as error:
@@ -242,4 +204,4 @@ def build_library(module: relax.IRModule, machine: Machine, opt_level: int, path
         executable.export_library(path, **options)
     except Exception as error:
         raise CompileError(f"linking the {machine.arch} library failed: {error}") from error
-    return executable
+    return Library(executable, kernel_schedules(scheduled))

@@ -91,15 +91,11 @@ def _channel_shape(rank: int, axis: int, channels: int) -> list[int]:
 
 
 def _round_shift(product: relax.Expr, shifts: Sequence[int], shape: Sequence[int]) -> relax.Expr:
-    """``round_half_to_even(product / 2**n)`` on int64, as ``edgeq.numerics.rounding_right_shift``."""
+    """``round_half_to_even(product / 2**n)`` on int64, as ``edgeq.numerics.rounding_right_shift``, in the
+    kernels' epilogue form ``(p + 2**(n-1) - 1 + ((p >> n) & 1)) >> n`` (equal for ``1 <= n``, ``|p| < 2**62``)."""
     shift = _i64(shifts, shape)
-    floor = R.right_shift(product, shift)
-    remainder = R.subtract(product, R.left_shift(floor, shift))
-    half = _i64([1 << (n - 1) for n in shifts], shape)
-    one = relax.const(1, "int64")
-    odd = R.equal(R.bitwise_and(floor, one), one)
-    round_up = R.logical_or(R.greater(remainder, half), R.logical_and(R.equal(remainder, half), odd))
-    return R.add(floor, R.astype(round_up, "int64"))
+    odd = R.bitwise_and(R.right_shift(product, shift), relax.const(1, "int64"))
+    return R.right_shift(R.add(R.add(product, _i64([(1 << (n - 1)) - 1 for n in shifts], shape)), odd), shift)
 
 
 def _saturate(value: relax.Expr, low: int = ACTIVATION_QMIN, high: int = ACTIVATION_QMAX) -> relax.Expr:
@@ -109,7 +105,8 @@ def _saturate(value: relax.Expr, low: int = ACTIVATION_QMIN, high: int = ACTIVAT
 def _requantize(acc: relax.Expr, multipliers: Sequence[FixedPointMultiplier], rank: int, axis: int) -> relax.Expr:
     """int32/int64 accumulator -> int8 (``edgeq.numerics.requantize`` then saturation), per channel on ``axis``."""
     shape = _channel_shape(rank, axis, len(multipliers)) if len(multipliers) > 1 else [1] * rank
-    product = R.multiply(R.astype(acc, "int64"), _i64([m.multiplier for m in multipliers], shape))
+    factors = relax.const(np.asarray([m.multiplier for m in multipliers], dtype=np.int32).reshape(shape), "int32")
+    product = R.multiply(R.astype(acc, "int64"), R.astype(factors, "int64"))  # 32 x 32 -> 64 bits (vpmuldq)
     return _saturate(_round_shift(product, [m.shift for m in multipliers], shape))
 
 

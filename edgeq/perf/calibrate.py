@@ -94,14 +94,15 @@ def _threads() -> int:
 
 
 def kernel_fingerprint() -> str:
-    """A hash of the source that generates edgeq's kernels (lowering and code generation) and of TVM's version."""
+    """A hash of the source that generates edgeq's kernels (lowering, pipeline, kernels, schedules, code
+    generation) and of TVM's version."""
     import tvm
 
-    from edgeq.compile import codegen, lower_integer
+    from edgeq import compile as compiler
 
     digest = hashlib.sha256(tvm.__version__.encode())
-    for module in (codegen, lower_integer):
-        digest.update(Path(module.__file__).read_bytes())
+    for source in sorted(Path(compiler.__file__).parent.rglob("*.py")):
+        digest.update(source.read_bytes())
     return digest.hexdigest()[:16]
 
 

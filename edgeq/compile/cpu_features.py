@@ -1,0 +1,69 @@
+"""Which int8 dot product a CPU has, read from the LLVM target's features (never from a CPU's name).
+
+| features | dot product | lanes x depth |
+|---|---|---|
+| x86 ``avx512vnni`` (+ ``avx512bw``) | ``vpdpbusd`` zmm, uint8 activations (``x + 128``, ``128·Σw`` folded out) | 16 x 4 |
+| x86 ``avxvnni`` | ``vpdpbusd`` ymm, the same | 8 x 4 |
+| x86 ``avx2`` | ``vpmaddwd`` on int8 widened to int16 | 8 x 2 |
+| aarch64 ``dotprod`` | ``sdot`` | 4 x 4 |
+| anything else (NEON, SSE) | int32 multiply-add, vectorized by LLVM | 8 x 1 |
+
+All of them are exact: int8 products summed in int32, no saturating intermediate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm.target.codegen import target_has_features
+
+from edgeq.compile import intrinsics
+
+
+@dataclass(frozen=True)
+class DotProduct:
+    """How the int8 kernels multiply and accumulate on one CPU.
+
+    Attributes:
+        name: short name, shown in the kernel list (``vnni``, ``avx-vnni``, ``avx2-pmaddwd``, ``sdot``, ``plain``).
+        lanes: output channels computed per instruction (the channel block of packed weights and accumulators).
+        depth: input channels summed per lane and instruction (the inner block of packed inputs and weights).
+        intrinsic: the tensor intrinsic the schedules tensorize with, or None to let LLVM vectorize.
+        unsigned_activations: the instruction takes uint8 activations: kernels add 128 to the input and subtract
+            ``128·Σw`` per output channel (exact).
+        depthwise_lanes: channels per vector in depthwise kernels (int16 products, no dot product).
+    """
+
+    name: str
+    lanes: int
+    depth: int
+    intrinsic: str | None
+    unsigned_activations: bool
+    depthwise_lanes: int
+
+
+VNNI = DotProduct("vnni", 16, 4, intrinsics.VNNI_16x4, True, 32)
+AVX_VNNI = DotProduct("avx-vnni", 8, 4, intrinsics.AVX_VNNI_8x4, True, 16)
+AVX2 = DotProduct("avx2-pmaddwd", 8, 2, intrinsics.PMADDWD_8x2, False, 16)
+SDOT = DotProduct("sdot", 4, 4, intrinsics.SDOT_4x4, False, 8)
+PLAIN = DotProduct("plain", 8, 1, None, False, 8)
+
+
+def dot_product(target: tvm.target.Target) -> DotProduct:
+    """The exact int8 dot product the LLVM ``target`` has (see the module's table)."""
+    arch = str(target.attrs.get("mtriple", "")).split("-")[0]
+
+    def has(*features: str) -> bool:
+        return all(target_has_features(f, target) for f in features)
+
+    if arch == "x86_64":
+        if has("avx512vnni", "avx512bw"):
+            return VNNI
+        if has("avxvnni"):
+            return AVX_VNNI
+        if has("avx2"):
+            return AVX2
+    if arch == "aarch64" and has("dotprod"):
+        return SDOT
+    return PLAIN

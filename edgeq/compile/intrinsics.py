@@ -1,0 +1,87 @@
+"""edgeq's int8 dot-product tensor intrinsics, all exact (no saturating intermediate).
+
+Each computes ``C[i] += sum_k A[k] * B[i, k]`` for ``i < lanes``, ``k < depth`` in int32: one activation group ``A``
+broadcast against a ``lanes x depth`` block of weights ``B``.
+
+- ``edgeq_vnni_16x4`` / ``edgeq_avxvnni_8x4``: ``vpdpbusd`` (AVX-512 VNNI / AVX-VNNI), uint8 activations. TVM's
+  own ``dot_16x4_vnni`` passes ``int32`` operands that LLVM 22's verifier rejects; these pass bytes.
+- ``edgeq_pmaddwd_8x2``: AVX2 ``vpmaddwd`` on int8 values widened to int16 (int16 pairs -> int32, exact).
+  Never ``vpmaddubsw``: its int16 sum saturates.
+- aarch64 ``sdot`` is TVM's ``ARM_DOT_4x4_i8_SDOT_INTRIN``.
+"""
+
+from __future__ import annotations
+
+from tvm.s_tir import TensorIntrin
+from tvm.s_tir.tensor_intrin.arm_cpu import ARM_DOT_4x4_i8_SDOT_INTRIN
+from tvm.script import tirx as T
+
+VNNI_16x4 = "edgeq_vnni_16x4"
+AVX_VNNI_8x4 = "edgeq_avxvnni_8x4"
+PMADDWD_8x2 = "edgeq_pmaddwd_8x2"
+SDOT_4x4 = ARM_DOT_4x4_i8_SDOT_INTRIN
+
+
+def _description(lanes: int, depth: int, a_dtype: str):
+    @T.prim_func(s_tir=True)
+    def description(
+        A: T.Buffer((depth,), a_dtype, offset_factor=1),
+        B: T.Buffer((lanes, depth), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:depth])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, depth):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return description
+
+
+def _vpdpbusd(lanes: int, llvm_name: str):
+    bytes_ = lanes * 4
+
+    @T.prim_func(s_tir=True)
+    def implementation(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes), dtype=f"uint8x{bytes_}")
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_name),
+                C.vload([0], dtype=f"int32x{lanes}"),
+                a,
+                B.vload([0, 0], dtype=f"int8x{bytes_}"),
+                dtype=f"int32x{lanes}",
+            )
+
+    return implementation
+
+
+@T.prim_func(s_tir=True)
+def _pmaddwd(
+    A: T.Buffer((2,), "int8", offset_factor=1),
+    B: T.Buffer((8, 2), "int8", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        pair = T.reinterpret(T.Cast("int16x2", A.vload([0], "int8x2")), dtype="int32")
+        a = T.reinterpret(T.broadcast(pair, 8), dtype="int16x16")
+        b = T.Cast("int16x16", B.vload([0, 0], dtype="int8x16"))
+        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a, b, dtype="int32x8"
+        )
+
+
+TensorIntrin.register(VNNI_16x4, _description(16, 4, "uint8"), _vpdpbusd(16, "llvm.x86.avx512.vpdpbusd.512"))
+TensorIntrin.register(AVX_VNNI_8x4, _description(8, 4, "uint8"), _vpdpbusd(8, "llvm.x86.avx512.vpdpbusd.256"))
+TensorIntrin.register(PMADDWD_8x2, _description(8, 2, "int8"), _pmaddwd)

@@ -1,0 +1,142 @@
+"""edgeq's int8 kernels as TE computes in blocked layouts, ready for the default schedules.
+
+Each kernel keeps the signature of the Relax op it replaces (NCHW int8 in, NCHW int32 accumulator out), so the
+requantization epilogue fuses after it as before; inside, it packs the input so that ``depth`` input channels
+are contiguous, multiplies with weights packed at compile time into ``lanes x depth`` blocks, and unpacks the
+int32 accumulator. Channels are padded with zeros to whole blocks (any channel count works). Block names are
+the contract with :mod:`edgeq.compile.schedules`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import te, tirx
+
+from edgeq.compile.cpu_features import DotProduct
+
+PACK = "edgeq_pack_input"
+CONV = "edgeq_conv2d"
+DEPTHWISE = "edgeq_depthwise_conv2d"
+DENSE = "edgeq_dense"
+UNPACK = "edgeq_unpack"
+KERNEL_BLOCKS = (CONV, DEPTHWISE, DENSE)
+"""The reduction block of each kernel (its name tells the schedule which kernel it is)."""
+
+
+def _blocks(count: int, size: int) -> int:
+    return -(-count // size)
+
+
+def _activation(value: tirx.PrimExpr, dot: DotProduct) -> tirx.PrimExpr:
+    """An int8 activation as the dot product takes it (``x + 128`` as uint8 for VNNI)."""
+    if dot.unsigned_activations:
+        return (value.astype("int16") + 128).astype("uint8")
+    return value
+
+
+def pack_conv_weights(weights: np.ndarray, dot: DotProduct) -> tuple[np.ndarray, np.ndarray]:
+    """OIHW int8 weights -> ``[oc/lanes, ic/depth, kh, kw, lanes, depth]`` (zero-padded), and the per-channel
+    int32 correction the kernel subtracts (``128·Σw`` for uint8 activations, else zeros)."""
+    oc, ic, kh, kw = weights.shape
+    padded = np.zeros((_blocks(oc, dot.lanes) * dot.lanes, _blocks(ic, dot.depth) * dot.depth, kh, kw), np.int8)
+    padded[:oc, :ic] = weights
+    packed = padded.reshape(-1, dot.lanes, padded.shape[1] // dot.depth, dot.depth, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+    correction = 128 * weights.reshape(oc, -1).astype(np.int64).sum(axis=1) if dot.unsigned_activations else np.zeros(oc)
+    return np.ascontiguousarray(packed), correction.astype(np.int32)
+
+
+def conv2d(data: te.Tensor, packed: te.Tensor, correction: te.Tensor, channels: int, strides, padding, dilation, dot: DotProduct) -> te.Tensor:
+    """NCHW int8 ``data`` x packed weights -> NCHW int32 accumulator with ``channels`` channels (groups 1)."""
+    n, ic, h, w = (int(d) for d in data.shape)
+    _, ic_blocks, kh, kw, lanes, depth = (int(d) for d in packed.shape)
+    top, left, bottom, right = padding
+    out_h = (h + top + bottom - (kh - 1) * dilation[0] - 1) // strides[0] + 1
+    out_w = (w + left + right - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+
+    def pack(b, c_block, y, x, c):
+        channel = c_block * depth + c
+        inside = tirx.all(channel < ic, y >= top, y < h + top, x >= left, x < w + left)
+        value = tirx.if_then_else(inside, data[b, channel, y - top, x - left], tirx.const(0, "int8"))
+        return _activation(value, dot)
+
+    source = te.compute((n, ic_blocks, h + top + bottom, w + left + right, depth), pack, name=PACK)
+    rc, ry, rx, rk = (te.reduce_axis((0, e), name) for e, name in ((ic_blocks, "rc"), (kh, "ry"), (kw, "rx"), (depth, "rk")))
+    acc = te.compute(
+        (n, packed.shape[0], out_h, out_w, lanes),
+        lambda b, o, y, x, lane: te.sum(
+            source[b, rc, y * strides[0] + ry * dilation[0], x * strides[1] + rx * dilation[1], rk].astype("int32")
+            * packed[o, rc, ry, rx, lane, rk].astype("int32"),
+            axis=[rc, ry, rx, rk],
+        ),
+        name=CONV,
+    )
+    return te.compute(
+        (n, channels, out_h, out_w), lambda b, c, y, x: acc[b, c // lanes, y, x, c % lanes] - correction[c], name=UNPACK
+    )
+
+
+def pack_depthwise_weights(weights: np.ndarray, lanes: int) -> np.ndarray:
+    """``[C, 1, kh, kw]`` int8 weights -> ``[C/lanes, kh, kw, lanes]`` (zero-padded)."""
+    c, _, kh, kw = weights.shape
+    padded = np.zeros((_blocks(c, lanes) * lanes, kh, kw), np.int8)
+    padded[:c] = weights[:, 0]
+    return np.ascontiguousarray(padded.reshape(-1, lanes, kh, kw).transpose(0, 2, 3, 1))
+
+
+def depthwise_conv2d(data: te.Tensor, packed: te.Tensor, strides, padding, dilation) -> te.Tensor:
+    """NCHW int8 ``data`` x packed depthwise weights -> NCHW int32 accumulator (int16 products, exact)."""
+    n, channels, h, w = (int(d) for d in data.shape)
+    _, kh, kw, lanes = (int(d) for d in packed.shape)
+    top, left, bottom, right = padding
+    out_h = (h + top + bottom - (kh - 1) * dilation[0] - 1) // strides[0] + 1
+    out_w = (w + left + right - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+
+    def pack(b, c_block, y, x, c):
+        channel = c_block * lanes + c
+        inside = tirx.all(channel < channels, y >= top, y < h + top, x >= left, x < w + left)
+        return tirx.if_then_else(inside, data[b, channel, y - top, x - left], tirx.const(0, "int8"))
+
+    source = te.compute((n, packed.shape[0], h + top + bottom, w + left + right, lanes), pack, name=PACK)
+    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+    acc = te.compute(
+        (n, packed.shape[0], out_h, out_w, lanes),
+        lambda b, o, y, x, lane: te.sum(
+            (
+                source[b, o, y * strides[0] + ry * dilation[0], x * strides[1] + rx * dilation[1], lane].astype("int16")
+                * packed[o, ry, rx, lane].astype("int16")
+            ).astype("int32"),
+            axis=[ry, rx],
+        ),
+        name=DEPTHWISE,
+    )
+    return te.compute((n, channels, out_h, out_w), lambda b, c, y, x: acc[b, c // lanes, y, x, c % lanes], name=UNPACK)
+
+
+def pack_dense_weights(weights: np.ndarray, dot: DotProduct) -> tuple[np.ndarray, np.ndarray]:
+    """``[in, out]`` int8 weights -> ``[out/lanes, in/depth, lanes, depth]``, and the correction (as for convs)."""
+    packed, correction = pack_conv_weights(weights.T[:, :, None, None], dot)
+    return np.ascontiguousarray(packed[:, :, 0, 0]), correction
+
+
+def dense(data: te.Tensor, packed: te.Tensor, correction: te.Tensor, features: int, dot: DotProduct) -> te.Tensor:
+    """``[..., in]`` int8 ``data`` x packed weights -> ``[..., features]`` int32 accumulator."""
+    *lead, size = (int(d) for d in data.shape)
+    _, in_blocks, lanes, depth = (int(d) for d in packed.shape)
+
+    def pack(*index):
+        *rows, block, k = index
+        channel = block * depth + k
+        return _activation(tirx.if_then_else(channel < size, data[(*rows, channel)], tirx.const(0, "int8")), dot)
+
+    source = te.compute((*lead, in_blocks, depth), pack, name=PACK)
+    rc, rk = te.reduce_axis((0, in_blocks), "rc"), te.reduce_axis((0, depth), "rk")
+    acc = te.compute(
+        (*lead, packed.shape[0], lanes),
+        lambda *index: te.sum(
+            source[(*index[:-2], rc, rk)].astype("int32") * packed[index[-2], rc, index[-1], rk].astype("int32"), axis=[rc, rk]
+        ),
+        name=DENSE,
+    )
+    return te.compute(
+        (*lead, features), lambda *index: acc[(*index[:-1], index[-1] // lanes, index[-1] % lanes)] - correction[index[-1]], name=UNPACK
+    )

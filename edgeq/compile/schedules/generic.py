@@ -1,0 +1,52 @@
+"""Schedules for kernels without a dot product: fused elementwise chains, pooling, grouped convolutions and
+anything else the default legalization made.
+
+The fused requantization chain (FuseTIR leaves one block and one full-size int64 buffer per op) is inlined into
+its last block; the outer spatial loops of what remains run in parallel. Inlining and loop order change where
+values are computed, never how: results are identical.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir
+
+
+def inline_epilogue(sch: s_tir.Schedule, after: s_tir.schedule.SBlockRV | None = None) -> s_tir.schedule.SBlockRV:
+    """Inline every block after ``after`` (every injective block if None) into the function's last block.
+
+    Returns:
+        The last block (the kernel's output).
+    """
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    start = 0 if after is None else [sch.get(b).same_as(sch.get(after)) for b in blocks].index(True) + 1
+    for block in blocks[start:-1]:
+        if not _is_reduction(sch, block):
+            try:
+                sch.compute_inline(block)
+            except s_tir.ScheduleError:
+                continue
+    return sch.get_child_blocks(sch.get_sblock("root"))[-1]
+
+
+def _is_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
+    return any(var.iter_type == var.CommReduce for var in sch.get(block).iter_vars)
+
+
+def parallel_outer(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, count: int = 2) -> None:
+    """Run the outer ``count`` loops of ``block`` in parallel (fused); a block that refuses (a reduction loop among
+    them) stays serial."""
+    loops = sch.get_loops(block)[:count]
+    if not loops:
+        return
+    try:
+        sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+    except s_tir.ScheduleError:
+        return
+
+
+def schedule_generic(sch: s_tir.Schedule, parallel: bool) -> None:
+    """Inline the injective chain into the last block, then run every block's outer loops in parallel."""
+    inline_epilogue(sch)
+    if parallel:
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            parallel_outer(sch, block)

@@ -1,0 +1,88 @@
+"""Kernel selection: int8 convolutions and matmuls with constant weights become edgeq's blocked kernels.
+
+A legalization (``relax.transform.LegalizeOps`` with edgeq's rules for ``relax.nn.conv2d`` and
+``relax.matmul``): an int8 x constant int8 -> int32 op becomes a call of the matching TE kernel of
+:mod:`edgeq.compile.kernels` with its weights packed here, once, for the CPU's dot product; every other op gets
+TVM's own legalization. Grouped convolutions (other than depthwise) keep TVM's kernel.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.block_builder import BlockBuilder
+
+from edgeq.compile import kernels
+from edgeq.compile.cpu_features import DotProduct
+
+
+def _default(op: str):
+    return tvm.ir.Op.get(op).get_attr("FLegalize")
+
+
+def _int8_constant(expr: relax.Expr) -> np.ndarray | None:
+    value = getattr(expr, "value", None)
+    array = value.numpy() if hasattr(value, "numpy") else None
+    return array if array is not None and array.dtype == np.int8 else None
+
+
+def _static_int8(expr: relax.Expr) -> bool:
+    info = expr.ty
+    return isinstance(info, relax.TensorType) and str(info.dtype) == "int8" and info.shape is not None and all(
+        isinstance(d, tvm.tirx.IntImm) for d in info.shape
+    )
+
+
+def _conv2d(dot: DotProduct):
+    default = _default("relax.nn.conv2d")
+
+    def legalize(bb: BlockBuilder, call: relax.Call) -> relax.Expr:
+        attrs = call.attrs
+        weights = _int8_constant(call.args[1])
+        fits = (
+            weights is not None
+            and _static_int8(call.args[0])
+            and str(attrs.out_dtype) == "int32"
+            and (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) == ("NCHW", "OIHW", "NCHW")
+        )
+        if not fits:
+            return default(bb, call)
+        groups, channels = int(attrs.groups), weights.shape[0]
+        geometry = dict(
+            strides=[int(s) for s in attrs.strides],
+            padding=[int(p) for p in attrs.padding],
+            dilation=[int(d) for d in attrs.dilation],
+        )
+        if groups == 1:
+            packed, correction = kernels.pack_conv_weights(weights, dot)
+            kernel = partial(kernels.conv2d, channels=channels, dot=dot, **geometry)
+            return bb.call_te(kernel, call.args[0], relax.const(packed), relax.const(correction), primfunc_name_hint="conv2d")
+        if groups == channels == int(call.args[0].ty.shape[1]) and weights.shape[1] == 1:
+            packed = kernels.pack_depthwise_weights(weights, dot.depthwise_lanes)
+            kernel = partial(kernels.depthwise_conv2d, **geometry)
+            return bb.call_te(kernel, call.args[0], relax.const(packed), primfunc_name_hint="conv2d")
+        return default(bb, call)
+
+    return legalize
+
+
+def _matmul(dot: DotProduct):
+    default = _default("relax.matmul")
+
+    def legalize(bb: BlockBuilder, call: relax.Call) -> relax.Expr:
+        weights = _int8_constant(call.args[1])
+        if weights is None or weights.ndim != 2 or not _static_int8(call.args[0]) or str(call.attrs.out_dtype) != "int32":
+            return default(bb, call)
+        packed, correction = kernels.pack_dense_weights(weights, dot)
+        kernel = partial(kernels.dense, features=weights.shape[1], dot=dot)
+        return bb.call_te(kernel, call.args[0], relax.const(packed), relax.const(correction), primfunc_name_hint="matmul")
+
+    return legalize
+
+
+def select_kernels(dot: DotProduct) -> tvm.transform.Pass:
+    """Legalize every Relax op, int8 convolutions and matmuls into edgeq's kernels for ``dot``."""
+    return relax.transform.LegalizeOps({"relax.nn.conv2d": _conv2d(dot), "relax.matmul": _matmul(dot)})

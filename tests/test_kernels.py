@@ -1,0 +1,103 @@
+"""edgeq's int8 kernels and default schedules: every kernel class bit-identical to the unscheduled integer
+program (odd shapes, channels not a multiple of the vector width), and the dot-product instructions chosen from
+the target's CPU features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from edgeq.compile.codegen import Machine, build_library
+from edgeq.compile.cpu_features import dot_product
+from edgeq.compile.lower_integer import Conv2dSettings, _requantize, integer_accumulator
+from edgeq.numerics import conv_multipliers
+
+HERE = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
+
+
+def kernel_module(shape, out_channels, kernel=3, stride=1, pad=1, groups=1, dense=False, seed=0):
+    """One int8 conv2d (or dense) with bias and per-channel requantization, as edgeq's lowering writes it."""
+    rng = np.random.default_rng(seed)
+    source = relax.Var("x", relax.TensorType(list(shape), "int8"))
+    in_channels = shape[-1] if dense else shape[1]
+    weights_shape = (in_channels, out_channels) if dense else (out_channels, in_channels // groups, kernel, kernel)
+    weights = rng.integers(-128, 128, weights_shape, dtype=np.int8)
+    bias = rng.integers(-5000, 5000, out_channels, dtype=np.int32)
+    conv = None if dense else Conv2dSettings((stride, stride), (pad,) * 4, (1, 1), groups)
+    multipliers = conv_multipliers(0.05, list(rng.uniform(0.001, 0.01, out_channels)), 0.1, what="test")
+    builder = relax.BlockBuilder()
+    with builder.function("main", [source]):
+        with builder.dataflow():
+            acc = integer_accumulator(source, weights, bias, conv)
+            output = builder.emit_output(_requantize(acc, multipliers, len(shape), len(shape) - 1 if dense else 1))
+        builder.emit_func_output(output)
+    return builder.get()
+
+
+def run(module, opt_level, x, tmp_path):
+    library = build_library(module, Machine("x86_64", HERE, None), opt_level, str(tmp_path / f"k{opt_level}.so"), lambda _: None)
+    vm = relax.VirtualMachine(library.executable, tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy(), library.kernels
+
+
+CASES = {
+    "conv2d": (dict(shape=(1, 16, 12, 12), out_channels=32), "conv2d"),
+    "conv2d odd channels, stride 2": (dict(shape=(2, 13, 9, 11), out_channels=21, stride=2), "conv2d"),
+    "stem 7x7 3 channels": (dict(shape=(1, 3, 23, 23), out_channels=10, kernel=7, stride=2, pad=3), "conv2d"),
+    "conv2d 1x1": (dict(shape=(1, 24, 7, 7), out_channels=20, kernel=1, pad=0), "conv2d_1x1"),
+    "depthwise": (dict(shape=(1, 24, 10, 10), out_channels=24, groups=24), "depthwise_conv2d"),
+    "depthwise odd, stride 2": (dict(shape=(1, 37, 9, 7), out_channels=37, stride=2, groups=37), "depthwise_conv2d"),
+    "grouped": (dict(shape=(1, 12, 6, 6), out_channels=18, groups=3), "conv2d_grouped"),
+    "dense": (dict(shape=(2, 37), out_channels=19, dense=True), "dense"),
+    "dense 3-d": (dict(shape=(2, 3, 40), out_channels=16, dense=True), "dense"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_kernel_class_is_exact_at_every_level(case, tmp_path):
+    arguments, schedule = CASES[case]
+    module = kernel_module(**arguments)
+    x = np.random.default_rng(1).integers(-128, 128, arguments["shape"], dtype=np.int8)
+    reference, _ = run(module, 0, x, tmp_path)  # TVM's unscheduled kernel of the same integer program
+    for level in (1, 2):
+        output, kernels = run(module, level, x, tmp_path)
+        np.testing.assert_array_equal(output, reference)
+        assert [name for _, name in kernels] == [schedule]
+
+
+def assembly(target: dict) -> str:
+    """The generated assembly of a conv2d built for ``target`` (cross targets are never run here)."""
+    scheduled = relax.build(kernel_module((1, 32, 8, 8), 32), tvm.target.Target(target), relax_pipeline=_pipeline(target))
+    return scheduled.mod.imports[0].inspect_source("asm")
+
+
+def _pipeline(target: dict):
+    from edgeq.compile.pipeline import as_pass, split_at, stages
+
+    t = tvm.target.Target(target)
+    return as_pass(t, split_at(stages(2, t), "lower_integer")[1])
+
+
+@pytest.mark.parametrize(
+    "target, instruction",
+    [
+        ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sapphirerapids"}, "vpdpbusd"),
+        ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3"}, "vpmaddwd"),
+        ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}, "sdot"),
+    ],
+)
+def test_kernels_use_the_cpus_dot_product(target, instruction):
+    assert instruction in assembly(target)
+
+
+def test_dot_product_comes_from_cpu_features():
+    names = {
+        "sapphirerapids": "vnni", "alderlake": "avx-vnni", "znver3": "avx2-pmaddwd", "x86-64": "plain",
+    }
+    for cpu, name in names.items():
+        assert dot_product(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu})).name == name
+    arm = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}
+    assert dot_product(tvm.target.Target({**arm, "mattr": ["+neon", "+dotprod"]})).name == "sdot"
+    assert dot_product(tvm.target.Target({**arm, "mattr": ["+neon"]})).name == "plain"

@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--peer", choices=sorted(PEER_PATHS), help="ORT configuration (default: chosen for this CPU)")
     args = parser.parse_args()
     path = PEER_PATHS[args.peer] if args.peer else peer_path()
-    print(f"ONNX Runtime path: {path.name} ({path.reason})")
+    print(f"ONNX Runtime path: {path.name} ({'named by --peer' if args.peer else path.reason})")
     print(f"{'model':<20}{'target':<8}{'per-op differing':>18}{'max':>5}{'end-to-end within 1 step':>27}")
     for name in ("resnet18", "mobilenet_v2", "digits CNN"):
         for target in ("npu-m", "npu-s"):

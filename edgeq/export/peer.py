@@ -105,7 +105,9 @@ def _probe_is_exact(path: PeerPath) -> bool:
     return bool(np.array_equal(got, exact))
 
 
-_FUSED = PeerPath("fused", (), True, "ORT's fused int8 kernels are exact on this CPU (VNNI, or not x86-64)")
+_FUSED = PeerPath(
+    "fused", (), True, "ORT's default fused int8 kernels compute the probe exactly on this CPU (e.g. x86-64 with VNNI)"
+)
 _FUSED_U8U8 = PeerPath(
     "fused-u8u8", ((PRECISE_INT8, "1"),), True,
     f"ORT's default u8s8 kernels saturate int16 pair sums on this CPU (x86-64 without VNNI); {PRECISE_INT8}=1 "

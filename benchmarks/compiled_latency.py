@@ -1,7 +1,8 @@
 """Latency of edgeq's compiled artifact (TVM, untuned) against ONNX Runtime on the same QDQ ONNX file.
 
 Quantizes a random-init torchvision model for a target, exports it, compiles it at each optimisation level for
-this machine, and times single-image inference interleaved with ONNX Runtime (int8 kernels). Prints the median
+this machine, and times single-image inference interleaved with ONNX Runtime (int8 kernels, configured for this
+CPU by edgeq.export.peer and printed first; ORT documents its exact u8u8 kernels as slower). Prints the median
 latencies and the ratio edgeq / ONNX Runtime.
 
     .venv/bin/python benchmarks/compiled_latency.py [--model resnet18] [--size 224] [--levels 1] [--runs 5]
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from edgeq.compile import compile_model  # noqa: E402
 from edgeq.export import to_onnx  # noqa: E402
-from edgeq.export.peer import session  # noqa: E402
+from edgeq.export.peer import peer_path, session  # noqa: E402
 from edgeq_runtime import Model  # noqa: E402
 from models import integer_model, torchvision_model  # noqa: E402
 
@@ -50,6 +51,7 @@ def main() -> None:
     x = example.numpy()
     x_q = int_model.graph_module.quant(example).numpy()
     print(f"{args.model} {args.size}x{args.size}, batch 1, target {args.target} (simulated on this CPU), {torch.get_num_threads()} threads")
+    print(f"ONNX Runtime path: {peer_path().name} ({peer_path().reason})")
     for level in (int(v) for v in args.levels.split(",")):
         started = time.perf_counter()
         result = compile_model(onnx_path, out=folder / f"O{level}.edgeq", opt_level=level, simulate=True, progress=lambda _: None)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,15 @@ from edgeq.errors import ExportError, ModelFileError
 from edgeq.export import OPSET, build_onnx, load_model_file, load_onnx, load_torchscript, save_torchscript, to_onnx, trace
 from edgeq.quantization import DeQuantStub, QuantStub
 from models import FunctionalOps, SmallCNN, integer_model, torchvision_model
-from edgeq.export.peer import per_op_differences, session, steps_apart
+from edgeq.export.peer import (
+    PRECISE_INT8,
+    onnx_runtime_int8_is_exact,
+    peer_path,
+    per_op_differences,
+    probe_model,
+    session,
+    steps_apart,
+)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +122,59 @@ def test_loader_recovers_every_tensor_quantization(functional, tmp_path):
 
 
 # ---- ONNX Runtime as a peer ---------------------------------------------------------------------------------------
+
+
+def _cpu_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+
+
+def test_onnx_runtime_int8_probe_needs_more_than_int16_pair_sums():
+    """The probe's exact output needs pair sums beyond int16 once ORT shifts int8 activations to u8; a kernel that
+    saturates them (vpmaddubsw) gives another output, so the probe tells the two apart."""
+    model, x, exact = probe_model()
+    weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    w = weights["w"].astype(np.int64).ravel()
+    q = x.astype(np.int64).ravel()
+    scale = float(weights["s_out"])
+    assert np.abs(q).max() == 127 and np.abs(w).max() == 127
+    u8 = q + 128
+    pairs = u8.reshape(-1, 2) * w.reshape(-1, 2)
+    assert pairs.sum(1).max() > np.iinfo(np.int16).max
+    assert exact.ravel()[0] == np.round((q * w).sum() / scale) * scale == 8 * scale
+    saturated = np.clip(pairs.sum(1), -(2**15), 2**15 - 1).sum() - 128 * w.sum()
+    assert np.round(saturated / scale) * scale != exact.ravel()[0]
+
+
+def test_onnx_runtime_int8_probe_agrees_with_the_fused_session(tmp_path):
+    """ORT's default session fuses the probe into an integer kernel, and the probe's answer is what that kernel
+    gives; on x86-64 it is 'not exact' without VNNI (int16 saturation) and 'exact' with it."""
+    model, x, exact = probe_model()
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    (got,) = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})
+    assert "QLinearConv" in [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert onnx_runtime_int8_is_exact() == np.array_equal(got, exact)
+    flags = _cpu_flags()
+    if flags & {"avx512_vnni", "avx_vnni"}:
+        assert onnx_runtime_int8_is_exact()
+    elif "avx2" in flags:
+        assert not onnx_runtime_int8_is_exact()
+
+
+def test_onnx_runtime_peer_path_is_exact_on_the_probe():
+    """The session the agreement tests use computes the probe exactly, and keeps the fused kernels where they are."""
+    model, x, exact = probe_model()
+    path = peer_path()
+    (got,) = session(model).run(None, {"x": x})
+    np.testing.assert_array_equal(got, exact)
+    if onnx_runtime_int8_is_exact():
+        assert path.name == "fused" and path.config == () and path.optimized
+    else:
+        assert path.name in ("fused-u8u8", "float")
+        assert path.name == "float" or dict(path.config) == {PRECISE_INT8: "1"}
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "shufflenet_v2_x1_0"])

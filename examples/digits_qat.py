@@ -15,8 +15,8 @@ Each stage saves a checkpoint in ``--workdir`` and the next one starts from it, 
 
 The compile stage saves ``int_model.pt`` (TorchScript) and ``model.onnx`` (QDQ), prints the target check, compiles
 ``digits.edgeq`` for the target's board (aarch64) and ``digits-x86_64.edgeq`` for this machine, measures the
-artifact's accuracy with the runtime (it must equal the integer model's), runs the aarch64 artifact under
-qemu on one image, and, as the seed ends, estimates the board's latency (``perf/report.json`` and
+artifact's accuracy with the Python runtime and checks that every artifact equals the integer model (Python
+runtime on every test image; C++ runtime on one, the aarch64 artifact under qemu), and, as the seed ends, estimates the board's latency (``perf/report.json`` and
 ``perf/report.html``, with each layer's accuracy against the float model) and draws the compiled graph
 (``model.svg``).
 """
@@ -201,36 +201,48 @@ def int_model(workdir: Path, target: str) -> IntegerModel:
 
 
 def compile_stage(integer: IntegerModel, workdir: Path, target: str, test_x: torch.Tensor, test_y: torch.Tensor) -> float:
-    """Export, check, compile for the board and for this machine; the artifact's accuracy on the test set."""
+    """Export, check, compile for the board and for this machine, run every artifact with both runtimes and compare
+    it with the integer model, then the perf report and the graph; the artifact's accuracy on the test set."""
     from edgeq.check import check_model
     from edgeq.compile import compile_model
     from edgeq.export import save_torchscript, to_onnx
-    from edgeq.run import run_artifact
-    from edgeq_runtime import Model
 
     example = (normalise(test_x[:1]),)
     save_torchscript(integer, example, workdir / "int_model.pt")
     onnx_path = to_onnx(integer, example, workdir / "model.onnx")
     report = check_model(onnx_path, target=target)
     print("\n".join(f"  check: {line}" for line in report.summary_lines()))
-    board = compile_model(onnx_path, out=workdir / "digits.edgeq", progress=lambda line: None)
+    board = compile_model(onnx_path, out=workdir / "digits.edgeq", progress=lambda line: print(f"  compile: {line}"))
     here = compile_model(onnx_path, out=workdir / "digits-x86_64.edgeq", simulate=True, progress=lambda line: None)
     print(f"  compiled {board.artifact.name} ({board.arch}) and {here.artifact.name} ({here.arch}); "
           f"{board.report.summary.verdict}; {sum(board.seconds.values()):.1f} s")
-    correct = 0
-    with Model.load(here.artifact) as model:
-        for pixels, label in zip(test_x, test_y):
-            logits = next(iter(model.run(raw_pixels(pixels[None]).numpy()).values()))
-            correct += int(logits.argmax() == int(label))
-        raw = raw_pixels(test_x[:1]).numpy()
-        expected = next(iter(model.run(raw, raw=True).values()))
-    np.save(workdir / "pixel0.npy", raw)
-    run_artifact(board.artifact, [str(workdir / "pixel0.npy")], workdir, raw=True, say=lambda line: print(f"  run: {line}"))
-    board_output = np.load(workdir / f"{here.manifest['outputs'][0]['name']}.npy")
-    print(f"  the {board.arch} artifact under qemu gives the same integers as {here.artifact.name}: "
-          f"{bool(np.array_equal(board_output, expected))}")
+    correct = compare_artifacts(integer, board.artifact, here.artifact, workdir, test_x, test_y)
     perf_stage(board.artifact, integer, workdir, normalise(test_x[:64]))
     return 100.0 * correct / len(test_x)
+
+
+def compare_artifacts(integer: IntegerModel, board: Path, here: Path, workdir: Path, test_x: torch.Tensor, test_y: torch.Tensor) -> int:
+    """Run this machine's artifact with the Python runtime on every test image and with the C++ runtime on one, and
+    the board's aarch64 artifact with the C++ runtime under qemu; print whether each equals the integer model.
+    Returns how many test images the Python runtime classified right."""
+    from edgeq.run import run_artifact
+    from edgeq_runtime import Model
+
+    expected = integer.run_integer(normalise(test_x)).numpy()
+    correct, same = 0, True
+    with Model.load(here) as model:
+        for index, (pixels, label) in enumerate(zip(test_x, test_y)):
+            raw = raw_pixels(pixels[None]).numpy()
+            same &= bool(np.array_equal(next(iter(model.run(raw, raw=True).values())), expected[index : index + 1]))
+            correct += int(next(iter(model.run(raw).values())).argmax() == int(label))
+    print(f"  {here.name} with the Python runtime equals the integer model on all {len(test_x)} test images: {same}")
+    np.save(workdir / "pixel0.npy", raw_pixels(test_x[:1]).numpy())
+    for artifact, folder in ((here, "cpp-x86_64"), (board, "cpp-aarch64")):
+        result = run_artifact(artifact, [str(workdir / "pixel0.npy")], workdir / folder, "cpp", raw=True, say=lambda line: print(f"  run: {line}"))
+        output = np.load(next(iter(result.outputs.values())))
+        print(f"  {artifact.name} with the C++ runtime{' under qemu' if artifact == board else ''} equals the integer model: "
+              f"{bool(np.array_equal(output, expected[:1]))}")
+    return correct
 
 
 def perf_stage(artifact: Path, integer: IntegerModel, workdir: Path, samples: torch.Tensor) -> None:
@@ -268,6 +280,10 @@ def main() -> None:
             print(f"{label:<24}{results[stage]:6.2f}%")
     if "float" in results and "int_infer" in results:
         print(f"integer model vs float: {results['int_infer'] - results['float']:+.2f} points")
+    if args.stage in ("all", "compile"):
+        print(f"\nin {args.workdir}/: int_model.pt and model.onnx (the integer model), digits.edgeq (the {args.target} "
+              "board's artifact, aarch64) and digits-x86_64.edgeq (this machine's), perf/report.html and perf/report.json "
+              "(the perf report with per-layer accuracy), model.svg (the compiled graph)")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ def test_digits_staged_flow(tmp_path):
     for artifact in ("int_model.pt", "model.onnx", "digits.edgeq", "digits-x86_64.edgeq", "perf/report.json", "perf/report.html", "model.svg"):
         assert (tmp_path / artifact).exists()
     assert "integer model vs float" in result.stdout
-    assert "under qemu gives the same integers as digits-x86_64.edgeq: True" in result.stdout
+    assert "digits-x86_64.edgeq with the Python runtime equals the integer model on all 540 test images: True" in result.stdout
+    assert "digits-x86_64.edgeq with the C++ runtime equals the integer model: True" in result.stdout
+    assert "digits.edgeq with the C++ runtime under qemu equals the integer model: True" in result.stdout
     assert 'id="accuracy-table"' in (tmp_path / "perf" / "report.html").read_text()
 
 

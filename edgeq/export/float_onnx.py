@@ -24,6 +24,10 @@ from edgeq.errors import ExportError
 from edgeq.quantization.patterns import argument
 
 
+FLOAT_FALLBACK_DOC = "float fallback: "
+"""Start of the ``doc_string`` of every float node written here; the rest is the reason (check reports it)."""
+
+
 class FloatGraph(Protocol):
     """Where float nodes go: the QDQ builder's node list and initializers."""
 
@@ -64,16 +68,16 @@ def emit_float_op(
         ExportError: the op has no float ONNX form here (the message names the node and the op).
     """
     emitter = _EMITTERS.get(_spelling(node, module))
+    what = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
     if emitter is None:
-        what = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
         raise ExportError(
-            f"{what} '{node.name}': left in float ({reason}), but edgeq has no float ONNX form of it "
+            f"{what} '{path}': left in float ({reason}), but edgeq has no float ONNX form of it "
             f"(float ops it exports: {', '.join(sorted(_names()))}); move it after a DeQuantStub"
         )
     first = len(graph.nodes)
     output = emitter(_Writer(graph, path), node, module, inputs)
     for onnx_node in graph.nodes[first:]:
-        onnx_node.doc_string = f"float fallback: {reason}"
+        onnx_node.doc_string = f"{FLOAT_FALLBACK_DOC}{what} '{path}': {reason}"
     return output
 
 

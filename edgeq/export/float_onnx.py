@@ -25,7 +25,7 @@ from edgeq.quantization.patterns import argument
 
 
 FLOAT_FALLBACK_DOC = "float fallback: "
-"""Start of the ``doc_string`` of every float node written here; the rest is the reason (check reports it)."""
+"""Start of the ``doc_string`` of every float node written here; the rest names the op and the reason."""
 
 
 class FloatGraph(Protocol):

@@ -9,6 +9,7 @@ LayerNormalization and Gelu arrived after opset 13, so they are written as the a
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -177,3 +178,27 @@ def _conv2d(writer: _Writer, node: fx.Node, module: nn.Conv2d, inputs: list[str]
 @_emits(nn.ReLU, F.relu, torch.relu, "relu")
 def _relu(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
     return writer.node("Relu", [inputs[0]], final=True)
+
+
+@_emits(operator.matmul, torch.matmul)
+def _matmul(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
+    return writer.node("MatMul", inputs, final=True)
+
+
+_BINARY = {
+    operator.add: "Add", torch.add: "Add", "add": "Add",
+    operator.sub: "Sub", torch.sub: "Sub", "sub": "Sub",
+    operator.mul: "Mul", torch.mul: "Mul", "mul": "Mul",
+    operator.truediv: "Div", torch.div: "Div", "div": "Div",
+}
+
+
+@_emits(*_BINARY)
+def _binary(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
+    """Arithmetic of two float tensors, or of a float tensor and a number."""
+    tensors = iter(inputs)
+    operands = [
+        next(tensors) if isinstance(arg, fx.Node) else writer.constant(f"operand{i}", float(arg))
+        for i, arg in enumerate(node.args[:2])
+    ]
+    return writer.node(_BINARY[node.target], operands, final=True)

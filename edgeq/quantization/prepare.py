@@ -422,7 +422,8 @@ class _Preparer:
     def _unsupported(self, node: fx.Node, reason: str) -> UnsupportedOpError:
         return UnsupportedOpError(
             f"{describe_node(node, self.modules)}: {reason}. Supported in the integer region: {SUPPORTED_OPS}. "
-            "To keep this op in float, move it after a DeQuantStub (and re-enter with a QuantStub)",
+            "To keep this op in float, prepare without strict=True (it then runs in float on the CPU), or move it "
+            "after a DeQuantStub (and re-enter with a QuantStub)",
             reason=reason,
         )
 

@@ -24,7 +24,7 @@ from models import integer_model
 FLOAT_REGION_STEPS = 1
 """docs/numerics.md "Float fallback": an output after a float region is within this many steps of the integer
 model's..."""
-FLOAT_REGION_SHARE = 0.99
+FLOAT_REGION_SHARE = 0.999
 """...on at least this share of the values."""
 
 

@@ -18,6 +18,7 @@ from edgeq.errors import UnsupportedOpError
 from edgeq.export import to_onnx
 from edgeq.quantization import DeQuantStub, QuantStub, default_calib_qconfig, prepare_qat_fx
 from edgeq.quantization.prepare import FloatFallbackWarning
+from edgeq.run import run_artifact
 from edgeq_runtime import Model
 from models import integer_model
 
@@ -134,13 +135,17 @@ def test_check_places_float_ops_on_the_cpu_in_float_with_the_reason(token_mixer,
 
 @pytest.mark.parametrize("target", ["x86_64", "npu-m"])
 def test_compiled_float_regions_agree_with_the_integer_model_within_the_bound(token_mixer, target, tmp_path):
+    """Both runtimes: the Python runtime within the bound of the integer model, the C++ runtime equal to it."""
     int_model, path = token_mixer
     result = compile_model(int_model, EXAMPLE, target=target, out=tmp_path / "m.edgeq", simulate=True)
     assert "CPU (float)" in {op.placement for op in result.graph.ops}
     torch.manual_seed(1)
-    x = torch.randn(2, 3, 4, 4)
+    x = torch.randn(8, 3, 4, 4)
     with Model.load(result.artifact) as model:
-        got = list(model.run(x.numpy(), raw=True).values())[0].astype(np.int32)
-    expected = int_model.run_integer(x).numpy().astype(np.int32)
-    steps = np.abs(got - expected)
+        (got,) = model.run(x.numpy(), raw=True).values()
+    steps = np.abs(got.astype(np.int32) - int_model.run_integer(x).numpy().astype(np.int32))
     assert (steps <= FLOAT_REGION_STEPS).mean() >= FLOAT_REGION_SHARE, np.bincount(steps.ravel())
+    np.save(tmp_path / "x.npy", x.numpy())
+    run = run_artifact(result.artifact, [str(tmp_path / "x.npy")], tmp_path / "cpp", runtime="cpp", raw=True, say=lambda _: None)
+    (cpp,) = run.outputs.values()
+    np.testing.assert_array_equal(np.load(cpp), got)

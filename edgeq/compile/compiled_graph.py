@@ -29,6 +29,7 @@ from edgeq.compile.requantization import Requantization, requantization
 SCHEMA_VERSION = 1
 """Version of :meth:`CompiledGraph.to_dict`'s layout; :meth:`CompiledGraph.from_dict` refuses others."""
 
+
 class CompiledGraphError(EdgeqError):
     """A compiled graph cannot be read: not an artifact, a damaged one, or another schema version."""
 

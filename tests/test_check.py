@@ -112,14 +112,15 @@ def test_weights_larger_than_sram_is_advice():
     assert any("weights 576.0 KiB are streamed from DRAM" in a for a in node.advice)
 
 
-def test_op_edgeq_cannot_quantize_is_unsupported_with_advice():
+def test_op_edgeq_cannot_quantize_runs_in_float_on_the_cpu_with_advice():
     report = check_model(Wrapped(nn.Sequential(nn.Conv2d(8, 8, 1), nn.GELU())).eval(), (image(),), target="npu-s")
     node = report.node("model.1")
-    assert node.placement is Placement.UNSUPPORTED
-    assert node.reasons[0].rule == "rejected" and "no integer implementation" in node.reasons[0].message
+    assert node.placement is Placement.CPU and node.where == "CPU (float)"
+    assert node.reasons[0].rule == "not_quantized" and "no integer implementation" in node.reasons[0].message
     assert node.advice == ["gelu is not on npu-s: relu is"]
-    assert not report.deployable and report.summary.verdict == "not deployable: 1 unsupported op(s)"
-    assert check_model(Wrapped(nn.GELU()).eval(), (image(),), target="x86_64").node("model").placement is Placement.UNSUPPORTED
+    assert report.deployable and report.summary.verdict == "runs with CPU fallback: 1 op(s) on the aarch64 host"
+    on_cpu = check_model(Wrapped(nn.GELU()).eval(), (image(),), target="x86_64").node("model")
+    assert on_cpu.where == "CPU (float)" and "no integer implementation" in on_cpu.reasons[0].message
 
 
 def test_table_activation_lacking_on_the_npu_falls_back_with_advice():

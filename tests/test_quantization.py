@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeq.errors import QuantizationError, TraceError, UnsupportedOpError
+from edgeq.quantization.prepare import FloatFallbackWarning
 from edgeq.numerics import is_power_of_two
 from edgeq.quantization import (
     DeQuantStub,
@@ -319,14 +320,20 @@ class _Wrap(nn.Module):
         return self.dequant(self.body(self.quant(x)))
 
 
-def _prepare(body, example=None):
+def _prepare(body, example=None, strict=True):
     example = torch.randn(1, 3, 8, 8) if example is None else example
-    return prepare_qat_fx(_Wrap(body), example_inputs=(example,), target="npu-m")
+    return prepare_qat_fx(_Wrap(body), example_inputs=(example,), target="npu-m", strict=strict)
 
 
 def test_unsupported_op_names_node_and_op():
-    with pytest.raises(UnsupportedOpError, match=r"GELU 'body.1': edgeq has no integer implementation.*DeQuantStub"):
+    with pytest.raises(UnsupportedOpError, match=r"GELU 'body.1': edgeq has no integer implementation.*strict=True"):
         _prepare(nn.Sequential(nn.Conv2d(3, 4, 1), nn.GELU()))
+
+
+def test_unsupported_settings_fall_back_to_float_unless_strict():
+    with pytest.warns(FloatFallbackWarning, match=r"Upsample 'body': upsampling mode 'bilinear'.*runs in float"):
+        prepared = _prepare(nn.Upsample(scale_factor=2, mode="bilinear"), strict=False)
+    assert type(prepared.get_submodule("body")) is nn.Upsample
 
 
 def test_product_with_a_constant_is_unsupported():

@@ -1,7 +1,8 @@
 """Op records from a prepared PyTorch graph (canonical ops of ``prepare_qat_fx``), before quantization.
 
 A float model is first prepared with ``prepare_for_analysis``, which keeps the ops that ``prepare_qat_fx`` would
-reject; those come out as records with ``rejected`` set, so the check reports all of them at once.
+reject; those come out as records with ``rejected`` set, so the check reports all of them at once. Ops of the
+float fallback come out with ``float_only`` and their reason.
 """
 
 from __future__ import annotations
@@ -46,12 +47,18 @@ def records_from_prepared(prepared: fx.GraphModule, rejected: dict[str, str]) ->
         if isinstance(module, qm.DequantizeOutput):
             producer[node] = producer[sources[0]]
             continue
+        if isinstance(module, qm.EnterFloat):
+            producer[node] = producer[sources[0]]
+            region.add(node)
+            continue
         if op_kind(node, modules) is OpKind.DROPOUT:
             producer[node] = producer[sources[0]]
             if in_region:
                 region.add(node)
             continue
         record = _record(node, module, modules, [producer[n] for n in sources], sources)
+        if qm.FLOAT_REASON_KEY in node.meta:
+            record.float_only, record.float_reason = True, node.meta[qm.FLOAT_REASON_KEY]
         if node.name in rejected:
             record.rejected = rejected[node.name]
         elif not in_region:

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from edgeq.check.records import INPUT_PREFIX, OpRecord, QuantFacts, foreign_op_name
+from edgeq.export.float_onnx import FLOAT_FALLBACK_DOC
 from edgeq.export.onnx_reader import QDQModel, QuantParams, node_attributes, node_name
 from edgeq.export.qdq_graph import QDQGraph
 from edgeq.numerics import accumulator_bounds
@@ -69,7 +70,8 @@ class _OnnxWalker(QDQGraph):
             input_shapes=[shape for shape in map(self.static_shape, activations) if shape is not None],
             output_shape=self.static_shape(self.op_output(node)),
             attrs=attrs,
-            float_only=not quantized,
+            float_only=not quantized or node.doc_string.startswith(FLOAT_FALLBACK_DOC),
+            float_reason=node.doc_string.removeprefix(FLOAT_FALLBACK_DOC) or None,
             onnx_op=node.op_type,
         )
         if quantized:

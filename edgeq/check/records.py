@@ -47,7 +47,9 @@ class OpRecord:
         quant: quantization, ``None`` while the model is float.
         rejected: why edgeq cannot run this op at all (it cannot quantize it, or it is float code outside the
             integer region); ``None`` otherwise.
-        float_only: the op is not quantized in a QDQ file (it would run in float).
+        float_only: the op runs in float: the QDQ file leaves it unquantized, or it is a float fallback of
+            ``prepare_qat_fx`` (no integer form, or qconfig ``None``).
+        float_reason: why it runs in float, when known (the float fallback says so).
         onnx_op: the ONNX op type, for ops read from an ONNX file.
     """
 
@@ -61,6 +63,7 @@ class OpRecord:
     quant: QuantFacts | None = None
     rejected: str | None = None
     float_only: bool = False
+    float_reason: str | None = None
     onnx_op: str | None = None
 
     @property

@@ -19,6 +19,10 @@ from edgeq.check.rules import RuleResult
 from edgeq.targets import Target, TargetKind
 
 
+FLOAT_PLACEMENT = "CPU (float)"
+"""How reports show the CPU placement of an op that runs in float."""
+
+
 class Placement(str, Enum):
     """Where an op runs."""
 
@@ -38,6 +42,11 @@ class NodeReport:
     results: list[RuleResult] = field(default_factory=list)
 
     @property
+    def where(self) -> str:
+        """The placement as reports show it: ``CPU (float)`` for an op that runs in float on the CPU."""
+        return FLOAT_PLACEMENT if self.record.float_only and self.placement is Placement.CPU else self.placement.value
+
+    @property
     def reasons(self) -> list[RuleResult]:
         """The blocking results: why the op is not on the NPU."""
         return [r for r in self.results if r.blocking]
@@ -52,7 +61,7 @@ class NodeReport:
             "name": self.record.name,
             "op": self.record.op,
             "source_op": self.record.source_op,
-            "placement": self.placement.value,
+            "placement": self.where,
             "macs": self.record.macs,
             "output_shape": list(self.record.output_shape) if self.record.output_shape else None,
             "reasons": [{"rule": r.rule, "message": r.message} for r in self.reasons],
@@ -180,15 +189,15 @@ class CheckReport:
         for column in rows[0][1] if rows else ():
             table.add_column(column, min_width=_MIN_TEXT_WIDTH)
         for node, notes in rows:
-            where = Text(node.placement.value, style=_STYLES[node.placement])
+            where = Text(node.where, style=_STYLES[node.placement])
             table.add_row(node.record.name, node.record.source_op, where, *notes.values())
         return table
 
     def render_list(self, console: Console) -> None:
         """Print one op a line (where, name, kind; never wrapped), its reasons and advice indented below."""
-        indent = max((len(n.placement.value) for n in self.nodes), default=0) + 2
+        indent = max((len(n.where) for n in self.nodes), default=0) + 2
         for node in self.nodes:
-            where = node.placement.value.ljust(indent)
+            where = node.where.ljust(indent)
             console.print(Text.assemble((where, _STYLES[node.placement]), node.record.name, "  ", (node.record.source_op, "dim")), soft_wrap=True)
             for label, text in self._notes(node).items():
                 if text:

@@ -119,9 +119,11 @@ def _tvm_onnx_ops() -> frozenset[str]:
 
 @rule("not_quantized")
 def not_quantized(record: OpRecord, target: Target) -> Outcome | None:
-    """An op the QDQ file leaves in float runs on the CPU."""
+    """An op left in float (by the QDQ file, or by prepare's float fallback) runs in float on the CPU."""
     if not record.float_only or record.rejected:
         return None
+    if record.float_reason is not None:
+        return Outcome(f"{record.source_op} stays float: {record.float_reason}", True)
     return Outcome(f"{record.source_op} is not quantized in the file: it runs in float", True)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from edgeq.check.records import OpRecord
-from edgeq.check.report import CheckReport, NodeReport, Placement
+from edgeq.check.report import CheckReport, NodeReport
 from edgeq.compile.partition import Partition, TensorSpec, graph_of
 from edgeq.errors import EdgeqError
 from edgeq.export.onnx_reader import QDQModel, QuantParams, node_attributes, node_name
@@ -28,9 +28,6 @@ from edgeq.compile.requantization import Requantization, requantization
 
 SCHEMA_VERSION = 1
 """Version of :meth:`CompiledGraph.to_dict`'s layout; :meth:`CompiledGraph.from_dict` refuses others."""
-
-FLOAT_PLACEMENT = "CPU (float)"
-"""Placement of an op that is not quantized in the model: it runs in float on the CPU."""
 
 
 class CompiledGraphError(EdgeqError):
@@ -344,7 +341,7 @@ class _Builder:
     ) -> Op:
         record = node.record
         onnx_node = nodes[record.name]
-        placement = FLOAT_PLACEMENT if record.float_only and node.placement is Placement.CPU else node.placement.value
+        placement = node.where
         attributes = _attributes(record, onnx_node)
         macs, ops = work(record.op, attributes, [tensors[t].shape for t in inputs], tensors[outputs[0]].shape if outputs else [])
         return Op(

@@ -35,7 +35,9 @@ from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable
 from edgeq.quantization import integer_ops as ops
 from edgeq.quantization.graph import record_values
 from edgeq.quantization.integer_model import IntegerModel
+from edgeq.export.float_onnx import emit_float_op
 from edgeq.quantization.patterns import Movement, OpKind, movement, op_kind, permutation, split_axis
+from edgeq.quantization.qat_modules import FLOAT_REASON_KEY
 
 OPSET = 13
 """Per-axis QuantizeLinear / DequantizeLinear arrived in opset 13, the oldest opset every QDQ consumer reads
@@ -61,6 +63,13 @@ class _QTensor:
 
     name: str
     quant: ops.TensorQuant
+
+
+@dataclass(frozen=True)
+class _FloatTensor:
+    """A float tensor of the float fallback: a dequantized integer tensor, or the result of an op left in float."""
+
+    name: str
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,8 @@ class _Builder:
         self.boundaries: dict[type, Emitter] = {
             ops.IntQuantize: _Builder._quantize_input,
             ops.IntDequantize: _Builder._dequantize_output,
+            ops.IntEnterFloat: _Builder._enter_float,
+            ops.IntLeaveFloat: _Builder._quantize_input,
         }
 
     def _emitter(self, module: torch.nn.Module) -> Emitter | None:
@@ -160,6 +171,8 @@ class _Builder:
         value = self.values[node]
         if not (isinstance(value, torch.Tensor) or _holds_tensor(value)):
             return value  # shape arithmetic (x.size(), //): its value is static
+        if FLOAT_REASON_KEY in node.meta:
+            return self._float_op(node, args)
         if not _holds_qtensor(args):
             raise ExportError(
                 f"'{node.name}' ({node.target}): float ops outside the QuantStub/DeQuantStub region cannot be "
@@ -216,13 +229,26 @@ class _Builder:
         return str(node.target) if node.op == "call_module" else node.name
 
     def _quantize_input(self, node: fx.Node, op: ops.IntQuantize, args: list[Any]) -> _QTensor:
-        return self._quantize(args[0], self._path(node), ops.TensorQuant("int8", (op.output_scale,)))
+        """A QuantStub (a model input), or the quantize after an op left in float."""
+        source = args[0].name if isinstance(args[0], _FloatTensor) else args[0]
+        return self._quantize(source, self._path(node), ops.TensorQuant("int8", (op.output_scale,)))
 
     def _dequantize_output(self, node: fx.Node, op: ops.IntDequantize, args: list[Any]) -> str:
         value = args[0]
         if isinstance(value, _Int32Result):
             return value.name
         return self._dequantize(value, output=self.output_names[node])
+
+    def _enter_float(self, node: fx.Node, op: ops.IntEnterFloat, args: list[Any]) -> _FloatTensor:
+        return _FloatTensor(self._dequantize(args[0]))
+
+    def _float_op(self, node: fx.Node, args: list[Any]) -> _FloatTensor:
+        """An op left in float (docs/numerics.md "Float fallback"): its float ONNX nodes."""
+        inputs: list[str] = []
+        fx.node.map_aggregate(args, lambda a: inputs.append(a.name) if isinstance(a, _FloatTensor) else None)
+        module = self.modules[node.target] if node.op == "call_module" else None
+        output = emit_float_op(self, node, module, inputs, self._path(node), node.meta[FLOAT_REASON_KEY])
+        return _FloatTensor(output)
 
     def _finish(self, node: fx.Node, float_name: str, quant: ops.TensorQuant, clamp: tuple[int, int] | None) -> Any:
         path = self._path(node)

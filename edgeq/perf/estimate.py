@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 
-from edgeq.compile.compiled_graph import FLOAT_PLACEMENT, CompiledGraph, Op
+from edgeq.check.report import FLOAT_PLACEMENT
+from edgeq.compile.compiled_graph import CompiledGraph, Op
 from edgeq.compile.kernel_map import FUSED_FOLLOWERS, VIEW_OPS
 from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
 from edgeq.targets import CpuFigures, Hardware, Target, TargetKind

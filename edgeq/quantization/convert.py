@@ -3,7 +3,8 @@
 Each canonical op of the prepared graph becomes its integer twin: BatchNorm is folded with its running
 statistics, weights are quantized exactly as the QAT model fake-quantized them, biases become int32, and every
 requantization factor becomes a fixed-point multiplier and shift (docs/numerics.md). Ops that only move values
-(reshape, transpose, chunk, getitem) are kept; dropout disappears.
+(reshape, transpose, chunk, getitem) are kept; dropout disappears. Ops left in float are kept as they are,
+between the dequantize and the quantize of the float fallback.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ from edgeq.quantization.integer_ops import (
     IntConcat,
     IntConv2d,
     IntDequantize,
+    IntEnterFloat,
     IntGlobalAvgPool2d,
+    IntLeaveFloat,
     IntLinear,
     IntLookupTable,
     IntMaxPool2d,
@@ -65,7 +68,9 @@ from edgeq.quantization.qat_modules import (
     Concat,
     ConvAct2d,
     DequantizeOutput,
+    EnterFloat,
     GlobalAvgPool2d,
+    LeaveFloat,
     LinearAct,
     LookupTableActivation,
     MaxPool2d,
@@ -115,8 +120,10 @@ class _Converter:
         self.new_modules: dict[str, nn.Module] = {}
         self.quant: dict[fx.Node, TensorQuant] = {}
         self.boundaries: dict[type[nn.Module], Converter] = {
-            QuantizeInput: _Converter._quantize_input,
-            DequantizeOutput: _Converter._dequantize_output,
+            QuantizeInput: _Converter._quantize,
+            LeaveFloat: _Converter._quantize,
+            DequantizeOutput: _Converter._dequantize,
+            EnterFloat: _Converter._dequantize,
         }
 
     def _converter(self, module: nn.Module) -> Converter | None:
@@ -191,13 +198,16 @@ class _Converter:
         return (ACTIVATION_QMIN, ACTIVATION_QMAX)
 
     # ---- one converter per canonical op ---------------------------------------------------------------------
-    def _quantize_input(self, node: fx.Node, module: QuantizeInput) -> tuple[nn.Module, TensorQuant]:
+    def _quantize(self, node: fx.Node, module: QuantizeInput) -> tuple[nn.Module, TensorQuant]:
+        """A QuantStub, or the quantize after an op left in float."""
         scale = self._output_scale(module)
-        return IntQuantize(scale), TensorQuant("int8", (scale,))
+        integer_op = IntLeaveFloat if isinstance(module, LeaveFloat) else IntQuantize
+        return integer_op(scale), TensorQuant("int8", (scale,))
 
-    def _dequantize_output(self, node: fx.Node, module: DequantizeOutput) -> tuple[nn.Module, None]:
-        source = node.args[0]
-        return IntDequantize(self.quant[source]), None
+    def _dequantize(self, node: fx.Node, module: DequantizeOutput | EnterFloat) -> tuple[nn.Module, None]:
+        """A DeQuantStub, or the dequantize before an op left in float."""
+        integer_op = IntEnterFloat if isinstance(module, EnterFloat) else IntDequantize
+        return integer_op(self.quant[node.args[0]]), None
 
     def _weighted(self, node: fx.Node, module: ConvAct2d | LinearAct, channel_axis: int) -> dict:
         path = str(node.target)

@@ -87,8 +87,12 @@ class IntQuantize(nn.Module):
         return f"scale={self.output_scale:.6g}"
 
 
-class IntDequantize(nn.Module):
-    """DeQuantStub: int8/int32 -> float32 (per tensor, or per channel along ``axis``)."""
+class IntLeaveFloat(IntQuantize):
+    """Float fallback: the float result of an op left in float -> int8 at ``output_scale``."""
+
+
+class _Dequantizing(nn.Module):
+    """int8/int32 -> float32 (per tensor, or per channel along ``axis``)."""
 
     def __init__(self, quant: TensorQuant) -> None:
         super().__init__()
@@ -102,6 +106,14 @@ class IntDequantize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.quant.dtype}, {len(self.quant.scales)} scale(s)"
+
+
+class IntDequantize(_Dequantizing):
+    """DeQuantStub: int8/int32 -> float32; the integer region ends here."""
+
+
+class IntEnterFloat(_Dequantizing):
+    """Float fallback: int8/int32 -> float32 for an op left in float (the integer graph goes on after it)."""
 
 
 class _WeightedOp(nn.Module):

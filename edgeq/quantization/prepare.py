@@ -6,13 +6,17 @@ add(+relu/relu6), and rewrite every node of the region into one canonical op of
 :mod:`edgeq.quantization.qat_modules` with the quantizer its output needs, applying the target's
 constraints (scale rule, shared concat scales).
 
-An op inside the integer region that edgeq cannot run in integers is an error naming the node and the op,
-never a silent float fallback: move it after a DeQuantStub to keep it float.
+An op inside the integer region that edgeq cannot run in integers (LayerNorm, Softmax, GELU...), and every op
+of a module whose qconfig is ``None``, stays float, never silently: an :class:`EnterFloat` (dequantize) before
+it, a calibrated :class:`LeaveFloat` (quantize) after it, and a :class:`FloatFallbackWarning` naming the node,
+the op and the reason (docs/numerics.md "Float fallback"). With ``strict=True`` such an op is an error naming the
+node and the op instead.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,8 +47,11 @@ from edgeq.quantization.qat_modules import (
     Clamp,
     Concat,
     ConvAct2d,
+    FLOAT_REASON_KEY,
     DequantizeOutput,
+    EnterFloat,
     GlobalAvgPool2d,
+    LeaveFloat,
     LinearAct,
     LookupTableActivation,
     MaxPool2d,
@@ -53,7 +60,7 @@ from edgeq.quantization.qat_modules import (
     Requantizing,
     UpsampleNearest2d,
 )
-from edgeq.quantization.qconfig import QConfig, QConfigSpec, qconfig_resolver
+from edgeq.quantization.qconfig import QConfig, QConfigSpec, default_qat_qconfig, qconfig_resolver
 from edgeq.quantization.state import FakeQuantState, set_fake_quantize
 from edgeq.quantization.stubs import fixed_scale_of
 from edgeq.targets import ScaleRule, Target, TargetLike, load_target
@@ -75,6 +82,10 @@ _SINGLE_CALL_KINDS = {
 }
 
 
+class FloatFallbackWarning(UserWarning):
+    """An op of the integer region stays float (it runs on the CPU between a dequantize and a quantize)."""
+
+
 def is_prepared(model: object) -> bool:
     """Whether ``model`` was made by ``prepare_qat_fx`` (it records its target)."""
     return isinstance(model, fx.GraphModule) and hasattr(model, TARGET_ATTRIBUTE)
@@ -86,6 +97,7 @@ def prepare_qat_fx(
     *,
     example_inputs: Sequence[torch.Tensor],
     target: TargetLike,
+    strict: bool = False,
 ) -> fx.GraphModule:
     """Prepare a float model for calibration and quantization-aware training.
 
@@ -96,6 +108,8 @@ def prepare_qat_fx(
         example_inputs: a tuple of example inputs (shapes are recorded from them; values do not matter).
         target: target name (``"npu-s"``), path to a target file, or :class:`~edgeq.targets.Target`; its
             quantization rules apply to every scale.
+        strict: refuse ops that would stay float (no integer form, or qconfig ``None``) instead of running them
+            in float between a dequantize and a calibrated quantize, with a :class:`FloatFallbackWarning`.
 
     Returns:
         The prepared model (an ``fx.GraphModule``) in the ``QAT`` fake-quant state, in the same train/eval mode
@@ -103,9 +117,10 @@ def prepare_qat_fx(
         have the same keys, so a calibration checkpoint loads into the QAT model.
 
     Raises:
-        TraceError, QuantizationError, UnsupportedOpError, TargetError: with the node, op and what to do.
+        TraceError, QuantizationError, UnsupportedOpError, TargetError: with the node, op and what to do
+            (UnsupportedOpError for an op that would stay float only when ``strict``).
     """
-    prepared, _ = _prepare(model, qconfig, example_inputs, load_target(target), lenient=False)
+    prepared, _ = _prepare(model, qconfig, example_inputs, load_target(target), lenient=False, strict=strict)
     logger.info("prepared %s for %s", type(model).__name__, getattr(prepared, TARGET_ATTRIBUTE))
     return prepared
 
@@ -117,19 +132,27 @@ def prepare_for_analysis(
 
     Returns:
         The prepared graph, in which each rejected node is left as it was, and the reason of each rejection by
-        node name. ``check_model`` uses it to report every such op at once, before any training.
+        node name. ``check_model`` uses it to report every such op at once, before any training. Ops left in
+        float are not rejected: their reason is in ``node.meta[FLOAT_REASON_KEY]``.
     """
-    return _prepare(model, None, example_inputs, load_target(target), lenient=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FloatFallbackWarning)
+        return _prepare(model, None, example_inputs, load_target(target), lenient=True, strict=False)
 
 
 def _prepare(
-    model: nn.Module, qconfig: QConfigSpec, example_inputs: Sequence[torch.Tensor], target: Target, lenient: bool
+    model: nn.Module,
+    qconfig: QConfigSpec,
+    example_inputs: Sequence[torch.Tensor],
+    target: Target,
+    lenient: bool,
+    strict: bool,
 ) -> tuple[fx.GraphModule, dict[str, str]]:
     resolve = qconfig_resolver(qconfig, model)
     traced = trace(model)
     record_example_values(traced, example_inputs)
     region = integer_region(traced)
-    preparer = _Preparer(traced, region, target, resolve, lenient)
+    preparer = _Preparer(traced, region, target, resolve, lenient, strict)
     prepared = preparer.run()
     prepared.train(model.training)
     set_fake_quantize(prepared, FakeQuantState.QAT)
@@ -178,11 +201,13 @@ class _Preparer:
         traced: fx.GraphModule,
         region: set[fx.Node],
         target: Target,
-        resolve: Callable[[str], QConfig],
+        resolve: Callable[[str], QConfig | None],
         lenient: bool,
+        strict: bool,
     ) -> None:
         self.traced = traced
         self.lenient = lenient
+        self.strict = strict
         self.rejected: dict[str, str] = {}
         self.region = region
         self.target = target
@@ -195,6 +220,8 @@ class _Preparer:
         self.new_modules: dict[str, nn.Module] = {}
         self.fusions: dict[fx.Node, _Fusion] = {}
         self.absorbed: set[fx.Node] = set()
+        self.float_outputs: dict[fx.Node, fx.Node] = {}
+        self.dequantized: dict[fx.Node, fx.Node] = {}
 
     # ---- driver ---------------------------------------------------------------------------------------------
     def run(self) -> fx.GraphModule:
@@ -203,8 +230,10 @@ class _Preparer:
         for node in self.traced.graph.nodes:
             if node in self.absorbed:
                 continue
-            if node in self.region:
-                self.env[self._last(node)] = self._emit_integer_op(node)
+            if node in self.region and (reason := self._float_reason(node)) is not None:
+                self._emit_float(node, reason)
+            elif node in self.region:
+                self._emit_integer_op(node)
             elif node.op == "call_module" and op_kind(node, self.modules) is OpKind.DEQUANT_STUB:
                 self.env[node] = self._call(str(node.target), DequantizeOutput(), node.args, node)
             else:
@@ -232,7 +261,12 @@ class _Preparer:
     # ---- fusion ---------------------------------------------------------------------------------------------
     def _sole_user(self, node: fx.Node) -> fx.Node | None:
         users = list(node.users)
-        if len(users) == 1 and users[0] in self.region and list(input_nodes(users[0])) == [node]:
+        if (
+            len(users) == 1
+            and users[0] in self.region
+            and list(input_nodes(users[0])) == [node]
+            and self._float_reason(users[0]) is None
+        ):
             return users[0]
         return None
 
@@ -241,11 +275,15 @@ class _Preparer:
         users = list(node.users)
         if len(users) != 1 or users[0] not in self.region or self.kinds.get(users[0]) is not OpKind.MUL:
             return None
+        if self._float_reason(users[0]) is not None:
+            return None
         operands = [argument(users[0], 0, "input"), argument(users[0], 1, "other")]
         return users[0] if sorted(operands, key=id) == sorted([node, node.args[0]], key=id) else None
 
     def _find_fusions(self) -> None:
         for node, kind in self.kinds.items():
+            if self._float_reason(node) is not None:
+                continue
             gated = kind is OpKind.TABLE_ACTIVATION and gated_op(table_op(node, self.modules)) is not None
             if gated and (mul := self._gating_mul(node)) is not None:
                 self.fusions[node] = _Fusion(node, activation_node=mul)
@@ -269,11 +307,11 @@ class _Preparer:
             self.new_modules[node.target] = self.modules[node.target]
         elif node.op == "get_attr":
             self.new_modules[node.target] = getattr_path(self.traced, node.target)
-        return self.graph.node_copy(node, lambda n: self.env[n])
+        return self.graph.node_copy(node, self._integer_value)
 
     def _call(self, path: str, module: nn.Module, args: Sequence[object], source: fx.Node) -> fx.Node:
         self.new_modules[path] = module
-        mapped = fx.node.map_arg(tuple(args), lambda n: self.env[n])
+        mapped = fx.node.map_arg(tuple(args), self._integer_value)
         new_node = self.graph.call_module(path, mapped)
         new_node.meta = dict(source.meta)
         return new_node
@@ -282,7 +320,9 @@ class _Preparer:
         if node.op == "call_module":
             return str(node.target)
         scope = module_scope(node)
-        stem = f"{scope}.{base}" if scope else base
+        return self._unique_path(f"{scope}.{base}" if scope else base)
+
+    def _unique_path(self, stem: str) -> str:
         path, suffix = stem, 0
         while path in self.new_modules or path in self.modules:
             suffix += 1
@@ -291,7 +331,7 @@ class _Preparer:
 
     # ---- quantizers -----------------------------------------------------------------------------------------
     def _qconfig(self, node: fx.Node, path: str, allows_int32: bool) -> QConfig:
-        qconfig = self.resolve(path if node.op == "call_module" else module_scope(node))
+        qconfig = self.resolve(path if node.op == "call_module" else module_scope(node)) or self._global_qconfig
         if qconfig.output_dtype == "int32" and not allows_int32:
             raise QuantizationError(
                 f"{describe_node(node, self.modules)}: its qconfig asks for an int32 output, which only a Conv2d or "
@@ -305,24 +345,85 @@ class _Preparer:
         qconfig = self._qconfig(node, path, allows_int32=False)
         return ActivationFakeQuantize(qconfig.activation_observer(), self.scale_rule, owner=path)
 
+    @property
+    def _global_qconfig(self) -> QConfig:
+        return self.resolve("") or default_qat_qconfig
+
+    # ---- float fallback -------------------------------------------------------------------------------------
+    def _float_reason(self, node: fx.Node) -> str | None:
+        """Why ``node`` stays float (``None``: it is an integer op); stubs and data movement never do."""
+        kind = self.kinds[node]
+        if kind in (OpKind.QUANT_STUB, OpKind.RESHAPE, OpKind.DROPOUT):
+            return None
+        if self.resolve(module_scope(node)) is None:
+            return "its qconfig is None (left float)"
+        if kind not in EMITTERS:
+            return "edgeq has no integer implementation of this op"
+        return None
+
+    def _emit_float(self, node: fx.Node, reason: str) -> None:
+        """Copy ``node`` as a float op: a dequantize before each integer input, a quantize after on demand."""
+        if self.strict:
+            raise self._unsupported(node, f"{reason}; strict=True asks for a fully integer model")
+        warnings.warn(
+            f"{describe_node(node, self.modules)}: {reason}: it runs in float on the CPU between a dequantize and "
+            "a calibrated quantize (prepare_qat_fx(..., strict=True) refuses it instead)",
+            FloatFallbackWarning,
+            stacklevel=5,
+        )
+        if node.op == "call_module":
+            self.new_modules[node.target] = self.modules[node.target]
+        copied = self.graph.node_copy(node, self._float_value)
+        copied.meta[FLOAT_REASON_KEY] = reason
+        self.float_outputs[node] = copied
+
+    def _float_value(self, node: fx.Node) -> fx.Node:
+        """``node``'s value as a float op reads it: its float output, or its integer value dequantized."""
+        if node in self.float_outputs:
+            return self.float_outputs[node]
+        if node not in self.region:
+            return self.env[node]
+        if node not in self.dequantized:
+            value = self.env[node]
+            path = self._unique_path(f"{self._functional_path(node, node.name)}_dequantize")
+            self.new_modules[path] = EnterFloat()
+            with self.graph.inserting_after(value):
+                self.dequantized[node] = self.graph.call_module(path, (value,))
+            self.dequantized[node].meta = dict(node.meta)
+        return self.dequantized[node]
+
+    def _integer_value(self, node: fx.Node) -> fx.Node:
+        """``node``'s value as an integer op reads it: itself, or the calibrated quantize of a float op's output."""
+        if node not in self.env:
+            value = self.float_outputs[node]
+            path = self._unique_path(f"{self._functional_path(node, node.name)}_quantize")
+            observer = self._global_qconfig.activation_observer()
+            self.new_modules[path] = LeaveFloat(ActivationFakeQuantize(observer, self.scale_rule, owner=path))
+            with self.graph.inserting_after(value):
+                self.env[node] = self.graph.call_module(path, (value,))
+            self.env[node].meta = dict(node.meta)
+        return self.env[node]
+
     # ---- one emitter per op kind ----------------------------------------------------------------------------
-    def _emit_integer_op(self, node: fx.Node) -> fx.Node:
-        emitter = EMITTERS.get(self.kinds[node])
+    def _emit_integer_op(self, node: fx.Node) -> None:
         try:
-            if emitter is None:
-                raise self._unsupported(node, "edgeq has no integer implementation of this op")
-            return emitter(self, node)
+            self.env[self._last(node)] = EMITTERS[self.kinds[node]](self, node)
         except (UnsupportedOpError, QuantizationError) as error:
-            if not self.lenient:
+            fused = node in self.fusions and bool(self.fusions[node].absorbed)
+            if isinstance(error, UnsupportedOpError) and not self.strict and not fused:
+                self._emit_float(node, error.reason)
+            elif not self.lenient:
                 raise
-            copied = self._copy(node)
-            self.rejected[copied.name] = error.reason if isinstance(error, UnsupportedOpError) else str(error)
-            return copied
+            else:
+                copied = self._copy(node)
+                self.rejected[copied.name] = error.reason if isinstance(error, UnsupportedOpError) else str(error)
+                self.env[node] = copied
 
     def _unsupported(self, node: fx.Node, reason: str) -> UnsupportedOpError:
         return UnsupportedOpError(
             f"{describe_node(node, self.modules)}: {reason}. Supported in the integer region: {SUPPORTED_OPS}. "
-            "To keep this op in float, move it after a DeQuantStub (and re-enter with a QuantStub)",
+            "To keep this op in float, prepare without strict=True (it then runs in float on the CPU), or move it "
+            "after a DeQuantStub (and re-enter with a QuantStub)",
             reason=reason,
         )
 

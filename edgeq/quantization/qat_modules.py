@@ -69,6 +69,23 @@ class QuantizeInput(Requantizing):
         return self.output_quantizer(value)
 
 
+class LeaveFloat(QuantizeInput):
+    """Float fallback: the result of an op left in float is quantized again here, at the scale its observer
+    calibrates (docs/numerics.md "Float fallback")."""
+
+
+class EnterFloat(nn.Module):
+    """Float fallback: an integer tensor is dequantized here for an op left in float (identity while
+    fake-quantized)."""
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+
+FLOAT_REASON_KEY = "edgeq_float_reason"
+"""``node.meta`` key of an op left in float (prepared and integer graphs): why it is not in integers."""
+
+
 class DequantizeOutput(nn.Module):
     """A DeQuantStub: the integer region ends here (identity while fake-quantized)."""
 

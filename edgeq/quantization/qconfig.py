@@ -46,14 +46,17 @@ default_calib_int32_output_qconfig = QConfig(HistogramObserver.with_args(method=
 default_qat_int32_output_qconfig = QConfig(EMAMinMaxObserver.with_args(averaging_constant=0.01), output_dtype="int32")
 """QAT preset for a final conv/linear whose output stays int32."""
 
-QConfigSpec = Union[QConfig, Mapping[str, Union[QConfig, Mapping[str, QConfig]]], None]
+QConfigSpec = Union[QConfig, Mapping[str, Union[QConfig, Mapping[str, Union[QConfig, None]]]], None]
 """A :class:`QConfig` for the whole model; or the dict form of torch.ao and Horizon,
 ``{"": global_qconfig, "module_name": {"classifier": qconfig}}``; or ``None``: each module's ``qconfig``
-attribute where set (nearest ancestor wins), else :data:`default_qat_qconfig`."""
+attribute where set (nearest ancestor wins), else :data:`default_qat_qconfig`. A module-name entry or a
+``qconfig`` attribute that is ``None`` leaves that module float (torch.ao's and Horizon's convention): it runs
+in float on the CPU between a dequantize and a quantize (docs/numerics.md "Float fallback")."""
 
 
-def qconfig_resolver(spec: QConfigSpec, model: nn.Module) -> Callable[[str], QConfig]:
-    """Turn a :data:`QConfigSpec` into a function from module path (``"layer1.0.conv1"``) to :class:`QConfig`.
+def qconfig_resolver(spec: QConfigSpec, model: nn.Module) -> Callable[[str], QConfig | None]:
+    """Turn a :data:`QConfigSpec` into a function from module path (``"layer1.0.conv1"``) to :class:`QConfig`
+    (``None``: the module stays float).
 
     A module-name entry applies to that module and everything inside it; the longest matching name wins.
 
@@ -75,29 +78,31 @@ def qconfig_resolver(spec: QConfigSpec, model: nn.Module) -> Callable[[str], QCo
     by_name = dict(spec.get("module_name", {}))
     known = dict(model.named_modules())
     for name, qconfig in [("", global_qconfig), *by_name.items()]:
-        if not isinstance(qconfig, QConfig):
+        if not isinstance(qconfig, QConfig) and not (name and qconfig is None):
             raise QuantizationError(f"qconfig dict: '{name}' must map to a QConfig; got {type(qconfig).__name__}")
         if name and name not in known:
             raise QuantizationError(f"qconfig dict: module_name '{name}' is not a module of the model")
 
-    def resolve(path: str) -> QConfig:
+    def resolve(path: str) -> QConfig | None:
         matches = [name for name in by_name if path == name or path.startswith(name + ".")]
         return by_name[max(matches, key=len)] if matches else global_qconfig
 
     return resolve
 
 
-def _attribute_resolver(model: nn.Module) -> Callable[[str], QConfig]:
-    def resolve(path: str) -> QConfig:
+def _attribute_resolver(model: nn.Module) -> Callable[[str], QConfig | None]:
+    def resolve(path: str) -> QConfig | None:
         parts = path.split(".") if path else []
         for depth in range(len(parts), -1, -1):
             try:
                 module = model.get_submodule(".".join(parts[:depth]))
             except AttributeError:
                 continue
-            qconfig = getattr(module, "qconfig", None)
-            if qconfig is not None:
-                if not isinstance(qconfig, QConfig):
+            if not hasattr(module, "qconfig"):
+                continue
+            qconfig = module.qconfig
+            if qconfig is not None or depth > 0:
+                if qconfig is not None and not isinstance(qconfig, QConfig):
                     raise QuantizationError(
                         f"module '{'.'.join(parts[:depth]) or '(root)'}': its qconfig attribute must be an edgeq "
                         f"QConfig; got {type(qconfig).__name__}"

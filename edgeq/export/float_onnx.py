@@ -1,0 +1,204 @@
+"""Ops left in float (the float fallback) as standard float ONNX nodes, opset 13.
+
+An op that ``prepare_qat_fx`` leaves in float (no integer form, or a module whose qconfig is ``None``) sits in the
+QDQ file between the DequantizeLinear of its integer inputs and the QuantizeLinear of its result. Each spelling
+the fallback can export is one function here, found by the module class, function or method name of the fx node;
+LayerNormalization and Gelu arrived after opset 13, so they are written as the arithmetic that defines them.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from onnx import helper, numpy_helper
+from torch import nn
+
+from edgeq.errors import ExportError
+from edgeq.quantization.patterns import argument
+
+
+FLOAT_FALLBACK_DOC = "float fallback: "
+"""Start of the ``doc_string`` of every float node written here; the rest names the op and the reason."""
+
+
+class FloatGraph(Protocol):
+    """Where float nodes go: the QDQ builder's node list and initializers."""
+
+    nodes: list[onnx.NodeProto]
+    initializers: list[onnx.TensorProto]
+
+
+FloatEmitter = Callable[["_Writer", fx.Node, "nn.Module | None", list[str]], str]
+
+_EMITTERS: dict[Any, FloatEmitter] = {}
+
+
+def _emits(*spellings: Any) -> Callable[[FloatEmitter], FloatEmitter]:
+    def register(emitter: FloatEmitter) -> FloatEmitter:
+        _EMITTERS.update(dict.fromkeys(spellings, emitter))
+        return emitter
+
+    return register
+
+
+def _spelling(node: fx.Node, module: nn.Module | None) -> Any:
+    if module is not None:
+        return type(module)
+    return node.target
+
+
+def emit_float_op(
+    graph: FloatGraph, node: fx.Node, module: nn.Module | None, inputs: list[str], path: str, reason: str
+) -> str:
+    """Append the float ONNX nodes of ``node`` to ``graph`` and return the name of their result.
+
+    Args:
+        inputs: the float ONNX names of ``node``'s tensor inputs, in order.
+        path: the stem of every name written (``P/<OpType>_<i>`` nodes, ``P.out`` result).
+        reason: why the op is float; written as each node's ``doc_string`` (``check`` reports it).
+
+    Raises:
+        ExportError: the op has no float ONNX form here (the message names the node and the op).
+    """
+    emitter = _EMITTERS.get(_spelling(node, module))
+    what = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
+    if emitter is None:
+        raise ExportError(
+            f"{what} '{path}': left in float ({reason}), but edgeq has no float ONNX form of it "
+            f"(float ops it exports: {', '.join(sorted(_names()))}); move it after a DeQuantStub"
+        )
+    first = len(graph.nodes)
+    output = emitter(_Writer(graph, path), node, module, inputs)
+    for onnx_node in graph.nodes[first:]:
+        onnx_node.doc_string = f"{FLOAT_FALLBACK_DOC}{what} '{path}': {reason}"
+    return output
+
+
+def _names() -> set[str]:
+    return {s.__name__ if hasattr(s, "__name__") else str(s) for s in _EMITTERS}
+
+
+class _Writer:
+    """Node and initializer helpers with names under one path."""
+
+    def __init__(self, graph: FloatGraph, path: str) -> None:
+        self.graph = graph
+        self.path = path
+        self.count = 0
+
+    def node(self, op_type: str, inputs: list[str], final: bool = False, **attributes: Any) -> str:
+        self.count += 1
+        output = f"{self.path}.out" if final else f"{self.path}.{op_type.lower()}{self.count}"
+        self.graph.nodes.append(
+            helper.make_node(op_type, inputs, [output], name=f"{self.path}/{op_type}_{self.count}", **attributes)
+        )
+        return output
+
+    def constant(self, name: str, value: np.ndarray | torch.Tensor | float) -> str:
+        array = value.detach().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, dtype=np.float32)
+        full = f"{self.path}.{name}"
+        self.graph.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), full))
+        return full
+
+
+@_emits(nn.LayerNorm, F.layer_norm)
+def _layer_norm(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the normalized (last) axes, as torch computes it."""
+    if module is not None:
+        shape, eps, weight, bias = module.normalized_shape, module.eps, module.weight, module.bias
+    else:
+        shape, eps = argument(node, 1, "normalized_shape"), argument(node, 4, "eps", 1e-5)
+        weight = bias = None
+    axes = list(range(-len(tuple(shape)), 0))
+    mean = writer.node("ReduceMean", [inputs[0]], axes=axes, keepdims=1)
+    centred = writer.node("Sub", [inputs[0], mean])
+    variance = writer.node("ReduceMean", [writer.node("Mul", [centred, centred])], axes=axes, keepdims=1)
+    deviation = writer.node("Sqrt", [writer.node("Add", [variance, writer.constant("eps", eps)])])
+    last = weight is None and bias is None
+    out = writer.node("Div", [centred, deviation], final=last)
+    if weight is not None:
+        out = writer.node("Mul", [out, writer.constant("weight", weight)], final=bias is None)
+    if bias is not None:
+        out = writer.node("Add", [out, writer.constant("bias", bias)], final=True)
+    return out
+
+
+@_emits(nn.Softmax, F.softmax, torch.softmax, "softmax")
+def _softmax(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
+    dim = module.dim if module is not None else argument(node, 1, "dim")
+    if dim is None:
+        raise ExportError(f"softmax '{node.name}': give dim explicitly")
+    return writer.node("Softmax", [inputs[0]], final=True, axis=int(dim))
+
+
+@_emits(nn.GELU, F.gelu)
+def _gelu(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
+    """``x * Φ(x)``: with ``Erf`` (``approximate='none'``) or the tanh approximation, as torch computes it."""
+    approximate = module.approximate if module is not None else argument(node, 1, "approximate", "none")
+    x = inputs[0]
+    if approximate == "tanh":
+        cube = writer.node("Mul", [writer.node("Mul", [x, x]), x])
+        inner = writer.node("Add", [x, writer.node("Mul", [cube, writer.constant("c", 0.044715)])])
+        phi = writer.node("Tanh", [writer.node("Mul", [inner, writer.constant("k", math.sqrt(2 / math.pi))])])
+    else:
+        phi = writer.node("Erf", [writer.node("Div", [x, writer.constant("sqrt2", math.sqrt(2))])])
+    half = writer.node("Mul", [writer.node("Add", [phi, writer.constant("one", 1.0)]), writer.constant("half", 0.5)])
+    return writer.node("Mul", [x, half], final=True)
+
+
+@_emits(nn.Linear)
+def _linear(writer: _Writer, node: fx.Node, module: nn.Linear, inputs: list[str]) -> str:
+    weight = writer.constant("weight", module.weight.t())
+    if module.bias is None:
+        return writer.node("MatMul", [inputs[0], weight], final=True)
+    return writer.node("Add", [writer.node("MatMul", [inputs[0], weight]), writer.constant("bias", module.bias)], final=True)
+
+
+@_emits(nn.Conv2d)
+def _conv2d(writer: _Writer, node: fx.Node, module: nn.Conv2d, inputs: list[str]) -> str:
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        raise ExportError(f"Conv2d '{node.target}': float export needs explicit zero padding")
+    operands = [inputs[0], writer.constant("weight", module.weight)]
+    if module.bias is not None:
+        operands.append(writer.constant("bias", module.bias))
+    return writer.node(
+        "Conv", operands, final=True, kernel_shape=list(module.kernel_size), strides=list(module.stride),
+        pads=[*module.padding, *module.padding], dilations=list(module.dilation), group=module.groups,
+    )
+
+
+@_emits(nn.ReLU, F.relu, torch.relu, "relu")
+def _relu(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
+    return writer.node("Relu", [inputs[0]], final=True)
+
+
+@_emits(operator.matmul, torch.matmul)
+def _matmul(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
+    return writer.node("MatMul", inputs, final=True)
+
+
+_BINARY = {
+    operator.add: "Add", torch.add: "Add", "add": "Add",
+    operator.sub: "Sub", torch.sub: "Sub", "sub": "Sub",
+    operator.mul: "Mul", torch.mul: "Mul", "mul": "Mul",
+    operator.truediv: "Div", torch.div: "Div", "div": "Div",
+}
+
+
+@_emits(*_BINARY)
+def _binary(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
+    """Arithmetic of two float tensors, or of a float tensor and a number."""
+    tensors = iter(inputs)
+    operands = [
+        next(tensors) if isinstance(arg, fx.Node) else writer.constant(f"operand{i}", float(arg))
+        for i, arg in enumerate(node.args[:2])
+    ]
+    return writer.node(_BINARY[node.target], operands, final=True)

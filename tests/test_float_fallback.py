@@ -1,0 +1,151 @@
+"""The float fallback: ops with no integer form and modules whose qconfig is None stay float, never silently,
+through prepare, convert, export, check, compile and the runtimes; the integer ops around them stay exact."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeq.check import check_model
+from edgeq.compile import compile_model
+from edgeq.errors import UnsupportedOpError
+from edgeq.export import to_onnx
+from edgeq.quantization import DeQuantStub, QuantStub, default_calib_qconfig, prepare_qat_fx
+from edgeq.quantization.prepare import FloatFallbackWarning
+from edgeq.run import run_artifact
+from edgeq_runtime import Model
+from models import integer_model
+
+FLOAT_REGION_STEPS = 1
+"""docs/numerics.md "Float fallback": an output after a float region is within this many steps of the integer
+model's..."""
+FLOAT_REGION_SHARE = 0.999
+"""...on at least this share of the values."""
+
+
+class _Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc(x))
+
+
+class TokenMixer(nn.Module):
+    """Conv stem, then LayerNorm, attention with softmax, a GELU MLP and a float (qconfig None) head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = QuantStub()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = nn.LayerNorm(16)
+        self.qkv = nn.Linear(16, 48)
+        self.fc1 = nn.Linear(16, 32)
+        self.gelu = nn.GELU()
+        self.fc2 = nn.Linear(32, 16)
+        self.head = _Head()
+        self.head.qconfig = None
+        self.out = nn.Linear(16, 10)
+        self.dequant = DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(self.quant(x)))
+        x = x.flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        attention = F.softmax(q @ k.transpose(1, 2) / math.sqrt(16), dim=-1)
+        x = x + attention @ v
+        x = x + self.fc2(self.gelu(self.fc1(x)))
+        return self.dequant(self.out(self.head(x)))
+
+
+EXAMPLE = (torch.randn(2, 3, 4, 4),)
+FLOAT_OPS = {"norm": "LayerNorm", "gelu": "GELU", "softmax": "softmax", "head.fc": "Linear", "head.act": "ReLU"}
+
+
+def test_prepare_warns_naming_each_float_op():
+    with pytest.warns(FloatFallbackWarning) as caught:
+        prepare_qat_fx(TokenMixer(), example_inputs=EXAMPLE, target="npu-m")
+    messages = [str(w.message) for w in caught if issubclass(w.category, FloatFallbackWarning)]
+    for name, op in FLOAT_OPS.items():
+        assert any(m.startswith(f"{op} '{name}'") for m in messages), (name, messages)
+    assert any("matmul" in m and "no integer implementation" in m for m in messages)
+    assert any("'head.fc': its qconfig is None" in m for m in messages)
+
+
+@pytest.mark.parametrize("model", [TokenMixer(), nn.Sequential(QuantStub(), nn.LayerNorm(4), DeQuantStub())])
+def test_strict_refuses_float_ops_naming_node_and_op(model):
+    with pytest.raises(UnsupportedOpError, match=r"LayerNorm '(norm|1)'.*strict=True"):
+        prepare_qat_fx(model, example_inputs=(torch.randn(2, 4, 4, 4),) if isinstance(model, nn.Sequential) else EXAMPLE, target="npu-m", strict=True)
+
+
+def test_qconfig_none_in_the_dict_form_leaves_the_module_float():
+    model = nn.Sequential(QuantStub(), nn.Linear(4, 4), nn.Linear(4, 4), DeQuantStub())
+    with pytest.warns(FloatFallbackWarning, match=r"Linear '2': its qconfig is None"):
+        prepared = prepare_qat_fx(model, {"module_name": {"2": None}}, example_inputs=(torch.randn(2, 4),), target="x86_64")
+    assert type(prepared.get_submodule("2")) is nn.Linear
+
+
+@pytest.fixture(scope="module")
+def token_mixer(tmp_path_factory):
+    torch.manual_seed(0)
+    with pytest.warns(FloatFallbackWarning):
+        qconfig = {"": default_calib_qconfig, "module_name": {"head": None}}
+        int_model = integer_model(TokenMixer().eval(), EXAMPLE[0], "npu-m", qconfig=qconfig)
+    path = to_onnx(int_model, EXAMPLE, tmp_path_factory.mktemp("fallback") / "mixer.onnx")
+    return int_model, path
+
+
+def test_export_writes_dequantize_float_ops_quantize(token_mixer):
+    _, path = token_mixer
+    graph = onnx.load(str(path)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    softmax = next(n for n in graph.node if n.op_type == "Softmax")
+    assert softmax.doc_string == "float fallback: softmax 'softmax': edgeq has no integer implementation of this op"
+    (consumer,) = [n for n in graph.node if softmax.output[0] in n.input]
+    assert consumer.op_type == "MatMul" and consumer.doc_string.startswith("float fallback: matmul")
+    (quantize,) = [n for n in graph.node if "gelu.out" in n.input]
+    assert quantize.op_type == "QuantizeLinear"
+    first = next(n for n in graph.node if n.name.startswith("norm/"))
+    assert producer[first.input[0]].op_type == "DequantizeLinear"
+    assert {n.op_type for n in graph.node if n.name.startswith("gelu/")} == {"Div", "Erf", "Add", "Mul"}
+
+
+@pytest.mark.parametrize("target", ["npu-m", "x86_64"])
+def test_check_places_float_ops_on_the_cpu_in_float_with_the_reason(token_mixer, target):
+    _, path = token_mixer
+    for report in (check_model(path, target=target), check_model(TokenMixer(), EXAMPLE, target=target)):
+        nodes = {n.record.name: n for n in report.nodes}
+        softmax = [n for name, n in nodes.items() if name.startswith("softmax")]
+        head = [n for name, n in nodes.items() if name.startswith("head.fc")]
+        assert softmax and head
+        for node in softmax + head:
+            assert node.where == "CPU (float)" and node.to_dict()["placement"] == "CPU (float)"
+        assert "no integer implementation" in softmax[0].reasons[0].message
+        assert "its qconfig is None" in head[0].reasons[0].message
+        assert {n.where for name, n in nodes.items() if name.startswith("conv")} == {"NPU" if target == "npu-m" else "CPU"}
+
+
+@pytest.mark.parametrize("target", ["x86_64", "npu-m"])
+def test_compiled_float_regions_agree_with_the_integer_model_within_the_bound(token_mixer, target, tmp_path):
+    """Both runtimes: the Python runtime within the bound of the integer model, the C++ runtime equal to it."""
+    int_model, path = token_mixer
+    result = compile_model(int_model, EXAMPLE, target=target, out=tmp_path / "m.edgeq", simulate=True)
+    assert "CPU (float)" in {op.placement for op in result.graph.ops}
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 4, 4)
+    with Model.load(result.artifact) as model:
+        (got,) = model.run(x.numpy(), raw=True).values()
+    steps = np.abs(got.astype(np.int32) - int_model.run_integer(x).numpy().astype(np.int32))
+    assert (steps <= FLOAT_REGION_STEPS).mean() >= FLOAT_REGION_SHARE, np.bincount(steps.ravel())
+    np.save(tmp_path / "x.npy", x.numpy())
+    run = run_artifact(result.artifact, [str(tmp_path / "x.npy")], tmp_path / "cpp", runtime="cpp", raw=True, say=lambda _: None)
+    (cpp,) = run.outputs.values()
+    np.testing.assert_array_equal(np.load(cpp), got)

@@ -87,6 +87,7 @@ _FUNCTION_KINDS: dict[Any, OpKind | Op] = {
     F.max_pool2d: OpKind.MAXPOOL2D,
     F.avg_pool2d: OpKind.AVGPOOL2D,
     F.adaptive_avg_pool2d: OpKind.ADAPTIVE_AVGPOOL2D,
+    F.batch_norm: OpKind.BATCHNORM2D,
     torch.mean: OpKind.MEAN,
     F.interpolate: OpKind.UPSAMPLE,
     torch.sigmoid: Op.SIGMOID,
@@ -135,7 +136,7 @@ _METHOD_KINDS: dict[str, OpKind | Op] = {
 }
 
 SUPPORTED_OPS = (
-    "Conv2d (+BatchNorm2d, +ReLU/ReLU6), Linear (+ReLU/ReLU6), add (+ReLU/ReLU6), cat, ReLU, ReLU6, "
+    "Conv2d (+BatchNorm2d, +ReLU/ReLU6), BatchNorm2d / F.batch_norm anywhere (+ReLU/ReLU6), Linear (+ReLU/ReLU6), add (+ReLU/ReLU6), cat, ReLU, ReLU6, "
     "max_pool2d, avg_pool2d, adaptive_avg_pool2d, mean over H and W, nearest upsample by integer factors, "
     "Sigmoid, Tanh, Hardsigmoid, Hardswish, SiLU (also x * sigmoid(x)), LeakyReLU, product of two tensors, "
     "flatten / view / reshape / transpose / permute / chunk / split / getitem, dropout"

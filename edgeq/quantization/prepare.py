@@ -27,6 +27,7 @@ from edgeq.ops import Op, gated_op
 from edgeq.quantization.fake_quantize import ActivationFakeQuantize
 from edgeq.quantization.graph import (
     describe_node,
+    folded_parameters,
     getattr_path,
     input_nodes,
     integer_region,
@@ -64,6 +65,8 @@ TARGET_ATTRIBUTE = "edgeq_target"
 """Attribute of a prepared (and converted) model: the name of the target it was prepared for."""
 
 _FUSABLE_ACTIVATIONS = {OpKind.RELU: Activation.RELU, OpKind.RELU6: Activation.RELU6}
+_BATCH_NORM_TENSORS = ("running_mean", "running_var", "weight", "bias")
+"""``F.batch_norm``'s tensor arguments after the input, in order."""
 _SINGLE_CALL_KINDS = {
     OpKind.QUANT_STUB,
     OpKind.CONV2D,
@@ -232,8 +235,10 @@ class _Preparer:
     # ---- fusion ---------------------------------------------------------------------------------------------
     def _sole_user(self, node: fx.Node) -> fx.Node | None:
         users = list(node.users)
-        if len(users) == 1 and users[0] in self.region and list(input_nodes(users[0])) == [node]:
-            return users[0]
+        if len(users) != 1 or users[0] not in self.region:
+            return None
+        operands = [n for n in input_nodes(users[0]) if n not in folded_parameters(users[0])]
+        return users[0] if operands == [node] else None
         return None
 
     def _gating_mul(self, node: fx.Node) -> fx.Node | None:
@@ -244,13 +249,22 @@ class _Preparer:
         operands = [argument(users[0], 0, "input"), argument(users[0], 1, "other")]
         return users[0] if sorted(operands, key=id) == sorted([node, node.args[0]], key=id) else None
 
+    def _follows_conv(self, batchnorm: fx.Node) -> bool:
+        """Whether ``batchnorm`` folds into the conv that produces its input."""
+        source = batchnorm.args[0]
+        return self.kinds.get(source) is OpKind.CONV2D and self._sole_user(source) is batchnorm
+
     def _find_fusions(self) -> None:
         for node, kind in self.kinds.items():
+            if kind is OpKind.BATCHNORM2D:
+                self.absorbed.update(p for p in folded_parameters(node) if len(p.users) == 1)
             gated = kind is OpKind.TABLE_ACTIVATION and gated_op(table_op(node, self.modules)) is not None
             if gated and (mul := self._gating_mul(node)) is not None:
                 self.fusions[node] = _Fusion(node, activation_node=mul)
                 self.absorbed.add(mul)
-            if kind not in (OpKind.CONV2D, OpKind.LINEAR, OpKind.ADD):
+            if kind not in (OpKind.CONV2D, OpKind.LINEAR, OpKind.ADD, OpKind.BATCHNORM2D) or (
+                kind is OpKind.BATCHNORM2D and self._follows_conv(node)
+            ):
                 continue
             fusion = _Fusion(node)
             follower = self._sole_user(node)
@@ -345,9 +359,7 @@ class _Preparer:
         if conv.padding_mode != "zeros":
             raise self._unsupported(node, f"padding_mode '{conv.padding_mode}' (allowed: 'zeros')")
         conv.padding = _explicit_padding(conv, lambda reason: self._unsupported(node, reason))
-        batchnorm = self.modules[fusion.batchnorm.target] if fusion.batchnorm is not None else None
-        if batchnorm is not None and batchnorm.running_var is None:
-            raise self._unsupported(fusion.batchnorm, "BatchNorm2d without running statistics cannot be folded")
+        batchnorm = self._batchnorm(fusion.batchnorm) if fusion.batchnorm is not None else None
         quantizer = self._weighted_output_quantizer(node, fusion)
         module = ConvAct2d(conv, batchnorm, fusion.activation, self.scale_rule, quantizer)
         return self._call(str(node.target), module, node.args, fusion.last)
@@ -370,9 +382,45 @@ class _Preparer:
             )
         return None
 
+    def _batchnorm(self, node: fx.Node) -> nn.BatchNorm2d:
+        """The BatchNorm2d of a module call, or one sharing the parameters of an ``F.batch_norm`` call."""
+        if node.op == "call_module":
+            batchnorm = self.modules[node.target]
+        else:
+            tensors = [argument(node, i, name) for i, name in enumerate(_BATCH_NORM_TENSORS, start=1)]
+            running_mean, running_var, weight, bias = (
+                getattr_path(self.traced, n.target) if isinstance(n, fx.Node) and n.op == "get_attr" else n
+                for n in tensors
+            )
+            if running_mean is None or running_var is None:
+                raise self._unsupported(node, "F.batch_norm without running statistics cannot be folded")
+            batchnorm = nn.BatchNorm2d(
+                running_mean.numel(),
+                eps=argument(node, 7, "eps", 1e-5),
+                momentum=argument(node, 6, "momentum", 0.1),
+                affine=weight is not None,
+            )
+            batchnorm.running_mean, batchnorm.running_var = running_mean, running_var
+            if weight is not None:
+                batchnorm.weight, batchnorm.bias = weight, bias
+        if batchnorm.running_var is None:
+            raise self._unsupported(node, "BatchNorm2d without running statistics cannot be folded")
+        return batchnorm
+
     @_emits(OpKind.BATCHNORM2D)
     def _emit_batchnorm2d(self, node: fx.Node) -> fx.Node:
-        raise self._unsupported(node, "a BatchNorm2d that does not directly follow a Conv2d cannot be folded")
+        """A BatchNorm2d with no conv before it: a per-channel affine, i.e. a depthwise 1x1 conv of unit weights
+        with the BatchNorm folded in (docs/numerics.md "BatchNorm")."""
+        fusion = self.fusions[node]
+        batchnorm = self._batchnorm(node)
+        channels = batchnorm.running_var.numel()
+        identity = nn.Conv2d(channels, channels, 1, groups=channels, bias=False)
+        identity.weight.requires_grad_(False)
+        nn.init.ones_(identity.weight)
+        path = self._functional_path(node, "batch_norm")
+        quantizer = self._quantizer(node, path)
+        module = ConvAct2d(identity, batchnorm, fusion.activation, self.scale_rule, quantizer)
+        return self._call(path, module, (node.args[0],), fusion.last)
 
     @_emits(OpKind.ADD)
     def _emit_add(self, node: fx.Node) -> fx.Node:

@@ -364,6 +364,18 @@ def test_batchnorm_anywhere_is_a_per_channel_affine_or_folded(target):
     torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("out_size", [(7, 3), (3, 5)])
+def test_adaptive_avg_pool_with_uneven_windows(out_size):
+    torch.manual_seed(0)
+    model = _Wrap(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(out_size))).eval()
+    example = torch.randn(2, 3, 6, 9)
+    prepared = prepare_qat_fx(model, example_inputs=(example,), target="x86_64").eval()
+    set_fake_quantize(prepared, FakeQuantState.CALIBRATION)
+    torch.testing.assert_close(prepared(example), model(example), rtol=1e-5, atol=1e-6)
+    int_model = integer_model(model, example, "x86_64")
+    assert_matches_reference(int_model, torch.randn(3, 3, 6, 9))
+
+
 # ---- errors -----------------------------------------------------------------------------------------------------
 
 
@@ -483,7 +495,6 @@ def test_example_inputs_must_be_a_tuple():
     "body,message",
     [
         (nn.AvgPool2d(3, 1, 1, count_include_pad=False), "count_include_pad=False"),
-        (nn.AdaptiveAvgPool2d(3), "adaptive avg pooling from 8x8 to 3x3"),
         (nn.Upsample(scale_factor=2, mode="bilinear"), "upsampling mode 'bilinear'"),
         (nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), "padding_mode 'reflect'"),
     ],

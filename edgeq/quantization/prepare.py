@@ -12,7 +12,9 @@ never a silent float fallback: move it after a DeQuantStub to keep it float.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import operator
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ from edgeq.numerics import is_power_of_two
 from edgeq.ops import Op, gated_op
 from edgeq.quantization.fake_quantize import ActivationFakeQuantize
 from edgeq.quantization.graph import (
+    VALUE_KEY,
+    TensorInfo,
     describe_node,
     folded_parameters,
     getattr_path,
@@ -496,10 +500,34 @@ class _Preparer:
             kernel = (height // out_h, width // out_w)
             module = AvgPool2d(kernel, kernel, (0, 0), self._quantizer(node, path))
         else:
-            raise self._unsupported(
-                node, f"adaptive avg pooling from {height}x{width} to {out_h}x{out_w} (windows of different sizes)"
-            )
+            return self._emit_uneven_adaptive_avgpool2d(node, path, (out_h, out_w))
         return self._call(path, module, (source,), node)
+
+    def _emit_uneven_adaptive_avgpool2d(self, node: fx.Node, path: str, out_size: tuple[int, int]) -> fx.Node:
+        """Adaptive average pooling whose windows differ in size: the mean of each window (a global average pool
+        of its slice) requantized straight to the pool's scale, the windows concatenated along W and viewed as
+        the output grid (docs/numerics.md, "Adaptive average pooling")."""
+        source = self.env[node.args[0]]
+        info = tensor_info(node.args[0])
+        quantizer = self._quantizer(node, path)
+        windows = itertools.product(*(enumerate(adaptive_windows(n, o)) for n, o in zip(info.shape[2:], out_size)))
+        means = []
+        for (row, (top, bottom)), (column, (left, right)) in windows:
+            index = (slice(None), slice(None), slice(top, bottom), slice(left, right))
+            window = self.graph.call_function(operator.getitem, (source, index))
+            window.meta[VALUE_KEY] = TensorInfo((*info.shape[:2], bottom - top, right - left), info.dtype)
+            mean = GlobalAvgPool2d(True, (bottom - top, right - left), None)
+            mean.share_output_scale_with(path)
+            mean_path = f"{path}_{row}_{column}"
+            self.new_modules[mean_path] = mean
+            means.append(self.graph.call_module(mean_path, (window,)))
+            means[-1].meta[VALUE_KEY] = TensorInfo((*info.shape[:2], 1, 1), info.dtype)
+        concat = self._call(path, Concat(3, quantizer), (), node)
+        concat.args = tuple(means)
+        concat.meta = {VALUE_KEY: TensorInfo((*info.shape[:2], 1, len(means)), info.dtype)}
+        grid = self.graph.call_method("reshape", (concat, -1, info.shape[1], *out_size))
+        grid.meta = dict(node.meta)
+        return grid
 
     @_emits(OpKind.MEAN)
     def _emit_mean(self, node: fx.Node) -> fx.Node:
@@ -604,6 +632,11 @@ def _explicit_padding(conv: nn.Conv2d, unsupported: Callable[[str], Exception]) 
     if any(total % 2 for total in totals):
         raise unsupported("padding='same' with an even kernel pads unevenly; pad explicitly")
     return (totals[0] // 2, totals[1] // 2)
+
+
+def adaptive_windows(size: int, out_size: int) -> list[tuple[int, int]]:
+    """The ``[start, end)`` of each of adaptive pooling's ``out_size`` windows over ``size`` (PyTorch's rule)."""
+    return [(i * size // out_size, -(-(i + 1) * size // out_size)) for i in range(out_size)]
 
 
 def _pooled_size(

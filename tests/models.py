@@ -82,14 +82,15 @@ class Wrapped(nn.Module):
         return self.dequant(self.model(self.quant(x)))
 
 
-def torchvision_model(name: str) -> nn.Module:
+def torchvision_model(name: str, **settings: object) -> nn.Module:
     """Random-init torchvision classifier, wrapped, with BatchNorm statistics set on random data.
 
     Fresh BatchNorm layers (mean 0, var 1) let random-init activations shrink towards zero over the layers;
     a few forward passes in train mode give every layer unit-scale activations, like a trained model's.
+    ``settings`` go to the constructor (``block_config`` of a ``DenseNet``...).
     """
     torch.manual_seed(0)
-    model = Wrapped(getattr(torchvision.models, name)(num_classes=10))
+    model = Wrapped(getattr(torchvision.models, name)(num_classes=10, **settings))
     model.train()
     with torch.no_grad():
         for _ in range(3):

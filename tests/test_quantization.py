@@ -308,6 +308,75 @@ def test_concat_inputs_share_the_concat_scale_on_npu_s():
     assert_matches_reference(shared, torch.randn(2, 3, 6, 6))
 
 
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: the BatchNorm as ``F.batch_norm`` on its own parameters, then the activation."""
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        return F.relu(x)
+
+
+class BatchNormEverywhere(nn.Module):
+    """DenseNet's BN -> ReLU -> Conv after a concat, a BN after a ReLU with none after it, and a conv with
+    BatchNormAct."""
+
+    def __init__(self):
+        super().__init__()
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm1 = nn.BatchNorm2d(9)
+        self.conv1 = nn.Conv2d(9, 4, 3, padding=1)
+        self.norm2 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.bn_act = BatchNormAct(4)
+
+    def forward(self, x):
+        x = self.quant(x)
+        x = torch.cat([self.stem(x), x], 1)
+        x = self.conv1(F.relu(self.norm1(x)))
+        return self.dequant(self.bn_act(self.conv2(self.norm2(F.relu(x)))))
+
+
+def _randomize_batchnorms(model: nn.Module) -> None:
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+
+
+@pytest.mark.parametrize("target", ["x86_64", "npu-s"])
+def test_batchnorm_anywhere_is_a_per_channel_affine_or_folded(target):
+    torch.manual_seed(0)
+    model = BatchNormEverywhere().eval()
+    _randomize_batchnorms(model)
+    example = torch.randn(2, 3, 8, 8)
+    int_model = integer_model(model, example, target)
+    convs = [m for m in int_model.graph_module.modules() if isinstance(m, ops.IntConv2d)]
+    affine = [m for m in convs if m.weight.shape[1:] == (1, 1, 1) and m.groups > 1]
+    assert len(affine) == 2, "norm1 and norm2 (no conv before them) are depthwise 1x1 convs; bn_act folds into conv2"
+    assert len(convs) == 5
+    assert_matches_reference(int_model, torch.randn(3, 3, 8, 8))
+    prepared = prepare_qat_fx(model, example_inputs=(example,), target=target).eval()
+    set_fake_quantize(prepared, FakeQuantState.CALIBRATION)
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("out_size", [(7, 3), (3, 5)])
+def test_adaptive_avg_pool_with_uneven_windows(out_size):
+    torch.manual_seed(0)
+    model = _Wrap(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(out_size))).eval()
+    example = torch.randn(2, 3, 6, 9)
+    prepared = prepare_qat_fx(model, example_inputs=(example,), target="x86_64").eval()
+    set_fake_quantize(prepared, FakeQuantState.CALIBRATION)
+    torch.testing.assert_close(prepared(example), model(example), rtol=1e-5, atol=1e-6)
+    int_model = integer_model(model, example, "x86_64")
+    assert_matches_reference(int_model, torch.randn(3, 3, 6, 9))
+
+
 # ---- errors -----------------------------------------------------------------------------------------------------
 
 
@@ -354,9 +423,17 @@ def test_constant_add_is_unsupported():
         _prepare(AddConstant())
 
 
-def test_standalone_batchnorm_is_unsupported():
-    with pytest.raises(UnsupportedOpError, match="BatchNorm2d 'body.2': a BatchNorm2d that does not directly follow a Conv2d"):
-        _prepare(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.BatchNorm2d(4)))
+def test_functional_batchnorm_without_running_statistics_is_unsupported():
+    class NoStatistics(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return F.batch_norm(self.conv(x), None, None, training=True)
+
+    with pytest.raises(UnsupportedOpError, match="batch_norm 'batch_norm' .*without running statistics"):
+        _prepare(NoStatistics())
 
 
 def test_module_called_twice_is_rejected():
@@ -425,7 +502,6 @@ def test_example_inputs_must_be_a_tuple():
     "body,message",
     [
         (nn.AvgPool2d(3, 1, 1, count_include_pad=False), "count_include_pad=False"),
-        (nn.AdaptiveAvgPool2d(3), "adaptive avg pooling from 8x8 to 3x3"),
         (nn.Upsample(scale_factor=2, mode="bilinear"), "upsampling mode 'bilinear'"),
         (nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), "padding_mode 'reflect'"),
     ],

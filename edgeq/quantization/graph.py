@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from edgeq.errors import QuantizationError, TraceError
@@ -118,6 +119,14 @@ def input_nodes(node: fx.Node) -> Iterator[fx.Node]:
     yield from found
 
 
+def folded_parameters(node: fx.Node) -> list[fx.Node]:
+    """The parameter and buffer inputs of ``node`` that prepare folds into its op (``F.batch_norm``'s running
+    statistics, weight and bias), which are therefore not float tensors entering the integer region."""
+    if node.op == "call_function" and node.target is F.batch_norm:
+        return [n for n in input_nodes(node) if n.op == "get_attr"]
+    return []
+
+
 def describe_node(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     """``<op> '<node>'`` for messages: the module class or function name, and where the node is."""
     if node.op == "call_module":
@@ -178,7 +187,7 @@ def integer_region(module: fx.GraphModule) -> set[fx.Node]:
             continue
         if not quantized_inputs:
             continue
-        float_inputs = [n for n in tensor_inputs if n not in region]
+        float_inputs = [n for n in tensor_inputs if n not in region and n not in folded_parameters(node)]
         if float_inputs:
             raise QuantizationError(
                 f"{describe_node(node, modules)}: mixes quantized input '{quantized_inputs[0].name}' with float "

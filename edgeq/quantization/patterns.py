@@ -87,6 +87,7 @@ _FUNCTION_KINDS: dict[Any, OpKind | Op] = {
     F.max_pool2d: OpKind.MAXPOOL2D,
     F.avg_pool2d: OpKind.AVGPOOL2D,
     F.adaptive_avg_pool2d: OpKind.ADAPTIVE_AVGPOOL2D,
+    F.batch_norm: OpKind.BATCHNORM2D,
     torch.mean: OpKind.MEAN,
     F.interpolate: OpKind.UPSAMPLE,
     torch.sigmoid: Op.SIGMOID,
@@ -110,6 +111,11 @@ _FUNCTION_KINDS: dict[Any, OpKind | Op] = {
     operator.getitem: OpKind.RESHAPE,
     F.dropout: OpKind.DROPOUT,
 }
+
+_FUNCTION_KINDS_BY_NAME: dict[str, OpKind | Op] = {
+    "torchvision.ops.stochastic_depth.stochastic_depth": OpKind.DROPOUT,
+}
+"""Functions of optional libraries, by qualified name (importing them here would make them dependencies)."""
 
 _METHOD_KINDS: dict[str, OpKind | Op] = {
     "relu": OpKind.RELU,
@@ -135,10 +141,10 @@ _METHOD_KINDS: dict[str, OpKind | Op] = {
 }
 
 SUPPORTED_OPS = (
-    "Conv2d (+BatchNorm2d, +ReLU/ReLU6), Linear (+ReLU/ReLU6), add (+ReLU/ReLU6), cat, ReLU, ReLU6, "
+    "Conv2d (+BatchNorm2d, +ReLU/ReLU6), BatchNorm2d / F.batch_norm anywhere (+ReLU/ReLU6), Linear (+ReLU/ReLU6), add (+ReLU/ReLU6), cat, ReLU, ReLU6, "
     "max_pool2d, avg_pool2d, adaptive_avg_pool2d, mean over H and W, nearest upsample by integer factors, "
     "Sigmoid, Tanh, Hardsigmoid, Hardswish, SiLU (also x * sigmoid(x)), LeakyReLU, product of two tensors, "
-    "flatten / view / reshape / transpose / permute / chunk / split / getitem, dropout"
+    "flatten / view / reshape / transpose / permute / chunk / split / getitem, dropout, stochastic depth"
 )
 
 
@@ -159,7 +165,10 @@ def _spelled(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind | Op:
             6.0,
         ):
             return OpKind.RELU6
-        return _FUNCTION_KINDS.get(node.target, OpKind.UNSUPPORTED)
+        if node.target in _FUNCTION_KINDS:
+            return _FUNCTION_KINDS[node.target]
+        name = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__qualname__', '')}"
+        return _FUNCTION_KINDS_BY_NAME.get(name, OpKind.UNSUPPORTED)
     if node.op == "call_method":
         return _METHOD_KINDS.get(str(node.target), OpKind.UNSUPPORTED)
     return OpKind.UNSUPPORTED

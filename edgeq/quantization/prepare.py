@@ -15,7 +15,9 @@ node and the op instead.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import operator
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -30,7 +32,10 @@ from edgeq.numerics import is_power_of_two
 from edgeq.ops import Op, gated_op
 from edgeq.quantization.fake_quantize import ActivationFakeQuantize
 from edgeq.quantization.graph import (
+    VALUE_KEY,
+    TensorInfo,
     describe_node,
+    folded_parameters,
     getattr_path,
     input_nodes,
     integer_region,
@@ -71,6 +76,8 @@ TARGET_ATTRIBUTE = "edgeq_target"
 """Attribute of a prepared (and converted) model: the name of the target it was prepared for."""
 
 _FUSABLE_ACTIVATIONS = {OpKind.RELU: Activation.RELU, OpKind.RELU6: Activation.RELU6}
+_BATCH_NORM_TENSORS = ("running_mean", "running_var", "weight", "bias")
+"""``F.batch_norm``'s tensor arguments after the input, in order."""
 _SINGLE_CALL_KINDS = {
     OpKind.QUANT_STUB,
     OpKind.CONV2D,
@@ -261,14 +268,10 @@ class _Preparer:
     # ---- fusion ---------------------------------------------------------------------------------------------
     def _sole_user(self, node: fx.Node) -> fx.Node | None:
         users = list(node.users)
-        if (
-            len(users) == 1
-            and users[0] in self.region
-            and list(input_nodes(users[0])) == [node]
-            and self._float_reason(users[0]) is None
-        ):
-            return users[0]
-        return None
+        if len(users) != 1 or users[0] not in self.region or self._float_reason(users[0]) is not None:
+            return None
+        operands = [n for n in input_nodes(users[0]) if n not in folded_parameters(users[0])]
+        return users[0] if operands == [node] else None
 
     def _gating_mul(self, node: fx.Node) -> fx.Node | None:
         """The ``x * node`` that makes ``node = g(x)`` a gated activation (``x * sigmoid(x)`` is SiLU)."""
@@ -280,15 +283,24 @@ class _Preparer:
         operands = [argument(users[0], 0, "input"), argument(users[0], 1, "other")]
         return users[0] if sorted(operands, key=id) == sorted([node, node.args[0]], key=id) else None
 
+    def _follows_conv(self, batchnorm: fx.Node) -> bool:
+        """Whether ``batchnorm`` folds into the conv that produces its input."""
+        source = batchnorm.args[0]
+        return self.kinds.get(source) is OpKind.CONV2D and self._sole_user(source) is batchnorm
+
     def _find_fusions(self) -> None:
         for node, kind in self.kinds.items():
             if self._float_reason(node) is not None:
                 continue
+            if kind is OpKind.BATCHNORM2D:
+                self.absorbed.update(p for p in folded_parameters(node) if len(p.users) == 1)
             gated = kind is OpKind.TABLE_ACTIVATION and gated_op(table_op(node, self.modules)) is not None
             if gated and (mul := self._gating_mul(node)) is not None:
                 self.fusions[node] = _Fusion(node, activation_node=mul)
                 self.absorbed.add(mul)
-            if kind not in (OpKind.CONV2D, OpKind.LINEAR, OpKind.ADD):
+            if kind not in (OpKind.CONV2D, OpKind.LINEAR, OpKind.ADD, OpKind.BATCHNORM2D) or (
+                kind is OpKind.BATCHNORM2D and self._follows_conv(node)
+            ):
                 continue
             fusion = _Fusion(node)
             follower = self._sole_user(node)
@@ -446,9 +458,7 @@ class _Preparer:
         if conv.padding_mode != "zeros":
             raise self._unsupported(node, f"padding_mode '{conv.padding_mode}' (allowed: 'zeros')")
         conv.padding = _explicit_padding(conv, lambda reason: self._unsupported(node, reason))
-        batchnorm = self.modules[fusion.batchnorm.target] if fusion.batchnorm is not None else None
-        if batchnorm is not None and batchnorm.running_var is None:
-            raise self._unsupported(fusion.batchnorm, "BatchNorm2d without running statistics cannot be folded")
+        batchnorm = self._batchnorm(fusion.batchnorm) if fusion.batchnorm is not None else None
         quantizer = self._weighted_output_quantizer(node, fusion)
         module = ConvAct2d(conv, batchnorm, fusion.activation, self.scale_rule, quantizer)
         return self._call(str(node.target), module, node.args, fusion.last)
@@ -471,9 +481,45 @@ class _Preparer:
             )
         return None
 
+    def _batchnorm(self, node: fx.Node) -> nn.BatchNorm2d:
+        """The BatchNorm2d of a module call, or one sharing the parameters of an ``F.batch_norm`` call."""
+        if node.op == "call_module":
+            batchnorm = self.modules[node.target]
+        else:
+            tensors = [argument(node, i, name) for i, name in enumerate(_BATCH_NORM_TENSORS, start=1)]
+            running_mean, running_var, weight, bias = (
+                getattr_path(self.traced, n.target) if isinstance(n, fx.Node) and n.op == "get_attr" else n
+                for n in tensors
+            )
+            if running_mean is None or running_var is None:
+                raise self._unsupported(node, "F.batch_norm without running statistics cannot be folded")
+            batchnorm = nn.BatchNorm2d(
+                running_mean.numel(),
+                eps=argument(node, 7, "eps", 1e-5),
+                momentum=argument(node, 6, "momentum", 0.1),
+                affine=weight is not None,
+            )
+            batchnorm.running_mean, batchnorm.running_var = running_mean, running_var
+            if weight is not None:
+                batchnorm.weight, batchnorm.bias = weight, bias
+        if batchnorm.running_var is None:
+            raise self._unsupported(node, "BatchNorm2d without running statistics cannot be folded")
+        return batchnorm
+
     @_emits(OpKind.BATCHNORM2D)
     def _emit_batchnorm2d(self, node: fx.Node) -> fx.Node:
-        raise self._unsupported(node, "a BatchNorm2d that does not directly follow a Conv2d cannot be folded")
+        """A BatchNorm2d with no conv before it: a per-channel affine, i.e. a depthwise 1x1 conv of unit weights
+        with the BatchNorm folded in (docs/numerics.md "BatchNorm")."""
+        fusion = self.fusions[node]
+        batchnorm = self._batchnorm(node)
+        channels = batchnorm.running_var.numel()
+        identity = nn.Conv2d(channels, channels, 1, groups=channels, bias=False)
+        identity.weight.requires_grad_(False)
+        nn.init.ones_(identity.weight)
+        path = self._functional_path(node, "batch_norm")
+        quantizer = self._quantizer(node, path)
+        module = ConvAct2d(identity, batchnorm, fusion.activation, self.scale_rule, quantizer)
+        return self._call(path, module, (node.args[0],), fusion.last)
 
     @_emits(OpKind.ADD)
     def _emit_add(self, node: fx.Node) -> fx.Node:
@@ -549,10 +595,34 @@ class _Preparer:
             kernel = (height // out_h, width // out_w)
             module = AvgPool2d(kernel, kernel, (0, 0), self._quantizer(node, path))
         else:
-            raise self._unsupported(
-                node, f"adaptive avg pooling from {height}x{width} to {out_h}x{out_w} (windows of different sizes)"
-            )
+            return self._emit_uneven_adaptive_avgpool2d(node, path, (out_h, out_w))
         return self._call(path, module, (source,), node)
+
+    def _emit_uneven_adaptive_avgpool2d(self, node: fx.Node, path: str, out_size: tuple[int, int]) -> fx.Node:
+        """Adaptive average pooling whose windows differ in size: the mean of each window (a global average pool
+        of its slice) requantized straight to the pool's scale, the windows concatenated along W and viewed as
+        the output grid (docs/numerics.md, "Adaptive average pooling")."""
+        source = self._integer_value(node.args[0])
+        info = tensor_info(node.args[0])
+        quantizer = self._quantizer(node, path)
+        windows = itertools.product(*(enumerate(adaptive_windows(n, o)) for n, o in zip(info.shape[2:], out_size)))
+        means = []
+        for (row, (top, bottom)), (column, (left, right)) in windows:
+            index = (slice(None), slice(None), slice(top, bottom), slice(left, right))
+            window = self.graph.call_function(operator.getitem, (source, index))
+            window.meta[VALUE_KEY] = TensorInfo((*info.shape[:2], bottom - top, right - left), info.dtype)
+            mean = GlobalAvgPool2d(True, (bottom - top, right - left), None)
+            mean.share_output_scale_with(path)
+            mean_path = f"{path}_{row}_{column}"
+            self.new_modules[mean_path] = mean
+            means.append(self.graph.call_module(mean_path, (window,)))
+            means[-1].meta[VALUE_KEY] = TensorInfo((*info.shape[:2], 1, 1), info.dtype)
+        concat = self._call(path, Concat(3, quantizer), (), node)
+        concat.args = tuple(means)
+        concat.meta = {VALUE_KEY: TensorInfo((*info.shape[:2], 1, len(means)), info.dtype)}
+        grid = self.graph.call_method("reshape", (concat, -1, info.shape[1], *out_size))
+        grid.meta = dict(node.meta)
+        return grid
 
     @_emits(OpKind.MEAN)
     def _emit_mean(self, node: fx.Node) -> fx.Node:
@@ -657,6 +727,11 @@ def _explicit_padding(conv: nn.Conv2d, unsupported: Callable[[str], Exception]) 
     if any(total % 2 for total in totals):
         raise unsupported("padding='same' with an even kernel pads unevenly; pad explicitly")
     return (totals[0] // 2, totals[1] // 2)
+
+
+def adaptive_windows(size: int, out_size: int) -> list[tuple[int, int]]:
+    """The ``[start, end)`` of each of adaptive pooling's ``out_size`` windows over ``size`` (PyTorch's rule)."""
+    return [(i * size // out_size, -(-(i + 1) * size // out_size)) for i in range(out_size)]
 
 
 def _pooled_size(

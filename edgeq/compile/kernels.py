@@ -9,6 +9,8 @@ the contract with :mod:`edgeq.compile.schedules`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from tvm import te, tirx
 
@@ -45,21 +47,35 @@ def pack_conv_weights(weights: np.ndarray, dot: DotProduct) -> tuple[np.ndarray,
     return np.ascontiguousarray(packed), correction.astype(np.int32)
 
 
-def conv2d(data: te.Tensor, packed: te.Tensor, correction: te.Tensor, channels: int, strides, padding, dilation, dot: DotProduct) -> te.Tensor:
-    """NCHW int8 ``data`` x packed weights -> NCHW int32 accumulator with ``channels`` channels (groups 1)."""
-    n, ic, h, w = (int(d) for d in data.shape)
-    _, ic_blocks, kh, kw, lanes, depth = (int(d) for d in packed.shape)
+def _output_size(data: te.Tensor, kernel: tuple[int, int], strides, padding, dilation) -> tuple[int, int]:
+    """Output height and width of a convolution over NCHW ``data`` (``padding`` as top, left, bottom, right)."""
+    h, w = (int(d) for d in data.shape[2:])
     top, left, bottom, right = padding
-    out_h = (h + top + bottom - (kh - 1) * dilation[0] - 1) // strides[0] + 1
-    out_w = (w + left + right - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+    out_h = (h + top + bottom - (kernel[0] - 1) * dilation[0] - 1) // strides[0] + 1
+    out_w = (w + left + right - (kernel[1] - 1) * dilation[1] - 1) // strides[1] + 1
+    return out_h, out_w
+
+
+def _pack_padded(data: te.Tensor, blocks: int, depth: int, padding, convert: Callable) -> te.Tensor:
+    """NCHW int8 ``data`` -> ``[N, blocks, H + pads, W + pads, depth]``: channels in blocks of ``depth``, zeros in
+    the padding and past the last channel, each value passed through ``convert``."""
+    n, channels, h, w = (int(d) for d in data.shape)
+    top, left, bottom, right = padding
 
     def pack(b, c_block, y, x, c):
         channel = c_block * depth + c
-        inside = tirx.all(channel < ic, y >= top, y < h + top, x >= left, x < w + left)
-        value = tirx.if_then_else(inside, data[b, channel, y - top, x - left], tirx.const(0, "int8"))
-        return _activation(value, dot)
+        inside = tirx.all(channel < channels, y >= top, y < h + top, x >= left, x < w + left)
+        return convert(tirx.if_then_else(inside, data[b, channel, y - top, x - left], tirx.const(0, "int8")))
 
-    source = te.compute((n, ic_blocks, h + top + bottom, w + left + right, depth), pack, name=PACK)
+    return te.compute((n, blocks, h + top + bottom, w + left + right, depth), pack, name=PACK)
+
+
+def conv2d(data: te.Tensor, packed: te.Tensor, correction: te.Tensor, channels: int, strides, padding, dilation, dot: DotProduct) -> te.Tensor:
+    """NCHW int8 ``data`` x packed weights -> NCHW int32 accumulator with ``channels`` channels (groups 1)."""
+    n = int(data.shape[0])
+    _, ic_blocks, kh, kw, lanes, depth = (int(d) for d in packed.shape)
+    out_h, out_w = _output_size(data, (kh, kw), strides, padding, dilation)
+    source = _pack_padded(data, ic_blocks, depth, padding, lambda value: _activation(value, dot))
     rc, ry, rx, rk = (te.reduce_axis((0, e), name) for e, name in ((ic_blocks, "rc"), (kh, "ry"), (kw, "rx"), (depth, "rk")))
     acc = te.compute(
         (n, packed.shape[0], out_h, out_w, lanes),
@@ -85,18 +101,10 @@ def pack_depthwise_weights(weights: np.ndarray, lanes: int) -> np.ndarray:
 
 def depthwise_conv2d(data: te.Tensor, packed: te.Tensor, strides, padding, dilation) -> te.Tensor:
     """NCHW int8 ``data`` x packed depthwise weights -> NCHW int32 accumulator (int16 products, exact)."""
-    n, channels, h, w = (int(d) for d in data.shape)
-    _, kh, kw, lanes = (int(d) for d in packed.shape)
-    top, left, bottom, right = padding
-    out_h = (h + top + bottom - (kh - 1) * dilation[0] - 1) // strides[0] + 1
-    out_w = (w + left + right - (kw - 1) * dilation[1] - 1) // strides[1] + 1
-
-    def pack(b, c_block, y, x, c):
-        channel = c_block * lanes + c
-        inside = tirx.all(channel < channels, y >= top, y < h + top, x >= left, x < w + left)
-        return tirx.if_then_else(inside, data[b, channel, y - top, x - left], tirx.const(0, "int8"))
-
-    source = te.compute((n, packed.shape[0], h + top + bottom, w + left + right, lanes), pack, name=PACK)
+    n, channels = (int(d) for d in data.shape[:2])
+    c_blocks, kh, kw, lanes = (int(d) for d in packed.shape)
+    out_h, out_w = _output_size(data, (kh, kw), strides, padding, dilation)
+    source = _pack_padded(data, c_blocks, lanes, padding, lambda value: value)
     ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
     acc = te.compute(
         (n, packed.shape[0], out_h, out_w, lanes),

@@ -1,6 +1,6 @@
 """Tutorial: your own torchvision model from float to a deployed, measured artifact (the README's tutorial).
 
-MobileNetV2 (random init here: load your trained weights instead) takes raw uint8 camera pixels through
+MobileNetV3-Small (random init here: load your trained weights instead) takes raw uint8 camera pixels through
 ``QuantStub(scale=1/128)``: the float model sees ``(pixel - 128) / 128``, the compiled program ``pixel - 128`` as
 int8, with no arithmetic. It is calibrated on generated images (use a few hundred of your own), converted to the
 integer model, checked, compiled for this machine (x86_64), run with edgeq_runtime on raw pixels (the result must
@@ -51,7 +51,7 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def deploy(size: int = 224, out: Path = Path("build/tutorial")) -> None:
-    float_model = Deployable(torchvision.models.mobilenet_v2())  # your model (and weights) here
+    float_model = Deployable(torchvision.models.mobilenet_v3_small())  # your model (and weights) here
     with torch.no_grad():  # random init only: give BatchNorm the statistics training would (skip with weights)
         float_model.train()(normalise(camera_pixels(8, size)))
     float_model.eval()

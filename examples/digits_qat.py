@@ -16,9 +16,9 @@ Each stage saves a checkpoint in ``--workdir`` and the next one starts from it, 
 The compile stage saves ``int_model.pt`` (TorchScript) and ``model.onnx`` (QDQ), prints the target check, compiles
 ``digits.edgeq`` for the target's board (aarch64) and ``digits-x86_64.edgeq`` for this machine, measures the
 artifact's accuracy with the Python runtime and checks that every artifact equals the integer model (Python
-runtime on every test image; C++ runtime on one, the aarch64 artifact under qemu), and, as the seed ends, estimates the board's latency (``perf/report.json`` and
-``perf/report.html``, with each layer's accuracy against the float model) and draws the compiled graph
-(``model.svg``).
+runtime on every test image; C++ runtime on one, the aarch64 artifact under qemu), and, as the seed ends,
+estimates the board's latency (``perf/report.json`` and ``perf/report.html``, with each layer's accuracy against
+the float model) and draws the compiled graph (``model.svg``).
 """
 
 from __future__ import annotations

@@ -7,19 +7,24 @@ broadcast against a ``lanes x depth`` block of weights ``B``.
   own ``dot_16x4_vnni`` passes ``int32`` operands that LLVM 22's verifier rejects; these pass bytes.
 - ``edgeq_pmaddwd_8x2``: AVX2 ``vpmaddwd`` on int8 values widened to int16 (int16 pairs -> int32, exact).
   Never ``vpmaddubsw``: its int16 sum saturates.
-- aarch64 ``sdot`` is TVM's ``ARM_DOT_4x4_i8_SDOT_INTRIN``.
+- ``edgeq_sdot_4x4``: aarch64 ``sdot`` (``+dotprod``), int8 x int8.
+
+They are registered on first use (:func:`registered`), not at import: parsing TVMScript is slow once torch is
+loaded (TVM inspects the caller's stack), and importing ``tvm.s_tir.tensor_intrin`` for TVM's own intrinsics
+parses hundreds of them, which costs minutes on a busy 2-core machine.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tvm.s_tir import TensorIntrin
-from tvm.s_tir.tensor_intrin.arm_cpu import ARM_DOT_4x4_i8_SDOT_INTRIN
 from tvm.script import tirx as T
 
 VNNI_16x4 = "edgeq_vnni_16x4"
 AVX_VNNI_8x4 = "edgeq_avxvnni_8x4"
 PMADDWD_8x2 = "edgeq_pmaddwd_8x2"
-SDOT_4x4 = ARM_DOT_4x4_i8_SDOT_INTRIN
+SDOT_4x4 = "edgeq_sdot_4x4"
 
 
 def _description(lanes: int, depth: int, a_dtype: str):
@@ -41,19 +46,20 @@ def _description(lanes: int, depth: int, a_dtype: str):
     return description
 
 
-def _vpdpbusd(lanes: int, llvm_name: str):
+def _dot4(lanes: int, llvm_name: str, a_dtype: str):
+    """An instruction adding dot products of 4 bytes into each int32 lane: ``vpdpbusd`` or ``sdot``."""
     bytes_ = lanes * 4
 
     @T.prim_func(s_tir=True)
     def implementation(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
+        A: T.Buffer((4,), a_dtype, offset_factor=1),
         B: T.Buffer((lanes, 4), "int8", offset_factor=1),
         C: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
             T.writes(C[0:lanes])
-            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes), dtype=f"uint8x{bytes_}")
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], f"{a_dtype}x4"), dtype="int32"), lanes), dtype=f"{a_dtype}x{bytes_}")
             C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(llvm_name),
                 C.vload([0], dtype=f"int32x{lanes}"),
@@ -65,23 +71,38 @@ def _vpdpbusd(lanes: int, llvm_name: str):
     return implementation
 
 
-@T.prim_func(s_tir=True)
-def _pmaddwd(
-    A: T.Buffer((2,), "int8", offset_factor=1),
-    B: T.Buffer((8, 2), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        pair = T.reinterpret(T.Cast("int16x2", A.vload([0], "int8x2")), dtype="int32")
-        a = T.reinterpret(T.broadcast(pair, 8), dtype="int16x16")
-        b = T.Cast("int16x16", B.vload([0, 0], dtype="int8x16"))
-        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a, b, dtype="int32x8"
-        )
+def _pmaddwd():
+    @T.prim_func(s_tir=True)
+    def implementation(
+        A: T.Buffer((2,), "int8", offset_factor=1),
+        B: T.Buffer((8, 2), "int8", offset_factor=1),
+        C: T.Buffer((8,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+            T.writes(C[0:8])
+            pair = T.reinterpret(T.Cast("int16x2", A.vload([0], "int8x2")), dtype="int32")
+            a = T.reinterpret(T.broadcast(pair, 8), dtype="int16x16")
+            b = T.Cast("int16x16", B.vload([0, 0], dtype="int8x16"))
+            C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a, b, dtype="int32x8"
+            )
+
+    return implementation
 
 
-TensorIntrin.register(VNNI_16x4, _description(16, 4, "uint8"), _vpdpbusd(16, "llvm.x86.avx512.vpdpbusd.512"))
-TensorIntrin.register(AVX_VNNI_8x4, _description(8, 4, "uint8"), _vpdpbusd(8, "llvm.x86.avx512.vpdpbusd.256"))
-TensorIntrin.register(PMADDWD_8x2, _description(8, 2, "int8"), _pmaddwd)
+_BUILDERS: dict[str, Callable[[], tuple]] = {
+    VNNI_16x4: lambda: (_description(16, 4, "uint8"), _dot4(16, "llvm.x86.avx512.vpdpbusd.512", "uint8")),
+    AVX_VNNI_8x4: lambda: (_description(8, 4, "uint8"), _dot4(8, "llvm.x86.avx512.vpdpbusd.256", "uint8")),
+    PMADDWD_8x2: lambda: (_description(8, 2, "int8"), _pmaddwd()),
+    SDOT_4x4: lambda: (_description(4, 4, "int8"), _dot4(4, "llvm.aarch64.neon.sdot.v4i32.v16i8", "int8")),
+}
+_registered: set[str] = set()
+
+
+def registered(name: str) -> str:
+    """``name``, after registering its tensor intrinsic with TVM (once per process)."""
+    if name not in _registered:
+        TensorIntrin.register(name, *_BUILDERS[name]())
+        _registered.add(name)
+    return name

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from edgeq.compile import kernels
+from edgeq.compile import intrinsics, kernels
 from edgeq.compile.cpu_features import DotProduct
 from edgeq.compile.schedules.generic import inline_epilogue, parallel_outer
 
@@ -60,7 +60,7 @@ def schedule_conv2d(sch: s_tir.Schedule, dot: DotProduct, parallel: bool) -> Non
     init = sch.decompose_reduction(conv, rc)
     sch.vectorize(sch.get_loops(init)[-1])
     if dot.intrinsic is not None:
-        sch.tensorize(lane, dot.intrinsic)
+        sch.tensorize(lane, intrinsics.registered(dot.intrinsic))
 
 
 def schedule_depthwise(sch: s_tir.Schedule, dot: DotProduct, parallel: bool) -> None:
@@ -93,4 +93,4 @@ def schedule_dense(sch: s_tir.Schedule, dot: DotProduct, parallel: bool) -> None
     init = sch.decompose_reduction(dense, rc)
     sch.vectorize(sch.get_loops(init)[-1])
     if dot.intrinsic is not None:
-        sch.tensorize(lane, dot.intrinsic)
+        sch.tensorize(lane, intrinsics.registered(dot.intrinsic))

@@ -196,8 +196,10 @@ def test_tiny_requantization_multiplier_compiles_to_exact_zeros(target, tmp_path
     if target == "npu-m":
         with zipfile.ZipFile(result.artifact) as archive:
             (region,) = json.loads(archive.read("npu_program.json"))["regions"]
-        per_channel = region["ops"][0]["requantization"]["per_channel"]
-        assert per_channel[3] == {"multiplier": 0, "shift": 62} and all(c["multiplier"] >= 2**30 for c in per_channel[:3])
+        requantization = region["ops"][0]["requantization"]
+        assert requantization["per"] == "channel"
+        assert (requantization["multiplier"][3], requantization["shift"][3]) == (0, 62)
+        assert all(m >= 2**30 for i, m in enumerate(requantization["multiplier"]) if i != 3)
 
 
 class _SwishNet(nn.Module):

@@ -20,6 +20,7 @@ from edgeq.check import Placement, check_model
 from edgeq.cli import EXIT_ERROR, EXIT_NOT_DEPLOYABLE, main
 from edgeq.errors import EdgeqError, TargetError
 from edgeq.export import save_torchscript, to_onnx, trace
+from edgeq.quantization import default_calib_int32_output_qconfig, default_calib_qconfig
 from models import SmallCNN, Wrapped, calibrate, integer_model, torchvision_model
 
 
@@ -104,6 +105,16 @@ def test_spatial_size_too_large():
 def test_tensor_too_large():
     node = single_op(nn.Sequential(nn.Conv2d(3, 64, 3, padding=1)), "npu-s", example=torch.randn(1, 3, 320, 320))
     assert_cpu(node, "tensor of 6.2 MiB per image, npu-s addresses ≤ 4.0 MiB")
+
+
+def test_tensor_size_counts_bytes_not_elements(tmp_path):
+    """A conv with an int32 output of 1.06 M elements: 1.06 MiB as int8 (on the NPU), 4.25 MiB as int32 (not)."""
+    body, example = nn.Sequential(nn.Conv2d(3, 17, 3, padding=1)), torch.randn(1, 3, 256, 256)
+    assert single_op(body, "npu-s", example=example).placement is Placement.NPU
+    int32_output = {"": default_calib_qconfig, "module_name": {"model.0": default_calib_int32_output_qconfig}}
+    int_model = integer_model(Wrapped(body).eval(), example, "npu-s", qconfig=int32_output)
+    report = check_model(to_onnx(int_model, (example,), tmp_path / "int32.onnx"), target="npu-s")
+    assert_cpu(next(n for n in report.nodes if n.record.op == "conv2d"), "tensor of 4.2 MiB per image")
 
 
 def test_weights_larger_than_sram_is_advice():

@@ -67,6 +67,16 @@ class OpRecord:
     onnx_op: str | None = None
 
     @property
+    def itemsizes(self) -> tuple[int, int]:
+        """Bytes per element of the op's inputs and of its output on the device: float32 for an op that runs in
+        float, an int32 output for a conv or linear whose quantized output has no int8 scale, int8 otherwise
+        (a float model is checked as the int8 model it becomes)."""
+        if self.float_only:
+            return 4, 4
+        int32_output = self.quant is not None and self.quant.output_scale is None
+        return 1, 4 if int32_output else 1
+
+    @property
     def macs(self) -> int:
         """Multiply-accumulates per inference (convolutions and linear layers; 0 for other ops)."""
         if self.output_shape is None:

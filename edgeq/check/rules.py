@@ -269,7 +269,11 @@ def tensor_too_wide(record: OpRecord, target: Target) -> Outcome | None:
 @rule("max_tensor_bytes")
 def tensor_too_large(record: OpRecord, target: Target) -> Outcome | None:
     """Tensors larger than the NPU addresses run on the CPU."""
-    size = max((math.prod(s[1:]) for s in _shapes(record)), default=0)
+    input_bytes, output_bytes = record.itemsizes
+    sizes = [math.prod(s[1:]) * input_bytes for s in record.input_shapes]
+    if record.output_shape:
+        sizes.append(math.prod(record.output_shape[1:]) * output_bytes)
+    size = max(sizes, default=0)
     if size <= target.npu.max_tensor_bytes:
         return None
     return Outcome(

@@ -177,6 +177,12 @@ def test_onnx_runtime_peer_path_is_exact_on_the_probe():
         assert path.name == "float" or dict(path.config) == {PRECISE_INT8: "1"}
 
 
+def test_onnx_runtime_session_threads():
+    model, _, _ = probe_model()
+    assert session(model, threads=2).get_session_options().intra_op_num_threads == 2
+    assert session(model).get_session_options().intra_op_num_threads == 0  # ORT's default: one per physical core
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "shufflenet_v2_x1_0"])
 @pytest.mark.parametrize("target", ["npu-m", "npu-s"])
 def test_onnx_runtime_agrees_op_by_op(name, target):

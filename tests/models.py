@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from torch import nn
 
 from edgeq.quantization import DeQuantStub, QuantStub, convert_fx, default_calib_qconfig
@@ -114,3 +118,47 @@ def integer_model(model: nn.Module, example: torch.Tensor, target: str, **kwargs
     """Calibrated on random batches shaped like ``example``, then converted."""
     prepared = calibrate(model, example, target, lambda: torch.randn_like(example), **kwargs)
     return convert_fx(prepared)
+
+
+# ---- ONNX Runtime's quantization --------------------------------------------------------------------------------
+
+
+def random_batches(shape: Sequence[int], count: int = 4, seed: int = 0) -> list[np.ndarray]:
+    """``count`` float32 arrays of standard normal values, from one generator seeded with ``seed``."""
+    generator = np.random.default_rng(seed)
+    return [generator.normal(size=tuple(shape)).astype(np.float32) for _ in range(count)]
+
+
+def float_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """``model`` exported by torch.onnx's TorchScript exporter (opset 13), with one input named ``x``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=13, input_names=["x"])
+    return path
+
+
+class _Batches(CalibrationDataReader):
+    """Calibration batches for an ONNX model's input ``x``."""
+
+    def __init__(self, batches: Sequence[np.ndarray]) -> None:
+        self.batches = iter([{"x": batch} for batch in batches])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.batches, None)
+
+
+def ort_quantize_static(
+    float_path: Path,
+    path: Path,
+    batches: Sequence[np.ndarray],
+    activation: QuantType = QuantType.QUInt8,
+    symmetric: bool = False,
+    per_channel: bool = False,
+) -> Path:
+    """ONNX Runtime's ``quantize_static`` of a float ONNX file (input ``x``) into a QDQ file with int8 weights,
+    calibrated on ``batches``; by default, as ORT's defaults: uint8 activations with zero points, per-tensor
+    weights."""
+    quantize_static(str(float_path), str(path), _Batches(batches), quant_format=QuantFormat.QDQ,
+                    activation_type=activation, weight_type=QuantType.QInt8, per_channel=per_channel,
+                    extra_options={"ActivationSymmetric": symmetric})
+    return path

@@ -7,7 +7,6 @@ import io
 import json
 from collections import OrderedDict
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -21,7 +20,7 @@ from edgeq.cli import EXIT_ERROR, EXIT_NOT_DEPLOYABLE, main
 from edgeq.errors import EdgeqError, TargetError
 from edgeq.export import save_torchscript, to_onnx, trace
 from edgeq.quantization import default_calib_int32_output_qconfig, default_calib_qconfig
-from models import SmallCNN, Wrapped, calibrate, integer_model, torchvision_model
+from models import SmallCNN, Wrapped, calibrate, float_onnx, integer_model, ort_quantize_static, random_batches, torchvision_model
 
 
 def image(size: int = 16, channels: int = 8) -> torch.Tensor:
@@ -224,23 +223,9 @@ def test_op_without_any_implementation_is_unsupported(small_onnx, tmp_path):
 
 
 def test_asymmetric_third_party_file_is_not_npu_ready(tmp_path):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Batches(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"x": np.random.default_rng(i).normal(size=(1, 8, 16, 16)).astype(np.float32)} for i in range(2)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
     model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3)).eval()
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (image(),), str(tmp_path / "float.onnx"), dynamo=False, opset_version=13, input_names=["x"])
-    quantize_static(str(tmp_path / "float.onnx"), str(tmp_path / "q.onnx"), Batches(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    float_path = float_onnx(model, image(), tmp_path / "float.onnx")
+    ort_quantize_static(float_path, tmp_path / "q.onnx", random_batches((1, 8, 16, 16), count=2))
     report = check_model(tmp_path / "q.onnx", target="npu-m")
     assert report.summary.ops_on_npu == 0 and report.summary.verdict.startswith("runs with CPU fallback")
     conv = next(n for n in report.nodes if n.record.op == "conv2d")

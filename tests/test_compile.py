@@ -19,7 +19,9 @@ from edgeq.export.peer import session
 from edgeq_runtime import Model
 import torch.nn.functional as F
 from edgeq.quantization import DeQuantStub, FakeQuantState, QuantStub, convert_fx, default_qat_qconfig, prepare_qat_fx, set_fake_quantize
-from models import FunctionalOps, SmallCNN, Wrapped, calibrate, integer_model, torchvision_model
+from models import (
+    FunctionalOps, SmallCNN, Wrapped, calibrate, float_onnx, integer_model, ort_quantize_static, random_batches, torchvision_model,
+)
 
 
 def as_tuple(value):
@@ -105,28 +107,12 @@ def test_aarch64_artifacts_build(tmp_path):
 @pytest.fixture(scope="module")
 def ort_uint8_resnet18(tmp_path_factory):
     """ONNX Runtime's quantize_static of resnet18: uint8 activations with zero points, per-tensor weights."""
-    import warnings
-
     import torchvision
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Batches(CalibrationDataReader):
-        def __init__(self):
-            generator = np.random.default_rng(0)
-            self.batches = iter([{"x": generator.normal(size=(1, 3, 64, 64)).astype(np.float32)} for _ in range(4)])
-
-        def get_next(self):
-            return next(self.batches, None)
 
     folder = tmp_path_factory.mktemp("ort")
     torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(torchvision.models.resnet18().eval(), (torch.randn(1, 3, 64, 64),), str(folder / "f.onnx"),
-                          dynamo=False, opset_version=13, input_names=["x"])
-    quantize_static(str(folder / "f.onnx"), str(folder / "q.onnx"), Batches(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return folder / "q.onnx"
+    float_path = float_onnx(torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64), folder / "f.onnx")
+    return ort_quantize_static(float_path, folder / "q.onnx", random_batches((1, 3, 64, 64)))
 
 
 def test_third_party_asymmetric_qdq_agrees_with_onnx_runtime(ort_uint8_resnet18, tmp_path):

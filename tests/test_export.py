@@ -18,7 +18,7 @@ from torch import nn
 from edgeq.errors import ExportError, ModelFileError
 from edgeq.export import OPSET, build_onnx, load_model_file, load_onnx, load_torchscript, save_torchscript, to_onnx, trace
 from edgeq.quantization import DeQuantStub, QuantStub
-from models import FunctionalOps, SmallCNN, integer_model, torchvision_model
+from models import FunctionalOps, SmallCNN, float_onnx, integer_model, ort_quantize_static, random_batches, torchvision_model
 from edgeq.export.peer import (
     PRECISE_INT8,
     onnx_runtime_int8_is_exact,
@@ -177,6 +177,12 @@ def test_onnx_runtime_peer_path_is_exact_on_the_probe():
         assert path.name == "float" or dict(path.config) == {PRECISE_INT8: "1"}
 
 
+def test_onnx_runtime_session_threads():
+    model, _, _ = probe_model()
+    assert session(model, threads=2).get_session_options().intra_op_num_threads == 2
+    assert session(model).get_session_options().intra_op_num_threads == 0  # ORT's default: one per physical core
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "shufflenet_v2_x1_0"])
 @pytest.mark.parametrize("target", ["npu-m", "npu-s"])
 def test_onnx_runtime_agrees_op_by_op(name, target):
@@ -281,30 +287,16 @@ def test_plain_torch_jit_trace_has_no_description(small, tmp_path):
 @pytest.fixture(scope="module")
 def ort_quantized(tmp_path_factory):
     """ONNX Runtime's quantize_static output (QDQ) for resnet18 and mobilenet_v2, two configurations each."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantType
     import torchvision
-
-    class Batches(CalibrationDataReader):
-        def __init__(self) -> None:
-            generator = np.random.default_rng(0)
-            self.batches = iter([{"x": generator.normal(size=(1, 3, 64, 64)).astype(np.float32)} for _ in range(4)])
-
-        def get_next(self):
-            return next(self.batches, None)
 
     folder = tmp_path_factory.mktemp("ort")
     files = {}
     for name in ("resnet18", "mobilenet_v2"):
-        float_path = folder / f"{name}.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(getattr(torchvision.models, name)().eval(), (torch.randn(1, 3, 64, 64),), str(float_path),
-                              dynamo=False, opset_version=13, input_names=["x"])
+        float_path = float_onnx(getattr(torchvision.models, name)().eval(), torch.randn(1, 3, 64, 64), folder / f"{name}.onnx")
         for label, activation, symmetric, per_channel in (("uint8", QuantType.QUInt8, False, False), ("int8", QuantType.QInt8, True, True)):
-            path = folder / f"{name}-{label}.onnx"
-            quantize_static(str(float_path), str(path), Batches(), quant_format=QuantFormat.QDQ, activation_type=activation,
-                            weight_type=QuantType.QInt8, per_channel=per_channel, extra_options={"ActivationSymmetric": symmetric})
-            files[(name, label)] = path
+            files[(name, label)] = ort_quantize_static(float_path, folder / f"{name}-{label}.onnx", random_batches((1, 3, 64, 64)),
+                                                       activation, symmetric, per_channel)
     return files
 
 

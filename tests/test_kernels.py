@@ -10,7 +10,7 @@ import tvm
 from tvm import relax
 
 from edgeq.compile.codegen import Machine, build_library
-from edgeq.compile.cpu_features import dot_product
+from edgeq.compile.cpu_features import dot_product, dot_product_features, host_target
 from edgeq.compile.lower_integer import Conv2dSettings, _requantize, integer_accumulator
 from edgeq.numerics import conv_multipliers
 
@@ -101,3 +101,11 @@ def test_dot_product_comes_from_cpu_features():
     arm = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}
     assert dot_product(tvm.target.Target({**arm, "mattr": ["+neon", "+dotprod"]})).name == "sdot"
     assert dot_product(tvm.target.Target({**arm, "mattr": ["+neon"]})).name == "plain"
+
+
+def test_dot_product_features_of_a_cpu_and_of_this_machine():
+    x86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
+    assert dot_product_features(tvm.target.Target({**x86, "mcpu": "sapphirerapids"})) == ["avx512vnni", "avx512bw", "avxvnni", "avx2"]
+    assert dot_product_features(tvm.target.Target({**x86, "mcpu": "znver3"})) == ["avx2"]
+    assert dot_product_features(tvm.target.Target({**x86, "mcpu": "x86-64"})) == []
+    assert host_target().attrs["mcpu"] == tvm.target.codegen.llvm_get_system_cpu()

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import tvm
-from tvm.target.codegen import target_has_features
+from tvm.target.codegen import llvm_get_system_cpu, llvm_get_system_triple, target_has_features
 
 from edgeq.compile import intrinsics
 
@@ -48,6 +48,19 @@ AVX_VNNI = DotProduct("avx-vnni", 8, 4, intrinsics.AVX_VNNI_8x4, True, 16)
 AVX2 = DotProduct("avx2-pmaddwd", 8, 2, intrinsics.PMADDWD_8x2, False, 16)
 SDOT = DotProduct("sdot", 4, 4, intrinsics.SDOT_4x4, False, 8)
 PLAIN = DotProduct("plain", 8, 1, None, False, 8)
+
+DOT_PRODUCT_FEATURES = ("avx512vnni", "avx512bw", "avxvnni", "avx2", "dotprod")
+"""The LLVM features :func:`dot_product` chooses by."""
+
+
+def host_target() -> tvm.target.Target:
+    """This machine's CPU as LLVM sees it (triple and CPU name): the CPU a simulated build runs on."""
+    return tvm.target.Target({"kind": "llvm", "mtriple": llvm_get_system_triple(), "mcpu": llvm_get_system_cpu()})
+
+
+def dot_product_features(target: tvm.target.Target) -> list[str]:
+    """Which of :data:`DOT_PRODUCT_FEATURES` the LLVM ``target`` has."""
+    return [feature for feature in DOT_PRODUCT_FEATURES if target_has_features(feature, target)]
 
 
 def dot_product(target: tvm.target.Target) -> DotProduct:

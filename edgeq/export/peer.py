@@ -88,8 +88,10 @@ def probe_model() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     return model, x.astype(np.float32), exact.astype(np.float32)
 
 
-def _make_session(model: onnx.ModelProto, path: PeerPath) -> ort.InferenceSession:
+def _make_session(model: onnx.ModelProto, path: PeerPath, threads: int | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if path.optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
@@ -142,9 +144,10 @@ def peer_path() -> PeerPath:
     return path
 
 
-def session(model: onnx.ModelProto, path: PeerPath | None = None) -> ort.InferenceSession:
-    """An ORT CPU session without spinning, configured by ``path`` (default: :func:`peer_path`)."""
-    return _make_session(model, path or peer_path())
+def session(model: onnx.ModelProto, path: PeerPath | None = None, threads: int | None = None) -> ort.InferenceSession:
+    """An ORT CPU session without spinning, configured by ``path`` (default: :func:`peer_path`), on ``threads``
+    intra-op threads (default: ORT's, one per physical core)."""
+    return _make_session(model, path or peer_path(), threads)
 
 
 def steps_apart(ort_output: np.ndarray, integers: torch.Tensor, scale: float) -> np.ndarray:

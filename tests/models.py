@@ -17,6 +17,18 @@ from edgeq.quantization import DeQuantStub, QuantStub, convert_fx, default_calib
 from edgeq.quantization import calibrate as edgeq_calibrate
 from edgeq.quantization.integer_model import IntegerModel
 
+FLOAT_REGION_STEPS = 1
+"""docs/numerics.md "Float fallback": an output after a float region is within this many steps of the integer
+model's..."""
+FLOAT_REGION_SHARE = 0.999
+"""...on at least this share of the values."""
+
+
+def assert_within_float_region_bound(got: np.ndarray, expected: np.ndarray) -> None:
+    """``got`` (integers after a float region) agrees with the integer model's ``expected`` within the bound."""
+    steps = np.abs(got.astype(np.int64) - expected.astype(np.int64))
+    assert (steps <= FLOAT_REGION_STEPS).mean() >= FLOAT_REGION_SHARE, np.bincount(steps.ravel())
+
 
 class SmallCNN(nn.Module):
     """A digits-sized CNN with a fixed-scale input, BN, residual add, pooling and an int8 classifier."""
@@ -86,15 +98,36 @@ class Wrapped(nn.Module):
         return self.dequant(self.model(self.quant(x)))
 
 
+class SegmentationMap(nn.Module):
+    """A torchvision segmentation model's ``out`` map (the model itself returns a dict)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
+
+
+def _build_torchvision(name: str, settings: dict[str, object]) -> nn.Module:
+    """A classifier from ``torchvision.models``, or a segmentation model without pretrained weights (backbone
+    included: nothing is downloaded) nor auxiliary head, giving its ``out`` map."""
+    if name in torchvision.models.list_models(module=torchvision.models.segmentation):
+        segmentation = getattr(torchvision.models.segmentation, name)
+        return SegmentationMap(segmentation(num_classes=10, weights=None, weights_backbone=None, aux_loss=False, **settings))
+    return getattr(torchvision.models, name)(num_classes=10, **settings)
+
+
 def torchvision_model(name: str, **settings: object) -> nn.Module:
-    """Random-init torchvision classifier, wrapped, with BatchNorm statistics set on random data.
+    """Random-init torchvision classifier or segmentation model, wrapped, with BatchNorm statistics set on random
+    data.
 
     Fresh BatchNorm layers (mean 0, var 1) let random-init activations shrink towards zero over the layers;
     a few forward passes in train mode give every layer unit-scale activations, like a trained model's.
     ``settings`` go to the constructor (``block_config`` of a ``DenseNet``...).
     """
     torch.manual_seed(0)
-    model = Wrapped(getattr(torchvision.models, name)(num_classes=10, **settings))
+    model = Wrapped(_build_torchvision(name, settings))
     model.train()
     with torch.no_grad():
         for _ in range(3):

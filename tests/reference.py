@@ -2,8 +2,9 @@
 
 Written from the spec, not from edgeq.numerics: division by powers of two uses ``np.floor_divide`` (not shifts),
 convolution is an explicit sum over kernel taps, and nothing runs in floating point except the float32
-quantize / dequantize steps that the spec defines in float32. The interpreter at the bottom evaluates an
-integer model's graph with these functions, op by op.
+quantize / dequantize steps that the spec defines in float32, and the ops of the float fallback, which run in
+torch as the spec says. The interpreter at the bottom evaluates an integer model's graph with these functions, op
+by op.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def evaluate_op(module: torch.nn.Module, args: list[Any]) -> Any:
     if isinstance(module, ops.IntQuantize):
         (x,) = args
         return x if x.dtype == np.int8 else quantize(x, module.output_scale)
-    if isinstance(module, ops.IntDequantize):
+    if isinstance(module, (ops.IntDequantize, ops.IntEnterFloat)):
         (x,) = args
         scales = np.asarray(module.quant.scales, dtype=np.float32)
         if module.quant.axis is not None:

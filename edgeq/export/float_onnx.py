@@ -56,12 +56,19 @@ def _spelling(node: fx.Node, module: nn.Module | None) -> Any:
 
 
 def emit_float_op(
-    graph: FloatGraph, node: fx.Node, module: nn.Module | None, inputs: list[str], path: str, reason: str
+    graph: FloatGraph,
+    node: fx.Node,
+    module: nn.Module | None,
+    inputs: list[str],
+    shape: tuple[int, ...],
+    path: str,
+    reason: str,
 ) -> str:
     """Append the float ONNX nodes of ``node`` to ``graph`` and return the name of their result.
 
     Args:
         inputs: the float ONNX names of ``node``'s tensor inputs, in order.
+        shape: the shape of ``node``'s result (static: fixed at prepare).
         path: the stem of every name written (``P/<OpType>_<i>`` nodes, ``P.out`` result).
         reason: why the op is float; written as each node's ``doc_string`` (``check`` reports it).
 
@@ -76,7 +83,7 @@ def emit_float_op(
             f"(float ops it exports: {', '.join(sorted(_names()))}); move it after a DeQuantStub"
         )
     first = len(graph.nodes)
-    output = emitter(_Writer(graph, path), node, module, inputs)
+    output = emitter(_Writer(graph, path, shape), node, module, inputs)
     for onnx_node in graph.nodes[first:]:
         onnx_node.doc_string = f"{FLOAT_FALLBACK_DOC}{what} '{path}': {reason}"
     return output
@@ -87,11 +94,12 @@ def _names() -> set[str]:
 
 
 class _Writer:
-    """Node and initializer helpers with names under one path."""
+    """Node and initializer helpers with names under one path; ``shape`` is the shape of the op's result."""
 
-    def __init__(self, graph: FloatGraph, path: str) -> None:
+    def __init__(self, graph: FloatGraph, path: str, shape: tuple[int, ...]) -> None:
         self.graph = graph
         self.path = path
+        self.shape = shape
         self.count = 0
 
     def node(self, op_type: str, inputs: list[str], final: bool = False, **attributes: Any) -> str:
@@ -102,10 +110,10 @@ class _Writer:
         )
         return output
 
-    def constant(self, name: str, value: np.ndarray | torch.Tensor | float) -> str:
-        array = value.detach().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, dtype=np.float32)
+    def constant(self, name: str, value: np.ndarray | torch.Tensor | float, dtype: type = np.float32) -> str:
+        array = value.detach().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, dtype=dtype)
         full = f"{self.path}.{name}"
-        self.graph.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), full))
+        self.graph.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=dtype), full))
         return full
 
 
@@ -202,3 +210,34 @@ def _binary(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: li
         for i, arg in enumerate(node.args[:2])
     ]
     return writer.node(_BINARY[node.target], operands, final=True)
+
+
+_RESIZE_MODES = {"nearest": "nearest", "bilinear": "linear"}
+"""torch's interpolation modes that ONNX Resize computes the same way, and their Resize ``mode``."""
+
+
+@_emits(F.interpolate, nn.Upsample, nn.UpsamplingBilinear2d, nn.UpsamplingNearest2d)
+def _resize(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
+    """``Resize`` with torch's coordinates: nearest takes ``floor(out * in / out_size)`` (``asymmetric``, ``floor``);
+    bilinear is ``pytorch_half_pixel`` (``align_corners`` when set). A ``scale_factor`` torch maps coordinates
+    with goes in as ``scales``; otherwise the result's size as ``sizes``."""
+    if module is not None:
+        mode, align_corners = module.mode, module.align_corners
+        scale_factor, recompute = module.scale_factor, module.recompute_scale_factor
+    else:
+        mode, align_corners = argument(node, 3, "mode", "nearest"), argument(node, 4, "align_corners")
+        scale_factor, recompute = argument(node, 2, "scale_factor"), argument(node, 5, "recompute_scale_factor")
+    if mode not in _RESIZE_MODES:
+        raise ExportError(
+            f"interpolate '{node.name}': mode '{mode}' has no float ONNX form (allowed: {', '.join(_RESIZE_MODES)})"
+        )
+    if mode == "nearest":
+        coordinates = {"coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+    else:
+        coordinates = {"coordinate_transformation_mode": "align_corners" if align_corners else "pytorch_half_pixel"}
+    if scale_factor is not None and not recompute:
+        factors = scale_factor if isinstance(scale_factor, (tuple, list)) else (scale_factor,) * (len(writer.shape) - 2)
+        sizing = [writer.constant("scales", [1.0, 1.0, *map(float, factors)])]
+    else:
+        sizing = ["", writer.constant("sizes", writer.shape, dtype=np.int64)]
+    return writer.node("Resize", [inputs[0], "", *sizing], final=True, mode=_RESIZE_MODES[mode], **coordinates)

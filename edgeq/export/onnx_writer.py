@@ -247,7 +247,9 @@ class _Builder:
         inputs: list[str] = []
         fx.node.map_aggregate(args, lambda a: inputs.append(a.name) if isinstance(a, _FloatTensor) else None)
         module = self.modules[node.target] if node.op == "call_module" else None
-        output = emit_float_op(self, node, module, inputs, self._path(node), node.meta[FLOAT_REASON_KEY])
+        value = self.values[node]
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+        output = emit_float_op(self, node, module, inputs, shape, self._path(node), node.meta[FLOAT_REASON_KEY])
         return _FloatTensor(output)
 
     def _finish(self, node: fx.Node, float_name: str, quant: ops.TensorQuant, clamp: tuple[int, int] | None) -> Any:

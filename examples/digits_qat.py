@@ -12,6 +12,7 @@ Each stage saves a checkpoint in ``--workdir`` and the next one starts from it, 
     python examples/digits_qat.py --stage int_infer
     python examples/digits_qat.py --stage compile
     python examples/digits_qat.py              # all five in order
+    python examples/digits_qat.py --model se   # the same with Hardswish / SiLU and squeeze-and-excitation
 
 The compile stage saves ``int_model.pt`` (TorchScript) and ``model.onnx`` (QDQ), prints the target check, compiles
 ``digits.edgeq`` for the target's board (aarch64) and ``digits-x86_64.edgeq`` for this machine, measures the
@@ -73,10 +74,49 @@ class DigitsNet(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.quant(pixels)
         x = self.stem(x)
-        x = F.relu(x + self.block(x))
+        x = self.join(x + self.block(x))
         x = self.head(self.pool(x))
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return self.dequant(self.classifier(x))
+
+    @staticmethod
+    def join(x: torch.Tensor) -> torch.Tensor:
+        """The activation after the residual add."""
+        return F.relu(x)
+
+
+class SqueezeExcite(nn.Module):
+    """Channel attention: ``x * torch.sigmoid(expand(relu(reduce(pool(x)))))``."""
+
+    def __init__(self, channels: int, reduced: int) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.reduce = nn.Conv2d(channels, reduced, 1)
+        self.expand = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.expand(F.relu(self.reduce(self.pool(x)))))
+
+
+class DigitsSENet(DigitsNet):
+    """DigitsNet with Hardswish and SiLU activations and a squeeze-and-excitation block ending the residual branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.Hardswish())
+        self.block = nn.Sequential(
+            nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.SiLU(),
+            nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), SqueezeExcite(16, 8),
+        )
+        self.head = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.Hardswish())
+
+    @staticmethod
+    def join(x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x)
+
+
+NETWORKS: dict[str, type[DigitsNet]] = {"cnn": DigitsNet, "se": DigitsSENet}
+"""The networks ``--model`` chooses from."""
 
 
 def load_pixels(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,8 +177,8 @@ def train(model: nn.Module, data: tuple, epochs: int, optimizer: torch.optim.Opt
             print(f"  {stage} epoch {epoch + 1}/{epochs}: loss {total / len(train_x):.4f}, test accuracy {accuracy(model, test_x, test_y):.2f}%")
 
 
-def float_model(workdir: Path, trained: bool) -> DigitsNet:
-    model = DigitsNet()
+def float_model(workdir: Path, trained: bool, network: str = "cnn") -> DigitsNet:
+    model = NETWORKS[network]()
     if trained:
         model.load_state_dict(torch.load(workdir / "float-checkpoint.pt"))
     return model.eval()
@@ -148,27 +188,27 @@ def example_input() -> torch.Tensor:
     return torch.zeros(1, 1, 8, 8)
 
 
-def calib_model(workdir: Path, target: str) -> torch.fx.GraphModule:
+def calib_model(workdir: Path, target: str, network: str = "cnn") -> torch.fx.GraphModule:
     qconfig = {"": default_calib_qconfig, "module_name": {"classifier": default_calib_int32_output_qconfig}}
-    return prepare_qat_fx(float_model(workdir, True), qconfig, example_inputs=(example_input(),), target=target)
+    return prepare_qat_fx(float_model(workdir, True, network), qconfig, example_inputs=(example_input(),), target=target)
 
 
-def qat_model(workdir: Path, target: str) -> torch.fx.GraphModule:
+def qat_model(workdir: Path, target: str, network: str = "cnn") -> torch.fx.GraphModule:
     qconfig = {"": default_qat_qconfig, "module_name": {"classifier": default_qat_int32_output_qconfig}}
-    return prepare_qat_fx(float_model(workdir, True), qconfig, example_inputs=(example_input(),), target=target)
+    return prepare_qat_fx(float_model(workdir, True, network), qconfig, example_inputs=(example_input(),), target=target)
 
 
-def run_stage(stage: str, workdir: Path, target: str, data: tuple, results: dict[str, float]) -> None:
+def run_stage(stage: str, workdir: Path, target: str, data: tuple, results: dict[str, float], network: str = "cnn") -> None:
     train_x, train_y, test_x, test_y = data
     started = time.perf_counter()
     print(f"== stage {stage} (target {target})")
     if stage == "float":
-        model = float_model(workdir, trained=False)
+        model = float_model(workdir, trained=False, network=network)
         train(model, data, epochs=40, optimizer=torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4), stage=stage)
         torch.save(model.state_dict(), workdir / "float-checkpoint.pt")
         results["float"] = accuracy(model, test_x, test_y)
     elif stage == "calib":
-        model = calib_model(workdir, target).eval()
+        model = calib_model(workdir, target, network).eval()
         set_fake_quantize(model, FakeQuantState.CALIBRATION)
         with torch.no_grad():
             for x, _ in batches(train_x, train_y, 128, shuffle=False):
@@ -177,30 +217,32 @@ def run_stage(stage: str, workdir: Path, target: str, data: tuple, results: dict
         torch.save(model.state_dict(), workdir / "calib-checkpoint.pt")
         results["calib"] = accuracy(model, test_x, test_y)
     elif stage == "qat":
-        model = qat_model(workdir, target)
+        model = qat_model(workdir, target, network)
         model.load_state_dict(torch.load(workdir / "calib-checkpoint.pt"))
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
         train(model, data, epochs=5, optimizer=optimizer, stage=stage)
         torch.save(model.state_dict(), workdir / "qat-checkpoint.pt")
         results["qat"] = accuracy(model, test_x, test_y)
     elif stage == "int_infer":
-        integer = int_model(workdir, target)
+        integer = int_model(workdir, target, network)
         results["int_infer"] = accuracy(integer, test_x, test_y)
         results["int_infer_raw_pixels"] = accuracy(integer, test_x, test_y, raw_int8=True)
     else:
-        results["compile"] = compile_stage(int_model(workdir, target), workdir, target, test_x, test_y)
+        results["compile"] = compile_stage(int_model(workdir, target, network), workdir, target, test_x, test_y, network)
     print(f"   {stage}: test accuracy {results.get(stage, 0.0):.2f}% ({time.perf_counter() - started:.1f} s)")
 
 
-def int_model(workdir: Path, target: str) -> IntegerModel:
+def int_model(workdir: Path, target: str, network: str = "cnn") -> IntegerModel:
     """The integer model of the QAT checkpoint."""
-    model = qat_model(workdir, target)
+    model = qat_model(workdir, target, network)
     model.load_state_dict(torch.load(workdir / "qat-checkpoint.pt"))
     set_fake_quantize(model, FakeQuantState.VALIDATION)
     return convert_fx(model.eval())
 
 
-def compile_stage(integer: IntegerModel, workdir: Path, target: str, test_x: torch.Tensor, test_y: torch.Tensor) -> float:
+def compile_stage(
+    integer: IntegerModel, workdir: Path, target: str, test_x: torch.Tensor, test_y: torch.Tensor, network: str
+) -> float:
     """Export, check, compile for the board and for this machine, run every artifact with both runtimes and compare
     it with the integer model, then the perf report and the graph; the artifact's accuracy on the test set."""
     from edgeq.check import check_model
@@ -217,7 +259,7 @@ def compile_stage(integer: IntegerModel, workdir: Path, target: str, test_x: tor
     print(f"  compiled {board.artifact.name} ({board.arch}) and {here.artifact.name} ({here.arch}); "
           f"{board.report.summary.verdict}; {sum(board.seconds.values()):.1f} s")
     correct = compare_artifacts(integer, board.artifact, here.artifact, workdir, test_x, test_y)
-    perf_stage(board.artifact, integer, workdir, normalise(test_x[:64]))
+    perf_stage(board.artifact, integer, workdir, normalise(test_x[:64]), float_model(workdir, True, network))
     return 100.0 * correct / len(test_x)
 
 
@@ -245,11 +287,12 @@ def compare_artifacts(integer: IntegerModel, board: Path, here: Path, workdir: P
     return correct
 
 
-def perf_stage(artifact: Path, integer: IntegerModel, workdir: Path, samples: torch.Tensor) -> None:
-    """The seed's last steps: perf_model (report.json, and report.html with per-layer accuracy) and visualize_model."""
+def perf_stage(artifact: Path, integer: IntegerModel, workdir: Path, samples: torch.Tensor, trained: nn.Module) -> None:
+    """The seed's last steps: perf_model (report.json, and report.html with each layer's accuracy against the
+    ``trained`` float model) and visualize_model."""
     import edgeq
 
-    result = edgeq.perf_model(artifact, (samples,), out_dir=workdir / "perf", float_model=float_model(workdir, trained=True), int_model=integer)
+    result = edgeq.perf_model(artifact, (samples,), out_dir=workdir / "perf", float_model=trained, int_model=integer)
     graph = edgeq.visualize_model(artifact, save_path=workdir / "model.svg")
     worst = min(result.accuracy, key=lambda layer: layer.cosine)
     print(f"  perf: estimated {result.summary.latency_ms:.3f} ms per image on {result.target}; lowest layer cosine "
@@ -260,18 +303,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="stage to run (default: all, in order)")
     parser.add_argument("--target", default="npu-s", help="target whose quantization rules apply (default: npu-s)")
-    parser.add_argument("--workdir", type=Path, default=Path("build/digits"), help="where checkpoints go")
+    parser.add_argument("--model", choices=NETWORKS, default="cnn",
+                        help="cnn: the residual CNN (default); se: with Hardswish / SiLU and squeeze-and-excitation")
+    parser.add_argument("--workdir", type=Path, help="where checkpoints go (default: build/digits, build/digits-se)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(args.seed)
+    args.workdir = args.workdir or Path("build/digits" if args.model == "cnn" else f"build/digits-{args.model}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     data = load_pixels(args.seed)
     print(f"digits: {len(data[0])} train and {len(data[2])} test images, 8x8 uint8")
     results_file = args.workdir / "accuracy.json"
     results: dict[str, float] = json.loads(results_file.read_text()) if results_file.exists() else {}
     for stage in STAGES if args.stage == "all" else (args.stage,):
-        run_stage(stage, args.workdir, args.target, data, results)
+        run_stage(stage, args.workdir, args.target, data, results, args.model)
     results_file.write_text(json.dumps(results, indent=2))
     print("\nstage       test accuracy")
     for stage in ("float", "calib", "qat", "int_infer", "int_infer_raw_pixels", "compile"):

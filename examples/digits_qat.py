@@ -99,7 +99,7 @@ class SqueezeExcite(nn.Module):
 
 
 class DigitsSENet(DigitsNet):
-    """DigitsNet with Hardswish and SiLU activations and a squeeze-and-excitation block ending the residual branch."""
+    """DigitsNet with Hardswish and SiLU activations and squeeze-and-excitation ending the residual branch."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -190,15 +190,19 @@ def example_input() -> torch.Tensor:
 
 def calib_model(workdir: Path, target: str, network: str = "cnn") -> torch.fx.GraphModule:
     qconfig = {"": default_calib_qconfig, "module_name": {"classifier": default_calib_int32_output_qconfig}}
-    return prepare_qat_fx(float_model(workdir, True, network), qconfig, example_inputs=(example_input(),), target=target)
+    model = float_model(workdir, True, network)
+    return prepare_qat_fx(model, qconfig, example_inputs=(example_input(),), target=target)
 
 
 def qat_model(workdir: Path, target: str, network: str = "cnn") -> torch.fx.GraphModule:
     qconfig = {"": default_qat_qconfig, "module_name": {"classifier": default_qat_int32_output_qconfig}}
-    return prepare_qat_fx(float_model(workdir, True, network), qconfig, example_inputs=(example_input(),), target=target)
+    model = float_model(workdir, True, network)
+    return prepare_qat_fx(model, qconfig, example_inputs=(example_input(),), target=target)
 
 
-def run_stage(stage: str, workdir: Path, target: str, data: tuple, results: dict[str, float], network: str = "cnn") -> None:
+def run_stage(
+    stage: str, workdir: Path, target: str, data: tuple, results: dict[str, float], network: str = "cnn"
+) -> None:
     train_x, train_y, test_x, test_y = data
     started = time.perf_counter()
     print(f"== stage {stage} (target {target})")
@@ -228,7 +232,8 @@ def run_stage(stage: str, workdir: Path, target: str, data: tuple, results: dict
         results["int_infer"] = accuracy(integer, test_x, test_y)
         results["int_infer_raw_pixels"] = accuracy(integer, test_x, test_y, raw_int8=True)
     else:
-        results["compile"] = compile_stage(int_model(workdir, target, network), workdir, target, test_x, test_y, network)
+        integer = int_model(workdir, target, network)
+        results["compile"] = compile_stage(integer, workdir, target, test_x, test_y, network)
     print(f"   {stage}: test accuracy {results.get(stage, 0.0):.2f}% ({time.perf_counter() - started:.1f} s)")
 
 

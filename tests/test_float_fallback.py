@@ -16,7 +16,7 @@ from torch import nn
 
 from edgeq.check import check_model
 from edgeq.compile import compile_model
-from edgeq.errors import UnsupportedOpError
+from edgeq.errors import ExportError, UnsupportedOpError
 from edgeq.export import to_onnx
 from edgeq.export.peer import PEER_PATHS, session
 from edgeq.quantization import DeQuantStub, QuantStub, default_calib_qconfig, prepare_qat_fx
@@ -185,3 +185,13 @@ def test_exported_resize_computes_as_torch(resize, tmp_path):
     (got,) = session(onnx.load(str(path)), PEER_PATHS["float"]).run(None, {"x": x.numpy()})
     scale = int_model.output_quant()[0].scales[0]
     assert_within_float_region_bound(np.round(got / np.float32(scale)), int_model.run_integer(x).numpy())
+
+
+def test_resize_mode_without_a_float_onnx_form_is_a_clear_export_error(tmp_path):
+    torch.manual_seed(0)
+    example = torch.randn(1, 3, 8, 7)
+    with pytest.warns(FloatFallbackWarning):
+        int_model = integer_model(Resized(functools.partial(F.interpolate, scale_factor=2, mode="bicubic")).eval(), example, "npu-m")
+    with pytest.raises(ExportError, match=r"interpolate '.*': mode 'bicubic' has no float ONNX form \(allowed: nearest, bilinear\)"):
+        to_onnx(int_model, (example,), tmp_path / "bicubic.onnx")
+    assert not (tmp_path / "bicubic.onnx").exists()

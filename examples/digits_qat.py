@@ -278,10 +278,11 @@ def compare_artifacts(integer: IntegerModel, board: Path, here: Path, workdir: P
     expected = integer.run_integer(normalise(test_x)).numpy()
     correct, same = 0, True
     with Model.load(here) as model:
+        (output,) = model.outputs
         for index, (pixels, label) in enumerate(zip(test_x, test_y)):
-            raw = raw_pixels(pixels[None]).numpy()
-            same &= bool(np.array_equal(next(iter(model.run(raw, raw=True).values())), expected[index : index + 1]))
-            correct += int(next(iter(model.run(raw).values())).argmax() == int(label))
+            logits = model.run(raw_pixels(pixels[None]).numpy(), raw=True)[output.name]
+            same &= bool(np.array_equal(logits, expected[index : index + 1]))
+            correct += int(output.dequantize(logits).argmax() == int(label))
     print(f"  {here.name} with the Python runtime equals the integer model on all {len(test_x)} test images: {same}")
     np.save(workdir / "pixel0.npy", raw_pixels(test_x[:1]).numpy())
     for artifact, folder in ((here, "cpp-x86_64"), (board, "cpp-aarch64")):

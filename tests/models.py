@@ -109,6 +109,35 @@ class SegmentationMap(nn.Module):
         return self.model(x)["out"]
 
 
+class ConvBnSiLU(nn.Module):
+    """YOLOv8's ``Conv``: a bias-free conv, BatchNorm and SiLU, padded to keep the size at stride 1."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int = 1, stride: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class SPPF(nn.Module):
+    """YOLOv8's spatial pyramid pooling (fast): one 5x5 max pool applied three times in a row, the four maps
+    concatenated."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.cv1 = ConvBnSiLU(c_in, c_in // 2)
+        self.cv2 = ConvBnSiLU(c_in // 2 * 4, c_out)
+        self.m = nn.MaxPool2d(5, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = [self.cv1(x)]
+        y.extend(self.m(y[-1]) for _ in range(3))
+        return self.cv2(torch.cat(y, 1))
+
+
 def _build_torchvision(name: str, settings: dict[str, object]) -> nn.Module:
     """A classifier from ``torchvision.models``, or a segmentation model without pretrained weights (backbone
     included: nothing is downloaded) nor auxiliary head, giving its ``out`` map."""

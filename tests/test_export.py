@@ -18,7 +18,7 @@ from torch import nn
 from edgeq.errors import ExportError, ModelFileError
 from edgeq.export import OPSET, build_onnx, load_model_file, load_onnx, load_torchscript, save_torchscript, to_onnx, trace
 from edgeq.quantization import DeQuantStub, QuantStub
-from models import FunctionalOps, SmallCNN, float_onnx, integer_model, ort_quantize_static, random_batches, torchvision_model
+from models import SPPF, FunctionalOps, SmallCNN, Wrapped, float_onnx, integer_model, ort_quantize_static, random_batches, torchvision_model
 from edgeq.export.peer import (
     PRECISE_INT8,
     onnx_runtime_int8_is_exact,
@@ -97,6 +97,17 @@ def test_qat_model_is_converted_on_export(tmp_path):
     prepared = calibrate(SmallCNN().eval(), example, "npu-m", lambda: torch.rand(4, 1, 8, 8))
     to_onnx(prepared, (example,), tmp_path / "q.onnx")
     assert load_onnx(tmp_path / "q.onnx").fits_edgeq_numerics
+
+
+def test_each_call_of_a_module_is_its_own_op(tmp_path):
+    """SPPF calls one max pool three times: three ops, each with a name of its own."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 8, 16, 16)
+    int_model = integer_model(Wrapped(SPPF(8, 8)).eval(), example, "npu-m")
+    model = onnx.load(str(to_onnx(int_model, (example,), tmp_path / "sppf.onnx")))
+    assert [n.name for n in model.graph.node if n.op_type == "MaxPool"] == [
+        "model.m/MaxPool", "model.m_1/MaxPool", "model.m_2/MaxPool"
+    ]
 
 
 def test_loader_recovers_every_tensor_quantization(functional, tmp_path):

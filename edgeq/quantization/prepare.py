@@ -329,8 +329,11 @@ class _Preparer:
         return new_node
 
     def _functional_path(self, node: fx.Node, base: str) -> str:
+        """Where the canonical op of ``node`` goes: the module's own path (each further call of a module without
+        weights nor quantizer, such as SPPF's max pool, gets ``<path>_1``...), or ``<scope>.<base>``."""
         if node.op == "call_module":
-            return str(node.target)
+            path = str(node.target)
+            return self._unique_path(path) if path in self.new_modules else path
         scope = module_scope(node)
         return self._unique_path(f"{scope}.{base}" if scope else base)
 
@@ -342,8 +345,8 @@ class _Preparer:
         return path
 
     # ---- quantizers -----------------------------------------------------------------------------------------
-    def _qconfig(self, node: fx.Node, path: str, allows_int32: bool) -> QConfig:
-        qconfig = self.resolve(path if node.op == "call_module" else module_scope(node)) or self._global_qconfig
+    def _qconfig(self, node: fx.Node, allows_int32: bool) -> QConfig:
+        qconfig = self.resolve(module_scope(node)) or self._global_qconfig
         if qconfig.output_dtype == "int32" and not allows_int32:
             raise QuantizationError(
                 f"{describe_node(node, self.modules)}: its qconfig asks for an int32 output, which only a Conv2d or "
@@ -354,7 +357,7 @@ class _Preparer:
     def _quantizer(self, node: fx.Node, path: str, fixed_scale: float | None = None) -> ActivationFakeQuantize:
         if fixed_scale is not None:
             return ActivationFakeQuantize(None, self.scale_rule, fixed_scale=fixed_scale, owner=path)
-        qconfig = self._qconfig(node, path, allows_int32=False)
+        qconfig = self._qconfig(node, allows_int32=False)
         return ActivationFakeQuantize(qconfig.activation_observer(), self.scale_rule, owner=path)
 
     @property
@@ -448,7 +451,7 @@ class _Preparer:
                 f"QuantStub '{path}': fixed scale {fixed_scale:.6g} is not a power of two; target "
                 f"'{self.target.name}' accepts power-of-two scales only (e.g. 1/128, 1/64)"
             )
-        self._qconfig(node, path, allows_int32=False)
+        self._qconfig(node, allows_int32=False)
         return self._call(path, QuantizeInput(self._quantizer(node, path, fixed_scale)), node.args, node)
 
     @_emits(OpKind.CONV2D)
@@ -472,7 +475,7 @@ class _Preparer:
 
     def _weighted_output_quantizer(self, node: fx.Node, fusion: _Fusion) -> ActivationFakeQuantize | None:
         path = str(node.target)
-        if self._qconfig(node, path, allows_int32=True).output_dtype == "int8":
+        if self._qconfig(node, allows_int32=True).output_dtype == "int8":
             return self._quantizer(node, path)
         if fusion.activation is not Activation.NONE:
             raise QuantizationError(

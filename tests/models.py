@@ -149,18 +149,22 @@ def _build_torchvision(name: str, settings: dict[str, object]) -> nn.Module:
 
 def torchvision_model(name: str, **settings: object) -> nn.Module:
     """Random-init torchvision classifier or segmentation model, wrapped, with BatchNorm statistics set on random
-    data.
+    data (:func:`with_batchnorm_statistics`). ``settings`` go to the constructor (``block_config`` of a
+    ``DenseNet``...)."""
+    torch.manual_seed(0)
+    return with_batchnorm_statistics(Wrapped(_build_torchvision(name, settings)))
+
+
+def with_batchnorm_statistics(model: nn.Module, shape: Sequence[int] = (4, 3, 64, 64)) -> nn.Module:
+    """``model`` in eval mode, after a few forward passes in train mode on random batches of ``shape``.
 
     Fresh BatchNorm layers (mean 0, var 1) let random-init activations shrink towards zero over the layers;
-    a few forward passes in train mode give every layer unit-scale activations, like a trained model's.
-    ``settings`` go to the constructor (``block_config`` of a ``DenseNet``...).
+    the passes give every layer unit-scale activations, like a trained model's.
     """
-    torch.manual_seed(0)
-    model = Wrapped(_build_torchvision(name, settings))
     model.train()
     with torch.no_grad():
         for _ in range(3):
-            model(torch.randn(4, 3, 64, 64))
+            model(torch.randn(*shape))
     return model.eval()
 
 

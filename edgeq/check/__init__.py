@@ -20,6 +20,7 @@ from edgeq.check.rules import COMMON_RULES, NPU_RULES, not_quantized
 from edgeq.errors import EdgeqError
 from edgeq.export.onnx_reader import QDQModel
 from edgeq.export.sources import ModelLike, quantized_form
+from edgeq.quantization.capture import CAPTURE_ATTRIBUTE, Capture
 from edgeq.quantization.prepare import TARGET_ATTRIBUTE, is_prepared, prepare_for_analysis
 from edgeq.targets import Target, TargetKind, TargetLike, resolve_target
 
@@ -73,11 +74,21 @@ def _records(
     if example_inputs is None:
         raise EdgeqError(f"check_model: {type(model).__name__} is a PyTorch model; give example_inputs=(x,) for its shapes")
     if is_prepared(model):
-        return f"prepared model {type(model).__name__}", getattr(model, TARGET_ATTRIBUTE), records_from_prepared(model, {}), [_NOT_CALIBRATED]
+        notes = [_NOT_CALIBRATED, *_capture_notes(model)]
+        return f"prepared model {type(model).__name__}", getattr(model, TARGET_ATTRIBUTE), records_from_prepared(model, {}), notes
     if target is None:
         raise EdgeqError("check_model: a float model needs a target (for example target='npu-s')")
     prepared, rejected = prepare_for_analysis(model, tuple(example_inputs), target)
-    return f"float model {type(model).__name__}", None, records_from_prepared(prepared, rejected), [_NOT_CALIBRATED]
+    notes = [_NOT_CALIBRATED, *_capture_notes(prepared)]
+    return f"float model {type(model).__name__}", None, records_from_prepared(prepared, rejected), notes
+
+
+def _capture_notes(prepared: torch.nn.Module) -> list[str]:
+    """A note when the graph was not captured by torch.fx, the default (docs/check.md)."""
+    capture = getattr(prepared, CAPTURE_ATTRIBUTE, Capture.FX)
+    if capture is Capture.FX:
+        return []
+    return [f"graph captured with {capture.value}: torch.fx could not trace the model (see the INFO log for why)"]
 
 
 def _report(records: list[OpRecord], target: Target, source: str, notes: list[str], advice: bool) -> CheckReport:

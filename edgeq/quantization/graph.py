@@ -1,4 +1,4 @@
-"""Tracing a user's model with torch.fx and finding its integer region.
+"""The module-level graph prepare reads: leaf modules, example shapes, the integer region.
 
 The integer region is every tensor that flows from a QuantStub to a DeQuantStub. Nodes outside it (float
 pre- and post-processing) are left as they are; shape arithmetic (``x.size()``, ``//``) is neither.
@@ -6,7 +6,6 @@ pre- and post-processing) are left as they are; shape arithmetic (``x.size()``, 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from edgeq.errors import QuantizationError, TraceError
+from edgeq.errors import QuantizationError
 from edgeq.quantization.stubs import is_dequant_stub, is_quant_stub
 
 
@@ -31,30 +30,27 @@ class TensorInfo:
 VALUE_KEY = "edgeq_value"
 """``node.meta`` key: :class:`TensorInfo`, a tuple of them, or the Python value (shapes, ints)."""
 
-
-class _Tracer(fx.Tracer):
-    """torch.fx's tracer, with edgeq's stubs as leaves (they must stay visible in the graph)."""
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return is_quant_stub(module) or is_dequant_stub(module) or super().is_leaf_module(module, qualified_name)
+_FX_TRACER = fx.Tracer()
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace a deep copy of ``model`` (the user's model is never modified).
+def is_leaf_module(module: nn.Module, path: str) -> bool:
+    """Whether a call of ``module`` is one node of the graph: torch.nn's layers (which torch.fx does not trace
+    into) and edgeq's stubs (which must stay visible)."""
+    return is_quant_stub(module) or is_dequant_stub(module) or _FX_TRACER.is_leaf_module(module, path)
+
+
+def check_example_inputs(example_inputs: object) -> tuple[torch.Tensor, ...]:
+    """``example_inputs`` as a tuple.
 
     Raises:
-        TraceError: the forward has data-dependent control flow or other code torch.fx cannot trace.
+        QuantizationError: not a tuple or list (a single tensor, most often).
     """
-    model = copy.deepcopy(model)
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as error:  # torch.fx raises TraceError, TypeError, RuntimeError... depending on the code
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}: {type(error).__name__}: {error}. "
-            "edgeq needs a static graph: move data-dependent control flow (if/for on tensor values) out of "
-            "forward, or wrap it in a leaf module outside the QuantStub/DeQuantStub region"
-        ) from error
-    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise QuantizationError(
+            f"example_inputs must be a tuple of the model's inputs; got {type(example_inputs).__name__}. "
+            "Write example_inputs=(x,) for a single input"
+        )
+    return tuple(example_inputs)
 
 
 def _describe(value: Any) -> Any:
@@ -85,11 +81,7 @@ def record_values(module: fx.GraphModule, *inputs: Any) -> dict[fx.Node, Any]:
 
 def record_example_values(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
     """Run ``example_inputs`` through ``module`` and store every node's shape/dtype in ``node.meta``."""
-    if not isinstance(example_inputs, (tuple, list)):
-        raise QuantizationError(
-            f"example_inputs must be a tuple of the model's inputs; got {type(example_inputs).__name__}. "
-            "Write example_inputs=(x,) for a single input"
-        )
+    example_inputs = check_example_inputs(example_inputs)
     try:
         values = record_values(module, *example_inputs)
     except Exception as error:
@@ -134,7 +126,8 @@ def describe_node(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_method":
         return f"Tensor.{node.target} '{node.name}'"
     if node.op == "call_function":
-        name = getattr(node.target, "__name__", str(node.target))
+        aten = isinstance(node.target, torch._ops.OpOverload)  # kept by a torch.export capture
+        name = str(node.target) if aten else getattr(node.target, "__name__", str(node.target))
         scope = module_scope(node)
         return f"{name} '{node.name}'" + (f" (in {scope})" if scope else "")
     return f"{node.op} '{node.name}'"

@@ -1,6 +1,7 @@
 """``prepare_qat_fx``: a float model with QuantStub/DeQuantStub becomes a calibration / QAT model.
 
-Steps: trace with torch.fx (a deep copy: the user's model is never modified), run the example inputs to learn
+Steps: capture the module-level graph (:mod:`edgeq.quantization.capture`: torch.fx, or torch.export when torch.fx
+cannot trace; a deep copy: the user's model is never modified), run the example inputs to learn
 every tensor's shape, find the integer region, fuse conv+bn(+relu/relu6), linear(+relu/relu6) and
 add(+relu/relu6), and rewrite every node of the region into one canonical op of
 :mod:`edgeq.quantization.qat_modules` with the quantizer its output needs, applying the target's
@@ -30,6 +31,7 @@ from torch import nn
 from edgeq.errors import QuantizationError, UnsupportedOpError
 from edgeq.numerics import is_power_of_two
 from edgeq.ops import Op, gated_op
+from edgeq.quantization.capture import CAPTURE_ATTRIBUTE, capture
 from edgeq.quantization.fake_quantize import ActivationFakeQuantize
 from edgeq.quantization.graph import (
     VALUE_KEY,
@@ -42,7 +44,6 @@ from edgeq.quantization.graph import (
     module_scope,
     record_example_values,
     tensor_info,
-    trace,
 )
 from edgeq.quantization.patterns import SUPPORTED_OPS, OpKind, argument, op_kind, pair, table_op
 from edgeq.quantization.qat_modules import (
@@ -128,7 +129,12 @@ def prepare_qat_fx(
             (UnsupportedOpError for an op that would stay float only when ``strict``).
     """
     prepared, _ = _prepare(model, qconfig, example_inputs, load_target(target), lenient=False, strict=strict)
-    logger.info("prepared %s for %s", type(model).__name__, getattr(prepared, TARGET_ATTRIBUTE))
+    logger.info(
+        "prepared %s for %s (graph captured with %s)",
+        type(model).__name__,
+        getattr(prepared, TARGET_ATTRIBUTE),
+        getattr(prepared, CAPTURE_ATTRIBUTE).value,
+    )
     return prepared
 
 
@@ -156,7 +162,7 @@ def _prepare(
     strict: bool,
 ) -> tuple[fx.GraphModule, dict[str, str]]:
     resolve = qconfig_resolver(qconfig, model)
-    traced = trace(model)
+    traced = capture(model, example_inputs)
     record_example_values(traced, example_inputs)
     region = integer_region(traced)
     preparer = _Preparer(traced, region, target, resolve, lenient, strict)
@@ -164,6 +170,7 @@ def _prepare(
     prepared.train(model.training)
     set_fake_quantize(prepared, FakeQuantState.QAT)
     setattr(prepared, TARGET_ATTRIBUTE, target.name)
+    setattr(prepared, CAPTURE_ATTRIBUTE, getattr(traced, CAPTURE_ATTRIBUTE))
     return prepared, preparer.rejected
 
 

@@ -122,6 +122,36 @@ class ConvBnSiLU(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
+class Bottleneck(nn.Module):
+    """YOLOv8's bottleneck: two 3x3 ConvBnSiLU, with a residual add when ``shortcut``."""
+
+    def __init__(self, channels: int, shortcut: bool) -> None:
+        super().__init__()
+        self.cv1 = ConvBnSiLU(channels, channels, 3)
+        self.cv2 = ConvBnSiLU(channels, channels, 3)
+        self.add = shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.cv2(self.cv1(x))
+        return x + y if self.add else y
+
+
+class C2f(nn.Module):
+    """YOLOv8's C2f, written as Ultralytics writes it: iterating over the chunks (torch.fx cannot trace that)."""
+
+    def __init__(self, c_in: int, c_out: int, n: int = 1, shortcut: bool = False) -> None:
+        super().__init__()
+        self.c = c_out // 2
+        self.cv1 = ConvBnSiLU(c_in, 2 * self.c)
+        self.cv2 = ConvBnSiLU((2 + n) * self.c, c_out)
+        self.m = nn.ModuleList(Bottleneck(self.c, shortcut) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
 class SPPF(nn.Module):
     """YOLOv8's spatial pyramid pooling (fast): one 5x5 max pool applied three times in a row, the four maps
     concatenated."""
@@ -136,6 +166,29 @@ class SPPF(nn.Module):
         y = [self.cv1(x)]
         y.extend(self.m(y[-1]) for _ in range(3))
         return self.cv2(torch.cat(y, 1))
+
+
+class YoloStyleDetector(nn.Module):
+    """A YOLOv8-style detector, a few channels wide: stride-2 ConvBnSiLU stem, C2f stages, SPPF, a nearest 2x
+    upsampling concatenated with the stride-8 map, a C2f neck and a 1x1 head with sigmoid scores (stride 8)."""
+
+    def __init__(self, outputs: int = 6) -> None:
+        super().__init__()
+        self.quant = QuantStub(scale=1 / 128)
+        self.stem = nn.Sequential(ConvBnSiLU(3, 8, 3, 2), ConvBnSiLU(8, 16, 3, 2))
+        self.stage3 = nn.Sequential(ConvBnSiLU(16, 16, 3, 2), C2f(16, 16, shortcut=True))
+        self.stage4 = nn.Sequential(ConvBnSiLU(16, 32, 3, 2), C2f(32, 32, shortcut=True), SPPF(32, 32))
+        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
+        self.neck = C2f(48, 16)
+        self.head = nn.Conv2d(16, outputs, 1)
+        self.scores = nn.Sigmoid()
+        self.dequant = DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p3 = self.stage3(self.stem(self.quant(x)))
+        p4 = self.stage4(p3)
+        y = self.neck(torch.cat([self.upsample(p4), p3], 1))
+        return self.dequant(self.scores(self.head(y)))
 
 
 def _build_torchvision(name: str, settings: dict[str, object]) -> nn.Module:

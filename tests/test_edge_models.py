@@ -1,6 +1,7 @@
-"""The torchvision models edge users ship, through the whole default flow at 64x64 or less (issue 9): prepare,
-calibrate, convert, QDQ export, check on npu-s and npu-m, compile for x86_64; the artifact equals the integer
-model, or agrees with it within the float-fallback bound where an op has no integer form yet."""
+"""The models edge users ship, through the whole default flow at 64x64 or less (issue 9): prepare, calibrate,
+convert, QDQ export, check on npu-s and npu-m, compile for x86_64; the artifact equals the integer model, or agrees
+with it within the float-fallback bound where an op has no integer form yet. The torchvision models are captured
+by torch.fx; a YOLOv8-style detector, which torch.fx cannot trace, by torch.export."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from edgeq.export import to_onnx
 from edgeq.quantization import convert_fx
 from edgeq.quantization.prepare import FloatFallbackWarning
 from edgeq_runtime import Model
-from models import assert_within_float_region_bound, calibrate, torchvision_model
+from edgeq.quantization.capture import CAPTURE_ATTRIBUTE, Capture
+from models import YoloStyleDetector, assert_within_float_region_bound, calibrate, torchvision_model, with_batchnorm_statistics
 from reference import run_reference
 
 SIZE = 64
@@ -97,3 +99,40 @@ def test_densenet121_checks():
     model = torchvision_model("densenet121")
     for target in ("npu-s", "npu-m"):
         assert check_model(model, (torch.randn(1, 3, SIZE, SIZE),), target=target).deployable
+
+
+NPU_S_REASONS = {"silu": "op_not_on_npu", "sigmoid": "op_not_on_npu", "split": "op_not_on_npu", "max_pool2d": "max_kernel"}
+"""Why npu-s leaves the detector's ops to its host: no lookup tables nor split, and 3x3 max pooling at most
+(SPPF's is 5x5)."""
+
+
+def test_yolo_style_detector(tmp_path):
+    """C2f iterates over chunks, so torch.fx cannot trace it: torch.export captures it, and the flow is the same.
+    Calibrated for npu-s (power-of-two scales, shared concat scales), compiled for x86_64."""
+    shape = (3, SIZE, SIZE)
+    torch.manual_seed(0)
+    model = with_batchnorm_statistics(YoloStyleDetector())
+    example = torch.randn(1, *shape)
+    prepared = calibrate(model, example, "npu-s", lambda: torch.randn(2, *shape), count=2)
+    assert getattr(prepared, CAPTURE_ATTRIBUTE) is Capture.EXPORT
+    int_model = convert_fx(prepared)
+    onnx_file = to_onnx(int_model, (example,), tmp_path / "detector.onnx")
+
+    npu_s = check_model(onnx_file, target="npu-s")
+    assert npu_s.deployable, str(npu_s)
+    for node in npu_s.nodes:
+        if node.record.op in NPU_S_REASONS:
+            assert node.placement is Placement.CPU and [r.rule for r in node.reasons] == [NPU_S_REASONS[node.record.op]]
+        elif node.record.op == "concat":  # on the NPU where its inputs can share its scale
+            assert node.placement is Placement.NPU or [r.rule for r in node.reasons] == ["concat_shared_scale"]
+        else:  # convs, adds, the upsampling
+            assert node.placement is Placement.NPU, node.record.name
+    assert {"conv2d", "add", "concat", "upsample_nearest2d", *NPU_S_REASONS} == {n.record.op for n in npu_s.nodes}
+    npu_m = check_model(onnx_file, target="npu-m")
+    assert npu_m.summary.ops_on_npu == npu_m.summary.ops, str(npu_m)  # every op on npu-m
+
+    x = torch.randn(1, *shape)
+    expected = int_model.run_integer(x).numpy()
+    compiled = compile_model(int_model, (example,), target="x86_64", out=tmp_path / "detector.edgeq")
+    with Model.load(compiled.artifact) as artifact:
+        np.testing.assert_array_equal(artifact.run(x.numpy(), raw=True)["dequant"], expected)

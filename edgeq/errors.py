@@ -19,7 +19,7 @@ class TargetError(EdgeqError):
 
 
 class TraceError(EdgeqError):
-    """torch.fx could not trace the model into a static graph."""
+    """Neither torch.fx nor torch.export could capture the model as a static graph edgeq reads."""
 
 
 class UnsupportedOpError(EdgeqError):

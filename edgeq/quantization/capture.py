@@ -82,4 +82,5 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.Grap
 
 
 def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else ""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""

@@ -1,0 +1,133 @@
+"""Third-party QDQ files with zero points (ONNX Runtime's ``quantize_static``) compile to integer kernels and
+compute docs/numerics.md section 9 exactly: the artifact equals an independent int64 reference bit for bit, and
+ONNX Runtime within one step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnxruntime.quantization import QuantType
+from torch import nn
+from tvm import relax
+
+from edgeq.compile import CompileResult, compile_model
+from edgeq.compile.int8_activations import as_int8_activations
+from edgeq.export.peer import session
+from edgeq_runtime import Model
+from models import float_onnx, ort_quantize_static, random_batches
+from qdq_reference import run_qdq_reference
+
+INPUT_SHAPE = (1, 3, 32, 32)
+
+
+class _Branchy(nn.Module):
+    """Every op kind ONNX Runtime quantizes in edge models: padded, strided, depthwise and 1x1 convs with odd
+    channel counts, max and average pools, a residual add, squeeze-and-excitation (Hardsigmoid, Mul), concat, a
+    classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, stride=2, padding=1), nn.ReLU())
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.depthwise = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1, groups=12), nn.ReLU6())
+        self.expand = nn.Conv2d(12, 20, 1)
+        self.shortcut = nn.Conv2d(12, 20, 1)
+        self.squeeze = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(20, 5, 1), nn.ReLU(), nn.Conv2d(5, 20, 1), nn.Hardsigmoid())
+        self.side = nn.Sequential(nn.Conv2d(20, 7, 3, padding=2, dilation=2), nn.Hardswish())
+        self.average = nn.AvgPool2d(2)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(27, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.stem(x))
+        x = self.expand(self.depthwise(x)) + self.shortcut(x)
+        x = x * self.squeeze(x)
+        x = torch.cat([x, self.side(x)], dim=1)
+        return self.head(self.average(x))
+
+
+VARIANTS = {
+    "uint8": dict(activation=QuantType.QUInt8, symmetric=False, per_channel=False),
+    "int8-per-channel": dict(activation=QuantType.QInt8, symmetric=False, per_channel=True),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def ort_file(request, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("asymmetric")
+    torch.manual_seed(0)
+    model = _Branchy().eval()
+    with torch.no_grad():  # non-zero biases, so that the bias and zero-point corrections both matter
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                module.bias.uniform_(-0.3, 0.3)
+    float_path = float_onnx(model, torch.randn(INPUT_SHAPE), folder / "f.onnx")
+    return ort_quantize_static(float_path, folder / "q.onnx", random_batches(INPUT_SHAPE, count=4), **VARIANTS[request.param])
+
+
+def inputs(count: int = 3) -> Iterator[np.ndarray]:
+    generator = np.random.default_rng(7)
+    for _ in range(count):
+        yield generator.normal(size=INPUT_SHAPE).astype(np.float32) * 1.5
+
+
+def float_ops(result: CompileResult) -> set[str]:
+    """The float quantize/dequantize calls left in the lowered module (none: everything runs in integers)."""
+    found: set[str] = set()
+
+    def visit(expr: relax.Expr) -> None:
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") in ("relax.quantize", "relax.dequantize"):
+            found.add(expr.op.name)
+
+    for function in result.module.functions.values():
+        if isinstance(function, relax.Function):
+            relax.analysis.post_order_visit(function.body, visit)
+    return found
+
+
+@pytest.mark.parametrize("opt_level", [0, 2])
+def test_artifact_equals_the_int64_reference(ort_file, opt_level, tmp_path):
+    result = compile_model(ort_file, target="x86_64", out=tmp_path / "q.edgeq", opt_level=opt_level, progress=lambda _: None)
+    assert not float_ops(result)
+    model_file = onnx.load(str(ort_file))
+    with Model.load(result.artifact) as artifact:
+        name = artifact.outputs[0].name
+        for x in inputs():
+            expected = run_qdq_reference(model_file, {"x": x})[name]
+            ours = artifact.run({"x": x}, raw=True)[name]
+            assert ours.dtype == np.dtype(result.manifest["outputs"][0]["dtype"])
+            np.testing.assert_array_equal(ours.astype(np.int64), expected)
+
+
+def test_onnx_runtime_agrees_within_one_step(ort_file, tmp_path):
+    result = compile_model(ort_file, target="x86_64", out=tmp_path / "q.edgeq", progress=lambda _: None)
+    peer = session(onnx.load(str(ort_file)))
+    quant = result.manifest["outputs"][0]["quant"]
+    with Model.load(result.artifact) as artifact:
+        name = artifact.outputs[0].name
+        for x in inputs():
+            (theirs,) = peer.run(None, {"x": x})
+            steps = np.rint(theirs / np.float32(quant["scale"][0])) + quant["zero_point"][0]
+            assert np.abs(artifact.run({"x": x}, raw=True)[name].astype(np.int64) - steps).max() <= 1
+
+
+def test_uint8_activations_become_int8_with_shifted_zero_points(ort_file):
+    """The rewrite is exact: ONNX Runtime computes the same numbers on the rewritten graph (shifted by 128)."""
+    model = onnx.load(str(ort_file))
+    rewritten = as_int8_activations(model)
+    onnx.checker.check_model(rewritten, full_check=True)
+    zero_points = {
+        t.name: onnx.numpy_helper.to_array(t) for t in rewritten.graph.initializer if t.name.endswith("zero_point__int8")
+    }
+    if not any(t.data_type == onnx.TensorProto.UINT8 for t in model.graph.initializer):
+        assert rewritten is model
+        return
+    assert zero_points and all(z.dtype == np.int8 for z in zero_points.values())
+    x = next(inputs())
+    (original,) = session(model).run(None, {"x": x})
+    (shifted,) = session(rewritten).run(None, {"x": x})
+    np.testing.assert_array_equal(original, shifted)

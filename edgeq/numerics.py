@@ -165,6 +165,16 @@ def quantize_multiplier(real: float, *, what: str, accumulator_bound: int | None
     return FixedPointMultiplier(multiplier, shift)
 
 
+UINT8_SHIFT = 128
+"""A uint8 activation ``q`` with zero point ``z`` is the int8 ``q - 128`` with zero point ``z - 128``
+(docs/numerics.md section 9)."""
+
+
+def int8_zero_point(dtype: str, zero_point: int) -> int:
+    """A zero point in its int8 form: a uint8 one less :data:`UINT8_SHIFT`, others unchanged."""
+    return zero_point - UINT8_SHIFT if dtype == "uint8" else zero_point
+
+
 def largest_input_magnitude(zero_point: int = 0) -> int:
     """The largest ``|q - z|`` of an int8 activation with zero point ``z``: ``max(128 + z, 127 - z)``
     (128 for edgeq's own symmetric activations)."""

@@ -131,3 +131,43 @@ def test_uint8_activations_become_int8_with_shifted_zero_points(ort_file):
     (original,) = session(model).run(None, {"x": x})
     (shifted,) = session(rewritten).run(None, {"x": x})
     np.testing.assert_array_equal(original, shifted)
+
+
+# ---- resnet18 as ONNX Runtime quantizes it by default -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ort_uint8_resnet18(tmp_path_factory) -> Path:
+    """ONNX Runtime's quantize_static of resnet18: uint8 activations with zero points, per-tensor weights."""
+    import torchvision
+
+    folder = tmp_path_factory.mktemp("ort")
+    torch.manual_seed(0)
+    float_path = float_onnx(torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64), folder / "f.onnx")
+    return ort_quantize_static(float_path, folder / "q.onnx", random_batches((1, 3, 64, 64)))
+
+
+def test_resnet18_from_onnx_runtime_runs_in_integers(ort_uint8_resnet18, tmp_path):
+    """The artifact keeps the file's uint8 input and output, computes no float, equals the int64 reference and
+    is within one step of ONNX Runtime."""
+    result = compile_model(ort_uint8_resnet18, target="x86_64", out=tmp_path / "q.edgeq", progress=lambda _: None)
+    assert result.manifest["inputs"][0]["dtype"] == "uint8" and result.manifest["outputs"][0]["dtype"] == "uint8"
+    assert not float_ops(result)
+    model_file = onnx.load(str(ort_uint8_resnet18))
+    peer = session(model_file)
+    quant = result.manifest["outputs"][0]["quant"]
+    with Model.load(result.artifact) as artifact:
+        name = artifact.outputs[0].name
+        for x in random_batches((1, 3, 64, 64), count=2, seed=1):
+            ours = artifact.run({"x": x}, raw=True)[name].astype(np.int64)
+            np.testing.assert_array_equal(ours, run_qdq_reference(model_file, {"x": x})[name])
+            (theirs,) = peer.run(None, {"x": x})
+            steps = np.rint(theirs / np.float32(quant["scale"][0])) + quant["zero_point"][0]
+            assert (np.abs(ours - steps) <= 1).mean() >= 0.99
+
+
+def test_resnet18_from_onnx_runtime_falls_back_to_the_cpu_on_npu_targets(ort_uint8_resnet18, tmp_path):
+    result = compile_model(ort_uint8_resnet18, target="npu-m", out=tmp_path / "q.edgeq", simulate=True, progress=lambda _: None)
+    assert [r.placement.value for r in result.partition.regions] == ["CPU"]
+    conv = next(n for n in result.report.nodes if n.record.op == "conv2d")
+    assert "is uint8 with zero point" in conv.reasons[0].message

@@ -15,8 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-SHIFT = 128
-"""uint8 value - SHIFT = int8 value, for data and zero points alike."""
+from edgeq.numerics import UINT8_SHIFT
 
 
 def _uint8(tensor_type: onnx.TypeProto) -> bool:
@@ -26,7 +25,7 @@ def _uint8(tensor_type: onnx.TypeProto) -> bool:
 def _shift(graph: onnx.GraphProto, source: str, target: str, to_int8: bool) -> list[onnx.NodeProto]:
     """Nodes computing ``target = source ∓ 128`` through int16 (uint8 -> int8 when ``to_int8``, else back)."""
     wide, offset = f"{target}__int16", f"{target}__offset"
-    graph.initializer.append(numpy_helper.from_array(np.array(SHIFT, dtype=np.int16), offset))
+    graph.initializer.append(numpy_helper.from_array(np.array(UINT8_SHIFT, dtype=np.int16), offset))
     return [
         helper.make_node("Cast", [source], [f"{wide}_in"], to=TensorProto.INT16),
         helper.make_node("Sub" if to_int8 else "Add", [f"{wide}_in", offset], [wide]),
@@ -83,7 +82,7 @@ def _int8_zero_point(graph: onnx.GraphProto, constants: dict[str, TensorProto], 
     """The name of the int8 twin of the uint8 zero-point initializer ``name`` (added once)."""
     twin = f"{name}__int8"
     if twin not in constants:
-        values = numpy_helper.to_array(constants[name]).astype(np.int16) - SHIFT
+        values = numpy_helper.to_array(constants[name]).astype(np.int16) - UINT8_SHIFT
         constants[twin] = numpy_helper.from_array(values.astype(np.int8), twin)
         graph.initializer.append(constants[twin])
     return twin

@@ -26,7 +26,7 @@ from onnx import numpy_helper
 
 from edgeq.errors import ModelFileError
 from edgeq.export.onnx_writer import TARGET_METADATA_KEY
-from edgeq.numerics import bias_at_accumulator_scale, bias_scales
+from edgeq.numerics import bias_at_accumulator_scale, bias_scales, int8_zero_point
 from edgeq.ops import gated_op, op_of_onnx_type
 
 @dataclass(frozen=True)
@@ -43,6 +43,11 @@ class QuantParams:
     def symmetric(self) -> bool:
         """Signed with all zero points 0: edgeq's NPU numerics."""
         return self.dtype in ("int8", "int32") and not any(self.zero_points)
+
+    @property
+    def int8_zero_point(self) -> int:
+        """The (first) zero point in its int8 form (:func:`edgeq.numerics.int8_zero_point`)."""
+        return int8_zero_point(self.dtype, self.zero_points[0])
 
 
 @dataclass(frozen=True)

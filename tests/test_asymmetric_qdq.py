@@ -11,12 +11,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnxruntime.quantization import QuantType
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic
 from torch import nn
 from tvm import relax
 
 from edgeq.compile import CompileResult, compile_model
 from edgeq.compile.int8_activations import as_int8_activations
+from edgeq.errors import ModelFileError
+from edgeq.export.onnx_reader import load_onnx
 from edgeq.export.peer import session
 from edgeq_runtime import Model
 from models import float_onnx, ort_quantize_static, random_batches
@@ -56,17 +58,20 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(VARIANTS))
-def ort_file(request, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("asymmetric")
+def branchy_float_onnx(folder: Path) -> Path:
     torch.manual_seed(0)
     model = _Branchy().eval()
     with torch.no_grad():  # non-zero biases, so that the bias and zero-point corrections both matter
         for module in model.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 module.bias.uniform_(-0.3, 0.3)
-    float_path = float_onnx(model, torch.randn(INPUT_SHAPE), folder / "f.onnx")
-    return ort_quantize_static(float_path, folder / "q.onnx", random_batches(INPUT_SHAPE, count=4), **VARIANTS[request.param])
+    return float_onnx(model, torch.randn(INPUT_SHAPE), folder / "f.onnx")
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def ort_file(request, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("asymmetric")
+    return ort_quantize_static(branchy_float_onnx(folder), folder / "q.onnx", random_batches(INPUT_SHAPE, count=4), **VARIANTS[request.param])
 
 
 def inputs(count: int = 3) -> Iterator[np.ndarray]:
@@ -171,3 +176,39 @@ def test_resnet18_from_onnx_runtime_falls_back_to_the_cpu_on_npu_targets(ort_uin
     assert [r.placement.value for r in result.partition.regions] == ["CPU"]
     conv = next(n for n in result.report.nodes if n.record.op == "conv2d")
     assert "is uint8 with zero point" in conv.reasons[0].message
+
+
+# ---- ONNX's operator form (QOperator) and dynamic quantization --------------------------------------------------
+
+
+def test_qoperator_file_compiles_to_integers(tmp_path):
+    """quantize_static with QuantFormat.QOperator (QLinearConv, QGemm, QLinearAdd, QLinearMul,
+    QLinearGlobalAveragePool, QLinearConcat...) reads as QDQ: the artifact equals the int64 reference of that QDQ
+    form, which ONNX Runtime itself computes like the original file, and ONNX Runtime agrees within one step."""
+    qoperator = ort_quantize_static(branchy_float_onnx(tmp_path), tmp_path / "qop.onnx", random_batches(INPUT_SHAPE, count=4), quant_format=QuantFormat.QOperator)
+    original = onnx.load(str(qoperator))
+    assert {"QLinearConv", "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat"} <= {n.op_type for n in original.graph.node}
+    read = load_onnx(qoperator)
+    assert read.form == "QOperator" and not any(n.domain == "com.microsoft" for n in read.model.graph.node)
+    result = compile_model(qoperator, target="x86_64", out=tmp_path / "q.edgeq", progress=lambda _: None)
+    assert not float_ops(result)
+    peer, rewritten_peer = session(original), session(read.model)
+    quant = result.manifest["outputs"][0]["quant"]
+    with Model.load(result.artifact) as artifact:
+        name = artifact.outputs[0].name
+        for x in inputs():
+            ours = artifact.run({"x": x}, raw=True)[name].astype(np.int64)
+            np.testing.assert_array_equal(ours, run_qdq_reference(read.model, {"x": x})[name])
+            (theirs,), (rewritten,) = peer.run(None, {"x": x}), rewritten_peer.run(None, {"x": x})
+            step = np.float32(quant["scale"][0])
+            assert np.abs(np.rint(theirs / step) - np.rint(rewritten / step)).max() <= 1
+            assert np.abs(ours - (np.rint(theirs / step) + quant["zero_point"][0])).max() <= 1
+
+
+def test_dynamic_quantization_is_refused_with_the_reason(tmp_path):
+    float_path = branchy_float_onnx(tmp_path)
+    dynamic = tmp_path / "dynamic.onnx"
+    quantize_dynamic(str(float_path), str(dynamic), weight_type=QuantType.QInt8)
+    with pytest.raises(ModelFileError, match="DynamicQuantizeLinear.*dynamic quantization.*quantize_static"):
+        compile_model(dynamic, target="x86_64", out=tmp_path / "d.edgeq")
+    assert not (tmp_path / "d.edgeq").exists()

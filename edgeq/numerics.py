@@ -165,16 +165,36 @@ def quantize_multiplier(real: float, *, what: str, accumulator_bound: int | None
     return FixedPointMultiplier(multiplier, shift)
 
 
-def accumulator_bounds(weights: np.ndarray | torch.Tensor, bias: np.ndarray | torch.Tensor | None, axis: int) -> list[int]:
-    """Per output channel, the largest ``|acc|`` any int8 input can give: ``128 * Σ_k |w_q[c, k]| + |b_q[c]|``.
+UINT8_SHIFT = 128
+"""A uint8 activation ``q`` with zero point ``z`` is the int8 ``q - 128`` with zero point ``z - 128``
+(docs/numerics.md section 9)."""
+
+
+def int8_zero_point(dtype: str, zero_point: int) -> int:
+    """A zero point in its int8 form: a uint8 one less :data:`UINT8_SHIFT`, others unchanged."""
+    return zero_point - UINT8_SHIFT if dtype == "uint8" else zero_point
+
+
+def largest_input_magnitude(zero_point: int = 0) -> int:
+    """The largest ``|q - z|`` of an int8 activation with zero point ``z``: ``max(128 + z, 127 - z)``
+    (128 for edgeq's own symmetric activations)."""
+    return max(zero_point - ACTIVATION_QMIN, ACTIVATION_QMAX - zero_point)
+
+
+def accumulator_bounds(
+    weights: np.ndarray | torch.Tensor, bias: np.ndarray | torch.Tensor | None, axis: int, input_zero_point: int = 0
+) -> list[int]:
+    """Per output channel, the largest ``|acc|`` any int8 input can give: ``a * Σ_k |w_q[c, k]| + |b_q[c]|`` with
+    ``a`` the :func:`largest_input_magnitude` (128 without a zero point).
 
     Args:
         weights: int8 weights; ``axis`` is the output-channel axis (0 for OIHW and for ``[out, in]``).
         bias: the int32 bias, one per channel, or None.
         axis: the output-channel axis of ``weights``.
+        input_zero_point: the int8 input's zero point (docs/numerics.md section 9).
     """
     values = np.abs(np.moveaxis(np.asarray(weights, dtype=np.int64), axis, 0)).reshape(np.shape(weights)[axis], -1)
-    totals = -ACTIVATION_QMIN * values.sum(axis=1)
+    totals = largest_input_magnitude(input_zero_point) * values.sum(axis=1)
     if bias is not None:
         totals = totals + np.abs(np.asarray(bias, dtype=np.int64).reshape(-1))
     return [int(t) for t in totals]
@@ -209,13 +229,16 @@ def conv_multipliers(
     ]
 
 
-def product_multiplier(input_scales: Sequence[float], output_scale: float, *, what: str) -> FixedPointMultiplier:
-    """The multiplier of an elementwise product ``a * b``: ``m = s_a * s_b / s_out``; ``|a * b| <= 128 * 128``
-    bounds it (a factor too small for a shift is 0 where that proves it exact, as for conv)."""
+def product_multiplier(
+    input_scales: Sequence[float], output_scale: float, *, what: str, zero_points: Sequence[int] = (0, 0)
+) -> FixedPointMultiplier:
+    """The multiplier of an elementwise product ``a * b``: ``m = s_a * s_b / s_out``; ``|a - z_a| * |b - z_b|``
+    (``128 * 128`` without zero points) bounds it (a factor too small for a shift is 0 where that proves it
+    exact, as for conv)."""
     return quantize_multiplier(
         real_multiplier(input_scales[0], output_scale, input_scales[1]),
         what=what,
-        accumulator_bound=ACTIVATION_QMIN * ACTIVATION_QMIN,
+        accumulator_bound=math.prod(largest_input_magnitude(z) for z in zero_points),
     )
 
 
@@ -305,6 +328,25 @@ def quantize_bias(bias: torch.Tensor, scales: Sequence[float], *, what: str) -> 
     return rounded.to(torch.int32)
 
 
+def bias_with_input_zero_point(
+    bias: np.ndarray, weights: np.ndarray, axis: int, zero_point: int, *, what: str
+) -> np.ndarray:
+    """The int32 bias that absorbs an input zero point: ``b'[c] = b[c] - z * Σ_k w_q[c, k]`` (docs/numerics.md
+    section 9), so that ``b'[c] + Σ_k q[k] * w_q[c, k] = b[c] + Σ_k (q[k] - z) * w_q[c, k]``.
+
+    Raises:
+        QuantizationError: ``b'`` does not fit int32, naming ``what``.
+    """
+    sums = np.moveaxis(np.asarray(weights, dtype=np.int64), axis, 0).reshape(np.shape(weights)[axis], -1).sum(axis=1)
+    folded = np.asarray(bias, dtype=np.int64).reshape(-1) - zero_point * sums
+    if folded.size and (folded.min() < INT32_MIN or folded.max() > INT32_MAX):
+        raise QuantizationError(
+            f"{what}: the bias with the input zero point {zero_point} folded in reaches {int(np.abs(folded).max())} "
+            f"(allowed: int32); the layer's weights or bias are too large for its input's zero point"
+        )
+    return folded.astype(np.int32)
+
+
 def check_accumulator_bound(reduction_size: int, bias: torch.Tensor | np.ndarray | None, *, what: str) -> None:
     """Prove that an int32 accumulator cannot overflow: ``K * 128 * 127 + max|bias| <= 2**31 - 1``.
 
@@ -348,18 +390,22 @@ others); docs/numerics.md section 7."""
 LUT_SIZE = ACTIVATION_QMAX - ACTIVATION_QMIN + 1
 
 
-def lookup_table(op: Op, input_scale: float, output_scale: float, alpha: float = 0.0) -> np.ndarray:
+def lookup_table(
+    op: Op, input_scale: float, output_scale: float, alpha: float = 0.0, zero_points: tuple[int, int] = (0, 0)
+) -> np.ndarray:
     """The int8 table of a lookup-table ``op`` between two scales: entry ``q + 128`` is the output for input ``q``.
 
-    ``x = float32(q) * float32(s_in)`` (the float32 product of DequantizeLinear), ``y = f(x)`` in float64 with
-    Python's ``math``, ``table[q + 128] = saturate(round_half_to_even(y / float64(s_out)))``.
+    ``x = float32(q - z_in) * float32(s_in)`` (the float32 product of DequantizeLinear), ``y = f(x)`` in float64
+    with Python's ``math``, ``table[q + 128] = saturate(round_half_to_even(y / float64(s_out)) + z_out)``;
+    ``zero_points`` are ``(z_in, z_out)``, 0 for edgeq's own activations (docs/numerics.md section 9).
     """
     scale_in, scale_out = np.float32(input_scale), float(np.float32(output_scale))
+    zero_in, zero_out = zero_points
     values = [
-        TABLE_FUNCTIONS[op](float(np.float32(q) * scale_in), float(np.float32(alpha))) / scale_out
+        TABLE_FUNCTIONS[op](float(np.float32(q - zero_in) * scale_in), float(np.float32(alpha))) / scale_out
         for q in range(ACTIVATION_QMIN, ACTIVATION_QMAX + 1)
     ]
-    return np.clip(np.rint(values), ACTIVATION_QMIN, ACTIVATION_QMAX).astype(np.int8)
+    return np.clip(np.rint(values) + zero_out, ACTIVATION_QMIN, ACTIVATION_QMAX).astype(np.int8)
 
 
 def look_up(value: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

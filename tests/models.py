@@ -273,11 +273,12 @@ def ort_quantize_static(
     activation: QuantType = QuantType.QUInt8,
     symmetric: bool = False,
     per_channel: bool = False,
+    quant_format: QuantFormat = QuantFormat.QDQ,
 ) -> Path:
-    """ONNX Runtime's ``quantize_static`` of a float ONNX file (input ``x``) into a QDQ file with int8 weights,
-    calibrated on ``batches``; by default, as ORT's defaults: uint8 activations with zero points, per-tensor
-    weights."""
-    quantize_static(str(float_path), str(path), _Batches(batches), quant_format=QuantFormat.QDQ,
+    """ONNX Runtime's ``quantize_static`` of a float ONNX file (input ``x``) into a QDQ (or ``quant_format``) file
+    with int8 weights, calibrated on ``batches``; by default, as ORT's defaults: uint8 activations with zero
+    points, per-tensor weights."""
+    quantize_static(str(float_path), str(path), _Batches(batches), quant_format=quant_format,
                     activation_type=activation, weight_type=QuantType.QInt8, per_channel=per_channel,
                     extra_options={"ActivationSymmetric": symmetric})
     return path

@@ -15,12 +15,11 @@ from edgeq.cli import main
 from edgeq.compile import compile_model
 from edgeq.errors import CompileError, TargetError
 from edgeq.export import to_onnx
-from edgeq.export.peer import session
 from edgeq_runtime import Model
 import torch.nn.functional as F
 from edgeq.quantization import DeQuantStub, FakeQuantState, QuantStub, convert_fx, default_qat_qconfig, prepare_qat_fx, set_fake_quantize
 from models import (
-    FunctionalOps, SmallCNN, Wrapped, calibrate, float_onnx, integer_model, ort_quantize_static, random_batches, torchvision_model,
+    FunctionalOps, SmallCNN, Wrapped, calibrate, integer_model, torchvision_model,
 )
 
 
@@ -102,41 +101,6 @@ def test_aarch64_artifacts_build(tmp_path):
 
 
 # ---- third-party QDQ ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ort_uint8_resnet18(tmp_path_factory):
-    """ONNX Runtime's quantize_static of resnet18: uint8 activations with zero points, per-tensor weights."""
-    import torchvision
-
-    folder = tmp_path_factory.mktemp("ort")
-    torch.manual_seed(0)
-    float_path = float_onnx(torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64), folder / "f.onnx")
-    return ort_quantize_static(float_path, folder / "q.onnx", random_batches((1, 3, 64, 64)))
-
-
-def test_third_party_asymmetric_qdq_agrees_with_onnx_runtime(ort_uint8_resnet18, tmp_path):
-    """Zero points are handled (TVM computes these units in float with their quantize/dequantize): outputs within
-    one step of ONNX Runtime's on at least 99 % of values (docs/compile.md states the bound)."""
-    result = compile_model(ort_uint8_resnet18, target="x86_64", out=tmp_path / "q.edgeq")
-    assert result.manifest["inputs"][0]["dtype"] == "uint8" and result.manifest["outputs"][0]["dtype"] == "uint8"
-    peer = session(onnx.load(str(ort_uint8_resnet18)))
-    quant = result.manifest["outputs"][0]["quant"]
-    generator = np.random.default_rng(1)
-    with Model.load(result.artifact) as model:
-        for _ in range(4):
-            x = generator.normal(size=(1, 3, 64, 64)).astype(np.float32)
-            ours = model.run({"x": x}, raw=True)[model.outputs[0].name].astype(np.int64)
-            (theirs,) = peer.run(None, {"x": x})
-            steps = np.rint(theirs / np.float32(quant["scale"][0])) + quant["zero_point"][0]
-            assert (np.abs(ours - steps) <= 1).mean() >= 0.99
-
-
-def test_third_party_asymmetric_qdq_falls_back_to_the_cpu_on_npu_targets(ort_uint8_resnet18, tmp_path):
-    result = compile_model(ort_uint8_resnet18, target="npu-m", out=tmp_path / "q.edgeq", simulate=True)
-    assert [r.placement.value for r in result.partition.regions] == ["CPU"]
-    conv = next(n for n in result.report.nodes if n.record.op == "conv2d")
-    assert "is uint8 with zero point" in conv.reasons[0].message
 
 
 class _Classifier(nn.Module):

@@ -91,11 +91,13 @@ class _OnnxWalker(QDQGraph):
         facts = QuantFacts(
             input_scales=tuple(q[1].scales[0] for q in input_quant if q is not None),
             output_scale=output_quant.scales[0] if output_quant is not None else None,
+            input_zero_points=tuple(q[1].int8_zero_point for q in input_quant if q is not None),
+            output_zero_point=output_quant.int8_zero_point if output_quant is not None else 0,
         )
         weight = self.dequantized(node.input[1]) if len(node.input) > 1 and _weighted(node) else None
         if weight is not None:
             facts.weight_scales = weight[1].scales
-            facts.accumulator_bounds = self._accumulator_bounds(node, weight[0])
+            facts.accumulator_bounds = self._accumulator_bounds(node, weight[0], facts.input_zero_point)
         for quantized, _ in (q for q in input_quant if q is not None):
             facts.problems.extend(self.problems.get(quantized, []))
         for consumer in self.consumers.get(self.op_output(node), []):
@@ -104,7 +106,7 @@ class _OnnxWalker(QDQGraph):
         facts.problems.extend(self.problems.get(node_name(node), []))
         return facts
 
-    def _accumulator_bounds(self, node: onnx.NodeProto, weight: str) -> tuple[int, ...]:
+    def _accumulator_bounds(self, node: onnx.NodeProto, weight: str, input_zero_point: int) -> tuple[int, ...]:
         values = self.constants.get(weight)
         if values is None or values.dtype != np.int8:
             return ()
@@ -113,7 +115,7 @@ class _OnnxWalker(QDQGraph):
         bias_input = [t for t in add.input if t != node.output[0]][0] if add is not None else (node.input[2:3] or [""])[0]
         bias = self.dequantized(bias_input) if bias_input else None
         bias_values = self.constants.get(bias[0]) if bias is not None else None
-        return tuple(accumulator_bounds(values, bias_values, axis=0 if transposed else values.ndim - 1))
+        return tuple(accumulator_bounds(values, bias_values, 0 if transposed else values.ndim - 1, input_zero_point))
 
     def _describe(self, node: onnx.NodeProto) -> tuple[str, dict[str, Any]]:
         attributes = node_attributes(node)

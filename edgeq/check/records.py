@@ -21,6 +21,9 @@ class QuantFacts:
         accumulator_bounds: per output channel, the largest ``|acc|`` any input can give (conv and linear,
             :func:`edgeq.numerics.accumulator_bounds`); empty when the weights are not int8 constants.
         problems: why the op's tensors do not fit edgeq's int8 symmetric numerics, one sentence each.
+        input_zero_points: zero point of each activation input, as int8 (a uint8 one less 128; docs/numerics.md
+            section 9); empty for edgeq's own models, whose zero points are all 0.
+        output_zero_point: the int8 output's zero point, likewise.
     """
 
     input_scales: tuple[float, ...] = ()
@@ -28,6 +31,13 @@ class QuantFacts:
     weight_scales: tuple[float, ...] = ()
     accumulator_bounds: tuple[int, ...] = ()
     problems: list[str] = field(default_factory=list)
+    input_zero_points: tuple[int, ...] = ()
+    output_zero_point: int = 0
+
+    @property
+    def input_zero_point(self) -> int:
+        """The first input's zero point (0 when there is none)."""
+        return self.input_zero_points[0] if self.input_zero_points else 0
 
 
 @dataclass

@@ -27,6 +27,7 @@ from tvm.relax.frontend.onnx import from_onnx
 
 from edgeq.check.report import Placement
 from edgeq.compile.cpu_features import dot_product
+from edgeq.compile.int8_activations import as_int8_activations
 from edgeq.compile.lower_integer import Conv2dSettings, integer_accumulator
 from edgeq.compile.pipeline import Stage, as_pass, lower_integer, run_stages, split_at, stages
 from edgeq.compile.schedules import kernel_schedules
@@ -74,7 +75,7 @@ def _region_function(region: Region) -> relax.Function:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Renaming name")  # TVM makes ONNX names valid identifiers
-            imported = from_onnx(region.model, keep_params_in_input=False)
+            imported = from_onnx(as_int8_activations(region.model), keep_params_in_input=False)
     except Exception as error:  # TVM raises many kinds; the node is in its message
         raise CompileError(f"{region.name}: TVM's ONNX frontend failed on ops {region.nodes[:5]}: {error}") from error
     return imported["main"]

@@ -2,11 +2,13 @@
 
 TVM's ONNX frontend imports a QDQ graph as ``quantize(op(dequantize(q), dequantize(weights)))``: the op runs in
 float and only emulates int8. This pass rewrites every such unit whose quantization fits edgeq's numerics (int8
-activations with zero point 0, per-tensor scales; int8 weights with zero point 0; an int32 bias at
-``s_in * s_w``) into integer Relax ops: an int8 convolution into an int32 accumulator, the int32 bias, and the
-fixed-point requantization of :mod:`edgeq.numerics` in int64, with the same multipliers and shifts the integer
-model uses. A unit that does not fit (asymmetric or uint8 tensors, a bias at another scale, an op edgeq does
-not know) is left as TVM imported it: TVM then computes it in float with its own quantize/dequantize, zero points
+activations with per-tensor scales; int8 weights with zero point 0; an int32 bias at ``s_in * s_w``) into
+integer Relax ops: an int8 convolution into an int32 accumulator, the int32 bias, and the fixed-point
+requantization of :mod:`edgeq.numerics` in int64, with the same multipliers and shifts the integer model uses.
+Activations with zero points (third-party files; uint8 ones arrive as int8, :mod:`.int8_activations`) get the
+exact corrections of docs/numerics.md section 9; edgeq's own files have none, and then every correction is
+absent. A unit that does not fit (uint8 or asymmetric weights, a bias at another scale, an op edgeq does not
+know) is left as TVM imported it: TVM then computes it in float with its own quantize/dequantize, zero points
 included. The float ops of rewritten units become dead and ``DeadCodeElimination`` removes them.
 
 Each rule is a dataflow pattern (``tvm.relax.dpl``) and a rewriter; a rewriter that finds the match does not fit
@@ -30,6 +32,7 @@ from edgeq.numerics import (
     FixedPointMultiplier,
     accumulator_bounds,
     bias_at_accumulator_scale,
+    bias_with_input_zero_point,
     check_accumulator_bound,
     conv_multipliers,
     lookup_table,
@@ -58,15 +61,19 @@ class _Quant:
     axis: int
 
     @property
-    def symmetric_int8(self) -> bool:
-        return self.dtype == "int8" and not self.zero_points.any()
-
-    @property
-    def per_tensor_scale(self) -> float | None:
-        """The scale of a symmetric int8 per-tensor quantization (``None`` for anything else)."""
-        if self.symmetric_int8 and self.scales.size == 1:
-            return float(self.scales.reshape(()))
+    def activation(self) -> "_Activation | None":
+        """Scale and zero point of an int8 per-tensor quantization (``None`` for anything else)."""
+        if self.dtype == "int8" and self.scales.size == 1:
+            return _Activation(float(self.scales.reshape(())), int(self.zero_points.reshape(())))
         return None
+
+
+@dataclass(frozen=True)
+class _Activation:
+    """An int8 activation's quantization: ``real = (q - zero_point) * scale``."""
+
+    scale: float
+    zero_point: int = 0
 
 
 def _quant(call: relax.Call, quantized: relax.Expr) -> _Quant | None:
@@ -98,24 +105,37 @@ def _round_shift(product: relax.Expr, shifts: Sequence[int], shape: Sequence[int
     return R.right_shift(R.add(R.add(product, _i64([(1 << (n - 1)) - 1 for n in shifts], shape)), odd), shift)
 
 
-def _saturate(value: relax.Expr, low: int = ACTIVATION_QMIN, high: int = ACTIVATION_QMAX) -> relax.Expr:
+def _saturate(value: relax.Expr, zero_point: int = 0, low: int = ACTIVATION_QMIN, high: int = ACTIVATION_QMAX) -> relax.Expr:
+    """``saturate(value + zero_point, low, high)`` as int8 (the output zero point is added after rounding, to an
+    int64 ``value``)."""
+    if zero_point:
+        value = R.add(value, relax.const(zero_point, "int64"))
     return R.astype(R.clip(value, low, high), "int8")
 
 
-def _requantize(acc: relax.Expr, multipliers: Sequence[FixedPointMultiplier], rank: int, axis: int) -> relax.Expr:
-    """int32/int64 accumulator -> int8 (``edgeq.numerics.requantize`` then saturation), per channel on ``axis``."""
+def _centred(value: relax.Expr, zero_point: int) -> relax.Expr:
+    """An int8 activation minus its zero point, as int64 (``q - z``)."""
+    wide = R.astype(value, "int64")
+    return R.subtract(wide, relax.const(zero_point, "int64")) if zero_point else wide
+
+
+def _requantize(
+    acc: relax.Expr, multipliers: Sequence[FixedPointMultiplier], rank: int, axis: int, zero_point: int = 0
+) -> relax.Expr:
+    """int32/int64 accumulator -> int8 (``edgeq.numerics.requantize``, the output zero point, saturation), per
+    channel on ``axis``."""
     shape = _channel_shape(rank, axis, len(multipliers)) if len(multipliers) > 1 else [1] * rank
     factors = relax.const(np.asarray([m.multiplier for m in multipliers], dtype=np.int32).reshape(shape), "int32")
     product = R.multiply(R.astype(acc, "int64"), R.astype(factors, "int64"))  # 32 x 32 -> 64 bits (vpmuldq)
-    return _saturate(_round_shift(product, [m.shift for m in multipliers], shape))
+    return _saturate(_round_shift(product, [m.shift for m in multipliers], shape), zero_point)
 
 
-def _rescale(value: relax.Expr, input_scale: float, output_scale: float, rank: int, what: str) -> relax.Expr:
-    """An int8 tensor brought to another scale (the identity, skipped, when the scales are equal)."""
-    if input_scale == output_scale:
+def _rescale(value: relax.Expr, source: _Activation, target: _Activation, rank: int, what: str) -> relax.Expr:
+    """An int8 tensor brought to another quantization (the identity, skipped, when they are equal)."""
+    if source == target:
         return value
-    multiplier = quantize_multiplier(real_multiplier(input_scale, output_scale), what=what)
-    return _requantize(value, [multiplier], rank, 0)
+    multiplier = quantize_multiplier(real_multiplier(source.scale, target.scale), what=what)
+    return _requantize(_centred(value, source.zero_point), [multiplier], rank, 0, target.zero_point)
 
 
 # ---- the rules ------------------------------------------------------------------------------------------------------
@@ -149,9 +169,16 @@ class _Rule:
         return rewrite_call(self.pattern, rewriter, func)
 
 
-def _input_scale(dequantize: relax.Call) -> float | None:
+def _input(dequantize: relax.Call) -> _Activation | None:
+    """The quantization of a dequantized int8 activation (None for anything else)."""
     quant = _quant(dequantize, dequantize.args[0])
-    return quant.per_tensor_scale if quant is not None and str(dequantize.args[0].ty.dtype) == "int8" else None
+    return quant.activation if quant is not None and str(dequantize.args[0].ty.dtype) == "int8" else None
+
+
+def _output(quantize: relax.Call) -> _Activation | None:
+    """The quantization an int8 quantize call writes (None for anything else)."""
+    quant = _quant(quantize, None)
+    return quant.activation if quant is not None else None
 
 
 def _symmetric_constant(dequantize: relax.Call, dtype: type[np.integer]) -> tuple[np.ndarray, _Quant] | None:
@@ -177,13 +204,17 @@ def _weights(dequantize: relax.Call, channels_axis: int, channels: int) -> tuple
 
 
 def _bias(dequantize: relax.Call | None, input_scale: float, weight_scales: list[float]) -> np.ndarray | None:
-    """The int32 bias, if it sits at ``s_in * s_w`` (zeros when there is none); None if it does not fit."""
+    """The int32 bias, if it sits at ``s_in * s_w`` (zeros when there is none, or when it is all zeros at any
+    scale, as a bias shared by several layers can be); None if it does not fit."""
     if dequantize is None:
         return np.zeros(len(weight_scales), dtype=np.int32)
     constant = _symmetric_constant(dequantize, np.int32)
-    if constant is None or not bias_at_accumulator_scale(constant[1].scales, input_scale, weight_scales):
+    if constant is None:
         return None
-    return constant[0].reshape(-1)
+    values = constant[0].reshape(-1)
+    if values.any() and not bias_at_accumulator_scale(constant[1].scales, input_scale, weight_scales):
+        return None
+    return np.broadcast_to(values, (len(weight_scales),)).copy()
 
 
 @dataclass(frozen=True)
@@ -197,21 +228,25 @@ class Conv2dSettings:
 
 
 def integer_accumulator(
-    source: relax.Expr, weights: np.ndarray, bias: np.ndarray, conv: Conv2dSettings | None = None
+    source: relax.Expr, weights: np.ndarray, bias: np.ndarray, conv: Conv2dSettings | None = None, zero_point: int = 0
 ) -> relax.Expr:
     """int8 x int8 -> int32 accumulation plus the int32 bias (docs/numerics.md section 5).
 
     ``weights`` are OIHW for a convolution (``conv`` given), else ``[in_features, out_features]`` for a matmul
-    over the last axis of ``source``.
+    over the last axis of ``source``. An input ``zero_point`` (section 9) folds into the bias, and a convolution
+    then pads with the zero point (the real 0) instead of 0.
 
     Raises:
         QuantizationError: the int32 accumulator could overflow (the bound of ``check_accumulator_bound``).
     """
     products_per_output = weights[0].size if conv is not None else weights.shape[0]
+    if zero_point:
+        bias = bias_with_input_zero_point(bias, weights, 0 if conv is not None else 1, zero_point, what="accumulator")
     check_accumulator_bound(products_per_output, bias, what="accumulator")
     if conv is not None:
+        source, padding = _padded(source, conv.padding, zero_point)
         acc = R.nn.conv2d(
-            source, relax.const(weights, "int8"), conv.strides, conv.padding, conv.dilation, conv.groups,
+            source, relax.const(weights, "int8"), conv.strides, padding, conv.dilation, conv.groups,
             "NCHW", "OIHW", "NCHW", "int32",
         )
         shape = [1, -1, 1, 1]
@@ -219,6 +254,15 @@ def integer_accumulator(
         acc = R.matmul(source, relax.const(np.ascontiguousarray(weights), "int8"), out_dtype="int32")
         shape = [-1]
     return R.add(acc, relax.const(bias.astype(np.int32).reshape(shape), "int32"))
+
+
+def _padded(source: relax.Expr, padding: Sequence[int], zero_point: int) -> tuple[relax.Expr, Sequence[int]]:
+    """An NCHW int8 input padded with its zero point, and the padding left to the op (zeros: none left); the
+    input itself when the zero point is 0 or there is no padding."""
+    if not zero_point or not any(int(p) for p in padding):
+        return source, padding
+    top, left, bottom, right = (int(p) for p in padding)
+    return R.nn.pad(source, [0, 0, 0, 0, top, bottom, left, right], "constant", float(zero_point)), [0, 0, 0, 0]
 
 
 class _WeightedUnit:
@@ -237,8 +281,8 @@ class _WeightedUnit:
         self.pattern = _q(chain)
 
     def rewrite(self, matched: relax.Call, m: dict) -> relax.Expr | None:
-        input_scale, output_scale = _input_scale(m[self.source]), _output_scale(matched)
-        if input_scale is None or output_scale is None:
+        source, output = _input(m[self.source]), _output(matched)
+        if source is None or output is None:
             return None
         call = m[self.op]
         conv = None
@@ -259,15 +303,16 @@ class _WeightedUnit:
         if fitted is None:
             return None
         values, weight_scales = fitted
-        bias = _bias(m.get(self.bias), input_scale, weight_scales)
+        bias = _bias(m.get(self.bias), source.scale, weight_scales)
         if bias is None:
             return None
         if conv is None and transposed:
             values = values.T
-        acc = integer_accumulator(m[self.source].args[0], values, bias, conv)
-        bounds = accumulator_bounds(values, bias, axis=0 if conv is not None else 1)
-        multipliers = conv_multipliers(input_scale, weight_scales, output_scale, what=self.name, bounds=bounds)
-        return _requantize(acc, multipliers, rank, axis)
+        channel_axis = 0 if conv is not None else 1
+        acc = integer_accumulator(m[self.source].args[0], values, bias, conv, source.zero_point)
+        bounds = accumulator_bounds(values, bias, channel_axis, source.zero_point)
+        multipliers = conv_multipliers(source.scale, weight_scales, output.scale, what=self.name, bounds=bounds)
+        return _requantize(acc, multipliers, rank, axis, output.zero_point)
 
 
 @LOWERING.register(Op.CONV2D, Op.LINEAR)
@@ -276,37 +321,30 @@ def _weighted_rule(name: str) -> _Rule:
     return _Rule(name, unit.pattern, unit.rewrite)
 
 
-def _output_scale(quantize: relax.Call) -> float | None:
-    quant = _quant(quantize, None)
-    return quant.per_tensor_scale if quant is not None else None
-
-
 @LOWERING.register(Op.ADD)
 def _add_rule() -> _Rule:
     left, right = _dq(), _dq()
     quantize = _q(is_op("relax.add")(left, right))
 
     def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
-        scales = (_input_scale(m[left]), _input_scale(m[right]))
-        output_scale = _output_scale(matched)
-        if None in scales or output_scale is None:
+        inputs, output = (_input(m[left]), _input(m[right])), _output(matched)
+        if None in inputs or output is None:
             return None
-        (left_m, right_m), shift = quantize_multipliers(
-            [real_multiplier(s, output_scale) for s in scales], what="add"
-        )
+        multipliers, shift = quantize_multipliers([real_multiplier(i.scale, output.scale) for i in inputs], what="add")
         rank = len(matched.ty.shape)
-        total = R.add(
-            R.multiply(R.astype(m[left].args[0], "int64"), relax.const(left_m, "int64")),
-            R.multiply(R.astype(m[right].args[0], "int64"), relax.const(right_m, "int64")),
-        )
-        return _saturate(_round_shift(total, [shift], [1] * rank))
+        terms = [R.multiply(R.astype(m[d].args[0], "int64"), relax.const(f, "int64")) for d, f in zip((left, right), multipliers)]
+        total = R.add(*terms)
+        offset = sum(i.zero_point * f for i, f in zip(inputs, multipliers))  # Σ z_i * M_i, subtracted once
+        if offset:
+            total = R.subtract(total, relax.const(offset, "int64"))
+        return _saturate(_round_shift(total, [shift], [1] * rank), output.zero_point)
 
     return _Rule("add", quantize, rewrite)
 
 
-def _same_scale(matched: relax.Call, dequantize: relax.Call) -> bool:
-    input_scale = _input_scale(dequantize)
-    return input_scale is not None and input_scale == _output_scale(matched)
+def _same_quantization(matched: relax.Call, dequantize: relax.Call) -> bool:
+    source = _input(dequantize)
+    return source is not None and source == _output(matched)
 
 
 @LOWERING.register(Op.RELU)
@@ -317,17 +355,16 @@ def _clamp_rule() -> _Rule:
     quantize = _q(relu | clip)
 
     def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
-        if not _same_scale(matched, m[source]):
+        if not _same_quantization(matched, m[source]):
             return None
-        value = m[source].args[0]
+        value, output = m[source].args[0], _output(matched)
         if relu in m:
-            return R.maximum(value, relax.const(0, "int8"))
-        scale = _output_scale(matched)
+            return R.maximum(value, relax.const(output.zero_point, "int8"))
         bounds = [_prim_float(m[clip].args[i]) for i in (1, 2)]
         if None in bounds:
             return None
-        low, high = (int(np.round(np.float32(b) / np.float32(scale))) for b in bounds)
-        return _saturate(value, max(low, ACTIVATION_QMIN), min(high, ACTIVATION_QMAX))
+        low, high = (int(np.round(np.float32(b) / np.float32(output.scale))) + output.zero_point for b in bounds)
+        return _saturate(value, 0, max(low, ACTIVATION_QMIN), min(high, ACTIVATION_QMAX))
 
     return _Rule("clamp", quantize, rewrite)
 
@@ -358,7 +395,7 @@ def _data_movement_rule() -> _Rule:
     quantize = _q(moves)
 
     def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
-        if not _same_scale(matched, m[source]):
+        if not _same_quantization(matched, m[source]):
             return None
         op = m[moves]
         if op.op.name == "relax.image.resize2d":
@@ -388,7 +425,7 @@ def _split_rule() -> _Rule:
     quantize = _q(item)
 
     def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
-        if not _same_scale(matched, m[source]):
+        if not _same_quantization(matched, m[source]):
             return None
         parts = relax.Call(m[split].op, [m[source].args[0]], m[split].attrs)
         return relax.TupleGetItem(parts, m[item].index)
@@ -405,10 +442,10 @@ def _pool_rule() -> _Rule:
     quantize = _q(average | mean)
 
     def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
-        input_scale, output_scale = _input_scale(m[source]), _output_scale(matched)
+        source_quant, output = _input(m[source]), _output(matched)
         value = m[source].args[0]
         shape = [int(d) for d in value.ty.shape]
-        if input_scale is None or output_scale is None or len(shape) != 4:
+        if source_quant is None or output is None or len(shape) != 4:
             return None
         if average in m:
             attrs = m[average].attrs
@@ -416,7 +453,8 @@ def _pool_rule() -> _Rule:
                 return None
             kernel = [int(k) for k in attrs.pool_size]
             ones = relax.const(np.ones((shape[1], 1, *kernel), dtype=np.int8), "int8")
-            total = R.nn.conv2d(value, ones, attrs.strides, attrs.padding, (1, 1), shape[1], "NCHW", "OIHW", "NCHW", "int32")
+            value, padding = _padded(value, attrs.padding, source_quant.zero_point)
+            total = R.nn.conv2d(value, ones, attrs.strides, padding, (1, 1), shape[1], "NCHW", "OIHW", "NCHW", "int32")
             count = kernel[0] * kernel[1]
         else:
             axes = sorted(int(a) % 4 for a in m[mean].attrs.axis)
@@ -424,8 +462,10 @@ def _pool_rule() -> _Rule:
                 return None
             total = R.sum(R.astype(value, "int32"), axis=[2, 3], keepdims=bool(m[mean].attrs.keepdims))
             count = shape[2] * shape[3]
-        multiplier = quantize_multiplier(real_multiplier(input_scale, output_scale, count=count), what="pool")
-        return _requantize(total, [multiplier], len(matched.ty.shape), 0)
+        if source_quant.zero_point:  # Σ (q - z) over the window = Σ q - N * z
+            total = R.subtract(total, relax.const(count * source_quant.zero_point, "int32"))
+        multiplier = quantize_multiplier(real_multiplier(source_quant.scale, output.scale, count=count), what="pool")
+        return _requantize(total, [multiplier], len(matched.ty.shape), 0, output.zero_point)
 
     return _Rule("pool", quantize, rewrite)
 
@@ -436,10 +476,10 @@ def _concat_rule(bindings: dict[relax.Var, relax.Expr]) -> _Rule:
     quantize = _q(concat)
 
     def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
-        output_scale = _output_scale(matched)
+        output = _output(matched)
         fields = m[concat].args[0]
         fields = bindings.get(fields, fields)
-        if output_scale is None or not isinstance(fields, relax.Tuple):
+        if output is None or not isinstance(fields, relax.Tuple):
             return None
         parts = []
         rank = len(matched.ty.shape)
@@ -447,10 +487,10 @@ def _concat_rule(bindings: dict[relax.Var, relax.Expr]) -> _Rule:
             dequantize = bindings.get(field, field)
             if not (isinstance(dequantize, relax.Call) and dequantize.op.name == "relax.dequantize"):
                 return None
-            input_scale = _input_scale(dequantize)
-            if input_scale is None:
+            source = _input(dequantize)
+            if source is None:
                 return None
-            parts.append(_rescale(dequantize.args[0], input_scale, output_scale, rank, f"concat input {index}"))
+            parts.append(_rescale(dequantize.args[0], source, output, rank, f"concat input {index}"))
         return R.concat(parts, axis=int(m[concat].attrs.axis))
 
     return _Rule("concat", quantize, rewrite)
@@ -458,17 +498,20 @@ def _concat_rule(bindings: dict[relax.Var, relax.Expr]) -> _Rule:
 
 @LOWERING.register(Op.MUL)
 def _mul_rule() -> _Rule:
-    """Elementwise product (broadcasting): int64 product of the int8 values, then requantization."""
+    """Elementwise product (broadcasting): int64 product of the int8 values less their zero points, then
+    requantization."""
     left, right = _dq(), _dq()
     quantize = _q(is_op("relax.multiply")(left, right))
 
     def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
-        scales, output_scale = (_input_scale(m[left]), _input_scale(m[right])), _output_scale(matched)
-        if None in scales or output_scale is None:
+        inputs, output = (_input(m[left]), _input(m[right])), _output(matched)
+        if None in inputs or output is None:
             return None
-        product = R.multiply(R.astype(m[left].args[0], "int64"), R.astype(m[right].args[0], "int64"))
-        multiplier = product_multiplier(scales, output_scale, what="mul")
-        return _requantize(product, [multiplier], len(matched.ty.shape), 0)
+        product = R.multiply(*(_centred(m[d].args[0], i.zero_point) for d, i in zip((left, right), inputs)))
+        multiplier = product_multiplier(
+            [i.scale for i in inputs], output.scale, what="mul", zero_points=[i.zero_point for i in inputs]
+        )
+        return _requantize(product, [multiplier], len(matched.ty.shape), 0, output.zero_point)
 
     return _Rule("mul", quantize, rewrite)
 
@@ -485,9 +528,9 @@ def _lookup_table_rule() -> _Rule:
     quantize = _q(silu | hardswish | sigmoid | tanh | leaky | hard)
 
     def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
-        input_scale, output_scale = _input_scale(m[source]), _output_scale(matched)
+        source_quant, output = _input(m[source]), _output(matched)
         function = next(f for form, f in forms.items() if form in m)
-        if input_scale is None or output_scale is None:
+        if source_quant is None or output is None:
             return None
         if hard in m:
             slope, offset = (float(_constant(m[c]).reshape(())) for c in (alpha, beta))
@@ -495,7 +538,8 @@ def _lookup_table_rule() -> _Rule:
             if (slope, offset, *bounds) != (float(np.float32(1 / 6)), 0.5, 0.0, 1.0):
                 return None
         slope = float(m[leaky].attrs.alpha) if leaky in m else 0.0
-        table = lookup_table(function, input_scale, output_scale, slope)
+        zero_points = (source_quant.zero_point, output.zero_point)
+        table = lookup_table(function, source_quant.scale, output.scale, slope, zero_points)
         index = R.add(R.astype(m[source].args[0], "int32"), relax.const(-ACTIVATION_QMIN, "int32"))
         return R.take(relax.const(table, "int8"), index, axis=0, mode="clip")  # indices are in [0, 255]: clip is a no-op
 

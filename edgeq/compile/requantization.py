@@ -28,7 +28,8 @@ class Requantization:
         shift: right shifts, one per multiplier, or one shared by all of them.
         axis: the output's channel axis for per-channel constants (conv2d, linear), else None.
         per: what each multiplier is for: ``channel``, ``input`` (add, concat: one per input), ``tensor``, or
-            ``table`` (a lookup-table activation: ``table`` holds the 256 int8 outputs for inputs -128..127).
+            ``table`` (a lookup-table activation: ``table`` holds the 256 int8 outputs for inputs -128..127; the
+            int8 form of a uint8 op, docs/numerics.md section 9).
         table: the lookup table of a table activation, else None.
     """
 
@@ -70,7 +71,7 @@ def _sum(record: OpRecord, quant: QuantFacts, what: str) -> Requantization:
 
 @REQUANTIZATION.register(Op.MUL)
 def _product(record: OpRecord, quant: QuantFacts, what: str) -> Requantization:
-    fixed = product_multiplier(quant.input_scales, quant.output_scale, what=what)
+    fixed = product_multiplier(quant.input_scales, quant.output_scale, what=what, zero_points=quant.input_zero_points or (0, 0))
     return Requantization([fixed.multiplier], [fixed.shift], None, "tensor")
 
 
@@ -89,5 +90,6 @@ def _average(record: OpRecord, quant: QuantFacts, what: str) -> Requantization:
 
 @REQUANTIZATION.register(*LOOKUP_TABLE_OPS)
 def _table(record: OpRecord, quant: QuantFacts, what: str) -> Requantization:
-    table = lookup_table(Op(record.op), quant.input_scales[0], quant.output_scale, record.attrs.get("alpha", 0.0))
+    zero_points = (quant.input_zero_point, quant.output_zero_point)
+    table = lookup_table(Op(record.op), quant.input_scales[0], quant.output_scale, record.attrs.get("alpha", 0.0), zero_points)
     return Requantization([], [], None, "table", [int(v) for v in table])

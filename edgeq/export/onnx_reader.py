@@ -26,7 +26,8 @@ from onnx import numpy_helper
 
 from edgeq.errors import ModelFileError
 from edgeq.export.onnx_writer import TARGET_METADATA_KEY
-from edgeq.numerics import bias_at_accumulator_scale, bias_scales
+from edgeq.export.qoperator import is_qoperator, qdq_from_qoperator
+from edgeq.numerics import bias_at_accumulator_scale, bias_scales, int8_zero_point
 from edgeq.ops import gated_op, op_of_onnx_type
 
 @dataclass(frozen=True)
@@ -43,6 +44,11 @@ class QuantParams:
     def symmetric(self) -> bool:
         """Signed with all zero points 0: edgeq's NPU numerics."""
         return self.dtype in ("int8", "int32") and not any(self.zero_points)
+
+    @property
+    def int8_zero_point(self) -> int:
+        """The (first) zero point in its int8 form (:func:`edgeq.numerics.int8_zero_point`)."""
+        return int8_zero_point(self.dtype, self.zero_points[0])
 
 
 @dataclass(frozen=True)
@@ -61,11 +67,13 @@ class QDQModel:
 
     Attributes:
         source: the file it was read from.
-        model: the ONNX model, unchanged.
+        model: the ONNX model, unchanged (but for the QOperator form, below).
         quant: :class:`QuantParams` by quantized tensor name (QuantizeLinear outputs, DequantizeLinear inputs).
         constants: the value of every constant tensor (initializers and Constant node outputs).
         findings: what does not fit edgeq's numerics, in graph order.
         target: the target edgeq quantized it for (``None`` for files from other tools).
+        form: ``QDQ``, or ``QOperator`` for a file in ONNX's operator form, which ``model`` holds rewritten to QDQ
+            (:mod:`edgeq.export.qoperator`).
     """
 
     source: Path
@@ -74,6 +82,7 @@ class QDQModel:
     constants: dict[str, np.ndarray]
     findings: list[Finding] = field(default_factory=list)
     target: str | None = None
+    form: str = "QDQ"
 
     @property
     def fits_edgeq_numerics(self) -> bool:
@@ -161,6 +170,9 @@ def read_qdq(model: onnx.ModelProto, path: str | Path) -> QDQModel:
         ModelFileError: the model fails the ONNX checker or its quantization is inconsistent.
     """
     path = Path(path)
+    form = "QOperator" if is_qoperator(model) else "QDQ"
+    if form == "QOperator":
+        model = qdq_from_qoperator(model, str(path))
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as error:
@@ -168,7 +180,7 @@ def read_qdq(model: onnx.ModelProto, path: str | Path) -> QDQModel:
     reader = _QuantReader(model, path)
     reader.run()
     target = next((p.value for p in model.metadata_props if p.key == TARGET_METADATA_KEY), None)
-    return QDQModel(path, model, reader.quant, reader.constants, reader.findings, target)
+    return QDQModel(path, model, reader.quant, reader.constants, reader.findings, target, form)
 
 
 class _QuantReader:

@@ -1,0 +1,214 @@
+"""Third-party QDQ files with zero points (ONNX Runtime's ``quantize_static``) compile to integer kernels and
+compute docs/numerics.md section 9 exactly: the artifact equals an independent int64 reference bit for bit, and
+ONNX Runtime within one step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic
+from torch import nn
+from tvm import relax
+
+from edgeq.compile import CompileResult, compile_model
+from edgeq.compile.int8_activations import as_int8_activations
+from edgeq.errors import ModelFileError
+from edgeq.export.onnx_reader import load_onnx
+from edgeq.export.peer import session
+from edgeq_runtime import Model
+from models import float_onnx, ort_quantize_static, random_batches
+from qdq_reference import run_qdq_reference
+
+INPUT_SHAPE = (1, 3, 32, 32)
+
+
+class _Branchy(nn.Module):
+    """Every op kind ONNX Runtime quantizes in edge models: padded, strided, depthwise and 1x1 convs with odd
+    channel counts, max and average pools, a residual add, squeeze-and-excitation (Hardsigmoid, Mul), concat, a
+    classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, stride=2, padding=1), nn.ReLU())
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.depthwise = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1, groups=12), nn.ReLU6())
+        self.expand = nn.Conv2d(12, 20, 1)
+        self.shortcut = nn.Conv2d(12, 20, 1)
+        self.squeeze = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(20, 5, 1), nn.ReLU(), nn.Conv2d(5, 20, 1), nn.Hardsigmoid())
+        self.side = nn.Sequential(nn.Conv2d(20, 7, 3, padding=2, dilation=2), nn.Hardswish())
+        self.average = nn.AvgPool2d(2)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(27, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.stem(x))
+        x = self.expand(self.depthwise(x)) + self.shortcut(x)
+        x = x * self.squeeze(x)
+        x = torch.cat([x, self.side(x)], dim=1)
+        return self.head(self.average(x))
+
+
+VARIANTS = {
+    "uint8": dict(activation=QuantType.QUInt8, symmetric=False, per_channel=False),
+    "int8-per-channel": dict(activation=QuantType.QInt8, symmetric=False, per_channel=True),
+}
+
+
+def branchy_float_onnx(folder: Path) -> Path:
+    torch.manual_seed(0)
+    model = _Branchy().eval()
+    with torch.no_grad():  # non-zero biases, so that the bias and zero-point corrections both matter
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                module.bias.uniform_(-0.3, 0.3)
+    return float_onnx(model, torch.randn(INPUT_SHAPE), folder / "f.onnx")
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def ort_file(request, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("asymmetric")
+    return ort_quantize_static(branchy_float_onnx(folder), folder / "q.onnx", random_batches(INPUT_SHAPE, count=4), **VARIANTS[request.param])
+
+
+def inputs(count: int = 3) -> Iterator[np.ndarray]:
+    generator = np.random.default_rng(7)
+    for _ in range(count):
+        yield generator.normal(size=INPUT_SHAPE).astype(np.float32) * 1.5
+
+
+def float_ops(result: CompileResult) -> set[str]:
+    """The float quantize/dequantize calls left in the lowered module (none: everything runs in integers)."""
+    found: set[str] = set()
+
+    def visit(expr: relax.Expr) -> None:
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") in ("relax.quantize", "relax.dequantize"):
+            found.add(expr.op.name)
+
+    for function in result.module.functions.values():
+        if isinstance(function, relax.Function):
+            relax.analysis.post_order_visit(function.body, visit)
+    return found
+
+
+@pytest.mark.parametrize("opt_level", [0, 2])
+def test_artifact_equals_the_int64_reference(ort_file, opt_level, tmp_path):
+    result = compile_model(ort_file, target="x86_64", out=tmp_path / "q.edgeq", opt_level=opt_level, progress=lambda _: None)
+    assert not float_ops(result)
+    model_file = onnx.load(str(ort_file))
+    with Model.load(result.artifact) as artifact:
+        name = artifact.outputs[0].name
+        for x in inputs():
+            expected = run_qdq_reference(model_file, {"x": x})[name]
+            ours = artifact.run({"x": x}, raw=True)[name]
+            assert ours.dtype == np.dtype(result.manifest["outputs"][0]["dtype"])
+            np.testing.assert_array_equal(ours.astype(np.int64), expected)
+
+
+def test_onnx_runtime_agrees_within_one_step(ort_file, tmp_path):
+    result = compile_model(ort_file, target="x86_64", out=tmp_path / "q.edgeq", progress=lambda _: None)
+    peer = session(onnx.load(str(ort_file)))
+    quant = result.manifest["outputs"][0]["quant"]
+    with Model.load(result.artifact) as artifact:
+        name = artifact.outputs[0].name
+        for x in inputs():
+            (theirs,) = peer.run(None, {"x": x})
+            steps = np.rint(theirs / np.float32(quant["scale"][0])) + quant["zero_point"][0]
+            assert np.abs(artifact.run({"x": x}, raw=True)[name].astype(np.int64) - steps).max() <= 1
+
+
+def test_uint8_activations_become_int8_with_shifted_zero_points(ort_file):
+    """The rewrite is exact: ONNX Runtime computes the same numbers on the rewritten graph (shifted by 128)."""
+    model = onnx.load(str(ort_file))
+    rewritten = as_int8_activations(model)
+    onnx.checker.check_model(rewritten, full_check=True)
+    zero_points = {
+        t.name: onnx.numpy_helper.to_array(t) for t in rewritten.graph.initializer if t.name.endswith("zero_point__int8")
+    }
+    if not any(t.data_type == onnx.TensorProto.UINT8 for t in model.graph.initializer):
+        assert rewritten is model
+        return
+    assert zero_points and all(z.dtype == np.int8 for z in zero_points.values())
+    x = next(inputs())
+    (original,) = session(model).run(None, {"x": x})
+    (shifted,) = session(rewritten).run(None, {"x": x})
+    np.testing.assert_array_equal(original, shifted)
+
+
+# ---- resnet18 as ONNX Runtime quantizes it by default -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ort_uint8_resnet18(tmp_path_factory) -> Path:
+    """ONNX Runtime's quantize_static of resnet18: uint8 activations with zero points, per-tensor weights."""
+    import torchvision
+
+    folder = tmp_path_factory.mktemp("ort")
+    torch.manual_seed(0)
+    float_path = float_onnx(torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64), folder / "f.onnx")
+    return ort_quantize_static(float_path, folder / "q.onnx", random_batches((1, 3, 64, 64)))
+
+
+def test_resnet18_from_onnx_runtime_runs_in_integers(ort_uint8_resnet18, tmp_path):
+    """The artifact keeps the file's uint8 input and output, computes no float, equals the int64 reference and
+    is within one step of ONNX Runtime."""
+    result = compile_model(ort_uint8_resnet18, target="x86_64", out=tmp_path / "q.edgeq", progress=lambda _: None)
+    assert result.manifest["inputs"][0]["dtype"] == "uint8" and result.manifest["outputs"][0]["dtype"] == "uint8"
+    assert not float_ops(result)
+    model_file = onnx.load(str(ort_uint8_resnet18))
+    peer = session(model_file)
+    quant = result.manifest["outputs"][0]["quant"]
+    with Model.load(result.artifact) as artifact:
+        name = artifact.outputs[0].name
+        for x in random_batches((1, 3, 64, 64), count=2, seed=1):
+            ours = artifact.run({"x": x}, raw=True)[name].astype(np.int64)
+            np.testing.assert_array_equal(ours, run_qdq_reference(model_file, {"x": x})[name])
+            (theirs,) = peer.run(None, {"x": x})
+            steps = np.rint(theirs / np.float32(quant["scale"][0])) + quant["zero_point"][0]
+            assert (np.abs(ours - steps) <= 1).mean() >= 0.99
+
+
+def test_resnet18_from_onnx_runtime_falls_back_to_the_cpu_on_npu_targets(ort_uint8_resnet18, tmp_path):
+    result = compile_model(ort_uint8_resnet18, target="npu-m", out=tmp_path / "q.edgeq", simulate=True, progress=lambda _: None)
+    assert [r.placement.value for r in result.partition.regions] == ["CPU"]
+    conv = next(n for n in result.report.nodes if n.record.op == "conv2d")
+    assert "is uint8 with zero point" in conv.reasons[0].message
+
+
+# ---- ONNX's operator form (QOperator) and dynamic quantization --------------------------------------------------
+
+
+def test_qoperator_file_compiles_to_integers(tmp_path):
+    """quantize_static with QuantFormat.QOperator (QLinearConv, QGemm, QLinearAdd, QLinearMul,
+    QLinearGlobalAveragePool, QLinearConcat...) reads as QDQ: the artifact equals the int64 reference of that QDQ
+    form, which ONNX Runtime itself computes like the original file, and ONNX Runtime agrees within one step."""
+    qoperator = ort_quantize_static(branchy_float_onnx(tmp_path), tmp_path / "qop.onnx", random_batches(INPUT_SHAPE, count=4), quant_format=QuantFormat.QOperator)
+    original = onnx.load(str(qoperator))
+    assert {"QLinearConv", "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat"} <= {n.op_type for n in original.graph.node}
+    read = load_onnx(qoperator)
+    assert read.form == "QOperator" and not any(n.domain == "com.microsoft" for n in read.model.graph.node)
+    result = compile_model(qoperator, target="x86_64", out=tmp_path / "q.edgeq", progress=lambda _: None)
+    assert not float_ops(result)
+    peer, rewritten_peer = session(original), session(read.model)
+    quant = result.manifest["outputs"][0]["quant"]
+    with Model.load(result.artifact) as artifact:
+        name = artifact.outputs[0].name
+        for x in inputs():
+            ours = artifact.run({"x": x}, raw=True)[name].astype(np.int64)
+            np.testing.assert_array_equal(ours, run_qdq_reference(read.model, {"x": x})[name])
+            (theirs,), (rewritten,) = peer.run(None, {"x": x}), rewritten_peer.run(None, {"x": x})
+            step = np.float32(quant["scale"][0])
+            assert np.abs(np.rint(theirs / step) - np.rint(rewritten / step)).max() <= 1
+            assert np.abs(ours - (np.rint(theirs / step) + quant["zero_point"][0])).max() <= 1
+
+
+def test_dynamic_quantization_is_refused_with_the_reason(tmp_path):
+    float_path = branchy_float_onnx(tmp_path)
+    dynamic = tmp_path / "dynamic.onnx"
+    quantize_dynamic(str(float_path), str(dynamic), weight_type=QuantType.QInt8)
+    with pytest.raises(ModelFileError, match="DynamicQuantizeLinear.*dynamic quantization.*quantize_static"):
+        compile_model(dynamic, target="x86_64", out=tmp_path / "d.edgeq")
+    assert not (tmp_path / "d.edgeq").exists()

@@ -4,8 +4,8 @@ Models (random init, BatchNorm statistics set on random data, calibrated on the 
 
 - resnet18, mobilenet_v2, mobilenet_v3_small (Hardswish / Hardsigmoid as lookup tables): quantized by edgeq for
   ``--target`` and exported as QDQ ONNX;
-- resnet18-ort: the same float resnet18 quantized by ONNX Runtime's ``quantize_static`` (QDQ, uint8 activations
-  with zero points, int8 weights).
+- resnet18-ort, mobilenet_v2-ort: the same float models quantized by ONNX Runtime's ``quantize_static`` (QDQ,
+  uint8 activations with zero points, int8 weights), which edgeq computes in integers (docs/numerics.md section 9).
 
 For each model the QDQ file is compiled by edgeq at -O2 for this CPU (``simulate=True``), and these engines run
 in one process, interleaved (every run calls each engine once, in turn), on 2 threads each, after warm-up runs:
@@ -60,9 +60,10 @@ from models import float_onnx, ort_quantize_static, random_batches, torchvision_
 
 THREADS = 2
 EDGEQ_MODELS = ("resnet18", "mobilenet_v2", "mobilenet_v3_small")
-ORT_QUANTIZED = "resnet18-ort"
-"""resnet18 quantized by ONNX Runtime's quantize_static."""
-MODELS = (*EDGEQ_MODELS, ORT_QUANTIZED)
+ORT_SUFFIX = "-ort"
+ORT_QUANTIZED = ("resnet18-ort", "mobilenet_v2-ort")
+"""Models quantized by ONNX Runtime's quantize_static (the name less ``-ort``)."""
+MODELS = (*EDGEQ_MODELS, *ORT_QUANTIZED)
 ENGINES = ("edgeq default", "ORT int8", "PyTorch int8", "ORT fp32", "PyTorch fp32")
 BASELINE = "ORT int8"
 CALIBRATION_BATCHES = 4
@@ -104,11 +105,11 @@ def cpu_line() -> str:
 
 
 def make_subject(name: str, batches: Sequence[torch.Tensor], target: str, folder: Path) -> Subject:
-    """``name``'s float model, quantized by edgeq for ``target`` or, for resnet18-ort, by ONNX Runtime."""
-    wrapped = torchvision_model("resnet18" if name == ORT_QUANTIZED else name)
+    """``name``'s float model, quantized by edgeq for ``target`` or, for the ``-ort`` models, by ONNX Runtime."""
+    wrapped = torchvision_model(name.removesuffix(ORT_SUFFIX))
     example = batches[0]
     float_path = float_onnx(wrapped.model, example, folder / f"{name}-float.onnx")
-    if name == ORT_QUANTIZED:
+    if name in ORT_QUANTIZED:
         qdq_path = ort_quantize_static(float_path, folder / f"{name}.onnx", [b.numpy() for b in batches])
         return Subject(name, qdq_path, wrapped.model, float_path, None)
     prepared = calibrate(copy.deepcopy(wrapped), batches, example_inputs=(example,), target=target)

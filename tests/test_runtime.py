@@ -19,6 +19,7 @@ import torch
 
 from edgeq.cli import main
 from edgeq.compile import compile_model
+from edgeq.compile.artifact import LIBRARY
 from edgeq_runtime import ArtifactError, Model
 from edgeq_runtime.vm import RuntimeLibraryError, available_cores, pool_threads
 from models import FunctionalOps, integer_model
@@ -37,16 +38,21 @@ def edgeq_run() -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A two-output model compiled for this machine (simulated NPU), for npu-s on its aarch64 host, and for the
-    aarch64 CPU; with the integer model and an input file."""
+    """A two-output model compiled for this machine (simulated NPU), for npu-s on its aarch64 host, for the
+    aarch64 CPU, and for an aarch64 CPU with the dot-product extension (a target file of the user's); with the
+    integer model and an input file."""
     torch.manual_seed(0)
     example = torch.randn(2, 3, 8, 8)
     int_model = integer_model(FunctionalOps().eval(), example, "npu-s")
     folder = tmp_path_factory.mktemp("runtime")
+    aarch64 = (REPO / "targets" / "aarch64.toml").read_text()
+    dotprod = folder / "aarch64-dotprod.toml"
+    dotprod.write_text(aarch64.replace('name = "aarch64"', 'name = "aarch64-dotprod"').replace('mattr = ["+neon"]', 'mattr = ["+neon", "+dotprod"]'))
     artifacts = {
         "x86_64": compile_model(int_model, (example,), out=folder / "x86.edgeq", simulate=True).artifact,
         "npu-s": compile_model(int_model, (example,), out=folder / "npu.edgeq").artifact,
         "aarch64": compile_model(int_model, (example,), target="aarch64", out=folder / "arm.edgeq").artifact,
+        "aarch64-dotprod": compile_model(int_model, (example,), target=dotprod, out=folder / "arm-dotprod.edgeq").artifact,
     }
     x = torch.randn(2, 3, 8, 8)
     np.save(folder / "x.npy", x.numpy())
@@ -99,7 +105,22 @@ def test_cpp_cli_takes_raw_int8_inputs(models, edgeq_run, tmp_path):
         np.testing.assert_array_equal(outputs[name], expected.numpy())
 
 
-@pytest.mark.parametrize("which", ["npu-s", "aarch64"])
+def test_aarch64_dotprod_artifact_uses_sdot(models, tmp_path):
+    """Built for a target with ``+dotprod``, the convolutions multiply with ``sdot`` (docs/compile.md); plain
+    NEON without it."""
+    _, artifacts, _, _ = models
+
+    def disassembly(which: str) -> str:
+        library = tmp_path / f"{which}.so"
+        with zipfile.ZipFile(artifacts[which]) as archive:
+            library.write_bytes(archive.read(LIBRARY))
+        return subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(library)], capture_output=True, text=True, check=True).stdout
+
+    assert "sdot" in disassembly("aarch64-dotprod")
+    assert "sdot" not in disassembly("aarch64")
+
+
+@pytest.mark.parametrize("which", ["npu-s", "aarch64", "aarch64-dotprod"])
 def test_aarch64_cli_under_qemu_equals_x86_64(models, edgeq_run, tmp_path, which):
     int_model, artifacts, x, folder = models
     with Model.load(artifacts["x86_64"]) as model:

@@ -37,15 +37,15 @@ def as_int8_activations(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` (a region's QDQ graph) in which every uint8 activation is int8 (module doc); the
     model itself when it has none."""
     constants = {t.name: t for t in model.graph.initializer}
-    quantizes = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and _uint8_zero_point(n, constants)]
     uint8_inputs = [i.name for i in model.graph.input if _uint8(i.type)]
-    if not quantizes and not uint8_inputs:
+    activations = set(uint8_inputs) | {
+        n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and _uint8_zero_point(n, constants)
+    }
+    if not activations:
         return model
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
-    constants = {t.name: t for t in graph.initializer}
-    activations = set(uint8_inputs) | {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear" and _uint8_zero_point(n, constants)}
     for node in graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
             quantized = node.output[0] if node.op_type == "QuantizeLinear" else node.input[0]

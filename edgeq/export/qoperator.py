@@ -39,19 +39,20 @@ class _Quant:
 @dataclass(frozen=True)
 class _Form:
     """Where a QOperator node keeps its operands: ``(tensor, scale, zero point)`` input indices, the output's
-    scale and zero point indices, the bias index, and the float op it computes."""
+    scale and zero point indices, the bias index, whether its second operand is a weight (per-channel scales
+    along :func:`_weight_axis`), and the float op it computes."""
 
     op_type: str
     inputs: tuple[tuple[int, int, int], ...]
     output: tuple[int, int]
     bias: int | None = None
-    weight: int | None = None
+    weighted: bool = False
 
 
 FORMS: dict[str, _Form] = {
-    "QLinearConv": _Form("Conv", ((0, 1, 2), (3, 4, 5)), (6, 7), bias=8, weight=1),
+    "QLinearConv": _Form("Conv", ((0, 1, 2), (3, 4, 5)), (6, 7), bias=8, weighted=True),
     "QLinearMatMul": _Form("MatMul", ((0, 1, 2), (3, 4, 5)), (6, 7)),
-    "QGemm": _Form("Gemm", ((0, 1, 2), (3, 4, 5)), (7, 8), bias=6, weight=1),
+    "QGemm": _Form("Gemm", ((0, 1, 2), (3, 4, 5)), (7, 8), bias=6, weighted=True),
     "QLinearAdd": _Form("Add", ((0, 1, 2), (3, 4, 5)), (6, 7)),
     "QLinearMul": _Form("Mul", ((0, 1, 2), (3, 4, 5)), (6, 7)),
     "QLinearGlobalAveragePool": _Form("GlobalAveragePool", ((0, 1, 2),), (3, 4)),
@@ -61,12 +62,13 @@ FORMS: dict[str, _Form] = {
 }
 """Every QOperator op edgeq rewrites (``QLinearConcat``, whose operands are variadic, is handled apart)."""
 
-_DROPPED_ATTRIBUTES = {"channels_last", "alpha"}
+OPERATOR_FORM = {*FORMS, "QLinearConcat", *DYNAMIC}
+"""The op types that make a file the operator form (dynamic quantization included, to be refused)."""
 
 
 def is_qoperator(model: onnx.ModelProto) -> bool:
     """Whether ``model`` uses the operator form (or dynamic quantization)."""
-    return any(node.op_type in FORMS or node.op_type in DYNAMIC or node.op_type == "QLinearConcat" for node in model.graph.node)
+    return any(node.op_type in OPERATOR_FORM for node in model.graph.node)
 
 
 def qdq_from_qoperator(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
@@ -135,7 +137,8 @@ class _Rewriter:
         self.quant[output] = quant
 
     def _attributes(self, node: onnx.NodeProto) -> dict:
-        return {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name not in _DROPPED_ATTRIBUTES}
+        """The node's attributes but ``channels_last`` (contrib ops' own, refused when set)."""
+        return {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "channels_last"}
 
     def _expand(self, node: onnx.NodeProto, form: _Form) -> None:
         inputs = list(node.input)
@@ -143,24 +146,19 @@ class _Rewriter:
             raise self._error(node, "channels_last=1 is not supported; export the model in NCHW")
         if node.op_type == "QGemm" and (len(inputs) <= form.output[0] or not inputs[form.output[0]]):
             raise self._error(node, "a QGemm without an output scale (float output) is not supported")
-        floats = []
-        for index, (tensor, scale, zero) in enumerate(form.inputs):
-            axis = 0 if index == 1 and form.weight is not None and node.op_type == "QLinearConv" else None
-            per_axis = axis is not None and self.constants.get(inputs[scale], np.zeros(1)).size > 1
-            if index == 1 and node.op_type == "QGemm" and self.constants.get(inputs[scale], np.zeros(1)).size > 1:
-                axis, per_axis = (0 if _attribute(node, "transB", 0) else 1), True
-            floats.append(self._dequantize(node, inputs[tensor], inputs[scale], inputs[zero] if zero < len(inputs) else "", axis if per_axis else None))
-        if form.bias is not None and form.bias < len(inputs) and inputs[form.bias]:
-            floats.append(self._bias(node, inputs, form))
-        attributes = self._attributes(node)
-        if node.op_type == "QLinearLeakyRelu":
-            attributes["alpha"] = _attribute(node, "alpha", 0.01)
         if node.op_type == "QGemm" and _attribute(node, "alpha", 1.0) != 1.0:
             raise self._error(node, "alpha other than 1 is not supported")
+        floats = []
+        for index, (tensor, scale, zero) in enumerate(form.inputs):
+            per_channel = form.weighted and index == 1 and self.constants.get(inputs[scale], np.zeros(1)).size > 1
+            axis = _weight_axis(node) if per_channel else None
+            floats.append(self._dequantize(node, inputs[tensor], inputs[scale], _optional(inputs, zero), axis))
+        if _optional(inputs, form.bias):
+            floats.append(self._bias(node, inputs, form))
         value = f"{node.output[0]}__float"
-        self.nodes.append(helper.make_node(form.op_type, floats, [value], name=node.name, **attributes))
+        self.nodes.append(helper.make_node(form.op_type, floats, [value], name=node.name, **self._attributes(node)))
         scale, zero = form.output
-        self._quantize(node, value, node.output[0], _Quant(inputs[scale], inputs[zero] if zero < len(inputs) else ""))
+        self._quantize(node, value, node.output[0], _Quant(inputs[scale], _optional(inputs, zero)))
 
     def _bias(self, node: onnx.NodeProto, inputs: list[str], form: _Form) -> str:
         """The int32 bias dequantized at ``float32(s_in * s_w)`` (zero point 0), as a QDQ file holds it."""
@@ -194,6 +192,16 @@ class _Rewriter:
             helper.make_node(node.op_type, [self._dequantize(node, node.input[0], quant.scale, quant.zero_point), *rest], [value], name=node.name, **self._attributes(node))
         )
         self._quantize(node, value, node.output[0], quant)
+
+
+def _optional(inputs: list[str], index: int | None) -> str:
+    """The name of an optional input ("" when absent)."""
+    return inputs[index] if index is not None and index < len(inputs) else ""
+
+
+def _weight_axis(node: onnx.NodeProto) -> int:
+    """The output-channel axis of a weighted node's weights: 0 for QLinearConv (OIHW) and a transposed QGemm."""
+    return 0 if node.op_type == "QLinearConv" or _attribute(node, "transB", 0) else 1
 
 
 def _attribute(node: onnx.NodeProto, name: str, default: object) -> object:

@@ -18,6 +18,7 @@ from edgeq.compile import CompileResult, compile_model
 from edgeq.compile.int8_activations import as_int8_activations
 from edgeq.errors import ModelFileError
 from edgeq.export.onnx_reader import load_onnx
+from edgeq.export.qoperator import qdq_from_qoperator
 from edgeq.export.peer import session
 from edgeq_runtime import Model
 from models import float_onnx, ort_quantize_static, random_batches
@@ -206,3 +207,34 @@ def test_dynamic_quantization_is_refused_with_the_reason(tmp_path):
     with pytest.raises(ModelFileError, match="DynamicQuantizeLinear.*dynamic quantization.*quantize_static"):
         compile_model(dynamic, target="x86_64", out=tmp_path / "d.edgeq")
     assert not (tmp_path / "d.edgeq").exists()
+
+
+def _qoperator_model(node: onnx.NodeProto) -> onnx.ModelProto:
+    """One contrib-op node on uint8 x (scales and zero points as initializers), for the rewrite's refusals."""
+    constants = [
+        onnx.numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+        onnx.numpy_helper.from_array(np.array(128, np.uint8), "z"),
+        onnx.numpy_helper.from_array(np.ones((4, 4), np.int8), "w"),
+        onnx.numpy_helper.from_array(np.array(0.1, np.float32), "ws"),
+        onnx.numpy_helper.from_array(np.array(0, np.int8), "wz"),
+    ]
+    inputs = [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, [1, 4, 2, 2])]
+    outputs = [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.UINT8, None)]
+    graph = onnx.helper.make_graph([node], "g", inputs, outputs, constants)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13), onnx.helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize(
+    "node, message",
+    [
+        (onnx.helper.make_node("QLinearGlobalAveragePool", ["x", "s", "z", "s", "z"], ["y"], "pool", domain="com.microsoft", channels_last=1),
+         "QLinearGlobalAveragePool 'pool': channels_last=1 is not supported"),
+        (onnx.helper.make_node("QGemm", ["x", "s", "z", "w", "ws", "wz", "", "s", "z"], ["y"], "fc", domain="com.microsoft", alpha=2.0),
+         "QGemm 'fc': alpha other than 1 is not supported"),
+        (onnx.helper.make_node("QGemm", ["x", "s", "z", "w", "ws", "wz"], ["y"], "fc", domain="com.microsoft"),
+         r"QGemm 'fc': a QGemm without an output scale \(float output\) is not supported"),
+    ],
+)
+def test_qoperator_nodes_edgeq_cannot_rewrite_are_named(node, message):
+    with pytest.raises(ModelFileError, match=rf"^m\.onnx: {message}"):
+        qdq_from_qoperator(_qoperator_model(node), "m.onnx")

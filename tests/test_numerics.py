@@ -143,6 +143,18 @@ def test_accumulator_bounds_literal():
     assert nx.accumulator_bounds(weights.T, None, axis=1) == [128 * 3, 128 * 257]
 
 
+def test_zero_point_bounds_and_bias_literal():
+    """docs/numerics.md section 9: |q - z| <= max(128 + z, 127 - z); b' = b - z * Σw, an error past int32."""
+    weights = np.array([[1, -2, 0], [-127, 127, 3]], dtype=np.int8)
+    assert nx.largest_input_magnitude(-128) == 255 and nx.largest_input_magnitude(100) == 228
+    assert nx.accumulator_bounds(weights, np.array([5, -6]), axis=0, input_zero_point=-128) == [255 * 3 + 5, 255 * 257 + 6]
+    folded = nx.bias_with_input_zero_point(np.array([5, -6]), weights, 0, -128, what="conv")
+    assert folded.dtype == np.int32 and folded.tolist() == [5 + 128 * -1, -6 + 128 * 3]
+    with pytest.raises(QuantizationError, match=r"conv: the bias with the input zero point -128 folded in reaches"):
+        nx.bias_with_input_zero_point(np.array([2**31 - 100]), np.full((1, 9), 127, np.int8), 0, -128, what="conv")
+    assert nx.int8_zero_point("uint8", 128) == 0 and nx.int8_zero_point("int8", 3) == 3
+
+
 def test_tiny_multiplier_is_zero_where_the_bound_proves_it():
     """GoogLeNet's classifier as ONNX Runtime quantizes it: m = 1.3e-11 needs shift 67."""
     with pytest.raises(QuantizationError, match="needs shift 67"):

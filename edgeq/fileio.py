@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,3 +57,23 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+CACHE_VARIABLE = "EDGEQ_CACHE_DIR"
+"""Environment variable naming edgeq's cache folder (default ``~/.cache/edgeq``)."""
+
+
+def cache_dir() -> Path:
+    """edgeq's cache folder: measured CPU figures, tuning records (``$EDGEQ_CACHE_DIR``, default
+    ``~/.cache/edgeq``)."""
+    return Path(os.environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "edgeq")
+
+
+def slug(text: str) -> str:
+    """``text`` as a file name part: lower case, runs of other characters as one ``-``.
+
+    Example:
+        >>> slug("AMD EPYC 7B13 64-Core")
+        'amd-epyc-7b13-64-core'
+    """
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"

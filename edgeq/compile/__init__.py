@@ -33,7 +33,9 @@ from edgeq.compile.artifact import CHECK, GRAPH, LIBRARY, NPU_PROGRAM, json_byte
 from edgeq.compile.codegen import Machine, build_library, build_relax_module
 from edgeq.compile.compiled_graph import CompiledGraph, build_compiled_graph
 from edgeq.compile.kernel_map import kernel_map
-from edgeq.compile.pipeline import check_opt_level
+from edgeq.compile.pipeline import OPT_LEVELS, check_opt_level
+from edgeq.compile.schedules import TUNABLE, KernelSchedule
+from edgeq.compile.tuning_records import TuningRecords, records_folder
 from edgeq.compile.npu_program import npu_program
 from edgeq.compile.partition import Partition, TensorSpec, partition
 from edgeq.errors import CompileError
@@ -41,7 +43,7 @@ from edgeq.export.onnx_reader import QDQModel, read_qdq
 from edgeq.export.sources import ModelLike, quantized_form
 from edgeq.targets import Target, TargetKind, TargetLike, load_target, resolve_target
 
-__all__ = ["CompileError", "CompileResult", "compile_model"]
+__all__ = ["BuildPlan", "CompileError", "CompileResult", "compile_model", "plan_build"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +63,9 @@ class CompileResult:
         module: the Relax module after integer lowering, before the build pipeline.
         graph: the compiled graph (``graph.json``): ops, tensors, regions and kernels.
         manifest: the artifact's manifest (without the member checksums).
-        kernels: (kernel name, schedule name) of every scheduled kernel of the library (empty at ``-O0``);
+        kernels: the schedule of every scheduled kernel of the library (empty at ``-O0``), tuned or default;
             :func:`edgeq.compile.codegen.scheduled_module` gives the fused module these names refer to.
+        tuning_records: the folder of tuning records the tuned schedules came from (None: none used).
         seconds: time of each step.
     """
 
@@ -74,7 +77,8 @@ class CompileResult:
     module: relax.IRModule
     graph: CompiledGraph
     manifest: dict[str, Any]
-    kernels: list[tuple[str, str]] = field(default_factory=list)
+    kernels: list[KernelSchedule] = field(default_factory=list)
+    tuning_records: Path | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     def summary_lines(self) -> list[str]:
@@ -91,8 +95,19 @@ class CompileResult:
             lines.append(f"  {SIMULATION_NOTE}" + ("" if self.arch == "aarch64" else f" ({self.arch} build)"))
         size = self.artifact.stat().st_size
         lines.append(f"artifact: {self.artifact} ({size / 2**20:.1f} MiB, {self.arch} library)")
+        if self.kernels:
+            lines.append(self._schedules_line())
         lines.append(f"compile time: {sum(self.seconds.values()):.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()) + ")")
         return lines
+
+
+    def _schedules_line(self) -> str:
+        tunable = [k for k in self.kernels if k.schedule in TUNABLE]
+        tuned = sum(k.tuned for k in tunable)
+        line = f"schedules: {len(self.kernels)} kernels, {tuned} of the {len(tunable)} tunable ones from tuning records"
+        if self.tuning_records is None:
+            return line + " (none for this target and CPU; `edgeq tune` measures them)"
+        return line + f" ({self.tuning_records}), the rest default"
 
 
 def _machine(target: Target, simulate: bool) -> Machine:
@@ -145,46 +160,37 @@ def _tensor_entry(spec: TensorSpec) -> dict[str, Any]:
     return entry
 
 
-def compile_model(
-    model: ModelLike,
-    example_inputs: Sequence[torch.Tensor] | None = None,
-    target: TargetLike | None = None,
-    out: str | Path | None = None,
-    opt_level: int = 2,
-    simulate: bool = False,
-    input_shapes: dict[str, Sequence[int]] | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> CompileResult:
-    """Compile a quantized model for ``target`` into one ``.edgeq`` artifact.
+@dataclass(frozen=True)
+class BuildPlan:
+    """What a build starts from: the model read and placed, cut into regions and lowered to integers.
 
-    Args:
-        model: path of a QDQ ONNX or edgeq TorchScript file, an edgeq TorchScript module, the integer model, or a
-            calibrated / trained prepared model.
-        example_inputs: inputs of the right shape, for PyTorch models.
-        target: target name, file or :class:`~edgeq.targets.Target` (default: the one the model was quantized for).
-        out: artifact path (default: the model file's name with ``.edgeq``, or ``model.edgeq``).
-        opt_level: 0, 1 or 2 (default; see :mod:`edgeq.compile.codegen`); the numbers are the same at every level.
-        simulate: build for this machine instead of the target's CPU (NPU targets run on an aarch64 host).
-        input_shapes: static shapes for ONNX inputs with dynamic dimensions, by input name.
-        progress: called with a line before each long step (default: logging at INFO level).
-
-    Raises:
-        CompileError: unsupported ops (named), a model that is not quantized, an unknown optimisation level, or a
-            failure of TVM or the linker (with the region).
-        TargetError, ModelFileError: no target given or recorded, unknown target (listing the known ones),
-            unreadable model.
+    Attributes:
+        qdq: the model as QDQ; source: what it was read from (for messages and the manifest).
+        target: the target compiled for; machine: the CPU the library is built for.
+        report: the check report the placement comes from; partition: its regions.
+        module: the Relax module after integer lowering.
     """
-    report_progress = progress or logger.info
-    check_opt_level(opt_level)
-    seconds: dict[str, float] = {}
-    started = time.perf_counter()
 
-    def step(name: str) -> None:
-        nonlocal started
-        now = time.perf_counter()
-        seconds[name] = seconds.get(name, 0.0) + now - started
-        started = now
+    qdq: QDQModel
+    source: str
+    target: Target
+    machine: Machine
+    report: CheckReport
+    partition: Partition
+    module: relax.IRModule
 
+
+def plan_build(
+    model: ModelLike,
+    example_inputs: Sequence[torch.Tensor] | None,
+    target: TargetLike | None,
+    simulate: bool,
+    input_shapes: dict[str, Sequence[int]] | None,
+    report_progress: Callable[[str], None],
+    step: Callable[[str], None] = lambda name: None,
+) -> BuildPlan:
+    """Read, place, partition and lower ``model`` (the arguments as :func:`compile_model` takes them);
+    ``step`` is called with the name of each step done."""
     report_progress("import: reading the model")
     quantized = quantized_form(model, example_inputs)
     if quantized is None:
@@ -206,25 +212,92 @@ def compile_model(
 
     module = build_relax_module(parts, report_progress)
     step("lowering")
+    return BuildPlan(qdq, source, resolved, machine, report, parts, module)
 
+
+def _tuning_records(plan: BuildPlan, folder: str | Path | None, tuned: bool) -> TuningRecords | None:
+    """The tuning records a build uses: ``folder``'s, else the default folder's for the target and CPU if it has
+    records; None when ``tuned`` is False."""
+    if not tuned:
+        return None
+    llvm_target = tvm.target.Target(plan.machine.llvm)
+    if folder is not None:
+        return TuningRecords(Path(folder), llvm_target)
+    default = records_folder(plan.target.name, plan.machine.llvm)
+    try:
+        return TuningRecords(default, llvm_target)
+    except CompileError:
+        return None
+
+
+def compile_model(
+    model: ModelLike,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    target: TargetLike | None = None,
+    out: str | Path | None = None,
+    opt_level: int = 2,
+    simulate: bool = False,
+    input_shapes: dict[str, Sequence[int]] | None = None,
+    progress: Callable[[str], None] | None = None,
+    tuning_records: str | Path | None = None,
+    tuned: bool = True,
+) -> CompileResult:
+    """Compile a quantized model for ``target`` into one ``.edgeq`` artifact.
+
+    Args:
+        model: path of a QDQ ONNX or edgeq TorchScript file, an edgeq TorchScript module, the integer model, or a
+            calibrated / trained prepared model.
+        example_inputs: inputs of the right shape, for PyTorch models.
+        target: target name, file or :class:`~edgeq.targets.Target` (default: the one the model was quantized for).
+        out: artifact path (default: the model file's name with ``.edgeq``, or ``model.edgeq``).
+        opt_level: 0, 1 or 2 (default; see :mod:`edgeq.compile.codegen`); the numbers are the same at every level.
+        simulate: build for this machine instead of the target's CPU (NPU targets run on an aarch64 host).
+        input_shapes: static shapes for ONNX inputs with dynamic dimensions, by input name.
+        progress: called with a line before each long step (default: logging at INFO level).
+        tuning_records: folder of tuning records (``edgeq tune -o``); default: the target's and CPU's folder in
+            edgeq's cache (:func:`edgeq.compile.tuning_records.records_folder`) when ``edgeq tune`` filled it.
+        tuned: False builds with the default schedules only, whatever records exist. Records are used at
+            ``-O2`` only (they are measured with parallel tiles; ``-O1`` keeps one core).
+
+    Raises:
+        CompileError: unsupported ops (named), a model that is not quantized, an unknown optimisation level, a
+            ``tuning_records`` folder without records, or a failure of TVM or the linker (with the region).
+        TargetError, ModelFileError: no target given or recorded, unknown target (listing the known ones),
+            unreadable model.
+    """
+    report_progress = progress or logger.info
+    check_opt_level(opt_level)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def step(name: str) -> None:
+        nonlocal started
+        now = time.perf_counter()
+        seconds[name] = seconds.get(name, 0.0) + now - started
+        started = now
+
+    plan = plan_build(model, example_inputs, target, simulate, input_shapes, report_progress, step)
+    records = _tuning_records(plan, tuning_records, tuned) if opt_level == max(OPT_LEVELS) else None
     out_path = Path(out) if out is not None else _default_out(model)
     with tempfile.TemporaryDirectory() as folder:
         library = Path(folder) / LIBRARY
-        built = build_library(module, machine, opt_level, str(library), report_progress)
+        built = build_library(plan.module, plan.machine, opt_level, str(library), report_progress, records)
         library_bytes = library.read_bytes()
     step("codegen")
-    graph = build_compiled_graph(qdq, report, parts, machine.arch)
+    graph = build_compiled_graph(plan.qdq, plan.report, plan.partition, plan.machine.arch)
     graph = graph.with_kernels(kernel_map(built.executable, graph))
 
     report_progress(f"write {out_path}")
+    resolved, parts, report = plan.target, plan.partition, plan.report
     manifest = {
         "edgeq_version": __version__,
         "tvm_version": tvm.__version__,
         "target": {"name": resolved.name, "kind": resolved.kind.value, "host": resolved.host},
-        "library": {"member": LIBRARY, "arch": machine.arch, "entry": "main", "format": "tvm-relax-vm"},
+        "library": {"member": LIBRARY, "arch": plan.machine.arch, "entry": "main", "format": "tvm-relax-vm"},
         "npu_execution": "simulated" if resolved.kind is TargetKind.NPU else None,
         "opt_level": opt_level,
-        "source": source,
+        "tuned_kernels": sum(k.tuned for k in built.kernels),
+        "source": plan.source,
         "inputs": [_tensor_entry(s) for s in parts.inputs],
         "outputs": [_tensor_entry(s) for s in parts.outputs],
         "placement": {**asdict(report.summary), "regions": [{"name": r.name, "placement": r.placement.value, "ops": len(r.nodes)} for r in parts.regions]},
@@ -237,7 +310,8 @@ def compile_model(
     }
     write_artifact(out_path, manifest, members)
     step("write")
-    return CompileResult(out_path, resolved, machine.arch, report, parts, module, graph, manifest, built.kernels, seconds)
+    used = records.folder if records is not None else None
+    return CompileResult(out_path, resolved, plan.machine.arch, report, parts, plan.module, graph, manifest, built.kernels, used, seconds)
 
 
 def _default_out(model: ModelLike) -> Path:

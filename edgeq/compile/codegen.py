@@ -30,7 +30,7 @@ from edgeq.compile.cpu_features import dot_product
 from edgeq.compile.int8_activations import as_int8_activations
 from edgeq.compile.lower_integer import Conv2dSettings, integer_accumulator
 from edgeq.compile.pipeline import Stage, as_pass, lower_integer, run_stages, split_at, stages
-from edgeq.compile.schedules import kernel_schedules
+from edgeq.compile.schedules import KernelSchedule, TunedSchedules, kernel_schedules
 from edgeq.compile.partition import Int32Head, Partition, Region, TensorSpec
 from edgeq.errors import CompileError
 from edgeq.export.onnx_reader import node_attributes
@@ -152,29 +152,46 @@ class Machine:
     compiler: str | None
     """Cross compiler (``aarch64-linux-gnu-g++``), or None for this machine's own."""
 
+    def export_options(self) -> dict:
+        """The options of ``export_library`` that link a library for this machine."""
+        if self.compiler is None:
+            return {}
+        from tvm.support.cc import cross_compiler
+
+        return {"fcompile": cross_compiler(self.compiler)}
+
 
 @dataclass(frozen=True)
 class Library:
     """A built library and the schedule each kernel got."""
 
     executable: relax.Executable
-    kernels: list[tuple[str, str]]
-    """(kernel name, schedule name) of every scheduled kernel (:func:`edgeq.compile.schedules.kernel_schedules`)."""
+    kernels: list[KernelSchedule]
+    """The schedule of every scheduled kernel (:func:`edgeq.compile.schedules.kernel_schedules`)."""
 
 
-def scheduled_module(module: relax.IRModule, target: tvm.target.Target, opt_level: int) -> relax.IRModule:
+def scheduled_module(module: relax.IRModule, target: tvm.target.Target, opt_level: int, tuned: TunedSchedules | None = None) -> relax.IRModule:
     """``module`` (integer-lowered) through the pipeline up to and including the ``schedule`` stage: fused kernels
     with their schedules, the form the kernel names of :class:`Library` refer to."""
-    return run_stages(module, target, _build_stages(opt_level, target)[0])
+    return run_stages(module, target, _build_stages(opt_level, target, tuned)[0])
 
 
-def _build_stages(opt_level: int, target: tvm.target.Target) -> tuple[list[Stage], list[Stage]]:
-    _, rest = split_at(stages(opt_level, target), "lower_integer")
+def fused_module(module: relax.IRModule, target: tvm.target.Target) -> relax.IRModule:
+    """``module`` (integer-lowered) through the pipeline of ``-O2`` up to and including the ``fuse`` stage: the
+    unscheduled fused kernels, the workloads of ``edgeq tune``."""
+    return run_stages(module, target, split_at(_build_stages(2, target)[0], "fuse")[0])
+
+
+def _build_stages(opt_level: int, target: tvm.target.Target, tuned: TunedSchedules | None = None) -> tuple[list[Stage], list[Stage]]:
+    _, rest = split_at(stages(opt_level, target, tuned), "lower_integer")
     return split_at(rest, "schedule")
 
 
-def build_library(module: relax.IRModule, machine: Machine, opt_level: int, path: str, progress: Progress) -> Library:
-    """Build ``module`` (integer-lowered) for ``machine`` and export the shared library to ``path``.
+def build_library(
+    module: relax.IRModule, machine: Machine, opt_level: int, path: str, progress: Progress, tuned: TunedSchedules | None = None
+) -> Library:
+    """Build ``module`` (integer-lowered) for ``machine`` and export the shared library to ``path``, with the
+    tuned schedules of ``tuned`` where it has them.
 
     Raises:
         CompileError: the cross compiler is missing, or LLVM / the linker fails.
@@ -186,7 +203,7 @@ def build_library(module: relax.IRModule, machine: Machine, opt_level: int, path
             "simulate=True (--simulate) for this machine"
         )
     target = tvm.target.Target(machine.llvm)
-    front, back = _build_stages(opt_level, target)
+    front, back = _build_stages(opt_level, target, tuned)
     progress(f"build for {machine.arch} (LLVM, -O{opt_level}, {dot_product(target).name} kernels)")
     try:
         scheduled = run_stages(module, target, front)
@@ -196,13 +213,8 @@ def build_library(module: relax.IRModule, machine: Machine, opt_level: int, path
     except Exception as error:
         raise CompileError(f"TVM failed to build the program for {machine.arch}: {error}") from error
     progress(f"link {machine.arch} library")
-    options = {}
-    if machine.compiler is not None:
-        from tvm.support.cc import cross_compiler
-
-        options["fcompile"] = cross_compiler(machine.compiler)
     try:
-        executable.export_library(path, **options)
+        executable.export_library(path, **machine.export_options())
     except Exception as error:
         raise CompileError(f"linking the {machine.arch} library failed: {error}") from error
     return Library(executable, kernel_schedules(scheduled))

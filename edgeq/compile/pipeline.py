@@ -7,7 +7,7 @@
 | ``select_kernels`` | legalization; int8 conv2d / matmul become edgeq's blocked kernels (:mod:`.select_kernels`) | 1, 2 |
 | ``legalize`` | TVM's legalization of every op into its default kernel | 0 |
 | ``fuse`` | op patterns, constant folding, operator fusion, FuseTIR | 1, 2 |
-| ``schedule`` | edgeq's default schedules (:mod:`edgeq.compile.schedules`); parallel tiles at level 2 | 1, 2 |
+| ``schedule`` | tuned schedules from tuning records, else edgeq's default schedules (:mod:`edgeq.compile.schedules`); parallel tiles at level 2 | 1, 2 |
 | ``lower_dataflow`` | TVM's dataflow lowering | all |
 | ``finalize`` | TVM's memory planning and VM lowering | all |
 
@@ -24,7 +24,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu
 
 from edgeq.compile.cpu_features import dot_product
 from edgeq.compile.lower_integer import lower_to_integer
-from edgeq.compile.schedules import schedule_kernels
+from edgeq.compile.schedules import TunedSchedules, schedule_kernels
 from edgeq.compile.select_kernels import select_kernels
 from edgeq.errors import CompileError
 
@@ -59,8 +59,9 @@ def lower_integer() -> tvm.transform.Pass:
     return run
 
 
-def stages(opt_level: int, target: tvm.target.Target) -> list[Stage]:
-    """The stages of an optimisation level for ``target`` (see the module's table)."""
+def stages(opt_level: int, target: tvm.target.Target, tuned: TunedSchedules | None = None) -> list[Stage]:
+    """The stages of an optimisation level for ``target`` (see the module's table); ``tuned``: tuning records
+    the ``schedule`` stage takes tuned schedules from."""
     check_opt_level(opt_level)
     listed = [Stage("lower_integer", (lower_integer(),)), Stage("dispatch", tuple(cpu.library_dispatch_passes(target)))]
     if opt_level == 0:
@@ -70,7 +71,7 @@ def stages(opt_level: int, target: tvm.target.Target) -> list[Stage]:
         listed += [
             Stage("select_kernels", (select_kernels(dot),)),
             Stage("fuse", (relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR())),
-            Stage("schedule", (schedule_kernels(dot, parallel=opt_level >= 2),)),
+            Stage("schedule", (schedule_kernels(dot, parallel=opt_level >= 2, tuned=tuned),)),
         ]
     listed += [
         Stage("lower_dataflow", tuple(cpu.dataflow_lower_passes(target))),

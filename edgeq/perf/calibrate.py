@@ -33,13 +33,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgeq.fileio import atomic_write
+from edgeq.fileio import atomic_write, cache_dir, slug
 from edgeq.targets import CpuFigures, Target
 
 logger = logging.getLogger(__name__)
-
-CACHE_VARIABLE = "EDGEQ_CACHE_DIR"
-
 
 @dataclass(frozen=True)
 class Calibration:
@@ -108,9 +105,7 @@ def kernel_fingerprint() -> str:
 
 def cache_path() -> Path:
     """Where this CPU's calibration is cached."""
-    folder = Path(os.environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "edgeq")
-    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-") or "unknown"
-    return folder / f"cpu-{slug}.json"
+    return cache_dir() / f"cpu-{slug(cpu_model())}.json"
 
 
 def cached_calibration() -> Calibration | None:

@@ -5,12 +5,18 @@ conv2d, 1x1 conv2d, depthwise conv2d, dense), grouped convolutions, pooling (oth
 chains (requantization, add, clamp, data movement). Each scheduled PrimFunc records its schedule's name in the
 ``edgeq.schedule`` attribute; :func:`kernel_schedules` lists them. A kernel whose schedule fails keeps TVM's
 default form (logged, never an error: schedules never change the numbers, only the speed).
+
+The blocked kernels (:data:`TUNABLE`) are also what ``edgeq tune`` searches: their schedules take their
+decisions from a :class:`~.choices.Choices`. A kernel with a record in the tuning records given to
+:func:`schedule_kernels` gets the record's schedule instead of the default (``edgeq.tuned`` attribute).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import tvm
 from tvm import s_tir, tirx
@@ -18,16 +24,20 @@ from tvm import s_tir, tirx
 from edgeq.compile import kernels
 from edgeq.compile.cpu_features import DotProduct
 from edgeq.compile.schedules import blocked, generic
+from edgeq.compile.schedules.choices import DEFAULT, SAMPLED, Choices
 
 logger = logging.getLogger(__name__)
 
 SCHEDULE_ATTRIBUTE = "edgeq.schedule"
 """PrimFunc attribute naming the schedule a kernel got."""
 
-Schedule = Callable[[s_tir.Schedule, DotProduct, bool], None]
+TUNED_ATTRIBUTE = "edgeq.tuned"
+"""PrimFunc attribute set on a kernel whose schedule came from tuning records."""
+
+Schedule = Callable[[s_tir.Schedule, DotProduct, bool, Choices], None]
 
 
-def _generic(sch: s_tir.Schedule, dot: DotProduct, parallel: bool) -> None:
+def _generic(sch: s_tir.Schedule, dot: DotProduct, parallel: bool, choose: Choices) -> None:
     generic.schedule_generic(sch, parallel)
 
 
@@ -41,6 +51,26 @@ SCHEDULES: dict[str, Schedule] = {
     "elementwise": _generic,
 }
 """Schedule name -> schedule. The name is what :func:`kernel_schedules` reports."""
+
+TUNABLE = ("conv2d", "conv2d_1x1", "depthwise_conv2d", "dense")
+"""The schedules with decisions to tune (the blocked int8 kernels: nearly all of a CNN's time)."""
+
+
+class TunedSchedules(Protocol):
+    """Where :func:`schedule_kernels` finds tuned schedules (:class:`edgeq.compile.tuning_records.TuningRecords`)."""
+
+    def schedule(self, function: tirx.PrimFunc, dot: DotProduct) -> s_tir.Schedule | None:
+        """The tuned schedule of ``function``, or None if it has no record."""
+        ...
+
+
+@dataclass(frozen=True)
+class KernelSchedule:
+    """The schedule one kernel of a library got."""
+
+    kernel: str
+    schedule: str
+    tuned: bool
 
 
 def classify(sch: s_tir.Schedule) -> str:
@@ -59,32 +89,47 @@ def classify(sch: s_tir.Schedule) -> str:
     return "pool" if reductions else "elementwise"
 
 
-def schedule_kernels(dot: DotProduct, parallel: bool) -> tvm.transform.Pass:
-    """The module pass applying the default schedules (``parallel``: run tiles on all cores)."""
+def design_space(name: str, dot: DotProduct, parallel: bool) -> Callable[[s_tir.Schedule], None]:
+    """The tuner's search space of a :data:`TUNABLE` kernel: its schedule with every decision sampled."""
+    schedule = SCHEDULES[name]
+    return lambda sch: schedule(sch, dot, parallel, SAMPLED)
+
+
+def _scheduled(function: tirx.PrimFunc, name: str, dot: DotProduct, parallel: bool, tuned: TunedSchedules | None, kernel: str) -> tirx.PrimFunc:
+    """``function`` with its tuned schedule if it has one, else its default schedule, else unchanged."""
+    record = tuned.schedule(function, dot) if tuned is not None and name in TUNABLE else None
+    if record is not None:
+        return record.mod["main"].with_attr(SCHEDULE_ATTRIBUTE, name).with_attr(TUNED_ATTRIBUTE, True)
+    sch = s_tir.Schedule(function)
+    try:
+        SCHEDULES[name](sch, dot, parallel, DEFAULT)
+    except Exception as error:  # noqa: BLE001 - TVM raises many kinds; the kernel keeps its default form
+        logger.warning("kernel %s: the %s schedule failed, keeping the default: %s", kernel, name, error)
+        return function.with_attr(SCHEDULE_ATTRIBUTE, "default")
+    return sch.mod["main"].with_attr(SCHEDULE_ATTRIBUTE, name)
+
+
+def schedule_kernels(dot: DotProduct, parallel: bool, tuned: TunedSchedules | None = None) -> tvm.transform.Pass:
+    """The module pass applying the schedules (``parallel``: run tiles on all cores): a kernel's tuned schedule
+    from ``tuned`` if it has one, else its default schedule."""
 
     @tvm.transform.module_pass(opt_level=0, name="edgeq.ScheduleKernels")
     def run(module: tvm.IRModule, _context: tvm.transform.PassContext) -> tvm.IRModule:
         for global_var, function in list(module.functions.items()):
             if not isinstance(function, tirx.PrimFunc) or SCHEDULE_ATTRIBUTE in (function.attrs or {}):
                 continue
-            sch = s_tir.Schedule(function)
-            name = classify(sch)
-            try:
-                SCHEDULES[name](sch, dot, parallel)
-                scheduled = sch.mod["main"]
-            except Exception as error:  # noqa: BLE001 - TVM raises many kinds; the kernel keeps its default form
-                logger.warning("kernel %s: the %s schedule failed, keeping the default: %s", global_var.name_hint, name, error)
-                name, scheduled = "default", function
-            module[global_var] = scheduled.with_attr(SCHEDULE_ATTRIBUTE, name)
+            name = classify(s_tir.Schedule(function))
+            module[global_var] = _scheduled(function, name, dot, parallel, tuned, global_var.name_hint)
         return module
 
     return run
 
 
-def kernel_schedules(module: tvm.IRModule) -> list[tuple[str, str]]:
-    """(kernel name, schedule name) of every scheduled PrimFunc of ``module``, sorted by kernel name."""
+def kernel_schedules(module: tvm.IRModule) -> list[KernelSchedule]:
+    """The schedule of every scheduled PrimFunc of ``module``, sorted by kernel name."""
     found = []
     for global_var, function in module.functions.items():
-        if isinstance(function, tirx.PrimFunc) and SCHEDULE_ATTRIBUTE in (function.attrs or {}):
-            found.append((global_var.name_hint, str(function.attrs[SCHEDULE_ATTRIBUTE])))
-    return sorted(found)
+        attrs = (function.attrs or {}) if isinstance(function, tirx.PrimFunc) else {}
+        if SCHEDULE_ATTRIBUTE in attrs:
+            found.append(KernelSchedule(global_var.name_hint, str(attrs[SCHEDULE_ATTRIBUTE]), bool(attrs.get(TUNED_ATTRIBUTE, False))))
+    return sorted(found, key=lambda k: k.kernel)

@@ -1,10 +1,13 @@
 """Default schedules of edgeq's blocked int8 kernels (:mod:`edgeq.compile.kernels`): conv2d (regular and 1x1),
 depthwise conv2d and dense.
 
-Each output tile (one channel block x up to 8 output columns) is accumulated in registers: the channel lanes
-by the CPU's dot product (tensorized) or by LLVM's vectors, the columns unrolled. The requantization epilogue is
-inlined into the last block and computed per tile, right after its accumulator, so no full-size int32 or int64
-buffer remains. Tiles of rows and channel blocks run in parallel.
+Each output tile (channel blocks x output columns; by default one block x up to 8 columns) is accumulated in
+registers: the channel lanes by the CPU's dot product (tensorized) or by LLVM's vectors, blocks and columns
+unrolled. The requantization epilogue is inlined into the last block and computed per tile, right after its
+accumulator, so no full-size int32 or int64 buffer remains. Tiles of rows and channel blocks run in parallel.
+
+The tile's size and the order of the tile loops are decisions (:mod:`.choices`): fixed in the default schedules,
+sampled in the tuner's search space (``edgeq tune``).
 """
 
 from __future__ import annotations
@@ -13,10 +16,21 @@ from tvm import s_tir
 
 from edgeq.compile import intrinsics, kernels
 from edgeq.compile.cpu_features import DotProduct
+from edgeq.compile.schedules.choices import DEFAULT, Choices, LoopRV
 from edgeq.compile.schedules.generic import inline_epilogue, parallel_outer
 
 MAX_TILE = 8
-"""Output columns accumulated together (register tile)."""
+"""Output columns accumulated together by the default schedules (register tile)."""
+
+MAX_SAMPLED_COLUMNS = 16
+"""Output columns of a register tile the tuner may try."""
+
+MAX_SAMPLED_BLOCKS = 4
+"""Channel blocks of a register tile the tuner may try (the default computes one)."""
+
+CHANNELS_OUTER, ROWS_OUTER = 0, 1
+"""Orders of the parallel tile loops: channel blocks outside the rows (the default; each core streams the input
+past one block of weights) or rows outside the channel blocks (each input row is reused by every block)."""
 
 
 def _tile(width: int) -> int:
@@ -43,53 +57,71 @@ def _parallel(sch: s_tir.Schedule, outer: list, parallel: bool) -> None:
         parallel_outer(sch, sch.get_sblock(kernels.PACK), 3)
 
 
-def schedule_conv2d(sch: s_tir.Schedule, dot: DotProduct, parallel: bool) -> None:
+def _register_tile(sch: s_tir.Schedule, o: LoopRV, x: LoopRV, choose: Choices) -> tuple[list[LoopRV], list[LoopRV]]:
+    """Channel blocks ``o`` and columns ``x`` split into (outer, inner) loops; the inner ones form the tile."""
+    blocks = choose.split(sch, o, MAX_SAMPLED_BLOCKS, 1)
+    columns = choose.split(sch, x, MAX_SAMPLED_COLUMNS, _tile(_extent(sch, x)))
+    return blocks, columns
+
+
+def _tile_loops(sch: s_tir.Schedule, b: LoopRV, oo: LoopRV, y: LoopRV, choose: Choices) -> list[LoopRV]:
+    """The loops over tiles, in the chosen order (see :data:`CHANNELS_OUTER`)."""
+    return [b, oo, y] if choose.pick(sch, 2, CHANNELS_OUTER) == CHANNELS_OUTER else [b, y, oo]
+
+
+def schedule_conv2d(sch: s_tir.Schedule, dot: DotProduct, parallel: bool, choose: Choices = DEFAULT) -> None:
     """Regular and 1x1 convolutions: ``[b, o, y, x, lane] += source[.., depth] x weights[o, .., lane, depth]``."""
     conv = sch.get_sblock(kernels.CONV)
     last = inline_epilogue(sch, conv)
     b, o, y, x, lane, rc, ry, rx, rk = sch.get_loops(conv)
-    xo, xi = sch.split(x, [None, _tile(_extent(sch, x))])
+    (oo, oi), (xo, xi) = _register_tile(sch, o, x, choose)
+    outer = _tile_loops(sch, b, oo, y, choose)
     if dot.intrinsic is None:
-        sch.reorder(b, o, y, xo, rc, ry, rx, rk, xi, lane)
+        sch.reorder(*outer, xo, rc, ry, rx, rk, oi, xi, lane)
         sch.vectorize(lane)
     else:
-        sch.reorder(b, o, y, xo, rc, ry, rx, xi, lane, rk)
+        sch.reorder(*outer, xo, rc, ry, rx, oi, xi, lane, rk)
+    sch.unroll(oi)
     sch.unroll(xi)
     _epilogue_at(sch, last, xo, parallel)
-    _parallel(sch, [b, o, y], parallel)
+    _parallel(sch, outer, parallel)
     init = sch.decompose_reduction(conv, rc)
     sch.vectorize(sch.get_loops(init)[-1])
     if dot.intrinsic is not None:
         sch.tensorize(lane, intrinsics.registered(dot.intrinsic))
 
 
-def schedule_depthwise(sch: s_tir.Schedule, dot: DotProduct, parallel: bool) -> None:
+def schedule_depthwise(sch: s_tir.Schedule, dot: DotProduct, parallel: bool, choose: Choices = DEFAULT) -> None:
     """Depthwise convolutions: channels on the vector lanes, int16 products widened to int32."""
     conv = sch.get_sblock(kernels.DEPTHWISE)
     last = inline_epilogue(sch, conv)
     b, o, y, x, lane, ry, rx = sch.get_loops(conv)
-    xo, xi = sch.split(x, [None, _tile(_extent(sch, x))])
-    sch.reorder(b, o, y, xo, ry, rx, xi, lane)
+    (oo, oi), (xo, xi) = _register_tile(sch, o, x, choose)
+    outer = _tile_loops(sch, b, oo, y, choose)
+    sch.reorder(*outer, xo, ry, rx, oi, xi, lane)
     sch.vectorize(lane)
+    sch.unroll(oi)
     sch.unroll(xi)
     _epilogue_at(sch, last, xo, parallel)
-    _parallel(sch, [b, o, y], parallel)
+    _parallel(sch, outer, parallel)
     init = sch.decompose_reduction(conv, ry)
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def schedule_dense(sch: s_tir.Schedule, dot: DotProduct, parallel: bool) -> None:
-    """Dense (matmul with constant weights): one output-channel block per tile."""
+def schedule_dense(sch: s_tir.Schedule, dot: DotProduct, parallel: bool, choose: Choices = DEFAULT) -> None:
+    """Dense (matmul with constant weights): a tile of output-channel blocks per input load."""
     dense = sch.get_sblock(kernels.DENSE)
     last = inline_epilogue(sch, dense)
     *lead, o, lane, rc, rk = sch.get_loops(dense)
+    oo, oi = choose.split(sch, o, MAX_SAMPLED_BLOCKS, 1)
     if dot.intrinsic is None:
-        sch.reorder(*lead, o, rc, rk, lane)
+        sch.reorder(*lead, oo, rc, rk, oi, lane)
         sch.vectorize(lane)
     else:
-        sch.reorder(*lead, o, rc, lane, rk)
-    _epilogue_at(sch, last, o, parallel)
-    _parallel(sch, [*lead, o], parallel)
+        sch.reorder(*lead, oo, rc, oi, lane, rk)
+    sch.unroll(oi)
+    _epilogue_at(sch, last, oo, parallel)
+    _parallel(sch, [*lead, oo], parallel)
     init = sch.decompose_reduction(dense, rc)
     sch.vectorize(sch.get_loops(init)[-1])
     if dot.intrinsic is not None:

@@ -1,4 +1,4 @@
-"""The ``edgeq`` command line: ``targets``, ``check``, ``compile``, ``run``, ``perf``, ``visualize``.
+"""The ``edgeq`` command line: ``targets``, ``check``, ``compile``, ``tune``, ``run``, ``perf``, ``visualize``.
 
 Exit status: 0 success; 1 an error (the message names the file, node or key); 2 a usage error; 4 ``check``
 found an op that cannot run anywhere on the target (no CPU fallback).
@@ -57,14 +57,19 @@ def _shape(text: str) -> tuple[str, list[int]]:
         raise argparse.ArgumentTypeError(f"expected NAME=1x3x224x224; got {text!r}") from None
 
 
-def _compile(args: argparse.Namespace, console: Console) -> int:
-    from edgeq.compile import compile_model
-
-    started = [0]
+def _numbered(console: Console):
+    """A progress callback printing numbered lines."""
+    count = [0]
 
     def progress(line: str) -> None:
-        started[0] += 1
-        console.print(f"[{started[0]}] {line}", highlight=False, soft_wrap=True)
+        count[0] += 1
+        console.print(f"[{count[0]}] {line}", highlight=False, markup=False, soft_wrap=True)
+
+    return progress
+
+
+def _compile(args: argparse.Namespace, console: Console) -> int:
+    from edgeq.compile import compile_model
 
     result = compile_model(
         args.model,
@@ -73,10 +78,43 @@ def _compile(args: argparse.Namespace, console: Console) -> int:
         opt_level=args.opt_level,
         simulate=args.simulate,
         input_shapes=dict(args.input_shape or []),
-        progress=progress,
+        progress=_numbered(console),
+        tuning_records=args.tuning_records,
+        tuned=not args.untuned,
     )
     for line in result.summary_lines():
         console.print(line, highlight=False, soft_wrap=True)
+    return 0
+
+
+def _minutes(text: str) -> float:
+    """A positive number of minutes (``--budget``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of minutes; got {text!r}")
+    return value
+
+
+def _tune(args: argparse.Namespace, console: Console) -> int:
+    from edgeq.tune import Tracker, tune_model
+
+    if (args.rpc is None) != (args.key is None):
+        raise EdgeqError("--rpc HOST:PORT and --key KEY go together (the tracker, and the key of the boards to use)")
+    result = tune_model(
+        args.model,
+        target=args.target,
+        budget_minutes=args.budget,
+        records=args.output,
+        tracker=Tracker.parse(args.rpc, args.key) if args.rpc else None,
+        simulate=args.simulate,
+        input_shapes=dict(args.input_shape or []),
+        progress=_numbered(console),
+    )
+    for line in result.summary_lines():
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     return 0
 
 
@@ -138,7 +176,7 @@ def _model_arguments(model_help: str, target_help: str) -> argparse.ArgumentPars
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommands: targets, check, compile, run, perf, visualize)."""
+    """The argument parser (subcommands: targets, check, compile, tune, run, perf, visualize)."""
     parser = argparse.ArgumentParser(prog="edgeq", description="Open deployment compiler toolchain for edge NPUs.")
     parser.add_argument("--version", action="version", version=f"edgeq {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -176,7 +214,28 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--input-shape", type=_shape, action="append", metavar="NAME=1x3x224x224",
                           help="static shape of an input with dynamic dimensions (repeatable)")
     compile_.add_argument("--simulate", action="store_true", help="build for this machine instead of the target's CPU")
+    compile_.add_argument("--tuning-records", type=Path, metavar="DIR",
+                          help="tuning records from `edgeq tune -o DIR` (default: the target's and CPU's records, if tuned)")
+    compile_.add_argument("--untuned", action="store_true", help="default schedules only, whatever tuning records exist")
     compile_.set_defaults(run=_compile)
+
+    tune = commands.add_parser(
+        "tune",
+        parents=[quantized_model],
+        help="search faster schedules for a model's kernels (MetaSchedule); compile uses them",
+        description="Measure schedules of the model's int8 convolution and dense kernels with MetaSchedule, on this "
+        "machine or on boards behind a TVM RPC tracker, and keep the best in tuning records per target and CPU "
+        "(default: in edgeq's cache, where `edgeq compile` finds them by itself). Every schedule computes the same "
+        "numbers; only the speed differs. Tuning again adds to the records.",
+    )
+    tune.add_argument("--budget", type=_minutes, default=10.0, metavar="MINUTES", help="wall-clock budget (default 10)")
+    tune.add_argument("-o", "--output", type=Path, metavar="DIR", help="folder of the tuning records (default: edgeq's cache)")
+    tune.add_argument("--rpc", metavar="HOST:PORT", help="measure on boards of this TVM RPC tracker")
+    tune.add_argument("--key", help="the tracker key of the boards to measure on (with --rpc)")
+    tune.add_argument("--input-shape", type=_shape, action="append", metavar="NAME=1x3x224x224",
+                      help="static shape of an input with dynamic dimensions (repeatable)")
+    tune.add_argument("--simulate", action="store_true", help="tune the build for this machine instead of the target's CPU")
+    tune.set_defaults(run=_tune)
 
     run = commands.add_parser(
         "run",

@@ -5,8 +5,8 @@ pipeline makes, and tune the distinct blocked int8 kernels (:mod:`.tasks`). Each
 default schedule with every decision sampled (register tile of channel blocks x columns, the order of the tile
 loops; the CPU's int8 dot-product tensorization stays in every point), so every candidate computes the same
 numbers. The default schedule is measured first and recorded, so the best record is never slower than it as
-measured. MetaSchedule's gradient-based task scheduler spends the budget where the model's time is, its
-evolutionary search and XGBoost cost model choose the candidates; they are built here and timed on this machine
+measured. The budget goes where the model's time is (:mod:`.budget`); MetaSchedule's evolutionary search and
+XGBoost cost model choose the candidates; they are built here and timed on this machine
 or on boards behind a TVM RPC tracker (:mod:`.measure`). The records go to the target's and CPU's folder
 (:func:`edgeq.compile.tuning_records.records_folder`), which ``edgeq compile`` reads by itself; tuning again adds
 to them.
@@ -34,7 +34,7 @@ from edgeq.compile.tuning_records import open_database, records_folder
 from edgeq.export.sources import ModelLike
 from edgeq.targets import Target, TargetLike
 from edgeq.tune.measure import InProcessBuilder, Tracker, TuneError, local_runner, mean_seconds
-from edgeq.tune.progress import Budget, milliseconds
+from edgeq.tune.budget import BudgetScheduler, Progress, TuningState, milliseconds
 from edgeq.tune.tasks import Task, tuning_tasks
 
 __all__ = ["TuneError", "TuneResult", "TunedKernel", "Tracker", "tune_model"]
@@ -157,7 +157,7 @@ def tune_model(
     logging.getLogger(METASCHEDULE_LOGGER).setLevel(logging.WARNING)  # the console gets warnings, the logs folder all
     loggers = get_loggers_from_work_dir(str(folder), [t.name for t in tasks])
     contexts = [task.context(llvm_target, dot, threads, seed + i, log) for i, (task, log) in enumerate(zip(tasks, loggers))]
-    budget = Budget(tasks, defaults, deadline, report)
+    state = TuningState(tasks, defaults, deadline, report)
     report(f"tuning for {_clock_minutes(deadline - time.monotonic())} on {measured_on}")
     if time.monotonic() < deadline:
         ms.tune_tasks(
@@ -170,11 +170,12 @@ def tune_model(
             builder=builder,
             runner=runner,
             database=database,
-            measure_callbacks=[*ms.MeasureCallback.create("default"), budget],
+            measure_callbacks=[*ms.MeasureCallback.create("default"), Progress(state)],
+            task_scheduler=BudgetScheduler(state),
         )
     kernels = [
         TunedKernel(task.name, task.schedule, task.count, trials, default, _best(database, task))
-        for task, trials, default in zip(tasks, budget.trials, defaults)
+        for task, trials, default in zip(tasks, state.trials, defaults)
     ]
     return TuneResult(folder, plan.target, dict(machine.llvm), measured_on, kernels, time.monotonic() - started)
 

@@ -376,6 +376,14 @@ def _hardsigmoid(x: float) -> float:
     return min(max(x + 3.0, 0.0), 6.0) / 6.0
 
 
+def _gelu(x: float) -> float:
+    return 0.5 * x * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def _gelu_tanh(x: float) -> float:
+    return 0.5 * x * (1.0 + math.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
 TABLE_FUNCTIONS: dict[Op, Callable[[float, float], float]] = {
     Op.SIGMOID: lambda x, alpha: _sigmoid(x),
     Op.TANH: lambda x, alpha: math.tanh(x),
@@ -383,6 +391,8 @@ TABLE_FUNCTIONS: dict[Op, Callable[[float, float], float]] = {
     Op.HARDSWISH: lambda x, alpha: x * _hardsigmoid(x),
     Op.SILU: lambda x, alpha: x * _sigmoid(x),
     Op.LEAKYRELU: lambda x, alpha: x if x >= 0 else alpha * x,
+    Op.GELU: lambda x, alpha: _gelu(x),
+    Op.GELU_TANH: lambda x, alpha: _gelu_tanh(x),
 }
 """The real function of each lookup-table op, in float64 (``alpha``: LeakyReLU's negative slope, unused by the
 others); docs/numerics.md section 7."""

@@ -26,7 +26,7 @@ class OpInfo:
 
     Attributes:
         onnx_types: the ONNX op types that read as this op between DequantizeLinear and QuantizeLinear (the
-            check refines some by their attributes, e.g. ``Resize`` by its mode).
+            check refines some by their attributes, e.g. ``Resize`` by its mode, ``Gelu`` by its approximation).
         movement: the op only moves int8 values (same scale in and out): there is no canonical QAT op and no
             integer op for it, the fx node is kept as the user wrote it.
         weighted: int8 per-channel weights and an int32 bias; the output may be int32.
@@ -67,6 +67,8 @@ class Op(str, Enum):
     HARDSWISH = "hardswish"
     SILU = "silu"
     LEAKYRELU = "leakyrelu"
+    GELU = "gelu"
+    GELU_TANH = "gelu_tanh"
     RESHAPE = "reshape"
     TRANSPOSE = "transpose"
     SPLIT = "split"
@@ -95,6 +97,8 @@ _INFO: dict[Op, OpInfo] = {
     Op.HARDSWISH: OpInfo(requantizes=True, lookup_table=True, gated="hardsigmoid"),
     Op.SILU: OpInfo(requantizes=True, lookup_table=True, gated="sigmoid"),
     Op.LEAKYRELU: OpInfo(("LeakyRelu",), requantizes=True, lookup_table=True),
+    Op.GELU: OpInfo(("Gelu",), requantizes=True, lookup_table=True),
+    Op.GELU_TANH: OpInfo(("FastGelu",), requantizes=True, lookup_table=True),
     Op.RESHAPE: OpInfo(("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"), movement=True),
     Op.TRANSPOSE: OpInfo(("Transpose",), movement=True),
     Op.SPLIT: OpInfo(("Split",), movement=True),

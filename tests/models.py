@@ -85,6 +85,30 @@ class FunctionalOps(nn.Module):
         return self.dequant(self.fc(pooled.flatten(1))), self.dequant_map(mixed.transpose(2, 3).contiguous())
 
 
+class GeluBlocks(nn.Module):
+    """A ConvNeXt-style block (7x7 depthwise conv, BatchNorm, 1x1 expand, GELU, 1x1 project, residual) and a
+    ViT-style MLP over its tokens (Linear, GELU in its tanh form, Linear, residual), then a classifier; 16x16
+    inputs."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.quant = QuantStub()
+        self.stem = nn.Conv2d(3, channels, 2, stride=2)
+        self.dwconv = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm = nn.BatchNorm2d(channels)
+        self.expand, self.gelu, self.project = nn.Conv2d(channels, 4 * channels, 1), nn.GELU(), nn.Conv2d(4 * channels, channels, 1)
+        self.fc1, self.fc2 = nn.Linear(channels, 2 * channels), nn.Linear(2 * channels, channels)
+        self.head = nn.Linear(channels * 64, 10)
+        self.dequant = DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(self.quant(x))
+        x = x + self.project(self.gelu(self.expand(self.norm(self.dwconv(x)))))
+        tokens = x.flatten(2).transpose(1, 2)
+        tokens = tokens + self.fc2(F.gelu(self.fc1(tokens), approximate="tanh"))
+        return self.dequant(self.head(tokens.flatten(1)))
+
+
 class Wrapped(nn.Module):
     """A torchvision model between a QuantStub and a DeQuantStub."""
 

@@ -102,11 +102,19 @@ _ACTIVATIONS = {
     "hardswish": lambda x, alpha: x * np.clip(x + 3, 0, 6) / 6,
     "silu": lambda x, alpha: x * 0.5 * (1 + np.tanh(x / 2)),
     "leakyrelu": lambda x, alpha: np.where(x >= 0, x, np.float64(np.float32(alpha)) * x),
+    "gelu": lambda x, alpha: x * (1 + _erf(x * np.sqrt(0.5))) / 2,
+    "gelu_tanh": lambda x, alpha: x * (1 + np.tanh(np.sqrt(2 / np.pi) * x * (1 + 0.044715 * x * x))) / 2,
 }
 
 
+def _erf(x: np.ndarray) -> np.ndarray:
+    """erf in float64 by torch's implementation (numpy has none; edgeq's tables use Python's ``math.erf``)."""
+    return torch.special.erf(torch.from_numpy(x)).numpy()
+
+
 def lookup_table(function: str, input_scale: float, output_scale: float, alpha: float = 0.0) -> np.ndarray:
-    """The spec's table, vectorised in numpy float64 (sigmoid through tanh): index q + 128 holds the output for q."""
+    """The spec's table, vectorised in numpy float64 (sigmoid through tanh, erf through torch): index q + 128 holds
+    the output for q."""
     x = dequantize(np.arange(-128, 128), input_scale).astype(np.float64)
     y = _ACTIVATIONS[function](x, alpha) / np.float64(np.float32(output_scale))
     return saturate8(np.rint(y).astype(np.int64))

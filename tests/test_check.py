@@ -123,14 +123,24 @@ def test_weights_larger_than_sram_is_advice():
 
 
 def test_op_edgeq_cannot_quantize_runs_in_float_on_the_cpu_with_advice():
-    report = check_model(Wrapped(nn.Sequential(nn.Conv2d(8, 8, 1), nn.GELU())).eval(), (image(),), target="npu-s")
+    report = check_model(Wrapped(nn.Sequential(nn.Conv2d(8, 8, 1), nn.Mish())).eval(), (image(),), target="npu-s")
     node = report.node("model.1")
     assert node.placement is Placement.CPU and node.where == "CPU (float)"
     assert node.reasons[0].rule == "not_quantized" and "no integer implementation" in node.reasons[0].message
-    assert node.advice == ["gelu is not on npu-s: relu is"]
+    assert node.advice == ["mish is not on npu-s: relu is"]
     assert report.deployable and report.summary.verdict == "runs with CPU fallback: 1 op(s) on the aarch64 host"
-    on_cpu = check_model(Wrapped(nn.GELU()).eval(), (image(),), target="x86_64").node("model")
+    on_cpu = check_model(Wrapped(nn.Mish()).eval(), (image(),), target="x86_64").node("model")
     assert on_cpu.where == "CPU (float)" and "no integer implementation" in on_cpu.reasons[0].message
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_is_a_table_on_npus_with_tables_and_integer_on_the_cpu_elsewhere(approximate):
+    model = Wrapped(nn.Sequential(nn.Conv2d(8, 8, 1), nn.GELU(approximate=approximate))).eval()
+    op = "gelu" if approximate == "none" else "gelu_tanh"
+    assert check_model(model, (image(),), target="npu-m").node("model.1").where == "NPU"
+    node = check_model(model, (image(),), target="npu-s").node("model.1")
+    assert node.record.op == op and node.where == "CPU" and node.reasons[0].rule == "op_not_on_npu"
+    assert node.advice == [f"{op} is not on npu-s: relu is"]
 
 
 def test_table_activation_lacking_on_the_npu_falls_back_with_advice():

@@ -15,6 +15,8 @@ from edgeq.cli import main
 from edgeq.compile import compile_model
 from edgeq.errors import CompileError, TargetError
 from edgeq.export import to_onnx
+from edgeq.export.onnx_reader import load_onnx
+from edgeq.export.onnx_writer import build_onnx
 from edgeq_runtime import Model
 import torch.nn.functional as F
 from edgeq.quantization import DeQuantStub, FakeQuantState, QuantStub, convert_fx, default_qat_qconfig, prepare_qat_fx, set_fake_quantize
@@ -153,7 +155,7 @@ def test_tiny_requantization_multiplier_compiles_to_exact_zeros(target, tmp_path
 
 
 class _SwishNet(nn.Module):
-    """Conv-BN-Hardswish, Conv-SiLU, and SiLU written as x * sigmoid(x), then a classifier."""
+    """Conv-BN-Hardswish, Conv-SiLU, SiLU written as x * sigmoid(x), GELU and its tanh form, then a classifier."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -161,6 +163,7 @@ class _SwishNet(nn.Module):
         self.conv1, self.bn1, self.act1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardswish()
         self.conv2, self.act2 = nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.SiLU()
         self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.gelu = nn.GELU()
         self.fc = nn.Linear(16, 10)
         self.dequant = DeQuantStub()
 
@@ -168,6 +171,7 @@ class _SwishNet(nn.Module):
         x = self.act2(self.conv2(self.act1(self.bn1(self.conv1(self.quant(x))))))
         x = self.conv3(x)
         x = x * torch.sigmoid(x)
+        x = F.gelu(self.gelu(x), approximate="tanh")
         return self.dequant(self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
 
 
@@ -189,10 +193,10 @@ def test_qat_with_table_activations_compiles_exactly(tmp_path):
     qat.eval()
     int_model = convert_fx(qat)
     ops = [type(m).__name__ + ":" + m.op.value for m in int_model.graph_module.modules() if hasattr(m, "table")]
-    assert ops == ["IntLookupTable:hardswish", "IntLookupTable:silu", "IntLookupTable:silu"]
+    assert ops == [f"IntLookupTable:{op}" for op in ("hardswish", "silu", "silu", "gelu", "gelu_tanh")]
     onnx_path = to_onnx(int_model, (example,), tmp_path / "swish.onnx")
     result = compile_model(onnx_path, target="x86_64", out=tmp_path / "swish.edgeq")
-    assert result.module.script().count("R.take(") == 3  # each activation lowered to a table gather
+    assert result.module.script().count("R.take(") == 5  # each activation lowered to a table gather
     assert_artifact_exact(result.artifact, int_model, torch.randn(8, 1, 8, 8))
 
 
@@ -202,11 +206,66 @@ def test_table_activations_run_on_npus_that_have_tables(tmp_path):
     for target, placement in (("npu-m", "NPU"), ("npu-s", "CPU")):
         int_model = integer_model(_SwishNet().eval(), example, target)
         result = compile_model(int_model, (example,), target=target, out=tmp_path / f"{target}.edgeq", simulate=True)
-        tables = [n for n in result.report.nodes if n.record.op in ("hardswish", "silu")]
-        assert len(tables) == 3 and {n.placement.value for n in tables} == {placement}
+        tables = [n for n in result.report.nodes if n.record.op in ("hardswish", "silu", "gelu", "gelu_tanh")]
+        assert len(tables) == 5 and {n.placement.value for n in tables} == {placement}
         if target == "npu-s":
             assert tables[0].reasons[0].rule == "op_not_on_npu" and "relu6" in tables[0].advice[0]
         assert_artifact_exact(result.artifact, int_model, torch.randn(2, 1, 8, 8))
+
+
+def _gelu_file(int_model, example, rewrite) -> onnx.ModelProto:
+    """The integer model's QDQ file with each GELU node changed by ``rewrite(node)``."""
+    model = build_onnx(int_model, (example,))
+    for node in model.graph.node:
+        if node.op_type in ("Gelu", "FastGelu"):
+            rewrite(node)
+    return model
+
+
+def _as_onnx_gelu(node: onnx.NodeProto) -> None:
+    """ONNX's own Gelu of opset 20 (``approximate``) instead of ONNX Runtime's Gelu / FastGelu."""
+    if node.op_type == "FastGelu":
+        node.attribute.append(onnx.helper.make_attribute("approximate", "tanh"))
+    node.op_type, node.domain = "Gelu", ""
+
+
+def test_onnx_gelu_of_opset_20_compiles_exactly(tmp_path):
+    """A file with ONNX's own ``Gelu`` (opset 20; TVM imports it as ``nn.gelu`` / ``nn.gelu_tanh``) is read as the same
+    two tables and compiles to the integer model's numbers."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 1, 8, 8)
+    int_model = integer_model(_SwishNet().eval(), example, "x86_64")
+    model = _gelu_file(int_model, example, _as_onnx_gelu)
+    del model.opset_import[:]
+    model.opset_import.append(onnx.helper.make_opsetid("", 20))
+    model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import))
+    onnx.save(model, str(tmp_path / "gelu20.onnx"))
+    result = compile_model(tmp_path / "gelu20.onnx", target="x86_64", out=tmp_path / "gelu20.edgeq")
+    assert [n.record.op for n in result.report.nodes if n.record.onnx_op == "Gelu"] == ["gelu", "gelu_tanh"]
+    assert result.module.script().count("R.take(") == 5
+    assert_artifact_exact(result.artifact, int_model, torch.randn(2, 1, 8, 8))
+
+
+def test_fast_gelu_with_a_bias_is_not_a_table(tmp_path):
+    """``FastGelu(x, bias)`` is ``gelu_tanh(x + bias)``, not a function of one int8 tensor: a finding, an op edgeq does
+    not know (on the CPU, in TVM's float), never a table."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 1, 8, 8)
+    int_model = integer_model(_SwishNet().eval(), example, "x86_64")
+
+    def add_bias(node: onnx.NodeProto) -> None:
+        if node.op_type == "FastGelu":
+            node.input.append("bias")
+
+    model = _gelu_file(int_model, example, add_bias)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.full(4, 0.25, np.float32), "bias"))
+    onnx.save(model, str(tmp_path / "biased.onnx"))
+    qdq = load_onnx(tmp_path / "biased.onnx")
+    assert [(f.op_type, f.message) for f in qdq.findings] == [("FastGelu", "FastGelu with a bias input has no integer implementation in edgeq")]
+    result = compile_model(tmp_path / "biased.onnx", target="x86_64", out=tmp_path / "biased.edgeq")
+    (node,) = [n for n in result.report.nodes if n.record.onnx_op == "FastGelu"]
+    assert node.record.op == "fastgelu" and node.where == "CPU"
+    assert result.module.script().count("R.take(") == 4
 
 
 class _SqueezeExcite(nn.Module):

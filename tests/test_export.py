@@ -474,12 +474,13 @@ class _TableActivations(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.quant = QuantStub()
-        self.hardswish, self.silu, self.leaky = nn.Hardswish(), nn.SiLU(), nn.LeakyReLU(0.1)
+        self.hardswish, self.silu, self.leaky, self.gelu = nn.Hardswish(), nn.SiLU(), nn.LeakyReLU(0.1), nn.GELU()
         self.dequant = DeQuantStub()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quant(x)
         y = torch.tanh(self.silu(self.hardswish(x))) + torch.sigmoid(self.leaky(x)) + F.hardsigmoid(x)
+        y = y + self.gelu(x) + F.gelu(x, approximate="tanh")
         return self.dequant(y * torch.sigmoid(y) * torch.sigmoid(x.mean((2, 3), keepdim=True)))
 
 
@@ -491,8 +492,8 @@ def test_onnx_runtime_agrees_on_table_activations():
     int_model = integer_model(_TableActivations(), example, "npu-m")
     everything = (torch.arange(-128, 128, dtype=torch.float32) / 32).reshape(1, 2, 16, 8).repeat(4, 1, 1, 1)
     model = build_onnx(int_model, (example,))
-    assert {"Sigmoid", "Tanh", "HardSigmoid", "LeakyRelu", "Mul"} <= {n.op_type for n in model.graph.node}
+    assert {"Sigmoid", "Tanh", "HardSigmoid", "LeakyRelu", "Mul", "Gelu", "FastGelu"} <= {n.op_type for n in model.graph.node}
     differences = per_op_differences(model, int_model, everything)
-    tables = [d for name, d in differences.items() if any(f in name for f in ("hardswish", "silu", "leaky", "tanh", "sigmoid", "mul"))]
-    assert len(tables) >= 9
+    tables = [d for name, d in differences.items() if any(f in name for f in ("hardswish", "silu", "leaky", "tanh", "sigmoid", "gelu", "mul"))]
+    assert len(tables) >= 11
     assert max(int(d.max()) for d in tables) <= 1

@@ -30,14 +30,16 @@ class _Head(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(16, 16)
+        self.gelu = nn.GELU()
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.fc(x))
+        return self.act(self.gelu(self.fc(x)))
 
 
 class TokenMixer(nn.Module):
-    """Conv stem, then LayerNorm, attention with softmax, a GELU MLP and a float (qconfig None) head."""
+    """Conv stem, then LayerNorm, attention with softmax, a GELU MLP (the GELU an integer table) and a float (qconfig
+    None) head with a float GELU."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,7 +66,7 @@ class TokenMixer(nn.Module):
 
 
 EXAMPLE = (torch.randn(2, 3, 4, 4),)
-FLOAT_OPS = {"norm": "LayerNorm", "gelu": "GELU", "softmax": "softmax", "head.fc": "Linear", "head.act": "ReLU"}
+FLOAT_OPS = {"norm": "LayerNorm", "softmax": "softmax", "head.fc": "Linear", "head.gelu": "GELU", "head.act": "ReLU"}
 
 
 def test_prepare_warns_naming_each_float_op():
@@ -75,6 +77,7 @@ def test_prepare_warns_naming_each_float_op():
         assert any(m.startswith(f"{op} '{name}'") for m in messages), (name, messages)
     assert any("matmul" in m and "no integer implementation" in m for m in messages)
     assert any("'head.fc': its qconfig is None" in m for m in messages)
+    assert not any(m.startswith("GELU 'gelu'") for m in messages)  # the MLP's GELU is a lookup table
 
 
 @pytest.mark.parametrize("model", [TokenMixer(), nn.Sequential(QuantStub(), nn.LayerNorm(4), DeQuantStub())])
@@ -112,7 +115,8 @@ def test_export_writes_dequantize_float_ops_quantize(token_mixer):
     assert quantize.op_type == "QuantizeLinear"
     first = next(n for n in graph.node if n.name.startswith("norm/"))
     assert producer[first.input[0]].op_type == "DequantizeLinear"
-    assert {n.op_type for n in graph.node if n.name.startswith("gelu/")} == {"Div", "Erf", "Add", "Mul"}
+    assert [(n.op_type, n.domain) for n in graph.node if n.name == "gelu/Gelu"] == [("Gelu", "com.microsoft")]
+    assert {n.op_type for n in graph.node if n.name.startswith("head.gelu/")} == {"Div", "Erf", "Add", "Mul"}
 
 
 @pytest.mark.parametrize("target", ["npu-m", "x86_64"])

@@ -169,8 +169,8 @@ def test_lookup_table_activations(function):
         got = check(op, everything)
         if output_scale == 0.001:
             assert got.max() == 127  # saturates
-            if function in (Op.TANH, Op.LEAKYRELU):
-                assert got.min() == -128
+            if function in (Op.TANH, Op.LEAKYRELU, Op.GELU, Op.GELU_TANH):
+                assert got.min() == -128  # GELU's minimum, about -0.17, is below -128 * 0.001
 
 
 def test_lookup_table_goldens_and_ties():
@@ -179,6 +179,18 @@ def test_lookup_table_goldens_and_ties():
     assert hardswish[np.array([2, 4, 6, -8, -1, 127]) + 128].tolist() == [1, 3, 6, 0, 0, 127]
     leaky = lookup_table(Op.LEAKYRELU, 1.0, 2.0, 0.25)
     assert leaky[np.array([1, 3, 5, 7, -2, -6, -10]) + 128].tolist() == [0, 2, 2, 4, 0, -1, -1]
+
+
+def test_gelu_tables_goldens_ties_and_their_two_forms():
+    """Both GELU forms are x itself above x = 8 in float64: at s_in = 1, s_out = 2 the odd q are ties (9 / 2 = 4.5)
+    and round to even; below, each form keeps its own function (they differ at q = -58 of s_in = 0.05, s_out = 0.01:
+    GELU(-2.9) = -0.0054, its tanh form -0.0049)."""
+    for op in (Op.GELU, Op.GELU_TANH):
+        table = lookup_table(op, 1.0, 2.0)
+        assert table[np.array([9, 11, 13, 127, 3, 2, 1, 0, -1, -9, -128]) + 128].tolist() == [4, 6, 6, 64, 1, 1, 0, 0, 0, 0, 0]
+    exact, tanh_form = lookup_table(Op.GELU, 0.05, 0.01), lookup_table(Op.GELU_TANH, 0.05, 0.01)
+    assert (exact[-58 + 128], tanh_form[-58 + 128]) == (-1, 0)
+    assert np.flatnonzero(exact != tanh_form).tolist() == [-58 + 128]
 
 
 def test_mul_broadcasts_and_rounds_ties_to_even():

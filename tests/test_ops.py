@@ -80,7 +80,7 @@ class EveryOp(nn.Module):
         self.quant = QuantStub()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.fc = nn.Linear(8, 4)
-        self.hardswish, self.leaky = nn.Hardswish(), nn.LeakyReLU(0.1)
+        self.hardswish, self.leaky, self.gelu = nn.Hardswish(), nn.LeakyReLU(0.1), nn.GELU()
         self.dequant = DeQuantStub()
         self.dequant_map = DeQuantStub()
 
@@ -88,6 +88,7 @@ class EveryOp(nn.Module):
         x = self.quant(x)
         a = self.conv(x)
         a = F.relu(self.leaky(torch.tanh(torch.sigmoid(self.hardswish(a * torch.sigmoid(a))))) + F.hardsigmoid(a))
+        a = F.gelu(self.gelu(a), approximate="tanh")
         s = torch.cat([a + a, F.relu6(a)], dim=1)
         s = F.avg_pool2d(F.max_pool2d(s, 2), 2)
         first, second = F.interpolate(s, scale_factor=2.0, mode="nearest").chunk(2, dim=1)

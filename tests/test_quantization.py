@@ -30,7 +30,7 @@ from edgeq.quantization import calibrate as edgeq_calibrate
 from edgeq.quantization import integer_ops as ops
 from edgeq.quantization.observers import HistogramObserver, MinMaxObserver
 from edgeq.quantization.qat_modules import ConvAct2d, Requantizing
-from models import FunctionalOps, SmallCNN, calibrate, integer_model
+from models import FunctionalOps, GeluBlocks, SmallCNN, calibrate, integer_model
 from reference import run_reference
 
 
@@ -70,6 +70,19 @@ def test_functional_ops_are_quantized(target):
     assert {"IntAdd", "IntConcat", "IntClamp", "IntMaxPool2d", "IntAvgPool2d", "IntGlobalAvgPool2d"} <= kinds
     assert {"IntUpsampleNearest2d", "IntLinear", "IntConv2d"} <= kinds
     assert_matches_reference(int_model, torch.randn(3, 3, 8, 8))
+
+
+@pytest.mark.parametrize("target", ["x86_64", "npu-m"])
+def test_gelu_blocks_keep_gelu_in_integers(target):
+    """ConvNeXt- and ViT-style GELU blocks quantize with strict=True (nothing left in float): both GELU forms are
+    lookup tables, and the integer model equals the reference."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 16, 16)
+    prepare_qat_fx(GeluBlocks().eval(), example_inputs=(example,), target=target, strict=True)
+    int_model = integer_model(GeluBlocks().eval(), example, target)
+    tables = [m.op.value for m in int_model.graph_module.modules() if isinstance(m, ops.IntLookupTable)]
+    assert tables == ["gelu", "gelu_tanh"]
+    assert_matches_reference(int_model, torch.randn(3, 3, 16, 16))
 
 
 def test_integer_model_tracks_fake_quantized_model():
@@ -395,8 +408,8 @@ def _prepare(body, example=None, strict=True):
 
 
 def test_unsupported_op_names_node_and_op():
-    with pytest.raises(UnsupportedOpError, match=r"GELU 'body.1': edgeq has no integer implementation.*strict=True"):
-        _prepare(nn.Sequential(nn.Conv2d(3, 4, 1), nn.GELU()))
+    with pytest.raises(UnsupportedOpError, match=r"Mish 'body.1': edgeq has no integer implementation.*strict=True"):
+        _prepare(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Mish()))
 
 
 def test_unsupported_settings_fall_back_to_float_unless_strict():

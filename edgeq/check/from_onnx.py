@@ -14,7 +14,7 @@ import onnx
 
 from edgeq.check.records import INPUT_PREFIX, OpRecord, QuantFacts, foreign_op_name
 from edgeq.export.float_onnx import FLOAT_FALLBACK_DOC
-from edgeq.export.onnx_reader import QDQModel, QuantParams, node_attributes, node_name
+from edgeq.export.onnx_reader import QDQModel, QuantParams, node_attributes, node_name, node_op
 from edgeq.export.qdq_graph import QDQGraph
 from edgeq.numerics import accumulator_bounds
 from edgeq.ops import Op, gated_op, op_of_onnx_type
@@ -153,7 +153,7 @@ class _OnnxWalker(QDQGraph):
             }
         if node.op_type == "Resize":
             return self._resize(node, attributes)
-        op = op_of_onnx_type(node.op_type)
+        op = node_op(node)
         if op is None:
             return foreign_op_name(node.op_type), {}
         if node_name(node) in self.gate_muls:

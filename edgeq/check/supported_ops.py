@@ -46,7 +46,7 @@ def supported_ops_markdown() -> str:
         "Generated from `targets/*.toml` and `edgeq/check/rules.py` by `edgeq targets --markdown`; do not edit.",
         "`check_model` and `edgeq check` apply these rules op by op.",
         "",
-        "An op edgeq has no integer form of (LayerNorm, Softmax, GELU, ...) and every op of a module whose qconfig "
+        "An op edgeq has no integer form of (LayerNorm, Softmax, Mish, ...) and every op of a module whose qconfig "
         "is `None` stays float: on every target it runs on the CPU, placed `CPU (float)`, between a dequantize and a "
         "calibrated quantize (docs/numerics.md \"Float fallback\"); `prepare_qat_fx(..., strict=True)` refuses it.",
         "",

@@ -17,6 +17,7 @@ returns the matched call unchanged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -516,16 +517,43 @@ def _mul_rule() -> _Rule:
     return _Rule("mul", quantize, rewrite)
 
 
+FAST_GELU_CONSTANTS = (0.5, 1.0, math.sqrt(2 / math.pi), 0.044715 * math.sqrt(2 / math.pi))
+"""The constants of ``0.5 x (1 + tanh(c1 x + c2 x^3))``, TVM's import of ONNX Runtime's ``FastGelu`` (the GELU
+tanh form), in the order :func:`_fast_gelu` lists them."""
+
+
+def _fast_gelu(source: DFPattern) -> tuple[DFPattern, tuple[DFPattern, ...]]:
+    """TVM's import of ``FastGelu(x)`` without bias, ``multiply(0.5 * x, 1 + tanh(c1 * x + c2 * (x * x * x)))``, and
+    its constant patterns (half, one, c1, c2)."""
+    half, one, c1, c2 = is_const(), is_const(), is_const(), is_const()
+    multiply, add = is_op("relax.multiply"), is_op("relax.add")
+    cube = multiply(multiply(source, source), source)
+    inner = add(multiply(c1, source), multiply(c2, cube))
+    return multiply(multiply(half, source), add(one, is_op("relax.tanh")(inner))), (half, one, c1, c2)
+
+
+def _scalar(expr: relax.Expr) -> float | None:
+    value = _constant(expr)
+    return float(value.reshape(())) if value is not None and value.size == 1 else None
+
+
 @LOWERING.register(*LOOKUP_TABLE_OPS)
 def _lookup_table_rule() -> _Rule:
     """Table activations (as TVM imports each ONNX form): one gather from ``numerics.lookup_table``."""
     source = _dq()
     alpha, beta = is_const(), is_const()
     hard = is_op("relax.clip")(is_op("relax.add")(is_op("relax.multiply")(alpha, source), beta), wildcard(), wildcard())
-    sigmoid, tanh, leaky = (is_op(name)(source) for name in ("relax.sigmoid", "relax.tanh", "relax.nn.leakyrelu"))
+    sigmoid, tanh, leaky, gelu, gelu_tanh = (
+        is_op(name)(source)
+        for name in ("relax.sigmoid", "relax.tanh", "relax.nn.leakyrelu", "relax.nn.gelu", "relax.nn.gelu_tanh")
+    )
     silu, hardswish = is_op("relax.multiply")(source, sigmoid), is_op("relax.multiply")(source, hard)
-    forms = {silu: Op.SILU, hardswish: Op.HARDSWISH, sigmoid: Op.SIGMOID, tanh: Op.TANH, leaky: Op.LEAKYRELU, hard: Op.HARDSIGMOID}
-    quantize = _q(silu | hardswish | sigmoid | tanh | leaky | hard)
+    fast_gelu, fast_constants = _fast_gelu(source)
+    forms = {
+        silu: Op.SILU, hardswish: Op.HARDSWISH, sigmoid: Op.SIGMOID, tanh: Op.TANH, leaky: Op.LEAKYRELU,
+        hard: Op.HARDSIGMOID, gelu: Op.GELU, gelu_tanh: Op.GELU_TANH, fast_gelu: Op.GELU_TANH,
+    }
+    quantize = _q(silu | hardswish | sigmoid | tanh | leaky | hard | gelu | gelu_tanh | fast_gelu)
 
     def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
         source_quant, output = _input(m[source]), _output(matched)
@@ -537,6 +565,8 @@ def _lookup_table_rule() -> _Rule:
             bounds = [_prim_float(m[hard].args[i]) for i in (1, 2)]
             if (slope, offset, *bounds) != (float(np.float32(1 / 6)), 0.5, 0.0, 1.0):
                 return None
+        if fast_gelu in m and [_scalar(m[c]) for c in fast_constants] != [float(np.float32(v)) for v in FAST_GELU_CONSTANTS]:
+            return None
         slope = float(m[leaky].attrs.alpha) if leaky in m else 0.0
         zero_points = (source_quant.zero_point, output.zero_point)
         table = lookup_table(function, source_quant.scale, output.scale, slope, zero_points)

@@ -28,7 +28,7 @@ from edgeq.errors import ModelFileError
 from edgeq.export.onnx_writer import TARGET_METADATA_KEY
 from edgeq.export.qoperator import is_qoperator, qdq_from_qoperator
 from edgeq.numerics import bias_at_accumulator_scale, bias_scales, int8_zero_point
-from edgeq.ops import gated_op, op_of_onnx_type
+from edgeq.ops import Op, gated_op, op_of_onnx_type
 
 @dataclass(frozen=True)
 class QuantParams:
@@ -203,8 +203,9 @@ class _QuantReader:
             if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
                 quantized = node.output[0] if node.op_type == "QuantizeLinear" else node.input[0]
                 self._record(quantized, self._params(node, quantized), node)
-            elif op_of_onnx_type(node.op_type) is None and node.op_type != "Constant" and gated_activation(node, self.producer) is None:
-                self._find(node, "unsupported_op", f"{node.op_type} has no integer implementation in edgeq")
+            elif node_op(node) is None and node.op_type != "Constant" and gated_activation(node, self.producer) is None:
+                variant = " with a bias input" if op_of_onnx_type(node.op_type) is not None else ""
+                self._find(node, "unsupported_op", f"{node.op_type}{variant} has no integer implementation in edgeq")
         for node in self.model.graph.node:
             if node.op_type in ("Conv", "Gemm") and len(node.input) > 2:
                 self._check_bias(node)
@@ -293,6 +294,18 @@ class _QuantReader:
                 f"bias scale {list(bias.scales)[:3]} is not input scale x weight scale "
                 f"{expected[:3]}: the bias cannot join the int32 accumulator exactly",
             )
+
+
+def node_op(node: onnx.NodeProto) -> Op | None:
+    """The op an ONNX node reads as: by its type (:func:`edgeq.ops.op_of_onnx_type`), a ``Gelu`` by its
+    ``approximate`` (ONNX's own, opset 20: ``'tanh'`` is ``gelu_tanh``); ``None`` for a type edgeq has no integer op
+    for and for a ``FastGelu`` with a bias input (``gelu_tanh(x + bias)`` is not a function of one tensor)."""
+    op = op_of_onnx_type(node.op_type)
+    if op is Op.GELU and node_attributes(node).get("approximate", b"none") in (b"tanh", "tanh"):
+        return Op.GELU_TANH
+    if op is Op.GELU_TANH and len(node.input) > 1 and node.input[1]:
+        return None
+    return op
 
 
 def gated_activation(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:

@@ -43,6 +43,13 @@ OPSET = 13
 """Per-axis QuantizeLinear / DequantizeLinear arrived in opset 13, the oldest opset every QDQ consumer reads
 (ONNX Runtime, TensorRT 8+, OpenVINO, TVM); nothing edgeq writes needs a newer one."""
 
+CONTRIB_DOMAIN = "com.microsoft"
+CONTRIB_OPS = frozenset({"Gelu", "FastGelu"})
+"""ONNX Runtime's contrib ops edgeq writes, for GELU and its tanh form: ONNX's own ``Gelu`` (with ``approximate``)
+arrived in opset 20, and the arithmetic that defines it (as the float fallback writes it) would be six nodes that
+no reader knows as one op. ORT runs both, and TVM's ONNX frontend imports them (as ``nn.gelu`` and as FastGelu's
+arithmetic); they need the ``com.microsoft`` opset import (version 1), which a file gets only when it uses them."""
+
 HARDSIGMOID_ATTRIBUTES = {"alpha": 1 / 6, "beta": 0.5}
 """PyTorch's Hardsigmoid, ``relu6(x + 3) / 6``, as ONNX HardSigmoid ``clip(alpha * x + beta, 0, 1)``."""
 
@@ -110,6 +117,7 @@ class _Builder:
         self.values = values
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.value_infos: list[onnx.ValueInfoProto] = []
         self.env: dict[fx.Node, Any] = {}
         self.dequantized: dict[str, str] = {}
         self.quant_initializers: dict[str, tuple[str, str]] = {}
@@ -152,14 +160,15 @@ class _Builder:
                 outputs.extend(_value_info(self.env[result], self.values[result]) for result in results)
             else:
                 self.env[node] = self._emit(node)
-        graph = helper.make_graph(self.nodes, _graph_name(self.int_model), inputs, outputs, self.initializers)
-        model = helper.make_model(
-            graph,
-            opset_imports=[helper.make_opsetid("", OPSET)],
-            producer_name="edgeq",
-            producer_version=__version__,
+        graph = helper.make_graph(
+            self.nodes, _graph_name(self.int_model), inputs, outputs, self.initializers, value_info=self.value_infos
         )
-        model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+        standard = helper.make_opsetid("", OPSET)
+        contrib = [helper.make_opsetid(CONTRIB_DOMAIN, 1)] if any(n.domain == CONTRIB_DOMAIN for n in self.nodes) else []
+        model = helper.make_model(
+            graph, opset_imports=[standard, *contrib], producer_name="edgeq", producer_version=__version__
+        )
+        model.ir_version = helper.find_min_ir_version_for([standard])
         helper.set_model_props(model, {TARGET_METADATA_KEY: self.int_model.target})
         return model
 
@@ -188,7 +197,8 @@ class _Builder:
         return name
 
     def _node(self, op_type: str, inputs: list[str], output: str, name: str, **attributes: Any) -> str:
-        self.nodes.append(helper.make_node(op_type, inputs, [output], name=name, **attributes))
+        domain = CONTRIB_DOMAIN if op_type in CONTRIB_OPS else None
+        self.nodes.append(helper.make_node(op_type, inputs, [output], name=name, domain=domain, **attributes))
         return output
 
     def _quant_initializers(self, tensor: str, quant: ops.TensorQuant) -> tuple[str, str]:
@@ -385,6 +395,8 @@ class _Builder:
         attributes = {"alpha": op.alpha} if gate is Op.LEAKYRELU else HARDSIGMOID_ATTRIBUTES if gate is Op.HARDSIGMOID else {}
         if gate is op.op:
             out = self._node(op_type, [source], f"{path}.out", f"{path}/{op_type}", **attributes)
+            if op_type in CONTRIB_OPS:  # ONNX has no schema for it: shape inference cannot give its output a shape
+                self.value_infos.append(_value_info(out, self.values[node]))
         else:
             gated = self._node(op_type, [source], f"{path}.gate", f"{path}/{op_type}", **attributes)
             out = self._node("Mul", [source, gated], f"{path}.out", f"{path}/Mul")

@@ -66,6 +66,7 @@ _MODULE_KINDS: dict[type[nn.Module], OpKind | Op] = {
     nn.Hardswish: Op.HARDSWISH,
     nn.SiLU: Op.SILU,
     nn.LeakyReLU: Op.LEAKYRELU,
+    nn.GELU: Op.GELU,
     nn.Flatten: OpKind.RESHAPE,
     nn.Unflatten: OpKind.RESHAPE,
     nn.Identity: OpKind.RESHAPE,
@@ -98,6 +99,7 @@ _FUNCTION_KINDS: dict[Any, OpKind | Op] = {
     F.hardswish: Op.HARDSWISH,
     F.silu: Op.SILU,
     F.leaky_relu: Op.LEAKYRELU,
+    F.gelu: Op.GELU,
     operator.mul: OpKind.MUL,
     torch.mul: OpKind.MUL,
     torch.flatten: OpKind.RESHAPE,
@@ -143,7 +145,8 @@ _METHOD_KINDS: dict[str, OpKind | Op] = {
 SUPPORTED_OPS = (
     "Conv2d (+BatchNorm2d, +ReLU/ReLU6), BatchNorm2d / F.batch_norm anywhere (+ReLU/ReLU6), Linear (+ReLU/ReLU6), add (+ReLU/ReLU6), cat, ReLU, ReLU6, "
     "max_pool2d, avg_pool2d, adaptive_avg_pool2d, mean over H and W, nearest upsample by integer factors, "
-    "Sigmoid, Tanh, Hardsigmoid, Hardswish, SiLU (also x * sigmoid(x)), LeakyReLU, product of two tensors, "
+    "Sigmoid, Tanh, Hardsigmoid, Hardswish, SiLU (also x * sigmoid(x)), LeakyReLU, GELU (approximate 'none' or 'tanh'), "
+    "product of two tensors, "
     "flatten / view / reshape / transpose / permute / chunk / split / getitem, dropout, stochastic depth"
 )
 
@@ -181,10 +184,21 @@ def op_kind(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind:
 
 
 def table_op(node: fx.Node, modules: dict[str, nn.Module]) -> Op:
-    """The lookup-table op of a ``TABLE_ACTIVATION`` node (``nn.SiLU`` and ``F.silu`` are ``Op.SILU``)."""
+    """The lookup-table op of a ``TABLE_ACTIVATION`` node (``nn.SiLU`` and ``F.silu`` are ``Op.SILU``; a GELU with
+    ``approximate='tanh'`` is ``Op.GELU_TANH``)."""
     kind = _spelled(node, modules)
     assert isinstance(kind, Op), f"{node.name} is not a table activation"
+    if kind is Op.GELU and _gelu_approximation(node, modules) == "tanh":
+        return Op.GELU_TANH
     return kind
+
+
+def _gelu_approximation(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """The ``approximate`` of an ``nn.GELU`` / ``F.gelu`` node: ``'none'`` (the erf form) or ``'tanh'``, the only
+    values torch runs (it refuses any other while prepare runs the example inputs, naming the node)."""
+    if node.op == "call_module":
+        return modules[node.target].approximate
+    return argument(node, 1, "approximate", "none")
 
 
 def argument(node: fx.Node, position: int, name: str, default: Any = None) -> Any:

@@ -7,7 +7,7 @@ add(+relu/relu6), and rewrite every node of the region into one canonical op of
 :mod:`edgeq.quantization.qat_modules` with the quantizer its output needs, applying the target's
 constraints (scale rule, shared concat scales).
 
-An op inside the integer region that edgeq cannot run in integers (LayerNorm, Softmax, GELU...), and every op
+An op inside the integer region that edgeq cannot run in integers (LayerNorm, Softmax, Mish...), and every op
 of a module whose qconfig is ``None``, stays float, never silently: an :class:`EnterFloat` (dequantize) before
 it, a calibrated :class:`LeaveFloat` (quantize) after it, and a :class:`FloatFallbackWarning` naming the node,
 the op and the reason (docs/numerics.md "Float fallback"). With ``strict=True`` such an op is an error naming the

@@ -369,6 +369,8 @@ _TORCH_FUNCTIONS = {
     Op.HARDSWISH: lambda value, alpha: F.hardswish(value),
     Op.SILU: lambda value, alpha: F.silu(value),
     Op.LEAKYRELU: lambda value, alpha: F.leaky_relu(value, alpha),
+    Op.GELU: lambda value, alpha: F.gelu(value),
+    Op.GELU_TANH: lambda value, alpha: F.gelu(value, approximate="tanh"),
 }
 
 

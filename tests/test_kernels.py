@@ -1,17 +1,19 @@
-"""edgeq's int8 kernels and default schedules: every kernel class bit-identical to the unscheduled integer
-program (odd shapes, channels not a multiple of the vector width), and the dot-product instructions chosen from
-the target's CPU features."""
+"""edgeq's int8 kernels, default schedules and the tuner's search space: every kernel class and every sampled
+schedule bit-identical to the unscheduled integer program (odd shapes, channels not a multiple of the vector
+width), and the dot-product instructions chosen from the target's CPU features."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import tvm
-from tvm import relax
+from tvm import relax, s_tir
 
 from edgeq.compile.codegen import Machine, build_library
 from edgeq.compile.cpu_features import dot_product, dot_product_features, host_target
 from edgeq.compile.lower_integer import Conv2dSettings, _requantize, integer_accumulator
+from edgeq.compile.schedules import TUNABLE, classify, design_space
+from edgeq.compile.tuning_records import as_workload
 from edgeq.numerics import conv_multipliers
 
 HERE = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
@@ -36,8 +38,8 @@ def kernel_module(shape, out_channels, kernel=3, stride=1, pad=1, groups=1, dens
     return builder.get()
 
 
-def run(module, opt_level, x, tmp_path):
-    library = build_library(module, Machine("x86_64", HERE, None), opt_level, str(tmp_path / f"k{opt_level}.so"), lambda _: None)
+def run(module, opt_level, x, tmp_path, tuned=None):
+    library = build_library(module, Machine("x86_64", HERE, None), opt_level, str(tmp_path / f"k{opt_level}.so"), lambda _: None, tuned)
     vm = relax.VirtualMachine(library.executable, tvm.cpu())
     return vm["main"](tvm.runtime.tensor(x)).numpy(), library.kernels
 
@@ -65,6 +67,37 @@ def test_every_kernel_class_is_exact_at_every_level(case, tmp_path):
         output, kernels = run(module, level, x, tmp_path)
         np.testing.assert_array_equal(output, reference)
         assert [k.schedule for k in kernels] == [schedule]
+
+
+class SampledSchedules:
+    """Tuning records that give every tunable kernel a random point of its search space (what ``edgeq tune``
+    measures), drawn with ``seed``; remembers the decisions it drew."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.decisions: list[str] = []
+
+    def schedule(self, function, dot):
+        sch = s_tir.Schedule(as_workload(function), seed=self.seed)
+        design_space(classify(sch), dot, parallel=True)(sch)
+        self.decisions.append(str(sch.trace.decisions))
+        return sch
+
+
+@pytest.mark.parametrize("case", [name for name, (_, schedule) in CASES.items() if schedule in TUNABLE])
+def test_every_point_of_the_tuning_space_is_exact(case, tmp_path):
+    arguments, schedule = CASES[case]
+    module = kernel_module(**arguments)
+    x = np.random.default_rng(1).integers(-128, 128, arguments["shape"], dtype=np.int8)
+    reference, _ = run(module, 0, x, tmp_path)
+    decisions = set()
+    for seed in (1, 1000, 123457, 99991):  # far apart: TVM's generator draws alike from near seeds
+        sampled = SampledSchedules(seed)
+        output, kernels = run(module, 2, x, tmp_path, sampled)
+        np.testing.assert_array_equal(output, reference)
+        assert [(k.schedule, k.tuned) for k in kernels] == [(schedule, True)]
+        decisions.update(sampled.decisions)
+    assert len(decisions) > 1  # the seeds drew different schedules
 
 
 def assembly(target: dict) -> str:

@@ -14,6 +14,7 @@ to them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -25,7 +26,6 @@ import torch
 import tvm
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.builder import BuilderInput
-from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
 
 from edgeq.compile import plan_build
 from edgeq.compile.codegen import fused_module
@@ -35,7 +35,7 @@ from edgeq.export.sources import ModelLike
 from edgeq.targets import Target, TargetLike
 from edgeq.tune.measure import InProcessBuilder, Tracker, TuneError, local_runner, mean_seconds
 from edgeq.tune.budget import BudgetScheduler, Progress, TuningState, milliseconds
-from edgeq.tune.tasks import Task, tuning_tasks
+from edgeq.tune.tasks import LOGS, Task, task_log, tuning_tasks
 
 __all__ = ["TuneError", "TuneResult", "TunedKernel", "Tracker", "tune_model"]
 
@@ -154,12 +154,12 @@ def tune_model(
     report(f"{len(tasks)} distinct tunable kernels ({sum(t.count for t in tasks)} in the model); measuring their default schedules")
     defaults = _record_defaults(tasks, dot, llvm_target, builder, runner, database)
     threads = os.cpu_count() or 1
-    logging.getLogger(METASCHEDULE_LOGGER).setLevel(logging.WARNING)  # the console gets warnings, the logs folder all
-    loggers = get_loggers_from_work_dir(str(folder), [t.name for t in tasks])
-    contexts = [task.context(llvm_target, dot, threads, seed + i, log) for i, (task, log) in enumerate(zip(tasks, loggers))]
+    logging.getLogger(METASCHEDULE_LOGGER).setLevel(logging.WARNING)  # MetaSchedule's own lines: warnings only
     state = TuningState(tasks, defaults, deadline, report)
-    report(f"tuning for {_clock_minutes(deadline - time.monotonic())} on {measured_on}")
-    if time.monotonic() < deadline:
+    report(f"tuning for {_clock_minutes(deadline - time.monotonic())} on {measured_on}; MetaSchedule's logs: {folder / LOGS}")
+    with contextlib.ExitStack() as logs:
+        loggers = [logs.enter_context(task_log(folder / LOGS, index, task)) for index, task in enumerate(tasks)]
+        contexts = [task.context(llvm_target, dot, threads, seed + i, log) for i, (task, log) in enumerate(zip(tasks, loggers))]
         ms.tune_tasks(
             tasks=contexts,
             task_weights=[float(t.count) for t in tasks],

@@ -7,9 +7,13 @@ weighted by how often the model runs it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import tvm
 import tvm_ffi
@@ -25,6 +29,9 @@ POPULATION = 64
 """Candidates the evolutionary search keeps per generation (each kernel's space has tens of points, not
 thousands: MetaSchedule's default of 512 only costs time)."""
 
+
+LOGS = "logs"
+"""Folder of MetaSchedule's per-task logs, in the records folder."""
 
 TVM_INTRINSICS = "tvm.s_tir.tensor_intrin"
 
@@ -64,7 +71,7 @@ class Task:
         SCHEDULES[self.schedule](sch, dot, True, DEFAULT)
         return sch
 
-    def context(self, target: tvm.target.Target, dot: DotProduct, threads: int, seed: int, logger) -> ms.TuneContext:
+    def context(self, target: tvm.target.Target, dot: DotProduct, threads: int, seed: int, logger: logging.Logger) -> ms.TuneContext:
         """The task as MetaSchedule's tuning context: its design space with every decision sampled."""
         _without_tvm_intrinsics()
         space = ms.space_generator.ScheduleFn(
@@ -104,3 +111,21 @@ def tuning_tasks(fused: tvm.IRModule) -> list[Task]:
             task = found[same]
             found[same] = Task(task.name, task.schedule, task.workload, task.count + 1)
     return found
+
+
+@contextlib.contextmanager
+def task_log(folder: Path, index: int, task: Task) -> Iterator[logging.Logger]:
+    """A logger writing MetaSchedule's lines about ``task`` to ``folder/<index>-<kernel>.log`` (appended), closed on
+    exit."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(folder / f"{index:02d}-{task.name[:100]}.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s"))
+    logger = logging.getLogger(f"edgeq.tune.task{index}")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        yield logger
+    finally:
+        logger.removeHandler(handler)
+        handler.close()

@@ -10,7 +10,10 @@ Models (random init, BatchNorm statistics set on random data, calibrated on the 
 For each model the QDQ file is compiled by edgeq at -O2 for this CPU (``simulate=True``), and these engines run
 in one process, interleaved (every run calls each engine once, in turn), on 2 threads each, after warm-up runs:
 
-- edgeq default: the compiled artifact (edgeq_runtime, float input and output, as ONNX Runtime's);
+- edgeq default: the compiled artifact with the default schedules (edgeq_runtime, float input and output, as
+  ONNX Runtime's);
+- edgeq tuned (with ``--tune MINUTES``): the artifact compiled with the records of ``edgeq tune`` run on this
+  machine for that long per model first (fresh records each run: the figure is what that budget buys);
 - ONNX Runtime int8: the same QDQ file, configured for this CPU by edgeq.export.peer (or as ``--peer`` names);
 - PyTorch int8: the float model quantized by PyTorch's FX flow for its x86 backend;
 - ONNX Runtime fp32 and PyTorch fp32: the float model.
@@ -21,6 +24,7 @@ ONNX Runtime file: the largest difference from ONNX Runtime in output steps) and
 with its ratio to ONNX Runtime int8; then one markdown table of all models. Progress goes to stderr.
 
     .venv/bin/python benchmarks/latency.py [--models resnet18,mobilenet_v2] [--size 224] [--runs 30] [--warmup 3]
+        [--tune MINUTES]
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
@@ -55,6 +60,7 @@ from edgeq.export import to_onnx  # noqa: E402
 from edgeq.export.peer import PEER_PATHS, PeerPath, peer_path, session  # noqa: E402
 from edgeq.quantization import calibrate, convert_fx  # noqa: E402
 from edgeq.quantization.integer_model import IntegerModel  # noqa: E402
+from edgeq.tune import tune_model  # noqa: E402
 from edgeq_runtime import Model  # noqa: E402
 from models import float_onnx, ort_quantize_static, random_batches, torchvision_model  # noqa: E402
 
@@ -64,7 +70,7 @@ ORT_SUFFIX = "-ort"
 ORT_QUANTIZED = ("resnet18-ort", "mobilenet_v2-ort")
 """Models quantized by ONNX Runtime's quantize_static (the name less ``-ort``)."""
 MODELS = (*EDGEQ_MODELS, *ORT_QUANTIZED)
-ENGINES = ("edgeq default", "ORT int8", "PyTorch int8", "ORT fp32", "PyTorch fp32")
+ENGINES = ("edgeq default", "edgeq tuned", "ORT int8", "PyTorch int8", "ORT fp32", "PyTorch fp32")
 BASELINE = "ORT int8"
 CALIBRATION_BATCHES = 4
 STARTED = time.perf_counter()
@@ -160,16 +166,16 @@ def try_pytorch_int8(subject: Subject, batches: Sequence[torch.Tensor]) -> nn.Mo
         return None
 
 
-def engines(subject: Subject, artifact: Model, peer: ort.InferenceSession, quantized: nn.Module | None, x: torch.Tensor) -> dict[str, Engine]:
-    """The engines of :data:`ENGINES`, in that order, as calls on the input ``x`` (PyTorch int8 only if
-    ``quantized`` exists)."""
+def engines(
+    subject: Subject, artifacts: dict[str, Model], peer: ort.InferenceSession, quantized: nn.Module | None, x: torch.Tensor
+) -> dict[str, Engine]:
+    """The engines of :data:`ENGINES`, in that order, as calls on the input ``x`` (edgeq's by ``artifacts``' names,
+    PyTorch int8 only if ``quantized`` exists)."""
     x_np = x.numpy()
     input_name = peer.get_inputs()[0].name
     float_session = session(onnx.load(str(subject.float_path)), PEER_PATHS["fused"], THREADS)  # ORT's defaults
-    calls: dict[str, Engine] = {
-        "edgeq default": lambda: artifact.run(x_np),
-        "ORT int8": lambda: peer.run(None, {input_name: x_np}),
-    }
+    calls: dict[str, Engine] = {name: (lambda model=model: model.run(x_np)) for name, model in artifacts.items()}
+    calls["ORT int8"] = lambda: peer.run(None, {input_name: x_np})
     if quantized is not None:
         calls["PyTorch int8"] = lambda: quantized(x)
     calls["ORT fp32"] = lambda: float_session.run(None, {"x": x_np})
@@ -223,20 +229,36 @@ def benchmark_model(name: str, args: argparse.Namespace, path: PeerPath, folder:
     progress(f"{name}: quantizing and exporting")
     subject = make_subject(name, batches, args.target, folder)
     progress(f"{name}: compiling (-O2, {args.target} simulated on this CPU)")
-    result: CompileResult = compile_model(
-        subject.qdq_path, target=args.target, out=folder / f"{name}.edgeq", opt_level=2, simulate=True,
-        progress=lambda line: progress(f"{name}: {line}"),
-    )
+    result = compile_edgeq(subject, args.target, folder / f"{name}.edgeq", None)
     compile_seconds = sum(result.seconds.values())
+    built = {"edgeq default": result}
+    if args.tune:
+        records = folder / f"{name}-records"
+        progress(f"{name}: tuning for {args.tune} min")
+        tuned = tune_model(subject.qdq_path, target=args.target, simulate=True, budget_minutes=args.tune, records=records,
+                           progress=lambda line: progress(f"{name}: {line}"))
+        print("\n".join(f"  {line}" for line in tuned.summary_lines()))
+        built["edgeq tuned"] = compile_edgeq(subject, args.target, folder / f"{name}-tuned.edgeq", records)
     peer = session(onnx.load(str(subject.qdq_path)), path, THREADS)
     print(f"\n{name} 1x3x{args.size}x{args.size}: compiled in {compile_seconds:.1f} s")
-    with Model.load(result.artifact, num_threads=THREADS) as artifact:
-        print(f"  {check_numerics(subject, artifact, peer, x.numpy())}")
-        calls = engines(subject, artifact, peer, try_pytorch_int8(subject, batches), x)
+    with contextlib.ExitStack() as stack:
+        artifacts = {engine: stack.enter_context(Model.load(r.artifact, num_threads=THREADS)) for engine, r in built.items()}
+        for engine, artifact in artifacts.items():
+            print(f"  {engine}: {check_numerics(subject, artifact, peer, x.numpy())}")
+        calls = engines(subject, artifacts, peer, try_pytorch_int8(subject, batches), x)
         progress(f"{name}: measuring {', '.join(calls)} ({args.warmup} warm-up + {args.runs} runs)")
         medians = measure(calls, args.warmup, args.runs)
     print_model_table(medians)
     return medians, compile_seconds
+
+
+def compile_edgeq(subject: Subject, target: str, out: Path, records: Path | None) -> CompileResult:
+    """The subject's QDQ file compiled at -O2 for this CPU: with ``records``' tuned schedules, else the default
+    schedules only (whatever records edgeq's cache holds)."""
+    return compile_model(
+        subject.qdq_path, target=target, out=out, opt_level=2, simulate=True, tuning_records=records, tuned=records is not None,
+        progress=lambda line: progress(f"{subject.name}: {line}"),
+    )
 
 
 def model_names(value: str) -> list[str]:
@@ -256,13 +278,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs per engine first (default 3)")
     parser.add_argument("--target", default="npu-m", help="edgeq's quantization target, simulated on this CPU (default npu-m)")
     parser.add_argument("--peer", choices=sorted(PEER_PATHS), help="ONNX Runtime int8 configuration (default: chosen for this CPU)")
+    parser.add_argument("--tune", type=float, metavar="MINUTES", help="tune each model this long first and measure 'edgeq tuned' too")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     path = PEER_PATHS[args.peer] if args.peer else peer_path()
     print(cpu_line())
     print(f"ONNX Runtime {ort.__version__}, int8 path: {path.name} ({'named by --peer' if args.peer else path.reason})")
     print(f"PyTorch {torch.__version__}, TVM {tvm.__version__}; {THREADS} threads each, batch 1, median of {args.runs} runs after {args.warmup} warm-up runs")
-    print("edgeq tuned: not available, edgeq has no tuner yet (issue 11); edgeq default is the untuned -O2 build")
+    print(f"edgeq tuned: tuned on this machine for {args.tune} min per model" if args.tune else "edgeq tuned: not measured (--tune MINUTES)")
     results, compile_seconds = {}, {}
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:

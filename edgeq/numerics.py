@@ -261,6 +261,12 @@ def bias_at_accumulator_scale(bias_scale: Sequence[float], input_scale: float, w
     return bool(np.allclose(np.broadcast_to(actual, expected.shape), expected, rtol=BIAS_SCALE_TOLERANCE, atol=0))
 
 
+def bias_joins_accumulator(values: np.ndarray, bias_scale: Sequence[float], input_scale: float, weight_scales: Sequence[float]) -> bool:
+    """Whether a bias's integers ``values`` join the int32 accumulator exactly: all zeros (at any scale: a zero
+    bias shared by several layers is quantized once, at one of their scales), or at ``s_in * s_w[c]``."""
+    return not np.any(values) or bias_at_accumulator_scale(bias_scale, input_scale, weight_scales)
+
+
 def rounding_right_shift(value: torch.Tensor, shift: torch.Tensor | int) -> torch.Tensor:
     """``value / 2**shift`` on int64, rounded to nearest with ties to even.
 

@@ -411,6 +411,13 @@ def test_bias_at_another_scale_is_a_finding(good_file):
     qdq = load_onnx(good_file)
     assert [(f.node, f.kind) for f in qdq.findings] == [("conv1/Conv", "bias_scale")]
 
+    def zero(model):
+        bias = _initializer(model, "conv1.bias_q")
+        bias.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(bias)), "conv1.bias_q"))
+
+    edit(good_file, zero)
+    assert load_onnx(good_file).findings == []  # an all-zero bias joins the accumulator at any scale
+
 
 # ---- export errors and atomic writes ----------------------------------------------------------------------------
 

@@ -137,6 +137,13 @@ def test_bias_at_accumulator_scale():
     assert not nx.bias_at_accumulator_scale([0.125, 0.0625, 0.1], 0.5, [0.25, 0.125])
 
 
+def test_a_zero_bias_joins_the_accumulator_at_any_scale():
+    zeros, ones = np.zeros(2, np.int32), np.array([0, 1], np.int32)
+    assert nx.bias_joins_accumulator(zeros, [7.0], 0.5, [0.25, 0.125])
+    assert not nx.bias_joins_accumulator(ones, [7.0], 0.5, [0.25, 0.125])
+    assert nx.bias_joins_accumulator(ones, [0.125, 0.0625], 0.5, [0.25, 0.125])
+
+
 def test_accumulator_bounds_literal():
     weights = np.array([[1, -2, 0], [-127, 127, 3]], dtype=np.int8)
     assert nx.accumulator_bounds(weights, np.array([5, -6]), axis=0) == [128 * 3 + 5, 128 * 257 + 6]

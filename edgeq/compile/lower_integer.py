@@ -32,7 +32,7 @@ from edgeq.numerics import (
     ACTIVATION_QMIN,
     FixedPointMultiplier,
     accumulator_bounds,
-    bias_at_accumulator_scale,
+    bias_joins_accumulator,
     bias_with_input_zero_point,
     check_accumulator_bound,
     conv_multipliers,
@@ -213,7 +213,7 @@ def _bias(dequantize: relax.Call | None, input_scale: float, weight_scales: list
     if constant is None:
         return None
     values = constant[0].reshape(-1)
-    if values.any() and not bias_at_accumulator_scale(constant[1].scales, input_scale, weight_scales):
+    if not bias_joins_accumulator(values, constant[1].scales, input_scale, weight_scales):
         return None
     return np.broadcast_to(values, (len(weight_scales),)).copy()
 

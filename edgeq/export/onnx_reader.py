@@ -27,7 +27,7 @@ from onnx import numpy_helper
 from edgeq.errors import ModelFileError
 from edgeq.export.onnx_writer import TARGET_METADATA_KEY
 from edgeq.export.qoperator import is_qoperator, qdq_from_qoperator
-from edgeq.numerics import bias_at_accumulator_scale, bias_scales, int8_zero_point
+from edgeq.numerics import bias_joins_accumulator, bias_scales, int8_zero_point
 from edgeq.ops import Op, gated_op, op_of_onnx_type
 
 @dataclass(frozen=True)
@@ -287,7 +287,8 @@ class _QuantReader:
             return
         if len(weight.scales) != len(bias.scales) and len(weight.scales) != 1 and len(bias.scales) != 1:
             return
-        if not bias_at_accumulator_scale(bias.scales, source.scales[0], weight.scales):
+        values = self.constants.get(self.producer[node.input[2]].input[0])
+        if values is not None and not bias_joins_accumulator(values, bias.scales, source.scales[0], weight.scales):
             expected = bias_scales(source.scales[0], weight.scales)
             self._find(
                 node, "bias_scale",

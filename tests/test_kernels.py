@@ -12,7 +12,7 @@ from tvm import relax, s_tir
 from edgeq.compile.codegen import Machine, build_library
 from edgeq.compile.cpu_features import dot_product, dot_product_features, host_target
 from edgeq.compile.lower_integer import Conv2dSettings, _requantize, integer_accumulator
-from edgeq.compile.schedules import TUNABLE, classify, design_space
+from edgeq.compile.schedules import SCHEDULES, TUNABLE, classify, design_space
 from edgeq.compile.tuning_records import as_workload
 from edgeq.numerics import conv_multipliers
 
@@ -84,7 +84,37 @@ class SampledSchedules:
         return sch
 
 
-@pytest.mark.parametrize("case", [name for name, (_, schedule) in CASES.items() if schedule in TUNABLE])
+class OtherAlternatives:
+    """Tuning records whose schedules take every decision's last alternative, and single-column, single-block
+    tiles: the corners the defaults never take."""
+
+    def split(self, sch, loop, limit, default):
+        return list(sch.split(loop, [None, 1]))
+
+    def pick(self, sch, count, default):
+        return count - 1
+
+    def schedule(self, function, dot):
+        sch = s_tir.Schedule(as_workload(function))
+        SCHEDULES[classify(sch)](sch, dot, True, self)
+        return sch
+
+
+TUNABLE_CASES = [name for name, (_, schedule) in CASES.items() if schedule in TUNABLE]
+
+
+@pytest.mark.parametrize("case", TUNABLE_CASES)
+def test_every_other_alternative_of_the_tuning_space_is_exact(case, tmp_path):
+    arguments, schedule = CASES[case]
+    module = kernel_module(**arguments)
+    x = np.random.default_rng(1).integers(-128, 128, arguments["shape"], dtype=np.int8)
+    reference, _ = run(module, 0, x, tmp_path)
+    output, kernels = run(module, 2, x, tmp_path, OtherAlternatives())
+    np.testing.assert_array_equal(output, reference)
+    assert [(k.schedule, k.tuned) for k in kernels] == [(schedule, True)]
+
+
+@pytest.mark.parametrize("case", TUNABLE_CASES)
 def test_every_point_of_the_tuning_space_is_exact(case, tmp_path):
     arguments, schedule = CASES[case]
     module = kernel_module(**arguments)

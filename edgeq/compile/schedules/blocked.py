@@ -6,8 +6,8 @@ registers: the channel lanes by the CPU's dot product (tensorized) or by LLVM's 
 unrolled. The requantization epilogue is inlined into the last block and computed per tile, right after its
 accumulator, so no full-size int32 or int64 buffer remains. Tiles of rows and channel blocks run in parallel.
 
-The tile's size and the order of the tile loops are decisions (:mod:`.choices`): fixed in the default schedules,
-sampled in the tuner's search space (``edgeq tune``).
+The tile's size, the order of the tile loops and where the input is packed are decisions (:mod:`.choices`):
+fixed in the default schedules, sampled in the tuner's search space (``edgeq tune``).
 """
 
 from __future__ import annotations
@@ -50,11 +50,21 @@ def _epilogue_at(sch: s_tir.Schedule, last: s_tir.schedule.SBlockRV, tile_loop: 
             parallel_outer(sch, last)
 
 
-def _parallel(sch: s_tir.Schedule, outer: list, parallel: bool) -> None:
-    """The tile loops and the packing stage in parallel."""
+PACK_FIRST, PACK_PER_TILE = 0, 1
+"""Where the input is packed: all of it before the convolution (the default), or the rows each tile loop
+iteration reads, inside it (the packed rows stay in cache; rows shared by neighbouring tiles are packed again)."""
+
+
+def _parallel(sch: s_tir.Schedule, outer: list, parallel: bool, choose: Choices) -> None:
+    """The tile loops (fused) in parallel, and the packing stage where ``choose`` puts it (see :data:`PACK_FIRST`)."""
+    tiles = sch.fuse(*outer)
     if parallel:
-        sch.parallel(sch.fuse(*outer))
-        parallel_outer(sch, sch.get_sblock(kernels.PACK), 3)
+        sch.parallel(tiles)
+    pack = sch.get_sblock(kernels.PACK)
+    if choose.pick(sch, 2, PACK_FIRST) == PACK_PER_TILE:
+        sch.compute_at(pack, tiles)
+    elif parallel:
+        parallel_outer(sch, pack, 3)
 
 
 def _register_tile(sch: s_tir.Schedule, o: LoopRV, x: LoopRV, choose: Choices) -> tuple[list[LoopRV], list[LoopRV]]:
@@ -84,7 +94,7 @@ def schedule_conv2d(sch: s_tir.Schedule, dot: DotProduct, parallel: bool, choose
     sch.unroll(oi)
     sch.unroll(xi)
     _epilogue_at(sch, last, xo, parallel)
-    _parallel(sch, outer, parallel)
+    _parallel(sch, outer, parallel, choose)
     init = sch.decompose_reduction(conv, rc)
     sch.vectorize(sch.get_loops(init)[-1])
     if dot.intrinsic is not None:
@@ -103,7 +113,7 @@ def schedule_depthwise(sch: s_tir.Schedule, dot: DotProduct, parallel: bool, cho
     sch.unroll(oi)
     sch.unroll(xi)
     _epilogue_at(sch, last, xo, parallel)
-    _parallel(sch, outer, parallel)
+    _parallel(sch, outer, parallel, choose)
     init = sch.decompose_reduction(conv, ry)
     sch.vectorize(sch.get_loops(init)[-1])
 
@@ -121,7 +131,7 @@ def schedule_dense(sch: s_tir.Schedule, dot: DotProduct, parallel: bool, choose:
         sch.reorder(*lead, oo, rc, oi, lane, rk)
     sch.unroll(oi)
     _epilogue_at(sch, last, oo, parallel)
-    _parallel(sch, [*lead, oo], parallel)
+    _parallel(sch, [*lead, oo], parallel, choose)
     init = sch.decompose_reduction(dense, rc)
     sch.vectorize(sch.get_loops(init)[-1])
     if dot.intrinsic is not None:

@@ -106,3 +106,9 @@ def registered(name: str) -> str:
         TensorIntrin.register(name, *_BUILDERS[name]())
         _registered.add(name)
     return name
+
+
+def register_all() -> None:
+    """Register every intrinsic of edgeq's: reading schedule traces (tuning records) needs the ones they name."""
+    for name in _BUILDERS:
+        registered(name)

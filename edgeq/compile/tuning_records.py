@@ -49,6 +49,7 @@ def open_database(folder: Path, create: bool) -> ms.database.JSONDatabase:
         raise CompileError(f"{folder}: no tuning records here ({RECORDS} missing); run `edgeq tune` first")
     if create:
         make_folder(folder)
+    intrinsics.register_all()  # the traces tensorize with them: reading a record replays its trace's names
     try:
         return ms.database.JSONDatabase(str(folder / WORKLOADS), str(folder / RECORDS), allow_missing=create)
     except Exception as error:  # TVM raises its own error kinds for unreadable JSON

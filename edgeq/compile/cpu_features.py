@@ -4,7 +4,7 @@
 |---|---|---|
 | x86 ``avx512vnni`` (+ ``avx512bw``) | ``vpdpbusd`` zmm, uint8 activations (``x + 128``, ``128·Σw`` folded out) | 16 x 4 |
 | x86 ``avxvnni`` | ``vpdpbusd`` ymm, the same | 8 x 4 |
-| x86 ``avx2`` | ``vpmaddwd`` on int8 widened to int16 | 8 x 2 |
+| x86 ``avx2`` | ``vpmaddwd`` on int8 widened to int16 (activations widened once, when packed) | 8 x 2 |
 | aarch64 ``dotprod`` | ``sdot`` | 4 x 4 |
 | anything else (NEON, SSE) | int32 multiply-add, vectorized by LLVM | 8 x 1 |
 
@@ -30,8 +30,9 @@ class DotProduct:
         lanes: output channels computed per instruction (the channel block of packed weights and accumulators).
         depth: input channels summed per lane and instruction (the inner block of packed inputs and weights).
         intrinsic: the tensor intrinsic the schedules tensorize with, or None to let LLVM vectorize.
-        unsigned_activations: the instruction takes uint8 activations: kernels add 128 to the input and subtract
-            ``128·Σw`` per output channel (exact).
+        activations: the type the kernels pack int8 activations as for the instruction: ``int8``; ``uint8``
+            (``x + 128``; the kernels subtract ``128·Σw`` per output channel, exact); ``int16`` (widened once when
+            packed, so that the inner loop broadcasts pairs straight from memory).
         depthwise_lanes: channels per vector in depthwise kernels (int16 products, no dot product).
     """
 
@@ -39,15 +40,20 @@ class DotProduct:
     lanes: int
     depth: int
     intrinsic: str | None
-    unsigned_activations: bool
+    activations: str
     depthwise_lanes: int
 
+    @property
+    def unsigned_activations(self) -> bool:
+        """The instruction takes ``x + 128`` as uint8 (see ``activations``)."""
+        return self.activations == "uint8"
 
-VNNI = DotProduct("vnni", 16, 4, intrinsics.VNNI_16x4, True, 32)
-AVX_VNNI = DotProduct("avx-vnni", 8, 4, intrinsics.AVX_VNNI_8x4, True, 16)
-AVX2 = DotProduct("avx2-pmaddwd", 8, 2, intrinsics.PMADDWD_8x2, False, 16)
-SDOT = DotProduct("sdot", 4, 4, intrinsics.SDOT_4x4, False, 8)
-PLAIN = DotProduct("plain", 8, 1, None, False, 8)
+
+VNNI = DotProduct("vnni", 16, 4, intrinsics.VNNI_16x4, "uint8", 32)
+AVX_VNNI = DotProduct("avx-vnni", 8, 4, intrinsics.AVX_VNNI_8x4, "uint8", 16)
+AVX2 = DotProduct("avx2-pmaddwd", 8, 2, intrinsics.PMADDWD_8x2, "int16", 16)
+SDOT = DotProduct("sdot", 4, 4, intrinsics.SDOT_4x4, "int8", 8)
+PLAIN = DotProduct("plain", 8, 1, None, "int8", 8)
 
 DOT_PRODUCT_FEATURES = ("avx512vnni", "avx512bw", "avxvnni", "avx2", "dotprod")
 """The LLVM features :func:`dot_product` chooses by."""

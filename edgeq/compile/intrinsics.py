@@ -5,7 +5,8 @@ broadcast against a ``lanes x depth`` block of weights ``B``.
 
 - ``edgeq_vnni_16x4`` / ``edgeq_avxvnni_8x4``: ``vpdpbusd`` (AVX-512 VNNI / AVX-VNNI), uint8 activations. TVM's
   own ``dot_16x4_vnni`` passes ``int32`` operands that LLVM 22's verifier rejects; these pass bytes.
-- ``edgeq_pmaddwd_8x2``: AVX2 ``vpmaddwd`` on int8 values widened to int16 (int16 pairs -> int32, exact).
+- ``edgeq_pmaddwd_8x2``: AVX2 ``vpmaddwd`` on int8 values widened to int16 (int16 pairs -> int32, exact); the
+  activations come widened (packed as int16), the weights are widened here.
   Never ``vpmaddubsw``: its int16 sum saturates.
 - ``edgeq_sdot_4x4``: aarch64 ``sdot`` (``+dotprod``), int8 x int8.
 
@@ -72,16 +73,18 @@ def _dot4(lanes: int, llvm_name: str, a_dtype: str):
 
 
 def _pmaddwd():
+    """``vpmaddwd``: activations already widened to int16 (one pair broadcast from memory), weights widened here."""
+
     @T.prim_func(s_tir=True)
     def implementation(
-        A: T.Buffer((2,), "int8", offset_factor=1),
+        A: T.Buffer((2,), "int16", offset_factor=1),
         B: T.Buffer((8, 2), "int8", offset_factor=1),
         C: T.Buffer((8,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:8], A[0:2], B[0:8, 0:2])
             T.writes(C[0:8])
-            pair = T.reinterpret(T.Cast("int16x2", A.vload([0], "int8x2")), dtype="int32")
+            pair = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")
             a = T.reinterpret(T.broadcast(pair, 8), dtype="int16x16")
             b = T.Cast("int16x16", B.vload([0, 0], dtype="int8x16"))
             C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
@@ -94,7 +97,7 @@ def _pmaddwd():
 _BUILDERS: dict[str, Callable[[], tuple]] = {
     VNNI_16x4: lambda: (_description(16, 4, "uint8"), _dot4(16, "llvm.x86.avx512.vpdpbusd.512", "uint8")),
     AVX_VNNI_8x4: lambda: (_description(8, 4, "uint8"), _dot4(8, "llvm.x86.avx512.vpdpbusd.256", "uint8")),
-    PMADDWD_8x2: lambda: (_description(8, 2, "int8"), _pmaddwd()),
+    PMADDWD_8x2: lambda: (_description(8, 2, "int16"), _pmaddwd()),
     SDOT_4x4: lambda: (_description(4, 4, "int8"), _dot4(4, "llvm.aarch64.neon.sdot.v4i32.v16i8", "int8")),
 }
 _registered: set[str] = set()

@@ -30,10 +30,10 @@ def _blocks(count: int, size: int) -> int:
 
 
 def _activation(value: tirx.PrimExpr, dot: DotProduct) -> tirx.PrimExpr:
-    """An int8 activation as the dot product takes it (``x + 128`` as uint8 for VNNI)."""
+    """An int8 activation as the dot product takes it (``x + 128`` as uint8 for VNNI, widened for AVX2)."""
     if dot.unsigned_activations:
         return (value.astype("int16") + 128).astype("uint8")
-    return value
+    return value.astype(dot.activations)
 
 
 def pack_conv_weights(weights: np.ndarray, dot: DotProduct) -> tuple[np.ndarray, np.ndarray]:

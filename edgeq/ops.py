@@ -60,6 +60,7 @@ class Op(str, Enum):
     GLOBAL_AVG_POOL2D = "global_avg_pool2d"
     RELU = "relu"
     UPSAMPLE_NEAREST2D = "upsample_nearest2d"
+    UPSAMPLE_BILINEAR2D = "upsample_bilinear2d"
     MUL = "mul"
     SIGMOID = "sigmoid"
     TANH = "tanh"
@@ -90,6 +91,7 @@ _INFO: dict[Op, OpInfo] = {
     Op.GLOBAL_AVG_POOL2D: OpInfo(("GlobalAveragePool",), requantizes=True),
     Op.RELU: OpInfo(("Relu", "Clip")),
     Op.UPSAMPLE_NEAREST2D: OpInfo(("Resize",), npu_limits=True),
+    Op.UPSAMPLE_BILINEAR2D: OpInfo(("Resize",), requantizes=True),
     Op.MUL: OpInfo(("Mul",), requantizes=True),
     Op.SIGMOID: OpInfo(("Sigmoid",), requantizes=True, lookup_table=True),
     Op.TANH: OpInfo(("Tanh",), requantizes=True, lookup_table=True),
@@ -110,11 +112,14 @@ OP_NAMES: tuple[str, ...] = tuple(op.value for op in Op)
 
 
 def op_of_onnx_type(op_type: str) -> Op | None:
-    """The op an ONNX node of ``op_type`` reads as (``None`` for a type edgeq has no integer op for)."""
+    """The op an ONNX node of ``op_type`` reads as (``None`` for a type edgeq has no integer op for): the first op
+    that declares the type; ``edgeq.export.onnx_reader.node_op`` refines it by the node's attributes (a ``Resize``
+    of mode ``linear`` is ``upsample_bilinear2d``)."""
     return _BY_ONNX_TYPE.get(op_type)
 
 
-_BY_ONNX_TYPE: dict[str, Op] = {op_type: op for op in Op for op_type in op.info.onnx_types}
+_BY_ONNX_TYPE: dict[str, Op] = {op_type: op for op in reversed(list(Op)) for op_type in op.info.onnx_types}
+"""Built in reverse declaration order, so that the first op declaring a type keeps it."""
 
 LOOKUP_TABLE_OPS: tuple[Op, ...] = tuple(op for op in Op if op.info.lookup_table)
 """The activations computed as int8 lookup tables."""

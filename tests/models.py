@@ -85,6 +85,28 @@ class FunctionalOps(nn.Module):
         return self.dequant(self.fc(pooled.flatten(1))), self.dequant_map(mixed.transpose(2, 3).contiguous())
 
 
+class BilinearResizes(nn.Module):
+    """Bilinear resizes of every kind edgeq computes in integers: a size with odd ratios, a factor of 2, a factor of
+    1.5 that gives whole sizes, align_corners both ways (``nn.UpsamplingBilinear2d``), down to a smaller size, and
+    ``nn.Upsample``; two outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = QuantStub()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.corners = nn.UpsamplingBilinear2d(scale_factor=2)
+        self.upsample = nn.Upsample(scale_factor=1.5, mode="bilinear")
+        self.dequant = DeQuantStub()
+        self.dequant_small = DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.conv(self.quant(x))
+        b = F.interpolate(a, size=(13, 11), mode="bilinear")
+        c = self.corners(F.interpolate(b, scale_factor=2, mode="bilinear", align_corners=False))
+        small = F.interpolate(c, size=(5, 7), mode="bilinear", align_corners=True)
+        return self.dequant(self.upsample(F.interpolate(a, size=(6, 4), mode="bilinear"))), self.dequant_small(small)
+
+
 class GeluBlocks(nn.Module):
     """A ConvNeXt-style block (7x7 depthwise conv, BatchNorm, 1x1 expand, GELU, 1x1 project, residual) and a
     ViT-style MLP over its tokens (Linear, GELU in its tanh form, Linear, residual), then a classifier; 16x16

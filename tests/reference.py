@@ -9,6 +9,8 @@ by op.
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -120,6 +122,40 @@ def lookup_table(function: str, input_scale: float, output_scale: float, alpha: 
     return saturate8(np.rint(y).astype(np.int64))
 
 
+BILINEAR_ONE = 2048
+"""2**F with F = 11 fraction bits (docs/numerics.md, "Bilinear resize")."""
+
+
+def bilinear_axis(in_size: int, out_size: int, align_corners: bool) -> list[tuple[int, int, int, int]]:
+    """(low, high, weight_low, weight_high) of each output index along one axis, from the spec's source coordinate as a
+    ``Fraction``: ``(i + 1/2) * in / out - 1/2`` clamped at 0, or ``i * (in - 1) / (out - 1)``."""
+    taps = []
+    for i in range(out_size):
+        if align_corners:
+            source = Fraction(i * (in_size - 1), out_size - 1) if out_size > 1 else Fraction(0)
+        else:
+            source = max(Fraction(2 * i + 1, 2) * Fraction(in_size, out_size) - Fraction(1, 2), Fraction(0))
+        low = math.floor(source)
+        weight = round((source - low) * BILINEAR_ONE)  # Python rounds a Fraction half to even
+        taps.append((low, min(low + 1, in_size - 1), BILINEAR_ONE - weight, weight))
+    return taps
+
+
+def bilinear_resize(x: np.ndarray, size: tuple[int, int], align_corners: bool, multiplier: int, shift: int) -> np.ndarray:
+    """The four-tap integer sum of each output pixel, requantized and saturated, pixel by pixel."""
+    x = np.asarray(x, dtype=np.int64)
+    rows = bilinear_axis(x.shape[2], size[0], align_corners)
+    columns = bilinear_axis(x.shape[3], size[1], align_corners)
+    acc = np.zeros((*x.shape[:2], *size), dtype=np.int64)
+    for i, (top, bottom, w_top, w_bottom) in enumerate(rows):
+        for j, (left, right, w_left, w_right) in enumerate(columns):
+            acc[:, :, i, j] = (
+                x[:, :, top, left] * w_top * w_left + x[:, :, top, right] * w_top * w_right
+                + x[:, :, bottom, left] * w_bottom * w_left + x[:, :, bottom, right] * w_bottom * w_right
+            )
+    return saturate8(round_shift(acc, multiplier, shift))
+
+
 def evaluate_op(module: torch.nn.Module, args: list[Any]) -> Any:
     """One integer op in numpy int64."""
     if isinstance(module, ops.IntQuantize):
@@ -161,6 +197,8 @@ def evaluate_op(module: torch.nn.Module, args: list[Any]) -> Any:
     if isinstance(module, ops.IntUpsampleNearest2d):
         fh, fw = module.scale_factor
         return np.repeat(np.repeat(args[0], fh, axis=2), fw, axis=3)
+    if isinstance(module, ops.IntUpsampleBilinear2d):
+        return bilinear_resize(args[0], module.size, module.align_corners, module.multiplier.multiplier, module.multiplier.shift)
     if isinstance(module, ops.IntMul):
         product = np.asarray(args[0], dtype=np.int64) * np.asarray(args[1], dtype=np.int64)
         return saturate8(round_shift(product, module.multiplier.multiplier, module.multiplier.shift))

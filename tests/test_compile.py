@@ -21,7 +21,7 @@ from edgeq_runtime import Model
 import torch.nn.functional as F
 from edgeq.quantization import DeQuantStub, FakeQuantState, QuantStub, convert_fx, default_qat_qconfig, prepare_qat_fx, set_fake_quantize
 from models import (
-    FunctionalOps, SmallCNN, Wrapped, calibrate, integer_model, torchvision_model,
+    BilinearResizes, FunctionalOps, SmallCNN, Wrapped, calibrate, integer_model, torchvision_model,
 )
 
 
@@ -54,6 +54,17 @@ def test_every_optimisation_level_is_exact(opt_level, tmp_path):
     result = compile_model(int_model, (example,), out=tmp_path / "f.edgeq", opt_level=opt_level, simulate=True)
     assert result.manifest["opt_level"] == opt_level
     assert_artifact_exact(result.artifact, int_model, torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("target", ["x86_64", "npu-m"])
+def test_bilinear_resizes_are_exact(target, tmp_path):
+    """Every kind of bilinear resize, lowered to integer gathers and sums (on npu-m's NPU, and on the CPU)."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 7, 6)
+    int_model = integer_model(BilinearResizes().eval(), example, target)
+    result = compile_model(int_model, (example,), out=tmp_path / "b.edgeq", simulate=True)
+    assert [r.placement.value for r in result.partition.regions] == (["CPU"] if target == "x86_64" else ["NPU"])
+    assert_artifact_exact(result.artifact, int_model, torch.randn(2, 3, 7, 6))
 
 
 @pytest.mark.parametrize("target", ["x86_64", "npu-s"])

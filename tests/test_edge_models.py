@@ -38,8 +38,9 @@ class EdgeModel:
     size: int = SIZE
     """Input height and width."""
     float_ops: int = 0
-    """Bilinear interpolations (no integer form yet), left in float: prepare warns for each, check places each
-    CPU (float), and the artifact agrees with the integer model within the float-fallback bound."""
+    """Ops with no integer form, left in float: prepare warns for each, check places each CPU (float), and the
+    artifact agrees with the integer model within the float-fallback bound (the segmentation models' bilinear
+    interpolations are integer ops now: none left)."""
 
 
 MODELS = {
@@ -51,9 +52,9 @@ MODELS = {
     # layers per block: compiling all 121 layers takes minutes here; test_densenet121_checks covers its size.
     "DenseNet": EdgeModel({"block_config": (2, 2, 2, 2)}),
     # ASPP's pooled branch (1x1 back to the map) and the logits back to the input size.
-    "deeplabv3_mobilenet_v3_large": EdgeModel(float_ops=2),
+    "deeplabv3_mobilenet_v3_large": EdgeModel(),
     # The logits back to the input size; 32x32 (a 4x4 map at output stride 8) keeps ResNet50's compile short.
-    "fcn_resnet50": EdgeModel(size=32, float_ops=1),
+    "fcn_resnet50": EdgeModel(size=32),
 }
 
 
@@ -74,7 +75,7 @@ def test_whole_flow(name, tmp_path):
     model = torchvision_model(name, **spec.settings)
     example = torch.randn(1, *shape)
     prepared, fallbacks = fallback_messages(lambda: calibrate(model, example, "x86_64", lambda: torch.randn(2, *shape), count=2))
-    assert len(fallbacks) == spec.float_ops and all("mode 'bilinear'" in m for m in fallbacks), fallbacks
+    assert len(fallbacks) == spec.float_ops, fallbacks
     int_model = convert_fx(prepared)
     onnx_file = to_onnx(int_model, (example,), tmp_path / f"{name}.onnx")
     for target in ("npu-s", "npu-m"):

@@ -18,7 +18,7 @@ from torch import nn
 from edgeq.errors import ExportError, ModelFileError
 from edgeq.export import OPSET, build_onnx, load_model_file, load_onnx, load_torchscript, save_torchscript, to_onnx, trace
 from edgeq.quantization import DeQuantStub, QuantStub
-from models import SPPF, FunctionalOps, SmallCNN, Wrapped, float_onnx, integer_model, ort_quantize_static, random_batches, torchvision_model
+from models import SPPF, BilinearResizes, FunctionalOps, SmallCNN, Wrapped, float_onnx, integer_model, ort_quantize_static, random_batches, torchvision_model
 from edgeq.export.peer import (
     PRECISE_INT8,
     onnx_runtime_int8_is_exact,
@@ -489,6 +489,22 @@ class _TableActivations(nn.Module):
         y = torch.tanh(self.silu(self.hardswish(x))) + torch.sigmoid(self.leaky(x)) + F.hardsigmoid(x)
         y = y + self.gelu(x) + F.gelu(x, approximate="tanh")
         return self.dequant(y * torch.sigmoid(y) * torch.sigmoid(x.mean((2, 3), keepdim=True)))
+
+
+def test_onnx_runtime_agrees_on_bilinear_resizes():
+    """Each bilinear Resize alone (half_pixel and align_corners, odd sizes, down): ORT interpolates the dequantized
+    input in float32, edgeq with 11-bit weights; docs/numerics.md bounds the difference by 1 step."""
+    torch.manual_seed(0)
+    example = torch.randn(4, 3, 7, 6)
+    int_model = integer_model(BilinearResizes().eval(), example, "npu-m")
+    model = build_onnx(int_model, (example,))
+    modes = {a.s for n in model.graph.node if n.op_type == "Resize" for a in n.attribute if a.name == "coordinate_transformation_mode"}
+    assert modes == {b"half_pixel", b"align_corners"}
+    differences = per_op_differences(model, int_model, torch.randn(4, 3, 7, 6))
+    resizes = [d for name, d in differences.items() if name.startswith(("upsample", "corners"))]
+    assert len(resizes) == 6
+    assert max(int(d.max()) for d in resizes) <= 1
+    assert sum(int((d > 0).sum()) for d in resizes) <= 0.02 * sum(d.size for d in resizes)
 
 
 def test_onnx_runtime_agrees_on_table_activations():

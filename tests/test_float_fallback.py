@@ -167,12 +167,11 @@ class Resized(nn.Module):
 
 
 RESIZES = {
-    "bilinear-size": functools.partial(F.interpolate, size=(13, 11), mode="bilinear"),
-    "bilinear-x2": functools.partial(F.interpolate, scale_factor=2, mode="bilinear"),
-    "bilinear-x1.5-align-corners": functools.partial(F.interpolate, scale_factor=1.5, mode="bilinear", align_corners=True),
+    # 7 columns by 1.5 is 10.5: torch's coordinates follow the factor, not the sizes, so no integer form
+    "bilinear-x1.5": functools.partial(F.interpolate, scale_factor=1.5, mode="bilinear"),
     "nearest-size": functools.partial(F.interpolate, size=(12, 5), mode="nearest"),
     "nearest-x1.5": functools.partial(F.interpolate, scale_factor=1.5, mode="nearest"),
-    "Upsample-bilinear": nn.Upsample(scale_factor=2, mode="bilinear"),
+    "Upsample-bilinear-x1.5": nn.Upsample(scale_factor=1.5, mode="bilinear"),
 }
 
 
@@ -182,7 +181,7 @@ def test_exported_resize_computes_as_torch(resize, tmp_path):
     bound: its coordinates are torch's (a wrong coordinate mode moves most values by many steps)."""
     torch.manual_seed(0)
     example = torch.randn(2, 3, 8, 7)
-    with pytest.warns(FloatFallbackWarning, match=r"(interpolate|Upsample) '.*': upsampling"):
+    with pytest.warns(FloatFallbackWarning, match=r"(interpolate|Upsample) '.*': (upsampling|bilinear resize by)"):
         int_model = integer_model(Resized(resize).eval(), example, "npu-m")
     path = to_onnx(int_model, (example,), tmp_path / "resized.onnx")
     x = torch.randn(2, 3, 8, 7)

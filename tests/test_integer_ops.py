@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from edgeq.numerics import FixedPointMultiplier, lookup_table
+from edgeq.numerics import FixedPointMultiplier, bilinear_multiplier, bilinear_taps, lookup_table
 from edgeq.ops import LOOKUP_TABLE_OPS, Op
 from edgeq.quantization import integer_ops as ops
 from reference import evaluate_op
@@ -145,6 +146,62 @@ def test_max_pool(kernel, stride, padding, dilation):
     x = int8((2, 4, 9, 9))
     x[0, 0] = -128  # an all-minimum plane: padding must never win
     check(op, x)
+
+
+BILINEAR_CASES = [
+    # (input H, W), output (H, W), align_corners
+    ((4, 4), (8, 8), False),  # x2: exact fixed-point weights
+    ((7, 5), (13, 11), False),  # odd ratios
+    ((7, 5), (13, 11), True),
+    ((3, 6), (9, 18), True),
+    ((9, 7), (4, 3), False),  # down
+    ((9, 7), (4, 3), True),
+    ((1, 3), (5, 1), False),  # a single input row, a single output column
+]
+
+
+@pytest.mark.parametrize("source,size,align_corners", BILINEAR_CASES)
+def test_bilinear_resize(source, size, align_corners):
+    # shifts 50..56 around the weights' 2**22: outputs from saturated to well inside the range
+    (multiplier,) = multipliers(1, 50, 56)
+    op = ops.IntUpsampleBilinear2d(size, align_corners, 0.1, 0.1, multiplier)
+    check(op, int8((2, 3, *source)))
+
+
+def test_bilinear_resize_saturates_and_rounds_ties_to_even():
+    # same size: each output is its input times 2**22; times 4 saturates, times 1/2 puts odd inputs on a tie
+    x = torch.tensor([-128, -5, -3, -1, 1, 3, 5, 127], dtype=torch.int8).reshape(1, 1, 2, 4)
+    times_four = ops.IntUpsampleBilinear2d((2, 4), False, 1.0, 0.25, FixedPointMultiplier(2**30, 50))
+    np.testing.assert_array_equal(check(times_four, x).ravel(), [-128, -20, -12, -4, 4, 12, 20, 127])
+    half = ops.IntUpsampleBilinear2d((2, 4), True, 1.0, 2.0, FixedPointMultiplier(2**30, 53))
+    np.testing.assert_array_equal(check(half, x).ravel(), [-64, -2, -2, 0, 0, 2, 2, 64])
+
+
+@pytest.mark.parametrize("source,size,align_corners", BILINEAR_CASES)
+@pytest.mark.parametrize("ratio", [1.0, 4.0])
+def test_bilinear_resize_is_within_one_step_of_torch(source, size, align_corners, ratio):
+    """Against F.interpolate in float32 on the dequantized input, quantized to the output scale: the fixed-point
+    weights move the sum by at most 255 * 2**-11 input steps, under one output step for s_in / s_out < 8."""
+    input_scale = 0.05
+    output_scale = input_scale / ratio
+    op = ops.IntUpsampleBilinear2d(size, align_corners, input_scale, output_scale, bilinear_multiplier(input_scale, output_scale, what="test"))
+    x = int8((4, 3, *source))
+    real = F.interpolate(x.to(torch.float32) * np.float32(input_scale), size=size, mode="bilinear", align_corners=align_corners)
+    expected = torch.clamp(torch.round(real / np.float32(output_scale)), -128, 127)
+    differences = (op(x).to(torch.int64) - expected.to(torch.int64)).abs()
+    assert int(differences.max()) <= 1
+
+
+def test_bilinear_weights_are_exact_and_round_ties_to_even():
+    taps = bilinear_taps(4, 8, False)  # x2, half pixel: coordinates -1/4 (clamped to 0), 1/4, 3/4, 5/4...
+    np.testing.assert_array_equal(taps.low, [0, 0, 0, 1, 1, 2, 2, 3])
+    np.testing.assert_array_equal(taps.high, [1, 1, 1, 2, 2, 3, 3, 3])
+    np.testing.assert_array_equal(taps.weight_high, [0, 512, 1536, 512, 1536, 512, 1536, 512])
+    np.testing.assert_array_equal(taps.weight_low + taps.weight_high, [2048] * 8)
+    # align_corners from 2 to 4097: coordinate i / 4096, weight i / 2: odd i are ties, rounded to even
+    ties = bilinear_taps(2, 4097, True)
+    np.testing.assert_array_equal(ties.weight_high[:7], [0, 0, 1, 2, 2, 2, 3])
+    assert ties.low[-1] == ties.high[-1] == 1 and ties.weight_high[-1] == 0
 
 
 def test_clamp_upsample_quantize_dequantize():

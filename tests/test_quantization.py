@@ -30,7 +30,7 @@ from edgeq.quantization import calibrate as edgeq_calibrate
 from edgeq.quantization import integer_ops as ops
 from edgeq.quantization.observers import HistogramObserver, MinMaxObserver
 from edgeq.quantization.qat_modules import ConvAct2d, Requantizing
-from models import FunctionalOps, GeluBlocks, SmallCNN, calibrate, integer_model
+from models import BilinearResizes, FunctionalOps, GeluBlocks, SmallCNN, calibrate, integer_model
 from reference import run_reference
 
 
@@ -83,6 +83,21 @@ def test_gelu_blocks_keep_gelu_in_integers(target):
     tables = [m.op.value for m in int_model.graph_module.modules() if isinstance(m, ops.IntLookupTable)]
     assert tables == ["gelu", "gelu_tanh"]
     assert_matches_reference(int_model, torch.randn(3, 3, 16, 16))
+
+
+@pytest.mark.parametrize("target", ["x86_64", "npu-s"])
+def test_bilinear_resizes_are_integer(target):
+    """F.interpolate, nn.Upsample and nn.UpsamplingBilinear2d in bilinear mode (sizes, factors, align_corners both
+    ways, down) quantize with strict=True, and the integer model equals the reference."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 7, 6)
+    prepare_qat_fx(BilinearResizes().eval(), example_inputs=(example,), target=target, strict=True)
+    int_model = integer_model(BilinearResizes().eval(), example, target)
+    resizes = [m for m in int_model.graph_module.modules() if isinstance(m, ops.IntUpsampleBilinear2d)]
+    assert [(m.size, m.align_corners) for m in resizes] == [
+        ((13, 11), False), ((26, 22), False), ((52, 44), True), ((5, 7), True), ((6, 4), False), ((9, 6), False)
+    ]
+    assert_matches_reference(int_model, torch.randn(3, 3, 7, 6))
 
 
 def test_integer_model_tracks_fake_quantized_model():
@@ -413,8 +428,8 @@ def test_unsupported_op_names_node_and_op():
 
 
 def test_unsupported_settings_fall_back_to_float_unless_strict():
-    with pytest.warns(FloatFallbackWarning, match=r"Upsample 'body': upsampling mode 'bilinear'.*runs in float"):
-        prepared = _prepare(nn.Upsample(scale_factor=2, mode="bilinear"), strict=False)
+    with pytest.warns(FloatFallbackWarning, match=r"Upsample 'body': upsampling mode 'bicubic'.*runs in float"):
+        prepared = _prepare(nn.Upsample(scale_factor=2, mode="bicubic"), strict=False)
     assert type(prepared.get_submodule("body")) is nn.Upsample
 
 
@@ -515,7 +530,8 @@ def test_example_inputs_must_be_a_tuple():
     "body,message",
     [
         (nn.AvgPool2d(3, 1, 1, count_include_pad=False), "count_include_pad=False"),
-        (nn.Upsample(scale_factor=2, mode="bilinear"), "upsampling mode 'bilinear'"),
+        (nn.Upsample(scale_factor=2, mode="bicubic"), "upsampling mode 'bicubic'"),
+        (nn.Upsample(scale_factor=1.3, mode="bilinear"), r"scale_factor \(1.3, 1.3\) maps \(8, 8\) to \(10, 10\)"),
         (nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), "padding_mode 'reflect'"),
     ],
 )

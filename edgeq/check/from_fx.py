@@ -181,6 +181,11 @@ def _upsample(module: qm.UpsampleNearest2d) -> tuple[str, dict[str, Any]]:
     return "upsample (nearest)", {"factor": tuple(module.scale_factor)}
 
 
+@DESCRIPTIONS.register(Op.UPSAMPLE_BILINEAR2D)
+def _bilinear(module: qm.UpsampleBilinear2d) -> tuple[str, dict[str, Any]]:
+    return "upsample (bilinear)", {"align_corners": module.align_corners}
+
+
 def _activation_part(activation: qm.Activation) -> list[str]:
     return [] if activation is qm.Activation.NONE else [{"relu": "ReLU", "relu6": "ReLU6"}[activation.value]]
 

@@ -36,6 +36,7 @@ _PRIMITIVES: dict[str, tuple[str, ...]] = {
     "reshape": ("reshape",),
     "transpose": ("transpose",),
     "upsample_nearest2d": ("repeat", "resize2d"),
+    "upsample_bilinear2d": ("take", "resize2d"),
     "split": ("split",),
     "slice": ("strided_slice",),
 }

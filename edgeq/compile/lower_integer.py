@@ -31,9 +31,12 @@ from edgeq.numerics import (
     ACTIVATION_QMAX,
     ACTIVATION_QMIN,
     FixedPointMultiplier,
+    BilinearTaps,
     accumulator_bounds,
     bias_joins_accumulator,
     bias_with_input_zero_point,
+    bilinear_multiplier,
+    bilinear_taps,
     check_accumulator_bound,
     conv_multipliers,
     lookup_table,
@@ -41,6 +44,7 @@ from edgeq.numerics import (
     quantize_multiplier,
     quantize_multipliers,
     real_multiplier,
+    resize_align_corners,
 )
 
 
@@ -418,6 +422,48 @@ def _repeat(value: relax.Expr, resize: relax.Call) -> relax.Expr | None:
     return R.repeat(R.repeat(value, target[2] // source[2], axis=2), target[3] // source[3], axis=3)
 
 
+@LOWERING.register(Op.UPSAMPLE_BILINEAR2D)
+def _bilinear_rule() -> _Rule:
+    """Bilinear resize (TVM's import of ``Resize`` mode ``linear``): the four-tap sum with the fixed-point weights of
+    ``numerics.bilinear_taps`` in int32 (``|acc| <= 2**29``), then requantization. Symmetric activations only; a
+    file's zero points leave it to TVM's float computation."""
+    source = _dq()
+    resize = is_op("relax.image.resize2d")(source, wildcard())
+    quantize = _q(resize)
+
+    def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
+        source_quant, output, attrs = _input(m[source]), _output(matched), m[resize].attrs
+        if source_quant is None or output is None or source_quant.zero_point or output.zero_point:
+            return None
+        if attrs.method != "linear" or attrs.layout != "NCHW":
+            return None
+        value = m[source].args[0]
+        in_size, out_size = ([int(d) for d in shape][2:] for shape in (value.ty.shape, matched.ty.shape))
+        align_corners = resize_align_corners(str(attrs.coordinate_transformation_mode), out_size)
+        if align_corners is None:
+            return None
+        rows, columns = (bilinear_taps(n, o, align_corners) for n, o in zip(in_size, out_size))
+        acc = _taps_sum(_taps_sum(R.astype(value, "int32"), rows, 2), columns, 3)
+        multiplier = bilinear_multiplier(source_quant.scale, output.scale, what="bilinear resize")
+        return _requantize(acc, [multiplier], 4, 0)
+
+    return _Rule("bilinear resize", quantize, rewrite)
+
+
+def _taps_sum(value: relax.Expr, taps: BilinearTaps, axis: int) -> relax.Expr:
+    """``weight_low * value[low] + weight_high * value[high]`` along ``axis`` of an int32 NCHW tensor (the indices are
+    in range: ``clip`` is a no-op)."""
+    shape = _channel_shape(4, axis, len(taps.low))
+    terms = [
+        R.multiply(
+            R.take(value, relax.const(index, "int64"), axis=axis, mode="clip"),
+            relax.const(weight.astype(np.int32).reshape(shape), "int32"),
+        )
+        for index, weight in ((taps.low, taps.weight_low), (taps.high, taps.weight_high))
+    ]
+    return R.add(*terms)
+
+
 @LOWERING.register(Op.SPLIT)
 def _split_rule() -> _Rule:
     source = _dq()
@@ -593,6 +639,7 @@ def lower_to_integer(func: relax.Function) -> relax.Function:
         _pool_rule(),
         _clamp_rule(),
         _data_movement_rule(),
+        _bilinear_rule(),
         _split_rule(),
         _lookup_table_rule(),
         _mul_rule(),

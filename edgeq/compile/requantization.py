@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from edgeq.check.records import OpRecord, QuantFacts
 from edgeq.numerics import (
+    bilinear_multiplier,
     conv_multipliers,
     lookup_table,
     product_multiplier,
@@ -85,6 +86,12 @@ def _per_input(record: OpRecord, quant: QuantFacts, what: str) -> Requantization
 def _average(record: OpRecord, quant: QuantFacts, what: str) -> Requantization:
     count = math.prod(record.attrs["kernel"]) if record.op == Op.AVG_POOL2D.value else math.prod(record.input_shapes[0][2:])
     fixed = quantize_multiplier(real_multiplier(quant.input_scales[0], quant.output_scale, count=count), what=what)
+    return Requantization([fixed.multiplier], [fixed.shift], None, "tensor")
+
+
+@REQUANTIZATION.register(Op.UPSAMPLE_BILINEAR2D)
+def _bilinear(record: OpRecord, quant: QuantFacts, what: str) -> Requantization:
+    fixed = bilinear_multiplier(quant.input_scales[0], quant.output_scale, what=what)
     return Requantization([fixed.multiplier], [fixed.shift], None, "tensor")
 
 

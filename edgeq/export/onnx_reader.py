@@ -298,10 +298,13 @@ class _QuantReader:
 
 
 def node_op(node: onnx.NodeProto) -> Op | None:
-    """The op an ONNX node reads as: by its type (:func:`edgeq.ops.op_of_onnx_type`), a ``Gelu`` by its
+    """The op an ONNX node reads as: by its type (:func:`edgeq.ops.op_of_onnx_type`), a ``Resize`` by its ``mode``
+    (``linear`` is ``upsample_bilinear2d``), a ``Gelu`` by its
     ``approximate`` (ONNX's own, opset 20: ``'tanh'`` is ``gelu_tanh``); ``None`` for a type edgeq has no integer op
     for and for a ``FastGelu`` with a bias input (``gelu_tanh(x + bias)`` is not a function of one tensor)."""
     op = op_of_onnx_type(node.op_type)
+    if op is Op.UPSAMPLE_NEAREST2D and node_attributes(node).get("mode", b"nearest") in (b"linear", "linear"):
+        return Op.UPSAMPLE_BILINEAR2D
     if op is Op.GELU and node_attributes(node).get("approximate", b"none") in (b"tanh", "tanh"):
         return Op.GELU_TANH
     if op is Op.GELU_TANH and len(node.input) > 1 and node.input[1]:

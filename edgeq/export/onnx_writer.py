@@ -385,6 +385,18 @@ class _Builder:
         )
         return self._quantize(out, path, args[0].quant)
 
+    @EMITTERS.register(Op.UPSAMPLE_BILINEAR2D)
+    def _bilinear(self, node: fx.Node, op: ops.IntUpsampleBilinear2d, args: list[Any]) -> Any:
+        """``Resize`` (``linear``, to the output's ``sizes``) with the coordinates of docs/numerics.md: ``half_pixel``,
+        whose edge clamping equals torch's clamp at 0, or ``align_corners``."""
+        path = self._path(node)
+        sizes = self._initializer(f"{path}.sizes", np.array(self.values[node].shape, dtype=np.int64))
+        out = self._node(
+            "Resize", [self._dequantize(args[0]), "", "", sizes], f"{path}.out", f"{path}/Resize", mode="linear",
+            coordinate_transformation_mode="align_corners" if op.align_corners else "half_pixel",
+        )
+        return self._quantize(out, path, ops.TensorQuant("int8", (op.output_scale,)))
+
     @EMITTERS.register(*LOOKUP_TABLE_OPS)
     def _lookup_table(self, node: fx.Node, op: ops.IntLookupTable, args: list[Any]) -> Any:
         """The activation's own ONNX op; a gated one (SiLU, Hardswish) as ``Mul(x, g(x))``."""

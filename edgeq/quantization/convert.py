@@ -24,6 +24,7 @@ from edgeq.numerics import (
     FixedPointMultiplier,
     accumulator_bounds,
     bias_scales,
+    bilinear_multiplier,
     check_accumulator_bound,
     conv_multipliers,
     lookup_table,
@@ -53,6 +54,7 @@ from edgeq.quantization.integer_ops import (
     IntMaxPool2d,
     IntMul,
     IntQuantize,
+    IntUpsampleBilinear2d,
     IntUpsampleNearest2d,
     TensorQuant,
 )
@@ -77,6 +79,7 @@ from edgeq.quantization.qat_modules import (
     Multiply,
     QuantizeInput,
     Requantizing,
+    UpsampleBilinear2d,
     UpsampleNearest2d,
 )
 
@@ -318,6 +321,13 @@ class _Converter:
         input_scale, output_scale = self._input_quant(node).scale, self._output_scale(module)
         table = lookup_table(module.op, input_scale, output_scale, module.alpha)
         op = IntLookupTable(module.op, module.alpha, input_scale, output_scale, torch.from_numpy(table))
+        return op, TensorQuant("int8", (output_scale,))
+
+    @CONVERTERS.register(Op.UPSAMPLE_BILINEAR2D)
+    def _bilinear(self, node: fx.Node, module: UpsampleBilinear2d) -> tuple[nn.Module, TensorQuant]:
+        input_scale, output_scale = self._input_quant(node).scale, self._output_scale(module)
+        multiplier = bilinear_multiplier(input_scale, output_scale, what=f"'{node.target}'")
+        op = IntUpsampleBilinear2d(module.size, module.align_corners, input_scale, output_scale, multiplier)
         return op, TensorQuant("int8", (output_scale,))
 
     @CONVERTERS.register(Op.UPSAMPLE_NEAREST2D)

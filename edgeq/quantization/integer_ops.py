@@ -22,6 +22,8 @@ from edgeq.numerics import (
     ACTIVATION_QMAX,
     ACTIVATION_QMIN,
     FixedPointMultiplier,
+    bilinear_accumulate,
+    bilinear_taps,
     dequantize,
     look_up,
     quantize,
@@ -394,6 +396,31 @@ class IntMaxPool2d(nn.Module):
 @INTEGER_OPS.register(Op.UPSAMPLE_NEAREST2D)
 class IntUpsampleNearest2d(UpsampleNearest2d):
     """Nearest-neighbour upsampling by integer factors: pure copies, the same on int8 as on float."""
+
+
+@INTEGER_OPS.register(Op.UPSAMPLE_BILINEAR2D)
+class IntUpsampleBilinear2d(nn.Module):
+    """Bilinear resize to ``size``: the four-tap sum with fixed-point weights (``numerics.bilinear_taps``), then
+    requantization folding the weights' ``2**(2F)`` (docs/numerics.md, "Bilinear resize")."""
+
+    def __init__(
+        self, size: tuple[int, int], align_corners: bool, input_scale: float, output_scale: float, multiplier: FixedPointMultiplier
+    ) -> None:
+        super().__init__()
+        self.size = size
+        self.align_corners = align_corners
+        self.input_scale = input_scale
+        self.output_scale = output_scale
+        self.multiplier = multiplier
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        rows, columns = (bilinear_taps(n, o, self.align_corners) for n, o in zip(value.shape[-2:], self.size))
+        acc = bilinear_accumulate(value, rows, columns)
+        scaled = requantize(acc, self.multiplier.multiplier, self.multiplier.shift)
+        return saturate(scaled, ACTIVATION_QMIN, ACTIVATION_QMAX, torch.int8)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, align_corners={self.align_corners}, {self.input_scale:.4g} -> {self.output_scale:.4g}"
 
 
 @INTEGER_OPS.register(*LOOKUP_TABLE_OPS)

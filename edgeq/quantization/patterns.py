@@ -60,6 +60,7 @@ _MODULE_KINDS: dict[type[nn.Module], OpKind | Op] = {
     nn.AdaptiveAvgPool2d: OpKind.ADAPTIVE_AVGPOOL2D,
     nn.Upsample: OpKind.UPSAMPLE,
     nn.UpsamplingNearest2d: OpKind.UPSAMPLE,
+    nn.UpsamplingBilinear2d: OpKind.UPSAMPLE,
     nn.Sigmoid: Op.SIGMOID,
     nn.Tanh: Op.TANH,
     nn.Hardsigmoid: Op.HARDSIGMOID,
@@ -145,6 +146,7 @@ _METHOD_KINDS: dict[str, OpKind | Op] = {
 SUPPORTED_OPS = (
     "Conv2d (+BatchNorm2d, +ReLU/ReLU6), BatchNorm2d / F.batch_norm anywhere (+ReLU/ReLU6), Linear (+ReLU/ReLU6), add (+ReLU/ReLU6), cat, ReLU, ReLU6, "
     "max_pool2d, avg_pool2d, adaptive_avg_pool2d, mean over H and W, nearest upsample by integer factors, "
+    "bilinear resize (F.interpolate, nn.Upsample, nn.UpsamplingBilinear2d; align_corners either way; no antialias), "
     "Sigmoid, Tanh, Hardsigmoid, Hardswish, SiLU (also x * sigmoid(x)), LeakyReLU, GELU (approximate 'none' or 'tanh'), "
     "product of two tensors, "
     "flatten / view / reshape / transpose / permute / chunk / split / getitem, dropout, stochastic depth"

@@ -23,6 +23,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.fx as fx
@@ -64,6 +65,7 @@ from edgeq.quantization.qat_modules import (
     Multiply,
     QuantizeInput,
     Requantizing,
+    UpsampleBilinear2d,
     UpsampleNearest2d,
 )
 from edgeq.quantization.qconfig import QConfig, QConfigSpec, default_qat_qconfig, qconfig_resolver
@@ -648,15 +650,40 @@ class _Preparer:
 
     @_emits(OpKind.UPSAMPLE)
     def _emit_upsample(self, node: fx.Node) -> fx.Node:
-        mode = self.modules[node.target].mode if node.op == "call_module" else argument(node, 3, "mode", "nearest")
-        if mode != "nearest":
-            raise self._unsupported(node, f"upsampling mode '{mode}' (allowed: 'nearest')")
+        settings = _interpolation(node, self.modules)
+        if settings.mode == "bilinear":
+            return self._emit_bilinear(node, settings)
+        if settings.mode != "nearest":
+            raise self._unsupported(node, f"upsampling mode '{settings.mode}' (allowed: 'nearest', 'bilinear')")
         source = node.args[0]
         in_shape, out_shape = tensor_info(source).shape[-2:], tensor_info(node).shape[-2:]
         if any(o % i for o, i in zip(out_shape, in_shape)):
             raise self._unsupported(node, f"upsampling {in_shape} to {out_shape} is not by integer factors")
         factor = (out_shape[0] // in_shape[0], out_shape[1] // in_shape[1])
         return self._call(self._functional_path(node, "upsample"), UpsampleNearest2d(factor), (source,), node)
+
+    def _emit_bilinear(self, node: fx.Node, settings: _Interpolation) -> fx.Node:
+        """Bilinear resize (docs/numerics.md, "Bilinear resize"): its coordinates are those of the input and output
+        sizes, which torch also uses unless a ``scale_factor`` that does not give the output size exactly drives them
+        (``align_corners=False``)."""
+        source = node.args[0]
+        in_shape, out_shape = tensor_info(source).shape, tensor_info(node).shape
+        if len(in_shape) != 4:
+            raise self._unsupported(node, f"bilinear resize of a {len(in_shape)}-D tensor (allowed: 4-D NCHW)")
+        if settings.antialias:
+            raise self._unsupported(node, "bilinear resize with antialias=True (allowed: antialias=False)")
+        factors = settings.scale_factor
+        if factors is not None and not settings.align_corners and not settings.recompute_scale_factor:
+            factors = factors if isinstance(factors, (tuple, list)) else (factors, factors)
+            if any(Fraction(f) * i != o for f, i, o in zip(factors, in_shape[2:], out_shape[2:])):
+                raise self._unsupported(
+                    node,
+                    f"bilinear resize by scale_factor {tuple(factors)} maps {tuple(in_shape[2:])} to "
+                    f"{tuple(out_shape[2:])} rows and columns inexactly (allowed: factors that give whole sizes, or size=)",
+                )
+        path = self._functional_path(node, "upsample")
+        module = UpsampleBilinear2d(tuple(out_shape[2:]), settings.align_corners, self._quantizer(node, path))
+        return self._call(path, module, (source,), node)
 
     @_emits(OpKind.RELU)
     def _emit_relu(self, node: fx.Node) -> fx.Node:
@@ -756,3 +783,29 @@ def _pooled_size(
             out -= 1
         result.append(out)
     return tuple(result)
+
+
+@dataclass(frozen=True)
+class _Interpolation:
+    """The settings of an ``F.interpolate`` call or an ``nn.Upsample`` / ``nn.Upsampling*2d`` module."""
+
+    mode: str
+    align_corners: bool
+    scale_factor: float | tuple[float, ...] | None
+    recompute_scale_factor: bool
+    antialias: bool
+
+
+def _interpolation(node: fx.Node, modules: dict[str, nn.Module]) -> _Interpolation:
+    """The interpolation settings of an upsample node, whether a module or ``F.interpolate`` (positional or keyword)."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        factor, recompute = module.scale_factor, module.recompute_scale_factor
+        return _Interpolation(module.mode, bool(module.align_corners), factor, bool(recompute), False)
+    return _Interpolation(
+        argument(node, 3, "mode", "nearest"),
+        bool(argument(node, 4, "align_corners", False)),
+        argument(node, 2, "scale_factor"),
+        bool(argument(node, 5, "recompute_scale_factor", False)),
+        bool(argument(node, 6, "antialias", False)),
+    )

@@ -362,6 +362,25 @@ def upsample_nearest(value: torch.Tensor, scale_factor: tuple[int, int]) -> torc
     return value.repeat_interleave(scale_factor[0], dim=-2).repeat_interleave(scale_factor[1], dim=-1)
 
 
+@CANONICAL.register(Op.UPSAMPLE_BILINEAR2D)
+class UpsampleBilinear2d(Requantizing):
+    """Bilinear resize to ``size`` (H, W), as ``F.interpolate(mode='bilinear')`` with ``align_corners``, requantized
+    to its own scale."""
+
+    def __init__(self, size: tuple[int, int], align_corners: bool, output_quantizer: ActivationFakeQuantize) -> None:
+        super().__init__()
+        self.size = size
+        self.align_corners = align_corners
+        self.output_quantizer = output_quantizer
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        resized = F.interpolate(value, size=self.size, mode="bilinear", align_corners=self.align_corners)
+        return self._quantize_output(resized)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, align_corners={self.align_corners}"
+
+
 _TORCH_FUNCTIONS = {
     Op.SIGMOID: lambda value, alpha: torch.sigmoid(value),
     Op.TANH: lambda value, alpha: torch.tanh(value),

@@ -2,8 +2,9 @@
 
 :class:`BudgetScheduler` is MetaSchedule's task scheduler here: it measures next the kernel that promises most,
 ``runs x best time / (1 + trials)`` (the model's time in the kernel, divided by the effort spent on it so far),
-and ends the search once the deadline has passed; MetaSchedule then joins the batch in flight and keeps every
-record. :class:`Progress` is the measure callback that follows each batch.
+ends a kernel whose search proposes no new candidate (MetaSchedule would offer it again and again), and ends the
+search once the deadline has passed; MetaSchedule then joins the batch in flight and keeps every record.
+:class:`Progress` is the measure callback that follows each batch.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class TuningState:
         report: where progress lines go.
         best: best mean time per task so far (seconds), starting with the default's.
         trials: measured candidates per task.
+        exhausted: tasks whose search proposed no new candidate (their space is measured, as far as it finds).
         stopped: the budget ended the search before every kernel had measured its space.
     """
 
@@ -49,6 +51,7 @@ class TuningState:
     report: Callable[[str], None]
     best: list[float] = field(init=False)
     trials: list[int] = field(init=False)
+    exhausted: set[int] = field(default_factory=set)
     stopped: bool = False
 
     def __post_init__(self) -> None:
@@ -74,10 +77,14 @@ class BudgetScheduler(PyTaskScheduler):
         self.running: int | None = None
 
     def next_task_id(self) -> int:
-        tasks = self._outer().tasks_
+        scheduler = self._outer()
+        tasks = scheduler.tasks_
         if self.running is not None and not tasks[self.running].is_terminated:
             self.join_running_task(self.running)  # the batch sent last; MetaSchedule wants it joined first
         self.running = None
+        for index in self.state.exhausted:
+            if not tasks[index].is_terminated:
+                scheduler.terminate_task(index)  # MetaSchedule ends a task only when its search returns nothing at all
         alive = [index for index, task in enumerate(tasks) if not task.is_terminated]
         if not alive:
             return -1
@@ -99,6 +106,9 @@ class Progress(PyMeasureCallback):
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
         state = self.state
+        if not runner_results:
+            state.exhausted.add(task_id)
+            return
         state.trials[task_id] += len(runner_results)
         times = [mean_seconds(result) for result in runner_results]
         state.best[task_id] = min([state.best[task_id], *(t for t in times if t is not None)])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from edgeq.compile.tuning_records import open_database, records_folder
 from edgeq.export.sources import ModelLike
 from edgeq.targets import Target, TargetLike
 from edgeq.tune.measure import InProcessBuilder, Tracker, TuneError, local_runner, mean_seconds
-from edgeq.tune.budget import BudgetScheduler, Progress, TuningState, milliseconds
+from edgeq.tune.budget import BudgetScheduler, Progress, TuningState, clock, milliseconds
 from edgeq.tune.tasks import LOGS, Task, task_log, tuning_tasks
 
 __all__ = ["TuneError", "TuneResult", "TunedKernel", "Tracker", "tune_model"]
@@ -148,17 +149,16 @@ def tune_model(
         raise TuneError(f"{plan.source}: nothing to tune (no int8 convolution or dense kernel)")
     folder = Path(records) if records is not None else records_folder(plan.target.name, machine.llvm)
     database = open_database(folder, create=True)
-    builder = InProcessBuilder(machine)
     runner = tracker.runner() if tracker is not None else local_runner()
-
-    report(f"{len(tasks)} distinct tunable kernels ({sum(t.count for t in tasks)} in the model); measuring their default schedules")
-    defaults = _record_defaults(tasks, dot, llvm_target, builder, runner, database)
-    threads = os.cpu_count() or 1
-    logging.getLogger(METASCHEDULE_LOGGER).setLevel(logging.WARNING)  # MetaSchedule's own lines: warnings only
-    state = TuningState(tasks, defaults, deadline, report)
-    report(f"tuning for {_clock_minutes(deadline - time.monotonic())} on {measured_on}; MetaSchedule's logs: {folder / LOGS}")
-    with contextlib.ExitStack() as logs:
+    with tempfile.TemporaryDirectory(prefix="edgeq-tune-") as scratch, contextlib.ExitStack() as logs:
+        builder = InProcessBuilder(machine, scratch)
+        report(f"{len(tasks)} distinct tunable kernels ({sum(t.count for t in tasks)} in the model); measuring their default schedules")
+        defaults = _record_defaults(tasks, dot, llvm_target, builder, runner, database)
+        logging.getLogger(METASCHEDULE_LOGGER).setLevel(logging.WARNING)  # MetaSchedule's own lines: warnings only
+        state = TuningState(tasks, defaults, deadline, report)
+        report(f"tuning for up to {clock(state.left())} on {measured_on}; MetaSchedule's logs: {folder / LOGS}")
         loggers = [logs.enter_context(task_log(folder / LOGS, index, task)) for index, task in enumerate(tasks)]
+        threads = os.cpu_count() or 1
         contexts = [task.context(llvm_target, dot, threads, seed + i, log) for i, (task, log) in enumerate(zip(tasks, loggers))]
         ms.tune_tasks(
             tasks=contexts,
@@ -178,10 +178,6 @@ def tune_model(
         for task, trials, default in zip(tasks, state.trials, defaults)
     ]
     return TuneResult(folder, plan.target, dict(machine.llvm), measured_on, kernels, time.monotonic() - started)
-
-
-def _clock_minutes(seconds: float) -> str:
-    return f"{max(0.0, seconds) / 60:.1f} min"
 
 
 def _record_defaults(

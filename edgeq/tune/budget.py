@@ -26,7 +26,8 @@ def milliseconds(seconds: float) -> str:
     return f"{seconds * 1e3:.3f} ms"
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """A time left as ``m:ss`` (``0:00`` once spent)."""
     minutes, seconds = divmod(max(0, round(seconds)), 60)
     return f"{minutes}:{seconds:02d}"
 
@@ -118,5 +119,5 @@ class Progress(PyMeasureCallback):
             f"kernel {task_id + 1}/{len(state.tasks)} {task.schedule} x{task.count}: {state.trials[task_id]} trials"
             + (f" ({failed} failed)" if failed else "")
             + f", best {milliseconds(state.best[task_id])} (default {milliseconds(state.defaults[task_id])}); "
-            + f"{_clock(state.left())} left"
+            + f"{clock(state.left())} left"
         )

@@ -35,12 +35,13 @@ class TuneError(EdgeqError):
 
 @derived_object
 class InProcessBuilder(PyBuilder):
-    """Builds each candidate with LLVM in this process and links it for ``machine``."""
+    """Builds each candidate with LLVM in this process and links it for ``machine``, into a new folder of
+    ``folder`` (the caller's to remove)."""
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: Machine, folder: str) -> None:
         super().__init__()
         self.machine = machine
-        self.folder = tempfile.mkdtemp(prefix="edgeq-tune-")
+        self.folder = folder
 
     def build(self, build_inputs: list[BuilderInput]) -> list[BuilderResult]:
         results = []

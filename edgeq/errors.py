@@ -48,3 +48,7 @@ class ModelFileError(EdgeqError):
 
 class CompileError(EdgeqError):
     """A model cannot be compiled for the target (the message names the node and the op)."""
+
+
+class TuneError(EdgeqError):
+    """Tuning cannot start or go on (no tracker, no board with the key, nothing to tune)."""

@@ -100,7 +100,6 @@ class CompileResult:
         lines.append(f"compile time: {sum(self.seconds.values()):.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()) + ")")
         return lines
 
-
     def _schedules_line(self) -> str:
         tunable = [k for k in self.kernels if k.schedule in TUNABLE]
         tuned = sum(k.tuned for k in tunable)

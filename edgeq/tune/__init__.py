@@ -32,10 +32,11 @@ from edgeq.compile import plan_build
 from edgeq.compile.codegen import fused_module
 from edgeq.compile.cpu_features import DotProduct, dot_product
 from edgeq.compile.tuning_records import open_database, records_folder
+from edgeq.errors import TuneError
 from edgeq.export.sources import ModelLike
 from edgeq.targets import Target, TargetLike
-from edgeq.tune.measure import InProcessBuilder, Tracker, TuneError, local_runner, mean_seconds
 from edgeq.tune.budget import BudgetScheduler, Progress, TuningState, clock, milliseconds
+from edgeq.tune.measure import InProcessBuilder, Tracker, local_runner, mean_seconds
 from edgeq.tune.tasks import LOGS, Task, task_log, tuning_tasks
 
 __all__ = ["TuneError", "TuneResult", "TunedKernel", "Tracker", "tune_model"]

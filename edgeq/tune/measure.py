@@ -3,8 +3,8 @@
 Candidates are built in this process (:class:`InProcessBuilder`): MetaSchedule's default builder starts worker
 processes that each import TVM's tensor intrinsics first, longer than a kernel takes to build, and they would
 not know edgeq's own intrinsics. They are timed by MetaSchedule's runners: :func:`local_runner` in a worker
-process here, :func:`rpc_runner` on a board a tracker hands out (libraries for another architecture are linked
-with the cross compiler first).
+process here, :meth:`Tracker.runner` on a board a tracker hands out (libraries for another architecture are
+linked with the cross compiler first).
 """
 
 from __future__ import annotations
@@ -20,17 +20,13 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
 
 from edgeq.compile.codegen import Machine
-from edgeq.errors import EdgeqError
+from edgeq.errors import TuneError
 
 EVALUATOR = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=50, enable_cpu_cache_flush=False)
-"""How a candidate is timed: the median-free mean of 3 repeats of at least 50 ms each (MetaSchedule's
-``run_secs``)."""
+"""How a candidate is timed: 3 repeats, each the mean of enough runs to last 50 ms (MetaSchedule's ``run_secs``;
+edgeq ranks candidates by their mean)."""
 
 RUN_TIMEOUT_SECONDS = 60
-
-
-class TuneError(EdgeqError):
-    """Tuning cannot start or go on (no tracker, no board with the key, nothing to tune)."""
 
 
 @derived_object

@@ -17,6 +17,8 @@ from edgeq.compile.tuning_records import as_workload
 from edgeq.numerics import conv_multipliers
 
 HERE = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
+HERE_DOT = dot_product(tvm.target.Target(HERE))
+"""The dot product the kernels built for ``HERE`` use (what tuned schedules of them tensorize with)."""
 
 
 def kernel_module(shape, out_channels, kernel=3, stride=1, pad=1, groups=1, dense=False, seed=0):
@@ -77,9 +79,9 @@ class SampledSchedules:
         self.seed = seed
         self.decisions: list[str] = []
 
-    def schedule(self, function, dot):
+    def schedule(self, function):
         sch = s_tir.Schedule(as_workload(function), seed=self.seed)
-        design_space(classify(sch), dot, parallel=True)(sch)
+        design_space(classify(sch), HERE_DOT, parallel=True)(sch)
         self.decisions.append(str(sch.trace.decisions))
         return sch
 
@@ -94,9 +96,9 @@ class OtherAlternatives:
     def pick(self, sch, count, default):
         return count - 1
 
-    def schedule(self, function, dot):
+    def schedule(self, function):
         sch = s_tir.Schedule(as_workload(function))
-        SCHEDULES[classify(sch)](sch, dot, True, self)
+        SCHEDULES[classify(sch)](sch, HERE_DOT, True, self)
         return sch
 
 

@@ -35,7 +35,7 @@ from edgeq.compile.compiled_graph import CompiledGraph, build_compiled_graph
 from edgeq.compile.kernel_map import kernel_map
 from edgeq.compile.pipeline import OPT_LEVELS, check_opt_level
 from edgeq.compile.schedules import TUNABLE, KernelSchedule
-from edgeq.compile.tuning_records import TuningRecords, records_folder
+from edgeq.compile.tuning_records import TuningRecords, has_records, records_folder
 from edgeq.compile.npu_program import npu_program
 from edgeq.compile.partition import Partition, TensorSpec, partition
 from edgeq.errors import CompileError
@@ -223,10 +223,7 @@ def _tuning_records(plan: BuildPlan, folder: str | Path | None, tuned: bool) -> 
     if folder is not None:
         return TuningRecords(Path(folder), llvm_target)
     default = records_folder(plan.target.name, plan.machine.llvm)
-    try:
-        return TuningRecords(default, llvm_target)
-    except CompileError:
-        return None
+    return TuningRecords(default, llvm_target) if has_records(default) else None
 
 
 def compile_model(

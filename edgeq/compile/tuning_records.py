@@ -17,7 +17,6 @@ from tvm import s_tir, tirx
 from tvm.s_tir import meta_schedule as ms
 
 from edgeq.compile import intrinsics
-from edgeq.compile.cpu_features import DotProduct
 from edgeq.errors import CompileError
 from edgeq.fileio import cache_dir, make_folder, slug
 
@@ -37,6 +36,11 @@ def as_workload(function: tirx.PrimFunc) -> tvm.IRModule:
     return tvm.IRModule({"main": function.with_attr("global_symbol", "main")})
 
 
+def has_records(folder: Path) -> bool:
+    """Whether ``edgeq tune`` wrote records in ``folder``."""
+    return (Path(folder) / RECORDS).is_file()
+
+
 def open_database(folder: Path, create: bool) -> ms.database.JSONDatabase:
     """The JSON database in ``folder`` (created with the folder if ``create``).
 
@@ -45,7 +49,7 @@ def open_database(folder: Path, create: bool) -> ms.database.JSONDatabase:
             database.
     """
     folder = Path(folder)
-    if not create and not (folder / RECORDS).is_file():
+    if not create and not has_records(folder):
         raise CompileError(f"{folder}: no tuning records here ({RECORDS} missing); run `edgeq tune` first")
     if create:
         make_folder(folder)
@@ -72,11 +76,9 @@ class TuningRecords:
     def __len__(self) -> int:
         return len(self._database)
 
-    def schedule(self, function: tirx.PrimFunc, dot: DotProduct) -> s_tir.Schedule | None:
+    def schedule(self, function: tirx.PrimFunc) -> s_tir.Schedule | None:
         """The best measured schedule of ``function``, or None if it has no record."""
         workload = as_workload(function)
         if not self._database.has_workload(workload):
             return None
-        if dot.intrinsic is not None:
-            intrinsics.registered(dot.intrinsic)  # the traces tensorize with it
         return self._database.query_schedule(workload, self.target, workload_name="main")

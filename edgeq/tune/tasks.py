@@ -24,6 +24,7 @@ from edgeq.compile.cpu_features import DotProduct
 from edgeq.compile.schedules import SCHEDULES, TUNABLE, classify, design_space
 from edgeq.compile.schedules.choices import DEFAULT
 from edgeq.compile.tuning_records import as_workload
+from edgeq.fileio import make_folder
 
 POPULATION = 64
 """Candidates the evolutionary search keeps per generation (each kernel's space has tens of points, not
@@ -117,7 +118,7 @@ def tuning_tasks(fused: tvm.IRModule) -> list[Task]:
 def task_log(folder: Path, index: int, task: Task) -> Iterator[logging.Logger]:
     """A logger writing MetaSchedule's lines about ``task`` to ``folder/<index>-<kernel>.log`` (appended), closed on
     exit."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     handler = logging.FileHandler(folder / f"{index:02d}-{task.name[:100]}.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s"))
     logger = logging.getLogger(f"edgeq.tune.task{index}")

@@ -59,7 +59,7 @@ TUNABLE = ("conv2d", "conv2d_1x1", "depthwise_conv2d", "dense")
 class TunedSchedules(Protocol):
     """Where :func:`schedule_kernels` finds tuned schedules (:class:`edgeq.compile.tuning_records.TuningRecords`)."""
 
-    def schedule(self, function: tirx.PrimFunc, dot: DotProduct) -> s_tir.Schedule | None:
+    def schedule(self, function: tirx.PrimFunc) -> s_tir.Schedule | None:
         """The tuned schedule of ``function``, or None if it has no record."""
         ...
 
@@ -97,7 +97,7 @@ def design_space(name: str, dot: DotProduct, parallel: bool) -> Callable[[s_tir.
 
 def _scheduled(function: tirx.PrimFunc, name: str, dot: DotProduct, parallel: bool, tuned: TunedSchedules | None, kernel: str) -> tirx.PrimFunc:
     """``function`` with its tuned schedule if it has one, else its default schedule, else unchanged."""
-    record = tuned.schedule(function, dot) if tuned is not None and name in TUNABLE else None
+    record = tuned.schedule(function) if tuned is not None and name in TUNABLE else None
     if record is not None:
         return record.mod["main"].with_attr(SCHEDULE_ATTRIBUTE, name).with_attr(TUNED_ATTRIBUTE, True)
     sch = s_tir.Schedule(function)

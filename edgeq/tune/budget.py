@@ -43,7 +43,6 @@ class TuningState:
         best: best mean time per task so far (seconds), starting with the default's.
         trials: measured candidates per task.
         exhausted: tasks whose search proposed no new candidate (their space is measured, as far as it finds).
-        stopped: the budget ended the search before every kernel had measured its space.
     """
 
     tasks: list[Task]
@@ -53,7 +52,6 @@ class TuningState:
     best: list[float] = field(init=False)
     trials: list[int] = field(init=False)
     exhausted: set[int] = field(default_factory=set)
-    stopped: bool = False
 
     def __post_init__(self) -> None:
         self.best = list(self.defaults)
@@ -90,7 +88,6 @@ class BudgetScheduler(PyTaskScheduler):
         if not alive:
             return -1
         if self.state.left() <= 0:
-            self.state.stopped = True
             self.state.report("budget spent: stopping (every record so far is kept)")
             return -1
         self.running = max(alive, key=self.state.promise)

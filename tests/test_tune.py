@@ -151,3 +151,10 @@ def test_tuning_errors_name_what_to_do(tracker, small_cnn, tmp_path, capsys):
     assert "runs on aarch64, not on this machine" in capsys.readouterr().err
     with pytest.raises(CompileError, match="no tuning records here"):
         compile_model(path, out=tmp_path / "x.edgeq", tuning_records=tmp_path)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "database_workload.json").write_text("not json\n")
+    (corrupt / "database_tuning_record.json").write_text("not json\n")
+    with pytest.raises(CompileError, match=r"corrupt: unreadable tuning records .*delete the folder and tune again"):
+        compile_model(path, out=tmp_path / "x.edgeq", tuning_records=corrupt)
+    assert not (tmp_path / "x.edgeq").exists()

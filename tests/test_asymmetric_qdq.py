@@ -20,6 +20,7 @@ from edgeq.errors import ModelFileError
 from edgeq.export.onnx_reader import load_onnx
 from edgeq.export.qoperator import qdq_from_qoperator
 from edgeq.export.peer import session
+from edgeq.run import run_artifact
 from edgeq_runtime import Model
 from models import float_onnx, ort_quantize_static, random_batches
 from qdq_reference import run_qdq_reference
@@ -86,11 +87,17 @@ def float_ops(result: CompileResult) -> set[str]:
     return {name for name in ("R.quantize(", "R.dequantize(") if name in text}
 
 
+def misaligned(array: np.ndarray) -> np.ndarray:
+    """A copy of ``array`` whose data starts one byte past a 64-byte boundary."""
+    buffer = np.empty(array.nbytes + 65, dtype=np.uint8)
+    start = -buffer.ctypes.data % 64 + 1
+    copy = buffer[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
+    copy[...] = array
+    return copy
+
+
 @pytest.mark.parametrize("opt_level", [0, 2])
-def test_artifact_equals_the_int64_reference(ort_file, opt_level, tmp_path, request):
-    if opt_level == 0 and request.node.callspec.params["ort_file"] != "uint8":
-        pytest.skip("known bug (docs/compile.md, 'Known problems'): an unfused build whose first kernel pads the "
-                    "int8 program input crashes on its second run")
+def test_artifact_equals_the_int64_reference(ort_file, opt_level, tmp_path):
     result = compile_model(ort_file, target="x86_64", out=tmp_path / "q.edgeq", opt_level=opt_level, progress=lambda _: None)
     assert not float_ops(result)
     model_file = onnx.load(str(ort_file))
@@ -101,6 +108,23 @@ def test_artifact_equals_the_int64_reference(ort_file, opt_level, tmp_path, requ
             ours = artifact.run({"x": x}, raw=True)[name]
             assert ours.dtype == np.dtype(result.manifest["outputs"][0]["dtype"])
             np.testing.assert_array_equal(ours.astype(np.int64), expected)
+
+
+def test_unaligned_inputs_reach_the_kernels_aligned(ort_file, tmp_path):
+    """An unfused build's first kernel (the zero-point padding of the int8 input) loads the program input with
+    aligned vector instructions: both runtimes hand TVM 64-byte-aligned tensors whatever the caller's array."""
+    result = compile_model(ort_file, target="x86_64", out=tmp_path / "q.edgeq", opt_level=0, progress=lambda _: None)
+    x = next(inputs())
+    np.save(tmp_path / "x.npy", x)
+    with Model.load(result.artifact) as artifact:
+        quantized = artifact.inputs[0].quantize(x)
+        expected = artifact.run({"x": quantized}, raw=True)
+        for _ in range(3):
+            for got, want in zip(artifact.run({"x": misaligned(quantized)}, raw=True).values(), expected.values()):
+                np.testing.assert_array_equal(got, want)
+    run = run_artifact(result.artifact, [str(tmp_path / "x.npy")], tmp_path / "cpp", runtime="cpp", raw=True, say=lambda _: None)
+    for name, path in run.outputs.items():
+        np.testing.assert_array_equal(np.load(path), expected[name])
 
 
 def test_onnx_runtime_agrees_within_one_step(ort_file, tmp_path):

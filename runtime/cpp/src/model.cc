@@ -60,9 +60,14 @@ void UseThreads(int count) {
   configured = count;
 }
 
+// TVM's compiled kernels assume tensor data aligned to this many bytes (kAllocAlignment in TVM's device_api.h)
+// and may use aligned vector loads on a program input: malloc's 16 bytes crash them.
+constexpr size_t kTvmAlignment = 64;
+
 struct HostAllocator {
   void AllocData(DLTensor* tensor) {
-    tensor->data = std::malloc(ffi::GetDataSize(*tensor) ? ffi::GetDataSize(*tensor) : 1);
+    size_t bytes = std::max<size_t>(ffi::GetDataSize(*tensor), 1);
+    tensor->data = std::aligned_alloc(kTvmAlignment, (bytes + kTvmAlignment - 1) / kTvmAlignment * kTvmAlignment);
     if (tensor->data == nullptr) throw Error("out of memory");
   }
   void FreeData(DLTensor* tensor) { std::free(tensor->data); }

@@ -20,6 +20,23 @@ from edgeq_runtime.vm import available_cores, load_vm, pool_threads, thread_coun
 
 _ARCH_NAMES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
+TVM_ALIGNMENT = 64
+"""Bytes TVM's compiled kernels assume their tensors' data is aligned to (``kAllocAlignment`` in TVM's
+``device_api.h``): they may use aligned vector loads on a program input, which crash on a less aligned array."""
+
+
+def aligned(array: np.ndarray) -> np.ndarray:
+    """``array`` as a C-contiguous array whose data starts at a multiple of :data:`TVM_ALIGNMENT` bytes (itself
+    when it already does, else a copy)."""
+    array = np.ascontiguousarray(array)
+    if array.ctypes.data % TVM_ALIGNMENT == 0:
+        return array
+    buffer = np.empty(array.nbytes + TVM_ALIGNMENT, dtype=np.uint8)
+    start = -buffer.ctypes.data % TVM_ALIGNMENT
+    copy = buffer[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
+    copy[...] = array
+    return copy
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -179,9 +196,9 @@ class Model:
         if value.shape != info.shape:
             raise ValueError(f"{self.path}: input '{info.name}' has shape {list(value.shape)}; expected {list(info.shape)}")
         if value.dtype == np.dtype(info.dtype):
-            return np.ascontiguousarray(value)
+            return aligned(value)
         if info.quantized and np.issubdtype(value.dtype, np.floating):
-            return info.quantize(value)
+            return aligned(info.quantize(value))
         raise ValueError(
             f"{self.path}: input '{info.name}' has dtype {value.dtype}; expected {info.dtype}"
             + (" (raw) or a float array to quantize" if info.quantized else "")
@@ -202,7 +219,7 @@ class Model:
 
         arrays = self._prepare(inputs)
         use_threads(self.num_threads)
-        result = self._main(*[tvm_ffi.from_dlpack(a) for a in arrays])
+        result = self._main(*[tvm_ffi.from_dlpack(a, require_alignment=TVM_ALIGNMENT, require_contiguous=True) for a in arrays])
         results = [result] if len(self.outputs) == 1 else list(result)
         outputs = {}
         for info, value in zip(self.outputs, results):

@@ -75,24 +75,27 @@ def run(name: str, runs: int, folder: Path, recalibrate: bool) -> None:
     result = compile_model(integer_model(model, example, TARGET), (example,), target=TARGET, out=folder / f"{name}.edgeq", progress=lambda _: None)
     estimated = estimate_graph(result.graph, load_target(TARGET), str(result.artifact), recalibrate)
     measured = measure(result.artifact, runs=runs)
-    per_call: dict[tuple[str, int], float] = {}
+    per_call: dict[tuple[tuple[str, int], ...], float] = {}  # estimated ms, by the kernel calls ops run in
+    calls: dict[tuple[tuple[str, int], ...], float] = {}  # measured ms, by the same
     for layer in estimated.layers:
-        call = measured.ops.get(layer.name)
-        if call is not None:
-            per_call[(call.region, call.index)] = per_call.get((call.region, call.index), 0.0) + layer.latency_ms
-    calls = {(c.region, c.index): c.seconds * 1e3 for c in measured.calls}
-    keys = sorted(set(per_call) & set(calls))
-    unmapped = sum(ms for key, ms in calls.items() if key not in per_call)
+        key = tuple((c.region, c.index) for c in measured.ops.get(layer.name, ()))
+        if key:
+            per_call[key] = per_call.get(key, 0.0) + layer.latency_ms
+            calls[key] = measured.op_seconds(layer.name) * 1e3
+    keys = sorted(per_call)
+    mapped = {place for key in keys for place in key}
+    unmapped_calls = [c for c in measured.calls if (c.region, c.index) not in mapped]
+    unmapped = sum(c.seconds * 1e3 for c in unmapped_calls)
     total = estimated.summary.latency_ms
     actual = measured.latency_s * 1e3
     rho = spearman([per_call[k] for k in keys], [calls[k] for k in keys])
     print(
         f"{name:13} estimated {total:9.2f} ms  measured {actual:9.2f} ms  error {100 * (total - actual) / actual:+6.1f} %  "
-        f"Spearman {rho:.3f} over {len(keys)} kernel calls (unmapped calls: {len(calls) - len(keys)}, {unmapped:.2f} ms)"
+        f"Spearman {rho:.3f} over {len(keys)} kernels (unmapped calls: {len(unmapped_calls)}, {unmapped:.2f} ms)"
     )
     worst = sorted(keys, key=lambda k: -abs(per_call[k] - calls[k]))[:3]
     for key in worst:
-        ops = [n for n, c in measured.ops.items() if (c.region, c.index) == key]
+        ops = [n for n, c in measured.ops.items() if tuple((x.region, x.index) for x in c) == key]
         print(f"    {ops[0][:48]:48} estimated {per_call[key]:8.3f} ms, measured {calls[key]:8.3f} ms")
 
 

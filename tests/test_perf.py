@@ -20,7 +20,7 @@ from edgeq.perf.calibrate import Calibration, cached_calibration, calibrate, cpu
 from edgeq.perf.estimate import mac_utilisation, spill_bytes
 from edgeq.perf.measure import measure
 from edgeq.targets import TargetKind, list_targets, load_target
-from models import SmallCNN, Wrapped, integer_model
+from models import BilinearResizes, SmallCNN, Wrapped, integer_model
 
 calibration_module = importlib.import_module("edgeq.perf.calibrate")  # the module (edgeq.perf.calibrate is also a function)
 
@@ -150,5 +150,23 @@ def test_calibration_measures_this_machine():
 def test_measured_kernel_calls_map_to_ops(small):
     measured = measure(small.artifact, runs=1)
     assert measured.latency_s > 0 and len(measured.calls) == 7
-    assert measured.ops["conv1/Relu"] == measured.ops["conv1/Conv"] and "conv2d" in measured.ops["conv1/Conv"].kernel
+    assert measured.ops["conv1/Relu"] == measured.ops["conv1/Conv"] and "conv2d" in measured.ops["conv1/Conv"][0].kernel
     assert {c.kernel for c in measured.calls} == {op.kernel for op in small.graph.ops if op.kernel}
+
+
+def test_an_op_built_from_several_kernels_maps_to_all_of_them(tmp_path):
+    """A bilinear resize is gathers then weighted sums per axis: each resize owns its chain of calls, up to the one
+    that requantizes, and the next resize starts its own."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 7, 6)
+    result = compile_model(integer_model(BilinearResizes().eval(), example, "x86_64"), (example,), out=tmp_path / "b.edgeq", simulate=True)
+    measured = measure(result.artifact, runs=1)
+    resizes = [op for op in result.graph.ops if op.op == "upsample_bilinear2d"]
+    assert len(resizes) == 6
+    for op in resizes:
+        calls = measured.ops[op.name]
+        assert len(calls) > 1 and op.kernel == calls[-1].kernel and "right_shift" in op.kernel
+        assert all("right_shift" not in call.kernel for call in calls[:-1])
+    owned = [(c.region, c.index) for calls in measured.ops.values() for c in calls]
+    assert len(set(owned)) == len(measured.calls)  # every call belongs to an op
+    assert measured.op_seconds(resizes[0].name) == sum(c.seconds for c in measured.ops[resizes[0].name])

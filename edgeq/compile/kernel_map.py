@@ -10,7 +10,10 @@ order, so data flow ties the ops to the calls:
 - an op TVM fuses into the kernel that makes its input (an activation, a residual add, a reshape) joins that
   call when the call's name holds its primitive and the call also reads the op's other inputs; else it takes a
   call of its own the same way;
-- an op that needs no kernel (a reshape TVM makes a view) gets none.
+- an op that needs no kernel (a reshape TVM makes a view) gets none;
+- an op TVM builds from several kernels (a bilinear resize: gathers, then weighted sums, per axis) goes on from
+  its first call through the free calls that read only what its calls so far wrote, up to the call that holds
+  its closing primitive (the requantization's shift); its output is that call's.
 
 TVM may order calls differently from the ONNX graph (a residual branch first), which data flow absorbs.
 """
@@ -47,6 +50,9 @@ FUSED_FOLLOWERS = ("relu", "add", "reshape", "transpose")
 
 VIEW_OPS = ("reshape",)
 """Op kinds that need no kernel of their own when TVM can make them a view."""
+
+SPANNING: dict[str, str] = {"upsample_bilinear2d": "right_shift"}
+"""Op kinds TVM builds from several kernels, and the primitive of the kernel that ends each of them."""
 
 _CALL = re.compile(r"^\s*call\s+(\S+)\s+in:(.*?)\s+dst:\s*(\S+)")
 _FUNCTION = re.compile(r"^@(\S+):$")
@@ -97,8 +103,13 @@ def kernel_calls(text: str) -> dict[str, list[KernelCall]]:
     return calls
 
 
+def _names(kernel: str, primitive: str) -> bool:
+    """Whether TVM's name of ``kernel`` holds ``primitive`` (fused kernels are named after their primitives)."""
+    return re.search(rf"(^|_){primitive}\d*(_|$)", kernel) is not None
+
+
 def _holds(kernel: str, kind: str) -> bool:
-    return any(re.search(rf"(^|_){name}\d*(_|$)", kernel) for name in _PRIMITIVES.get(kind, ()))
+    return any(_names(kernel, name) for name in _PRIMITIVES.get(kind, ()))
 
 
 class _Matcher:
@@ -108,17 +119,36 @@ class _Matcher:
         self.graph = graph
         self.calls = calls
         self.location = {tensor: index for index, tensor in enumerate(inputs)}
-        self.placed: dict[str, int] = {}
+        self.placed: dict[str, list[int]] = {}
         self.taken: set[int] = set()
 
     def _register(self, tensor: str) -> int | None:
         if tensor in self.location:
             return self.location[tensor]
-        producer = self.graph.tensors[tensor].producer
-        return self.calls[self.placed[producer]].writes if producer in self.placed else None
+        index = self._producer_call(tensor)
+        return self.calls[index].writes if index is not None else None
 
     def _producer_call(self, tensor: str) -> int | None:
-        return self.placed.get(self.graph.tensors[tensor].producer)
+        """The call that writes ``tensor`` (the last call of its producer)."""
+        calls = self.placed.get(self.graph.tensors[tensor].producer)
+        return calls[-1] if calls else None
+
+    def _span(self, op: Op, first: int, registers: set[int]) -> list[int]:
+        """The calls of an op that starts at call ``first`` (several for a :data:`SPANNING` op)."""
+        span = [first]
+        closing = SPANNING.get(op.op)
+        if closing is None or _names(self.calls[first].kernel, closing):
+            return span
+        readable = registers | {self.calls[first].writes}
+        for index in range(first + 1, len(self.calls)):
+            call = self.calls[index]
+            if index in self.taken or not set(call.reads) <= readable:
+                continue
+            span.append(index)
+            readable.add(call.writes)
+            if _names(call.kernel, closing):
+                break
+        return span
 
     def _own_call(self, op: Op, registers: set[int]) -> int | None:
         for index, call in enumerate(self.calls):
@@ -137,31 +167,34 @@ class _Matcher:
                     continue
                 others = {self._register(t) for t in op.inputs if self._producer_call(t) != index} - {None}
                 if others <= set(self.calls[index].reads):
-                    self.placed[op.name] = index
+                    self.placed[op.name] = [index]
                     return
         index = None if op.op in VIEW_OPS and not registers else self._own_call(op, registers)
         if index is not None:
-            self.placed[op.name] = index
-            self.taken.add(index)
+            span = self._span(op, index, registers)
+            self.placed[op.name] = span
+            self.taken.update(span)
 
 
-def op_calls(calls: dict[str, list[KernelCall]], graph: CompiledGraph) -> dict[str, tuple[str, int]]:
-    """Which kernel call each op of ``graph`` runs in: (region, index in the region's calls), by op name.
+def op_calls(calls: dict[str, list[KernelCall]], graph: CompiledGraph) -> dict[str, tuple[str, list[int]]]:
+    """Which kernel calls each op of ``graph`` runs in: (region, indices in the region's calls; the last one writes
+    the op's output), by op name.
 
     Args:
         calls: the kernel calls of each region (:func:`kernel_calls`).
         graph: the compiled graph.
     """
-    placed: dict[str, tuple[str, int]] = {}
+    placed: dict[str, tuple[str, list[int]]] = {}
     for region in graph.regions:
         matcher = _Matcher(graph, region.inputs, calls.get(region.name, []))
         for name in region.ops:
             matcher.place(graph.op(name))
-        placed.update({name: (region.name, index) for name, index in matcher.placed.items()})
+        placed.update({name: (region.name, indices) for name, indices in matcher.placed.items()})
     return placed
 
 
 def kernel_map(executable: relax.VMExecutable, graph: CompiledGraph) -> dict[str, str]:
-    """The kernel of every op of ``graph`` that has one, by op name (each region is a VM function of its name)."""
+    """The kernel of every op of ``graph`` that has one (the one that writes its output), by op name (each region is
+    a VM function of its name)."""
     calls = kernel_calls(executable.as_text())
-    return {name: calls[region][index].kernel for name, (region, index) in op_calls(calls, graph).items()}
+    return {name: calls[region][indices[-1]].kernel for name, (region, indices) in op_calls(calls, graph).items()}

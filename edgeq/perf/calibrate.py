@@ -239,12 +239,12 @@ def _measure_figures(host: Target, folder: Path) -> CpuFigures:
     result = compile_model(convert_fx(prepared), (example,), target=host.name, out=folder / "calibration.edgeq", progress=lambda _: None)
     measured = measure(result.artifact, runs=5)
     graph = result.graph
-    seconds = {(c.region, c.index): c.seconds for c in measured.calls}
-    anchors = {}  # the kernel call of each op that does the call's main work, by call
+    seconds = {}  # the time of the kernel calls of each op that does the calls' main work, by calls
+    anchors = {}  # that op, by calls
     for op in graph.ops:
-        call = measured.ops.get(op.name)
-        if call is not None and (call.region, call.index) not in anchors:
-            anchors[(call.region, call.index)] = op
+        calls = tuple((c.region, c.index) for c in measured.ops.get(op.name, ()))
+        if calls and calls not in anchors:
+            anchors[calls], seconds[calls] = op, measured.op_seconds(op.name)
     mac_calls = {k: op for k, op in anchors.items() if op.op in ("conv2d", "linear")}
     other_calls = {k: op for k, op in anchors.items() if op.op not in ("conv2d", "linear")}
 

@@ -36,13 +36,18 @@ class Measurement:
     Attributes:
         latency_s: median time of ``main`` (seconds).
         calls: every kernel call of ``main``, in order.
-        ops: the kernel call each op of the compiled graph runs in, by op name (ops that share a fused kernel
-            share its call).
+        ops: the kernel calls each op of the compiled graph runs in, by op name (ops that share a fused kernel
+            share its call; a bilinear resize runs in several).
     """
 
     latency_s: float
     calls: list[TimedCall]
-    ops: dict[str, TimedCall]
+    ops: dict[str, tuple[TimedCall, ...]]
+
+    def op_seconds(self, name: str) -> float | None:
+        """The time of the kernel calls op ``name`` runs in (None when it has none)."""
+        calls = self.ops.get(name)
+        return sum(call.seconds for call in calls) if calls else None
 
 
 def _inputs(graph: CompiledGraph, seed: int = 0) -> list[np.ndarray]:
@@ -101,7 +106,10 @@ def measure(artifact: str | Path, runs: int = 5) -> Measurement:
         for (region, index), times in samples.items()
     ]
     by_place = {(c.region, c.index): c for c in calls}
-    ops = {name: by_place[place] for name, place in op_calls(calls_of, graph).items() if place in by_place}
+    ops = {
+        name: tuple(by_place[(region, index)] for index in indices if (region, index) in by_place)
+        for name, (region, indices) in op_calls(calls_of, graph).items()
+    }
     return Measurement(statistics.median(totals), calls, ops)
 
 

@@ -219,8 +219,9 @@ _RESIZE_MODES = {"nearest": "nearest", "bilinear": "linear"}
 @_emits(F.interpolate, nn.Upsample, nn.UpsamplingBilinear2d, nn.UpsamplingNearest2d)
 def _resize(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
     """``Resize`` with torch's coordinates: nearest takes ``floor(out * in / out_size)`` (``asymmetric``, ``floor``);
-    bilinear is ``pytorch_half_pixel`` (``align_corners`` when set). A ``scale_factor`` torch maps coordinates
-    with goes in as ``scales``; otherwise the result's size as ``sizes``."""
+    bilinear is ``half_pixel`` (``align_corners`` when set; not ``pytorch_half_pixel``, which samples a size of 1 at
+    0 where torch samples the middle). A ``scale_factor`` torch maps coordinates with goes in as ``scales``;
+    otherwise the result's size as ``sizes``."""
     if module is not None:
         mode, align_corners = module.mode, module.align_corners
         scale_factor, recompute = module.scale_factor, module.recompute_scale_factor
@@ -234,7 +235,7 @@ def _resize(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: li
     if mode == "nearest":
         coordinates = {"coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
     else:
-        coordinates = {"coordinate_transformation_mode": "align_corners" if align_corners else "pytorch_half_pixel"}
+        coordinates = {"coordinate_transformation_mode": "align_corners" if align_corners else "half_pixel"}
     if scale_factor is not None and not recompute:
         factors = scale_factor if isinstance(scale_factor, (tuple, list)) else (scale_factor,) * (len(writer.shape) - 2)
         sizing = [writer.constant("scales", [1.0, 1.0, *map(float, factors)])]

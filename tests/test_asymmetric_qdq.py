@@ -12,6 +12,7 @@ import onnx
 import pytest
 import torch
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic
+import torch.nn.functional as F
 from torch import nn
 
 from edgeq.compile import CompileResult, compile_model
@@ -262,3 +263,31 @@ def _qoperator_model(node: onnx.NodeProto) -> onnx.ModelProto:
 def test_qoperator_nodes_edgeq_cannot_rewrite_are_named(node, message):
     with pytest.raises(ModelFileError, match=rf"^m\.onnx: {message}"):
         qdq_from_qoperator(_qoperator_model(node), "m.onnx")
+
+
+class _ResizedByAFactor(nn.Module):
+    """A bilinear resize by 1.5 of 7 columns: 10 columns, sampled at the factor's coordinates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head, self.tail = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(F.interpolate(self.head(x), scale_factor=1.5, mode="bilinear"))
+
+
+def test_a_resize_by_scales_computes_onnx_coordinates(tmp_path):
+    """ONNX Runtime's file keeps torch's ``scales``: edgeq computes that Resize in float at the scale's
+    coordinates (not at the sizes' ratio TVM would take), within one output step of ONNX Runtime."""
+    torch.manual_seed(0)
+    shape = (1, 3, 8, 7)
+    path = ort_quantize_static(float_onnx(_ResizedByAFactor().eval(), torch.randn(shape), tmp_path / "f.onnx"), tmp_path / "q.onnx", random_batches(shape))
+    result = compile_model(path, target="x86_64", out=tmp_path / "q.edgeq", progress=lambda _: None)
+    (resize,) = [n for n in result.report.nodes if n.record.op == "resizelinear"]
+    assert resize.where == "CPU"  # not upsample_bilinear2d: no integer form at these coordinates
+    x = random_batches(shape, count=1, seed=3)[0]
+    (expected,) = session(onnx.load(str(path))).run(None, {"x": x})
+    step = result.manifest["outputs"][0]["quant"]["scale"][0]
+    with Model.load(result.artifact) as artifact:
+        (got,) = artifact.run({"x": x}).values()
+    assert np.abs(got - expected).max() <= step * 1.01

@@ -16,7 +16,8 @@ from torch import nn
 
 from edgeq.check import check_model
 from edgeq.compile import compile_model
-from edgeq.errors import ExportError, UnsupportedOpError
+from edgeq.compile.resize_coordinates import with_resize_coordinates_of_onnx
+from edgeq.errors import CompileError, ExportError, UnsupportedOpError
 from edgeq.export import to_onnx
 from edgeq.export.peer import PEER_PATHS, session
 from edgeq.quantization import DeQuantStub, QuantStub, default_calib_qconfig, prepare_qat_fx
@@ -172,6 +173,8 @@ RESIZES = {
     "nearest-size": functools.partial(F.interpolate, size=(12, 5), mode="nearest"),
     "nearest-x1.5": functools.partial(F.interpolate, scale_factor=1.5, mode="nearest"),
     "Upsample-bilinear-x1.5": nn.Upsample(scale_factor=1.5, mode="bilinear"),
+    # 7 columns by 0.2 is one: torch samples it at the factor's coordinate (column 2), not at column 0
+    "bilinear-to-one-column": functools.partial(F.interpolate, scale_factor=(0.5, 0.2), mode="bilinear"),
 }
 
 
@@ -188,6 +191,32 @@ def test_exported_resize_computes_as_torch(resize, tmp_path):
     (got,) = session(onnx.load(str(path)), PEER_PATHS["float"]).run(None, {"x": x.numpy()})
     scale = int_model.output_quant()[0].scales[0]
     assert_within_float_region_bound(np.round(got / np.float32(scale)), int_model.run_integer(x).numpy())
+
+
+@pytest.mark.parametrize("resize", RESIZES.values(), ids=RESIZES)
+def test_compiled_resize_by_a_scale_samples_where_torch_does(resize, tmp_path):
+    """TVM's importer samples every Resize at the sizes' ratio; a resize by a scale factor that is not it compiles
+    to matrix products at the scale's coordinates, and the artifact gives the integer model's output within the
+    bound (at the wrong coordinates most values move by many steps)."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 8, 7)
+    with pytest.warns(FloatFallbackWarning):
+        int_model = integer_model(Resized(resize).eval(), example, "x86_64")
+    result = compile_model(int_model, (example,), out=tmp_path / "r.edgeq", progress=lambda _: None)
+    x = torch.randn(2, 3, 8, 7)
+    with Model.load(result.artifact) as artifact:
+        (got,) = artifact.run({"x": x.numpy()}, raw=True).values()
+    assert_within_float_region_bound(got, int_model.run_integer(x).numpy())
+
+
+def test_a_resize_by_scales_the_compiler_cannot_sample_is_a_clear_error():
+    source = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 4, 7])
+    target = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 6, 10])
+    scales = onnx.numpy_helper.from_array(np.array([1, 1, 1.5, 1.5], dtype=np.float32), "scales")
+    resize = onnx.helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", mode="cubic")
+    model = onnx.helper.make_model(onnx.helper.make_graph([resize], "g", [source], [target], [scales]))
+    with pytest.raises(CompileError, match=r"Resize 'up': resizing by scales \[1.0, 1.0, 1.5, 1.5\] .* with mode 'cubic', is not supported"):
+        with_resize_coordinates_of_onnx(model)
 
 
 def test_resize_mode_without_a_float_onnx_form_is_a_clear_export_error(tmp_path):

@@ -28,6 +28,7 @@ from tvm.relax.frontend.onnx import from_onnx
 from edgeq.check.report import Placement
 from edgeq.compile.cpu_features import dot_product
 from edgeq.compile.int8_activations import as_int8_activations
+from edgeq.compile.resize_coordinates import with_resize_coordinates_of_onnx
 from edgeq.compile.lower_integer import Conv2dSettings, integer_accumulator
 from edgeq.compile.pipeline import Stage, as_pass, lower_integer, run_stages, split_at, stages
 from edgeq.compile.schedules import KernelSchedule, TunedSchedules, kernel_schedules
@@ -72,10 +73,11 @@ def build_relax_module(partition: Partition, progress: Progress) -> relax.IRModu
 
 
 def _region_function(region: Region) -> relax.Function:
+    model = as_int8_activations(with_resize_coordinates_of_onnx(region.model))
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Renaming name")  # TVM makes ONNX names valid identifiers
-            imported = from_onnx(as_int8_activations(region.model), keep_params_in_input=False)
+            imported = from_onnx(model, keep_params_in_input=False)
     except Exception as error:  # TVM raises many kinds; the node is in its message
         raise CompileError(f"{region.name}: TVM's ONNX frontend failed on ops {region.nodes[:5]}: {error}") from error
     return imported["main"]

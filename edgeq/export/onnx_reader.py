@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,3 +334,19 @@ def node_name(node: onnx.NodeProto) -> str:
 def node_attributes(node: onnx.NodeProto) -> dict[str, Any]:
     """A node's attributes by name, as Python values (a tensor attribute as its ``TensorProto``)."""
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def resize_follows_sizes(node: onnx.NodeProto, constants: dict[str, np.ndarray], source: Sequence[int], target: Sequence[int]) -> bool:
+    """Whether a ``Resize`` from shape ``source`` to ``target`` samples at the coordinates of the sizes' ratio
+    (``out / in`` per axis), as TVM's importer computes every Resize: true for one given ``sizes``, or ``scales``
+    equal to that ratio; false for ``scales`` that differ (torch's ``interpolate(scale_factor=1.5)`` of 7 columns
+    writes 10 columns sampled at ``x / 1.5``, not at ``x * 7 / 10``), or that are not constants."""
+    if len(node.input) < 3 or not node.input[2]:
+        return True
+    scales = constants.get(node.input[2])
+    if scales is None:
+        return False
+    if scales.size == 0:
+        return True
+    ratios = np.asarray(target, dtype=np.float64) / np.asarray(source, dtype=np.float64)
+    return scales.shape == ratios.shape and bool(np.allclose(scales, ratios, rtol=1e-6, atol=0))

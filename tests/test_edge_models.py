@@ -48,9 +48,8 @@ MODELS = {
     "mobilenet_v3_large": EdgeModel(),
     "efficientnet_b0": EdgeModel(),
     "vgg11": EdgeModel(),
-    # densenet121's layers (BN -> ReLU -> Conv after each concat, transitions, the final BN) with two dense
-    # layers per block: compiling all 121 layers takes minutes here; test_densenet121_checks covers its size.
-    "DenseNet": EdgeModel({"block_config": (2, 2, 2, 2)}),
+    # BN -> ReLU -> Conv after each concat, transitions, the final BN; about 100 distinct kernels (2-3 min here).
+    "densenet121": EdgeModel(),
     # ASPP's pooled branch (1x1 back to the map) and the logits back to the input size.
     "deeplabv3_mobilenet_v3_large": EdgeModel(),
     # The logits back to the input size; 32x32 (a 4x4 map at output stride 8) keeps ResNet50's compile short.
@@ -94,12 +93,6 @@ def test_whole_flow(name, tmp_path):
         assert_within_float_region_bound(got, expected)
     else:
         np.testing.assert_array_equal(got, expected)
-
-
-def test_densenet121_checks():
-    model = torchvision_model("densenet121")
-    for target in ("npu-s", "npu-m"):
-        assert check_model(model, (torch.randn(1, 3, SIZE, SIZE),), target=target).deployable
 
 
 NPU_S_REASONS = {"silu": "op_not_on_npu", "sigmoid": "op_not_on_npu", "split": "op_not_on_npu", "max_pool2d": "max_kernel"}

@@ -93,9 +93,9 @@ class CpuFigures(_Strict):
     memory_bytes_per_s: Annotated[float, Field(gt=0)]
     """Bytes read and written per second by elementwise, pooling and data-movement kernels."""
     kernel_overhead_ns: Annotated[float, Field(ge=0)]
-    """Fixed cost of each convolution or linear kernel call (VM dispatch, thread-pool launch)."""
-    memory_kernel_overhead_ns: Annotated[float, Field(ge=0)]
-    """Fixed cost of each other kernel call (elementwise, pooling, data movement)."""
+    """Fixed cost of each kernel call (VM dispatch)."""
+    parallel_overhead_ns: Annotated[float, Field(ge=0)]
+    """Added fixed cost of each call of a kernel that runs on all cores (waking the thread pool)."""
 
 
 NPU_OPS = OP_NAMES

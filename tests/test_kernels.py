@@ -12,6 +12,7 @@ from tvm import relax, s_tir
 from edgeq.compile.codegen import Machine, build_library
 from edgeq.compile.cpu_features import dot_product, dot_product_features, host_target
 from edgeq.compile.lower_integer import Conv2dSettings, _requantize, integer_accumulator
+from edgeq.compile import schedules
 from edgeq.compile.schedules import SCHEDULES, TUNABLE, classify, design_space
 from edgeq.compile.tuning_records import as_workload
 from edgeq.numerics import conv_multipliers
@@ -60,15 +61,28 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_every_kernel_class_is_exact_at_every_level(case, tmp_path):
+def test_every_kernel_class_is_exact_at_every_level(case, tmp_path, monkeypatch):
+    """-O1 on one core; -O2 on one core too (these kernels are small), and on all cores when every kernel is
+    worth it."""
     arguments, schedule = CASES[case]
     module = kernel_module(**arguments)
     x = np.random.default_rng(1).integers(-128, 128, arguments["shape"], dtype=np.int8)
     reference, _ = run(module, 0, x, tmp_path)  # TVM's unscheduled kernel of the same integer program
-    for level in (1, 2):
+    for level, on_all_cores in ((1, False), (2, False), (2, True)):
+        if on_all_cores:
+            monkeypatch.setattr(schedules, "PARALLEL_ITERATIONS", {})
+            monkeypatch.setattr(schedules, "PARALLEL_ITERATIONS_OTHERS", 0)
         output, kernels = run(module, level, x, tmp_path)
         np.testing.assert_array_equal(output, reference)
-        assert [k.schedule for k in kernels] == [schedule]
+        assert [(k.schedule, k.parallel) for k in kernels] == [(schedule, on_all_cores)]
+
+
+def test_kernels_worth_it_run_on_all_cores(tmp_path):
+    """2^20 multiply-accumulates make a convolution worth waking the thread pool for; fewer run on one core."""
+    for size, parallel in ((8, False), (32, True)):  # 16 channels from 16: 8 x 8 x 144 x 16 = 0.15 M; 32 x 32: 2.4 M
+        x = np.zeros((1, 16, size, size), dtype=np.int8)
+        _, kernels = run(kernel_module(x.shape, 16), 2, x, tmp_path)
+        assert [k.parallel for k in kernels] == [parallel]
 
 
 class SampledSchedules:

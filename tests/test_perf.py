@@ -90,6 +90,7 @@ def test_cpu_fallback_and_transitions(tmp_path, monkeypatch):
     outputs = 8 * 8 * 8
     assert stem.compute_ms == pytest.approx((stem.macs / cpu.conv2d_int8_macs_per_s + outputs / cpu.requantized_outputs_per_s) * 1e3)
     assert stem.memory_ms == pytest.approx((3 * 256 + outputs + stem.weight_bytes) / cpu.memory_bytes_per_s * 1e3)
+    assert not stem.parallel  # 75 k multiply-accumulates: one core, no thread-pool wake-up to pay
     assert stem.overhead_ms == pytest.approx(cpu.kernel_overhead_ns * 1e-6)
     (transition,) = result.transitions
     assert (transition.from_region, transition.to_region, transition.bytes) == ("region0_cpu", "region1_npu", outputs)

@@ -126,7 +126,7 @@ def test_tuning_on_this_machine_keeps_the_best_records_within_the_budget(small_c
 
 
 def test_the_budget_goes_first_to_the_kernel_with_most_time_per_trial():
-    tasks = [Task("a", "conv2d", tvm.IRModule(), 1), Task("b", "conv2d", tvm.IRModule(), 3)]
+    tasks = [Task("a", "conv2d", tvm.IRModule(), 1, True), Task("b", "conv2d", tvm.IRModule(), 3, True)]
     state = TuningState(tasks, [0.004, 0.002], time.monotonic() + 60, lambda line: None)
     assert state.promise(1) > state.promise(0)  # 3 runs x 2 ms beat 1 run x 4 ms
     state.trials[1] = 8

@@ -281,7 +281,7 @@ def compile_model(
         library_bytes = library.read_bytes()
     step("codegen")
     graph = build_compiled_graph(plan.qdq, plan.report, plan.partition, plan.machine.arch)
-    graph = graph.with_kernels(kernel_map(built.executable, graph))
+    graph = graph.with_kernels(kernel_map(built.executable, graph), {k.kernel for k in built.kernels if k.parallel})
 
     report_progress(f"write {out_path}")
     resolved, parts, report = plan.target, plan.partition, plan.report

@@ -26,7 +26,7 @@ from edgeq.errors import EdgeqError
 from edgeq.export.onnx_reader import QDQModel, QuantParams, node_attributes, node_name
 from edgeq.compile.requantization import Requantization, requantization
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Version of :meth:`CompiledGraph.to_dict`'s layout; :meth:`CompiledGraph.from_dict` refuses others."""
 
 
@@ -90,6 +90,7 @@ class Op:
         bytes_in, bytes_out, weight_bytes: bytes of ``inputs``, ``outputs`` and ``constants``.
         requantization: integer rescaling constants, None when the op keeps its input's scale.
         kernel: the TVM PrimFunc it landed in (None when it needs no kernel of its own: a reshape is a view).
+        parallel: whether that kernel runs on all cores (small kernels run on one: waking the threads costs more).
         reasons: why it is not on the NPU (empty when it is, or on a CPU target).
         advice: what would move it to the NPU or make it faster.
     """
@@ -110,6 +111,7 @@ class Op:
     weight_bytes: int
     requantization: Requantization | None
     kernel: str | None
+    parallel: bool
     reasons: list[str]
     advice: list[str]
 
@@ -165,9 +167,14 @@ class CompiledGraph:
                 return op
         raise KeyError(name)
 
-    def with_kernels(self, kernels: dict[str, str]) -> CompiledGraph:
-        """The same graph with the kernel of each op named in ``kernels``."""
-        return replace(self, ops=[replace(op, kernel=kernels.get(op.name, op.kernel)) for op in self.ops])
+    def with_kernels(self, kernels: dict[str, str], parallel: set[str]) -> CompiledGraph:
+        """The same graph with the kernel of each op named in ``kernels``; ``parallel``: the kernels that run on all
+        cores."""
+        ops = []
+        for op in self.ops:
+            kernel = kernels.get(op.name, op.kernel)
+            ops.append(replace(op, kernel=kernel, parallel=kernel in parallel))
+        return replace(self, ops=ops)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the content of ``graph.json``."""
@@ -361,6 +368,7 @@ class _Builder:
             weight_bytes=sum(tensors[t].bytes for t in constants),
             requantization=requantization(record),
             kernel=None,
+            parallel=False,
             reasons=[r.message for r in node.reasons],
             advice=node.advice,
         )

@@ -4,11 +4,10 @@ A small calibration network (dense 3x3 and 1x1 convolutions, a depthwise convolu
 pooling and a global average pool) is quantized, compiled for this machine like any model, and run; each
 kernel's time (:mod:`.measure`) gives a figure of :class:`~edgeq.targets.CpuFigures`:
 
-- convolution and linear kernels: a non-negative least-squares fit of their times to
-  ``kernel_overhead + dense MACs / conv2d rate + depthwise MACs / depthwise rate + linear MACs / linear rate +
-  output elements / requantized_outputs_per_s``;
-- the other kernels (pooling, requantization): a fit of their times to ``memory_kernel_overhead + bytes read
-  and written / memory_bytes_per_s``.
+a non-negative least-squares fit of all the calls' times to ``kernel_overhead + parallel_overhead x [runs on
+all cores] + dense MACs / conv2d rate + depthwise MACs / depthwise rate + linear MACs / linear rate + output
+elements / requantized_outputs_per_s`` (convolution and linear kernels) or ``... + bytes read and written /
+memory_bytes_per_s`` (the others: pooling, requantization).
 
 A figure the fit cannot tell apart from the overhead (a rate so high its term fits as zero) keeps the target's
 nominal value.
@@ -245,22 +244,20 @@ def _measure_figures(host: Target, folder: Path) -> CpuFigures:
         calls = tuple((c.region, c.index) for c in measured.ops.get(op.name, ()))
         if calls and calls not in anchors:
             anchors[calls], seconds[calls] = op, measured.op_seconds(op.name)
-    mac_calls = {k: op for k, op in anchors.items() if op.op in ("conv2d", "linear")}
-    other_calls = {k: op for k, op in anchors.items() if op.op not in ("conv2d", "linear")}
 
     def row(op) -> list[float]:
         outputs = math.prod(graph.tensors[op.outputs[0]].shape)
+        mac_op = op.op in ("conv2d", "linear")
         dense = op.macs if op.op == "conv2d" and op.attributes["groups"] == 1 else 0
         grouped = op.macs if op.op == "conv2d" and op.attributes["groups"] > 1 else 0
-        return [1.0, dense, grouped, op.macs if op.op == "linear" else 0, outputs]
+        linear = op.macs if op.op == "linear" else 0
+        moved = 0 if mac_op else op.bytes_in + op.bytes_out
+        return [1.0, float(op.parallel), dense, grouped, linear, outputs if mac_op else 0, moved]
 
-    overhead, per_dense, per_grouped, per_linear, per_output = fit_nonnegative(
-        [row(op) for op in mac_calls.values()], [seconds[k] for k in mac_calls]
+    overhead, parallel, per_dense, per_grouped, per_linear, per_output, per_byte = fit_nonnegative(
+        [row(op) for op in anchors.values()], [seconds[k] for k in anchors]
     )
-    memory_overhead, per_byte = fit_nonnegative(
-        [[1.0, op.bytes_in + op.bytes_out] for op in other_calls.values()], [seconds[k] for k in other_calls]
-    )
-    logger.debug("calibration fit: %s", [overhead, per_dense, per_grouped, per_linear, per_output, memory_overhead, per_byte])
+    logger.debug("calibration fit: %s", [overhead, parallel, per_dense, per_grouped, per_linear, per_output, per_byte])
 
     def rate(per_unit: float, nominal: float) -> float:
         return 1 / per_unit if per_unit > 0 else nominal  # too fast to tell apart from the overhead
@@ -274,5 +271,5 @@ def _measure_figures(host: Target, folder: Path) -> CpuFigures:
         float32_macs_per_s=figures.float32_macs_per_s,
         memory_bytes_per_s=rate(per_byte, figures.memory_bytes_per_s),
         kernel_overhead_ns=overhead * 1e9,
-        memory_kernel_overhead_ns=memory_overhead * 1e9,
+        parallel_overhead_ns=parallel * 1e9,
     )

@@ -91,6 +91,7 @@ class _Estimator:
             placement=op.placement,
             region=op.region,
             kernel=op.kernel,
+            parallel=op.parallel,
             fused=fused,
             macs=op.macs,
             ops=op.ops,
@@ -153,14 +154,10 @@ class _Estimator:
         if op.kernel is None:  # a view: no kernel, no cost
             return self._estimate(op, fused, 0.0, 0.0, 0.0, dram=0)
         moved = 0 if fused else op.bytes_in + op.bytes_out + op.weight_bytes
+        compute = op.macs / self._mac_rate(op)
         if op.op in ("conv2d", "linear"):
-            outputs = sum(math.prod(self.graph.tensors[t].shape) for t in op.outputs)
-            compute = op.macs / self._mac_rate(op) + outputs / self.cpu.requantized_outputs_per_s
-            overhead = self.cpu.kernel_overhead_ns
-        else:
-            compute = op.macs / self._mac_rate(op)
-            overhead = self.cpu.memory_kernel_overhead_ns
-        overhead = 0.0 if fused else overhead * 1e-9
+            compute += sum(math.prod(self.graph.tensors[t].shape) for t in op.outputs) / self.cpu.requantized_outputs_per_s
+        overhead = 0.0 if fused else (self.cpu.kernel_overhead_ns + op.parallel * self.cpu.parallel_overhead_ns) * 1e-9
         return self._estimate(op, fused, compute, moved / self.cpu.memory_bytes_per_s, overhead, dram=moved)
 
     def transitions(self) -> list[TransitionEstimate]:

@@ -22,7 +22,7 @@ class LayerEstimate:
     """One op of the compiled graph, costed.
 
     Attributes:
-        name, op, placement, region, kernel: as in the compiled graph.
+        name, op, placement, region, kernel, parallel: as in the compiled graph.
         fused: the op runs inside the kernel of the op that makes its input (no call, no memory traffic of its own).
         macs, ops: multiply-accumulates and other elementary operations.
         weight_bytes, bytes_in, bytes_out: weights and activations the op reads and writes.
@@ -41,6 +41,7 @@ class LayerEstimate:
     placement: str
     region: str
     kernel: str | None
+    parallel: bool
     fused: bool
     macs: int
     ops: int

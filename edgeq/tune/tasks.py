@@ -12,7 +12,7 @@ import importlib.util
 import logging
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import tvm
@@ -21,7 +21,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import meta_schedule as ms
 
 from edgeq.compile.cpu_features import DotProduct
-from edgeq.compile.schedules import SCHEDULES, TUNABLE, classify, design_space
+from edgeq.compile.schedules import SCHEDULES, TUNABLE, classify, design_space, worth_parallel
 from edgeq.compile.schedules.choices import DEFAULT
 from edgeq.compile.tuning_records import as_workload
 from edgeq.fileio import make_folder
@@ -59,24 +59,26 @@ class Task:
         schedule: its schedule's name (``conv2d``, ``conv2d_1x1``, ``depthwise_conv2d``, ``dense``).
         workload: the kernel as MetaSchedule tunes it (:func:`edgeq.compile.tuning_records.as_workload`).
         count: how many kernels of the model have this structure.
+        parallel: whether its tiles run on all cores (:func:`edgeq.compile.schedules.worth_parallel`).
     """
 
     name: str
     schedule: str
     workload: tvm.IRModule
     count: int
+    parallel: bool
 
     def default_schedule(self, dot: DotProduct) -> s_tir.Schedule:
         """The kernel with its default schedule, traced (the first record of every task)."""
         sch = s_tir.Schedule(self.workload)
-        SCHEDULES[self.schedule](sch, dot, True, DEFAULT)
+        SCHEDULES[self.schedule](sch, dot, self.parallel, DEFAULT)
         return sch
 
     def context(self, target: tvm.target.Target, dot: DotProduct, threads: int, seed: int, logger: logging.Logger) -> ms.TuneContext:
         """The task as MetaSchedule's tuning context: its design space with every decision sampled."""
         _without_tvm_intrinsics()
         space = ms.space_generator.ScheduleFn(
-            design_space(self.schedule, dot, parallel=True),
+            design_space(self.schedule, dot, self.parallel),
             sch_rules=[],
             postprocs=[],
             mutator_probs={ms.mutator.MutateTileSize(): 1.0},
@@ -101,16 +103,16 @@ def tuning_tasks(fused: tvm.IRModule) -> list[Task]:
     for global_var, function in sorted(fused.functions.items(), key=lambda item: item[0].name_hint):
         if not isinstance(function, tirx.PrimFunc):
             continue
-        schedule = classify(s_tir.Schedule(function))
+        unscheduled = s_tir.Schedule(function)
+        schedule = classify(unscheduled)
         if schedule not in TUNABLE:
             continue
         workload = as_workload(function)
         same = next((i for i, task in enumerate(found) if tvm_ffi.structural_equal(task.workload, workload)), None)
         if same is None:
-            found.append(Task(global_var.name_hint, schedule, workload, 1))
+            found.append(Task(global_var.name_hint, schedule, workload, 1, worth_parallel(unscheduled, schedule)))
         else:
-            task = found[same]
-            found[same] = Task(task.name, task.schedule, task.workload, task.count + 1)
+            found[same] = replace(found[same], count=found[same].count + 1)
     return found
 
 

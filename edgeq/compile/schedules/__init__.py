@@ -14,6 +14,7 @@ decisions from a :class:`~.choices.Choices`. A kernel with a record in the tunin
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -33,6 +34,17 @@ SCHEDULE_ATTRIBUTE = "edgeq.schedule"
 
 TUNED_ATTRIBUTE = "edgeq.tuned"
 """PrimFunc attribute set on a kernel whose schedule came from tuning records."""
+
+PARALLEL_ATTRIBUTE = "edgeq.parallel"
+"""PrimFunc attribute set on a kernel whose tiles run on all cores."""
+
+PARALLEL_ITERATIONS = {"conv2d": 1 << 20, "conv2d_1x1": 1 << 20, "dense": 1 << 20}
+"""Iterations (:func:`iterations`) from which a kernel runs on all cores, by schedule (others:
+:data:`PARALLEL_ITERATIONS_OTHERS`). Waking the thread pool costs about 10 us per call on a 2-core VM, more than a
+small kernel's work: a digits-sized model runs 6x faster with its kernels on one core. The blocked int8 kernels
+do about 16 multiply-accumulates per instruction, the others one or a few operations."""
+
+PARALLEL_ITERATIONS_OTHERS = 1 << 18
 
 Schedule = Callable[[s_tir.Schedule, DotProduct, bool, Choices], None]
 
@@ -71,6 +83,7 @@ class KernelSchedule:
     kernel: str
     schedule: str
     tuned: bool
+    parallel: bool
 
 
 def classify(sch: s_tir.Schedule) -> str:
@@ -89,6 +102,21 @@ def classify(sch: s_tir.Schedule) -> str:
     return "pool" if reductions else "elementwise"
 
 
+def iterations(sch: s_tir.Schedule) -> int:
+    """The scalar iterations of a kernel's blocks (``sch``, unscheduled): the multiply-accumulates of a
+    convolution, the elements of each step of an elementwise chain."""
+    total = 0
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        total += math.prod(int(var.dom.extent) for var in sch.get(block).iter_vars)
+    return total
+
+
+def worth_parallel(sch: s_tir.Schedule, name: str) -> bool:
+    """Whether the kernel in ``sch`` (unscheduled, of schedule ``name``) does enough work to run on all cores
+    (:data:`PARALLEL_ITERATIONS`)."""
+    return iterations(sch) >= PARALLEL_ITERATIONS.get(name, PARALLEL_ITERATIONS_OTHERS)
+
+
 def design_space(name: str, dot: DotProduct, parallel: bool) -> Callable[[s_tir.Schedule], None]:
     """The tuner's search space of a :data:`TUNABLE` kernel: its schedule with every decision sampled."""
     schedule = SCHEDULES[name]
@@ -98,28 +126,31 @@ def design_space(name: str, dot: DotProduct, parallel: bool) -> Callable[[s_tir.
 def _scheduled(function: tirx.PrimFunc, name: str, dot: DotProduct, parallel: bool, tuned: TunedSchedules | None, kernel: str) -> tirx.PrimFunc:
     """``function`` with its tuned schedule if it has one, else its default schedule, else unchanged."""
     record = tuned.schedule(function) if tuned is not None and name in TUNABLE else None
-    if record is not None:
-        return record.mod["main"].with_attr(SCHEDULE_ATTRIBUTE, name).with_attr(TUNED_ATTRIBUTE, True)
+    if record is not None:  # searched on all cores or on one as the kernel was then: its trace says which
+        on_all_cores = any(inst.kind.name == "Parallel" for inst in record.trace.insts)
+        return record.mod["main"].with_attr(SCHEDULE_ATTRIBUTE, name).with_attr(TUNED_ATTRIBUTE, True).with_attr(PARALLEL_ATTRIBUTE, on_all_cores)
     sch = s_tir.Schedule(function)
     try:
         SCHEDULES[name](sch, dot, parallel, DEFAULT)
     except Exception as error:  # noqa: BLE001 - TVM raises many kinds; the kernel keeps its default form
         logger.warning("kernel %s: the %s schedule failed, keeping the default: %s", kernel, name, error)
-        return function.with_attr(SCHEDULE_ATTRIBUTE, "default")
-    return sch.mod["main"].with_attr(SCHEDULE_ATTRIBUTE, name)
+        return function.with_attr(SCHEDULE_ATTRIBUTE, "default").with_attr(PARALLEL_ATTRIBUTE, False)
+    return sch.mod["main"].with_attr(SCHEDULE_ATTRIBUTE, name).with_attr(PARALLEL_ATTRIBUTE, parallel)
 
 
 def schedule_kernels(dot: DotProduct, parallel: bool, tuned: TunedSchedules | None = None) -> tvm.transform.Pass:
-    """The module pass applying the schedules (``parallel``: run tiles on all cores): a kernel's tuned schedule
-    from ``tuned`` if it has one, else its default schedule."""
+    """The module pass applying the schedules (``parallel``: run the tiles of kernels worth it on all cores,
+    :func:`worth_parallel`): a kernel's tuned schedule from ``tuned`` if it has one, else its default schedule."""
 
     @tvm.transform.module_pass(opt_level=0, name="edgeq.ScheduleKernels")
     def run(module: tvm.IRModule, _context: tvm.transform.PassContext) -> tvm.IRModule:
         for global_var, function in list(module.functions.items()):
             if not isinstance(function, tirx.PrimFunc) or SCHEDULE_ATTRIBUTE in (function.attrs or {}):
                 continue
-            name = classify(s_tir.Schedule(function))
-            module[global_var] = _scheduled(function, name, dot, parallel, tuned, global_var.name_hint)
+            unscheduled = s_tir.Schedule(function)
+            name = classify(unscheduled)
+            on_all_cores = parallel and worth_parallel(unscheduled, name)
+            module[global_var] = _scheduled(function, name, dot, on_all_cores, tuned, global_var.name_hint)
         return module
 
     return run
@@ -131,5 +162,12 @@ def kernel_schedules(module: tvm.IRModule) -> list[KernelSchedule]:
     for global_var, function in module.functions.items():
         attrs = (function.attrs or {}) if isinstance(function, tirx.PrimFunc) else {}
         if SCHEDULE_ATTRIBUTE in attrs:
-            found.append(KernelSchedule(global_var.name_hint, str(attrs[SCHEDULE_ATTRIBUTE]), bool(attrs.get(TUNED_ATTRIBUTE, False))))
+            found.append(
+                KernelSchedule(
+                    global_var.name_hint,
+                    str(attrs[SCHEDULE_ATTRIBUTE]),
+                    bool(attrs.get(TUNED_ATTRIBUTE, False)),
+                    bool(attrs.get(PARALLEL_ATTRIBUTE, False)),
+                )
+            )
     return sorted(found, key=lambda k: k.kernel)

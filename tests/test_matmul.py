@@ -22,33 +22,8 @@ from edgeq.quantization.prepare import FloatFallbackWarning
 from edgeq.quantization.qat_modules import MatMul
 from edgeq.run import run_artifact
 from edgeq_runtime import Model
-from models import assert_within_float_region_bound, integer_model
+from models import DIM, HEADS, TOKENS, AttentionBlock, assert_within_float_region_bound, integer_model
 from reference import run_reference
-
-TOKENS, DIM, HEADS = 5, 12, 3
-
-
-class AttentionBlock(nn.Module):
-    """A tiny ViT block: qkv Linear, ``q @ k^T`` per batch and head, times the head scale and softmax (both float
-    fallback), ``@ v``, the heads merged and a Linear; the scores leave through a DeQuantStub of their own."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.quant = QuantStub()
-        self.qkv = nn.Linear(DIM, 3 * DIM)
-        self.proj = nn.Linear(DIM, DIM)
-        self.scale = (DIM // HEADS) ** -0.5
-        self.dequant = DeQuantStub()
-        self.dequant_scores = DeQuantStub()
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.quant(x)
-        q, k, v = self.qkv(x).reshape(-1, TOKENS, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
-        scores = q @ k.transpose(-2, -1)
-        attention = (scores * self.scale).softmax(dim=-1)
-        mixed = torch.matmul(attention, v).transpose(1, 2).reshape(-1, TOKENS, DIM)
-        return self.dequant(self.proj(mixed)), self.dequant_scores(scores)
-
 
 EXAMPLE = torch.randn(2, TOKENS, DIM)
 
@@ -110,6 +85,11 @@ def test_a_matmul_with_a_parameter_keeps_todays_error():
 
     with pytest.raises(QuantizationError, match=r"matmul '.*': mixes quantized input 'quant' with float input 'weight'"):
         prepare_qat_fx(WithParameter(), example_inputs=(torch.randn(2, 12),), target="x86_64")
+
+
+def test_a_product_of_vectors_stays_float_with_the_reason():
+    with pytest.warns(FloatFallbackWarning, match=r"matmul '.*': matrix product of 1-D and 2-D tensors \(allowed: 2-D or more\)"):
+        prepare_qat_fx(Product(torch.matmul), example_inputs=(torch.randn(12), torch.randn(12, 4)), target="x86_64")
 
 
 def test_a_reduction_too_long_for_int32_is_a_clear_error():

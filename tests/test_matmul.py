@@ -17,6 +17,7 @@ from edgeq.compile import compile_model
 from edgeq.errors import QuantizationError
 from edgeq.export import to_onnx
 from edgeq.quantization import DeQuantStub, QuantStub, calibrate, convert_fx, prepare_qat_fx
+from edgeq.quantization.capture import CAPTURE_ATTRIBUTE, Capture
 from edgeq.quantization.integer_model import IntegerModel
 from edgeq.quantization.prepare import FloatFallbackWarning
 from edgeq.quantization.qat_modules import MatMul
@@ -169,3 +170,32 @@ def test_compiled_attention_equals_the_integer_model(attention, target, tmp_path
     run = run_artifact(result.artifact, [str(tmp_path / "x.npy")], tmp_path / "cpp", runtime="cpp", raw=True, say=lambda _: None)
     for name, path in run.outputs.items():
         np.testing.assert_array_equal(np.load(path), got[name])
+
+
+class Products(nn.Module):
+    """q @ k^T and its product with v, of a qkv Linear's chunks; ``as_list``: ``list(...chunk(3, -1))``, which torch.fx
+    cannot trace (torch.export captures it: ``aten.bmm``, ``aten.matmul``)."""
+
+    def __init__(self, as_list: bool) -> None:
+        super().__init__()
+        self.as_list = as_list
+        self.quant, self.qkv, self.dequant = QuantStub(), nn.Linear(DIM, 3 * DIM), DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = self.qkv(self.quant(x)).chunk(3, -1)
+        q, k, v = list(parts) if self.as_list else parts
+        return self.dequant(torch.bmm(q, k.transpose(1, 2)) @ v)
+
+
+def test_torch_export_captures_the_products_alike():
+    torch.manual_seed(0)
+    listed = Products(as_list=True).eval()
+    unpacked = Products(as_list=False).eval()
+    unpacked.load_state_dict(listed.state_dict())
+    batches = [torch.randn(2, TOKENS, DIM) for _ in range(3)]
+    prepared = [calibrate(m, batches, example_inputs=(EXAMPLE,), target="npu-m") for m in (listed, unpacked)]
+    assert [getattr(p, CAPTURE_ATTRIBUTE) for p in prepared] == [Capture.EXPORT, Capture.FX]
+    assert all(sum(isinstance(m, MatMul) for m in p.modules()) == 2 for p in prepared)
+    x = torch.randn(2, TOKENS, DIM)
+    got, expected = (convert_fx(p).run_integer(x).numpy() for p in prepared)
+    np.testing.assert_array_equal(got, expected)

@@ -1,6 +1,6 @@
 """Third-party QDQ files with zero points (ONNX Runtime's ``quantize_static``) compile to integer kernels and
 compute docs/numerics.md section 9 exactly: the artifact equals an independent int64 reference bit for bit, and
-ONNX Runtime within one step."""
+ONNX Runtime within one step per op."""
 
 from __future__ import annotations
 

@@ -229,17 +229,46 @@ def conv_multipliers(
     ]
 
 
+def product_accumulator_bound(reduction_size: int = 1, zero_points: Sequence[int] = (0, 0)) -> int:
+    """The largest ``|acc|`` of a sum of ``reduction_size`` products of two int8 activations:
+    ``K * max|a - z_a| * max|b - z_b|`` (``K * 128 * 128`` without zero points; ``K = 1`` for an elementwise
+    product)."""
+    return reduction_size * math.prod(largest_input_magnitude(z) for z in zero_points)
+
+
 def product_multiplier(
-    input_scales: Sequence[float], output_scale: float, *, what: str, zero_points: Sequence[int] = (0, 0)
+    input_scales: Sequence[float],
+    output_scale: float,
+    *,
+    what: str,
+    zero_points: Sequence[int] = (0, 0),
+    reduction_size: int = 1,
 ) -> FixedPointMultiplier:
-    """The multiplier of an elementwise product ``a * b``: ``m = s_a * s_b / s_out``; ``|a - z_a| * |b - z_b|``
-    (``128 * 128`` without zero points) bounds it (a factor too small for a shift is 0 where that proves it
-    exact, as for conv)."""
+    """The multiplier of a product of two activations, elementwise (``a * b``) or summed over ``reduction_size``
+    products (a matmul): ``m = s_a * s_b / s_out``; :func:`product_accumulator_bound` bounds the accumulator (a
+    factor too small for a shift is 0 where that proves it exact, as for conv)."""
     return quantize_multiplier(
         real_multiplier(input_scales[0], output_scale, input_scales[1]),
         what=what,
-        accumulator_bound=math.prod(largest_input_magnitude(z) for z in zero_points),
+        accumulator_bound=product_accumulator_bound(reduction_size, zero_points),
     )
+
+
+def check_product_accumulator_bound(reduction_size: int, zero_points: Sequence[int] = (0, 0), *, what: str) -> None:
+    """Prove that the int32 accumulator of a matmul of two activations cannot overflow:
+    ``K * 128 * 128 <= 2**31 - 1`` (that is ``K <= 131071``; with zero points, :func:`product_accumulator_bound`).
+
+    Raises:
+        QuantizationError: the bound is exceeded, naming ``what``, K and the bound.
+    """
+    bound = product_accumulator_bound(reduction_size, zero_points)
+    if bound > INT32_MAX:
+        largest = INT32_MAX // product_accumulator_bound(1, zero_points)
+        raise QuantizationError(
+            f"{what}: int32 accumulator may overflow; got {reduction_size} products of two int8 activations per "
+            f"output, bound {bound} (allowed: <= {INT32_MAX}, that is at most {largest} products). Split the "
+            "product along its reduction axis"
+        )
 
 
 def bias_scales(input_scale: float, weight_scales: Sequence[float]) -> list[float]:

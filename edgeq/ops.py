@@ -26,7 +26,8 @@ class OpInfo:
 
     Attributes:
         onnx_types: the ONNX op types that read as this op between DequantizeLinear and QuantizeLinear (the
-            check refines some by their attributes, e.g. ``Resize`` by its mode, ``Gelu`` by its approximation).
+            check refines some by their attributes, e.g. ``Resize`` by its mode, ``Gelu`` by its approximation, and
+            ``MatMul`` by its inputs: a weight makes it ``linear``, a second activation ``matmul``).
         movement: the op only moves int8 values (same scale in and out): there is no canonical QAT op and no
             integer op for it, the fx node is kept as the user wrote it.
         weighted: int8 per-channel weights and an int32 bias; the output may be int32.
@@ -62,6 +63,7 @@ class Op(str, Enum):
     UPSAMPLE_NEAREST2D = "upsample_nearest2d"
     UPSAMPLE_BILINEAR2D = "upsample_bilinear2d"
     MUL = "mul"
+    MATMUL = "matmul"
     SIGMOID = "sigmoid"
     TANH = "tanh"
     HARDSIGMOID = "hardsigmoid"
@@ -93,6 +95,7 @@ _INFO: dict[Op, OpInfo] = {
     Op.UPSAMPLE_NEAREST2D: OpInfo(("Resize",), npu_limits=True),
     Op.UPSAMPLE_BILINEAR2D: OpInfo(("Resize",), requantizes=True),
     Op.MUL: OpInfo(("Mul",), requantizes=True),
+    Op.MATMUL: OpInfo(("MatMul",), requantizes=True),
     Op.SIGMOID: OpInfo(("Sigmoid",), requantizes=True, lookup_table=True),
     Op.TANH: OpInfo(("Tanh",), requantizes=True, lookup_table=True),
     Op.HARDSIGMOID: OpInfo(("HardSigmoid",), requantizes=True, lookup_table=True),
@@ -114,7 +117,7 @@ OP_NAMES: tuple[str, ...] = tuple(op.value for op in Op)
 def op_of_onnx_type(op_type: str) -> Op | None:
     """The op an ONNX node of ``op_type`` reads as (``None`` for a type edgeq has no integer op for): the first op
     that declares the type; ``edgeq.export.onnx_reader.node_op`` refines it by the node's attributes (a ``Resize``
-    of mode ``linear`` is ``upsample_bilinear2d``)."""
+    of mode ``linear`` is ``upsample_bilinear2d``) and inputs (a ``MatMul`` of two activations is ``matmul``)."""
     return _BY_ONNX_TYPE.get(op_type)
 
 

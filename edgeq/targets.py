@@ -85,7 +85,7 @@ class CpuFigures(_Strict):
     depthwise_int8_macs_per_s: Annotated[float, Field(gt=0)]
     """Grouped and depthwise int8 convolutions."""
     linear_int8_macs_per_s: Annotated[float, Field(gt=0)]
-    """int8 matrix multiplications (linear layers)."""
+    """int8 matrix multiplications (linear layers, matmuls of two activations)."""
     requantized_outputs_per_s: Annotated[float, Field(gt=0)]
     """Output elements a convolution or linear kernel requantizes (fixed-point multiply, round, clamp) per second."""
     float32_macs_per_s: Annotated[float, Field(gt=0)]

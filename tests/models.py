@@ -131,6 +131,32 @@ class GeluBlocks(nn.Module):
         return self.dequant(self.head(tokens.flatten(1)))
 
 
+TOKENS, DIM, HEADS = 5, 12, 3
+"""AttentionBlock's tokens, their dimensions and its heads: odd sizes."""
+
+
+class AttentionBlock(nn.Module):
+    """A tiny ViT block: qkv Linear, ``q @ k^T`` per batch and head, times the head scale and softmax (both float
+    fallback), ``@ v``, the heads merged and a Linear; the scores leave through a DeQuantStub of their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = QuantStub()
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.proj = nn.Linear(DIM, DIM)
+        self.scale = (DIM // HEADS) ** -0.5
+        self.dequant = DeQuantStub()
+        self.dequant_scores = DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.quant(x)
+        q, k, v = self.qkv(x).reshape(-1, TOKENS, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-2, -1)
+        attention = (scores * self.scale).softmax(dim=-1)
+        mixed = torch.matmul(attention, v).transpose(1, 2).reshape(-1, TOKENS, DIM)
+        return self.dequant(self.proj(mixed)), self.dequant_scores(scores)
+
+
 class Wrapped(nn.Module):
     """A torchvision model between a QuantStub and a DeQuantStub."""
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from reference import conv2d_accumulate, round_shift, window_view
+from reference import conv2d_accumulate, matmul_accumulate, round_shift, window_view
 
 _RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
 
@@ -148,6 +148,9 @@ class Evaluator:
         elif op == "Mul":
             a, b = ins
             self._requantize(node, a.centred * b.centred, a.scale * b.scale)
+        elif op == "MatMul" and isinstance(ins[1], Quantized):  # two activations: Σ_k (a - z_a)(b - z_b)
+            a, b = ins
+            self._requantize(node, matmul_accumulate(a.centred, b.centred), a.scale * b.scale)
         elif op == "GlobalAveragePool":
             x = ins[0]
             count = x.q.shape[2] * x.q.shape[3]
@@ -162,6 +165,8 @@ class Evaluator:
             pads = attrs.get("pads", [0, 0, 0, 0])
             windows = window_view(x.q, kernel, tuple(attrs.get("strides", kernel)), tuple(pads[:2]), (1, 1), -(2**40))
             self._same(node, x, windows.max(axis=-1))
+        elif op == "Transpose":
+            self._same(node, ins[0], np.transpose(ins[0].q, attrs["perm"]))
         elif op in ("Flatten", "Reshape"):
             x = ins[0]
             shape = (x.q.shape[0], -1) if op == "Flatten" else tuple(int(d) for d in ins[1])

@@ -67,6 +67,18 @@ def conv2d_accumulate(
     return out
 
 
+def matmul_accumulate(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """int64 sum over the reduction axis, one product at a time: out[..., i, j] = sum_k a[..., i, k] * b[..., k, j],
+    leading axes broadcast (numpy's rule, which torch.matmul and ONNX MatMul follow)."""
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a, b = np.broadcast_to(a, (*lead, *a.shape[-2:])), np.broadcast_to(b, (*lead, *b.shape[-2:]))
+    out = np.zeros((*lead, a.shape[-2], b.shape[-1]), dtype=np.int64)
+    for k in range(a.shape[-1]):
+        out += a[..., :, k : k + 1] * b[..., k : k + 1, :]
+    return out
+
+
 def requantize_channels(acc: np.ndarray, multiplier: np.ndarray, shift: np.ndarray, axis: int) -> np.ndarray:
     shape = [1] * acc.ndim
     shape[axis] = -1
@@ -202,6 +214,8 @@ def evaluate_op(module: torch.nn.Module, args: list[Any]) -> Any:
     if isinstance(module, ops.IntMul):
         product = np.asarray(args[0], dtype=np.int64) * np.asarray(args[1], dtype=np.int64)
         return saturate8(round_shift(product, module.multiplier.multiplier, module.multiplier.shift))
+    if isinstance(module, ops.IntMatMul):
+        return saturate8(round_shift(matmul_accumulate(*args), module.multiplier.multiplier, module.multiplier.shift))
     if isinstance(module, ops.IntLookupTable):
         table = lookup_table(module.op.value, module.input_scale, module.output_scale, module.alpha)
         return table[np.asarray(args[0], dtype=np.int64) + 128]

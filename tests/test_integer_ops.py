@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgeq.numerics import FixedPointMultiplier, bilinear_multiplier, bilinear_taps, lookup_table
+from edgeq.errors import QuantizationError
+from edgeq.numerics import FixedPointMultiplier, bilinear_multiplier, bilinear_taps, lookup_table, quantize_multiplier
 from edgeq.ops import LOOKUP_TABLE_OPS, Op
 from edgeq.quantization import integer_ops as ops
 from reference import evaluate_op
@@ -121,8 +122,6 @@ def test_concat():
 @pytest.mark.parametrize("kernel,stride,padding", [((2, 2), (2, 2), (0, 0)), ((3, 3), (1, 1), (1, 1)), ((3, 2), (2, 1), (1, 0))])
 def test_avg_pool(kernel, stride, padding):
     count = kernel[0] * kernel[1]
-    from edgeq.numerics import quantize_multiplier
-
     multiplier = quantize_multiplier(0.1 / (0.07 * count), what="t")
     op = ops.IntAvgPool2d(kernel, stride, padding, 0.1, 0.07, multiplier)
     check(op, int8((2, 3, 9, 8)))
@@ -258,3 +257,40 @@ def test_mul_broadcasts_and_rounds_ties_to_even():
     products = torch.tensor([1, 3, 5, -1, -3, 127], dtype=torch.int8)
     assert half(products, torch.tensor([1], dtype=torch.int8)).tolist() == [0, 2, 2, 0, -2, 64]
     assert half(torch.tensor([-128, 127], dtype=torch.int8), torch.tensor([-128, -128], dtype=torch.int8)).tolist() == [127, -128]
+
+
+MATMUL_CASES = [
+    ((2, 3, 5, 4), (2, 3, 4, 5)),  # attention: q @ k^T per batch and head
+    ((2, 3, 5, 5), (2, 3, 5, 4)),  # attention @ v
+    ((3, 1, 5, 12), (4, 12, 7)),  # leading axes broadcast
+    ((5, 12), (12, 5)),
+    ((2, 5, 7), (2, 7, 3)),  # bmm
+]
+
+
+@pytest.mark.parametrize("shapes", MATMUL_CASES, ids=str)
+def test_matmul_against_the_reference(shapes):
+    left, right = int8(shapes[0]), int8(shapes[1])
+    reduction = shapes[0][-1]
+    # a sum of K products of random int8 values spreads over ~ 5461 * sqrt(K): many outputs saturate, many do not
+    fixed = quantize_multiplier(200 / (5461 * reduction**0.5), what="matmul")
+    op = ops.IntMatMul((0.05, 0.02), 0.01, reduction, fixed)
+    out = check(op, left, right)
+    assert out.shape == torch.matmul(left.float(), right.float()).shape
+    assert (out == 127).any() and (out == -128).any() and ((out > -128) & (out < 127)).any()
+
+
+def test_matmul_goldens_ties_to_even_and_saturation():
+    """Factor 1/2 (M = 2**30, n = 31): the sums 1, 3, 5, -1, -3 are ties and round to even; +-2 * 128 * 128 / 2
+    saturates."""
+    half = ops.IntMatMul((1.0, 1.0), 2.0, 2, FixedPointMultiplier(2**30, 31))
+    left = torch.tensor([[1, 0], [2, 1], [2, 3], [0, -1], [-1, -2], [-128, -128], [-128, 127]], dtype=torch.int8)
+    right = torch.tensor([[1, -128], [1, -128]], dtype=torch.int8)
+    assert half(left, right).tolist() == [[0, -64], [2, -128], [2, -128], [0, 64], [-2, 127], [-128, 127], [0, 64]]
+    check(half, left, right)
+
+
+def test_matmul_of_another_reduction_size_is_refused():
+    op = ops.IntMatMul((1.0, 1.0), 1.0, 4, FixedPointMultiplier(2**30, 31))
+    with pytest.raises(QuantizationError, match="matmul: the product is over 5 values but the model was converted for 4"):
+        op(int8((2, 5)), int8((5, 2)))

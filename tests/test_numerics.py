@@ -183,3 +183,25 @@ def test_tiny_multiplier_is_zero_where_the_bound_proves_it():
 def test_conv_multipliers_use_each_channels_bound():
     multipliers = nx.conv_multipliers(1 / 128, [1e-12, 0.01], 1.0, what="fc", bounds=[2**20, 2**20])
     assert multipliers[0].multiplier == 0 and multipliers[1] == nx.quantize_multiplier(0.01 / 128, what="fc")
+
+
+def test_product_accumulator_bound_of_a_matmul():
+    """docs/numerics.md "Matrix product": K * 128 * 128 <= 2**31 - 1, that is K <= 131071; with zero points the
+    largest |q - z| of each input replaces 128."""
+    assert nx.product_accumulator_bound(12) == 12 * 2**14 and nx.product_accumulator_bound() == 2**14
+    assert nx.product_accumulator_bound(3, (-128, 0)) == 3 * 255 * 128
+    nx.check_product_accumulator_bound(131071, what="matmul 'attn'")
+    with pytest.raises(QuantizationError, match=r"^matmul 'attn': int32 accumulator may overflow; got 131072 products .* "
+                       r"bound 2147483648 \(allowed: <= 2147483647, that is at most 131071 products\)"):
+        nx.check_product_accumulator_bound(131072, what="matmul 'attn'")
+    with pytest.raises(QuantizationError, match="at most 33025 products"):
+        nx.check_product_accumulator_bound(33026, (-128, -128), what="matmul")
+
+
+def test_product_multiplier_bound_grows_with_the_reduction():
+    """A factor below 2**-32 is 0 only where K * 2**14 * m < 1/2 proves it: a matmul's sum reaches further than one
+    product."""
+    assert nx.product_multiplier((2.0**-20, 2.0**-20), 1.0, what="mul").multiplier == 0  # 2**14 * 2**-40 < 1/2
+    assert nx.product_multiplier((2.0**-20, 2.0**-20), 1.0, what="matmul", reduction_size=2**25 - 1).multiplier == 0
+    with pytest.raises(QuantizationError, match="matmul: requantization multiplier .* can reach half a step"):
+        nx.product_multiplier((2.0**-20, 2.0**-20), 1.0, what="matmul", reduction_size=2**25)

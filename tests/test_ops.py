@@ -55,6 +55,10 @@ def test_every_op_reads_from_onnx():
     # a type several ops share reads as one of them by its attributes
     assert node_op(helper.make_node("Resize", ["x"], ["y"], mode="nearest")) is Op.UPSAMPLE_NEAREST2D
     assert node_op(helper.make_node("Resize", ["x"], ["y"], mode="linear")) is Op.UPSAMPLE_BILINEAR2D
+    # a MatMul is a linear layer when its second input is a weight, a matmul when it is an activation
+    matmul = helper.make_node("MatMul", ["x", "w"], ["y"])
+    assert node_op(matmul, lambda tensor: tensor == "w") is Op.LINEAR
+    assert node_op(matmul, lambda tensor: False) is Op.MATMUL
 
 
 def test_npu_limits_sections_are_fields_of_the_npu_rules():
@@ -99,7 +103,7 @@ class EveryOp(nn.Module):
         first, second = F.interpolate(s, scale_factor=2.0, mode="nearest").chunk(2, dim=1)
         mixed = (first + second * first)[:, :4]
         pooled = mixed.mean((2, 3))
-        return self.dequant(self.fc(torch.cat([pooled, pooled], 1).reshape(1, 8))), self.dequant_map(mixed.transpose(2, 3))
+        return self.dequant(self.fc(torch.cat([pooled, pooled], 1).reshape(1, 8))), self.dequant_map(mixed @ mixed.transpose(2, 3))
 
 
 def _without(target: Target, op: str) -> Target:

@@ -30,7 +30,7 @@ from edgeq.quantization import calibrate as edgeq_calibrate
 from edgeq.quantization import integer_ops as ops
 from edgeq.quantization.observers import HistogramObserver, MinMaxObserver
 from edgeq.quantization.qat_modules import ConvAct2d, Requantizing
-from models import BilinearResizes, FunctionalOps, GeluBlocks, SmallCNN, calibrate, integer_model
+from models import DIM, HEADS, TOKENS, AttentionBlock, BilinearResizes, FunctionalOps, GeluBlocks, SmallCNN, calibrate, integer_model
 from reference import run_reference
 
 
@@ -98,6 +98,19 @@ def test_bilinear_resizes_are_integer(target):
         ((13, 11), False), ((26, 22), False), ((52, 44), True), ((5, 7), True), ((6, 4), False), ((9, 6), False)
     ]
     assert_matches_reference(int_model, torch.randn(3, 3, 7, 6))
+
+
+@pytest.mark.parametrize("target", ["x86_64", "npu-s"])
+def test_attention_products_are_integer(target):
+    """A ViT-like attention block: both matmuls of two activations are integer ops (the head scale and the softmax
+    between them stay float), and the integer model equals the reference."""
+    torch.manual_seed(0)
+    example = torch.randn(2, TOKENS, DIM)
+    with pytest.warns(FloatFallbackWarning):
+        int_model = integer_model(AttentionBlock().eval(), example, target)
+    products = [m for m in int_model.graph_module.modules() if isinstance(m, ops.IntMatMul)]
+    assert [m.reduction_size for m in products] == [DIM // HEADS, TOKENS]
+    assert_matches_reference(int_model, torch.randn(3, TOKENS, DIM))
 
 
 def test_integer_model_tracks_fake_quantized_model():

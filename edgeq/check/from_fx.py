@@ -146,6 +146,11 @@ def _mul(module: qm.Multiply) -> tuple[str, dict[str, Any]]:
     return "mul", {}
 
 
+@DESCRIPTIONS.register(Op.MATMUL)
+def _matmul(module: qm.MatMul) -> tuple[str, dict[str, Any]]:
+    return "matmul", {"reduction_size": module.reduction_size}
+
+
 @DESCRIPTIONS.register(Op.CONCAT)
 def _concat(module: qm.Concat) -> tuple[str, dict[str, Any]]:
     return "cat", {"dim": module.dim}

@@ -14,7 +14,7 @@ import onnx
 
 from edgeq.check.records import INPUT_PREFIX, OpRecord, QuantFacts, foreign_op_name
 from edgeq.export.float_onnx import FLOAT_FALLBACK_DOC
-from edgeq.export.onnx_reader import QDQModel, QuantParams, node_attributes, node_name, node_op, resize_follows_sizes
+from edgeq.export.onnx_reader import QDQModel, QuantParams, node_attributes, node_name, resize_follows_sizes
 from edgeq.export.qdq_graph import QDQGraph
 from edgeq.numerics import accumulator_bounds, resize_align_corners
 from edgeq.ops import Op, gated_op, op_of_onnx_type
@@ -56,7 +56,7 @@ class _OnnxWalker(QDQGraph):
         activations = self.activation_inputs(node)
         input_quant = [self.dequantized(t) for t in activations]
         output_quant = self._output_quant(node)
-        weighted = _weighted(node)
+        weighted = self._weighted(node)
         int32_output = weighted and self._feeds_model_output(node)
         quantized = all(q is not None for q in input_quant) and bool(input_quant) and (
             output_quant is not None or int32_output
@@ -94,7 +94,7 @@ class _OnnxWalker(QDQGraph):
             input_zero_points=tuple(q[1].int8_zero_point for q in input_quant if q is not None),
             output_zero_point=output_quant.int8_zero_point if output_quant is not None else 0,
         )
-        weight = self.dequantized(node.input[1]) if len(node.input) > 1 and _weighted(node) else None
+        weight = self.dequantized(node.input[1]) if len(node.input) > 1 and self._weighted(node) else None
         if weight is not None:
             facts.weight_scales = weight[1].scales
             facts.accumulator_bounds = self._accumulator_bounds(node, weight[0], facts.input_zero_point)
@@ -117,8 +117,15 @@ class _OnnxWalker(QDQGraph):
         bias_values = self.constants.get(bias[0]) if bias is not None else None
         return tuple(accumulator_bounds(values, bias_values, 0 if transposed else values.ndim - 1, input_zero_point))
 
+    def _weighted(self, node: onnx.NodeProto) -> bool:
+        op = self.op_of(node)
+        return op is not None and op.info.weighted
+
     def _describe(self, node: onnx.NodeProto) -> tuple[str, dict[str, Any]]:
         attributes = node_attributes(node)
+        if self.op_of(node) is Op.MATMUL:
+            left = self.static_shape(node.input[0])
+            return Op.MATMUL.value, {} if left is None else {"reduction_size": left[-1]}
         if node.op_type == "Conv":
             weight_shape = self._weight_shape(node.input[1])
             if weight_shape is None:
@@ -153,7 +160,7 @@ class _OnnxWalker(QDQGraph):
             }
         if node.op_type == "Resize":
             return self._resize(node, attributes)
-        op = node_op(node)
+        op = self.op_of(node)
         if op is None:
             return foreign_op_name(node.op_type), {}
         if node_name(node) in self.gate_muls:
@@ -182,11 +189,6 @@ class _OnnxWalker(QDQGraph):
         if mode != "nearest" or any(t % s for t, s in zip(target[2:], source[2:])):
             return foreign_op_name(f"resize_{mode}"), {}
         return "upsample_nearest2d", {"factor": tuple(t // s for t, s in zip(target[2:], source[2:]))}
-
-
-def _weighted(node: onnx.NodeProto) -> bool:
-    op = op_of_onnx_type(node.op_type)
-    return op is not None and op.info.weighted
 
 
 def _tensor_problems(qdq: QDQModel) -> dict[str, list[str]]:

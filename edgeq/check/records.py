@@ -53,7 +53,8 @@ class OpRecord:
         input_shapes: shapes of the activation inputs.
         output_shape: shape of the (first) output.
         attrs: op settings: ``kernel``, ``stride``, ``padding``, ``dilation``, ``groups``, ``in_channels``,
-            ``out_channels``, ``in_features``, ``factor``, ``activation``, ``weight_bytes``.
+            ``out_channels``, ``in_features``, ``reduction_size`` (a matmul's products per output), ``factor``,
+            ``activation``, ``weight_bytes``.
         quant: quantization, ``None`` while the model is float.
         rejected: why edgeq cannot run this op at all (it cannot quantize it, or it is float code outside the
             integer region); ``None`` otherwise.
@@ -88,7 +89,7 @@ class OpRecord:
 
     @property
     def macs(self) -> int:
-        """Multiply-accumulates per inference (convolutions and linear layers; 0 for other ops)."""
+        """Multiply-accumulates per inference (convolutions, linear layers and matmuls; 0 for other ops)."""
         if self.output_shape is None:
             return 0
         outputs = math.prod(self.output_shape)
@@ -97,6 +98,8 @@ class OpRecord:
             return outputs * self.attrs["in_channels"] // self.attrs["groups"] * kh * kw
         if self.op == "linear" and "in_features" in self.attrs:
             return outputs * self.attrs["in_features"]
+        if self.op == "matmul" and "reduction_size" in self.attrs:
+            return outputs * self.attrs["reduction_size"]
         return 0
 
 

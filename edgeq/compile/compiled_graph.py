@@ -85,7 +85,7 @@ class Op:
         region: the region it runs in.
         inputs: activation tensors it reads; outputs: tensors it makes; constants: weights and biases.
         attributes: typed settings (kernel, stride, padding, dilation, groups, channels, features...).
-        macs: multiply-accumulates per inference (conv2d, linear, add, avg pools; 0 for ops without any).
+        macs: multiply-accumulates per inference (conv2d, linear, matmul, add, avg pools; 0 for ops without any).
         ops: elementary operations per inference that are not MACs (a comparison, copy or activation per element).
         bytes_in, bytes_out, weight_bytes: bytes of ``inputs``, ``outputs`` and ``constants``.
         requantization: integer rescaling constants, None when the op keeps its input's scale.
@@ -403,6 +403,8 @@ def work(op: str, attributes: dict[str, Any], input_shapes: list[list[int]], out
         return outputs * attributes["in_channels"] // attributes["groups"] * math.prod(attributes["kernel"]), 0
     if op == "linear" and "in_features" in attributes:
         return outputs * attributes["in_features"], 0
+    if op == "matmul" and "reduction_size" in attributes:
+        return outputs * attributes["reduction_size"], 0
     if op in ("add", "mul"):
         return outputs * max(len(input_shapes), 1), 0
     if op == "avg_pool2d" and "kernel" in attributes:

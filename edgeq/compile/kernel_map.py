@@ -30,6 +30,7 @@ from edgeq.compile.compiled_graph import CompiledGraph, Op
 _PRIMITIVES: dict[str, tuple[str, ...]] = {
     "conv2d": ("conv2d",),
     "linear": ("matmul", "dense"),
+    "matmul": ("matmul",),
     "add": ("add",),
     "relu": ("maximum", "clip", "relu"),
     "max_pool2d": ("max_pool2d",),

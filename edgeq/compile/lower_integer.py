@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import tvm
 from tvm import relax
 from tvm.relax import op as R
 from tvm.relax.dpl import DFPattern, is_const, is_op, is_tuple_get_item, rewrite_call, wildcard
@@ -38,6 +39,7 @@ from edgeq.numerics import (
     bilinear_multiplier,
     bilinear_taps,
     check_accumulator_bound,
+    check_product_accumulator_bound,
     conv_multipliers,
     lookup_table,
     product_multiplier,
@@ -543,24 +545,80 @@ def _concat_rule(bindings: dict[relax.Var, relax.Expr]) -> _Rule:
     return _Rule("concat", quantize, rewrite)
 
 
-@LOWERING.register(Op.MUL)
-def _mul_rule() -> _Rule:
-    """Elementwise product (broadcasting): int64 product of the int8 values less their zero points, then
-    requantization."""
+Accumulate = Callable[[Sequence[relax.Expr], Sequence[_Activation]], "tuple[relax.Expr, int] | None"]
+"""How a product of two activations sums: (the exact accumulator of ``Σ (a - z_a)(b - z_b)``, the products per
+output), or None when it does not fit."""
+
+
+def _product_rule(name: str, relax_op: str, accumulate: Accumulate) -> _Rule:
+    """A product of two dequantized activations, ``relax_op(a, b)``, requantized with the multiplier of
+    ``numerics.product_multiplier`` (mul and matmul share it: ``m = s_a * s_b / s_out``)."""
     left, right = _dq(), _dq()
-    quantize = _q(is_op("relax.multiply")(left, right))
+    quantize = _q(is_op(relax_op)(left, right))
 
     def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
         inputs, output = (_input(m[left]), _input(m[right])), _output(matched)
         if None in inputs or output is None:
             return None
-        product = R.multiply(*(_centred(m[d].args[0], i.zero_point) for d, i in zip((left, right), inputs)))
+        accumulated = accumulate([m[d].args[0] for d in (left, right)], inputs)
+        if accumulated is None:
+            return None
+        acc, reduction_size = accumulated
+        zero_points = [i.zero_point for i in inputs]
         multiplier = product_multiplier(
-            [i.scale for i in inputs], output.scale, what="mul", zero_points=[i.zero_point for i in inputs]
+            [i.scale for i in inputs], output.scale, what=name, zero_points=zero_points, reduction_size=reduction_size
         )
-        return _requantize(product, [multiplier], len(matched.ty.shape), 0, output.zero_point)
+        return _requantize(acc, [multiplier], len(matched.ty.shape), 0, output.zero_point)
 
-    return _Rule("mul", quantize, rewrite)
+    return _Rule(name, quantize, rewrite)
+
+
+@LOWERING.register(Op.MUL)
+def _mul_rule() -> _Rule:
+    """Elementwise product (broadcasting): int64 product of the int8 values less their zero points, then
+    requantization."""
+
+    def product(values: Sequence[relax.Expr], inputs: Sequence[_Activation]) -> tuple[relax.Expr, int]:
+        return R.multiply(*(_centred(v, i.zero_point) for v, i in zip(values, inputs))), 1
+
+    return _product_rule("mul", "relax.multiply", product)
+
+
+@LOWERING.register(Op.MATMUL)
+def _matmul_rule() -> _Rule:
+    """Matrix product of two activations (the last two axes; leading axes broadcast, as ONNX MatMul and torch): the
+    int8 x int8 -> int32 matmul, zero-point corrections, then requantization (docs/numerics.md, "Matrix product")."""
+    return _product_rule("matmul", "relax.matmul", _matmul_accumulator)
+
+
+def _matmul_accumulator(values: Sequence[relax.Expr], inputs: Sequence[_Activation]) -> tuple[relax.Expr, int] | None:
+    """``Σ_k (a - z_a)(b - z_b)`` exactly: the int32 matmul of the raw int8 values (``|Σ_k a b| <= K * 2**14``), and
+    with zero points the expansion's corrections in int64, ``- z_b Σ_k a - z_a Σ_k b + K z_a z_b`` (docs/numerics.md
+    section 9). None for operands of fewer than two axes or unknown shapes.
+
+    Raises:
+        QuantizationError: the accumulator could overflow int32 (``numerics.check_product_accumulator_bound``).
+    """
+    left, right = values
+    shapes = [value.ty.shape for value in values]
+    if any(shape is None or len(shape) < 2 for shape in shapes) or not isinstance(shapes[0][-1], tvm.tirx.IntImm):
+        return None
+    reduction_size = int(shapes[0][-1])
+    zero_left, zero_right = (i.zero_point for i in inputs)
+    check_product_accumulator_bound(reduction_size, (zero_left, zero_right), what="matmul")
+    acc = R.matmul(left, right, out_dtype="int32")
+    if not (zero_left or zero_right):
+        return acc, reduction_size
+    acc = R.astype(acc, "int64")
+    if zero_right:  # Σ_k a[..., i, k], kept as a column
+        sums = R.sum(R.astype(left, "int64"), axis=[len(shapes[0]) - 1], keepdims=True)
+        acc = R.subtract(acc, R.multiply(sums, relax.const(zero_right, "int64")))
+    if zero_left:  # Σ_k b[..., k, j], kept as a row
+        sums = R.sum(R.astype(right, "int64"), axis=[len(shapes[1]) - 2], keepdims=True)
+        acc = R.subtract(acc, R.multiply(sums, relax.const(zero_left, "int64")))
+    if zero_left and zero_right:
+        acc = R.add(acc, relax.const(reduction_size * zero_left * zero_right, "int64"))
+    return acc, reduction_size
 
 
 FAST_GELU_CONSTANTS = (0.5, 1.0, math.sqrt(2 / math.pi), 0.044715 * math.sqrt(2 / math.pi))
@@ -643,6 +701,7 @@ def lower_to_integer(func: relax.Function) -> relax.Function:
         _split_rule(),
         _lookup_table_rule(),
         _mul_rule(),
+        _matmul_rule(),
     ]
     for rule in rules:
         func = rule(func)

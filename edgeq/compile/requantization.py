@@ -70,9 +70,15 @@ def _sum(record: OpRecord, quant: QuantFacts, what: str) -> Requantization:
     return Requantization(list(multipliers), [shift], None, "input")
 
 
-@REQUANTIZATION.register(Op.MUL)
+@REQUANTIZATION.register(Op.MUL, Op.MATMUL)
 def _product(record: OpRecord, quant: QuantFacts, what: str) -> Requantization:
-    fixed = product_multiplier(quant.input_scales, quant.output_scale, what=what, zero_points=quant.input_zero_points or (0, 0))
+    fixed = product_multiplier(
+        quant.input_scales,
+        quant.output_scale,
+        what=what,
+        zero_points=quant.input_zero_points or (0, 0),
+        reduction_size=record.attrs.get("reduction_size", 1),
+    )
     return Requantization([fixed.multiplier], [fixed.shift], None, "tensor")
 
 

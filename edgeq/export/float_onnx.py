@@ -188,7 +188,7 @@ def _relu(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list
     return writer.node("Relu", [inputs[0]], final=True)
 
 
-@_emits(operator.matmul, torch.matmul)
+@_emits(operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm")
 def _matmul(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
     return writer.node("MatMul", inputs, final=True)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,12 +204,15 @@ class _QuantReader:
             if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
                 quantized = node.output[0] if node.op_type == "QuantizeLinear" else node.input[0]
                 self._record(quantized, self._params(node, quantized), node)
-            elif node_op(node) is None and node.op_type != "Constant" and gated_activation(node, self.producer) is None:
+            elif node_op(node, self._is_weight) is None and node.op_type != "Constant" and gated_activation(node, self.producer) is None:
                 variant = " with a bias input" if op_of_onnx_type(node.op_type) is not None else ""
                 self._find(node, "unsupported_op", f"{node.op_type}{variant} has no integer implementation in edgeq")
         for node in self.model.graph.node:
             if node.op_type in ("Conv", "Gemm") and len(node.input) > 2:
                 self._check_bias(node)
+
+    def _is_weight(self, tensor: str) -> bool:
+        return is_weight_tensor(tensor, self.constants, self.producer)
 
     def _error(self, node: onnx.NodeProto, problem: str) -> ModelFileError:
         return ModelFileError(f"{self.path}: {node.op_type} '{node_name(node)}': {problem}")
@@ -298,12 +301,16 @@ class _QuantReader:
             )
 
 
-def node_op(node: onnx.NodeProto) -> Op | None:
+def node_op(node: onnx.NodeProto, is_weight: Callable[[str], bool] | None = None) -> Op | None:
     """The op an ONNX node reads as: by its type (:func:`edgeq.ops.op_of_onnx_type`), a ``Resize`` by its ``mode``
     (``linear`` is ``upsample_bilinear2d``), a ``Gelu`` by its
-    ``approximate`` (ONNX's own, opset 20: ``'tanh'`` is ``gelu_tanh``); ``None`` for a type edgeq has no integer op
+    ``approximate`` (ONNX's own, opset 20: ``'tanh'`` is ``gelu_tanh``), a ``MatMul`` by its second input (a weight
+    makes it ``linear``, an activation ``matmul``; ``is_weight`` says which tensors are weights, see
+    :func:`is_weight_tensor`: without it a MatMul reads as ``linear``); ``None`` for a type edgeq has no integer op
     for and for a ``FastGelu`` with a bias input (``gelu_tanh(x + bias)`` is not a function of one tensor)."""
     op = op_of_onnx_type(node.op_type)
+    if node.op_type == "MatMul" and is_weight is not None and len(node.input) > 1 and not is_weight(node.input[1]):
+        return Op.MATMUL
     if op is Op.UPSAMPLE_NEAREST2D and node_attributes(node).get("mode", b"nearest") in (b"linear", "linear"):
         return Op.UPSAMPLE_BILINEAR2D
     if op is Op.GELU and node_attributes(node).get("approximate", b"none") in (b"tanh", "tanh"):
@@ -311,6 +318,14 @@ def node_op(node: onnx.NodeProto) -> Op | None:
     if op is Op.GELU_TANH and len(node.input) > 1 and node.input[1]:
         return None
     return op
+
+
+def is_weight_tensor(tensor: str, constants: Container[str], producer: Mapping[str, onnx.NodeProto]) -> bool:
+    """Whether ``tensor`` is a constant or the DequantizeLinear of one (a weight or bias), not an activation."""
+    if tensor in constants:
+        return True
+    node = producer.get(tensor)
+    return node is not None and node.op_type == "DequantizeLinear" and node.input[0] in constants
 
 
 def gated_activation(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:

@@ -336,6 +336,14 @@ class _Builder:
         out = self._node("Mul", [self._dequantize(args[0]), self._dequantize(args[1])], f"{path}.out", f"{path}/Mul")
         return self._quantize(out, path, ops.TensorQuant("int8", (op.output_scale,)))
 
+    @EMITTERS.register(Op.MATMUL)
+    def _matmul(self, node: fx.Node, op: ops.IntMatMul, args: list[Any]) -> Any:
+        """The standard ``MatMul`` of two dequantized activations (no weight: the reader tells it from a linear
+        layer by its second input)."""
+        path = self._path(node)
+        out = self._node("MatMul", [self._dequantize(args[0]), self._dequantize(args[1])], f"{path}.out", f"{path}/MatMul")
+        return self._quantize(out, path, ops.TensorQuant("int8", (op.output_scale,)))
+
     @EMITTERS.register(Op.CONCAT)
     def _concat(self, node: fx.Node, op: ops.IntConcat, args: list[Any]) -> Any:
         path = self._path(node)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import onnx
 
-from edgeq.export.onnx_reader import QDQModel, QuantParams, gated_activation, node_name
+from edgeq.export.onnx_reader import QDQModel, QuantParams, gated_activation, is_weight_tensor, node_name, node_op
+from edgeq.ops import Op
 
 QDQ_NODES = ("QuantizeLinear", "DequantizeLinear", "Constant")
 """Node types that carry quantization (or constants) rather than compute."""
@@ -53,7 +54,9 @@ class QDQGraph:
         self.ops = [n for n in compute_nodes if node_name(n) not in self.fused_into]
 
     def _bias_add(self, matmul: onnx.NodeProto) -> onnx.NodeProto | None:
-        """The Add of a dequantized constant bias right after a MatMul."""
+        """The Add of a dequantized constant bias right after a MatMul of a weight (a linear layer)."""
+        if self.op_of(matmul) is not Op.LINEAR:
+            return None
         consumers = self.consumers.get(matmul.output[0], [])
         if len(consumers) != 1 or consumers[0].op_type != "Add":
             return None
@@ -87,14 +90,14 @@ class QDQGraph:
             return None
         return node.input[0], self.qdq.quant[node.input[0]]
 
+    def is_weight(self, tensor: str) -> bool:
+        """Whether ``tensor`` is a constant or a dequantized constant (a weight or bias)."""
+        return is_weight_tensor(tensor, self.constants, self.producer)
+
+    def op_of(self, node: onnx.NodeProto) -> Op | None:
+        """The op a compute node reads as (:func:`~edgeq.export.onnx_reader.node_op`, with this graph's weights)."""
+        return node_op(node, self.is_weight)
+
     def activation_inputs(self, node: onnx.NodeProto) -> list[str]:
         """The tensors ``node`` reads that are neither constants nor dequantized constants (weights, biases)."""
-        names = []
-        for tensor in node.input:
-            if not tensor or tensor in self.constants:
-                continue
-            dequantized = self.dequantized(tensor)
-            if dequantized is not None and dequantized[0] in self.constants:
-                continue
-            names.append(tensor)
-        return names
+        return [tensor for tensor in node.input if tensor and not self.is_weight(tensor)]

@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edgeq.perf.estimate import MAC_OPS
 from edgeq.fileio import atomic_write, cache_dir, slug
 from edgeq.targets import CpuFigures, Target
 
@@ -247,7 +248,7 @@ def _measure_figures(host: Target, folder: Path) -> CpuFigures:
 
     def row(op) -> list[float]:
         outputs = math.prod(graph.tensors[op.outputs[0]].shape)
-        mac_op = op.op in ("conv2d", "linear")
+        mac_op = op.op in MAC_OPS
         dense = op.macs if op.op == "conv2d" and op.attributes["groups"] == 1 else 0
         grouped = op.macs if op.op == "conv2d" and op.attributes["groups"] > 1 else 0
         linear = op.macs if op.op == "linear" else 0

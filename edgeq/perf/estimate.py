@@ -15,6 +15,8 @@ from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, Transition
 from edgeq.targets import CpuFigures, Hardware, Target, TargetKind
 
 MS = 1e3
+MAC_OPS = ("conv2d", "linear", "matmul")
+"""Ops whose MACs run on the NPU's MAC array and in the CPU's int8 matrix kernels (with a requantized output)."""
 
 
 def _ceil_to(value: int, step: int) -> int:
@@ -116,7 +118,7 @@ class _Estimator:
         rules = getattr(self.target.npu, op.op, None)
         alignment = getattr(rules, "channel_alignment", 1)
         fused = self.fused(op)
-        if op.op in ("conv2d", "linear"):
+        if op.op in MAC_OPS:
             utilisation = mac_utilisation(op, hardware, alignment)
             compute = op.macs / (hardware.int8_macs_per_cycle * utilisation * hardware.clock_hz)
         else:
@@ -145,7 +147,7 @@ class _Estimator:
         if op.op == "conv2d":
             grouped = op.attributes.get("groups", 1) > 1
             return self.cpu.depthwise_int8_macs_per_s if grouped else self.cpu.conv2d_int8_macs_per_s
-        if op.op == "linear":
+        if op.op in ("linear", "matmul"):
             return self.cpu.linear_int8_macs_per_s
         return math.inf  # other ops are costed by the bytes they move
 
@@ -155,7 +157,7 @@ class _Estimator:
             return self._estimate(op, fused, 0.0, 0.0, 0.0, dram=0)
         moved = 0 if fused else op.bytes_in + op.bytes_out + op.weight_bytes
         compute = op.macs / self._mac_rate(op)
-        if op.op in ("conv2d", "linear"):
+        if op.op in MAC_OPS:
             compute += sum(math.prod(self.graph.tensors[t].shape) for t in op.outputs) / self.cpu.requantized_outputs_per_s
         overhead = 0.0 if fused else (self.cpu.kernel_overhead_ns + op.parallel * self.cpu.parallel_overhead_ns) * 1e-9
         return self._estimate(op, fused, compute, moved / self.cpu.memory_bytes_per_s, overhead, dram=moved)

@@ -26,6 +26,7 @@ from edgeq.numerics import (
     bias_scales,
     bilinear_multiplier,
     check_accumulator_bound,
+    check_product_accumulator_bound,
     conv_multipliers,
     lookup_table,
     product_multiplier,
@@ -51,6 +52,7 @@ from edgeq.quantization.integer_ops import (
     IntLeaveFloat,
     IntLinear,
     IntLookupTable,
+    IntMatMul,
     IntMaxPool2d,
     IntMul,
     IntQuantize,
@@ -75,6 +77,7 @@ from edgeq.quantization.qat_modules import (
     LeaveFloat,
     LinearAct,
     LookupTableActivation,
+    MatMul,
     MaxPool2d,
     Multiply,
     QuantizeInput,
@@ -272,6 +275,15 @@ class _Converter:
         output_scale = self._output_scale(module)
         multiplier = product_multiplier(scales, output_scale, what=f"mul '{node.target}'")
         return IntMul(scales, output_scale, multiplier), TensorQuant("int8", (output_scale,))
+
+    @CONVERTERS.register(Op.MATMUL)
+    def _matmul(self, node: fx.Node, module: MatMul) -> tuple[nn.Module, TensorQuant]:
+        what = f"matmul '{node.target}'"
+        scales = (self._input_quant(node, 0).scale, self._input_quant(node, 1).scale)
+        output_scale = self._output_scale(module)
+        check_product_accumulator_bound(module.reduction_size, what=what)
+        multiplier = product_multiplier(scales, output_scale, what=what, reduction_size=module.reduction_size)
+        return IntMatMul(scales, output_scale, module.reduction_size, multiplier), TensorQuant("int8", (output_scale,))
 
     @CONVERTERS.register(Op.CONCAT)
     def _concat(self, node: fx.Node, module: Concat) -> tuple[nn.Module, TensorQuant]:

@@ -71,6 +71,7 @@ ATEN_SPELLINGS: dict[Any, Spelling] = {
     aten.sub.Tensor: Spelling(torch.sub),
     aten.div.Tensor: Spelling(torch.div),
     aten.matmul.default: Spelling(torch.matmul),
+    aten.bmm.default: Spelling(torch.bmm),
     aten.cat.default: Spelling(torch.cat),
     aten.relu.default: Spelling(torch.relu),
     aten.relu_.default: Spelling(torch.relu),

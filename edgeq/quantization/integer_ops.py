@@ -253,6 +253,36 @@ class IntMul(nn.Module):
         return f"multiplier={self.multiplier.multiplier}, shift={self.multiplier.shift}"
 
 
+@INTEGER_OPS.register(Op.MATMUL)
+class IntMatMul(nn.Module):
+    """``saturate(round_half_to_even(acc * M / 2**n))`` with ``acc[..., i, j] = Σ_k a[..., i, k] * b[..., k, j]``, the
+    int8 x int8 products summed exactly (``|acc| <= K * 128 * 128 < 2**31``, checked at convert), leading axes
+    broadcast as ``torch.matmul``; ``M * 2**-n`` is ``s_a * s_b / s_out`` (docs/numerics.md, "Matrix product")."""
+
+    def __init__(
+        self, input_scales: tuple[float, float], output_scale: float, reduction_size: int, multiplier: FixedPointMultiplier
+    ) -> None:
+        super().__init__()
+        self.input_scales = input_scales
+        self.output_scale = output_scale
+        self.reduction_size = reduction_size
+        self.multiplier = multiplier
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        if left.shape[-1] != self.reduction_size:
+            raise QuantizationError(
+                f"matmul: the product is over {left.shape[-1]} values but the model was converted for "
+                f"{self.reduction_size} (its accumulator bound and multiplier are proved for that size); prepare with "
+                "inputs of this size"
+            )
+        acc = torch.matmul(left.to(torch.float64), right.to(torch.float64)).to(torch.int64)
+        scaled = requantize(acc, self.multiplier.multiplier, self.multiplier.shift)
+        return saturate(scaled, ACTIVATION_QMIN, ACTIVATION_QMAX, torch.int8)
+
+    def extra_repr(self) -> str:
+        return f"reduction_size={self.reduction_size}, multiplier={self.multiplier.multiplier}, shift={self.multiplier.shift}"
+
+
 @INTEGER_OPS.register(Op.CONCAT)
 class IntConcat(nn.Module):
     """Concatenation; each input requantized to the output scale (exactly the identity when scales match)."""

@@ -42,6 +42,8 @@ class OpKind(str, Enum):
     MUL = "mul"
     """Product of two tensors (broadcasting); ``x * sigmoid(x)`` and ``x * hardsigmoid(x)`` fuse into SiLU and
     Hardswish."""
+    MATMUL = "matmul"
+    """Matrix product of two tensors (``q @ k.transpose(-2, -1)``, ``torch.bmm``)."""
     RESHAPE = "reshape"
     """Moves or views integer values without arithmetic (view, flatten, transpose, chunk, getitem...)."""
     DROPOUT = "dropout"
@@ -103,6 +105,9 @@ _FUNCTION_KINDS: dict[Any, OpKind | Op] = {
     F.gelu: Op.GELU,
     operator.mul: OpKind.MUL,
     torch.mul: OpKind.MUL,
+    operator.matmul: OpKind.MATMUL,
+    torch.matmul: OpKind.MATMUL,
+    torch.bmm: OpKind.MATMUL,
     torch.flatten: OpKind.RESHAPE,
     torch.reshape: OpKind.RESHAPE,
     torch.transpose: OpKind.RESHAPE,
@@ -130,6 +135,8 @@ _METHOD_KINDS: dict[str, OpKind | Op] = {
     "sigmoid": Op.SIGMOID,
     "tanh": Op.TANH,
     "mul": OpKind.MUL,
+    "matmul": OpKind.MATMUL,
+    "bmm": OpKind.MATMUL,
     "view": OpKind.RESHAPE,
     "reshape": OpKind.RESHAPE,
     "flatten": OpKind.RESHAPE,
@@ -148,7 +155,7 @@ SUPPORTED_OPS = (
     "max_pool2d, avg_pool2d, adaptive_avg_pool2d, mean over H and W, nearest upsample by integer factors, "
     "bilinear resize (F.interpolate, nn.Upsample, nn.UpsamplingBilinear2d; align_corners either way; no antialias), "
     "Sigmoid, Tanh, Hardsigmoid, Hardswish, SiLU (also x * sigmoid(x)), LeakyReLU, GELU (approximate 'none' or 'tanh'), "
-    "product of two tensors, "
+    "product of two tensors, matrix product of two tensors (matmul, @, bmm), "
     "flatten / view / reshape / transpose / permute / chunk / split / getitem, dropout, stochastic depth"
 )
 

@@ -61,6 +61,7 @@ from edgeq.quantization.qat_modules import (
     LeaveFloat,
     LinearAct,
     LookupTableActivation,
+    MatMul,
     MaxPool2d,
     Multiply,
     QuantizeInput,
@@ -719,6 +720,20 @@ class _Preparer:
             raise self._unsupported(node, "only the product of two quantized tensors is supported (not a constant)")
         path = self._functional_path(node, "mul")
         return self._call(path, Multiply(self._quantizer(node, path)), (left, right), node)
+
+    @_emits(OpKind.MATMUL)
+    def _emit_matmul(self, node: fx.Node) -> fx.Node:
+        """A matrix product of two activations (docs/numerics.md, "Matrix product"); ``torch.bmm`` names its second
+        operand ``mat2``."""
+        left, right = argument(node, 0, "input"), argument(node, 1, "other", node.kwargs.get("mat2"))
+        if not (isinstance(left, fx.Node) and isinstance(right, fx.Node)):
+            raise self._unsupported(node, "only the matrix product of two quantized tensors is supported (not a constant)")
+        ranks = [len(tensor_info(operand).shape) for operand in (left, right)]
+        if min(ranks) < 2:
+            raise self._unsupported(node, f"matrix product of {ranks[0]}-D and {ranks[1]}-D tensors (allowed: 2-D or more)")
+        path = self._functional_path(node, "matmul")
+        module = MatMul(tensor_info(left).shape[-1], self._quantizer(node, path))
+        return self._call(path, module, (left, right), node)
 
     @_emits(OpKind.RESHAPE)
     def _emit_reshape(self, node: fx.Node) -> fx.Node:

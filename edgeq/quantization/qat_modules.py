@@ -258,6 +258,27 @@ class Multiply(Requantizing):
         return self._quantize_output(left * right)
 
 
+@CANONICAL.register(Op.MATMUL)
+class MatMul(Requantizing):
+    """Matrix product of two int8 activations (``torch.matmul``: the last two axes, leading axes broadcast, as
+    ``q @ k.transpose(-2, -1)`` in attention), requantized to its own scale.
+
+    ``reduction_size`` (the products per output, the left operand's last axis) is recorded from the example inputs:
+    the integer op's accumulator bound is proved for it.
+    """
+
+    def __init__(self, reduction_size: int, output_quantizer: ActivationFakeQuantize) -> None:
+        super().__init__()
+        self.reduction_size = reduction_size
+        self.output_quantizer = output_quantizer
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        return self._quantize_output(torch.matmul(left, right))
+
+    def extra_repr(self) -> str:
+        return f"reduction_size={self.reduction_size}"
+
+
 @CANONICAL.register(Op.CONCAT)
 class Concat(Requantizing):
     """Concatenation along ``dim``; each input is brought to the output's scale."""

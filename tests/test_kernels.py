@@ -78,7 +78,7 @@ def test_every_kernel_class_is_exact_at_every_level(case, tmp_path, monkeypatch)
 
 
 def test_kernels_worth_it_run_on_all_cores(tmp_path):
-    """2^20 multiply-accumulates make a convolution worth waking the thread pool for; fewer run on one core."""
+    """2^18 multiply-accumulates make a convolution worth waking the thread pool for; fewer run on one core."""
     for size, parallel in ((8, False), (32, True)):  # 16 channels from 16: 8 x 8 x 144 x 16 = 0.15 M; 32 x 32: 2.4 M
         x = np.zeros((1, 16, size, size), dtype=np.int8)
         _, kernels = run(kernel_module(x.shape, 16), 2, x, tmp_path)

@@ -38,13 +38,14 @@ TUNED_ATTRIBUTE = "edgeq.tuned"
 PARALLEL_ATTRIBUTE = "edgeq.parallel"
 """PrimFunc attribute set on a kernel whose tiles run on all cores."""
 
-PARALLEL_ITERATIONS = {"conv2d": 1 << 20, "conv2d_1x1": 1 << 20, "dense": 1 << 20}
+PARALLEL_ITERATIONS = {"conv2d": 1 << 18, "conv2d_1x1": 1 << 18, "dense": 1 << 18}
 """Iterations (:func:`iterations`) from which a kernel runs on all cores, by schedule (others:
-:data:`PARALLEL_ITERATIONS_OTHERS`). Waking the thread pool costs about 10 us per call on a 2-core VM, more than a
-small kernel's work: a digits-sized model runs 6x faster with its kernels on one core. The blocked int8 kernels
-do about 16 multiply-accumulates per instruction, the others one or a few operations."""
+:data:`PARALLEL_ITERATIONS_OTHERS`): below, waking the thread pool costs more than the work saves. The blocked
+int8 kernels do about 16 multiply-accumulates per instruction, the others one or a few operations. Measured here
+(2-core VM): the digits CNN, all of whose kernels are below, 78 -> 55 us per inference; torchvision models at
+224x224 within the run-to-run noise (+-5 %)."""
 
-PARALLEL_ITERATIONS_OTHERS = 1 << 18
+PARALLEL_ITERATIONS_OTHERS = 1 << 16
 
 Schedule = Callable[[s_tir.Schedule, DotProduct, bool, Choices], None]
 

@@ -230,3 +230,29 @@ def test_resize_mode_without_a_float_onnx_form_is_a_clear_export_error(tmp_path)
     with pytest.raises(ExportError, match=r"interpolate '.*': mode 'bicubic' has no float ONNX form \(allowed: nearest, bilinear\)"):
         to_onnx(int_model, (example,), tmp_path / "bicubic.onnx")
     assert not (tmp_path / "bicubic.onnx").exists()
+
+
+class ScaledByItsWidth(nn.Module):
+    """Attention's ``x * d ** -0.5`` with ``d`` read from the tensor's shape: a number, not a second tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.linear, self.dequant = QuantStub(), nn.Linear(12, 12), DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(self.quant(x))
+        return self.dequant(y * (y.shape[-1] ** -0.5))
+
+
+def test_a_product_with_a_number_computed_from_a_shape_stays_float(tmp_path):
+    """The number is not an activation: the product stays float (with its reason) instead of failing at convert,
+    the QDQ file carries the number's value for these shapes, and the artifact agrees within the bound."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 5, 12)
+    with pytest.warns(FloatFallbackWarning, match=r"mul '.*': only the product of two quantized tensors"):
+        int_model = integer_model(ScaledByItsWidth().eval(), example, "x86_64")
+    result = compile_model(int_model, (example,), out=tmp_path / "s.edgeq", progress=lambda _: None)
+    x = torch.randn(2, 5, 12)
+    with Model.load(result.artifact) as artifact:
+        (got,) = artifact.run({"x": x.numpy()}, raw=True).values()
+    assert_within_float_region_bound(got, int_model.run_integer(x).numpy())

@@ -48,9 +48,9 @@ REQUANTIZATION: OpTable[Constants] = OpTable("requantization in compile/requanti
 
 
 def requantization(record: OpRecord) -> Requantization | None:
-    """The integer constants an op's requantization uses (None when it keeps its input's scale)."""
+    """The integer constants an op's requantization uses (None when it keeps its input's scale, or runs in float)."""
     quant = record.quant
-    if quant is None or quant.output_scale is None or record.op not in OP_NAMES:
+    if quant is None or quant.output_scale is None or record.float_only or record.op not in OP_NAMES:
         return None
     constants = REQUANTIZATION.get(Op(record.op))
     return constants(record, quant, f"'{record.name}'") if constants is not None else None

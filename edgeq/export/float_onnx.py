@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from edgeq.errors import ExportError
+from edgeq.quantization.graph import VALUE_KEY
 from edgeq.quantization.patterns import argument
 
 
@@ -201,14 +202,20 @@ _BINARY = {
 }
 
 
+def _number(operand: object) -> float | None:
+    """The value of a number operand: a literal, or a node whose example value is a number (computed from static
+    shapes); None for a tensor."""
+    value = operand.meta.get(VALUE_KEY) if isinstance(operand, fx.Node) else operand
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 @_emits(*_BINARY)
 def _binary(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
-    """Arithmetic of two float tensors, or of a float tensor and a number."""
+    """Arithmetic of two float tensors, or of a float tensor and a number (a literal, or computed from static shapes
+    such as ``x.shape[-1] ** -0.5``: its value for the model's input shapes)."""
     tensors = iter(inputs)
-    operands = [
-        next(tensors) if isinstance(arg, fx.Node) else writer.constant(f"operand{i}", float(arg))
-        for i, arg in enumerate(node.args[:2])
-    ]
+    numbers = [_number(arg) for arg in node.args[:2]]
+    operands = [next(tensors) if number is None else writer.constant(f"operand{i}", number) for i, number in enumerate(numbers)]
     return writer.node(_BINARY[node.target], operands, final=True)
 
 

@@ -103,8 +103,8 @@ def test_graph_json_is_to_dict_and_round_trips(small):
 
 def test_unknown_schema_version_and_missing_fields_are_refused(small):
     data = small.graph.to_dict()
-    with pytest.raises(CompiledGraphError, match="schema version 2; this edgeq reads version 1"):
-        CompiledGraph.from_dict({**data, "schema_version": 2})
+    with pytest.raises(CompiledGraphError, match=rf"schema version {SCHEMA_VERSION + 1}; this edgeq reads version {SCHEMA_VERSION}"):
+        CompiledGraph.from_dict({**data, "schema_version": SCHEMA_VERSION + 1})
     del data["ops"][0]["macs"]
     with pytest.raises(CompiledGraphError, match="missing or unexpected field"):
         CompiledGraph.from_dict(data)

@@ -110,7 +110,7 @@ def test_tuning_on_a_board_through_the_rpc_tracker_and_compile_uses_the_records(
 def test_tuning_on_this_machine_keeps_the_best_records_within_the_budget(small_cnn, tmp_path):
     int_model, _, samples = small_cnn
     lines: list[str] = []
-    result = tune_model(int_model, (samples[:1],), records=tmp_path / "records", budget_minutes=0.15, progress=lines.append)
+    result = tune_model(int_model, (samples[:1],), records=tmp_path / "records", budget_minutes=0.3, progress=lines.append)
     assert [k.schedule for k in result.kernels] == ["conv2d", "conv2d", "conv2d", "dense"]
     assert all(k.best_seconds <= k.default_seconds for k in result.kernels)
     assert sum(k.trials for k in result.kernels) > 0

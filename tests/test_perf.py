@@ -18,7 +18,7 @@ from edgeq.compile.compiled_graph import CompiledGraphError
 from edgeq.errors import EdgeqError, TargetError
 from edgeq.perf.calibrate import Calibration, cached_calibration, calibrate, cpu_model, host_arch, host_figures, kernel_fingerprint, save_calibration
 from edgeq.perf.estimate import mac_utilisation, spill_bytes
-from edgeq.perf.measure import measure
+from edgeq.perf.measure import hook_seconds, measure
 from edgeq.targets import TargetKind, list_targets, load_target
 from models import BilinearResizes, SmallCNN, Wrapped, integer_model
 
@@ -149,6 +149,7 @@ def test_calibration_measures_this_machine():
 
 
 def test_measured_kernel_calls_map_to_ops(small):
+    assert 0 < hook_seconds() < 1e-4  # the instrument hook's share of a timed call, subtracted from each
     measured = measure(small.artifact, runs=1)
     assert measured.latency_s > 0 and len(measured.calls) == 7
     assert measured.ops["conv1/Relu"] == measured.ops["conv1/Conv"] and "conv2d" in measured.ops["conv1/Conv"][0].kernel

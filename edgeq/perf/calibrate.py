@@ -173,8 +173,9 @@ def save_calibration(calibration: Calibration) -> Path:
 
 
 def _network() -> object:
-    """The calibration network: convolutions of several reduction depths, a depthwise convolution, a linear
-    layer, max pooling and a global average pool."""
+    """The calibration network: convolutions of reduction depths from 16 to 576 and depthwise convolutions of two
+    window sizes (so that their MACs and their outputs are told apart), a residual add, linear layers, max and
+    average pooling and a global average pool."""
     import torch
     from torch import nn
 
@@ -186,9 +187,12 @@ def _network() -> object:
             self.quant = QuantStub()
             self.dense = nn.Conv2d(16, 64, 3, padding=1)
             self.pointwise = nn.Conv2d(64, 64, 1)
+            self.expand = nn.Conv2d(16, 96, 1)
+            self.project = nn.Conv2d(96, 64, 1)
             self.depthwise = nn.Conv2d(64, 64, 3, padding=1, groups=64)
             self.pool = nn.MaxPool2d(2)
             self.deep = nn.Conv2d(64, 128, 3, padding=1)
+            self.wide_depthwise = nn.Conv2d(128, 128, 5, padding=2, groups=128)
             self.narrow = nn.Conv2d(128, 32, 1)
             self.shrink = nn.AvgPool2d(7)
             self.tiny = nn.Conv2d(32, 32, 1)
@@ -197,8 +201,9 @@ def _network() -> object:
             self.dequant = DeQuantStub()
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = torch.relu(self.pointwise(torch.relu(self.dense(self.quant(x)))))
-            x = self.narrow(self.deep(self.pool(torch.relu(self.depthwise(x)))))
+            x = self.quant(x)
+            x = torch.relu(self.pointwise(torch.relu(self.dense(x)))) + self.project(torch.relu(self.expand(x)))
+            x = self.narrow(self.wide_depthwise(self.deep(self.pool(torch.relu(self.depthwise(x))))))
             x = torch.flatten(nn.functional.adaptive_avg_pool2d(self.tiny(self.shrink(x)), 1), 1)
             return self.dequant(self.square(self.wide(x)))
 
@@ -207,11 +212,11 @@ def _network() -> object:
 
 def fit_nonnegative(rows: list[list[float]], times: list[float]) -> list[float]:
     """Coefficients ``c >= 0`` of ``rows @ c ~ times`` minimising the squared relative error (so that small
-    kernels weigh as much as large ones); a coefficient that comes out negative is dropped and the rest fitted
-    again."""
+    kernels weigh as much as large ones; a time is taken as at least 100 ns, the resolution of the measurement);
+    a coefficient that comes out negative is dropped and the rest fitted again."""
     import numpy as np
 
-    weights = 1 / np.asarray(times, dtype=float)
+    weights = 1 / np.maximum(np.asarray(times, dtype=float), 1e-7)
     matrix, target = np.asarray(rows, dtype=float) * weights[:, None], np.ones(len(times))
     active = np.ones(matrix.shape[1], dtype=bool)
     while True:

@@ -1,10 +1,8 @@
 """Measuring this machine's CPU figures on edgeq's own compiled kernels, cached per CPU model.
 
-A small calibration network (dense 3x3 and 1x1 convolutions, a depthwise convolution, a linear layer, max
-pooling and a global average pool) is quantized, compiled for this machine like any model, and run; each
-kernel's time (:mod:`.measure`) gives a figure of :class:`~edgeq.targets.CpuFigures`:
-
-a non-negative least-squares fit of all the calls' times to ``kernel_overhead + parallel_overhead x [runs on
+A small calibration network (:func:`_network`: dense and depthwise convolutions, linear layers, pooling) is
+quantized, compiled for this machine like any model, and run; the figures of :class:`~edgeq.targets.CpuFigures`
+are a non-negative least-squares fit of the kernel calls' times (:mod:`.measure`) to ``kernel_overhead + parallel_overhead x [runs on
 all cores] + dense MACs / conv2d rate + depthwise MACs / depthwise rate + linear MACs / linear rate + output
 elements / requantized_outputs_per_s`` (convolution and linear kernels) or ``... + bytes read and written /
 memory_bytes_per_s`` (the others: pooling, requantization).
@@ -32,8 +30,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgeq.perf.estimate import MAC_OPS
 from edgeq.fileio import atomic_write, cache_dir, slug
+from edgeq.perf.estimate import MAC_OPS
 from edgeq.targets import CpuFigures, Target
 
 logger = logging.getLogger(__name__)

@@ -2,10 +2,10 @@
 
 A small calibration network (:func:`_network`: dense and depthwise convolutions, linear layers, pooling) is
 quantized, compiled for this machine like any model, and run; the figures of :class:`~edgeq.targets.CpuFigures`
-are a non-negative least-squares fit of the kernel calls' times (:mod:`.measure`) to ``kernel_overhead + parallel_overhead x [runs on
-all cores] + dense MACs / conv2d rate + depthwise MACs / depthwise rate + linear MACs / linear rate + output
-elements / requantized_outputs_per_s`` (convolution and linear kernels) or ``... + bytes read and written /
-memory_bytes_per_s`` (the others: pooling, requantization).
+are a non-negative least-squares fit of the kernel calls' times (:mod:`.measure`) to ``kernel_overhead +
+parallel_overhead x [runs on all cores] + dense MACs / conv2d rate + depthwise MACs / depthwise rate + linear MACs
+/ linear rate + output elements / requantized_outputs_per_s`` (convolution and linear kernels) or ``... + bytes
+read and written / memory_bytes_per_s`` (the others: pooling, requantization).
 
 A figure the fit cannot tell apart from the overhead (a rate so high its term fits as zero) keeps the target's
 nominal value.

@@ -90,13 +90,14 @@ def _threads() -> int:
 
 def kernel_fingerprint() -> str:
     """A hash of the source that generates edgeq's kernels (lowering, pipeline, kernels, schedules, code
-    generation) and of TVM's version."""
+    generation), of the source that measures them (this module and :mod:`.measure`) and of TVM's version."""
     import tvm
 
     from edgeq import compile as compiler
+    from edgeq.perf import measure
 
     digest = hashlib.sha256(tvm.__version__.encode())
-    for source in sorted(Path(compiler.__file__).parent.rglob("*.py")):
+    for source in [*sorted(Path(compiler.__file__).parent.rglob("*.py")), Path(__file__), Path(measure.__file__)]:
         digest.update(source.read_bytes())
     return digest.hexdigest()[:16]
 

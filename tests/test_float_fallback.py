@@ -212,13 +212,21 @@ def test_compiled_resize_by_a_scale_samples_where_torch_does(resize, tmp_path):
     assert_within_float_region_bound(got, int_model.run_integer(x).numpy())
 
 
-def test_a_resize_by_scales_the_compiler_cannot_sample_is_a_clear_error():
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        (dict(mode="cubic"), "mode 'cubic'"),
+        (dict(mode="linear", coordinate_transformation_mode="tf_crop_and_resize"), "coordinate_transformation_mode 'tf_crop_and_resize'"),
+        (dict(mode="linear", coordinate_transformation_mode="unheard_of"), "coordinate_transformation_mode 'unheard_of'"),
+    ],
+)
+def test_a_resize_by_scales_the_compiler_cannot_sample_is_a_clear_error(settings, named):
     source = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 4, 7])
     target = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 6, 10])
     scales = onnx.numpy_helper.from_array(np.array([1, 1, 1.5, 1.5], dtype=np.float32), "scales")
-    resize = onnx.helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", mode="cubic")
+    resize = onnx.helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", **settings)
     model = onnx.helper.make_model(onnx.helper.make_graph([resize], "g", [source], [target], [scales]))
-    with pytest.raises(CompileError, match=r"Resize 'up': resizing by scales \[1.0, 1.0, 1.5, 1.5\] .* with mode 'cubic', is not supported"):
+    with pytest.raises(CompileError, match=rf"Resize 'up': resizing by scales \[1.0, 1.0, 1.5, 1.5\] .* with {named}, is not supported"):
         with_resize_coordinates_of_onnx(model)
 
 

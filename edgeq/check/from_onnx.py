@@ -14,7 +14,7 @@ import onnx
 
 from edgeq.check.records import INPUT_PREFIX, OpRecord, QuantFacts, foreign_op_name
 from edgeq.export.float_onnx import FLOAT_FALLBACK_DOC
-from edgeq.export.onnx_reader import QDQModel, QuantParams, node_attributes, node_name, resize_follows_sizes
+from edgeq.export.onnx_reader import QDQModel, QuantParams, attribute_text, node_attributes, node_name, resize_follows_sizes
 from edgeq.export.qdq_graph import QDQGraph
 from edgeq.numerics import accumulator_bounds, resize_align_corners
 from edgeq.ops import Op, gated_op, op_of_onnx_type
@@ -175,14 +175,12 @@ class _OnnxWalker(QDQGraph):
         return tuple(self.constants[name].shape) if name in self.constants else None
 
     def _resize(self, node: onnx.NodeProto, attributes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        mode = attributes.get("mode", b"nearest")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
+        mode = attribute_text(attributes, "mode", "nearest")
         source, target = self.static_shape(node.input[0]), self.static_shape(node.output[0])
         if source is None or target is None or not resize_follows_sizes(node, self.constants, source, target):
             return foreign_op_name(f"resize_{mode}"), {}  # coordinates of its own scale: a float op (docs/compile.md)
         if mode == "linear" and len(target) == 4:
-            coordinates = attributes.get("coordinate_transformation_mode", b"half_pixel")
-            coordinates = coordinates.decode() if isinstance(coordinates, bytes) else coordinates
+            coordinates = attribute_text(attributes, "coordinate_transformation_mode", "half_pixel")
             align_corners = resize_align_corners(coordinates, target[2:])
             if align_corners is not None and not attributes.get("antialias", 0):
                 return Op.UPSAMPLE_BILINEAR2D.value, {"align_corners": align_corners}

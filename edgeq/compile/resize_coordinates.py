@@ -18,7 +18,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgeq.errors import CompileError
-from edgeq.export.onnx_reader import node_attributes, node_name, resize_follows_sizes
+from edgeq.export.onnx_reader import attribute_text, graph_constants, node_attributes, node_name, resize_follows_sizes
+from edgeq.export.qdq_graph import inferred_shapes, static_shape
 
 _NEAREST = {
     "round_prefer_floor": lambda x: np.ceil(x - 0.5),
@@ -28,29 +29,20 @@ _NEAREST = {
 }
 """ONNX ``nearest_mode``: the source index of a source coordinate."""
 
-
-def _text(value: object, default: str) -> str:
-    return value.decode() if isinstance(value, bytes) else default if value is None else str(value)
+_COORDINATES = {
+    "half_pixel": lambda x, in_size, out_size, scale: (x + 0.5) / scale - 0.5,
+    "pytorch_half_pixel": lambda x, in_size, out_size, scale: (x + 0.5) / scale - 0.5 if out_size > 1 else 0 * x,
+    "align_corners": lambda x, in_size, out_size, scale: x * (in_size - 1) / (out_size - 1) if out_size > 1 else 0 * x,
+    "asymmetric": lambda x, in_size, out_size, scale: x / scale,
+    "tf_half_pixel_for_nn": lambda x, in_size, out_size, scale: (x + 0.5) / scale,
+}
+"""ONNX ``coordinate_transformation_mode``: the source coordinate of output indices ``x`` along one axis
+(``tf_crop_and_resize`` is not here: it needs a region of interest)."""
 
 
 def source_coordinates(mode: str, in_size: int, out_size: int, scale: float) -> np.ndarray:
-    """The source coordinate of each output index along one axis (ONNX ``coordinate_transformation_mode``).
-
-    Raises:
-        ValueError: a mode this rewrite does not compute (``tf_crop_and_resize`` needs a region of interest).
-    """
-    x = np.arange(out_size, dtype=np.float64)
-    if mode == "half_pixel":
-        return (x + 0.5) / scale - 0.5
-    if mode == "pytorch_half_pixel":
-        return (x + 0.5) / scale - 0.5 if out_size > 1 else np.zeros(1)
-    if mode == "align_corners":
-        return x * (in_size - 1) / (out_size - 1) if out_size > 1 else np.zeros(1)
-    if mode == "asymmetric":
-        return x / scale
-    if mode == "tf_half_pixel_for_nn":
-        return (x + 0.5) / scale
-    raise ValueError(f"coordinate_transformation_mode '{mode}'")
+    """The source coordinate of each output index along one axis (:data:`_COORDINATES`)."""
+    return _COORDINATES[mode](np.arange(out_size, dtype=np.float64), in_size, out_size, scale)
 
 
 def interpolation_matrix(mode: str, nearest_mode: str, in_size: int, coordinates: np.ndarray) -> np.ndarray:
@@ -72,14 +64,14 @@ def interpolation_matrix(mode: str, nearest_mode: str, in_size: int, coordinates
 
 def _replacement(node: onnx.NodeProto, graph: onnx.GraphProto, source: list[int], target: list[int], scales: np.ndarray) -> list[onnx.NodeProto]:
     attributes = node_attributes(node)
-    mode = _text(attributes.get("mode"), "nearest")
-    coordinate_mode = _text(attributes.get("coordinate_transformation_mode"), "half_pixel")
-    nearest_mode = _text(attributes.get("nearest_mode"), "round_prefer_floor")
+    mode = attribute_text(attributes, "mode", "nearest")
+    coordinate_mode = attribute_text(attributes, "coordinate_transformation_mode", "half_pixel")
+    nearest_mode = attribute_text(attributes, "nearest_mode", "round_prefer_floor")
     unsupported = [
         what
         for what, bad in (
             (f"mode '{mode}'", mode not in ("nearest", "linear")),
-            (f"coordinate_transformation_mode '{coordinate_mode}'", coordinate_mode == "tf_crop_and_resize"),
+            (f"coordinate_transformation_mode '{coordinate_mode}'", coordinate_mode not in _COORDINATES),
             ("antialias", bool(attributes.get("antialias", 0))),
             ("axes", "axes" in attributes),
             (f"nearest_mode '{nearest_mode}'", mode == "nearest" and nearest_mode not in _NEAREST),
@@ -109,16 +101,6 @@ def _replacement(node: onnx.NodeProto, graph: onnx.GraphProto, source: list[int]
     return nodes
 
 
-def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {}
-    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        dims = info.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            shapes[info.name] = [d.dim_value for d in dims]
-    return shapes
-
-
 def with_resize_coordinates_of_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` (a region's graph) in which every Resize by scales whose coordinates differ from its
     sizes' ratio is matrix products computing ONNX's coordinates (module doc); ``model`` itself when it has none.
@@ -126,19 +108,17 @@ def with_resize_coordinates_of_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
     Raises:
         CompileError: such a Resize with settings this rewrite does not compute (the message names it).
     """
-    resizes = [n for n in model.graph.node if n.op_type == "Resize"]
-    if not resizes:
+    if not any(n.op_type == "Resize" for n in model.graph.node):
         return model
-    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    constants.update({n.output[0]: numpy_helper.to_array(node_attributes(n)["value"]) for n in model.graph.node if n.op_type == "Constant" and "value" in node_attributes(n)})
-    shapes = _static_shapes(model)
+    constants = graph_constants(model.graph)
+    shapes = inferred_shapes(onnx.shape_inference.infer_shapes(model).graph)
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)
     nodes: list[onnx.NodeProto] = []
     changed = False
     for node in rewritten.graph.node:
-        source, target = shapes.get(node.input[0]) if node.input else None, shapes.get(node.output[0])
-        if node.op_type != "Resize" or source is None or target is None or resize_follows_sizes(node, constants, source, target):
+        source, target = (static_shape(shapes, node.input[0]), static_shape(shapes, node.output[0])) if node.op_type == "Resize" else (None, None)
+        if source is None or target is None or resize_follows_sizes(node, constants, source, target):
             nodes.append(node)
             continue
         scales = constants.get(node.input[2])

@@ -190,10 +190,7 @@ class _QuantReader:
     def __init__(self, model: onnx.ModelProto, path: Path) -> None:
         self.model = model
         self.path = path
-        self.constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-        for node in model.graph.node:
-            if node.op_type == "Constant":
-                self.constants[node.output[0]] = numpy_helper.to_array(node_attributes(node)["value"])
+        self.constants = graph_constants(model.graph)
         self.quant: dict[str, QuantParams] = {}
         self.quant_source: dict[str, str] = {}
         self.findings: list[Finding] = []
@@ -311,9 +308,9 @@ def node_op(node: onnx.NodeProto, is_weight: Callable[[str], bool] | None = None
     op = op_of_onnx_type(node.op_type)
     if node.op_type == "MatMul" and is_weight is not None and len(node.input) > 1 and not is_weight(node.input[1]):
         return Op.MATMUL
-    if op is Op.UPSAMPLE_NEAREST2D and node_attributes(node).get("mode", b"nearest") in (b"linear", "linear"):
+    if op is Op.UPSAMPLE_NEAREST2D and attribute_text(node_attributes(node), "mode", "nearest") == "linear":
         return Op.UPSAMPLE_BILINEAR2D
-    if op is Op.GELU and node_attributes(node).get("approximate", b"none") in (b"tanh", "tanh"):
+    if op is Op.GELU and attribute_text(node_attributes(node), "approximate", "none") == "tanh":
         return Op.GELU_TANH
     if op is Op.GELU_TANH and len(node.input) > 1 and node.input[1]:
         return None
@@ -349,6 +346,21 @@ def node_name(node: onnx.NodeProto) -> str:
 def node_attributes(node: onnx.NodeProto) -> dict[str, Any]:
     """A node's attributes by name, as Python values (a tensor attribute as its ``TensorProto``)."""
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def attribute_text(attributes: Mapping[str, Any], name: str, default: str) -> str:
+    """A string attribute of :func:`node_attributes` as text (ONNX stores them as bytes), ``default`` when absent."""
+    value = attributes.get(name)
+    return default if value is None else value.decode() if isinstance(value, bytes) else str(value)
+
+
+def graph_constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """The value of every constant tensor of ``graph``: its initializers and the outputs of its Constant nodes."""
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            constants[node.output[0]] = numpy_helper.to_array(node_attributes(node)["value"])
+    return constants
 
 
 def resize_follows_sizes(node: onnx.NodeProto, constants: dict[str, np.ndarray], source: Sequence[int], target: Sequence[int]) -> bool:

@@ -11,6 +11,21 @@ QDQ_NODES = ("QuantizeLinear", "DequantizeLinear", "Constant")
 """Node types that carry quantization (or constants) rather than compute."""
 
 
+def inferred_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of a shape-inferred ``graph`` that has one (-1 for a dynamic dimension)."""
+    return {
+        info.name: tuple(d.dim_value if d.HasField("dim_value") else -1 for d in info.type.tensor_type.shape.dim)
+        for info in [*graph.input, *graph.value_info, *graph.output]
+        if info.type.tensor_type.HasField("shape")  # no shape at all: even the rank is unknown
+    }
+
+
+def static_shape(shapes: dict[str, tuple[int, ...]], tensor: str) -> tuple[int, ...] | None:
+    """``tensor``'s shape in ``shapes`` when every dimension is known."""
+    shape = shapes.get(tensor)
+    return shape if shape is not None and all(d > 0 for d in shape) else None
+
+
 class QDQGraph:
     """A QDQ model with inferred shapes: which node makes and which nodes read each tensor, the constants, the
     shapes, the quantized tensor behind each DequantizeLinear, and the ops.
@@ -35,11 +50,7 @@ class QDQGraph:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
         self.constants = qdq.constants
-        self.shapes: dict[str, tuple[int, ...]] = {
-            info.name: tuple(d.dim_value if d.HasField("dim_value") else -1 for d in info.type.tensor_type.shape.dim)
-            for info in [*graph.input, *graph.value_info, *graph.output]
-            if info.type.tensor_type.HasField("shape")  # no shape at all: even the rank is unknown
-        }
+        self.shapes = inferred_shapes(graph)
         self.shapes.update({name: value.shape for name, value in self.constants.items()})
         compute_nodes = [n for n in self.nodes if n.op_type not in QDQ_NODES]
         self.bias_adds = {
@@ -80,8 +91,7 @@ class QDQGraph:
 
     def static_shape(self, tensor: str) -> tuple[int, ...] | None:
         """The tensor's shape when every dimension is known."""
-        shape = self.shapes.get(tensor)
-        return shape if shape is not None and all(d > 0 for d in shape) else None
+        return static_shape(self.shapes, tensor)
 
     def dequantized(self, tensor: str) -> tuple[str, QuantParams] | None:
         """(quantized tensor, its parameters) when ``tensor`` is the output of a DequantizeLinear."""

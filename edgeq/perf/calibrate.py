@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgeq.fileio import atomic_write, cache_dir, slug
-from edgeq.perf.estimate import MAC_OPS
+from edgeq.perf.estimate import MAC_CLASSES, MAC_OPS, mac_class
 from edgeq.targets import CpuFigures, Target
 
 logger = logging.getLogger(__name__)
@@ -253,11 +253,9 @@ def _measure_figures(host: Target, folder: Path) -> CpuFigures:
     def row(op) -> list[float]:
         outputs = math.prod(graph.tensors[op.outputs[0]].shape)
         mac_op = op.op in MAC_OPS
-        dense = op.macs if op.op == "conv2d" and op.attributes["groups"] == 1 else 0
-        grouped = op.macs if op.op == "conv2d" and op.attributes["groups"] > 1 else 0
-        linear = op.macs if op.op == "linear" else 0
+        macs = [op.macs if mac_class(op) == name else 0 for name in MAC_CLASSES]
         moved = 0 if mac_op else op.bytes_in + op.bytes_out
-        return [1.0, float(op.parallel), dense, grouped, linear, outputs if mac_op else 0, moved]
+        return [1.0, float(op.parallel), *macs, outputs if mac_op else 0, moved]
 
     overhead, parallel, per_dense, per_grouped, per_linear, per_output, per_byte = fit_nonnegative(
         [row(op) for op in anchors.values()], [seconds[k] for k in anchors]

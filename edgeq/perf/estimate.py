@@ -18,6 +18,17 @@ MS = 1e3
 MAC_OPS = ("conv2d", "linear", "matmul")
 """Ops whose MACs run on the NPU's MAC array and in the CPU's int8 matrix kernels (with a requantized output)."""
 
+MAC_CLASSES = ("conv2d", "depthwise", "linear")
+"""The CPU's int8 MAC rates (:func:`mac_class`), in the order of the calibration's fit."""
+
+
+def mac_class(op: Op) -> str | None:
+    """Which CPU rate an op's MACs run at: ``conv2d`` (groups 1), ``depthwise`` (grouped and depthwise
+    convolutions), ``linear`` (linear layers and matmuls); None for ops costed by the bytes they move."""
+    if op.op == "conv2d":
+        return "depthwise" if op.attributes.get("groups", 1) > 1 else "conv2d"
+    return "linear" if op.op in ("linear", "matmul") else None
+
 
 def _ceil_to(value: int, step: int) -> int:
     return -(-value // step) * step
@@ -144,12 +155,12 @@ class _Estimator:
     def _mac_rate(self, op: Op) -> float:
         if op.placement == FLOAT_PLACEMENT:
             return self.cpu.float32_macs_per_s
-        if op.op == "conv2d":
-            grouped = op.attributes.get("groups", 1) > 1
-            return self.cpu.depthwise_int8_macs_per_s if grouped else self.cpu.conv2d_int8_macs_per_s
-        if op.op in ("linear", "matmul"):
-            return self.cpu.linear_int8_macs_per_s
-        return math.inf  # other ops are costed by the bytes they move
+        rates = {
+            "conv2d": self.cpu.conv2d_int8_macs_per_s,
+            "depthwise": self.cpu.depthwise_int8_macs_per_s,
+            "linear": self.cpu.linear_int8_macs_per_s,
+        }
+        return rates.get(mac_class(op), math.inf)  # other ops are costed by the bytes they move
 
     def _cpu(self, op: Op) -> LayerEstimate:
         fused = self.fused(op)

@@ -96,6 +96,12 @@ def produces_tensor(node: fx.Node) -> bool:
     return isinstance(value, TensorInfo) or (isinstance(value, tuple) and any(isinstance(v, TensorInfo) for v in value))
 
 
+def makes_one_tensor(operand: object) -> bool:
+    """Whether ``operand`` is a node whose example value is one tensor (not a constant, nor a number computed from
+    a shape, such as ``x.shape[-1] ** -0.5``)."""
+    return isinstance(operand, fx.Node) and isinstance(operand.meta.get(VALUE_KEY), TensorInfo)
+
+
 def tensor_info(node: fx.Node) -> TensorInfo:
     """The example :class:`TensorInfo` of a node that produces one tensor."""
     value = node.meta.get(VALUE_KEY)

@@ -42,6 +42,7 @@ from edgeq.quantization.graph import (
     getattr_path,
     input_nodes,
     integer_region,
+    makes_one_tensor,
     module_scope,
     record_example_values,
     tensor_info,
@@ -716,7 +717,7 @@ class _Preparer:
     @_emits(OpKind.MUL)
     def _emit_mul(self, node: fx.Node) -> fx.Node:
         left, right = argument(node, 0, "input"), argument(node, 1, "other")
-        if not all(_is_tensor(operand) for operand in (left, right)):
+        if not all(makes_one_tensor(operand) for operand in (left, right)):
             raise self._unsupported(node, "only the product of two quantized tensors is supported (not a constant)")
         path = self._functional_path(node, "mul")
         return self._call(path, Multiply(self._quantizer(node, path)), (left, right), node)
@@ -726,7 +727,7 @@ class _Preparer:
         """A matrix product of two activations (docs/numerics.md, "Matrix product"); ``torch.bmm`` names its second
         operand ``mat2``."""
         left, right = argument(node, 0, "input"), argument(node, 1, "other", node.kwargs.get("mat2"))
-        if not (_is_tensor(left) and _is_tensor(right)):
+        if not (makes_one_tensor(left) and makes_one_tensor(right)):
             raise self._unsupported(node, "only the matrix product of two quantized tensors is supported (not a constant)")
         ranks = [len(tensor_info(operand).shape) for operand in (left, right)]
         if min(ranks) < 2:
@@ -768,12 +769,6 @@ class _Preparer:
                         f"{type(module).__name__} '{node.target}': an int32 output must go straight to a DeQuantStub; "
                         "it feeds other ops. Use the int32 qconfig on the model's final layer only"
                     )
-
-
-def _is_tensor(operand: object) -> bool:
-    """Whether ``operand`` is a node that makes one tensor (not a constant, nor a number computed from a shape,
-    such as ``x.shape[-1] ** -0.5``)."""
-    return isinstance(operand, fx.Node) and isinstance(operand.meta.get(VALUE_KEY), TensorInfo)
 
 
 def _explicit_padding(conv: nn.Conv2d, unsupported: Callable[[str], Exception]) -> tuple[int, int]:

@@ -269,7 +269,11 @@ def _build_torchvision(name: str, settings: dict[str, object]) -> nn.Module:
     if name in torchvision.models.list_models(module=torchvision.models.segmentation):
         segmentation = getattr(torchvision.models.segmentation, name)
         return SegmentationMap(segmentation(num_classes=10, weights=None, weights_backbone=None, aux_loss=False, **settings))
-    return getattr(torchvision.models, name)(num_classes=10, **settings)
+    model = getattr(torchvision.models, name)(num_classes=10, **settings)
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not module.weight.any():  # the ViT's head starts at zero: outputs would be 0
+            nn.init.normal_(module.weight, std=0.2)
+    return model
 
 
 def torchvision_model(name: str, **settings: object) -> nn.Module:

@@ -10,6 +10,7 @@ by op.
 from __future__ import annotations
 
 import math
+import operator
 from fractions import Fraction
 from typing import Any
 
@@ -232,7 +233,7 @@ def _to_torch(value: Any) -> Any:
 
 def _to_numpy(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return value.numpy()
+        return value.detach().numpy()
     if isinstance(value, (list, tuple)):
         return type(value)(_to_numpy(v) for v in value)
     return value
@@ -251,6 +252,8 @@ def run_reference(graph_module: fx.GraphModule, *inputs: np.ndarray, stop_at_deq
             env[node] = next(placeholders)
         elif node.op == "output":
             return args[0]
+        elif node.op == "get_attr":
+            env[node] = _to_numpy(operator.attrgetter(node.target)(graph_module))
         elif node.op == "call_module" and isinstance(modules[node.target], ops.IntDequantize) and stop_at_dequantize:
             env[node] = np.asarray(args[0], dtype=np.int64)
         elif node.op == "call_module" and type(modules[node.target]).__module__ == ops.__name__:

@@ -71,23 +71,6 @@ def test_every_spelling_is_the_integer_op(spelling):
     np.testing.assert_array_equal(got, run_reference(int_model.graph_module, a.numpy(), b.numpy()))
 
 
-def test_a_matmul_with_a_parameter_keeps_todays_error():
-    """A product with a weight that is not an nn.Linear is not the matmul of two activations: the integer region
-    refuses the float parameter, as before."""
-
-    class WithParameter(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.quant, self.dequant = QuantStub(), DeQuantStub()
-            self.weight = nn.Parameter(torch.randn(12, 4))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.dequant(self.quant(x) @ self.weight)
-
-    with pytest.raises(QuantizationError, match=r"matmul '.*': mixes quantized input 'quant' with float input 'weight'"):
-        prepare_qat_fx(WithParameter(), example_inputs=(torch.randn(2, 12),), target="x86_64")
-
-
 def test_a_product_of_vectors_stays_float_with_the_reason():
     with pytest.warns(FloatFallbackWarning, match=r"matmul '.*': matrix product of 1-D and 2-D tensors \(allowed: 2-D or more\)"):
         prepare_qat_fx(Product(torch.matmul), example_inputs=(torch.randn(12), torch.randn(12, 4)), target="x86_64")

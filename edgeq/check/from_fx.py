@@ -35,13 +35,14 @@ def records_from_prepared(prepared: fx.GraphModule, rejected: dict[str, str]) ->
         if node.op == "placeholder":
             producer[node] = INPUT_PREFIX + node.name
             continue
-        if node.op in ("output", "get_attr") or not produces_tensor(node):
+        if node.op in ("output", "get_attr") or not produces_tensor(node) or qm.CONSTANT_KEY in node.meta:
             continue
         module = modules.get(node.target) if node.op == "call_module" else None
         sources = [n for n in input_nodes(node) if n in producer]
         if isinstance(module, qm.QuantizeInput):
             region.add(node)
-            producer[node] = producer[sources[0]]
+            if sources:  # none for a quantized constant: it is no op's output
+                producer[node] = producer[sources[0]]
             continue
         in_region = any(n in region for n in sources)
         if isinstance(module, qm.DequantizeOutput):
@@ -87,8 +88,23 @@ def _record(
 ) -> OpRecord:
     name = str(node.target) if node.op == "call_module" else node.name
     op, source_op, attrs = _describe(node, module, modules)
+    if op == Op.MATMUL.value and _quantized_constant(node.args[1]):
+        op, attrs = _product_with_weights(node.args[1])
     shapes = [s for s in (_shape(n) for n in sources) if s is not None]
     return OpRecord(name, op, source_op, inputs, shapes, _shape(node), attrs)
+
+
+def _quantized_constant(operand: object) -> bool:
+    """Whether ``operand`` is the quantize of a constant tensor (a parameter)."""
+    source = operand.args[0] if isinstance(operand, fx.Node) and operand.args else None
+    return isinstance(source, fx.Node) and qm.CONSTANT_KEY in source.meta
+
+
+def _product_with_weights(weights: fx.Node) -> tuple[str, dict[str, Any]]:
+    """A product with a constant matrix (``x @ self.weight``) is a linear layer, per-tensor weights: its QDQ file
+    reads so (:func:`edgeq.export.onnx_reader.node_op`), and compile builds it so."""
+    rows, columns = weights.meta[VALUE_KEY].shape[-2:]
+    return Op.LINEAR.value, {"in_features": rows, "out_channels": columns, "activation": "none", "weight_bytes": rows * columns}
 
 
 Description = Callable[[nn.Module], tuple[str, dict[str, Any]]]

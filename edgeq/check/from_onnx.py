@@ -54,7 +54,7 @@ class _OnnxWalker(QDQGraph):
     # ---- one record -------------------------------------------------------------------------------------------
     def _record(self, node: onnx.NodeProto) -> OpRecord:
         activations = self.activation_inputs(node)
-        input_quant = [self.dequantized(t) for t in activations]
+        input_quant = [self.dequantized(t) for t in self.quantized_inputs(node)]
         output_quant = self._output_quant(node)
         weighted = self._weighted(node)
         int32_output = weighted and self._feeds_model_output(node)

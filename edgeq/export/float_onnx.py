@@ -171,6 +171,49 @@ def _linear(writer: _Writer, node: fx.Node, module: nn.Linear, inputs: list[str]
     return writer.node("Add", [writer.node("MatMul", [inputs[0], weight]), writer.constant("bias", module.bias)], final=True)
 
 
+@_emits(nn.MultiheadAttention)
+def _multihead_attention(writer: _Writer, node: fx.Node, module: nn.MultiheadAttention, inputs: list[str]) -> str:
+    """Attention without masks as torch computes it: the input projections, ``softmax(q k^T / sqrt(d)) v`` per head,
+    the output projection. It writes the attention output (the tuple's item 0), not the averaged weights."""
+    path = f"MultiheadAttention '{writer.path}'"
+    if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
+        raise ExportError(f"{path}: float export needs equal query, key and value sizes, no bias_k/v, no add_zero_attn")
+    if any(argument(node, i, name, None) is not None for i, name in ((3, "key_padding_mask"), (5, "attn_mask"))) or argument(node, 7, "is_causal", False):
+        raise ExportError(f"{path}: float export of attention with a mask is not supported; call it without masks")
+    embed, heads = module.embed_dim, module.num_heads
+    by_head = writer.constant("by_head", [0, 0, heads, embed // heads], np.int64)
+    batch_first = [1, 0, 2]
+
+    def project(x: str, index: int, name: str, perm: list[int]) -> str:
+        rows = slice(index * embed, (index + 1) * embed)
+        if not module.batch_first:
+            x = writer.node("Transpose", [x], perm=batch_first)
+        out = writer.node("MatMul", [x, writer.constant(f"{name}_weight", module.in_proj_weight[rows].t())])
+        if module.in_proj_bias is not None:
+            out = writer.node("Add", [out, writer.constant(f"{name}_bias", module.in_proj_bias[rows])])
+        return writer.node("Transpose", [writer.node("Reshape", [out, by_head])], perm=perm)
+
+    query, key, value = inputs[:3]
+    q, k, v = project(query, 0, "q", [0, 2, 1, 3]), project(key, 1, "k", [0, 2, 3, 1]), project(value, 2, "v", [0, 2, 1, 3])
+    scores = writer.node("Mul", [writer.node("MatMul", [q, k]), writer.constant("scale", (embed // heads) ** -0.5)])
+    mixed = writer.node("MatMul", [writer.node("Softmax", [scores], axis=-1), v])
+    merged = writer.node("Reshape", [writer.node("Transpose", [mixed], perm=[0, 2, 1, 3]), writer.constant("merged", [0, 0, embed], np.int64)])
+    out = writer.node("MatMul", [merged, writer.constant("out_weight", module.out_proj.weight.t())])
+    last = module.batch_first
+    if module.out_proj.bias is not None:
+        out = writer.node("Add", [out, writer.constant("out_bias", module.out_proj.bias)], final=last)
+    return out if last else writer.node("Transpose", [out], final=True, perm=batch_first)
+
+
+@_emits(operator.getitem)
+def _item(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
+    """Item 0 of an op left in float that returns a tuple (attention's output): the one result its ONNX form has,
+    so no node of its own."""
+    if node.args[1] != 0:
+        raise ExportError(f"'{node.name}': takes item {node.args[1]} of a float op's tuple; only item 0 (its output) is exported")
+    return inputs[0]
+
+
 @_emits(nn.Conv2d)
 def _conv2d(writer: _Writer, node: fx.Node, module: nn.Conv2d, inputs: list[str]) -> str:
     if isinstance(module.padding, str) or module.padding_mode != "zeros":

@@ -37,7 +37,7 @@ from edgeq.quantization.graph import record_values
 from edgeq.quantization.integer_model import IntegerModel
 from edgeq.export.float_onnx import emit_float_op
 from edgeq.quantization.patterns import Movement, OpKind, movement, op_kind, permutation, split_axis
-from edgeq.quantization.qat_modules import FLOAT_REASON_KEY
+from edgeq.quantization.qat_modules import CONSTANT_KEY, FLOAT_REASON_KEY
 
 OPSET = 13
 """Per-axis QuantizeLinear / DequantizeLinear arrived in opset 13, the oldest opset every QDQ consumer reads
@@ -77,6 +77,14 @@ class _FloatTensor:
     """A float tensor of the float fallback: a dequantized integer tensor, or the result of an op left in float."""
 
     name: str
+
+
+@dataclass(frozen=True)
+class _FloatConstant:
+    """A constant tensor (a parameter, or computed from parameters alone): written, as the integer model computes
+    it, only where it is read: quantized for the integer region, float for an op left in float."""
+
+    node: fx.Node
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,7 @@ class _Builder:
         self.env: dict[fx.Node, Any] = {}
         self.dequantized: dict[str, str] = {}
         self.quant_initializers: dict[str, tuple[str, str]] = {}
+        self.float_constants: set[str] = set()
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         dequantizers = [n for n in self.graph.nodes if n.op == "call_module" and isinstance(self.modules[n.target], ops.IntDequantize)]
         self.input_names = self._names("input", input_names, [n.name for n in placeholders])
@@ -180,6 +189,8 @@ class _Builder:
         value = self.values[node]
         if not (isinstance(value, torch.Tensor) or _holds_tensor(value)):
             return value  # shape arithmetic (x.size(), //): its value is static
+        if CONSTANT_KEY in node.meta:
+            return _FloatConstant(node)
         if FLOAT_REASON_KEY in node.meta:
             return self._float_op(node, args)
         if not _holds_qtensor(args):
@@ -239,9 +250,13 @@ class _Builder:
         return str(node.target) if node.op == "call_module" else node.name
 
     def _quantize_input(self, node: fx.Node, op: ops.IntQuantize, args: list[Any]) -> _QTensor:
-        """A QuantStub (a model input), or the quantize after an op left in float."""
+        """A QuantStub (a model input), the quantize after an op left in float, or a constant's int8 values (those
+        the integer model computes, as an initializer: the standard QDQ form of a quantized constant)."""
+        quant = ops.TensorQuant("int8", (op.output_scale,))
+        if isinstance(args[0], _FloatConstant):
+            return _QTensor(self._initializer(f"{self._path(node)}.q", self.values[node].numpy()), quant)
         source = args[0].name if isinstance(args[0], _FloatTensor) else args[0]
-        return self._quantize(source, self._path(node), ops.TensorQuant("int8", (op.output_scale,)))
+        return self._quantize(source, self._path(node), quant)
 
     def _dequantize_output(self, node: fx.Node, op: ops.IntDequantize, args: list[Any]) -> str:
         value = args[0]
@@ -255,12 +270,21 @@ class _Builder:
     def _float_op(self, node: fx.Node, args: list[Any]) -> _FloatTensor:
         """An op left in float (docs/numerics.md "Float fallback"): its float ONNX nodes."""
         inputs: list[str] = []
-        fx.node.map_aggregate(args, lambda a: inputs.append(a.name) if isinstance(a, _FloatTensor) else None)
+        fx.node.map_aggregate(args, lambda a: inputs.append(self._float_name(a)) if isinstance(a, (_FloatTensor, _FloatConstant)) else None)
         module = self.modules[node.target] if node.op == "call_module" else None
         value = self.values[node]
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else ()
         output = emit_float_op(self, node, module, inputs, shape, self._path(node), node.meta[FLOAT_REASON_KEY])
         return _FloatTensor(output)
+
+    def _float_name(self, value: _FloatTensor | _FloatConstant) -> str:
+        """The ONNX name of a float tensor; a constant's float values become an initializer the first time."""
+        if isinstance(value, _FloatTensor):
+            return value.name
+        name = value.node.name
+        if name not in self.float_constants:
+            self.float_constants.add(self._initializer(name, self.values[value.node].numpy()))
+        return name
 
     def _finish(self, node: fx.Node, float_name: str, quant: ops.TensorQuant, clamp: tuple[int, int] | None) -> Any:
         path = self._path(node)

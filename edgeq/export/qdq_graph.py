@@ -111,3 +111,13 @@ class QDQGraph:
     def activation_inputs(self, node: onnx.NodeProto) -> list[str]:
         """The tensors ``node`` reads that are neither constants nor dequantized constants (weights, biases)."""
         return [tensor for tensor in node.input if tensor and not self.is_weight(tensor)]
+
+    def quantized_inputs(self, node: onnx.NodeProto) -> list[str]:
+        """The quantized tensors an op computes on, in input order: its activation inputs and, for an op without
+        weights, the dequantized constants it reads (ViT's class token concatenated to the patches)."""
+        op = self.op_of(node)
+        weighted = op is not None and op.info.weighted
+        return [
+            tensor for tensor in node.input
+            if tensor and (not self.is_weight(tensor) or (not weighted and self.dequantized(tensor) is not None))
+        ]

@@ -125,6 +125,24 @@ def folded_parameters(node: fx.Node) -> list[fx.Node]:
     return []
 
 
+def constant_tensors(module: fx.GraphModule) -> set[fx.Node]:
+    """The tensors no model input flows into: parameters and buffers used as tensors (ViT's ``self.cls_token``,
+    ``self.pos_embed``) and what is computed from them alone (``self.cls_token.expand(n, -1, -1)``: a number taken
+    from an input's shape, such as ``n = x.shape[0]``, is not a tensor input). The integer region reads each
+    through a calibrated quantize of its own, as it reads the output of an op left in float."""
+    modules = dict(module.named_modules())
+    constants: set[fx.Node] = set()
+    for node in module.graph.nodes:
+        if node.op in ("placeholder", "output") or not produces_tensor(node):
+            continue
+        stub = modules.get(node.target) if node.op == "call_module" else None
+        if is_quant_stub(stub) or is_dequant_stub(stub):
+            continue
+        if all(n in constants for n in input_nodes(node) if produces_tensor(n)):
+            constants.add(node)
+    return constants
+
+
 def describe_node(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     """``<op> '<node>'`` for messages: the module class or function name, and where the node is."""
     if node.op == "call_module":
@@ -151,13 +169,15 @@ def module_scope(node: fx.Node) -> str:
 
 
 def integer_region(module: fx.GraphModule) -> set[fx.Node]:
-    """The nodes that carry quantized tensors: from QuantStubs (included) up to DeQuantStubs (excluded).
+    """The nodes that carry quantized tensors: from QuantStubs (included) up to DeQuantStubs (excluded). Besides
+    quantized tensors, a node of the region may read :func:`constant_tensors` and the parameters its op folds.
 
     Raises:
         QuantizationError: no QuantStub; a node mixes quantized and float tensors; a DeQuantStub gets a float
             tensor; a quantized tensor reaches the model output without a DeQuantStub.
     """
     modules = dict(module.named_modules())
+    constants = constant_tensors(module)
     region: set[fx.Node] = set()
     for node in module.graph.nodes:
         target_module = modules.get(node.target) if node.op == "call_module" else None
@@ -186,12 +206,13 @@ def integer_region(module: fx.GraphModule) -> set[fx.Node]:
             continue
         if not quantized_inputs:
             continue
-        float_inputs = [n for n in tensor_inputs if n not in region and n not in folded_parameters(node)]
+        folded = folded_parameters(node)
+        float_inputs = [n for n in tensor_inputs if n not in region and n not in constants and n not in folded]
         if float_inputs:
             raise QuantizationError(
                 f"{describe_node(node, modules)}: mixes quantized input '{quantized_inputs[0].name}' with float "
-                f"input '{float_inputs[0].name}'; every tensor input of the integer region must come through a "
-                "QuantStub (constants and parameters used outside nn.Conv2d / nn.Linear are not supported)"
+                f"input '{float_inputs[0].name}', which a model input flows into; every such tensor must enter the "
+                "integer region through a QuantStub"
             )
         if produces_tensor(node):
             region.add(node)

@@ -37,6 +37,7 @@ from edgeq.quantization.fake_quantize import ActivationFakeQuantize
 from edgeq.quantization.graph import (
     VALUE_KEY,
     TensorInfo,
+    constant_tensors,
     describe_node,
     folded_parameters,
     getattr_path,
@@ -55,6 +56,7 @@ from edgeq.quantization.qat_modules import (
     Clamp,
     Concat,
     ConvAct2d,
+    CONSTANT_KEY,
     FLOAT_REASON_KEY,
     DequantizeOutput,
     EnterFloat,
@@ -240,6 +242,8 @@ class _Preparer:
         self.absorbed: set[fx.Node] = set()
         self.float_outputs: dict[fx.Node, fx.Node] = {}
         self.dequantized: dict[fx.Node, fx.Node] = {}
+        self.constants = constant_tensors(traced)
+        self.quantized_constants: dict[fx.Node, fx.Node] = {}
 
     # ---- driver ---------------------------------------------------------------------------------------------
     def run(self) -> fx.GraphModule:
@@ -248,7 +252,9 @@ class _Preparer:
         for node in self.traced.graph.nodes:
             if node in self.absorbed:
                 continue
-            if node in self.region and (reason := self._float_reason(node)) is not None:
+            if node in self.region and (source := self._float_tuple(node)) is not None:
+                self._keep_float(node, self.float_outputs[source].meta[FLOAT_REASON_KEY])
+            elif node in self.region and (reason := self._float_reason(node)) is not None:
                 self._emit_float(node, reason)
             elif node in self.region:
                 self._emit_integer_op(node)
@@ -256,6 +262,8 @@ class _Preparer:
                 self.env[node] = self._call(str(node.target), DequantizeOutput(), node.args, node)
             else:
                 self.env[node] = self._copy(node)
+                if node in self.constants:
+                    self.env[node].meta[CONSTANT_KEY] = True
         if self.target.quantization.concat_shares_input_scale:
             self._share_concat_scales()
         self._check_int32_outputs()
@@ -326,11 +334,16 @@ class _Preparer:
 
     # ---- copying float, shape and reshape nodes ------------------------------------------------------------
     def _copy(self, node: fx.Node) -> fx.Node:
+        """``node`` as it is: its arguments as an integer op reads them in the region, as they are outside (shape
+        arithmetic, constants)."""
         if node.op == "call_module":
             self.new_modules[node.target] = self.modules[node.target]
         elif node.op == "get_attr":
             self.new_modules[node.target] = getattr_path(self.traced, node.target)
-        return self.graph.node_copy(node, self._integer_value)
+        return self.graph.node_copy(node, self._integer_value if node in self.region else self._value_outside)
+
+    def _value_outside(self, node: fx.Node) -> fx.Node:
+        return self.env[node] if node in self.env else self.float_outputs[node]
 
     def _call(self, path: str, module: nn.Module, args: Sequence[object], source: fx.Node) -> fx.Node:
         self.new_modules[path] = module
@@ -397,11 +410,21 @@ class _Preparer:
             FloatFallbackWarning,
             stacklevel=5,
         )
+        self._keep_float(node, reason)
+
+    def _keep_float(self, node: fx.Node, reason: str) -> None:
         if node.op == "call_module":
             self.new_modules[node.target] = self.modules[node.target]
         copied = self.graph.node_copy(node, self._float_value)
         copied.meta[FLOAT_REASON_KEY] = reason
         self.float_outputs[node] = copied
+
+    def _float_tuple(self, node: fx.Node) -> fx.Node | None:
+        """The op left in float whose tuple result ``node`` takes an item of (``attention(x, x, x)[0]``): the item is
+        part of that op, in float too (a tuple has no quantize)."""
+        if self.kinds[node] is not OpKind.RESHAPE:
+            return None
+        return next((n for n in input_nodes(node) if n in self.float_outputs and isinstance(n.meta.get(VALUE_KEY), tuple)), None)
 
     def _float_value(self, node: fx.Node) -> fx.Node:
         """``node``'s value as a float op reads it: its float output, or its integer value dequantized."""
@@ -419,16 +442,26 @@ class _Preparer:
         return self.dequantized[node]
 
     def _integer_value(self, node: fx.Node) -> fx.Node:
-        """``node``'s value as an integer op reads it: itself, or the calibrated quantize of a float op's output."""
+        """``node``'s value as an integer op reads it: itself, or the calibrated quantize of a float op's output
+        or of a constant tensor (a parameter such as ViT's class token)."""
+        if node in self.constants:
+            if node not in self.quantized_constants:
+                stem = str(node.target) if node.op == "get_attr" else node.name
+                self.quantized_constants[node] = self._leave_float(node, self.env[node], stem)
+            return self.quantized_constants[node]
         if node not in self.env:
-            value = self.float_outputs[node]
-            path = self._unique_path(f"{self._functional_path(node, node.name)}_quantize")
-            observer = self._global_qconfig.activation_observer()
-            self.new_modules[path] = LeaveFloat(ActivationFakeQuantize(observer, self.scale_rule, owner=path))
-            with self.graph.inserting_after(value):
-                self.env[node] = self.graph.call_module(path, (value,))
-            self.env[node].meta = dict(node.meta)
+            self.env[node] = self._leave_float(node, self.float_outputs[node], self._functional_path(node, node.name))
         return self.env[node]
+
+    def _leave_float(self, node: fx.Node, value: fx.Node, stem: str) -> fx.Node:
+        """A calibrated quantize, at ``<stem>_quantize``, of the float ``value`` computed by ``node``."""
+        path = self._unique_path(f"{stem}_quantize")
+        observer = self._global_qconfig.activation_observer()
+        self.new_modules[path] = LeaveFloat(ActivationFakeQuantize(observer, self.scale_rule, owner=path))
+        with self.graph.inserting_after(value):
+            quantized = self.graph.call_module(path, (value,))
+        quantized.meta = dict(node.meta)
+        return quantized
 
     # ---- one emitter per op kind ----------------------------------------------------------------------------
     def _emit_integer_op(self, node: fx.Node) -> None:
@@ -746,6 +779,9 @@ class _Preparer:
 
     # ---- target constraints and final checks ----------------------------------------------------------------
     def _share_concat_scales(self) -> None:
+        """Each input of a concat that has a quantizer of its own (an op's output, a constant's quantize) and no
+        other reader is quantized at the concat's scale."""
+        constants = set(self.quantized_constants.values())
         for node in self.graph.nodes:
             if node.op != "call_module" or not isinstance(self.new_modules[node.target], Concat):
                 continue
@@ -753,7 +789,7 @@ class _Preparer:
                 module = self.new_modules.get(producer.target) if producer.op == "call_module" else None
                 if (
                     isinstance(module, Requantizing)
-                    and not isinstance(module, QuantizeInput)
+                    and (not isinstance(module, QuantizeInput) or producer in constants)
                     and module.output_quantizer is not None
                     and len(producer.users) == 1
                 ):

@@ -66,7 +66,7 @@ class QuantizeInput(Requantizing):
         self.output_quantizer = output_quantizer
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
-        return self.output_quantizer(value)
+        return self._quantize_output(value)
 
 
 class LeaveFloat(QuantizeInput):
@@ -84,6 +84,10 @@ class EnterFloat(nn.Module):
 
 FLOAT_REASON_KEY = "edgeq_float_reason"
 """``node.meta`` key of an op left in float (prepared and integer graphs): why it is not in integers."""
+
+CONSTANT_KEY = "edgeq_constant"
+"""``node.meta`` key of a constant tensor (prepared and integer graphs: a parameter, or what is computed from
+parameters alone) that the integer region reads through a :class:`LeaveFloat`; export writes its quantized value."""
 
 
 class DequantizeOutput(nn.Module):

@@ -75,7 +75,7 @@ class _OnnxWalker(QDQGraph):
             onnx_op=node.op_type,
         )
         if quantized:
-            record.quant = self._quant_facts(node, activations, input_quant, output_quant)
+            record.quant = self._quant_facts(node, input_quant, output_quant)
         return record
 
     def _feeds_model_output(self, node: onnx.NodeProto) -> bool:
@@ -84,7 +84,6 @@ class _OnnxWalker(QDQGraph):
     def _quant_facts(
         self,
         node: onnx.NodeProto,
-        activations: list[str],
         input_quant: list[tuple[str, QuantParams] | None],
         output_quant: QuantParams | None,
     ) -> QuantFacts:

@@ -75,9 +75,11 @@ def measure(artifact: str | Path, runs: int = 5) -> Measurement:
     """
     import tvm
     from edgeq_runtime import Artifact
+    from edgeq_runtime.vm import pool_threads, use_threads
     from tvm import relax
 
     graph = load_compiled_graph(artifact)
+    use_threads(pool_threads())  # TVM's pool as the runtimes set it up: every core shared, no thread pinned
     with tempfile.TemporaryDirectory(prefix="edgeq-measure-") as folder:
         library = Path(folder) / "model.so"
         library.write_bytes(Artifact.read(artifact).members["model.so"])

@@ -103,12 +103,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet18,mobilenet_v2,digits")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--recalibrate", action="store_true", help="measure this CPU's figures again first")
+    parser.add_argument(
+        "--recalibrate", action="store_true",
+        help="measure this CPU's figures again right before each model (a VM whose speed drifts then costs the "
+        "estimate less than between a cached calibration and the measurement)",
+    )
     args = parser.parse_args()
     print(f"target {TARGET} (this machine), {torch.get_num_threads()} threads, {args.runs} runs per model")
     with tempfile.TemporaryDirectory() as folder:
-        for index, name in enumerate(args.models.split(",")):
-            run(name, args.runs, Path(folder), args.recalibrate and index == 0)
+        for name in args.models.split(","):
+            run(name, args.runs, Path(folder), args.recalibrate)
 
 
 if __name__ == "__main__":

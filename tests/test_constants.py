@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgeq.check import check_model
@@ -18,10 +19,11 @@ from edgeq.export import to_onnx
 from edgeq.export.peer import session, steps_apart
 from edgeq.quantization import DeQuantStub, QuantStub, calibrate, convert_fx, prepare_qat_fx
 from edgeq.quantization.capture import CAPTURE_ATTRIBUTE, Capture
+from edgeq.quantization.prepare import FloatFallbackWarning
 from edgeq.quantization.qat_modules import LeaveFloat
 from edgeq.run import run_artifact
 from edgeq_runtime import Model
-from models import integer_model
+from models import assert_within_float_region_bound, integer_model
 from reference import run_reference
 
 DIM, PATCHES = 16, 4
@@ -157,3 +159,33 @@ def test_a_float_tensor_a_model_input_flows_into_is_still_an_error():
 
     with pytest.raises(QuantizationError, match=r"mul '.*': mixes quantized input 'quant' with float input 'mul', which a model input flows into"):
         prepare_qat_fx(Mixed(), example_inputs=(torch.randn(2, 3),), target="x86_64")
+
+
+def test_an_op_left_in_float_reads_parameters_as_float_initializers(tmp_path):
+    """Functional LayerNorm with its weight and bias parameters (float fallback): the QDQ file gives them to its
+    arithmetic; the compiled artifact agrees with the integer model within the float fallback's bound."""
+
+    class Normed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.quant, self.dequant = QuantStub(), DeQuantStub()
+            self.fc_in, self.fc_out = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
+            self.weight = nn.Parameter(torch.rand(DIM) + 0.5)
+            self.bias = nn.Parameter(torch.randn(DIM))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            normed = F.layer_norm(self.fc_in(self.quant(x)), (DIM,), self.weight, self.bias)
+            return self.dequant(self.fc_out(normed))
+
+    torch.manual_seed(0)
+    example = torch.randn(4, DIM)
+    with pytest.warns(FloatFallbackWarning, match="layer_norm"):
+        int_model = integer_model(Normed().eval(), example, "x86_64")
+    path = to_onnx(int_model, (example,), tmp_path / "normed.onnx")
+    initializers = {t.name for t in onnx.load(str(path)).graph.initializer}
+    assert {"weight", "bias"} <= initializers
+    result = compile_model(path, target="x86_64", out=tmp_path / "n.edgeq")
+    x = torch.randn(4, DIM) * 3
+    with Model.load(result.artifact) as model:
+        (got,) = model.run(x.numpy(), raw=True).values()
+    assert_within_float_region_bound(got, int_model.run_integer(x).numpy())

@@ -120,12 +120,16 @@ class _Writer:
 
 @_emits(nn.LayerNorm, F.layer_norm)
 def _layer_norm(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
-    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the normalized (last) axes, as torch computes it."""
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the normalized (last) axes, as torch computes it; the
+    functional form's weight and bias are its tensor inputs after ``x`` (parameters: float initializers)."""
     if module is not None:
-        shape, eps, weight, bias = module.normalized_shape, module.eps, module.weight, module.bias
+        shape, eps = module.normalized_shape, module.eps
+        weight = None if module.weight is None else writer.constant("weight", module.weight)
+        bias = None if module.bias is None else writer.constant("bias", module.bias)
     else:
         shape, eps = argument(node, 1, "normalized_shape"), argument(node, 4, "eps", 1e-5)
-        weight = bias = None
+        given = iter(inputs[1:])
+        weight, bias = (None if argument(node, i, name, None) is None else next(given) for i, name in ((2, "weight"), (3, "bias")))
     axes = list(range(-len(tuple(shape)), 0))
     mean = writer.node("ReduceMean", [inputs[0]], axes=axes, keepdims=1)
     centred = writer.node("Sub", [inputs[0], mean])
@@ -134,9 +138,9 @@ def _layer_norm(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs
     last = weight is None and bias is None
     out = writer.node("Div", [centred, deviation], final=last)
     if weight is not None:
-        out = writer.node("Mul", [out, writer.constant("weight", weight)], final=bias is None)
+        out = writer.node("Mul", [out, weight], final=bias is None)
     if bias is not None:
-        out = writer.node("Add", [out, writer.constant("bias", bias)], final=True)
+        out = writer.node("Add", [out, bias], final=True)
     return out
 
 

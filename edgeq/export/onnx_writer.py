@@ -192,7 +192,7 @@ class _Builder:
         if CONSTANT_KEY in node.meta:
             return _FloatConstant(node)
         if FLOAT_REASON_KEY in node.meta:
-            return self._float_op(node, args)
+            return self._float_op(node, [*args, *fx.node.map_arg(node.kwargs, self.env.__getitem__).values()])
         if not _holds_qtensor(args):
             raise ExportError(
                 f"'{node.name}' ({node.target}): float ops outside the QuantStub/DeQuantStub region cannot be "
@@ -268,7 +268,8 @@ class _Builder:
         return _FloatTensor(self._dequantize(args[0]))
 
     def _float_op(self, node: fx.Node, args: list[Any]) -> _FloatTensor:
-        """An op left in float (docs/numerics.md "Float fallback"): its float ONNX nodes."""
+        """An op left in float (docs/numerics.md "Float fallback"): its float ONNX nodes, reading the float tensors
+        among ``args`` (its arguments, then its keyword arguments' values) in order."""
         inputs: list[str] = []
         fx.node.map_aggregate(args, lambda a: inputs.append(self._float_name(a)) if isinstance(a, (_FloatTensor, _FloatConstant)) else None)
         module = self.modules[node.target] if node.op == "call_module" else None
@@ -283,7 +284,7 @@ class _Builder:
             return value.name
         name = value.node.name
         if name not in self.float_constants:
-            self.float_constants.add(self._initializer(name, self.values[value.node].numpy()))
+            self.float_constants.add(self._initializer(name, self.values[value.node].detach().numpy()))
         return name
 
     def _finish(self, node: fx.Node, float_name: str, quant: ops.TensorQuant, clamp: tuple[int, int] | None) -> Any:

@@ -132,8 +132,8 @@ def _requantize(
     """int32/int64 accumulator -> int8 (``edgeq.numerics.requantize``, the output zero point, saturation), per
     channel on ``axis``."""
     shape = _channel_shape(rank, axis, len(multipliers)) if len(multipliers) > 1 else [1] * rank
-    factors = relax.const(np.asarray([m.multiplier for m in multipliers], dtype=np.int32).reshape(shape), "int32")
-    product = R.multiply(R.astype(acc, "int64"), R.astype(factors, "int64"))  # 32 x 32 -> 64 bits (vpmuldq)
+    # the multipliers fit int32: kernel selection keeps them so, for a 32 x 32 -> 64-bit multiply (vpmuldq, smull)
+    product = R.multiply(R.astype(acc, "int64"), _i64([m.multiplier for m in multipliers], shape))
     return _saturate(_round_shift(product, [m.shift for m in multipliers], shape), zero_point)
 
 
@@ -260,7 +260,15 @@ def integer_accumulator(
     else:
         acc = R.matmul(source, relax.const(np.ascontiguousarray(weights), "int8"), out_dtype="int32")
         shape = [-1]
-    return R.add(acc, relax.const(bias.astype(np.int32).reshape(shape), "int32"))
+    return _wrapping_add(acc, relax.const(bias.astype(np.int32).reshape(shape), "int32"))
+
+
+def _wrapping_add(left: relax.Expr, right: relax.Expr) -> relax.Expr:
+    """``left + right`` on int32 that cannot overflow (the accumulator bound), added as uint32: LLVM then keeps the
+    sum a sign-extended 32-bit value where it is widened (a signed add, marked as never overflowing, becomes an
+    add of two 64-bit values), so the requantization multiplies 32 x 32 -> 64 bits."""
+    wrapped = R.add(R.astype(left, "uint32"), R.astype(right, "uint32"))
+    return R.astype(wrapped, "int32")
 
 
 def _padded(source: relax.Expr, padding: Sequence[int], zero_point: int) -> tuple[relax.Expr, Sequence[int]]:

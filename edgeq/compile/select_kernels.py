@@ -12,7 +12,7 @@ from functools import partial
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, topi
 from tvm.relax.block_builder import BlockBuilder
 
 from edgeq.compile import kernels
@@ -23,9 +23,14 @@ def _default(op: str):
     return tvm.ir.Op.get(op).get_attr("FLegalize")
 
 
-def _int8_constant(expr: relax.Expr) -> np.ndarray | None:
+def _constant(expr: relax.Expr) -> np.ndarray | None:
+    """The values of a constant (None for anything else)."""
     value = getattr(expr, "value", None)
-    array = value.numpy() if hasattr(value, "numpy") else None
+    return value.numpy() if hasattr(value, "numpy") else None
+
+
+def _int8_constant(expr: relax.Expr) -> np.ndarray | None:
+    array = _constant(expr)
     return array if array is not None and array.dtype == np.int8 else None
 
 
@@ -83,6 +88,34 @@ def _matmul(dot: DotProduct):
     return legalize
 
 
+def _narrowed(expr: relax.Expr) -> relax.Expr | None:
+    """An int64 constant whose values all fit int32, as an int32 constant (None for anything else)."""
+    array = _constant(expr)
+    if array is None or array.dtype != np.int64 or not array.size:
+        return None
+    info = np.iinfo(np.int32)
+    return relax.const(array.astype(np.int32)) if info.min <= array.min() and array.max() <= info.max else None
+
+
+def _multiply():
+    """int64 products with a constant that fits int32 (the requantization multipliers) keep the constant as int32
+    and widen it inside the kernel: with both operands sign-extended from 32 bits, LLVM multiplies 32 x 32 -> 64
+    (``vpmuldq``, ``smull``) instead of emulating a 64 x 64 multiply (three ``vpmuludq`` and shifts on AVX2)."""
+    default = _default("relax.multiply")
+
+    def legalize(bb: BlockBuilder, call: relax.Call) -> relax.Expr:
+        left, right = call.args
+        narrow = _narrowed(right)
+        if narrow is not None and str(left.ty.dtype) == "int64":
+            return bb.call_te(topi.multiply, left, narrow, primfunc_name_hint="multiply")
+        return default(bb, call)
+
+    return legalize
+
+
 def select_kernels(dot: DotProduct) -> tvm.transform.Pass:
-    """Legalize every Relax op, int8 convolutions and matmuls into edgeq's kernels for ``dot``."""
-    return relax.transform.LegalizeOps({"relax.nn.conv2d": _conv2d(dot), "relax.matmul": _matmul(dot)})
+    """Legalize every Relax op: int8 convolutions and matmuls into edgeq's kernels for ``dot``, int64 products with
+    a constant that fits int32 as widening multiplies."""
+    return relax.transform.LegalizeOps(
+        {"relax.nn.conv2d": _conv2d(dot), "relax.matmul": _matmul(dot), "relax.multiply": _multiply()}
+    )

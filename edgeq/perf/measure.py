@@ -9,6 +9,7 @@ to nothing (:func:`hook_seconds`, about 1-2 us here) is subtracted from each cal
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import tempfile
 import time
@@ -75,11 +76,13 @@ def measure(artifact: str | Path, runs: int = 5) -> Measurement:
     """
     import tvm
     from edgeq_runtime import Artifact
-    from edgeq_runtime.vm import pool_threads, use_threads
+    from edgeq_runtime.vm import available_cores, use_threads
     from tvm import relax
 
     graph = load_compiled_graph(artifact)
-    use_threads(pool_threads())  # TVM's pool as the runtimes set it up: every core shared, no thread pinned
+    # TVM's pool as the runtimes set it up (every core shared, no thread pinned), on as many threads; asked before
+    # TVM sizes a pool itself, which pins this thread to one core
+    use_threads(int(os.environ.get("TVM_NUM_THREADS") or len(available_cores())))
     with tempfile.TemporaryDirectory(prefix="edgeq-measure-") as folder:
         library = Path(folder) / "model.so"
         library.write_bytes(Artifact.read(artifact).members["model.so"])

@@ -334,6 +334,36 @@ def test_weights_in_constant_nodes_are_read_as_constants(small_artifact, tmp_pat
     assert_artifact_exact(result.artifact, int_model, example)
 
 
+def test_scales_and_shapes_in_number_constant_nodes_are_read(small_artifact, tmp_path):
+    """Scalar scales as Constant ``value_float`` and int64 shapes as ``value_ints`` (a Constant's number forms):
+    read as the same constants, same placement, same numbers."""
+    reference, int_model = small_artifact
+    example = torch.rand(2, 1, 8, 8)
+    model = onnx.load(str(to_onnx(int_model, (example,), tmp_path / "s.onnx")))
+    forms = {"value_float": [], "value_ints": []}
+    kept, constants = [], []
+    for initializer in model.graph.initializer:
+        values = onnx.numpy_helper.to_array(initializer)
+        if values.dtype == np.float32 and values.ndim == 0:
+            forms["value_float"].append(initializer.name)
+            constants.append(onnx.helper.make_node("Constant", [], [initializer.name], value_float=float(values)))
+        elif values.dtype == np.int64 and values.ndim == 1:
+            forms["value_ints"].append(initializer.name)
+            constants.append(onnx.helper.make_node("Constant", [], [initializer.name], value_ints=values.tolist()))
+        else:
+            kept.append(initializer)
+    assert all(forms.values()), forms
+    nodes = [*constants, *model.graph.node]
+    del model.graph.initializer[:], model.graph.node[:]
+    model.graph.initializer.extend(kept)
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(tmp_path / "numbers.onnx"))
+    result = compile_model(tmp_path / "numbers.onnx", out=tmp_path / "n.edgeq", simulate=True)
+    placed = [(n.record.name, n.record.inputs, n.placement) for n in result.report.nodes]
+    assert placed == [(n.record.name, n.record.inputs, n.placement) for n in reference.report.nodes]
+    assert_artifact_exact(result.artifact, int_model, example)
+
+
 def test_linear_over_more_axes_compiles_exactly(tmp_path):
     """A linear layer over a 4-D tensor is a MatMul and a bias Add in ONNX, one op for the check and the compiler."""
     torch.manual_seed(0)

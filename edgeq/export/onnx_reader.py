@@ -68,7 +68,8 @@ class QDQModel:
 
     Attributes:
         source: the file it was read from.
-        model: the ONNX model, unchanged (but for the QOperator form, below).
+        model: the ONNX model, unchanged (but for the QOperator form, below, and Constant nodes that give numbers
+            in ``value_float(s)`` / ``value_int(s)``, written as tensors: :func:`_with_tensor_constants`).
         quant: :class:`QuantParams` by quantized tensor name (QuantizeLinear outputs, DequantizeLinear inputs).
         constants: the value of every constant tensor (initializers and Constant node outputs).
         findings: what does not fit edgeq's numerics, in graph order.
@@ -178,6 +179,7 @@ def read_qdq(model: onnx.ModelProto, path: str | Path) -> QDQModel:
         onnx.checker.check_model(model, full_check=True)
     except Exception as error:
         raise ModelFileError(f"{path}: fails the ONNX checker: {str(error).strip().splitlines()[0]}") from None
+    model = _with_tensor_constants(model)
     reader = _QuantReader(model, path)
     reader.run()
     target = next((p.value for p in model.metadata_props if p.key == TARGET_METADATA_KEY), None)
@@ -354,12 +356,36 @@ def attribute_text(attributes: Mapping[str, Any], name: str, default: str) -> st
     return default if value is None else value.decode() if isinstance(value, bytes) else str(value)
 
 
+_NUMBER_CONSTANTS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+"""The attributes besides ``value`` in which a Constant node gives numbers, and the numbers' dtype."""
+
+
+def _with_tensor_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every Constant node that gives numbers in ``value_float(s)`` / ``value_int(s)`` written in the
+    ``value`` form (a tensor), the one TVM's ONNX importer and :func:`graph_constants` read; ``model`` itself when
+    it has none."""
+    numbers = [i for i, n in enumerate(model.graph.node) if n.op_type == "Constant" and n.attribute[0].name in _NUMBER_CONSTANTS]
+    if not numbers:
+        return model
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    for index in numbers:
+        node = rewritten.graph.node[index]
+        (attribute,) = node.attribute  # a Constant has exactly one
+        values = np.asarray(onnx.helper.get_attribute_value(attribute), dtype=_NUMBER_CONSTANTS[attribute.name])
+        del node.attribute[:]
+        node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(values)))
+    return rewritten
+
+
 def graph_constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """The value of every constant tensor of ``graph``: its initializers and the outputs of its Constant nodes."""
+    """The value of every constant tensor of ``graph``: its initializers and the outputs of its Constant nodes
+    that hold a tensor (:func:`_with_tensor_constants` gives numbers that form)."""
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     for node in graph.node:
-        if node.op_type == "Constant":
-            constants[node.output[0]] = numpy_helper.to_array(node_attributes(node)["value"])
+        attributes = node_attributes(node) if node.op_type == "Constant" else {}
+        if "value" in attributes:
+            constants[node.output[0]] = numpy_helper.to_array(attributes["value"])
     return constants
 
 

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import platform
 import re
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from edgeq.fileio import atomic_write, cache_dir, slug
 from edgeq.perf.estimate import MAC_CLASSES, MAC_OPS, mac_class
+from edgeq.perf.measure import measurement_threads
 from edgeq.targets import CpuFigures, Target
 
 logger = logging.getLogger(__name__)
@@ -84,10 +84,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _threads() -> int:
-    return int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
-
-
 def kernel_fingerprint() -> str:
     """A hash of the source that generates edgeq's kernels (lowering, pipeline, kernels, schedules, code
     generation), of the source that measures them (this module and :mod:`.measure`) and of TVM's version."""
@@ -117,7 +113,7 @@ def cached_calibration() -> Calibration | None:
     except (ValueError, TypeError, KeyError) as error:
         logger.warning("%s: unreadable calibration cache (%s); measuring again", path, error)
         return None
-    current = (cpu_model(), host_arch(), _threads(), kernel_fingerprint())
+    current = (cpu_model(), host_arch(), measurement_threads(), kernel_fingerprint())
     if (calibration.cpu, calibration.arch, calibration.threads, calibration.fingerprint) != current:
         logger.info("%s: measured for other kernels or threads; measuring again", path)
         return None
@@ -151,7 +147,7 @@ def calibrate(host: Target) -> Calibration:
     calibration = Calibration(
         cpu=cpu_model(),
         arch=host_arch(),
-        threads=_threads(),
+        threads=measurement_threads(),
         fingerprint=kernel_fingerprint(),
         figures=figures,
         measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

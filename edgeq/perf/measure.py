@@ -68,6 +68,14 @@ def _inputs(graph: CompiledGraph, seed: int = 0) -> list[np.ndarray]:
     return arrays
 
 
+def measurement_threads() -> int:
+    """The threads an artifact is measured on: ``TVM_NUM_THREADS``, else every core this process may use (the
+    runtimes' default). Read before TVM sizes a thread pool itself, which pins this thread to one core."""
+    from edgeq_runtime.vm import available_cores
+
+    return int(os.environ.get("TVM_NUM_THREADS") or len(available_cores()))
+
+
 def measure(artifact: str | Path, runs: int = 5) -> Measurement:
     """Run ``artifact`` on this machine ``runs`` times (after one warm-up run) and time it.
 
@@ -76,13 +84,11 @@ def measure(artifact: str | Path, runs: int = 5) -> Measurement:
     """
     import tvm
     from edgeq_runtime import Artifact
-    from edgeq_runtime.vm import available_cores, use_threads
+    from edgeq_runtime.vm import use_threads
     from tvm import relax
 
     graph = load_compiled_graph(artifact)
-    # TVM's pool as the runtimes set it up (every core shared, no thread pinned), on as many threads; asked before
-    # TVM sizes a pool itself, which pins this thread to one core
-    use_threads(int(os.environ.get("TVM_NUM_THREADS") or len(available_cores())))
+    use_threads(measurement_threads())  # TVM's pool as the runtimes set it up: every core shared, no thread pinned
     with tempfile.TemporaryDirectory(prefix="edgeq-measure-") as folder:
         library = Path(folder) / "model.so"
         library.write_bytes(Artifact.read(artifact).members["model.so"])

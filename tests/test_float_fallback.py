@@ -264,3 +264,52 @@ def test_a_product_with_a_number_computed_from_a_shape_stays_float(tmp_path):
     with Model.load(result.artifact) as artifact:
         (got,) = artifact.run({"x": x.numpy()}, raw=True).values()
     assert_within_float_region_bound(got, int_model.run_integer(x).numpy())
+
+
+class Attending(nn.Module):
+    """``nn.MultiheadAttention`` between two Linears (self-attention, no masks unless given), left in float."""
+
+    def __init__(self, batch_first: bool, call=lambda attention, x: attention(x, x, x, need_weights=False)[0]) -> None:
+        super().__init__()
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.fc_in, self.fc_out = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.call = call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.fc_out(self.call(self.attention, self.fc_in(self.quant(x)))))
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "sequence-first"])
+def test_multihead_attention_runs_in_float_within_the_bound(batch_first, tmp_path):
+    """Its ONNX form (projections, heads, softmax) in either layout; self-attention transposes its input once."""
+    torch.manual_seed(0)
+    example = torch.randn(5, 3, 8)
+    with pytest.warns(FloatFallbackWarning, match="MultiheadAttention 'attention'"):
+        int_model = integer_model(Attending(batch_first).eval(), example, "x86_64")
+    path = to_onnx(int_model, (example,), tmp_path / "a.onnx")
+    transposes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Transpose" and n.input[0] == "fc_in.q.dq"]
+    assert len(transposes) == (0 if batch_first else 1)
+    result = compile_model(path, target="x86_64", out=tmp_path / "a.edgeq")
+    for seed in range(3):
+        x = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(seed))
+        with Model.load(result.artifact) as model:
+            (got,) = model.run(x.numpy(), raw=True).values()
+        assert_within_float_region_bound(got, int_model.run_integer(x).numpy())
+
+
+ATTENTION_CALLS = {
+    "a mask": (lambda attention, x: attention(x, x, x, attn_mask=torch.zeros(3, 3, dtype=torch.bool))[0], "with a mask is not supported"),
+    "its weights": (lambda attention, x: attention(x, x, x)[1].sum(-1, keepdim=True) * x, "takes item 1 of a float op's tuple"),
+}
+
+
+@pytest.mark.parametrize("call, message", ATTENTION_CALLS.values(), ids=ATTENTION_CALLS)
+def test_attention_export_the_float_form_does_not_cover_is_a_clear_error(call, message, tmp_path):
+    torch.manual_seed(0)
+    example = torch.randn(5, 3, 8)
+    with pytest.warns(FloatFallbackWarning):
+        int_model = integer_model(Attending(True, call).eval(), example, "x86_64")
+    with pytest.raises(ExportError, match=message):
+        to_onnx(int_model, (example,), tmp_path / "a.onnx")
+    assert not (tmp_path / "a.onnx").exists()

@@ -187,12 +187,12 @@ def _multihead_attention(writer: _Writer, node: fx.Node, module: nn.MultiheadAtt
     embed, heads = module.embed_dim, module.num_heads
     by_head = writer.constant("by_head", [0, 0, heads, embed // heads], np.int64)
     batch_first = [1, 0, 2]
+    # (sequence, batch, embedding) inputs to batch first, each distinct one once (self-attention reads x three times)
+    moved = {x: x if module.batch_first else writer.node("Transpose", [x], perm=batch_first) for x in dict.fromkeys(inputs[:3])}
 
     def project(x: str, index: int, name: str, perm: list[int]) -> str:
         rows = slice(index * embed, (index + 1) * embed)
-        if not module.batch_first:
-            x = writer.node("Transpose", [x], perm=batch_first)
-        out = writer.node("MatMul", [x, writer.constant(f"{name}_weight", module.in_proj_weight[rows].t())])
+        out = writer.node("MatMul", [moved[x], writer.constant(f"{name}_weight", module.in_proj_weight[rows].t())])
         if module.in_proj_bias is not None:
             out = writer.node("Add", [out, writer.constant(f"{name}_bias", module.in_proj_bias[rows])])
         return writer.node("Transpose", [writer.node("Reshape", [out, by_head])], perm=perm)

@@ -320,12 +320,20 @@ def small_artifact(tmp_path_factory):
 def test_weights_in_constant_nodes_are_read_as_constants(small_artifact, tmp_path):
     """Some exporters write weights and scales as Constant nodes instead of initializers: same placement, same
     numbers."""
-    reference, int_model = small_artifact
+    _, int_model = small_artifact
     example = torch.rand(2, 1, 8, 8)
     model = onnx.load(str(to_onnx(int_model, (example,), tmp_path / "s.onnx")))
     constants = [onnx.helper.make_node("Constant", [], [i.name], value=i) for i in model.graph.initializer]
+    _assert_compiles_alike(model, [], constants, small_artifact, example, tmp_path)
+
+
+def _assert_compiles_alike(model, initializers, constants, small_artifact, example, tmp_path) -> None:
+    """``model`` with only ``initializers`` and the ``constants`` nodes first: placed and computing as the
+    reference."""
+    reference, int_model = small_artifact
     nodes = [*constants, *model.graph.node]
     del model.graph.initializer[:], model.graph.node[:]
+    model.graph.initializer.extend(initializers)
     model.graph.node.extend(nodes)
     onnx.save(model, str(tmp_path / "constants.onnx"))
     result = compile_model(tmp_path / "constants.onnx", out=tmp_path / "c.edgeq", simulate=True)
@@ -337,7 +345,7 @@ def test_weights_in_constant_nodes_are_read_as_constants(small_artifact, tmp_pat
 def test_scales_and_shapes_in_number_constant_nodes_are_read(small_artifact, tmp_path):
     """Scalar scales as Constant ``value_float`` and int64 shapes as ``value_ints`` (a Constant's number forms):
     read as the same constants, same placement, same numbers."""
-    reference, int_model = small_artifact
+    _, int_model = small_artifact
     example = torch.rand(2, 1, 8, 8)
     model = onnx.load(str(to_onnx(int_model, (example,), tmp_path / "s.onnx")))
     forms = {"value_float": [], "value_ints": []}
@@ -353,15 +361,7 @@ def test_scales_and_shapes_in_number_constant_nodes_are_read(small_artifact, tmp
         else:
             kept.append(initializer)
     assert all(forms.values()), forms
-    nodes = [*constants, *model.graph.node]
-    del model.graph.initializer[:], model.graph.node[:]
-    model.graph.initializer.extend(kept)
-    model.graph.node.extend(nodes)
-    onnx.save(model, str(tmp_path / "numbers.onnx"))
-    result = compile_model(tmp_path / "numbers.onnx", out=tmp_path / "n.edgeq", simulate=True)
-    placed = [(n.record.name, n.record.inputs, n.placement) for n in result.report.nodes]
-    assert placed == [(n.record.name, n.record.inputs, n.placement) for n in reference.report.nodes]
-    assert_artifact_exact(result.artifact, int_model, example)
+    _assert_compiles_alike(model, kept, constants, small_artifact, example, tmp_path)
 
 
 def test_linear_over_more_axes_compiles_exactly(tmp_path):

@@ -62,11 +62,13 @@ _REGISTER = re.compile(r"^%(\d+)$")
 
 @dataclass(frozen=True)
 class KernelCall:
-    """One kernel call in a VM function: the kernel, the registers it reads, and the register it writes."""
+    """One kernel call in a VM function: the kernel, the registers it reads, the register it writes, and how many
+    arguments the VM passes it (registers and constants, the output included)."""
 
     kernel: str
     reads: tuple[int, ...]
     writes: int | None
+    arguments: int
 
 
 def kernel_calls(text: str) -> dict[str, list[KernelCall]]:
@@ -76,7 +78,7 @@ def kernel_calls(text: str) -> dict[str, list[KernelCall]]:
     Args:
         text: the executable's instructions (``as_text()`` of the built executable or of the loaded library).
     """
-    raw: dict[str, list[tuple[str, list[int], int | None]]] = {}
+    raw: dict[str, list[tuple[str, list[int], int | None, int]]] = {}
     current: list | None = None
     for line in text.splitlines():
         function = _FUNCTION.match(line)
@@ -85,14 +87,15 @@ def kernel_calls(text: str) -> dict[str, list[KernelCall]]:
             continue
         call = _CALL.match(line)
         if call and current is not None:
-            registers = [int(m.group(1)) for a in call.group(2).split(",") if (m := _REGISTER.match(a.strip()))]
+            arguments = [a.strip() for a in call.group(2).split(",") if a.strip()]
+            registers = [int(m.group(1)) for a in arguments if (m := _REGISTER.match(a))]
             destination = _REGISTER.match(call.group(3))
-            current.append((call.group(1), registers, int(destination.group(1)) if destination else None))
+            current.append((call.group(1), registers, int(destination.group(1)) if destination else None, len(arguments)))
     calls: dict[str, list[KernelCall]] = {}
     for function, instructions in raw.items():
         alias: dict[int, int] = {}
         found = calls[function] = []
-        for name, registers, destination in instructions:
+        for name, registers, destination, arguments in instructions:
             registers = [alias.get(r, r) for r in registers]
             if name.startswith("vm."):
                 if "reshape" in name and registers and destination is not None:
@@ -100,7 +103,7 @@ def kernel_calls(text: str) -> dict[str, list[KernelCall]]:
                 continue
             if name in raw or not registers:  # a call of another VM function
                 continue
-            found.append(KernelCall(name, tuple(registers[:-1]), registers[-1]))
+            found.append(KernelCall(name, tuple(registers[:-1]), registers[-1], arguments))
     return calls
 
 

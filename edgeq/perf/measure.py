@@ -2,8 +2,11 @@
 
 Kernel calls are timed with the Relax VM's instrument hook (a callback before and after every call), in a run of
 their own; the total latency is timed without the hook. Each figure is the median over ``runs`` runs. Part of
-the hook's own cost (a Python callback) falls inside every timed call: what it adds to a kernel that does next
-to nothing (:func:`hook_seconds`, about 1-2 us here) is subtracted from each call's time (never below 0).
+the hook's own cost (a Python callback, which receives every argument of the call as a Python object) falls
+inside every timed call: what it adds to kernels that do next to nothing (:func:`hook_cost`: about 0.7 us, and
+0.14 us more per argument here), timed between the runs, is subtracted from each call's time by its argument
+count (never below 0). The plain runs (:data:`PLAIN_BURST` back to back), the timed runs and the hook's are
+interleaved, so that a noisy machine's slow spells fall on all of them.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from edgeq.compile.kernel_map import KernelCall, kernel_calls, op_calls
 @dataclass(frozen=True)
 class TimedCall:
     """One kernel call of a run: the region (VM function) calling it, its index among the region's kernel calls,
-    the kernel, and its median time in seconds (less the hook's share, :func:`hook_seconds`)."""
+    the kernel, and its median time in seconds (less the hook's share, :func:`hook_cost`)."""
 
     region: str
     index: int
@@ -76,6 +79,11 @@ def measurement_threads() -> int:
     return int(os.environ.get("TVM_NUM_THREADS") or len(available_cores()))
 
 
+PLAIN_BURST = 3
+"""Runs of ``main`` timed back to back in each round of a measurement: as an application runs a model, with its
+data in cache (a run right after the timed one and the hook's calls starts colder)."""
+
+
 def measure(artifact: str | Path, runs: int = 5) -> Measurement:
     """Run ``artifact`` on this machine ``runs`` times (after one warm-up run) and time it.
 
@@ -94,21 +102,26 @@ def measure(artifact: str | Path, runs: int = 5) -> Measurement:
         library.write_bytes(Artifact.read(artifact).members["model.so"])
         module = tvm.runtime.load_module(str(library))
         calls_of = kernel_calls(module["as_text"]())
-        vm = relax.VirtualMachine(module, tvm.cpu())
+        plain, instrumented = (relax.VirtualMachine(module, tvm.cpu()) for _ in range(2))
         arguments = [tvm.runtime.tensor(a) for a in _inputs(graph)]
-        main = vm["main"]
+        main = plain["main"]
         main(*arguments)
-        totals = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            main(*arguments)
-            totals.append(time.perf_counter() - started)
-        samples = _instrumented_times(vm, arguments, calls_of, runs)
-    hook = hook_seconds()
-    calls = [
-        TimedCall(region, index, calls_of[region][index].kernel, max(statistics.median(times) - hook, 0.0))
-        for (region, index), times in samples.items()
-    ]
+        totals: list[float] = []
+        samples: dict[tuple[str, int], list[float]] = {}
+        hook = _HookSampler()
+        for _ in range(runs):  # interleaved, so that a noisy machine's slow spells fall on all three
+            for _ in range(PLAIN_BURST):
+                started = time.perf_counter()
+                main(*arguments)
+                totals.append(time.perf_counter() - started)
+            for key, times in _instrumented_times(instrumented, arguments, calls_of, 1).items():
+                samples.setdefault(key, []).extend(times)
+            hook.sample()
+    cost = hook.cost()
+    calls = []
+    for (region, index), times in samples.items():
+        call = calls_of[region][index]
+        calls.append(TimedCall(region, index, call.kernel, max(statistics.median(times) - cost.seconds(call.arguments), 0.0)))
     by_place = {(c.region, c.index): c for c in calls}
     ops = {
         name: tuple(by_place[(region, index)] for index in indices if (region, index) in by_place)
@@ -135,10 +148,88 @@ def _instrumented_times(vm: Any, arguments: list[Any], calls_of: dict[str, list[
     return samples
 
 
+@dataclass(frozen=True)
+class HookCost:
+    """What the instrument hook adds to a timed kernel call: ``fixed`` seconds, plus ``per_argument`` for each
+    argument of the call (the hook receives each as a Python object)."""
+
+    fixed: float
+    per_argument: float
+
+    def seconds(self, arguments: int) -> float:
+        """The hook's share of a call with ``arguments`` arguments."""
+        return self.fixed + self.per_argument * arguments
+
+
+class _HookSampler:
+    """Times two idle kernel calls (:func:`_idle_vm`) with the hook: the sum of two one-element tensors (3
+    arguments) and the concatenation of eight (9). Sampled between a measurement's runs, their median intervals give
+    the hook's cost at the speed the machine ran the measurement at."""
+
+    def __init__(self) -> None:
+        self.vms = [_idle_vm(1, inputs) for inputs in (2, 8)]
+        self.samples: list[list[float]] = [[], []]
+
+    def sample(self, calls: int = 50) -> None:
+        for (vm, calls_of), times in zip(self.vms, self.samples):
+            timed = _instrumented_times(vm, _idle_arguments(), calls_of, calls)
+            times.extend(seconds for call in timed.values() for seconds in call)
+
+    def cost(self) -> HookCost:
+        few, many = (statistics.median(times) for times in self.samples)
+        per_argument = max((many - few) / 6, 0.0)
+        return HookCost(max(few - 3 * per_argument, 0.0), per_argument)
+
+
+def hook_cost(rounds: int = 10) -> HookCost:
+    """The hook's cost on this machine now (:class:`_HookSampler`, ``rounds`` rounds)."""
+    sampler = _HookSampler()
+    for _ in range(rounds):
+        sampler.sample()
+    return sampler.cost()
+
+
+@dataclass(frozen=True)
+class VmOverheads:
+    """What the Relax VM itself costs, kernels aside (seconds): ``invocation`` per call of ``main`` (inputs in,
+    result out), ``per_call`` per kernel call (its dispatch and its output's allocation)."""
+
+    invocation: float
+    per_call: float
+
+
+def vm_overheads(calls: int = 16, rounds: int = 10, runs: int = 100) -> VmOverheads:
+    """The VM's overheads on this machine: the median latency of ``main`` making one idle kernel call, and making
+    ``calls + 1`` (:func:`_idle_vm`), timed in ``rounds`` alternating rounds of ``runs`` runs; the difference is
+    ``calls`` calls' worth."""
+    mains = [_idle_vm(count, 2)[0]["main"] for count in (1, calls + 1)]
+    arguments = _idle_arguments()
+    samples: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for main, times in zip(mains, samples):
+            main(*arguments)
+            for _ in range(runs):
+                started = time.perf_counter()
+                main(*arguments)
+                times.append(time.perf_counter() - started)
+    one, more = (statistics.median(times) for times in samples)
+    per_call = max((more - one) / calls, 0.0)
+    return VmOverheads(max(one - per_call, 0.0), per_call)
+
+
+def _idle_vm(calls: int, inputs: int) -> tuple[Any, dict[str, list[KernelCall]]]:
+    """A new VM (and its kernel calls) whose ``main(x)`` makes ``calls`` chained kernel calls that do next to
+    nothing, each reading ``inputs`` one-element int32 tensors: a sum of two, or a concatenation."""
+    import tvm
+    from tvm import relax
+
+    executable = _idle_executable(calls, inputs)
+    return relax.VirtualMachine(executable, tvm.cpu()), kernel_calls(executable.as_text())
+
+
 @functools.cache
-def hook_seconds() -> float:
-    """What the instrument hook adds to a timed call on this machine: the median timed interval of a kernel that
-    does next to nothing (the sum of two one-element tensors), over 200 calls."""
+def _idle_executable(calls: int, inputs: int) -> Any:
+    """The executable of :func:`_idle_vm`, built once."""
     import tvm
     from tvm import relax
 
@@ -146,12 +237,19 @@ def hook_seconds() -> float:
     value = relax.Var("x", relax.TensorType([1], "int32"))
     with builder.function("main", [value]):
         with builder.dataflow():
-            total = builder.emit_output(relax.op.add(value, value))
-        builder.emit_func_output(total)
-    executable = tvm.compile(relax.transform.LegalizeOps()(builder.get()), target=tvm.target.Target({"kind": "llvm"}))
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    samples = _instrumented_times(vm, [tvm.runtime.tensor(np.zeros(1, np.int32))], kernel_calls(executable.as_text()), 200)
-    return statistics.median(seconds for times in samples.values() for seconds in times)
+            result = value
+            for _ in range(calls):
+                read = [result, *[value] * (inputs - 1)]
+                result = builder.emit(relax.op.add(*read) if inputs == 2 else relax.op.concat(read))
+            output = builder.emit_output(result)
+        builder.emit_func_output(output)
+    return tvm.compile(relax.transform.LegalizeOps()(builder.get()), target=tvm.target.Target({"kind": "llvm"}))
+
+
+def _idle_arguments() -> list[Any]:
+    import tvm
+
+    return [tvm.runtime.tensor(np.zeros(1, np.int32))]
 
 
 def _call_times(events: list[tuple[str, bool, float]], calls_of: dict[str, list[str]]) -> dict[tuple[str, int], float]:

@@ -93,9 +93,20 @@ class CpuFigures(_Strict):
     memory_bytes_per_s: Annotated[float, Field(gt=0)]
     """Bytes read and written per second by elementwise, pooling and data-movement kernels."""
     kernel_overhead_ns: Annotated[float, Field(ge=0)]
-    """Fixed cost of each kernel call (VM dispatch)."""
+    """Fixed cost of each kernel call: the VM's dispatch (the call, its output's allocation) and the kernel's own
+    set-up."""
+    mac_kernel_overhead_ns: Annotated[float, Field(ge=0)]
+    """Added fixed cost of each call of a convolution, linear or matmul kernel (packing its input, loading its
+    requantization)."""
     parallel_overhead_ns: Annotated[float, Field(ge=0)]
     """Added fixed cost of each call of a kernel that runs on all cores (waking the thread pool)."""
+    invocation_overhead_ns: Annotated[float, Field(ge=0)]
+    """Fixed cost of one inference besides its kernel calls: the runtime's call of the model (inputs in, result
+    out)."""
+    parallel_speedup: Annotated[float, Field(gt=0)]
+    """How many times faster a kernel runs on all cores than on one. The rates above are for kernels on all cores;
+    a small kernel that runs on one (``parallel`` false in the compiled graph) runs at ``1 / parallel_speedup`` of
+    them."""
 
 
 NPU_OPS = OP_NAMES

@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -17,8 +18,8 @@ from edgeq.compile import compile_model
 from edgeq.compile.compiled_graph import CompiledGraphError
 from edgeq.errors import EdgeqError, TargetError
 from edgeq.perf.calibrate import Calibration, cached_calibration, calibrate, cpu_model, host_arch, host_figures, kernel_fingerprint, save_calibration
-from edgeq.perf.estimate import mac_utilisation, spill_bytes
-from edgeq.perf.measure import hook_seconds, measure
+from edgeq.perf.estimate import mac_utilisation, spill_bytes, tile_occupancy
+from edgeq.perf.measure import hook_cost, measure
 from edgeq.targets import TargetKind, list_targets, load_target
 from models import BilinearResizes, SmallCNN, Wrapped, integer_model
 
@@ -64,11 +65,13 @@ def test_npu_layer_costs_by_hand(small, tmp_path, monkeypatch):
     assert layers["flatten/Reshape"].latency_ms == 0 and layers["flatten/Reshape"].bound == "none"
 
     summary = result.summary
-    assert summary.latency_ms == pytest.approx(sum(layer.latency_ms for layer in result.layers))
+    host = load_target("aarch64").perf
+    assert summary.invocation_ms == pytest.approx(host.invocation_overhead_ns * 1e-6)
+    assert summary.latency_ms == pytest.approx(sum(layer.latency_ms for layer in result.layers) + summary.invocation_ms)
     assert summary.batch == 2 and summary.fps == pytest.approx(2 / (summary.latency_ms / 1e3))
     assert summary.macs == sum(op.macs for op in small.graph.ops) and summary.weight_bytes == 7672
     assert summary.mac_utilisation == pytest.approx(summary.macs / (summary.latency_ms / 1e3 * 256e9))
-    assert result.transitions == [] and summary.cpu_ms == 0 and summary.npu_ms == summary.latency_ms
+    assert result.transitions == [] and summary.cpu_ms == 0 and summary.npu_ms == pytest.approx(summary.latency_ms - summary.invocation_ms)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report == json.loads(json.dumps(result.to_dict())) and report["summary"]["latency_ms"] == summary.latency_ms
     assert "nominal" in report["figures"]["cpu_source"] and len(report["layers"]) == len(small.graph.ops)
@@ -88,16 +91,18 @@ def test_cpu_fallback_and_transitions(tmp_path, monkeypatch):
     stem = result.layers[0]
     assert stem.placement == "CPU" and stem.bound in ("compute", "memory")
     outputs = 8 * 8 * 8
-    assert stem.compute_ms == pytest.approx((stem.macs / cpu.conv2d_int8_macs_per_s + outputs / cpu.requantized_outputs_per_s) * 1e3)
-    assert stem.memory_ms == pytest.approx((3 * 256 + outputs + stem.weight_bytes) / cpu.memory_bytes_per_s * 1e3)
-    assert not stem.parallel  # 75 k multiply-accumulates: one core, no thread-pool wake-up to pay
-    assert stem.overhead_ms == pytest.approx(cpu.kernel_overhead_ns * 1e-6)
+    assert not stem.parallel  # 75 k multiply-accumulates: one core, no thread-pool wake-up to pay, at 1 / 3.5 of the rates
+    one_core = cpu.parallel_speedup
+    assert one_core == 3.5
+    assert stem.compute_ms == pytest.approx(one_core * (stem.macs / cpu.conv2d_int8_macs_per_s + outputs / cpu.requantized_outputs_per_s) * 1e3)
+    assert stem.memory_ms == pytest.approx(one_core * (3 * 256 + outputs + stem.weight_bytes) / cpu.memory_bytes_per_s * 1e3)
+    assert stem.overhead_ms == pytest.approx((cpu.kernel_overhead_ns + cpu.mac_kernel_overhead_ns) * 1e-6)
     (transition,) = result.transitions
     assert (transition.from_region, transition.to_region, transition.bytes) == ("region0_cpu", "region1_npu", outputs)
     npu = load_target("npu-s").hardware
     assert transition.latency_ms == pytest.approx((npu.transition_overhead_ns * 1e-9 + outputs / npu.dram_bandwidth_bytes_per_s) * 1e3)
     summary = result.summary
-    assert summary.latency_ms == pytest.approx(summary.npu_ms + summary.cpu_ms + summary.transition_ms)
+    assert summary.latency_ms == pytest.approx(summary.npu_ms + summary.cpu_ms + summary.transition_ms + cpu.invocation_overhead_ns * 1e-6)
 
 
 def test_spill_and_utilisation_formulas():
@@ -110,6 +115,18 @@ def test_spill_and_utilisation_formulas():
     assert mac_utilisation(conv, hardware, 32) == (48 / 64) * (576 / 576)
     depthwise = op("conv2d", {"out_channels": 32, "in_channels": 32, "groups": 32, "kernel": [3, 3]})
     assert mac_utilisation(depthwise, hardware, 32) == 1 * (9 / 64)
+
+
+def test_register_tile_occupancy_of_cpu_convolutions():
+    """A dense convolution's register tile holds 8 output columns, or the largest divisor of the width up to 8;
+    one of 4 columns or fewer takes as long as a full one."""
+    op = dataclasses.make_dataclass("Op", ["op", "attributes", "outputs"])
+    graph = types.SimpleNamespace(tensors={f"w{w}": types.SimpleNamespace(shape=[1, 16, 4, w]) for w in (56, 28, 5, 4, 1)})
+    dense = {"out_channels": 16, "in_channels": 16, "groups": 1, "kernel": [3, 3]}
+    occupancy = {w: tile_occupancy(op("conv2d", dense, [f"w{w}"]), graph) for w in (56, 28, 5, 4, 1)}
+    assert occupancy == {56: 1.0, 28: 1.0, 5: 1.0, 4: 0.5, 1: 0.125}
+    assert tile_occupancy(op("conv2d", {**dense, "groups": 16}, ["w4"]), graph) == 1.0  # depthwise: channels on lanes
+    assert tile_occupancy(op("max_pool2d", {"kernel": [2, 2]}, ["w4"]), graph) == 1.0
 
 
 def test_bad_inputs_are_clear_errors(small, tmp_path):
@@ -144,12 +161,14 @@ def test_calibration_measures_this_machine():
     host = _this_machines_cpu_target()
     calibration = calibrate(host)
     figures = calibration.figures
-    assert figures.conv2d_int8_macs_per_s > 1e6 and figures.memory_bytes_per_s > 1e6 and figures.kernel_overhead_ns >= 0
+    assert figures.conv2d_int8_macs_per_s > 1e6 and figures.memory_bytes_per_s > 1e6 and figures.kernel_overhead_ns > 0
+    assert figures.invocation_overhead_ns > 0 and figures.parallel_speedup > 0  # below 1 when small kernels run in cache
     assert cached_calibration() == calibration and calibration.seconds < 60
 
 
 def test_measured_kernel_calls_map_to_ops(small):
-    assert 0 < hook_seconds() < 1e-4  # the instrument hook's share of a timed call, subtracted from each
+    hook = hook_cost()  # the instrument hook's share of a timed call, subtracted from each by its arguments
+    assert 0 < hook.seconds(3) <= hook.seconds(8) < 1e-4
     measured = measure(small.artifact, runs=1)
     assert measured.latency_s > 0 and len(measured.calls) == 7
     assert measured.ops["conv1/Relu"] == measured.ops["conv1/Conv"] and "conv2d" in measured.ops["conv1/Conv"][0].kernel

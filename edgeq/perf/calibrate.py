@@ -1,14 +1,21 @@
 """Measuring this machine's CPU figures on edgeq's own compiled kernels, cached per CPU model.
 
-A small calibration network (:func:`_network`: dense and depthwise convolutions, linear layers, pooling) is
-quantized, compiled for this machine like any model, and run; the figures of :class:`~edgeq.targets.CpuFigures`
-are a non-negative least-squares fit of the kernel calls' times (:mod:`.measure`) to ``kernel_overhead +
-parallel_overhead x [runs on all cores] + dense MACs / conv2d rate + depthwise MACs / depthwise rate + linear MACs
-/ linear rate + output elements / requantized_outputs_per_s`` (convolution and linear kernels) or ``... + bytes
-read and written / memory_bytes_per_s`` (the others: pooling, requantization).
+Two calibration networks (:func:`_networks`) are quantized, compiled for this machine like any model, and run;
+every kernel call is timed (:mod:`.measure`). The figures of :class:`~edgeq.targets.CpuFigures` are fitted in two
+steps, each by non-negative least squares on the relative error (:func:`fit_nonnegative`):
 
-A figure the fit cannot tell apart from the overhead (a rate so high its term fits as zero) keeps the target's
-nominal value.
+1. The kernels of the large network that run on all cores give the rates: ``t = fixed + dense MACs / conv2d rate
+   + depthwise MACs / depthwise rate + linear MACs / linear rate + output elements / requantized_outputs_per_s``
+   (convolution and linear kernels; ``bytes read and written / memory_bytes_per_s`` for the others), the work
+   divided by the register tiles' occupancy (:func:`~.estimate.tile_occupancy`). A rate that fits as zero (too
+   fast to tell apart from ``fixed``) keeps the target's nominal value.
+2. The kernels of the small network, which run on one core with their data in cache, give the fixed costs and the
+   speed on one core: ``t = set-up + mac_set-up x [convolution or linear] + time at the rates of step 1 /
+   parallel_speedup``.
+
+``kernel_overhead`` is the set-up plus the VM's dispatch of a call, ``parallel_overhead`` what step 1's fixed cost
+adds to the set-ups, and ``invocation_overhead`` the VM's cost of a call of the model; the VM's costs are timed on
+idle kernels (:func:`~.measure.vm_overheads`).
 
 Float figures are not measured (``float32_macs_per_s`` stays the target's). The result is cached as JSON in
 ``$EDGEQ_CACHE_DIR`` (default ``~/.cache/edgeq``), in ``cpu-<model>.json``, keyed by the CPU model, the thread
@@ -29,9 +36,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edgeq.compile.compiled_graph import CompiledGraph, Op
 from edgeq.fileio import atomic_write, cache_dir, slug
-from edgeq.perf.estimate import MAC_CLASSES, MAC_OPS, mac_class
-from edgeq.perf.measure import measurement_threads
+from edgeq.perf.estimate import MAC_CLASSES, MAC_OPS, mac_class, tile_occupancy
+from edgeq.perf.measure import measurement_threads, vm_overheads
 from edgeq.targets import CpuFigures, Target
 
 logger = logging.getLogger(__name__)
@@ -139,7 +147,7 @@ def host_figures(host: Target, recalibrate: bool = False) -> tuple[CpuFigures, s
 
 
 def calibrate(host: Target) -> Calibration:
-    """Measure this machine's figures (about 10-30 s) and cache them (see the module docstring)."""
+    """Measure this machine's figures (about 10 s) and cache them (see the module docstring)."""
     started = time.perf_counter()
     logger.info("calibrating the performance estimator on this CPU (%s)", cpu_model())
     with tempfile.TemporaryDirectory(prefix="edgeq-calibrate-") as folder:
@@ -167,16 +175,21 @@ def save_calibration(calibration: Calibration) -> Path:
     return path
 
 
-def _network() -> object:
-    """The calibration network: convolutions of reduction depths from 16 to 576 and depthwise convolutions of two
-    window sizes (so that their MACs and their outputs are told apart), a residual add, linear layers, max and
-    average pooling and a global average pool."""
+def _networks() -> list[tuple[object, object]]:
+    """The calibration networks and their example inputs.
+
+    A large one at 56x56: convolutions of reduction depths from 16 to 576 and depthwise convolutions of two window
+    sizes (so that their MACs and their outputs are told apart), a residual add, linear layers, max and average
+    pooling and a global average pool. A small one at 8x8 and 4x4 (a dense, a depthwise and a strided convolution,
+    a linear layer): kernels small enough to run on one core, on data that stays in cache between runs, as a small
+    model's does.
+    """
     import torch
     from torch import nn
 
     from edgeq.quantization import DeQuantStub, QuantStub
 
-    class Calibration(nn.Module):
+    class Large(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.quant = QuantStub()
@@ -189,26 +202,43 @@ def _network() -> object:
             self.deep = nn.Conv2d(64, 128, 3, padding=1)
             self.wide_depthwise = nn.Conv2d(128, 128, 5, padding=2, groups=128)
             self.narrow = nn.Conv2d(128, 32, 1)
-            self.shrink = nn.AvgPool2d(7)
-            self.tiny = nn.Conv2d(32, 32, 1)
             self.wide = nn.Linear(32, 512)
             self.square = nn.Linear(512, 512)
+            self.widest = nn.Linear(512, 2048)
             self.dequant = DeQuantStub()
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = self.quant(x)
             x = torch.relu(self.pointwise(torch.relu(self.dense(x)))) + self.project(torch.relu(self.expand(x)))
             x = self.narrow(self.wide_depthwise(self.deep(self.pool(torch.relu(self.depthwise(x))))))
-            x = torch.flatten(nn.functional.adaptive_avg_pool2d(self.tiny(self.shrink(x)), 1), 1)
-            return self.dequant(self.square(self.wide(x)))
+            x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+            return self.dequant(self.widest(self.square(self.wide(x))))
 
-    return Calibration().eval()
+    class Small(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.quant = QuantStub()
+            self.dense = nn.Conv2d(16, 16, 3, padding=1)
+            self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+            self.strided = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+            self.linear = nn.Linear(32, 10)
+            self.dequant = DeQuantStub()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.strided(self.depthwise(torch.relu(self.dense(self.quant(x)))))
+            return self.dequant(self.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
+
+    return [(Large().eval(), torch.randn(1, 16, 56, 56)), (Small().eval(), torch.randn(1, 16, 8, 8))]
 
 
-def fit_nonnegative(rows: list[list[float]], times: list[float]) -> list[float]:
+def fit_nonnegative(rows: list[list[float]], times: list[float]) -> tuple[list[float], float]:
     """Coefficients ``c >= 0`` of ``rows @ c ~ times`` minimising the squared relative error (so that small
     kernels weigh as much as large ones; a time is taken as at least 100 ns, the resolution of the measurement);
-    a coefficient that comes out negative is dropped and the rest fitted again."""
+    a coefficient that comes out negative is dropped and the rest fitted again.
+
+    Returns:
+        (the coefficients, the sum of the squared relative errors).
+    """
     import numpy as np
 
     weights = 1 / np.maximum(np.asarray(times, dtype=float), 1e-7)
@@ -218,11 +248,16 @@ def fit_nonnegative(rows: list[list[float]], times: list[float]) -> list[float]:
         solution = np.zeros(matrix.shape[1])
         solution[active] = np.linalg.lstsq(matrix[:, active], target, rcond=None)[0]
         if (solution >= 0).all():
-            return solution.tolist()
+            return solution.tolist(), float(np.sum((matrix @ solution - target) ** 2))
         active &= solution > 0
 
 
-def _measure_figures(host: Target, folder: Path) -> CpuFigures:
+Kernel = tuple[Op, CompiledGraph, float]
+"""A timed kernel call: the op doing its main work, the compiled graph it is in, and the call's time (seconds)."""
+
+
+def _timed_kernels(network: object, example: object, host: Target, path: Path) -> list[Kernel]:
+    """Quantize ``network`` (calibrated on random data), compile it for ``host`` and time its kernel calls."""
     import torch
 
     from edgeq.compile import compile_model
@@ -230,45 +265,60 @@ def _measure_figures(host: Target, folder: Path) -> CpuFigures:
     from edgeq.quantization import FakeQuantState, convert_fx, default_calib_qconfig, prepare_qat_fx, set_fake_quantize
 
     torch.manual_seed(0)
-    example = torch.randn(1, 16, 56, 56)
-    prepared = prepare_qat_fx(_network(), default_calib_qconfig, example_inputs=(example,), target=host.name)
+    prepared = prepare_qat_fx(network, default_calib_qconfig, example_inputs=(example,), target=host.name)
     set_fake_quantize(prepared, FakeQuantState.CALIBRATION)
     with torch.no_grad():
         for _ in range(2):
             prepared(torch.randn_like(example))
-    result = compile_model(convert_fx(prepared), (example,), target=host.name, out=folder / "calibration.edgeq", progress=lambda _: None)
+    result = compile_model(convert_fx(prepared), (example,), target=host.name, out=path, progress=lambda _: None)
     measured = measure(result.artifact, runs=5)
-    graph = result.graph
-    seconds = {}  # the time of the kernel calls of each op that does the calls' main work, by calls
-    anchors = {}  # that op, by calls
-    for op in graph.ops:
+    kernels, seen = [], set()
+    for op in result.graph.ops:
         calls = tuple((c.region, c.index) for c in measured.ops.get(op.name, ()))
-        if calls and calls not in anchors:
-            anchors[calls], seconds[calls] = op, measured.op_seconds(op.name)
+        if calls and calls not in seen:
+            seen.add(calls)
+            kernels.append((op, result.graph, measured.op_seconds(op.name)))
+    return kernels
 
-    def row(op) -> list[float]:
-        outputs = math.prod(graph.tensors[op.outputs[0]].shape)
+
+def _measure_figures(host: Target, folder: Path) -> CpuFigures:
+    (large, large_input), (small, small_input) = _networks()
+    on_all_cores = [k for k in _timed_kernels(large, large_input, host, folder / "large.edgeq") if k[0].parallel]
+    on_one_core = [k for k in _timed_kernels(small, small_input, host, folder / "small.edgeq") if not k[0].parallel]
+
+    def work(op: Op, graph: CompiledGraph) -> list[float]:
+        """The op's work in the units of the rates (dense, depthwise and linear MACs, requantized outputs, bytes
+        moved), over its register tiles' occupancy."""
         mac_op = op.op in MAC_OPS
         macs = [op.macs if mac_class(op) == name else 0 for name in MAC_CLASSES]
+        outputs = math.prod(graph.tensors[op.outputs[0]].shape) if mac_op else 0
         moved = 0 if mac_op else op.bytes_in + op.bytes_out
-        return [1.0, float(op.parallel), *macs, outputs if mac_op else 0, moved]
+        return [unit / tile_occupancy(op, graph) for unit in [*macs, outputs, moved]]
 
-    overhead, parallel, per_dense, per_grouped, per_linear, per_output, per_byte = fit_nonnegative(
-        [row(op) for op in anchors.values()], [seconds[k] for k in anchors]
-    )
-    logger.debug("calibration fit: %s", [overhead, parallel, per_dense, per_grouped, per_linear, per_output, per_byte])
-
-    def rate(per_unit: float, nominal: float) -> float:
-        return 1 / per_unit if per_unit > 0 else nominal  # too fast to tell apart from the overhead
-
+    (fixed_on_all_cores, *per_unit), _ = fit_nonnegative([[1.0, *work(op, graph)] for op, graph, _ in on_all_cores], [t for *_, t in on_all_cores])
     figures = host.perf
+    nominal = [figures.conv2d_int8_macs_per_s, figures.depthwise_int8_macs_per_s, figures.linear_int8_macs_per_s, figures.requantized_outputs_per_s, figures.memory_bytes_per_s]
+    rates = [1 / unit if unit > 0 else rate for unit, rate in zip(per_unit, nominal)]  # a rate that fits as 0 keeps the nominal one
+
+    def seconds_on_all_cores(op: Op, graph: CompiledGraph) -> float:
+        return sum(amount / rate for amount, rate in zip(work(op, graph), rates))
+
+    (setup, mac_setup, speedup), _ = fit_nonnegative(
+        [[1.0, float(op.op in MAC_OPS), seconds_on_all_cores(op, graph)] for op, graph, _ in on_one_core], [t for *_, t in on_one_core]
+    )
+    logger.debug("calibration fit: %s on all cores, set-up %s + %s, speed-up %s", [fixed_on_all_cores, *per_unit], setup, mac_setup, speedup)
+    vm = vm_overheads()
+    conv2d, depthwise, linear, outputs, memory = rates
     return CpuFigures(
-        conv2d_int8_macs_per_s=rate(per_dense, figures.conv2d_int8_macs_per_s),
-        depthwise_int8_macs_per_s=rate(per_grouped, figures.depthwise_int8_macs_per_s),
-        linear_int8_macs_per_s=rate(per_linear, figures.linear_int8_macs_per_s),
-        requantized_outputs_per_s=rate(per_output, figures.requantized_outputs_per_s),
+        conv2d_int8_macs_per_s=conv2d,
+        depthwise_int8_macs_per_s=depthwise,
+        linear_int8_macs_per_s=linear,
+        requantized_outputs_per_s=outputs,
         float32_macs_per_s=figures.float32_macs_per_s,
-        memory_bytes_per_s=rate(per_byte, figures.memory_bytes_per_s),
-        kernel_overhead_ns=overhead * 1e9,
-        parallel_overhead_ns=parallel * 1e9,
+        memory_bytes_per_s=memory,
+        kernel_overhead_ns=(setup + vm.per_call) * 1e9,
+        mac_kernel_overhead_ns=mac_setup * 1e9,
+        parallel_overhead_ns=max(fixed_on_all_cores - setup - mac_setup, 0.0) * 1e9,
+        invocation_overhead_ns=vm.invocation * 1e9,
+        parallel_speedup=speedup if speedup > 0 else figures.parallel_speedup,
     )

@@ -11,6 +11,7 @@ import math
 from edgeq.check.report import FLOAT_PLACEMENT
 from edgeq.compile.compiled_graph import CompiledGraph, Op
 from edgeq.compile.kernel_map import FUSED_FOLLOWERS, VIEW_OPS
+from edgeq.compile.schedules.blocked import MAX_TILE, default_tile
 from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
 from edgeq.targets import CpuFigures, Hardware, Target, TargetKind
 
@@ -28,6 +29,21 @@ def mac_class(op: Op) -> str | None:
     if op.op == "conv2d":
         return "depthwise" if op.attributes.get("groups", 1) > 1 else "conv2d"
     return "linear" if op.op in ("linear", "matmul") else None
+
+
+def tile_occupancy(op: Op, graph: CompiledGraph) -> float:
+    """Share of its register tiles a dense int8 convolution's default schedule fills on a CPU.
+
+    A tile of at most half of :data:`~edgeq.compile.schedules.blocked.MAX_TILE` output columns (an output width of
+    4 or less, or one of no larger divisor) has too few independent accumulators to hide the multiply-add's
+    latency, and its requantization fills part of each vector: it takes as long as a full tile. A tile of more
+    columns runs at full speed (measured here: the 7-column tiles of 28, 14 and 7 wide outputs as fast per column
+    as 8-column ones; a 4-column tile as slow as an 8-column one). 1 for other ops.
+    """
+    if mac_class(op) != "conv2d" or not op.outputs:
+        return 1.0
+    columns = default_tile(graph.tensors[op.outputs[0]].shape[-1])
+    return columns / MAX_TILE if columns <= MAX_TILE // 2 else 1.0
 
 
 def _ceil_to(value: int, step: int) -> int:
@@ -167,11 +183,16 @@ class _Estimator:
         if op.kernel is None:  # a view: no kernel, no cost
             return self._estimate(op, fused, 0.0, 0.0, 0.0, dram=0)
         moved = 0 if fused else op.bytes_in + op.bytes_out + op.weight_bytes
+        utilisation = tile_occupancy(op, self.graph) if op.placement != FLOAT_PLACEMENT else 1.0
         compute = op.macs / self._mac_rate(op)
         if op.op in MAC_OPS:
             compute += sum(math.prod(self.graph.tensors[t].shape) for t in op.outputs) / self.cpu.requantized_outputs_per_s
-        overhead = 0.0 if fused else (self.cpu.kernel_overhead_ns + op.parallel * self.cpu.parallel_overhead_ns) * 1e-9
-        return self._estimate(op, fused, compute, moved / self.cpu.memory_bytes_per_s, overhead, dram=moved)
+        compute /= utilisation
+        share = 1 if op.parallel else self.cpu.parallel_speedup  # the rates are for kernels on all cores
+        memory = moved / self.cpu.memory_bytes_per_s
+        fixed = self.cpu.kernel_overhead_ns + (op.op in MAC_OPS) * self.cpu.mac_kernel_overhead_ns + op.parallel * self.cpu.parallel_overhead_ns
+        overhead = 0.0 if fused else fixed * 1e-9
+        return self._estimate(op, fused, share * compute, share * memory, overhead, dram=moved, utilisation=utilisation)
 
     def transitions(self) -> list[TransitionEstimate]:
         if self.target.kind is not TargetKind.NPU:
@@ -197,7 +218,8 @@ def estimate(graph: CompiledGraph, target: Target, cpu: CpuFigures, cpu_source: 
     npu_ms = sum(layer.latency_ms for layer in layers if layer.placement == "NPU")
     cpu_ms = sum(layer.latency_ms for layer in layers if layer.placement != "NPU")
     transition_ms = sum(t.latency_ms for t in transitions)
-    latency_ms = npu_ms + cpu_ms + transition_ms
+    invocation_ms = cpu.invocation_overhead_ns * 1e-9 * MS
+    latency_ms = npu_ms + cpu_ms + transition_ms + invocation_ms
     first_input = graph.tensors[graph.inputs[0]] if graph.inputs else None
     batch = first_input.shape[0] if first_input is not None and first_input.shape and first_input.shape[0] > 0 else 1
     macs = sum(layer.macs for layer in layers)
@@ -216,6 +238,7 @@ def estimate(graph: CompiledGraph, target: Target, cpu: CpuFigures, cpu_source: 
         npu_ms=npu_ms,
         cpu_ms=cpu_ms,
         transition_ms=transition_ms,
+        invocation_ms=invocation_ms,
         compute_bound=bounds.count("compute"),
         memory_bound=bounds.count("memory"),
         overhead_bound=bounds.count("overhead"),

@@ -30,7 +30,8 @@ class LayerEstimate:
         dram_bytes: bytes moved between DRAM and the processor (NPU: weights, region borders and spills; CPU:
             activations and weights, unless fused).
         onchip_bytes: NPU only: SRAM the layer occupies (its working set, at most the SRAM).
-        utilisation: share of the NPU's MAC array the layer's shape keeps busy (channel alignment); 1 on a CPU.
+        utilisation: share of the NPU's MAC array the layer's shape keeps busy (channel alignment); on a CPU, the
+            share of its register tiles a dense convolution fills (1 for other ops).
         compute_ms, memory_ms, overhead_ms: compute time, memory time, fixed cost per layer.
         latency_ms: ``overhead + max(compute, memory)``.
         bound: ``compute``, ``memory``, ``overhead`` (the fixed cost dominates), ``fused`` or ``none`` (no kernel).
@@ -76,7 +77,7 @@ class PerfSummary:
     """Totals per inference of the compiled batch (and per frame where named so).
 
     Attributes:
-        latency_ms: sum of the layers' and transitions' latencies.
+        latency_ms: sum of the layers' and transitions' latencies and the invocation.
         fps: frames per second: ``batch / latency``.
         batch: frames per inference (the first dimension of the first input).
         macs: total multiply-accumulates.
@@ -86,6 +87,7 @@ class PerfSummary:
         mac_utilisation: ``macs / (latency x peak MAC rate)``; the peak is the NPU's MAC array, or on a CPU
             target the CPU's dense convolution rate.
         npu_ms, cpu_ms, transition_ms: the latency split by where it is spent.
+        invocation_ms: the runtime's fixed cost of one inference besides its layers (calling the model).
         compute_bound, memory_bound, overhead_bound: how many layers are bound by each.
     """
 
@@ -100,6 +102,7 @@ class PerfSummary:
     npu_ms: float
     cpu_ms: float
     transition_ms: float
+    invocation_ms: float
     compute_bound: int
     memory_bound: int
     overhead_bound: int

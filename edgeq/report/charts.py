@@ -52,11 +52,13 @@ def per_op_kind(result: PerfResult) -> list[Bar]:
 
 
 def per_placement(result: PerfResult) -> list[Bar]:
-    """Latency on the NPU, on the CPU and in NPU<->CPU transitions (those that are not zero)."""
+    """Latency on the NPU, on the CPU, in NPU<->CPU transitions and in the runtime's call of the model (those that
+    are not zero)."""
     summary = result.summary
     rows = [
         ("NPU", summary.npu_ms, _colour("NPU")),
         ("CPU", summary.cpu_ms, _colour("CPU")),
         ("transitions", summary.transition_ms, TRANSITION_COLOUR),
+        ("invocation", summary.invocation_ms, NEUTRAL),
     ]
     return _bars((label, ms, colour, f"{label}: {ms:.4g} ms") for label, ms, colour in rows if ms > 0)

@@ -20,7 +20,8 @@ from edgeq.compile.schedules.choices import DEFAULT, Choices, LoopRV
 from edgeq.compile.schedules.generic import inline_epilogue, parallel_outer
 
 MAX_TILE = 8
-"""Output columns accumulated together by the default schedules (register tile)."""
+"""Output columns accumulated together by the default schedules (register tile): enough independent accumulators
+to hide the latency of the multiply-add."""
 
 MAX_SAMPLED_COLUMNS = 16
 """Output columns of a register tile the tuner may try."""
@@ -33,7 +34,9 @@ CHANNELS_OUTER, ROWS_OUTER = 0, 1
 past one block of weights) or rows outside the channel blocks (each input row is reused by every block)."""
 
 
-def _tile(width: int) -> int:
+def default_tile(width: int) -> int:
+    """Output columns of the default schedules' register tile for an output ``width``: the largest divisor of the
+    width up to :data:`MAX_TILE`."""
     return next(t for t in range(min(MAX_TILE, width), 0, -1) if width % t == 0)
 
 
@@ -92,7 +95,7 @@ def _parallel(sch: s_tir.Schedule, outer: list, parallel: bool, choose: Choices)
 def _register_tile(sch: s_tir.Schedule, o: LoopRV, x: LoopRV, choose: Choices) -> tuple[list[LoopRV], list[LoopRV]]:
     """Channel blocks ``o`` and columns ``x`` split into (outer, inner) loops; the inner ones form the tile."""
     blocks = choose.split(sch, o, MAX_SAMPLED_BLOCKS, 1)
-    columns = choose.split(sch, x, MAX_SAMPLED_COLUMNS, _tile(_extent(sch, x)))
+    columns = choose.split(sch, x, MAX_SAMPLED_COLUMNS, default_tile(_extent(sch, x)))
     return blocks, columns
 
 

@@ -6,8 +6,11 @@ every kernel call (the Relax VM's instrument hook), mapped to ops through the co
 error and the Spearman rank correlation between estimated and measured time per kernel call (the ops TVM fused
 into one kernel are summed). Goal: |total error| <= 20 %, Spearman >= 0.9.
 
+Each model is compared in several rounds, each calibrating right before it measures; the round of median error
+is printed, with every round's error and Spearman correlation (their spread is the machine's drift).
+
     .venv/bin/python benchmarks/perf_estimator_error.py [--models resnet18,mobilenet_v2,digits] [--runs 5]
-        [--recalibrate]
+        [--rounds 5] [--worst 3]
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import importlib.util
+import statistics
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from edgeq.compile import compile_model  # noqa: E402
+from edgeq.compile.compiled_graph import CompiledGraph  # noqa: E402
 from edgeq.perf import estimate_graph  # noqa: E402
 from edgeq.perf.measure import measure  # noqa: E402
 from edgeq.targets import load_target  # noqa: E402
@@ -69,50 +75,81 @@ def _model(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return torchvision_model(name), torch.randn(1, 3, 224, 224)
 
 
-def run(name: str, runs: int, folder: Path, recalibrate: bool) -> None:
-    torch.manual_seed(0)
-    model, example = _model(name)
-    result = compile_model(integer_model(model, example, TARGET), (example,), target=TARGET, out=folder / f"{name}.edgeq", progress=lambda _: None)
-    estimated = estimate_graph(result.graph, load_target(TARGET), str(result.artifact), recalibrate)
-    measured = measure(result.artifact, runs=runs)
-    per_call: dict[tuple[tuple[str, int], ...], float] = {}  # estimated ms, by the kernel calls ops run in
-    calls: dict[tuple[tuple[str, int], ...], float] = {}  # measured ms, by the same
+@dataclass(frozen=True)
+class KernelTimes:
+    """One kernel call (or a bilinear resize's several): the first op in it, and its estimated and measured time
+    (ms; the ops fused into the call summed)."""
+
+    op: str
+    estimated: float
+    measured: float
+
+
+@dataclass(frozen=True)
+class Round:
+    """One comparison: the estimated and measured latency (ms), and the times of every kernel call."""
+
+    estimated: float
+    measured: float
+    kernels: list[KernelTimes]
+
+    @property
+    def error(self) -> float:
+        return (self.estimated - self.measured) / self.measured
+
+    @property
+    def spearman(self) -> float:
+        return spearman([k.estimated for k in self.kernels], [k.measured for k in self.kernels])
+
+
+def compare(artifact: Path, graph: CompiledGraph, runs: int) -> Round:
+    """Calibrate this CPU's figures again, estimate ``graph`` with them, then measure ``artifact``."""
+    estimated = estimate_graph(graph, load_target(TARGET), str(artifact), recalibrate=True)
+    measured = measure(artifact, runs=runs)
+    kernels: dict[tuple[tuple[str, int], ...], KernelTimes] = {}
     for layer in estimated.layers:
         key = tuple((c.region, c.index) for c in measured.ops.get(layer.name, ()))
         if key:
-            per_call[key] = per_call.get(key, 0.0) + layer.latency_ms
-            calls[key] = measured.op_seconds(layer.name) * 1e3
-    keys = sorted(per_call)
-    mapped = {place for key in keys for place in key}
-    unmapped_calls = [c for c in measured.calls if (c.region, c.index) not in mapped]
-    unmapped = sum(c.seconds * 1e3 for c in unmapped_calls)
-    total = estimated.summary.latency_ms
-    actual = measured.latency_s * 1e3
-    rho = spearman([per_call[k] for k in keys], [calls[k] for k in keys])
+            first = kernels.get(key, KernelTimes(layer.name, 0.0, 0.0))
+            kernels[key] = KernelTimes(first.op, first.estimated + layer.latency_ms, measured.op_seconds(layer.name) * 1e3)
+    mapped = {place for key in kernels for place in key}
+    unmapped = [c for c in measured.calls if (c.region, c.index) not in mapped]
+    if unmapped:
+        print(f"    {len(unmapped)} kernel calls map to no op ({sum(c.seconds for c in unmapped) * 1e3:.3f} ms)")
+    return Round(estimated.summary.latency_ms, measured.latency_s * 1e3, list(kernels.values()))
+
+
+def run(name: str, runs: int, rounds: int, worst: int, folder: Path) -> None:
+    torch.manual_seed(0)
+    model, example = _model(name)
+    result = compile_model(integer_model(model, example, TARGET), (example,), target=TARGET, out=folder / f"{name}.edgeq", progress=lambda _: None)
+    results = sorted((compare(result.artifact, result.graph, runs) for _ in range(rounds)), key=lambda r: r.error)
+    middle = results[len(results) // 2]
+    rhos = sorted(r.spearman for r in results)
     print(
-        f"{name:13} estimated {total:9.2f} ms  measured {actual:9.2f} ms  error {100 * (total - actual) / actual:+6.1f} %  "
-        f"Spearman {rho:.3f} over {len(keys)} kernels (unmapped calls: {len(unmapped_calls)}, {unmapped:.2f} ms)"
+        f"{name:13} estimated {middle.estimated:8.3f} ms  measured {middle.measured:8.3f} ms  error {100 * middle.error:+6.1f} % "
+        f"(median of {rounds} rounds: {', '.join(f'{100 * r.error:+.0f}' for r in results)})  Spearman {statistics.median(rhos):.3f} "
+        f"({', '.join(f'{r:.2f}' for r in rhos)}) over {len(middle.kernels)} kernels"
     )
-    worst = sorted(keys, key=lambda k: -abs(per_call[k] - calls[k]))[:3]
-    for key in worst:
-        ops = [n for n, c in measured.ops.items() if tuple((x.region, x.index) for x in c) == key]
-        print(f"    {ops[0][:48]:48} estimated {per_call[key]:8.3f} ms, measured {calls[key]:8.3f} ms")
+    for kernel in sorted(middle.kernels, key=lambda k: -abs(k.estimated - k.measured))[:worst]:
+        print(f"    {kernel.op[:48]:48} estimated {kernel.estimated:9.4f} ms, measured {kernel.measured:9.4f} ms")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet18,mobilenet_v2,digits")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=5, help="runs per measurement (their median is taken)")
     parser.add_argument(
-        "--recalibrate", action="store_true",
-        help="measure this CPU's figures again right before each model (a VM whose speed drifts then costs the "
-        "estimate less than between a cached calibration and the measurement)",
+        "--rounds", type=int, default=5,
+        help="comparisons per model, each calibrating right before it measures (a shared VM whose speed drifts "
+        "then shows in the spread of the rounds, not in one comparison); the median one is printed",
     )
+    parser.add_argument("--worst", type=int, default=3, help="kernels printed per model, largest difference first")
     args = parser.parse_args()
-    print(f"target {TARGET} (this machine), {torch.get_num_threads()} threads, {args.runs} runs per model")
+    print(f"target {TARGET} (this machine), {torch.get_num_threads()} threads, {args.runs} runs per measurement")
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
-            run(name, args.runs, Path(folder), args.recalibrate)
+            run(name, args.runs, args.rounds, args.worst, Path(folder))
 
 
 if __name__ == "__main__":

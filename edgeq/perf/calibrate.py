@@ -180,9 +180,9 @@ def _networks() -> list[tuple[object, object]]:
 
     A large one at 56x56: convolutions of reduction depths from 16 to 576 and depthwise convolutions of two window
     sizes (so that their MACs and their outputs are told apart), a residual add, linear layers, max and average
-    pooling and a global average pool. A small one at 8x8 and 4x4 (a dense, a depthwise and a strided convolution,
-    a linear layer): kernels small enough to run on one core, on data that stays in cache between runs, as a small
-    model's does.
+    pooling and a global average pool. A small one at 8x8 and 4x4 (3x3 dense, depthwise and 1x1 convolutions, max
+    pooling, a global average pool, a linear layer): kernels small enough to run on one core, on data that stays in
+    cache between runs, as a small model's does.
     """
     import torch
     from torch import nn
@@ -219,13 +219,17 @@ def _networks() -> list[tuple[object, object]]:
             super().__init__()
             self.quant = QuantStub()
             self.dense = nn.Conv2d(16, 16, 3, padding=1)
+            self.dense_again = nn.Conv2d(16, 16, 3, padding=1)
             self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
-            self.strided = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+            self.pool = nn.MaxPool2d(2)
+            self.wider = nn.Conv2d(16, 32, 3, padding=1)
+            self.pointwise = nn.Conv2d(32, 32, 1)
             self.linear = nn.Linear(32, 10)
             self.dequant = DeQuantStub()
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = self.strided(self.depthwise(torch.relu(self.dense(self.quant(x)))))
+            x = self.depthwise(torch.relu(self.dense_again(torch.relu(self.dense(self.quant(x))))))
+            x = self.pointwise(torch.relu(self.wider(self.pool(x))))
             return self.dequant(self.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
 
     return [(Large().eval(), torch.randn(1, 16, 56, 56)), (Small().eval(), torch.randn(1, 16, 8, 8))]

@@ -269,11 +269,11 @@ def test_a_product_with_a_number_computed_from_a_shape_stays_float(tmp_path):
 class Attending(nn.Module):
     """``nn.MultiheadAttention`` between two Linears (self-attention, no masks unless given), left in float."""
 
-    def __init__(self, batch_first: bool, call=lambda attention, x: attention(x, x, x, need_weights=False)[0]) -> None:
+    def __init__(self, batch_first: bool, call=lambda attention, x: attention(x, x, x, need_weights=False)[0], key_size: int = 8) -> None:
         super().__init__()
         self.quant, self.dequant = QuantStub(), DeQuantStub()
         self.fc_in, self.fc_out = nn.Linear(8, 8), nn.Linear(8, 8)
-        self.attention = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=key_size, vdim=key_size)
         self.call = call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -299,17 +299,18 @@ def test_multihead_attention_runs_in_float_within_the_bound(batch_first, tmp_pat
 
 
 ATTENTION_CALLS = {
-    "a mask": (lambda attention, x: attention(x, x, x, attn_mask=torch.zeros(3, 3, dtype=torch.bool))[0], "with a mask is not supported"),
-    "its weights": (lambda attention, x: attention(x, x, x)[1].sum(-1, keepdim=True) * x, "takes item 1 of a float op's tuple"),
+    "a mask": (lambda attention, x: attention(x, x, x, attn_mask=torch.zeros(3, 3, dtype=torch.bool))[0], 8, "with a mask is not supported"),
+    "its weights": (lambda attention, x: attention(x, x, x)[1].sum(-1, keepdim=True) * x, 8, "takes item 1 of a float op's tuple"),
+    "smaller keys": (lambda attention, x: attention(x, x[..., :4], x[..., :4])[0], 4, "needs equal query, key and value sizes"),
 }
 
 
-@pytest.mark.parametrize("call, message", ATTENTION_CALLS.values(), ids=ATTENTION_CALLS)
-def test_attention_export_the_float_form_does_not_cover_is_a_clear_error(call, message, tmp_path):
+@pytest.mark.parametrize("call, key_size, message", ATTENTION_CALLS.values(), ids=ATTENTION_CALLS)
+def test_attention_export_the_float_form_does_not_cover_is_a_clear_error(call, key_size, message, tmp_path):
     torch.manual_seed(0)
     example = torch.randn(5, 3, 8)
     with pytest.warns(FloatFallbackWarning):
-        int_model = integer_model(Attending(True, call).eval(), example, "x86_64")
+        int_model = integer_model(Attending(True, call, key_size).eval(), example, "x86_64")
     with pytest.raises(ExportError, match=message):
         to_onnx(int_model, (example,), tmp_path / "a.onnx")
     assert not (tmp_path / "a.onnx").exists()

@@ -104,9 +104,9 @@ class CpuFigures(_Strict):
     """Fixed cost of one inference besides its kernel calls: the runtime's call of the model (inputs in, result
     out)."""
     parallel_speedup: Annotated[float, Field(gt=0)]
-    """How many times faster a kernel runs on all cores than on one. The rates above are for kernels on all cores;
-    a small kernel that runs on one (``parallel`` false in the compiled graph) runs at ``1 / parallel_speedup`` of
-    them."""
+    """How many times longer a small kernel that runs on one core (``parallel`` false in the compiled graph) takes
+    than the rates above, which are for kernels on all cores, give it (measured: below 1 when small kernels run
+    faster per MAC in cache than large ones stream through memory on all cores)."""
 
 
 NPU_OPS = OP_NAMES

@@ -10,8 +10,8 @@ steps, each by non-negative least squares on the relative error (:func:`fit_nonn
    divided by the register tiles' occupancy (:func:`~.estimate.tile_occupancy`). A rate that fits as zero (too
    fast to tell apart from ``fixed``) keeps the target's nominal value.
 2. The kernels of the small network, which run on one core with their data in cache, give the fixed costs and the
-   speed on one core: ``t = set-up + mac_set-up x [convolution or linear] + time at the rates of step 1 /
-   parallel_speedup``.
+   speed on one core: ``t = set-up + mac_set-up x [convolution or linear] + parallel_speedup x time at the rates
+   of step 1`` (below 1 when small kernels run faster per MAC in cache than large ones on all cores).
 
 ``kernel_overhead`` is the set-up plus the VM's dispatch of a call, ``parallel_overhead`` what step 1's fixed cost
 adds to the set-ups, and ``invocation_overhead`` the VM's cost of a call of the model; the VM's costs are timed on

@@ -37,8 +37,10 @@ def tile_occupancy(op: Op, graph: CompiledGraph) -> float:
     A tile of at most half of :data:`~edgeq.compile.schedules.blocked.MAX_TILE` output columns (an output width of
     4 or less, or one of no larger divisor) has too few independent accumulators to hide the multiply-add's
     latency, and its requantization fills part of each vector: it takes as long as a full tile. A tile of more
-    columns runs at full speed (measured here: the 7-column tiles of 28, 14 and 7 wide outputs as fast per column
-    as 8-column ones; a 4-column tile as slow as an 8-column one). 1 for other ops.
+    columns runs at full speed. Measured here: resnet18's 7-column tiles (outputs 28, 14 and 7 wide) as fast per
+    column as its 8-column ones; the digits CNN's 4x4 convolution as slow as its 8x8 one of twice the MACs (in the
+    small calibration network the same 4x4 shape took about half, so this is the least settled term). 1 for other
+    ops.
     """
     if mac_class(op) != "conv2d" or not op.outputs:
         return 1.0

@@ -85,7 +85,8 @@ data in cache (a run right after the timed one and the hook's calls starts colde
 
 
 def measure(artifact: str | Path, runs: int = 5) -> Measurement:
-    """Run ``artifact`` on this machine ``runs`` times (after one warm-up run) and time it.
+    """Time ``artifact`` on this machine in ``runs`` rounds (after one warm-up run), each of :data:`PLAIN_BURST`
+    plain runs, one run with every kernel call timed, and the hook's idle calls.
 
     Raises:
         CompiledGraphError: the artifact cannot be read.
@@ -162,12 +163,13 @@ class HookCost:
 
 
 class _HookSampler:
-    """Times two idle kernel calls (:func:`_idle_vm`) with the hook: the sum of two one-element tensors (3
-    arguments) and the concatenation of eight (9). Sampled between a measurement's runs, their median intervals give
-    the hook's cost at the speed the machine ran the measurement at."""
+    """Times two idle kernel calls (:func:`_idle_vm`) with the hook: the sum of two one-element tensors and the
+    concatenation of eight. Sampled between a measurement's runs, their median intervals give the hook's cost at
+    the speed the machine ran the measurement at."""
 
     def __init__(self) -> None:
         self.vms = [_idle_vm(1, inputs) for inputs in (2, 8)]
+        self.arguments = [calls_of["main"][0].arguments for _, calls_of in self.vms]
         self.samples: list[list[float]] = [[], []]
 
     def sample(self, calls: int = 50) -> None:
@@ -177,8 +179,9 @@ class _HookSampler:
 
     def cost(self) -> HookCost:
         few, many = (statistics.median(times) for times in self.samples)
-        per_argument = max((many - few) / 6, 0.0)
-        return HookCost(max(few - 3 * per_argument, 0.0), per_argument)
+        few_arguments, many_arguments = self.arguments
+        per_argument = max((many - few) / (many_arguments - few_arguments), 0.0)
+        return HookCost(max(few - few_arguments * per_argument, 0.0), per_argument)
 
 
 def hook_cost(rounds: int = 10) -> HookCost:
@@ -252,7 +255,7 @@ def _idle_arguments() -> list[Any]:
     return [tvm.runtime.tensor(np.zeros(1, np.int32))]
 
 
-def _call_times(events: list[tuple[str, bool, float]], calls_of: dict[str, list[str]]) -> dict[tuple[str, int], float]:
+def _call_times(events: list[tuple[str, bool, float]], calls_of: dict[str, list[KernelCall]]) -> dict[tuple[str, int], float]:
     """(region, kernel call index) -> seconds, from the instrument's before/after events of one run."""
     times: dict[tuple[str, int], float] = {}
     stack: list[tuple[str, float]] = []

@@ -45,9 +45,14 @@ def _extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int:
 
 
 def _epilogue_at(sch: s_tir.Schedule, last: s_tir.schedule.SBlockRV, tile_loop: s_tir.schedule.LoopRV, parallel: bool) -> bool:
-    """The (inlined) epilogue computed per tile, right after its accumulator; False when it cannot be."""
+    """The (inlined) epilogue computed per tile, right after its accumulator; False when it cannot be.
+
+    Its loops over the tile are kept when their extent is 1 (a tile of one column or one channel block), so that
+    they are as many whatever the tile: the tuner replays a schedule's trace with other tile sizes, and a trace
+    that names the epilogue's loops needs the same number of them (TVM stops the whole search otherwise).
+    """
     try:
-        sch.reverse_compute_at(last, tile_loop)
+        sch.reverse_compute_at(last, tile_loop, preserve_unit_loops=True)
     except s_tir.ScheduleError:
         if parallel:
             parallel_outer(sch, last)
@@ -64,13 +69,13 @@ mobilenet_v3_small a few % slower), so the tuner decides per kernel."""
 
 
 def _epilogue_lanes(sch: s_tir.Schedule, last: s_tir.schedule.SBlockRV, tile_loop: LoopRV, choose: Choices) -> None:
-    """The epilogue's channels on the vector lanes, where ``choose`` says so (see :data:`CHANNELS_ON_LANES`); a
-    tile of one column leaves one loop, the channels', which is innermost already."""
+    """The epilogue's channels on the vector lanes, where ``choose`` says so (see :data:`CHANNELS_ON_LANES`). Its
+    loops over the tile are one per output axis (:func:`_epilogue_at` keeps the unit ones): batch, channels, row,
+    columns."""
     lanes = choose.pick(sch, 2, COLUMNS_ON_LANES)
-    loops = sch.get_loops(last)
-    inside = loops[[sch.get(loop).same_as(sch.get(tile_loop)) for loop in loops].index(True) + 1 :]
-    if lanes == CHANNELS_ON_LANES and len(inside) == 2:
-        channels, columns = inside
+    if lanes == CHANNELS_ON_LANES:
+        loops = sch.get_loops(last)
+        _, channels, _, columns = loops[[sch.get(loop).same_as(sch.get(tile_loop)) for loop in loops].index(True) + 1 :]
         sch.reorder(columns, channels)
         sch.vectorize(channels)
 

@@ -108,7 +108,7 @@ def compare(artifact: Path, graph: CompiledGraph, runs: int) -> Round:
     measured = measure(artifact, runs=runs)
     kernels: dict[tuple[tuple[str, int], ...], KernelTimes] = {}
     for layer in estimated.layers:
-        key = tuple((c.region, c.index) for c in measured.ops.get(layer.name, ()))
+        key = measured.places(layer.name)
         if key:
             first = kernels.get(key, KernelTimes(layer.name, 0.0, 0.0))
             kernels[key] = KernelTimes(first.op, first.estimated + layer.latency_ms, measured.op_seconds(layer.name) * 1e3)

@@ -172,6 +172,7 @@ def test_measured_kernel_calls_map_to_ops(small):
     measured = measure(small.artifact, runs=1)
     assert measured.latency_s > 0 and len(measured.calls) == 7
     assert measured.ops["conv1/Relu"] == measured.ops["conv1/Conv"] and "conv2d" in measured.ops["conv1/Conv"][0].kernel
+    assert measured.places("conv1/Relu") == measured.places("conv1/Conv") == ((measured.ops["conv1/Conv"][0].region, measured.ops["conv1/Conv"][0].index),)
     assert {c.kernel for c in measured.calls} == {op.kernel for op in small.graph.ops if op.kernel}
 
 

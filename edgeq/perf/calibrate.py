@@ -235,14 +235,10 @@ def _networks() -> list[tuple[object, object]]:
     return [(Large().eval(), torch.randn(1, 16, 56, 56)), (Small().eval(), torch.randn(1, 16, 8, 8))]
 
 
-def fit_nonnegative(rows: list[list[float]], times: list[float]) -> tuple[list[float], float]:
+def fit_nonnegative(rows: list[list[float]], times: list[float]) -> list[float]:
     """Coefficients ``c >= 0`` of ``rows @ c ~ times`` minimising the squared relative error (so that small
     kernels weigh as much as large ones; a time is taken as at least 100 ns, the resolution of the measurement);
-    a coefficient that comes out negative is dropped and the rest fitted again.
-
-    Returns:
-        (the coefficients, the sum of the squared relative errors).
-    """
+    a coefficient that comes out negative is dropped and the rest fitted again."""
     import numpy as np
 
     weights = 1 / np.maximum(np.asarray(times, dtype=float), 1e-7)
@@ -252,7 +248,7 @@ def fit_nonnegative(rows: list[list[float]], times: list[float]) -> tuple[list[f
         solution = np.zeros(matrix.shape[1])
         solution[active] = np.linalg.lstsq(matrix[:, active], target, rcond=None)[0]
         if (solution >= 0).all():
-            return solution.tolist(), float(np.sum((matrix @ solution - target) ** 2))
+            return solution.tolist()
         active &= solution > 0
 
 
@@ -278,9 +274,9 @@ def _timed_kernels(network: object, example: object, host: Target, path: Path) -
     measured = measure(result.artifact, runs=5)
     kernels, seen = [], set()
     for op in result.graph.ops:
-        calls = tuple((c.region, c.index) for c in measured.ops.get(op.name, ()))
-        if calls and calls not in seen:
-            seen.add(calls)
+        places = measured.places(op.name)
+        if places and places not in seen:
+            seen.add(places)
             kernels.append((op, result.graph, measured.op_seconds(op.name)))
     return kernels
 
@@ -299,7 +295,7 @@ def _measure_figures(host: Target, folder: Path) -> CpuFigures:
         moved = 0 if mac_op else op.bytes_in + op.bytes_out
         return [unit / tile_occupancy(op, graph) for unit in [*macs, outputs, moved]]
 
-    (fixed_on_all_cores, *per_unit), _ = fit_nonnegative([[1.0, *work(op, graph)] for op, graph, _ in on_all_cores], [t for *_, t in on_all_cores])
+    fixed_on_all_cores, *per_unit = fit_nonnegative([[1.0, *work(op, graph)] for op, graph, _ in on_all_cores], [t for *_, t in on_all_cores])
     figures = host.perf
     nominal = [figures.conv2d_int8_macs_per_s, figures.depthwise_int8_macs_per_s, figures.linear_int8_macs_per_s, figures.requantized_outputs_per_s, figures.memory_bytes_per_s]
     rates = [1 / unit if unit > 0 else rate for unit, rate in zip(per_unit, nominal)]  # a rate that fits as 0 keeps the nominal one
@@ -307,7 +303,7 @@ def _measure_figures(host: Target, folder: Path) -> CpuFigures:
     def seconds_on_all_cores(op: Op, graph: CompiledGraph) -> float:
         return sum(amount / rate for amount, rate in zip(work(op, graph), rates))
 
-    (setup, mac_setup, speedup), _ = fit_nonnegative(
+    setup, mac_setup, speedup = fit_nonnegative(
         [[1.0, float(op.op in MAC_OPS), seconds_on_all_cores(op, graph)] for op, graph, _ in on_one_core], [t for *_, t in on_one_core]
     )
     logger.debug("calibration fit: %s on all cores, set-up %s + %s, speed-up %s", [fixed_on_all_cores, *per_unit], setup, mac_setup, speedup)

@@ -52,6 +52,11 @@ class Measurement:
     calls: list[TimedCall]
     ops: dict[str, tuple[TimedCall, ...]]
 
+    def places(self, name: str) -> tuple[tuple[str, int], ...]:
+        """Where op ``name`` runs: the (region, index) of each kernel call it runs in (empty when it has none); ops
+        fused into one kernel have the same places."""
+        return tuple((call.region, call.index) for call in self.ops.get(name, ()))
+
     def op_seconds(self, name: str) -> float | None:
         """The time of the kernel calls op ``name`` runs in (None when it has none)."""
         calls = self.ops.get(name)
@@ -111,10 +116,7 @@ def measure(artifact: str | Path, runs: int = 5) -> Measurement:
         samples: dict[tuple[str, int], list[float]] = {}
         hook = _HookSampler()
         for _ in range(runs):  # interleaved, so that a noisy machine's slow spells fall on all three
-            for _ in range(PLAIN_BURST):
-                started = time.perf_counter()
-                main(*arguments)
-                totals.append(time.perf_counter() - started)
+            totals.extend(_latencies(main, arguments, PLAIN_BURST))
             for key, times in _instrumented_times(instrumented, arguments, calls_of, 1).items():
                 samples.setdefault(key, []).extend(times)
             hook.sample()
@@ -129,6 +131,16 @@ def measure(artifact: str | Path, runs: int = 5) -> Measurement:
         for name, (region, indices) in op_calls(calls_of, graph).items()
     }
     return Measurement(statistics.median(totals), calls, ops)
+
+
+def _latencies(main: Any, arguments: list[Any], runs: int) -> list[float]:
+    """The time of each of ``runs`` calls of ``main``, back to back (seconds)."""
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        main(*arguments)
+        times.append(time.perf_counter() - started)
+    return times
 
 
 def _instrumented_times(vm: Any, arguments: list[Any], calls_of: dict[str, list[KernelCall]], runs: int) -> dict[tuple[str, int], list[float]]:
@@ -169,17 +181,18 @@ class _HookSampler:
 
     def __init__(self) -> None:
         self.vms = [_idle_vm(1, inputs) for inputs in (2, 8)]
-        self.arguments = [calls_of["main"][0].arguments for _, calls_of in self.vms]
+        self.argument_counts = [calls_of["main"][0].arguments for _, calls_of in self.vms]
+        self.inputs = _idle_arguments()
         self.samples: list[list[float]] = [[], []]
 
     def sample(self, calls: int = 50) -> None:
         for (vm, calls_of), times in zip(self.vms, self.samples):
-            timed = _instrumented_times(vm, _idle_arguments(), calls_of, calls)
+            timed = _instrumented_times(vm, self.inputs, calls_of, calls)
             times.extend(seconds for call in timed.values() for seconds in call)
 
     def cost(self) -> HookCost:
         few, many = (statistics.median(times) for times in self.samples)
-        few_arguments, many_arguments = self.arguments
+        few_arguments, many_arguments = self.argument_counts
         per_argument = max((many - few) / (many_arguments - few_arguments), 0.0)
         return HookCost(max(few - few_arguments * per_argument, 0.0), per_argument)
 
@@ -211,10 +224,7 @@ def vm_overheads(calls: int = 16, rounds: int = 10, runs: int = 100) -> VmOverhe
     for _ in range(rounds):
         for main, times in zip(mains, samples):
             main(*arguments)
-            for _ in range(runs):
-                started = time.perf_counter()
-                main(*arguments)
-                times.append(time.perf_counter() - started)
+            times.extend(_latencies(main, arguments, runs))
     one, more = (statistics.median(times) for times in samples)
     per_call = max((more - one) / calls, 0.0)
     return VmOverheads(max(one - per_call, 0.0), per_call)

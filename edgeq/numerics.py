@@ -318,6 +318,17 @@ def requantize(acc: torch.Tensor, multiplier: torch.Tensor | int, shift: torch.T
     return rounding_right_shift(acc.to(torch.int64) * multiplier, shift)
 
 
+FLOAT64_EXACT = 2**53
+"""Every integer below this magnitude is a float64 (53-bit significand)."""
+
+
+def exact_in_float64(product_bound: int) -> bool:
+    """Whether a requantization ``round_half_to_even(Σ_i acc_i * M_i / 2**n)`` whose ``Σ_i |acc_i| * M_i`` is at
+    most ``product_bound`` equals ``nearbyint(Σ_i float64(acc_i) * float64(M_i * 2**-n))`` for every accumulator:
+    true below 2**53, where every product and partial sum is exact in float64 (docs/numerics.md section 6)."""
+    return product_bound < FLOAT64_EXACT
+
+
 def saturate(value: torch.Tensor, low: int, high: int, dtype: torch.dtype) -> torch.Tensor:
     """Clamp to ``[low, high]`` and cast to ``dtype``."""
     return torch.clamp(value, low, high).to(dtype)

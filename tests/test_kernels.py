@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 import tvm
 from tvm import relax, s_tir
 
@@ -15,6 +16,7 @@ from edgeq.compile.lower_integer import Conv2dSettings, _requantize, integer_acc
 from edgeq.compile import schedules
 from edgeq.compile.schedules import SCHEDULES, TUNABLE, classify, design_space
 from edgeq.compile.tuning_records import as_workload
+from edgeq import numerics
 from edgeq.numerics import conv_multipliers
 
 HERE = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
@@ -209,3 +211,52 @@ def test_dot_product_features_of_a_cpu_and_of_this_machine():
     assert dot_product_features(tvm.target.Target({**x86, "mcpu": "znver3"})) == ["avx2"]
     assert dot_product_features(tvm.target.Target({**x86, "mcpu": "x86-64"})) == []
     assert host_target().attrs["mcpu"] == tvm.target.codegen.llvm_get_system_cpu()
+
+
+def requantize_module(channels: int, multipliers, zero_point: int, bound: int):
+    """``_requantize`` of an int32 NCHW accumulator, per channel, as the lowering writes it for ``bound``."""
+    source = relax.Var("acc", relax.TensorType([1, channels, 4, 64], "int32"))
+    builder = relax.BlockBuilder()
+    with builder.function("main", [source]):
+        with builder.dataflow():
+            output = builder.emit_output(_requantize(source, multipliers, 4, 1, zero_point, bound))
+        builder.emit_func_output(output)
+    return builder.get()
+
+
+def reference_requantize(acc: np.ndarray, multipliers, zero_point: int) -> np.ndarray:
+    """numerics.requantize per channel, plus the zero point, saturated to int8 (int64 throughout)."""
+    columns = [numerics.requantize(torch.from_numpy(acc[:, c].astype(np.int64)), m.multiplier, m.shift) for c, m in enumerate(multipliers)]
+    return np.clip(torch.stack(columns, dim=1).numpy() + zero_point, -128, 127).astype(np.int8)
+
+
+NEAR_TIE = numerics.FixedPointMultiplier(1977232205, 55)
+"""With ``acc = 9110917``, ``acc * M = 2**54 + 1``: just above the tie 0.5 (the result is 1), and one unit more than
+float64 holds there (the rounded product is the tie, which rounds to 0)."""
+
+
+@pytest.mark.parametrize("fits", [True, False], ids=["float64 form", "int64 form"])
+def test_requantization_in_float64_is_exact_up_to_its_bound(fits, tmp_path):
+    """Where ``bound * M < 2**53`` the epilogue rounds a float64 product (docs/numerics.md section 6), else it
+    shifts an int64 one; both equal the int64 reference on exact ties and at the largest accumulators, and the
+    int64 form where float64 would be one step off."""
+    bound = (numerics.FLOAT64_EXACT - 1) // NEAR_TIE.multiplier if fits else 2**31 - 1
+    multipliers = [
+        numerics.FixedPointMultiplier(2**30, 31),  # acc / 2: a tie at every odd accumulator
+        numerics.FixedPointMultiplier(2**30, 34),  # acc / 16: ties at 8 mod 16
+        numerics.FixedPointMultiplier(3 * 2**28, 36),  # 3 acc / 256: ties where 3 acc = 128 mod 256
+        NEAR_TIE,
+    ]
+    rng = np.random.default_rng(0)
+    acc = rng.integers(-600, 600, (1, 4, 4, 64)).astype(np.int32)
+    acc[0, 3] = rng.integers(-bound, bound + 1, (4, 64))
+    acc[0, 3, 0, :4] = [bound, -bound, bound - 1, -(bound - 1)]
+    if not fits:
+        acc[0, 3, 1, :2] = [9110917, -9110917]
+        assert np.round(np.float64(9110917) * NEAR_TIE.real) == 0  # where float64 would be wrong
+    module = requantize_module(4, multipliers, -3, bound)
+    assert ("R.round" in module.script()) is fits
+    output, _ = run(module, 2, acc, tmp_path)
+    expected = reference_requantize(acc, multipliers, -3)
+    np.testing.assert_array_equal(output, expected)
+    assert fits or (expected[0, 3, 1, 0], expected[0, 3, 1, 1]) == (1 - 3, -1 - 3)

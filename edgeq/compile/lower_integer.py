@@ -4,7 +4,8 @@ TVM's ONNX frontend imports a QDQ graph as ``quantize(op(dequantize(q), dequanti
 float and only emulates int8. This pass rewrites every such unit whose quantization fits edgeq's numerics (int8
 activations with per-tensor scales; int8 weights with zero point 0; an int32 bias at ``s_in * s_w``) into
 integer Relax ops: an int8 convolution into an int32 accumulator, the int32 bias, and the fixed-point
-requantization of :mod:`edgeq.numerics` in int64, with the same multipliers and shifts the integer model uses.
+requantization of :mod:`edgeq.numerics` with the same multipliers and shifts the integer model uses, computed in
+float64 where that is exact (docs/numerics.md section 6), else in int64.
 Activations with zero points (third-party files; uint8 ones arrive as int8, :mod:`.int8_activations`) get the
 exact corrections of docs/numerics.md section 9; edgeq's own files have none, and then every correction is
 absent. A unit that does not fit (uint8 or asymmetric weights, a bias at another scale, an op edgeq does not
@@ -41,7 +42,10 @@ from edgeq.numerics import (
     check_accumulator_bound,
     check_product_accumulator_bound,
     conv_multipliers,
+    exact_in_float64,
+    largest_input_magnitude,
     lookup_table,
+    product_accumulator_bound,
     product_multiplier,
     quantize_multiplier,
     quantize_multipliers,
@@ -112,26 +116,51 @@ def _round_shift(product: relax.Expr, shifts: Sequence[int], shape: Sequence[int
     return R.right_shift(R.add(R.add(product, _i64([(1 << (n - 1)) - 1 for n in shifts], shape)), odd), shift)
 
 
-def _saturate(value: relax.Expr, zero_point: int = 0, low: int = ACTIVATION_QMIN, high: int = ACTIVATION_QMAX) -> relax.Expr:
-    """``saturate(value + zero_point, low, high)`` as int8 (the output zero point is added after rounding, to an
-    int64 ``value``)."""
+def _saturate(
+    value: relax.Expr, zero_point: int = 0, low: int = ACTIVATION_QMIN, high: int = ACTIVATION_QMAX, dtype: str = "int64"
+) -> relax.Expr:
+    """``saturate(value + zero_point, low, high)`` as int8 (the output zero point is added after rounding, to a
+    ``dtype`` ``value``: int64, or float64 holding an integer)."""
     if zero_point:
-        value = R.add(value, relax.const(zero_point, "int64"))
+        value = R.add(value, relax.const(zero_point, dtype))
     return R.astype(R.clip(value, low, high), "int8")
 
 
 def _centred(value: relax.Expr, zero_point: int) -> relax.Expr:
-    """An int8 activation minus its zero point, as int64 (``q - z``)."""
-    wide = R.astype(value, "int64")
-    return R.subtract(wide, relax.const(zero_point, "int64")) if zero_point else wide
+    """An int8 activation minus its zero point, as int32 (``q - z``)."""
+    wide = R.astype(value, "int32")
+    return R.subtract(wide, relax.const(zero_point, "int32")) if zero_point else wide
+
+
+Term = tuple[relax.Expr, Sequence[FixedPointMultiplier]]
+"""An integer tensor and the multipliers it is scaled by (one, or one per channel)."""
+
+
+def _rounded_in_float64(terms: Sequence[Term], shape: Sequence[int]) -> relax.Expr:
+    """``nearbyint(Σ float64(value) * float64(M * 2**-n))``, a float64 holding the rounded requantization where
+    :func:`edgeq.numerics.exact_in_float64` proves it exact (docs/numerics.md section 6): a convert, a multiply and
+    a round per term, where the int64 form needs a 64-bit shift that AVX2 lacks."""
+    total = None
+    for value, multipliers in terms:
+        factors = np.array([m.real for m in multipliers], np.float64).reshape(shape if len(multipliers) > 1 else [1] * len(shape))
+        term = R.multiply(R.astype(value, "float64"), relax.const(factors, "float64"))
+        total = term if total is None else R.add(total, term)
+    return R.round(total)
 
 
 def _requantize(
-    acc: relax.Expr, multipliers: Sequence[FixedPointMultiplier], rank: int, axis: int, zero_point: int = 0
+    acc: relax.Expr,
+    multipliers: Sequence[FixedPointMultiplier],
+    rank: int,
+    axis: int,
+    zero_point: int = 0,
+    bound: int | None = None,
 ) -> relax.Expr:
     """int32/int64 accumulator -> int8 (``edgeq.numerics.requantize``, the output zero point, saturation), per
-    channel on ``axis``."""
+    channel on ``axis``; in float64 where ``bound``, the largest ``|acc|``, proves that exact, else in int64."""
     shape = _channel_shape(rank, axis, len(multipliers)) if len(multipliers) > 1 else [1] * rank
+    if bound is not None and exact_in_float64(bound * max(m.multiplier for m in multipliers)):
+        return _saturate(_rounded_in_float64([(acc, multipliers)], shape), zero_point, dtype="float64")
     # the multipliers fit int32: kernel selection keeps them so, for a 32 x 32 -> 64-bit multiply (vpmuldq, smull)
     product = R.multiply(R.astype(acc, "int64"), _i64([m.multiplier for m in multipliers], shape))
     return _saturate(_round_shift(product, [m.shift for m in multipliers], shape), zero_point)
@@ -142,7 +171,8 @@ def _rescale(value: relax.Expr, source: _Activation, target: _Activation, rank: 
     if source == target:
         return value
     multiplier = quantize_multiplier(real_multiplier(source.scale, target.scale), what=what)
-    return _requantize(_centred(value, source.zero_point), [multiplier], rank, 0, target.zero_point)
+    centred = _centred(value, source.zero_point)
+    return _requantize(centred, [multiplier], rank, 0, target.zero_point, largest_input_magnitude(source.zero_point))
 
 
 # ---- the rules ------------------------------------------------------------------------------------------------------
@@ -327,7 +357,7 @@ class _WeightedUnit:
         acc = integer_accumulator(m[self.source].args[0], values, bias, conv, source.zero_point)
         bounds = accumulator_bounds(values, bias, channel_axis, source.zero_point)
         multipliers = conv_multipliers(source.scale, weight_scales, output.scale, what=self.name, bounds=bounds)
-        return _requantize(acc, multipliers, rank, axis, output.zero_point)
+        return _requantize(acc, multipliers, rank, axis, output.zero_point, max(bounds))
 
 
 @LOWERING.register(Op.CONV2D, Op.LINEAR)
@@ -346,13 +376,12 @@ def _add_rule() -> _Rule:
         if None in inputs or output is None:
             return None
         multipliers, shift = quantize_multipliers([real_multiplier(i.scale, output.scale) for i in inputs], what="add")
-        rank = len(matched.ty.shape)
-        terms = [R.multiply(R.astype(m[d].args[0], "int64"), relax.const(f, "int64")) for d, f in zip((left, right), multipliers)]
-        total = R.add(*terms)
-        offset = sum(i.zero_point * f for i, f in zip(inputs, multipliers))  # Σ z_i * M_i, subtracted once
-        if offset:
-            total = R.subtract(total, relax.const(offset, "int64"))
-        return _saturate(_round_shift(total, [shift], [1] * rank), output.zero_point)
+        # Σ |q_i - z_i| * M_i < 2 * 2**8 * 2**31: always exact in float64
+        terms = [
+            (_centred(m[d].args[0], i.zero_point), [FixedPointMultiplier(f, shift)])
+            for d, i, f in zip((left, right), inputs, multipliers)
+        ]
+        return _saturate(_rounded_in_float64(terms, [1] * len(matched.ty.shape)), output.zero_point, dtype="float64")
 
     return _Rule("add", quantize, rewrite)
 
@@ -522,7 +551,8 @@ def _pool_rule() -> _Rule:
         if source_quant.zero_point:  # Σ (q - z) over the window = Σ q - N * z
             total = R.subtract(total, relax.const(count * source_quant.zero_point, "int32"))
         multiplier = quantize_multiplier(real_multiplier(source_quant.scale, output.scale, count=count), what="pool")
-        return _requantize(total, [multiplier], len(matched.ty.shape), 0, output.zero_point)
+        bound = count * largest_input_magnitude(source_quant.zero_point)
+        return _requantize(total, [multiplier], len(matched.ty.shape), 0, output.zero_point, bound)
 
     return _Rule("pool", quantize, rewrite)
 
@@ -576,15 +606,16 @@ def _product_rule(name: str, relax_op: str, accumulate: Accumulate) -> _Rule:
         multiplier = product_multiplier(
             [i.scale for i in inputs], output.scale, what=name, zero_points=zero_points, reduction_size=reduction_size
         )
-        return _requantize(acc, [multiplier], len(matched.ty.shape), 0, output.zero_point)
+        bound = product_accumulator_bound(reduction_size, zero_points)
+        return _requantize(acc, [multiplier], len(matched.ty.shape), 0, output.zero_point, bound)
 
     return _Rule(name, quantize, rewrite)
 
 
 @LOWERING.register(Op.MUL)
 def _mul_rule() -> _Rule:
-    """Elementwise product (broadcasting): int64 product of the int8 values less their zero points, then
-    requantization."""
+    """Elementwise product (broadcasting): int32 product of the int8 values less their zero points (at most
+    ``2**16``), then requantization."""
 
     def product(values: Sequence[relax.Expr], inputs: Sequence[_Activation]) -> tuple[relax.Expr, int]:
         return R.multiply(*(_centred(v, i.zero_point) for v, i in zip(values, inputs))), 1

@@ -113,6 +113,25 @@ def test_artifact_equals_the_int64_reference(ort_file, opt_level, tmp_path):
             np.testing.assert_array_equal(ours.astype(np.int64), expected)
 
 
+def _conv_schedule(attributes: dict) -> str:
+    """The schedule edgeq gives a convolution of these attributes."""
+    if attributes["groups"] > 1:
+        return "depthwise_conv2d"
+    return "conv2d_1x1" if attributes["kernel"] == [1, 1] else "conv2d"
+
+
+def test_every_convolution_is_mapped_to_a_kernel_of_its_kind(ort_file, tmp_path):
+    """The compiled graph's op -> kernel map (the report's per-layer figures) stays aligned where kernels no op
+    anchors run: the conversion of the uint8 input, zero-point paddings folded into the kernels."""
+    result = compile_model(ort_file, target="x86_64", out=tmp_path / "q.edgeq", opt_level=2, progress=lambda _: None)
+    schedules = {k.kernel: k.schedule for k in result.kernels}
+    convolutions = [op for op in result.graph.ops if op.op == "conv2d"]
+    assert {_conv_schedule(op.attributes) for op in convolutions} == {"conv2d", "conv2d_1x1", "depthwise_conv2d"}
+    for op in convolutions:
+        assert schedules.get(op.kernel) == _conv_schedule(op.attributes), op.name
+    assert "pad" not in " ".join(schedules)  # folded into the kernels' packing
+
+
 def test_unaligned_inputs_reach_the_kernels_aligned(ort_file, tmp_path):
     """An unfused build's first kernel (the zero-point padding of the int8 input) loads the program input with
     aligned vector instructions: both runtimes hand TVM 64-byte-aligned tensors whatever the caller's array."""

@@ -7,10 +7,14 @@ order, so data flow ties the ops to the calls:
 - an op that anchors a kernel (conv2d, linear, pooling...) takes the first free call whose name holds one of
   its primitive names (TVM names a fused kernel after the primitive ops in it) and which reads the registers of
   the op's inputs;
-- an op TVM fuses into the kernel that makes its input (an activation, a residual add, a reshape) joins that
-  call when the call's name holds its primitive and the call also reads the op's other inputs; else it takes a
-  call of its own the same way;
+- an op TVM fuses into the kernel that makes its input (an activation, a residual add, a reshape, a concat) joins
+  that call when the call's name holds its primitive and the call also reads the op's other inputs; else it
+  takes a call of its own the same way;
 - an op that needs no kernel (a reshape TVM makes a view) gets none;
+- a call that no op anchors, between an op and a consumer that is not a view (the requantization TVM leaves in a
+  kernel of its own after a pooling sum, a table's index shift, the conversion of a uint8 input: docs/numerics.md
+  section 9), is found when that consumer reads its output: it joins the producer's calls, or the consumer's
+  when it reads a region input;
 - an op TVM builds from several kernels (a bilinear resize: gathers, then weighted sums, per axis) goes on from
   its first call through the free calls that read only what its calls so far wrote, up to the call that holds
   its closing primitive (the requantization's shift); its output is that call's.
@@ -46,7 +50,7 @@ _PRIMITIVES: dict[str, tuple[str, ...]] = {
 }
 """Names of the primitive (Relax / TIR) ops an edgeq op kind becomes, as they appear in kernel names."""
 
-FUSED_FOLLOWERS = ("relu", "add", "reshape", "transpose")
+FUSED_FOLLOWERS = ("relu", "add", "reshape", "transpose", "concat")
 """Op kinds TVM fuses into the kernel that makes their input."""
 
 VIEW_OPS = ("reshape",)
@@ -162,6 +166,31 @@ class _Matcher:
                 return index
         return None
 
+    def _step_between(self, op: Op, registers: set[int]) -> int | None:
+        """A free call that reads only registers of ``op``'s inputs and whose output a call for ``op`` reads."""
+        for index, call in enumerate(self.calls):
+            if index in self.taken or not call.reads or call.writes is None or not set(call.reads) <= registers:
+                continue
+            if self._own_call(op, registers - set(call.reads) | {call.writes}) is not None:
+                return index
+        return None
+
+    def _join_step(self, op: Op, step: int) -> list[int]:
+        """Call ``step`` appended to the calls of the ops making the inputs it reads; returns it as the first call
+        of ``op`` itself when it reads a region input."""
+        self.taken.add(step)
+        reads, own = set(self.calls[step].reads), []
+        for tensor in op.inputs:
+            if self._register(tensor) not in reads:
+                continue
+            producer = self.graph.tensors[tensor].producer
+            if producer in self.placed:
+                self.placed[producer].append(step)
+            else:
+                self.location[tensor] = self.calls[step].writes
+                own = [step]
+        return own
+
     def place(self, op: Op) -> None:
         registers = {r for t in op.inputs if (r := self._register(t)) is not None}
         if op.op in FUSED_FOLLOWERS:
@@ -173,9 +202,16 @@ class _Matcher:
                 if others <= set(self.calls[index].reads):
                     self.placed[op.name] = [index]
                     return
-        index = None if op.op in VIEW_OPS and not registers else self._own_call(op, registers)
+        if op.op in VIEW_OPS and not registers:
+            return
+        index, first = self._own_call(op, registers), []
+        step = self._step_between(op, registers) if index is None and op.op not in VIEW_OPS else None
+        if step is not None:
+            first = self._join_step(op, step)
+            registers = {r for t in op.inputs if (r := self._register(t)) is not None}
+            index = self._own_call(op, registers)
         if index is not None:
-            span = self._span(op, index, registers)
+            span = first + self._span(op, index, registers)
             self.placed[op.name] = span
             self.taken.update(span)
 

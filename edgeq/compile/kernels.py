@@ -56,26 +56,30 @@ def _output_size(data: te.Tensor, kernel: tuple[int, int], strides, padding, dil
     return out_h, out_w
 
 
-def _pack_padded(data: te.Tensor, blocks: int, depth: int, padding, convert: Callable) -> te.Tensor:
-    """NCHW int8 ``data`` -> ``[N, blocks, H + pads, W + pads, depth]``: channels in blocks of ``depth``, zeros in
-    the padding and past the last channel, each value passed through ``convert``."""
+def _pack_padded(data: te.Tensor, blocks: int, depth: int, padding, convert: Callable, pad_value: int = 0) -> te.Tensor:
+    """NCHW int8 ``data`` -> ``[N, blocks, H + pads, W + pads, depth]``: channels in blocks of ``depth``,
+    ``pad_value`` in the padding and past the last channel (whose weights are zeros), each value passed through
+    ``convert``."""
     n, channels, h, w = (int(d) for d in data.shape)
     top, left, bottom, right = padding
 
     def pack(b, c_block, y, x, c):
         channel = c_block * depth + c
         inside = tirx.all(channel < channels, y >= top, y < h + top, x >= left, x < w + left)
-        return convert(tirx.if_then_else(inside, data[b, channel, y - top, x - left], tirx.const(0, "int8")))
+        return convert(tirx.if_then_else(inside, data[b, channel, y - top, x - left], tirx.const(pad_value, "int8")))
 
     return te.compute((n, blocks, h + top + bottom, w + left + right, depth), pack, name=PACK)
 
 
-def conv2d(data: te.Tensor, packed: te.Tensor, correction: te.Tensor, channels: int, strides, padding, dilation, dot: DotProduct) -> te.Tensor:
-    """NCHW int8 ``data`` x packed weights -> NCHW int32 accumulator with ``channels`` channels (groups 1)."""
+def conv2d(
+    data: te.Tensor, packed: te.Tensor, correction: te.Tensor, channels: int, strides, padding, dilation, dot: DotProduct, pad_value: int = 0
+) -> te.Tensor:
+    """NCHW int8 ``data`` x packed weights -> NCHW int32 accumulator with ``channels`` channels (groups 1), the
+    input padded with ``pad_value`` (an input's zero point, docs/numerics.md section 9)."""
     n = int(data.shape[0])
     _, ic_blocks, kh, kw, lanes, depth = (int(d) for d in packed.shape)
     out_h, out_w = _output_size(data, (kh, kw), strides, padding, dilation)
-    source = _pack_padded(data, ic_blocks, depth, padding, lambda value: _activation(value, dot))
+    source = _pack_padded(data, ic_blocks, depth, padding, lambda value: _activation(value, dot), pad_value)
     rc, ry, rx, rk = (te.reduce_axis((0, e), name) for e, name in ((ic_blocks, "rc"), (kh, "ry"), (kw, "rx"), (depth, "rk")))
     acc = te.compute(
         (n, packed.shape[0], out_h, out_w, lanes),
@@ -99,12 +103,13 @@ def pack_depthwise_weights(weights: np.ndarray, lanes: int) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(-1, lanes, kh, kw).transpose(0, 2, 3, 1))
 
 
-def depthwise_conv2d(data: te.Tensor, packed: te.Tensor, strides, padding, dilation) -> te.Tensor:
-    """NCHW int8 ``data`` x packed depthwise weights -> NCHW int32 accumulator (int16 products, exact)."""
+def depthwise_conv2d(data: te.Tensor, packed: te.Tensor, strides, padding, dilation, pad_value: int = 0) -> te.Tensor:
+    """NCHW int8 ``data`` x packed depthwise weights -> NCHW int32 accumulator (int16 products, exact), the input
+    padded with ``pad_value``."""
     n, channels = (int(d) for d in data.shape[:2])
     c_blocks, kh, kw, lanes = (int(d) for d in packed.shape)
     out_h, out_w = _output_size(data, (kh, kw), strides, padding, dilation)
-    source = _pack_padded(data, c_blocks, lanes, padding, lambda value: value)
+    source = _pack_padded(data, c_blocks, lanes, padding, lambda value: value, pad_value)
     ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
     acc = te.compute(
         (n, packed.shape[0], out_h, out_w, lanes),

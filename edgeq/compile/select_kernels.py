@@ -4,6 +4,10 @@ A legalization (``relax.transform.LegalizeOps`` with edgeq's rules for ``relax.n
 ``relax.matmul``): an int8 x constant int8 -> int32 op becomes a call of the matching TE kernel of
 :mod:`edgeq.compile.kernels` with its weights packed here, once, for the CPU's dot product; every other op gets
 TVM's own legalization. Grouped convolutions (other than depthwise) keep TVM's kernel.
+
+A convolution whose input is padded with a constant by an op of its own (a zero point, docs/numerics.md section 9)
+takes that padding into its kernel: the kernel's packing stage writes the constant where it writes zeros
+otherwise, and the padded tensor is never made.
 """
 
 from __future__ import annotations
@@ -41,7 +45,25 @@ def _static_int8(expr: relax.Expr) -> bool:
     )
 
 
-def _conv2d(dot: DotProduct):
+Bindings = dict[relax.Var, relax.Expr]
+"""The value bound to each variable of the functions being legalized."""
+
+
+def _spatial_padding(data: relax.Expr, bindings: Bindings) -> tuple[relax.Expr, list[int], int] | None:
+    """``data``'s unpadded input, its padding (top, left, bottom, right) and pad value, when ``data`` is an int8
+    NCHW tensor padded with an integer constant on its spatial axes only; else None."""
+    pad = bindings.get(data)
+    if not (isinstance(pad, relax.Call) and pad.op.name == "relax.nn.pad" and str(pad.attrs.pad_mode) == "constant"):
+        return None
+    widths = [int(w) for w in pad.attrs.pad_width]
+    value = float(pad.attrs.pad_value)
+    if len(widths) != 8 or any(widths[:4]) or not value.is_integer() or not -128 <= value <= 127 or not _static_int8(pad.args[0]):
+        return None
+    top, bottom, left, right = widths[4:]
+    return pad.args[0], [top, left, bottom, right], int(value)
+
+
+def _conv2d(dot: DotProduct, bindings: Bindings):
     default = _default("relax.nn.conv2d")
 
     def legalize(bb: BlockBuilder, call: relax.Call) -> relax.Expr:
@@ -55,20 +77,20 @@ def _conv2d(dot: DotProduct):
         )
         if not fits:
             return default(bb, call)
+        data, padding, pad_value = call.args[0], [int(p) for p in attrs.padding], 0
+        padded = _spatial_padding(data, bindings) if not any(padding) else None
+        if padded is not None:
+            data, padding, pad_value = padded
         groups, channels = int(attrs.groups), weights.shape[0]
-        geometry = dict(
-            strides=[int(s) for s in attrs.strides],
-            padding=[int(p) for p in attrs.padding],
-            dilation=[int(d) for d in attrs.dilation],
-        )
+        geometry = dict(strides=[int(s) for s in attrs.strides], padding=padding, dilation=[int(d) for d in attrs.dilation], pad_value=pad_value)
         if groups == 1:
             packed, correction = kernels.pack_conv_weights(weights, dot)
             kernel = partial(kernels.conv2d, channels=channels, dot=dot, **geometry)
-            return bb.call_te(kernel, call.args[0], relax.const(packed), relax.const(correction), primfunc_name_hint="conv2d")
-        if groups == channels == int(call.args[0].ty.shape[1]) and weights.shape[1] == 1:
+            return bb.call_te(kernel, data, relax.const(packed), relax.const(correction), primfunc_name_hint="conv2d")
+        if groups == channels == int(data.ty.shape[1]) and weights.shape[1] == 1:
             packed = kernels.pack_depthwise_weights(weights, dot.depthwise_lanes)
             kernel = partial(kernels.depthwise_conv2d, **geometry)
-            return bb.call_te(kernel, call.args[0], relax.const(packed), primfunc_name_hint="conv2d")
+            return bb.call_te(kernel, data, relax.const(packed), primfunc_name_hint="conv2d")
         return default(bb, call)
 
     return legalize
@@ -114,8 +136,19 @@ def _multiply():
 
 
 def select_kernels(dot: DotProduct) -> tvm.transform.Pass:
-    """Legalize every Relax op: int8 convolutions and matmuls into edgeq's kernels for ``dot``, int64 products with
-    a constant that fits int32 as widening multiplies."""
-    return relax.transform.LegalizeOps(
-        {"relax.nn.conv2d": _conv2d(dot), "relax.matmul": _matmul(dot), "relax.multiply": _multiply()}
-    )
+    """Legalize every Relax op: int8 convolutions (with the constant padding of their input) and matmuls into
+    edgeq's kernels for ``dot``, int64 products with a constant that fits int32 as widening multiplies; the
+    paddings no op reads any more are removed."""
+
+    @tvm.transform.module_pass(opt_level=0, name="edgeq.SelectKernels")
+    def run(module: tvm.IRModule, _context: tvm.transform.PassContext) -> tvm.IRModule:
+        bindings: Bindings = {}
+        for function in module.functions.values():
+            if isinstance(function, relax.Function):
+                bindings.update(relax.analysis.get_var2val(function))
+        legalize = relax.transform.LegalizeOps(
+            {"relax.nn.conv2d": _conv2d(dot, bindings), "relax.matmul": _matmul(dot), "relax.multiply": _multiply()}
+        )
+        return relax.transform.DeadCodeElimination()(legalize(module))
+
+    return run

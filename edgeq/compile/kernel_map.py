@@ -176,20 +176,18 @@ class _Matcher:
         return None
 
     def _join_step(self, op: Op, step: int) -> list[int]:
-        """Call ``step`` appended to the calls of the ops making the inputs it reads; returns it as the first call
-        of ``op`` itself when it reads a region input."""
+        """Call ``step`` appended to the calls of the op making an input it reads; returned, as the first call of
+        ``op`` itself, when it reads region inputs only (which from now on stand for its output)."""
         self.taken.add(step)
-        reads, own = set(self.calls[step].reads), []
-        for tensor in op.inputs:
-            if self._register(tensor) not in reads:
-                continue
-            producer = self.graph.tensors[tensor].producer
-            if producer in self.placed:
-                self.placed[producer].append(step)
-            else:
+        read = [t for t in op.inputs if self._register(t) in self.calls[step].reads]
+        producers = [p for t in read if (p := self.graph.tensors[t].producer) in self.placed]
+        for tensor in read:
+            if tensor in self.location:
                 self.location[tensor] = self.calls[step].writes
-                own = [step]
-        return own
+        if producers:
+            self.placed[producers[0]].append(step)
+            return []
+        return [step]
 
     def place(self, op: Op) -> None:
         registers = {r for t in op.inputs if (r := self._register(t)) is not None}

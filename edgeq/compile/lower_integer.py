@@ -137,12 +137,13 @@ Term = tuple[relax.Expr, Sequence[FixedPointMultiplier]]
 
 
 def _rounded_in_float64(terms: Sequence[Term], shape: Sequence[int]) -> relax.Expr:
-    """``nearbyint(Σ float64(value) * float64(M * 2**-n))``, a float64 holding the rounded requantization where
-    :func:`edgeq.numerics.exact_in_float64` proves it exact (docs/numerics.md section 6): a convert, a multiply and
-    a round per term, where the int64 form needs a 64-bit shift that AVX2 lacks."""
+    """``nearbyint(Σ float64(value) * float64(M * 2**-n))``, each term's multipliers shaped as ``shape``: a float64
+    holding the rounded requantization where :func:`edgeq.numerics.exact_in_float64` proves it exact
+    (docs/numerics.md section 6). A convert, a multiply and a round, where the int64 form needs a 64-bit shift
+    that AVX2 lacks."""
     total = None
     for value, multipliers in terms:
-        factors = np.array([m.real for m in multipliers], np.float64).reshape(shape if len(multipliers) > 1 else [1] * len(shape))
+        factors = np.array([m.real for m in multipliers], np.float64).reshape(shape)
         term = R.multiply(R.astype(value, "float64"), relax.const(factors, "float64"))
         total = term if total is None else R.add(total, term)
     return R.round(total)

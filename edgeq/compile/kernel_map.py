@@ -189,8 +189,12 @@ class _Matcher:
             return []
         return [step]
 
+    def _registers(self, op: Op) -> set[int]:
+        """The registers of ``op``'s inputs that are known so far."""
+        return {r for t in op.inputs if (r := self._register(t)) is not None}
+
     def place(self, op: Op) -> None:
-        registers = {r for t in op.inputs if (r := self._register(t)) is not None}
+        registers = self._registers(op)
         if op.op in FUSED_FOLLOWERS:
             for tensor in op.inputs:
                 index = self._producer_call(tensor)
@@ -206,7 +210,7 @@ class _Matcher:
         step = self._step_between(op, registers) if index is None and op.op not in VIEW_OPS else None
         if step is not None:
             first = self._join_step(op, step)
-            registers = {r for t in op.inputs if (r := self._register(t)) is not None}
+            registers = self._registers(op)
             index = self._own_call(op, registers)
         if index is not None:
             span = first + self._span(op, index, registers)

@@ -6,11 +6,13 @@ every kernel call (the Relax VM's instrument hook), mapped to ops through the co
 error and the Spearman rank correlation between estimated and measured time per kernel call (the ops TVM fused
 into one kernel are summed). Goal: |total error| <= 20 %, Spearman >= 0.9.
 
-Each model is compared in several rounds, each calibrating right before it measures; the round of median error
-is printed, with every round's error and Spearman correlation (their spread is the machine's drift).
+Each model is compared in several rounds. In each, the model is measured in the same interleaved runs as the
+calibration networks (``edgeq.perf.calibrate.calibrate_alongside``): this VM's speed drifts by up to 2x within minutes, and
+figures measured a minute before the model would price its kernels at another speed. The round of median error
+is printed, with every round's error and Spearman correlation.
 
-    .venv/bin/python benchmarks/perf_estimator_error.py [--models resnet18,mobilenet_v2,digits] [--runs 5]
-        [--rounds 5] [--worst 3]
+    .venv/bin/python benchmarks/perf_estimator_error.py [--models resnet18,mobilenet_v2,digits] [--rounds 5]
+        [--worst 3]
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from edgeq.compile import compile_model  # noqa: E402
 from edgeq.compile.compiled_graph import CompiledGraph  # noqa: E402
-from edgeq.perf import estimate_graph  # noqa: E402
-from edgeq.perf.measure import measure  # noqa: E402
+from edgeq.perf.calibrate import calibrate_alongside  # noqa: E402
+from edgeq.perf.estimate import estimate  # noqa: E402
 from edgeq.targets import load_target  # noqa: E402
 from models import integer_model, torchvision_model  # noqa: E402
 
@@ -102,10 +104,12 @@ class Round:
         return spearman([k.estimated for k in self.kernels], [k.measured for k in self.kernels])
 
 
-def compare(artifact: Path, graph: CompiledGraph, runs: int) -> Round:
-    """Calibrate this CPU's figures again, estimate ``graph`` with them, then measure ``artifact``."""
-    estimated = estimate_graph(graph, load_target(TARGET), str(artifact), recalibrate=True)
-    measured = measure(artifact, runs=runs)
+def compare(artifact: Path, graph: CompiledGraph) -> Round:
+    """Calibrate this CPU's figures while measuring ``artifact`` in the same runs, and estimate ``graph`` with
+    them."""
+    target = load_target(TARGET)
+    calibration, (measured,) = calibrate_alongside(target, [artifact])
+    estimated = estimate(graph, target, calibration.figures, "measured alongside", str(artifact))
     kernels: dict[tuple[tuple[str, int], ...], KernelTimes] = {}
     for layer in estimated.layers:
         key = measured.places(layer.name)
@@ -119,11 +123,11 @@ def compare(artifact: Path, graph: CompiledGraph, runs: int) -> Round:
     return Round(estimated.summary.latency_ms, measured.latency_s * 1e3, list(kernels.values()))
 
 
-def run(name: str, runs: int, rounds: int, worst: int, folder: Path) -> None:
+def run(name: str, rounds: int, worst: int, folder: Path) -> None:
     torch.manual_seed(0)
     model, example = _model(name)
     result = compile_model(integer_model(model, example, TARGET), (example,), target=TARGET, out=folder / f"{name}.edgeq", progress=lambda _: None)
-    results = sorted((compare(result.artifact, result.graph, runs) for _ in range(rounds)), key=lambda r: r.error)
+    results = sorted((compare(result.artifact, result.graph) for _ in range(rounds)), key=lambda r: r.error)
     middle = results[len(results) // 2]
     rhos = sorted(r.spearman for r in results)
     print(
@@ -138,18 +142,16 @@ def run(name: str, runs: int, rounds: int, worst: int, folder: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet18,mobilenet_v2,digits")
-    parser.add_argument("--runs", type=int, default=5, help="runs per measurement (their median is taken)")
     parser.add_argument(
         "--rounds", type=int, default=5,
-        help="comparisons per model, each calibrating right before it measures (a shared VM whose speed drifts "
-        "then shows in the spread of the rounds, not in one comparison); the median one is printed",
+        help="comparisons per model, each calibrating in the same runs as it measures; the median one is printed",
     )
     parser.add_argument("--worst", type=int, default=3, help="kernels printed per model, largest difference first")
     args = parser.parse_args()
-    print(f"target {TARGET} (this machine), {torch.get_num_threads()} threads, {args.runs} runs per measurement")
+    print(f"target {TARGET} (this machine), {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
-            run(name, args.runs, args.rounds, args.worst, Path(folder))
+            run(name, args.rounds, args.worst, Path(folder))
 
 
 if __name__ == "__main__":

@@ -81,13 +81,17 @@ class CpuFigures(_Strict):
     """
 
     conv2d_int8_macs_per_s: Annotated[float, Field(gt=0)]
-    """Dense (groups = 1) int8 convolutions, requantization included."""
+    """Dense (groups = 1) int8 convolutions with a kernel window larger than 1x1."""
+    pointwise_int8_macs_per_s: Annotated[float, Field(gt=0)]
+    """1x1 int8 convolutions (groups = 1): shallower reductions, a kernel of their own."""
     depthwise_int8_macs_per_s: Annotated[float, Field(gt=0)]
     """Grouped and depthwise int8 convolutions."""
     linear_int8_macs_per_s: Annotated[float, Field(gt=0)]
     """int8 matrix multiplications (linear layers, matmuls of two activations)."""
     requantized_outputs_per_s: Annotated[float, Field(gt=0)]
     """Output elements a convolution or linear kernel requantizes (fixed-point multiply, round, clamp) per second."""
+    packed_inputs_per_s: Annotated[float, Field(gt=0)]
+    """Input elements a convolution or linear kernel reads into its blocked layout (with its padding) per second."""
     float32_macs_per_s: Annotated[float, Field(gt=0)]
     """Ops that stay in float (not quantized in the model)."""
     memory_bytes_per_s: Annotated[float, Field(gt=0)]

@@ -17,8 +17,8 @@ import edgeq
 from edgeq.compile import compile_model
 from edgeq.compile.compiled_graph import CompiledGraphError
 from edgeq.errors import EdgeqError, TargetError
-from edgeq.perf.calibrate import Calibration, cached_calibration, calibrate, cpu_model, host_arch, host_figures, kernel_fingerprint, save_calibration
-from edgeq.perf.estimate import mac_utilisation, spill_bytes, tile_occupancy
+from edgeq.perf.calibrate import Calibration, cached_calibration, calibrate_alongside, cpu_model, host_arch, host_figures, kernel_fingerprint, save_calibration
+from edgeq.perf.estimate import CPU_RATES, cpu_work, fused_into_producer, mac_class, mac_utilisation, spill_bytes, tile_occupancy
 from edgeq.perf.measure import hook_cost, measure
 from edgeq.targets import TargetKind, list_targets, load_target
 from models import BilinearResizes, SmallCNN, Wrapped, integer_model
@@ -94,7 +94,9 @@ def test_cpu_fallback_and_transitions(tmp_path, monkeypatch):
     assert not stem.parallel  # 75 k multiply-accumulates: one core, no thread-pool wake-up to pay, at 1 / 3.5 of the rates
     one_core = cpu.parallel_speedup
     assert one_core == 3.5
-    assert stem.compute_ms == pytest.approx(one_core * (stem.macs / cpu.conv2d_int8_macs_per_s + outputs / cpu.requantized_outputs_per_s) * 1e3)
+    inputs = 3 * 16 * 16  # packed into the kernel's blocked layout
+    work = stem.macs / cpu.conv2d_int8_macs_per_s + outputs / cpu.requantized_outputs_per_s + inputs / cpu.packed_inputs_per_s
+    assert stem.compute_ms == pytest.approx(one_core * work * 1e3)
     assert stem.memory_ms == pytest.approx(one_core * (3 * 256 + outputs + stem.weight_bytes) / cpu.memory_bytes_per_s * 1e3)
     assert stem.overhead_ms == pytest.approx((cpu.kernel_overhead_ns + cpu.mac_kernel_overhead_ns) * 1e-6)
     (transition,) = result.transitions
@@ -129,6 +131,25 @@ def test_register_tile_occupancy_of_cpu_convolutions():
     assert tile_occupancy(op("max_pool2d", {"kernel": [2, 2]}, ["w4"]), graph) == 1.0
 
 
+def test_cpu_work_of_each_op_kind(tmp_path):
+    """A MAC kernel's work is its MACs under its class, its outputs requantized and its inputs packed; a residual
+    add fused into the convolution before it requantizes its outputs too; a pool moves bytes."""
+    torch.manual_seed(0)
+    example = torch.rand(2, 1, 8, 8)
+    graph = compile_model(integer_model(SmallCNN().eval(), example, "x86_64"), (example,), out=tmp_path / "s.edgeq").graph
+    kinds = {op.op: op for op in reversed(graph.ops)}  # the first op of each kind
+    conv, add, pool, linear = kinds["conv2d"], kinds["add"], kinds["max_pool2d"], kinds["linear"]
+    elements = 2 * 16 * 8 * 8
+    assert cpu_work(conv, graph) == [elements * 9, 0, 0, 0, elements, 2 * 1 * 8 * 8]  # the stem: 1 input channel
+    assert fused_into_producer(add, graph) and cpu_work(add, graph) == [0, 0, 0, 0, elements, 0]
+    assert not fused_into_producer(pool, graph) and cpu_work(pool, graph) == [0] * 6
+    assert cpu_work(linear, graph) == [0, 0, 0, 2 * 32 * 10, 2 * 10, 2 * 32]
+    op = dataclasses.make_dataclass("Op", ["op", "attributes"])
+    assert mac_class(op("conv2d", {"groups": 1, "kernel": [1, 1]})) == "pointwise"
+    assert mac_class(op("conv2d", {"groups": 1, "kernel": [3, 3]})) == "conv2d"
+    assert mac_class(op("conv2d", {"groups": 4, "kernel": [1, 1]})) == "depthwise"
+
+
 def test_bad_inputs_are_clear_errors(small, tmp_path):
     fake = tmp_path / "model.edgeq"
     fake.write_text("not an artifact")
@@ -156,14 +177,15 @@ def test_calibration_cache_round_trip(monkeypatch):
     assert cached_calibration() is None  # stale: the kernels changed
 
 
-def test_calibration_measures_this_machine():
-    """About 15-30 s: compiles and runs the calibration network."""
+def test_calibration_measures_this_machine(small):
+    """About 15-30 s: compiles and runs the calibration networks, and an artifact in the same runs."""
     host = _this_machines_cpu_target()
-    calibration = calibrate(host)
+    calibration, (measured,) = calibrate_alongside(host, [small.artifact])
     figures = calibration.figures
-    assert figures.conv2d_int8_macs_per_s > 1e6 and figures.memory_bytes_per_s > 1e6 and figures.kernel_overhead_ns > 0
+    assert all(getattr(figures, rate) > 1e6 for rate in [*CPU_RATES, "memory_bytes_per_s"])
     assert figures.invocation_overhead_ns > 0 and figures.parallel_speedup > 0  # below 1 when small kernels run in cache
     assert cached_calibration() == calibration and calibration.seconds < 60
+    assert measured.latency_s > 0 and {c.kernel for c in measured.calls} == {op.kernel for op in small.graph.ops if op.kernel}
 
 
 def test_measured_kernel_calls_map_to_ops(small):

@@ -1,21 +1,24 @@
 """Measuring this machine's CPU figures on edgeq's own compiled kernels, cached per CPU model.
 
-Two calibration networks (:func:`_networks`) are quantized, compiled for this machine like any model, and run;
-every kernel call is timed (:mod:`.measure`). The figures of :class:`~edgeq.targets.CpuFigures` are fitted in two
-steps, each by non-negative least squares on the relative error (:func:`fit_nonnegative`):
+Two calibration networks (:func:`_networks`) are quantized, compiled for this machine like any model, and run in
+the same interleaved rounds; every kernel call is timed (:mod:`.measure`). The figures of
+:class:`~edgeq.targets.CpuFigures` are fitted in two steps, each by non-negative least squares on the relative
+error (:func:`fit_nonnegative`):
 
-1. The kernels of the large network that run on all cores give the rates: ``t = fixed + dense MACs / conv2d rate
-   + depthwise MACs / depthwise rate + linear MACs / linear rate + output elements / requantized_outputs_per_s``
-   (convolution and linear kernels; ``bytes read and written / memory_bytes_per_s`` for the others), the work
-   divided by the register tiles' occupancy (:func:`~.estimate.tile_occupancy`). A rate that fits as zero (too
-   fast to tell apart from ``fixed``) keeps the target's nominal value.
+1. The kernels of the large network that run on all cores give the rates: ``t = fixed + Σ work / rate`` over
+   :data:`~.estimate.CPU_RATES` (each kernel's ops' :func:`~.estimate.cpu_work`: MACs by class, requantized
+   outputs, packed inputs), and ``bytes read and written / memory_bytes_per_s`` for kernels that are not
+   convolutions or linear layers. A rate that fits as zero (too fast to tell apart from ``fixed``) keeps the
+   target's nominal value.
 2. The kernels of the small network, which run on one core with their data in cache, give the fixed costs and the
    speed on one core: ``t = set-up + mac_set-up x [convolution or linear] + parallel_speedup x time at the rates
    of step 1`` (below 1 when small kernels run faster per MAC in cache than large ones on all cores).
 
-``kernel_overhead`` is the set-up plus the VM's dispatch of a call, ``parallel_overhead`` what step 1's fixed cost
-adds to the set-ups, and ``invocation_overhead`` the VM's cost of a call of the model; the VM's costs are timed on
-idle kernels (:func:`~.measure.vm_overheads`).
+``invocation_overhead`` is the VM's cost of a call of the model, timed on idle kernels
+(:func:`~.measure.vm_invocation`); ``kernel_overhead`` the set-up plus what the small network's latency leaves
+after its timed calls and the invocation, per call (the VM's dispatch, outside each call's timed interval);
+``parallel_overhead`` what step 1's fixed cost adds to the set-ups. :func:`calibrate_alongside` times other
+artifacts in the same rounds, so that a machine whose speed drifts prices them at the speed they ran at.
 
 Float figures are not measured (``float32_macs_per_s`` stays the target's). The result is cached as JSON in
 ``$EDGEQ_CACHE_DIR`` (default ``~/.cache/edgeq``), in ``cpu-<model>.json``, keyed by the CPU model, the thread
@@ -28,18 +31,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import platform
 import re
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edgeq.compile import CompileResult
 from edgeq.compile.compiled_graph import CompiledGraph, Op
 from edgeq.fileio import atomic_write, cache_dir, slug
-from edgeq.perf.estimate import MAC_CLASSES, MAC_OPS, mac_class, tile_occupancy
-from edgeq.perf.measure import measurement_threads, vm_overheads
+from edgeq.perf.estimate import CPU_RATES, MAC_OPS, cpu_work
+from edgeq.perf.measure import Measurement, measure_together, measurement_threads, vm_invocation
 from edgeq.targets import CpuFigures, Target
 
 logger = logging.getLogger(__name__)
@@ -148,10 +152,21 @@ def host_figures(host: Target, recalibrate: bool = False) -> tuple[CpuFigures, s
 
 def calibrate(host: Target) -> Calibration:
     """Measure this machine's figures (about 10 s) and cache them (see the module docstring)."""
+    return calibrate_alongside(host, [])[0]
+
+
+def calibrate_alongside(host: Target, artifacts: Sequence[str | Path]) -> tuple[Calibration, list[Measurement]]:
+    """:func:`calibrate`, measuring ``artifacts`` in the same rounds as the calibration networks
+    (:func:`~.measure.measure_together`): on a machine whose speed drifts, the figures then hold for the
+    speed the artifacts ran at (how the estimator's error is measured, benchmarks/perf_estimator_error.py).
+
+    Returns:
+        The calibration (cached), and the measurement of each artifact.
+    """
     started = time.perf_counter()
     logger.info("calibrating the performance estimator on this CPU (%s)", cpu_model())
     with tempfile.TemporaryDirectory(prefix="edgeq-calibrate-") as folder:
-        figures = _measure_figures(host, Path(folder))
+        figures, measurements = _measure_figures(host, Path(folder), artifacts)
     calibration = Calibration(
         cpu=cpu_model(),
         arch=host_arch(),
@@ -162,7 +177,7 @@ def calibrate(host: Target) -> Calibration:
         seconds=round(time.perf_counter() - started, 1),
     )
     save_calibration(calibration)
-    return calibration
+    return calibration, measurements
 
 
 def save_calibration(calibration: Calibration) -> Path:
@@ -198,10 +213,13 @@ def _networks() -> list[tuple[object, object]]:
             self.expand = nn.Conv2d(16, 96, 1)
             self.project = nn.Conv2d(96, 64, 1)
             self.depthwise = nn.Conv2d(64, 64, 3, padding=1, groups=64)
-            self.pool = nn.MaxPool2d(2)
+            self.pool = nn.MaxPool2d(3, 2, padding=1)
+            self.strided_depthwise = nn.Conv2d(64, 64, 3, 2, padding=1, groups=64)
             self.deep = nn.Conv2d(64, 128, 3, padding=1)
             self.wide_depthwise = nn.Conv2d(128, 128, 5, padding=2, groups=128)
-            self.narrow = nn.Conv2d(128, 32, 1)
+            self.strided_pointwise = nn.Conv2d(128, 96, 1, 2)
+            self.strided_dense = nn.Conv2d(96, 64, 3, 2, padding=1)
+            self.narrow = nn.Conv2d(64, 32, 1)
             self.wide = nn.Linear(32, 512)
             self.square = nn.Linear(512, 512)
             self.widest = nn.Linear(512, 2048)
@@ -210,7 +228,9 @@ def _networks() -> list[tuple[object, object]]:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = self.quant(x)
             x = torch.relu(self.pointwise(torch.relu(self.dense(x)))) + self.project(torch.relu(self.expand(x)))
-            x = self.narrow(self.wide_depthwise(self.deep(self.pool(torch.relu(self.depthwise(x))))))
+            x = torch.relu(self.depthwise(x))
+            x = self.wide_depthwise(self.deep(self.pool(x) + self.strided_depthwise(x)))
+            x = self.narrow(self.strided_dense(self.strided_pointwise(x)))
             x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
             return self.dequant(self.widest(self.square(self.wide(x))))
 
@@ -228,7 +248,8 @@ def _networks() -> list[tuple[object, object]]:
             self.dequant = DeQuantStub()
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = self.depthwise(torch.relu(self.dense_again(torch.relu(self.dense(self.quant(x))))))
+            x = self.quant(x)
+            x = self.depthwise(torch.relu(self.dense_again(torch.relu(self.dense(x))) + x))
             x = self.pointwise(torch.relu(self.wider(self.pool(x))))
             return self.dequant(self.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
 
@@ -237,11 +258,12 @@ def _networks() -> list[tuple[object, object]]:
 
 def fit_nonnegative(rows: list[list[float]], times: list[float]) -> list[float]:
     """Coefficients ``c >= 0`` of ``rows @ c ~ times`` minimising the squared relative error (so that small
-    kernels weigh as much as large ones; a time is taken as at least 100 ns, the resolution of the measurement);
-    a coefficient that comes out negative is dropped and the rest fitted again."""
+    kernels weigh as much as large ones; a time is taken as at least 1 us: below that, the instrument hook's cost
+    subtracted from each call, about as much, dominates its error); a coefficient that comes out negative is dropped
+    and the rest fitted again."""
     import numpy as np
 
-    weights = 1 / np.maximum(np.asarray(times, dtype=float), 1e-7)
+    weights = 1 / np.maximum(np.asarray(times, dtype=float), 1e-6)
     matrix, target = np.asarray(rows, dtype=float) * weights[:, None], np.ones(len(times))
     active = np.ones(matrix.shape[1], dtype=bool)
     while True:
@@ -252,16 +274,16 @@ def fit_nonnegative(rows: list[list[float]], times: list[float]) -> list[float]:
         active &= solution > 0
 
 
-Kernel = tuple[Op, CompiledGraph, float]
-"""A timed kernel call: the op doing its main work, the compiled graph it is in, and the call's time (seconds)."""
+Kernel = tuple[list[Op], CompiledGraph, float]
+"""A timed kernel call: the ops running in it (the first doing its main work), the compiled graph they are in,
+and the call's time (seconds)."""
 
 
-def _timed_kernels(network: object, example: object, host: Target, path: Path) -> list[Kernel]:
-    """Quantize ``network`` (calibrated on random data), compile it for ``host`` and time its kernel calls."""
+def _compiled(network: object, example: object, host: Target, path: Path) -> CompileResult:
+    """``network`` quantized (calibrated on random data) and compiled for ``host`` into ``path``."""
     import torch
 
     from edgeq.compile import compile_model
-    from edgeq.perf.measure import measure
     from edgeq.quantization import FakeQuantState, convert_fx, default_calib_qconfig, prepare_qat_fx, set_fake_quantize
 
     torch.manual_seed(0)
@@ -270,55 +292,56 @@ def _timed_kernels(network: object, example: object, host: Target, path: Path) -
     with torch.no_grad():
         for _ in range(2):
             prepared(torch.randn_like(example))
-    result = compile_model(convert_fx(prepared), (example,), target=host.name, out=path, progress=lambda _: None)
-    measured = measure(result.artifact, runs=5)
-    kernels, seen = [], set()
-    for op in result.graph.ops:
+    return compile_model(convert_fx(prepared), (example,), target=host.name, out=path, progress=lambda _: None)
+
+
+def _timed_kernels(graph: CompiledGraph, measured: Measurement) -> list[Kernel]:
+    """Each kernel call of ``graph``'s measurement, with the ops that run in it."""
+    kernels: dict[tuple[tuple[str, int], ...], Kernel] = {}
+    for op in graph.ops:
         places = measured.places(op.name)
-        if places and places not in seen:
-            seen.add(places)
-            kernels.append((op, result.graph, measured.op_seconds(op.name)))
-    return kernels
+        if places:
+            kernels.setdefault(places, ([], graph, measured.op_seconds(op.name)))[0].append(op)
+    return list(kernels.values())
 
 
-def _measure_figures(host: Target, folder: Path) -> CpuFigures:
-    (large, large_input), (small, small_input) = _networks()
-    on_all_cores = [k for k in _timed_kernels(large, large_input, host, folder / "large.edgeq") if k[0].parallel]
-    on_one_core = [k for k in _timed_kernels(small, small_input, host, folder / "small.edgeq") if not k[0].parallel]
+def _measure_figures(host: Target, folder: Path, artifacts: Sequence[str | Path]) -> tuple[CpuFigures, list[Measurement]]:
+    """The figures, fitted on the calibration networks' kernels, and the measurements of ``artifacts`` (timed in
+    the same rounds)."""
+    large, small = (_compiled(network, example, host, folder / f"{name}.edgeq") for name, (network, example) in zip(("large", "small"), _networks()))
+    large_measured, small_measured, *measurements = measure_together([large.artifact, small.artifact, *artifacts], runs=15)
+    on_all_cores = [k for k in _timed_kernels(large.graph, large_measured) if k[0][0].parallel]
+    on_one_core = [k for k in _timed_kernels(small.graph, small_measured) if not k[0][0].parallel]
 
-    def work(op: Op, graph: CompiledGraph) -> list[float]:
-        """The op's work in the units of the rates (dense, depthwise and linear MACs, requantized outputs, bytes
-        moved), over its register tiles' occupancy."""
-        mac_op = op.op in MAC_OPS
-        macs = [op.macs if mac_class(op) == name else 0 for name in MAC_CLASSES]
-        outputs = math.prod(graph.tensors[op.outputs[0]].shape) if mac_op else 0
-        moved = 0 if mac_op else op.bytes_in + op.bytes_out
-        return [unit / tile_occupancy(op, graph) for unit in [*macs, outputs, moved]]
+    def work(ops: list[Op], graph: CompiledGraph) -> list[float]:
+        """A kernel's work in the units of the rates: its ops' :func:`~.estimate.cpu_work`, then the bytes its
+        first op moves (not a MAC kernel)."""
+        compute = [sum(amounts) for amounts in zip(*(cpu_work(op, graph) for op in ops))]
+        return [*compute, 0 if ops[0].op in MAC_OPS else ops[0].bytes_in + ops[0].bytes_out]
 
-    fixed_on_all_cores, *per_unit = fit_nonnegative([[1.0, *work(op, graph)] for op, graph, _ in on_all_cores], [t for *_, t in on_all_cores])
-    figures = host.perf
-    nominal = [figures.conv2d_int8_macs_per_s, figures.depthwise_int8_macs_per_s, figures.linear_int8_macs_per_s, figures.requantized_outputs_per_s, figures.memory_bytes_per_s]
+    fixed_on_all_cores, *per_unit = fit_nonnegative([[1.0, *work(ops, graph)] for ops, graph, _ in on_all_cores], [t for *_, t in on_all_cores])
+    nominal = [getattr(host.perf, rate) for rate in [*CPU_RATES, "memory_bytes_per_s"]]
     rates = [1 / unit if unit > 0 else rate for unit, rate in zip(per_unit, nominal)]  # a rate that fits as 0 keeps the nominal one
 
-    def seconds_on_all_cores(op: Op, graph: CompiledGraph) -> float:
-        return sum(amount / rate for amount, rate in zip(work(op, graph), rates))
+    def seconds_on_all_cores(ops: list[Op], graph: CompiledGraph) -> float:
+        return sum(amount / rate for amount, rate in zip(work(ops, graph), rates))
 
     setup, mac_setup, speedup = fit_nonnegative(
-        [[1.0, float(op.op in MAC_OPS), seconds_on_all_cores(op, graph)] for op, graph, _ in on_one_core], [t for *_, t in on_one_core]
+        [[1.0, float(ops[0].op in MAC_OPS), seconds_on_all_cores(ops, graph)] for ops, graph, _ in on_one_core], [t for *_, t in on_one_core]
     )
     logger.debug("calibration fit: %s on all cores, set-up %s + %s, speed-up %s", [fixed_on_all_cores, *per_unit], setup, mac_setup, speedup)
-    vm = vm_overheads()
-    conv2d, depthwise, linear, outputs, memory = rates
-    return CpuFigures(
-        conv2d_int8_macs_per_s=conv2d,
-        depthwise_int8_macs_per_s=depthwise,
-        linear_int8_macs_per_s=linear,
-        requantized_outputs_per_s=outputs,
-        float32_macs_per_s=figures.float32_macs_per_s,
+    invocation = vm_invocation()
+    unseen = small_measured.latency_s - sum(call.seconds for call in small_measured.calls) - invocation
+    dispatch = max(unseen / len(small_measured.calls), 0.0)  # what a call costs outside its timed interval
+    *compute_rates, memory = rates
+    figures = CpuFigures(
+        **dict(zip(CPU_RATES, compute_rates)),
+        float32_macs_per_s=host.perf.float32_macs_per_s,
         memory_bytes_per_s=memory,
-        kernel_overhead_ns=(setup + vm.per_call) * 1e9,
+        kernel_overhead_ns=(setup + dispatch) * 1e9,
         mac_kernel_overhead_ns=mac_setup * 1e9,
         parallel_overhead_ns=max(fixed_on_all_cores - setup - mac_setup, 0.0) * 1e9,
-        invocation_overhead_ns=vm.invocation * 1e9,
-        parallel_speedup=speedup if speedup > 0 else figures.parallel_speedup,
+        invocation_overhead_ns=invocation * 1e9,
+        parallel_speedup=speedup if speedup > 0 else host.perf.parallel_speedup,
     )
+    return figures, measurements

@@ -19,16 +19,56 @@ MS = 1e3
 MAC_OPS = ("conv2d", "linear", "matmul")
 """Ops whose MACs run on the NPU's MAC array and in the CPU's int8 matrix kernels (with a requantized output)."""
 
-MAC_CLASSES = ("conv2d", "depthwise", "linear")
-"""The CPU's int8 MAC rates (:func:`mac_class`), in the order of the calibration's fit."""
+MAC_CLASSES = ("conv2d", "pointwise", "depthwise", "linear")
+"""The CPU's int8 MAC rates (:func:`mac_class`), in the order of :data:`CPU_RATES`."""
+
+CPU_RATES = (
+    "conv2d_int8_macs_per_s",
+    "pointwise_int8_macs_per_s",
+    "depthwise_int8_macs_per_s",
+    "linear_int8_macs_per_s",
+    "requantized_outputs_per_s",
+    "packed_inputs_per_s",
+)
+"""The :class:`~edgeq.targets.CpuFigures` rates an int8 MAC kernel's compute time is the sum of the work at
+(:func:`cpu_work`), in its order."""
 
 
 def mac_class(op: Op) -> str | None:
-    """Which CPU rate an op's MACs run at: ``conv2d`` (groups 1), ``depthwise`` (grouped and depthwise
-    convolutions), ``linear`` (linear layers and matmuls); None for ops costed by the bytes they move."""
+    """Which CPU rate an op's MACs run at: ``conv2d`` (groups 1, a window larger than 1x1), ``pointwise`` (1x1,
+    groups 1), ``depthwise`` (grouped and depthwise convolutions), ``linear`` (linear layers and matmuls); None for
+    ops costed by the bytes they move."""
     if op.op == "conv2d":
-        return "depthwise" if op.attributes.get("groups", 1) > 1 else "conv2d"
+        if op.attributes.get("groups", 1) > 1:
+            return "depthwise"
+        return "pointwise" if math.prod(op.attributes.get("kernel", [0])) == 1 else "conv2d"
     return "linear" if op.op in ("linear", "matmul") else None
+
+
+def _elements(graph: CompiledGraph, tensors: list[str]) -> int:
+    return sum(math.prod(graph.tensors[t].shape) for t in tensors)
+
+
+def fused_into_producer(op: Op, graph: CompiledGraph) -> bool:
+    """Whether ``op`` runs in the kernel of an op making one of its inputs (a ReLU or residual add TVM fused into
+    a convolution's epilogue)."""
+    if op.kernel is None or op.op not in FUSED_FOLLOWERS:
+        return False
+    producers = [graph.op(p) for p in (graph.tensors[t].producer for t in op.inputs) if p is not None]
+    return any(p.region == op.region and p.kernel == op.kernel for p in producers)
+
+
+def cpu_work(op: Op, graph: CompiledGraph) -> list[float]:
+    """An integer op's compute on a CPU in the units of :data:`CPU_RATES`: a MAC kernel's MACs under its class,
+    the output elements it requantizes and the input elements it packs, over its register tiles' occupancy
+    (:func:`tile_occupancy`); the output elements an op fused into its producer's kernel requantizes (a residual
+    add); nothing for other ops, whose cost is the bytes they move."""
+    if op.op in MAC_OPS:
+        macs = [op.macs if mac_class(op) == name else 0 for name in MAC_CLASSES]
+        return [amount / tile_occupancy(op, graph) for amount in [*macs, _elements(graph, op.outputs), _elements(graph, op.inputs)]]
+    rescales = op.requantization is not None and op.requantization.table is None
+    outputs = _elements(graph, op.outputs) if rescales and fused_into_producer(op, graph) else 0
+    return [0.0] * len(MAC_CLASSES) + [outputs, 0.0]
 
 
 def tile_occupancy(op: Op, graph: CompiledGraph) -> float:
@@ -42,7 +82,7 @@ def tile_occupancy(op: Op, graph: CompiledGraph) -> float:
     small calibration network the same 4x4 shape took about half, so this is the least settled term). 1 for other
     ops.
     """
-    if mac_class(op) != "conv2d" or not op.outputs:
+    if mac_class(op) not in ("conv2d", "pointwise") or not op.outputs:
         return 1.0
     columns = default_tile(graph.tensors[op.outputs[0]].shape[-1])
     return columns / MAX_TILE if columns <= MAX_TILE // 2 else 1.0
@@ -92,14 +132,7 @@ class _Estimator:
         self.graph = graph
         self.target = target
         self.cpu = cpu
-        self.region_of = {op.name: op.region for op in graph.ops}
         self.borders = {t for region in graph.regions for t in [*region.inputs, *region.outputs]}
-
-    def fused(self, op: Op) -> bool:
-        if op.kernel is None or op.op not in FUSED_FOLLOWERS:
-            return False
-        producers = [self.graph.tensors[t].producer for t in op.inputs]
-        return any(p is not None and self.region_of[p] == op.region and self.graph.op(p).kernel == op.kernel for p in producers)
 
     def layer(self, op: Op) -> LayerEstimate:
         if op.placement == "NPU":
@@ -146,7 +179,7 @@ class _Estimator:
             return self._estimate(op, False, 0.0, 0.0, 0.0, dram=0)
         rules = getattr(self.target.npu, op.op, None)
         alignment = getattr(rules, "channel_alignment", 1)
-        fused = self.fused(op)
+        fused = fused_into_producer(op, self.graph)
         if op.op in MAC_OPS:
             utilisation = mac_utilisation(op, hardware, alignment)
             compute = op.macs / (hardware.int8_macs_per_cycle * utilisation * hardware.clock_hz)
@@ -170,26 +203,16 @@ class _Estimator:
             utilisation=utilisation,
         )
 
-    def _mac_rate(self, op: Op) -> float:
-        if op.placement == FLOAT_PLACEMENT:
-            return self.cpu.float32_macs_per_s
-        rates = {
-            "conv2d": self.cpu.conv2d_int8_macs_per_s,
-            "depthwise": self.cpu.depthwise_int8_macs_per_s,
-            "linear": self.cpu.linear_int8_macs_per_s,
-        }
-        return rates.get(mac_class(op), math.inf)  # other ops are costed by the bytes they move
-
     def _cpu(self, op: Op) -> LayerEstimate:
-        fused = self.fused(op)
+        fused = fused_into_producer(op, self.graph)
         if op.kernel is None:  # a view: no kernel, no cost
             return self._estimate(op, fused, 0.0, 0.0, 0.0, dram=0)
         moved = 0 if fused else op.bytes_in + op.bytes_out + op.weight_bytes
-        utilisation = tile_occupancy(op, self.graph) if op.placement != FLOAT_PLACEMENT else 1.0
-        compute = op.macs / self._mac_rate(op)
-        if op.op in MAC_OPS:
-            compute += sum(math.prod(self.graph.tensors[t].shape) for t in op.outputs) / self.cpu.requantized_outputs_per_s
-        compute /= utilisation
+        if op.placement == FLOAT_PLACEMENT:
+            utilisation, compute = 1.0, op.macs / self.cpu.float32_macs_per_s
+        else:
+            utilisation = tile_occupancy(op, self.graph)
+            compute = sum(amount / getattr(self.cpu, rate) for amount, rate in zip(cpu_work(op, self.graph), CPU_RATES))
         share = 1 if op.parallel else self.cpu.parallel_speedup  # the rates are for kernels on all cores
         memory = moved / self.cpu.memory_bytes_per_s
         fixed = self.cpu.kernel_overhead_ns + (op.op in MAC_OPS) * self.cpu.mac_kernel_overhead_ns + op.parallel * self.cpu.parallel_overhead_ns

@@ -17,6 +17,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,41 +97,67 @@ def measure(artifact: str | Path, runs: int = 5) -> Measurement:
     Raises:
         CompiledGraphError: the artifact cannot be read.
     """
-    import tvm
-    from edgeq_runtime import Artifact
-    from edgeq_runtime.vm import use_threads
-    from tvm import relax
+    return measure_together([artifact], runs)[0]
 
-    graph = load_compiled_graph(artifact)
+
+def measure_together(artifacts: Sequence[str | Path], runs: int = 5) -> list[Measurement]:
+    """Time several artifacts as :func:`measure` times one, in the same rounds (each round measures every
+    artifact in turn), so that a drifting machine's slow and fast spells fall on all of them alike.
+
+    Raises:
+        CompiledGraphError: an artifact cannot be read.
+    """
+    from edgeq_runtime.vm import use_threads
+
     use_threads(measurement_threads())  # TVM's pool as the runtimes set it up: every core shared, no thread pinned
     with tempfile.TemporaryDirectory(prefix="edgeq-measure-") as folder:
-        library = Path(folder) / "model.so"
-        library.write_bytes(Artifact.read(artifact).members["model.so"])
-        module = tvm.runtime.load_module(str(library))
-        calls_of = kernel_calls(module["as_text"]())
-        plain, instrumented = (relax.VirtualMachine(module, tvm.cpu()) for _ in range(2))
-        arguments = [tvm.runtime.tensor(a) for a in _inputs(graph)]
-        main = plain["main"]
-        main(*arguments)
-        totals: list[float] = []
-        samples: dict[tuple[str, int], list[float]] = {}
+        subjects = [_Subject(artifact, Path(folder) / f"model{i}.so") for i, artifact in enumerate(artifacts)]
         hook = _HookSampler()
-        for _ in range(runs):  # interleaved, so that a noisy machine's slow spells fall on all three
-            totals.extend(_latencies(main, arguments, PLAIN_BURST))
-            for key, times in _instrumented_times(instrumented, arguments, calls_of, 1).items():
-                samples.setdefault(key, []).extend(times)
+        for _ in range(runs):
+            for subject in subjects:
+                subject.round()
             hook.sample()
     cost = hook.cost()
-    calls = []
-    for (region, index), times in samples.items():
-        call = calls_of[region][index]
-        calls.append(TimedCall(region, index, call.kernel, max(statistics.median(times) - cost.seconds(call.arguments), 0.0)))
-    by_place = {(c.region, c.index): c for c in calls}
-    ops = {
-        name: tuple(by_place[(region, index)] for index in indices if (region, index) in by_place)
-        for name, (region, indices) in op_calls(calls_of, graph).items()
-    }
-    return Measurement(statistics.median(totals), calls, ops)
+    return [subject.result(cost) for subject in subjects]
+
+
+class _Subject:
+    """One artifact being measured: its VMs (plain, and with the instrument hook), inputs and samples."""
+
+    def __init__(self, artifact: str | Path, library: Path) -> None:
+        import tvm
+        from edgeq_runtime import Artifact
+        from tvm import relax
+
+        self.graph = load_compiled_graph(artifact)
+        library.write_bytes(Artifact.read(artifact).members["model.so"])
+        module = tvm.runtime.load_module(str(library))
+        self.calls_of = kernel_calls(module["as_text"]())
+        plain, self.instrumented = (relax.VirtualMachine(module, tvm.cpu()) for _ in range(2))
+        self.arguments = [tvm.runtime.tensor(a) for a in _inputs(self.graph)]
+        self.main = plain["main"]
+        self.main(*self.arguments)
+        self.totals: list[float] = []
+        self.samples: dict[tuple[str, int], list[float]] = {}
+
+    def round(self) -> None:
+        """:data:`PLAIN_BURST` plain runs, then one with every kernel call timed."""
+        self.totals.extend(_latencies(self.main, self.arguments, PLAIN_BURST))
+        for key, times in _instrumented_times(self.instrumented, self.arguments, self.calls_of, 1).items():
+            self.samples.setdefault(key, []).extend(times)
+
+    def result(self, cost: HookCost) -> Measurement:
+        """The medians, each call's less the hook's share."""
+        calls = []
+        for (region, index), times in self.samples.items():
+            call = self.calls_of[region][index]
+            calls.append(TimedCall(region, index, call.kernel, max(statistics.median(times) - cost.seconds(call.arguments), 0.0)))
+        by_place = {(c.region, c.index): c for c in calls}
+        ops = {
+            name: tuple(by_place[(region, index)] for index in indices if (region, index) in by_place)
+            for name, (region, indices) in op_calls(self.calls_of, self.graph).items()
+        }
+        return Measurement(statistics.median(self.totals), calls, ops)
 
 
 def _latencies(main: Any, arguments: list[Any], runs: int) -> list[float]:
@@ -205,19 +232,11 @@ def hook_cost(rounds: int = 10) -> HookCost:
     return sampler.cost()
 
 
-@dataclass(frozen=True)
-class VmOverheads:
-    """What the Relax VM itself costs, kernels aside (seconds): ``invocation`` per call of ``main`` (inputs in,
-    result out), ``per_call`` per kernel call (its dispatch and its output's allocation)."""
-
-    invocation: float
-    per_call: float
-
-
-def vm_overheads(calls: int = 16, rounds: int = 10, runs: int = 100) -> VmOverheads:
-    """The VM's overheads on this machine: the median latency of ``main`` making one idle kernel call, and making
-    ``calls + 1`` (:func:`_idle_vm`), timed in ``rounds`` alternating rounds of ``runs`` runs; the difference is
-    ``calls`` calls' worth."""
+def vm_invocation(calls: int = 16, rounds: int = 10, runs: int = 100) -> float:
+    """The Relax VM's cost of one call of ``main`` besides its kernel calls (inputs in, result out; seconds): the
+    median latency of ``main`` making one idle kernel call (:func:`_idle_vm`), less one call's worth (the
+    difference to ``main`` making ``calls + 1``, over ``calls``), timed in ``rounds`` alternating rounds of
+    ``runs`` runs."""
     mains = [_idle_vm(count, 2)[0]["main"] for count in (1, calls + 1)]
     arguments = _idle_arguments()
     samples: list[list[float]] = [[], []]
@@ -226,8 +245,7 @@ def vm_overheads(calls: int = 16, rounds: int = 10, runs: int = 100) -> VmOverhe
             main(*arguments)
             times.extend(_latencies(main, arguments, runs))
     one, more = (statistics.median(times) for times in samples)
-    per_call = max((more - one) / calls, 0.0)
-    return VmOverheads(max(one - per_call, 0.0), per_call)
+    return max(one - max((more - one) / calls, 0.0), 0.0)
 
 
 def _idle_vm(calls: int, inputs: int) -> tuple[Any, dict[str, list[KernelCall]]]:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from edgeq.compile import compile_model
+from edgeq.compile.cpu_features import dot_product, host_target
 from edgeq.compile.compiled_graph import SCHEMA_VERSION, CompiledGraph, CompiledGraphError, load_compiled_graph
 from edgeq.errors import EdgeqError
 from models import SmallCNN, Wrapped, integer_model
@@ -58,6 +59,7 @@ def test_macs_and_bytes_of_every_op_kind(small):
 def test_ops_tensors_and_regions(small):
     graph = small.graph
     assert graph.schema_version == SCHEMA_VERSION and graph.arch == "x86_64"
+    assert graph.dot_product == dot_product(host_target()).name  # simulated: built for this machine's CPU
     assert (graph.target.name, graph.target.kind, graph.target.host) == ("npu-s", "npu", "aarch64")
     conv = graph.op("conv1/Conv")
     assert conv.op == "conv2d" and conv.source_ops == ["Conv"] and conv.placement == "NPU" and conv.region == "region0_npu"

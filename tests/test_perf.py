@@ -7,7 +7,6 @@ import dataclasses
 import importlib
 import json
 import math
-import types
 
 import pytest
 import torch
@@ -16,9 +15,10 @@ from torch import nn
 import edgeq
 from edgeq.compile import compile_model
 from edgeq.compile.compiled_graph import CompiledGraphError
+from edgeq.compile.cpu_features import DOT_PRODUCTS
 from edgeq.errors import EdgeqError, TargetError
 from edgeq.perf.calibrate import Calibration, cached_calibration, calibrate_alongside, cpu_model, host_arch, host_figures, kernel_fingerprint, save_calibration
-from edgeq.perf.estimate import CPU_RATES, cpu_work, fused_into_producer, mac_class, mac_utilisation, spill_bytes, tile_occupancy
+from edgeq.perf.estimate import CPU_RATES, cpu_work, fused_into_producer, lane_occupancy, mac_class, mac_utilisation, spill_bytes
 from edgeq.perf.measure import hook_cost, measure
 from edgeq.targets import TargetKind, list_targets, load_target
 from models import BilinearResizes, SmallCNN, Wrapped, integer_model
@@ -96,7 +96,8 @@ def test_cpu_fallback_and_transitions(tmp_path, monkeypatch):
     assert one_core == 3.5
     inputs = 3 * 16 * 16  # packed into the kernel's blocked layout
     work = stem.macs / cpu.conv2d_int8_macs_per_s + outputs / cpu.requantized_outputs_per_s + inputs / cpu.packed_inputs_per_s
-    assert stem.compute_ms == pytest.approx(one_core * work * 1e3)
+    filled = lane_occupancy(result.graph.op(stem.name), DOT_PRODUCTS[result.graph.dot_product])  # 3 input channels padded to 4
+    assert stem.utilisation == filled and stem.compute_ms == pytest.approx(one_core * work / filled * 1e3)
     assert stem.memory_ms == pytest.approx(one_core * (3 * 256 + outputs + stem.weight_bytes) / cpu.memory_bytes_per_s * 1e3)
     assert stem.overhead_ms == pytest.approx((cpu.kernel_overhead_ns + cpu.mac_kernel_overhead_ns) * 1e-6)
     (transition,) = result.transitions
@@ -119,16 +120,18 @@ def test_spill_and_utilisation_formulas():
     assert mac_utilisation(depthwise, hardware, 32) == 1 * (9 / 64)
 
 
-def test_register_tile_occupancy_of_cpu_convolutions():
-    """A dense convolution's register tile holds 8 output columns, or the largest divisor of the width up to 8;
-    one of 4 columns or fewer takes as long as a full one."""
-    op = dataclasses.make_dataclass("Op", ["op", "attributes", "outputs"])
-    graph = types.SimpleNamespace(tensors={f"w{w}": types.SimpleNamespace(shape=[1, 16, 4, w]) for w in (56, 28, 5, 4, 1)})
-    dense = {"out_channels": 16, "in_channels": 16, "groups": 1, "kernel": [3, 3]}
-    occupancy = {w: tile_occupancy(op("conv2d", dense, [f"w{w}"]), graph) for w in (56, 28, 5, 4, 1)}
-    assert occupancy == {56: 1.0, 28: 1.0, 5: 1.0, 4: 0.5, 1: 0.125}
-    assert tile_occupancy(op("conv2d", {**dense, "groups": 16}, ["w4"]), graph) == 1.0  # depthwise: channels on lanes
-    assert tile_occupancy(op("max_pool2d", {"kernel": [2, 2]}, ["w4"]), graph) == 1.0
+def test_lane_occupancy_of_cpu_layers():
+    """Channels pad to the dot product's blocks: output channels to its lanes, input channels to its depth."""
+    op = dataclasses.make_dataclass("Op", ["op", "attributes"])
+    avx2, vnni = DOT_PRODUCTS["avx2-pmaddwd"], DOT_PRODUCTS["vnni"]  # 8 lanes x 2 deep, 16 x 4
+    stem = op("conv2d", {"out_channels": 64, "in_channels": 3, "groups": 1, "kernel": [7, 7]})
+    assert lane_occupancy(stem, avx2) == 3 / 4 and lane_occupancy(stem, vnni) == 3 / 4
+    odd = op("conv2d", {"out_channels": 20, "in_channels": 24, "groups": 1, "kernel": [1, 1]})
+    assert lane_occupancy(odd, avx2) == 20 / 24 and lane_occupancy(odd, vnni) == 20 / 32
+    depthwise = op("conv2d", {"out_channels": 72, "in_channels": 72, "groups": 72, "kernel": [3, 3]})
+    assert lane_occupancy(depthwise, avx2) == 72 / 80  # 16 channels per vector
+    assert lane_occupancy(op("linear", {"out_channels": 10, "in_features": 32}), vnni) == 10 / 16
+    assert lane_occupancy(op("max_pool2d", {"kernel": [2, 2]}), avx2) == 1.0
 
 
 def test_cpu_work_of_each_op_kind(tmp_path):
@@ -140,10 +143,12 @@ def test_cpu_work_of_each_op_kind(tmp_path):
     kinds = {op.op: op for op in reversed(graph.ops)}  # the first op of each kind
     conv, add, pool, linear = kinds["conv2d"], kinds["add"], kinds["max_pool2d"], kinds["linear"]
     elements = 2 * 16 * 8 * 8
-    assert cpu_work(conv, graph) == [elements * 9, 0, 0, 0, elements, 2 * 1 * 8 * 8]  # the stem: 1 input channel
+    filled = lane_occupancy(conv, DOT_PRODUCTS[graph.dot_product])  # the stem: 1 input channel of a block
+    assert cpu_work(conv, graph) == [elements * 9 / filled, 0, 0, 0, elements / filled, 2 * 1 * 8 * 8 / filled]
     assert fused_into_producer(add, graph) and cpu_work(add, graph) == [0, 0, 0, 0, elements, 0]
     assert not fused_into_producer(pool, graph) and cpu_work(pool, graph) == [0] * 6
-    assert cpu_work(linear, graph) == [0, 0, 0, 2 * 32 * 10, 2 * 10, 2 * 32]
+    filled = lane_occupancy(linear, DOT_PRODUCTS[graph.dot_product])
+    assert cpu_work(linear, graph) == [0, 0, 0, 2 * 32 * 10 / filled, 2 * 10 / filled, 2 * 32 / filled]
     op = dataclasses.make_dataclass("Op", ["op", "attributes"])
     assert mac_class(op("conv2d", {"groups": 1, "kernel": [1, 1]})) == "pointwise"
     assert mac_class(op("conv2d", {"groups": 1, "kernel": [3, 3]})) == "conv2d"

@@ -32,6 +32,7 @@ from edgeq.check import CheckReport, check_qdq
 from edgeq.compile.artifact import CHECK, GRAPH, LIBRARY, NPU_PROGRAM, json_bytes, write_artifact
 from edgeq.compile.codegen import Machine, build_library, build_relax_module
 from edgeq.compile.compiled_graph import CompiledGraph, build_compiled_graph
+from edgeq.compile.cpu_features import dot_product
 from edgeq.compile.kernel_map import kernel_map
 from edgeq.compile.pipeline import OPT_LEVELS, check_opt_level
 from edgeq.compile.schedules import TUNABLE, KernelSchedule
@@ -280,7 +281,8 @@ def compile_model(
         built = build_library(plan.module, plan.machine, opt_level, str(library), report_progress, records)
         library_bytes = library.read_bytes()
     step("codegen")
-    graph = build_compiled_graph(plan.qdq, plan.report, plan.partition, plan.machine.arch)
+    dot = dot_product(tvm.target.Target(plan.machine.llvm)).name
+    graph = build_compiled_graph(plan.qdq, plan.report, plan.partition, plan.machine.arch, dot)
     graph = graph.with_kernels(kernel_map(built.executable, graph), {k.kernel for k in built.kernels if k.parallel})
 
     report_progress(f"write {out_path}")

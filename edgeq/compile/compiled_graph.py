@@ -26,7 +26,7 @@ from edgeq.errors import EdgeqError
 from edgeq.export.onnx_reader import QDQModel, QuantParams, node_attributes, node_name
 from edgeq.compile.requantization import Requantization, requantization
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Version of :meth:`CompiledGraph.to_dict`'s layout; :meth:`CompiledGraph.from_dict` refuses others."""
 
 
@@ -144,6 +144,8 @@ class CompiledGraph:
     Attributes:
         target: the target compiled for.
         arch: the library's architecture (``x86_64`` or ``aarch64``).
+        dot_product: the int8 dot product its CPU kernels are built with (a name of
+            :data:`edgeq.compile.cpu_features.DOT_PRODUCTS`: ``vnni``, ``avx2-pmaddwd``, ``sdot``...).
         inputs, outputs: the program's tensors (quantized names; the model's names are in the manifest).
         tensors: every tensor by name.
         ops: in topological (call) order.
@@ -153,6 +155,7 @@ class CompiledGraph:
 
     target: TargetInfo
     arch: str
+    dot_product: str
     inputs: list[str]
     outputs: list[str]
     tensors: dict[str, Tensor]
@@ -204,6 +207,7 @@ class CompiledGraph:
             return cls(
                 target=TargetInfo(**data["target"]),
                 arch=data["arch"],
+                dot_product=data["dot_product"],
                 inputs=list(data["inputs"]),
                 outputs=list(data["outputs"]),
                 tensors=tensors,
@@ -245,9 +249,9 @@ def load_compiled_graph(artifact: str | Path) -> CompiledGraph:
 # ---- building it in compile ---------------------------------------------------------------------------------------
 
 
-def build_compiled_graph(qdq: QDQModel, report: CheckReport, partition: Partition, arch: str) -> CompiledGraph:
+def build_compiled_graph(qdq: QDQModel, report: CheckReport, partition: Partition, arch: str, dot_product: str) -> CompiledGraph:
     """The compiled graph of ``partition`` (placed by ``report``), without kernels (:meth:`CompiledGraph.with_kernels`)."""
-    return _Builder(qdq, report, partition).build(arch)
+    return _Builder(qdq, report, partition).build(arch, dot_product)
 
 
 class _Builder:
@@ -261,7 +265,7 @@ class _Builder:
             for info in [*self.graph.model.graph.input, *self.graph.model.graph.value_info, *self.graph.model.graph.output]
         }
 
-    def build(self, arch: str) -> CompiledGraph:
+    def build(self, arch: str, dot_product: str) -> CompiledGraph:
         nodes = {node_name(n): n for n in self.graph.ops}
         region_of = {name: region.name for region in self.partition.regions for name in region.nodes}
         wiring = {n.record.name: self._wiring(nodes[n.record.name]) for n in self.report.nodes}
@@ -278,6 +282,7 @@ class _Builder:
         return CompiledGraph(
             target=TargetInfo(target.name, target.kind.value, target.host),
             arch=arch,
+            dot_product=dot_product,
             inputs=[s.name for s in self.partition.inputs],
             outputs=[s.name for s in self.partition.outputs],
             tensors=tensors,

@@ -54,6 +54,8 @@ AVX_VNNI = DotProduct("avx-vnni", 8, 4, intrinsics.AVX_VNNI_8x4, "uint8", 16)
 AVX2 = DotProduct("avx2-pmaddwd", 8, 2, intrinsics.PMADDWD_8x2, "int16", 16)
 SDOT = DotProduct("sdot", 4, 4, intrinsics.SDOT_4x4, "int8", 8)
 PLAIN = DotProduct("plain", 8, 1, None, "int8", 8)
+DOT_PRODUCTS = {dot.name: dot for dot in (VNNI, AVX_VNNI, AVX2, SDOT, PLAIN)}
+"""Every dot product by name (the compiled graph records the one a build used)."""
 
 DOT_PRODUCT_FEATURES = ("avx512vnni", "avx512bw", "avxvnni", "avx2", "dotprod")
 """The LLVM features :func:`dot_product` chooses by."""

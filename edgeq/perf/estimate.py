@@ -11,7 +11,7 @@ import math
 from edgeq.check.report import FLOAT_PLACEMENT
 from edgeq.compile.compiled_graph import CompiledGraph, Op
 from edgeq.compile.kernel_map import FUSED_FOLLOWERS, VIEW_OPS
-from edgeq.compile.schedules.blocked import MAX_TILE, default_tile
+from edgeq.compile.cpu_features import DOT_PRODUCTS, DotProduct
 from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
 from edgeq.targets import CpuFigures, Hardware, Target, TargetKind
 
@@ -60,32 +60,39 @@ def fused_into_producer(op: Op, graph: CompiledGraph) -> bool:
 
 def cpu_work(op: Op, graph: CompiledGraph) -> list[float]:
     """An integer op's compute on a CPU in the units of :data:`CPU_RATES`: a MAC kernel's MACs under its class,
-    the output elements it requantizes and the input elements it packs, over its register tiles' occupancy
-    (:func:`tile_occupancy`); the output elements an op fused into its producer's kernel requantizes (a residual
+    the output elements it requantizes and the input elements it packs, over the share of vector lanes it fills
+    (:func:`lane_occupancy`); the output elements an op fused into its producer's kernel requantizes (a residual
     add); nothing for other ops, whose cost is the bytes they move."""
     if op.op in MAC_OPS:
         macs = [op.macs if mac_class(op) == name else 0 for name in MAC_CLASSES]
-        return [amount / tile_occupancy(op, graph) for amount in [*macs, _elements(graph, op.outputs), _elements(graph, op.inputs)]]
+        occupancy = lane_occupancy(op, DOT_PRODUCTS[graph.dot_product])
+        return [amount / occupancy for amount in [*macs, _elements(graph, op.outputs), _elements(graph, op.inputs)]]
     rescales = op.requantization is not None and op.requantization.table is None
     outputs = _elements(graph, op.outputs) if rescales and fused_into_producer(op, graph) else 0
     return [0.0] * len(MAC_CLASSES) + [outputs, 0.0]
 
 
-def tile_occupancy(op: Op, graph: CompiledGraph) -> float:
-    """Share of its register tiles a dense int8 convolution's default schedule fills on a CPU.
+def lane_occupancy(op: Op, dot: DotProduct) -> float:
+    """Share of its CPU kernel's vector lanes a layer fills with ``dot``.
 
-    A tile of at most half of :data:`~edgeq.compile.schedules.blocked.MAX_TILE` output columns (an output width of
-    4 or less, or one of no larger divisor) has too few independent accumulators to hide the multiply-add's
-    latency, and its requantization fills part of each vector: it takes as long as a full tile. A tile of more
-    columns runs at full speed. Measured here: resnet18's 7-column tiles (outputs 28, 14 and 7 wide) as fast per
-    column as its 8-column ones; the digits CNN's 4x4 convolution as slow as its 8x8 one of twice the MACs (in the
-    small calibration network the same 4x4 shape took about half, so this is the least settled term). 1 for other
-    ops.
+    Dense convolutions and linear layers compute ``dot.lanes`` output channels at once, each summing ``dot.depth``
+    input channels per instruction; depthwise convolutions ``dot.depthwise_lanes`` channels at once. Channel counts
+    that are not multiples of these are padded with zeros, which cost as much as real ones: a 3-channel stem on
+    2-deep AVX2 products fills 3/4 of them. 1 for other ops.
     """
-    if mac_class(op) not in ("conv2d", "pointwise") or not op.outputs:
-        return 1.0
-    columns = default_tile(graph.tensors[op.outputs[0]].shape[-1])
-    return columns / MAX_TILE if columns <= MAX_TILE // 2 else 1.0
+    attributes = op.attributes
+    kind = mac_class(op)
+    if kind in ("conv2d", "pointwise") and "kernel" in attributes:
+        return _filled(attributes["out_channels"], dot.lanes) * _filled(attributes["in_channels"], dot.depth)
+    if kind == "depthwise" and attributes.get("groups") == attributes.get("in_channels") == attributes.get("out_channels"):
+        return _filled(attributes["out_channels"], dot.depthwise_lanes)
+    if op.op == "linear" and "in_features" in attributes:
+        return _filled(attributes["out_channels"], dot.lanes) * _filled(attributes["in_features"], dot.depth)
+    return 1.0
+
+
+def _filled(channels: int, block: int) -> float:
+    return channels / _ceil_to(channels, block)
 
 
 def _ceil_to(value: int, step: int) -> int:
@@ -211,7 +218,7 @@ class _Estimator:
         if op.placement == FLOAT_PLACEMENT:
             utilisation, compute = 1.0, op.macs / self.cpu.float32_macs_per_s
         else:
-            utilisation = tile_occupancy(op, self.graph)
+            utilisation = lane_occupancy(op, DOT_PRODUCTS[self.graph.dot_product])
             compute = sum(amount / getattr(self.cpu, rate) for amount, rate in zip(cpu_work(op, self.graph), CPU_RATES))
         share = 1 if op.parallel else self.cpu.parallel_speedup  # the rates are for kernels on all cores
         memory = moved / self.cpu.memory_bytes_per_s

@@ -228,13 +228,14 @@ def test_dot_product_features_of_a_cpu_and_of_this_machine():
     assert host_target().attrs["mcpu"] == tvm.target.codegen.llvm_get_system_cpu()
 
 
-def requantize_module(channels: int, multipliers, zero_point: int, bound: int):
-    """``_requantize`` of an int32 NCHW accumulator, per channel, as the lowering writes it for ``bound``."""
+def requantize_module(channels: int, multipliers, zero_point: int, bounds: list[int]):
+    """``_requantize`` of an int32 NCHW accumulator, per channel, as the lowering writes it for ``bounds`` (one per
+    channel)."""
     source = relax.Var("acc", relax.TensorType([1, channels, 4, 64], "int32"))
     builder = relax.BlockBuilder()
     with builder.function("main", [source]):
         with builder.dataflow():
-            output = builder.emit_output(_requantize(source, multipliers, 4, 1, zero_point, bound))
+            output = builder.emit_output(_requantize(source, multipliers, 4, 1, zero_point, bounds))
         builder.emit_func_output(output)
     return builder.get()
 
@@ -246,27 +247,29 @@ float64 holds there (the rounded product is the tie, which rounds to 0)."""
 
 @pytest.mark.parametrize("fits", [True, False], ids=["float64 form", "int64 form"])
 def test_requantization_in_float64_is_exact_up_to_its_bound(fits, tmp_path):
-    """Where ``bound * M < 2**53`` the epilogue rounds a float64 product (docs/numerics.md section 6), else it
-    shifts an int64 one; both equal the int64 reference on exact ties and at the largest accumulators, and the
-    int64 form where float64 would be one step off."""
-    bound = (numerics.FLOAT64_EXACT - 1) // NEAR_TIE.multiplier if fits else 2**31 - 1
+    """Where every channel's ``bound * M < 2**53`` the epilogue rounds a float64 product (docs/numerics.md section
+    6), else it shifts an int64 one; both equal the int64 reference on exact ties and at each channel's largest
+    accumulators, and the int64 form where float64 would be one step off. Channels are checked one by one: the
+    largest bound times the largest multiplier is past 2**53 here."""
     multipliers = [
         numerics.FixedPointMultiplier(2**30, 31),  # acc / 2: a tie at every odd accumulator
         numerics.FixedPointMultiplier(2**30, 34),  # acc / 16: ties at 8 mod 16
         numerics.FixedPointMultiplier(3 * 2**28, 36),  # 3 acc / 256: ties where 3 acc = 128 mod 256
         NEAR_TIE,
     ]
+    bounds = [(numerics.FLOAT64_EXACT - 1) // m.multiplier if fits else 2**31 - 1 for m in multipliers]
+    assert max(bounds) * max(m.multiplier for m in multipliers) >= numerics.FLOAT64_EXACT
     rng = np.random.default_rng(0)
-    acc = rng.integers(-600, 600, (1, 4, 4, 64)).astype(np.int32)
-    acc[0, 3] = rng.integers(-bound, bound + 1, (4, 64))
-    acc[0, 3, 0, :4] = [bound, -bound, bound - 1, -(bound - 1)]
+    acc = np.stack([rng.integers(-bound, bound + 1, (4, 64)) for bound in bounds])[None].astype(np.int32)
+    acc[0, :, 0, :4] = [[bound, -bound, bound - 1, -(bound - 1)] for bound in bounds]
+    acc[0, :, 1, :4] = [[1, -1, 8, -8], [8, -8, 24, -24], [128, -128, 43, -43], [0, 1, -1, 2]]  # ties and near ties
     if not fits:
-        acc[0, 3, 1, :2] = [9110917, -9110917]
+        acc[0, 3, 2, :2] = [9110917, -9110917]
         assert np.round(np.float64(9110917) * NEAR_TIE.real) == 0  # where float64 would be wrong
-    module = requantize_module(4, multipliers, -3, bound)
+    module = requantize_module(4, multipliers, -3, bounds)
     assert ("R.round" in module.script()) is fits
     output, _ = run(module, 2, acc, tmp_path)
     rounded = requantize_channels(acc, [m.multiplier for m in multipliers], [m.shift for m in multipliers], axis=1)
     expected = saturate8(rounded - 3).astype(np.int8)
     np.testing.assert_array_equal(output, expected)
-    assert fits or (expected[0, 3, 1, 0], expected[0, 3, 1, 1]) == (1 - 3, -1 - 3)
+    assert fits or (expected[0, 3, 2, 0], expected[0, 3, 2, 1]) == (1 - 3, -1 - 3)

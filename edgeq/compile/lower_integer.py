@@ -155,12 +155,13 @@ def _requantize(
     rank: int,
     axis: int,
     zero_point: int = 0,
-    bound: int | None = None,
+    bounds: Sequence[int] | None = None,
 ) -> relax.Expr:
     """int32/int64 accumulator -> int8 (``edgeq.numerics.requantize``, the output zero point, saturation), per
-    channel on ``axis``; in float64 where ``bound``, the largest ``|acc|``, proves that exact, else in int64."""
+    channel on ``axis``; in float64 where ``bounds``, the largest ``|acc|`` each multiplier scales (one per channel,
+    or one), prove that exact for every channel, else in int64."""
     shape = _channel_shape(rank, axis, len(multipliers)) if len(multipliers) > 1 else [1] * rank
-    if bound is not None and exact_in_float64(bound * max(m.multiplier for m in multipliers)):
+    if bounds is not None and all(exact_in_float64(bound * m.multiplier) for bound, m in zip(bounds, multipliers, strict=True)):
         return _saturate(_rounded_in_float64([(acc, multipliers)], shape), zero_point, dtype="float64")
     # the multipliers fit int32: kernel selection keeps them so, for a 32 x 32 -> 64-bit multiply (vpmuldq, smull)
     product = R.multiply(R.astype(acc, "int64"), _i64([m.multiplier for m in multipliers], shape))
@@ -173,7 +174,7 @@ def _rescale(value: relax.Expr, source: _Activation, target: _Activation, rank: 
         return value
     multiplier = quantize_multiplier(real_multiplier(source.scale, target.scale), what=what)
     centred = _centred(value, source.zero_point)
-    return _requantize(centred, [multiplier], rank, 0, target.zero_point, largest_input_magnitude(source.zero_point))
+    return _requantize(centred, [multiplier], rank, 0, target.zero_point, [largest_input_magnitude(source.zero_point)])
 
 
 # ---- the rules ------------------------------------------------------------------------------------------------------
@@ -358,7 +359,7 @@ class _WeightedUnit:
         acc = integer_accumulator(m[self.source].args[0], values, bias, conv, source.zero_point)
         bounds = accumulator_bounds(values, bias, channel_axis, source.zero_point)
         multipliers = conv_multipliers(source.scale, weight_scales, output.scale, what=self.name, bounds=bounds)
-        return _requantize(acc, multipliers, rank, axis, output.zero_point, max(bounds))
+        return _requantize(acc, multipliers, rank, axis, output.zero_point, bounds)
 
 
 @LOWERING.register(Op.CONV2D, Op.LINEAR)
@@ -553,7 +554,7 @@ def _pool_rule() -> _Rule:
             total = R.subtract(total, relax.const(count * source_quant.zero_point, "int32"))
         multiplier = quantize_multiplier(real_multiplier(source_quant.scale, output.scale, count=count), what="pool")
         bound = count * largest_input_magnitude(source_quant.zero_point)
-        return _requantize(total, [multiplier], len(matched.ty.shape), 0, output.zero_point, bound)
+        return _requantize(total, [multiplier], len(matched.ty.shape), 0, output.zero_point, [bound])
 
     return _Rule("pool", quantize, rewrite)
 
@@ -608,7 +609,7 @@ def _product_rule(name: str, relax_op: str, accumulate: Accumulate) -> _Rule:
             [i.scale for i in inputs], output.scale, what=name, zero_points=zero_points, reduction_size=reduction_size
         )
         bound = product_accumulator_bound(reduction_size, zero_points)
-        return _requantize(acc, [multiplier], len(matched.ty.shape), 0, output.zero_point, bound)
+        return _requantize(acc, [multiplier], len(matched.ty.shape), 0, output.zero_point, [bound])
 
     return _Rule(name, quantize, rewrite)
 

@@ -7,9 +7,9 @@ error and the Spearman rank correlation between estimated and measured time per 
 into one kernel are summed). Goal: |total error| <= 20 %, Spearman >= 0.9.
 
 Each model is compared in several rounds. In each, the model is measured in the same interleaved runs as the
-calibration networks (``edgeq.perf.calibrate.calibrate_alongside``): this VM's speed drifts by up to 2x within minutes, and
-figures measured a minute before the model would price its kernels at another speed. The round of median error
-is printed, with every round's error and Spearman correlation.
+calibration networks (``edgeq.perf.calibrate.calibrate_alongside``): this VM's speed drifts by up to 2x within
+minutes, and figures measured a minute before the model would price its kernels at another speed. The round of
+median error is printed, with every round's error and Spearman correlation.
 
     .venv/bin/python benchmarks/perf_estimator_error.py [--models resnet18,mobilenet_v2,digits] [--rounds 5]
         [--worst 3]

@@ -193,9 +193,10 @@ def save_calibration(calibration: Calibration) -> Path:
 def _networks() -> list[tuple[object, object]]:
     """The calibration networks and their example inputs.
 
-    A large one at 56x56: convolutions of reduction depths from 16 to 576 and depthwise convolutions of two window
-    sizes (so that their MACs and their outputs are told apart), a residual add, linear layers, max and average
-    pooling and a global average pool. A small one at 8x8 and 4x4 (3x3 dense, depthwise and 1x1 convolutions, max
+    A large one at 56x56: 3x3 and 1x1 convolutions of reduction depths from 16 to 864 and depthwise convolutions of
+    two window sizes (so that their MACs, outputs and inputs are told apart), each kind also at stride 2 (inputs
+    four times their outputs), a residual add, a 3x3 max pool of stride 2, a global average pool and linear layers.
+    A small one at 8x8 and 4x4 (3x3 dense convolutions with a residual add, depthwise and 1x1 convolutions, max
     pooling, a global average pool, a linear layer): kernels small enough to run on one core, on data that stays in
     cache between runs, as a small model's does.
     """

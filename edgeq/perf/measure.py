@@ -6,7 +6,8 @@ the hook's own cost (a Python callback, which receives every argument of the cal
 inside every timed call: what it adds to kernels that do next to nothing (:func:`hook_cost`: about 0.7 us, and
 0.14 us more per argument here), timed between the runs, is subtracted from each call's time by its argument
 count (never below 0). The plain runs (:data:`PLAIN_BURST` back to back), the timed runs and the hook's are
-interleaved, so that a noisy machine's slow spells fall on all of them.
+interleaved, so that a noisy machine's slow spells fall on all of them; :func:`measure_together` interleaves
+several artifacts' rounds the same way.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -15,10 +15,10 @@ from torch import nn
 import edgeq
 from edgeq.compile import compile_model
 from edgeq.compile.compiled_graph import CompiledGraphError
-from edgeq.compile.cpu_features import DOT_PRODUCTS
+from edgeq.compile.cpu_features import DOT_PRODUCTS, dot_product, host_target
 from edgeq.errors import EdgeqError, TargetError
 from edgeq.perf.calibrate import Calibration, cached_calibration, calibrate_alongside, cpu_model, host_arch, host_figures, kernel_fingerprint, save_calibration
-from edgeq.perf.estimate import CPU_RATES, cpu_work, fused_into_producer, lane_occupancy, mac_class, mac_utilisation, spill_bytes
+from edgeq.perf.estimate import CPU_RATES, cpu_work, fused_into_producer, host_dot_product, lane_occupancy, mac_class, mac_utilisation, spill_bytes
 from edgeq.perf.measure import hook_cost, measure
 from edgeq.targets import TargetKind, list_targets, load_target
 from models import BilinearResizes, SmallCNN, Wrapped, integer_model
@@ -96,8 +96,10 @@ def test_cpu_fallback_and_transitions(tmp_path, monkeypatch):
     assert one_core == 3.5
     inputs = 3 * 16 * 16  # packed into the kernel's blocked layout
     work = stem.macs / cpu.conv2d_int8_macs_per_s + outputs / cpu.requantized_outputs_per_s + inputs / cpu.packed_inputs_per_s
-    filled = lane_occupancy(result.graph.op(stem.name), DOT_PRODUCTS[result.graph.dot_product])  # 3 input channels padded to 4
-    assert stem.utilisation == filled and stem.compute_ms == pytest.approx(one_core * work / filled * 1e3)
+    host_dot = host_dot_product(result.graph, load_target("npu-s"))  # aarch64 without dotprod, not this machine's
+    assert host_dot.name == "plain" and result.graph.dot_product == dot_product(host_target()).name
+    assert stem.utilisation == lane_occupancy(result.graph.op(stem.name), host_dot) == 1.0  # 8 lanes x 1 deep
+    assert stem.compute_ms == pytest.approx(one_core * work * 1e3)
     assert stem.memory_ms == pytest.approx(one_core * (3 * 256 + outputs + stem.weight_bytes) / cpu.memory_bytes_per_s * 1e3)
     assert stem.overhead_ms == pytest.approx((cpu.kernel_overhead_ns + cpu.mac_kernel_overhead_ns) * 1e-6)
     (transition,) = result.transitions
@@ -143,12 +145,13 @@ def test_cpu_work_of_each_op_kind(tmp_path):
     kinds = {op.op: op for op in reversed(graph.ops)}  # the first op of each kind
     conv, add, pool, linear = kinds["conv2d"], kinds["add"], kinds["max_pool2d"], kinds["linear"]
     elements = 2 * 16 * 8 * 8
-    filled = lane_occupancy(conv, DOT_PRODUCTS[graph.dot_product])  # the stem: 1 input channel of a block
-    assert cpu_work(conv, graph) == [elements * 9 / filled, 0, 0, 0, elements / filled, 2 * 1 * 8 * 8 / filled]
-    assert fused_into_producer(add, graph) and cpu_work(add, graph) == [0, 0, 0, 0, elements, 0]
-    assert not fused_into_producer(pool, graph) and cpu_work(pool, graph) == [0] * 6
-    filled = lane_occupancy(linear, DOT_PRODUCTS[graph.dot_product])
-    assert cpu_work(linear, graph) == [0, 0, 0, 2 * 32 * 10 / filled, 2 * 10 / filled, 2 * 32 / filled]
+    dot = DOT_PRODUCTS[graph.dot_product]
+    filled = lane_occupancy(conv, dot)  # the stem: 1 input channel of a block
+    assert cpu_work(conv, graph, dot) == [elements * 9 / filled, 0, 0, 0, elements / filled, 2 * 1 * 8 * 8 / filled]
+    assert fused_into_producer(add, graph) and cpu_work(add, graph, dot) == [0, 0, 0, 0, elements, 0]
+    assert not fused_into_producer(pool, graph) and cpu_work(pool, graph, dot) == [0] * 6
+    filled = lane_occupancy(linear, dot)
+    assert cpu_work(linear, graph, dot) == [0, 0, 0, 2 * 32 * 10 / filled, 2 * 10 / filled, 2 * 32 / filled]
     op = dataclasses.make_dataclass("Op", ["op", "attributes"])
     assert mac_class(op("conv2d", {"groups": 1, "kernel": [1, 1]})) == "pointwise"
     assert mac_class(op("conv2d", {"groups": 1, "kernel": [3, 3]})) == "conv2d"

@@ -32,7 +32,7 @@ from edgeq.check import CheckReport, check_qdq
 from edgeq.compile.artifact import CHECK, GRAPH, LIBRARY, NPU_PROGRAM, json_bytes, write_artifact
 from edgeq.compile.codegen import Machine, build_library, build_relax_module
 from edgeq.compile.compiled_graph import CompiledGraph, build_compiled_graph
-from edgeq.compile.cpu_features import dot_product
+from edgeq.compile.cpu_features import DotProduct, dot_product
 from edgeq.compile.kernel_map import kernel_map
 from edgeq.compile.pipeline import OPT_LEVELS, check_opt_level
 from edgeq.compile.schedules import TUNABLE, KernelSchedule
@@ -44,7 +44,7 @@ from edgeq.export.onnx_reader import QDQModel, read_qdq
 from edgeq.export.sources import ModelLike, quantized_form
 from edgeq.targets import Target, TargetKind, TargetLike, load_target, resolve_target
 
-__all__ = ["BuildPlan", "CompileError", "CompileResult", "compile_model", "plan_build"]
+__all__ = ["BuildPlan", "CompileError", "CompileResult", "compile_model", "kernels_dot_product", "plan_build"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,12 @@ def _machine(target: Target, simulate: bool) -> Machine:
     if cpu.llvm.mattr:
         llvm["mattr"] = list(cpu.llvm.mattr)
     return Machine(arch, llvm, None if native else f"{arch}-linux-gnu-g++")
+
+
+def kernels_dot_product(target: Target) -> DotProduct:
+    """The int8 dot product the CPU kernels of a build for ``target`` use (its host CPU's, for an NPU target; not
+    simulated)."""
+    return dot_product(tvm.target.Target(_machine(target, simulate=False).llvm))
 
 
 def _with_input_shapes(qdq: QDQModel, shapes: dict[str, Sequence[int]]) -> QDQModel:

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from edgeq.compile import CompileResult
 from edgeq.compile.compiled_graph import CompiledGraph, Op
+from edgeq.compile.cpu_features import DOT_PRODUCTS
 from edgeq.fileio import atomic_write, cache_dir, slug
 from edgeq.perf.estimate import CPU_RATES, MAC_OPS, cpu_work
 from edgeq.perf.measure import Measurement, measure_together, measurement_threads, vm_invocation
@@ -317,7 +318,7 @@ def _measure_figures(host: Target, folder: Path, artifacts: Sequence[str | Path]
     def work(ops: list[Op], graph: CompiledGraph) -> list[float]:
         """A kernel's work in the units of the rates: its ops' :func:`~.estimate.cpu_work`, then the bytes its
         first op moves (not a MAC kernel)."""
-        compute = [sum(amounts) for amounts in zip(*(cpu_work(op, graph) for op in ops))]
+        compute = [sum(amounts) for amounts in zip(*(cpu_work(op, graph, DOT_PRODUCTS[graph.dot_product]) for op in ops))]
         return [*compute, 0 if ops[0].op in MAC_OPS else ops[0].bytes_in + ops[0].bytes_out]
 
     fixed_on_all_cores, *per_unit = fit_nonnegative([[1.0, *work(ops, graph)] for ops, graph, _ in on_all_cores], [t for *_, t in on_all_cores])

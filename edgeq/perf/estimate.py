@@ -11,9 +11,10 @@ import math
 from edgeq.check.report import FLOAT_PLACEMENT
 from edgeq.compile.compiled_graph import CompiledGraph, Op
 from edgeq.compile.kernel_map import FUSED_FOLLOWERS, VIEW_OPS
+from edgeq.compile import kernels_dot_product
 from edgeq.compile.cpu_features import DOT_PRODUCTS, DotProduct
 from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
-from edgeq.targets import CpuFigures, Hardware, Target, TargetKind
+from edgeq.targets import CpuFigures, Hardware, Target, TargetKind, load_target
 
 MS = 1e3
 MAC_OPS = ("conv2d", "linear", "matmul")
@@ -58,14 +59,14 @@ def fused_into_producer(op: Op, graph: CompiledGraph) -> bool:
     return any(p.region == op.region and p.kernel == op.kernel for p in producers)
 
 
-def cpu_work(op: Op, graph: CompiledGraph) -> list[float]:
-    """An integer op's compute on a CPU in the units of :data:`CPU_RATES`: a MAC kernel's MACs under its class,
-    the output elements it requantizes and the input elements it packs, over the share of vector lanes it fills
-    (:func:`lane_occupancy`); the output elements an op fused into its producer's kernel requantizes (a residual
-    add); nothing for other ops, whose cost is the bytes they move."""
+def cpu_work(op: Op, graph: CompiledGraph, dot: DotProduct) -> list[float]:
+    """An integer op's compute on a CPU whose kernels use ``dot``, in the units of :data:`CPU_RATES`: a MAC
+    kernel's MACs under its class, the output elements it requantizes and the input elements it packs, over the
+    share of vector lanes it fills (:func:`lane_occupancy`); the output elements an op fused into its producer's
+    kernel requantizes (a residual add); nothing for other ops, whose cost is the bytes they move."""
     if op.op in MAC_OPS:
         macs = [op.macs if mac_class(op) == name else 0 for name in MAC_CLASSES]
-        occupancy = lane_occupancy(op, DOT_PRODUCTS[graph.dot_product])
+        occupancy = lane_occupancy(op, dot)
         return [amount / occupancy for amount in [*macs, _elements(graph, op.outputs), _elements(graph, op.inputs)]]
     rescales = op.requantization is not None and op.requantization.table is None
     outputs = _elements(graph, op.outputs) if rescales and fused_into_producer(op, graph) else 0
@@ -134,11 +135,21 @@ def spill_bytes(activation_bytes: int, weight_bytes: int, sram_bytes: int) -> in
     return activation_bytes + weight_bytes * (tiles - 1)
 
 
+def host_dot_product(graph: CompiledGraph, target: Target) -> DotProduct:
+    """The dot product of the CPU that runs ``graph``'s CPU layers on ``target`` (its host, for an NPU target): the
+    build's, unless the library was built for another architecture (a simulation on this machine)."""
+    host = load_target(target.host) if target.kind is TargetKind.NPU else target
+    if graph.arch == host.llvm.mtriple.split("-")[0]:
+        return DOT_PRODUCTS[graph.dot_product]
+    return kernels_dot_product(host)
+
+
 class _Estimator:
     def __init__(self, graph: CompiledGraph, target: Target, cpu: CpuFigures) -> None:
         self.graph = graph
         self.target = target
         self.cpu = cpu
+        self.dot = host_dot_product(graph, target)
         self.borders = {t for region in graph.regions for t in [*region.inputs, *region.outputs]}
 
     def layer(self, op: Op) -> LayerEstimate:
@@ -218,8 +229,8 @@ class _Estimator:
         if op.placement == FLOAT_PLACEMENT:
             utilisation, compute = 1.0, op.macs / self.cpu.float32_macs_per_s
         else:
-            utilisation = lane_occupancy(op, DOT_PRODUCTS[self.graph.dot_product])
-            compute = sum(amount / getattr(self.cpu, rate) for amount, rate in zip(cpu_work(op, self.graph), CPU_RATES))
+            utilisation = lane_occupancy(op, self.dot)
+            compute = sum(amount / getattr(self.cpu, rate) for amount, rate in zip(cpu_work(op, self.graph, self.dot), CPU_RATES))
         share = 1 if op.parallel else self.cpu.parallel_speedup  # the rates are for kernels on all cores
         memory = moved / self.cpu.memory_bytes_per_s
         fixed = self.cpu.kernel_overhead_ns + (op.op in MAC_OPS) * self.cpu.mac_kernel_overhead_ns + op.parallel * self.cpu.parallel_overhead_ns

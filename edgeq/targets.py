@@ -325,6 +325,11 @@ def load_target(target: str | Path | Target) -> Target:
 TargetLike = str | Path | Target
 
 
+def host_cpu(target: Target) -> Target:
+    """The CPU target that runs ``target``'s CPU layers: itself, or an NPU target's host."""
+    return load_target(target.host) if target.kind is TargetKind.NPU else target
+
+
 def resolve_target(target: TargetLike | None, recorded: str | None, source: str) -> Target:
     """The target given, else the one the model ``source`` records (edgeq stores it when it quantizes).
 

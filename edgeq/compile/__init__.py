@@ -42,7 +42,7 @@ from edgeq.compile.partition import Partition, TensorSpec, partition
 from edgeq.errors import CompileError
 from edgeq.export.onnx_reader import QDQModel, read_qdq
 from edgeq.export.sources import ModelLike, quantized_form
-from edgeq.targets import Target, TargetKind, TargetLike, load_target, resolve_target
+from edgeq.targets import Target, TargetKind, TargetLike, host_cpu, load_target, resolve_target
 
 __all__ = ["BuildPlan", "CompileError", "CompileResult", "compile_model", "kernels_dot_product", "plan_build"]
 
@@ -117,10 +117,8 @@ def _machine(target: Target, simulate: bool) -> Machine:
         if here not in ("x86_64", "aarch64"):
             raise CompileError(f"simulation needs an x86_64 or aarch64 build machine; this one is {platform.machine()}")
         cpu = load_target(here)
-    elif target.kind is TargetKind.NPU:
-        cpu = load_target(target.host)
     else:
-        cpu = target
+        cpu = host_cpu(target)
     arch = cpu.llvm.mtriple.split("-")[0]
     native = arch == here
     llvm = {"kind": "llvm", "mtriple": cpu.llvm.mtriple}

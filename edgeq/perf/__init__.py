@@ -22,7 +22,7 @@ from edgeq.quantization.integer_model import IntegerModel
 from edgeq.perf.calibrate import Calibration, calibrate, host_figures
 from edgeq.perf.estimate import estimate
 from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
-from edgeq.targets import Target, TargetKind, TargetLike, load_target
+from edgeq.targets import Target, TargetLike, host_cpu, load_target
 
 __all__ = [
     "Calibration",
@@ -47,8 +47,7 @@ def estimate_graph(graph: CompiledGraph, target: Target | None = None, source: s
     if target is not None and target.name != graph.target.name:
         raise EdgeqError(f"{source or 'the graph'} was compiled for {graph.target.name}, not {target.name}; compile it for {target.name}")
     resolved = target or load_target(graph.target.name)
-    host = load_target(resolved.host) if resolved.kind is TargetKind.NPU else resolved
-    figures, cpu_source = host_figures(host, recalibrate)
+    figures, cpu_source = host_figures(host_cpu(resolved), recalibrate)
     return estimate(graph, resolved, figures, cpu_source, source)
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 
 from edgeq.check.report import FLOAT_PLACEMENT
-from edgeq.compile.compiled_graph import CompiledGraph, Op
-from edgeq.compile.kernel_map import FUSED_FOLLOWERS, VIEW_OPS
 from edgeq.compile import kernels_dot_product
+from edgeq.compile.compiled_graph import CompiledGraph, Op
 from edgeq.compile.cpu_features import DOT_PRODUCTS, DotProduct
+from edgeq.compile.kernel_map import FUSED_FOLLOWERS, VIEW_OPS
 from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
-from edgeq.targets import CpuFigures, Hardware, Target, TargetKind, load_target
+from edgeq.targets import CpuFigures, Hardware, Target, TargetKind, host_cpu
 
 MS = 1e3
 MAC_OPS = ("conv2d", "linear", "matmul")
@@ -138,7 +138,7 @@ def spill_bytes(activation_bytes: int, weight_bytes: int, sram_bytes: int) -> in
 def host_dot_product(graph: CompiledGraph, target: Target) -> DotProduct:
     """The dot product of the CPU that runs ``graph``'s CPU layers on ``target`` (its host, for an NPU target): the
     build's, unless the library was built for another architecture (a simulation on this machine)."""
-    host = load_target(target.host) if target.kind is TargetKind.NPU else target
+    host = host_cpu(target)
     if graph.arch == host.llvm.mtriple.split("-")[0]:
         return DOT_PRODUCTS[graph.dot_product]
     return kernels_dot_product(host)

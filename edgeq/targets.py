@@ -52,6 +52,11 @@ class LLVMCodegen(_Strict):
     library is built for this machine, else LLVM's generic CPU of the triple."""
     mattr: tuple[str, ...] = ()
 
+    @property
+    def arch(self) -> str:
+        """The triple's architecture (``x86_64``, ``aarch64``)."""
+        return self.mtriple.split("-")[0]
+
 
 class Hardware(_Strict):
     """An NPU's figures, read by the op-support check and the performance estimator."""

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from edgeq.compile import compile_model
-from edgeq.compile.cpu_features import dot_product, host_target
 from edgeq.compile.compiled_graph import SCHEMA_VERSION, CompiledGraph, CompiledGraphError, load_compiled_graph
+from edgeq.compile.cpu_features import dot_product, host_target
 from edgeq.errors import EdgeqError
 from models import SmallCNN, Wrapped, integer_model
 

@@ -32,7 +32,7 @@ from edgeq.check import CheckReport, check_qdq
 from edgeq.compile.artifact import CHECK, GRAPH, LIBRARY, NPU_PROGRAM, json_bytes, write_artifact
 from edgeq.compile.codegen import Machine, build_library, build_relax_module
 from edgeq.compile.compiled_graph import CompiledGraph, build_compiled_graph
-from edgeq.compile.cpu_features import DotProduct, dot_product
+from edgeq.compile.cpu_features import DotProduct
 from edgeq.compile.kernel_map import kernel_map
 from edgeq.compile.pipeline import OPT_LEVELS, check_opt_level
 from edgeq.compile.schedules import TUNABLE, KernelSchedule
@@ -119,7 +119,7 @@ def _machine(target: Target, simulate: bool) -> Machine:
         cpu = load_target(here)
     else:
         cpu = host_cpu(target)
-    arch = cpu.llvm.mtriple.split("-")[0]
+    arch = cpu.llvm.arch
     native = arch == here
     llvm = {"kind": "llvm", "mtriple": cpu.llvm.mtriple}
     mcpu = cpu.llvm.mcpu or (llvm_get_system_cpu() if native else None)
@@ -133,7 +133,7 @@ def _machine(target: Target, simulate: bool) -> Machine:
 def kernels_dot_product(target: Target) -> DotProduct:
     """The int8 dot product the CPU kernels of a build for ``target`` use (its host CPU's, for an NPU target; not
     simulated)."""
-    return dot_product(tvm.target.Target(_machine(target, simulate=False).llvm))
+    return _machine(target, simulate=False).dot_product()
 
 
 def _with_input_shapes(qdq: QDQModel, shapes: dict[str, Sequence[int]]) -> QDQModel:
@@ -285,8 +285,7 @@ def compile_model(
         built = build_library(plan.module, plan.machine, opt_level, str(library), report_progress, records)
         library_bytes = library.read_bytes()
     step("codegen")
-    dot = dot_product(tvm.target.Target(plan.machine.llvm)).name
-    graph = build_compiled_graph(plan.qdq, plan.report, plan.partition, plan.machine.arch, dot)
+    graph = build_compiled_graph(plan.qdq, plan.report, plan.partition, plan.machine.arch, plan.machine.dot_product().name)
     graph = graph.with_kernels(kernel_map(built.executable, graph), {k.kernel for k in built.kernels if k.parallel})
 
     report_progress(f"write {out_path}")

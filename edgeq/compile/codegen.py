@@ -26,7 +26,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
 from edgeq.check.report import Placement
-from edgeq.compile.cpu_features import dot_product
+from edgeq.compile.cpu_features import DotProduct, dot_product
 from edgeq.compile.int8_activations import as_int8_activations
 from edgeq.compile.resize_coordinates import with_resize_coordinates_of_onnx
 from edgeq.compile.lower_integer import Conv2dSettings, integer_accumulator
@@ -161,6 +161,10 @@ class Machine:
         from tvm.support.cc import cross_compiler
 
         return {"fcompile": cross_compiler(self.compiler)}
+
+    def dot_product(self) -> DotProduct:
+        """The int8 dot product the kernels built for this machine use."""
+        return dot_product(tvm.target.Target(self.llvm))
 
 
 @dataclass(frozen=True)

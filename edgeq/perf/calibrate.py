@@ -142,8 +142,7 @@ def host_figures(host: Target, recalibrate: bool = False) -> tuple[CpuFigures, s
     Returns:
         (figures, ``"measured on <cpu>"`` or ``"nominal (<target file>)"``).
     """
-    arch = host.llvm.mtriple.split("-")[0]
-    if arch != host_arch():
+    if host.llvm.arch != host_arch():
         return host.perf, f"nominal ([perf] of {host.name}: this machine is {host_arch()})"
     calibration = None if recalibrate else cached_calibration()
     if calibration is None:

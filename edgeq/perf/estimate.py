@@ -139,7 +139,7 @@ def host_dot_product(graph: CompiledGraph, target: Target) -> DotProduct:
     """The dot product of the CPU that runs ``graph``'s CPU layers on ``target`` (its host, for an NPU target): the
     build's, unless the library was built for another architecture (a simulation on this machine)."""
     host = host_cpu(target)
-    if graph.arch == host.llvm.mtriple.split("-")[0]:
+    if graph.arch == host.llvm.arch:
         return DOT_PRODUCTS[graph.dot_product]
     return kernels_dot_product(host)
 

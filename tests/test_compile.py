@@ -13,6 +13,7 @@ from torch import nn
 
 from edgeq.cli import main
 from edgeq.compile import compile_model
+from edgeq.compile.cpu_features import dot_product, host_target
 from edgeq.errors import CompileError, TargetError
 from edgeq.export import to_onnx
 from edgeq.export.onnx_reader import load_onnx
@@ -90,6 +91,21 @@ def test_example_cnn_with_int32_output_is_exact(digits_integer_model, tmp_path):
     with Model.load(result.artifact) as model:
         raw_pixels = (pixels[:32].numpy().astype(np.int16) - 128).astype(np.int8)
         np.testing.assert_array_equal(model.run({"pixels": raw_pixels}, raw=True)["dequant"], int_model.run_integer(x).numpy())
+
+
+def test_activations_between_convolutions_are_blocked_exactly(tmp_path):
+    """The layout plan: conv1's output, read only by conv2's kernel (as its input and as its residual add), is
+    stored in blocks of channels by both kernels; conv2's output (read by the max pool) and conv3's (the global
+    pool) stay NCHW. The artifact equals the integer model."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 1, 8, 8)
+    int_model = integer_model(SmallCNN().eval(), example, "x86_64")
+    result = compile_model(int_model, (example,), out=tmp_path / "s.edgeq", target="x86_64", simulate=True)
+    suffix = f"_nchw{dot_product(host_target()).lanes}c"
+    blocked = {op.name: op.kernel.endswith(suffix) for op in result.graph.ops if op.op == "conv2d"}
+    assert blocked == {"conv1/Conv": True, "conv2/Conv": True, "conv3/Conv": False}
+    assert result.graph.op("add/Add").kernel == result.graph.op("conv2/Conv").kernel
+    assert_artifact_exact(result.artifact, int_model, torch.randn(2, 1, 8, 8))
 
 
 def test_shufflenet_alternates_regions_exactly(tmp_path):

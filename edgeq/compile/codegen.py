@@ -183,9 +183,9 @@ def scheduled_module(module: relax.IRModule, target: tvm.target.Target, opt_leve
 
 
 def fused_module(module: relax.IRModule, target: tvm.target.Target) -> relax.IRModule:
-    """``module`` (integer-lowered) through the pipeline of ``-O2`` up to and including the ``fuse`` stage: the
-    unscheduled fused kernels, the workloads of ``edgeq tune``."""
-    return run_stages(module, target, split_at(_build_stages(2, target)[0], "fuse")[0])
+    """``module`` (integer-lowered) through the pipeline of ``-O2`` up to the ``schedule`` stage: the unscheduled
+    fused kernels in their planned layouts, the workloads of ``edgeq tune``."""
+    return run_stages(module, target, split_at(_build_stages(2, target)[0], "plan_layout")[0])
 
 
 def _build_stages(opt_level: int, target: tvm.target.Target, tuned: TunedSchedules | None = None) -> tuple[list[Stage], list[Stage]]:

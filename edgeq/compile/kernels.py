@@ -4,7 +4,8 @@ Each kernel keeps the signature of the Relax op it replaces (NCHW int8 in, NCHW 
 requantization epilogue fuses after it as before; inside, it packs the input so that ``depth`` input channels
 are contiguous, multiplies with weights packed at compile time into ``lanes x depth`` blocks, and unpacks the
 int32 accumulator. Channels are padded with zeros to whole blocks (any channel count works). Block names are
-the contract with :mod:`edgeq.compile.schedules`.
+the contract with :mod:`edgeq.compile.schedules` and :mod:`edgeq.compile.layout_plan` (which, after fusion, may
+store a kernel's int8 input and output in blocks of channels and its packed input in the same blocks).
 """
 
 from __future__ import annotations

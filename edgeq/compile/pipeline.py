@@ -7,6 +7,7 @@
 | ``select_kernels`` | legalization; int8 conv2d / matmul become edgeq's blocked kernels (:mod:`.select_kernels`) | 1, 2 |
 | ``legalize`` | TVM's legalization of every op into its default kernel | 0 |
 | ``fuse`` | op patterns, constant folding, operator fusion, FuseTIR | 1, 2 |
+| ``plan_layout`` | int8 activations between convolution kernels stored in blocks of channels (:mod:`.layout_plan`) | 1, 2 |
 | ``schedule`` | tuned schedules from tuning records, else edgeq's default schedules (:mod:`edgeq.compile.schedules`); parallel tiles at level 2 | 1, 2 |
 | ``lower_dataflow`` | TVM's dataflow lowering | all |
 | ``finalize`` | TVM's memory planning and VM lowering | all |
@@ -23,6 +24,7 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 
 from edgeq.compile.cpu_features import dot_product
+from edgeq.compile.layout_plan import plan_layouts
 from edgeq.compile.lower_integer import lower_to_integer
 from edgeq.compile.schedules import TunedSchedules, schedule_kernels
 from edgeq.compile.select_kernels import select_kernels
@@ -71,6 +73,7 @@ def stages(opt_level: int, target: tvm.target.Target, tuned: TunedSchedules | No
         listed += [
             Stage("select_kernels", (select_kernels(dot),)),
             Stage("fuse", (relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR())),
+            Stage("plan_layout", (plan_layouts(dot),)),
             Stage("schedule", (schedule_kernels(dot, parallel=opt_level >= 2, tuned=tuned),)),
         ]
     listed += [

@@ -68,11 +68,16 @@ here on whole models, neither wins everywhere (channels: resnet18 and mobilenet_
 mobilenet_v3_small a few % slower), so the tuner decides per kernel."""
 
 
+def _blocked_output(sch: s_tir.Schedule, last: s_tir.schedule.SBlockRV) -> bool:
+    """Whether the kernel stores its output in blocks of channels (:mod:`edgeq.compile.layout_plan`)."""
+    return len(sch.get(last).writes[0].region) == 5
+
+
 def _epilogue_lanes(sch: s_tir.Schedule, last: s_tir.schedule.SBlockRV, tile_loop: LoopRV, choose: Choices) -> None:
     """The epilogue's channels on the vector lanes, where ``choose`` says so (see :data:`CHANNELS_ON_LANES`). Its
     loops over the tile are one per output axis (:func:`_epilogue_at` keeps the unit ones): batch, channels, row,
     columns."""
-    lanes = choose.pick(sch, 2, COLUMNS_ON_LANES)
+    lanes = choose.pick(sch, 2, CHANNELS_ON_LANES if _blocked_output(sch, last) else COLUMNS_ON_LANES)
     if lanes == CHANNELS_ON_LANES:
         loops = sch.get_loops(last)
         _, channels, _, columns = loops[[sch.get(loop).same_as(sch.get(tile_loop)) for loop in loops].index(True) + 1 :]

@@ -1,0 +1,155 @@
+"""Layout planning: int8 activations passed between edgeq's blocked kernels stay in blocks of channels.
+
+A convolution kernel (:mod:`edgeq.compile.kernels`) computes channels in blocks. Given NCHW tensors, it packs
+its input into blocks first and scatters its output back over the channel planes; between two such kernels,
+that is a round trip through NCHW for nothing. This stage (after fusion, before scheduling) finds every int8
+activation made by a convolution kernel and read only by convolution kernels (a residual add fused into one
+included), and stores it as ``[N, C/B, H, W, B]`` (``NCHW{B}c``, ``B`` = the dot product's lanes): the producer's
+epilogue stores a column's channels contiguously, and the consumers' packing stages read them so. Everything
+else keeps NCHW, so no layout conversion is ever added: a tensor is blocked only where every kernel touching
+it takes it blocked. Blocking moves where values are stored, never what they are: results are identical.
+
+The kernels get their blocked form by TIR's ``transform_layout`` on their parameters (a copy per combination of
+blocked parameters, named with a ``_nchw{B}c`` suffix).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import tvm
+from tvm import relax, s_tir, tirx
+
+from edgeq.compile import kernels
+from edgeq.compile.cpu_features import DotProduct
+
+CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+
+
+def blocked_layout(block: int):
+    """The index map NCHW -> ``[N, C/block, H, W, block]``."""
+    return lambda n, c, h, w: [n, c // block, h, w, c % block]
+
+
+def _is_convolution_kernel(function: tirx.PrimFunc) -> bool:
+    """A convolution kernel of :mod:`edgeq.compile.kernels` (its reduction block is named after it)."""
+    sch = s_tir.Schedule(function)
+    names = {sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))}
+    return bool(names & {kernels.CONV, kernels.DEPTHWISE})
+
+
+def _blockable(var: relax.Var, block: int) -> bool:
+    """An int8 NCHW dataflow tensor of static shape whose channels fill whole blocks."""
+    info = var.ty
+    if not isinstance(var, relax.DataflowVar) or not isinstance(info, relax.TensorType) or str(info.dtype) != "int8" or info.ndim != 4:
+        return False
+    shape = info.shape.values if info.shape is not None else None
+    return shape is not None and all(isinstance(d, tirx.IntImm) for d in shape) and int(shape[1]) % block == 0
+
+
+def _is_kernel_call(value: relax.Expr) -> bool:
+    return isinstance(value, relax.Call) and value.op.same_as(CALL_TIR)
+
+
+def _reads(value: relax.Expr) -> list[relax.Var]:
+    """The variables a binding's value reads (a kernel call: its tensor arguments, once per argument)."""
+    if _is_kernel_call(value):
+        return [argument for argument in value.args[1].fields if isinstance(argument, relax.Var)]
+    return list(relax.analysis.free_vars(value))
+
+
+def _blocked_tensors(module: tvm.IRModule, function: relax.Function, block: int) -> set[relax.Var]:
+    """The tensors of ``function`` made by a convolution kernel and read only by convolution kernels."""
+    bindings = relax.analysis.get_var2val(function)
+    convolutions = {var for var, value in bindings.items() if _is_kernel_call(value) and _is_convolution_kernel(module[value.args[0]])}
+    reads: Counter[relax.Var] = Counter()
+    reads_by_convolutions: Counter[relax.Var] = Counter()
+    for var, value in bindings.items():
+        for used in _reads(value):
+            reads[used] += 1
+            reads_by_convolutions[used] += var in convolutions
+    return {var for var in convolutions if _blockable(var, block) and 0 < reads[var] == reads_by_convolutions[var]}
+
+
+def _with_blocked_parameters(function: tirx.PrimFunc, positions: list[int], block: int) -> tirx.PrimFunc:
+    """``function`` with the NCHW buffers of its parameters at ``positions`` stored blocked."""
+    sch = s_tir.Schedule(function)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    for position in positions:
+        buffer = function.params[position]
+        accessing = next(
+            b for b in blocks if any(region.source.same_as(buffer) for region in [*sch.get(b).reads, *sch.get(b).writes])
+        )
+        sch.transform_layout(accessing, buffer, blocked_layout(block))
+        if sch.get(accessing).name_hint == kernels.PACK:
+            _pack_in_blocks(sch, accessing, block)
+    return sch.mod["main"]
+
+
+def _pack_in_blocks(sch: s_tir.Schedule, pack: s_tir.schedule.SBlockRV, block: int) -> None:
+    """A convolution's packed input (``[N, C/depth, H, W, depth]``) re-blocked as ``[N, C/block, H, W, block]``,
+    the layout of its blocked input: packing is then a contiguous copy (a widening or an offset on the way)."""
+    depth = int(sch.get(pack).writes[0].source.shape[-1])
+    if depth >= block:
+        return
+    per_block = block // depth
+    index = lambda n, c_block, y, x, c: [n, c_block // per_block, y, x, c_block % per_block * depth + c]  # noqa: E731
+    sch.transform_layout(pack, ("write", 0), index)
+    sch.transform_block_layout(pack, index)
+
+
+@relax.expr_functor.mutator
+class _Planner(relax.PyExprMutator):
+    """Rewrites each kernel call that reads or makes a blocked tensor into a call of a blocked copy of its kernel
+    (one copy per kernel and combination of blocked parameters; the output is the kernel's last parameter)."""
+
+    def __init__(self, module: tvm.IRModule, block: int) -> None:
+        super().__init__(module)
+        self.module = module
+        self.block = block
+        self.blocked: set[relax.Var] = set()
+        self.copies: dict[tuple[str, tuple[int, ...]], relax.GlobalVar] = {}
+
+    def plan(self) -> tvm.IRModule:
+        for global_var, function in self.module.functions_items():
+            if isinstance(function, relax.Function):
+                self.blocked = _blocked_tensors(self.module, function, self.block)
+                self.builder_.update_func(global_var, self.visit_expr(function))
+        return self.builder_.get()
+
+    def _copy(self, callee: relax.GlobalVar, positions: tuple[int, ...]) -> relax.GlobalVar:
+        key = (callee.name_hint, positions)
+        if key not in self.copies:
+            function = _with_blocked_parameters(self.module[callee], list(positions), self.block)
+            self.copies[key] = self.builder_.add_func(function, f"{callee.name_hint}_nchw{self.block}c")
+        return self.copies[key]
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        value = binding.value
+        if not _is_kernel_call(value):
+            super().visit_var_binding_(binding)
+            return
+        arguments = list(value.args[1].fields)
+        positions = [i for i, argument in enumerate(arguments) if argument in self.blocked]
+        if binding.var in self.blocked:
+            positions.append(len(arguments))
+        if not positions:
+            super().visit_var_binding_(binding)
+            return
+        output = binding.var.ty
+        if binding.var in self.blocked:
+            n, c, h, w = output.shape.values
+            output = relax.TensorType([n, c // self.block, h, w, self.block], output.dtype)
+        call = relax.call_tir(self._copy(value.args[0], tuple(positions)), [self.visit_expr(a) for a in arguments], output)
+        self.set_var_remap(binding.var, self.builder_.emit(call, binding.var.name))
+
+
+def plan_layouts(dot: DotProduct) -> tvm.transform.Pass:
+    """The module pass storing the int8 activations between convolution kernels in blocks of ``dot.lanes``
+    channels (see the module's docstring); kernels no call uses any more are removed."""
+
+    @tvm.transform.module_pass(opt_level=0, name="edgeq.PlanLayouts")
+    def run(module: tvm.IRModule, _context: tvm.transform.PassContext) -> tvm.IRModule:
+        return relax.transform.DeadCodeElimination()(_Planner(module, dot.lanes).plan())
+
+    return run

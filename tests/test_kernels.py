@@ -268,8 +268,24 @@ def test_requantization_in_float64_is_exact_up_to_its_bound(fits, tmp_path):
         assert np.round(np.float64(9110917) * NEAR_TIE.real) == 0  # where float64 would be wrong
     module = requantize_module(4, multipliers, -3, bounds)
     assert ("R.round" in module.script()) is fits
+    assert ('dtype="int32") = R.clip' in module.script()) is fits  # clamped in int32: every result is below 2**31
     output, _ = run(module, 2, acc, tmp_path)
     rounded = requantize_channels(acc, [m.multiplier for m in multipliers], [m.shift for m in multipliers], axis=1)
     expected = saturate8(rounded - 3).astype(np.int8)
     np.testing.assert_array_equal(output, expected)
     assert fits or (expected[0, 3, 2, 0], expected[0, 3, 2, 1]) == (1 - 3, -1 - 3)
+
+
+def test_requantization_past_int32_is_clamped_in_float64(tmp_path):
+    """A real multiplier of 1024 (``M = 2**30``, ``n = 20``) takes accumulators up to ``2**22`` to ``2**32``: exact in
+    float64 (``bound * M = 2**52``) but past int32, so the zero point and the clamp stay in float64; an int32
+    conversion would wrap the largest outputs to -128."""
+    multiplier = numerics.FixedPointMultiplier(2**30, 20)
+    module = requantize_module(1, [multiplier], -3, [2**22])
+    assert "R.round" in module.script() and 'dtype="float64") = R.clip' in module.script()
+    acc = np.zeros((1, 1, 4, 64), np.int32)
+    acc[0, 0, 0, :6] = [2**22, -(2**22), 2**21 + 5, -(2**21), 1, -1]
+    output, _ = run(module, 2, acc, tmp_path)
+    expected = saturate8(requantize_channels(acc, [multiplier.multiplier], [multiplier.shift], axis=1) - 3).astype(np.int8)
+    np.testing.assert_array_equal(output, expected)
+    assert list(output[0, 0, 0, :6]) == [127, -128, 127, -128, 127, -128]

@@ -136,17 +136,29 @@ Term = tuple[relax.Expr, Sequence[FixedPointMultiplier]]
 """An integer tensor and the multipliers it is scaled by (one, or one per channel)."""
 
 
-def _rounded_in_float64(terms: Sequence[Term], shape: Sequence[int]) -> relax.Expr:
-    """``nearbyint(Σ float64(value) * float64(M * 2**-n))``, each term's multipliers shaped as ``shape``: a float64
-    holding the rounded requantization where :func:`edgeq.numerics.exact_in_float64` proves it exact
+def _rounded_in_float64(terms: Sequence[Term], shape: Sequence[int], zero_point: int, largest: int) -> relax.Expr:
+    """``saturate(nearbyint(Σ float64(value) * float64(M * 2**-n)) + zero_point)`` as int8, each term's multipliers
+    shaped as ``shape``: the requantization where :func:`edgeq.numerics.exact_in_float64` proves it exact
     (docs/numerics.md section 6). A convert, a multiply and a round, where the int64 form needs a 64-bit shift
-    that AVX2 lacks."""
+    that AVX2 lacks. ``largest``: a bound on ``|Σ value * M * 2**-n|``; below :data:`INT32_EXACT` the rounded
+    value converts to int32 exactly, so the zero point and the clamp take twice the vector lanes of float64."""
     total = None
     for value, multipliers in terms:
         factors = np.array([m.real for m in multipliers], np.float64).reshape(shape)
         term = R.multiply(R.astype(value, "float64"), relax.const(factors, "float64"))
         total = term if total is None else R.add(total, term)
-    return R.round(total)
+    if largest < INT32_EXACT:
+        return _saturate(R.astype(R.round(total), "int32"), zero_point, dtype="int32")
+    return _saturate(R.round(total), zero_point, dtype="float64")
+
+
+INT32_EXACT = 2**31 - 2**8
+"""Rounded requantizations below this convert to int32 exactly, and stay in int32 when a zero point is added."""
+
+
+def _largest_rounded(bounds: Sequence[int], multipliers: Sequence[FixedPointMultiplier]) -> int:
+    """A bound on ``|acc * M * 2**-n|`` over channels, for accumulators bounded by ``bounds`` (per channel)."""
+    return max((bound * m.multiplier >> m.shift) + 1 for bound, m in zip(bounds, multipliers, strict=True))
 
 
 def _requantize(
@@ -162,7 +174,7 @@ def _requantize(
     or one), prove that exact for every channel, else in int64."""
     shape = _channel_shape(rank, axis, len(multipliers)) if len(multipliers) > 1 else [1] * rank
     if bounds is not None and all(exact_in_float64(bound * m.multiplier) for bound, m in zip(bounds, multipliers, strict=True)):
-        return _saturate(_rounded_in_float64([(acc, multipliers)], shape), zero_point, dtype="float64")
+        return _rounded_in_float64([(acc, multipliers)], shape, zero_point, _largest_rounded(bounds, multipliers))
     # the multipliers fit int32: kernel selection keeps them so, for a 32 x 32 -> 64-bit multiply (vpmuldq, smull)
     product = R.multiply(R.astype(acc, "int64"), _i64([m.multiplier for m in multipliers], shape))
     return _saturate(_round_shift(product, [m.shift for m in multipliers], shape), zero_point)
@@ -383,7 +395,8 @@ def _add_rule() -> _Rule:
             (_centred(m[d].args[0], i.zero_point), [FixedPointMultiplier(f, shift)])
             for d, i, f in zip((left, right), inputs, multipliers)
         ]
-        return _saturate(_rounded_in_float64(terms, [1] * len(matched.ty.shape)), output.zero_point, dtype="float64")
+        largest = sum(_largest_rounded([ACTIVATION_QMAX - ACTIVATION_QMIN], factors) for _, factors in terms)
+        return _rounded_in_float64(terms, [1] * len(matched.ty.shape), output.zero_point, largest)
 
     return _Rule("add", quantize, rewrite)
 

@@ -72,20 +72,30 @@ here on whole models, neither wins everywhere (channels: resnet18 and mobilenet_
 mobilenet_v3_small a few % slower), so the tuner decides per kernel."""
 
 
+def _output_block(sch: s_tir.Schedule, last: s_tir.schedule.SBlockRV) -> int | None:
+    """Channels per block of the kernel's output where the layout plan stores it in blocks
+    (:mod:`edgeq.compile.layout_plan`); None for NCHW."""
+    write = sch.get(last).writes[0]
+    return int(write.source.shape[-1]) if len(write.region) == 5 else None
+
+
 def _blocked_output(sch: s_tir.Schedule, last: s_tir.schedule.SBlockRV) -> bool:
-    """Whether the kernel stores its output in blocks of channels (:mod:`edgeq.compile.layout_plan`)."""
-    return len(sch.get(last).writes[0].region) == 5
+    return _output_block(sch, last) is not None
 
 
 def _epilogue_lanes(sch: s_tir.Schedule, last: s_tir.schedule.SBlockRV, tile_loop: LoopRV, choose: Choices) -> None:
     """The epilogue's channels on the vector lanes, where ``choose`` says so (see :data:`CHANNELS_ON_LANES`). Its
     loops over the tile are one per output axis (:func:`_epilogue_at` keeps the unit ones): batch, channels, row,
-    columns."""
-    lanes = choose.pick(sch, 2, CHANNELS_ON_LANES if _blocked_output(sch, last) else COLUMNS_ON_LANES)
+    columns. A blocked output takes vectors of one block's channels (a depthwise tile spans two blocks of AVX2's:
+    as one vector, its stores were scattered byte by byte)."""
+    block = _output_block(sch, last)
+    lanes = choose.pick(sch, 2, COLUMNS_ON_LANES if block is None else CHANNELS_ON_LANES)
     if lanes == CHANNELS_ON_LANES:
         loops = sch.get_loops(last)
         _, channels, _, columns = loops[[sch.get(loop).same_as(sch.get(tile_loop)) for loop in loops].index(True) + 1 :]
         sch.reorder(columns, channels)
+        if block is not None and _extent(sch, channels) > block:
+            channels = sch.split(channels, [None, block])[1]
         sch.vectorize(channels)
 
 

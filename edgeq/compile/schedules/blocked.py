@@ -23,6 +23,12 @@ MAX_TILE = 8
 """Output columns accumulated together by the default schedules (register tile): enough independent accumulators
 to hide the latency of the multiply-add."""
 
+REDUCTION_UNROLL = 4
+"""Input-channel steps (``depth`` channels each) of a 1x1 convolution unrolled together, where they divide the
+steps: the loop's overhead and the blocked input's address arithmetic are paid once per 4 steps. Measured here
+(AVX2, paired A/B): mobilenet_v2 and its ONNX Runtime file 0.92x the time; 8 steps no better; 3x3 convolutions
+(steps inside the kernel window) 1.07x slower, so they keep one."""
+
 MAX_SAMPLED_COLUMNS = 16
 """Output columns of a register tile the tuner may try."""
 
@@ -142,11 +148,14 @@ def schedule_conv2d(sch: s_tir.Schedule, dot: DotProduct, parallel: bool, choose
     (oo, oi), (xo, xi) = _register_tile(sch, o, x, lane, _blocked_output(sch, last), choose)
     pointwise = _extent(sch, ry) == _extent(sch, rx) == 1
     outer = _tile_loops(sch, b, oo, y, choose, ROWS_OUTER if pointwise else CHANNELS_OUTER)
+    steps = REDUCTION_UNROLL if pointwise and _extent(sch, rc) % REDUCTION_UNROLL == 0 else 1
+    rc, rci = sch.split(rc, [None, steps])
     if dot.intrinsic is None:
-        sch.reorder(*outer, xo, rc, ry, rx, rk, oi, xi, lane)
+        sch.reorder(*outer, xo, rc, ry, rx, rci, rk, oi, xi, lane)
         sch.vectorize(lane)
     else:
-        sch.reorder(*outer, xo, rc, ry, rx, oi, xi, lane, rk)
+        sch.reorder(*outer, xo, rc, ry, rx, rci, oi, xi, lane, rk)
+    sch.unroll(rci)
     sch.unroll(oi)
     sch.unroll(xi)
     if _epilogue_at(sch, last, xo, parallel):

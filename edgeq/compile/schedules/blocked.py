@@ -72,9 +72,10 @@ def _epilogue_at(sch: s_tir.Schedule, last: s_tir.schedule.SBlockRV, tile_loop: 
 
 COLUMNS_ON_LANES, CHANNELS_ON_LANES = 0, 1
 """What a convolution's epilogue computes on the vector lanes (its two loops over the tile): a channel's output
-columns (the default: contiguous int8 stores in the NCHW output, the int32 accumulators gathered per channel), or
-a column's channels (the accumulators read as they lie, the stores scattered over the channels' planes). Measured
-here on whole models, neither wins everywhere (channels: resnet18 and mobilenet_v2 about 5-8 % faster,
+columns (the default for an NCHW output: contiguous int8 stores, the int32 accumulators gathered per channel), or a
+column's channels (the accumulators read as they lie; the default for a blocked output, where the stores are
+contiguous too; for an NCHW output they are scattered over the channels' planes). On NCHW outputs, measured here
+on whole models, neither wins everywhere (channels: resnet18 and mobilenet_v2 about 5-8 % faster,
 mobilenet_v3_small a few % slower), so the tuner decides per kernel."""
 
 

@@ -22,6 +22,7 @@ from tvm import relax, s_tir, tirx
 
 from edgeq.compile import kernels
 from edgeq.compile.cpu_features import DotProduct
+from edgeq.compile.schedules import classify
 
 CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
@@ -31,11 +32,13 @@ def blocked_layout(block: int):
     return lambda n, c, h, w: [n, c // block, h, w, c % block]
 
 
+CONVOLUTION_SCHEDULES = ("conv2d", "conv2d_1x1", "depthwise_conv2d")
+"""The kernels (by :func:`edgeq.compile.schedules.classify`) whose int8 inputs and outputs may be blocked."""
+
+
 def _is_convolution_kernel(function: tirx.PrimFunc) -> bool:
-    """A convolution kernel of :mod:`edgeq.compile.kernels` (its reduction block is named after it)."""
-    sch = s_tir.Schedule(function)
-    names = {sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))}
-    return bool(names & {kernels.CONV, kernels.DEPTHWISE})
+    """A convolution kernel of :mod:`edgeq.compile.kernels`."""
+    return classify(s_tir.Schedule(function)) in CONVOLUTION_SCHEDULES
 
 
 def _blockable(var: relax.Var, block: int) -> bool:
@@ -108,7 +111,7 @@ class _Planner(relax.PyExprMutator):
         self.module = module
         self.block = block
         self.blocked: set[relax.Var] = set()
-        self.copies: dict[tuple[str, tuple[int, ...]], relax.GlobalVar] = {}
+        self.copies: dict[tuple[str, tuple[int, ...]], tuple[relax.GlobalVar, tirx.PrimFunc]] = {}
 
     def plan(self) -> tvm.IRModule:
         for global_var, function in self.module.functions_items():
@@ -117,11 +120,11 @@ class _Planner(relax.PyExprMutator):
                 self.builder_.update_func(global_var, self.visit_expr(function))
         return self.builder_.get()
 
-    def _copy(self, callee: relax.GlobalVar, positions: tuple[int, ...]) -> relax.GlobalVar:
+    def _copy(self, callee: relax.GlobalVar, positions: tuple[int, ...]) -> tuple[relax.GlobalVar, tirx.PrimFunc]:
         key = (callee.name_hint, positions)
         if key not in self.copies:
             function = _with_blocked_parameters(self.module[callee], list(positions), self.block)
-            self.copies[key] = self.builder_.add_func(function, f"{callee.name_hint}_nchw{self.block}c")
+            self.copies[key] = self.builder_.add_func(function, f"{callee.name_hint}_nchw{self.block}c"), function
         return self.copies[key]
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
@@ -136,11 +139,10 @@ class _Planner(relax.PyExprMutator):
         if not positions:
             super().visit_var_binding_(binding)
             return
-        output = binding.var.ty
-        if binding.var in self.blocked:
-            n, c, h, w = output.shape.values
-            output = relax.TensorType([n, c // self.block, h, w, self.block], output.dtype)
-        call = relax.call_tir(self._copy(value.args[0], tuple(positions)), [self.visit_expr(a) for a in arguments], output)
+        kernel, function = self._copy(value.args[0], tuple(positions))
+        output = function.params[-1]  # the copy's output buffer, in its layout
+        output_type = relax.TensorType([int(d) for d in output.shape], binding.var.ty.dtype)
+        call = relax.call_tir(kernel, [self.visit_expr(a) for a in arguments], output_type)
         self.set_var_remap(binding.var, self.builder_.emit(call, binding.var.name))
 
 

@@ -136,6 +136,10 @@ Term = tuple[relax.Expr, Sequence[FixedPointMultiplier]]
 """An integer tensor and the multipliers it is scaled by (one, or one per channel)."""
 
 
+INT32_EXACT = 2**31 - 2**8
+"""Rounded requantizations below this convert to int32 exactly, and stay in int32 when a zero point is added."""
+
+
 def _rounded_in_float64(terms: Sequence[Term], shape: Sequence[int], zero_point: int, largest: int) -> relax.Expr:
     """``saturate(nearbyint(Σ float64(value) * float64(M * 2**-n)) + zero_point)`` as int8, each term's multipliers
     shaped as ``shape``: the requantization where :func:`edgeq.numerics.exact_in_float64` proves it exact
@@ -150,10 +154,6 @@ def _rounded_in_float64(terms: Sequence[Term], shape: Sequence[int], zero_point:
     if largest < INT32_EXACT:
         return _saturate(R.astype(R.round(total), "int32"), zero_point, dtype="int32")
     return _saturate(R.round(total), zero_point, dtype="float64")
-
-
-INT32_EXACT = 2**31 - 2**8
-"""Rounded requantizations below this convert to int32 exactly, and stay in int32 when a zero point is added."""
 
 
 def _largest_rounded(bounds: Sequence[int], multipliers: Sequence[FixedPointMultiplier]) -> int:

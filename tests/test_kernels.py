@@ -14,6 +14,7 @@ from edgeq.compile.codegen import Machine, build_library
 from edgeq.compile.cpu_features import dot_product, dot_product_features, host_target
 from edgeq.compile.lower_integer import Conv2dSettings, _requantize, integer_accumulator
 from edgeq.compile import schedules
+from edgeq.compile.select_kernels import select_kernels
 from edgeq.compile.schedules import SCHEDULES, TUNABLE, classify, design_space
 from edgeq.compile.tuning_records import as_workload
 from edgeq import numerics
@@ -248,7 +249,7 @@ float64 holds there (the rounded product is the tie, which rounds to 0)."""
 @pytest.mark.parametrize("fits", [True, False], ids=["float64 form", "int64 form"])
 def test_requantization_in_float64_is_exact_up_to_its_bound(fits, tmp_path):
     """Where every channel's ``bound * M < 2**53`` the epilogue rounds a float64 product (docs/numerics.md section
-    6), else it shifts an int64 one; both equal the int64 reference on exact ties and at each channel's largest
+    6; here by adding ``1.5 * 2**52``, :func:`edgeq.compile.kernels.round_to_int32`), else it shifts an int64 one; both equal the int64 reference on exact ties and at each channel's largest
     accumulators, and the int64 form where float64 would be one step off. Channels are checked one by one: the
     largest bound times the largest multiplier is past 2**53 here."""
     multipliers = [
@@ -269,6 +270,8 @@ def test_requantization_in_float64_is_exact_up_to_its_bound(fits, tmp_path):
     module = requantize_module(4, multipliers, -3, bounds)
     assert ("R.round" in module.script()) is fits
     assert ('dtype="int32") = R.clip' in module.script()) is fits  # clamped in int32: every result is below 2**31
+    selected = select_kernels(HERE_DOT)(module)
+    assert any(gv.name_hint.startswith("round_to_int32") for gv in selected.functions) is fits  # rounded by an add
     output, _ = run(module, 2, acc, tmp_path)
     rounded = requantize_channels(acc, [m.multiplier for m in multipliers], [m.shift for m in multipliers], axis=1)
     expected = saturate8(rounded - 3).astype(np.int8)

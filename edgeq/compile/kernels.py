@@ -126,6 +126,22 @@ def depthwise_conv2d(data: te.Tensor, packed: te.Tensor, strides, padding, dilat
     return te.compute((n, channels, out_h, out_w), lambda b, c, y, x: acc[b, c // lanes, y, x, c % lanes], name=UNPACK)
 
 
+ROUNDING_OFFSET = 1.5 * 2.0**52
+"""Added to a float64 below 2**51 in magnitude, it leaves the value rounded half to even to an integer in the
+low bits of the sum (the ulp of [2**52, 2**53) is 1; the current rounding mode, nearest even, rounds)."""
+
+
+def round_to_int32(data: te.Tensor) -> te.Tensor:
+    """``int32(nearbyint(x))`` of a float64 tensor whose rounded values fit int32, as the low 32 bits of
+    ``x + 1.5·2**52`` (:data:`ROUNDING_OFFSET`): an add and a narrowing move where ``nearbyint`` and a conversion
+    cost a rounding and a two-step convert. Equal wherever the original is defined (its result fits int32)."""
+
+    def rounded(*index):
+        return tirx.reinterpret("int64", data(*index) + tirx.const(ROUNDING_OFFSET, "float64")).astype("int32")
+
+    return te.compute(data.shape, rounded, name="round_to_int32")
+
+
 def pack_dense_weights(weights: np.ndarray, dot: DotProduct) -> tuple[np.ndarray, np.ndarray]:
     """``[in, out]`` int8 weights -> ``[out/lanes, in/depth, lanes, depth]``, and the correction (as for convs)."""
     packed, correction = pack_conv_weights(weights.T[:, :, None, None], dot)

@@ -135,6 +135,25 @@ def _multiply():
     return legalize
 
 
+def _astype(bindings: Bindings):
+    """A float64 rounded to an integer, then converted to int32 (the requantization where it is exact,
+    :mod:`edgeq.compile.lower_integer`), becomes one :func:`~edgeq.compile.kernels.round_to_int32`."""
+    default = _default("relax.astype")
+
+    def legalize(bb: BlockBuilder, call: relax.Call) -> relax.Expr:
+        rounded = bindings.get(call.args[0])
+        if (
+            str(call.attrs.dtype) == "int32"
+            and isinstance(rounded, relax.Call)
+            and rounded.op.same_as(tvm.ir.Op.get("relax.round"))
+            and str(rounded.args[0].ty.dtype) == "float64"
+        ):
+            return bb.call_te(kernels.round_to_int32, rounded.args[0], primfunc_name_hint="round_to_int32")
+        return default(bb, call)
+
+    return legalize
+
+
 def select_kernels(dot: DotProduct) -> tvm.transform.Pass:
     """Legalize every Relax op: int8 convolutions (with the constant padding of their input) and matmuls into
     edgeq's kernels for ``dot``, int64 products with a constant that fits int32 as widening multiplies; the
@@ -147,7 +166,8 @@ def select_kernels(dot: DotProduct) -> tvm.transform.Pass:
             if isinstance(function, relax.Function):
                 bindings.update(relax.analysis.get_var2val(function))
         legalize = relax.transform.LegalizeOps(
-            {"relax.nn.conv2d": _conv2d(dot, bindings), "relax.matmul": _matmul(dot), "relax.multiply": _multiply()}
+            {"relax.nn.conv2d": _conv2d(dot, bindings), "relax.matmul": _matmul(dot), "relax.multiply": _multiply(),
+             "relax.astype": _astype(bindings)}
         )
         return relax.transform.DeadCodeElimination()(legalize(module))
 

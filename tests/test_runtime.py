@@ -21,6 +21,7 @@ from edgeq.cli import main
 from edgeq.compile import compile_model
 from edgeq.compile.artifact import LIBRARY
 from edgeq_runtime import ArtifactError, Model
+from edgeq_runtime.model import TensorInfo
 from edgeq_runtime.vm import RuntimeLibraryError, available_cores, pool_threads
 from models import FunctionalOps, integer_model
 
@@ -81,6 +82,18 @@ def test_python_runtime_equals_the_integer_model(models):
         outputs = model.run({"x": x.numpy()}, raw=True)
     for got, expected in zip(outputs.values(), int_model.run_integer(x)):
         np.testing.assert_array_equal(got, expected.numpy())
+
+
+def test_python_runtime_quantizes_ties_to_even_and_saturates():
+    """Float inputs: ``saturate(round_half_to_even(float32(x) / float32(s)) + zero_point)``, also for values far past
+    the integer range (an int64 conversion on the way wrapped 1e30 to the low limit); NaN is the zero point, as in the
+    C++ runtime."""
+    x = np.array([0.25, 0.75, -0.25, 1e30, -1e30, np.inf, 200.0, -1.75], np.float32)  # / 0.5: ties, limits
+    uint8 = TensorInfo("x", (9,), "uint8", np.float32([0.5]), np.int64([3]), None)
+    assert uint8.quantize(np.append(x, np.nan)).tolist() == [3, 5, 3, 255, 0, 255, 255, 0, 3]
+    per_channel = TensorInfo("x", (2, 4), "int8", np.float32([0.5, 0.25]), np.int64([0, -1]), 0)
+    assert per_channel.quantize(x.reshape(2, 4)).tolist() == [[0, 2, 0, 127], [-128, 127, 127, -8]]
+    np.testing.assert_array_equal(per_channel.dequantize(np.int8([[2, -128], [127, -8]])), [[1.0, -64.0], [32.0, -1.75]])
 
 
 def test_cpp_cli_equals_the_python_runtime(models, edgeq_run, tmp_path):

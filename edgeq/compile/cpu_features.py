@@ -34,6 +34,7 @@ class DotProduct:
             (``x + 128``; the kernels subtract ``128·Σw`` per output channel, exact); ``int16`` (widened once when
             packed, so that the inner loop broadcasts pairs straight from memory).
         depthwise_lanes: channels per vector in depthwise kernels (int16 products, no dot product).
+        registers: vector registers the kernels can use (32 with AVX-512 and on aarch64, 16 with AVX2).
     """
 
     name: str
@@ -42,6 +43,7 @@ class DotProduct:
     intrinsic: str | None
     activations: str
     depthwise_lanes: int
+    registers: int
 
     @property
     def unsigned_activations(self) -> bool:
@@ -49,11 +51,11 @@ class DotProduct:
         return self.activations == "uint8"
 
 
-VNNI = DotProduct("vnni", 16, 4, intrinsics.VNNI_16x4, "uint8", 32)
-AVX_VNNI = DotProduct("avx-vnni", 8, 4, intrinsics.AVX_VNNI_8x4, "uint8", 16)
-AVX2 = DotProduct("avx2-pmaddwd", 8, 2, intrinsics.PMADDWD_8x2, "int16", 16)
-SDOT = DotProduct("sdot", 4, 4, intrinsics.SDOT_4x4, "int8", 8)
-PLAIN = DotProduct("plain", 8, 1, None, "int8", 8)
+VNNI = DotProduct("vnni", 16, 4, intrinsics.VNNI_16x4, "uint8", 32, 32)
+AVX_VNNI = DotProduct("avx-vnni", 8, 4, intrinsics.AVX_VNNI_8x4, "uint8", 16, 16)
+AVX2 = DotProduct("avx2-pmaddwd", 8, 2, intrinsics.PMADDWD_8x2, "int16", 16, 16)
+SDOT = DotProduct("sdot", 4, 4, intrinsics.SDOT_4x4, "int8", 8, 32)
+PLAIN = DotProduct("plain", 8, 1, None, "int8", 8, 16)
 DOT_PRODUCTS = {dot.name: dot for dot in (VNNI, AVX_VNNI, AVX2, SDOT, PLAIN)}
 """Every dot product by name (the compiled graph records the one a build used)."""
 

@@ -1,9 +1,9 @@
 """Default schedules of edgeq's blocked int8 kernels (:mod:`edgeq.compile.kernels`): conv2d (regular and 1x1),
 depthwise conv2d and dense.
 
-Each output tile (channel blocks x output columns; by default one block x up to 8 columns) is accumulated in
-registers: the channel lanes by the CPU's dot product (tensorized) or by LLVM's vectors, blocks and columns
-unrolled. The requantization epilogue is inlined into the last block and computed per tile, right after its
+Each output tile (channel blocks x output columns; by default :func:`default_blocks` x up to 8 columns) is
+accumulated in registers: the channel lanes by the CPU's dot product (tensorized) or by LLVM's vectors, blocks and
+columns unrolled. The requantization epilogue is inlined into the last block and computed per tile, right after its
 accumulator, so no full-size int32 or int64 buffer remains. Tiles of rows and channel blocks run in parallel.
 
 The tile's size, the order of the tile loops and where the input is packed are decisions (:mod:`.choices`):
@@ -41,6 +41,15 @@ of weights) or rows outside the channel blocks (each input row is reused by ever
 outside for 1x1 convolutions, channels outside for the others. Measured here (AVX2, whole models, paired A/B):
 rows outside made mobilenet_v2 0.92-0.94x the time (its 1x1 projections over 144-576 channels 0.73-0.84x) and
 resnet18, whose time is in 3x3 convolutions, 1.10x."""
+
+
+def default_blocks(dot: DotProduct) -> int:
+    """Output-channel blocks of a convolution's default register tile: 2 where the CPU has 32 vector registers
+    (AVX-512, aarch64), so that each broadcast input feeds two dot products; 1 with 16 (AVX2, where a 2-block tile
+    ran slower). Measured here (AVX-512 VNNI, paired A/B): resnet18 and its ONNX Runtime file 0.83x the time,
+    mobilenet_v2's file 0.97x; 4 blocks spilled (1.11x); depthwise tiles, already 2-4 vectors wide, kept 1 (no
+    difference)."""
+    return 2 if dot.registers >= 32 else 1
 
 
 def default_tile(width: int, avoid: int | None = None) -> int:
@@ -139,17 +148,20 @@ def _vectorize_blocked_pack(sch: s_tir.Schedule, pack: s_tir.schedule.SBlockRV) 
     sch.vectorize(channels)
 
 
-def _register_tile(sch: s_tir.Schedule, o: LoopRV, x: LoopRV, lane: LoopRV, blocked: bool, choose: Choices) -> tuple[list[LoopRV], list[LoopRV]]:
-    """Channel blocks ``o`` and columns ``x`` split into (outer, inner) loops; the inner ones form the tile.
+def _register_tile(
+    sch: s_tir.Schedule, o: LoopRV, x: LoopRV, lane: LoopRV, blocked: bool, choose: Choices, blocks: int = 1
+) -> tuple[list[LoopRV], list[LoopRV]]:
+    """Channel blocks ``o`` and columns ``x`` split into (outer, inner) loops; the inner ones form the tile (by
+    default ``blocks`` channel blocks, or one where they do not divide ``o``).
 
     A kernel with a ``blocked`` output avoids square default tiles (as many columns as ``lane`` has channels): LLVM's
     SLP vectorizer transposes a square tile of accumulators around the epilogue, and back for the stores (76
     shuffles per 8 x 8 tile on AVX2); measured here, mobilenet_v2's 1x1 convolutions over 112 and 56 columns ran
     about 15 % faster with 7 columns than with 8, the whole model 2-3 %."""
-    blocks = choose.split(sch, o, MAX_SAMPLED_BLOCKS, 1)
+    outer_inner_blocks = choose.split(sch, o, MAX_SAMPLED_BLOCKS, blocks if _extent(sch, o) % blocks == 0 else 1)
     avoid = _extent(sch, lane) if blocked else None
     columns = choose.split(sch, x, MAX_SAMPLED_COLUMNS, default_tile(_extent(sch, x), avoid))
-    return blocks, columns
+    return outer_inner_blocks, columns
 
 
 def _tile_loops(sch: s_tir.Schedule, b: LoopRV, oo: LoopRV, y: LoopRV, choose: Choices, default: int = CHANNELS_OUTER) -> list[LoopRV]:
@@ -162,8 +174,8 @@ def schedule_conv2d(sch: s_tir.Schedule, dot: DotProduct, parallel: bool, choose
     conv = sch.get_sblock(kernels.CONV)
     last = inline_epilogue(sch, conv)
     b, o, y, x, lane, rc, ry, rx, rk = sch.get_loops(conv)
-    (oo, oi), (xo, xi) = _register_tile(sch, o, x, lane, _blocked_output(sch, last), choose)
     pointwise = _extent(sch, ry) == _extent(sch, rx) == 1
+    (oo, oi), (xo, xi) = _register_tile(sch, o, x, lane, _blocked_output(sch, last), choose, default_blocks(dot))
     outer = _tile_loops(sch, b, oo, y, choose, ROWS_OUTER if pointwise else CHANNELS_OUTER)
     steps = REDUCTION_UNROLL if pointwise and _extent(sch, rc) % REDUCTION_UNROLL == 0 else 1
     rc, rci = sch.split(rc, [None, steps])

@@ -8,8 +8,8 @@ error (:func:`fit_nonnegative`):
 1. The kernels of the large network that run on all cores give the rates: ``t = fixed + Σ work / rate`` over
    :data:`~.estimate.CPU_RATES` (each kernel's ops' :func:`~.estimate.cpu_work`: MACs by class, requantized
    outputs, packed inputs), and ``bytes read and written / memory_bytes_per_s`` for kernels that are not
-   convolutions or linear layers. A rate that fits as zero (too fast to tell apart from ``fixed``) keeps the
-   target's nominal value.
+   convolutions or linear layers. A rate that fits as zero (too fast to tell apart from the rest) takes the
+   fastest any kernel doing that work ran at (:func:`_fastest`).
 2. The kernels of the small network, which run on one core with their data in cache, give the fixed costs and the
    speed on one core: ``t = set-up + mac_set-up x [convolution or linear] + parallel_speedup x time at the rates
    of step 1`` (below 1 when small kernels run faster per MAC in cache than large ones on all cores).
@@ -306,6 +306,15 @@ def _timed_kernels(graph: CompiledGraph, measured: Measurement) -> list[Kernel]:
     return list(kernels.values())
 
 
+def _fastest(amounts: list[list[float]], times: list[float], column: int, nominal: float) -> float:
+    """The rate of a work (``column`` of ``amounts``) whose cost fitted as zero, too fast to tell apart from the
+    rest: the fastest any kernel doing it ran at (its work over its whole time: a bound the work cannot beat); the
+    target's ``nominal`` rate if no kernel does it. The nominal rates are far off on some CPUs: 1x1 convolutions at
+    6 G MACs/s made mobilenet_v2's estimate 15x too slow where VNNI runs them at over 300 G."""
+    observed = [row[column] / seconds for row, seconds in zip(amounts, times) if row[column] > 0 and seconds > 0]
+    return max(observed, default=nominal)
+
+
 def _measure_figures(host: Target, folder: Path, artifacts: Sequence[str | Path]) -> tuple[CpuFigures, list[Measurement]]:
     """The figures, fitted on the calibration networks' kernels, and the measurements of ``artifacts`` (timed in
     the same rounds)."""
@@ -320,9 +329,11 @@ def _measure_figures(host: Target, folder: Path, artifacts: Sequence[str | Path]
         compute = [sum(amounts) for amounts in zip(*(cpu_work(op, graph, DOT_PRODUCTS[graph.dot_product]) for op in ops))]
         return [*compute, 0 if ops[0].op in MAC_OPS else ops[0].bytes_in + ops[0].bytes_out]
 
-    fixed_on_all_cores, *per_unit = fit_nonnegative([[1.0, *work(ops, graph)] for ops, graph, _ in on_all_cores], [t for *_, t in on_all_cores])
+    amounts = [work(ops, graph) for ops, graph, _ in on_all_cores]
+    times = [t for *_, t in on_all_cores]
+    fixed_on_all_cores, *per_unit = fit_nonnegative([[1.0, *row] for row in amounts], times)
     nominal = [getattr(host.perf, rate) for rate in [*CPU_RATES, "memory_bytes_per_s"]]
-    rates = [1 / unit if unit > 0 else rate for unit, rate in zip(per_unit, nominal)]  # a rate that fits as 0 keeps the nominal one
+    rates = [1 / unit if unit > 0 else _fastest(amounts, times, column, rate) for column, (unit, rate) in enumerate(zip(per_unit, nominal))]
 
     def seconds_on_all_cores(ops: list[Op], graph: CompiledGraph) -> float:
         return sum(amount / rate for amount, rate in zip(work(ops, graph), rates))

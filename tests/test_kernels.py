@@ -153,23 +153,63 @@ class TileMutations:
         for seed in (1, 1000, 123457):
             sch = s_tir.Schedule(workload, seed=seed)
             design_space(classify(sch), HERE_DOT, parallel=True)(sch)
-            for instruction, decision in sch.trace.decisions.items():
-                if instruction.kind.name == "SamplePerfectTile":
-                    whole = int(np.prod([int(d) for d in decision]))
-                    for extreme in ([whole, 1], [1, whole]):
-                        mutated = sch.trace.with_decision(instruction, extreme, remove_postproc=True)
-                        mutated.apply_to_schedule(s_tir.Schedule(workload), remove_postproc=False)
-                        self.replayed += 1
+            for trace in (sch.trace, self._last_alternatives(sch.trace)):
+                for instruction, decision in trace.decisions.items():
+                    if instruction.kind.name == "SamplePerfectTile":
+                        whole = int(np.prod([int(d) for d in decision]))
+                        for extreme in ([whole, 1], [1, whole]):
+                            mutated = trace.with_decision(instruction, extreme, remove_postproc=True)
+                            mutated.apply_to_schedule(s_tir.Schedule(workload), remove_postproc=False)
+                            self.replayed += 1
         return None
 
+    @staticmethod
+    def _last_alternatives(trace):
+        """``trace`` with every other decision (loop orders, where the input is packed...) at its last alternative."""
+        for instruction in trace.decisions:
+            if instruction.kind.name == "SampleCategorical":
+                trace = trace.with_decision(instruction, len(instruction.attrs[0]) - 1, remove_postproc=True)
+        return trace
 
-@pytest.mark.parametrize("case", TUNABLE_CASES)
+
+def depthwise_after_conv(shape=(1, 16, 10, 10), channels=64):
+    """A conv2d whose int8 output only a depthwise conv2d reads: the layout plan blocks it between them, and the
+    depthwise kernel packs its blocked input."""
+    rng = np.random.default_rng(2)
+
+    def depthwise(q):
+        weights = rng.integers(-128, 128, (channels, 1, 3, 3), dtype=np.int8)
+        bias = rng.integers(-5000, 5000, channels, dtype=np.int32)
+        acc = integer_accumulator(q, weights, bias, Conv2dSettings((1, 1), (1,) * 4, (1, 1), channels))
+        return _requantize(acc, conv_multipliers(0.1, list(rng.uniform(0.001, 0.01, channels)), 0.1, what="test"), 4, 1)
+
+    return kernel_module(shape, channels, epilogue=depthwise)
+
+
+def test_sampled_points_reading_a_blocked_input_are_exact(tmp_path):
+    """The depthwise kernel packing its blocked input (a block's channels per vector), at sampled points and the
+    corners (packed inside each tile), equals the unscheduled program."""
+    module = depthwise_after_conv()
+    x = np.random.default_rng(1).integers(-128, 128, (1, 16, 10, 10), dtype=np.int8)
+    reference, _ = run(module, 0, x, tmp_path)
+    for tuned in (None, SampledSchedules(1), SampledSchedules(123457), OtherAlternatives()):
+        output, kernels = run(module, 2, x, tmp_path, tuned)
+        np.testing.assert_array_equal(output, reference)
+        assert any(k.kernel.endswith(f"_nchw{HERE_DOT.lanes}c") for k in kernels)  # the layout plan's blocked copy
+
+
+REPLAYED = {**{case: (lambda case=case: kernel_module(**CASES[case][0])) for case in TUNABLE_CASES}, "depthwise after conv2d": depthwise_after_conv}
+
+
+@pytest.mark.parametrize("case", REPLAYED)
 def test_the_tuner_can_replay_every_point_with_other_tiles(case, tmp_path):
     """A trace that no longer applies once a tile decision changes stops MetaSchedule's whole search (it stopped
-    tuning resnet18 after 25 s: "old_outputs.size() == new_outputs.size()", the epilogue's loops one fewer)."""
-    arguments, _ = CASES[case]
+    tuning resnet18 after 25 s: "old_outputs.size() == new_outputs.size()", the epilogue's loops one fewer; and
+    mobilenet_v2: a depthwise kernel packing its blocked input inside each tile lost a loop of one row)."""
+    module = REPLAYED[case]()
     mutations = TileMutations()
-    run(kernel_module(**arguments), 2, np.zeros(arguments["shape"], np.int8), tmp_path, mutations)
+    shape = [int(d) for d in module["main"].params[0].ty.shape]
+    run(module, 2, np.zeros(shape, np.int8), tmp_path, mutations)
     assert mutations.replayed > 0
 
 

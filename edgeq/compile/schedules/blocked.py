@@ -127,7 +127,7 @@ def _parallel(sch: s_tir.Schedule, outer: list, parallel: bool, choose: Choices)
         sch.parallel(tiles)
     pack = sch.get_sblock(kernels.PACK)
     if choose.pick(sch, 2, PACK_FIRST) == PACK_PER_TILE:
-        sch.compute_at(pack, tiles)
+        sch.compute_at(pack, tiles, preserve_unit_loops=True)  # as many loops whatever the tile (see _epilogue_at)
     elif parallel:
         parallel_outer(sch, pack, 3)
     _vectorize_blocked_pack(sch, pack)

@@ -90,7 +90,7 @@ class TensorInfo:
     def dequantize(self, values: np.ndarray) -> np.ndarray:
         """integer -> float32: ``float32(q - zero_point) * float32(s)``."""
         zero = self._broadcast(self.zero_point, values.ndim)
-        return (values.astype(np.float32) - zero.astype(np.float32)) * self._broadcast(self.scale, values.ndim)
+        return (values.astype(np.int64) - zero).astype(np.float32) * self._broadcast(self.scale, values.ndim)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from edgeq.compile import CompileResult
 from edgeq.compile.compiled_graph import CompiledGraph, Op
 from edgeq.compile.cpu_features import DOT_PRODUCTS
 from edgeq.fileio import atomic_write, cache_dir, slug
-from edgeq.perf.estimate import CPU_RATES, MAC_OPS, cpu_work
+from edgeq.perf.estimate import CPU_RATES, MAC_OPS, cpu_work, memory_priced
 from edgeq.perf.measure import Measurement, measure_together, measurement_threads, vm_invocation
 from edgeq.targets import CpuFigures, Target
 
@@ -327,7 +327,7 @@ def _measure_figures(host: Target, folder: Path, artifacts: Sequence[str | Path]
         """A kernel's work in the units of the rates: its ops' :func:`~.estimate.cpu_work`, then the bytes its
         first op moves (not a MAC kernel)."""
         compute = [sum(amounts) for amounts in zip(*(cpu_work(op, graph, DOT_PRODUCTS[graph.dot_product]) for op in ops))]
-        return [*compute, 0 if ops[0].op in MAC_OPS else ops[0].bytes_in + ops[0].bytes_out]
+        return [*compute, ops[0].bytes_in + ops[0].bytes_out if memory_priced(ops[0]) else 0]
 
     amounts = [work(ops, graph) for ops, graph, _ in on_all_cores]
     times = [t for *_, t in on_all_cores]

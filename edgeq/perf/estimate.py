@@ -73,6 +73,14 @@ def cpu_work(op: Op, graph: CompiledGraph, dot: DotProduct) -> list[float]:
     return [0.0] * len(MAC_CLASSES) + [outputs, 0.0]
 
 
+def memory_priced(op: Op) -> bool:
+    """Whether a CPU op's kernel is costed by the bytes it moves (``memory_bytes_per_s``, which calibration fits on
+    these kernels only): every op but the integer conv2d, linear and matmul, whose rates already price what they
+    pack and write. Those stream far faster than the others: as a bound, ``memory_bytes_per_s`` made mobilenet_v2's
+    1x1 convolutions 15x too slow on AVX-512."""
+    return op.op not in MAC_OPS or op.placement == FLOAT_PLACEMENT
+
+
 def lane_occupancy(op: Op, dot: DotProduct) -> float:
     """Share of its CPU kernel's vector lanes a layer fills with ``dot``.
 
@@ -232,17 +240,10 @@ class _Estimator:
             utilisation = lane_occupancy(op, self.dot)
             compute = sum(amount / getattr(self.cpu, rate) for amount, rate in zip(cpu_work(op, self.graph, self.dot), CPU_RATES))
         share = 1 if op.parallel else self.cpu.parallel_speedup  # the rates are for kernels on all cores
-        memory = 0.0 if self._int8_mac_kernel(op) else moved / self.cpu.memory_bytes_per_s
+        memory = moved / self.cpu.memory_bytes_per_s if memory_priced(op) else 0.0
         fixed = self.cpu.kernel_overhead_ns + (op.op in MAC_OPS) * self.cpu.mac_kernel_overhead_ns + op.parallel * self.cpu.parallel_overhead_ns
         overhead = 0.0 if fused else fixed * 1e-9
         return self._estimate(op, fused, share * compute, share * memory, overhead, dram=moved, utilisation=utilisation)
-
-    @staticmethod
-    def _int8_mac_kernel(op: Op) -> bool:
-        """An integer conv2d, linear or matmul: its rates already price the data it packs and writes, and
-        ``memory_bytes_per_s`` is measured on the other kernels (calibration fits it without these), which stream
-        far slower than a MAC kernel: as a bound it made mobilenet_v2's 1x1 convolutions 15x too slow on AVX-512."""
-        return op.op in MAC_OPS and op.placement != FLOAT_PLACEMENT
 
     def transitions(self) -> list[TransitionEstimate]:
         if self.target.kind is not TargetKind.NPU:

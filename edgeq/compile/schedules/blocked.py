@@ -174,8 +174,8 @@ def schedule_conv2d(sch: s_tir.Schedule, dot: DotProduct, parallel: bool, choose
     conv = sch.get_sblock(kernels.CONV)
     last = inline_epilogue(sch, conv)
     b, o, y, x, lane, rc, ry, rx, rk = sch.get_loops(conv)
-    pointwise = _extent(sch, ry) == _extent(sch, rx) == 1
     (oo, oi), (xo, xi) = _register_tile(sch, o, x, lane, _blocked_output(sch, last), choose, default_blocks(dot))
+    pointwise = _extent(sch, ry) == _extent(sch, rx) == 1
     outer = _tile_loops(sch, b, oo, y, choose, ROWS_OUTER if pointwise else CHANNELS_OUTER)
     steps = REDUCTION_UNROLL if pointwise and _extent(sch, rc) % REDUCTION_UNROLL == 0 else 1
     rc, rci = sch.split(rc, [None, steps])

@@ -27,7 +27,7 @@ HERE_DOT = dot_product(tvm.target.Target(HERE))
 """The dot product the kernels built for ``HERE`` use (what tuned schedules of them tensorize with)."""
 
 
-def kernel_module(shape, out_channels, kernel=3, stride=1, pad=1, groups=1, dense=False, seed=0, epilogue=lambda q: q):
+def kernel_module(shape, out_channels, kernel=3, stride=1, pad=1, groups=1, dense=False, seed=0, epilogue=lambda q: q, dilation=1):
     """One int8 conv2d (or dense) with bias and per-channel requantization, as edgeq's lowering writes it, then
     ``epilogue`` of its int8 result."""
     rng = np.random.default_rng(seed)
@@ -36,7 +36,7 @@ def kernel_module(shape, out_channels, kernel=3, stride=1, pad=1, groups=1, dens
     weights_shape = (in_channels, out_channels) if dense else (out_channels, in_channels // groups, kernel, kernel)
     weights = rng.integers(-128, 128, weights_shape, dtype=np.int8)
     bias = rng.integers(-5000, 5000, out_channels, dtype=np.int32)
-    conv = None if dense else Conv2dSettings((stride, stride), (pad,) * 4, (1, 1), groups)
+    conv = None if dense else Conv2dSettings((stride, stride), (pad,) * 4, (dilation, dilation), groups)
     multipliers = conv_multipliers(0.05, list(rng.uniform(0.001, 0.01, out_channels)), 0.1, what="test")
     builder = relax.BlockBuilder()
     with builder.function("main", [source]):
@@ -47,8 +47,8 @@ def kernel_module(shape, out_channels, kernel=3, stride=1, pad=1, groups=1, dens
     return builder.get()
 
 
-def run(module, opt_level, x, tmp_path, tuned=None):
-    library = build_library(module, Machine("x86_64", HERE, None), opt_level, str(tmp_path / f"k{opt_level}.so"), lambda _: None, tuned)
+def run(module, opt_level, x, tmp_path, tuned=None, target=HERE):
+    library = build_library(module, Machine("x86_64", target, None), opt_level, str(tmp_path / f"k{opt_level}.so"), lambda _: None, tuned)
     vm = relax.VirtualMachine(library.executable, tvm.cpu())
     return vm["main"](tvm.runtime.tensor(x)).numpy(), library.kernels
 
@@ -60,6 +60,8 @@ CASES = {
     "conv2d 1x1": (dict(shape=(1, 24, 7, 7), out_channels=20, kernel=1, pad=0), "conv2d_1x1"),
     "depthwise": (dict(shape=(1, 24, 10, 10), out_channels=24, groups=24), "depthwise_conv2d"),
     "depthwise odd, stride 2": (dict(shape=(1, 37, 9, 7), out_channels=37, stride=2, groups=37), "depthwise_conv2d"),
+    "depthwise 5x5, stride 2": (dict(shape=(1, 20, 11, 9), out_channels=20, kernel=5, stride=2, pad=2, groups=20), "depthwise_conv2d"),
+    "depthwise dilated": (dict(shape=(1, 16, 9, 9), out_channels=16, pad=2, groups=16, dilation=2), "depthwise_conv2d"),
     "grouped": (dict(shape=(1, 12, 6, 6), out_channels=18, groups=3), "conv2d_grouped"),
     "dense": (dict(shape=(2, 37), out_channels=19, dense=True), "dense"),
     "dense 3-d": (dict(shape=(2, 3, 40), out_channels=16, dense=True), "dense"),
@@ -81,6 +83,27 @@ def test_every_kernel_class_is_exact_at_every_level(case, tmp_path, monkeypatch)
         np.testing.assert_array_equal(output, reference)
         assert [k.schedule for k in kernels] == [schedule]
         assert on_all_cores is None or [k.parallel for k in kernels] == [on_all_cores]
+
+
+X86_CPUS = {"sapphirerapids": "vnni", "alderlake": "avx-vnni", "znver3": "avx2-pmaddwd", "x86-64": "plain"}
+"""An x86 CPU of each dot product, by LLVM's name for it."""
+
+
+@pytest.mark.parametrize("cpu", X86_CPUS)
+@pytest.mark.parametrize("case", [case for case in CASES if "depthwise" in case or case == "conv2d"])
+def test_every_dot_product_this_cpu_runs_is_exact(cpu, case, tmp_path):
+    """The kernels built for each x86 dot product (and its depthwise form) this machine can run equal the
+    unscheduled program: the schedules of the CPUs it has but is not built for are run too."""
+    target = {**HERE, "mcpu": cpu}
+    if not set(dot_product_features(tvm.target.Target(target))) <= set(dot_product_features(host_target())):
+        pytest.skip(f"this machine cannot run code for {cpu}")
+    arguments, schedule = CASES[case]
+    module = kernel_module(**arguments)
+    x = np.random.default_rng(2).integers(-128, 128, arguments["shape"], dtype=np.int8)
+    reference, _ = run(module, 0, x, tmp_path)
+    output, kernels = run(module, 2, x, tmp_path, target=target)
+    np.testing.assert_array_equal(output, reference)
+    assert [k.schedule for k in kernels] == [schedule]
 
 
 def test_kernels_worth_it_run_on_all_cores(tmp_path):
@@ -240,6 +263,12 @@ def test_kernels_use_the_cpus_dot_product(target, instruction):
     assert instruction in assembly(target)
 
 
+@pytest.mark.parametrize("cpu, instruction", [("sapphirerapids", "vpdpbusd\t%zmm"), ("alderlake", "vpdpbusd\t%ymm")])
+def test_depthwise_kernels_use_the_cpus_dot_product(cpu, instruction):
+    depthwise = kernel_module((1, 32, 8, 8), 32, groups=32)
+    assert instruction in assembly({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu}, depthwise)
+
+
 def test_x86_kernels_have_no_legacy_sse_instructions_amid_avx():
     """On AMD CPUs LLVM widens a ReLU's int8 output (read by a global pool) with SSE4a's ``extrq``, which has no
     VEX form: amid 256-bit AVX code it took ~125 ns per instruction on a Zen 3 VM (the kernel 4x slower). The
@@ -251,10 +280,7 @@ def test_x86_kernels_have_no_legacy_sse_instructions_amid_avx():
 
 
 def test_dot_product_comes_from_cpu_features():
-    names = {
-        "sapphirerapids": "vnni", "alderlake": "avx-vnni", "znver3": "avx2-pmaddwd", "x86-64": "plain",
-    }
-    for cpu, name in names.items():
+    for cpu, name in X86_CPUS.items():
         assert dot_product(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu})).name == name
     arm = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}
     assert dot_product(tvm.target.Target({**arm, "mattr": ["+neon", "+dotprod"]})).name == "sdot"

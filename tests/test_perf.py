@@ -133,6 +133,9 @@ def test_lane_occupancy_of_cpu_layers():
     assert lane_occupancy(odd, avx2) == 20 / 24 and lane_occupancy(odd, vnni) == 20 / 32
     depthwise = op("conv2d", {"out_channels": 72, "in_channels": 72, "groups": 72, "kernel": [3, 3]})
     assert lane_occupancy(depthwise, avx2) == 72 / 80  # 16 channels per vector
+    assert lane_occupancy(depthwise, vnni) == 72 / 80 * 3 / 4  # 16 channels x 4 taps of a row
+    dilated = op("conv2d", {**depthwise.attributes, "dilation": [2, 2]})
+    assert lane_occupancy(dilated, vnni) == 72 / 80  # int16 products, one tap at a time
     assert lane_occupancy(op("linear", {"out_channels": 10, "in_features": 32}), vnni) == 10 / 16
     assert lane_occupancy(op("max_pool2d", {"kernel": [2, 2]}), avx2) == 1.0
 

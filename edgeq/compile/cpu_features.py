@@ -33,7 +33,9 @@ class DotProduct:
         activations: the type the kernels pack int8 activations as for the instruction: ``int8``; ``uint8``
             (``x + 128``; the kernels subtract ``128·Σw`` per output channel, exact); ``int16`` (widened once when
             packed, so that the inner loop broadcasts pairs straight from memory).
-        depthwise_lanes: channels per vector in depthwise kernels (int16 products, no dot product).
+        depthwise_lanes: channels per vector in depthwise kernels.
+        depthwise_intrinsic: the tensor intrinsic of depthwise kernels (4 neighbouring taps per channel and
+            instruction, activations as ``activations``), or None for int16 products vectorized by LLVM.
         registers: vector registers the kernels can use (32 with AVX-512 and on aarch64, 16 with AVX2).
     """
 
@@ -44,6 +46,7 @@ class DotProduct:
     activations: str
     depthwise_lanes: int
     registers: int
+    depthwise_intrinsic: str | None = None
 
     @property
     def unsigned_activations(self) -> bool:
@@ -51,8 +54,8 @@ class DotProduct:
         return self.activations == "uint8"
 
 
-VNNI = DotProduct("vnni", 16, 4, intrinsics.VNNI_16x4, "uint8", 32, 32)
-AVX_VNNI = DotProduct("avx-vnni", 8, 4, intrinsics.AVX_VNNI_8x4, "uint8", 16, 16)
+VNNI = DotProduct("vnni", 16, 4, intrinsics.VNNI_16x4, "uint8", 16, 32, intrinsics.VNNI_DEPTHWISE_16x4)
+AVX_VNNI = DotProduct("avx-vnni", 8, 4, intrinsics.AVX_VNNI_8x4, "uint8", 8, 16, intrinsics.AVX_VNNI_DEPTHWISE_8x4)
 AVX2 = DotProduct("avx2-pmaddwd", 8, 2, intrinsics.PMADDWD_8x2, "int16", 16, 16)
 SDOT = DotProduct("sdot", 4, 4, intrinsics.SDOT_4x4, "int8", 8, 32)
 PLAIN = DotProduct("plain", 8, 1, None, "int8", 8, 16)

@@ -37,15 +37,22 @@ def _activation(value: tirx.PrimExpr, dot: DotProduct) -> tirx.PrimExpr:
     return value.astype(dot.activations)
 
 
+def _correction(weights: np.ndarray, unsigned: bool) -> np.ndarray:
+    """The per-output-channel int32 a kernel subtracts: ``128·Σw`` for ``unsigned`` (uint8) activations, else
+    zeros."""
+    out_channels = weights.shape[0]
+    correction = 128 * weights.reshape(out_channels, -1).astype(np.int64).sum(axis=1) if unsigned else np.zeros(out_channels)
+    return correction.astype(np.int32)
+
+
 def pack_conv_weights(weights: np.ndarray, dot: DotProduct) -> tuple[np.ndarray, np.ndarray]:
     """OIHW int8 weights -> ``[oc/lanes, ic/depth, kh, kw, lanes, depth]`` (zero-padded), and the per-channel
-    int32 correction the kernel subtracts (``128·Σw`` for uint8 activations, else zeros)."""
+    int32 correction the kernel subtracts (:func:`_correction`)."""
     oc, ic, kh, kw = weights.shape
     padded = np.zeros((_blocks(oc, dot.lanes) * dot.lanes, _blocks(ic, dot.depth) * dot.depth, kh, kw), np.int8)
     padded[:oc, :ic] = weights
     packed = padded.reshape(-1, dot.lanes, padded.shape[1] // dot.depth, dot.depth, kh, kw).transpose(0, 2, 4, 5, 1, 3)
-    correction = 128 * weights.reshape(oc, -1).astype(np.int64).sum(axis=1) if dot.unsigned_activations else np.zeros(oc)
-    return np.ascontiguousarray(packed), correction.astype(np.int32)
+    return np.ascontiguousarray(packed), _correction(weights, dot.unsigned_activations)
 
 
 def _output_size(data: te.Tensor, kernel: tuple[int, int], strides, padding, dilation) -> tuple[int, int]:
@@ -96,34 +103,74 @@ def conv2d(
     )
 
 
-def pack_depthwise_weights(weights: np.ndarray, lanes: int) -> np.ndarray:
-    """``[C, 1, kh, kw]`` int8 weights -> ``[C/lanes, kh, kw, lanes]`` (zero-padded)."""
+DEPTHWISE_TAPS = 4
+"""Taps of a row a depthwise dot product sums per channel (``vpdpbusd``: 4 bytes per int32 lane)."""
+
+
+def depthwise_dot_product(dot: DotProduct, dilation) -> bool:
+    """Whether a depthwise convolution uses the CPU's depthwise dot product (:data:`DEPTHWISE_TAPS` neighbouring
+    taps at once; undilated only), else int16 products."""
+    return dot.depthwise_intrinsic is not None and tuple(dilation) == (1, 1)
+
+
+def pack_depthwise_weights(weights: np.ndarray, dot: DotProduct, dilation) -> tuple[np.ndarray, np.ndarray]:
+    """``[C, 1, kh, kw]`` int8 weights -> ``[C/lanes, kh, kw, lanes]`` for int16 products, or for the depthwise
+    dot product ``[C/lanes, kh, kw/4, lanes, 4]`` (each row's taps zero-padded to groups of
+    :data:`DEPTHWISE_TAPS`); channels zero-padded; and the correction (:func:`_correction`)."""
     c, _, kh, kw = weights.shape
-    padded = np.zeros((_blocks(c, lanes) * lanes, kh, kw), np.int8)
-    padded[:c] = weights[:, 0]
-    return np.ascontiguousarray(padded.reshape(-1, lanes, kh, kw).transpose(0, 2, 3, 1))
+    lanes = dot.depthwise_lanes
+    dot_product = depthwise_dot_product(dot, dilation)
+    taps = _blocks(kw, DEPTHWISE_TAPS) * DEPTHWISE_TAPS if dot_product else kw
+    padded = np.zeros((_blocks(c, lanes) * lanes, kh, taps), np.int8)
+    padded[:c, :, :kw] = weights[:, 0]
+    packed = padded.reshape(-1, lanes, kh, taps).transpose(0, 2, 3, 1)
+    if dot_product:
+        packed = packed.reshape(-1, kh, taps // DEPTHWISE_TAPS, DEPTHWISE_TAPS, lanes).transpose(0, 1, 2, 4, 3)
+    return np.ascontiguousarray(packed), _correction(weights, dot_product and dot.unsigned_activations)
 
 
-def depthwise_conv2d(data: te.Tensor, packed: te.Tensor, strides, padding, dilation, pad_value: int = 0) -> te.Tensor:
-    """NCHW int8 ``data`` x packed depthwise weights -> NCHW int32 accumulator (int16 products, exact), the input
-    padded with ``pad_value``."""
+def depthwise_conv2d(
+    data: te.Tensor, packed: te.Tensor, correction: te.Tensor, kernel_width: int, strides, padding, dilation, dot: DotProduct, pad_value: int = 0
+) -> te.Tensor:
+    """NCHW int8 ``data`` x packed depthwise weights (:func:`pack_depthwise_weights`) -> NCHW int32 accumulator,
+    the input padded with ``pad_value``: by the depthwise dot product (uint8 activations where it takes them, the
+    correction subtracted), or by int16 products widened to int32 (exact either way)."""
     n, channels = (int(d) for d in data.shape[:2])
-    c_blocks, kh, kw, lanes = (int(d) for d in packed.shape)
-    out_h, out_w = _output_size(data, (kh, kw), strides, padding, dilation)
-    source = _pack_padded(data, c_blocks, lanes, padding, lambda value: value, pad_value)
-    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
-    acc = te.compute(
-        (n, packed.shape[0], out_h, out_w, lanes),
-        lambda b, o, y, x, lane: te.sum(
-            (
-                source[b, o, y * strides[0] + ry * dilation[0], x * strides[1] + rx * dilation[1], lane].astype("int16")
-                * packed[o, ry, rx, lane].astype("int16")
-            ).astype("int32"),
-            axis=[ry, rx],
-        ),
-        name=DEPTHWISE,
-    )
-    return te.compute((n, channels, out_h, out_w), lambda b, c, y, x: acc[b, c // lanes, y, x, c % lanes], name=UNPACK)
+    c_blocks, kh = (int(d) for d in packed.shape[:2])
+    out_h, out_w = _output_size(data, (kh, kernel_width), strides, padding, dilation)
+    ry = te.reduce_axis((0, kh), "ry")
+    if depthwise_dot_product(dot, dilation):
+        _, _, groups, lanes, taps = (int(d) for d in packed.shape)
+        top, left, bottom, right = padding
+        read_width = (out_w - 1) * strides[1] + groups * taps  # the zero-weight taps past the window read padding
+        right += max(0, read_width - (int(data.shape[3]) + left + right))
+        source = _pack_padded(data, c_blocks, lanes, (top, left, bottom, right), lambda value: _activation(value, dot), pad_value)
+        rg, rt = te.reduce_axis((0, groups), "rg"), te.reduce_axis((0, taps), "rt")
+        acc = te.compute(
+            (n, c_blocks, out_h, out_w, lanes),
+            lambda b, o, y, x, lane: te.sum(
+                source[b, o, y * strides[0] + ry, x * strides[1] + rg * taps + rt, lane].astype("int32")
+                * packed[o, ry, rg, lane, rt].astype("int32"),
+                axis=[ry, rg, rt],
+            ),
+            name=DEPTHWISE,
+        )
+    else:
+        lanes = int(packed.shape[-1])
+        source = _pack_padded(data, c_blocks, lanes, padding, lambda value: value, pad_value)
+        rx = te.reduce_axis((0, kernel_width), "rx")
+        acc = te.compute(
+            (n, c_blocks, out_h, out_w, lanes),
+            lambda b, o, y, x, lane: te.sum(
+                (
+                    source[b, o, y * strides[0] + ry * dilation[0], x * strides[1] + rx * dilation[1], lane].astype("int16")
+                    * packed[o, ry, rx, lane].astype("int16")
+                ).astype("int32"),
+                axis=[ry, rx],
+            ),
+            name=DEPTHWISE,
+        )
+    return te.compute((n, channels, out_h, out_w), lambda b, c, y, x: acc[b, c // lanes, y, x, c % lanes] - correction[c], name=UNPACK)
 
 
 ROUNDING_OFFSET = 1.5 * 2.0**52

@@ -88,9 +88,9 @@ def _conv2d(dot: DotProduct, bindings: Bindings):
             kernel = partial(kernels.conv2d, channels=channels, dot=dot, **geometry)
             return bb.call_te(kernel, data, relax.const(packed), relax.const(correction), primfunc_name_hint="conv2d")
         if groups == channels == int(data.ty.shape[1]) and weights.shape[1] == 1:
-            packed = kernels.pack_depthwise_weights(weights, dot.depthwise_lanes)
-            kernel = partial(kernels.depthwise_conv2d, **geometry)
-            return bb.call_te(kernel, data, relax.const(packed), primfunc_name_hint="conv2d")
+            packed, correction = kernels.pack_depthwise_weights(weights, dot, geometry["dilation"])
+            kernel = partial(kernels.depthwise_conv2d, kernel_width=weights.shape[3], dot=dot, **geometry)
+            return bb.call_te(kernel, data, relax.const(packed), relax.const(correction), primfunc_name_hint="conv2d")
         return default(bb, call)
 
     return legalize

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from edgeq.check.report import FLOAT_PLACEMENT
-from edgeq.compile import kernels_dot_product
+from edgeq.compile import kernels, kernels_dot_product
 from edgeq.compile.compiled_graph import CompiledGraph, Op
 from edgeq.compile.cpu_features import DOT_PRODUCTS, DotProduct
 from edgeq.compile.kernel_map import FUSED_FOLLOWERS, VIEW_OPS
@@ -85,16 +85,20 @@ def lane_occupancy(op: Op, dot: DotProduct) -> float:
     """Share of its CPU kernel's vector lanes a layer fills with ``dot``.
 
     Dense convolutions and linear layers compute ``dot.lanes`` output channels at once, each summing ``dot.depth``
-    input channels per instruction; depthwise convolutions ``dot.depthwise_lanes`` channels at once. Channel counts
-    that are not multiples of these are padded with zeros, which cost as much as real ones: a 3-channel stem on
-    2-deep AVX2 products fills 3/4 of them. 1 for other ops.
+    input channels per instruction; depthwise convolutions ``dot.depthwise_lanes`` channels at once, with the
+    CPU's depthwise dot product 4 taps of a row at once. Channel counts (and taps) that are not multiples of these
+    are padded with zeros, which cost as much as real ones: a 3-channel stem on 2-deep AVX2 products fills 3/4 of
+    them, a 3x3 depthwise kernel on 4-tap products 3/4. 1 for other ops.
     """
     attributes = op.attributes
     kind = mac_class(op)
     if kind in ("conv2d", "pointwise") and "kernel" in attributes:
         return _filled(attributes["out_channels"], dot.lanes) * _filled(attributes["in_channels"], dot.depth)
     if kind == "depthwise" and attributes.get("groups") == attributes.get("in_channels") == attributes.get("out_channels"):
-        return _filled(attributes["out_channels"], dot.depthwise_lanes)
+        filled = _filled(attributes["out_channels"], dot.depthwise_lanes)
+        if kernels.depthwise_dot_product(dot, attributes.get("dilation", (1, 1))):
+            filled *= _filled(attributes["kernel"][1], kernels.DEPTHWISE_TAPS)
+        return filled
     if op.op == "linear" and "in_features" in attributes:
         return _filled(attributes["out_channels"], dot.lanes) * _filled(attributes["in_features"], dot.depth)
     return 1.0

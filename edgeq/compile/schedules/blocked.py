@@ -197,14 +197,19 @@ def schedule_conv2d(sch: s_tir.Schedule, dot: DotProduct, parallel: bool, choose
 
 
 def schedule_depthwise(sch: s_tir.Schedule, dot: DotProduct, parallel: bool, choose: Choices = DEFAULT) -> None:
-    """Depthwise convolutions: channels on the vector lanes, int16 products widened to int32."""
+    """Depthwise convolutions: channels on the vector lanes, each row's taps by the CPU's depthwise dot product
+    (4 at once, tensorized) or by int16 products widened to int32 (one at a time, vectorized by LLVM)."""
     conv = sch.get_sblock(kernels.DEPTHWISE)
     last = inline_epilogue(sch, conv)
-    b, o, y, x, lane, ry, rx = sch.get_loops(conv)
+    b, o, y, x, lane, ry, *taps = sch.get_loops(conv)
     (oo, oi), (xo, xi) = _register_tile(sch, o, x, lane, _blocked_output(sch, last), choose)
     outer = _tile_loops(sch, b, oo, y, choose)
-    sch.reorder(*outer, xo, ry, rx, oi, xi, lane)
-    sch.vectorize(lane)
+    tensorized = len(taps) == 2  # tap groups, taps of a group (kernels.depthwise_conv2d)
+    if tensorized:
+        sch.reorder(*outer, xo, ry, taps[0], oi, xi, lane, taps[1])
+    else:
+        sch.reorder(*outer, xo, ry, *taps, oi, xi, lane)
+        sch.vectorize(lane)
     sch.unroll(oi)
     sch.unroll(xi)
     if _epilogue_at(sch, last, xo, parallel):
@@ -212,6 +217,8 @@ def schedule_depthwise(sch: s_tir.Schedule, dot: DotProduct, parallel: bool, cho
     _parallel(sch, outer, parallel, choose)
     init = sch.decompose_reduction(conv, ry)
     sch.vectorize(sch.get_loops(init)[-1])
+    if tensorized:
+        sch.tensorize(lane, intrinsics.registered(dot.depthwise_intrinsic))
 
 
 def schedule_dense(sch: s_tir.Schedule, dot: DotProduct, parallel: bool, choose: Choices = DEFAULT) -> None:

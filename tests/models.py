@@ -31,19 +31,20 @@ def assert_within_float_region_bound(got: np.ndarray, expected: np.ndarray) -> N
 
 
 class SmallCNN(nn.Module):
-    """A digits-sized CNN with a fixed-scale input, BN, residual add, pooling and an int8 classifier."""
+    """A digits-sized CNN with a fixed-scale input, BN, residual add, pooling and an int8 classifier; ``width``
+    channels (twice as many in the last convolution)."""
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, width: int = 16) -> None:
         super().__init__()
         self.quant = QuantStub(scale=1 / 128)
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(16)
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
         self.pool = nn.MaxPool2d(2)
-        self.conv3 = nn.Conv2d(16, 32, 3, padding=1)
+        self.conv3 = nn.Conv2d(width, 2 * width, 3, padding=1)
         self.relu = nn.ReLU6()
-        self.fc = nn.Linear(32, num_classes)
+        self.fc = nn.Linear(2 * width, num_classes)
         self.dequant = DeQuantStub()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

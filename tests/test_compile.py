@@ -93,13 +93,14 @@ def test_example_cnn_with_int32_output_is_exact(digits_integer_model, tmp_path):
         np.testing.assert_array_equal(model.run({"pixels": raw_pixels}, raw=True)["dequant"], int_model.run_integer(x).numpy())
 
 
-def test_activations_between_convolutions_are_blocked_exactly(tmp_path):
+@pytest.mark.parametrize("width", [16, 12])
+def test_activations_between_convolutions_are_blocked_exactly(width, tmp_path):
     """The layout plan: conv1's output, read only by conv2's kernel (as its input and as its residual add), is
-    stored in blocks of channels by both kernels; conv2's output (read by the max pool) and conv3's (the global
-    pool) stay NCHW. The artifact equals the integer model."""
+    stored in blocks of channels by both kernels (12 channels: the last block padded); conv2's output (read by the
+    max pool) and conv3's (the global pool) stay NCHW. The artifact equals the integer model."""
     torch.manual_seed(0)
     example = torch.randn(2, 1, 8, 8)
-    int_model = integer_model(SmallCNN().eval(), example, "x86_64")
+    int_model = integer_model(SmallCNN(width=width).eval(), example, "x86_64")
     result = compile_model(int_model, (example,), out=tmp_path / "s.edgeq", target="x86_64", simulate=True)
     suffix = f"_nchw{dot_product(host_target()).lanes}c"
     blocked = {op.name: op.kernel.endswith(suffix) for op in result.graph.ops if op.op == "conv2d"}

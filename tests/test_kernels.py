@@ -209,10 +209,12 @@ def depthwise_after_conv(shape=(1, 16, 10, 10), channels=64):
     return kernel_module(shape, channels, epilogue=depthwise)
 
 
-def test_sampled_points_reading_a_blocked_input_are_exact(tmp_path):
+@pytest.mark.parametrize("channels", [64, 20])
+def test_sampled_points_reading_a_blocked_input_are_exact(channels, tmp_path):
     """The depthwise kernel packing its blocked input (a block's channels per vector), at sampled points and the
-    corners (packed inside each tile), equals the unscheduled program."""
-    module = depthwise_after_conv()
+    corners (packed inside each tile), equals the unscheduled program; 20 channels fill no dot product's blocks
+    (the last one padded)."""
+    module = depthwise_after_conv(channels=channels)
     x = np.random.default_rng(1).integers(-128, 128, (1, 16, 10, 10), dtype=np.int8)
     reference, _ = run(module, 0, x, tmp_path)
     for tuned in (None, SampledSchedules(1), SampledSchedules(123457), OtherAlternatives()):
@@ -221,7 +223,9 @@ def test_sampled_points_reading_a_blocked_input_are_exact(tmp_path):
         assert any(k.kernel.endswith(f"_nchw{HERE_DOT.lanes}c") for k in kernels)  # the layout plan's blocked copy
 
 
-REPLAYED = {**{case: (lambda case=case: kernel_module(**CASES[case][0])) for case in TUNABLE_CASES}, "depthwise after conv2d": depthwise_after_conv}
+REPLAYED = {**{case: (lambda case=case: kernel_module(**CASES[case][0])) for case in TUNABLE_CASES}, "depthwise after conv2d": depthwise_after_conv,
+    "depthwise after conv2d, padded blocks": lambda: depthwise_after_conv(channels=20),
+}
 
 
 @pytest.mark.parametrize("case", REPLAYED)

@@ -4,8 +4,9 @@ A convolution kernel (:mod:`edgeq.compile.kernels`) computes channels in blocks.
 its input into blocks first and scatters its output back over the channel planes; between two such kernels,
 that is a round trip through NCHW for nothing. This stage (after fusion, before scheduling) finds every int8
 activation made by a convolution kernel and read only by convolution kernels (a residual add fused into one
-included), and stores it as ``[N, C/B, H, W, B]`` (``NCHW{B}c``, ``B`` = the dot product's lanes): the producer's
-epilogue stores a column's channels contiguously, and the consumers' packing stages read them so. Everything
+included), and stores it as ``[N, C/B, H, W, B]`` (``NCHW{B}c``, ``B`` = the dot product's lanes; channels that do
+not fill the last block are padded: the producer writes zeros there, the consumers never read them): the
+producer's epilogue stores a column's channels contiguously, and the consumers' packing stages read them so. Everything
 else keeps NCHW, so no layout conversion is ever added: a tensor is blocked only where every kernel touching
 it takes it blocked. Blocking moves where values are stored, never what they are: results are identical.
 
@@ -42,12 +43,12 @@ def _is_convolution_kernel(function: tirx.PrimFunc) -> bool:
 
 
 def _blockable(var: relax.Var, block: int) -> bool:
-    """An int8 NCHW dataflow tensor of static shape whose channels fill whole blocks."""
+    """An int8 NCHW dataflow tensor of static shape."""
     info = var.ty
     if not isinstance(var, relax.DataflowVar) or not isinstance(info, relax.TensorType) or str(info.dtype) != "int8" or info.ndim != 4:
         return False
     shape = info.shape.values if info.shape is not None else None
-    return shape is not None and all(isinstance(d, tirx.IntImm) for d in shape) and int(shape[1]) % block == 0
+    return shape is not None and all(isinstance(d, tirx.IntImm) for d in shape)
 
 
 def _is_kernel_call(value: relax.Expr) -> bool:
@@ -83,7 +84,10 @@ def _with_blocked_parameters(function: tirx.PrimFunc, positions: list[int], bloc
         accessing = next(
             b for b in blocks if any(region.source.same_as(buffer) for region in [*sch.get(b).reads, *sch.get(b).writes])
         )
-        sch.transform_layout(accessing, buffer, blocked_layout(block))
+        if any(region.source.same_as(buffer) for region in sch.get(accessing).writes):  # the output: zeros past C
+            sch.transform_layout(accessing, buffer, blocked_layout(block), pad_value=0)
+        else:  # an input: read below C only (the kernels pad their packed inputs themselves)
+            sch.transform_layout(accessing, buffer, blocked_layout(block), assume_injective_transform=True)
         if sch.get(accessing).name_hint == kernels.PACK:
             _pack_in_blocks(sch, accessing, block)
     return sch.mod["main"]
@@ -92,13 +96,14 @@ def _with_blocked_parameters(function: tirx.PrimFunc, positions: list[int], bloc
 def _pack_in_blocks(sch: s_tir.Schedule, pack: s_tir.schedule.SBlockRV, block: int) -> None:
     """A convolution's packed input (``[N, C/depth, H, W, depth]``) re-blocked as ``[N, C/block, H, W, block]``,
     the layout of its blocked input: packing is then a contiguous copy (a widening or an offset on the way)."""
-    depth = int(sch.get(pack).writes[0].source.shape[-1])
+    _, depth_blocks, _, _, depth = (int(d) for d in sch.get(pack).writes[0].source.shape)
     if depth >= block:
         return
     per_block = block // depth
     index = lambda n, c_block, y, x, c: [n, c_block // per_block, y, x, c_block % per_block * depth + c]  # noqa: E731
-    sch.transform_layout(pack, ("write", 0), index)
-    sch.transform_block_layout(pack, index)
+    sch.transform_layout(pack, ("write", 0), index, pad_value=0)  # channels past the input's: never read
+    if depth_blocks % per_block == 0:  # padded, the block already iterates over the new layout
+        sch.transform_block_layout(pack, index)
 
 
 @relax.expr_functor.mutator

@@ -108,8 +108,12 @@ def _epilogue_lanes(sch: s_tir.Schedule, last: s_tir.schedule.SBlockRV, tile_loo
     lanes = choose.pick(sch, 2, COLUMNS_ON_LANES if block is None else CHANNELS_ON_LANES)
     if lanes == CHANNELS_ON_LANES:
         loops = sch.get_loops(last)
-        _, channels, _, columns = loops[[sch.get(loop).same_as(sch.get(tile_loop)) for loop in loops].index(True) + 1 :]
-        sch.reorder(columns, channels)
+        tile = loops[[sch.get(loop).same_as(sch.get(tile_loop)) for loop in loops].index(True) + 1 :]
+        if len(tile) == 5:  # a blocked output with padded channels iterates over its blocks (layout_plan)
+            *_, channels = tile
+        else:
+            _, channels, _, columns = tile
+            sch.reorder(columns, channels)
         if block is not None and _extent(sch, channels) > block:
             channels = sch.split(channels, [None, block])[1]
         sch.vectorize(channels)

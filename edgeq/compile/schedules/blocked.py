@@ -12,7 +12,10 @@ fixed in the default schedules, sampled in the tuner's search space (``edgeq tun
 
 from __future__ import annotations
 
-from tvm import s_tir
+import math
+
+import tvm
+from tvm import s_tir, tirx
 
 from edgeq.compile import intrinsics, kernels
 from edgeq.compile.cpu_features import DotProduct
@@ -38,9 +41,12 @@ MAX_SAMPLED_BLOCKS = 4
 CHANNELS_OUTER, ROWS_OUTER = 0, 1
 """Orders of the parallel tile loops: channel blocks outside the rows (each core streams the input past one block
 of weights) or rows outside the channel blocks (each input row is reused by every block). The default: rows
-outside for 1x1 convolutions, channels outside for the others. Measured here (AVX2, whole models, paired A/B):
-rows outside made mobilenet_v2 0.92-0.94x the time (its 1x1 projections over 144-576 channels 0.73-0.84x) and
-resnet18, whose time is in 3x3 convolutions, 1.10x."""
+outside for 1x1 convolutions whose input outweighs their weights, channels outside for the others. Measured here
+(AVX2, whole models, paired A/B): rows outside made mobilenet_v2 0.92-0.94x the time (its 1x1 projections over
+144-576 channels 0.73-0.84x) and resnet18, whose time is in 3x3 convolutions, 1.10x. Where the weights outweigh
+the input (mobilenet_v2's last 1x1 convolution, 320 -> 1280 channels at 7x7: 410 kB of weights), rows outside
+make every core read all of them for each of its rows: channels outside, measured here (AVX-512 VNNI, paired
+A/B), mobilenet_v3_small 0.95x, mobilenet_v2's ONNX Runtime file 0.98x, resnet18's file 1.0x."""
 
 
 def default_blocks(dot: DotProduct) -> int:
@@ -168,6 +174,16 @@ def _register_tile(
     return outer_inner_blocks, columns
 
 
+def _bytes(buffer: tirx.Buffer) -> int:
+    return math.prod(int(d) for d in buffer.shape) * tvm.DataType(buffer.dtype).bits // 8
+
+
+def _weights_outweigh_input(sch: s_tir.Schedule, conv: s_tir.schedule.SBlockRV) -> bool:
+    """Whether a convolution's packed weights take more bytes than its packed input."""
+    packed_input, weights = (region.source for region in sch.get(conv).reads)
+    return _bytes(weights) > _bytes(packed_input)
+
+
 def _tile_loops(sch: s_tir.Schedule, b: LoopRV, oo: LoopRV, y: LoopRV, choose: Choices, default: int = CHANNELS_OUTER) -> list[LoopRV]:
     """The loops over tiles, in the chosen order (see :data:`CHANNELS_OUTER`)."""
     return [b, oo, y] if choose.pick(sch, 2, default) == CHANNELS_OUTER else [b, y, oo]
@@ -180,7 +196,7 @@ def schedule_conv2d(sch: s_tir.Schedule, dot: DotProduct, parallel: bool, choose
     b, o, y, x, lane, rc, ry, rx, rk = sch.get_loops(conv)
     (oo, oi), (xo, xi) = _register_tile(sch, o, x, lane, _blocked_output(sch, last), choose, default_blocks(dot))
     pointwise = _extent(sch, ry) == _extent(sch, rx) == 1
-    outer = _tile_loops(sch, b, oo, y, choose, ROWS_OUTER if pointwise else CHANNELS_OUTER)
+    outer = _tile_loops(sch, b, oo, y, choose, ROWS_OUTER if pointwise and not _weights_outweigh_input(sch, conv) else CHANNELS_OUTER)
     steps = REDUCTION_UNROLL if pointwise and _extent(sch, rc) % REDUCTION_UNROLL == 0 else 1
     rc, rci = sch.split(rc, [None, steps])
     if dot.intrinsic is None:

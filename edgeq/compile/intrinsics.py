@@ -119,8 +119,8 @@ def _depthwise_description(lanes: int, a_dtype: str):
 
 
 def _depthwise_dot4(lanes: int, llvm_name: str, a_dtype: str):
-    """``vpdpbusd`` (or ``sdot``) over 4 taps of ``lanes`` channels: the taps, loaded as ``lanes`` channels each,
-    are interleaved so that each int32 lane holds its channel's 4 taps."""
+    """``vpdpbusd`` over 4 taps of ``lanes`` channels: the taps, loaded as ``lanes`` channels each, are interleaved
+    so that each int32 lane holds its channel's 4 taps."""
     bytes_ = lanes * 4
     interleave = [tap * lanes + lane for lane in range(lanes) for tap in range(4)]
 

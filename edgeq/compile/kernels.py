@@ -130,11 +130,11 @@ def pack_depthwise_weights(weights: np.ndarray, dot: DotProduct, dilation) -> tu
 
 
 def depthwise_conv2d(
-    data: te.Tensor, packed: te.Tensor, correction: te.Tensor, kernel_width: int, strides, padding, dilation, dot: DotProduct, pad_value: int = 0
+    data: te.Tensor, packed: te.Tensor, correction: te.Tensor | None, kernel_width: int, strides, padding, dilation, dot: DotProduct, pad_value: int = 0
 ) -> te.Tensor:
     """NCHW int8 ``data`` x packed depthwise weights (:func:`pack_depthwise_weights`) -> NCHW int32 accumulator,
     the input padded with ``pad_value``: by the depthwise dot product (uint8 activations where it takes them, the
-    correction subtracted), or by int16 products widened to int32 (exact either way)."""
+    ``correction`` subtracted: None for none), or by int16 products widened to int32 (exact either way)."""
     n, channels = (int(d) for d in data.shape[:2])
     c_blocks, kh = (int(d) for d in packed.shape[:2])
     out_h, out_w = _output_size(data, (kh, kernel_width), strides, padding, dilation)
@@ -170,7 +170,11 @@ def depthwise_conv2d(
             ),
             name=DEPTHWISE,
         )
-    return te.compute((n, channels, out_h, out_w), lambda b, c, y, x: acc[b, c // lanes, y, x, c % lanes] - correction[c], name=UNPACK)
+    def unpack(b, c, y, x):
+        value = acc[b, c // lanes, y, x, c % lanes]
+        return value if correction is None else value - correction[c]
+
+    return te.compute((n, channels, out_h, out_w), unpack, name=UNPACK)
 
 
 ROUNDING_OFFSET = 1.5 * 2.0**52

@@ -102,7 +102,7 @@ def _pack_in_blocks(sch: s_tir.Schedule, pack: s_tir.schedule.SBlockRV, block: i
     per_block = block // depth
     index = lambda n, c_block, y, x, c: [n, c_block // per_block, y, x, c_block % per_block * depth + c]  # noqa: E731
     sch.transform_layout(pack, ("write", 0), index, pad_value=0)  # channels past the input's: never read
-    if depth_blocks % per_block == 0:  # padded, the block already iterates over the new layout
+    if depth_blocks % per_block == 0:  # unpadded (with padding, the write's transform has made it iterate so)
         sch.transform_block_layout(pack, index)
 
 

@@ -90,7 +90,8 @@ def _conv2d(dot: DotProduct, bindings: Bindings):
         if groups == channels == int(data.ty.shape[1]) and weights.shape[1] == 1:
             packed, correction = kernels.pack_depthwise_weights(weights, dot, geometry["dilation"])
             kernel = partial(kernels.depthwise_conv2d, kernel_width=weights.shape[3], dot=dot, **geometry)
-            return bb.call_te(kernel, data, relax.const(packed), relax.const(correction), primfunc_name_hint="conv2d")
+            subtracted = relax.const(correction) if correction.any() else None
+            return bb.call_te(kernel, data, relax.const(packed), subtracted, primfunc_name_hint="conv2d")
         return default(bb, call)
 
     return legalize

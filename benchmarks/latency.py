@@ -8,7 +8,8 @@ Models (random init, BatchNorm statistics set on random data, calibrated on the 
   uint8 activations with zero points, int8 weights), which edgeq computes in integers (docs/numerics.md section 9).
 
 For each model the QDQ file is compiled by edgeq at -O2 for this CPU (``simulate=True``), and these engines run
-in one process, interleaved (every run calls each engine once, in turn), on 2 threads each, after warm-up runs:
+in one process, interleaved (every run calls each engine once, in turn, after a pause in which the threads of
+the engine before go idle: see ``SETTLE_S``), on 2 threads each, after warm-up runs:
 
 - edgeq default: the compiled artifact with the default schedules (edgeq_runtime, float input and output, as
   ONNX Runtime's);
@@ -32,6 +33,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from edgeq_runtime.vm import bound_pool_spinning  # noqa: E402
+
+bound_pool_spinning()  # before TVM's first thread pool (compiling starts one)
 
 import argparse
 import contextlib
@@ -183,8 +187,16 @@ def engines(
     return calls
 
 
+SETTLE_S = 0.02
+"""Pause before each timed run, so that the idle threads of the engine before have gone to sleep: edgeq's pool
+workers spin about 5 ms after a run (edgeq_runtime.vm.POOL_SPIN_COUNT; TVM's default kept a core busy for 70 ms,
+which slowed the next engine: ONNX Runtime's mobilenet_v2 file ran 3.7 ms alone and 4.6-6.0 ms in this benchmark);
+ONNX Runtime's (allow_spinning=0) and PyTorch's (OMP_WAIT_POLICY=PASSIVE) do not spin."""
+
+
 def measure(calls: dict[str, Engine], warmup: int, runs: int) -> dict[str, float]:
-    """Median milliseconds of each engine over ``runs`` interleaved runs, after ``warmup`` runs of each."""
+    """Median milliseconds of each engine over ``runs`` interleaved runs, after ``warmup`` runs of each; each
+    timed run starts after :data:`SETTLE_S` of quiet."""
     times: dict[str, list[float]] = {name: [] for name in calls}
     with torch.inference_mode():
         for _ in range(warmup):
@@ -192,6 +204,7 @@ def measure(calls: dict[str, Engine], warmup: int, runs: int) -> dict[str, float
                 call()
         for _ in range(runs):
             for name, call in calls.items():
+                time.sleep(SETTLE_S)
                 started = time.perf_counter()
                 call()
                 times[name].append((time.perf_counter() - started) * 1000)

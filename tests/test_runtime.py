@@ -4,6 +4,7 @@ other and the integer model, refusing bad artifacts and inputs with clear errors
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import subprocess
@@ -22,7 +23,7 @@ from edgeq.compile import compile_model
 from edgeq.compile.artifact import LIBRARY
 from edgeq_runtime import ArtifactError, Model
 from edgeq_runtime.model import TensorInfo
-from edgeq_runtime.vm import RuntimeLibraryError, available_cores, pool_threads
+from edgeq_runtime.vm import POOL_SPIN_COUNT, RuntimeLibraryError, available_cores, pool_threads
 from models import FunctionalOps, integer_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -158,6 +159,27 @@ print(sorted(outputs))
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "['dequant', 'dequant_map']"
+
+
+@pytest.mark.parametrize("preset", [None, "7"])
+def test_python_runtime_bounds_how_long_idle_workers_spin(models, preset):
+    """TVM's pool workers spin 300000 yields before sleeping (a busy core for 70 ms after every inference here):
+    the runtime sets TVM_THREAD_POOL_SPIN_COUNT to its bound before the first pool starts, unless it is set."""
+    _, artifacts, x, _ = models
+    script = f"""
+import os
+import numpy as np
+from edgeq_runtime import Model
+with Model.load({str(artifacts["x86_64"])!r}) as model:
+    model.run(np.zeros({tuple(x.shape)!r}, np.float32))
+print(os.environ["TVM_THREAD_POOL_SPIN_COUNT"])
+"""
+    env = {key: value for key, value in os.environ.items() if key != "TVM_THREAD_POOL_SPIN_COUNT"}
+    if preset is not None:
+        env["TVM_THREAD_POOL_SPIN_COUNT"] = preset
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, env=env)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == (preset or str(POOL_SPIN_COUNT))
 
 
 # ---- bad artifacts: both runtimes give clear errors ----------------------------------------------------------

@@ -5,6 +5,10 @@ global function ``runtime.config_threadpool(mode, count, cpus)`` sizes the pool 
 yet, lets workers run on any of ``cpus`` (mode ``kSpecifyThreadShareAllCore``) and makes parallel kernels split
 their work ``count`` ways; ``runtime.NumThreads()`` reads that count back. :func:`use_threads` calls it once per
 thread and count, before the thread's first run.
+
+A pool worker that runs out of work yields the CPU ``TVM_THREAD_POOL_SPIN_COUNT`` times before it sleeps, read
+once, when the process's first pool starts. TVM's default, 300000, kept a core busy for about 70 ms after every
+inference here; :func:`bound_pool_spinning` lowers it to :data:`POOL_SPIN_COUNT` unless the variable is set.
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ _RUNTIME_VARIABLE = "EDGEQ_TVM_RUNTIME"
 _CPU = 1  # DLPack's kDLCPU
 _POOLED_ALLOCATOR = 2
 _SHARE_ALL_CORES = -3  # TVM's ThreadGroup::kSpecifyThreadShareAllCore
+_SPIN_VARIABLE = "TVM_THREAD_POOL_SPIN_COUNT"
+POOL_SPIN_COUNT = 20000
+"""Yields of an idle pool worker before it sleeps (runtime/cpp/src/model.cc has the same): about 5 ms here (Intel
+Xeon VM, 0.25 us per yield), which bridges the gaps between one inference's kernels, then the core is free again.
+Never spinning was 3x slower (a sleeping worker is woken for every parallel kernel)."""
 _loaded: ctypes.CDLL | None = None
 _this_thread = threading.local()  # .threads: the count the calling thread's pool was last set to
 
@@ -88,6 +97,12 @@ def thread_count(value: Any) -> int:
     return int(value)
 
 
+def bound_pool_spinning() -> None:
+    """Idle pool workers spin :data:`POOL_SPIN_COUNT` yields before sleeping, unless ``TVM_THREAD_POOL_SPIN_COUNT``
+    is set; effective only before the process's first TVM thread pool starts."""
+    os.environ.setdefault(_SPIN_VARIABLE, str(POOL_SPIN_COUNT))
+
+
 def use_threads(count: int) -> None:
     """Make parallel kernels run on ``count`` threads when called from this thread.
 
@@ -99,6 +114,7 @@ def use_threads(count: int) -> None:
     import tvm_ffi
 
     cores = available_cores()
+    bound_pool_spinning()
     tvm_ffi.get_global_func("runtime.config_threadpool")(_SHARE_ALL_CORES, count, [str(c) for c in cores])
     if pool_threads() != count:
         raise RuntimeLibraryError(

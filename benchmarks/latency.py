@@ -24,8 +24,12 @@ compile time, a numerics check (edgeq's own models: the artifact equals the inte
 ONNX Runtime file: the largest difference from ONNX Runtime in output steps) and the median latency of each engine
 with its ratio to ONNX Runtime int8; then one markdown table of all models. Progress goes to stderr.
 
+With ``--alone`` the int8 engines are then measured each by itself, runs back to back (as an application that runs
+only it): edgeq's artifacts, ONNX Runtime int8 as above, and ONNX Runtime int8 with its idle threads spinning (its
+own default, which the interleaved measurement cannot allow: spinning threads take the cores of the next engine).
+
     .venv/bin/python benchmarks/latency.py [--models resnet18,mobilenet_v2] [--size 224] [--runs 30] [--warmup 3]
-        [--tune MINUTES]
+        [--tune MINUTES] [--alone]
 """
 
 from __future__ import annotations
@@ -76,6 +80,10 @@ ORT_QUANTIZED = ("resnet18-ort", "mobilenet_v2-ort")
 MODELS = (*EDGEQ_MODELS, *ORT_QUANTIZED)
 ENGINES = ("edgeq default", "edgeq tuned", "ORT int8", "PyTorch int8", "ORT fp32", "PyTorch fp32")
 BASELINE = "ORT int8"
+ALONE_ENGINES = ("edgeq default", "edgeq tuned", "ORT int8", "ORT int8 spinning")
+ALONE_BASELINE = "ORT int8 spinning"
+"""With ``--alone``: the int8 engines measured each by itself, back to back, against ONNX Runtime in its own
+default configuration (idle threads spin, which the interleaved measurement cannot allow)."""
 CALIBRATION_BATCHES = 4
 STARTED = time.perf_counter()
 
@@ -211,30 +219,48 @@ def measure(calls: dict[str, Engine], warmup: int, runs: int) -> dict[str, float
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def cell(medians: dict[str, float], engine: str) -> str:
-    """``X ms (Yx)``: the engine's median and its ratio to ONNX Runtime int8 (``n/a`` if it did not run)."""
+def measure_alone(calls: dict[str, Engine], warmup: int, runs: int) -> dict[str, float]:
+    """Median milliseconds of each engine run by itself: ``warmup`` then ``runs`` runs back to back (as an
+    application that runs only it), one engine after another, each after :data:`SETTLE_S` of quiet."""
+    medians = {}
+    with torch.inference_mode():
+        for name, call in calls.items():
+            time.sleep(SETTLE_S)
+            for _ in range(warmup):
+                call()
+            times = []
+            for _ in range(runs):
+                started = time.perf_counter()
+                call()
+                times.append((time.perf_counter() - started) * 1000)
+            medians[name] = statistics.median(times)
+    return medians
+
+
+def cell(medians: dict[str, float], engine: str, baseline: str = BASELINE) -> str:
+    """``X ms (Yx)``: the engine's median and its ratio to ``baseline`` (``n/a`` if it did not run)."""
     if engine not in medians:
         return "n/a"
-    return f"{medians[engine]:.2f} ms ({medians[engine] / medians[BASELINE]:.2f}x)"
+    return f"{medians[engine]:.2f} ms ({medians[engine] / medians[baseline]:.2f}x)"
 
 
-def print_model_table(medians: dict[str, float]) -> None:
-    """One model's engines, one a line: median latency and ratio to ONNX Runtime int8."""
-    for engine in ENGINES:
-        print(f"  {engine:<16}{cell(medians, engine)}")
+def print_model_table(medians: dict[str, float], engines: Sequence[str] = ENGINES, baseline: str = BASELINE) -> None:
+    """One model's engines, one a line: median latency and ratio to ``baseline``."""
+    for engine in engines:
+        print(f"  {engine:<18}{cell(medians, engine, baseline)}")
 
 
-def print_markdown(results: dict[str, dict[str, float]]) -> None:
+def print_markdown(results: dict[str, dict[str, float]], engines: Sequence[str] = ENGINES, baseline: str = BASELINE) -> None:
     """All models as one markdown table of ``X ms (Yx)`` cells."""
-    print("| model | " + " | ".join(ENGINES) + " |")
-    print("|---|" + "---|" * len(ENGINES))
+    print("| model | " + " | ".join(engines) + " |")
+    print("|---|" + "---|" * len(engines))
     for name, medians in results.items():
-        print(f"| {name} | " + " | ".join(cell(medians, engine) for engine in ENGINES) + " |")
+        print(f"| {name} | " + " | ".join(cell(medians, engine, baseline) for engine in engines) + " |")
 
 
-def benchmark_model(name: str, args: argparse.Namespace, path: PeerPath, folder: Path) -> tuple[dict[str, float], float]:
-    """Quantize, export, compile and measure one model; print its table. Returns the medians and the compile
-    seconds."""
+def benchmark_model(name: str, args: argparse.Namespace, path: PeerPath, folder: Path) -> tuple[dict[str, float], dict[str, float], float]:
+    """Quantize, export, compile and measure one model; print its table. Returns the medians (interleaved, and
+    alone with ``--alone``, else empty) and the compile seconds."""
     torch.manual_seed(0)
     shape = (1, 3, args.size, args.size)
     batches = [torch.from_numpy(b) for b in random_batches(shape, CALIBRATION_BATCHES)]
@@ -261,8 +287,17 @@ def benchmark_model(name: str, args: argparse.Namespace, path: PeerPath, folder:
         calls = engines(subject, artifacts, peer, try_pytorch_int8(subject, batches), x)
         progress(f"{name}: measuring {', '.join(calls)} ({args.warmup} warm-up + {args.runs} runs)")
         medians = measure(calls, args.warmup, args.runs)
-    print_model_table(medians)
-    return medians, compile_seconds
+        print_model_table(medians)
+        alone = {}
+        if args.alone:
+            alone_calls = {engine: calls[engine] for engine in artifacts} | {"ORT int8": calls["ORT int8"]}
+            spinning = session(onnx.load(str(subject.qdq_path)), path, THREADS, spinning=True)
+            alone_calls[ALONE_BASELINE] = lambda: spinning.run(None, {spinning.get_inputs()[0].name: x.numpy()})
+            progress(f"{name}: measuring {', '.join(alone_calls)}, each alone")
+            alone = measure_alone(alone_calls, args.warmup, args.runs)
+            print("  alone, back to back:")
+            print_model_table(alone, ALONE_ENGINES, ALONE_BASELINE)
+    return medians, alone, compile_seconds
 
 
 def compile_edgeq(subject: Subject, target: str, out: Path, records: Path | None) -> CompileResult:
@@ -292,6 +327,7 @@ def main() -> None:
     parser.add_argument("--target", default="npu-m", help="edgeq's quantization target, simulated on this CPU (default npu-m)")
     parser.add_argument("--peer", choices=sorted(PEER_PATHS), help="ONNX Runtime int8 configuration (default: chosen for this CPU)")
     parser.add_argument("--tune", type=float, metavar="MINUTES", help="tune each model this long first and measure 'edgeq tuned' too")
+    parser.add_argument("--alone", action="store_true", help="also measure the int8 engines each by itself, ONNX Runtime with spinning too")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     path = PEER_PATHS[args.peer] if args.peer else peer_path()
@@ -299,12 +335,15 @@ def main() -> None:
     print(f"ONNX Runtime {ort.__version__}, int8 path: {path.name} ({'named by --peer' if args.peer else path.reason})")
     print(f"PyTorch {torch.__version__}, TVM {tvm.__version__}; {THREADS} threads each, batch 1, median of {args.runs} runs after {args.warmup} warm-up runs")
     print(f"edgeq tuned: tuned on this machine for {args.tune} min per model" if args.tune else "edgeq tuned: not measured (--tune MINUTES)")
-    results, compile_seconds = {}, {}
+    results, alone, compile_seconds = {}, {}, {}
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
-            results[name], compile_seconds[name] = benchmark_model(name, args, path, Path(folder))
+            results[name], alone[name], compile_seconds[name] = benchmark_model(name, args, path, Path(folder))
     print(f"\nMedian latency, 1x3x{args.size}x{args.size}, {THREADS} threads (ratio to {BASELINE}):\n")
     print_markdown(results)
+    if args.alone:
+        print(f"\nEach engine alone, back to back (ratio to {ALONE_BASELINE}, ONNX Runtime's default):\n")
+        print_markdown(alone, ALONE_ENGINES, ALONE_BASELINE)
     print("\nedgeq compile time (-O2): " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in compile_seconds.items()))
 
 

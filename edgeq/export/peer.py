@@ -88,14 +88,14 @@ def probe_model() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     return model, x.astype(np.float32), exact.astype(np.float32)
 
 
-def _make_session(model: onnx.ModelProto, path: PeerPath, threads: int | None = None) -> ort.InferenceSession:
+def _make_session(model: onnx.ModelProto, path: PeerPath, threads: int | None = None, spinning: bool = False) -> ort.InferenceSession:
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if path.optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     for key, value in path.config:
         options.add_session_config_entry(key, value)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -144,10 +144,11 @@ def peer_path() -> PeerPath:
     return path
 
 
-def session(model: onnx.ModelProto, path: PeerPath | None = None, threads: int | None = None) -> ort.InferenceSession:
-    """An ORT CPU session without spinning, configured by ``path`` (default: :func:`peer_path`), on ``threads``
-    intra-op threads (default: ORT's, one per physical core)."""
-    return _make_session(model, path or peer_path(), threads)
+def session(model: onnx.ModelProto, path: PeerPath | None = None, threads: int | None = None, spinning: bool = False) -> ort.InferenceSession:
+    """An ORT CPU session configured by ``path`` (default: :func:`peer_path`), on ``threads`` intra-op threads
+    (default: ORT's, one per physical core); its idle threads spin only if ``spinning`` (ORT's own default; off
+    here, so that they take no core from other engines in one process)."""
+    return _make_session(model, path or peer_path(), threads, spinning)
 
 
 def steps_apart(ort_output: np.ndarray, integers: torch.Tensor, scale: float) -> np.ndarray:

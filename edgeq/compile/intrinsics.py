@@ -2,8 +2,8 @@
 
 Each computes ``C[i] += sum_k A[k] * B[i, k]`` for ``i < lanes``, ``k < depth`` in int32: one activation group ``A``
 broadcast against a ``lanes x depth`` block of weights ``B``. The depthwise ones compute
-``C[i] += sum_k A[k, i] * B[i, k]``: every lane its own activations (``A``: 4 taps of ``lanes`` channels, as a
-blocked input stores them; the taps are moved next to each other in registers).
+``C[i] += sum_k A[k, i] * B[i, k]``: every lane its own activations (``A``: 4 neighbouring columns of ``lanes``
+channels, contiguous as a blocked input stores them; the taps are moved next to each other in registers).
 
 - ``edgeq_vnni_16x4`` / ``edgeq_avxvnni_8x4``: ``vpdpbusd`` (AVX-512 VNNI / AVX-VNNI), uint8 activations. TVM's
   own ``dot_16x4_vnni`` passes ``int32`` operands that LLVM 22's verifier rejects; these pass bytes.
@@ -99,50 +99,39 @@ def _pmaddwd():
     return implementation
 
 
-def _depthwise_description(lanes: int, a_dtype: str):
-    @T.prim_func(s_tir=True)
-    def description(a: T.handle, b: T.handle, c: T.handle) -> None:
-        tap_stride = T.int32()
-        A = T.match_buffer(a, (4, lanes), a_dtype, offset_factor=1, strides=[tap_stride, 1])
-        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4, 0:lanes], B[0:lanes, 0:4])
-            T.writes(C[0:lanes])
-            for i in T.serial(0, lanes):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk, vi], "int32") * T.cast(B[vi, vk], "int32")
-
-    return description
-
-
-def _depthwise_dot4(lanes: int, llvm_name: str, a_dtype: str):
-    """``vpdpbusd`` over 4 taps of ``lanes`` channels: the taps, loaded as ``lanes`` channels each, are interleaved
-    so that each int32 lane holds its channel's 4 taps."""
+def _depthwise(lanes: int, llvm_name: str, a_dtype: str, implementation: bool):
+    """The description (``implementation`` False) or the implementation of a depthwise dot product: ``vpdpbusd``
+    over 4 taps of ``lanes`` channels, the taps, loaded as ``lanes`` channels each, interleaved so that each int32
+    lane holds its channel's 4 taps."""
     bytes_ = lanes * 4
     interleave = [tap * lanes + lane for lane in range(lanes) for tap in range(4)]
 
     @T.prim_func(s_tir=True)
-    def implementation(a: T.handle, b: T.handle, c: T.handle) -> None:
-        tap_stride = T.int32()
-        A = T.match_buffer(a, (4, lanes), a_dtype, offset_factor=1, strides=[tap_stride, 1])
-        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+    def intrinsic(
+        A: T.Buffer((4, lanes), a_dtype, offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:4, 0:lanes], B[0:lanes, 0:4])
             T.writes(C[0:lanes])
-            taps = T.Shuffle([A.vload([tap, 0], f"{a_dtype}x{lanes}") for tap in range(4)], interleave)
-            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(llvm_name),
-                C.vload([0], dtype=f"int32x{lanes}"),
-                taps,
-                B.vload([0, 0], dtype=f"int8x{bytes_}"),
-                dtype=f"int32x{lanes}",
-            )
+            if implementation:
+                taps = T.Shuffle([A.vload([tap, 0], f"{a_dtype}x{lanes}") for tap in range(4)], interleave)
+                C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(llvm_name),
+                    C.vload([0], dtype=f"int32x{lanes}"),
+                    taps,
+                    B.vload([0, 0], dtype=f"int8x{bytes_}"),
+                    dtype=f"int32x{lanes}",
+                )
+            else:
+                for i in T.serial(0, lanes):
+                    for k in T.serial(0, 4):
+                        with T.sblock("update"):
+                            vi, vk = T.axis.remap("SR", [i, k])
+                            C[vi] = C[vi] + T.cast(A[vk, vi], "int32") * T.cast(B[vi, vk], "int32")
 
-    return implementation
+    return intrinsic
 
 
 _BUILDERS: dict[str, Callable[[], tuple]] = {
@@ -150,8 +139,8 @@ _BUILDERS: dict[str, Callable[[], tuple]] = {
     AVX_VNNI_8x4: lambda: (_description(8, 4, "uint8"), _dot4(8, "llvm.x86.avx512.vpdpbusd.256", "uint8")),
     PMADDWD_8x2: lambda: (_description(8, 2, "int16"), _pmaddwd()),
     SDOT_4x4: lambda: (_description(4, 4, "int8"), _dot4(4, "llvm.aarch64.neon.sdot.v4i32.v16i8", "int8")),
-    VNNI_DEPTHWISE_16x4: lambda: (_depthwise_description(16, "uint8"), _depthwise_dot4(16, "llvm.x86.avx512.vpdpbusd.512", "uint8")),
-    AVX_VNNI_DEPTHWISE_8x4: lambda: (_depthwise_description(8, "uint8"), _depthwise_dot4(8, "llvm.x86.avx512.vpdpbusd.256", "uint8")),
+    VNNI_DEPTHWISE_16x4: lambda: tuple(_depthwise(16, "llvm.x86.avx512.vpdpbusd.512", "uint8", impl) for impl in (False, True)),
+    AVX_VNNI_DEPTHWISE_8x4: lambda: tuple(_depthwise(8, "llvm.x86.avx512.vpdpbusd.256", "uint8", impl) for impl in (False, True)),
 }
 _registered: set[str] = set()
 

@@ -292,7 +292,8 @@ def benchmark_model(name: str, args: argparse.Namespace, path: PeerPath, folder:
         if args.alone:
             alone_calls = {engine: calls[engine] for engine in artifacts} | {"ORT int8": calls["ORT int8"]}
             spinning = session(onnx.load(str(subject.qdq_path)), path, THREADS, spinning=True)
-            alone_calls[ALONE_BASELINE] = lambda: spinning.run(None, {spinning.get_inputs()[0].name: x.numpy()})
+            feed = {spinning.get_inputs()[0].name: x.numpy()}  # built once, as engines() does: not timed
+            alone_calls[ALONE_BASELINE] = lambda: spinning.run(None, feed)
             progress(f"{name}: measuring {', '.join(alone_calls)}, each alone")
             alone = measure_alone(alone_calls, args.warmup, args.runs)
             print("  alone, back to back:")

@@ -170,6 +170,7 @@ def depthwise_conv2d(
             ),
             name=DEPTHWISE,
         )
+
     def unpack(b, c, y, x):
         value = acc[b, c // lanes, y, x, c % lanes]
         return value if correction is None else value - correction[c]

@@ -96,15 +96,17 @@ def test_example_cnn_with_int32_output_is_exact(digits_integer_model, tmp_path):
 @pytest.mark.parametrize("width", [16, 12])
 def test_activations_between_convolutions_are_blocked_exactly(width, tmp_path):
     """The layout plan: conv1's output, read only by conv2's kernel (as its input and as its residual add), is
-    stored in blocks of channels by both kernels (12 channels: the last block padded); conv2's output (read by the
-    max pool) and conv3's (the global pool) stay NCHW. The artifact equals the integer model."""
+    stored in blocks of channels by both kernels (12 channels: the last block padded). With 16 channels, whole
+    blocks, conv2's output and the max pool's (read by conv3) are blocked too; padded ones stay NCHW there.
+    conv3's output (read by the global pool's sum) stays NCHW. The artifact equals the integer model."""
     torch.manual_seed(0)
     example = torch.randn(2, 1, 8, 8)
     int_model = integer_model(SmallCNN(width=width).eval(), example, "x86_64")
     result = compile_model(int_model, (example,), out=tmp_path / "s.edgeq", target="x86_64", simulate=True)
     suffix = f"_nchw{dot_product(host_target()).lanes}c"
-    blocked = {op.name: op.kernel.endswith(suffix) for op in result.graph.ops if op.op == "conv2d"}
-    assert blocked == {"conv1/Conv": True, "conv2/Conv": True, "conv3/Conv": False}
+    blocked = {op.name: op.kernel.endswith(suffix) for op in result.graph.ops if op.op in ("conv2d", "max_pool2d")}
+    whole_blocks = width % dot_product(host_target()).lanes == 0
+    assert blocked == {"conv1/Conv": True, "conv2/Conv": True, "pool/MaxPool": whole_blocks, "conv3/Conv": whole_blocks}
     assert result.graph.op("add/Add").kernel == result.graph.op("conv2/Conv").kernel
     assert_artifact_exact(result.artifact, int_model, torch.randn(2, 1, 8, 8))
 

@@ -6,9 +6,12 @@ that is a round trip through NCHW for nothing. This stage (after fusion, before 
 activation made by a convolution kernel and read only by convolution kernels (a residual add fused into one
 included), and stores it as ``[N, C/B, H, W, B]`` (``NCHW{B}c``, ``B`` = the dot product's lanes; channels that do
 not fill the last block are padded: the producer writes zeros there, the consumers never read them): the
-producer's epilogue stores a column's channels contiguously, and the consumers' packing stages read them so. Everything
-else keeps NCHW, so no layout conversion is ever added: a tensor is blocked only where every kernel touching
-it takes it blocked. Blocking moves where values are stored, never what they are: results are identical.
+producer's epilogue stores a column's channels contiguously, and the consumers' packing stages read them so.
+Max pools compute each channel from itself, so activations whose channels fill whole blocks are blocked across
+them too, a convolution among the kernels touching them (resnet18's stem -> max pool -> first block, whose stem
+scattered its outputs over 64 planes byte by byte); the pool then iterates over a block's channels innermost. Everything else keeps NCHW, so no layout
+conversion is ever added: a tensor is blocked only where every kernel touching it takes it blocked. Blocking
+moves where values are stored, never what they are: results are identical.
 
 The kernels get their blocked form by TIR's ``transform_layout`` on their parameters (a copy per combination of
 blocked parameters, named with a ``_nchw{B}c`` suffix).
@@ -16,14 +19,13 @@ blocked parameters, named with a ``_nchw{B}c`` suffix).
 
 from __future__ import annotations
 
-from collections import Counter
-
 import tvm
 from tvm import relax, s_tir, tirx
 
 from edgeq.compile import kernels
 from edgeq.compile.cpu_features import DotProduct
 from edgeq.compile.schedules import classify
+from edgeq.compile.schedules.generic import POOL_BLOCKS
 
 CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
@@ -40,6 +42,12 @@ CONVOLUTION_SCHEDULES = ("conv2d", "conv2d_1x1", "depthwise_conv2d")
 def _is_convolution_kernel(function: tirx.PrimFunc) -> bool:
     """A convolution kernel of :mod:`edgeq.compile.kernels`."""
     return classify(s_tir.Schedule(function)) in CONVOLUTION_SCHEDULES
+
+
+def _is_pooling_kernel(function: tirx.PrimFunc) -> bool:
+    """A pooling kernel (TVM's pooling blocks, :data:`POOL_BLOCKS`): each output channel reads its own input channel."""
+    sch = s_tir.Schedule(function)
+    return any(sch.get(b).name_hint in POOL_BLOCKS for b in sch.get_child_blocks(sch.get_sblock("root")))
 
 
 def _blockable(var: relax.Var, block: int) -> bool:
@@ -62,17 +70,33 @@ def _reads(value: relax.Expr) -> list[relax.Var]:
     return list(relax.analysis.free_vars(value))
 
 
+def _fills_blocks(var: relax.Var, block: int) -> bool:
+    """Whether the channels of a :func:`_blockable` tensor fill whole blocks (no padding)."""
+    return int(var.ty.shape.values[1]) % block == 0
+
+
 def _blocked_tensors(module: tvm.IRModule, function: relax.Function, block: int) -> set[relax.Var]:
-    """The tensors of ``function`` made by a convolution kernel and read only by convolution kernels."""
+    """The tensors of ``function`` made by a convolution kernel and read only by convolution kernels, and those whose
+    channels fill whole blocks made and read only by convolution and pooling kernels, a convolution among them."""
     bindings = relax.analysis.get_var2val(function)
-    convolutions = {var for var, value in bindings.items() if _is_kernel_call(value) and _is_convolution_kernel(module[value.args[0]])}
-    reads: Counter[relax.Var] = Counter()
-    reads_by_convolutions: Counter[relax.Var] = Counter()
+    kernel_calls = {var: module[value.args[0]] for var, value in bindings.items() if _is_kernel_call(value)}
+    convolutions = {var for var, kernel in kernel_calls.items() if _is_convolution_kernel(kernel)}
+    pools = {var for var, kernel in kernel_calls.items() if _is_pooling_kernel(kernel)}
+    readers: dict[relax.Var, list[relax.Var]] = {}
     for var, value in bindings.items():
         for used in _reads(value):
-            reads[used] += 1
-            reads_by_convolutions[used] += var in convolutions
-    return {var for var in convolutions if _blockable(var, block) and 0 < reads[var] == reads_by_convolutions[var]}
+            readers.setdefault(used, []).append(var)
+
+    def blocked(var: relax.Var) -> bool:
+        touching = [var, *readers.get(var, [])]  # its producer and its readers
+        if len(touching) == 1 or not _blockable(var, block):
+            return False
+        if all(kernel in convolutions for kernel in touching):
+            return True
+        with_pools = all(kernel in convolutions or kernel in pools for kernel in touching)
+        return with_pools and _fills_blocks(var, block) and any(kernel in convolutions for kernel in touching)
+
+    return {var for var in convolutions | pools if blocked(var)}
 
 
 def _with_blocked_parameters(function: tirx.PrimFunc, positions: list[int], block: int) -> tirx.PrimFunc:
@@ -86,11 +110,21 @@ def _with_blocked_parameters(function: tirx.PrimFunc, positions: list[int], bloc
         )
         if any(region.source.same_as(buffer) for region in sch.get(accessing).writes):  # the output: zeros past C
             sch.transform_layout(accessing, buffer, blocked_layout(block), pad_value=0)
+            if sch.get(accessing).name_hint in POOL_BLOCKS:
+                _pool_in_blocks(sch, accessing, block)
         else:  # an input: read below C only (the kernels pad their packed inputs themselves)
             sch.transform_layout(accessing, buffer, blocked_layout(block), assume_injective_transform=True)
         if sch.get(accessing).name_hint == kernels.PACK:
             _pack_in_blocks(sch, accessing, block)
     return sch.mod["main"]
+
+
+def _pool_in_blocks(sch: s_tir.Schedule, pool: s_tir.schedule.SBlockRV, block: int) -> None:
+    """A pooling block writing a blocked output iterates as it: a block's channels innermost among its output
+    axes (the vector lanes of its schedule), the window after them."""
+    axes = len(sch.get(pool).iter_vars)
+    index = tirx.IndexMap.from_func(lambda n, c, h, w, *window: [n, c // block, h, w, c % block, *window], ndim=axes)
+    sch.transform_block_layout(pool, index)
 
 
 def _pack_in_blocks(sch: s_tir.Schedule, pack: s_tir.schedule.SBlockRV, block: int) -> None:

@@ -161,7 +161,7 @@ HostTensor Quantize(const TensorInfo& info, const HostTensor& values) {
     int64_t c = Channel(info, i);
     float steps = x[i] / info.scale[c];          // float32 division, as ONNX QuantizeLinear
     float rounded = std::nearbyint(steps);       // round half to even in the default rounding mode
-    double value = std::isnan(rounded) ? 0.0 : double(rounded) + double(info.zero_point[c]);
+    double value = (std::isnan(rounded) ? 0.0 : double(rounded)) + double(info.zero_point[c]);  // NaN -> the zero point
     int64_t q = value < double(low) ? low : value > double(high) ? high : int64_t(value);
     if (info.dtype == "int8") reinterpret_cast<int8_t*>(out.data.data())[i] = int8_t(q);
     else if (info.dtype == "uint8") out.data[i] = uint8_t(q);

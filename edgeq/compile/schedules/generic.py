@@ -8,7 +8,9 @@ values are computed, never how: results are identical.
 
 from __future__ import annotations
 
-from tvm import s_tir
+import math
+
+from tvm import s_tir, tirx
 
 
 def inline_epilogue(sch: s_tir.Schedule, after: s_tir.schedule.SBlockRV | None = None) -> s_tir.schedule.SBlockRV:
@@ -44,6 +46,23 @@ def parallel_outer(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, count: i
         return
 
 
+PARALLEL_CHUNKS = 16
+"""Parallel iterations the fused outer loops of a generic kernel make at least, where its loops allow: more than
+the cores, so that chunks balance (a 3-channel input's outer two loops make 3: 2 to 1 on 2 cores)."""
+
+
+def balanced_outer_loops(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> int:
+    """How many outer loops of ``block`` :func:`parallel_outer` fuses: two, or more (never the innermost, which
+    the CPU vectorizes) until they make :data:`PARALLEL_CHUNKS` iterations."""
+    extents = [sch.get(loop).extent for loop in sch.get_loops(block)]
+    count = min(2, len(extents))
+    while count < len(extents) - 1 and all(isinstance(e, tirx.IntImm) for e in extents[:count]):
+        if math.prod(int(e) for e in extents[:count]) >= PARALLEL_CHUNKS:
+            break
+        count += 1
+    return count
+
+
 POOL_BLOCKS = ("pool_max", "pool_sum", "pool_avg")
 """The reduction blocks of TVM's pooling kernels (their windows slide along the output's last axis)."""
 
@@ -74,4 +93,4 @@ def schedule_generic(sch: s_tir.Schedule, parallel: bool) -> None:
             windows_outside_rows(sch, block)
     if parallel:
         for block in sch.get_child_blocks(sch.get_sblock("root")):
-            parallel_outer(sch, block)
+            parallel_outer(sch, block, balanced_outer_loops(sch, block))

@@ -4,6 +4,7 @@ ONNX Runtime within one step per op."""
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,11 +12,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import tvm_ffi
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic
 import torch.nn.functional as F
 from torch import nn
 
 from edgeq.compile import CompileResult, compile_model
+from edgeq.compile.artifact import LIBRARY
 from edgeq.compile.int8_activations import as_int8_activations
 from edgeq.errors import ModelFileError
 from edgeq.export.onnx_reader import load_onnx
@@ -23,6 +26,8 @@ from edgeq.export.qoperator import qdq_from_qoperator
 from edgeq.export.peer import session
 from edgeq.run import run_artifact
 from edgeq_runtime import Model
+from edgeq_runtime.model import aligned
+from edgeq_runtime.vm import load_vm
 from models import float_onnx, ort_quantize_static, random_batches
 from qdq_reference import run_qdq_reference
 
@@ -347,3 +352,38 @@ def test_a_resize_by_scales_computes_onnx_coordinates(tmp_path):
     with Model.load(result.artifact) as artifact:
         (got,) = artifact.run({"x": x}).values()
     assert np.abs(got - expected).max() <= step * 1.01
+
+
+def _awkward_floats(scale: float) -> np.ndarray:
+    """Inputs that test a quantizer: ties at every step (``(k + 0.5) * s``), values past both limits, infinities,
+    NaN, signed zeros, and ordinary values."""
+    generator = np.random.default_rng(3)
+    values = generator.normal(size=INPUT_SHAPE).astype(np.float32) * 2
+    special = np.float32([np.nan, np.inf, -np.inf, 1e30, -1e30, 0.0, -0.0, 3e-39])
+    ties = (np.arange(-140, 140, dtype=np.float32) + np.float32(0.5)) * np.float32(scale)
+    flat = values.reshape(-1)
+    flat[: special.size] = special
+    flat[special.size : special.size + ties.size] = ties
+    return values
+
+
+def test_the_library_quantizes_float_inputs_as_the_runtimes_do(ort_file, tmp_path):
+    """The artifact's input quantizer (a kernel of the library, which the Python runtime calls on float inputs)
+    gives exactly the integers of ``TensorInfo.quantize`` and of the C++ runtime's own loop, zero point included."""
+    result = compile_model(ort_file, target="x86_64", out=tmp_path / "q.edgeq", opt_level=2, progress=lambda _: None)
+    with Model.load(result.artifact) as artifact:
+        info = artifact.inputs[0]
+        assert info.quantizer == "quantize_input0"
+        x = _awkward_floats(float(info.scale[0]))
+        by_numpy = info.quantize(x)
+        with zipfile.ZipFile(result.artifact) as archive:
+            archive.extract(LIBRARY, tmp_path)
+        by_library = np.from_dlpack(load_vm(tmp_path / LIBRARY)[info.quantizer](tvm_ffi.from_dlpack(aligned(x))))
+        np.testing.assert_array_equal(by_library, by_numpy)
+        expected = artifact.run({"x": by_numpy}, raw=True)
+        for got, want in zip(artifact.run({"x": misaligned(x)}, raw=True).values(), expected.values()):
+            np.testing.assert_array_equal(got, want)
+    np.save(tmp_path / "x.npy", x)
+    run = run_artifact(result.artifact, [str(tmp_path / "x.npy")], tmp_path / "cpp", runtime="cpp", raw=True, say=lambda _: None)
+    for name, path in run.outputs.items():
+        np.testing.assert_array_equal(np.load(path), expected[name])

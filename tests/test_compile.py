@@ -403,7 +403,9 @@ def test_artifact_contents(small_artifact):
     assert manifest["schema_version"] == 1 and manifest["edgeq_version"] and manifest["tvm_version"].startswith("0.27")
     assert manifest["target"] == {"name": "npu-s", "kind": "npu", "host": "aarch64"}
     assert manifest["npu_execution"] == "simulated"
-    assert manifest["inputs"] == [{"name": "x", "shape": [2, 1, 8, 8], "dtype": "int8", "quant": {"scale": [1 / 128], "zero_point": [0], "axis": None}}]
+    assert manifest["inputs"] == [
+        {"name": "x", "shape": [2, 1, 8, 8], "dtype": "int8", "quant": {"scale": [1 / 128], "zero_point": [0], "axis": None}, "quantizer": "quantize_input0"}
+    ]
     assert manifest["placement"]["verdict"] == "NPU-ready: every op runs on npu-s"
     import hashlib
 

@@ -30,7 +30,7 @@ from tvm.target.codegen import llvm_get_system_cpu
 from edgeq import __version__
 from edgeq.check import CheckReport, check_qdq
 from edgeq.compile.artifact import CHECK, GRAPH, LIBRARY, NPU_PROGRAM, json_bytes, write_artifact
-from edgeq.compile.codegen import Machine, build_library, build_relax_module
+from edgeq.compile.codegen import Machine, build_library, build_relax_module, input_quantizer
 from edgeq.compile.compiled_graph import CompiledGraph, build_compiled_graph
 from edgeq.compile.cpu_features import DotProduct
 from edgeq.compile.kernel_map import kernel_map
@@ -161,6 +161,14 @@ def _tensor_entry(spec: TensorSpec) -> dict[str, Any]:
             "zero_point": list(spec.quant.zero_points),
             "axis": spec.quant.axis,
         }
+    return entry
+
+
+def _input_entry(index: int, spec: TensorSpec) -> dict[str, Any]:
+    """An input's manifest entry; a quantized one names the library function quantizing float values for it."""
+    entry = _tensor_entry(spec)
+    if spec.quant is not None:
+        entry["quantizer"] = input_quantizer(index)
     return entry
 
 
@@ -299,7 +307,7 @@ def compile_model(
         "opt_level": opt_level,
         "tuned_kernels": sum(k.tuned for k in built.kernels),
         "source": plan.source,
-        "inputs": [_tensor_entry(s) for s in parts.inputs],
+        "inputs": [_input_entry(i, s) for i, s in enumerate(parts.inputs)],
         "outputs": [_tensor_entry(s) for s in parts.outputs],
         "placement": {**asdict(report.summary), "regions": [{"name": r.name, "placement": r.placement.value, "ops": len(r.nodes)} for r in parts.regions]},
     }

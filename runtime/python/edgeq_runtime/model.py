@@ -38,6 +38,13 @@ def aligned(array: np.ndarray) -> np.ndarray:
     return copy
 
 
+def _tensor(array: np.ndarray) -> Any:
+    """A TVM tensor sharing the data of :func:`aligned` ``array``."""
+    import tvm_ffi
+
+    return tvm_ffi.from_dlpack(aligned(array), require_alignment=TVM_ALIGNMENT, require_contiguous=True)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One input or output of the compiled program."""
@@ -48,6 +55,9 @@ class TensorInfo:
     scale: np.ndarray | None
     zero_point: np.ndarray | None
     axis: int | None
+    quantizer: str | None = None
+    """The library function that quantizes float values for this input as :meth:`quantize` does, in one parallel
+    pass (an artifact compiled by an earlier edgeq has none: :meth:`quantize` then runs instead)."""
 
     @classmethod
     def from_manifest(cls, entry: Mapping[str, Any]) -> TensorInfo:
@@ -61,6 +71,7 @@ class TensorInfo:
             np.asarray(quant["scale"], dtype=np.float32),
             np.asarray(quant["zero_point"], dtype=np.int64),
             quant["axis"],
+            entry.get("quantizer"),
         )
 
     @property
@@ -132,7 +143,9 @@ class Model:
         self._cleanup = weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
         library = folder / manifest["library"]["member"]
         library.write_bytes(artifact.members[manifest["library"]["member"]])
-        self._main = load_vm(library)
+        vm = load_vm(library)
+        self._main = vm["main"]
+        self._quantizers = [vm[info.quantizer] if info.quantizer else None for info in self.inputs]
 
     @classmethod
     def load(cls, path: str | Path, num_threads: int | None = None) -> Model:
@@ -183,7 +196,7 @@ class Model:
         self.close()
 
     # ---- running ---------------------------------------------------------------------------------------------
-    def _prepare(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
+    def _prepare(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray) -> list[Any]:
         if isinstance(inputs, np.ndarray):
             inputs = [inputs]
         if isinstance(inputs, Mapping):
@@ -195,15 +208,21 @@ class Model:
             inputs = [inputs[n] for n in names]
         if len(inputs) != len(self.inputs):
             raise ValueError(f"{self.path}: {len(inputs)} input(s) given; the model takes {len(self.inputs)}")
-        return [self._check(info, np.asarray(value)) for info, value in zip(self.inputs, inputs)]
+        return [self._argument(i, np.asarray(value)) for i, value in enumerate(inputs)]
 
-    def _check(self, info: TensorInfo, value: np.ndarray) -> np.ndarray:
+    def _argument(self, index: int, value: np.ndarray) -> Any:
+        """Input ``index`` as the program takes it: integers as given, float values quantized (by the library's
+        quantizer where it has one)."""
+        info = self.inputs[index]
         if value.shape != info.shape:
             raise ValueError(f"{self.path}: input '{info.name}' has shape {list(value.shape)}; expected {list(info.shape)}")
         if value.dtype == np.dtype(info.dtype):
-            return aligned(value)
+            return _tensor(value)
         if info.quantized and np.issubdtype(value.dtype, np.floating):
-            return aligned(info.quantize(value))
+            quantizer = self._quantizers[index]
+            if quantizer is None:
+                return _tensor(info.quantize(value))
+            return quantizer(_tensor(value.astype(np.float32, copy=False)))  # float32 as quantize() divides
         raise ValueError(
             f"{self.path}: input '{info.name}' has dtype {value.dtype}; expected {info.dtype}"
             + (" (raw) or a float array to quantize" if info.quantized else "")
@@ -220,11 +239,9 @@ class Model:
             ValueError: an unknown or missing name, a wrong shape or dtype (the message names the input).
             RuntimeLibraryError: TVM sized this thread's pool smaller before (see :func:`edgeq_runtime.vm.use_threads`).
         """
-        import tvm_ffi
-
-        arrays = self._prepare(inputs)
         use_threads(self.num_threads)
-        result = self._main(*[tvm_ffi.from_dlpack(a, require_alignment=TVM_ALIGNMENT, require_contiguous=True) for a in arrays])
+        arguments = self._prepare(inputs)
+        result = self._main(*arguments)
         results = [result] if len(self.outputs) == 1 else list(result)
         outputs = {}
         for info, value in zip(self.outputs, results):

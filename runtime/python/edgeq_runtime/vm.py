@@ -66,14 +66,14 @@ def _load_runtime() -> None:
 
 
 def load_vm(library: Path) -> Any:
-    """The ``main`` function of the Relax VM executable in the shared library ``library``."""
+    """The Relax VM of the executable in the shared library ``library`` (its functions by name: ``vm["main"]``)."""
     _load_runtime()
     import tvm_ffi
 
     module = tvm_ffi.load_module(str(library))
     vm = module["vm_load_executable"]()
     vm["vm_initialization"](_CPU, 0, _POOLED_ALLOCATOR, _CPU, 0, _POOLED_ALLOCATOR)
-    return vm["main"]
+    return vm
 
 
 @functools.cache

@@ -132,8 +132,10 @@ the channel blocks, an iteration is a row and all its blocks, which share the pa
 parallel region of its own: waking the pool's threads for it cost about 3.6 us here (2 cores), 20 of
 mobilenet_v2's 106 regions per inference. So 1x1 convolutions with rows outside pack per row by default (no row
 is packed twice): measured here (AVX-512 VNNI, paired A/B), mobilenet_v2 0.95x and its ONNX Runtime file 0.96x the
-time, mobilenet_v3_small 0.99x.
-Others pack first (a 3x3 window's rows would be packed three times; depthwise kernels ran slower so)."""
+time, mobilenet_v3_small 0.99x. Depthwise convolutions pack per tile too, their rows cut in :data:`ROW_CHUNKS`
+parts (only the window's overlap, 2 rows of 56 for a 3x3, is packed twice; row by row, each row three times, ran
+slower): mobilenet_v2 and its ONNX Runtime file 0.92x the time, mobilenet_v3_small 0.99x. Other convolutions pack
+first (a tile of channel blocks over a chunk of rows reads all input channels: every block would pack them)."""
 
 
 def _parallel(sch: s_tir.Schedule, outer: list, parallel: bool, choose: Choices, rows_outer: bool = False, default_pack: int = PACK_FIRST) -> None:
@@ -225,6 +227,11 @@ def schedule_conv2d(sch: s_tir.Schedule, dot: DotProduct, parallel: bool, choose
         sch.tensorize(lane, intrinsics.registered(dot.intrinsic))
 
 
+ROW_CHUNKS = 2
+"""Parts a depthwise convolution's rows are cut into (where they divide them) for its parallel tile loops, each
+packing its rows (see :data:`PACK_FIRST`): with the channel blocks, an even number of parallel iterations."""
+
+
 def schedule_depthwise(sch: s_tir.Schedule, dot: DotProduct, parallel: bool, choose: Choices = DEFAULT) -> None:
     """Depthwise convolutions: channels on the vector lanes, each row's taps by the CPU's depthwise dot product
     (4 at once, tensorized) or by int16 products widened to int32 (one at a time, vectorized by LLVM)."""
@@ -232,18 +239,20 @@ def schedule_depthwise(sch: s_tir.Schedule, dot: DotProduct, parallel: bool, cho
     last = inline_epilogue(sch, conv)
     b, o, y, x, lane, ry, *taps = sch.get_loops(conv)
     (oo, oi), (xo, xi) = _register_tile(sch, o, x, lane, _blocked_output(sch, last), choose)
-    outer, rows_outer = _tile_loops(sch, b, oo, y, choose)
+    chunks = ROW_CHUNKS if _extent(sch, y) % ROW_CHUNKS == 0 else 1
+    y_chunk, y = sch.split(y, [chunks, None])
+    outer, rows_outer = _tile_loops(sch, b, oo, y_chunk, choose)
     tensorized = len(taps) == 2  # tap groups, taps of a group (kernels.depthwise_conv2d)
     if tensorized:
-        sch.reorder(*outer, xo, ry, taps[0], oi, xi, lane, taps[1])
+        sch.reorder(*outer, y, xo, ry, taps[0], oi, xi, lane, taps[1])
     else:
-        sch.reorder(*outer, xo, ry, *taps, oi, xi, lane)
+        sch.reorder(*outer, y, xo, ry, *taps, oi, xi, lane)
         sch.vectorize(lane)
     sch.unroll(oi)
     sch.unroll(xi)
     if _epilogue_at(sch, last, xo, parallel):
         _epilogue_lanes(sch, last, xo, choose)
-    _parallel(sch, outer, parallel, choose, rows_outer)
+    _parallel(sch, outer, parallel, choose, rows_outer, PACK_PER_TILE)
     init = sch.decompose_reduction(conv, ry)
     sch.vectorize(sch.get_loops(init)[-1])
     if tensorized:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -359,3 +361,16 @@ def ort_quantize_static(
                     activation_type=activation, weight_type=QuantType.QInt8, per_channel=per_channel,
                     extra_options={"ActivationSymmetric": symmetric})
     return path
+
+
+def rewrite_artifact(source: Path, target: Path, change: Callable[[dict, dict], None]) -> Path:
+    """Copy an artifact, letting ``change(manifest, members)`` edit the manifest dict and the members dict."""
+    with zipfile.ZipFile(source) as archive:
+        manifest = json.loads(archive.read("manifest.json"))
+        members = {i.filename: archive.read(i) for i in archive.infolist() if i.filename != "manifest.json"}
+    change(manifest, members)
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("manifest.json", json.dumps(manifest))
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return target

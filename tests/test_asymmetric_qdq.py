@@ -28,7 +28,7 @@ from edgeq.run import run_artifact
 from edgeq_runtime import Model
 from edgeq_runtime.model import aligned
 from edgeq_runtime.vm import load_vm
-from models import float_onnx, ort_quantize_static, random_batches
+from models import float_onnx, ort_quantize_static, random_batches, rewrite_artifact
 from qdq_reference import run_qdq_reference
 
 INPUT_SHAPE = (1, 3, 32, 32)
@@ -367,13 +367,19 @@ def _awkward_floats(scale: float) -> np.ndarray:
     return values
 
 
+def _without_quantizer(manifest: dict, members: dict) -> None:
+    del manifest["inputs"][0]["quantizer"]
+
+
 def test_the_library_quantizes_float_inputs_as_the_runtimes_do(ort_file, tmp_path):
-    """The artifact's input quantizer (a kernel of the library, which the Python runtime calls on float inputs)
-    gives exactly the integers of ``TensorInfo.quantize`` and of the C++ runtime's own loop, zero point included."""
+    """The artifact's input quantizer (a kernel of the library, which both runtimes call on float inputs) gives
+    exactly the integers of ``TensorInfo.quantize``; an artifact without one is quantized by the runtimes
+    themselves (numpy, the C++ runtime's loop), to the same integers, zero point included."""
     result = compile_model(ort_file, target="x86_64", out=tmp_path / "q.edgeq", opt_level=2, progress=lambda _: None)
-    with Model.load(result.artifact) as artifact:
+    without = rewrite_artifact(result.artifact, tmp_path / "without.edgeq", _without_quantizer)
+    with Model.load(result.artifact) as artifact, Model.load(without) as plain:
         info = artifact.inputs[0]
-        assert info.quantizer == "quantize_input0"
+        assert info.quantizer == "quantize_input0" and plain.inputs[0].quantizer is None
         x = _awkward_floats(float(info.scale[0]))
         by_numpy = info.quantize(x)
         with zipfile.ZipFile(result.artifact) as archive:
@@ -381,9 +387,11 @@ def test_the_library_quantizes_float_inputs_as_the_runtimes_do(ort_file, tmp_pat
         by_library = np.from_dlpack(load_vm(tmp_path / LIBRARY)[info.quantizer](tvm_ffi.from_dlpack(aligned(x))))
         np.testing.assert_array_equal(by_library, by_numpy)
         expected = artifact.run({"x": by_numpy}, raw=True)
-        for got, want in zip(artifact.run({"x": misaligned(x)}, raw=True).values(), expected.values()):
-            np.testing.assert_array_equal(got, want)
+        for model in (artifact, plain):
+            for got, want in zip(model.run({"x": misaligned(x)}, raw=True).values(), expected.values()):
+                np.testing.assert_array_equal(got, want)
     np.save(tmp_path / "x.npy", x)
-    run = run_artifact(result.artifact, [str(tmp_path / "x.npy")], tmp_path / "cpp", runtime="cpp", raw=True, say=lambda _: None)
-    for name, path in run.outputs.items():
-        np.testing.assert_array_equal(np.load(path), expected[name])
+    for path in (result.artifact, without):
+        run = run_artifact(path, [str(tmp_path / "x.npy")], tmp_path / path.stem, runtime="cpp", raw=True, say=lambda _: None)
+        for name, output in run.outputs.items():
+            np.testing.assert_array_equal(np.load(output), expected[name])

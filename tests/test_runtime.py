@@ -3,7 +3,6 @@ other and the integer model, refusing bad artifacts and inputs with clear errors
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -24,7 +23,7 @@ from edgeq.compile.artifact import LIBRARY
 from edgeq_runtime import ArtifactError, Model
 from edgeq_runtime.model import TensorInfo
 from edgeq_runtime.vm import POOL_SPIN_COUNT, RuntimeLibraryError, available_cores, pool_threads
-from models import FunctionalOps, integer_model
+from models import FunctionalOps, integer_model, rewrite_artifact
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "runtime" / "cpp" / "build"
@@ -185,19 +184,6 @@ print(os.environ["TVM_THREAD_POOL_SPIN_COUNT"])
 # ---- bad artifacts: both runtimes give clear errors ----------------------------------------------------------
 
 
-def rewrite(source: Path, target: Path, change) -> Path:
-    """Copy an artifact, letting ``change(manifest, members)`` edit the manifest dict and the members dict."""
-    with zipfile.ZipFile(source) as archive:
-        manifest = json.loads(archive.read("manifest.json"))
-        members = {i.filename: archive.read(i) for i in archive.infolist() if i.filename != "manifest.json"}
-    change(manifest, members)
-    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as archive:
-        archive.writestr("manifest.json", json.dumps(manifest))
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return target
-
-
 def _flip(manifest, members):
     library = bytearray(members["model.so"])
     library[len(library) // 2] ^= 0xFF
@@ -221,20 +207,25 @@ def _escape(manifest, members):
     manifest["members"]["../evil.so"] = {"size": 1, "sha256": "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"}
 
 
+def _unknown_quantizer(manifest, members):
+    manifest["inputs"][0]["quantizer"] = "quantize_nothing"
+
+
 BAD_ARTIFACTS = {
     "flipped byte": (_flip, "member model.so fails its sha256 check"),
     "missing member": (_drop, "npu_program.json"),
     "future schema": (_future, "schema version 2; this runtime reads version 1"),
     "other architecture": (_elsewhere, "built for riscv64; this machine is x86_64"),
     "path traversal": (_escape, "member name '../evil.so' is not allowed"),
+    "unknown quantizer": (_unknown_quantizer, "the library has no function 'quantize_nothing' (input 'x''s quantizer)"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_ARTIFACTS))
 def test_bad_artifacts_are_refused_by_both_runtimes(case, models, edgeq_run, tmp_path):
     change, message = BAD_ARTIFACTS[case]
-    bad = rewrite(models[1]["x86_64"], tmp_path / "bad.edgeq", change)
-    with pytest.raises(ArtifactError, match=message.replace("(", r"\(")):
+    bad = rewrite_artifact(models[1]["x86_64"], tmp_path / "bad.edgeq", change)
+    with pytest.raises(ArtifactError, match=re.escape(message)):
         Model.load(bad)
     completed = run_cli([str(edgeq_run["x86_64"])], str(bad), "--input", str(models[3] / "x.npy"), "--output-dir", str(tmp_path))
     assert completed.returncode == 1 and message in completed.stderr, completed.stderr

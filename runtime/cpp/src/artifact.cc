@@ -203,6 +203,7 @@ TensorInfo ParseTensor(const Json& entry) {
                                   info.shape[info.axis] != int64_t(info.scale.size()))) {
       quant.Fail("per-channel scales must match the axis length");
     }
+    if (entry.Has("quantizer")) info.quantizer = entry.Key("quantizer").Str();
   }
   return info;
 }

@@ -177,6 +177,7 @@ struct Model::Impl {
   std::optional<ffi::Module> library;  // kept alive while the VM runs code from it
   std::optional<ffi::Module> vm;
   std::optional<ffi::Function> main;
+  std::vector<std::optional<ffi::Function>> quantizers;  // per input: the library's quantizer, if it has one
 
   ~Impl() {
     if (!library_path.empty()) unlink(library_path.c_str());
@@ -208,6 +209,15 @@ Model Model::Load(const std::string& path, std::optional<int> num_threads) {
     impl->vm = (*impl->library)->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
     (*impl->vm)->GetFunction("vm_initialization").value()(kCpu, 0, kPooledAllocator, kCpu, 0, kPooledAllocator);
     impl->main = (*impl->vm)->GetFunction("main").value();
+    for (const TensorInfo& info : manifest.inputs) {
+      std::optional<ffi::Function> quantizer;
+      if (!info.quantizer.empty()) {
+        ffi::Optional<ffi::Function> found = (*impl->vm)->GetFunction(info.quantizer);
+        if (!found.has_value()) throw Error(path + ": the library has no function '" + info.quantizer + "' (input '" + info.name + "''s quantizer)");
+        quantizer = *found;
+      }
+      impl->quantizers.push_back(quantizer);
+    }
   } catch (const ffi::Error& error) {
     throw Error(path + ": the model library cannot be loaded: " + std::string(error.what()));
   }
@@ -226,6 +236,11 @@ std::vector<HostTensor> Model::Run(const std::vector<HostTensor>& inputs) const 
   if (inputs.size() != infos.size()) {
     throw Error(std::to_string(inputs.size()) + " input(s) given; the model takes " + std::to_string(infos.size()));
   }
+  try {
+    UseThreads(impl_->num_threads);  // before the quantizers run kernels on this thread's pool
+  } catch (const ffi::Error& error) {
+    throw Error(std::string("configuring TVM's thread pool failed: ") + error.what());
+  }
   std::vector<ffi::Tensor> tensors;
   for (size_t i = 0; i < inputs.size(); ++i) {
     const TensorInfo& info = infos[i];
@@ -233,12 +248,14 @@ std::vector<HostTensor> Model::Run(const std::vector<HostTensor>& inputs) const 
       throw Error("input '" + info.name + "' has shape " + ShapeText(inputs[i].shape) + "; expected " + ShapeText(info.shape));
     }
     HostTensor value = inputs[i];
-    if (value.dtype != info.dtype) {
+    const std::optional<ffi::Function>& quantizer = impl_->quantizers[i];
+    bool quantize = value.dtype != info.dtype;
+    if (quantize) {
       if (!info.quantized || value.dtype != "float32") {
         throw Error("input '" + info.name + "' has dtype " + value.dtype + "; expected " + info.dtype +
                     (info.quantized ? " (raw) or float32 to quantize" : ""));
       }
-      value = Quantize(info, value);
+      if (!quantizer) value = Quantize(info, value);
     }
     if (value.data.size() != size_t(value.NumElements()) * HostTensor::ElementBytes(value.dtype)) {
       throw Error("input '" + info.name + "': data size does not match its shape");
@@ -246,12 +263,18 @@ std::vector<HostTensor> Model::Run(const std::vector<HostTensor>& inputs) const 
     ffi::Tensor tensor = ffi::Tensor::FromNDAlloc(HostAllocator(), ffi::ShapeView(value.shape.data(), value.shape.size()),
                                                   DataType(value.dtype), DLDevice{kDLCPU, 0});
     std::memcpy(tensor.data_ptr(), value.data.data(), value.data.size());
+    if (quantize && quantizer) {
+      try {
+        tensor = (*quantizer)(tensor).cast<ffi::Tensor>();  // the library's kernel: parallel and vectorized
+      } catch (const ffi::Error& error) {
+        throw Error("quantizing input '" + info.name + "' failed: " + std::string(error.what()));
+      }
+    }
     tensors.push_back(tensor);
   }
   std::vector<ffi::AnyView> arguments(tensors.begin(), tensors.end());
   ffi::Any result;
   try {
-    UseThreads(impl_->num_threads);
     impl_->main->CallPacked(arguments.data(), static_cast<int32_t>(arguments.size()), &result);
   } catch (const ffi::Error& error) {
     throw Error(std::string("running the model failed: ") + error.what());

@@ -145,7 +145,20 @@ class Model:
         library.write_bytes(artifact.members[manifest["library"]["member"]])
         vm = load_vm(library)
         self._main = vm["main"]
-        self._quantizers = [vm[info.quantizer] if info.quantizer else None for info in self.inputs]
+        self._quantizers = [self._quantizer(vm, info) for info in self.inputs]
+
+    def _quantizer(self, vm: Any, info: TensorInfo) -> Any:
+        """The library function quantizing float values for input ``info``, None if the artifact has none.
+
+        Raises:
+            ArtifactError: the manifest names a function the library lacks.
+        """
+        if info.quantizer is None:
+            return None
+        try:
+            return vm[info.quantizer]
+        except AttributeError:
+            raise ArtifactError(f"{self.path}: the library has no function '{info.quantizer}' (input '{info.name}''s quantizer)") from None
 
     @classmethod
     def load(cls, path: str | Path, num_threads: int | None = None) -> Model:

@@ -43,6 +43,7 @@ struct TensorInfo {
   std::vector<float> scale;         // one, or one per channel along `axis`
   std::vector<int64_t> zero_point;  // same length as scale
   int axis = -1;                    // channel axis of per-channel quantization, -1 for per tensor
+  std::string quantizer;            // the library function quantizing float32 values for this input ("" if none)
 };
 
 class Model {
@@ -84,7 +85,8 @@ std::vector<unsigned> AvailableCores();
 // How many threads parallel kernels started from the calling thread run on (read back from TVM's thread pool).
 int PoolThreads();
 
-// Quantize float32 values to `info`'s integer dtype: saturate(round_half_to_even(x / scale) + zero_point).
+// Quantize float32 values to `info`'s integer dtype: saturate(round_half_to_even(x / scale) + zero_point), NaN ->
+// zero_point. Model::Run calls the library's quantizer instead where the artifact has one (the same integers).
 HostTensor Quantize(const TensorInfo& info, const HostTensor& values);
 
 }  // namespace edgeq

@@ -23,7 +23,7 @@ from edgeq.compile.artifact import LIBRARY
 from edgeq_runtime import ArtifactError, Model
 from edgeq_runtime.model import TensorInfo
 from edgeq_runtime.vm import POOL_SPIN_COUNT, RuntimeLibraryError, available_cores, pool_threads
-from models import FunctionalOps, integer_model, rewrite_artifact
+from models import FunctionalOps, integer_model, rewrite_artifact, torchvision_model
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "runtime" / "cpp" / "build"
@@ -139,6 +139,24 @@ def test_aarch64_cli_under_qemu_equals_x86_64(models, edgeq_run, tmp_path, which
     with Model.load(artifacts["x86_64"]) as model:
         expected = model.run(x.numpy(), raw=True)
     got = cli_outputs([*QEMU, str(edgeq_run["aarch64"])], artifacts[which], [folder / "x.npy"], tmp_path / which)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_aarch64_depthwise_kernels_under_qemu_equal_x86_64(edgeq_run, tmp_path):
+    """Depthwise convolutions on aarch64 (NEON int16 products, rows packed per part inside the parallel loop) and
+    the input quantizer, run by the C++ runtime under qemu, equal the same program built for this machine:
+    mobilenet_v2 at 32x32, whose depthwise layers have strides 1 and 2 and even and odd row counts."""
+    torch.manual_seed(0)
+    example = torch.randn(1, 3, 32, 32)
+    int_model = integer_model(torchvision_model("mobilenet_v2"), example, "aarch64")
+    arm = compile_model(int_model, (example,), out=tmp_path / "arm.edgeq").artifact
+    here = compile_model(int_model, (example,), out=tmp_path / "here.edgeq", simulate=True).artifact
+    x = torch.randn(1, 3, 32, 32).numpy()
+    np.save(tmp_path / "x.npy", x)
+    with Model.load(here) as model:
+        expected = model.run(x, raw=True)
+    got = cli_outputs([*QEMU, str(edgeq_run["aarch64"])], arm, [tmp_path / "x.npy"], tmp_path / "out")
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name])
 

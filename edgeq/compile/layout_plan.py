@@ -39,15 +39,18 @@ CONVOLUTION_SCHEDULES = ("conv2d", "conv2d_1x1", "depthwise_conv2d")
 """The kernels (by :func:`edgeq.compile.schedules.classify`) whose int8 inputs and outputs may be blocked."""
 
 
-def _is_convolution_kernel(function: tirx.PrimFunc) -> bool:
-    """A convolution kernel of :mod:`edgeq.compile.kernels`."""
-    return classify(s_tir.Schedule(function)) in CONVOLUTION_SCHEDULES
+CONVOLUTION, POOL = "convolution", "pool"
+"""The kernels that take blocked tensors (:func:`_layout_role`)."""
 
 
-def _is_pooling_kernel(function: tirx.PrimFunc) -> bool:
-    """A pooling kernel (TVM's pooling blocks, :data:`POOL_BLOCKS`): each output channel reads its own input channel."""
+def _layout_role(function: tirx.PrimFunc) -> str | None:
+    """:data:`CONVOLUTION` for a convolution kernel of :mod:`edgeq.compile.kernels`, :data:`POOL` for a pooling
+    kernel (TVM's pooling blocks, :data:`POOL_BLOCKS`: each output channel reads its own input channel), else None."""
     sch = s_tir.Schedule(function)
-    return any(sch.get(b).name_hint in POOL_BLOCKS for b in sch.get_child_blocks(sch.get_sblock("root")))
+    if classify(sch) in CONVOLUTION_SCHEDULES:
+        return CONVOLUTION
+    names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    return POOL if names.intersection(POOL_BLOCKS) else None
 
 
 def _blockable(var: relax.Var, block: int) -> bool:
@@ -79,24 +82,22 @@ def _blocked_tensors(module: tvm.IRModule, function: relax.Function, block: int)
     """The tensors of ``function`` made by a convolution kernel and read only by convolution kernels, and those whose
     channels fill whole blocks made and read only by convolution and pooling kernels, a convolution among them."""
     bindings = relax.analysis.get_var2val(function)
-    kernel_calls = {var: module[value.args[0]] for var, value in bindings.items() if _is_kernel_call(value)}
-    convolutions = {var for var, kernel in kernel_calls.items() if _is_convolution_kernel(kernel)}
-    pools = {var for var, kernel in kernel_calls.items() if _is_pooling_kernel(kernel)}
+    roles = {var: _layout_role(module[value.args[0]]) for var, value in bindings.items() if _is_kernel_call(value)}
     readers: dict[relax.Var, list[relax.Var]] = {}
     for var, value in bindings.items():
         for used in _reads(value):
             readers.setdefault(used, []).append(var)
 
     def blocked(var: relax.Var) -> bool:
-        touching = [var, *readers.get(var, [])]  # its producer and its readers
+        touching = [roles.get(user) for user in [var, *readers.get(var, [])]]  # its producer and its readers
         if len(touching) == 1 or not _blockable(var, block):
             return False
-        if all(kernel in convolutions for kernel in touching):
+        if all(role == CONVOLUTION for role in touching):
             return True
-        with_pools = all(kernel in convolutions or kernel in pools for kernel in touching)
-        return with_pools and _fills_blocks(var, block) and any(kernel in convolutions for kernel in touching)
+        with_pools = all(role in (CONVOLUTION, POOL) for role in touching)
+        return with_pools and _fills_blocks(var, block) and CONVOLUTION in touching
 
-    return {var for var in convolutions | pools if blocked(var)}
+    return {var for var, role in roles.items() if role is not None and blocked(var)}
 
 
 def _with_blocked_parameters(function: tirx.PrimFunc, positions: list[int], block: int) -> tirx.PrimFunc:

@@ -86,11 +86,11 @@ class CpuFigures(_Strict):
     """
 
     conv2d_int8_macs_per_s: Annotated[float, Field(gt=0)]
-    """Dense (groups = 1) int8 convolutions with a kernel window larger than 1x1."""
+    """int8 convolutions with a kernel window larger than 1x1 (groups 1, and grouped ones: the same kernel)."""
     pointwise_int8_macs_per_s: Annotated[float, Field(gt=0)]
-    """1x1 int8 convolutions (groups = 1): shallower reductions, a kernel of their own."""
+    """1x1 int8 convolutions (groups 1, and grouped ones): shallower reductions, a schedule of their own."""
     depthwise_int8_macs_per_s: Annotated[float, Field(gt=0)]
-    """Grouped and depthwise int8 convolutions."""
+    """Depthwise int8 convolutions (a group per channel)."""
     linear_int8_macs_per_s: Annotated[float, Field(gt=0)]
     """int8 matrix multiplications (linear layers, matmuls of two activations)."""
     requantized_outputs_per_s: Annotated[float, Field(gt=0)]

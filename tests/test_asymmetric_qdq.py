@@ -35,8 +35,8 @@ INPUT_SHAPE = (1, 3, 32, 32)
 
 
 class _Branchy(nn.Module):
-    """Every op kind ONNX Runtime quantizes in edge models: padded, strided, depthwise and 1x1 convs with odd
-    channel counts, max and average pools, a residual add, squeeze-and-excitation (Hardsigmoid, Mul), concat,
+    """Every op kind ONNX Runtime quantizes in edge models: padded, strided, depthwise, grouped and 1x1 convs with
+    odd channel counts, max and average pools, a residual add, squeeze-and-excitation (Hardsigmoid, Mul), concat,
     attention-like products of two activations (MatMul of tokens and their transpose), a classifier."""
 
     def __init__(self) -> None:
@@ -44,7 +44,7 @@ class _Branchy(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, stride=2, padding=1), nn.ReLU())
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
         self.depthwise = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1, groups=12), nn.ReLU6())
-        self.expand = nn.Conv2d(12, 20, 1)
+        self.expand = nn.Conv2d(12, 20, 3, padding=1, groups=4)  # 3 input and 5 output channels a group
         self.shortcut = nn.Conv2d(12, 20, 1)
         self.squeeze = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(20, 5, 1), nn.ReLU(), nn.Conv2d(5, 20, 1), nn.Hardsigmoid())
         self.side = nn.Sequential(nn.Conv2d(20, 7, 3, padding=2, dilation=2), nn.Hardswish())
@@ -120,7 +120,7 @@ def test_artifact_equals_the_int64_reference(ort_file, opt_level, tmp_path):
 
 def _conv_schedule(attributes: dict) -> str:
     """The schedule edgeq gives a convolution of these attributes."""
-    if attributes["groups"] > 1:
+    if attributes["groups"] == attributes["in_channels"] == attributes["out_channels"]:
         return "depthwise_conv2d"
     return "conv2d_1x1" if attributes["kernel"] == [1, 1] else "conv2d"
 

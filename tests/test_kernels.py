@@ -62,7 +62,10 @@ CASES = {
     "depthwise odd, stride 2": (dict(shape=(1, 37, 9, 7), out_channels=37, stride=2, groups=37), "depthwise_conv2d"),
     "depthwise 5x5, stride 2": (dict(shape=(1, 20, 11, 9), out_channels=20, kernel=5, stride=2, pad=2, groups=20), "depthwise_conv2d"),
     "depthwise dilated": (dict(shape=(1, 16, 9, 9), out_channels=16, pad=2, groups=16, dilation=2), "depthwise_conv2d"),
-    "grouped": (dict(shape=(1, 12, 6, 6), out_channels=18, groups=3), "conv2d_grouped"),
+    "grouped": (dict(shape=(1, 12, 6, 6), out_channels=18, groups=3), "conv2d"),
+    "grouped, 3 channels a group, stride 2": (dict(shape=(1, 15, 7, 5), out_channels=10, stride=2, groups=5), "conv2d"),
+    "grouped, groups of whole blocks": (dict(shape=(1, 32, 8, 8), out_channels=64, groups=2), "conv2d"),
+    "grouped 1x1": (dict(shape=(1, 24, 5, 5), out_channels=24, kernel=1, pad=0, groups=4), "conv2d_1x1"),
     "dense": (dict(shape=(2, 37), out_channels=19, dense=True), "dense"),
     "dense 3-d": (dict(shape=(2, 3, 40), out_channels=16, dense=True), "dense"),
 }
@@ -90,11 +93,12 @@ X86_CPUS = {"sapphirerapids": "vnni", "alderlake": "avx-vnni", "znver3": "avx2-p
 
 
 @pytest.mark.parametrize("cpu", X86_CPUS)
-@pytest.mark.parametrize("case", [case for case in CASES if "depthwise" in case or case == "conv2d"])
+@pytest.mark.parametrize("case", [case for case in CASES if case.startswith(("depthwise", "grouped")) or case == "conv2d"])
 def test_every_dot_product_this_cpu_runs_is_exact(cpu, case, tmp_path):
     """The kernels built for each x86 dot product (and its depthwise form) this machine can run equal the
-    unscheduled program: the schedules of the CPUs it has but is not built for are run too."""
-    target = {**HERE, "mcpu": cpu}
+    unscheduled program: the schedules of the CPUs it has but is not built for are run too. Built as the x86_64
+    target builds (its ``mattr``: without AMD's SSE4a, which Intel CPUs lack)."""
+    target = {**HERE, "mcpu": cpu, "mattr": list(load_target("x86_64").llvm.mattr)}
     if not set(dot_product_features(tvm.target.Target(target))) <= set(dot_product_features(host_target())):
         pytest.skip(f"this machine cannot run code for {cpu}")
     arguments, schedule = CASES[case]

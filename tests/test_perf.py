@@ -136,6 +136,10 @@ def test_lane_occupancy_of_cpu_layers():
     assert lane_occupancy(depthwise, vnni) == 72 / 80 * 3 / 4  # 16 channels x 4 taps of a row
     dilated = op("conv2d", {**depthwise.attributes, "dilation": [2, 2]})
     assert lane_occupancy(dilated, vnni) == 72 / 80  # int16 products, one tap at a time
+    grouped = op("conv2d", {"out_channels": 48, "in_channels": 48, "groups": 6, "kernel": [3, 3]})  # 8 channels a group
+    assert lane_occupancy(grouped, vnni) == 8 / 16 and lane_occupancy(grouped, avx2) == 1.0
+    uneven = op("conv2d", {"out_channels": 48, "in_channels": 48, "groups": 2, "kernel": [3, 3]})  # 24: blocks span 2 groups
+    assert lane_occupancy(uneven, vnni) == 24 / 48
     assert lane_occupancy(op("linear", {"out_channels": 10, "in_features": 32}), vnni) == 10 / 16
     assert lane_occupancy(op("max_pool2d", {"kernel": [2, 2]}), avx2) == 1.0
 
@@ -159,7 +163,8 @@ def test_cpu_work_of_each_op_kind(tmp_path):
     op = dataclasses.make_dataclass("Op", ["op", "attributes"])
     assert mac_class(op("conv2d", {"groups": 1, "kernel": [1, 1]})) == "pointwise"
     assert mac_class(op("conv2d", {"groups": 1, "kernel": [3, 3]})) == "conv2d"
-    assert mac_class(op("conv2d", {"groups": 4, "kernel": [1, 1]})) == "depthwise"
+    assert mac_class(op("conv2d", {"groups": 4, "in_channels": 16, "out_channels": 16, "kernel": [1, 1]})) == "pointwise"
+    assert mac_class(op("conv2d", {"groups": 16, "in_channels": 16, "out_channels": 16, "kernel": [3, 3]})) == "depthwise"
 
 
 def test_bad_inputs_are_clear_errors(small, tmp_path):

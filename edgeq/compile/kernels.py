@@ -45,13 +45,43 @@ def _correction(weights: np.ndarray, unsigned: bool) -> np.ndarray:
     return correction.astype(np.int32)
 
 
-def pack_conv_weights(weights: np.ndarray, dot: DotProduct) -> tuple[np.ndarray, np.ndarray]:
-    """OIHW int8 weights -> ``[oc/lanes, ic/depth, kh, kw, lanes, depth]`` (zero-padded), and the per-channel
-    int32 correction the kernel subtracts (:func:`_correction`)."""
-    oc, ic, kh, kw = weights.shape
-    padded = np.zeros((_blocks(oc, dot.lanes) * dot.lanes, _blocks(ic, dot.depth) * dot.depth, kh, kw), np.int8)
-    padded[:oc, :ic] = weights
-    packed = padded.reshape(-1, dot.lanes, padded.shape[1] // dot.depth, dot.depth, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+def first_input_block(block, lanes: int, depth: int, in_per_group: int, out_per_group: int):
+    """The first block of ``depth`` input channels that output-channel block ``block`` (of ``lanes``) reads in a
+    grouped convolution: its first channel's group's first input channel, in blocks. ``block`` is an int or a TIR
+    expression (the same arithmetic in both)."""
+    return block * lanes // out_per_group * in_per_group // depth
+
+
+def window_blocks(out_channels: int, in_per_group: int, groups: int, lanes: int, depth: int) -> int:
+    """Blocks of ``depth`` input channels the widest output-channel block of a grouped convolution reads (from
+    :func:`first_input_block` to the end of its last channel's group)."""
+    out_per_group = out_channels // groups
+    widest = 0
+    for block in range(_blocks(out_channels, lanes)):
+        last_group = (min(block * lanes + lanes, out_channels) - 1) // out_per_group
+        end = _blocks((last_group + 1) * in_per_group, depth)
+        widest = max(widest, end - first_input_block(block, lanes, depth, in_per_group, out_per_group))
+    return widest
+
+
+def pack_conv_weights(weights: np.ndarray, dot: DotProduct, groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """OIHW int8 weights -> ``[oc/lanes, window/depth, kh, kw, lanes, depth]`` (zero-padded), and the per-channel
+    int32 correction the kernel subtracts (:func:`_correction`).
+
+    With ``groups`` groups, each block of ``lanes`` output channels reads a window of input channels: from its first
+    channel's group's (:func:`first_input_block`) to its last's, as wide as the widest block's; a lane's weights
+    are zeros outside its group. Groups 1: every block reads all input channels."""
+    oc, in_per_group, kh, kw = weights.shape
+    lanes, depth = dot.lanes, dot.depth
+    out_per_group, out_blocks = oc // groups, _blocks(oc, lanes)
+    window = window_blocks(oc, in_per_group, groups, lanes, depth) * depth
+    starts = [first_input_block(block, lanes, depth, in_per_group, out_per_group) * depth for block in range(out_blocks)]
+    dense = np.zeros((out_blocks * lanes, starts[-1] + window, kh, kw), np.int8)  # zeros across groups and past them
+    for group in range(groups):
+        channels = slice(group * out_per_group, (group + 1) * out_per_group)
+        dense[channels, group * in_per_group : (group + 1) * in_per_group] = weights[channels]
+    blocks = [dense[block * lanes : (block + 1) * lanes, start : start + window] for block, start in enumerate(starts)]
+    packed = np.stack(blocks).reshape(-1, lanes, window // depth, depth, kh, kw).transpose(0, 2, 4, 5, 1, 3)
     return np.ascontiguousarray(packed), _correction(weights, dot.unsigned_activations)
 
 
@@ -80,19 +110,33 @@ def _pack_padded(data: te.Tensor, blocks: int, depth: int, padding, convert: Cal
 
 
 def conv2d(
-    data: te.Tensor, packed: te.Tensor, correction: te.Tensor, channels: int, strides, padding, dilation, dot: DotProduct, pad_value: int = 0
+    data: te.Tensor,
+    packed: te.Tensor,
+    correction: te.Tensor,
+    channels: int,
+    strides,
+    padding,
+    dilation,
+    dot: DotProduct,
+    pad_value: int = 0,
+    groups: int = 1,
 ) -> te.Tensor:
-    """NCHW int8 ``data`` x packed weights -> NCHW int32 accumulator with ``channels`` channels (groups 1), the
-    input padded with ``pad_value`` (an input's zero point, docs/numerics.md section 9)."""
-    n = int(data.shape[0])
-    _, ic_blocks, kh, kw, lanes, depth = (int(d) for d in packed.shape)
+    """NCHW int8 ``data`` x packed weights (:func:`pack_conv_weights`) -> NCHW int32 accumulator with ``channels``
+    channels, the input padded with ``pad_value`` (an input's zero point, docs/numerics.md section 9). In ``groups``
+    groups, each block of output channels sums over its window of input channels only."""
+    n, in_channels = (int(d) for d in data.shape[:2])
+    out_blocks, window, kh, kw, lanes, depth = (int(d) for d in packed.shape)
     out_h, out_w = _output_size(data, (kh, kw), strides, padding, dilation)
-    source = _pack_padded(data, ic_blocks, depth, padding, lambda value: _activation(value, dot), pad_value)
-    rc, ry, rx, rk = (te.reduce_axis((0, e), name) for e, name in ((ic_blocks, "rc"), (kh, "ry"), (kw, "rx"), (depth, "rk")))
+
+    def first_block(o):  # of the input channels output block o reads (groups 1: all of them)
+        return first_input_block(o, lanes, depth, in_channels // groups, channels // groups) if groups > 1 else 0
+
+    source = _pack_padded(data, first_block(out_blocks - 1) + window, depth, padding, lambda value: _activation(value, dot), pad_value)
+    rc, ry, rx, rk = (te.reduce_axis((0, e), name) for e, name in ((window, "rc"), (kh, "ry"), (kw, "rx"), (depth, "rk")))
     acc = te.compute(
-        (n, packed.shape[0], out_h, out_w, lanes),
+        (n, out_blocks, out_h, out_w, lanes),
         lambda b, o, y, x, lane: te.sum(
-            source[b, rc, y * strides[0] + ry * dilation[0], x * strides[1] + rx * dilation[1], rk].astype("int32")
+            source[b, first_block(o) + rc, y * strides[0] + ry * dilation[0], x * strides[1] + rx * dilation[1], rk].astype("int32")
             * packed[o, rc, ry, rx, lane, rk].astype("int32"),
             axis=[rc, ry, rx, rk],
         ),

@@ -3,7 +3,8 @@
 A legalization (``relax.transform.LegalizeOps`` with edgeq's rules for ``relax.nn.conv2d`` and
 ``relax.matmul``): an int8 x constant int8 -> int32 op becomes a call of the matching TE kernel of
 :mod:`edgeq.compile.kernels` with its weights packed here, once, for the CPU's dot product; every other op gets
-TVM's own legalization. Grouped convolutions (other than depthwise) keep TVM's kernel.
+TVM's own legalization. Grouped convolutions take the conv2d kernel (each group's channels in blocks of their
+own), depthwise ones the depthwise kernel.
 
 A convolution whose input is padded with a constant by an op of its own (a zero point, docs/numerics.md section 9)
 takes that padding into its kernel: the kernel's packing stage writes the constant where it writes zeros
@@ -83,16 +84,14 @@ def _conv2d(dot: DotProduct, bindings: Bindings):
             data, padding, pad_value = padded
         groups, channels = int(attrs.groups), weights.shape[0]
         geometry = dict(strides=[int(s) for s in attrs.strides], padding=padding, dilation=[int(d) for d in attrs.dilation], pad_value=pad_value)
-        if groups == 1:
-            packed, correction = kernels.pack_conv_weights(weights, dot)
-            kernel = partial(kernels.conv2d, channels=channels, dot=dot, **geometry)
-            return bb.call_te(kernel, data, relax.const(packed), relax.const(correction), primfunc_name_hint="conv2d")
         if groups == channels == int(data.ty.shape[1]) and weights.shape[1] == 1:
             packed, correction = kernels.pack_depthwise_weights(weights, dot, geometry["dilation"])
             kernel = partial(kernels.depthwise_conv2d, kernel_width=weights.shape[3], dot=dot, **geometry)
             subtracted = relax.const(correction) if correction.any() else None
             return bb.call_te(kernel, data, relax.const(packed), subtracted, primfunc_name_hint="conv2d")
-        return default(bb, call)
+        packed, correction = kernels.pack_conv_weights(weights, dot, groups)
+        kernel = partial(kernels.conv2d, channels=channels, dot=dot, groups=groups, **geometry)
+        return bb.call_te(kernel, data, relax.const(packed), relax.const(correction), primfunc_name_hint="conv2d")
 
     return legalize
 

@@ -35,12 +35,16 @@ CPU_RATES = (
 (:func:`cpu_work`), in its order."""
 
 
+def _depthwise(attributes: dict) -> bool:
+    return attributes.get("groups", 1) == attributes.get("in_channels") == attributes.get("out_channels") != 1
+
+
 def mac_class(op: Op) -> str | None:
-    """Which CPU rate an op's MACs run at: ``conv2d`` (groups 1, a window larger than 1x1), ``pointwise`` (1x1,
-    groups 1), ``depthwise`` (grouped and depthwise convolutions), ``linear`` (linear layers and matmuls); None for
-    ops costed by the bytes they move."""
+    """Which CPU rate an op's MACs run at: ``conv2d`` (a window larger than 1x1), ``pointwise`` (1x1),
+    ``depthwise`` (a group per channel), ``linear`` (linear layers and matmuls); None for ops costed by the bytes
+    they move. Grouped convolutions run in the conv2d kernel (:func:`edgeq.compile.kernels.conv2d`)."""
     if op.op == "conv2d":
-        if op.attributes.get("groups", 1) > 1:
+        if _depthwise(op.attributes):
             return "depthwise"
         return "pointwise" if math.prod(op.attributes.get("kernel", [0])) == 1 else "conv2d"
     return "linear" if op.op in ("linear", "matmul") else None
@@ -88,13 +92,18 @@ def lane_occupancy(op: Op, dot: DotProduct) -> float:
     input channels per instruction; depthwise convolutions ``dot.depthwise_lanes`` channels at once, with the
     CPU's depthwise dot product 4 taps of a row at once. Channel counts (and taps) that are not multiples of these
     are padded with zeros, which cost as much as real ones: a 3-channel stem on 2-deep AVX2 products fills 3/4 of
-    them, a 3x3 depthwise kernel on 4-tap products 3/4. 1 for other ops.
+    them, a 3x3 depthwise kernel on 4-tap products 3/4. A grouped convolution's block of output channels sums
+    over the window of input channels its groups read, zeros outside each lane's group
+    (:func:`edgeq.compile.kernels.window_blocks`): 8 channels a group on 16 lanes fill half. 1 for other ops.
     """
     attributes = op.attributes
     kind = mac_class(op)
     if kind in ("conv2d", "pointwise") and "kernel" in attributes:
-        return _filled(attributes["out_channels"], dot.lanes) * _filled(attributes["in_channels"], dot.depth)
-    if kind == "depthwise" and attributes.get("groups") == attributes.get("in_channels") == attributes.get("out_channels"):
+        out_channels, groups = attributes["out_channels"], attributes["groups"]
+        in_per_group = attributes["in_channels"] // groups
+        window = kernels.window_blocks(out_channels, in_per_group, groups, dot.lanes, dot.depth) * dot.depth
+        return _filled(out_channels, dot.lanes) * in_per_group / window
+    if kind == "depthwise":
         filled = _filled(attributes["out_channels"], dot.depthwise_lanes)
         if kernels.depthwise_dot_product(dot, attributes.get("dilation", (1, 1))):
             filled *= _filled(attributes["kernel"][1], kernels.DEPTHWISE_TAPS)

@@ -1,9 +1,9 @@
 """The scheduling stage: edgeq's default schedule for every fused kernel it recognises.
 
 Kernels are recognised by structure (their blocks): edgeq's blocked int8 kernels (:mod:`edgeq.compile.kernels`:
-conv2d, 1x1 conv2d, depthwise conv2d, dense), grouped convolutions, pooling (other reductions) and elementwise
-chains (requantization, add, clamp, data movement). Each scheduled PrimFunc records its schedule's name in the
-``edgeq.schedule`` attribute; :func:`kernel_schedules` lists them. A kernel whose schedule fails keeps TVM's
+conv2d and 1x1 conv2d, grouped or not, depthwise conv2d, dense), TVM's convolutions (float ones), pooling (other
+reductions) and elementwise chains (requantization, add, clamp, data movement). Each scheduled PrimFunc records its
+schedule's name in the ``edgeq.schedule`` attribute; :func:`kernel_schedules` lists them. A kernel whose schedule fails keeps TVM's
 default form (logged, never an error: schedules never change the numbers, only the speed).
 
 The blocked kernels (:data:`TUNABLE`) are also what ``edgeq tune`` searches: their schedules take their
@@ -59,7 +59,7 @@ SCHEDULES: dict[str, Schedule] = {
     "conv2d_1x1": blocked.schedule_conv2d,
     "depthwise_conv2d": blocked.schedule_depthwise,
     "dense": blocked.schedule_dense,
-    "conv2d_grouped": _generic,
+    "conv2d_generic": _generic,
     "pool": _generic,
     "elementwise": _generic,
 }
@@ -99,7 +99,7 @@ def classify(sch: s_tir.Schedule) -> str:
         return "dense"
     reductions = [name for name, block in blocks.items() if any(v.iter_type == v.CommReduce for v in block.iter_vars)]
     if any("conv" in name for name in reductions):
-        return "conv2d_grouped"
+        return "conv2d_generic"
     return "pool" if reductions else "elementwise"
 
 

@@ -1,5 +1,5 @@
 """Schedules for kernels without a dot product: fused elementwise chains, pooling (windows outside the output
-rows), grouped convolutions and anything else the default legalization made.
+rows), TVM's convolutions (float ones) and anything else the default legalization made.
 
 The fused requantization chain (FuseTIR leaves one block and one full-size int64 buffer per op) is inlined into
 its last block; the outer spatial loops of what remains run in parallel. Inlining and loop order change where

@@ -197,6 +197,30 @@ class ConvBnSiLU(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
+class GroupedBlock(nn.Module):
+    """RegNet's block, small: a 1x1 convolution, a grouped 3x3 (``group_width`` channels a group, stride 2) and a
+    1x1, added to a projection shortcut (a strided 1x1 convolution of the block's input, first in the graph), then
+    ReLU."""
+
+    def __init__(self, channels: int = 24, group_width: int = 4) -> None:
+        super().__init__()
+
+        def conv_bn(kernel: int, stride: int = 1, groups: int = 1, relu: bool = True) -> nn.Sequential:
+            layers = [nn.Conv2d(channels, channels, kernel, stride, kernel // 2, groups=groups), nn.BatchNorm2d(channels)]
+            return nn.Sequential(*layers, nn.ReLU()) if relu else nn.Sequential(*layers)
+
+        self.quant = QuantStub()
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU())
+        self.proj = conv_bn(1, stride=2, relu=False)
+        self.a, self.b, self.c = conv_bn(1), conv_bn(3, stride=2, groups=channels // group_width), conv_bn(1, relu=False)
+        self.relu = nn.ReLU()
+        self.dequant = DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(self.quant(x))
+        return self.dequant(self.relu(self.proj(x) + self.c(self.b(self.a(x)))))
+
+
 class Bottleneck(nn.Module):
     """YOLOv8's bottleneck: two 3x3 ConvBnSiLU, with a residual add when ``shortcut``."""
 

@@ -22,7 +22,8 @@ from edgeq_runtime import Model
 import torch.nn.functional as F
 from edgeq.quantization import DeQuantStub, FakeQuantState, QuantStub, convert_fx, default_qat_qconfig, prepare_qat_fx, set_fake_quantize
 from models import (
-    BilinearResizes, FunctionalOps, SmallCNN, Wrapped, calibrate, integer_model, torchvision_model,
+    BilinearResizes, FunctionalOps, GroupedBlock, SmallCNN, Wrapped, calibrate, integer_model, torchvision_model,
+    with_batchnorm_statistics,
 )
 
 
@@ -109,6 +110,22 @@ def test_activations_between_convolutions_are_blocked_exactly(width, tmp_path):
     assert blocked == {"conv1/Conv": True, "conv2/Conv": True, "pool/MaxPool": whole_blocks, "conv3/Conv": whole_blocks}
     assert result.graph.op("add/Add").kernel == result.graph.op("conv2/Conv").kernel
     assert_artifact_exact(result.artifact, int_model, torch.randn(2, 1, 8, 8))
+
+
+def test_grouped_block_with_projection_shortcut_is_exact_and_mapped(tmp_path):
+    """RegNet's block: the grouped 3x3 (4 channels a group, so 4 groups share a block of output channels) takes
+    the conv2d kernel, its tensors blocked between the 1x1 convolutions; the artifact equals the integer model.
+    TVM fuses the projection shortcut with the residual add and runs it after the branch, whose first convolution
+    reads the same input: the kernel map places each on its own kernel."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 12, 12)
+    int_model = integer_model(with_batchnorm_statistics(GroupedBlock(), (4, 3, 12, 12)), example, "x86_64")
+    result = compile_model(int_model, (example,), out=tmp_path / "g.edgeq", target="x86_64", simulate=True)
+    assert_artifact_exact(result.artifact, int_model, torch.randn(2, 3, 12, 12))
+    kernel = {op.name: op.kernel for op in result.graph.ops}
+    assert kernel["proj.0/Conv"] == kernel["add/Add"] == kernel["add/Relu"] != kernel["a.0/Conv"] == kernel["a.0/Relu"]
+    assert {k.kernel: k.schedule for k in result.kernels}[kernel["b.0/Conv"]] == "conv2d"
+    assert kernel["b.0/Conv"].endswith(f"_nchw{dot_product(host_target()).lanes}c")
 
 
 def test_shufflenet_alternates_regions_exactly(tmp_path):

@@ -19,7 +19,10 @@ order, so data flow ties the ops to the calls:
   its first call through the free calls that read only what its calls so far wrote, up to the call that holds
   its closing primitive (the requantization's shift); its output is that call's.
 
-TVM may order calls differently from the ONNX graph (a residual branch first), which data flow absorbs.
+TVM may order calls differently from the ONNX graph (a residual branch first), which data flow absorbs. Where two
+ops read the same input, which takes which call is a matter of order: ops are placed in the graph's order, except
+an op whose only consumer is a residual add, placed just before the add (TVM may fuse the two and run them once
+the add's other input exists, after the other op's call: RegNet's projection shortcut).
 """
 
 from __future__ import annotations
@@ -218,6 +221,42 @@ class _Matcher:
             self.taken.update(span)
 
 
+def _deferred_to(op: Op, graph: CompiledGraph) -> str | None:
+    """The consumer ``op`` is placed just before, or None: its one consumer, when that is a fused follower reading
+    other tensors too (a residual add). TVM may fuse ``op`` and the add into one kernel, which runs once the add's
+    other inputs exist: RegNet's projection shortcut runs after the block's branch, whose first convolution reads
+    the same input."""
+    if op.op in FUSED_FOLLOWERS or len(op.outputs) != 1:
+        return None
+    consumers = graph.tensors[op.outputs[0]].consumers
+    if len(consumers) != 1:
+        return None
+    consumer = graph.op(consumers[0])
+    return consumer.name if consumer.op in FUSED_FOLLOWERS and len(consumer.inputs) > 1 else None
+
+
+def _placing_order(graph: CompiledGraph, names: list[str]) -> list[str]:
+    """A region's ops in the order they are placed: the graph's, each op :func:`_deferred_to` a consumer moved to
+    just before it (its only consumer: the order stays topological)."""
+    deferred: dict[str, list[str]] = {}
+    for name in names:
+        consumer = _deferred_to(graph.op(name), graph)
+        if consumer in names:
+            deferred.setdefault(consumer, []).append(name)
+    moved = {name for group in deferred.values() for name in group}
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        for earlier in deferred.get(name, []):
+            visit(earlier)
+        order.append(name)
+
+    for name in names:
+        if name not in moved:
+            visit(name)
+    return order
+
+
 def op_calls(calls: dict[str, list[KernelCall]], graph: CompiledGraph) -> dict[str, tuple[str, list[int]]]:
     """Which kernel calls each op of ``graph`` runs in: (region, indices in the region's calls; the last one writes
     the op's output), by op name.
@@ -229,7 +268,7 @@ def op_calls(calls: dict[str, list[KernelCall]], graph: CompiledGraph) -> dict[s
     placed: dict[str, tuple[str, list[int]]] = {}
     for region in graph.regions:
         matcher = _Matcher(graph, region.inputs, calls.get(region.name, []))
-        for name in region.ops:
+        for name in _placing_order(graph, region.ops):
             matcher.place(graph.op(name))
         placed.update({name: (region.name, indices) for name, indices in matcher.placed.items()})
     return placed

@@ -5,7 +5,9 @@ Models (random init, BatchNorm statistics set on random data, calibrated on the 
 - resnet18, mobilenet_v2, mobilenet_v3_small (Hardswish / Hardsigmoid as lookup tables): quantized by edgeq for
   ``--target`` and exported as QDQ ONNX;
 - resnet18-ort, mobilenet_v2-ort: the same float models quantized by ONNX Runtime's ``quantize_static`` (QDQ,
-  uint8 activations with zero points, int8 weights), which edgeq computes in integers (docs/numerics.md section 9).
+  uint8 activations with zero points, int8 weights), which edgeq computes in integers (docs/numerics.md section 9);
+- on request (``--models``), regnet_y_400mf (grouped 3x3 convolutions, 8 channels a group; squeeze-and-excitation),
+  quantized by edgeq.
 
 For each model the QDQ file is compiled by edgeq at -O2 for this CPU (``simulate=True``), and these engines run
 in one process, interleaved (every run calls each engine once, in turn, after a pause in which the threads of
@@ -78,6 +80,9 @@ ORT_SUFFIX = "-ort"
 ORT_QUANTIZED = ("resnet18-ort", "mobilenet_v2-ort")
 """Models quantized by ONNX Runtime's quantize_static (the name less ``-ort``)."""
 MODELS = (*EDGEQ_MODELS, *ORT_QUANTIZED)
+"""The models measured by default."""
+ON_REQUEST = ("regnet_y_400mf",)
+"""More models edgeq quantizes, measured when ``--models`` names them."""
 ENGINES = ("edgeq default", "edgeq tuned", "ORT int8", "PyTorch int8", "ORT fp32", "PyTorch fp32")
 BASELINE = "ORT int8"
 ALONE_ENGINES = ("edgeq default", "edgeq tuned", "ORT int8", "ORT int8 spinning")
@@ -313,15 +318,16 @@ def compile_edgeq(subject: Subject, target: str, out: Path, records: Path | None
 def model_names(value: str) -> list[str]:
     """``--models``: comma-separated names from :data:`MODELS`."""
     names = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in MODELS] if names else [value]
+    unknown = [n for n in names if n not in (*MODELS, *ON_REQUEST)] if names else [value]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown model(s) {', '.join(map(repr, unknown))}; choose from {', '.join(MODELS)}")
+        choices = ", ".join((*MODELS, *ON_REQUEST))
+        raise argparse.ArgumentTypeError(f"unknown model(s) {', '.join(map(repr, unknown))}; choose from {choices}")
     return names
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=model_names, default=list(MODELS), help=f"comma-separated, from {', '.join(MODELS)} (default: all)")
+    parser.add_argument("--models", type=model_names, default=list(MODELS), help=f"comma-separated, from {', '.join((*MODELS, *ON_REQUEST))} (default: {', '.join(MODELS)})")
     parser.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
     parser.add_argument("--runs", type=int, default=30, help="timed runs per engine (default 30)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs per engine first (default 3)")

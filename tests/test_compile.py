@@ -244,6 +244,8 @@ def test_qat_with_table_activations_compiles_exactly(tmp_path):
     onnx_path = to_onnx(int_model, (example,), tmp_path / "swish.onnx")
     result = compile_model(onnx_path, target="x86_64", out=tmp_path / "swish.edgeq")
     assert result.module.script().count("R.take(") == 5  # each activation lowered to a table gather
+    for table in [op for op in result.graph.ops if op.op in ("hardswish", "silu", "gelu", "gelu_tanh")]:  # in the producer's epilogue
+        assert "lookup" in table.kernel and table.kernel == result.graph.op(result.graph.tensors[table.inputs[0]].producer).kernel
     assert_artifact_exact(result.artifact, int_model, torch.randn(8, 1, 8, 8))
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from tvm import relax
 
 from edgeq.compile.compiled_graph import CompiledGraph, Op
+from edgeq.ops import LOOKUP_TABLE_OPS
 
 _PRIMITIVES: dict[str, tuple[str, ...]] = {
     "conv2d": ("conv2d",),
@@ -50,11 +51,15 @@ _PRIMITIVES: dict[str, tuple[str, ...]] = {
     "upsample_bilinear2d": ("take", "resize2d"),
     "split": ("split",),
     "slice": ("strided_slice",),
+    "mul": ("multiply",),
+    **{table.value: ("lookup", "take") for table in LOOKUP_TABLE_OPS},
 }
-"""Names of the primitive (Relax / TIR) ops an edgeq op kind becomes, as they appear in kernel names."""
+"""Names of the primitive (Relax / TIR) ops an edgeq op kind becomes, as they appear in kernel names (a table
+activation: edgeq's lookup kernel, or TVM's ``take`` at ``-O0``)."""
 
-FUSED_FOLLOWERS = ("relu", "add", "reshape", "transpose", "concat")
-"""Op kinds TVM fuses into the kernel that makes their input."""
+FUSED_FOLLOWERS = ("relu", "add", "mul", "reshape", "transpose", "concat", *(table.value for table in LOOKUP_TABLE_OPS))
+"""Op kinds TVM fuses into the kernel that makes their input (a table activation: as an elementwise kernel,
+:func:`edgeq.compile.select_kernels.lookups_elementwise`; squeeze-and-excitation's scaling after it)."""
 
 VIEW_OPS = ("reshape",)
 """Op kinds that need no kernel of their own when TVM can make them a view."""

@@ -222,6 +222,16 @@ def depthwise_conv2d(
     return te.compute((n, channels, out_h, out_w), unpack, name=UNPACK)
 
 
+LOOKUP = "edgeq_lookup"
+
+
+def lookup(index: te.Tensor, table: te.Tensor) -> te.Tensor:
+    """``table[index]`` for every element of ``index``, indices clipped to the table (a table activation's are
+    in it already: ``x + 128``), as TVM's ``take`` with mode ``clip``."""
+    last = int(table.shape[0]) - 1
+    return te.compute(index.shape, lambda *i: table[tirx.max(tirx.min(index(*i), last), 0)], name=LOOKUP)
+
+
 ROUNDING_OFFSET = 1.5 * 2.0**52
 """Added to a float64 below 2**51 in magnitude, it leaves the value rounded half to even to an integer in the
 low bits of the sum (the ulp of [2**52, 2**53) is 1; the current rounding mode, nearest even, rounds)."""

@@ -3,8 +3,10 @@
 A legalization (``relax.transform.LegalizeOps`` with edgeq's rules for ``relax.nn.conv2d`` and
 ``relax.matmul``): an int8 x constant int8 -> int32 op becomes a call of the matching TE kernel of
 :mod:`edgeq.compile.kernels` with its weights packed here, once, for the CPU's dot product; every other op gets
-TVM's own legalization. Grouped convolutions take the conv2d kernel (each group's channels in blocks of their
-own), depthwise ones the depthwise kernel.
+TVM's own legalization. Grouped convolutions take the conv2d kernel (each block of output channels over the input
+channels its groups read), depthwise ones the depthwise kernel. A gather from a constant int8 table (a table
+activation) becomes edgeq's lookup kernel, which :func:`lookups_elementwise` lets operator fusion put in the
+epilogue of the kernel before it.
 
 A convolution whose input is padded with a constant by an op of its own (a zero point, docs/numerics.md section 9)
 takes that padding into its kernel: the kernel's packing stage writes the constant where it writes zeros
@@ -154,6 +156,42 @@ def _astype(bindings: Bindings):
     return legalize
 
 
+def _take():
+    """A clipped gather from a constant 1-D int8 table (a table activation, :mod:`edgeq.compile.lower_integer`)
+    becomes :func:`~edgeq.compile.kernels.lookup`."""
+    default = _default("relax.take")
+
+    def legalize(bb: BlockBuilder, call: relax.Call) -> relax.Expr:
+        table = _int8_constant(call.args[0])
+        if table is None or table.ndim != 1 or str(call.attrs.mode) != "clip" or int(call.attrs.axis) != 0:
+            return default(bb, call)
+        return bb.call_te(kernels.lookup, call.args[1], call.args[0], primfunc_name_hint="lookup", primfunc_attrs={LOOKUP_ATTRIBUTE: True})
+
+    return legalize
+
+
+LOOKUP_ATTRIBUTE = "edgeq.lookup"
+"""PrimFunc attribute marking a lookup-table kernel (:func:`edgeq.compile.kernels.lookup`)."""
+
+ELEMENTWISE_PATTERN = 0
+"""TVM's ``op_pattern`` of an elementwise kernel (``kElemWise``), which operator fusion fuses into the kernel
+before it."""
+
+
+def lookups_elementwise() -> tvm.transform.Pass:
+    """The module pass marking the lookup-table kernels (:func:`edgeq.compile.kernels.lookup`) elementwise, after
+    ``relax.transform.AnnotateTIROpPattern``, which calls their data-dependent read opaque."""
+
+    @tvm.transform.module_pass(opt_level=0, name="edgeq.LookupsElementwise")
+    def run(module: tvm.IRModule, _context: tvm.transform.PassContext) -> tvm.IRModule:
+        for global_var, function in list(module.functions.items()):
+            if isinstance(function, tvm.tirx.PrimFunc) and (function.attrs or {}).get(LOOKUP_ATTRIBUTE):
+                module[global_var] = function.with_attr("op_pattern", ELEMENTWISE_PATTERN)
+        return module
+
+    return run
+
+
 def select_kernels(dot: DotProduct) -> tvm.transform.Pass:
     """Legalize every Relax op: int8 convolutions (with the constant padding of their input) and matmuls into
     edgeq's kernels for ``dot``, int64 products with a constant that fits int32 as widening multiplies; the
@@ -167,7 +205,7 @@ def select_kernels(dot: DotProduct) -> tvm.transform.Pass:
                 bindings.update(relax.analysis.get_var2val(function))
         legalize = relax.transform.LegalizeOps(
             {"relax.nn.conv2d": _conv2d(dot, bindings), "relax.matmul": _matmul(dot), "relax.multiply": _multiply(),
-             "relax.astype": _astype(bindings)}
+             "relax.astype": _astype(bindings), "relax.take": _take()}
         )
         return relax.transform.DeadCodeElimination()(legalize(module))
 

@@ -76,6 +76,10 @@ def _epilogue_at(sch: s_tir.Schedule, last: s_tir.schedule.SBlockRV, tile_loop: 
     they are as many whatever the tile: the tuner replays a schedule's trace with other tile sizes, and a trace
     that names the epilogue's loops needs the same number of them (TVM stops the whole search otherwise).
     """
+    if _broadcasts(sch, last):
+        if parallel:
+            parallel_outer(sch, last)
+        return False
     try:
         sch.reverse_compute_at(last, tile_loop, preserve_unit_loops=True)
     except s_tir.ScheduleError:
@@ -83,6 +87,15 @@ def _epilogue_at(sch: s_tir.Schedule, last: s_tir.schedule.SBlockRV, tile_loop: 
             parallel_outer(sch, last)
         return False
     return True
+
+
+def _broadcasts(sch: s_tir.Schedule, last: s_tir.schedule.SBlockRV) -> bool:
+    """Whether the kernel's output has more rows and columns than its accumulator: an epilogue that broadcasts a
+    per-channel result over another tensor (squeeze-and-excitation's scaling, fused after its last convolution and
+    its lookup-table activation) runs after the accumulation, not per tile."""
+    accumulators = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint in (kernels.CONV, kernels.DEPTHWISE)]
+    rows_columns = lambda block: [int(d) for d in sch.get(block).writes[0].source.shape[2:4]]  # noqa: E731 (NCHW, NCHW{B}c)
+    return bool(accumulators) and rows_columns(last) != rows_columns(accumulators[0])
 
 
 COLUMNS_ON_LANES, CHANNELS_ON_LANES = 0, 1

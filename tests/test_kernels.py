@@ -271,10 +271,17 @@ def test_kernels_use_the_cpus_dot_product(target, instruction):
     assert instruction in assembly(target)
 
 
-@pytest.mark.parametrize("cpu, instruction", [("sapphirerapids", "vpdpbusd\t%zmm"), ("alderlake", "vpdpbusd\t%ymm")])
-def test_depthwise_kernels_use_the_cpus_dot_product(cpu, instruction):
+@pytest.mark.parametrize(
+    "target, instruction",
+    [
+        ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sapphirerapids"}, "vpdpbusd\t%zmm"),
+        ({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "alderlake"}, "vpdpbusd\t%ymm"),
+        ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}, "sdot\tv"),
+    ],
+)
+def test_depthwise_kernels_use_the_cpus_dot_product(target, instruction):
     depthwise = kernel_module((1, 32, 8, 8), 32, groups=32)
-    assert instruction in assembly({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu}, depthwise)
+    assert instruction in assembly(target, depthwise)
 
 
 def test_x86_kernels_have_no_legacy_sse_instructions_amid_avx():

@@ -37,6 +37,14 @@ def edgeq_run() -> dict[str, Path]:
     return {variant: BUILD / variant / "edgeq-run" for variant in ("x86_64", "x86_64-asan", "aarch64")}
 
 
+def dotprod_target(folder: Path) -> Path:
+    """A target file of the user's: the aarch64 CPU with the dot-product extension."""
+    aarch64 = (REPO / "targets" / "aarch64.toml").read_text()
+    path = folder / "aarch64-dotprod.toml"
+    path.write_text(aarch64.replace('name = "aarch64"', 'name = "aarch64-dotprod"').replace('mattr = ["+neon"]', 'mattr = ["+neon", "+dotprod"]'))
+    return path
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A two-output model compiled for this machine (simulated NPU), for npu-s on its aarch64 host, for the
@@ -46,9 +54,7 @@ def models(tmp_path_factory):
     example = torch.randn(2, 3, 8, 8)
     int_model = integer_model(FunctionalOps().eval(), example, "npu-s")
     folder = tmp_path_factory.mktemp("runtime")
-    aarch64 = (REPO / "targets" / "aarch64.toml").read_text()
-    dotprod = folder / "aarch64-dotprod.toml"
-    dotprod.write_text(aarch64.replace('name = "aarch64"', 'name = "aarch64-dotprod"').replace('mattr = ["+neon"]', 'mattr = ["+neon", "+dotprod"]'))
+    dotprod = dotprod_target(folder)
     artifacts = {
         "x86_64": compile_model(int_model, (example,), out=folder / "x86.edgeq", simulate=True).artifact,
         "npu-s": compile_model(int_model, (example,), out=folder / "npu.edgeq").artifact,
@@ -143,14 +149,17 @@ def test_aarch64_cli_under_qemu_equals_x86_64(models, edgeq_run, tmp_path, which
         np.testing.assert_array_equal(got[name], expected[name])
 
 
-def test_aarch64_depthwise_kernels_under_qemu_equal_x86_64(edgeq_run, tmp_path):
-    """Depthwise convolutions on aarch64 (NEON int16 products, rows packed per part inside the parallel loop) and
-    the input quantizer, run by the C++ runtime under qemu, equal the same program built for this machine:
-    mobilenet_v2 at 32x32, whose depthwise layers have strides 1 and 2 and even and odd row counts."""
+@pytest.mark.parametrize("dotprod", [False, True], ids=["neon", "dotprod"])
+def test_aarch64_depthwise_kernels_under_qemu_equal_x86_64(edgeq_run, tmp_path, dotprod):
+    """Depthwise convolutions on aarch64 (NEON int16 products; with ``+dotprod``, ``sdot`` on 4 taps of 4 channels;
+    rows packed per part inside the parallel loop) and the input quantizer, run by the C++ runtime under qemu,
+    equal the same program built for this machine: mobilenet_v2 at 32x32, whose depthwise layers have strides 1 and
+    2 and even and odd row counts."""
     torch.manual_seed(0)
     example = torch.randn(1, 3, 32, 32)
     int_model = integer_model(torchvision_model("mobilenet_v2"), example, "aarch64")
-    arm = compile_model(int_model, (example,), out=tmp_path / "arm.edgeq").artifact
+    target = dotprod_target(tmp_path) if dotprod else "aarch64"
+    arm = compile_model(int_model, (example,), target=target, out=tmp_path / "arm.edgeq").artifact
     here = compile_model(int_model, (example,), out=tmp_path / "here.edgeq", simulate=True).artifact
     x = torch.randn(1, 3, 32, 32).numpy()
     np.save(tmp_path / "x.npy", x)

@@ -5,7 +5,7 @@
 | x86 ``avx512vnni`` (+ ``avx512bw``) | ``vpdpbusd`` zmm, uint8 activations (``x + 128``, ``128·Σw`` folded out) | 16 x 4 |
 | x86 ``avxvnni`` | ``vpdpbusd`` ymm, the same | 8 x 4 |
 | x86 ``avx2`` | ``vpmaddwd`` on int8 widened to int16 (activations widened once, when packed) | 8 x 2 |
-| aarch64 ``dotprod`` | ``sdot`` | 4 x 4 |
+| aarch64 ``dotprod`` | ``sdot`` (depthwise: 4 taps of 4 channels) | 4 x 4 |
 | anything else (NEON, SSE) | int32 multiply-add, vectorized by LLVM | 8 x 1 |
 
 All of them are exact: int8 products summed in int32, no saturating intermediate.
@@ -57,7 +57,7 @@ class DotProduct:
 VNNI = DotProduct("vnni", 16, 4, intrinsics.VNNI_16x4, "uint8", 16, 32, intrinsics.VNNI_DEPTHWISE_16x4)
 AVX_VNNI = DotProduct("avx-vnni", 8, 4, intrinsics.AVX_VNNI_8x4, "uint8", 8, 16, intrinsics.AVX_VNNI_DEPTHWISE_8x4)
 AVX2 = DotProduct("avx2-pmaddwd", 8, 2, intrinsics.PMADDWD_8x2, "int16", 16, 16)
-SDOT = DotProduct("sdot", 4, 4, intrinsics.SDOT_4x4, "int8", 8, 32)
+SDOT = DotProduct("sdot", 4, 4, intrinsics.SDOT_4x4, "int8", 4, 32, intrinsics.SDOT_DEPTHWISE_4x4)
 PLAIN = DotProduct("plain", 8, 1, None, "int8", 8, 16)
 DOT_PRODUCTS = {dot.name: dot for dot in (VNNI, AVX_VNNI, AVX2, SDOT, PLAIN)}
 """Every dot product by name (the compiled graph records the one a build used)."""

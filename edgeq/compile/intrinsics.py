@@ -12,6 +12,8 @@ channels, contiguous as a blocked input stores them; the taps are moved next to 
   Never ``vpmaddubsw``: its int16 sum saturates.
 - ``edgeq_sdot_4x4``: aarch64 ``sdot`` (``+dotprod``), int8 x int8.
 - ``edgeq_vnni_depthwise_16x4`` / ``edgeq_avxvnni_depthwise_8x4``: ``vpdpbusd`` on 4 taps per channel.
+- ``edgeq_sdot_depthwise_4x4``: ``sdot`` on 4 taps of 4 channels (the 16 bytes of 4 columns of a ``NCHW4c`` block,
+  transposed in a register).
 
 They are registered on first use (:func:`registered`), not at import: parsing TVMScript is slow once torch is
 loaded (TVM inspects the caller's stack), and importing ``tvm.s_tir.tensor_intrin`` for TVM's own intrinsics
@@ -31,6 +33,7 @@ PMADDWD_8x2 = "edgeq_pmaddwd_8x2"
 SDOT_4x4 = "edgeq_sdot_4x4"
 VNNI_DEPTHWISE_16x4 = "edgeq_vnni_depthwise_16x4"
 AVX_VNNI_DEPTHWISE_8x4 = "edgeq_avxvnni_depthwise_8x4"
+SDOT_DEPTHWISE_4x4 = "edgeq_sdot_depthwise_4x4"
 
 
 def _description(lanes: int, depth: int, a_dtype: str):
@@ -99,10 +102,12 @@ def _pmaddwd():
     return implementation
 
 
-def _depthwise(lanes: int, llvm_name: str, a_dtype: str, implementation: bool):
+def _depthwise(lanes: int, llvm_name: str, a_dtype: str, implementation: bool, one_load: bool = False):
     """The description (``implementation`` False) or the implementation of a depthwise dot product: ``vpdpbusd``
-    over 4 taps of ``lanes`` channels, the taps, loaded as ``lanes`` channels each, interleaved so that each int32
-    lane holds its channel's 4 taps."""
+    or ``sdot`` over 4 taps of ``lanes`` channels, the taps, loaded as ``lanes`` channels each, interleaved so that
+    each int32 lane holds its channel's 4 taps. ``one_load``: the 4 taps (contiguous: neighbouring columns of a
+    block) are loaded as one vector, which ``sdot``'s 16 bytes are: loaded as four 4-byte vectors, which aarch64 has
+    no register type for, LLVM assembled them byte by byte."""
     bytes_ = lanes * 4
     interleave = [tap * lanes + lane for lane in range(lanes) for tap in range(4)]
 
@@ -116,7 +121,8 @@ def _depthwise(lanes: int, llvm_name: str, a_dtype: str, implementation: bool):
             T.reads(C[0:lanes], A[0:4, 0:lanes], B[0:lanes, 0:4])
             T.writes(C[0:lanes])
             if implementation:
-                taps = T.Shuffle([A.vload([tap, 0], f"{a_dtype}x{lanes}") for tap in range(4)], interleave)
+                loads = [A.vload([0, 0], f"{a_dtype}x{bytes_}")] if one_load else [A.vload([tap, 0], f"{a_dtype}x{lanes}") for tap in range(4)]
+                taps = T.Shuffle(loads, interleave)
                 C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id(llvm_name),
                     C.vload([0], dtype=f"int32x{lanes}"),
@@ -141,6 +147,7 @@ _BUILDERS: dict[str, Callable[[], tuple]] = {
     SDOT_4x4: lambda: (_description(4, 4, "int8"), _dot4(4, "llvm.aarch64.neon.sdot.v4i32.v16i8", "int8")),
     VNNI_DEPTHWISE_16x4: lambda: tuple(_depthwise(16, "llvm.x86.avx512.vpdpbusd.512", "uint8", impl) for impl in (False, True)),
     AVX_VNNI_DEPTHWISE_8x4: lambda: tuple(_depthwise(8, "llvm.x86.avx512.vpdpbusd.256", "uint8", impl) for impl in (False, True)),
+    SDOT_DEPTHWISE_4x4: lambda: tuple(_depthwise(4, "llvm.aarch64.neon.sdot.v4i32.v16i8", "int8", impl, one_load=True) for impl in (False, True)),
 }
 _registered: set[str] = set()
 

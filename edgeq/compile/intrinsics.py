@@ -110,6 +110,7 @@ def _depthwise(lanes: int, llvm_name: str, a_dtype: str, implementation: bool, o
     no register type for, LLVM assembled them byte by byte."""
     bytes_ = lanes * 4
     interleave = [tap * lanes + lane for lane in range(lanes) for tap in range(4)]
+    loads = [(0, bytes_)] if one_load else [(tap, lanes) for tap in range(4)]  # (first tap, lanes of a vector load)
 
     @T.prim_func(s_tir=True)
     def intrinsic(
@@ -121,8 +122,7 @@ def _depthwise(lanes: int, llvm_name: str, a_dtype: str, implementation: bool, o
             T.reads(C[0:lanes], A[0:4, 0:lanes], B[0:lanes, 0:4])
             T.writes(C[0:lanes])
             if implementation:
-                loads = [A.vload([0, 0], f"{a_dtype}x{bytes_}")] if one_load else [A.vload([tap, 0], f"{a_dtype}x{lanes}") for tap in range(4)]
-                taps = T.Shuffle(loads, interleave)
+                taps = T.Shuffle([A.vload([row, 0], f"{a_dtype}x{width}") for row, width in loads], interleave)
                 C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id(llvm_name),
                     C.vload([0], dtype=f"int32x{lanes}"),

@@ -128,15 +128,15 @@ def conv2d(
     out_blocks, window, kh, kw, lanes, depth = (int(d) for d in packed.shape)
     out_h, out_w = _output_size(data, (kh, kw), strides, padding, dilation)
 
-    def first_block(o):  # of the input channels output block o reads (groups 1: all of them)
-        return first_input_block(o, lanes, depth, in_channels // groups, channels // groups) if groups > 1 else 0
+    def input_block(o, rc):  # block rc of the input channels output block o reads (groups 1: all of them)
+        return first_input_block(o, lanes, depth, in_channels // groups, channels // groups) + rc if groups > 1 else rc
 
-    source = _pack_padded(data, first_block(out_blocks - 1) + window, depth, padding, lambda value: _activation(value, dot), pad_value)
+    source = _pack_padded(data, input_block(out_blocks - 1, window), depth, padding, lambda value: _activation(value, dot), pad_value)
     rc, ry, rx, rk = (te.reduce_axis((0, e), name) for e, name in ((window, "rc"), (kh, "ry"), (kw, "rx"), (depth, "rk")))
     acc = te.compute(
         (n, out_blocks, out_h, out_w, lanes),
         lambda b, o, y, x, lane: te.sum(
-            source[b, first_block(o) + rc, y * strides[0] + ry * dilation[0], x * strides[1] + rx * dilation[1], rk].astype("int32")
+            source[b, input_block(o, rc), y * strides[0] + ry * dilation[0], x * strides[1] + rx * dilation[1], rk].astype("int32")
             * packed[o, rc, ry, rx, lane, rk].astype("int32"),
             axis=[rc, ry, rx, rk],
         ),
@@ -223,6 +223,7 @@ def depthwise_conv2d(
 
 
 LOOKUP = "edgeq_lookup"
+"""The block of :func:`lookup`."""
 
 
 def lookup(index: te.Tensor, table: te.Tensor) -> te.Tensor:

@@ -3,8 +3,8 @@
 Kernels are recognised by structure (their blocks): edgeq's blocked int8 kernels (:mod:`edgeq.compile.kernels`:
 conv2d and 1x1 conv2d, grouped or not, depthwise conv2d, dense), TVM's convolutions (float ones), pooling (other
 reductions) and elementwise chains (requantization, add, clamp, data movement). Each scheduled PrimFunc records its
-schedule's name in the ``edgeq.schedule`` attribute; :func:`kernel_schedules` lists them. A kernel whose schedule fails keeps TVM's
-default form (logged, never an error: schedules never change the numbers, only the speed).
+schedule's name in the ``edgeq.schedule`` attribute; :func:`kernel_schedules` lists them. A kernel whose schedule
+fails keeps TVM's default form (logged, never an error: schedules never change the numbers, only the speed).
 
 The blocked kernels (:data:`TUNABLE`) are also what ``edgeq tune`` searches: their schedules take their
 decisions from a :class:`~.choices.Choices`. A kernel with a record in the tuning records given to

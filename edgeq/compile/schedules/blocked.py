@@ -94,7 +94,10 @@ def _broadcasts(sch: s_tir.Schedule, last: s_tir.schedule.SBlockRV) -> bool:
     per-channel result over another tensor (squeeze-and-excitation's scaling, fused after its last convolution and
     its lookup-table activation) runs after the accumulation, not per tile."""
     accumulators = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint in (kernels.CONV, kernels.DEPTHWISE)]
-    rows_columns = lambda block: [int(d) for d in sch.get(block).writes[0].source.shape[2:4]]  # noqa: E731 (NCHW, NCHW{B}c)
+
+    def rows_columns(block: s_tir.schedule.SBlockRV) -> list[int]:  # NCHW or NCHW{B}c
+        return [int(d) for d in sch.get(block).writes[0].source.shape[2:4]]
+
     return bool(accumulators) and rows_columns(last) != rows_columns(accumulators[0])
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from edgeq.check.records import OpRecord
 from edgeq.numerics import is_power_of_two
-from edgeq.ops import Op
+from edgeq.ops import Op, is_depthwise
 from edgeq.targets import NPU_OPS, ScaleRule, Target
 from edgeq.units import bytes_text, shape_text
 
@@ -215,7 +215,7 @@ def groups_unsupported(record: OpRecord, target: Target) -> Outcome | None:
     if limits is None or "groups" not in record.attrs or record.attrs["groups"] == 1:
         return None
     allowed = limits.groups
-    depthwise = record.attrs["groups"] == record.attrs["in_channels"] == record.attrs["out_channels"]
+    depthwise = is_depthwise(record.attrs)
     if allowed == "any" or (allowed == "depthwise" and depthwise):
         return None
     kind = "depthwise" if depthwise else f"groups={record.attrs['groups']}"

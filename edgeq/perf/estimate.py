@@ -13,6 +13,7 @@ from edgeq.compile import kernels, kernels_dot_product
 from edgeq.compile.compiled_graph import CompiledGraph, Op
 from edgeq.compile.cpu_features import DOT_PRODUCTS, DotProduct
 from edgeq.compile.kernel_map import FUSED_FOLLOWERS, VIEW_OPS
+from edgeq.ops import is_depthwise
 from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
 from edgeq.targets import CpuFigures, Hardware, Target, TargetKind, host_cpu
 
@@ -35,16 +36,12 @@ CPU_RATES = (
 (:func:`cpu_work`), in its order."""
 
 
-def _depthwise(attributes: dict) -> bool:
-    return attributes.get("groups", 1) == attributes.get("in_channels") == attributes.get("out_channels") != 1
-
-
 def mac_class(op: Op) -> str | None:
     """Which CPU rate an op's MACs run at: ``conv2d`` (a window larger than 1x1), ``pointwise`` (1x1),
     ``depthwise`` (a group per channel), ``linear`` (linear layers and matmuls); None for ops costed by the bytes
     they move. Grouped convolutions run in the conv2d kernel (:func:`edgeq.compile.kernels.conv2d`)."""
     if op.op == "conv2d":
-        if _depthwise(op.attributes):
+        if is_depthwise(op.attributes):
             return "depthwise"
         return "pointwise" if math.prod(op.attributes.get("kernel", [0])) == 1 else "conv2d"
     return "linear" if op.op in ("linear", "matmul") else None

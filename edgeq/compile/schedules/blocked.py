@@ -145,13 +145,14 @@ PACK_FIRST, PACK_PER_TILE = 0, 1
 """Where the input is packed: all of it before the convolution, or the rows each tile loop iteration reads,
 inside it (the packed rows stay in cache; rows shared by neighbouring tiles are packed again). With rows outside
 the channel blocks, an iteration is a row and all its blocks, which share the packed row. Packing first is a
-parallel region of its own: a loop of empty parallel regions took about 3.6 us a region here (2 cores, TVM's
-pool waking its worker and waiting for it), and packing was 20 of mobilenet_v2's 106 regions per inference. So 1x1 convolutions with rows outside pack per row by default (no row
-is packed twice): measured here (AVX-512 VNNI, paired A/B), mobilenet_v2 0.95x and its ONNX Runtime file 0.96x the
-time, mobilenet_v3_small 0.99x. Depthwise convolutions pack per tile too, their rows cut in :data:`ROW_CHUNKS`
-parts (only the window's overlap, 2 rows of 56 for a 3x3, is packed twice; row by row, each row three times, ran
-slower): mobilenet_v2 and its ONNX Runtime file 0.92x the time, mobilenet_v3_small 0.99x. Other convolutions pack
-first (a tile of channel blocks over a chunk of rows reads all input channels: every block would pack them)."""
+parallel region of its own: a loop of empty parallel regions took about 3.6 us a region here (2 cores, TVM's pool
+waking its worker and waiting for it), and packing was 20 of mobilenet_v2's 106 regions per inference. So 1x1
+convolutions with rows outside pack per row by default (no row is packed twice): measured here (AVX-512 VNNI, paired
+A/B), mobilenet_v2 0.95x and its ONNX Runtime file 0.96x the time, mobilenet_v3_small 0.99x. Depthwise convolutions
+pack per tile too, their rows cut in :data:`ROW_CHUNKS` parts (only the window's overlap, 2 rows of 56 for a 3x3, is
+packed twice; row by row, each row three times, ran slower): mobilenet_v2 and its ONNX Runtime file 0.92x the time,
+mobilenet_v3_small 0.99x. Other convolutions pack first (a tile of channel blocks over a chunk of rows reads all
+input channels: every block would pack them)."""
 
 
 def _parallel(sch: s_tir.Schedule, outer: list, parallel: bool, choose: Choices, rows_outer: bool = False, default_pack: int = PACK_FIRST) -> None:

@@ -221,6 +221,25 @@ class GroupedBlock(nn.Module):
         return self.dequant(self.relu(self.proj(x) + self.c(self.b(self.a(x)))))
 
 
+class SqueezeExcitationBlock(nn.Module):
+    """MobileNetV3's block, small: a depthwise 3x3 with Hardswish, squeeze-and-excitation (average pool, two 1x1
+    convolutions, Hardsigmoid, the product with the block's tensor), a 1x1 projection."""
+
+    def __init__(self, channels: int = 24) -> None:
+        super().__init__()
+        self.quant = QuantStub()
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.Hardswish())
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, groups=channels), nn.BatchNorm2d(channels), nn.Hardswish()
+        )
+        self.excite = torchvision.ops.SqueezeExcitation(channels, channels // 3, scale_activation=nn.Hardsigmoid)
+        self.project = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels))
+        self.dequant = DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.project(self.excite(self.depthwise(self.stem(self.quant(x))))))
+
+
 class Bottleneck(nn.Module):
     """YOLOv8's bottleneck: two 3x3 ConvBnSiLU, with a residual add when ``shortcut``."""
 

@@ -9,10 +9,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import tvm
 from torch import nn
+from tvm import relax
 
 from edgeq.cli import main
-from edgeq.compile import compile_model
+from edgeq.compile import compile_model, plan_build
+from edgeq.compile.codegen import fused_module
 from edgeq.compile.cpu_features import dot_product, host_target
 from edgeq.errors import CompileError, TargetError
 from edgeq.export import to_onnx
@@ -22,8 +25,8 @@ from edgeq_runtime import Model
 import torch.nn.functional as F
 from edgeq.quantization import DeQuantStub, FakeQuantState, QuantStub, convert_fx, default_qat_qconfig, prepare_qat_fx, set_fake_quantize
 from models import (
-    BilinearResizes, FunctionalOps, GroupedBlock, SmallCNN, Wrapped, calibrate, integer_model, torchvision_model,
-    with_batchnorm_statistics,
+    BilinearResizes, FunctionalOps, GroupedBlock, SmallCNN, SqueezeExcitationBlock, Wrapped, calibrate, integer_model,
+    torchvision_model, with_batchnorm_statistics,
 )
 
 
@@ -115,17 +118,52 @@ def test_activations_between_convolutions_are_blocked_exactly(width, tmp_path):
 def test_grouped_block_with_projection_shortcut_is_exact_and_mapped(tmp_path):
     """RegNet's block: the grouped 3x3 (4 channels a group, so 4 groups share a block of output channels) takes
     the conv2d kernel, its tensors blocked between the 1x1 convolutions; the artifact equals the integer model.
-    TVM fuses the projection shortcut with the residual add and runs it after the branch, whose first convolution
-    reads the same input: the kernel map places each on its own kernel."""
+    The projection shortcut and the branch's first convolution read the same input: the kernel map places each on
+    its own kernel. The projection's kernel ends at its int8 output, blocked (:mod:`edgeq.compile.fusion_patterns`;
+    TVM had fused it with the add's float64 term of it), and the branch's last convolution takes the add."""
     torch.manual_seed(0)
     example = torch.randn(2, 3, 12, 12)
     int_model = integer_model(with_batchnorm_statistics(GroupedBlock(), (4, 3, 12, 12)), example, "x86_64")
     result = compile_model(int_model, (example,), out=tmp_path / "g.edgeq", target="x86_64", simulate=True)
     assert_artifact_exact(result.artifact, int_model, torch.randn(2, 3, 12, 12))
     kernel = {op.name: op.kernel for op in result.graph.ops}
-    assert kernel["proj.0/Conv"] == kernel["add/Add"] == kernel["add/Relu"] != kernel["a.0/Conv"] == kernel["a.0/Relu"]
+    assert kernel["c.0/Conv"] == kernel["add/Add"] == kernel["add/Relu"] != kernel["a.0/Conv"] == kernel["a.0/Relu"]
+    assert len({kernel["proj.0/Conv"], kernel["a.0/Conv"], kernel["b.0/Conv"], kernel["c.0/Conv"]}) == 4
     assert {k.kernel: k.schedule for k in result.kernels}[kernel["b.0/Conv"]] == "conv2d"
-    assert kernel["b.0/Conv"].endswith(f"_nchw{dot_product(host_target()).lanes}c")
+    suffix = f"_nchw{dot_product(host_target()).lanes}c"
+    assert kernel["b.0/Conv"].endswith(suffix) and kernel["proj.0/Conv"].endswith(suffix)
+
+
+def _wide_activations(module) -> list[str]:
+    """The tensors with rows and columns that a kernel of ``module`` (fused) writes for another to read, wider than
+    int8."""
+    wide = []
+    for function in module.functions.values():
+        if not isinstance(function, relax.Function):
+            continue
+        values = relax.analysis.get_var2val(function)
+        read = {a for v in values.values() if isinstance(v, relax.Call) and v.args and isinstance(v.args[-1], relax.Tuple) for a in v.args[-1].fields}
+        for var, value in values.items():
+            shape = var.ty.shape.values if isinstance(var.ty, relax.TensorType) and var.ty.shape is not None else []
+            spatial = len(shape) == 4 and int(shape[2]) * int(shape[3]) > 1
+            if var in read and spatial and str(var.ty.dtype) != "int8":
+                wide.append(f"{var.name}: {var.ty.dtype}{[int(d) for d in shape]}")
+    return wide
+
+
+@pytest.mark.parametrize("block", [GroupedBlock, SqueezeExcitationBlock])
+def test_kernels_pass_int8_activations(block, tmp_path):
+    """Kernels end at their int8 outputs (edgeq.compile.fusion_patterns): fused into the kernel making it, the
+    widening that starts a residual add's term, a pool's sum or a product made that kernel write float64 (the
+    projection shortcut's term of the add) or int32 (squeeze-and-excitation's input, for its pool and product).
+    The artifact equals the integer model."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 12, 12)
+    int_model = integer_model(with_batchnorm_statistics(block(), (4, 3, 12, 12)), example, "x86_64")
+    plan = plan_build(int_model, (example,), "x86_64", True, None, lambda _: None)
+    assert _wide_activations(fused_module(plan.module, tvm.target.Target(plan.machine.llvm))) == []
+    result = compile_model(int_model, (example,), out=tmp_path / "b.edgeq", target="x86_64", simulate=True)
+    assert_artifact_exact(result.artifact, int_model, torch.randn(2, 3, 12, 12))
 
 
 def test_shufflenet_alternates_regions_exactly(tmp_path):

@@ -59,7 +59,7 @@ activation: edgeq's lookup kernel, or TVM's ``take`` at ``-O0``)."""
 
 FUSED_FOLLOWERS = ("relu", "add", "mul", "reshape", "transpose", "concat", *(table.value for table in LOOKUP_TABLE_OPS))
 """Op kinds TVM fuses into the kernel that makes their input (a table activation: as an elementwise kernel,
-:func:`edgeq.compile.select_kernels.lookups_elementwise`; squeeze-and-excitation's scaling after it)."""
+:mod:`edgeq.compile.fusion_patterns`; squeeze-and-excitation's scaling after it)."""
 
 VIEW_OPS = ("reshape",)
 """Op kinds that need no kernel of their own when TVM can make them a view."""

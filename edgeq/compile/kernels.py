@@ -226,11 +226,16 @@ LOOKUP = "edgeq_lookup"
 """The block of :func:`lookup`."""
 
 
-def lookup(index: te.Tensor, table: te.Tensor) -> te.Tensor:
-    """``table[index]`` for every element of ``index``, indices clipped to the table (a table activation's are
-    in it already: ``x + 128``), as TVM's ``take`` with mode ``clip``."""
+def lookup(source: te.Tensor, table: te.Tensor, offset: int = 0) -> te.Tensor:
+    """``table[source + offset]`` for every element of ``source``, indices clipped to the table, as TVM's ``take``
+    with mode ``clip`` of ``source + offset`` (a table activation's are in it already: an int8 ``x`` and 128)."""
     last = int(table.shape[0]) - 1
-    return te.compute(index.shape, lambda *i: table[tirx.max(tirx.min(index(*i), last), 0)], name=LOOKUP)
+
+    def entry(*i: tirx.PrimExpr) -> tirx.PrimExpr:
+        index = source(*i).astype("int32") + tirx.const(offset, "int32")
+        return table[tirx.max(tirx.min(index, last), 0)]
+
+    return te.compute(source.shape, entry, name=LOOKUP)
 
 
 ROUNDING_OFFSET = 1.5 * 2.0**52

@@ -19,15 +19,25 @@ blocked parameters, named with a ``_nchw{B}c`` suffix).
 
 from __future__ import annotations
 
+import re
+
 import tvm
 from tvm import relax, s_tir, tirx
 
 from edgeq.compile import kernels
+from edgeq.compile.bindings import called_kernel, readers
 from edgeq.compile.cpu_features import DotProduct
 from edgeq.compile.schedules import classify
 from edgeq.compile.schedules.generic import POOL_BLOCKS
 
-CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+def blocked_name(kernel: str, block: int) -> str:
+    """The name of ``kernel``'s copy with blocked parameters."""
+    return f"{kernel}_nchw{block}c"
+
+
+def is_blocked(kernel: str) -> bool:
+    """Whether a kernel (by name) is a copy with blocked parameters (:func:`blocked_name`)."""
+    return re.search(r"_nchw\d+c$", kernel) is not None
 
 
 def blocked_layout(block: int):
@@ -62,17 +72,6 @@ def _blockable(var: relax.Var, block: int) -> bool:
     return shape is not None and all(isinstance(d, tirx.IntImm) for d in shape)
 
 
-def _is_kernel_call(value: relax.Expr) -> bool:
-    return isinstance(value, relax.Call) and value.op.same_as(CALL_TIR)
-
-
-def _reads(value: relax.Expr) -> list[relax.Var]:
-    """The variables a binding's value reads (a kernel call: its tensor arguments, once per argument)."""
-    if _is_kernel_call(value):
-        return [argument for argument in value.args[1].fields if isinstance(argument, relax.Var)]
-    return list(relax.analysis.free_vars(value))
-
-
 def _fills_blocks(var: relax.Var, block: int) -> bool:
     """Whether the channels of a :func:`_blockable` tensor fill whole blocks (no padding)."""
     return int(var.ty.shape.values[1]) % block == 0
@@ -82,14 +81,12 @@ def _blocked_tensors(module: tvm.IRModule, function: relax.Function, block: int)
     """The tensors of ``function`` made by a convolution kernel and read only by convolution kernels, and those whose
     channels fill whole blocks made and read only by convolution and pooling kernels, a convolution among them."""
     bindings = relax.analysis.get_var2val(function)
-    roles = {var: _layout_role(module[value.args[0]]) for var, value in bindings.items() if _is_kernel_call(value)}
-    readers: dict[relax.Var, list[relax.Var]] = {}
-    for var, value in bindings.items():
-        for used in _reads(value):
-            readers.setdefault(used, []).append(var)
+    kernels_called = {var: called_kernel(value) for var, value in bindings.items()}
+    roles = {var: _layout_role(module[kernel]) for var, kernel in kernels_called.items() if kernel is not None}
+    reading = readers(function)
 
     def blocked(var: relax.Var) -> bool:
-        touching = [roles.get(user) for user in [var, *readers.get(var, [])]]  # its producer and its readers
+        touching = [roles.get(user) for user in [var, *reading.get(var, [])]]  # its producer and its readers
         if len(touching) == 1 or not _blockable(var, block):
             return False
         if all(role == CONVOLUTION for role in touching):
@@ -164,12 +161,12 @@ class _Planner(relax.PyExprMutator):
         key = (callee.name_hint, positions)
         if key not in self.copies:
             function = _with_blocked_parameters(self.module[callee], list(positions), self.block)
-            self.copies[key] = self.builder_.add_func(function, f"{callee.name_hint}_nchw{self.block}c"), function
+            self.copies[key] = self.builder_.add_func(function, blocked_name(callee.name_hint, self.block)), function
         return self.copies[key]
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         value = binding.value
-        if not _is_kernel_call(value):
+        if called_kernel(value) is None:
             super().visit_var_binding_(binding)
             return
         arguments = list(value.args[1].fields)

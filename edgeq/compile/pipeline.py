@@ -6,7 +6,7 @@
 | ``dispatch`` | TVM's CPU library dispatch (sampling, sort/scan) | all |
 | ``select_kernels`` | legalization; int8 conv2d / matmul become edgeq's blocked kernels (:mod:`.select_kernels`) | 1, 2 |
 | ``legalize`` | TVM's legalization of every op into its default kernel | 0 |
-| ``fuse`` | op patterns (lookup tables elementwise, :func:`lookups_elementwise`), constant folding, operator fusion, FuseTIR | 1, 2 |
+| ``fuse`` | op patterns (:mod:`.fusion_patterns`: lookup tables elementwise, int8 widened in the kernels reading it), constant folding, operator fusion, FuseTIR | 1, 2 |
 | ``plan_layout`` | int8 activations between convolution kernels stored in blocks of channels (:mod:`.layout_plan`) | 1, 2 |
 | ``schedule`` | tuned schedules from tuning records, else edgeq's default schedules (:mod:`edgeq.compile.schedules`); parallel tiles at level 2 | 1, 2 |
 | ``lower_dataflow`` | TVM's dataflow lowering | all |
@@ -27,7 +27,8 @@ from edgeq.compile.cpu_features import dot_product
 from edgeq.compile.layout_plan import plan_layouts
 from edgeq.compile.lower_integer import lower_to_integer
 from edgeq.compile.schedules import TunedSchedules, schedule_kernels
-from edgeq.compile.select_kernels import lookups_elementwise, select_kernels
+from edgeq.compile.fusion_patterns import fusion_patterns
+from edgeq.compile.select_kernels import select_kernels
 from edgeq.errors import CompileError
 
 OPT_LEVELS = (0, 1, 2)
@@ -74,7 +75,7 @@ def stages(opt_level: int, target: tvm.target.Target, tuned: TunedSchedules | No
             Stage("select_kernels", (select_kernels(dot),)),
             Stage(
                 "fuse",
-                (relax.transform.AnnotateTIROpPattern(), lookups_elementwise(), relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()),
+                (relax.transform.AnnotateTIROpPattern(), fusion_patterns(), relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()),
             ),
             Stage("plan_layout", (plan_layouts(dot),)),
             Stage("schedule", (schedule_kernels(dot, parallel=opt_level >= 2, tuned=tuned),)),

@@ -5,8 +5,8 @@ A legalization (``relax.transform.LegalizeOps`` with edgeq's rules for ``relax.n
 :mod:`edgeq.compile.kernels` with its weights packed here, once, for the CPU's dot product; every other op gets
 TVM's own legalization. Grouped convolutions take the conv2d kernel (each block of output channels over the input
 channels its groups read), depthwise ones the depthwise kernel. A gather from a constant int8 table (a table
-activation) becomes edgeq's lookup kernel, which :func:`lookups_elementwise` lets operator fusion put in the
-epilogue of the kernel before it.
+activation) becomes edgeq's lookup kernel, which :mod:`edgeq.compile.fusion_patterns` lets operator fusion put in
+the epilogue of the kernel before it; a widening conversion of an int8 tensor is marked for that module too.
 
 A convolution whose input is padded with a constant by an op of its own (a zero point, docs/numerics.md section 9)
 takes that padding into its kernel: the kernel's packing stage writes the constant where it writes zeros
@@ -24,6 +24,7 @@ from tvm.relax.block_builder import BlockBuilder
 
 from edgeq.compile import kernels
 from edgeq.compile.cpu_features import DotProduct
+from edgeq.compile.fusion_patterns import LOOKUP_ATTRIBUTE, WIDENING_ATTRIBUTE
 
 
 def _default(op: str):
@@ -139,57 +140,57 @@ def _multiply():
 
 def _astype(bindings: Bindings):
     """A float64 rounded to an integer, then converted to int32 (the requantization where it is exact,
-    :mod:`edgeq.compile.lower_integer`), becomes one :func:`~edgeq.compile.kernels.round_to_int32`."""
+    :mod:`edgeq.compile.lower_integer`), becomes one :func:`~edgeq.compile.kernels.round_to_int32`; a widening
+    conversion of an int8 tensor is marked :data:`WIDENING_ATTRIBUTE` (see :mod:`edgeq.compile.fusion_patterns`)."""
     default = _default("relax.astype")
 
     def legalize(bb: BlockBuilder, call: relax.Call) -> relax.Expr:
-        rounded = bindings.get(call.args[0])
+        source, dtype = call.args[0], str(call.attrs.dtype)
+        rounded = bindings.get(source)
         if (
-            str(call.attrs.dtype) == "int32"
+            dtype == "int32"
             and isinstance(rounded, relax.Call)
             and rounded.op.same_as(tvm.ir.Op.get("relax.round"))
             and str(rounded.args[0].ty.dtype) == "float64"
         ):
             return bb.call_te(kernels.round_to_int32, rounded.args[0], primfunc_name_hint="round_to_int32")
+        if str(source.ty.dtype) == "int8" and dtype != "int8":
+            return bb.call_te(topi.cast, source, dtype, primfunc_name_hint="widen", primfunc_attrs={WIDENING_ATTRIBUTE: True})
         return default(bb, call)
 
     return legalize
 
 
-def _take():
+def _offset_int8(index: relax.Expr, bindings: Bindings) -> tuple[relax.Expr, int] | None:
+    """``(x, c)`` when ``index`` is ``int32(x) + c``, ``x`` an int8 tensor and ``c`` an int32 scalar constant (a
+    table activation's index, :mod:`edgeq.compile.lower_integer`); else None."""
+    add = bindings.get(index)
+    if not (isinstance(add, relax.Call) and add.op.same_as(tvm.ir.Op.get("relax.add"))):
+        return None
+    widened, offset = bindings.get(add.args[0]), _constant(add.args[1])
+    if not (isinstance(widened, relax.Call) and widened.op.same_as(tvm.ir.Op.get("relax.astype"))) or offset is None:
+        return None
+    if str(widened.args[0].ty.dtype) != "int8" or offset.size != 1:
+        return None
+    return widened.args[0], int(offset.reshape(()))
+
+
+def _take(bindings: Bindings):
     """A clipped gather from a constant 1-D int8 table (a table activation, :mod:`edgeq.compile.lower_integer`)
-    becomes :func:`~edgeq.compile.kernels.lookup`."""
+    becomes :func:`~edgeq.compile.kernels.lookup`, reading the int8 activation itself where the index is that
+    activation plus a constant (the widening conversion and the add are then left to dead-code elimination)."""
     default = _default("relax.take")
 
     def legalize(bb: BlockBuilder, call: relax.Call) -> relax.Expr:
         table = _int8_constant(call.args[0])
         if table is None or table.ndim != 1 or str(call.attrs.mode) != "clip" or int(call.attrs.axis) != 0:
             return default(bb, call)
-        return bb.call_te(kernels.lookup, call.args[1], call.args[0], primfunc_name_hint="lookup", primfunc_attrs={LOOKUP_ATTRIBUTE: True})
+        source, offset = _offset_int8(call.args[1], bindings) or (call.args[1], 0)
+        return bb.call_te(
+            kernels.lookup, source, call.args[0], offset, primfunc_name_hint="lookup", primfunc_attrs={LOOKUP_ATTRIBUTE: True}
+        )
 
     return legalize
-
-
-LOOKUP_ATTRIBUTE = "edgeq.lookup"
-"""PrimFunc attribute marking a lookup-table kernel (:func:`edgeq.compile.kernels.lookup`)."""
-
-ELEMENTWISE_PATTERN = 0
-"""TVM's ``op_pattern`` of an elementwise kernel (``kElemWise``), which operator fusion fuses into the kernel
-before it."""
-
-
-def lookups_elementwise() -> tvm.transform.Pass:
-    """The module pass marking the lookup-table kernels (:func:`edgeq.compile.kernels.lookup`) elementwise, after
-    ``relax.transform.AnnotateTIROpPattern``, which calls their data-dependent read opaque."""
-
-    @tvm.transform.module_pass(opt_level=0, name="edgeq.LookupsElementwise")
-    def run(module: tvm.IRModule, _context: tvm.transform.PassContext) -> tvm.IRModule:
-        for global_var, function in list(module.functions.items()):
-            if isinstance(function, tvm.tirx.PrimFunc) and (function.attrs or {}).get(LOOKUP_ATTRIBUTE):
-                module[global_var] = function.with_attr("op_pattern", ELEMENTWISE_PATTERN)
-        return module
-
-    return run
 
 
 def select_kernels(dot: DotProduct) -> tvm.transform.Pass:
@@ -205,7 +206,7 @@ def select_kernels(dot: DotProduct) -> tvm.transform.Pass:
                 bindings.update(relax.analysis.get_var2val(function))
         legalize = relax.transform.LegalizeOps(
             {"relax.nn.conv2d": _conv2d(dot, bindings), "relax.matmul": _matmul(dot), "relax.multiply": _multiply(),
-             "relax.astype": _astype(bindings), "relax.take": _take()}
+             "relax.astype": _astype(bindings), "relax.take": _take(bindings)}
         )
         return relax.transform.DeadCodeElimination()(legalize(module))
 

@@ -57,6 +57,7 @@ CASES = {
     "conv2d": (dict(shape=(1, 16, 12, 12), out_channels=32), "conv2d"),
     "conv2d odd channels, stride 2": (dict(shape=(2, 13, 9, 11), out_channels=21, stride=2), "conv2d"),
     "stem 7x7 3 channels": (dict(shape=(1, 3, 23, 23), out_channels=10, kernel=7, stride=2, pad=3), "conv2d"),
+    "conv2d in chunks of input channels": (dict(shape=(1, 512, 3, 4), out_channels=260), "conv2d"),  # weights outweigh input
     "conv2d 1x1": (dict(shape=(1, 24, 7, 7), out_channels=20, kernel=1, pad=0), "conv2d_1x1"),
     "depthwise": (dict(shape=(1, 24, 10, 10), out_channels=24, groups=24), "depthwise_conv2d"),
     "depthwise odd, stride 2": (dict(shape=(1, 37, 9, 7), out_channels=37, stride=2, groups=37), "depthwise_conv2d"),

@@ -100,7 +100,10 @@ class CpuFigures(_Strict):
     float32_macs_per_s: Annotated[float, Field(gt=0)]
     """Ops that stay in float (not quantized in the model)."""
     memory_bytes_per_s: Annotated[float, Field(gt=0)]
-    """Bytes read and written per second by elementwise, pooling and data-movement kernels."""
+    """Bytes read and written per second by elementwise, pooling and data-movement kernels on NCHW tensors."""
+    blocked_memory_bytes_per_s: Annotated[float, Field(gt=0)]
+    """Bytes read and written per second by pooling and elementwise kernels whose tensors the layout plan stores in
+    blocks of channels (a block's channels on the vector lanes, :mod:`edgeq.compile.layout_plan`)."""
     kernel_overhead_ns: Annotated[float, Field(ge=0)]
     """Fixed cost of each kernel call: the VM's dispatch (the call, its output's allocation) and the kernel's own
     set-up."""

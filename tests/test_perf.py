@@ -18,7 +18,10 @@ from edgeq.compile.compiled_graph import CompiledGraphError
 from edgeq.compile.cpu_features import DOT_PRODUCTS, dot_product, host_target
 from edgeq.errors import EdgeqError, TargetError
 from edgeq.perf.calibrate import Calibration, _fastest, cached_calibration, calibrate_alongside, cpu_model, host_arch, host_figures, kernel_fingerprint, save_calibration
-from edgeq.perf.estimate import CPU_RATES, cpu_work, fused_into_producer, host_dot_product, lane_occupancy, mac_class, mac_utilisation, spill_bytes
+from edgeq.compile.layout_plan import is_blocked
+from edgeq.perf.estimate import (
+    CPU_RATES, cpu_work, fused_into_producer, host_dot_product, lane_occupancy, mac_class, mac_utilisation, memory_rate, spill_bytes,
+)
 from edgeq.perf.measure import hook_cost, measure
 from edgeq.targets import TargetKind, list_targets, load_target
 from models import BilinearResizes, SmallCNN, Wrapped, integer_model
@@ -167,6 +170,22 @@ def test_cpu_work_of_each_op_kind(tmp_path):
     assert mac_class(op("conv2d", {"groups": 16, "in_channels": 16, "out_channels": 16, "kernel": [3, 3]})) == "depthwise"
 
 
+@pytest.mark.parametrize("whole_blocks", [True, False])
+def test_pools_the_layout_plan_blocks_move_bytes_at_the_blocked_rate(whole_blocks, tmp_path):
+    """A max pool between convolutions is blocked where its channels fill whole blocks (edgeq/compile/layout_plan.py):
+    it moves a block's channels per vector, at ``blocked_memory_bytes_per_s``; otherwise NCHW, at
+    ``memory_bytes_per_s``."""
+    lanes = dot_product(host_target()).lanes
+    torch.manual_seed(0)
+    example = torch.rand(2, 1, 8, 8)
+    model = integer_model(SmallCNN(width=lanes if whole_blocks else lanes + 4).eval(), example, "x86_64")
+    graph = compile_model(model, (example,), out=tmp_path / "s.edgeq").graph
+    pool = next(op for op in graph.ops if op.op == "max_pool2d")
+    cpu = load_target("x86_64").perf
+    assert is_blocked(pool.kernel) == whole_blocks
+    assert memory_rate(pool, cpu) == (cpu.blocked_memory_bytes_per_s if whole_blocks else cpu.memory_bytes_per_s)
+
+
 def test_bad_inputs_are_clear_errors(small, tmp_path):
     fake = tmp_path / "model.edgeq"
     fake.write_text("not an artifact")
@@ -209,7 +228,7 @@ def test_calibration_measures_this_machine(small):
     host = _this_machines_cpu_target()
     calibration, (measured,) = calibrate_alongside(host, [small.artifact])
     figures = calibration.figures
-    assert all(getattr(figures, rate) > 1e6 for rate in [*CPU_RATES, "memory_bytes_per_s"])
+    assert all(getattr(figures, rate) > 1e6 for rate in [*CPU_RATES, "memory_bytes_per_s", "blocked_memory_bytes_per_s"])
     assert figures.invocation_overhead_ns > 0 and figures.parallel_speedup > 0  # below 1 when small kernels run in cache
     assert cached_calibration() == calibration and calibration.seconds < 60
     assert measured.latency_s > 0 and {c.kernel for c in measured.calls} == {op.kernel for op in small.graph.ops if op.kernel}

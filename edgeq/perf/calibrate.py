@@ -8,8 +8,9 @@ error (:func:`fit_nonnegative`):
 1. The kernels of the large network that run on all cores give the rates: ``t = fixed + Σ work / rate`` over
    :data:`~.estimate.CPU_RATES` (each kernel's ops' :func:`~.estimate.cpu_work`: MACs by class, requantized
    outputs, packed inputs), and ``bytes read and written / memory_bytes_per_s`` for kernels that are not
-   convolutions or linear layers. A rate that fits as zero (too fast to tell apart from the rest) takes the
-   fastest any kernel doing that work ran at (:func:`_fastest`).
+   convolutions or linear layers (``blocked_memory_bytes_per_s`` where the layout plan gave them blocked tensors:
+   the max pool between convolutions, vectorized over a block's channels). A rate that fits as zero (too fast to
+   tell apart from the rest) takes the fastest any kernel doing that work ran at (:func:`_fastest`).
 2. The kernels of the small network, which run on one core with their data in cache, give the fixed costs and the
    speed on one core: ``t = set-up + mac_set-up x [convolution or linear] + parallel_speedup x time at the rates
    of step 1`` (below 1 when small kernels run faster per MAC in cache than large ones on all cores).
@@ -43,7 +44,7 @@ from edgeq.compile import CompileResult
 from edgeq.compile.compiled_graph import CompiledGraph, Op
 from edgeq.compile.cpu_features import DOT_PRODUCTS
 from edgeq.fileio import atomic_write, cache_dir, slug
-from edgeq.perf.estimate import CPU_RATES, MAC_OPS, cpu_work, memory_priced
+from edgeq.perf.estimate import CPU_RATES, MAC_OPS, cpu_work, memory_priced, moves_blocked_tensors
 from edgeq.perf.measure import Measurement, measure_together, measurement_threads, vm_invocation
 from edgeq.targets import CpuFigures, Target
 
@@ -325,14 +326,16 @@ def _measure_figures(host: Target, folder: Path, artifacts: Sequence[str | Path]
 
     def work(ops: list[Op], graph: CompiledGraph) -> list[float]:
         """A kernel's work in the units of the rates: its ops' :func:`~.estimate.cpu_work`, then the bytes its
-        first op moves (not a MAC kernel)."""
+        first op moves (not a MAC kernel), on NCHW tensors or on blocked ones."""
         compute = [sum(amounts) for amounts in zip(*(cpu_work(op, graph, DOT_PRODUCTS[graph.dot_product]) for op in ops))]
-        return [*compute, ops[0].bytes_in + ops[0].bytes_out if memory_priced(ops[0]) else 0]
+        moved = ops[0].bytes_in + ops[0].bytes_out if memory_priced(ops[0]) else 0
+        blocked = moves_blocked_tensors(ops[0])
+        return [*compute, 0 if blocked else moved, moved if blocked else 0]
 
     amounts = [work(ops, graph) for ops, graph, _ in on_all_cores]
     times = [t for *_, t in on_all_cores]
     fixed_on_all_cores, *per_unit = fit_nonnegative([[1.0, *row] for row in amounts], times)
-    nominal = [getattr(host.perf, rate) for rate in [*CPU_RATES, "memory_bytes_per_s"]]
+    nominal = [getattr(host.perf, rate) for rate in [*CPU_RATES, "memory_bytes_per_s", "blocked_memory_bytes_per_s"]]
     rates = [1 / unit if unit > 0 else _fastest(amounts, times, column, rate) for column, (unit, rate) in enumerate(zip(per_unit, nominal))]
 
     def seconds_on_all_cores(ops: list[Op], graph: CompiledGraph) -> float:
@@ -345,11 +348,12 @@ def _measure_figures(host: Target, folder: Path, artifacts: Sequence[str | Path]
     invocation = vm_invocation()
     unseen = small_measured.latency_s - sum(call.seconds for call in small_measured.calls) - invocation
     dispatch = max(unseen / len(small_measured.calls), 0.0)  # what a call costs outside its timed interval
-    *compute_rates, memory = rates
+    *compute_rates, memory, blocked_memory = rates
     figures = CpuFigures(
         **dict(zip(CPU_RATES, compute_rates)),
         float32_macs_per_s=host.perf.float32_macs_per_s,
         memory_bytes_per_s=memory,
+        blocked_memory_bytes_per_s=blocked_memory,
         kernel_overhead_ns=(setup + dispatch) * 1e9,
         mac_kernel_overhead_ns=mac_setup * 1e9,
         parallel_overhead_ns=max(fixed_on_all_cores - setup - mac_setup, 0.0) * 1e9,

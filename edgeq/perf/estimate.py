@@ -13,6 +13,7 @@ from edgeq.compile import kernels, kernels_dot_product
 from edgeq.compile.compiled_graph import CompiledGraph, Op
 from edgeq.compile.cpu_features import DOT_PRODUCTS, DotProduct
 from edgeq.compile.kernel_map import FUSED_FOLLOWERS, VIEW_OPS
+from edgeq.compile.layout_plan import is_blocked
 from edgeq.ops import is_depthwise
 from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
 from edgeq.targets import CpuFigures, Hardware, Target, TargetKind, host_cpu
@@ -80,6 +81,18 @@ def memory_priced(op: Op) -> bool:
     pack and write. Those stream far faster than the others: as a bound, ``memory_bytes_per_s`` made mobilenet_v2's
     1x1 convolutions 15x too slow on AVX-512."""
     return op.op not in MAC_OPS or op.placement == FLOAT_PLACEMENT
+
+
+def moves_blocked_tensors(op: Op) -> bool:
+    """Whether an op's kernel is the layout plan's copy with blocked tensors (a max pool between convolutions: a
+    block's channels per vector)."""
+    return op.kernel is not None and is_blocked(op.kernel)
+
+
+def memory_rate(op: Op, cpu: CpuFigures) -> float:
+    """The bytes per second a :func:`memory_priced` op's kernel moves: ``blocked_memory_bytes_per_s`` where it
+    :func:`moves_blocked_tensors`, else ``memory_bytes_per_s``."""
+    return cpu.blocked_memory_bytes_per_s if moves_blocked_tensors(op) else cpu.memory_bytes_per_s
 
 
 def lane_occupancy(op: Op, dot: DotProduct) -> float:
@@ -250,7 +263,7 @@ class _Estimator:
             utilisation = lane_occupancy(op, self.dot)
             compute = sum(amount / getattr(self.cpu, rate) for amount, rate in zip(cpu_work(op, self.graph, self.dot), CPU_RATES))
         share = 1 if op.parallel else self.cpu.parallel_speedup  # the rates are for kernels on all cores
-        memory = moved / self.cpu.memory_bytes_per_s if memory_priced(op) else 0.0
+        memory = moved / memory_rate(op, self.cpu) if memory_priced(op) else 0.0
         fixed = self.cpu.kernel_overhead_ns + (op.op in MAC_OPS) * self.cpu.mac_kernel_overhead_ns + op.parallel * self.cpu.parallel_overhead_ns
         overhead = 0.0 if fused else fixed * 1e-9
         return self._estimate(op, fused, share * compute, share * memory, overhead, dram=moved, utilisation=utilisation)

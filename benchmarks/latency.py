@@ -26,9 +26,10 @@ compile time, a numerics check (edgeq's own models: the artifact equals the inte
 ONNX Runtime file: the largest difference from ONNX Runtime in output steps) and the median latency of each engine
 with its ratio to ONNX Runtime int8; then one markdown table of all models. Progress goes to stderr.
 
-With ``--alone`` the int8 engines are then measured each by itself, runs back to back (as an application that runs
-only it): edgeq's artifacts, ONNX Runtime int8 as above, and ONNX Runtime int8 with its idle threads spinning (its
-own default, which the interleaved measurement cannot allow: spinning threads take the cores of the next engine).
+With ``--alone`` the int8 engines are then measured each by itself, blocks of runs back to back (as an application
+that runs only it), the engines taking turns over several rounds: edgeq's artifacts, ONNX Runtime int8 as above,
+and ONNX Runtime int8 with its idle threads spinning (its own default, which the interleaved measurement cannot
+allow: spinning threads take the cores of the next engine).
 
     .venv/bin/python benchmarks/latency.py [--models resnet18,mobilenet_v2] [--size 224] [--runs 30] [--warmup 3]
         [--tune MINUTES] [--alone]
@@ -87,8 +88,8 @@ ENGINES = ("edgeq default", "edgeq tuned", "ORT int8", "PyTorch int8", "ORT fp32
 BASELINE = "ORT int8"
 ALONE_ENGINES = ("edgeq default", "edgeq tuned", "ORT int8", "ORT int8 spinning")
 ALONE_BASELINE = "ORT int8 spinning"
-"""With ``--alone``: the int8 engines measured each by itself, back to back, against ONNX Runtime in its own
-default configuration (idle threads spin, which the interleaved measurement cannot allow)."""
+"""With ``--alone``: the int8 engines measured each by itself, in blocks of runs back to back, against ONNX Runtime
+in its own default configuration (idle threads spin, which the interleaved measurement cannot allow)."""
 CALIBRATION_BATCHES = 4
 STARTED = time.perf_counter()
 
@@ -224,22 +225,31 @@ def measure(calls: dict[str, Engine], warmup: int, runs: int) -> dict[str, float
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+ALONE_ROUNDS = 6
+ALONE_SETTLE_S = 0.2
+"""With ``--alone``: the engines take turns in this many rounds, each block of runs after this much quiet (a
+spinning ONNX Runtime pool has gone to sleep by then). Run one engine after another instead, the machine's drift
+between them moved the ratios by up to 20 % from run to run (resnet18-ort 0.90x to 1.16x of ONNX Runtime)."""
+
+
 def measure_alone(calls: dict[str, Engine], warmup: int, runs: int) -> dict[str, float]:
-    """Median milliseconds of each engine run by itself: ``warmup`` then ``runs`` runs back to back (as an
-    application that runs only it), one engine after another, each after :data:`SETTLE_S` of quiet."""
-    medians = {}
+    """Median milliseconds of each engine run by itself: in each of :data:`ALONE_ROUNDS` rounds, after
+    :data:`ALONE_SETTLE_S` of quiet, a block of ``warmup`` then ``runs / ALONE_ROUNDS`` runs back to back (as an
+    application that runs only it), the engines in turn (the order rotating), so that a drifting machine's slow and
+    fast spells fall on all of them."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
     with torch.inference_mode():
-        for name, call in calls.items():
-            time.sleep(SETTLE_S)
-            for _ in range(warmup):
-                call()
-            times = []
-            for _ in range(runs):
-                started = time.perf_counter()
-                call()
-                times.append((time.perf_counter() - started) * 1000)
-            medians[name] = statistics.median(times)
-    return medians
+        for turn in range(ALONE_ROUNDS):
+            for name in names[turn % len(names) :] + names[: turn % len(names)]:
+                time.sleep(ALONE_SETTLE_S)
+                for _ in range(warmup):
+                    calls[name]()
+                for _ in range(max(runs // ALONE_ROUNDS, 1)):
+                    started = time.perf_counter()
+                    calls[name]()
+                    times[name].append((time.perf_counter() - started) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def cell(medians: dict[str, float], engine: str, baseline: str = BASELINE) -> str:
@@ -301,7 +311,7 @@ def benchmark_model(name: str, args: argparse.Namespace, path: PeerPath, folder:
             alone_calls[ALONE_BASELINE] = lambda: spinning.run(None, feed)
             progress(f"{name}: measuring {', '.join(alone_calls)}, each alone")
             alone = measure_alone(alone_calls, args.warmup, args.runs)
-            print("  alone, back to back:")
+            print("  alone, in turns of back-to-back runs:")
             print_model_table(alone, ALONE_ENGINES, ALONE_BASELINE)
     return medians, alone, compile_seconds
 
@@ -349,7 +359,7 @@ def main() -> None:
     print(f"\nMedian latency, 1x3x{args.size}x{args.size}, {THREADS} threads (ratio to {BASELINE}):\n")
     print_markdown(results)
     if args.alone:
-        print(f"\nEach engine alone, back to back (ratio to {ALONE_BASELINE}, ONNX Runtime's default):\n")
+        print(f"\nEach engine alone, in turns of back-to-back runs (ratio to {ALONE_BASELINE}, ONNX Runtime's default):\n")
         print_markdown(alone, ALONE_ENGINES, ALONE_BASELINE)
     print("\nedgeq compile time (-O2): " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in compile_seconds.items()))
 

@@ -89,8 +89,9 @@ def test_every_kernel_class_is_exact_at_every_level(case, tmp_path, monkeypatch)
         assert on_all_cores is None or [k.parallel for k in kernels] == [on_all_cores]
 
 
-X86_CPUS = {"sapphirerapids": "vnni", "alderlake": "avx-vnni", "znver3": "avx2-pmaddwd", "x86-64": "plain"}
-"""An x86 CPU of each dot product, by LLVM's name for it."""
+X86_CPUS = {"icelake-server": "vnni", "alderlake": "avx-vnni", "znver3": "avx2-pmaddwd", "x86-64": "plain"}
+"""An x86 CPU of each dot product, by LLVM's name for it: each with no dot product beyond its own (an AVX-512 VNNI
+CPU without AVX-VNNI, as AMD Zen 4 is), so that a machine with it runs that CPU's code."""
 
 
 @pytest.mark.parametrize("cpu", X86_CPUS)

@@ -17,7 +17,7 @@ from edgeq.compile import compile_model
 from edgeq.compile.compiled_graph import CompiledGraphError
 from edgeq.compile.cpu_features import DOT_PRODUCTS, dot_product, host_target
 from edgeq.errors import EdgeqError, TargetError
-from edgeq.perf.calibrate import Calibration, _fastest, cached_calibration, calibrate_alongside, cpu_model, host_arch, host_figures, kernel_fingerprint, save_calibration
+from edgeq.perf.calibrate import Calibration, _fastest, cached_calibration, fit_nonnegative, calibrate_alongside, cpu_model, host_arch, host_figures, kernel_fingerprint, save_calibration
 from edgeq.compile.layout_plan import is_blocked
 from edgeq.perf.estimate import (
     CPU_RATES, cpu_work, fused_into_producer, host_dot_product, lane_occupancy, mac_class, mac_utilisation, memory_rate, spill_bytes,
@@ -206,6 +206,15 @@ def test_a_rate_too_fast_to_fit_takes_the_fastest_its_kernels_ran_at():
     assert _fastest(amounts, times, 0, nominal=99.0) == 4.0  # 2 / 0.5 beats 4 / 2
     assert _fastest(amounts, times, 1, nominal=99.0) == 10.0
     assert _fastest([[0.0], [0.0]], [1.0, 1.0], 0, nominal=99.0) == 99.0
+
+
+def test_fit_of_kernels_faster_than_a_microsecond_keeps_their_times():
+    """Kernels of 0.1-0.6 us (a small network on a fast CPU) are fitted at their times, their errors weighed as
+    those of 1 us: a fit to 1 us made a set-up cost ten times too high. A work no kernel does gets 0, not a
+    coefficient out of rounding noise (whose inverse rate would be absurd)."""
+    rows = [[1.0, mac, work, 0.0] for mac, work in ((0, 0.0), (0, 0.1e-6), (1, 0.2e-6), (1, 0.4e-6), (1, 0.1e-6))]
+    times = [0.1e-6 + 0.2e-6 * mac + work for _, mac, work, _ in rows]
+    assert fit_nonnegative(rows, times) == pytest.approx([0.1e-6, 0.2e-6, 1.0, 0.0], rel=1e-9, abs=1e-15)
 
 
 def test_calibration_cache_round_trip(monkeypatch):

@@ -260,14 +260,15 @@ def _networks() -> list[tuple[object, object]]:
 
 def fit_nonnegative(rows: list[list[float]], times: list[float]) -> list[float]:
     """Coefficients ``c >= 0`` of ``rows @ c ~ times`` minimising the squared relative error (so that small
-    kernels weigh as much as large ones; a time is taken as at least 1 us: below that, the instrument hook's cost
-    subtracted from each call, about as much, dominates its error); a coefficient that comes out negative is dropped
-    and the rest fitted again."""
+    kernels weigh as much as large ones; the error of a time below 1 us is taken relative to 1 us: below that, the
+    instrument hook's cost subtracted from each call, about as much, dominates it); a coefficient that comes out
+    negative is dropped and the rest fitted again, and one whose column is all zero (a work no kernel does) is 0."""
     import numpy as np
 
-    weights = 1 / np.maximum(np.asarray(times, dtype=float), 1e-6)
-    matrix, target = np.asarray(rows, dtype=float) * weights[:, None], np.ones(len(times))
-    active = np.ones(matrix.shape[1], dtype=bool)
+    measured = np.asarray(times, dtype=float)
+    weights = 1 / np.maximum(measured, 1e-6)
+    matrix, target = np.asarray(rows, dtype=float) * weights[:, None], measured * weights
+    active = (matrix != 0).any(axis=0)
     while True:
         solution = np.zeros(matrix.shape[1])
         solution[active] = np.linalg.lstsq(matrix[:, active], target, rcond=None)[0]

@@ -196,7 +196,9 @@ def _networks() -> list[tuple[object, object]]:
 
     A large one at 56x56: 3x3 and 1x1 convolutions of reduction depths from 16 to 864 and depthwise convolutions of
     two window sizes (so that their MACs, outputs and inputs are told apart), each kind also at stride 2 (inputs
-    four times their outputs), a residual add, a 3x3 max pool of stride 2, a global average pool and linear layers.
+    four times their outputs), a residual add, two 3x3 max pools of stride 2 (one over 64 channels, which the
+    layout plan blocks, one over 18, which fill no block of any dot product and stay NCHW: each memory rate has a
+    kernel to fit it), a global average pool and linear layers.
     A small one at 8x8 and 4x4 (3x3 dense convolutions with a residual add, depthwise and 1x1 convolutions, max
     pooling, a global average pool, a linear layer): kernels small enough to run on one core, on data that stays in
     cache between runs, as a small model's does.
@@ -216,6 +218,9 @@ def _networks() -> list[tuple[object, object]]:
             self.project = nn.Conv2d(96, 64, 1)
             self.depthwise = nn.Conv2d(64, 64, 3, padding=1, groups=64)
             self.pool = nn.MaxPool2d(3, 2, padding=1)
+            self.narrow_branch = nn.Conv2d(64, 18, 1)
+            self.narrow_pool = nn.MaxPool2d(3, 2, padding=1)
+            self.narrow_join = nn.Conv2d(18, 64, 1)
             self.strided_depthwise = nn.Conv2d(64, 64, 3, 2, padding=1, groups=64)
             self.deep = nn.Conv2d(64, 128, 3, padding=1)
             self.wide_depthwise = nn.Conv2d(128, 128, 5, padding=2, groups=128)
@@ -231,7 +236,8 @@ def _networks() -> list[tuple[object, object]]:
             x = self.quant(x)
             x = torch.relu(self.pointwise(torch.relu(self.dense(x)))) + self.project(torch.relu(self.expand(x)))
             x = torch.relu(self.depthwise(x))
-            x = self.wide_depthwise(self.deep(self.pool(x) + self.strided_depthwise(x)))
+            narrow = self.narrow_join(self.narrow_pool(self.narrow_branch(x)))
+            x = self.wide_depthwise(self.deep(self.pool(x) + self.strided_depthwise(x) + narrow))
             x = self.narrow(self.strided_dense(self.strided_pointwise(x)))
             x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
             return self.dequant(self.widest(self.square(self.wide(x))))

@@ -30,6 +30,7 @@ from edgeq.compile.cpu_features import DotProduct
 from edgeq.compile.schedules import classify
 from edgeq.compile.schedules.generic import POOL_BLOCKS
 
+
 def blocked_name(kernel: str, block: int) -> str:
     """The name of ``kernel``'s copy with blocked parameters."""
     return f"{kernel}_nchw{block}c"

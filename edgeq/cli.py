@@ -1,6 +1,7 @@
 """The ``edgeq`` command line: ``targets``, ``check``, ``compile``, ``tune``, ``run``, ``perf``, ``visualize``.
 
-Exit status: 0 success; 1 an error (the message names the file, node or key); 2 a usage error; 4 ``check``
+Exit status: 0 success; 1 an error, printed as one line naming the file, node or key (a missing or unreadable
+model, an output path that is a folder, a device or the input, a failed write); 2 a usage error; 4 ``check``
 found an op that cannot run anywhere on the target (no CPU fallback).
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,10 +18,12 @@ from rich.console import Console
 
 from edgeq import __version__
 from edgeq.errors import EdgeqError
-from edgeq.fileio import atomic_write
+from edgeq.fileio import atomic_write, readable_file, refuse_input_as_output, refuse_non_file
 
 EXIT_ERROR = 1
 EXIT_NOT_DEPLOYABLE = 4
+STANDARD_OUTPUT = Path("-")
+"""``--json -``: the report goes to standard output."""
 
 
 def _targets(args: argparse.Namespace, console: Console) -> int:
@@ -38,9 +42,11 @@ def _targets(args: argparse.Namespace, console: Console) -> int:
 def _check(args: argparse.Namespace, console: Console) -> int:
     from edgeq.check import check_model
 
+    if args.json and args.json != STANDARD_OUTPUT:
+        _check_output(args.json, args.model, "--json")
     report = check_model(args.model, target=args.target, advice=not args.no_advice)
     report.render(console)
-    if args.json == "-":
+    if args.json == STANDARD_OUTPUT:
         sys.stdout.write(report.to_json() + "\n")
     elif args.json:
         with atomic_write(args.json) as temporary:
@@ -49,12 +55,42 @@ def _check(args: argparse.Namespace, console: Console) -> int:
     return 0 if report.deployable else EXIT_NOT_DEPLOYABLE
 
 
+def _check_output(path: Path, model: Path, option: str) -> None:
+    """Refuse, before any work, an output file path that names the model or something not a file (a folder, a
+    device); :func:`~edgeq.fileio.atomic_write` refuses the latter again when it writes."""
+    refuse_input_as_output(path, model, option)
+    refuse_non_file(path)
+
+
+def _path(text: str) -> Path:
+    """A path, not empty (an empty one would silently mean the current folder)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path; got ''")
+    return Path(text)
+
+
 def _shape(text: str) -> tuple[str, list[int]]:
+    """``NAME=1x3x224x224``: an input's name and its dimensions, each >= 1."""
     name, _, dims = text.partition("=")
     try:
-        return name, [int(d) for d in dims.lower().split("x")]
+        shape = [int(d) for d in dims.lower().split("x")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=1x3x224x224; got {text!r}") from None
+        shape = []
+    if not name or not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected NAME=1x3x224x224 (each dimension >= 1); got {text!r}")
+    return name, shape
+
+
+class _InputShapes(argparse.Action):
+    """Collects repeated ``--input-shape NAME=...`` into a dict; a name given twice is a usage error."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: tuple[str, list[int]],
+                 option_string: str | None = None) -> None:
+        name, shape = value
+        shapes = dict(getattr(namespace, self.dest) or {})
+        if name in shapes:
+            parser.error(f"argument {option_string}: input {name!r} given twice")
+        setattr(namespace, self.dest, {**shapes, name: shape})
 
 
 def _numbered(console: Console):
@@ -71,13 +107,15 @@ def _numbered(console: Console):
 def _compile(args: argparse.Namespace, console: Console) -> int:
     from edgeq.compile import compile_model
 
+    if args.output:
+        _check_output(args.output, args.model, "-o")
     result = compile_model(
         args.model,
         target=args.target,
         out=args.output,
         opt_level=args.opt_level,
         simulate=args.simulate,
-        input_shapes=dict(args.input_shape or []),
+        input_shapes=args.input_shape or {},
         progress=_numbered(console),
         tuning_records=args.tuning_records,
         tuned=not args.untuned,
@@ -88,12 +126,12 @@ def _compile(args: argparse.Namespace, console: Console) -> int:
 
 
 def _minutes(text: str) -> float:
-    """A positive number of minutes (``--budget``)."""
+    """A positive, finite number of minutes (``--budget``)."""
     try:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not value > 0:
+    if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"expected a positive number of minutes; got {text!r}")
     return value
 
@@ -110,7 +148,7 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
         records=args.output,
         tracker=Tracker.parse(args.rpc, args.key) if args.rpc else None,
         simulate=args.simulate,
-        input_shapes=dict(args.input_shape or []),
+        input_shapes=args.input_shape or {},
         progress=_numbered(console),
     )
     for line in result.summary_lines():
@@ -162,7 +200,9 @@ def _perf(args: argparse.Namespace, console: Console) -> int:
 def _visualize(args: argparse.Namespace, console: Console) -> int:
     from edgeq.visualize import visualize_model
 
-    path = visualize_model(args.model, save_path=args.output or args.model.with_suffix(".svg"), target=args.target)
+    output = args.output or args.model.with_suffix(".svg")
+    _check_output(output, args.model, "-o")
+    path = visualize_model(args.model, save_path=output, target=args.target)
     console.print(f"wrote {path}", highlight=False)
     return 0
 
@@ -170,7 +210,7 @@ def _visualize(args: argparse.Namespace, console: Console) -> int:
 def _model_arguments(model_help: str, target_help: str) -> argparse.ArgumentParser:
     """A parent parser for the commands that read a model: the model's path and ``--target``."""
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("model", type=Path, help=model_help)
+    parent.add_argument("model", type=_path, help=model_help)
     parent.add_argument("--target", help=target_help)
     return parent
 
@@ -198,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Report, op by op, what the target's NPU runs, what falls back to the CPU and why. "
         "Exit status 4 when an op cannot run at all.",
     )
-    check.add_argument("--json", help="also write the report as JSON to this path ('-' for standard output)")
+    check.add_argument("--json", type=_path, help="also write the report as JSON to this path ('-' for standard output)")
     check.add_argument("--no-advice", action="store_true", help="leave out advice")
     check.set_defaults(run=_check)
 
@@ -209,12 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compile a QDQ ONNX file or an edgeq TorchScript file for a target. NPU regions run as a "
         "bit-exact simulation on the NPU's host CPU; --simulate builds for this machine instead.",
     )
-    compile_.add_argument("-o", "--output", type=Path, help="artifact path (default: MODEL with .edgeq)")
+    compile_.add_argument("-o", "--output", type=_path, help="artifact path (default: MODEL with .edgeq)")
     compile_.add_argument("-O", dest="opt_level", type=int, default=2, choices=(0, 1, 2), help="optimisation level (default 2)")
-    compile_.add_argument("--input-shape", type=_shape, action="append", metavar="NAME=1x3x224x224",
+    compile_.add_argument("--input-shape", type=_shape, action=_InputShapes, metavar="NAME=1x3x224x224",
                           help="static shape of an input with dynamic dimensions (repeatable)")
     compile_.add_argument("--simulate", action="store_true", help="build for this machine instead of the target's CPU")
-    compile_.add_argument("--tuning-records", type=Path, metavar="DIR",
+    compile_.add_argument("--tuning-records", type=_path, metavar="DIR",
                           help="tuning records from `edgeq tune -o DIR` (default: the target's and CPU's records, if tuned)")
     compile_.add_argument("--untuned", action="store_true", help="default schedules only, whatever tuning records exist")
     compile_.set_defaults(run=_compile)
@@ -229,10 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
         "numbers; only the speed differs. Tuning again adds to the records.",
     )
     tune.add_argument("--budget", type=_minutes, default=10.0, metavar="MINUTES", help="wall-clock budget (default 10)")
-    tune.add_argument("-o", "--output", type=Path, metavar="DIR", help="folder of the tuning records (default: edgeq's cache)")
+    tune.add_argument("-o", "--output", type=_path, metavar="DIR", help="folder of the tuning records (default: edgeq's cache)")
     tune.add_argument("--rpc", metavar="HOST:PORT", help="measure on boards of this TVM RPC tracker")
     tune.add_argument("--key", help="the tracker key of the boards to measure on (with --rpc)")
-    tune.add_argument("--input-shape", type=_shape, action="append", metavar="NAME=1x3x224x224",
+    tune.add_argument("--input-shape", type=_shape, action=_InputShapes, metavar="NAME=1x3x224x224",
                       help="static shape of an input with dynamic dimensions (repeatable)")
     tune.add_argument("--simulate", action="store_true", help="tune the build for this machine instead of the target's CPU")
     tune.set_defaults(run=_tune)
@@ -244,9 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
         "quantized per the manifest, inputs of the program's integer dtype are taken raw. An aarch64 artifact runs "
         "under qemu-aarch64 with the C++ runtime; NPU regions run as a bit-exact simulation.",
     )
-    run.add_argument("model", type=Path, help=".edgeq artifact")
+    run.add_argument("model", type=_path, help=".edgeq artifact")
     run.add_argument("--input", action="append", metavar="[NAME=]FILE.npy", help="an input, in order or by name (repeatable)")
-    run.add_argument("--output-dir", type=Path, required=True, help="folder for the outputs")
+    run.add_argument("--output-dir", type=_path, required=True, help="folder for the outputs")
     run.add_argument("--runtime", choices=("python", "cpp"), default="python", help="which runtime (default: python)")
     run.add_argument("--bench", type=_count, metavar="N", help="also time N runs (median, min)")
     run.add_argument("--threads", type=_count, metavar="N", help="threads for inference (default: every core)")
@@ -266,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         "write OUTPUT/report.json and OUTPUT/report.html (summary, where the time goes, a sortable layer table with "
         "the check's reasons, the compiled graph). CPU figures are measured on this machine the first time (cached).",
     )
-    perf.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="folder for report.json and report.html")
+    perf.add_argument("-o", "--output", type=_path, required=True, metavar="DIR", help="folder for report.json and report.html")
     perf.add_argument("--recalibrate", action="store_true", help="measure this machine's CPU figures again")
     perf.set_defaults(run=_perf)
 
@@ -278,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         "placement (NPU, CPU integer, CPU float), regions as clusters, tensor sizes on the edges and NPU<->CPU "
         "transitions in red. Needs Graphviz's dot program.",
     )
-    visualize.add_argument("-o", "--output", type=Path, metavar="GRAPH.svg", help="SVG path (default: MODEL with .svg)")
+    visualize.add_argument("-o", "--output", type=_path, metavar="GRAPH.svg", help="SVG path (default: MODEL with .svg)")
     visualize.set_defaults(run=_visualize)
     return parser
 
@@ -287,12 +327,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    console = Console(stderr=args.__dict__.get("json") == "-")
+    console = Console(stderr=args.__dict__.get("json") == STANDARD_OUTPUT)
     try:
+        if "model" in args:
+            readable_file(args.model)
         return args.run(args, console)
     except EdgeqError as error:
-        Console(stderr=True).print(f"edgeq {args.command}: error: {error}", highlight=False, markup=False, soft_wrap=True)
-        return EXIT_ERROR
+        return _error(args.command, str(error))
+    except OSError as error:  # one the library did not foresee: still one line, naming the file
+        return _error(args.command, _os_error_line(error))
+
+
+def _os_error_line(error: OSError) -> str:
+    """``<file>: <reason>`` (``<file> -> <file2>: <reason>`` for a rename, ``<reason>`` alone when it names none)."""
+    files = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+    reason = error.strerror or str(error)
+    return f"{files}: {reason}" if files else reason
+
+
+def _error(command: str, message: str) -> int:
+    """Print ``edgeq <command>: error: <message>`` on standard error; the exit status of an error."""
+    Console(stderr=True).print(f"edgeq {command}: error: {message}", highlight=False, markup=False, soft_wrap=True)
+    return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -46,6 +46,16 @@ class ModelFileError(EdgeqError):
     """A model file is missing, unreadable, malformed, or its quantization is inconsistent."""
 
 
+class InputFileError(EdgeqError):
+    """An input path names no file, a folder, a device or a pipe, or a file this process may not read."""
+
+
+class OutputFileError(EdgeqError, OSError):
+    """An output cannot be written: its path names a folder, a device or the input, or the system refuses (no
+    permission, a full disk, a file where a folder should be). Also an :class:`OSError`, so that code catching the
+    system's write errors catches it too."""
+
+
 class CompileError(EdgeqError):
     """A model cannot be compiled for the target (the message names the node and the op)."""
 

@@ -1,8 +1,9 @@
 """Target descriptions: hardware facts and rules read from ``targets/*.toml``.
 
 No Python file names a target: code reads a :class:`Target`. Files are validated strictly on load (an unknown
-key, a wrong type or a missing section is a :class:`~edgeq.errors.TargetError` naming the file and key path).
-Units are part of the key names (``clock_hz``, ``sram_bytes``).
+key, a wrong type, a value out of range, a missing section, an LLVM CPU or feature LLVM does not know, or a
+``host`` that is not a CPU target is a :class:`~edgeq.errors.TargetError` naming the file and key path). Units are
+part of the key names (``clock_hz``, ``sram_bytes``).
 
 pydantic does the validation: it reports every problem with its key path, and the schema below doubles as
 the documentation of the file format (``docs/targets.md``).
@@ -10,21 +11,51 @@ the documentation of the file format (``docs/targets.md``).
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import json
+import os
+import re
+import sys
 import tomllib
+from collections.abc import Iterator
 from enum import Enum
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 
-from edgeq.errors import TargetError
+from edgeq.errors import InputFileError, TargetError
+from edgeq.fileio import readable_file
 from edgeq.ops import OP_NAMES, Op, OpTable
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Count = Annotated[StrictInt, Field(gt=0)]
+"""An integer > 0. Strict: TOML's ``true``, ``"8"`` and ``8.0`` are refused, not converted."""
+NonNegativeCount = Annotated[StrictInt, Field(ge=0)]
+"""An integer ≥ 0 (a fixed cost that may be nothing), strict like :data:`Count`."""
+PositiveNumber = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
+"""A finite number > 0 (an integer is taken as one); ``true``, ``"1e9"``, ``inf`` and ``nan`` are refused."""
+NonNegativeNumber = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]
+"""A finite number ≥ 0, strict like :data:`PositiveNumber`."""
 
 
 class ScaleRule(str, Enum):
@@ -43,33 +74,123 @@ class TargetKind(str, Enum):
     NPU = "npu"
 
 
+BUILD_ARCHITECTURES = ("x86_64", "aarch64")
+"""The CPU architectures edgeq builds libraries for (and its runtimes are built for)."""
+_TRIPLE = re.compile(rf"^({'|'.join(BUILD_ARCHITECTURES)})(-[a-z0-9_]+)?-linux-gnu$")
+"""An LLVM triple edgeq builds for: ``<architecture>[-<vendor>]-linux-gnu`` (Linux shared libraries)."""
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Discard what native code (LLVM's warnings) writes to the process's standard error meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@cache
+def _llvm_cpus(triple: str) -> tuple[str, ...]:
+    """The CPU models LLVM (TVM's) knows for ``triple``, sorted."""
+    import tvm  # on first use: importing edgeq.targets stays light (TVM takes seconds to load)
+
+    return tuple(sorted(tvm.target.codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm", "mtriple": triple}))))
+
+
+@cache
+def _llvm_knows_feature(triple: str, feature: str) -> bool:
+    """Whether LLVM knows ``feature`` (no sign) for ``triple``: enabling it shows it among the CPU's features (an
+    unknown one LLVM ignores, with a warning kept from the terminal)."""
+    import tvm
+
+    with _quiet_stderr():
+        probe = tvm.target.Target({"kind": "llvm", "mtriple": triple, "mattr": [f"+{feature}"]})
+        return bool(tvm.target.codegen.llvm_cpu_has_features(feature, probe))
+
+
+@cache
+def _llvm_cpu_features(triple: str) -> tuple[str, ...]:
+    """Every feature some CPU model of ``triple`` has, sorted: the names an unknown feature is compared with."""
+    import tvm
+
+    features: set[str] = set()
+    for cpu in _llvm_cpus(triple):
+        features |= tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mtriple": triple, "mcpu": cpu}))
+    return tuple(sorted(features))
+
+
+def _nearest(name: str, known: tuple[str, ...]) -> str:
+    """``(nearest: a, b, c)``: the known names closest to a misspelt ``name``, for a message."""
+    close = difflib.get_close_matches(name, known, n=4, cutoff=0.6)
+    return f"(nearest: {', '.join(close)})" if close else f"(none is close among the {len(known)} LLVM knows)"
+
+
 class LLVMCodegen(_Strict):
     """How TVM's LLVM backend generates code for a CPU target."""
 
-    mtriple: str = Field(min_length=1)
+    mtriple: str
+    """``<architecture>[-<vendor>]-linux-gnu`` for an architecture of :data:`BUILD_ARCHITECTURES`."""
     mcpu: str | None = None
-    """LLVM CPU model (``znver3``, ``sapphirerapids``, ``cortex-a76``); default: this machine's own CPU when the
-    library is built for this machine, else LLVM's generic CPU of the triple."""
+    """LLVM CPU model (``x86-64-v3``, ``znver3``, ``sapphirerapids``, ``cortex-a76``); default: this machine's own CPU
+    when the library is built for this machine, else LLVM's generic CPU of the triple."""
     mattr: tuple[str, ...] = ()
+    """LLVM features to turn on (``+dotprod``) or off (``-sse4a``) beside the CPU's own."""
 
     @property
     def arch(self) -> str:
         """The triple's architecture (``x86_64``, ``aarch64``)."""
         return self.mtriple.split("-")[0]
 
+    @field_validator("mtriple")
+    @classmethod
+    def _buildable_triple(cls, triple: str) -> str:
+        if not _TRIPLE.match(triple):
+            raise ValueError(
+                f"'{triple}' is not a triple edgeq builds for: it builds Linux libraries for "
+                f"{' and '.join(BUILD_ARCHITECTURES)} only ({', '.join(f'{a}-linux-gnu' for a in BUILD_ARCHITECTURES)})"
+            )
+        return triple
+
+    @field_validator("mcpu")
+    @classmethod
+    def _known_cpu(cls, cpu: str | None, info: ValidationInfo) -> str | None:
+        triple = info.data.get("mtriple")
+        if cpu is not None and triple is not None and cpu not in _llvm_cpus(triple):
+            hint = "; leave mcpu out to build for the compiling machine's own CPU" if cpu == "native" else ""
+            raise ValueError(f"'{cpu}' is not a CPU LLVM knows for {triple} {_nearest(cpu, _llvm_cpus(triple))}{hint}")
+        return cpu
+
+    @field_validator("mattr")
+    @classmethod
+    def _known_features(cls, mattr: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        triple = info.data.get("mtriple")
+        for entry in mattr:
+            if entry[:1] not in ("+", "-"):
+                raise ValueError(f"'{entry}' needs a sign: +{entry} turns the feature on, -{entry} off")
+            feature = entry[1:]
+            if triple is not None and not _llvm_knows_feature(triple, feature):
+                known = _llvm_cpu_features(triple)
+                raise ValueError(f"'{entry}': '{feature}' is not a feature LLVM knows for {triple} {_nearest(feature, known)}")
+        return mattr
+
 
 class Hardware(_Strict):
     """An NPU's figures, read by the op-support check and the performance estimator."""
 
-    int8_macs_per_cycle: Annotated[int, Field(gt=0)]
-    clock_hz: Annotated[int, Field(gt=0)]
-    sram_bytes: Annotated[int, Field(gt=0)]
-    dram_bandwidth_bytes_per_s: Annotated[int, Field(gt=0)]
-    vector_ops_per_cycle: Annotated[int, Field(gt=0)]
+    int8_macs_per_cycle: Count
+    clock_hz: Count
+    sram_bytes: Count
+    dram_bandwidth_bytes_per_s: Count
+    vector_ops_per_cycle: Count
     """Elementwise / pooling unit: operations (one per element and input, one per window element) per clock."""
-    layer_overhead_cycles: Annotated[int, Field(ge=0)]
+    layer_overhead_cycles: NonNegativeCount
     """Fixed cost of each layer: command fetch, descriptor setup, pipeline fill and drain."""
-    transition_overhead_ns: Annotated[int, Field(ge=0)]
+    transition_overhead_ns: NonNegativeCount
     """Fixed cost of each switch between the NPU and its host CPU: driver call, interrupt, cache maintenance."""
 
     @property
@@ -85,37 +206,37 @@ class CpuFigures(_Strict):
     measures them (:mod:`edgeq.perf.calibrate`) and uses the measurement instead.
     """
 
-    conv2d_int8_macs_per_s: Annotated[float, Field(gt=0)]
+    conv2d_int8_macs_per_s: PositiveNumber
     """int8 convolutions with a kernel window larger than 1x1 (groups 1, and grouped ones: the same kernel)."""
-    pointwise_int8_macs_per_s: Annotated[float, Field(gt=0)]
+    pointwise_int8_macs_per_s: PositiveNumber
     """1x1 int8 convolutions (groups 1, and grouped ones): shallower reductions, a schedule of their own."""
-    depthwise_int8_macs_per_s: Annotated[float, Field(gt=0)]
+    depthwise_int8_macs_per_s: PositiveNumber
     """Depthwise int8 convolutions (a group per channel)."""
-    linear_int8_macs_per_s: Annotated[float, Field(gt=0)]
+    linear_int8_macs_per_s: PositiveNumber
     """int8 matrix multiplications (linear layers, matmuls of two activations)."""
-    requantized_outputs_per_s: Annotated[float, Field(gt=0)]
+    requantized_outputs_per_s: PositiveNumber
     """Output elements a convolution or linear kernel requantizes (fixed-point multiply, round, clamp) per second."""
-    packed_inputs_per_s: Annotated[float, Field(gt=0)]
+    packed_inputs_per_s: PositiveNumber
     """Input elements a convolution or linear kernel reads into its blocked layout (with its padding) per second."""
-    float32_macs_per_s: Annotated[float, Field(gt=0)]
+    float32_macs_per_s: PositiveNumber
     """Ops that stay in float (not quantized in the model)."""
-    memory_bytes_per_s: Annotated[float, Field(gt=0)]
+    memory_bytes_per_s: PositiveNumber
     """Bytes read and written per second by elementwise, pooling and data-movement kernels on NCHW tensors."""
-    blocked_memory_bytes_per_s: Annotated[float, Field(gt=0)]
+    blocked_memory_bytes_per_s: PositiveNumber
     """Bytes read and written per second by pooling and elementwise kernels whose tensors the layout plan stores in
     blocks of channels (a block's channels on the vector lanes, :mod:`edgeq.compile.layout_plan`)."""
-    kernel_overhead_ns: Annotated[float, Field(ge=0)]
+    kernel_overhead_ns: NonNegativeNumber
     """Fixed cost of each kernel call: the VM's dispatch (the call, its output's allocation) and the kernel's own
     set-up."""
-    mac_kernel_overhead_ns: Annotated[float, Field(ge=0)]
+    mac_kernel_overhead_ns: NonNegativeNumber
     """Added fixed cost of each call of a convolution, linear or matmul kernel (packing its input, loading its
     requantization)."""
-    parallel_overhead_ns: Annotated[float, Field(ge=0)]
+    parallel_overhead_ns: NonNegativeNumber
     """Added fixed cost of each call of a kernel that runs on all cores (waking the thread pool)."""
-    invocation_overhead_ns: Annotated[float, Field(ge=0)]
+    invocation_overhead_ns: NonNegativeNumber
     """Fixed cost of one inference besides its kernel calls: the runtime's call of the model (inputs in, result
     out)."""
-    parallel_speedup: Annotated[float, Field(gt=0)]
+    parallel_speedup: PositiveNumber
     """How many times longer a small kernel that runs on one core (``parallel`` false in the compiled graph) takes
     than the rates above, which are for kernels on all cores, give it (measured: below 1 when small kernels run
     faster per MAC in cache than large ones stream through memory on all cores)."""
@@ -134,12 +255,12 @@ NPU_LIMITS: OpTable[type[BaseModel]] = OpTable("[npu.<op>] limits section in tar
 class ConvRules(_Strict):
     """Limits of the NPU's convolution engine."""
 
-    max_kernel: Annotated[int, Field(gt=0)]
-    max_stride: Annotated[int, Field(gt=0)]
-    dilations: tuple[Annotated[int, Field(gt=0)], ...]
-    max_padding: Annotated[int, Field(ge=0)]
+    max_kernel: Count
+    max_stride: Count
+    dilations: tuple[Count, ...]
+    max_padding: NonNegativeCount
     groups: Literal["any", "depthwise", "none"]
-    channel_alignment: Annotated[int, Field(gt=0)]
+    channel_alignment: Count
     """Channel counts that are multiples of this use every MAC (advice only)."""
 
     def describe(self) -> str:
@@ -155,8 +276,8 @@ class ConvRules(_Strict):
 class LinearRules(_Strict):
     """Limits of fully connected layers."""
 
-    max_in_features: Annotated[int, Field(gt=0)]
-    channel_alignment: Annotated[int, Field(gt=0)]
+    max_in_features: Count
+    channel_alignment: Count
 
     def describe(self) -> str:
         """The limits in words (docs/supported-ops.md)."""
@@ -167,8 +288,8 @@ class LinearRules(_Strict):
 class PoolRules(_Strict):
     """Limits of a pooling unit."""
 
-    max_kernel: Annotated[int, Field(gt=0)]
-    max_stride: Annotated[int, Field(gt=0)]
+    max_kernel: Count
+    max_stride: Count
 
     def describe(self) -> str:
         """The limits in words (docs/supported-ops.md)."""
@@ -179,7 +300,7 @@ class PoolRules(_Strict):
 class UpsampleRules(_Strict):
     """Nearest-neighbour upsampling factors the NPU supports."""
 
-    factors: tuple[Annotated[int, Field(gt=1)], ...]
+    factors: tuple[Annotated[StrictInt, Field(gt=1)], ...]
 
     def describe(self) -> str:
         """The limits in words (docs/supported-ops.md)."""
@@ -190,9 +311,9 @@ class NpuRules(_Strict):
     """Which ops run on the NPU, and the limits that decide it (everything else falls back to the host CPU)."""
 
     ops: tuple[NpuOp, ...]
-    max_tensor_bytes: Annotated[int, Field(gt=0)]
+    max_tensor_bytes: Count
     """Largest activation tensor the NPU addresses."""
-    max_spatial: Annotated[int, Field(gt=0)]
+    max_spatial: Count
     """Largest height or width of a tensor."""
     conv2d: ConvRules | None = None
     linear: LinearRules | None = None
@@ -221,7 +342,7 @@ class QuantizationRules(_Strict):
     """Constraints that ``prepare_qat_fx`` applies to every scale it chooses."""
 
     scale_rule: ScaleRule
-    concat_shares_input_scale: bool
+    concat_shares_input_scale: StrictBool
 
 
 class Target(_Strict):
@@ -237,6 +358,9 @@ class Target(_Strict):
     npu: NpuRules | None = None
     quantization: QuantizationRules
     source: Path | None = Field(default=None, exclude=True)
+    """The file the target was read from; a ``host`` file is relative to its folder."""
+    _host: Target | None = PrivateAttr(default=None)
+    """An NPU target's host CPU target, resolved on load (:func:`host_cpu`)."""
 
     @model_validator(mode="after")
     def _sections_match_kind(self) -> Target:
@@ -256,9 +380,21 @@ class Target(_Strict):
                 raise ValueError("an npu target has no [perf] section (its host CPU's figures cost what falls back)")
         return self
 
+    @model_validator(mode="after")
+    def _named_after_file(self) -> Target:
+        if self.source is not None and self.name != self.source.stem:
+            raise ValueError(f"name: '{self.name}' differs from the file name '{self.source.stem}'")
+        return self
+
+    @model_validator(mode="after")
+    def _resolve_host(self, info: ValidationInfo) -> Target:
+        if self.host is not None and not (info.context or {}).get(_AS_HOST):
+            self._host = _host_target(self.host, self.source)
+        return self
+
     def summary(self) -> str:
-        """One line for listings: name, kind and description."""
-        return f"{self.name:<8} {self.kind.value:<4} {self.description}"
+        """One line for listings: name (padded to the longest built-in one), kind and description."""
+        return f"{self.name:<{max(map(len, target_names()))}} {self.kind.value:<4} {self.description}"
 
 
 _SOURCE_TARGETS = Path(__file__).resolve().parent.parent / "targets"
@@ -272,32 +408,86 @@ def _builtin_target_files() -> dict[str, Path]:
     return {path.stem: path for path in sorted(folder.glob("*.toml"))}
 
 
-def _format_location(location: tuple[str | int, ...]) -> str:
-    return ".".join(str(part) for part in location) or "(top level)"
+_AS_HOST = "as_host"
+"""Validation context key: the file is read as another target's host, whose own ``host`` is not followed (a host
+is a CPU target, and two NPU files naming each other must not recurse)."""
+
+
+def _host_target(reference: str, named_in: Path | None) -> Target:
+    """The CPU target ``host = reference`` names: a built-in target, or a ``.toml`` file (relative to the folder of
+    the file ``named_in``).
+
+    Raises:
+        ValueError: ``host: <problem>``: an unknown name, a malformed file, or an NPU target.
+    """
+    try:
+        if reference.endswith(".toml"):
+            host = _load_file((named_in.parent if named_in else Path()) / reference, as_host=True)
+        else:
+            host = load_target(reference)
+    except TargetError as error:
+        raise ValueError(f"host: {error}") from None
+    if host.kind is not TargetKind.CPU:
+        raise ValueError(f"host: '{reference}' is an {host.kind.value} target; the host is a cpu target (built-in or a .toml file)")
+    return host
+
+
+def _toml_value(value: Any) -> str:
+    """``value`` spelt as in a TOML file (``true``, ``"8"``, ``8.0``, ``inf``)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else str(value)
+
+
+def _problem(error: ErrorDetails) -> str:
+    """One validation problem as ``<key path>: <problem>``, with the value found when it is a single one."""
+    if error["type"] == "value_error":  # a validator's own sentence, which names its key path when it has one
+        message = str(error["ctx"]["error"])
+    elif error["type"] in ("missing", "extra_forbidden") or isinstance(error["input"], (dict, list, tuple)):
+        message = error["msg"]
+    else:
+        message = f"{error['msg']}, got {_toml_value(error['input'])}"
+    location = ".".join(str(part) for part in error["loc"])
+    return f"{location}: {message}" if location else message
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The table of the TOML file ``path``.
+
+    Raises:
+        TargetError: ``<file>: <why>``: missing, a folder, unreadable, not UTF-8 or not TOML.
+    """
+    try:
+        return tomllib.loads(readable_file(path).read_bytes().decode("utf-8"))
+    except InputFileError as error:  # missing, a folder, a device, no permission
+        raise TargetError(str(error)) from None
+    except OSError as error:  # it went away or failed after the check
+        problem = f"cannot read: {error.strerror}"
+    except UnicodeDecodeError as error:
+        problem = f"not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); save it as UTF-8"
+    except tomllib.TOMLDecodeError as error:
+        problem = f"not valid TOML: {error}"
+    raise TargetError(f"{path}: {problem}")
+
+
+def _load_file(path: Path, as_host: bool) -> Target:
+    """Read and validate the target file ``path`` (``as_host``: as another target's host, :data:`_AS_HOST`)."""
+    data = _read_toml(path)
+    try:
+        return Target.model_validate({**data, "source": path}, context={_AS_HOST: as_host})
+    except ValidationError as error:
+        raise TargetError(f"{path}: {'; '.join(_problem(e) for e in error.errors())}") from None
 
 
 def load_target_file(path: str | Path) -> Target:
     """Read and validate one target file.
 
     Raises:
-        TargetError: ``<file>: <key path>: <problem>`` for unreadable TOML, unknown keys, wrong types or a
-            ``name`` that differs from the file name.
+        TargetError: ``<file>: <key path>: <problem>`` for a file that cannot be read or is not UTF-8 TOML,
+            unknown keys, wrong types, values out of range, a ``name`` that differs from the file name, an LLVM
+            CPU or feature LLVM does not know, or a ``host`` that is not a CPU target.
     """
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TargetError(f"{path}: no such target file") from None
-    except tomllib.TOMLDecodeError as error:
-        raise TargetError(f"{path}: not valid TOML: {error}") from None
-    try:
-        target = Target.model_validate({**data, "source": path})
-    except ValidationError as error:
-        problems = "; ".join(f"{_format_location(e['loc'])}: {e['msg']}" for e in error.errors())
-        raise TargetError(f"{path}: {problems}") from None
-    if target.name != path.stem:
-        raise TargetError(f"{path}: name: '{target.name}' differs from the file name '{path.stem}'")
-    return target
+    return _load_file(Path(path), as_host=False)
 
 
 @cache
@@ -334,8 +524,8 @@ TargetLike = str | Path | Target
 
 
 def host_cpu(target: Target) -> Target:
-    """The CPU target that runs ``target``'s CPU layers: itself, or an NPU target's host."""
-    return load_target(target.host) if target.kind is TargetKind.NPU else target
+    """The CPU target that runs ``target``'s CPU layers: itself, or an NPU target's host (resolved on load)."""
+    return target._host if target._host is not None else target
 
 
 def resolve_target(target: TargetLike | None, recorded: str | None, source: str) -> Target:

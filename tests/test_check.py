@@ -359,7 +359,7 @@ def test_command_line(small_onnx, tmp_path, capsys):
     assert main(["check", str(tmp_path / "absent.onnx")]) == EXIT_ERROR
     assert "absent.onnx: no such file" in capsys.readouterr().err
     assert main(["targets"]) == 0
-    assert "npu-s    npu  small edge NPU" in capsys.readouterr().out
+    assert "npu-s         npu  small edge NPU" in capsys.readouterr().out
 
 
 def _mixed_report():

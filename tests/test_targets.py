@@ -50,7 +50,7 @@ def write(tmp_path: Path, text: str, name: str = "my-npu") -> Path:
 
 
 def test_builtin_targets():
-    assert target_names() == ["aarch64", "npu-m", "npu-s", "x86_64"]
+    assert target_names() == ["aarch64", "npu-m", "npu-s", "x86_64", "x86_64-native"]
     targets = {t.name: t for t in list_targets()}
     assert targets["x86_64"].kind is TargetKind.CPU and targets["x86_64"].llvm.mtriple.startswith("x86_64")
     assert targets["aarch64"].llvm.mattr == ("+neon",)
@@ -99,5 +99,5 @@ def test_malformed_target_files(tmp_path, edit, message):
 
 
 def test_missing_target_file(tmp_path):
-    with pytest.raises(TargetError, match="no such target file"):
+    with pytest.raises(TargetError, match="no such file"):
         load_target(tmp_path / "absent.toml")

@@ -239,8 +239,9 @@ def build_library(
     if machine.compiler is not None and shutil.which(machine.compiler) is None:
         raise CompileError(
             f"building for {machine.arch} needs the cross compiler {machine.compiler}; install it "
-            "(Debian: apt-get install g++-aarch64-linux-gnu; scripts/install.sh does it as root), or compile with "
-            "simulate=True (--simulate) for this machine"
+            f"(Debian: apt-get install g++-{machine.arch.replace('_', '-')}-linux-gnu"
+            + ("; scripts/install.sh does it as root" if machine.arch == "aarch64" else "")
+            + "), or compile with simulate=True (--simulate) for this machine"
         )
     target = tvm.target.Target(machine.llvm)
     front, back = _build_stages(opt_level, target, tuned)

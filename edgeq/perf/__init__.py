@@ -17,6 +17,7 @@ from torch import nn
 from edgeq.compile.compiled_graph import CompiledGraph
 from edgeq.compile.graph_source import compiled_graph_of
 from edgeq.errors import EdgeqError
+from edgeq.fileio import make_folder
 from edgeq.export.sources import ModelLike
 from edgeq.quantization.integer_model import IntegerModel
 from edgeq.perf.calibrate import Calibration, calibrate, host_figures
@@ -93,8 +94,7 @@ def perf_model(
     resolved = load_target(target) if target is not None else None
     graph = compiled_graph_of(model, example_inputs, resolved)
     result = estimate_graph(graph, resolved, str(model) if isinstance(model, (str, Path)) else type(model).__name__, recalibrate)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out_dir)
     from edgeq.report import layer_accuracy, write_report  # the report renders PerfResult: imported on use
 
     accuracy = layer_accuracy(float_model, int_model, example_inputs, graph) if float_model is not None else None

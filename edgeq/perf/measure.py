@@ -8,6 +8,10 @@ inside every timed call: what it adds to kernels that do next to nothing (:func:
 count (never below 0). The plain runs (:data:`PLAIN_BURST` back to back), the timed runs and the hook's are
 interleaved, so that a noisy machine's slow spells fall on all of them; :func:`measure_together` interleaves
 several artifacts' rounds the same way.
+
+Two short checks of the machine itself: :func:`probe_latency` times an artifact's ``main`` back to back for
+0.15 s (whether the machine runs at the speed it was calibrated at), and :func:`others_share` how much
+of the CPUs other processes used between two :func:`cpu_times` readings (whether the machine was busy).
 """
 
 from __future__ import annotations
@@ -45,12 +49,14 @@ class Measurement:
 
     Attributes:
         latency_s: median time of ``main`` (seconds).
+        rounds_s: the median time of ``main`` in each round, in the order the rounds ran (seconds).
         calls: every kernel call of ``main``, in order.
         ops: the kernel calls each op of the compiled graph runs in, by op name (ops that share a fused kernel
             share its call; a bilinear resize runs in several).
     """
 
     latency_s: float
+    rounds_s: list[float]
     calls: list[TimedCall]
     ops: dict[str, tuple[TimedCall, ...]]
 
@@ -127,23 +133,19 @@ class _Subject:
 
     def __init__(self, artifact: str | Path, library: Path) -> None:
         import tvm
-        from edgeq_runtime import Artifact
         from tvm import relax
 
-        self.graph = load_compiled_graph(artifact)
-        library.write_bytes(Artifact.read(artifact).members["model.so"])
-        module = tvm.runtime.load_module(str(library))
+        self.graph, module, self.arguments = _loaded(artifact, library)
         self.calls_of = kernel_calls(module["as_text"]())
         plain, self.instrumented = (relax.VirtualMachine(module, tvm.cpu()) for _ in range(2))
-        self.arguments = [tvm.runtime.tensor(a) for a in _inputs(self.graph)]
         self.main = plain["main"]
         self.main(*self.arguments)
-        self.totals: list[float] = []
+        self.rounds: list[list[float]] = []
         self.samples: dict[tuple[str, int], list[float]] = {}
 
     def round(self) -> None:
         """:data:`PLAIN_BURST` plain runs, then one with every kernel call timed."""
-        self.totals.extend(_latencies(self.main, self.arguments, PLAIN_BURST))
+        self.rounds.append(_latencies(self.main, self.arguments, PLAIN_BURST))
         for key, times in _instrumented_times(self.instrumented, self.arguments, self.calls_of, 1).items():
             self.samples.setdefault(key, []).extend(times)
 
@@ -158,7 +160,86 @@ class _Subject:
             name: tuple(by_place[(region, index)] for index in indices if (region, index) in by_place)
             for name, (region, indices) in op_calls(self.calls_of, self.graph).items()
         }
-        return Measurement(statistics.median(self.totals), calls, ops)
+        totals = [seconds for burst in self.rounds for seconds in burst]
+        return Measurement(statistics.median(totals), [statistics.median(burst) for burst in self.rounds], calls, ops)
+
+
+def _loaded(artifact: str | Path, library: Path) -> tuple[CompiledGraph, Any, list[Any]]:
+    """``artifact``'s compiled graph, its library (written to ``library`` and loaded) and inputs for its ``main``.
+
+    Raises:
+        CompiledGraphError: the artifact cannot be read.
+    """
+    import tvm
+    from edgeq_runtime import Artifact
+
+    graph = load_compiled_graph(artifact)
+    library.write_bytes(Artifact.read(artifact).members["model.so"])
+    return graph, tvm.runtime.load_module(str(library)), [tvm.runtime.tensor(a) for a in _inputs(graph)]
+
+
+PROBE_SECONDS = 0.15
+"""How long :func:`probe_latency` runs a model (at least :data:`PROBE_RUNS` runs)."""
+
+PROBE_RUNS = 10
+"""The fewest runs of :func:`probe_latency` (a slow model's)."""
+
+
+def probe_latency(artifact: str | Path) -> float:
+    """The median time of ``artifact``'s ``main`` run back to back for :data:`PROBE_SECONDS` after a warm-up run, on
+    the threads of a measurement (seconds): a short check of the speed this machine runs a model at now.
+
+    Raises:
+        CompiledGraphError: the artifact cannot be read.
+    """
+    import tvm
+    from edgeq_runtime.vm import use_threads
+    from tvm import relax
+
+    use_threads(measurement_threads())
+    with tempfile.TemporaryDirectory(prefix="edgeq-probe-") as folder:
+        _, module, arguments = _loaded(artifact, Path(folder) / "model.so")
+        main = relax.VirtualMachine(module, tvm.cpu())["main"]
+        main(*arguments)
+        times: list[float] = []
+        while len(times) < PROBE_RUNS or sum(times) < PROBE_SECONDS:
+            times.extend(_latencies(main, arguments, 1))
+        return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """CPU seconds all cores have spent so far (``total``), how many of them busy (neither idle nor waiting for
+    I/O; on a virtual machine, time its host gave others counts as busy), and how many this process used."""
+
+    total: float
+    busy: float
+    own: float
+
+
+def cpu_times() -> CpuTimes:
+    """The CPU times now (psutil)."""
+    import psutil
+
+    times = psutil.cpu_times()
+    total = sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)  # Linux counts these in user and nice too
+    own = psutil.Process().cpu_times()
+    busy = total - times.idle - getattr(times, "iowait", 0.0)
+    return CpuTimes(total, busy, own.user + own.system + own.children_user + own.children_system)
+
+
+def others_share(before: CpuTimes, after: CpuTimes) -> float:
+    """The share of all cores' time between two readings that went to other processes (0 to 1).
+
+    Example:
+        >>> others_share(CpuTimes(100.0, 30.0, 20.0), CpuTimes(102.0, 31.5, 21.0))  # of 2 core-seconds, 0.5 others'
+        0.25
+    """
+    elapsed = after.total - before.total
+    if elapsed <= 0:
+        return 0.0
+    others = (after.busy - before.busy) - (after.own - before.own)
+    return min(max(others / elapsed, 0.0), 1.0)
 
 
 def _latencies(main: Any, arguments: list[Any], runs: int) -> list[float]:

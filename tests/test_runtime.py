@@ -222,7 +222,7 @@ def _drop(manifest, members):
 
 
 def _future(manifest, members):
-    manifest["schema_version"] = 2
+    manifest["schema_version"] = 3
 
 
 def _elsewhere(manifest, members):
@@ -241,8 +241,8 @@ def _unknown_quantizer(manifest, members):
 BAD_ARTIFACTS = {
     "flipped byte": (_flip, "member model.so fails its sha256 check"),
     "missing member": (_drop, "npu_program.json"),
-    "future schema": (_future, "schema version 2; this runtime reads version 1"),
-    "other architecture": (_elsewhere, "built for riscv64; this machine is x86_64"),
+    "future schema": (_future, "schema version 3; this runtime reads version 2"),
+    "other architecture": (_elsewhere, 'library.arch must be "x86_64" or "aarch64"; got "riscv64"'),
     "path traversal": (_escape, "member name '../evil.so' is not allowed"),
     "unknown quantizer": (_unknown_quantizer, "the library has no function 'quantize_nothing' (input 'x''s quantizer)"),
 }

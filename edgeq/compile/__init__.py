@@ -26,13 +26,14 @@ import torch
 import tvm
 from tvm import relax
 from tvm.target.codegen import llvm_get_system_cpu
+from edgeq_runtime.names import safe_file_names
 
 from edgeq import __version__
 from edgeq.check import CheckReport, check_qdq
 from edgeq.compile.artifact import CHECK, GRAPH, LIBRARY, NPU_PROGRAM, json_bytes, write_artifact
 from edgeq.compile.codegen import Machine, build_library, build_relax_module, input_quantizer
 from edgeq.compile.compiled_graph import CompiledGraph, build_compiled_graph
-from edgeq.compile.cpu_features import DotProduct
+from edgeq.compile.cpu_features import DotProduct, library_features
 from edgeq.compile.kernel_map import kernel_map
 from edgeq.compile.pipeline import OPT_LEVELS, check_opt_level
 from edgeq.compile.schedules import TUNABLE, KernelSchedule
@@ -40,6 +41,7 @@ from edgeq.compile.tuning_records import TuningRecords, has_records, records_fol
 from edgeq.compile.npu_program import npu_program
 from edgeq.compile.partition import Partition, TensorSpec, partition
 from edgeq.errors import CompileError
+from edgeq.fileio import refuse_input_as_output
 from edgeq.export.onnx_reader import QDQModel, read_qdq
 from edgeq.export.sources import ModelLike, quantized_form
 from edgeq.targets import Target, TargetKind, TargetLike, host_cpu, load_target, resolve_target
@@ -110,13 +112,18 @@ class CompileResult:
         return line + f" ({self.tuning_records}), the rest default"
 
 
+_THIS_MACHINE = {"x86_64": "x86_64-native", "aarch64": "aarch64"}
+"""The CPU target a simulated build is for, by this machine's architecture: its own CPU (the aarch64 target builds
+for the compiling CPU when it is one)."""
+
+
 def _machine(target: Target, simulate: bool) -> Machine:
-    """The CPU the library runs on: the target's own, its NPU's host, or this machine when simulating."""
+    """The CPU the library runs on: the target's own, its NPU's host, or this machine's CPU when simulating."""
     here = {"arm64": "aarch64"}.get(platform.machine(), platform.machine())
     if simulate:
-        if here not in ("x86_64", "aarch64"):
+        if here not in _THIS_MACHINE:
             raise CompileError(f"simulation needs an x86_64 or aarch64 build machine; this one is {platform.machine()}")
-        cpu = load_target(here)
+        cpu = load_target(_THIS_MACHINE[here])
     else:
         cpu = host_cpu(target)
     arch = cpu.llvm.arch
@@ -153,8 +160,9 @@ def _with_input_shapes(qdq: QDQModel, shapes: dict[str, Sequence[int]]) -> QDQMo
     return read_qdq(model, qdq.source)
 
 
-def _tensor_entry(spec: TensorSpec) -> dict[str, Any]:
-    entry: dict[str, Any] = {"name": spec.source, "shape": list(spec.shape), "dtype": spec.dtype, "quant": None}
+def _tensor_entry(spec: TensorSpec, file: str) -> dict[str, Any]:
+    """A tensor's manifest entry; ``file``: the safe file name it is read from or written to."""
+    entry: dict[str, Any] = {"name": spec.source, "file": file, "shape": list(spec.shape), "dtype": spec.dtype, "quant": None}
     if spec.quant is not None:
         entry["quant"] = {
             "scale": list(spec.quant.scales),
@@ -164,12 +172,19 @@ def _tensor_entry(spec: TensorSpec) -> dict[str, Any]:
     return entry
 
 
-def _input_entry(index: int, spec: TensorSpec) -> dict[str, Any]:
-    """An input's manifest entry; a quantized one names the library function quantizing float values for it."""
-    entry = _tensor_entry(spec)
-    if spec.quant is not None:
-        entry["quantizer"] = input_quantizer(index)
-    return entry
+def _tensor_entries(specs: Sequence[TensorSpec]) -> list[dict[str, Any]]:
+    """The manifest entries of the program's inputs or outputs, each with a distinct safe file name."""
+    files = safe_file_names(spec.source for spec in specs)
+    return [_tensor_entry(spec, file) for spec, file in zip(specs, files)]
+
+
+def _input_entries(specs: Sequence[TensorSpec]) -> list[dict[str, Any]]:
+    """The inputs' manifest entries; a quantized one names the library function quantizing float values for it."""
+    entries = _tensor_entries(specs)
+    for index, (spec, entry) in enumerate(zip(specs, entries)):
+        if spec.quant is not None:
+            entry["quantizer"] = input_quantizer(index)
+    return entries
 
 
 @dataclass(frozen=True)
@@ -273,6 +288,7 @@ def compile_model(
             ``tuning_records`` folder without records, or a failure of TVM or the linker (with the region).
         TargetError, ModelFileError: no target given or recorded, unknown target (listing the known ones),
             unreadable model.
+        OutputFileError: ``out`` is the model file itself, or cannot be written (a folder, a device, ...).
     """
     report_progress = progress or logger.info
     check_opt_level(opt_level)
@@ -285,9 +301,11 @@ def compile_model(
         seconds[name] = seconds.get(name, 0.0) + now - started
         started = now
 
+    out_path = Path(out) if out is not None else _default_out(model)
+    if isinstance(model, (str, Path)):
+        refuse_input_as_output(out_path, model, "out")
     plan = plan_build(model, example_inputs, target, simulate, input_shapes, report_progress, step)
     records = _tuning_records(plan, tuning_records, tuned) if opt_level == max(OPT_LEVELS) else None
-    out_path = Path(out) if out is not None else _default_out(model)
     with tempfile.TemporaryDirectory() as folder:
         library = Path(folder) / LIBRARY
         built = build_library(plan.module, plan.machine, opt_level, str(library), report_progress, records)
@@ -302,13 +320,19 @@ def compile_model(
         "edgeq_version": __version__,
         "tvm_version": tvm.__version__,
         "target": {"name": resolved.name, "kind": resolved.kind.value, "host": resolved.host},
-        "library": {"member": LIBRARY, "arch": plan.machine.arch, "entry": "main", "format": "tvm-relax-vm"},
+        "library": {
+            "member": LIBRARY,
+            "arch": plan.machine.arch,
+            "entry": "main",
+            "format": "tvm-relax-vm",
+            "cpu_features": library_features(tvm.target.Target(plan.machine.llvm)),
+        },
         "npu_execution": "simulated" if resolved.kind is TargetKind.NPU else None,
         "opt_level": opt_level,
         "tuned_kernels": sum(k.tuned for k in built.kernels),
         "source": plan.source,
-        "inputs": [_input_entry(i, s) for i, s in enumerate(parts.inputs)],
-        "outputs": [_tensor_entry(s) for s in parts.outputs],
+        "inputs": _input_entries(parts.inputs),
+        "outputs": _tensor_entries(parts.outputs),
         "placement": {**asdict(report.summary), "regions": [{"name": r.name, "placement": r.placement.value, "ops": len(r.nodes)} for r in parts.regions]},
     }
     members = {

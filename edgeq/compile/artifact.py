@@ -2,8 +2,9 @@
 
 Members (docs/artifact.md describes each field):
 
-- ``manifest.json``: schema version, edgeq and TVM versions, target, the library's architecture, inputs and
-  outputs (name, shape, dtype, quantization), placement summary, and the size and sha256 of every other member;
+- ``manifest.json``: schema version, edgeq and TVM versions, target, the library's architecture and CPU features,
+  inputs and outputs (name, file name, shape, dtype, quantization), placement summary, and the size and sha256
+  of every other member;
 - ``model.so``: the compiled library (TVM Relax VM executable, function ``main``);
 - ``npu_program.json``: the NPU program, per NPU region (derived from the compiled graph);
 - ``graph.json``: the compiled graph (:mod:`edgeq.compile.compiled_graph`): ops, tensors, regions and kernels;
@@ -21,10 +22,12 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from edgeq_runtime.artifact import MANIFEST
+from edgeq_runtime.manifest import SCHEMA_VERSION, ManifestError, parse_manifest
+
+from edgeq.errors import CompileError
 from edgeq.fileio import atomic_write
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 NPU_PROGRAM = "npu_program.json"
 GRAPH = "graph.json"
@@ -38,15 +41,25 @@ def json_bytes(data: Any) -> bytes:
 
 def write_artifact(path: str | Path, manifest: dict[str, Any], members: dict[str, bytes]) -> Path:
     """Write the artifact at ``path`` (atomically): the manifest, completed with each member's size and sha256,
-    then the members."""
+    then the members.
+
+    Raises:
+        CompileError: the manifest breaks a rule of the runtimes' validation (docs/artifact.md), e.g. a model
+            without inputs; nothing is written.
+    """
     manifest = {
         **manifest,
         "schema_version": SCHEMA_VERSION,
         "members": {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in members.items()},
     }
+    text = json_bytes(manifest)
+    try:
+        parse_manifest(text)  # the runtimes' own validation: compile never writes an artifact they refuse
+    except ManifestError as error:
+        raise CompileError(f"{path}: the artifact would not be valid: {MANIFEST}: {error}") from None
     with atomic_write(path) as temporary:
         with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED) as archive:
-            archive.writestr(MANIFEST, json_bytes(manifest))
+            archive.writestr(MANIFEST, text)
             for name, data in members.items():
                 archive.writestr(name, data)
     return Path(path)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import tvm
-from tvm.target.codegen import llvm_get_system_cpu, llvm_get_system_triple, target_has_features
+from tvm.target.codegen import llvm_get_cpu_features, llvm_get_system_cpu, llvm_get_system_triple, target_has_features
 
 from edgeq.compile import intrinsics
 
@@ -93,3 +93,24 @@ def dot_product(target: tvm.target.Target) -> DotProduct:
     if arch == "aarch64" and has("dotprod"):
         return SDOT
     return PLAIN
+
+
+LIBRARY_FEATURES = {
+    "x86_64": {
+        "sse4.1": "sse4_1", "sse4.2": "sse4_2", "ssse3": "ssse3", "popcnt": "popcnt", "avx": "avx", "avx2": "avx2",
+        "fma": "fma", "f16c": "f16c", "bmi": "bmi1", "bmi2": "bmi2", "avx512f": "avx512f", "avx512bw": "avx512bw",
+        "avx512cd": "avx512cd", "avx512dq": "avx512dq", "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni",
+        "avx512vbmi": "avx512vbmi", "avxvnni": "avx_vnni",
+    },
+    "aarch64": {"neon": "asimd", "dotprod": "asimddp", "i8mm": "i8mm"},
+}
+"""Per architecture, the LLVM features an artifact's manifest records (``library.cpu_features``), each in Linux's
+``/proc/cpuinfo`` spelling, which both runtimes check at load (docs/artifact.md, "CPU features")."""
+
+
+def library_features(target: tvm.target.Target) -> list[str]:
+    """The CPU features (``/proc/cpuinfo`` names, sorted) a library built for the LLVM ``target`` may use: those of
+    :data:`LIBRARY_FEATURES` its CPU and ``mattr`` enable."""
+    arch = str(target.attrs.get("mtriple", "")).split("-")[0]
+    names = LIBRARY_FEATURES.get(arch, {})
+    return sorted(names[feature] for feature in llvm_get_cpu_features(target) if feature in names)

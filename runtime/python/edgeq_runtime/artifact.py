@@ -2,27 +2,30 @@
 
 The artifact is a zip whose members are stored uncompressed: ``manifest.json`` first, then the members the
 manifest lists with their size and sha256 (docs/artifact.md). A reader refuses, with a message naming the file:
-a missing or truncated file, a manifest that is not JSON or of another schema version, a member missing, added,
-compressed, of the wrong size or with another checksum, a member name that could escape a folder, and sizes past
-the limits below.
+a missing or truncated file, a manifest that is not valid (:mod:`edgeq_runtime.manifest`: not JSON, of another
+schema version, a field of the wrong type or out of range), a member missing, added, compressed, of the wrong size
+or with another checksum, a member name that could escape a folder, sizes past the limits below, and a library
+that is not a 64-bit ELF library of the manifest's architecture.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+from edgeq_runtime.manifest import SCHEMA_VERSION, ManifestError, parse_manifest
+from edgeq_runtime.names import is_safe_name
+
+__all__ = ["MANIFEST", "SCHEMA_VERSION", "Artifact", "ArtifactError"]
+
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20
-MAX_MEMBER_BYTES = 1 << 31
 MAX_MEMBERS = 64
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
+"""ELF ``e_machine`` values, by the manifest's name of the architecture."""
 
 
 class ArtifactError(Exception):
@@ -54,6 +57,7 @@ class Artifact:
                 members = _members(path, archive, entries, manifest)
         except zipfile.BadZipFile as error:
             raise ArtifactError(f"{path}: not an edgeq artifact, or truncated ({error})") from None
+        _check_library(path, manifest["library"], members)
         return cls(path, manifest, members)
 
 
@@ -65,19 +69,9 @@ def _manifest(path: Path, archive: zipfile.ZipFile, entries: list[zipfile.ZipInf
     if entries[0].file_size > MAX_MANIFEST_BYTES:
         raise ArtifactError(f"{path}: {MANIFEST} is {entries[0].file_size} bytes (allowed: {MAX_MANIFEST_BYTES})")
     try:
-        manifest = json.loads(_read(path, archive, entries[0]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ArtifactError(f"{path}: {MANIFEST} is not valid JSON ({error})") from None
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path}: {MANIFEST} must be a JSON object")
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        hint = "update edgeq-runtime" if isinstance(version, int) and version > SCHEMA_VERSION else "recompile the model"
-        raise ArtifactError(f"{path}: schema version {version!r}; this runtime reads version {SCHEMA_VERSION} ({hint})")
-    for key in ("target", "library", "inputs", "outputs", "members"):
-        if key not in manifest:
-            raise ArtifactError(f"{path}: {MANIFEST}: missing '{key}'")
-    return manifest
+        return parse_manifest(_read(path, archive, entries[0]))
+    except ManifestError as error:
+        raise ArtifactError(f"{path}: {MANIFEST}: {error}") from None
 
 
 def _read(path: Path, archive: zipfile.ZipFile, entry: zipfile.ZipInfo) -> bytes:
@@ -91,13 +85,11 @@ def _read(path: Path, archive: zipfile.ZipFile, entry: zipfile.ZipInfo) -> bytes
 
 def _members(path: Path, archive: zipfile.ZipFile, entries: list[zipfile.ZipInfo], manifest: dict[str, Any]) -> dict[str, bytes]:
     listed = manifest["members"]
-    if not isinstance(listed, dict):
-        raise ArtifactError(f"{path}: {MANIFEST}: 'members' must be an object")
     found = {entry.filename: entry for entry in entries[1:]}
     if len(found) != len(entries) - 1:
         raise ArtifactError(f"{path}: a member name appears twice")
     for name in [*listed, *found]:
-        if not _SAFE_NAME.match(name) or name == MANIFEST:
+        if not is_safe_name(name) or name == MANIFEST:
             raise ArtifactError(f"{path}: member name {name!r} is not allowed (plain file names only)")
     extra = sorted(set(found) - set(listed))
     missing = sorted(set(listed) - set(found))
@@ -106,11 +98,25 @@ def _members(path: Path, archive: zipfile.ZipFile, entries: list[zipfile.ZipInfo
     members = {}
     for name, expected in listed.items():
         entry = found[name]
-        size = expected.get("size") if isinstance(expected, dict) else None
-        if not isinstance(size, int) or size < 0 or size > MAX_MEMBER_BYTES or entry.file_size != size:
-            raise ArtifactError(f"{path}: member {name} is {entry.file_size} bytes; the manifest says {size}")
+        if entry.file_size != expected["size"]:
+            raise ArtifactError(f"{path}: member {name} is {entry.file_size} bytes; the manifest says {expected['size']}")
         data = _read(path, archive, entry)
-        if hashlib.sha256(data).hexdigest() != expected.get("sha256"):
+        if hashlib.sha256(data).hexdigest() != expected["sha256"]:
             raise ArtifactError(f"{path}: member {name} fails its sha256 check (the file was modified or damaged)")
         members[name] = data
     return members
+
+
+def _check_library(path: Path, library: dict[str, Any], members: dict[str, bytes]) -> None:
+    """The library member is a 64-bit ELF library for the manifest's ``arch``: its magic, its class and its
+    ``e_machine``, read before anything loads it (TVM's loader would only say "invalid ELF header")."""
+    name, data, arch = library["member"], members[library["member"]], library["arch"]
+    if len(data) < 20 or data[:4] != b"\x7fELF" or data[5] not in (1, 2):  # e_ident: magic, class, byte order
+        raise ArtifactError(f"{path}: {name} is not an ELF library")
+    if data[4] != 2:
+        raise ArtifactError(f"{path}: {name} is not a 64-bit ELF library; the manifest says {arch}")
+    machine = int.from_bytes(data[18:20], "little" if data[5] == 1 else "big")  # e_machine
+    built_for = ELF_MACHINES.get(machine)
+    if built_for != arch:
+        what = f"an {built_for} library" if built_for else f"a library for ELF machine {machine}"
+        raise ArtifactError(f"{path}: {name} is {what}; the manifest says {arch}")

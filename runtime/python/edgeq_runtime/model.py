@@ -1,4 +1,4 @@
-"""Model: a loaded artifact, run from numpy arrays."""
+"""Model: a loaded artifact, run from numpy arrays, from any number of threads at once."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import platform
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
@@ -16,9 +17,12 @@ from typing import Any
 import numpy as np
 
 from edgeq_runtime.artifact import Artifact, ArtifactError
-from edgeq_runtime.vm import available_cores, load_vm, pool_threads, thread_count, use_threads
+from edgeq_runtime.cpu import missing_features
+from edgeq_runtime.vm import available_cores, load_library, new_vm, pool_threads, thread_count, use_threads
 
 _ARCH_NAMES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+_PORTABLE_TARGETS = {"x86_64": "x86_64 (the x86-64-v3 baseline)", "aarch64": "aarch64"}
+"""Per architecture, the target whose artifacts run on any CPU of it that edgeq supports."""
 
 TVM_ALIGNMENT = 64
 """Bytes TVM's compiled kernels assume their tensors' data is aligned to (``kAllocAlignment`` in TVM's
@@ -78,6 +82,19 @@ class TensorInfo:
     def quantized(self) -> bool:
         return self.scale is not None
 
+    def check(self, shape: Sequence[int], dtype: np.dtype) -> None:
+        """Whether an array of ``shape`` and ``dtype`` is taken for this input: of its shape, and of its dtype (the
+        program's integers, raw) or, for a quantized input, of any float dtype (then quantized).
+
+        Raises:
+            ValueError: it is not, naming the input (``input 'x' has shape [1, 3]; expected [2, 3]``).
+        """
+        if tuple(shape) != self.shape:
+            raise ValueError(f"input '{self.name}' has shape {list(shape)}; expected {list(self.shape)}")
+        if dtype != np.dtype(self.dtype) and not (self.quantized and np.issubdtype(dtype, np.floating)):
+            floats = " (raw) or a float array to quantize" if self.quantized else ""
+            raise ValueError(f"input '{self.name}' has dtype {dtype}; expected {self.dtype}{floats}")
+
     def _broadcast(self, values: np.ndarray, rank: int) -> np.ndarray:
         if values.size == 1 or self.axis is None:
             return values.reshape(())
@@ -124,8 +141,43 @@ def host_arch() -> str:
     return _ARCH_NAMES.get(platform.machine().lower(), platform.machine().lower())
 
 
+def _check_runs_here(artifact: Artifact) -> None:
+    """The artifact's library is built for this machine's architecture, and this CPU has every feature it may use
+    (``library.cpu_features``; not checked where ``/proc/cpuinfo`` cannot be read, :mod:`edgeq_runtime.cpu`).
+
+    Raises:
+        ArtifactError: either is not so, saying what to do.
+    """
+    library = artifact.manifest["library"]
+    arch = library["arch"]
+    if arch != host_arch():
+        raise ArtifactError(
+            f"{artifact.path}: built for {arch}; this machine is {host_arch()} (run it under qemu-{arch} with "
+            "the C++ runtime, edgeq run, or compile with --simulate for this machine)"
+        )
+    missing = missing_features(library["cpu_features"])
+    if missing:
+        raise ArtifactError(
+            f"{artifact.path}: built for a CPU with {', '.join(missing)}, which this CPU lacks: recompile for target "
+            f"{_PORTABLE_TARGETS[arch]} or on this machine"
+        )
+
+
+@dataclass(frozen=True)
+class _Functions:
+    """The functions of one thread's VM: ``main`` and each input's quantizer (None where it has none)."""
+
+    main: Any
+    quantizers: list[Any]
+
+
 class Model:
     """A compiled edgeq model, ready to run on this machine.
+
+    Threads: :meth:`run` and :meth:`benchmark` may be called from many threads at once on one model, with the
+    results of one thread. A TVM Relax VM runs one call at a time, so each calling thread gets a VM of its own,
+    made from the one loaded library on its first call (the weights are shared; each running call's tensors come
+    from TVM's thread-safe pooled allocator) and dropped with the thread.
 
     Attributes:
         num_threads: how many threads its parallel kernels run on (default: every core this process may use).
@@ -143,9 +195,24 @@ class Model:
         self._cleanup = weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
         library = folder / manifest["library"]["member"]
         library.write_bytes(artifact.members[manifest["library"]["member"]])
-        vm = load_vm(library)
-        self._main = vm["main"]
-        self._quantizers = [self._quantizer(vm, info) for info in self.inputs]
+        self._module = load_library(library)
+        self._vm_lock = threading.Lock()  # threads make their VMs one at a time
+        self._this_thread = threading.local()  # .functions: the calling thread's _Functions
+        self._functions()  # this thread's VM now: a quantizer the library lacks is refused at load
+
+    def _functions(self) -> _Functions:
+        """The calling thread's VM functions, made on its first call.
+
+        Raises:
+            ArtifactError: the manifest names a quantizer the library lacks.
+        """
+        functions = getattr(self._this_thread, "functions", None)
+        if functions is None:
+            with self._vm_lock:
+                vm = new_vm(self._module)
+                functions = _Functions(vm["main"], [self._quantizer(vm, info) for info in self.inputs])
+            self._this_thread.functions = functions
+        return functions
 
     def _quantizer(self, vm: Any, info: TensorInfo) -> Any:
         """The library function quantizing float values for input ``info``, None if the artifact has none.
@@ -169,7 +236,7 @@ class Model:
             num_threads: threads for inference, from 1 to the cores this process may use (default: all of them).
 
         Raises:
-            ArtifactError: a damaged or foreign artifact, or one built for another architecture.
+            ArtifactError: a damaged or foreign artifact, or one that cannot run here (:meth:`from_artifact`).
             ValueError: ``num_threads`` is not a whole number in that range.
         """
         return cls.from_artifact(Artifact.read(path), num_threads)
@@ -179,18 +246,12 @@ class Model:
         """Load the library of an artifact already read and verified by :meth:`Artifact.read`.
 
         Raises:
-            ArtifactError: the artifact is built for another architecture, or its library member is missing.
+            ArtifactError: the artifact is built for another architecture or for CPU features this CPU lacks, or
+                the library lacks a quantizer the manifest names.
             ValueError: ``num_threads`` is not a whole number from 1 to the cores this process may use.
         """
         threads = len(available_cores()) if num_threads is None else thread_count(num_threads)
-        arch = artifact.manifest["library"].get("arch")
-        if arch != host_arch():
-            raise ArtifactError(
-                f"{artifact.path}: built for {arch}; this machine is {host_arch()} (run it under qemu-{arch} with "
-                "the C++ runtime, edgeq run, or compile with --simulate for this machine)"
-            )
-        if artifact.manifest["library"]["member"] not in artifact.members:
-            raise ArtifactError(f"{artifact.path}: the library member {artifact.manifest['library']['member']} is missing")
+        _check_runs_here(artifact)
         folder = Path(tempfile.mkdtemp(prefix="edgeq-"))  # a fresh path: the loader caches libraries by path
         try:
             return cls(artifact, folder, threads)
@@ -209,7 +270,9 @@ class Model:
         self.close()
 
     # ---- running ---------------------------------------------------------------------------------------------
-    def _prepare(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray) -> list[Any]:
+    def _prepare(
+        self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray, quantizers: list[Any]
+    ) -> list[Any]:
         if isinstance(inputs, np.ndarray):
             inputs = [inputs]
         if isinstance(inputs, Mapping):
@@ -221,25 +284,21 @@ class Model:
             inputs = [inputs[n] for n in names]
         if len(inputs) != len(self.inputs):
             raise ValueError(f"{self.path}: {len(inputs)} input(s) given; the model takes {len(self.inputs)}")
-        return [self._argument(i, np.asarray(value)) for i, value in enumerate(inputs)]
+        arguments = zip(self.inputs, quantizers, inputs)
+        return [self._argument(info, quantizer, np.asarray(value)) for info, quantizer, value in arguments]
 
-    def _argument(self, index: int, value: np.ndarray) -> Any:
-        """Input ``index`` as the program takes it: integers as given, float values quantized (by the library's
-        quantizer where it has one)."""
-        info = self.inputs[index]
-        if value.shape != info.shape:
-            raise ValueError(f"{self.path}: input '{info.name}' has shape {list(value.shape)}; expected {list(info.shape)}")
+    def _argument(self, info: TensorInfo, quantizer: Any, value: np.ndarray) -> Any:
+        """``value`` as the program takes it for input ``info``: integers as given, float values quantized (by the
+        library's ``quantizer`` where it has one)."""
+        try:
+            info.check(value.shape, value.dtype)
+        except ValueError as error:
+            raise ValueError(f"{self.path}: {error}") from None
         if value.dtype == np.dtype(info.dtype):
             return _tensor(value)
-        if info.quantized and np.issubdtype(value.dtype, np.floating):
-            quantizer = self._quantizers[index]
-            if quantizer is None:
-                return _tensor(info.quantize(value))
-            return quantizer(_tensor(value.astype(np.float32, copy=False)))  # float32 as quantize() divides
-        raise ValueError(
-            f"{self.path}: input '{info.name}' has dtype {value.dtype}; expected {info.dtype}"
-            + (" (raw) or a float array to quantize" if info.quantized else "")
-        )
+        if quantizer is None:
+            return _tensor(info.quantize(value))
+        return quantizer(_tensor(value.astype(np.float32, copy=False)))  # float32 as quantize() divides
 
     def run(
         self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray, raw: bool = False
@@ -247,14 +306,16 @@ class Model:
         """Run once: inputs by name or position (float arrays are quantized per the manifest, arrays of the
         input's integer dtype are taken as already quantized); outputs by name, dequantized to float32 unless
         ``raw`` (then the integers the program computed). Parallel kernels run on :attr:`num_threads` threads.
+        Safe to call from many threads at once (see the class docstring).
 
         Raises:
             ValueError: an unknown or missing name, a wrong shape or dtype (the message names the input).
             RuntimeLibraryError: TVM sized this thread's pool smaller before (see :func:`edgeq_runtime.vm.use_threads`).
         """
         use_threads(self.num_threads)
-        arguments = self._prepare(inputs)
-        result = self._main(*arguments)
+        functions = self._functions()
+        arguments = self._prepare(inputs, functions.quantizers)
+        result = functions.main(*arguments)
         results = [result] if len(self.outputs) == 1 else list(result)
         outputs = {}
         for info, value in zip(self.outputs, results):
@@ -264,7 +325,8 @@ class Model:
 
     def benchmark(self, inputs: Any, warmup: int = 3, runs: int = 20) -> Timing:
         """Latency of ``run`` on ``inputs`` after ``warmup`` runs: median, minimum and mean over ``runs``, and the
-        threads they ran on."""
+        threads they ran on. Safe to call from many threads at once, like :meth:`run` (each then times its own
+        runs, slowed by the others')."""
         for _ in range(warmup):
             self.run(inputs, raw=True)
         times = []

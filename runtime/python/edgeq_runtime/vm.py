@@ -65,15 +65,30 @@ def _load_runtime() -> None:
             raise RuntimeLibraryError(f"{path}: cannot load TVM's runtime ({error})") from None
 
 
-def load_vm(library: Path) -> Any:
-    """The Relax VM of the executable in the shared library ``library`` (its functions by name: ``vm["main"]``)."""
+def load_library(library: Path) -> Any:
+    """The TVM module of the shared library ``library``: the compiled executable, from which :func:`new_vm` makes
+    virtual machines."""
     _load_runtime()
     import tvm_ffi
 
-    module = tvm_ffi.load_module(str(library))
+    return tvm_ffi.load_module(str(library))
+
+
+def new_vm(module: Any) -> Any:
+    """A fresh Relax VM of the executable in ``module`` (its functions by name: ``vm["main"]``).
+
+    A VM runs one call at a time (its registers and call frames are its own): threads calling at once need a VM
+    each. VMs of one module share its constants (the weights); the tensors of a call come from TVM's pooled CPU
+    allocator, one per process, which is thread-safe and keeps freed buffers for the next call.
+    """
     vm = module["vm_load_executable"]()
     vm["vm_initialization"](_CPU, 0, _POOLED_ALLOCATOR, _CPU, 0, _POOLED_ALLOCATOR)
     return vm
+
+
+def load_vm(library: Path) -> Any:
+    """A Relax VM of the executable in the shared library ``library``."""
+    return new_vm(load_library(library))
 
 
 @functools.cache

@@ -1,4 +1,4 @@
-"""How far the performance estimator is from measured latency on this machine (x86_64 target, native build).
+"""How far the performance estimator is from measured latency on this machine (the x86_64-native target).
 
 For each model: quantize (random init, calibrated on random data), compile for this CPU, estimate with the
 calibrated CPU figures (``edgeq.perf``), then measure the artifact: total latency of ``main`` and the time of
@@ -42,7 +42,7 @@ from edgeq.perf.estimate import estimate  # noqa: E402
 from edgeq.targets import load_target  # noqa: E402
 from models import integer_model, torchvision_model  # noqa: E402
 
-TARGET = "x86_64"
+TARGET = "x86_64-native"
 
 
 def spearman(a: list[float], b: list[float]) -> float:

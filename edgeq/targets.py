@@ -532,12 +532,18 @@ def resolve_target(target: TargetLike | None, recorded: str | None, source: str)
     """The target given, else the one the model ``source`` records (edgeq stores it when it quantizes).
 
     Raises:
-        TargetError: no target given and none recorded, an unknown name, or a malformed file.
+        TargetError: no target given and none recorded, a recorded target that is not built in (a file must be
+            given), an unknown name, or a malformed file.
     """
     if target is not None:
         return load_target(target)
     if recorded is None:
         raise TargetError(
             f"{source}: the model records no target; name one (target='npu-s' in Python, --target npu-s on the command line)"
+        )
+    if recorded not in target_names():  # a file named inside a model is not loaded: the user names files
+        raise TargetError(
+            f"{source}: the model records target '{recorded}', which is not a built-in target "
+            f"({', '.join(target_names())}); pass --target FILE to use a target file"
         )
     return load_target(recorded)

@@ -13,8 +13,17 @@ import numpy as np
 import onnx
 
 from edgeq.check.records import INPUT_PREFIX, OpRecord, QuantFacts, foreign_op_name
+from edgeq.errors import QuantizationError
 from edgeq.export.float_onnx import FLOAT_FALLBACK_DOC
-from edgeq.export.onnx_reader import QDQModel, QuantParams, attribute_text, node_attributes, node_name, resize_follows_sizes
+from edgeq.export.onnx_reader import (
+    QUANTIZE_NODES,
+    QDQModel,
+    QuantParams,
+    attribute_text,
+    node_attributes,
+    node_name,
+    resize_follows_sizes,
+)
 from edgeq.export.qdq_graph import QDQGraph
 from edgeq.numerics import accumulator_bounds, resize_align_corners
 from edgeq.ops import Op, gated_op, op_of_onnx_type
@@ -42,7 +51,7 @@ class _OnnxWalker(QDQGraph):
             if tensor in self.inputs:
                 return INPUT_PREFIX + tensor
             node = self.producer[tensor]
-            if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            if node.op_type not in QUANTIZE_NODES:
                 return self.op_name(node)
             tensor = node.input[0]
 
@@ -76,6 +85,8 @@ class _OnnxWalker(QDQGraph):
         )
         if quantized:
             record.quant = self._quant_facts(node, input_quant, output_quant)
+        if quantized and record.output_shape is not None and len(record.input_shapes) == len(activations):
+            record.rejected = _requantization_problem(record)
         return record
 
     def _feeds_model_output(self, node: onnx.NodeProto) -> bool:
@@ -186,6 +197,20 @@ class _OnnxWalker(QDQGraph):
         if mode != "nearest" or any(t % s for t, s in zip(target[2:], source[2:])):
             return foreign_op_name(f"resize_{mode}"), {}
         return "upsample_nearest2d", {"factor": tuple(t // s for t, s in zip(target[2:], source[2:]))}
+
+
+def _requantization_problem(record: OpRecord) -> str | None:
+    """Why the scales around a quantized op of static shapes give no requantization edgeq's integers represent (a
+    multiplier outside ``[2**-32, 2**30)``), from the compiler's own constants, so that the check refuses what
+    compile would; None when they give one. (An op with a dynamic dimension has constants only once compile is
+    given its shape, and compile checks them then.)"""
+    from edgeq.compile.requantization import requantization  # not at the top: edgeq.compile imports edgeq.check
+
+    try:
+        requantization(record)
+    except QuantizationError as error:
+        return str(error)
+    return None
 
 
 def _tensor_problems(qdq: QDQModel) -> dict[str, list[str]]:

@@ -169,21 +169,169 @@ def read_qdq(model: onnx.ModelProto, path: str | Path) -> QDQModel:
     """Validate an in-memory QDQ model as :func:`load_onnx` validates a file (``path`` names it in messages).
 
     Raises:
-        ModelFileError: the model fails the ONNX checker or its quantization is inconsistent.
+        ModelFileError: the model fails :func:`check_interface`, the ONNX checker or :func:`check_graph`, or its
+            quantization is inconsistent or out of range.
     """
     path = Path(path)
     form = "QOperator" if is_qoperator(model) else "QDQ"
     if form == "QOperator":
         model = qdq_from_qoperator(model, str(path))
+    check_interface(model.graph, path)
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as error:
         raise ModelFileError(f"{path}: fails the ONNX checker: {str(error).strip().splitlines()[0]}") from None
     model = _with_tensor_constants(model)
+    check_graph(model.graph, path)
     reader = _QuantReader(model, path)
     reader.run()
     target = next((p.value for p in model.metadata_props if p.key == TARGET_METADATA_KEY), None)
     return QDQModel(path, model, reader.quant, reader.constants, reader.findings, target, form)
+
+
+SCALE_RANGE = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max) / 2**31)
+"""The scales a quantized tensor may have: normal float32 numbers (not subnormal: 2**-126 and up) up to the one at
+which the largest int32, 2**31, still dequantizes to a finite float32 (about 1.58e29). Whether the scales around
+an op give it a requantization multiplier is the op's own check (:func:`edgeq.numerics.quantize_multipliers`)."""
+
+
+def float32_text(value: float) -> str:
+    """A scale as float32 prints it: the shortest text that reads back as the same float32 (``1e-40``, not the
+    ``9.99995e-41`` of its float64 value)."""
+    return str(np.float32(value))
+
+
+QUANTIZE_NODES = ("QuantizeLinear", "DequantizeLinear")
+"""The node types that only change a tensor's representation, not its values."""
+
+QDQ_NODES = (*QUANTIZE_NODES, "Constant")
+"""Node types that carry quantization (or constants) rather than compute: every other node is (part of) an op."""
+
+
+def unquantized(tensor: str, producer: Mapping[str, onnx.NodeProto]) -> str:
+    """The tensor that ``tensor`` is a (de)quantized form of, through any chain of QuantizeLinear and
+    DequantizeLinear nodes (``tensor`` itself when no such node makes it)."""
+    while tensor in producer and producer[tensor].op_type in QUANTIZE_NODES:
+        tensor = producer[tensor].input[0]
+    return tensor
+
+
+def check_interface(graph: onnx.GraphProto, path: Path) -> None:
+    """Refuse, before the ONNX checker (whose shape inference and SSA check report these less clearly), a graph
+    without inputs (other than initializers), outputs or nodes, with an input dimension below 1, or with a tensor
+    that two nodes write.
+
+    Raises:
+        ModelFileError: naming the file and the input, or the tensor and its two nodes.
+    """
+    _check_inputs_outputs_nodes(graph, path)
+    _check_single_writers(graph, path)
+
+
+def check_graph(graph: onnx.GraphProto, path: Path) -> None:
+    """Refuse what the ONNX checker accepts but no compiled program can have: an output no op computes, two ops of
+    one name, or an integer constant outside its type.
+
+    Raises:
+        ModelFileError: naming the file and the output, node or tensor.
+    """
+    _check_outputs_computed(graph, path)
+    _check_node_names(graph, path)
+    for tensor in _stored_tensors(graph):
+        _check_stored_integers(tensor, path)
+
+
+def _check_inputs_outputs_nodes(graph: onnx.GraphProto, path: Path) -> None:
+    """The graph has inputs (other than initializers), outputs and nodes, and no input dimension below 1."""
+    initializers = {init.name for init in graph.initializer}
+    inputs = [info for info in graph.input if info.name not in initializers]
+    for present, what, why in (
+        (inputs, "inputs", "a compiled model reads at least one tensor"),
+        (graph.output, "outputs", "a compiled model returns at least one tensor"),
+        (graph.node, "nodes", "nothing to compute"),
+    ):
+        if not present:
+            raise ModelFileError(f"{path}: the graph has no {what} ({why}); export the model with its {what}")
+    for info in inputs:
+        dims = info.type.tensor_type.shape.dim
+        for axis, dim in enumerate(dims):
+            if dim.HasField("dim_value") and dim.dim_value < 1:
+                shape = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in dims]
+                raise ModelFileError(
+                    f"{path}: input '{info.name}': dimension {axis} is {dim.dim_value} (shape {shape}); sizes must be "
+                    "at least 1 (a dynamic dimension is named, and compile takes its size from --input-shape)"
+                )
+
+
+def _check_single_writers(graph: onnx.GraphProto, path: Path) -> None:
+    """No two nodes write one tensor (the ONNX checker says so without naming the nodes)."""
+    writers: dict[str, onnx.NodeProto] = {}
+    for node in graph.node:
+        for tensor in filter(None, node.output):
+            first = writers.setdefault(tensor, node)
+            if first is not node:
+                raise ModelFileError(
+                    f"{path}: tensor '{tensor}' is written by two nodes, {first.op_type} '{node_name(first)}' and "
+                    f"{node.op_type} '{node_name(node)}'; give each node's output its own name"
+                )
+
+
+def _check_outputs_computed(graph: onnx.GraphProto, path: Path) -> None:
+    """Every output comes from a compute node, not straight (or through Q/DQ only) from an input or a constant."""
+    producer = {out: node for node in graph.node for out in node.output}
+    initializers = {init.name for init in graph.initializer}
+    for output in graph.output:
+        tensor = unquantized(output.name, producer)
+        node = producer.get(tensor)
+        if node is not None and node.op_type != "Constant":
+            continue
+        origin = "a constant" if node is not None or tensor in initializers else "an input"
+        raise ModelFileError(
+            f"{path}: output '{output.name}' is {origin} ('{tensor}'), which no op computes; "
+            "the compiled program's outputs must be computed by its ops"
+        )
+
+
+def _check_node_names(graph: onnx.GraphProto, path: Path) -> None:
+    """Every compute node (the ops: reports, placements and regions name them) has its own :func:`node_name` (a
+    node without a name is named after its first output)."""
+    types_by_name: dict[str, list[str]] = {}
+    for node in graph.node:
+        if node.op_type not in QDQ_NODES:
+            types_by_name.setdefault(node_name(node), []).append(node.op_type)
+    for name, types in types_by_name.items():
+        if len(types) > 1:
+            raise ModelFileError(
+                f"{path}: {len(types)} nodes are named '{name}' ({', '.join(types)}); give each node its own name "
+                "(a node without a name is named after its first output)"
+            )
+
+
+def _stored_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    """The tensors a graph stores: its initializers and the values of its Constant nodes."""
+    values = [a.t for node in graph.node if node.op_type == "Constant" for a in node.attribute if a.name == "value"]
+    return [*graph.initializer, *values]
+
+
+_NARROW_INTEGERS = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16)
+"""Integer types that ONNX stores in the wider ``int32_data`` field (when not in ``raw_data``), which can hold
+values outside the type: ``numpy_helper.to_array`` would wrap them (1000 as int8 is -24)."""
+
+
+def _check_stored_integers(tensor: onnx.TensorProto, path: Path) -> None:
+    """A narrow integer tensor stored in ``int32_data`` holds only values of its type."""
+    if tensor.data_type not in _NARROW_INTEGERS or not tensor.int32_data:
+        return
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    limits = np.iinfo(dtype)
+    values = np.asarray(tensor.int32_data, dtype=np.int64)
+    outside = values[(values < limits.min) | (values > limits.max)]
+    if outside.size:
+        value = int(outside[0])
+        raise ModelFileError(
+            f"{path}: tensor '{tensor.name}' is {dtype.name} but holds {value} (allowed: {limits.min}..{limits.max}), "
+            f"which readers wrap to {int(np.array(value).astype(dtype))}; write it with values of its type"
+        )
 
 
 class _QuantReader:
@@ -200,7 +348,8 @@ class _QuantReader:
 
     def run(self) -> None:
         for node in self.model.graph.node:
-            if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            if node.op_type in QUANTIZE_NODES:
+                self._check_not_quantizing_a_constant(node)
                 quantized = node.output[0] if node.op_type == "QuantizeLinear" else node.input[0]
                 self._record(quantized, self._params(node, quantized), node)
             elif node_op(node, self._is_weight) is None and node.op_type != "Constant" and gated_activation(node, self.producer) is None:
@@ -209,6 +358,19 @@ class _QuantReader:
         for node in self.model.graph.node:
             if node.op_type in ("Conv", "Gemm") and len(node.input) > 2:
                 self._check_bias(node)
+
+    def _check_not_quantizing_a_constant(self, node: onnx.NodeProto) -> None:
+        """A QuantizeLinear reads a computed tensor: edgeq takes quantized constants (weights, biases) as stored
+        integers, and quantizes no constant when the model runs."""
+        if node.op_type != "QuantizeLinear":
+            return
+        tensor = unquantized(node.input[0], self.producer)
+        if tensor in self.constants:
+            raise self._error(
+                node,
+                f"quantizes the constant '{tensor}' when the model runs; store it quantized instead (integers behind a "
+                "DequantizeLinear, as onnxruntime.quantization.quantize_static writes weights)",
+            )
 
     def _is_weight(self, tensor: str) -> bool:
         return is_weight_tensor(tensor, self.constants, self.producer)
@@ -232,8 +394,7 @@ class _QuantReader:
         zero_point = self._constant(node, 2, "zero point")
         if scale is None:
             raise self._error(node, "has no scale")
-        if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
-            raise self._error(node, f"scales must be positive and finite; got {scale.ravel()[:8].tolist()}")
+        self._check_scales(node, scale)
         if zero_point is None:
             zero_point = np.zeros(scale.shape, dtype=np.uint8)
         if scale.ndim > 1 or zero_point.ndim > 1:
@@ -248,6 +409,20 @@ class _QuantReader:
                 raise self._error(node, f"{scale.size} scales for axis {axis} of length {length}")
         return QuantParams(
             str(zero_point.dtype), tuple(float(s) for s in scale.ravel()), tuple(int(z) for z in zero_point.ravel()), axis
+        )
+
+    def _check_scales(self, node: onnx.NodeProto, scale: np.ndarray) -> None:
+        """Every scale is in :data:`SCALE_RANGE` (NaN, infinities, zero and negative numbers are not)."""
+        values = scale.astype(np.float64).ravel()
+        lowest, highest = SCALE_RANGE
+        outside = np.flatnonzero(~((values >= lowest) & (values <= highest)))
+        if not outside.size:
+            return
+        where = f" for channel {outside[0]}" if values.size > 1 else ""
+        raise self._error(
+            node,
+            f"scale '{node.input[1]}' is out of range; got {float32_text(values[outside[0]])}{where} (allowed: normal "
+            f"float32 numbers from {float32_text(lowest)} to {float32_text(highest)}); quantize the model again",
         )
 
     def _axis_length(self, tensor: str, axis: int) -> int | None:

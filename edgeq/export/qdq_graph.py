@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import onnx
 
-from edgeq.export.onnx_reader import QDQModel, QuantParams, gated_activation, is_weight_tensor, node_name, node_op
+from edgeq.export.onnx_reader import QDQ_NODES, QDQModel, QuantParams, gated_activation, is_weight_tensor, node_name, node_op
 from edgeq.ops import Op
-
-QDQ_NODES = ("QuantizeLinear", "DequantizeLinear", "Constant")
-"""Node types that carry quantization (or constants) rather than compute."""
 
 
 def inferred_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:

@@ -215,7 +215,7 @@ def _run_cpp(
             raise EdgeqError(f"running a {arch} artifact here needs {emulator} (Debian: apt-get install qemu-user)")
         say(f"running the {arch} build of edgeq-run under {emulator}: exact results, timings that say nothing about {arch} speed")
         command = [emulator, "-L", _CROSS_SYSROOT[arch], *command]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    completed = subprocess.run(command, capture_output=True, text=True, errors="replace", check=False)
     if completed.returncode != 0:
         raise EdgeqError(completed.stderr.strip().removeprefix("edgeq-run: error: ") or f"edgeq-run failed ({completed.returncode})")
     timing = next((line for line in completed.stdout.splitlines() if line.startswith("latency")), None)

@@ -1,6 +1,7 @@
 // Reading a .edgeq artifact: a zip whose members are stored uncompressed (docs/artifact.md). Everything is
-// checked here, before any library is loaded: sizes and offsets against the file, the schema version, and
-// every member's size and sha256 against the manifest.
+// checked here, before any library is loaded: sizes and offsets against the file, every member's CRC-32 (the
+// manifest's too) against both its zip headers, the manifest's nesting, schema version and every field (docs/
+// artifact.md, "Validation"), and every member's size and sha256 against the manifest.
 #ifndef EDGEQ_ARTIFACT_H_
 #define EDGEQ_ARTIFACT_H_
 
@@ -13,13 +14,14 @@
 
 namespace edgeq {
 
-constexpr int64_t kSchemaVersion = 1;
+constexpr int64_t kSchemaVersion = 2;
 
 struct Manifest {
   std::string target;
   std::string target_kind;
   std::string arch;
   std::string library_member;
+  std::vector<std::string> cpu_features;  // the CPU features the library may use (/proc/cpuinfo names)
   bool npu_simulated = false;
   std::vector<TensorInfo> inputs;
   std::vector<TensorInfo> outputs;
@@ -29,7 +31,7 @@ struct Artifact {
   Manifest manifest;
   std::map<std::string, std::vector<uint8_t>> members;
 
-  // Throws Error naming `path` for anything that does not check out.
+  // Throws Error naming `path` (and, for the manifest, the field) for anything that does not check out.
   static Artifact Read(const std::string& path);
 };
 

@@ -13,25 +13,20 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
+#include <mutex>
 #include <optional>
 #include <thread>
 
 #include "artifact.h"
+#include "cpu.h"
+#include "dtype.h"
 #include "edgeq/runtime.h"
+#include "files.h"
 
 namespace edgeq {
 namespace {
 
 namespace ffi = tvm::ffi;
-
-#if defined(__aarch64__)
-constexpr char kHostArch[] = "aarch64";
-#elif defined(__x86_64__)
-constexpr char kHostArch[] = "x86_64";
-#else
-constexpr char kHostArch[] = "unknown";
-#endif
 
 constexpr int kCpu = kDLCPU;
 constexpr int kPooledAllocator = 2;
@@ -80,12 +75,10 @@ struct HostAllocator {
   void FreeData(DLTensor* tensor) { std::free(tensor->data); }
 };
 
-DLDataType DataType(const std::string& dtype) {
-  if (dtype == "int8") return {kDLInt, 8, 1};
-  if (dtype == "uint8") return {kDLUInt, 8, 1};
-  if (dtype == "int32") return {kDLInt, 32, 1};
-  if (dtype == "float32") return {kDLFloat, 32, 1};
-  throw Error("dtype " + dtype + " is not supported by the runtime");
+const Dtype& DtypeOf(const std::string& name) {
+  const Dtype* dtype = FindDtype(name);
+  if (dtype == nullptr) throw Error("dtype " + name + " is not supported by the runtime");
+  return *dtype;
 }
 
 std::string ShapeText(const std::vector<int64_t>& shape) {
@@ -103,19 +96,46 @@ std::string WriteTemporary(const std::vector<uint8_t>& bytes) {
   name.push_back('\0');
   int fd = mkstemps(name.data(), 3);
   if (fd < 0) throw Error("cannot create a temporary file in " + pattern);
-  size_t written = 0;
-  while (written < bytes.size()) {
-    ssize_t n = write(fd, bytes.data() + written, bytes.size() - written);
-    if (n <= 0) {
-      close(fd);
-      unlink(name.data());
-      throw Error("cannot write the model library to " + std::string(name.data()));
-    }
-    written += size_t(n);
+  bool written = WriteAll(fd, bytes.data(), bytes.size());
+  if (close(fd) != 0 || !written) {
+    unlink(name.data());
+    throw Error("cannot write the model library to " + std::string(name.data()));
   }
-  close(fd);
   return name.data();
 }
+
+std::string Join(const std::vector<std::string>& names) {
+  std::string text;
+  for (const std::string& name : names) text += (text.empty() ? "" : ", ") + name;
+  return text;
+}
+
+// Refuses, before anything is loaded, a library this machine cannot run: one for another architecture (by the
+// manifest, or by the ELF file itself), or one using CPU features this CPU lacks (it would die of SIGILL).
+void CheckRunsHere(const std::string& path, const Artifact& artifact) {
+  const Manifest& manifest = artifact.manifest;
+  if (manifest.arch != HostArch()) {
+    throw Error(path + ": built for " + manifest.arch + "; this machine is " + HostArch() + " (run the " + manifest.arch +
+                " build of edgeq-run, e.g. under qemu-" + manifest.arch + ")");
+  }
+  std::optional<std::string> arch = ElfArch(artifact.members.at(manifest.library_member));
+  if (!arch) throw Error(path + ": " + manifest.library_member + " is not a 64-bit little-endian ELF library");
+  if (*arch != HostArch()) {
+    throw Error(path + ": " + manifest.library_member + " is an " + *arch + " library; this machine is " + HostArch());
+  }
+  std::vector<std::string> missing = MissingCpuFeatures(manifest.cpu_features);
+  if (!missing.empty()) {
+    throw Error(path + ": built for a CPU with " + Join(missing) + "; this CPU lacks " + (missing.size() == 1 ? "it" : "them") +
+                ": " + MissingFeaturesAdvice(missing));
+  }
+}
+
+// A Relax VM: it holds the state of the call it runs (frames, registers), so calls must not overlap on one VM.
+struct Vm {
+  ffi::Module module;
+  ffi::Function main;
+  std::vector<std::optional<ffi::Function>> quantizers;  // per input: the library's quantizer, if it has one
+};
 
 int64_t Channel(const TensorInfo& info, int64_t flat_index) {
   if (info.scale.size() == 1) return 0;
@@ -149,14 +169,22 @@ int64_t HostTensor::NumElements() const {
   return count;
 }
 
-size_t HostTensor::ElementBytes(const std::string& dtype) { return DataType(dtype).bits / 8; }
+size_t HostTensor::ElementBytes(const std::string& dtype) { return DtypeOf(dtype).bytes; }
+
+void TensorInfo::CheckInput(const std::string& given_dtype, const std::vector<int64_t>& given_shape) const {
+  if (given_shape != shape) {
+    throw Error("input '" + name + "' has shape " + ShapeText(given_shape) + "; expected " + ShapeText(shape));
+  }
+  if (given_dtype != dtype && !(quantized && given_dtype == "float32")) {
+    throw Error("input '" + name + "' has dtype " + given_dtype + "; expected " + dtype + (quantized ? " (raw) or float32 to quantize" : ""));
+  }
+}
 
 HostTensor Quantize(const TensorInfo& info, const HostTensor& values) {
   if (values.dtype != "float32") throw Error("input '" + info.name + "': only float32 values are quantized");
   HostTensor out{info.dtype, values.shape, std::vector<uint8_t>(values.NumElements() * HostTensor::ElementBytes(info.dtype))};
   const float* x = reinterpret_cast<const float*>(values.data.data());
-  int64_t low = info.dtype == "uint8" ? 0 : info.dtype == "int8" ? -128 : std::numeric_limits<int32_t>::min();
-  int64_t high = info.dtype == "uint8" ? 255 : info.dtype == "int8" ? 127 : std::numeric_limits<int32_t>::max();
+  int64_t low = DtypeOf(info.dtype).low, high = DtypeOf(info.dtype).high;
   for (int64_t i = 0; i < values.NumElements(); ++i) {
     int64_t c = Channel(info, i);
     float steps = x[i] / info.scale[c];          // float32 division, as ONNX QuantizeLinear
@@ -171,16 +199,52 @@ HostTensor Quantize(const TensorInfo& info, const HostTensor& values) {
 }
 
 struct Model::Impl {
+  std::string path;
   Artifact artifact;
   int num_threads = 1;
   std::string library_path;
-  std::optional<ffi::Module> library;  // kept alive while the VM runs code from it
-  std::optional<ffi::Module> vm;
-  std::optional<ffi::Function> main;
-  std::vector<std::optional<ffi::Function>> quantizers;  // per input: the library's quantizer, if it has one
+  std::optional<ffi::Module> library;  // the loaded executable, kept alive while VMs run code from it
+  std::mutex mutex;                     // guards idle (and VM creation)
+  std::vector<std::unique_ptr<Vm>> idle;  // VMs no call is running on
 
   ~Impl() {
+    idle.clear();
     if (!library_path.empty()) unlink(library_path.c_str());
+  }
+
+  // A new VM on the loaded executable (sharing its code and constants); throws ffi::Error, or Error for an input
+  // quantizer the library lacks.
+  std::unique_ptr<Vm> NewVm() const {
+    ffi::Module module = (*library)->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
+    module->GetFunction("vm_initialization").value()(kCpu, 0, kPooledAllocator, kCpu, 0, kPooledAllocator);
+    std::vector<std::optional<ffi::Function>> quantizers;
+    for (const TensorInfo& info : artifact.manifest.inputs) {
+      std::optional<ffi::Function> quantizer;
+      if (!info.quantizer.empty()) {
+        ffi::Optional<ffi::Function> found = module->GetFunction(info.quantizer);
+        if (!found.has_value()) throw Error(path + ": the library has no function '" + info.quantizer + "' (input '" + info.name + "''s quantizer)");
+        quantizer = *found;
+      }
+      quantizers.push_back(quantizer);
+    }
+    ffi::Function main = module->GetFunction("main").value();
+    return std::make_unique<Vm>(Vm{module, main, quantizers});
+  }
+
+  // An idle VM for one call, or a new one when every VM is busy.
+  std::unique_ptr<Vm> TakeVm() {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (idle.empty()) return NewVm();
+    std::unique_ptr<Vm> vm = std::move(idle.back());
+    idle.pop_back();
+    return vm;
+  }
+
+  // Back to the idle VMs after a call that completed (a call that threw may have left its VM mid-call: it is
+  // dropped instead).
+  void ReturnVm(std::unique_ptr<Vm> vm) {
+    std::lock_guard<std::mutex> lock(mutex);
+    idle.push_back(std::move(vm));
   }
 };
 
@@ -196,28 +260,14 @@ Model Model::Load(const std::string& path, std::optional<int> num_threads) {
                 " (the cores this process may use); got " + std::to_string(*num_threads));
   }
   auto impl = std::make_unique<Impl>();
+  impl->path = path;
   impl->num_threads = num_threads.value_or(cores);
   impl->artifact = Artifact::Read(path);
-  const Manifest& manifest = impl->artifact.manifest;
-  if (manifest.arch != kHostArch) {
-    throw Error(path + ": built for " + manifest.arch + "; this machine is " + kHostArch +
-                " (run the " + manifest.arch + " build of edgeq-run, e.g. under qemu-" + manifest.arch + ")");
-  }
-  impl->library_path = WriteTemporary(impl->artifact.members.at(manifest.library_member));
+  CheckRunsHere(path, impl->artifact);
+  impl->library_path = WriteTemporary(impl->artifact.members.at(impl->artifact.manifest.library_member));
   try {
     impl->library = ffi::Module::LoadFromFile(impl->library_path);
-    impl->vm = (*impl->library)->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
-    (*impl->vm)->GetFunction("vm_initialization").value()(kCpu, 0, kPooledAllocator, kCpu, 0, kPooledAllocator);
-    impl->main = (*impl->vm)->GetFunction("main").value();
-    for (const TensorInfo& info : manifest.inputs) {
-      std::optional<ffi::Function> quantizer;
-      if (!info.quantizer.empty()) {
-        ffi::Optional<ffi::Function> found = (*impl->vm)->GetFunction(info.quantizer);
-        if (!found.has_value()) throw Error(path + ": the library has no function '" + info.quantizer + "' (input '" + info.name + "''s quantizer)");
-        quantizer = *found;
-      }
-      impl->quantizers.push_back(quantizer);
-    }
+    impl->idle.push_back(impl->NewVm());  // the first VM, now: a library without the manifest's quantizers is refused here
   } catch (const ffi::Error& error) {
     throw Error(path + ": the model library cannot be loaded: " + std::string(error.what()));
   }
@@ -231,37 +281,38 @@ const std::string& Model::Arch() const { return impl_->artifact.manifest.arch; }
 bool Model::NpuSimulated() const { return impl_->artifact.manifest.npu_simulated; }
 int Model::NumThreads() const { return impl_->num_threads; }
 
-std::vector<HostTensor> Model::Run(const std::vector<HostTensor>& inputs) const {
-  const auto& infos = Inputs();
-  if (inputs.size() != infos.size()) {
-    throw Error(std::to_string(inputs.size()) + " input(s) given; the model takes " + std::to_string(infos.size()));
+void Model::CheckInputCount(size_t count) const {
+  if (count != Inputs().size()) {
+    throw Error(std::to_string(count) + " input(s) given; the model takes " + std::to_string(Inputs().size()));
   }
+}
+
+std::vector<HostTensor> Model::Run(const std::vector<HostTensor>& inputs) const {
+  CheckInputCount(inputs.size());
+  const auto& infos = Inputs();
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    infos[i].CheckInput(inputs[i].dtype, inputs[i].shape);
+    if (inputs[i].data.size() != size_t(inputs[i].NumElements()) * HostTensor::ElementBytes(inputs[i].dtype)) {
+      throw Error("input '" + infos[i].name + "': data size does not match its shape");
+    }
+  }
+  std::unique_ptr<Vm> vm;
   try {
     UseThreads(impl_->num_threads);  // before the quantizers run kernels on this thread's pool
+    vm = impl_->TakeVm();
   } catch (const ffi::Error& error) {
-    throw Error(std::string("configuring TVM's thread pool failed: ") + error.what());
+    throw Error(std::string("preparing to run the model failed: ") + error.what());
   }
   std::vector<ffi::Tensor> tensors;
   for (size_t i = 0; i < inputs.size(); ++i) {
     const TensorInfo& info = infos[i];
-    if (inputs[i].shape != info.shape) {
-      throw Error("input '" + info.name + "' has shape " + ShapeText(inputs[i].shape) + "; expected " + ShapeText(info.shape));
-    }
-    HostTensor value = inputs[i];
-    const std::optional<ffi::Function>& quantizer = impl_->quantizers[i];
-    bool quantize = value.dtype != info.dtype;
-    if (quantize) {
-      if (!info.quantized || value.dtype != "float32") {
-        throw Error("input '" + info.name + "' has dtype " + value.dtype + "; expected " + info.dtype +
-                    (info.quantized ? " (raw) or float32 to quantize" : ""));
-      }
-      if (!quantizer) value = Quantize(info, value);
-    }
-    if (value.data.size() != size_t(value.NumElements()) * HostTensor::ElementBytes(value.dtype)) {
-      throw Error("input '" + info.name + "': data size does not match its shape");
-    }
+    const std::optional<ffi::Function>& quantizer = vm->quantizers[i];
+    bool quantize = inputs[i].dtype != info.dtype;
+    HostTensor quantized;  // by the runtime, for an artifact without a quantizer for this input
+    if (quantize && !quantizer) quantized = Quantize(info, inputs[i]);
+    const HostTensor& value = quantize && !quantizer ? quantized : inputs[i];
     ffi::Tensor tensor = ffi::Tensor::FromNDAlloc(HostAllocator(), ffi::ShapeView(value.shape.data(), value.shape.size()),
-                                                  DataType(value.dtype), DLDevice{kDLCPU, 0});
+                                                  DtypeOf(value.dtype).dlpack, DLDevice{kDLCPU, 0});
     std::memcpy(tensor.data_ptr(), value.data.data(), value.data.size());
     if (quantize && quantizer) {
       try {
@@ -275,7 +326,7 @@ std::vector<HostTensor> Model::Run(const std::vector<HostTensor>& inputs) const 
   std::vector<ffi::AnyView> arguments(tensors.begin(), tensors.end());
   ffi::Any result;
   try {
-    impl_->main->CallPacked(arguments.data(), static_cast<int32_t>(arguments.size()), &result);
+    vm->main.CallPacked(arguments.data(), static_cast<int32_t>(arguments.size()), &result);
   } catch (const ffi::Error& error) {
     throw Error(std::string("running the model failed: ") + error.what());
   }
@@ -296,6 +347,7 @@ std::vector<HostTensor> Model::Run(const std::vector<HostTensor>& inputs) const 
     std::memcpy(out.data.data(), tensor.data_ptr(), out.data.size());
     outputs.push_back(std::move(out));
   }
+  impl_->ReturnVm(std::move(vm));
   return outputs;
 }
 

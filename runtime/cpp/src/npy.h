@@ -9,8 +9,13 @@
 
 namespace edgeq {
 
-HostTensor ReadNpy(const std::string& path);                       // throws Error naming the file
-void WriteNpy(const std::string& path, const HostTensor& tensor);  // throws Error naming the file
+// Reads `path` as a value of `input`. Its header is checked first: the dtype and shape against `input`
+// (TensorInfo::CheckInput), and the data size they make (overflow-checked) against the file's size; only then is
+// the data read. Throws Error naming the file.
+HostTensor ReadNpy(const std::string& path, const TensorInfo& input);
+
+// Writes `tensor` to `path` whole (a temporary file renamed into place). Throws Error naming the file.
+void WriteNpy(const std::string& path, const HostTensor& tensor);
 
 }  // namespace edgeq
 

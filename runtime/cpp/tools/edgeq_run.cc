@@ -1,10 +1,13 @@
-// edgeq-run: run a .edgeq artifact on .npy inputs, write each output as OUTPUT_DIR/<name>.npy.
+// edgeq-run: run a .edgeq artifact on .npy inputs, write each output as OUTPUT_DIR/<file>.npy (its `file` in the
+// manifest: a plain file name).
 //
 //   edgeq-run MODEL.edgeq --input x.npy [--input y.npy ...] --output-dir DIR [--raw] [--bench N] [--threads N]
 //
 // Float32 inputs are quantized per the manifest; inputs of the program's integer dtype are taken raw. Outputs are
-// dequantized to float32 unless --raw. DIR and its parents are created if missing. Inference runs on --threads
-// threads (default: every core this process may use). Exit status: 0 success, 1 error (message on stderr), 2 usage.
+// dequantized to float32 unless --raw. DIR and its parents are created if missing; an output path resolving outside
+// DIR (a link there) is refused before the model runs, and every output file is written whole or not at all.
+// Inference runs on --threads threads (default: every core this process may use). Exit status: 0 success, 1 error
+// (message on stderr), 2 usage.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -55,6 +58,21 @@ void MakeFolder(const std::string& path) {
   throw edgeq::Error(path + ": cannot create the folder: " + reason);
 }
 
+// OUTPUT_DIR/<file>.npy, refused unless it resolves inside OUTPUT_DIR: `file` is a plain file name (the manifest is
+// checked), but a link of that name already in the folder could point elsewhere.
+std::string OutputPath(const std::string& folder, const std::string& file) {
+  namespace fs = std::filesystem;
+  fs::path path = fs::path(folder) / (file + ".npy");
+  std::error_code error;
+  fs::path root = fs::weakly_canonical(folder, error);
+  fs::path resolved = error ? fs::path() : fs::weakly_canonical(path, error);
+  if (error) throw edgeq::Error(path.string() + ": cannot be resolved: " + error.message());
+  if (resolved.parent_path() != root) {
+    throw edgeq::Error(path.string() + ": resolves to " + resolved.string() + ", outside the output folder " + root.string() + "; not written");
+  }
+  return path.string();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -102,8 +120,11 @@ int main(int argc, char** argv) {
     if (model.NpuSimulated()) {
       std::cerr << "edgeq-run: NPU target " << model.Target() << ": NPU regions run as a bit-exact simulation on this CPU\n";
     }
+    std::vector<std::string> output_paths;
+    for (const edgeq::TensorInfo& output : model.Outputs()) output_paths.push_back(OutputPath(output_dir, output.file));
     std::vector<edgeq::HostTensor> inputs;
-    for (const std::string& path : input_paths) inputs.push_back(edgeq::ReadNpy(path));
+    model.CheckInputCount(input_paths.size());
+    for (size_t i = 0; i < input_paths.size(); ++i) inputs.push_back(edgeq::ReadNpy(input_paths[i], model.Inputs()[i]));
     std::vector<edgeq::HostTensor> outputs = model.Run(inputs);
     for (size_t i = 0; i < outputs.size(); ++i) {
       edgeq::HostTensor written = outputs[i];
@@ -112,7 +133,7 @@ int main(int argc, char** argv) {
         written = {"float32", outputs[i].shape, std::vector<uint8_t>(values.size() * 4)};
         std::copy(reinterpret_cast<const uint8_t*>(values.data()), reinterpret_cast<const uint8_t*>(values.data()) + values.size() * 4, written.data.begin());
       }
-      edgeq::WriteNpy(output_dir + "/" + model.Outputs()[i].name + ".npy", written);
+      edgeq::WriteNpy(output_paths[i], written);
     }
     if (bench > 0) {
       std::vector<double> times;

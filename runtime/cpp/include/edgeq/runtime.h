@@ -5,6 +5,10 @@
 //   std::vector<float> logits = model.Dequantize(0, outputs[0]);   // per the manifest
 //
 // Only the tvm-ffi headers and libraries (libtvm_ffi.so, libtvm_runtime.so) are needed.
+//
+// Threads: one loaded Model may be run from many threads at once (Run is const and thread-safe): each call that
+// overlaps another runs on a Relax VM of its own, made from the loaded executable on first need and kept for later
+// calls; the VMs share the library's code and constants. Results are the same as from one thread.
 #ifndef EDGEQ_RUNTIME_H_
 #define EDGEQ_RUNTIME_H_
 
@@ -37,6 +41,7 @@ struct HostTensor {
 // One input or output of the compiled program, from the manifest.
 struct TensorInfo {
   std::string name;
+  std::string file;                 // the safe file name (no folder) it is read from or written to, without .npy
   std::vector<int64_t> shape;
   std::string dtype;
   bool quantized = false;
@@ -44,12 +49,18 @@ struct TensorInfo {
   std::vector<int64_t> zero_point;  // same length as scale
   int axis = -1;                    // channel axis of per-channel quantization, -1 for per tensor
   std::string quantizer;            // the library function quantizing float32 values for this input ("" if none)
+
+  // Throws Error unless a tensor of `dtype` and `shape` can be given for this input: its shape, and its dtype (raw)
+  // or, for a quantized input, float32 (quantized per the manifest).
+  void CheckInput(const std::string& dtype, const std::vector<int64_t>& shape) const;
 };
 
 class Model {
  public:
-  // Reads and verifies the artifact (schema version, every member's size and sha256, architecture),
-  // then loads its library. Throws Error before loading anything from a damaged or foreign file.
+  // Reads and verifies the artifact (every member's zip CRC, the manifest's fields as docs/artifact.md's
+  // "Validation" says, every member's size and sha256), checks that this machine can run its library (the
+  // architecture of the manifest and of the ELF file, the CPU features it lists), then loads the library. Throws
+  // Error naming the file (and the manifest field) before loading anything from a damaged or foreign file.
   // Inference runs on `num_threads` threads, from 1 to AvailableCores().size() (default: all of them);
   // another count throws Error.
   static Model Load(const std::string& path, std::optional<int> num_threads = std::nullopt);
@@ -65,7 +76,10 @@ class Model {
   bool NpuSimulated() const;          // NPU regions run as a simulation on the host CPU
   int NumThreads() const;             // the threads its parallel kernels run on
 
-  // Runs the program on NumThreads() threads. Inputs in the manifest's order; each must match its shape; a
+  // Throws Error unless the model takes `count` inputs.
+  void CheckInputCount(size_t count) const;
+
+  // Runs the program on NumThreads() threads; safe to call from many threads at once (see the top of this file). Inputs in the manifest's order; each must match its shape; a
   // float32 input is quantized per the manifest, an input of the program's integer dtype is taken as raw.
   // Returns the raw outputs.
   std::vector<HostTensor> Run(const std::vector<HostTensor>& inputs) const;

@@ -65,6 +65,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from models import float_onnx, ort_quantize_static, random_batches, torchvision_model  # noqa: E402
+
 from edgeq.compile import CompileResult, compile_model  # noqa: E402
 from edgeq.compile.cpu_features import dot_product, dot_product_features, host_target  # noqa: E402
 from edgeq.export import to_onnx  # noqa: E402
@@ -73,7 +75,6 @@ from edgeq.quantization import calibrate, convert_fx  # noqa: E402
 from edgeq.quantization.integer_model import IntegerModel  # noqa: E402
 from edgeq.tune import tune_model  # noqa: E402
 from edgeq_runtime import Model  # noqa: E402
-from models import float_onnx, ort_quantize_static, random_batches, torchvision_model  # noqa: E402
 
 THREADS = 2
 EDGEQ_MODELS = ("resnet18", "mobilenet_v2", "mobilenet_v3_small")

@@ -30,9 +30,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from models import integer_model, torchvision_model  # noqa: E402
+
 from edgeq.export import build_onnx  # noqa: E402
 from edgeq.export.peer import PEER_PATHS, PeerPath, peer_path, per_op_differences, session  # noqa: E402
-from models import integer_model, torchvision_model  # noqa: E402
 
 
 def digits_model(target: str, images: int) -> tuple:

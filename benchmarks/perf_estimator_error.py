@@ -35,12 +35,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from models import integer_model, torchvision_model  # noqa: E402
+
 from edgeq.compile import compile_model  # noqa: E402
 from edgeq.compile.compiled_graph import CompiledGraph  # noqa: E402
 from edgeq.perf.calibrate import calibrate_alongside  # noqa: E402
 from edgeq.perf.estimate import estimate  # noqa: E402
 from edgeq.targets import load_target  # noqa: E402
-from models import integer_model, torchvision_model  # noqa: E402
 
 TARGET = "x86_64-native"
 

@@ -25,8 +25,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from edgeq.quantization import FakeQuantState, prepare_qat_fx, set_fake_quantize  # noqa: E402
 from models import Wrapped  # noqa: E402
+
+from edgeq.quantization import FakeQuantState, prepare_qat_fx, set_fake_quantize  # noqa: E402
 
 
 def step_seconds(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor) -> float:

@@ -43,8 +43,9 @@ def digits_integer_model(tmp_path_factory):
 def functional_ops_npu_s(tmp_path_factory):
     """FunctionalOps for npu-s, compiled (simulated): NPU regions, CPU fallbacks (grouped conv, split, transpose)
     and transitions between them. (float model, integer model, a batch of 4 samples, CompileResult)."""
-    from edgeq.compile import compile_model
     from models import FunctionalOps, integer_model
+
+    from edgeq.compile import compile_model
 
     torch.manual_seed(0)
     samples = torch.randn(4, 3, 8, 8)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import numpy_helper
-
 from reference import conv2d_accumulate, matmul_accumulate, round_shift, window_view
 
 _RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}

@@ -12,9 +12,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import tvm_ffi
-from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic
 import torch.nn.functional as F
+import tvm_ffi
+from models import float_onnx, ort_quantize_static, random_batches, rewrite_artifact
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic
+from qdq_reference import run_qdq_reference
 from torch import nn
 
 from edgeq.compile import CompileResult, compile_model
@@ -22,14 +24,12 @@ from edgeq.compile.artifact import LIBRARY
 from edgeq.compile.int8_activations import as_int8_activations
 from edgeq.errors import ModelFileError
 from edgeq.export.onnx_reader import load_onnx
-from edgeq.export.qoperator import qdq_from_qoperator
 from edgeq.export.peer import session
+from edgeq.export.qoperator import qdq_from_qoperator
 from edgeq.run import run_artifact
 from edgeq_runtime import Model
 from edgeq_runtime.model import aligned
 from edgeq_runtime.vm import load_vm
-from models import float_onnx, ort_quantize_static, random_batches, rewrite_artifact
-from qdq_reference import run_qdq_reference
 
 INPUT_SHAPE = (1, 3, 32, 32)
 

@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from models import ConvBnSiLU, SmallCNN, with_batchnorm_statistics
 from torch import nn
 
 from edgeq.check import check_model
@@ -25,7 +26,6 @@ from edgeq.quantization import (
     set_fake_quantize,
 )
 from edgeq.quantization.capture import CAPTURE_ATTRIBUTE, Capture
-from models import ConvBnSiLU, SmallCNN, with_batchnorm_statistics
 
 SHAPE = (3, 8, 8)
 

@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from models import SmallCNN, Wrapped, calibrate, float_onnx, integer_model, ort_quantize_static, random_batches, torchvision_model
 from onnx import helper
 from rich.console import Console
 from torch import nn
@@ -20,7 +21,6 @@ from edgeq.cli import EXIT_ERROR, EXIT_NOT_DEPLOYABLE, main
 from edgeq.errors import EdgeqError, TargetError
 from edgeq.export import save_torchscript, to_onnx, trace
 from edgeq.quantization import default_calib_int32_output_qconfig, default_calib_qconfig
-from models import SmallCNN, Wrapped, calibrate, float_onnx, integer_model, ort_quantize_static, random_batches, torchvision_model
 
 
 def image(size: int = 16, channels: int = 8) -> torch.Tensor:

@@ -9,7 +9,20 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 import tvm
+from models import (
+    BilinearResizes,
+    FunctionalOps,
+    GroupedBlock,
+    SmallCNN,
+    SqueezeExcitationBlock,
+    Wrapped,
+    calibrate,
+    integer_model,
+    torchvision_model,
+    with_batchnorm_statistics,
+)
 from torch import nn
 from tvm import relax
 
@@ -21,13 +34,8 @@ from edgeq.errors import CompileError, TargetError
 from edgeq.export import to_onnx
 from edgeq.export.onnx_reader import load_onnx
 from edgeq.export.onnx_writer import build_onnx
-from edgeq_runtime import Model
-import torch.nn.functional as F
 from edgeq.quantization import DeQuantStub, FakeQuantState, QuantStub, convert_fx, default_qat_qconfig, prepare_qat_fx, set_fake_quantize
-from models import (
-    BilinearResizes, FunctionalOps, GroupedBlock, SmallCNN, SqueezeExcitationBlock, Wrapped, calibrate, integer_model,
-    torchvision_model, with_batchnorm_statistics,
-)
+from edgeq_runtime import Model
 
 
 def as_tuple(value):

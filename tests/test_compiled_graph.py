@@ -8,13 +8,13 @@ import zipfile
 
 import pytest
 import torch
+from models import SmallCNN, Wrapped, integer_model
 from torch import nn
 
 from edgeq.compile import compile_model
 from edgeq.compile.compiled_graph import SCHEMA_VERSION, CompiledGraph, CompiledGraphError, load_compiled_graph
 from edgeq.compile.cpu_features import dot_product, host_target
 from edgeq.errors import EdgeqError
-from models import SmallCNN, Wrapped, integer_model
 
 
 @pytest.fixture(scope="module")

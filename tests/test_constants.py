@@ -10,6 +10,8 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from models import assert_within_float_region_bound, integer_model
+from reference import run_reference
 from torch import nn
 
 from edgeq.check import check_model
@@ -23,8 +25,6 @@ from edgeq.quantization.prepare import FloatFallbackWarning
 from edgeq.quantization.qat_modules import LeaveFloat
 from edgeq.run import run_artifact
 from edgeq_runtime import Model
-from models import assert_within_float_region_bound, integer_model
-from reference import run_reference
 
 DIM, PATCHES = 16, 4
 EXAMPLE = torch.randn(1, 3, 8, 8)

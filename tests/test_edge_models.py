@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 import torch
 import torch.fx as fx
+from models import YoloStyleDetector, assert_within_float_region_bound, calibrate, torchvision_model, with_batchnorm_statistics
+from reference import run_reference
 
 from edgeq.check import check_model
 from edgeq.check.report import FLOAT_PLACEMENT, Placement
 from edgeq.compile import compile_model
 from edgeq.export import to_onnx
 from edgeq.quantization import convert_fx
+from edgeq.quantization.capture import CAPTURE_ATTRIBUTE, Capture
 from edgeq.quantization.prepare import FloatFallbackWarning
 from edgeq_runtime import Model
-from edgeq.quantization.capture import CAPTURE_ATTRIBUTE, Capture
-from models import YoloStyleDetector, assert_within_float_region_bound, calibrate, torchvision_model, with_batchnorm_statistics
-from reference import run_reference
 
 SIZE = 64
 """Below 224: vgg11's adaptive pooling from 2x2 to 7x7 has windows of different sizes."""

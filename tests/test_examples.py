@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import load_example
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,13 +12,12 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from models import SPPF, BilinearResizes, FunctionalOps, SmallCNN, Wrapped, float_onnx, integer_model, ort_quantize_static, random_batches, torchvision_model
 from onnx import helper, numpy_helper
 from torch import nn
 
 from edgeq.errors import ExportError, ModelFileError
 from edgeq.export import OPSET, build_onnx, load_model_file, load_onnx, load_torchscript, save_torchscript, to_onnx, trace
-from edgeq.quantization import DeQuantStub, QuantStub
-from models import SPPF, BilinearResizes, FunctionalOps, SmallCNN, Wrapped, float_onnx, integer_model, ort_quantize_static, random_batches, torchvision_model
 from edgeq.export.peer import (
     PRECISE_INT8,
     onnx_runtime_int8_is_exact,
@@ -28,6 +27,7 @@ from edgeq.export.peer import (
     session,
     steps_apart,
 )
+from edgeq.quantization import DeQuantStub, QuantStub
 
 
 @pytest.fixture(scope="module")
@@ -298,8 +298,8 @@ def test_plain_torch_jit_trace_has_no_description(small, tmp_path):
 @pytest.fixture(scope="module")
 def ort_quantized(tmp_path_factory):
     """ONNX Runtime's quantize_static output (QDQ) for resnet18 and mobilenet_v2, two configurations each."""
-    from onnxruntime.quantization import QuantType
     import torchvision
+    from onnxruntime.quantization import QuantType
 
     folder = tmp_path_factory.mktemp("ort")
     files = {}

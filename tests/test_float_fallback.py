@@ -12,6 +12,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from models import assert_within_float_region_bound, integer_model
 from torch import nn
 
 from edgeq.check import check_model
@@ -24,7 +25,6 @@ from edgeq.quantization import DeQuantStub, QuantStub, default_calib_qconfig, pr
 from edgeq.quantization.prepare import FloatFallbackWarning
 from edgeq.run import run_artifact
 from edgeq_runtime import Model
-from models import assert_within_float_region_bound, integer_model
 
 
 class _Head(nn.Module):

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from models import FunctionalOps, integer_model
 
 from edgeq.cli import main
 from edgeq.compile import compile_model
@@ -27,7 +28,6 @@ from edgeq.errors import EdgeqError
 from edgeq.export import to_onnx
 from edgeq.targets import load_target
 from edgeq_runtime import ArtifactError, Model
-from models import FunctionalOps, integer_model
 
 REPO = Path(__file__).resolve().parent.parent
 EDGEQ_RUN = REPO / "runtime" / "cpp" / "build" / "x86_64" / "edgeq-run"

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import SmallCNN, integer_model
 
 from edgeq.cli import EXIT_ERROR, main
 from edgeq.compile import compile_model
 from edgeq.errors import OutputFileError
 from edgeq.export import to_onnx
 from edgeq.fileio import atomic_write
-from models import SmallCNN, integer_model
 
 EXIT_USAGE = 2
 DEV_NULL = Path("/dev/null")

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from models import FunctionalOps, integer_model, rewrite_artifact
 
 from edgeq.compile import compile_model
 from edgeq.compile.artifact import LIBRARY
-from models import FunctionalOps, integer_model, rewrite_artifact
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "runtime" / "cpp" / "build"

@@ -12,16 +12,31 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import SmallCNN, integer_model
 
 from edgeq.compile import compile_model
 from edgeq.compile.cpu_features import AVX2, VNNI
 from edgeq.perf.calibrate import (
-    PROBE_TOLERANCE, Calibration, CalibrationRun, Timing, apart, cache_path, calibrate_alongside, cached_calibration,
-    calibration_key, holds, host_arch, host_figures, kernel_fingerprint, later_over_earlier, probe, probe_path, save_calibration,
+    PROBE_TOLERANCE,
+    Calibration,
+    CalibrationRun,
+    Timing,
+    apart,
+    cache_path,
+    cached_calibration,
+    calibrate_alongside,
+    calibration_key,
+    holds,
+    host_arch,
+    host_figures,
+    kernel_fingerprint,
+    later_over_earlier,
+    probe,
+    probe_path,
+    save_calibration,
 )
 from edgeq.perf.measure import CpuTimes, measure, others_share
 from edgeq.targets import TargetKind, list_targets
-from models import SmallCNN, integer_model
 
 calibration_module = importlib.import_module("edgeq.perf.calibrate")  # the module (edgeq.perf.calibrate is also a function)
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from models import FunctionalOps, integer_model, rewrite_artifact
 
 from edgeq.cli import main
 from edgeq.compile import compile_model
 from edgeq_runtime import SCHEMA_VERSION, ArtifactError, Model, cpu
 from edgeq_runtime.manifest import SCHEMA, field
-from models import FunctionalOps, integer_model, rewrite_artifact
 
 SHAPE = (2, 3, 8, 8)
 X86_FEATURES = SCHEMA["properties"]["library"]["allOf"][0]["then"]["properties"]["cpu_features"]["items"]["enum"]

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import evaluate_op
 
 from edgeq.errors import QuantizationError
 from edgeq.numerics import FixedPointMultiplier, bilinear_multiplier, bilinear_taps, lookup_table, quantize_multiplier
 from edgeq.ops import LOOKUP_TABLE_OPS, Op
 from edgeq.quantization import integer_ops as ops
-from reference import evaluate_op
 
 RNG = np.random.default_rng(2024)
 

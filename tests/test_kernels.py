@@ -7,20 +7,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from reference import requantize_channels, saturate8
 from tvm import relax, s_tir
 from tvm.script import relax as R
 
+from edgeq import numerics
+from edgeq.compile import schedules
 from edgeq.compile.codegen import Machine, build_library
 from edgeq.compile.cpu_features import dot_product, dot_product_features, host_target
 from edgeq.compile.lower_integer import Conv2dSettings, _requantize, integer_accumulator
-from edgeq.compile import schedules
-from edgeq.compile.select_kernels import select_kernels
 from edgeq.compile.schedules import SCHEDULES, TUNABLE, classify, design_space
+from edgeq.compile.select_kernels import select_kernels
 from edgeq.compile.tuning_records import as_workload
-from edgeq import numerics
 from edgeq.numerics import conv_multipliers
 from edgeq.targets import load_target
-from reference import requantize_channels, saturate8
 
 HERE = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
 HERE_DOT = dot_product(tvm.target.Target(HERE))

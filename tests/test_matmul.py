@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from models import DIM, HEADS, TOKENS, AttentionBlock, assert_within_float_region_bound, integer_model
+from reference import run_reference
 from torch import nn
 
 from edgeq.check import Placement, check_model
@@ -23,8 +25,6 @@ from edgeq.quantization.prepare import FloatFallbackWarning
 from edgeq.quantization.qat_modules import MatMul
 from edgeq.run import run_artifact
 from edgeq_runtime import Model
-from models import DIM, HEADS, TOKENS, AttentionBlock, assert_within_float_region_bound, integer_model
-from reference import run_reference
 
 EXAMPLE = torch.randn(2, TOKENS, DIM)
 

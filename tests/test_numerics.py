@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from reference import quantize as reference_quantize
+from reference import round_shift
 
 from edgeq import numerics as nx
 from edgeq.errors import QuantizationError
-from reference import quantize as reference_quantize
-from reference import round_shift
 
 RNG = np.random.default_rng(1234)
 

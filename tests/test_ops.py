@@ -7,6 +7,7 @@ import tomllib
 import pytest
 import torch
 import torch.nn.functional as F
+from models import integer_model
 from onnx import helper
 from torch import nn
 
@@ -24,7 +25,6 @@ from edgeq.quantization import DeQuantStub, QuantStub
 from edgeq.quantization.patterns import OpKind
 from edgeq.quantization.prepare import EMITTERS
 from edgeq.targets import NPU_LIMITS, NpuRules, Target, TargetKind, list_targets
-from models import integer_model
 
 LAYERS = (edgeq.check, edgeq.compile.lower_integer, edgeq.compile.requantization, edgeq.export.onnx_writer, edgeq.quantization.convert)
 """Imported for their tables (each layer registers its pieces when imported)."""

@@ -10,24 +10,43 @@ import math
 
 import pytest
 import torch
+from models import BilinearResizes, SmallCNN, Wrapped, integer_model
 from torch import nn
 
 import edgeq
 from edgeq.compile import compile_model
 from edgeq.compile.compiled_graph import CompiledGraphError
 from edgeq.compile.cpu_features import DOT_PRODUCTS, dot_product, host_target
+from edgeq.compile.layout_plan import is_blocked
 from edgeq.errors import EdgeqError, TargetError
 from edgeq.perf.calibrate import (
-    Calibration, Timing, _fastest, cached_calibration, calibrate_alongside, calibration_key, cpu_model, fit_nonnegative, host_arch, host_figures, probe,
-    probe_path, save_calibration,
+    Calibration,
+    Timing,
+    _fastest,
+    cached_calibration,
+    calibrate_alongside,
+    calibration_key,
+    cpu_model,
+    fit_nonnegative,
+    host_arch,
+    host_figures,
+    probe,
+    probe_path,
+    save_calibration,
 )
-from edgeq.compile.layout_plan import is_blocked
 from edgeq.perf.estimate import (
-    CPU_RATES, cpu_work, fused_into_producer, host_dot_product, lane_occupancy, mac_class, mac_utilisation, memory_rate, spill_bytes,
+    CPU_RATES,
+    cpu_work,
+    fused_into_producer,
+    host_dot_product,
+    lane_occupancy,
+    mac_class,
+    mac_utilisation,
+    memory_rate,
+    spill_bytes,
 )
 from edgeq.perf.measure import hook_cost, measure
 from edgeq.targets import TargetKind, list_targets, load_target
-from models import BilinearResizes, SmallCNN, Wrapped, integer_model
 
 calibration_module = importlib.import_module("edgeq.perf.calibrate")  # the module (edgeq.perf.calibrate is also a function)
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from models import DIM, HEADS, TOKENS, AttentionBlock, BilinearResizes, FunctionalOps, GeluBlocks, SmallCNN, calibrate, integer_model
+from reference import run_reference
 from torch import nn
 
 from edgeq.errors import QuantizationError, TraceError, UnsupportedOpError
-from edgeq.quantization.prepare import FloatFallbackWarning
 from edgeq.numerics import is_power_of_two
 from edgeq.quantization import (
     DeQuantStub,
@@ -29,9 +30,8 @@ from edgeq.quantization import (
 from edgeq.quantization import calibrate as edgeq_calibrate
 from edgeq.quantization import integer_ops as ops
 from edgeq.quantization.observers import HistogramObserver, MinMaxObserver
+from edgeq.quantization.prepare import FloatFallbackWarning
 from edgeq.quantization.qat_modules import ConvAct2d, Requantizing
-from models import DIM, HEADS, TOKENS, AttentionBlock, BilinearResizes, FunctionalOps, GeluBlocks, SmallCNN, calibrate, integer_model
-from reference import run_reference
 
 
 def digits_like(batch: int = 8) -> torch.Tensor:

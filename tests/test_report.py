@@ -11,13 +11,13 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 import torch
+from models import SmallCNN, integer_model
 from PIL import Image
 
 from edgeq.cli import main
 from edgeq.errors import QuantizationError
 from edgeq.perf import perf_model
 from edgeq.report import COSINE_FLOOR, layer_accuracy, render_report, write_report
-from models import SmallCNN, integer_model
 
 
 @pytest.fixture(scope="module")

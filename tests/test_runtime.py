@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from models import FunctionalOps, integer_model, rewrite_artifact, torchvision_model
 
 from edgeq.cli import main
 from edgeq.compile import compile_model
@@ -23,7 +24,6 @@ from edgeq.compile.artifact import LIBRARY
 from edgeq_runtime import ArtifactError, Model
 from edgeq_runtime.model import TensorInfo
 from edgeq_runtime.vm import POOL_SPIN_COUNT, RuntimeLibraryError, available_cores, pool_threads
-from models import FunctionalOps, integer_model, rewrite_artifact, torchvision_model
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "runtime" / "cpp" / "build"

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from models import calibrate, torchvision_model
+from reference import run_reference
 
 from edgeq.quantization import FakeQuantState, convert_fx, default_qat_qconfig, prepare_qat_fx, set_fake_quantize
 from edgeq.quantization.integer_ops import IntConv2d
-from models import calibrate, torchvision_model
-from reference import run_reference
 
 MODELS = ["resnet18", "mobilenet_v2", "shufflenet_v2_x1_0"]
 SIZE = 64

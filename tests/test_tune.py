@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from models import SmallCNN, integer_model
 
 from edgeq.cli import main
 from edgeq.compile import compile_model
@@ -23,7 +24,6 @@ from edgeq.tune import Tracker, TuneError, tune_model
 from edgeq.tune.budget import TuningState
 from edgeq.tune.tasks import Task
 from edgeq_runtime import Model
-from models import SmallCNN, integer_model
 
 KEY = "edgeq-test-board"
 LIFETIME_SECONDS = 600

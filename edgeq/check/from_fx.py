@@ -14,9 +14,9 @@ import torch.fx as fx
 from torch import nn
 
 from edgeq.check.records import INPUT_PREFIX, OpRecord, foreign_op_name
+from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable
 from edgeq.quantization import qat_modules as qm
 from edgeq.quantization.graph import VALUE_KEY, TensorInfo, input_nodes, produces_tensor
-from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable
 from edgeq.quantization.patterns import MOVEMENT_OPS, OpKind, movement, op_kind
 
 _OUTSIDE_REGION = (

@@ -28,6 +28,7 @@ from edgeq.export.qdq_graph import QDQGraph
 from edgeq.numerics import accumulator_bounds, resize_align_corners
 from edgeq.ops import Op, gated_op, op_of_onnx_type
 
+
 def records_from_qdq(qdq: QDQModel) -> list[OpRecord]:
     """One record per compute node of the QDQ model, in graph order."""
     return _OnnxWalker(qdq).run()

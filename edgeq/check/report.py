@@ -18,7 +18,6 @@ from edgeq.check.records import OpRecord
 from edgeq.check.rules import RuleResult
 from edgeq.targets import Target, TargetKind
 
-
 FLOAT_PLACEMENT = "CPU (float)"
 """How reports show the CPU placement of an op that runs in float."""
 

@@ -26,7 +26,6 @@ import torch
 import tvm
 from tvm import relax
 from tvm.target.codegen import llvm_get_system_cpu
-from edgeq_runtime.names import safe_file_names
 
 from edgeq import __version__
 from edgeq.check import CheckReport, check_qdq
@@ -35,16 +34,17 @@ from edgeq.compile.codegen import Machine, build_library, build_relax_module, in
 from edgeq.compile.compiled_graph import CompiledGraph, build_compiled_graph
 from edgeq.compile.cpu_features import DotProduct, library_features
 from edgeq.compile.kernel_map import kernel_map
+from edgeq.compile.npu_program import npu_program
+from edgeq.compile.partition import Partition, TensorSpec, partition
 from edgeq.compile.pipeline import OPT_LEVELS, check_opt_level
 from edgeq.compile.schedules import TUNABLE, KernelSchedule
 from edgeq.compile.tuning_records import TuningRecords, has_records, records_folder
-from edgeq.compile.npu_program import npu_program
-from edgeq.compile.partition import Partition, TensorSpec, partition
 from edgeq.errors import CompileError
-from edgeq.fileio import refuse_input_as_output
 from edgeq.export.onnx_reader import QDQModel, read_qdq
 from edgeq.export.sources import ModelLike, quantized_form
+from edgeq.fileio import refuse_input_as_output
 from edgeq.targets import Target, TargetKind, TargetLike, host_cpu, load_target, resolve_target
+from edgeq_runtime.names import safe_file_names
 
 __all__ = ["BuildPlan", "CompileError", "CompileResult", "compile_model", "kernels_dot_product", "plan_build"]
 

@@ -22,11 +22,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from edgeq_runtime.artifact import MANIFEST
-from edgeq_runtime.manifest import SCHEMA_VERSION, ManifestError, parse_manifest
-
 from edgeq.errors import CompileError
 from edgeq.fileio import atomic_write
+from edgeq_runtime.artifact import MANIFEST
+from edgeq_runtime.manifest import SCHEMA_VERSION, ManifestError, parse_manifest
 
 LIBRARY = "model.so"
 NPU_PROGRAM = "npu_program.json"

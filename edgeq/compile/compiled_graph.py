@@ -22,9 +22,9 @@ import onnx
 from edgeq.check.records import OpRecord
 from edgeq.check.report import CheckReport, NodeReport
 from edgeq.compile.partition import Partition, TensorSpec, graph_of
+from edgeq.compile.requantization import Requantization, requantization
 from edgeq.errors import EdgeqError
 from edgeq.export.onnx_reader import QDQModel, QuantParams, node_attributes, node_name
-from edgeq.compile.requantization import Requantization, requantization
 
 SCHEMA_VERSION = 3
 """Version of :meth:`CompiledGraph.to_dict`'s layout; :meth:`CompiledGraph.from_dict` refuses others."""
@@ -226,9 +226,8 @@ def load_compiled_graph(artifact: str | Path) -> CompiledGraph:
         CompiledGraphError: the file is missing, not an artifact, damaged, has no ``graph.json``, or a graph of
             another schema version.
     """
-    from edgeq_runtime import Artifact, ArtifactError
-
     from edgeq.compile.artifact import GRAPH
+    from edgeq_runtime import Artifact, ArtifactError
 
     try:
         members = Artifact.read(artifact).members

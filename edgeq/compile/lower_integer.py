@@ -28,12 +28,11 @@ from tvm import relax
 from tvm.relax import op as R
 from tvm.relax.dpl import DFPattern, is_const, is_op, is_tuple_get_item, rewrite_call, wildcard
 
-from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable
 from edgeq.numerics import (
     ACTIVATION_QMAX,
     ACTIVATION_QMIN,
-    FixedPointMultiplier,
     BilinearTaps,
+    FixedPointMultiplier,
     accumulator_bounds,
     bias_joins_accumulator,
     bias_with_input_zero_point,
@@ -52,7 +51,7 @@ from edgeq.numerics import (
     real_multiplier,
     resize_align_corners,
 )
-
+from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable
 
 # ---- reading constants and quantization parameters --------------------------------------------------------------
 

@@ -24,10 +24,10 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 
 from edgeq.compile.cpu_features import dot_product
+from edgeq.compile.fusion_patterns import fusion_patterns
 from edgeq.compile.layout_plan import plan_layouts
 from edgeq.compile.lower_integer import lower_to_integer
 from edgeq.compile.schedules import TunedSchedules, schedule_kernels
-from edgeq.compile.fusion_patterns import fusion_patterns
 from edgeq.compile.select_kernels import select_kernels
 from edgeq.errors import CompileError
 

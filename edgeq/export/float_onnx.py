@@ -25,7 +25,6 @@ from edgeq.errors import ExportError
 from edgeq.quantization.graph import VALUE_KEY
 from edgeq.quantization.patterns import argument
 
-
 FLOAT_FALLBACK_DOC = "float fallback: "
 """Start of the ``doc_string`` of every float node written here; the rest names the op and the reason."""
 

@@ -31,6 +31,7 @@ from edgeq.export.qoperator import is_qoperator, qdq_from_qoperator
 from edgeq.numerics import bias_joins_accumulator, bias_scales, int8_zero_point
 from edgeq.ops import Op, gated_op, op_of_onnx_type
 
+
 @dataclass(frozen=True)
 class QuantParams:
     """How a quantized tensor maps to real numbers: ``real = (q - zero_point) * scale``, per tensor or along

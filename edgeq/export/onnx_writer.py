@@ -29,13 +29,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeq import __version__
 from edgeq.errors import ExportError
+from edgeq.export.float_onnx import emit_float_op
 from edgeq.fileio import atomic_write
 from edgeq.numerics import bias_scales
 from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable
 from edgeq.quantization import integer_ops as ops
 from edgeq.quantization.graph import record_values
 from edgeq.quantization.integer_model import IntegerModel
-from edgeq.export.float_onnx import emit_float_op
 from edgeq.quantization.patterns import Movement, OpKind, movement, op_kind, permutation, split_axis
 from edgeq.quantization.qat_modules import CONSTANT_KEY, FLOAT_REASON_KEY
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Sequence
-from typing import List
 from pathlib import Path
+from typing import List
 
 import torch
 from torch import nn

@@ -17,12 +17,12 @@ from torch import nn
 from edgeq.compile.compiled_graph import CompiledGraph
 from edgeq.compile.graph_source import compiled_graph_of
 from edgeq.errors import EdgeqError
-from edgeq.fileio import make_folder
 from edgeq.export.sources import ModelLike
-from edgeq.quantization.integer_model import IntegerModel
+from edgeq.fileio import make_folder
 from edgeq.perf.calibrate import Calibration, calibrate, host_figures
 from edgeq.perf.estimate import estimate
 from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
+from edgeq.quantization.integer_model import IntegerModel
 from edgeq.targets import Target, TargetLike, host_cpu, load_target
 
 __all__ = [

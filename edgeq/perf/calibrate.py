@@ -56,7 +56,13 @@ from edgeq.compile.cpu_features import DOT_PRODUCTS
 from edgeq.fileio import atomic_write, cache_dir, slug
 from edgeq.perf.estimate import CPU_RATES, MAC_OPS, cpu_work, memory_priced, moves_blocked_tensors
 from edgeq.perf.measure import (
-    Measurement, cpu_times, measure_together, measurement_threads, others_share, probe_latency, vm_invocation,
+    Measurement,
+    cpu_times,
+    measure_together,
+    measurement_threads,
+    others_share,
+    probe_latency,
+    vm_invocation,
 )
 from edgeq.targets import CpuFigures, Target
 

@@ -171,6 +171,7 @@ def _loaded(artifact: str | Path, library: Path) -> tuple[CompiledGraph, Any, li
         CompiledGraphError: the artifact cannot be read.
     """
     import tvm
+
     from edgeq_runtime import Artifact
 
     graph = load_compiled_graph(artifact)
@@ -193,8 +194,9 @@ def probe_latency(artifact: str | Path) -> float:
         CompiledGraphError: the artifact cannot be read.
     """
     import tvm
-    from edgeq_runtime.vm import use_threads
     from tvm import relax
+
+    from edgeq_runtime.vm import use_threads
 
     use_threads(measurement_threads())
     with tempfile.TemporaryDirectory(prefix="edgeq-probe-") as folder:

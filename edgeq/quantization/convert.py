@@ -37,6 +37,7 @@ from edgeq.numerics import (
     real_multiplier,
     relu6_ceiling,
 )
+from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable
 from edgeq.quantization.fake_quantize import weight_scales
 from edgeq.quantization.graph import getattr_path, input_nodes
 from edgeq.quantization.integer_model import IntegerModel
@@ -60,7 +61,6 @@ from edgeq.quantization.integer_ops import (
     IntUpsampleNearest2d,
     TensorQuant,
 )
-from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable
 from edgeq.quantization.patterns import OpKind, op_kind
 from edgeq.quantization.prepare import TARGET_ATTRIBUTE, is_prepared
 from edgeq.quantization.qat_modules import (

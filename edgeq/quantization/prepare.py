@@ -50,14 +50,14 @@ from edgeq.quantization.graph import (
 )
 from edgeq.quantization.patterns import SUPPORTED_OPS, OpKind, argument, op_kind, pair, table_op
 from edgeq.quantization.qat_modules import (
+    CONSTANT_KEY,
+    FLOAT_REASON_KEY,
     Activation,
     AddAct,
     AvgPool2d,
     Clamp,
     Concat,
     ConvAct2d,
-    CONSTANT_KEY,
-    FLOAT_REASON_KEY,
     DequantizeOutput,
     EnterFloat,
     GlobalAvgPool2d,

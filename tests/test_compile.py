@@ -465,12 +465,15 @@ def test_artifact_contents(small_artifact):
     assert names == ["manifest.json", "model.so", "npu_program.json", "graph.json", "check.json"]
     assert all(i.compress_type == zipfile.ZIP_STORED for i in archive.infolist())
     manifest = json.loads(archive.read("manifest.json"))
-    assert manifest["schema_version"] == 1 and manifest["edgeq_version"] and manifest["tvm_version"].startswith("0.27")
+    assert manifest["schema_version"] == 2 and manifest["edgeq_version"] and manifest["tvm_version"].startswith("0.27")
     assert manifest["target"] == {"name": "npu-s", "kind": "npu", "host": "aarch64"}
     assert manifest["npu_execution"] == "simulated"
     assert manifest["inputs"] == [
-        {"name": "x", "shape": [2, 1, 8, 8], "dtype": "int8", "quant": {"scale": [1 / 128], "zero_point": [0], "axis": None}, "quantizer": "quantize_input0"}
+        {"name": "x", "file": "x", "shape": [2, 1, 8, 8], "dtype": "int8", "quant": {"scale": [1 / 128], "zero_point": [0], "axis": None},
+         "quantizer": "quantize_input0"}
     ]
+    features = manifest["library"]["cpu_features"]  # simulated: this machine's CPU, every x86-64 one has SSE4.2
+    assert manifest["library"]["arch"] == "x86_64" and "sse4_2" in features and features == sorted(features)
     assert manifest["placement"]["verdict"] == "NPU-ready: every op runs on npu-s"
     import hashlib
 

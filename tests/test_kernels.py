@@ -15,7 +15,7 @@ from edgeq import numerics
 from edgeq.compile import schedules
 from edgeq.compile.codegen import Machine, build_library
 from edgeq.compile.cpu_features import dot_product, dot_product_features, host_target
-from edgeq.compile.lower_integer import Conv2dSettings, _requantize, integer_accumulator
+from edgeq.compile.integer_relax import Conv2dSettings, integer_accumulator, requantize
 from edgeq.compile.schedules import SCHEDULES, TUNABLE, classify, design_space
 from edgeq.compile.select_kernels import select_kernels
 from edgeq.compile.tuning_records import as_workload
@@ -42,7 +42,7 @@ def kernel_module(shape, out_channels, kernel=3, stride=1, pad=1, groups=1, dens
     with builder.function("main", [source]):
         with builder.dataflow():
             acc = integer_accumulator(source, weights, bias, conv)
-            output = builder.emit_output(epilogue(_requantize(acc, multipliers, len(shape), len(shape) - 1 if dense else 1)))
+            output = builder.emit_output(epilogue(requantize(acc, multipliers, len(shape), len(shape) - 1 if dense else 1)))
         builder.emit_func_output(output)
     return builder.get()
 
@@ -98,9 +98,9 @@ CPU without AVX-VNNI, as AMD Zen 4 is), so that a machine with it runs that CPU'
 @pytest.mark.parametrize("case", [case for case in CASES if case.startswith(("depthwise", "grouped")) or case == "conv2d"])
 def test_every_dot_product_this_cpu_runs_is_exact(cpu, case, tmp_path):
     """The kernels built for each x86 dot product (and its depthwise form) this machine can run equal the
-    unscheduled program: the schedules of the CPUs it has but is not built for are run too. Built as the x86_64
-    target builds (its ``mattr``: without AMD's SSE4a, which Intel CPUs lack)."""
-    target = {**HERE, "mcpu": cpu, "mattr": list(load_target("x86_64").llvm.mattr)}
+    unscheduled program: the schedules of the CPUs it has but is not built for are run too. Built as the
+    x86_64-native target builds (its ``mattr``: without AMD's SSE4a, which Intel CPUs lack)."""
+    target = {**HERE, "mcpu": cpu, "mattr": list(load_target("x86_64-native").llvm.mattr)}
     if not set(dot_product_features(tvm.target.Target(target))) <= set(dot_product_features(host_target())):
         pytest.skip(f"this machine cannot run code for {cpu}")
     arguments, schedule = CASES[case]
@@ -210,7 +210,7 @@ def depthwise_after_conv(shape=(1, 16, 10, 10), channels=64):
         weights = rng.integers(-128, 128, (channels, 1, 3, 3), dtype=np.int8)
         bias = rng.integers(-5000, 5000, channels, dtype=np.int32)
         acc = integer_accumulator(q, weights, bias, Conv2dSettings((1, 1), (1,) * 4, (1, 1), channels))
-        return _requantize(acc, conv_multipliers(0.1, list(rng.uniform(0.001, 0.01, channels)), 0.1, what="test"), 4, 1)
+        return requantize(acc, conv_multipliers(0.1, list(rng.uniform(0.001, 0.01, channels)), 0.1, what="test"), 4, 1)
 
     return kernel_module(shape, channels, epilogue=depthwise)
 
@@ -289,11 +289,11 @@ def test_depthwise_kernels_use_the_cpus_dot_product(target, instruction):
 def test_x86_kernels_have_no_legacy_sse_instructions_amid_avx():
     """On AMD CPUs LLVM widens a ReLU's int8 output (read by a global pool) with SSE4a's ``extrq``, which has no
     VEX form: amid 256-bit AVX code it took ~125 ns per instruction on a Zen 3 VM (the kernel 4x slower). The
-    x86_64 target turns SSE4a off."""
+    x86_64-native target turns SSE4a off (the x86_64 target's x86-64-v3 has none)."""
     widened_relu = kernel_module((1, 32, 8, 8), 32, epilogue=lambda q: R.astype(R.maximum(q, relax.const(0, "int8")), "int32"))
     znver3 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3"}
     assert "extrq" in assembly(znver3, widened_relu)  # what LLVM picks without the target's setting
-    assert "extrq" not in assembly({**znver3, "mattr": list(load_target("x86_64").llvm.mattr)}, widened_relu)
+    assert "extrq" not in assembly({**znver3, "mattr": list(load_target("x86_64-native").llvm.mattr)}, widened_relu)
 
 
 def test_dot_product_comes_from_cpu_features():
@@ -313,13 +313,13 @@ def test_dot_product_features_of_a_cpu_and_of_this_machine():
 
 
 def requantize_module(channels: int, multipliers, zero_point: int, bounds: list[int]):
-    """``_requantize`` of an int32 NCHW accumulator, per channel, as the lowering writes it for ``bounds`` (one per
+    """``requantize`` of an int32 NCHW accumulator, per channel, as the lowering writes it for ``bounds`` (one per
     channel)."""
     source = relax.Var("acc", relax.TensorType([1, channels, 4, 64], "int32"))
     builder = relax.BlockBuilder()
     with builder.function("main", [source]):
         with builder.dataflow():
-            output = builder.emit_output(_requantize(source, multipliers, 4, 1, zero_point, bounds))
+            output = builder.emit_output(requantize(source, multipliers, 4, 1, zero_point, bounds))
         builder.emit_func_output(output)
     return builder.get()
 
@@ -332,9 +332,10 @@ float64 holds there (the rounded product is the tie, which rounds to 0)."""
 @pytest.mark.parametrize("fits", [True, False], ids=["float64 form", "int64 form"])
 def test_requantization_in_float64_is_exact_up_to_its_bound(fits, tmp_path):
     """Where every channel's ``bound * M < 2**53`` the epilogue rounds a float64 product (docs/numerics.md section
-    6; here by adding ``1.5 * 2**52``, :func:`edgeq.compile.kernels.round_to_int32`), else it shifts an int64 one; both equal the int64 reference on exact ties and at each channel's largest
-    accumulators, and the int64 form where float64 would be one step off. Channels are checked one by one: the
-    largest bound times the largest multiplier is past 2**53 here."""
+    6; here by adding ``1.5 * 2**52``, :func:`edgeq.compile.kernels.round_to_int32`), else it shifts an int64 one;
+    both equal the int64 reference on exact ties and at each channel's largest accumulators, and the int64 form
+    where float64 would be one step off. Channels are checked one by one: the largest bound times the largest
+    multiplier is past 2**53 here."""
     multipliers = [
         numerics.FixedPointMultiplier(2**30, 31),  # acc / 2: a tie at every odd accumulator
         numerics.FixedPointMultiplier(2**30, 34),  # acc / 16: ties at 8 mod 16

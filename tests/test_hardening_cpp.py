@@ -25,12 +25,16 @@ from models import FunctionalOps, integer_model, rewrite_artifact
 from edgeq.compile import compile_model
 from edgeq.compile.artifact import LIBRARY
 
+pytestmark = pytest.mark.flow  # builds the C++ runtime (with AddressSanitizer too) and runs it, aarch64 under qemu
+
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "runtime" / "cpp" / "build"
 SYSROOT = ["-L", "/usr/aarch64-linux-gnu"]
 ASAN_ENV = {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0", "PATH": "/usr/bin:/bin"}
-X86_64_FEATURES = ("sse4_1", "sse4_2", "ssse3", "popcnt", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "avx512f",
-                   "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni", "avx512vbmi", "avx_vnni")
+X86_64_FEATURES = ("sse4_1", "sse4_2", "ssse3", "popcnt", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "abm", "movbe",
+                   "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni", "avx512vbmi", "avx_vnni",
+                   "avx512ifma", "avx512_vbmi2", "avx512_bitalg", "avx512_vpopcntdq", "avx512_fp16", "avx512_bf16", "gfni",
+                   "vaes", "vpclmulqdq", "sse4a", "fma4", "xop", "tbm")
 """The x86_64 names of docs/artifact.md's "CPU features" table."""
 
 
@@ -172,7 +176,8 @@ MANIFEST_RULES = {
     "empty name": (setter("inputs/0/name", ""), 'manifest.json: inputs[0].name must have 1 to 256 characters; got ""'),
     "long name": (setter("inputs/0/name", "é" * 257), "manifest.json: inputs[0].name must have 1 to 256 characters"),
     "repeated name": (_repeated("name"), 'manifest.json: outputs[1].name repeats outputs[0].name ("dequant")'),
-    "file escaping": (setter("outputs/0/file", "../escaped"), "manifest.json: outputs[0].file '../escaped' is not allowed (plain file names only: [A-Za-z0-9_][A-Za-z0-9_.-]{0,127})"),
+    "file escaping": (setter("outputs/0/file", "../escaped"),
+                      "manifest.json: outputs[0].file '../escaped' is not allowed (plain file names only: [A-Za-z0-9_][A-Za-z0-9_.-]{0,127})"),
     "file absolute": (setter("outputs/0/file", "/tmp/escaped"), "manifest.json: outputs[0].file '/tmp/escaped' is not allowed"),
     "file hidden": (setter("outputs/0/file", ".hidden"), "manifest.json: outputs[0].file '.hidden' is not allowed"),
     "file in a folder": (setter("inputs/0/file", "a/b"), "manifest.json: inputs[0].file 'a/b' is not allowed"),
@@ -196,21 +201,30 @@ MANIFEST_RULES = {
     "scale a string": (setter(SCALE, ["0.5"]), 'manifest.json: inputs[0].quant.scale[0] must be a finite positive number, also as float32; got "0.5"'),
     "scale true": (setter(SCALE, [True]), "manifest.json: inputs[0].quant.scale[0] must be a finite positive number, also as float32; got true"),
     "no scale": (setter(SCALE, []), "manifest.json: inputs[0].quant.scale must list at least one scale"),
-    "zero points fewer": (setter("inputs/0/quant/zero_point", []), "manifest.json: inputs[0].quant.zero_point must list as many zero points as there are scales (1); got 0"),
-    "zero point out of int8": (setter("inputs/0/quant/zero_point", [128]), "manifest.json: inputs[0].quant.zero_point[0] must be an integer from -128 to 127 (int8); got 128"),
-    "zero point 0.0": (setter("inputs/0/quant/zero_point", [0.0]), "manifest.json: inputs[0].quant.zero_point[0] must be an integer from -128 to 127 (int8); got 0"),
+    "zero points fewer": (setter("inputs/0/quant/zero_point", []),
+                          "manifest.json: inputs[0].quant.zero_point must list as many zero points as there are scales (1); got 0"),
+    "zero point out of int8": (setter("inputs/0/quant/zero_point", [128]),
+                               "manifest.json: inputs[0].quant.zero_point[0] must be an integer from -128 to 127 (int8); got 128"),
+    "zero point 0.0": (setter("inputs/0/quant/zero_point", [0.0]),
+                       "manifest.json: inputs[0].quant.zero_point[0] must be an integer from -128 to 127 (int8); got 0"),
     "two scales without axis": (lambda m, _: m["inputs"][0]["quant"].update(scale=[0.5] * 2, zero_point=[0] * 2),
                                 "manifest.json: inputs[0].quant.scale must list one scale when axis is null; got 2"),
-    "axis past the dimensions": (setter("inputs/0/quant/axis", 4), "manifest.json: inputs[0].quant.axis must be an integer from 0 to 3 (a dimension of the tensor); got 4"),
-    "axis negative": (setter("inputs/0/quant/axis", -1), "manifest.json: inputs[0].quant.axis must be an integer from 0 to 3 (a dimension of the tensor); got -1"),
+    "axis past the dimensions": (setter("inputs/0/quant/axis", 4),
+                                 "manifest.json: inputs[0].quant.axis must be an integer from 0 to 3 (a dimension of the tensor); got 4"),
+    "axis negative": (setter("inputs/0/quant/axis", -1),
+                      "manifest.json: inputs[0].quant.axis must be an integer from 0 to 3 (a dimension of the tensor); got -1"),
     "scales per channel miscounted": (lambda m, _: m["inputs"][0]["quant"].update(axis=1, scale=[0.5] * 2, zero_point=[0] * 2),
                                       "manifest.json: inputs[0].quant.scale must list 1 or 3 scales (shape[1]); got 2"),
-    "quantizer not an identifier": (setter("inputs/0/quantizer", "quantize input"), 'manifest.json: inputs[0].quantizer must be a function name ([A-Za-z_][A-Za-z0-9_]{0,63}); got "quantize input"'),
+    "quantizer not an identifier": (setter("inputs/0/quantizer", "quantize input"),
+                                    'manifest.json: inputs[0].quantizer must be a function name ([A-Za-z_][A-Za-z0-9_]{0,63}); got "quantize input"'),
     "quantizer too long": (setter("inputs/0/quantizer", "q" * 65), "manifest.json: inputs[0].quantizer must be a function name"),
     "quantizer of a float input": (_float_input_with_quantizer, "manifest.json: inputs[0].quantizer is for quantized inputs only (quant is null)"),
-    "quantizer of an output": (setter("outputs/0/quantizer", "quantize_input0"), "manifest.json: outputs[0].quantizer is not a known key (known: name, file, shape, dtype, quant)"),
-    "member size negative": (setter("members/check.json/size", -1), 'manifest.json: members["check.json"].size must be an integer from 0 to 2147483648; got -1'),
-    "member size true": (setter("members/check.json/size", True), 'manifest.json: members["check.json"].size must be an integer from 0 to 2147483648; got true'),
+    "quantizer of an output": (setter("outputs/0/quantizer", "quantize_input0"),
+                               "manifest.json: outputs[0].quantizer is not a known key (known: name, file, shape, dtype, quant)"),
+    "member size negative": (setter("members/check.json/size", -1),
+                             'manifest.json: members["check.json"].size must be an integer from 0 to 2147483648; got -1'),
+    "member size true": (setter("members/check.json/size", True),
+                         'manifest.json: members["check.json"].size must be an integer from 0 to 2147483648; got true'),
     "member sha256 upper case": (lambda m, _: m["members"]["check.json"].update(sha256=m["members"]["check.json"]["sha256"].upper()),
                                  'manifest.json: members["check.json"].sha256 must be 64 lowercase hexadecimal digits'),
     "member named manifest.json": (_manifest_as_member, "manifest.json: members: member name 'manifest.json' is not allowed (plain file names only"),
@@ -353,9 +367,11 @@ def test_a_feature_this_cpu_lacks_is_refused(binaries, subject, tmp_path):
 @pytest.mark.parametrize(
     "cpu, features, message",
     [
-        ("Haswell", ["avx2", "fma", "avx512_vnni"], "built for a CPU with avx512_vnni; this CPU lacks it: recompile for target x86_64 (the x86-64-v3 baseline)"),
+        ("Haswell", ["avx2", "fma", "avx512_vnni"],
+         "built for a CPU with avx512_vnni; this CPU lacks it: recompile for target x86_64 (the x86-64-v3 baseline)"),
         ("max", ["avx2", "avx512f", "avx_vnni"], "built for a CPU with avx512f, avx_vnni; this CPU lacks them: recompile for target x86_64"),
-        ("qemu64", ["avx2"], "built for a CPU with avx2; this CPU lacks it: edgeq's x86_64 target needs it too (x86-64-v3): recompile for a target of your own without it (docs/targets.md)"),
+        ("qemu64", ["avx2"], "built for a CPU with avx2; this CPU lacks it: edgeq's x86_64 target needs it too (x86-64-v3): "
+                             "recompile for a target of your own without it (docs/targets.md)"),
     ],
 )
 def test_x86_64_features_by_cpuid_under_qemu(cpu, features, message, binaries, subject, tmp_path):
@@ -404,7 +420,8 @@ NPY_LIES = {
     "other dtype": (npy_bytes("<i4", "(2, 3, 8, 8)", GOOD_DATA), "input 'x' has dtype int32; expected int8 (raw) or float32 to quantize"),
     "not a .npy file": (b"P6\n8 8\n255\n" + bytes(192), "not a .npy file"),
     "a key misspelt": (npy_bytes("<f4", "(2, 3, 8, 8)", GOOD_DATA).replace(b"fortran_order", b"fortran_o\x85der"), "bad .npy header: unknown key 'fortran_o"),
-    "a key missing": (npy_bytes("<f4", "(2, 3, 8, 8)", GOOD_DATA).replace(b"'fortran_order': False, ", b" " * 24), "bad .npy header: it needs 'descr', 'fortran_order' and 'shape'"),
+    "a key missing": (npy_bytes("<f4", "(2, 3, 8, 8)", GOOD_DATA).replace(b"'fortran_order': False, ", b" " * 24),
+                      "bad .npy header: it needs 'descr', 'fortran_order' and 'shape'"),
     "a quote lost": (npy_bytes("<f4", "(2, 3, 8, 8)", GOOD_DATA).replace(b"'fortran_order'", b"8fortran_order'"), "bad .npy header: expected a quoted string"),
     "one dimension without its comma": (npy_bytes("<f4", "(384)", GOOD_DATA), "bad .npy header: a shape of one dimension is written (n,)"),
     "Fortran order": (npy_bytes("<f4", "(2, 3, 8, 8)", GOOD_DATA).replace(b"False", b"True "), "Fortran-order arrays are not supported"),
@@ -510,3 +527,97 @@ def test_one_model_run_from_4_threads_equals_one_thread(variant, binaries, subje
                                capture_output=True, text=True, check=False, env=ASAN_ENV, timeout=600)
     assert completed.returncode == 0 and "AddressSanitizer" not in completed.stderr, completed.stderr[-3000:]
     assert completed.stdout.strip() == "4 threads x 200 calls: all equal (800 runs)"
+
+
+# ---- every feature LLVM may use, AMD's too ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zen3(tmp_path_factory) -> Path:
+    """A tiny model compiled for a target of the user's own for AMD Zen 3 (targets/x86_64.toml with LLVM mcpu znver3,
+    which uses SSE4a, VAES and VPCLMULQDQ besides x86-64-v3's features)."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 8, 8)
+    int_model = integer_model(FunctionalOps().eval(), example, "x86_64")
+    folder = tmp_path_factory.mktemp("zen3_cpp")
+    text = (REPO / "targets" / "x86_64.toml").read_text()
+    target = folder / "zen3.toml"
+    target.write_text(text.replace('name = "x86_64"', 'name = "zen3"').replace('mcpu = "x86-64-v3"', 'mcpu = "znver3"'))
+    return compile_model(int_model, (example,), target=target, out=folder / "zen3.edgeq").artifact
+
+
+def features_of(artifact: Path) -> list[str]:
+    with zipfile.ZipFile(artifact) as archive:
+        return json.loads(archive.read("manifest.json"))["library"]["cpu_features"]
+
+
+def lacking(names: list[str]) -> str:
+    return f"built for a CPU with {', '.join(names)}; this CPU lacks {'it' if len(names) == 1 else 'them'}"
+
+
+def test_an_amd_build_is_refused_naming_sse4a_on_a_cpu_without_it(binaries, subject, zen3, tmp_path):
+    features = features_of(zen3)
+    assert "sse4a" in features
+    if "sse4a" in cpu_flags():
+        pytest.skip("this CPU has SSE4a (an AMD one)")
+    missing = [name for name in features if name not in cpu_flags()]
+    refused_by_asan_build(binaries, subject, zen3, f"{zen3}: {lacking(missing)}: recompile for target x86_64 (the x86-64-v3 baseline)", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "cpu, missing",
+    [
+        ("Haswell", ["sse4a", "vaes", "vpclmulqdq"]),  # Intel: LZCNT (abm) and MOVBE, no SSE4a
+        ("EPYC", ["vaes", "vpclmulqdq"]),  # Zen 1: SSE4a, CPUID 0x80000001
+        ("max", ["vpclmulqdq"]),  # qemu's TCG: VAES but no VPCLMULQDQ
+    ],
+)
+def test_an_amd_build_under_qemu(cpu, missing, binaries, zen3, tmp_path):
+    completed = run(binaries["x86_64"] / "edgeq-run", zen3, "--output-dir", str(tmp_path), prefix=("qemu-x86_64", "-cpu", cpu))
+    assert_refused(completed, f"{zen3}: {lacking(missing)}: recompile for target x86_64 (the x86-64-v3 baseline)")
+
+
+@pytest.mark.parametrize(
+    "cpu, missing",
+    [
+        ("Haswell", ["sse4a", "fma4", "xop", "tbm", "gfni"]),
+        ("EPYC", ["fma4", "xop", "tbm", "gfni"]),  # (qemu's TCG has no XOP, FMA4 or TBM)
+        ("Opteron_G4", ["fma4", "xop", "tbm", "movbe", "gfni"]),  # Bulldozer without MOVBE
+        ("Denverton", ["sse4a", "fma4", "xop", "tbm", "abm", "gfni"]),  # Goldmont: MOVBE, no LZCNT
+    ],
+)
+def test_new_x86_64_features_by_cpuid_under_qemu(cpu, missing, binaries, subject, tmp_path):
+    """The CPUID bits of the features added for AMD CPUs and LLVM's bit manipulation (leaf 1 and 0x80000001)."""
+    bad = with_cpu_features(subject["x86_64"], tmp_path / "bad.edgeq", ["sse4a", "fma4", "xop", "tbm", "abm", "movbe", "gfni"])
+    completed = run(binaries["x86_64"] / "edgeq-run", bad, "--output-dir", str(tmp_path), prefix=("qemu-x86_64", "-cpu", cpu))
+    assert_refused(completed, f"{bad}: {lacking(missing)}")
+
+
+def test_cpuid_agrees_with_cpuinfo_on_every_x86_64_feature(binaries, subject, tmp_path):
+    """On this CPU, edgeq-run finds missing exactly the names of the table /proc/cpuinfo lacks (or runs the model)."""
+    artifact = with_cpu_features(subject["x86_64"], tmp_path / "all.edgeq", list(X86_64_FEATURES))
+    missing = [name for name in X86_64_FEATURES if name not in cpu_flags()]
+    completed = run(binaries["x86_64-asan"] / "edgeq-run", artifact, "--input", str(subject["input"]), "--output-dir", str(tmp_path / "out"))
+    if missing:
+        assert_refused(completed, f"{artifact}: {lacking(missing)}")
+    else:
+        assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "cpu, missing",
+    [
+        ("cortex-a53", ["asimddp", "i8mm", "fphp", "sve", "sve2", "bf16"]),
+        ("neoverse-n1", ["i8mm", "sve", "sve2", "bf16"]),  # half floats and the dot product (HWCAP bits 9, 20)
+        ("a64fx", ["asimddp", "i8mm", "sve2", "bf16"]),  # SVE (HWCAP bit 22)
+        ("max", []),  # SVE2, BF16 (HWCAP2 bits 1, 14): runs the model
+    ],
+)
+def test_new_aarch64_features_by_auxv_under_qemu(cpu, missing, binaries, subject, tmp_path):
+    artifact = with_cpu_features(subject["aarch64"], tmp_path / "arm.edgeq", ["asimd", "asimddp", "i8mm", "fphp", "sve", "sve2", "bf16"])
+    completed = run(binaries["aarch64"] / "edgeq-run", artifact, "--input", str(subject["input"]), "--output-dir", str(tmp_path / "out"),
+                    prefix=("qemu-aarch64", "-cpu", cpu, *SYSROOT))
+    if missing:
+        assert_refused(completed, f"{artifact}: {lacking(missing)}")
+    else:
+        assert completed.returncode == 0, completed.stderr[-3000:]

@@ -25,6 +25,8 @@ from edgeq.compile import compile_model
 from edgeq_runtime import SCHEMA_VERSION, ArtifactError, Model, cpu
 from edgeq_runtime.manifest import SCHEMA, field
 
+pytestmark = pytest.mark.flow  # runs artifacts through both runtimes
+
 SHAPE = (2, 3, 8, 8)
 X86_FEATURES = SCHEMA["properties"]["library"]["allOf"][0]["then"]["properties"]["cpu_features"]["items"]["enum"]
 
@@ -117,17 +119,25 @@ BAD_MANIFESTS = {
     "float output quantized": (_set("outputs", 0, "dtype", to="float32"), "outputs[0].quant must be null for a float32 tensor"),
     "no scales": (_set("inputs", 0, "quant", "scale", to=[]), "inputs[0].quant.scale must be a list of 1 or more scales; got []"),
     "zero scale": (_set("inputs", 0, "quant", "scale", to=[0.0]), "inputs[0].quant.scale[0] must be a finite positive number, also as float32; got 0.0"),
-    "scale a string": (_set("inputs", 0, "quant", "scale", to=["0.5"]), 'inputs[0].quant.scale[0] must be a finite positive number, also as float32; got "0.5"'),
-    "scale zero as float32": (_set("inputs", 0, "quant", "scale", to=[1e-50]), "inputs[0].quant.scale[0] must be a finite positive number, also as float32; got 1e-50"),
-    "scale infinite as float32": (_set("inputs", 0, "quant", "scale", to=[1e39]), "inputs[0].quant.scale[0] must be a finite positive number, also as float32; got 1e+39"),
-    "scale past the float range": (_set("inputs", 0, "quant", "scale", to=[10**400]), "inputs[0].quant.scale[0] must be a finite positive number, also as float32; got 1000"),
-    "zero point out of int8": (_set("inputs", 0, "quant", "zero_point", to=[128]), "inputs[0].quant.zero_point[0] must be an integer from -128 to 127 (int8); got 128"),
-    "zero points not one per scale": (_set("inputs", 0, "quant", "zero_point", to=[0, 0]), "inputs[0].quant.zero_point must list as many zero points as there are scales (1); got 2"),
+    "scale a string": (_set("inputs", 0, "quant", "scale", to=["0.5"]),
+                       'inputs[0].quant.scale[0] must be a finite positive number, also as float32; got "0.5"'),
+    "scale zero as float32": (_set("inputs", 0, "quant", "scale", to=[1e-50]),
+                              "inputs[0].quant.scale[0] must be a finite positive number, also as float32; got 1e-50"),
+    "scale infinite as float32": (_set("inputs", 0, "quant", "scale", to=[1e39]),
+                                  "inputs[0].quant.scale[0] must be a finite positive number, also as float32; got 1e+39"),
+    "scale past the float range": (_set("inputs", 0, "quant", "scale", to=[10**400]),
+                                   "inputs[0].quant.scale[0] must be a finite positive number, also as float32; got 1000"),
+    "zero point out of int8": (_set("inputs", 0, "quant", "zero_point", to=[128]),
+                               "inputs[0].quant.zero_point[0] must be an integer from -128 to 127 (int8); got 128"),
+    "zero points not one per scale": (_set("inputs", 0, "quant", "zero_point", to=[0, 0]),
+                                      "inputs[0].quant.zero_point must list as many zero points as there are scales (1); got 2"),
     "axis past the shape": (_set("inputs", 0, "quant", "axis", to=4), "inputs[0].quant.axis must be an integer from 0 to 3 (a dimension of the tensor); got 4"),
     "negative axis": (_set("inputs", 0, "quant", "axis", to=-1), "inputs[0].quant.axis must be an integer from 0 to 3 (a dimension of the tensor); got -1"),
     "axis a string": (_set("inputs", 0, "quant", "axis", to="0"), 'inputs[0].quant.axis must be null or an integer; got "0"'),
-    "scales without an axis": (_set("outputs", 0, "quant", to={"scale": [0.5, 0.5], "zero_point": [0, 0], "axis": None}), "outputs[0].quant.scale must list one scale when axis is null; got 2"),
-    "scales not one per index": (_set("outputs", 0, "quant", to={"scale": [0.5, 0.5, 0.5], "zero_point": [0, 0, 0], "axis": 1}), "outputs[0].quant.scale must list 1 or 4 scales (shape[1]); got 3"),
+    "scales without an axis": (_set("outputs", 0, "quant", to={"scale": [0.5, 0.5], "zero_point": [0, 0], "axis": None}),
+                               "outputs[0].quant.scale must list one scale when axis is null; got 2"),
+    "scales not one per index": (_set("outputs", 0, "quant", to={"scale": [0.5, 0.5, 0.5], "zero_point": [0, 0, 0], "axis": 1}),
+                                 "outputs[0].quant.scale must list 1 or 4 scales (shape[1]); got 3"),
     "huge dimensions": (_set("inputs", 0, "shape", to=[2**40, 2**40]), "inputs[0].shape[0] must be an integer from 1 to 2147483647; got 1099511627776"),
     "zero dimension": (_set("inputs", 0, "shape", to=[0]), "inputs[0].shape[0] must be an integer from 1 to 2147483647; got 0"),
     "over 2^31 bytes": (_set("inputs", 0, "shape", to=[2**31 - 1, 2]), "inputs[0].shape makes a tensor of more than 2^31 bytes (int8)"),
@@ -138,11 +148,13 @@ BAD_MANIFESTS = {
     "bool zero point": (_set("inputs", 0, "quant", "zero_point", to=[False]), "inputs[0].quant.zero_point[0] must be an integer; got false"),
     "float schema version": (_set("schema_version", to=2.0), "schema_version must be an integer; got 2.0"),
     "member size a string": (_set("members", "graph.json", "size", to="1"), 'members["graph.json"].size must be an integer from 0 to 2147483648; got "1"'),
-    "unknown key": (_set("extra", to=1), "extra is not a known key (known: schema_version, edgeq_version, tvm_version, target, library, npu_execution, opt_level, tuned_kernels, source, inputs, outputs, placement, members)"),
+    "unknown key": (_set("extra", to=1), "extra is not a known key (known: schema_version, edgeq_version, tvm_version, target, library, "
+                                         "npu_execution, opt_level, tuned_kernels, source, inputs, outputs, placement, members)"),
     "unknown tensor key": (_set("inputs", 0, "scale", to=1.0), f"inputs[0].scale is not a known key (known: {TENSOR_FIELDS}, quantizer)"),
     "output quantizer": (_set("outputs", 0, "quantizer", to="quantize_input0"), f"outputs[0].quantizer is not a known key (known: {TENSOR_FIELDS})"),
     "quantizer of a float input": (_set("inputs", 0, "quant", to=None), "inputs[0].quantizer is for quantized inputs only (quant is null)"),
-    "quantizer name": (_set("inputs", 0, "quantizer", to="quantize input"), 'inputs[0].quantizer must be a function name ([A-Za-z_][A-Za-z0-9_]{0,63}); got "quantize input"'),
+    "quantizer name": (_set("inputs", 0, "quantizer", to="quantize input"),
+                       'inputs[0].quantizer must be a function name ([A-Za-z_][A-Za-z0-9_]{0,63}); got "quantize input"'),
     "quantizer too long": (_set("inputs", 0, "quantizer", to="q" * 65), 'inputs[0].quantizer must be a function name ([A-Za-z_][A-Za-z0-9_]{0,63}); got "qqqq'),
     "escaping file": (_set("outputs", 0, "file", to="../../pwned"), f"outputs[0].file '../../pwned' is not allowed {SAFE_NAME_RULE}"),
     "absolute file": (_set("outputs", 0, "file", to="/tmp/pwned"), f"outputs[0].file '/tmp/pwned' is not allowed {SAFE_NAME_RULE}"),
@@ -150,7 +162,9 @@ BAD_MANIFESTS = {
     "file twice": (_set("outputs", 1, "file", to="dequant"), 'outputs[1].file repeats outputs[0].file ("dequant")'),
     "name twice": (_set("outputs", 1, "name", to="dequant"), 'outputs[1].name repeats outputs[0].name ("dequant")'),
     "empty name": (_set("inputs", 0, "name", to=""), 'inputs[0].name must be a string of 1 to 256 characters; got ""'),
-    "unknown CPU feature": (_set("library", "cpu_features", to=["avx9"]), 'library.cpu_features[0] must be "sse4_1", "sse4_2", "ssse3", "popcnt", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni", "avx512vbmi" or "avx_vnni"; got "avx9"'),
+    "unknown CPU feature": (_set("library", "cpu_features", to=["avx9"]),
+                            "library.cpu_features[0] must be " + ", ".join(f'"{name}"' for name in X86_FEATURES[:-1])
+                            + f' or "{X86_FEATURES[-1]}"; got "avx9"'),
     "aarch64 feature on x86_64": (_set("library", "cpu_features", to=["asimd"]), 'library.cpu_features[0] must be "sse4_1", '),
     "CPU feature twice": (_set("library", "cpu_features", to=["avx2", "avx2"]), 'library.cpu_features[1] repeats library.cpu_features[0] ("avx2")'),
     "library member not a member": (_set("library", "member", to="other.so"), 'library.member must name one of the members; got "other.so"'),
@@ -170,7 +184,8 @@ def test_bad_manifest_is_refused_naming_the_field(case, artifacts, tmp_path):
 
 TEXT_EDITS = {
     "NaN": (lambda text: re.sub(r'"scale": \[[^\]]*\]', '"scale": [NaN]', text, count=1), "not valid JSON (NaN is not JSON)"),
-    "key twice": (lambda text: text.replace('"opt_level": 2', '"opt_level": 2, "opt_level": 1'), 'not valid JSON (key "opt_level" appears twice in one object)'),
+    "key twice": (lambda text: text.replace('"opt_level": 2', '"opt_level": 2, "opt_level": 1'),
+                  'not valid JSON (key "opt_level" appears twice in one object)'),
     "not an object": (lambda text: "[]", "not a JSON object"),
     "200000 deep": (lambda text: "[" * 200_000 + "]" * 200_000, "nested more than 32 deep"),
 }
@@ -327,15 +342,18 @@ def npy_bytes(path: Path, data: bytes) -> Path:
 
 
 BAD_NPY = {
-    "233 TiB": (lambda p: npy_with_header(p, _header("|u1", (256_000_000_000_000,)), b"\0" * 64), "input 'x' has shape [256000000000000]; expected [2, 3, 8, 8]"),
+    "233 TiB": (lambda p: npy_with_header(p, _header("|u1", (256_000_000_000_000,)), b"\0" * 64),
+                "input 'x' has shape [256000000000000]; expected [2, 3, 8, 8]"),
     "2^40 x 2^40": (lambda p: npy_with_header(p, _header("<f8", (2**40, 2**40))), "input 'x' has shape [1099511627776, 1099511627776]; expected [2, 3, 8, 8]"),
     "truncated data": (lambda p: npy_with_header(p, _header("<f4", SHAPE), b"\0" * 100), "truncated: its header announces 1536 bytes of data, it holds 100"),
     "object dtype": (lambda p: npy_with_header(p, _header("|O", SHAPE)), "input 'x' has dtype object; expected int8 (raw) or a float array to quantize"),
     "int32": (lambda p: npy_with_header(p, _header("<i4", SHAPE), b"\0" * 1536), "input 'x' has dtype int32; expected int8 (raw) or a float array to quantize"),
     "text": (lambda p: npy_bytes(p, b"not an array"), "not a .npy file"),
     "empty": (lambda p: npy_bytes(p, b""), "not a .npy file"),
-    "header not a dict": (lambda p: npy_bytes(p, b"\x93NUMPY\x01\x00\x10\x00[1, 2, 3]      \n"), "not a valid .npy header (Header is not a dictionary: [1, 2, 3])"),
-    "version 3.0": (lambda p: npy_bytes(p, b"\x93NUMPY\x03\x00\x10\x00\x00\x00{}" + b" " * 13 + b"\n"), ".npy format version 3.0 is not read (1.0 and 2.0 are)"),
+    "header not a dict": (lambda p: npy_bytes(p, b"\x93NUMPY\x01\x00\x10\x00[1, 2, 3]      \n"),
+                          "not a valid .npy header (Header is not a dictionary: [1, 2, 3])"),
+    "version 3.0": (lambda p: npy_bytes(p, b"\x93NUMPY\x03\x00\x10\x00\x00\x00{}" + b" " * 13 + b"\n"),
+                    ".npy format version 3.0 is not read (1.0 and 2.0 are)"),
     "missing": (lambda p: p, "no such file"),
     "a folder": (lambda p: p.mkdir() or p, "a folder, not a file; give the path of a file"),
 }
@@ -450,3 +468,84 @@ def test_compiler_records_exactly_the_cpu_features_the_runtimes_check():
         for rule in SCHEMA["properties"]["library"]["allOf"]
     }
     assert checked == {arch: set(names.values()) for arch, names in LIBRARY_FEATURES.items()}
+
+
+# ---- every feature LLVM may use, AMD's too ----------------------------------------------------------------------
+
+
+def own_x86_64_target(folder: Path, name: str, mcpu: str) -> Path:
+    """targets/x86_64.toml as a user's own target file (``folder/name.toml``) for the LLVM CPU ``mcpu``."""
+    text = (Path(__file__).resolve().parent.parent / "targets" / "x86_64.toml").read_text()
+    assert 'name = "x86_64"' in text and 'mcpu = "x86-64-v3"' in text
+    path = folder / f"{name}.toml"
+    path.write_text(text.replace('name = "x86_64"', f'name = "{name}"').replace('mcpu = "x86-64-v3"', f'mcpu = "{mcpu}"'))
+    return path
+
+
+@pytest.fixture(scope="module")
+def zen3_artifact(tmp_path_factory) -> Path:
+    """A tiny model compiled for a target of the user's own for AMD Zen 3 (LLVM mcpu znver3, which uses SSE4a)."""
+    torch.manual_seed(0)
+    example = torch.randn(*SHAPE)
+    int_model = integer_model(FunctionalOps().eval(), example, "x86_64")
+    folder = tmp_path_factory.mktemp("zen3")
+    return compile_model(int_model, (example,), target=own_x86_64_target(folder, "zen3", "znver3"), out=folder / "zen3.edgeq").artifact
+
+
+def test_an_amd_build_records_sse4a_and_is_refused_by_name_on_a_cpu_without_it(zen3_artifact):
+    """Zen's SSE4a is no Intel CPU's: recorded, and refused by name there (before, such an artifact died of SIGILL)."""
+    with zipfile.ZipFile(zen3_artifact) as archive:
+        features = json.loads(archive.read("manifest.json"))["library"]["cpu_features"]
+    assert "sse4a" in features and features == sorted(features)
+    assert {"abm", "movbe", "avx2", "fma", "bmi2", "vaes", "vpclmulqdq"} <= set(features)
+    present = cpu.cpu_features()
+    if present is None or "sse4a" in present:
+        pytest.skip("this CPU has SSE4a (an AMD one), or its features cannot be read")
+    missing = [name for name in features if name not in present]
+    assert refusal(zen3_artifact) == (
+        f"{zen3_artifact}: built for a CPU with {', '.join(missing)}, which this CPU lacks: recompile for target x86_64 "
+        "(the x86-64-v3 baseline) or on this machine"
+    )
+
+
+LLVM_CPUS = {
+    "x86_64": ("x86-64-v3", "haswell", "znver1", "znver3", "znver4", "bdver2", "bdver4", "btver2", "skylake-avx512",
+               "icelake-server", "sapphirerapids", "alderlake", "tremont"),
+    "aarch64": ("generic", "cortex-a53", "cortex-a55", "cortex-a76", "neoverse-n1", "neoverse-v1", "neoverse-n2", "a64fx"),
+}
+
+
+def test_every_llvm_name_of_the_table_is_a_feature_of_llvm():
+    """A misspelt LLVM name would never match, and its instructions would go unrecorded."""
+    import tvm
+    from tvm.target.codegen import llvm_get_cpu_features
+
+    from edgeq.compile.cpu_features import LIBRARY_FEATURES
+
+    triples = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}
+    for arch, cpus in LLVM_CPUS.items():
+        known = set()
+        for mcpu in cpus:
+            known |= {str(f) for f in llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mtriple": triples[arch], "mcpu": mcpu}))}
+        assert set(LIBRARY_FEATURES[arch]) <= known, set(LIBRARY_FEATURES[arch]) - known
+
+
+@pytest.mark.parametrize("arch, mcpu, expected", [
+    ("x86_64", "x86-64-v3", "abm avx avx2 bmi1 bmi2 f16c fma movbe popcnt sse4_1 sse4_2 ssse3"),
+    ("x86_64", "znver3", "abm avx avx2 bmi1 bmi2 f16c fma movbe popcnt sse4_1 sse4_2 sse4a ssse3 vaes vpclmulqdq"),
+    ("x86_64", "bdver2", "abm avx bmi1 f16c fma fma4 popcnt sse4_1 sse4_2 sse4a ssse3 tbm xop"),
+    ("x86_64", "sapphirerapids", "abm avx avx2 avx512_bf16 avx512_bitalg avx512_fp16 avx512_vbmi2 avx512_vnni avx512_vpopcntdq "
+                                 "avx512bw avx512cd avx512dq avx512f avx512ifma avx512vbmi avx512vl avx_vnni bmi1 bmi2 f16c fma "
+                                 "gfni movbe popcnt sse4_1 sse4_2 ssse3 vaes vpclmulqdq"),
+    ("aarch64", "generic", "asimd"),
+    ("aarch64", "cortex-a55", "asimd asimddp fphp"),
+    ("aarch64", "neoverse-v1", "asimd asimddp bf16 fphp i8mm sve"),
+    ("aarch64", "neoverse-n2", "asimd asimddp bf16 fphp i8mm sve sve2"),
+])
+def test_library_features_of_llvm_cpus(arch, mcpu, expected):
+    import tvm
+
+    from edgeq.compile.cpu_features import library_features
+
+    triple = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}[arch]
+    assert library_features(tvm.target.Target({"kind": "llvm", "mtriple": triple, "mcpu": mcpu})) == expected.split()

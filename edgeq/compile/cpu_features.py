@@ -9,7 +9,7 @@
 | anything else (NEON, SSE) | int32 multiply-add, vectorized by LLVM | 8 x 1 |
 
 All of them are exact: int8 products summed in int32, no saturating intermediate.
-"""
+"""  # noqa: W505 (a table's rows)
 
 from __future__ import annotations
 
@@ -98,14 +98,26 @@ def dot_product(target: tvm.target.Target) -> DotProduct:
 LIBRARY_FEATURES = {
     "x86_64": {
         "sse4.1": "sse4_1", "sse4.2": "sse4_2", "ssse3": "ssse3", "popcnt": "popcnt", "avx": "avx", "avx2": "avx2",
-        "fma": "fma", "f16c": "f16c", "bmi": "bmi1", "bmi2": "bmi2", "avx512f": "avx512f", "avx512bw": "avx512bw",
-        "avx512cd": "avx512cd", "avx512dq": "avx512dq", "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni",
-        "avx512vbmi": "avx512vbmi", "avxvnni": "avx_vnni",
+        "fma": "fma", "f16c": "f16c", "bmi": "bmi1", "bmi2": "bmi2", "lzcnt": "abm", "movbe": "movbe",
+        "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512cd": "avx512cd", "avx512dq": "avx512dq",
+        "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni", "avx512vbmi": "avx512vbmi", "avxvnni": "avx_vnni",
+        "avx512ifma": "avx512ifma", "avx512vbmi2": "avx512_vbmi2", "avx512bitalg": "avx512_bitalg",
+        "avx512vpopcntdq": "avx512_vpopcntdq", "avx512fp16": "avx512_fp16", "avx512bf16": "avx512_bf16",
+        "gfni": "gfni", "vaes": "vaes", "vpclmulqdq": "vpclmulqdq",
+        "sse4a": "sse4a", "fma4": "fma4", "xop": "xop", "tbm": "tbm",  # AMD only (Zen: sse4a; Bulldozer: all four)
     },
-    "aarch64": {"neon": "asimd", "dotprod": "asimddp", "i8mm": "i8mm"},
+    "aarch64": {
+        "neon": "asimd", "dotprod": "asimddp", "i8mm": "i8mm",
+        "fullfp16": "fphp",  # scalar and, with NEON, vector half floats (a CPU with asimd and fphp has asimdhp)
+        "sve": "sve", "sve2": "sve2", "bf16": "bf16",
+    },
 }
 """Per architecture, the LLVM features an artifact's manifest records (``library.cpu_features``), each in Linux's
-``/proc/cpuinfo`` spelling, which both runtimes check at load (docs/artifact.md, "CPU features")."""
+``/proc/cpuinfo`` spelling, which both runtimes check at load (docs/artifact.md, "CPU features"): every feature whose
+instructions LLVM may emit in generated code for the CPUs of a target (its ``mcpu`` and ``mattr``), so that a library
+built for another CPU is refused by name instead of dying of SIGILL. Left out: features LLVM emits only for intrinsics
+or atomics edgeq's kernels do not use (AES, SHA, AMX, RDRAND, CMPXCHG16B, LSE, ...), those every CPU of the
+architecture has (SSE2, CMOV) and those every CPU with a listed one has (SSE3 with SSSE3)."""
 
 
 def library_features(target: tvm.target.Target) -> list[str]:

@@ -25,7 +25,7 @@ constexpr Arch kArches[] = {
 
 // Where a CPU feature is found: on x86_64, a bit of a CPUID leaf (and the OS must save the registers the feature
 // uses, XCR0); on aarch64, a bit of the hardware capabilities the kernel passes in the auxiliary vector.
-enum class Source { kCpuid1Ecx, kCpuid7Ebx, kCpuid7Ecx, kCpuid7Sub1Eax, kHwcap, kHwcap2 };
+enum class Source { kCpuid1Ecx, kCpuid7Ebx, kCpuid7Ecx, kCpuid7Edx, kCpuid7Sub1Eax, kCpuidExt1Ecx, kHwcap, kHwcap2 };
 enum class OsState { kNone, kAvx, kAvx512 };  // register state the OS must enable (x86_64)
 
 struct CpuFeature {
@@ -37,11 +37,13 @@ struct CpuFeature {
   bool baseline;     // part of the architecture's baseline (Arch::baseline)
 };
 
+// Every name of LIBRARY_FEATURES in edgeq/compile/cpu_features.py (docs/artifact.md, "CPU features").
 constexpr CpuFeature kCpuFeatures[] = {
     {"x86_64", "ssse3", Source::kCpuid1Ecx, 9, OsState::kNone, true},
     {"x86_64", "fma", Source::kCpuid1Ecx, 12, OsState::kAvx, true},
     {"x86_64", "sse4_1", Source::kCpuid1Ecx, 19, OsState::kNone, true},
     {"x86_64", "sse4_2", Source::kCpuid1Ecx, 20, OsState::kNone, true},
+    {"x86_64", "movbe", Source::kCpuid1Ecx, 22, OsState::kNone, true},
     {"x86_64", "popcnt", Source::kCpuid1Ecx, 23, OsState::kNone, true},
     {"x86_64", "avx", Source::kCpuid1Ecx, 28, OsState::kAvx, true},
     {"x86_64", "f16c", Source::kCpuid1Ecx, 29, OsState::kAvx, true},
@@ -50,15 +52,33 @@ constexpr CpuFeature kCpuFeatures[] = {
     {"x86_64", "bmi2", Source::kCpuid7Ebx, 8, OsState::kNone, true},
     {"x86_64", "avx512f", Source::kCpuid7Ebx, 16, OsState::kAvx512, false},
     {"x86_64", "avx512dq", Source::kCpuid7Ebx, 17, OsState::kAvx512, false},
+    {"x86_64", "avx512ifma", Source::kCpuid7Ebx, 21, OsState::kAvx512, false},
     {"x86_64", "avx512cd", Source::kCpuid7Ebx, 28, OsState::kAvx512, false},
     {"x86_64", "avx512bw", Source::kCpuid7Ebx, 30, OsState::kAvx512, false},
     {"x86_64", "avx512vl", Source::kCpuid7Ebx, 31, OsState::kAvx512, false},
     {"x86_64", "avx512vbmi", Source::kCpuid7Ecx, 1, OsState::kAvx512, false},
+    {"x86_64", "avx512_vbmi2", Source::kCpuid7Ecx, 6, OsState::kAvx512, false},
+    {"x86_64", "gfni", Source::kCpuid7Ecx, 8, OsState::kNone, false},  // also SSE-encoded (Tremont: no AVX)
+    {"x86_64", "vaes", Source::kCpuid7Ecx, 9, OsState::kAvx, false},
+    {"x86_64", "vpclmulqdq", Source::kCpuid7Ecx, 10, OsState::kAvx, false},
     {"x86_64", "avx512_vnni", Source::kCpuid7Ecx, 11, OsState::kAvx512, false},
+    {"x86_64", "avx512_bitalg", Source::kCpuid7Ecx, 12, OsState::kAvx512, false},
+    {"x86_64", "avx512_vpopcntdq", Source::kCpuid7Ecx, 14, OsState::kAvx512, false},
+    {"x86_64", "avx512_fp16", Source::kCpuid7Edx, 23, OsState::kAvx512, false},
     {"x86_64", "avx_vnni", Source::kCpuid7Sub1Eax, 4, OsState::kAvx, false},
+    {"x86_64", "avx512_bf16", Source::kCpuid7Sub1Eax, 5, OsState::kAvx512, false},
+    {"x86_64", "abm", Source::kCpuidExt1Ecx, 5, OsState::kNone, true},  // LZCNT
+    {"x86_64", "sse4a", Source::kCpuidExt1Ecx, 6, OsState::kNone, false},
+    {"x86_64", "xop", Source::kCpuidExt1Ecx, 11, OsState::kAvx, false},
+    {"x86_64", "fma4", Source::kCpuidExt1Ecx, 16, OsState::kAvx, false},
+    {"x86_64", "tbm", Source::kCpuidExt1Ecx, 21, OsState::kNone, false},
     {"aarch64", "asimd", Source::kHwcap, 1, OsState::kNone, true},
+    {"aarch64", "fphp", Source::kHwcap, 9, OsState::kNone, false},
     {"aarch64", "asimddp", Source::kHwcap, 20, OsState::kNone, false},
+    {"aarch64", "sve", Source::kHwcap, 22, OsState::kNone, false},
+    {"aarch64", "sve2", Source::kHwcap2, 1, OsState::kNone, false},
     {"aarch64", "i8mm", Source::kHwcap2, 13, OsState::kNone, false},
+    {"aarch64", "bf16", Source::kHwcap2, 14, OsState::kNone, false},
 };
 
 #if defined(__x86_64__)
@@ -70,7 +90,9 @@ uint32_t CpuidRegister(Source source) {
     case Source::kCpuid1Ecx: return __get_cpuid_count(1, 0, &a, &b, &c, &d) ? c : 0;
     case Source::kCpuid7Ebx: return __get_cpuid_count(7, 0, &a, &b, &c, &d) ? b : 0;
     case Source::kCpuid7Ecx: return __get_cpuid_count(7, 0, &a, &b, &c, &d) ? c : 0;
+    case Source::kCpuid7Edx: return __get_cpuid_count(7, 0, &a, &b, &c, &d) ? d : 0;
     case Source::kCpuid7Sub1Eax: return __get_cpuid_count(7, 1, &a, &b, &c, &d) ? a : 0;
+    case Source::kCpuidExt1Ecx: return __get_cpuid_count(0x80000001, 0, &a, &b, &c, &d) ? c : 0;
     default: return 0;
   }
 }
@@ -92,7 +114,10 @@ bool Present(const CpuFeature& feature) {
 }
 #elif defined(__aarch64__)
 const std::string kHost = "aarch64";
-static_assert(HWCAP_ASIMD == 1ul << 1 && HWCAP_ASIMDDP == 1ul << 20 && HWCAP2_I8MM == 1ul << 13, "HWCAP bits");
+static_assert(HWCAP_ASIMD == 1ul << 1 && HWCAP_FPHP == 1ul << 9 && HWCAP_ASIMDDP == 1ul << 20 &&
+                  HWCAP_SVE == 1ul << 22 && HWCAP2_SVE2 == 1ul << 1 && HWCAP2_I8MM == 1ul << 13 &&
+                  HWCAP2_BF16 == 1ul << 14,
+              "HWCAP bits");
 
 bool Present(const CpuFeature& feature) {
   unsigned long capabilities = getauxval(feature.source == Source::kHwcap2 ? AT_HWCAP2 : AT_HWCAP);

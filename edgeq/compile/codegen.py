@@ -30,13 +30,13 @@ from tvm.relax.frontend.onnx import from_onnx
 from edgeq.check.report import Placement
 from edgeq.compile.cpu_features import DotProduct, dot_product
 from edgeq.compile.int8_activations import as_int8_activations
-from edgeq.compile.lower_integer import Conv2dSettings, integer_accumulator
+from edgeq.compile.integer_relax import Conv2dSettings, integer_accumulator
 from edgeq.compile.partition import Int32Head, Partition, Region, TensorSpec
 from edgeq.compile.pipeline import Stage, as_pass, lower_integer, run_stages, split_at, stages
 from edgeq.compile.resize_coordinates import with_resize_coordinates_of_onnx
 from edgeq.compile.schedules import KernelSchedule, TunedSchedules, kernel_schedules
 from edgeq.errors import CompileError
-from edgeq.export.onnx_reader import node_attributes
+from edgeq.export.onnx_nodes import node_attributes
 
 logger = logging.getLogger(__name__)
 

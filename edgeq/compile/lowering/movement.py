@@ -1,0 +1,91 @@
+"""Lowering of the ops that keep their input's quantization: data movement (reshape, transpose, max pool, nearest
+resize, slices), split and clamps (ReLU, ReLU6, clip)."""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+from tvm.relax import op as R
+from tvm.relax.dpl import is_op, is_tuple_get_item, wildcard
+
+from edgeq.compile.integer_relax import saturate
+from edgeq.compile.lowering import qdq
+from edgeq.compile.lowering.rule import LOWERING, Rule, dq, q
+from edgeq.numerics import ACTIVATION_QMAX, ACTIVATION_QMIN
+from edgeq.ops import Op
+
+
+@LOWERING.register(Op.RELU)
+def _clamp_rule() -> Rule:
+    source = dq()
+    relu = is_op("relax.nn.relu")(source)
+    clip = is_op("relax.clip")(source, wildcard(), wildcard())
+    quantize = q(relu | clip)
+
+    def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
+        if not qdq.same_quantization(matched, m[source]):
+            return None
+        value, output = m[source].args[0], qdq.output_activation(matched)
+        if relu in m:
+            return R.maximum(value, relax.const(output.zero_point, "int8"))
+        bounds = [qdq.prim_float(m[clip].args[i]) for i in (1, 2)]
+        if None in bounds:
+            return None
+        low, high = (int(np.round(np.float32(b) / np.float32(output.scale))) + output.zero_point for b in bounds)
+        return saturate(value, 0, max(low, ACTIVATION_QMIN), min(high, ACTIVATION_QMAX))
+
+    return Rule("clamp", quantize, rewrite)
+
+
+@LOWERING.register(Op.RESHAPE, Op.TRANSPOSE, Op.MAX_POOL2D, Op.SLICE, Op.UPSAMPLE_NEAREST2D)
+def _data_movement_rule() -> Rule:
+    """Ops that only move values (reshape, transpose, max pool, nearest resize, slices): same op on int8."""
+    source = dq()
+    moves = (
+        is_op("relax.reshape")(source, wildcard())
+        | is_op("relax.permute_dims")(source)
+        | is_op("relax.nn.max_pool2d")(source)
+        | is_op("relax.strided_slice")(source, wildcard(), wildcard(), wildcard(), wildcard())
+        | is_op("relax.squeeze")(source)
+        | is_op("relax.expand_dims")(source)
+        | is_op("relax.image.resize2d")(source, wildcard())
+    )
+    quantize = q(moves)
+
+    def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
+        if not qdq.same_quantization(matched, m[source]):
+            return None
+        op = m[moves]
+        if op.op.name == "relax.image.resize2d":
+            return _repeat(m[source].args[0], op)
+        return relax.Call(op.op, [m[source].args[0], *op.args[1:]], op.attrs)
+
+    return Rule("data movement", quantize, rewrite)
+
+
+def _repeat(value: relax.Expr, resize: relax.Call) -> relax.Expr | None:
+    """Nearest upsampling by integer factors (asymmetric coordinates, floor) as repeats along H and W."""
+    attrs = resize.attrs
+    if attrs.method != "nearest_neighbor" or attrs.coordinate_transformation_mode != "asymmetric" or attrs.rounding_method != "floor":
+        return None
+    source = [int(d) for d in value.ty.shape]
+    target = [int(d) for d in resize.ty.shape]
+    if any(t % s for t, s in zip(target[2:], source[2:])):
+        return None
+    return R.repeat(R.repeat(value, target[2] // source[2], axis=2), target[3] // source[3], axis=3)
+
+
+@LOWERING.register(Op.SPLIT)
+def _split_rule() -> Rule:
+    source = dq()
+    split = is_op("relax.split")(source)
+    item = is_tuple_get_item(split)
+    quantize = q(item)
+
+    def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
+        if not qdq.same_quantization(matched, m[source]):
+            return None
+        parts = relax.Call(m[split].op, [m[source].args[0]], m[split].attrs)
+        return relax.TupleGetItem(parts, m[item].index)
+
+    return Rule("split", quantize, rewrite)

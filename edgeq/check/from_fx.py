@@ -17,7 +17,7 @@ from edgeq.check.records import INPUT_PREFIX, OpRecord, foreign_op_name
 from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable
 from edgeq.quantization import qat_modules as qm
 from edgeq.quantization.graph import VALUE_KEY, TensorInfo, input_nodes, produces_tensor
-from edgeq.quantization.patterns import MOVEMENT_OPS, OpKind, movement, op_kind
+from edgeq.quantization.patterns import PreFusionOp, moves_values, source_op
 
 _OUTSIDE_REGION = (
     "float code outside the QuantStub/DeQuantStub region: edgeq deploys only the integer region; do this in "
@@ -52,7 +52,7 @@ def records_from_prepared(prepared: fx.GraphModule, rejected: dict[str, str]) ->
             producer[node] = producer[sources[0]]
             region.add(node)
             continue
-        if op_kind(node, modules) is OpKind.DROPOUT:
+        if source_op(node, modules) is PreFusionOp.DROPOUT:
             producer[node] = producer[sources[0]]
             if in_region:
                 region.add(node)
@@ -64,7 +64,7 @@ def records_from_prepared(prepared: fx.GraphModule, rejected: dict[str, str]) ->
             record.rejected = rejected[node.name]
         elif not in_region:
             record.rejected = _OUTSIDE_REGION
-        if record.op == "alias":
+        if record.op == PreFusionOp.ALIAS.value:
             producer[node] = producer[sources[0]]
         else:
             records.append(record)
@@ -102,7 +102,7 @@ def _quantized_constant(operand: object) -> bool:
 
 def _product_with_weights(weights: fx.Node) -> tuple[str, dict[str, Any]]:
     """A product with a constant matrix (``x @ self.weight``) is a linear layer, per-tensor weights: its QDQ file
-    reads so (:func:`edgeq.export.onnx_reader.node_op`), and compile builds it so."""
+    reads so (:func:`edgeq.export.onnx_nodes.node_op`), and compile builds it so."""
     rows, columns = weights.meta[VALUE_KEY].shape[-2:]
     return Op.LINEAR.value, {"in_features": rows, "out_channels": columns, "activation": "none", "weight_bytes": rows * columns}
 
@@ -116,11 +116,11 @@ DESCRIPTIONS: OpTable[Description] = OpTable("check record in check/from_fx.py",
 def _describe(node: fx.Node, module: nn.Module | None, modules: dict[str, nn.Module]) -> tuple[str, str, dict[str, Any]]:
     op = qm.CANONICAL.op_of_instance(module) if module is not None else None
     if op is not None:
-        source_op, attrs = DESCRIPTIONS[op](module)
-        return op.value, source_op, attrs
-    if op_kind(node, modules) is OpKind.RESHAPE:
-        moved = MOVEMENT_OPS[movement(node, modules)]
-        return ("alias" if moved is None else moved.value), _spelling(node, module), {}
+        spelled, attrs = DESCRIPTIONS[op](module)
+        return op.value, spelled, attrs
+    moved = source_op(node, modules)
+    if moves_values(moved):
+        return moved.value, _spelling(node, module), {}
     return foreign_op_name(_spelling(node, module)), _spelling(node, module), {}
 
 

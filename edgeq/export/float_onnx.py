@@ -36,15 +36,16 @@ class FloatGraph(Protocol):
     initializers: list[onnx.TensorProto]
 
 
-FloatEmitter = Callable[["_Writer", fx.Node, "nn.Module | None", list[str]], str]
+FloatForm = Callable[["_Writer", fx.Node, "nn.Module | None", list[str]], str]
 
-_EMITTERS: dict[Any, FloatEmitter] = {}
+_FLOAT_FORMS: dict[Any, FloatForm] = {}
+"""The float ONNX form of each spelling the float fallback exports (module class, function, or method name)."""
 
 
-def _emits(*spellings: Any) -> Callable[[FloatEmitter], FloatEmitter]:
-    def register(emitter: FloatEmitter) -> FloatEmitter:
-        _EMITTERS.update(dict.fromkeys(spellings, emitter))
-        return emitter
+def _float_form(*spellings: Any) -> Callable[[FloatForm], FloatForm]:
+    def register(form: FloatForm) -> FloatForm:
+        _FLOAT_FORMS.update(dict.fromkeys(spellings, form))
+        return form
 
     return register
 
@@ -75,22 +76,22 @@ def emit_float_op(
     Raises:
         ExportError: the op has no float ONNX form here (the message names the node and the op).
     """
-    emitter = _EMITTERS.get(_spelling(node, module))
+    form = _FLOAT_FORMS.get(_spelling(node, module))
     what = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
-    if emitter is None:
+    if form is None:
         raise ExportError(
             f"{what} '{path}': left in float ({reason}), but edgeq has no float ONNX form of it "
             f"(float ops it exports: {', '.join(sorted(_names()))}); move it after a DeQuantStub"
         )
     first = len(graph.nodes)
-    output = emitter(_Writer(graph, path, shape), node, module, inputs)
+    output = form(_Writer(graph, path, shape), node, module, inputs)
     for onnx_node in graph.nodes[first:]:
         onnx_node.doc_string = f"{FLOAT_FALLBACK_DOC}{what} '{path}': {reason}"
     return output
 
 
 def _names() -> set[str]:
-    return {s.__name__ if hasattr(s, "__name__") else str(s) for s in _EMITTERS}
+    return {s.__name__ if hasattr(s, "__name__") else str(s) for s in _FLOAT_FORMS}
 
 
 class _Writer:
@@ -117,7 +118,7 @@ class _Writer:
         return full
 
 
-@_emits(nn.LayerNorm, F.layer_norm)
+@_float_form(nn.LayerNorm, F.layer_norm)
 def _layer_norm(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
     """``(x - mean) / sqrt(var + eps) * weight + bias`` over the normalized (last) axes, as torch computes it; the
     functional form's weight and bias are its tensor inputs after ``x`` (parameters: float initializers)."""
@@ -143,7 +144,7 @@ def _layer_norm(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs
     return out
 
 
-@_emits(nn.Softmax, F.softmax, torch.softmax, "softmax")
+@_float_form(nn.Softmax, F.softmax, torch.softmax, "softmax")
 def _softmax(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
     dim = module.dim if module is not None else argument(node, 1, "dim")
     if dim is None:
@@ -151,7 +152,7 @@ def _softmax(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: l
     return writer.node("Softmax", [inputs[0]], final=True, axis=int(dim))
 
 
-@_emits(nn.GELU, F.gelu)
+@_float_form(nn.GELU, F.gelu)
 def _gelu(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
     """``x * Φ(x)``: with ``Erf`` (``approximate='none'``) or the tanh approximation, as torch computes it."""
     approximate = module.approximate if module is not None else argument(node, 1, "approximate", "none")
@@ -166,7 +167,7 @@ def _gelu(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list
     return writer.node("Mul", [x, half], final=True)
 
 
-@_emits(nn.Linear)
+@_float_form(nn.Linear)
 def _linear(writer: _Writer, node: fx.Node, module: nn.Linear, inputs: list[str]) -> str:
     weight = writer.constant("weight", module.weight.t())
     if module.bias is None:
@@ -174,7 +175,7 @@ def _linear(writer: _Writer, node: fx.Node, module: nn.Linear, inputs: list[str]
     return writer.node("Add", [writer.node("MatMul", [inputs[0], weight]), writer.constant("bias", module.bias)], final=True)
 
 
-@_emits(nn.MultiheadAttention)
+@_float_form(nn.MultiheadAttention)
 def _multihead_attention(writer: _Writer, node: fx.Node, module: nn.MultiheadAttention, inputs: list[str]) -> str:
     """Attention without masks as torch computes it: the input projections, ``softmax(q k^T / sqrt(d)) v`` per head,
     the output projection. It writes the attention output (the tuple's item 0), not the averaged weights."""
@@ -208,7 +209,7 @@ def _multihead_attention(writer: _Writer, node: fx.Node, module: nn.MultiheadAtt
     return out if last else writer.node("Transpose", [out], final=True, perm=batch_first)
 
 
-@_emits(operator.getitem)
+@_float_form(operator.getitem)
 def _item(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
     """Item 0 of an op left in float that returns a tuple (attention's output): the one result its ONNX form has,
     so no node of its own."""
@@ -217,7 +218,7 @@ def _item(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list
     return inputs[0]
 
 
-@_emits(nn.Conv2d)
+@_float_form(nn.Conv2d)
 def _conv2d(writer: _Writer, node: fx.Node, module: nn.Conv2d, inputs: list[str]) -> str:
     if isinstance(module.padding, str) or module.padding_mode != "zeros":
         raise ExportError(f"Conv2d '{node.target}': float export needs explicit zero padding")
@@ -230,12 +231,12 @@ def _conv2d(writer: _Writer, node: fx.Node, module: nn.Conv2d, inputs: list[str]
     )
 
 
-@_emits(nn.ReLU, F.relu, torch.relu, "relu")
+@_float_form(nn.ReLU, F.relu, torch.relu, "relu")
 def _relu(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
     return writer.node("Relu", [inputs[0]], final=True)
 
 
-@_emits(operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm")
+@_float_form(operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm")
 def _matmul(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
     return writer.node("MatMul", inputs, final=True)
 
@@ -255,7 +256,7 @@ def _number(operand: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-@_emits(*_BINARY)
+@_float_form(*_BINARY)
 def _binary(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
     """Arithmetic of two float tensors, or of a float tensor and a number (a literal, or computed from static shapes
     such as ``x.shape[-1] ** -0.5``: its value for the model's input shapes)."""
@@ -269,7 +270,7 @@ _RESIZE_MODES = {"nearest": "nearest", "bilinear": "linear"}
 """torch's interpolation modes that ONNX Resize computes the same way, and their Resize ``mode``."""
 
 
-@_emits(F.interpolate, nn.Upsample, nn.UpsamplingBilinear2d, nn.UpsamplingNearest2d)
+@_float_form(F.interpolate, nn.Upsample, nn.UpsamplingBilinear2d, nn.UpsamplingNearest2d)
 def _resize(writer: _Writer, node: fx.Node, module: nn.Module | None, inputs: list[str]) -> str:
     """``Resize`` with torch's coordinates: nearest takes ``floor(out * in / out_size)`` (``asymmetric``, ``floor``);
     bilinear is ``half_pixel`` (``align_corners`` when set; not ``pytorch_half_pixel``, which samples a size of 1 at

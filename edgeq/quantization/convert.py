@@ -61,7 +61,7 @@ from edgeq.quantization.integer_ops import (
     IntUpsampleNearest2d,
     TensorQuant,
 )
-from edgeq.quantization.patterns import OpKind, op_kind
+from edgeq.quantization.patterns import PreFusionOp, moves_values, source_op
 from edgeq.quantization.prepare import TARGET_ATTRIBUTE, is_prepared
 from edgeq.quantization.qat_modules import (
     CANONICAL,
@@ -159,15 +159,15 @@ class _Converter:
     def _is_integer_passthrough(self, node: fx.Node) -> bool:
         if node.op not in ("call_module", "call_function", "call_method"):
             return False
-        if op_kind(node, self.modules) not in (OpKind.RESHAPE, OpKind.DROPOUT):
+        op = source_op(node, self.modules)
+        if not (moves_values(op) or op is PreFusionOp.DROPOUT):
             return False
         return any(n in self.quant for n in input_nodes(node))
 
     def _pass_through(self, node: fx.Node) -> None:
         source = next(n for n in input_nodes(node) if n in self.quant)
         self.quant[node] = self.quant[source]
-        kind = op_kind(node, self.modules)
-        if kind is OpKind.DROPOUT or (node.op == "call_module" and isinstance(self.modules[node.target], nn.Identity)):
+        if source_op(node, self.modules) is PreFusionOp.DROPOUT or (node.op == "call_module" and isinstance(self.modules[node.target], nn.Identity)):
             self.env[node] = self.env[source]
             return
         self._copy(node)

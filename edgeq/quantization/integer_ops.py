@@ -210,7 +210,8 @@ class IntLinear(_WeightedOp):
 
 @INTEGER_OPS.register(Op.ADD)
 class IntAdd(nn.Module):
-    """``saturate(round_half_to_even((a * M_a + b * M_b) / 2**n))``: both inputs rescaled to the output, one rounding."""
+    """``saturate(round_half_to_even((a * M_a + b * M_b) / 2**n))``: both inputs rescaled to the output, one
+    rounding."""
 
     def __init__(
         self,

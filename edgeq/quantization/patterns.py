@@ -1,13 +1,17 @@
 """Recognising the user's ops: one vocabulary for module calls, functional calls and tensor methods.
 
-:func:`op_kind` maps every fx node to an :class:`OpKind` (``nn.ReLU``, ``F.relu``, ``torch.relu`` and
-``x.relu()`` are all ``RELU``), and :func:`argument` reads an argument the same way whether it was passed by
-position or by keyword. Adding an op to edgeq starts by adding its spellings here.
+:func:`source_op` names every fx node by the :class:`edgeq.ops.Op` it is after fusion (``nn.ReLU``, ``F.relu``,
+``torch.relu`` and ``x.relu()`` are all ``Op.RELU``; ``F.interpolate`` is ``Op.UPSAMPLE_NEAREST2D`` or
+``Op.UPSAMPLE_BILINEAR2D`` by its mode), or by a :class:`PreFusionOp` for what is no op of its own after fusion
+(BatchNorm, ReLU6, the stubs, dropout, aliases); :func:`argument` reads an argument the same way whether it was
+passed by position or by keyword. An op's spellings go here once its ``Op`` is declared in :mod:`edgeq.ops`
+(docs/architecture.md, "Adding an op").
 """
 
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -20,49 +24,43 @@ from edgeq.ops import Op
 from edgeq.quantization.stubs import is_dequant_stub, is_quant_stub
 
 
-class OpKind(str, Enum):
-    """What a node does, whatever its spelling."""
+class PreFusionOp(Enum):
+    """What the user writes that is no op of its own after fusion: prepare folds, fuses or drops it.
+
+    These names live here, not in :mod:`edgeq.ops`: no layer after ``prepare_qat_fx`` (convert's integer ops, the QDQ
+    file, check, targets, the compiler) ever sees them, and the registry's tables and target files list only ops.
+    A plain enum (not a ``str``), so that no pre-fusion name ever compares equal to an op's.
+    """
 
     QUANT_STUB = "quant_stub"
+    """Becomes the region's ``QuantizeInput``."""
     DEQUANT_STUB = "dequant_stub"
-    CONV2D = "conv2d"
-    LINEAR = "linear"
-    BATCHNORM2D = "batchnorm2d"
-    RELU = "relu"
+    """Becomes the region's ``DequantizeOutput``."""
+    BATCH_NORM2D = "batch_norm2d"
+    """Folded into the conv before it, or a conv2d of its own (a depthwise 1x1 conv of unit weights)."""
     RELU6 = "relu6"
-    ADD = "add"
-    CAT = "cat"
-    MAXPOOL2D = "maxpool2d"
-    AVGPOOL2D = "avgpool2d"
-    ADAPTIVE_AVGPOOL2D = "adaptive_avgpool2d"
-    MEAN = "mean"
-    UPSAMPLE = "upsample"
-    TABLE_ACTIVATION = "table_activation"
-    """An activation computed as a lookup table; :func:`table_op` says which (``Op.SIGMOID``...)."""
-    MUL = "mul"
-    """Product of two tensors (broadcasting); ``x * sigmoid(x)`` and ``x * hardsigmoid(x)`` fuse into SiLU and
-    Hardswish."""
-    MATMUL = "matmul"
-    """Matrix product of two tensors (``q @ k.transpose(-2, -1)``, ``torch.bmm``)."""
-    RESHAPE = "reshape"
-    """Moves or views integer values without arithmetic (view, flatten, transpose, chunk, getitem...)."""
+    """Fused into the conv, linear or add before it, or a relu of its own (a clamp to [0, 6])."""
     DROPOUT = "dropout"
     """Active in QAT training, removed by convert."""
-    UNSUPPORTED = "unsupported"
+    ALIAS = "alias"
+    """No change at all (``contiguous``, ``nn.Identity``): its output is its input."""
 
 
-_MODULE_KINDS: dict[type[nn.Module], OpKind | Op] = {
-    nn.Conv2d: OpKind.CONV2D,
-    nn.Linear: OpKind.LINEAR,
-    nn.BatchNorm2d: OpKind.BATCHNORM2D,
-    nn.ReLU: OpKind.RELU,
-    nn.ReLU6: OpKind.RELU6,
-    nn.MaxPool2d: OpKind.MAXPOOL2D,
-    nn.AvgPool2d: OpKind.AVGPOOL2D,
-    nn.AdaptiveAvgPool2d: OpKind.ADAPTIVE_AVGPOOL2D,
-    nn.Upsample: OpKind.UPSAMPLE,
-    nn.UpsamplingNearest2d: OpKind.UPSAMPLE,
-    nn.UpsamplingBilinear2d: OpKind.UPSAMPLE,
+SourceOp = Op | PreFusionOp
+"""What a node of the user's graph is: an op after fusion, or what fusion consumes."""
+
+_MODULE_OPS: dict[type[nn.Module], SourceOp] = {
+    nn.Conv2d: Op.CONV2D,
+    nn.Linear: Op.LINEAR,
+    nn.BatchNorm2d: PreFusionOp.BATCH_NORM2D,
+    nn.ReLU: Op.RELU,
+    nn.ReLU6: PreFusionOp.RELU6,
+    nn.MaxPool2d: Op.MAX_POOL2D,
+    nn.AvgPool2d: Op.AVG_POOL2D,
+    nn.AdaptiveAvgPool2d: Op.AVG_POOL2D,
+    nn.Upsample: Op.UPSAMPLE_NEAREST2D,
+    nn.UpsamplingNearest2d: Op.UPSAMPLE_NEAREST2D,
+    nn.UpsamplingBilinear2d: Op.UPSAMPLE_BILINEAR2D,
     nn.Sigmoid: Op.SIGMOID,
     nn.Tanh: Op.TANH,
     nn.Hardsigmoid: Op.HARDSIGMOID,
@@ -70,30 +68,30 @@ _MODULE_KINDS: dict[type[nn.Module], OpKind | Op] = {
     nn.SiLU: Op.SILU,
     nn.LeakyReLU: Op.LEAKYRELU,
     nn.GELU: Op.GELU,
-    nn.Flatten: OpKind.RESHAPE,
-    nn.Unflatten: OpKind.RESHAPE,
-    nn.Identity: OpKind.RESHAPE,
-    nn.Dropout: OpKind.DROPOUT,
-    nn.Dropout2d: OpKind.DROPOUT,
+    nn.Flatten: Op.RESHAPE,
+    nn.Unflatten: Op.RESHAPE,
+    nn.Identity: PreFusionOp.ALIAS,
+    nn.Dropout: PreFusionOp.DROPOUT,
+    nn.Dropout2d: PreFusionOp.DROPOUT,
 }
 
-_FUNCTION_KINDS: dict[Any, OpKind | Op] = {
-    F.relu: OpKind.RELU,
-    torch.relu: OpKind.RELU,
-    torch.relu_: OpKind.RELU,
-    F.relu6: OpKind.RELU6,
-    operator.add: OpKind.ADD,
-    operator.iadd: OpKind.ADD,
-    torch.add: OpKind.ADD,
-    torch.cat: OpKind.CAT,
-    torch.concat: OpKind.CAT,
-    torch.concatenate: OpKind.CAT,
-    F.max_pool2d: OpKind.MAXPOOL2D,
-    F.avg_pool2d: OpKind.AVGPOOL2D,
-    F.adaptive_avg_pool2d: OpKind.ADAPTIVE_AVGPOOL2D,
-    F.batch_norm: OpKind.BATCHNORM2D,
-    torch.mean: OpKind.MEAN,
-    F.interpolate: OpKind.UPSAMPLE,
+_FUNCTION_OPS: dict[Any, SourceOp] = {
+    F.relu: Op.RELU,
+    torch.relu: Op.RELU,
+    torch.relu_: Op.RELU,
+    F.relu6: PreFusionOp.RELU6,
+    operator.add: Op.ADD,
+    operator.iadd: Op.ADD,
+    torch.add: Op.ADD,
+    torch.cat: Op.CONCAT,
+    torch.concat: Op.CONCAT,
+    torch.concatenate: Op.CONCAT,
+    F.max_pool2d: Op.MAX_POOL2D,
+    F.avg_pool2d: Op.AVG_POOL2D,
+    F.adaptive_avg_pool2d: Op.AVG_POOL2D,
+    F.batch_norm: PreFusionOp.BATCH_NORM2D,
+    torch.mean: Op.GLOBAL_AVG_POOL2D,
+    F.interpolate: Op.UPSAMPLE_NEAREST2D,
     torch.sigmoid: Op.SIGMOID,
     F.sigmoid: Op.SIGMOID,
     torch.tanh: Op.TANH,
@@ -103,51 +101,51 @@ _FUNCTION_KINDS: dict[Any, OpKind | Op] = {
     F.silu: Op.SILU,
     F.leaky_relu: Op.LEAKYRELU,
     F.gelu: Op.GELU,
-    operator.mul: OpKind.MUL,
-    torch.mul: OpKind.MUL,
-    operator.matmul: OpKind.MATMUL,
-    torch.matmul: OpKind.MATMUL,
-    torch.bmm: OpKind.MATMUL,
-    torch.flatten: OpKind.RESHAPE,
-    torch.reshape: OpKind.RESHAPE,
-    torch.transpose: OpKind.RESHAPE,
-    torch.permute: OpKind.RESHAPE,
-    torch.squeeze: OpKind.RESHAPE,
-    torch.unsqueeze: OpKind.RESHAPE,
-    torch.chunk: OpKind.RESHAPE,
-    torch.split: OpKind.RESHAPE,
-    operator.getitem: OpKind.RESHAPE,
-    F.dropout: OpKind.DROPOUT,
+    operator.mul: Op.MUL,
+    torch.mul: Op.MUL,
+    operator.matmul: Op.MATMUL,
+    torch.matmul: Op.MATMUL,
+    torch.bmm: Op.MATMUL,
+    torch.flatten: Op.RESHAPE,
+    torch.reshape: Op.RESHAPE,
+    torch.transpose: Op.TRANSPOSE,
+    torch.permute: Op.TRANSPOSE,
+    torch.squeeze: Op.RESHAPE,
+    torch.unsqueeze: Op.RESHAPE,
+    torch.chunk: Op.SPLIT,
+    torch.split: Op.SPLIT,
+    operator.getitem: Op.SLICE,
+    F.dropout: PreFusionOp.DROPOUT,
 }
 
-_FUNCTION_KINDS_BY_NAME: dict[str, OpKind | Op] = {
-    "torchvision.ops.stochastic_depth.stochastic_depth": OpKind.DROPOUT,
+_FUNCTION_OPS_BY_NAME: dict[str, SourceOp] = {
+    "torchvision.ops.stochastic_depth.stochastic_depth": PreFusionOp.DROPOUT,
 }
 """Functions of optional libraries, by qualified name (importing them here would make them dependencies)."""
 
-_METHOD_KINDS: dict[str, OpKind | Op] = {
-    "relu": OpKind.RELU,
-    "relu_": OpKind.RELU,
-    "add": OpKind.ADD,
-    "add_": OpKind.ADD,
-    "__add__": OpKind.ADD,
-    "mean": OpKind.MEAN,
+_METHOD_OPS: dict[str, SourceOp] = {
+    "relu": Op.RELU,
+    "relu_": Op.RELU,
+    "add": Op.ADD,
+    "add_": Op.ADD,
+    "__add__": Op.ADD,
+    "mean": Op.GLOBAL_AVG_POOL2D,
     "sigmoid": Op.SIGMOID,
     "tanh": Op.TANH,
-    "mul": OpKind.MUL,
-    "matmul": OpKind.MATMUL,
-    "bmm": OpKind.MATMUL,
-    "view": OpKind.RESHAPE,
-    "reshape": OpKind.RESHAPE,
-    "flatten": OpKind.RESHAPE,
-    "transpose": OpKind.RESHAPE,
-    "permute": OpKind.RESHAPE,
-    "contiguous": OpKind.RESHAPE,
-    "squeeze": OpKind.RESHAPE,
-    "unsqueeze": OpKind.RESHAPE,
-    "chunk": OpKind.RESHAPE,
-    "split": OpKind.RESHAPE,
-    "__getitem__": OpKind.RESHAPE,
+    "mul": Op.MUL,
+    "matmul": Op.MATMUL,
+    "bmm": Op.MATMUL,
+    "view": Op.RESHAPE,
+    "reshape": Op.RESHAPE,
+    "flatten": Op.RESHAPE,
+    "transpose": Op.TRANSPOSE,
+    "permute": Op.TRANSPOSE,
+    "contiguous": PreFusionOp.ALIAS,
+    "squeeze": Op.RESHAPE,
+    "unsqueeze": Op.RESHAPE,
+    "chunk": Op.SPLIT,
+    "split": Op.SPLIT,
+    "__getitem__": Op.SLICE,
 }
 
 SUPPORTED_OPS = (
@@ -160,46 +158,51 @@ SUPPORTED_OPS = (
 )
 
 
-def _spelled(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind | Op:
-    """What the spelling tables say of a node: an :class:`OpKind`, or the table-activation :class:`Op` itself."""
+def _spelled(node: fx.Node, modules: dict[str, nn.Module]) -> SourceOp | None:
+    """What the spelling tables say of a node (``None``: no spelling of an op edgeq has)."""
     if node.op == "call_module":
         module = modules[node.target]
         if is_quant_stub(module):
-            return OpKind.QUANT_STUB
+            return PreFusionOp.QUANT_STUB
         if is_dequant_stub(module):
-            return OpKind.DEQUANT_STUB
+            return PreFusionOp.DEQUANT_STUB
         if isinstance(module, nn.Hardtanh) and (module.min_val, module.max_val) == (0.0, 6.0):
-            return OpKind.RELU6
-        return _MODULE_KINDS.get(type(module), OpKind.UNSUPPORTED)
+            return PreFusionOp.RELU6
+        return _MODULE_OPS.get(type(module))
     if node.op == "call_function":
         if node.target is F.hardtanh and (argument(node, 1, "min_val", -1.0), argument(node, 2, "max_val", 1.0)) == (
             0.0,
             6.0,
         ):
-            return OpKind.RELU6
-        if node.target in _FUNCTION_KINDS:
-            return _FUNCTION_KINDS[node.target]
+            return PreFusionOp.RELU6
+        if node.target in _FUNCTION_OPS:
+            return _FUNCTION_OPS[node.target]
         name = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__qualname__', '')}"
-        return _FUNCTION_KINDS_BY_NAME.get(name, OpKind.UNSUPPORTED)
+        return _FUNCTION_OPS_BY_NAME.get(name)
     if node.op == "call_method":
-        return _METHOD_KINDS.get(str(node.target), OpKind.UNSUPPORTED)
-    return OpKind.UNSUPPORTED
+        return _METHOD_OPS.get(str(node.target))
+    return None
 
 
-def op_kind(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind:
-    """The :class:`OpKind` of an fx node (``UNSUPPORTED`` when edgeq has no integer implementation)."""
-    kind = _spelled(node, modules)
-    return OpKind.TABLE_ACTIVATION if isinstance(kind, Op) else kind
+_RESIZES = (Op.UPSAMPLE_NEAREST2D, Op.UPSAMPLE_BILINEAR2D)
 
 
-def table_op(node: fx.Node, modules: dict[str, nn.Module]) -> Op:
-    """The lookup-table op of a ``TABLE_ACTIVATION`` node (``nn.SiLU`` and ``F.silu`` are ``Op.SILU``; a GELU with
-    ``approximate='tanh'`` is ``Op.GELU_TANH``)."""
-    kind = _spelled(node, modules)
-    assert isinstance(kind, Op), f"{node.name} is not a table activation"
-    if kind is Op.GELU and _gelu_approximation(node, modules) == "tanh":
+def source_op(node: fx.Node, modules: dict[str, nn.Module]) -> SourceOp | None:
+    """What an fx node is (``None`` when edgeq has no integer implementation of it), refined by its settings: a GELU
+    with ``approximate='tanh'`` is ``Op.GELU_TANH``; a resize is ``Op.UPSAMPLE_BILINEAR2D`` in mode ``'bilinear'``,
+    else ``Op.UPSAMPLE_NEAREST2D`` (whose emitter refuses modes other than ``'nearest'``, naming the mode)."""
+    op = _spelled(node, modules)
+    if op is Op.GELU and _gelu_approximation(node, modules) == "tanh":
         return Op.GELU_TANH
-    return kind
+    if op in _RESIZES:
+        return Op.UPSAMPLE_BILINEAR2D if interpolation(node, modules).mode == "bilinear" else Op.UPSAMPLE_NEAREST2D
+    return op
+
+
+def spelled_ops() -> set[SourceOp]:
+    """Every op and pre-fusion op some spelling reads as (the refinements of :func:`source_op` included)."""
+    spelled = {*_MODULE_OPS.values(), *_FUNCTION_OPS.values(), *_FUNCTION_OPS_BY_NAME.values(), *_METHOD_OPS.values()}
+    return spelled | {PreFusionOp.QUANT_STUB, PreFusionOp.DEQUANT_STUB, Op.GELU_TANH, *_RESIZES}
 
 
 def _gelu_approximation(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -228,66 +231,8 @@ def pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
     return (int(value[0]), int(value[1]))
 
 
-class Movement(str, Enum):
-    """What a RESHAPE-kind node does to its values (export and the compiler need the detail)."""
-
-    ALIAS = "alias"
-    """No change at all (``contiguous``, ``nn.Identity``)."""
-    RESHAPE = "reshape"
-    """Same values in row-major order, another shape (view, reshape, flatten, squeeze, unsqueeze)."""
-    TRANSPOSE = "transpose"
-    """A permutation of the axes (transpose, permute)."""
-    SPLIT = "split"
-    """Several outputs along one axis (chunk, split)."""
-    GETITEM = "getitem"
-    """One output of a split, or a slice of a tensor."""
-
-
-_MOVEMENTS: dict[Any, Movement] = {
-    nn.Identity: Movement.ALIAS,
-    "contiguous": Movement.ALIAS,
-    nn.Flatten: Movement.RESHAPE,
-    nn.Unflatten: Movement.RESHAPE,
-    torch.flatten: Movement.RESHAPE,
-    torch.reshape: Movement.RESHAPE,
-    torch.squeeze: Movement.RESHAPE,
-    torch.unsqueeze: Movement.RESHAPE,
-    "view": Movement.RESHAPE,
-    "reshape": Movement.RESHAPE,
-    "flatten": Movement.RESHAPE,
-    "squeeze": Movement.RESHAPE,
-    "unsqueeze": Movement.RESHAPE,
-    torch.transpose: Movement.TRANSPOSE,
-    torch.permute: Movement.TRANSPOSE,
-    "transpose": Movement.TRANSPOSE,
-    "permute": Movement.TRANSPOSE,
-    torch.chunk: Movement.SPLIT,
-    torch.split: Movement.SPLIT,
-    "chunk": Movement.SPLIT,
-    "split": Movement.SPLIT,
-    operator.getitem: Movement.GETITEM,
-    "__getitem__": Movement.GETITEM,
-}
-
-
-MOVEMENT_OPS: dict[Movement, Op | None] = {
-    Movement.ALIAS: None,
-    Movement.RESHAPE: Op.RESHAPE,
-    Movement.TRANSPOSE: Op.TRANSPOSE,
-    Movement.SPLIT: Op.SPLIT,
-    Movement.GETITEM: Op.SLICE,
-}
-"""The op each movement is (an alias is no op at all: its output is its input)."""
-
-
-def movement(node: fx.Node, modules: dict[str, nn.Module]) -> Movement:
-    """The :class:`Movement` of a RESHAPE-kind node."""
-    key = type(modules[node.target]) if node.op == "call_module" else node.target
-    return _MOVEMENTS[key]
-
-
 def permutation(node: fx.Node, rank: int) -> list[int]:
-    """The axis permutation of a TRANSPOSE node (transpose swaps two axes, permute lists them all)."""
+    """The axis permutation of a ``Op.TRANSPOSE`` node (transpose swaps two axes, permute lists them all)."""
     name = node.target if isinstance(node.target, str) else node.target.__name__
     if name == "transpose":
         first, second = argument(node, 1, "dim0") % rank, argument(node, 2, "dim1") % rank
@@ -301,5 +246,37 @@ def permutation(node: fx.Node, rank: int) -> list[int]:
 
 
 def split_axis(node: fx.Node, rank: int) -> int:
-    """The axis a SPLIT node splits along."""
+    """The axis a ``Op.SPLIT`` node splits along."""
     return argument(node, 2, "dim", 0) % rank
+
+
+@dataclass(frozen=True)
+class Interpolation:
+    """The settings of an ``F.interpolate`` call or an ``nn.Upsample`` / ``nn.Upsampling*2d`` module."""
+
+    mode: str
+    align_corners: bool
+    scale_factor: float | tuple[float, ...] | None
+    recompute_scale_factor: bool
+    antialias: bool
+
+
+def interpolation(node: fx.Node, modules: dict[str, nn.Module]) -> Interpolation:
+    """The interpolation settings of an upsample node, whether a module or ``F.interpolate`` (positional or keyword)."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        factor, recompute = module.scale_factor, module.recompute_scale_factor
+        return Interpolation(module.mode, bool(module.align_corners), factor, bool(recompute), False)
+    return Interpolation(
+        argument(node, 3, "mode", "nearest"),
+        bool(argument(node, 4, "align_corners", False)),
+        argument(node, 2, "scale_factor"),
+        bool(argument(node, 5, "recompute_scale_factor", False)),
+        bool(argument(node, 6, "antialias", False)),
+    )
+
+
+def moves_values(op: SourceOp | None) -> bool:
+    """Whether a node of ``op`` only moves or views values (a movement op, or an alias): no arithmetic, no scale of
+    its own."""
+    return op is PreFusionOp.ALIAS or (isinstance(op, Op) and op.info.movement)

@@ -8,6 +8,7 @@ scale (max pool, ReLU, reshapes) have none. ``convert_fx`` turns each module int
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 
 import torch
@@ -406,16 +407,51 @@ class UpsampleBilinear2d(Requantizing):
         return f"size={self.size}, align_corners={self.align_corners}"
 
 
-_TORCH_FUNCTIONS = {
-    Op.SIGMOID: lambda value, alpha: torch.sigmoid(value),
-    Op.TANH: lambda value, alpha: torch.tanh(value),
-    Op.HARDSIGMOID: lambda value, alpha: F.hardsigmoid(value),
-    Op.HARDSWISH: lambda value, alpha: F.hardswish(value),
-    Op.SILU: lambda value, alpha: F.silu(value),
-    Op.LEAKYRELU: lambda value, alpha: F.leaky_relu(value, alpha),
-    Op.GELU: lambda value, alpha: F.gelu(value),
-    Op.GELU_TANH: lambda value, alpha: F.gelu(value, approximate="tanh"),
-}
+TorchFunction = Callable[[torch.Tensor, float], torch.Tensor]
+
+TORCH_FUNCTIONS: OpTable[TorchFunction] = OpTable("torch function in quantization/qat_modules.py", lambda info: info.lookup_table)
+"""The float function of each lookup-table activation, ``(value, alpha) -> result`` (``alpha``: LeakyReLU's
+slope), that its canonical op runs before quantizing its output."""
+
+
+@TORCH_FUNCTIONS.register(Op.SIGMOID)
+def _sigmoid(value: torch.Tensor, alpha: float) -> torch.Tensor:
+    return torch.sigmoid(value)
+
+
+@TORCH_FUNCTIONS.register(Op.TANH)
+def _tanh(value: torch.Tensor, alpha: float) -> torch.Tensor:
+    return torch.tanh(value)
+
+
+@TORCH_FUNCTIONS.register(Op.HARDSIGMOID)
+def _hardsigmoid(value: torch.Tensor, alpha: float) -> torch.Tensor:
+    return F.hardsigmoid(value)
+
+
+@TORCH_FUNCTIONS.register(Op.HARDSWISH)
+def _hardswish(value: torch.Tensor, alpha: float) -> torch.Tensor:
+    return F.hardswish(value)
+
+
+@TORCH_FUNCTIONS.register(Op.SILU)
+def _silu(value: torch.Tensor, alpha: float) -> torch.Tensor:
+    return F.silu(value)
+
+
+@TORCH_FUNCTIONS.register(Op.LEAKYRELU)
+def _leaky_relu(value: torch.Tensor, alpha: float) -> torch.Tensor:
+    return F.leaky_relu(value, alpha)
+
+
+@TORCH_FUNCTIONS.register(Op.GELU)
+def _gelu(value: torch.Tensor, alpha: float) -> torch.Tensor:
+    return F.gelu(value)
+
+
+@TORCH_FUNCTIONS.register(Op.GELU_TANH)
+def _gelu_tanh(value: torch.Tensor, alpha: float) -> torch.Tensor:
+    return F.gelu(value, approximate="tanh")
 
 
 @CANONICAL.register(*LOOKUP_TABLE_OPS)
@@ -429,7 +465,7 @@ class LookupTableActivation(Requantizing):
         self.output_quantizer = output_quantizer
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
-        return self._quantize_output(_TORCH_FUNCTIONS[self.op](value, self.alpha))
+        return self._quantize_output(TORCH_FUNCTIONS[self.op](value, self.alpha))
 
     def extra_repr(self) -> str:
         return f"{self.op.value}" + (f", alpha={self.alpha}" if self.op is Op.LEAKYRELU else "")

@@ -56,7 +56,7 @@ def set_fake_quantize(model: nn.Module, state: FakeQuantState) -> None:
         Traceback (most recent call last):
         ...
         edgeq.errors.QuantizationError: set_fake_quantize: Linear has no fake-quant parts; prepare it with prepare_qat_fx first
-    """
+    """  # noqa: W505 (a doctest's expected output is one line)
     state = FakeQuantState(state)
     stateful = [module for module in model.modules() if isinstance(module, FakeQuantStateful)]
     if not stateful:

@@ -26,7 +26,7 @@ class UnsupportedOpError(EdgeqError):
     """A node in the quantized region has no integer implementation.
 
     Attributes:
-        reason: why, without the node's name (``"upsampling mode 'bilinear' (allowed: 'nearest')"``).
+        reason: why, without the node's name (``"padding_mode 'reflect' (allowed: 'zeros')"``).
     """
 
     def __init__(self, message: str, reason: str = "") -> None:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from edgeq.errors import QuantizationError
-from edgeq.ops import Op
+from edgeq.ops import Op, OpTable
 from edgeq.targets import ScaleRule
 
 ACTIVATION_QMIN = -128
@@ -487,7 +487,8 @@ def bilinear_accumulate(value: torch.Tensor, rows: BilinearTaps, columns: Biline
 
 
 def bilinear_multiplier(input_scale: float, output_scale: float, *, what: str) -> FixedPointMultiplier:
-    """The requantization of a bilinear resize: ``m = s_in / (s_out * 2**(2F))`` (the weights' fixed point folded in)."""
+    """The requantization of a bilinear resize: ``m = s_in / (s_out * 2**(2F))`` (the weights' fixed point folded
+    in)."""
     count = 1 << (2 * RESIZE_FRACTION_BITS)
     return quantize_multiplier(real_multiplier(input_scale, output_scale, count=count), what=what)
 
@@ -513,18 +514,20 @@ def _gelu_tanh(x: float) -> float:
     return 0.5 * x * (1.0 + math.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-TABLE_FUNCTIONS: dict[Op, Callable[[float, float], float]] = {
-    Op.SIGMOID: lambda x, alpha: _sigmoid(x),
-    Op.TANH: lambda x, alpha: math.tanh(x),
-    Op.HARDSIGMOID: lambda x, alpha: _hardsigmoid(x),
-    Op.HARDSWISH: lambda x, alpha: x * _hardsigmoid(x),
-    Op.SILU: lambda x, alpha: x * _sigmoid(x),
-    Op.LEAKYRELU: lambda x, alpha: x if x >= 0 else alpha * x,
-    Op.GELU: lambda x, alpha: _gelu(x),
-    Op.GELU_TANH: lambda x, alpha: _gelu_tanh(x),
-}
+TABLE_FUNCTIONS: OpTable[Callable[[float, float], float]] = OpTable(
+    "table function in numerics.py", lambda info: info.lookup_table
+)
 """The real function of each lookup-table op, in float64 (``alpha``: LeakyReLU's negative slope, unused by the
 others); docs/numerics.md section 7."""
+
+TABLE_FUNCTIONS.register(Op.SIGMOID)(lambda x, alpha: _sigmoid(x))
+TABLE_FUNCTIONS.register(Op.TANH)(lambda x, alpha: math.tanh(x))
+TABLE_FUNCTIONS.register(Op.HARDSIGMOID)(lambda x, alpha: _hardsigmoid(x))
+TABLE_FUNCTIONS.register(Op.HARDSWISH)(lambda x, alpha: x * _hardsigmoid(x))
+TABLE_FUNCTIONS.register(Op.SILU)(lambda x, alpha: x * _sigmoid(x))
+TABLE_FUNCTIONS.register(Op.LEAKYRELU)(lambda x, alpha: x if x >= 0 else alpha * x)
+TABLE_FUNCTIONS.register(Op.GELU)(lambda x, alpha: _gelu(x))
+TABLE_FUNCTIONS.register(Op.GELU_TANH)(lambda x, alpha: _gelu_tanh(x))
 
 LUT_SIZE = ACTIVATION_QMAX - ACTIVATION_QMIN + 1
 

@@ -116,7 +116,7 @@ OP_NAMES: tuple[str, ...] = tuple(op.value for op in Op)
 
 def op_of_onnx_type(op_type: str) -> Op | None:
     """The op an ONNX node of ``op_type`` reads as (``None`` for a type edgeq has no integer op for): the first op
-    that declares the type; ``edgeq.export.onnx_reader.node_op`` refines it by the node's attributes (a ``Resize``
+    that declares the type; ``edgeq.export.onnx_nodes.node_op`` refines it by the node's attributes (a ``Resize``
     of mode ``linear`` is ``upsample_bilinear2d``) and inputs (a ``MatMul`` of two activations is ``matmul``)."""
     return _BY_ONNX_TYPE.get(op_type)
 
@@ -194,3 +194,12 @@ class OpTable(Generic[T]):
 
 TABLES: list[OpTable] = []
 """Every layer's table, in import order (filled as the layers are imported)."""
+
+
+# ---- looking an op up by its name (check records and graph.json carry an op's name) ----------------------------
+
+
+def op_named(name: str) -> Op | None:
+    """The op called ``name`` (an :class:`Op` is its own name), ``None`` for an op edgeq has no integer form of
+    (a check record's lowercase foreign name, such as ``logsoftmax``)."""
+    return Op(name) if name in OP_NAMES else None

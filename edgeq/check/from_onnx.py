@@ -7,6 +7,7 @@ its output; a weight or bias is a constant behind a DequantizeLinear. Data edges
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -15,18 +16,11 @@ import onnx
 from edgeq.check.records import INPUT_PREFIX, OpRecord, QuantFacts, foreign_op_name
 from edgeq.errors import QuantizationError
 from edgeq.export.float_onnx import FLOAT_FALLBACK_DOC
-from edgeq.export.onnx_reader import (
-    QUANTIZE_NODES,
-    QDQModel,
-    QuantParams,
-    attribute_text,
-    node_attributes,
-    node_name,
-    resize_follows_sizes,
-)
+from edgeq.export.onnx_nodes import QUANTIZE_NODES, attribute_text, node_attributes, node_name, resize_follows_sizes
+from edgeq.export.onnx_reader import QDQModel, QuantParams
 from edgeq.export.qdq_graph import QDQGraph
 from edgeq.numerics import accumulator_bounds, resize_align_corners
-from edgeq.ops import Op, gated_op, op_of_onnx_type
+from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable, gated_op
 
 
 def records_from_qdq(qdq: QDQModel) -> list[OpRecord]:
@@ -133,71 +127,100 @@ class _OnnxWalker(QDQGraph):
         return op is not None and op.info.weighted
 
     def _describe(self, node: onnx.NodeProto) -> tuple[str, dict[str, Any]]:
-        attributes = node_attributes(node)
-        if self.op_of(node) is Op.MATMUL:
-            left = self.static_shape(node.input[0])
-            return Op.MATMUL.value, {} if left is None else {"reduction_size": left[-1]}
-        if node.op_type == "Conv":
-            weight_shape = self._weight_shape(node.input[1])
-            if weight_shape is None:
-                return "conv2d", {}
-            kernel = tuple(attributes.get("kernel_shape", weight_shape[2:]))
-            pads = tuple(attributes.get("pads", [0] * 4))
-            groups = int(attributes.get("group", 1))
-            return "conv2d", {
-                "kernel": kernel,
-                "stride": tuple(attributes.get("strides", (1, 1))),
-                "padding": (max(pads[0], pads[2]), max(pads[1], pads[3])),
-                "dilation": tuple(attributes.get("dilations", (1, 1))),
-                "groups": groups,
-                "in_channels": weight_shape[1] * groups,
-                "out_channels": weight_shape[0],
-                "weight_bytes": int(np.prod(weight_shape)),
-            }
-        if node.op_type in ("Gemm", "MatMul"):
-            weight_shape = self._weight_shape(node.input[1])
-            if weight_shape is None:
-                return "linear", {}
-            transposed = node.op_type == "Gemm" and attributes.get("transB", 0)
-            out_features, in_features = weight_shape if transposed else weight_shape[::-1]
-            return "linear", {"in_features": in_features, "out_channels": out_features, "weight_bytes": int(np.prod(weight_shape))}
-        if node.op_type in ("MaxPool", "AveragePool"):
-            pads = tuple(attributes.get("pads", [0] * 4))
-            kernel = tuple(attributes["kernel_shape"])
-            return op_of_onnx_type(node.op_type).value, {
-                "kernel": kernel,
-                "stride": tuple(attributes.get("strides", (1, 1))),
-                "padding": (max(pads[0], pads[2]), max(pads[1], pads[3])),
-            }
-        if node.op_type == "Resize":
-            return self._resize(node, attributes)
         op = self.op_of(node)
         if op is None:
             return foreign_op_name(node.op_type), {}
         if node_name(node) in self.gate_muls:
             op = gated_op(op)
-        if op.info.lookup_table:
-            return op.value, {"function": op.value, "alpha": float(attributes.get("alpha", 0.0)) if op is Op.LEAKYRELU else 0.0}
-        return op.value, {}
+        return ONNX_DESCRIPTIONS[op](self, node, op, node_attributes(node))
 
-    def _weight_shape(self, tensor: str) -> tuple[int, ...] | None:
+    def weight_shape(self, tensor: str) -> tuple[int, ...] | None:
+        """The shape of the weight ``tensor`` (dequantized or not), ``None`` when it is not a constant."""
         dequantized = self.dequantized(tensor)
         name = dequantized[0] if dequantized is not None else tensor
         return tuple(self.constants[name].shape) if name in self.constants else None
 
-    def _resize(self, node: onnx.NodeProto, attributes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        mode = attribute_text(attributes, "mode", "nearest")
-        source, target = self.static_shape(node.input[0]), self.static_shape(node.output[0])
-        if source is None or target is None or not resize_follows_sizes(node, self.constants, source, target):
-            return foreign_op_name(f"resize_{mode}"), {}  # coordinates of its own scale: a float op (docs/compile.md)
-        if mode == "linear" and len(target) == 4:
-            coordinates = attribute_text(attributes, "coordinate_transformation_mode", "half_pixel")
-            align_corners = resize_align_corners(coordinates, target[2:])
-            if align_corners is not None and not attributes.get("antialias", 0):
-                return Op.UPSAMPLE_BILINEAR2D.value, {"align_corners": align_corners}
-        if mode != "nearest" or any(t % s for t, s in zip(target[2:], source[2:])):
-            return foreign_op_name(f"resize_{mode}"), {}
-        return "upsample_nearest2d", {"factor": tuple(t // s for t, s in zip(target[2:], source[2:]))}
+
+Description = Callable[[_OnnxWalker, onnx.NodeProto, Op, dict[str, Any]], tuple[str, dict[str, Any]]]
+"""The op name and attributes of a node that reads as an op, from the walker, the node, the op and the node's
+attributes (an op that does not fit edgeq's form reads as its foreign name)."""
+
+ONNX_DESCRIPTIONS: OpTable[Description] = OpTable("check record in check/from_onnx.py")
+"""What the check records of each op's ONNX node."""
+
+
+@ONNX_DESCRIPTIONS.register(Op.MATMUL)
+def _matmul(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    left = graph.static_shape(node.input[0])
+    return Op.MATMUL.value, {} if left is None else {"reduction_size": left[-1]}
+
+
+@ONNX_DESCRIPTIONS.register(Op.CONV2D)
+def _conv(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    weight_shape = graph.weight_shape(node.input[1])
+    if weight_shape is None:
+        return "conv2d", {}
+    kernel = tuple(attributes.get("kernel_shape", weight_shape[2:]))
+    pads = tuple(attributes.get("pads", [0] * 4))
+    groups = int(attributes.get("group", 1))
+    return "conv2d", {
+        "kernel": kernel,
+        "stride": tuple(attributes.get("strides", (1, 1))),
+        "padding": (max(pads[0], pads[2]), max(pads[1], pads[3])),
+        "dilation": tuple(attributes.get("dilations", (1, 1))),
+        "groups": groups,
+        "in_channels": weight_shape[1] * groups,
+        "out_channels": weight_shape[0],
+        "weight_bytes": int(np.prod(weight_shape)),
+    }
+
+
+@ONNX_DESCRIPTIONS.register(Op.LINEAR)
+def _linear(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A Gemm, or a MatMul with a weight."""
+    weight_shape = graph.weight_shape(node.input[1])
+    if weight_shape is None:
+        return "linear", {}
+    transposed = node.op_type == "Gemm" and attributes.get("transB", 0)
+    out_features, in_features = weight_shape if transposed else weight_shape[::-1]
+    return "linear", {"in_features": in_features, "out_channels": out_features, "weight_bytes": int(np.prod(weight_shape))}
+
+
+@ONNX_DESCRIPTIONS.register(Op.MAX_POOL2D, Op.AVG_POOL2D)
+def _pool(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    pads = tuple(attributes.get("pads", [0] * 4))
+    kernel = tuple(attributes["kernel_shape"])
+    return op.value, {
+        "kernel": kernel,
+        "stride": tuple(attributes.get("strides", (1, 1))),
+        "padding": (max(pads[0], pads[2]), max(pads[1], pads[3])),
+    }
+
+
+@ONNX_DESCRIPTIONS.register(Op.UPSAMPLE_NEAREST2D, Op.UPSAMPLE_BILINEAR2D)
+def _resize(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    mode = attribute_text(attributes, "mode", "nearest")
+    source, target = graph.static_shape(node.input[0]), graph.static_shape(node.output[0])
+    if source is None or target is None or not resize_follows_sizes(node, graph.constants, source, target):
+        return foreign_op_name(f"resize_{mode}"), {}  # coordinates of its own scale: a float op (docs/compile.md)
+    if mode == "linear" and len(target) == 4:
+        coordinates = attribute_text(attributes, "coordinate_transformation_mode", "half_pixel")
+        align_corners = resize_align_corners(coordinates, target[2:])
+        if align_corners is not None and not attributes.get("antialias", 0):
+            return Op.UPSAMPLE_BILINEAR2D.value, {"align_corners": align_corners}
+    if mode != "nearest" or any(t % s for t, s in zip(target[2:], source[2:])):
+        return foreign_op_name(f"resize_{mode}"), {}
+    return "upsample_nearest2d", {"factor": tuple(t // s for t, s in zip(target[2:], source[2:]))}
+
+
+@ONNX_DESCRIPTIONS.register(*LOOKUP_TABLE_OPS)
+def _lookup_table(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return op.value, {"function": op.value, "alpha": float(attributes.get("alpha", 0.0)) if op is Op.LEAKYRELU else 0.0}
+
+
+@ONNX_DESCRIPTIONS.register(Op.ADD, Op.MUL, Op.CONCAT, Op.RELU, Op.GLOBAL_AVG_POOL2D, Op.RESHAPE, Op.TRANSPOSE, Op.SPLIT, Op.SLICE)
+def _no_attributes(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return op.value, {}
 
 
 def _requantization_problem(record: OpRecord) -> str | None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from edgeq.check.work import work
 
 INPUT_PREFIX = "input:"
 """Prefix of the producer name of a model input (``input:x``)."""
@@ -47,7 +48,7 @@ class OpRecord:
     Attributes:
         name: the node's name (module path, or ONNX node name).
         op: edgeq's op name (``conv2d``, ``add``... an :class:`edgeq.ops.Op`) or, for an op edgeq has no
-            integer implementation of, its own lowercase name (``hardswish``).
+            integer implementation of, its own lowercase name (``logsoftmax``).
         source_op: what the model says (``Conv2d+BatchNorm2d+ReLU6``, ``Conv``) for display.
         inputs: names of the records producing this op's inputs (``input:<name>`` for model inputs).
         input_shapes: shapes of the activation inputs.
@@ -89,21 +90,12 @@ class OpRecord:
 
     @property
     def macs(self) -> int:
-        """Multiply-accumulates per inference (convolutions, linear layers and matmuls; 0 for other ops)."""
-        if self.output_shape is None:
-            return 0
-        outputs = math.prod(self.output_shape)
-        if self.op == "conv2d" and "kernel" in self.attrs:
-            kh, kw = self.attrs["kernel"]
-            return outputs * self.attrs["in_channels"] // self.attrs["groups"] * kh * kw
-        if self.op == "linear" and "in_features" in self.attrs:
-            return outputs * self.attrs["in_features"]
-        if self.op == "matmul" and "reduction_size" in self.attrs:
-            return outputs * self.attrs["reduction_size"]
-        return 0
+        """Multiply-accumulates per inference (convolutions, linear layers and matmuls; 0 for other ops,
+        :mod:`edgeq.check.work`)."""
+        return work(self.op, self.attrs, self.input_shapes, self.output_shape).macs
 
 
 def foreign_op_name(name: str) -> str:
     """The name of an op edgeq does not know, one spelling for all sources: lowercase, no underscores
-    (ONNX ``LeakyRelu``, ``nn.LeakyReLU`` and ``F.leaky_relu_`` are all ``leakyrelu``)."""
+    (ONNX ``LogSoftmax``, ``nn.LogSoftmax`` and ``F.log_softmax`` are all ``logsoftmax``)."""
     return name.lower().replace("_", "")

@@ -21,10 +21,12 @@ import onnx
 
 from edgeq.check.records import OpRecord
 from edgeq.check.report import CheckReport, NodeReport
+from edgeq.check.work import work
 from edgeq.compile.partition import Partition, TensorSpec, graph_of
 from edgeq.compile.requantization import Requantization, requantization
 from edgeq.errors import EdgeqError
-from edgeq.export.onnx_reader import QDQModel, QuantParams, node_attributes, node_name
+from edgeq.export.onnx_nodes import node_attributes, node_name
+from edgeq.export.onnx_reader import QDQModel, QuantParams
 
 SCHEMA_VERSION = 3
 """Version of :meth:`CompiledGraph.to_dict`'s layout; :meth:`CompiledGraph.from_dict` refuses others."""
@@ -74,7 +76,7 @@ class Tensor:
 
 
 @dataclass(frozen=True)
-class Op:
+class GraphOp:
     """An op of the program (the check's op, after fusion).
 
     Attributes:
@@ -85,8 +87,9 @@ class Op:
         region: the region it runs in.
         inputs: activation tensors it reads; outputs: tensors it makes; constants: weights and biases.
         attributes: typed settings (kernel, stride, padding, dilation, groups, channels, features...).
-        macs: multiply-accumulates per inference (conv2d, linear, matmul, add, avg pools; 0 for ops without any).
-        ops: elementary operations per inference that are not MACs (a comparison, copy or activation per element).
+        macs: multiply-accumulates per inference (conv2d, linear, matmul; 0 for other ops, :mod:`edgeq.check.work`).
+        non_mac_ops: elementary operations per inference that are not MACs (an add's scaled inputs, a pool's sums
+            or comparisons, a copy or activation per element); ``ops`` in ``graph.json``.
         bytes_in, bytes_out, weight_bytes: bytes of ``inputs``, ``outputs`` and ``constants``.
         requantization: integer rescaling constants, None when the op keeps its input's scale.
         kernel: the TVM PrimFunc it landed in (None when it needs no kernel of its own: a reshape is a view).
@@ -105,7 +108,7 @@ class Op:
     constants: list[str]
     attributes: dict[str, Any]
     macs: int
-    ops: int
+    non_mac_ops: int
     bytes_in: int
     bytes_out: int
     weight_bytes: int
@@ -114,6 +117,27 @@ class Op:
     parallel: bool
     reasons: list[str]
     advice: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the op as ``graph.json`` holds it."""
+        return {_JSON_KEYS.get(key, key): value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GraphOp:
+        """The op of a :meth:`to_dict` result.
+
+        Raises:
+            KeyError, TypeError: a missing or unexpected field.
+        """
+        fields = {_FIELDS.get(key, key): value for key, value in data.items()}
+        requantization = fields["requantization"]
+        return cls(**{**fields, "requantization": Requantization(**requantization) if requantization is not None else None})
+
+
+_JSON_KEYS = {"non_mac_ops": "ops"}
+"""The ``graph.json`` keys of the :class:`GraphOp` fields named otherwise."""
+
+_FIELDS = {key: name for name, key in _JSON_KEYS.items()}
 
 
 @dataclass(frozen=True)
@@ -159,11 +183,11 @@ class CompiledGraph:
     inputs: list[str]
     outputs: list[str]
     tensors: dict[str, Tensor]
-    ops: list[Op]
+    ops: list[GraphOp]
     regions: list[Region]
     schema_version: int = SCHEMA_VERSION
 
-    def op(self, name: str) -> Op:
+    def op(self, name: str) -> GraphOp:
         """The op called ``name``."""
         for op in self.ops:
             if op.name == name:
@@ -181,7 +205,7 @@ class CompiledGraph:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the content of ``graph.json``."""
-        return asdict(self)
+        return {**asdict(self), "ops": [op.to_dict() for op in self.ops]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompiledGraph:
@@ -200,10 +224,7 @@ class CompiledGraph:
                 name: Tensor(**{**t, "quant": Quant(**t["quant"]) if t["quant"] is not None else None})
                 for name, t in data["tensors"].items()
             }
-            ops = [
-                Op(**{**o, "requantization": Requantization(**o["requantization"]) if o["requantization"] is not None else None})
-                for o in data["ops"]
-            ]
+            ops = [GraphOp.from_dict(o) for o in data["ops"]]
             return cls(
                 target=TargetInfo(**data["target"]),
                 arch=data["arch"],
@@ -249,7 +270,8 @@ def load_compiled_graph(artifact: str | Path) -> CompiledGraph:
 
 
 def build_compiled_graph(qdq: QDQModel, report: CheckReport, partition: Partition, arch: str, dot_product: str) -> CompiledGraph:
-    """The compiled graph of ``partition`` (placed by ``report``), without kernels (:meth:`CompiledGraph.with_kernels`)."""
+    """The compiled graph of ``partition`` (placed by ``report``), without kernels
+    (:meth:`CompiledGraph.with_kernels`)."""
     return _Builder(qdq, report, partition).build(arch, dot_product)
 
 
@@ -349,13 +371,13 @@ class _Builder:
         constants: list[str],
         tensors: dict[str, Tensor],
         nodes: dict[str, onnx.NodeProto],
-    ) -> Op:
+    ) -> GraphOp:
         record = node.record
         onnx_node = nodes[record.name]
         placement = node.where
         attributes = _attributes(record, onnx_node)
-        macs, ops = work(record.op, attributes, [tensors[t].shape for t in inputs], tensors[outputs[0]].shape if outputs else [])
-        return Op(
+        macs, non_mac_ops = work(record.op, attributes, [tensors[t].shape for t in inputs], tensors[outputs[0]].shape if outputs else None)
+        return GraphOp(
             name=record.name,
             op=record.op,
             source_ops=[m.op_type for m in self.graph.members(onnx_node)],
@@ -366,7 +388,7 @@ class _Builder:
             constants=constants,
             attributes=attributes,
             macs=macs,
-            ops=ops,
+            non_mac_ops=non_mac_ops,
             bytes_in=sum(tensors[t].bytes for t in inputs),
             bytes_out=sum(tensors[t].bytes for t in outputs),
             weight_bytes=sum(tensors[t].bytes for t in constants),
@@ -399,22 +421,3 @@ def _attributes(record: OpRecord, node: onnx.NodeProto) -> dict[str, Any]:
         return {k: _plain(v) for k, v in record.attrs.items() if k != "weight_bytes"}
     return {k: _plain(v) for k, v in node_attributes(node).items() if not isinstance(v, onnx.TensorProto)}
 
-
-def work(op: str, attributes: dict[str, Any], input_shapes: list[list[int]], output_shape: list[int]) -> tuple[int, int]:
-    """(MACs, other elementary operations) of one op per inference (docs/perf.md lists the formula per op kind)."""
-    outputs = math.prod(output_shape) if output_shape and all(d > 0 for d in output_shape) else 0
-    if op == "conv2d" and "kernel" in attributes:
-        return outputs * attributes["in_channels"] // attributes["groups"] * math.prod(attributes["kernel"]), 0
-    if op == "linear" and "in_features" in attributes:
-        return outputs * attributes["in_features"], 0
-    if op == "matmul" and "reduction_size" in attributes:
-        return outputs * attributes["reduction_size"], 0
-    if op in ("add", "mul"):
-        return outputs * max(len(input_shapes), 1), 0
-    if op == "avg_pool2d" and "kernel" in attributes:
-        return outputs * math.prod(attributes["kernel"]), 0
-    if op == "global_avg_pool2d" and input_shapes:
-        return math.prod(input_shapes[0]), 0
-    if op == "max_pool2d" and "kernel" in attributes:
-        return 0, outputs * math.prod(attributes["kernel"])
-    return 0, outputs

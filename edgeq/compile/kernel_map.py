@@ -32,40 +32,69 @@ from dataclasses import dataclass
 
 from tvm import relax
 
-from edgeq.compile.compiled_graph import CompiledGraph, Op
-from edgeq.ops import LOOKUP_TABLE_OPS
+from edgeq.compile.compiled_graph import CompiledGraph, GraphOp
+from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable, op_named
 
-_PRIMITIVES: dict[str, tuple[str, ...]] = {
-    "conv2d": ("conv2d",),
-    "linear": ("matmul", "dense"),
-    "matmul": ("matmul",),
-    "add": ("add",),
-    "relu": ("maximum", "clip", "relu"),
-    "max_pool2d": ("max_pool2d",),
-    "avg_pool2d": ("avg_pool2d", "conv2d", "sum"),
-    "global_avg_pool2d": ("sum", "mean", "adaptive_avg_pool2d"),
-    "concat": ("concatenate", "concat"),
-    "reshape": ("reshape",),
-    "transpose": ("transpose",),
-    "upsample_nearest2d": ("repeat", "resize2d"),
-    "upsample_bilinear2d": ("take", "resize2d"),
-    "split": ("split",),
-    "slice": ("strided_slice",),
-    "mul": ("multiply",),
-    **{table.value: ("lookup", "take") for table in LOOKUP_TABLE_OPS},
-}
-"""Names of the primitive (Relax / TIR) ops an edgeq op kind becomes, as they appear in kernel names (a table
-activation: edgeq's lookup kernel, or TVM's ``take`` at ``-O0``)."""
 
-FUSED_FOLLOWERS = ("relu", "add", "mul", "reshape", "transpose", "concat", *(table.value for table in LOOKUP_TABLE_OPS))
-"""Op kinds TVM fuses into the kernel that makes their input (a table activation: as an elementwise kernel,
-:mod:`edgeq.compile.fusion_patterns`; squeeze-and-excitation's scaling after it)."""
+@dataclass(frozen=True)
+class KernelRole:
+    """How TVM builds an op into kernels.
 
-VIEW_OPS = ("reshape",)
-"""Op kinds that need no kernel of their own when TVM can make them a view."""
+    Attributes:
+        primitives: names of the primitive (Relax / TIR) ops the op becomes, as they appear in kernel names (a
+            table activation: edgeq's lookup kernel, or TVM's ``take`` at ``-O0``).
+        fused_follower: TVM fuses the op into the kernel that makes its input (a table activation: as an
+            elementwise kernel, :mod:`edgeq.compile.fusion_patterns`; squeeze-and-excitation's scaling after it).
+        view: the op needs no kernel of its own when TVM can make it a view.
+        closing: for an op TVM builds from several kernels, the primitive of the kernel that ends it.
+    """
 
-SPANNING: dict[str, str] = {"upsample_bilinear2d": "right_shift"}
-"""Op kinds TVM builds from several kernels, and the primitive of the kernel that ends each of them."""
+    primitives: tuple[str, ...]
+    fused_follower: bool = False
+    view: bool = False
+    closing: str | None = None
+
+
+KERNEL_ROLES: OpTable[KernelRole] = OpTable("kernel role in compile/kernel_map.py")
+"""Each op's :class:`KernelRole`."""
+
+KERNEL_ROLES.register(Op.CONV2D)(KernelRole(("conv2d",)))
+KERNEL_ROLES.register(Op.LINEAR)(KernelRole(("matmul", "dense")))
+KERNEL_ROLES.register(Op.MATMUL)(KernelRole(("matmul",)))
+KERNEL_ROLES.register(Op.ADD)(KernelRole(("add",), fused_follower=True))
+KERNEL_ROLES.register(Op.MUL)(KernelRole(("multiply",), fused_follower=True))
+KERNEL_ROLES.register(Op.RELU)(KernelRole(("maximum", "clip", "relu"), fused_follower=True))
+KERNEL_ROLES.register(Op.MAX_POOL2D)(KernelRole(("max_pool2d",)))
+KERNEL_ROLES.register(Op.AVG_POOL2D)(KernelRole(("avg_pool2d", "conv2d", "sum")))
+KERNEL_ROLES.register(Op.GLOBAL_AVG_POOL2D)(KernelRole(("sum", "mean", "adaptive_avg_pool2d")))
+KERNEL_ROLES.register(Op.CONCAT)(KernelRole(("concatenate", "concat"), fused_follower=True))
+KERNEL_ROLES.register(Op.RESHAPE)(KernelRole(("reshape",), fused_follower=True, view=True))
+KERNEL_ROLES.register(Op.TRANSPOSE)(KernelRole(("transpose",), fused_follower=True))
+KERNEL_ROLES.register(Op.UPSAMPLE_NEAREST2D)(KernelRole(("repeat", "resize2d")))
+KERNEL_ROLES.register(Op.UPSAMPLE_BILINEAR2D)(KernelRole(("take", "resize2d"), closing="right_shift"))
+KERNEL_ROLES.register(Op.SPLIT)(KernelRole(("split",)))
+KERNEL_ROLES.register(Op.SLICE)(KernelRole(("strided_slice",)))
+KERNEL_ROLES.register(*LOOKUP_TABLE_OPS)(KernelRole(("lookup", "take"), fused_follower=True))
+
+
+def kernel_role(op: str) -> KernelRole | None:
+    """The :class:`KernelRole` of the op called ``op``; ``None`` for an op edgeq does not know (it takes the first
+    free call that reads its inputs)."""
+    known = op_named(op)
+    return KERNEL_ROLES[known] if known is not None else None
+
+
+def fused_follower(op: str) -> bool:
+    """Whether TVM fuses the op called ``op`` into the kernel that makes its input."""
+    role = kernel_role(op)
+    return role is not None and role.fused_follower
+
+
+def view_op(op: str) -> bool:
+    """Whether the op called ``op`` needs no kernel of its own when TVM can make it a view."""
+    role = kernel_role(op)
+    return role is not None and role.view
+
 
 _CALL = re.compile(r"^\s*call\s+(\S+)\s+in:(.*?)\s+dst:\s*(\S+)")
 _FUNCTION = re.compile(r"^@(\S+):$")
@@ -124,8 +153,9 @@ def _names(kernel: str, primitive: str) -> bool:
     return re.search(rf"(^|_){primitive}\d*(_|$)", kernel) is not None
 
 
-def _holds(kernel: str, kind: str) -> bool:
-    return any(_names(kernel, name) for name in _PRIMITIVES.get(kind, ()))
+def _holds(kernel: str, op: str) -> bool:
+    role = kernel_role(op)
+    return role is not None and any(_names(kernel, name) for name in role.primitives)
 
 
 class _Matcher:
@@ -149,10 +179,12 @@ class _Matcher:
         calls = self.placed.get(self.graph.tensors[tensor].producer)
         return calls[-1] if calls else None
 
-    def _span(self, op: Op, first: int, registers: set[int]) -> list[int]:
-        """The calls of an op that starts at call ``first`` (several for a :data:`SPANNING` op)."""
+    def _span(self, op: GraphOp, first: int, registers: set[int]) -> list[int]:
+        """The calls of an op that starts at call ``first`` (several for an op whose role has a ``closing``
+        primitive)."""
         span = [first]
-        closing = SPANNING.get(op.op)
+        role = kernel_role(op.op)
+        closing = role.closing if role is not None else None
         if closing is None or _names(self.calls[first].kernel, closing):
             return span
         readable = registers | {self.calls[first].writes}
@@ -166,15 +198,15 @@ class _Matcher:
                 break
         return span
 
-    def _own_call(self, op: Op, registers: set[int]) -> int | None:
+    def _own_call(self, op: GraphOp, registers: set[int]) -> int | None:
         for index, call in enumerate(self.calls):
             if index in self.taken or not registers <= set(call.reads):
                 continue
-            if op.op not in _PRIMITIVES or _holds(call.kernel, op.op):
+            if kernel_role(op.op) is None or _holds(call.kernel, op.op):
                 return index
         return None
 
-    def _step_between(self, op: Op, registers: set[int]) -> int | None:
+    def _step_between(self, op: GraphOp, registers: set[int]) -> int | None:
         """A free call that reads only registers of ``op``'s inputs and whose output a call for ``op`` reads."""
         for index, call in enumerate(self.calls):
             if index in self.taken or not call.reads or call.writes is None or not set(call.reads) <= registers:
@@ -183,7 +215,7 @@ class _Matcher:
                 return index
         return None
 
-    def _join_step(self, op: Op, step: int) -> list[int]:
+    def _join_step(self, op: GraphOp, step: int) -> list[int]:
         """Call ``step`` appended to the calls of the op making an input it reads; returned, as the first call of
         ``op`` itself, when it reads region inputs only (which from now on stand for its output)."""
         self.taken.add(step)
@@ -197,13 +229,13 @@ class _Matcher:
             return []
         return [step]
 
-    def _registers(self, op: Op) -> set[int]:
+    def _registers(self, op: GraphOp) -> set[int]:
         """The registers of ``op``'s inputs that are known so far."""
         return {r for t in op.inputs if (r := self._register(t)) is not None}
 
-    def place(self, op: Op) -> None:
+    def place(self, op: GraphOp) -> None:
         registers = self._registers(op)
-        if op.op in FUSED_FOLLOWERS:
+        if fused_follower(op.op):
             for tensor in op.inputs:
                 index = self._producer_call(tensor)
                 if index is None or not _holds(self.calls[index].kernel, op.op):
@@ -212,10 +244,10 @@ class _Matcher:
                 if others <= set(self.calls[index].reads):
                     self.placed[op.name] = [index]
                     return
-        if op.op in VIEW_OPS and not registers:
+        if view_op(op.op) and not registers:
             return
         index, first = self._own_call(op, registers), []
-        step = self._step_between(op, registers) if index is None and op.op not in VIEW_OPS else None
+        step = self._step_between(op, registers) if index is None and not view_op(op.op) else None
         if step is not None:
             first = self._join_step(op, step)
             registers = self._registers(op)
@@ -226,18 +258,18 @@ class _Matcher:
             self.taken.update(span)
 
 
-def _deferred_to(op: Op, graph: CompiledGraph) -> str | None:
+def _deferred_to(op: GraphOp, graph: CompiledGraph) -> str | None:
     """The consumer ``op`` is placed just before, or None: its one consumer, when that is a fused follower reading
     other tensors too (a residual add). TVM may fuse ``op`` and the add into one kernel, which runs once the add's
     other inputs exist: RegNet's projection shortcut runs after the block's branch, whose first convolution reads
     the same input."""
-    if op.op in FUSED_FOLLOWERS or len(op.outputs) != 1:
+    if fused_follower(op.op) or len(op.outputs) != 1:
         return None
     consumers = graph.tensors[op.outputs[0]].consumers
     if len(consumers) != 1:
         return None
     consumer = graph.op(consumers[0])
-    return consumer.name if consumer.op in FUSED_FOLLOWERS and len(consumer.inputs) > 1 else None
+    return consumer.name if fused_follower(consumer.op) and len(consumer.inputs) > 1 else None
 
 
 def _placing_order(graph: CompiledGraph, names: list[str]) -> list[str]:

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from typing import Any
 
 from edgeq.check.report import Placement
-from edgeq.compile.compiled_graph import CompiledGraph, Op, Region
+from edgeq.compile.compiled_graph import CompiledGraph, GraphOp, Region
 from edgeq.targets import Target
 
 
@@ -51,7 +51,7 @@ def memory_plan(region: Region, graph: CompiledGraph, target: Target) -> dict[st
     }
 
 
-def _op_entry(op: Op, graph: CompiledGraph) -> dict[str, Any]:
+def _op_entry(op: GraphOp, graph: CompiledGraph) -> dict[str, Any]:
     entry = asdict(op)
     entry["input_shapes"] = [graph.tensors[t].shape for t in op.inputs]
     entry["output_shapes"] = [graph.tensors[t].shape for t in op.outputs]

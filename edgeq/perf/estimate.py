@@ -7,20 +7,19 @@ the host of an NPU target) with the host CPU's :class:`~edgeq.targets.CpuFigures
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from edgeq.check.report import FLOAT_PLACEMENT
 from edgeq.compile import kernels, kernels_dot_product
-from edgeq.compile.compiled_graph import CompiledGraph, Op
+from edgeq.compile.compiled_graph import CompiledGraph, GraphOp
 from edgeq.compile.cpu_features import DOT_PRODUCTS, DotProduct
-from edgeq.compile.kernel_map import FUSED_FOLLOWERS, VIEW_OPS
+from edgeq.compile.kernel_map import fused_follower, view_op
 from edgeq.compile.layout_plan import is_blocked
-from edgeq.ops import is_depthwise
+from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable, is_depthwise, op_named
 from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
 from edgeq.targets import CpuFigures, Hardware, Target, TargetKind, host_cpu
 
 MS = 1e3
-MAC_OPS = ("conv2d", "linear", "matmul")
-"""Ops whose MACs run on the NPU's MAC array and in the CPU's int8 matrix kernels (with a requantized output)."""
 
 MAC_CLASSES = ("conv2d", "pointwise", "depthwise", "linear")
 """The CPU's int8 MAC rates (:func:`mac_class`), in the order of :data:`CPU_RATES`."""
@@ -36,37 +35,77 @@ CPU_RATES = (
 """The :class:`~edgeq.targets.CpuFigures` rates an int8 MAC kernel's compute time is the sum of the work at
 (:func:`cpu_work`), in its order."""
 
+MacClassOf = Callable[[GraphOp], str]
+"""Which of :data:`MAC_CLASSES` an op's MACs run at, from its attributes."""
 
-def mac_class(op: Op) -> str | None:
-    """Which CPU rate an op's MACs run at: ``conv2d`` (a window larger than 1x1), ``pointwise`` (1x1),
-    ``depthwise`` (a group per channel), ``linear`` (linear layers and matmuls); None for ops costed by the bytes
-    they move. Grouped convolutions run in the conv2d kernel (:func:`edgeq.compile.kernels.conv2d`)."""
-    if op.op == "conv2d":
-        if is_depthwise(op.attributes):
-            return "depthwise"
-        return "pointwise" if math.prod(op.attributes.get("kernel", [0])) == 1 else "conv2d"
-    return "linear" if op.op in ("linear", "matmul") else None
+COST_CLASSES: OpTable[MacClassOf | None] = OpTable("cost class in perf/estimate.py")
+"""Each op's cost class: for the ops whose MACs run on the NPU's MAC array and in the CPU's int8 matrix kernels
+(with a requantized output), the :data:`MacClassOf` that names their CPU rate; ``None`` for the ops costed by
+the bytes they move (and on the NPU, by their operations on its vector unit)."""
+
+
+@COST_CLASSES.register(Op.CONV2D)
+def _conv2d_class(op: GraphOp) -> str:
+    """``depthwise`` (a group per channel), ``pointwise`` (1x1) or ``conv2d`` (a window larger than 1x1). Grouped
+    convolutions run in the conv2d kernel (:func:`edgeq.compile.kernels.conv2d`)."""
+    if is_depthwise(op.attributes):
+        return "depthwise"
+    return "pointwise" if math.prod(op.attributes.get("kernel", [0])) == 1 else "conv2d"
+
+
+COST_CLASSES.register(Op.LINEAR, Op.MATMUL)(lambda op: "linear")
+COST_CLASSES.register(
+    Op.ADD,
+    Op.MUL,
+    Op.CONCAT,
+    Op.RELU,
+    Op.MAX_POOL2D,
+    Op.AVG_POOL2D,
+    Op.GLOBAL_AVG_POOL2D,
+    Op.UPSAMPLE_NEAREST2D,
+    Op.UPSAMPLE_BILINEAR2D,
+    Op.RESHAPE,
+    Op.TRANSPOSE,
+    Op.SPLIT,
+    Op.SLICE,
+    *LOOKUP_TABLE_OPS,
+)(None)
+
+
+def mac_class(op: GraphOp) -> str | None:
+    """Which CPU rate an op's MACs run at (:data:`COST_CLASSES`): ``conv2d``, ``pointwise``, ``depthwise`` or
+    ``linear`` (linear layers and matmuls); None for ops costed by the bytes they move (an op edgeq does not know
+    among them)."""
+    known = op_named(op.op)
+    of = COST_CLASSES[known] if known is not None else None
+    return of(op) if of is not None else None
+
+
+def mac_op(op: GraphOp) -> bool:
+    """Whether an op's MACs run on the NPU's MAC array and in the CPU's int8 matrix kernels (conv2d, linear,
+    matmul)."""
+    return mac_class(op) is not None
 
 
 def _elements(graph: CompiledGraph, tensors: list[str]) -> int:
     return sum(math.prod(graph.tensors[t].shape) for t in tensors)
 
 
-def fused_into_producer(op: Op, graph: CompiledGraph) -> bool:
+def fused_into_producer(op: GraphOp, graph: CompiledGraph) -> bool:
     """Whether ``op`` runs in the kernel of an op making one of its inputs (a ReLU or residual add TVM fused into
     a convolution's epilogue)."""
-    if op.kernel is None or op.op not in FUSED_FOLLOWERS:
+    if op.kernel is None or not fused_follower(op.op):
         return False
     producers = [graph.op(p) for p in (graph.tensors[t].producer for t in op.inputs) if p is not None]
     return any(p.region == op.region and p.kernel == op.kernel for p in producers)
 
 
-def cpu_work(op: Op, graph: CompiledGraph, dot: DotProduct) -> list[float]:
+def cpu_work(op: GraphOp, graph: CompiledGraph, dot: DotProduct) -> list[float]:
     """An integer op's compute on a CPU whose kernels use ``dot``, in the units of :data:`CPU_RATES`: a MAC
     kernel's MACs under its class, the output elements it requantizes and the input elements it packs, over the
     share of vector lanes it fills (:func:`lane_occupancy`); the output elements an op fused into its producer's
     kernel requantizes (a residual add); nothing for other ops, whose cost is the bytes they move."""
-    if op.op in MAC_OPS:
+    if mac_op(op):
         macs = [op.macs if mac_class(op) == name else 0 for name in MAC_CLASSES]
         occupancy = lane_occupancy(op, dot)
         return [amount / occupancy for amount in [*macs, _elements(graph, op.outputs), _elements(graph, op.inputs)]]
@@ -75,27 +114,27 @@ def cpu_work(op: Op, graph: CompiledGraph, dot: DotProduct) -> list[float]:
     return [0.0] * len(MAC_CLASSES) + [outputs, 0.0]
 
 
-def memory_priced(op: Op) -> bool:
+def memory_priced(op: GraphOp) -> bool:
     """Whether a CPU op's kernel is costed by the bytes it moves (``memory_bytes_per_s``, which calibration fits on
     these kernels only): every op but the integer conv2d, linear and matmul, whose rates already price what they
     pack and write. Those stream far faster than the others: as a bound, ``memory_bytes_per_s`` made mobilenet_v2's
     1x1 convolutions 15x too slow on AVX-512."""
-    return op.op not in MAC_OPS or op.placement == FLOAT_PLACEMENT
+    return not mac_op(op) or op.placement == FLOAT_PLACEMENT
 
 
-def moves_blocked_tensors(op: Op) -> bool:
+def moves_blocked_tensors(op: GraphOp) -> bool:
     """Whether an op's kernel is the layout plan's copy with blocked tensors (a max pool between convolutions: a
     block's channels per vector)."""
     return op.kernel is not None and is_blocked(op.kernel)
 
 
-def memory_rate(op: Op, cpu: CpuFigures) -> float:
+def memory_rate(op: GraphOp, cpu: CpuFigures) -> float:
     """The bytes per second a :func:`memory_priced` op's kernel moves: ``blocked_memory_bytes_per_s`` where it
     :func:`moves_blocked_tensors`, else ``memory_bytes_per_s``."""
     return cpu.blocked_memory_bytes_per_s if moves_blocked_tensors(op) else cpu.memory_bytes_per_s
 
 
-def lane_occupancy(op: Op, dot: DotProduct) -> float:
+def lane_occupancy(op: GraphOp, dot: DotProduct) -> float:
     """Share of its CPU kernel's vector lanes a layer fills with ``dot``.
 
     Dense convolutions and linear layers compute ``dot.lanes`` output channels at once, each summing ``dot.depth``
@@ -118,7 +157,7 @@ def lane_occupancy(op: Op, dot: DotProduct) -> float:
         if kernels.depthwise_dot_product(dot, attributes.get("dilation", (1, 1))):
             filled *= _filled(attributes["kernel"][1], kernels.DEPTHWISE_TAPS)
         return filled
-    if op.op == "linear" and "in_features" in attributes:
+    if op.op == Op.LINEAR and "in_features" in attributes:
         return _filled(attributes["out_channels"], dot.lanes) * _filled(attributes["in_features"], dot.depth)
     return 1.0
 
@@ -131,7 +170,7 @@ def _ceil_to(value: int, step: int) -> int:
     return -(-value // step) * step
 
 
-def mac_utilisation(op: Op, hardware: Hardware, alignment: int) -> float:
+def mac_utilisation(op: GraphOp, hardware: Hardware, alignment: int) -> float:
     """Share of the MAC array a conv2d or linear layer keeps busy.
 
     The array computes ``alignment`` output channels at once, each over ``int8_macs_per_cycle / alignment``
@@ -139,12 +178,12 @@ def mac_utilisation(op: Op, hardware: Hardware, alignment: int) -> float:
     output channels or reduction depth are not multiples of these leaves the rest idle.
     """
     attributes = op.attributes
-    if op.op == "conv2d" and "kernel" in attributes:
+    if op.op == Op.CONV2D and "kernel" in attributes:
         outputs = attributes["out_channels"]
         depth = attributes["in_channels"] // attributes["groups"] * math.prod(attributes["kernel"])
         if attributes["groups"] > 1:  # each group has its own reduction: one channel of the array per group
             outputs = attributes["groups"]
-    elif op.op == "linear" and "in_features" in attributes:
+    elif op.op == Op.LINEAR and "in_features" in attributes:
         outputs, depth = attributes["out_channels"], attributes["in_features"]
     else:
         return 1.0
@@ -183,16 +222,16 @@ class _Estimator:
         self.dot = host_dot_product(graph, target)
         self.borders = {t for region in graph.regions for t in [*region.inputs, *region.outputs]}
 
-    def layer(self, op: Op) -> LayerEstimate:
+    def layer(self, op: GraphOp) -> LayerEstimate:
         if op.placement == "NPU":
             return self._npu(op)
         return self._cpu(op)
 
-    def _estimate(self, op: Op, fused: bool, compute: float, memory: float, overhead: float, **figures: float) -> LayerEstimate:
+    def _estimate(self, op: GraphOp, fused: bool, compute: float, memory: float, overhead: float, **figures: float) -> LayerEstimate:
         latency = overhead + max(compute, memory)
         if fused:
             bound = "fused"
-        elif (op.kernel is None and op.placement != "NPU") or (op.op in VIEW_OPS and op.placement == "NPU"):
+        elif (op.kernel is None and op.placement != "NPU") or (view_op(op.op) and op.placement == "NPU"):
             bound = "none"
         elif overhead >= max(compute, memory):
             bound = "overhead"
@@ -207,7 +246,7 @@ class _Estimator:
             parallel=op.parallel,
             fused=fused,
             macs=op.macs,
-            ops=op.ops,
+            ops=op.non_mac_ops,
             weight_bytes=op.weight_bytes,
             bytes_in=op.bytes_in,
             bytes_out=op.bytes_out,
@@ -222,19 +261,18 @@ class _Estimator:
             bound=bound,
         )
 
-    def _npu(self, op: Op) -> LayerEstimate:
+    def _npu(self, op: GraphOp) -> LayerEstimate:
         hardware = self.target.hardware
-        if op.op in VIEW_OPS:  # the NPU reads the same bytes with another shape
+        if view_op(op.op):  # the NPU reads the same bytes with another shape
             return self._estimate(op, False, 0.0, 0.0, 0.0, dram=0)
-        rules = getattr(self.target.npu, op.op, None)
-        alignment = getattr(rules, "channel_alignment", 1)
         fused = fused_into_producer(op, self.graph)
-        if op.op in MAC_OPS:
+        if mac_op(op):
+            alignment = getattr(self.target.npu.limits(op.op), "channel_alignment", 1)
             utilisation = mac_utilisation(op, hardware, alignment)
             compute = op.macs / (hardware.int8_macs_per_cycle * utilisation * hardware.clock_hz)
         else:
             utilisation = 1.0
-            compute = (op.macs + op.ops) / (hardware.vector_ops_per_cycle * hardware.clock_hz)
+            compute = (op.macs + op.non_mac_ops) / (hardware.vector_ops_per_cycle * hardware.clock_hz)
         activations = 0 if fused else op.bytes_in + op.bytes_out
         spill = spill_bytes(activations, op.weight_bytes, hardware.sram_bytes)
         border = sum(self.graph.tensors[t].bytes for t in [*op.inputs, *op.outputs] if t in self.borders)
@@ -252,7 +290,7 @@ class _Estimator:
             utilisation=utilisation,
         )
 
-    def _cpu(self, op: Op) -> LayerEstimate:
+    def _cpu(self, op: GraphOp) -> LayerEstimate:
         fused = fused_into_producer(op, self.graph)
         if op.kernel is None:  # a view: no kernel, no cost
             return self._estimate(op, fused, 0.0, 0.0, 0.0, dram=0)
@@ -264,7 +302,7 @@ class _Estimator:
             compute = sum(amount / getattr(self.cpu, rate) for amount, rate in zip(cpu_work(op, self.graph, self.dot), CPU_RATES))
         share = 1 if op.parallel else self.cpu.parallel_speedup  # the rates are for kernels on all cores
         memory = moved / memory_rate(op, self.cpu) if memory_priced(op) else 0.0
-        fixed = self.cpu.kernel_overhead_ns + (op.op in MAC_OPS) * self.cpu.mac_kernel_overhead_ns + op.parallel * self.cpu.parallel_overhead_ns
+        fixed = self.cpu.kernel_overhead_ns + mac_op(op) * self.cpu.mac_kernel_overhead_ns + op.parallel * self.cpu.parallel_overhead_ns
         overhead = 0.0 if fused else fixed * 1e-9
         return self._estimate(op, fused, share * compute, share * memory, overhead, dram=moved, utilisation=utilisation)
 

@@ -19,7 +19,7 @@ import jinja2
 from markupsafe import Markup
 
 from edgeq import __version__
-from edgeq.compile.compiled_graph import Op
+from edgeq.compile.compiled_graph import GraphOp
 from edgeq.fileio import atomic_write
 from edgeq.perf.result import LayerEstimate, PerfResult
 from edgeq.report import charts
@@ -40,7 +40,7 @@ class Row:
 
     index: int
     layer: LayerEstimate
-    op: Op
+    op: GraphOp
     input_shapes: str
     output_shape: str
     share: float

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import graphviz
 
-from edgeq.compile.compiled_graph import CompiledGraph, Op, Tensor
+from edgeq.compile.compiled_graph import CompiledGraph, GraphOp, Tensor
 from edgeq.units import bytes_text, count_text, shape_text
 
 __all__ = ["PLACEMENT_COLOURS", "TRANSITION_COLOUR", "Colours", "graph_dot"]
@@ -110,7 +110,7 @@ class _Drawing:
         heading = f"{target.name} ({target.kind}, {self.graph.arch} library)"
         return f'<<table border="0" cellspacing="4" cellpadding="3"><tr><td><b>{_text(heading)}</b></td>{keys}{transition}</tr></table>>'
 
-    def _op_node(self, parent: graphviz.Digraph, op: Op) -> None:
+    def _op_node(self, parent: graphviz.Digraph, op: GraphOp) -> None:
         colours = PLACEMENT_COLOURS.get(op.placement, _BOUNDARY)
         output = self.graph.tensors[op.outputs[0]] if op.outputs else None
         rows = [f"<b>{_text(_short(op.name))}</b>", f"{_text(_kind(op))} <font color='#616161'>{_text('+'.join(op.source_ops))}</font>"]
@@ -155,10 +155,11 @@ class _Drawing:
 def _box(rows: list[str], colours: Colours) -> str:
     """An HTML-like label: ``rows`` (already escaped) in a rounded box."""
     cells = "".join(f"<tr><td>{row}</td></tr>" for row in rows)
-    return f'<<table border="1" cellborder="0" cellspacing="0" cellpadding="3" style="rounded" bgcolor="{colours.fill}" color="{colours.border}">{cells}</table>>'
+    style = f'border="1" cellborder="0" cellspacing="0" cellpadding="3" style="rounded" bgcolor="{colours.fill}" color="{colours.border}"'
+    return f"<<table {style}>{cells}</table>>"
 
 
-def _kind(op: Op) -> str:
+def _kind(op: GraphOp) -> str:
     """``conv2d 3x3/2 relu``: the op kind with its kernel, stride and fused activation."""
     words = [op.op]
     kernel, stride = op.attributes.get("kernel"), op.attributes.get("stride")
@@ -189,7 +190,7 @@ def _short(name: str) -> str:
     return f"{name[:keep]}…{name[-keep:]}"
 
 
-def _tooltip(op: Op) -> str:
+def _tooltip(op: GraphOp) -> str:
     lines = [f"{op.name} ({op.op}, {op.placement}, {op.region})"]
     lines += [f"not on the NPU: {reason}" for reason in op.reasons]
     lines += [f"advice: {advice}" for advice in op.advice]

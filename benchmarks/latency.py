@@ -338,7 +338,8 @@ def model_names(value: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=model_names, default=list(MODELS), help=f"comma-separated, from {', '.join((*MODELS, *ON_REQUEST))} (default: {', '.join(MODELS)})")
+    parser.add_argument("--models", type=model_names, default=list(MODELS),
+                        help=f"comma-separated, from {', '.join((*MODELS, *ON_REQUEST))} (default: {', '.join(MODELS)})")
     parser.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
     parser.add_argument("--runs", type=int, default=30, help="timed runs per engine (default 30)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs per engine first (default 3)")

@@ -188,7 +188,8 @@ def _perf(args: argparse.Namespace, console: Console) -> int:
     summary = result.summary
     console.print(
         f"estimated latency {summary.latency_ms:.3f} ms ({summary.fps:.1f} fps) on {result.target}: NPU {summary.npu_ms:.3f} ms, "
-        f"CPU {summary.cpu_ms:.3f} ms, transitions {summary.transition_ms:.3f} ms, invocation {summary.invocation_ms:.3f} ms; CPU figures {result.figures['cpu_source']}",
+        f"CPU {summary.cpu_ms:.3f} ms, transitions {summary.transition_ms:.3f} ms, invocation {summary.invocation_ms:.3f} ms; "
+        f"CPU figures {result.figures['cpu_source']}",
         highlight=False,
         markup=False,
         soft_wrap=True,

@@ -113,7 +113,7 @@ def refuse_non_file(path: str | Path) -> None:
         Traceback (most recent call last):
         ...
         edgeq.errors.OutputFileError: /dev/null: a character device is there, not a file; give the path of a file to write
-    """
+    """  # noqa: W505 (a doctest's output)
     path = Path(path)
     try:
         mode = path.stat().st_mode

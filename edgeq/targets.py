@@ -11,14 +11,8 @@ the documentation of the file format (``docs/targets.md``).
 
 from __future__ import annotations
 
-import contextlib
-import difflib
 import json
-import os
-import re
-import sys
 import tomllib
-from collections.abc import Iterator
 from enum import Enum
 from functools import cache
 from importlib import resources
@@ -41,6 +35,7 @@ from pydantic_core import ErrorDetails
 
 from edgeq.errors import InputFileError, TargetError
 from edgeq.fileio import readable_file
+from edgeq.llvm_names import BUILD_ARCHITECTURES, BUILDABLE_TRIPLE, llvm_cpu_features, llvm_cpus, llvm_knows_feature, nearest
 from edgeq.ops import OP_NAMES, Op, OpTable
 
 
@@ -74,67 +69,11 @@ class TargetKind(str, Enum):
     NPU = "npu"
 
 
-BUILD_ARCHITECTURES = ("x86_64", "aarch64")
-"""The CPU architectures edgeq builds libraries for (and its runtimes are built for)."""
-_TRIPLE = re.compile(rf"^({'|'.join(BUILD_ARCHITECTURES)})(-[a-z0-9_]+)?-linux-gnu$")
-"""An LLVM triple edgeq builds for: ``<architecture>[-<vendor>]-linux-gnu`` (Linux shared libraries)."""
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Discard what native code (LLVM's warnings) writes to the process's standard error meanwhile."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-@cache
-def _llvm_cpus(triple: str) -> tuple[str, ...]:
-    """The CPU models LLVM (TVM's) knows for ``triple``, sorted."""
-    import tvm  # on first use: importing edgeq.targets stays light (TVM takes seconds to load)
-
-    return tuple(sorted(tvm.target.codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm", "mtriple": triple}))))
-
-
-@cache
-def _llvm_knows_feature(triple: str, feature: str) -> bool:
-    """Whether LLVM knows ``feature`` (no sign) for ``triple``: enabling it shows it among the CPU's features (an
-    unknown one LLVM ignores, with a warning kept from the terminal)."""
-    import tvm
-
-    with _quiet_stderr():
-        probe = tvm.target.Target({"kind": "llvm", "mtriple": triple, "mattr": [f"+{feature}"]})
-        return bool(tvm.target.codegen.llvm_cpu_has_features(feature, probe))
-
-
-@cache
-def _llvm_cpu_features(triple: str) -> tuple[str, ...]:
-    """Every feature some CPU model of ``triple`` has, sorted: the names an unknown feature is compared with."""
-    import tvm
-
-    features: set[str] = set()
-    for cpu in _llvm_cpus(triple):
-        features |= tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mtriple": triple, "mcpu": cpu}))
-    return tuple(sorted(features))
-
-
-def _nearest(name: str, known: tuple[str, ...]) -> str:
-    """``(nearest: a, b, c)``: the known names closest to a misspelt ``name``, for a message."""
-    close = difflib.get_close_matches(name, known, n=4, cutoff=0.6)
-    return f"(nearest: {', '.join(close)})" if close else f"(none is close among the {len(known)} LLVM knows)"
-
-
 class LLVMCodegen(_Strict):
     """How TVM's LLVM backend generates code for a CPU target."""
 
     mtriple: str
-    """``<architecture>[-<vendor>]-linux-gnu`` for an architecture of :data:`BUILD_ARCHITECTURES`."""
+    """``<architecture>[-<vendor>]-linux-gnu`` for an architecture of :data:`edgeq.llvm_names.BUILD_ARCHITECTURES`."""
     mcpu: str | None = None
     """LLVM CPU model (``x86-64-v3``, ``znver3``, ``sapphirerapids``, ``cortex-a76``); default: this machine's own CPU
     when the library is built for this machine, else LLVM's generic CPU of the triple."""
@@ -149,7 +88,7 @@ class LLVMCodegen(_Strict):
     @field_validator("mtriple")
     @classmethod
     def _buildable_triple(cls, triple: str) -> str:
-        if not _TRIPLE.match(triple):
+        if not BUILDABLE_TRIPLE.match(triple):
             raise ValueError(
                 f"'{triple}' is not a triple edgeq builds for: it builds Linux libraries for "
                 f"{' and '.join(BUILD_ARCHITECTURES)} only ({', '.join(f'{a}-linux-gnu' for a in BUILD_ARCHITECTURES)})"
@@ -160,9 +99,9 @@ class LLVMCodegen(_Strict):
     @classmethod
     def _known_cpu(cls, cpu: str | None, info: ValidationInfo) -> str | None:
         triple = info.data.get("mtriple")
-        if cpu is not None and triple is not None and cpu not in _llvm_cpus(triple):
+        if cpu is not None and triple is not None and cpu not in llvm_cpus(triple):
             hint = "; leave mcpu out to build for the compiling machine's own CPU" if cpu == "native" else ""
-            raise ValueError(f"'{cpu}' is not a CPU LLVM knows for {triple} {_nearest(cpu, _llvm_cpus(triple))}{hint}")
+            raise ValueError(f"'{cpu}' is not a CPU LLVM knows for {triple} {nearest(cpu, llvm_cpus(triple))}{hint}")
         return cpu
 
     @field_validator("mattr")
@@ -173,9 +112,9 @@ class LLVMCodegen(_Strict):
             if entry[:1] not in ("+", "-"):
                 raise ValueError(f"'{entry}' needs a sign: +{entry} turns the feature on, -{entry} off")
             feature = entry[1:]
-            if triple is not None and not _llvm_knows_feature(triple, feature):
-                known = _llvm_cpu_features(triple)
-                raise ValueError(f"'{entry}': '{feature}' is not a feature LLVM knows for {triple} {_nearest(feature, known)}")
+            if triple is not None and not llvm_knows_feature(triple, feature):
+                known = llvm_cpu_features(triple)
+                raise ValueError(f"'{entry}': '{feature}' is not a feature LLVM knows for {triple} {nearest(feature, known)}")
         return mattr
 
 

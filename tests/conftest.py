@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--flow", action="store_true", help="also run the whole-flow tests (marked flow) when no test paths are given")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``pytest`` alone (the test paths of pyproject.toml, no ``-m``) runs the fast selection: the whole-flow tests
+    (marked ``flow``) are deselected unless ``--flow`` is given (``./scripts/test.sh`` and CI give it). Tests named
+    on the command line (a file, a node id) run whatever their marks."""
+    if config.getoption("flow") or config.option.markexpr or config.args_source is not pytest.Config.ArgsSource.TESTPATHS:
+        return
+    flow = [item for item in items if item.get_closest_marker("flow")]
+    if flow:
+        config.hook.pytest_deselected(items=flow)
+        items[:] = [item for item in items if not item.get_closest_marker("flow")]
 
 
 def load_example(name: str):
@@ -21,16 +40,53 @@ def load_example(name: str):
     return module
 
 
+@dataclass(frozen=True)
+class DigitsFloatStage:
+    """The digits example's float stage, run once per session and network: its checkpoint, the data, its test
+    accuracy, and torch's random state right after it (the later stages continue from it, as in one process)."""
+
+    checkpoint: Path
+    data: tuple
+    accuracy: float
+    rng_state: torch.Tensor
+
+    def continue_in(self, workdir: Path) -> None:
+        """Put the float checkpoint into ``workdir`` and restore the random state the next stage starts from."""
+        shutil.copyfile(self.checkpoint, workdir / "float-checkpoint.pt")
+        torch.set_rng_state(self.rng_state)
+
+
 @pytest.fixture(scope="session")
-def digits_integer_model(tmp_path_factory):
+def digits_float_stage(tmp_path_factory) -> Callable[[str], DigitsFloatStage]:
+    """The example's float stage (40 epochs, the same for every target) of ``network`` (``cnn`` or ``se``), trained
+    once per session: seed 0, the example's data, then ``run_stage("float")``."""
+    digits = load_example("digits_qat")
+    trained: dict[str, DigitsFloatStage] = {}
+
+    def float_stage(network: str) -> DigitsFloatStage:
+        if network not in trained:
+            workdir = tmp_path_factory.mktemp(f"digits-float-{network}")
+            torch.manual_seed(0)
+            data = digits.load_pixels()
+            results: dict[str, float] = {}
+            digits.run_stage("float", workdir, "any", data, results, network=network)  # the float stage reads no target
+            trained[network] = DigitsFloatStage(workdir / "float-checkpoint.pt", data, results["float"], torch.get_rng_state())
+        return trained[network]
+
+    return float_stage
+
+
+@pytest.fixture(scope="session")
+def digits_integer_model(tmp_path_factory, digits_float_stage):
     """The example CNN, trained through the example's float -> calib -> qat stages (npu-m), converted; with the
     test set's uint8 pixels."""
     digits = load_example("digits_qat")
     workdir = tmp_path_factory.mktemp("digits")
-    torch.manual_seed(0)
-    data = digits.load_pixels()
+    float_stage = digits_float_stage("cnn")
+    float_stage.continue_in(workdir)
+    data = float_stage.data
     results: dict[str, float] = {}
-    for stage in ("float", "calib", "qat"):
+    for stage in ("calib", "qat"):
         digits.run_stage(stage, workdir, "npu-m", data, results)
     qat = digits.qat_model(workdir, "npu-m")
     qat.load_state_dict(torch.load(workdir / "qat-checkpoint.pt"))

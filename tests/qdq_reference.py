@@ -130,7 +130,8 @@ class Evaluator:
             x, w = ins[0], ins[1]
             pads = attrs.get("pads", [0, 0, 0, 0])
             assert pads[:2] == pads[2:], "symmetric padding only"
-            acc = conv2d_accumulate(x.centred, w.q, tuple(attrs.get("strides", (1, 1))), tuple(pads[:2]), tuple(attrs.get("dilations", (1, 1))), attrs.get("group", 1))
+            acc = conv2d_accumulate(x.centred, w.q, tuple(attrs.get("strides", (1, 1))), tuple(pads[:2]), tuple(attrs.get("dilations", (1, 1))),
+                                    attrs.get("group", 1))
             if len(ins) > 2:
                 acc = acc + ins[2].q.reshape(1, -1, 1, 1)
             self._requantize(node, acc, x.scale * w.scales.astype(np.float64))

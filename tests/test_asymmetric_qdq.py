@@ -233,6 +233,7 @@ def ort_uint8_resnet18(tmp_path_factory) -> Path:
     return ort_quantize_static(float_path, folder / "q.onnx", random_batches((1, 3, 64, 64)))
 
 
+@pytest.mark.flow
 def test_resnet18_from_onnx_runtime_runs_in_integers(ort_uint8_resnet18, tmp_path):
     """The artifact keeps the file's uint8 input and output, computes no float, equals the int64 reference and
     is within one step of ONNX Runtime."""
@@ -252,6 +253,7 @@ def test_resnet18_from_onnx_runtime_runs_in_integers(ort_uint8_resnet18, tmp_pat
             assert (np.abs(ours - steps) <= 1).mean() >= 0.99
 
 
+@pytest.mark.flow
 def test_resnet18_from_onnx_runtime_falls_back_to_the_cpu_on_npu_targets(ort_uint8_resnet18, tmp_path):
     result = compile_model(ort_uint8_resnet18, target="npu-m", out=tmp_path / "q.edgeq", simulate=True, progress=lambda _: None)
     assert [r.placement.value for r in result.partition.regions] == ["CPU"]
@@ -266,7 +268,8 @@ def test_qoperator_file_compiles_to_integers(tmp_path):
     """quantize_static with QuantFormat.QOperator (QLinearConv, QGemm, QLinearAdd, QLinearMul,
     QLinearGlobalAveragePool, QLinearConcat...) reads as QDQ: the artifact equals the int64 reference of that QDQ
     form, which ONNX Runtime itself computes like the original file, and ONNX Runtime agrees within one step."""
-    qoperator = ort_quantize_static(branchy_float_onnx(tmp_path), tmp_path / "qop.onnx", random_batches(INPUT_SHAPE, count=4), quant_format=QuantFormat.QOperator)
+    qoperator = ort_quantize_static(branchy_float_onnx(tmp_path), tmp_path / "qop.onnx", random_batches(INPUT_SHAPE, count=4),
+                                    quant_format=QuantFormat.QOperator)
     original = onnx.load(str(qoperator))
     assert {"QLinearConv", "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat"} <= {n.op_type for n in original.graph.node}
     read = load_onnx(qoperator)

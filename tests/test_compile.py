@@ -80,6 +80,7 @@ def test_bilinear_resizes_are_exact(target, tmp_path):
     assert_artifact_exact(result.artifact, int_model, torch.randn(2, 3, 7, 6))
 
 
+@pytest.mark.flow
 @pytest.mark.parametrize("target", ["x86_64", "npu-s"])
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_torchvision_models_are_exact(name, target, tmp_path):
@@ -93,6 +94,7 @@ def test_torchvision_models_are_exact(name, target, tmp_path):
         assert [r.placement.value for r in result.partition.regions] == ["CPU", "NPU"]
 
 
+@pytest.mark.flow
 def test_example_cnn_with_int32_output_is_exact(digits_integer_model, tmp_path):
     int_model, pixels = digits_integer_model
     x = (pixels[:32].to(torch.float32) - 128) / 128
@@ -174,6 +176,7 @@ def test_kernels_pass_int8_activations(block, tmp_path):
     assert_artifact_exact(result.artifact, int_model, torch.randn(2, 3, 12, 12))
 
 
+@pytest.mark.flow
 def test_shufflenet_alternates_regions_exactly(tmp_path):
     torch.manual_seed(0)
     example = torch.randn(1, 3, 64, 64)

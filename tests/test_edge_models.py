@@ -25,6 +25,8 @@ from edgeq.quantization.capture import CAPTURE_ATTRIBUTE, Capture
 from edgeq.quantization.prepare import FloatFallbackWarning
 from edgeq_runtime import Model
 
+pytestmark = pytest.mark.flow  # full-size models through the whole flow
+
 SIZE = 64
 """Below 224: vgg11's adaptive pooling from 2x2 to 7x7 has windows of different sizes."""
 

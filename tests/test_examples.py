@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import load_example
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.flow
 def test_digits_staged_flow(tmp_path):
     """float -> calib -> qat -> int_infer -> compile on real data: the integer model within 1.0 point of the float
     model, and the compiled artifact exactly as accurate as the integer model."""
@@ -39,18 +39,19 @@ def test_digits_staged_flow(tmp_path):
     assert 'id="accuracy-table"' in (tmp_path / "perf" / "report.html").read_text()
 
 
+@pytest.mark.flow
 @pytest.mark.filterwarnings("error::edgeq.quantization.prepare.FloatFallbackWarning")
 @pytest.mark.parametrize("target", ["npu-s", "npu-m"])
-def test_digits_se_network_keeps_float_accuracy(target, tmp_path):
+def test_digits_se_network_keeps_float_accuracy(target, tmp_path, digits_float_stage):
     """QAT on real data with Hardswish, SiLU and squeeze-and-excitation, every op integer (no float fallback): the
-    integer model within 1.0 point of the float model. Stages float -> int_infer of ``--model se``; the compile
-    stage's promises are test_digits_staged_flow's."""
+    integer model within 1.0 point of the float model. Stages float -> int_infer of ``--model se`` (the float stage
+    trained once for both targets); the compile stage's promises are test_digits_staged_flow's."""
     digits = load_example("digits_qat")
-    torch.manual_seed(0)
-    data = digits.load_pixels()
-    results: dict[str, float] = {}
-    for stage in ("float", "calib", "qat", "int_infer"):
-        digits.run_stage(stage, tmp_path, target, data, results, network="se")
+    float_stage = digits_float_stage("se")
+    float_stage.continue_in(tmp_path)
+    results: dict[str, float] = {"float": float_stage.accuracy}
+    for stage in ("calib", "qat", "int_infer"):
+        digits.run_stage(stage, tmp_path, target, float_stage.data, results, network="se")
     assert results["float"] > 95.0
     assert abs(results["int_infer"] - results["float"]) <= 1.0
 
@@ -66,6 +67,7 @@ def test_readme_tutorial_is_the_example():
     assert block == _tutorial_region((REPO / "examples" / "deploy_torchvision.py").read_text(encoding="utf-8"))
 
 
+@pytest.mark.flow
 @pytest.mark.slow
 def test_torchvision_tutorial(tmp_path):
     """The tutorial at 32x32: the artifact runs, equals the integer model on non-constant logits, and is timed."""

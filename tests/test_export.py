@@ -194,6 +194,7 @@ def test_onnx_runtime_session_threads():
     assert session(model).get_session_options().intra_op_num_threads == 0  # ORT's default: one per physical core
 
 
+@pytest.mark.flow
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "shufflenet_v2_x1_0"])
 @pytest.mark.parametrize("target", ["npu-m", "npu-s"])
 def test_onnx_runtime_agrees_op_by_op(name, target):
@@ -209,6 +210,7 @@ def test_onnx_runtime_agrees_op_by_op(name, target):
     assert fraction <= 1e-4, fraction
 
 
+@pytest.mark.flow
 @pytest.mark.parametrize("name,target", [("mobilenet_v2", "npu-m"), ("mobilenet_v2", "npu-s"), ("resnet18", "npu-s")])
 def test_onnx_runtime_agrees_on_model_outputs(name, target):
     """End to end, differences can propagate and grow; on power-of-two scales ORT's float products are exact and
@@ -222,6 +224,7 @@ def test_onnx_runtime_agrees_on_model_outputs(name, target):
     assert (apart <= 1).mean() >= 0.999
 
 
+@pytest.mark.flow
 def test_onnx_runtime_agrees_on_the_example_cnn(digits_integer_model):
     """The trained digits CNN on its 540 test images. Its classifier keeps an int32 output, which ORT computes as
     a float Gemm; the two are compared in steps of the int8 scale this output would have had (its range / 127),
@@ -288,7 +291,8 @@ def test_plain_torch_jit_trace_has_no_description(small, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.trace(int_model, (example,), check_trace=False), str(tmp_path / "plain.pt"))
-    with pytest.raises(ModelFileError, match=r"plain.pt: TorchScript module without edgeq's graph description; trace the integer model with edgeq.export.trace"):
+    with pytest.raises(ModelFileError,
+                       match=r"plain.pt: TorchScript module without edgeq's graph description; trace the integer model with edgeq.export.trace"):
         load_torchscript(tmp_path / "plain.pt")
 
 
@@ -311,6 +315,7 @@ def ort_quantized(tmp_path_factory):
     return files
 
 
+@pytest.mark.flow
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_onnx_runtime_quantize_static_files(ort_quantized, name):
     asymmetric = load_onnx(ort_quantized[(name, "uint8")])
@@ -391,14 +396,16 @@ def test_inconsistent_scales(good_file):
         dequantize.input[1] = "other.scale"
 
     edit(good_file, rescale_dequantize)
-    with pytest.raises(ModelFileError, match=r"good.onnx: DequantizeLinear 'conv1.q.dq/DequantizeLinear': quantizes 'conv1.q' with scale \[0.5\].*'conv1/QuantizeLinear' uses scale .*: inconsistent scales"):
+    with pytest.raises(ModelFileError, match=r"good.onnx: DequantizeLinear 'conv1.q.dq/DequantizeLinear': quantizes 'conv1.q' with scale \[0.5\]"
+                                             r".*'conv1/QuantizeLinear' uses scale .*: inconsistent scales"):
         load_onnx(good_file)
 
 
 def test_non_positive_scale(good_file):
     edit(good_file, lambda m: _initializer(m, "conv1.q.scale").CopyFrom(
         numpy_helper.from_array(np.array(-0.5, dtype=np.float32), "conv1.q.scale")))
-    with pytest.raises(ModelFileError, match=r"good.onnx: QuantizeLinear 'conv1/QuantizeLinear': scale 'conv1.q.scale' is out of range; got -0.5 \(allowed: normal float32"):
+    with pytest.raises(ModelFileError,
+                       match=r"good.onnx: QuantizeLinear 'conv1/QuantizeLinear': scale 'conv1.q.scale' is out of range; got -0.5 \(allowed: normal float32"):
         load_onnx(good_file)
 
 

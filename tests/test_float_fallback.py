@@ -39,8 +39,8 @@ class _Head(nn.Module):
 
 
 class TokenMixer(nn.Module):
-    """Conv stem, then LayerNorm, attention (integer matmuls) with softmax, a GELU MLP (the GELU an integer table) and a float (qconfig
-    None) head with a float GELU."""
+    """Conv stem, then LayerNorm, attention (integer matmuls) with softmax, a GELU MLP (the GELU an integer table)
+    and a float (qconfig None) head with a float GELU."""
 
     def __init__(self) -> None:
         super().__init__()

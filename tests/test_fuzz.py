@@ -29,6 +29,8 @@ from edgeq.export import to_onnx
 from edgeq.targets import load_target
 from edgeq_runtime import ArtifactError, Model
 
+pytestmark = pytest.mark.flow  # hundreds of runs through both runtimes and the CLI
+
 REPO = Path(__file__).resolve().parent.parent
 EDGEQ_RUN = REPO / "runtime" / "cpp" / "build" / "x86_64" / "edgeq-run"
 ESCAPES = ("../../pwned_fuzz", "/tmp/edgeq_pwned_fuzz", "..", ".", "a/../../b", "")

@@ -12,27 +12,39 @@ from onnx import helper
 from torch import nn
 
 import edgeq.check
+import edgeq.compile.kernel_map
 import edgeq.compile.lower_integer
 import edgeq.compile.requantization
 import edgeq.export.onnx_writer
+import edgeq.numerics
+import edgeq.perf.estimate
 import edgeq.quantization.convert
 from edgeq.check import Placement, check_model, check_qdq
 from edgeq.check.rules import RULES
-from edgeq.export.onnx_reader import node_op
+from edgeq.export.onnx_nodes import node_op
 from edgeq.export.sources import quantized_form
 from edgeq.ops import TABLES, Op, gated_op, op_of_onnx_type
 from edgeq.quantization import DeQuantStub, QuantStub
-from edgeq.quantization.patterns import OpKind
-from edgeq.quantization.prepare import EMITTERS
+from edgeq.quantization.canonical_emitters import CANONICAL_EMITTERS, PRE_FUSION_EMITTERS
+from edgeq.quantization.patterns import PreFusionOp
 from edgeq.targets import NPU_LIMITS, NpuRules, Target, TargetKind, list_targets
 
-LAYERS = (edgeq.check, edgeq.compile.lower_integer, edgeq.compile.requantization, edgeq.export.onnx_writer, edgeq.quantization.convert)
+LAYERS = (
+    edgeq.check,
+    edgeq.compile.kernel_map,
+    edgeq.compile.lower_integer,
+    edgeq.compile.requantization,
+    edgeq.export.onnx_writer,
+    edgeq.numerics,
+    edgeq.perf.estimate,
+    edgeq.quantization.convert,
+)
 """Imported for their tables (each layer registers its pieces when imported)."""
 
 
 def test_every_layer_has_every_op():
     pieces = {table.piece for table in TABLES}
-    assert {"converter in convert.py", "QDQ unit in onnx_writer.py", "lowering rule in compile/lower_integer.py"} <= pieces
+    assert {"converter in convert.py", "QDQ unit in onnx_writer.py", "lowering rule in compile/lowering/"} <= pieces
     assert {table.piece: table.missing() for table in TABLES} == {table.piece: [] for table in TABLES}
 
 
@@ -69,9 +81,9 @@ def test_npu_limits_sections_are_fields_of_the_npu_rules():
             assert NPU_LIMITS[op] in field.annotation.__args__
 
 
-def test_every_source_kind_is_rewritten_or_refused():
-    refused = {OpKind.UNSUPPORTED, OpKind.DEQUANT_STUB}
-    assert set(EMITTERS) == set(OpKind) - refused
+def test_every_source_op_is_rewritten_or_refused():
+    refused = {PreFusionOp.DEQUANT_STUB}
+    assert CANONICAL_EMITTERS.missing() == [] and set(PRE_FUSION_EMITTERS) == set(PreFusionOp) - refused
 
 
 def test_rules_have_unique_ids_and_known_ops():

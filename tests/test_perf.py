@@ -22,18 +22,17 @@ from edgeq.errors import EdgeqError, TargetError
 from edgeq.perf.calibrate import (
     Calibration,
     Timing,
-    _fastest,
     cached_calibration,
     calibrate_alongside,
     calibration_key,
     cpu_model,
-    fit_nonnegative,
     host_arch,
     host_figures,
     probe,
     probe_path,
     save_calibration,
 )
+from edgeq.perf.calibration_fit import _fastest, fit_nonnegative
 from edgeq.perf.estimate import (
     CPU_RATES,
     cpu_work,
@@ -258,6 +257,7 @@ def test_calibration_cache_round_trip(monkeypatch, tmp_path):
     assert cached_calibration(host) is None  # stale: the kernels changed
 
 
+@pytest.mark.flow
 def test_calibration_measures_this_machine(small, monkeypatch):
     """About 15-30 s: compiles and runs the calibration networks, and an artifact in the same runs. Cached however
     busy the machine is (other tests may run): whether a busy machine's figures are cached is tested with

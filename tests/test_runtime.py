@@ -25,6 +25,8 @@ from edgeq_runtime import ArtifactError, Model
 from edgeq_runtime.model import TensorInfo
 from edgeq_runtime.vm import POOL_SPIN_COUNT, RuntimeLibraryError, available_cores, pool_threads
 
+pytestmark = pytest.mark.flow  # builds the C++ runtime and runs artifacts through both runtimes, aarch64 under qemu
+
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "runtime" / "cpp" / "build"
 QEMU = ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]
@@ -354,7 +356,8 @@ def test_a_thread_pool_tvm_sized_smaller_first_is_an_error(models, monkeypatch):
 def test_python_runtime_refuses_bad_thread_counts(models, count):
     cores = len(available_cores())
     count = cores + 1 if count is None else count
-    with pytest.raises(ValueError, match=rf"num_threads must be a whole number from 1 to {cores} \(the cores this process may use\); got {re.escape(repr(count))}$"):
+    with pytest.raises(ValueError,
+                       match=rf"num_threads must be a whole number from 1 to {cores} \(the cores this process may use\); got {re.escape(repr(count))}$"):
         Model.load(models[1]["x86_64"], num_threads=count)
 
 
@@ -405,7 +408,8 @@ def test_random_corruptions_never_crash_the_cpp_runtime(models, edgeq_run, tmp_p
         kind = runs % 4
         if kind == 0:  # flip bytes, mostly in the headers and the manifest
             for _ in range(generator.randint(1, 8)):
-                corrupted[generator.randrange(min(len(corrupted), 4096)) if generator.random() < 0.7 else generator.randrange(len(corrupted))] ^= 1 << generator.randrange(8)
+                corrupted[generator.randrange(min(len(corrupted), 4096)) if generator.random() < 0.7
+                          else generator.randrange(len(corrupted))] ^= 1 << generator.randrange(8)
         elif kind == 1:  # truncate
             corrupted = corrupted[: generator.randrange(len(corrupted))]
         elif kind == 2:  # overwrite a range with random bytes

@@ -12,6 +12,8 @@ from reference import run_reference
 from edgeq.quantization import FakeQuantState, convert_fx, default_qat_qconfig, prepare_qat_fx, set_fake_quantize
 from edgeq.quantization.integer_ops import IntConv2d
 
+pytestmark = pytest.mark.flow  # torchvision models quantized and trained
+
 MODELS = ["resnet18", "mobilenet_v2", "shufflenet_v2_x1_0"]
 SIZE = 64
 

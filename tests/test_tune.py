@@ -25,6 +25,8 @@ from edgeq.tune.budget import TuningState
 from edgeq.tune.tasks import Task
 from edgeq_runtime import Model
 
+pytestmark = pytest.mark.flow  # tunes kernels with MetaSchedule
+
 KEY = "edgeq-test-board"
 LIFETIME_SECONDS = 600
 """The tracker and the server exit by themselves after this long, whatever happens to the test process."""
@@ -51,7 +53,8 @@ def tracker():
     processes = []
     try:
         for command in commands:
-            processes.append(subprocess.Popen(["timeout", str(LIFETIME_SECONDS), sys.executable, *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            processes.append(subprocess.Popen(["timeout", str(LIFETIME_SECONDS), sys.executable, *command], stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL))
             time.sleep(2)
         found = Tracker("127.0.0.1", port, KEY)
         for _ in range(30):

@@ -9,9 +9,9 @@ not fill the last block are padded: the producer writes zeros there, the consume
 producer's epilogue stores a column's channels contiguously, and the consumers' packing stages read them so.
 Max pools compute each channel from itself, so activations whose channels fill whole blocks are blocked across
 them too, a convolution among the kernels touching them (resnet18's stem -> max pool -> first block, whose stem
-scattered its outputs over 64 planes byte by byte); the pool then iterates over a block's channels innermost. Everything else keeps NCHW, so no layout
-conversion is ever added: a tensor is blocked only where every kernel touching it takes it blocked. Blocking
-moves where values are stored, never what they are: results are identical.
+scattered its outputs over 64 planes byte by byte); the pool then iterates over a block's channels innermost.
+Everything else keeps NCHW, so no layout conversion is ever added: a tensor is blocked only where every kernel
+touching it takes it blocked. Blocking moves where values are stored, never what they are: results are identical.
 
 The kernels get their blocked form by TIR's ``transform_layout`` on their parameters (a copy per combination of
 blocked parameters, named with a ``_nchw{B}c`` suffix).

@@ -17,7 +17,8 @@ import onnx
 
 from edgeq.check.report import CheckReport, Placement
 from edgeq.errors import CompileError
-from edgeq.export.onnx_reader import QDQModel, QuantParams, node_attributes, node_name
+from edgeq.export.onnx_nodes import node_attributes, node_name
+from edgeq.export.onnx_reader import QDQModel, QuantParams
 from edgeq.export.qdq_graph import QDQGraph
 from edgeq.numerics import bias_joins_accumulator, bias_scales
 

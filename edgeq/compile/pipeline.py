@@ -13,7 +13,7 @@
 | ``finalize`` | TVM's memory planning and VM lowering | all |
 
 The kernel strategy comes from the target's CPU features (:func:`edgeq.compile.cpu_features.dot_product`).
-"""
+"""  # noqa: E501, W505 (a table's rows)
 
 from __future__ import annotations
 
@@ -75,7 +75,8 @@ def stages(opt_level: int, target: tvm.target.Target, tuned: TunedSchedules | No
             Stage("select_kernels", (select_kernels(dot),)),
             Stage(
                 "fuse",
-                (relax.transform.AnnotateTIROpPattern(), fusion_patterns(), relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()),
+                (relax.transform.AnnotateTIROpPattern(), fusion_patterns(), relax.transform.FoldConstant(), relax.transform.FuseOps(),
+                 relax.transform.FuseTIR()),
             ),
             Stage("plan_layout", (plan_layouts(dot),)),
             Stage("schedule", (schedule_kernels(dot, parallel=opt_level >= 2, tuned=tuned),)),

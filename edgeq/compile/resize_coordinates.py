@@ -4,7 +4,7 @@ TVM's ONNX importer turns a ``Resize``'s ``scales`` into output sizes and sample
 sizes' ratio; ONNX (and torch, resizing by ``scale_factor``) samples at those of the scale. They differ when
 ``in * scale`` is not whole: ``interpolate(scale_factor=1.5)`` of 7 columns gives 10 columns sampled at
 ``(x + 0.5) / 1.5 - 0.5``, not at ``(x + 0.5) * 0.7 - 0.5``. The check sends such a Resize to the CPU in float
-(:func:`edgeq.export.onnx_reader.resize_follows_sizes`), and before TVM imports the region each one becomes, per
+(:func:`edgeq.export.onnx_nodes.resize_follows_sizes`), and before TVM imports the region each one becomes, per
 resized axis, a ``MatMul`` by a constant interpolation matrix (one 1 per row for ``nearest``, the two neighbours'
 weights for ``linear``) built with the coordinate formulas of the ONNX specification.
 """
@@ -18,7 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgeq.errors import CompileError
-from edgeq.export.onnx_reader import attribute_text, graph_constants, node_attributes, node_name, resize_follows_sizes
+from edgeq.export.onnx_nodes import attribute_text, graph_constants, node_attributes, node_name, resize_follows_sizes
 from edgeq.export.qdq_graph import inferred_shapes, static_shape
 
 _NEAREST = {

@@ -16,20 +16,29 @@ from __future__ import annotations
 
 import warnings
 import zipfile
-from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from edgeq.errors import ModelFileError
+from edgeq.export.onnx_checks import check_graph, check_interface
+from edgeq.export.onnx_nodes import (
+    QUANTIZE_NODES,
+    gated_activation,
+    graph_constants,
+    is_weight_tensor,
+    node_attributes,
+    node_name,
+    node_op,
+    unquantized,
+    with_tensor_constants,
+)
 from edgeq.export.onnx_writer import TARGET_METADATA_KEY
 from edgeq.export.qoperator import is_qoperator, qdq_from_qoperator
 from edgeq.numerics import bias_joins_accumulator, bias_scales, int8_zero_point
-from edgeq.ops import Op, gated_op, op_of_onnx_type
+from edgeq.ops import op_of_onnx_type
 
 
 @dataclass(frozen=True)
@@ -182,7 +191,7 @@ def read_qdq(model: onnx.ModelProto, path: str | Path) -> QDQModel:
         onnx.checker.check_model(model, full_check=True)
     except Exception as error:
         raise ModelFileError(f"{path}: fails the ONNX checker: {str(error).strip().splitlines()[0]}") from None
-    model = _with_tensor_constants(model)
+    model = with_tensor_constants(model)
     check_graph(model.graph, path)
     reader = _QuantReader(model, path)
     reader.run()
@@ -200,139 +209,6 @@ def float32_text(value: float) -> str:
     """A scale as float32 prints it: the shortest text that reads back as the same float32 (``1e-40``, not the
     ``9.99995e-41`` of its float64 value)."""
     return str(np.float32(value))
-
-
-QUANTIZE_NODES = ("QuantizeLinear", "DequantizeLinear")
-"""The node types that only change a tensor's representation, not its values."""
-
-QDQ_NODES = (*QUANTIZE_NODES, "Constant")
-"""Node types that carry quantization (or constants) rather than compute: every other node is (part of) an op."""
-
-
-def unquantized(tensor: str, producer: Mapping[str, onnx.NodeProto]) -> str:
-    """The tensor that ``tensor`` is a (de)quantized form of, through any chain of QuantizeLinear and
-    DequantizeLinear nodes (``tensor`` itself when no such node makes it)."""
-    while tensor in producer and producer[tensor].op_type in QUANTIZE_NODES:
-        tensor = producer[tensor].input[0]
-    return tensor
-
-
-def check_interface(graph: onnx.GraphProto, path: Path) -> None:
-    """Refuse, before the ONNX checker (whose shape inference and SSA check report these less clearly), a graph
-    without inputs (other than initializers), outputs or nodes, with an input dimension below 1, or with a tensor
-    that two nodes write.
-
-    Raises:
-        ModelFileError: naming the file and the input, or the tensor and its two nodes.
-    """
-    _check_inputs_outputs_nodes(graph, path)
-    _check_single_writers(graph, path)
-
-
-def check_graph(graph: onnx.GraphProto, path: Path) -> None:
-    """Refuse what the ONNX checker accepts but no compiled program can have: an output no op computes, two ops of
-    one name, or an integer constant outside its type.
-
-    Raises:
-        ModelFileError: naming the file and the output, node or tensor.
-    """
-    _check_outputs_computed(graph, path)
-    _check_node_names(graph, path)
-    for tensor in _stored_tensors(graph):
-        _check_stored_integers(tensor, path)
-
-
-def _check_inputs_outputs_nodes(graph: onnx.GraphProto, path: Path) -> None:
-    """The graph has inputs (other than initializers), outputs and nodes, and no input dimension below 1."""
-    initializers = {init.name for init in graph.initializer}
-    inputs = [info for info in graph.input if info.name not in initializers]
-    for present, what, why in (
-        (inputs, "inputs", "a compiled model reads at least one tensor"),
-        (graph.output, "outputs", "a compiled model returns at least one tensor"),
-        (graph.node, "nodes", "nothing to compute"),
-    ):
-        if not present:
-            raise ModelFileError(f"{path}: the graph has no {what} ({why}); export the model with its {what}")
-    for info in inputs:
-        dims = info.type.tensor_type.shape.dim
-        for axis, dim in enumerate(dims):
-            if dim.HasField("dim_value") and dim.dim_value < 1:
-                shape = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in dims]
-                raise ModelFileError(
-                    f"{path}: input '{info.name}': dimension {axis} is {dim.dim_value} (shape {shape}); sizes must be "
-                    "at least 1 (a dynamic dimension is named, and compile takes its size from --input-shape)"
-                )
-
-
-def _check_single_writers(graph: onnx.GraphProto, path: Path) -> None:
-    """No two nodes write one tensor (the ONNX checker says so without naming the nodes)."""
-    writers: dict[str, onnx.NodeProto] = {}
-    for node in graph.node:
-        for tensor in filter(None, node.output):
-            first = writers.setdefault(tensor, node)
-            if first is not node:
-                raise ModelFileError(
-                    f"{path}: tensor '{tensor}' is written by two nodes, {first.op_type} '{node_name(first)}' and "
-                    f"{node.op_type} '{node_name(node)}'; give each node's output its own name"
-                )
-
-
-def _check_outputs_computed(graph: onnx.GraphProto, path: Path) -> None:
-    """Every output comes from a compute node, not straight (or through Q/DQ only) from an input or a constant."""
-    producer = {out: node for node in graph.node for out in node.output}
-    initializers = {init.name for init in graph.initializer}
-    for output in graph.output:
-        tensor = unquantized(output.name, producer)
-        node = producer.get(tensor)
-        if node is not None and node.op_type != "Constant":
-            continue
-        origin = "a constant" if node is not None or tensor in initializers else "an input"
-        raise ModelFileError(
-            f"{path}: output '{output.name}' is {origin} ('{tensor}'), which no op computes; "
-            "the compiled program's outputs must be computed by its ops"
-        )
-
-
-def _check_node_names(graph: onnx.GraphProto, path: Path) -> None:
-    """Every compute node (the ops: reports, placements and regions name them) has its own :func:`node_name` (a
-    node without a name is named after its first output)."""
-    types_by_name: dict[str, list[str]] = {}
-    for node in graph.node:
-        if node.op_type not in QDQ_NODES:
-            types_by_name.setdefault(node_name(node), []).append(node.op_type)
-    for name, types in types_by_name.items():
-        if len(types) > 1:
-            raise ModelFileError(
-                f"{path}: {len(types)} nodes are named '{name}' ({', '.join(types)}); give each node its own name "
-                "(a node without a name is named after its first output)"
-            )
-
-
-def _stored_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
-    """The tensors a graph stores: its initializers and the values of its Constant nodes."""
-    values = [a.t for node in graph.node if node.op_type == "Constant" for a in node.attribute if a.name == "value"]
-    return [*graph.initializer, *values]
-
-
-_NARROW_INTEGERS = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16)
-"""Integer types that ONNX stores in the wider ``int32_data`` field (when not in ``raw_data``), which can hold
-values outside the type: ``numpy_helper.to_array`` would wrap them (1000 as int8 is -24)."""
-
-
-def _check_stored_integers(tensor: onnx.TensorProto, path: Path) -> None:
-    """A narrow integer tensor stored in ``int32_data`` holds only values of its type."""
-    if tensor.data_type not in _NARROW_INTEGERS or not tensor.int32_data:
-        return
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    limits = np.iinfo(dtype)
-    values = np.asarray(tensor.int32_data, dtype=np.int64)
-    outside = values[(values < limits.min) | (values > limits.max)]
-    if outside.size:
-        value = int(outside[0])
-        raise ModelFileError(
-            f"{path}: tensor '{tensor.name}' is {dtype.name} but holds {value} (allowed: {limits.min}..{limits.max}), "
-            f"which readers wrap to {int(np.array(value).astype(dtype))}; write it with values of its type"
-        )
 
 
 class _QuantReader:
@@ -474,108 +350,3 @@ class _QuantReader:
                 f"bias scale {list(bias.scales)[:3]} is not input scale x weight scale "
                 f"{expected[:3]}: the bias cannot join the int32 accumulator exactly",
             )
-
-
-def node_op(node: onnx.NodeProto, is_weight: Callable[[str], bool] | None = None) -> Op | None:
-    """The op an ONNX node reads as: by its type (:func:`edgeq.ops.op_of_onnx_type`), a ``Resize`` by its ``mode``
-    (``linear`` is ``upsample_bilinear2d``), a ``Gelu`` by its
-    ``approximate`` (ONNX's own, opset 20: ``'tanh'`` is ``gelu_tanh``), a ``MatMul`` by its second input (a weight
-    makes it ``linear``, an activation ``matmul``; ``is_weight`` says which tensors are weights, see
-    :func:`is_weight_tensor`: without it a MatMul reads as ``linear``); ``None`` for a type edgeq has no integer op
-    for and for a ``FastGelu`` with a bias input (``gelu_tanh(x + bias)`` is not a function of one tensor)."""
-    op = op_of_onnx_type(node.op_type)
-    if node.op_type == "MatMul" and is_weight is not None and len(node.input) > 1 and not is_weight(node.input[1]):
-        return Op.MATMUL
-    if op is Op.UPSAMPLE_NEAREST2D and attribute_text(node_attributes(node), "mode", "nearest") == "linear":
-        return Op.UPSAMPLE_BILINEAR2D
-    if op is Op.GELU and attribute_text(node_attributes(node), "approximate", "none") == "tanh":
-        return Op.GELU_TANH
-    if op is Op.GELU_TANH and len(node.input) > 1 and node.input[1]:
-        return None
-    return op
-
-
-def is_weight_tensor(tensor: str, constants: Container[str], producer: Mapping[str, onnx.NodeProto]) -> bool:
-    """Whether ``tensor`` is a constant or the DequantizeLinear of one (a weight or bias), not an activation."""
-    if tensor in constants:
-        return True
-    node = producer.get(tensor)
-    return node is not None and node.op_type == "DequantizeLinear" and node.input[0] in constants
-
-
-def gated_activation(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:
-    """The activation ``g`` when ``node`` is ``Mul(x, g(x))`` for a ``g`` that has a gated form (``x * sigmoid(x)``
-    is SiLU, ``x * hardsigmoid(x)`` Hardswish); None otherwise."""
-    if node.op_type != "Mul" or len(node.input) != 2:
-        return None
-    for source, other in (node.input, node.input[::-1]):
-        gate = producer.get(other)
-        op = op_of_onnx_type(gate.op_type) if gate is not None else None
-        if op is not None and gated_op(op) is not None and list(gate.input) == [source]:
-            return gate
-    return None
-
-
-def node_name(node: onnx.NodeProto) -> str:
-    """A node's name, or its first output's when it has none."""
-    return node.name or node.output[0]
-
-
-def node_attributes(node: onnx.NodeProto) -> dict[str, Any]:
-    """A node's attributes by name, as Python values (a tensor attribute as its ``TensorProto``)."""
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
-def attribute_text(attributes: Mapping[str, Any], name: str, default: str) -> str:
-    """A string attribute of :func:`node_attributes` as text (ONNX stores them as bytes), ``default`` when absent."""
-    value = attributes.get(name)
-    return default if value is None else value.decode() if isinstance(value, bytes) else str(value)
-
-
-_NUMBER_CONSTANTS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
-"""The attributes besides ``value`` in which a Constant node gives numbers, and the numbers' dtype."""
-
-
-def _with_tensor_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with every Constant node that gives numbers in ``value_float(s)`` / ``value_int(s)`` written in the
-    ``value`` form (a tensor), the one TVM's ONNX importer and :func:`graph_constants` read; ``model`` itself when
-    it has none."""
-    numbers = [i for i, n in enumerate(model.graph.node) if n.op_type == "Constant" and n.attribute[0].name in _NUMBER_CONSTANTS]
-    if not numbers:
-        return model
-    rewritten = onnx.ModelProto()
-    rewritten.CopyFrom(model)
-    for index in numbers:
-        node = rewritten.graph.node[index]
-        (attribute,) = node.attribute  # a Constant has exactly one
-        values = np.asarray(onnx.helper.get_attribute_value(attribute), dtype=_NUMBER_CONSTANTS[attribute.name])
-        del node.attribute[:]
-        node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(values)))
-    return rewritten
-
-
-def graph_constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """The value of every constant tensor of ``graph``: its initializers and the outputs of its Constant nodes
-    that hold a tensor (:func:`_with_tensor_constants` gives numbers that form)."""
-    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        attributes = node_attributes(node) if node.op_type == "Constant" else {}
-        if "value" in attributes:
-            constants[node.output[0]] = numpy_helper.to_array(attributes["value"])
-    return constants
-
-
-def resize_follows_sizes(node: onnx.NodeProto, constants: dict[str, np.ndarray], source: Sequence[int], target: Sequence[int]) -> bool:
-    """Whether a ``Resize`` from shape ``source`` to ``target`` samples at the coordinates of the sizes' ratio
-    (``out / in`` per axis), as TVM's importer computes every Resize: true for one given ``sizes``, or ``scales``
-    equal to that ratio; false for ``scales`` that differ (torch's ``interpolate(scale_factor=1.5)`` of 7 columns
-    writes 10 columns sampled at ``x / 1.5``, not at ``x * 7 / 10``), or that are not constants."""
-    if len(node.input) < 3 or not node.input[2]:
-        return True
-    scales = constants.get(node.input[2])
-    if scales is None:
-        return False
-    if scales.size == 0:
-        return True
-    ratios = np.asarray(target, dtype=np.float64) / np.asarray(source, dtype=np.float64)
-    return scales.shape == ratios.shape and bool(np.allclose(scales, ratios, rtol=1e-6, atol=0))

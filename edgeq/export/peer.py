@@ -2,8 +2,8 @@
 
 ONNX Runtime fuses QDQ units into integer kernels but requantizes with a float32 multiplier, where edgeq uses a
 31-bit fixed-point one; both round half to even, so the two can differ by one step only where a value falls
-within float rounding of a tie (docs/numerics.md section 8). :func:`per_op_differences` measures that bound op by op, each op fed the
-integer model's exact inputs, so that differences cannot propagate.
+within float rounding of a tie (docs/numerics.md section 8). :func:`per_op_differences` measures that bound op by
+op, each op fed the integer model's exact inputs, so that differences cannot propagate.
 
 On x86-64 CPUs without VNNI (AVX2, AVX-512 without VNNI) ORT's default u8s8 kernels add pairs of u8 x s8 products
 in saturating int16 (``vpmaddubsw``) and are not exact when weights use the full int8 range. :func:`peer_path`

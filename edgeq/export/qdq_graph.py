@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import onnx
 
-from edgeq.export.onnx_reader import QDQ_NODES, QDQModel, QuantParams, gated_activation, is_weight_tensor, node_name, node_op
+from edgeq.export.onnx_nodes import QDQ_NODES, gated_activation, is_weight_tensor, node_name, node_op
+from edgeq.export.onnx_reader import QDQModel, QuantParams
 from edgeq.ops import Op
 
 
@@ -102,7 +103,7 @@ class QDQGraph:
         return is_weight_tensor(tensor, self.constants, self.producer)
 
     def op_of(self, node: onnx.NodeProto) -> Op | None:
-        """The op a compute node reads as (:func:`~edgeq.export.onnx_reader.node_op`, with this graph's weights)."""
+        """The op a compute node reads as (:func:`~edgeq.export.onnx_nodes.node_op`, with this graph's weights)."""
         return node_op(node, self.is_weight)
 
     def activation_inputs(self, node: onnx.NodeProto) -> list[str]:

@@ -189,7 +189,8 @@ class _Rewriter:
         rest = list(node.input[1:])
         value = f"{node.output[0]}__float"
         self.nodes.append(
-            helper.make_node(node.op_type, [self._dequantize(node, node.input[0], quant.scale, quant.zero_point), *rest], [value], name=node.name, **self._attributes(node))
+            helper.make_node(node.op_type, [self._dequantize(node, node.input[0], quant.scale, quant.zero_point), *rest], [value], name=node.name,
+                             **self._attributes(node))
         )
         self._quantize(node, value, node.output[0], quant)
 

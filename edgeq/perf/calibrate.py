@@ -1,16 +1,16 @@
 """Measuring this machine's CPU figures on edgeq's own compiled kernels, cached per CPU model and target.
 
-Two calibration networks (:func:`_networks`) are quantized, compiled for the target like any model, and run in
-the same interleaved rounds; every kernel call is timed (:mod:`.measure`). The figures of
+Two calibration networks (:func:`~.calibration_fit.calibration_networks`) are quantized, compiled for the target
+like any model, and run in the same interleaved rounds; every kernel call is timed (:mod:`.measure`). The figures of
 :class:`~edgeq.targets.CpuFigures` are fitted in two steps, each by non-negative least squares on the relative
-error (:func:`fit_nonnegative`):
+error (:func:`~.calibration_fit.fit_nonnegative`):
 
 1. The kernels of the large network that run on all cores give the rates: ``t = fixed + Σ work / rate`` over
    :data:`~.estimate.CPU_RATES` (each kernel's ops' :func:`~.estimate.cpu_work`: MACs by class, requantized
    outputs, packed inputs), and ``bytes read and written / memory_bytes_per_s`` for kernels that are not
    convolutions or linear layers (``blocked_memory_bytes_per_s`` where the layout plan gave them blocked tensors:
    the max pool between convolutions, vectorized over a block's channels). A rate that fits as zero (too fast to
-   tell apart from the rest) takes the fastest any kernel doing that work ran at (:func:`_fastest`).
+   tell apart from the rest) takes the fastest any kernel doing that work ran at (:func:`~.calibration_fit._fastest`).
 2. The kernels of the small network, which run on one core with their data in cache, give the fixed costs and the
    speed on one core: ``t = set-up + mac_set-up x [convolution or linear] + parallel_speedup x time at the rates
    of step 1`` (below 1 when small kernels run faster per MAC in cache than large ones on all cores).
@@ -50,11 +50,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from edgeq.compile import CompileResult, kernels_dot_product
-from edgeq.compile.compiled_graph import CompiledGraph, CompiledGraphError, Op
-from edgeq.compile.cpu_features import DOT_PRODUCTS
+from edgeq.compile import kernels_dot_product
+from edgeq.compile.compiled_graph import CompiledGraphError
 from edgeq.fileio import atomic_write, cache_dir, slug
-from edgeq.perf.estimate import CPU_RATES, MAC_OPS, cpu_work, memory_priced, moves_blocked_tensors
+from edgeq.perf.calibration_fit import calibration_networks, compiled_network, fitted_figures
 from edgeq.perf.measure import (
     Measurement,
     cpu_times,
@@ -166,16 +165,16 @@ def cpu_model() -> str:
 
 def kernel_fingerprint(host: Target) -> str:
     """A hash of the source that generates edgeq's kernels (lowering, pipeline, kernels, schedules, code
-    generation), of the source that measures them (this module and :mod:`.measure`), of TVM's version and of
-    ``host``'s ``[llvm]`` section (the CPU and features the kernels are built for)."""
+    generation), of the source that measures them (this module, :mod:`.calibration_fit` and :mod:`.measure`), of
+    TVM's version and of ``host``'s ``[llvm]`` section (the CPU and features the kernels are built for)."""
     import tvm
 
     from edgeq import compile as compiler
-    from edgeq.perf import measure
+    from edgeq.perf import calibration_fit, measure
 
     digest = hashlib.sha256(tvm.__version__.encode())
     digest.update(host.llvm.model_dump_json().encode())
-    for source in [*sorted(Path(compiler.__file__).parent.rglob("*.py")), Path(__file__), Path(measure.__file__)]:
+    for source in [*sorted(Path(compiler.__file__).parent.rglob("*.py")), Path(__file__), Path(calibration_fit.__file__), Path(measure.__file__)]:
         digest.update(source.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -389,193 +388,16 @@ def save_calibration(calibration: Calibration, probe_artifact: Path) -> Path:
     return path
 
 
-def _networks() -> list[tuple[object, object]]:
-    """The calibration networks and their example inputs.
-
-    A large one at 56x56: 3x3 and 1x1 convolutions of reduction depths from 16 to 864 and depthwise convolutions of
-    two window sizes (so that their MACs, outputs and inputs are told apart), each kind also at stride 2 (inputs
-    four times their outputs), a residual add, two 3x3 max pools of stride 2 (one over 64 channels, which the
-    layout plan blocks, one over 18, which fill no block of any dot product and stay NCHW: each memory rate has a
-    kernel to fit it), a global average pool and linear layers.
-    A small one at 8x8 and 4x4 (3x3 dense convolutions with a residual add, depthwise and 1x1 convolutions, max
-    pooling, a global average pool, a linear layer): kernels small enough to run on one core, on data that stays in
-    cache between runs, as a small model's does.
-    """
-    import torch
-    from torch import nn
-
-    from edgeq.quantization import DeQuantStub, QuantStub
-
-    class Large(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.quant = QuantStub()
-            self.dense = nn.Conv2d(16, 64, 3, padding=1)
-            self.pointwise = nn.Conv2d(64, 64, 1)
-            self.expand = nn.Conv2d(16, 96, 1)
-            self.project = nn.Conv2d(96, 64, 1)
-            self.depthwise = nn.Conv2d(64, 64, 3, padding=1, groups=64)
-            self.pool = nn.MaxPool2d(3, 2, padding=1)
-            self.narrow_branch = nn.Conv2d(64, 18, 1)
-            self.narrow_pool = nn.MaxPool2d(3, 2, padding=1)
-            self.narrow_join = nn.Conv2d(18, 64, 1)
-            self.strided_depthwise = nn.Conv2d(64, 64, 3, 2, padding=1, groups=64)
-            self.deep = nn.Conv2d(64, 128, 3, padding=1)
-            self.wide_depthwise = nn.Conv2d(128, 128, 5, padding=2, groups=128)
-            self.strided_pointwise = nn.Conv2d(128, 96, 1, 2)
-            self.strided_dense = nn.Conv2d(96, 64, 3, 2, padding=1)
-            self.narrow = nn.Conv2d(64, 32, 1)
-            self.wide = nn.Linear(32, 512)
-            self.square = nn.Linear(512, 512)
-            self.widest = nn.Linear(512, 2048)
-            self.dequant = DeQuantStub()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = self.quant(x)
-            x = torch.relu(self.pointwise(torch.relu(self.dense(x)))) + self.project(torch.relu(self.expand(x)))
-            x = torch.relu(self.depthwise(x))
-            narrow = self.narrow_join(self.narrow_pool(self.narrow_branch(x)))
-            x = self.wide_depthwise(self.deep(self.pool(x) + self.strided_depthwise(x) + narrow))
-            x = self.narrow(self.strided_dense(self.strided_pointwise(x)))
-            x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
-            return self.dequant(self.widest(self.square(self.wide(x))))
-
-    class Small(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.quant = QuantStub()
-            self.dense = nn.Conv2d(16, 16, 3, padding=1)
-            self.dense_again = nn.Conv2d(16, 16, 3, padding=1)
-            self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
-            self.pool = nn.MaxPool2d(2)
-            self.wider = nn.Conv2d(16, 32, 3, padding=1)
-            self.pointwise = nn.Conv2d(32, 32, 1)
-            self.linear = nn.Linear(32, 10)
-            self.dequant = DeQuantStub()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = self.quant(x)
-            x = self.depthwise(torch.relu(self.dense_again(torch.relu(self.dense(x))) + x))
-            x = self.pointwise(torch.relu(self.wider(self.pool(x))))
-            return self.dequant(self.linear(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
-
-    return [(Large().eval(), torch.randn(1, 16, 56, 56)), (Small().eval(), torch.randn(1, 16, 8, 8))]
-
-
-def fit_nonnegative(rows: list[list[float]], times: list[float]) -> list[float]:
-    """Coefficients ``c >= 0`` of ``rows @ c ~ times`` minimising the squared relative error (so that small
-    kernels weigh as much as large ones; the error of a time below 1 us is taken relative to 1 us: below that, the
-    instrument hook's cost subtracted from each call, about as much, dominates it); a coefficient that comes out
-    negative is dropped and the rest fitted again, and one whose column is all zero (a work no kernel does) is 0."""
-    import numpy as np
-
-    measured = np.asarray(times, dtype=float)
-    weights = 1 / np.maximum(measured, 1e-6)
-    matrix, target = np.asarray(rows, dtype=float) * weights[:, None], measured * weights
-    active = (matrix != 0).any(axis=0)
-    while True:
-        solution = np.zeros(matrix.shape[1])
-        solution[active] = np.linalg.lstsq(matrix[:, active], target, rcond=None)[0]
-        if (solution >= 0).all():
-            return solution.tolist()
-        active &= solution > 0
-
-
-Kernel = tuple[list[Op], CompiledGraph, float]
-"""A timed kernel call: the ops running in it (the first doing its main work), the compiled graph they are in,
-and the call's time (seconds)."""
-
-
-def _compiled(network: object, example: object, host: Target, path: Path) -> CompileResult:
-    """``network`` quantized (calibrated on random data) and compiled for ``host`` into ``path``."""
-    import torch
-
-    from edgeq.compile import compile_model
-    from edgeq.quantization import FakeQuantState, convert_fx, default_calib_qconfig, prepare_qat_fx, set_fake_quantize
-
-    torch.manual_seed(0)
-    prepared = prepare_qat_fx(network, default_calib_qconfig, example_inputs=(example,), target=host.name)
-    set_fake_quantize(prepared, FakeQuantState.CALIBRATION)
-    with torch.no_grad():
-        for _ in range(2):
-            prepared(torch.randn_like(example))
-    return compile_model(convert_fx(prepared), (example,), target=host.name, out=path, progress=lambda _: None)
-
-
-def _timed_kernels(graph: CompiledGraph, measured: Measurement) -> list[Kernel]:
-    """Each kernel call of ``graph``'s measurement, with the ops that run in it."""
-    kernels: dict[tuple[tuple[str, int], ...], Kernel] = {}
-    for op in graph.ops:
-        places = measured.places(op.name)
-        if places:
-            kernels.setdefault(places, ([], graph, measured.op_seconds(op.name)))[0].append(op)
-    return list(kernels.values())
-
-
-def _fastest(amounts: list[list[float]], times: list[float], column: int, nominal: float) -> float:
-    """The rate of a work (``column`` of ``amounts``) whose cost fitted as zero, too fast to tell apart from the
-    rest: the fastest any kernel doing it ran at (its work over its whole time: a bound the work cannot beat); the
-    target's ``nominal`` rate if no kernel does it. The nominal rates are far off on some CPUs: 1x1 convolutions at
-    6 G MACs/s made mobilenet_v2's estimate 15x too slow where VNNI runs them at over 300 G."""
-    observed = [row[column] / seconds for row, seconds in zip(amounts, times) if row[column] > 0 and seconds > 0]
-    return max(observed, default=nominal)
-
-
 def calibration_run(host: Target, folder: Path, artifacts: Sequence[str | Path]) -> CalibrationRun:
     """Compile the calibration networks for ``host`` into ``folder``, measure them with ``artifacts`` in
     :data:`ROUNDS` interleaved rounds, then the probe and the VM's invocation, and fit the figures."""
-    large, small = (_compiled(network, example, host, folder / f"{name}.edgeq") for name, (network, example) in zip(("large", "small"), _networks()))
+    large, small = (compiled_network(network, example, host, folder / f"{name}.edgeq")
+                    for name, (network, example) in zip(("large", "small"), calibration_networks()))
     before = cpu_times()
     large_measured, small_measured, *measurements = measure_together([large.artifact, small.artifact, *artifacts], runs=ROUNDS)
     probe_s = probe_latency(large.artifact)
     invocation = vm_invocation()
     share = others_share(before, cpu_times())
-    figures = _fitted_figures(host, (large.graph, large_measured), (small.graph, small_measured), invocation)
+    figures = fitted_figures(host, (large.graph, large_measured), (small.graph, small_measured), invocation)
     rounds = {"large": large_measured.rounds_s, "small": small_measured.rounds_s}
     return CalibrationRun(figures, rounds, share, large.artifact, probe_s, measurements)
-
-
-def _fitted_figures(
-    host: Target, large: tuple[CompiledGraph, Measurement], small: tuple[CompiledGraph, Measurement], invocation: float
-) -> CpuFigures:
-    """The figures fitted on the calibration networks' kernels (graph and measurement of each), with the VM's
-    ``invocation`` cost (seconds); ``host``'s nominal figures where a work is not measured."""
-    (large_graph, large_measured), (small_graph, small_measured) = large, small
-    on_all_cores = [k for k in _timed_kernels(large_graph, large_measured) if k[0][0].parallel]
-    on_one_core = [k for k in _timed_kernels(small_graph, small_measured) if not k[0][0].parallel]
-
-    def work(ops: list[Op], graph: CompiledGraph) -> list[float]:
-        """A kernel's work in the units of the rates: its ops' :func:`~.estimate.cpu_work`, then the bytes its
-        first op moves (not a MAC kernel), on NCHW tensors or on blocked ones."""
-        compute = [sum(amounts) for amounts in zip(*(cpu_work(op, graph, DOT_PRODUCTS[graph.dot_product]) for op in ops))]
-        moved = ops[0].bytes_in + ops[0].bytes_out if memory_priced(ops[0]) else 0
-        blocked = moves_blocked_tensors(ops[0])
-        return [*compute, 0 if blocked else moved, moved if blocked else 0]
-
-    amounts = [work(ops, graph) for ops, graph, _ in on_all_cores]
-    times = [t for *_, t in on_all_cores]
-    fixed_on_all_cores, *per_unit = fit_nonnegative([[1.0, *row] for row in amounts], times)
-    nominal = [getattr(host.perf, rate) for rate in [*CPU_RATES, "memory_bytes_per_s", "blocked_memory_bytes_per_s"]]
-    rates = [1 / unit if unit > 0 else _fastest(amounts, times, column, rate) for column, (unit, rate) in enumerate(zip(per_unit, nominal))]
-
-    def seconds_on_all_cores(ops: list[Op], graph: CompiledGraph) -> float:
-        return sum(amount / rate for amount, rate in zip(work(ops, graph), rates))
-
-    setup, mac_setup, speedup = fit_nonnegative(
-        [[1.0, float(ops[0].op in MAC_OPS), seconds_on_all_cores(ops, graph)] for ops, graph, _ in on_one_core], [t for *_, t in on_one_core]
-    )
-    logger.debug("calibration fit: %s on all cores, set-up %s + %s, speed-up %s", [fixed_on_all_cores, *per_unit], setup, mac_setup, speedup)
-    unseen = small_measured.latency_s - sum(call.seconds for call in small_measured.calls) - invocation
-    dispatch = max(unseen / len(small_measured.calls), 0.0)  # what a call costs outside its timed interval
-    *compute_rates, memory, blocked_memory = rates
-    return CpuFigures(
-        **dict(zip(CPU_RATES, compute_rates)),
-        float32_macs_per_s=host.perf.float32_macs_per_s,
-        memory_bytes_per_s=memory,
-        blocked_memory_bytes_per_s=blocked_memory,
-        kernel_overhead_ns=(setup + dispatch) * 1e9,
-        mac_kernel_overhead_ns=mac_setup * 1e9,
-        parallel_overhead_ns=max(fixed_on_all_cores - setup - mac_setup, 0.0) * 1e9,
-        invocation_overhead_ns=invocation * 1e9,
-        parallel_speedup=speedup if speedup > 0 else host.perf.parallel_speedup,
-    )

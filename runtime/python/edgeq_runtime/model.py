@@ -132,7 +132,8 @@ class Timing:
     threads: int
 
     def __str__(self) -> str:
-        """``latency over 20 runs on 2 thread(s): median 1.234 ms, min 1.200 ms`` (edgeq-run --bench prints the same)."""
+        """``latency over 20 runs on 2 thread(s): median 1.234 ms, min 1.200 ms`` (edgeq-run --bench prints the
+        same)."""
         return f"latency over {self.runs} runs on {self.threads} thread(s): median {self.median_ms:.3f} ms, min {self.min_ms:.3f} ms"
 
 

@@ -7,20 +7,18 @@ thread's results."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import struct
 import subprocess
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from models import FunctionalOps, integer_model, rewrite_artifact
+from models import FunctionalOps, integer_model, read_only, rewrite_artifact
 
 from edgeq.compile import compile_model
 from edgeq.compile.artifact import LIBRARY
@@ -486,24 +484,6 @@ def test_a_folder_where_an_output_goes(binaries, subject, tmp_path):
     completed = run_into(binaries, subject, subject["x86_64"], out)
     assert_refused(completed, f"{out / 'dequant.npy'}: cannot be written: Is a directory")
     assert sorted(p.name for p in out.iterdir()) == ["dequant.npy"]  # no temporary file left behind
-
-
-@contextlib.contextmanager
-def read_only(folder: Path) -> Iterator[None]:
-    """`folder` made read-only: by permissions, or for root (whom they do not stop) by the immutable attribute."""
-    if os.geteuid() != 0:
-        folder.chmod(0o555)
-        try:
-            yield
-        finally:
-            folder.chmod(0o755)
-        return
-    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
-        pytest.skip("running as root on a file system without the immutable attribute")
-    try:
-        yield
-    finally:
-        subprocess.run(["chattr", "-i", str(folder)], check=True)
 
 
 def test_a_read_only_output_folder(binaries, subject, tmp_path):

@@ -4,21 +4,18 @@ threads, .npy headers checked before their data, outputs written only inside the
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
-import subprocess
 import threading
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from models import FunctionalOps, integer_model, rewrite_artifact
+from models import FunctionalOps, integer_model, read_only, rewrite_artifact
 
 from edgeq.cli import main
 from edgeq.compile import compile_model
@@ -418,25 +415,6 @@ def test_an_output_path_leading_outside_through_a_link_is_refused(artifacts, tmp
         f"{out}; nothing was written"
     )
     assert not list(outside.iterdir()) and sorted(p.name for p in out.iterdir()) == ["dequant.npy"]
-
-
-@contextlib.contextmanager
-def read_only(folder: Path) -> Iterator[None]:
-    """``folder`` read-only for this process: immutable (``chattr +i``) when running as root, whom permissions do
-    not stop; else without write permission."""
-    if os.geteuid() != 0:
-        folder.chmod(0o555)
-        try:
-            yield
-        finally:
-            folder.chmod(0o755)
-        return
-    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False).returncode != 0:
-        pytest.skip("running as root on a file system without chattr +i: no folder is read-only to root")
-    try:
-        yield
-    finally:
-        subprocess.run(["chattr", "-i", str(folder)], check=True)
 
 
 def test_an_output_folder_that_cannot_be_written_is_refused_naming_the_file(artifacts, tmp_path, x_npy, capsys):

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import subprocess
+import tokenize
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,7 +162,7 @@ def _npy_header(file: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
         raise ValueError(f".npy format version {version[0]}.{version[1]} is not read (1.0 and 2.0 are)")
     try:
         return reader(file)
-    except ValueError as error:
+    except (ValueError, SyntaxError, tokenize.TokenError) as error:  # numpy tokenizes the header's Python literal
         raise ValueError(f"not a valid .npy header ({error})") from None
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -51,6 +52,13 @@ PositiveNumber = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
 """A finite number > 0 (an integer is taken as one); ``true``, ``"1e9"``, ``inf`` and ``nan`` are refused."""
 NonNegativeNumber = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]
 """A finite number ≥ 0, strict like :data:`PositiveNumber`."""
+
+
+def _listed(values: tuple[int, ...]) -> tuple[int, ...]:
+    """``values`` when it names at least one: an empty list of what an NPU supports would refuse every op."""
+    if not values:
+        raise ValueError("must list at least one value (leave the op out of [npu] ops for an NPU without it)")
+    return values
 
 
 class ScaleRule(str, Enum):
@@ -196,7 +204,8 @@ class ConvRules(_Strict):
 
     max_kernel: Count
     max_stride: Count
-    dilations: tuple[Count, ...]
+    dilations: Annotated[tuple[Count, ...], AfterValidator(_listed)]
+    """At least one (1: undilated)."""
     max_padding: NonNegativeCount
     groups: Literal["any", "depthwise", "none"]
     channel_alignment: Count
@@ -239,7 +248,7 @@ class PoolRules(_Strict):
 class UpsampleRules(_Strict):
     """Nearest-neighbour upsampling factors the NPU supports."""
 
-    factors: tuple[Annotated[StrictInt, Field(gt=1)], ...]
+    factors: Annotated[tuple[Annotated[StrictInt, Field(gt=1)], ...], AfterValidator(_listed)]
 
     def describe(self) -> str:
         """The limits in words (docs/supported-ops.md)."""

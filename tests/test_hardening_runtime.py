@@ -349,6 +349,8 @@ BAD_NPY = {
     "empty": (lambda p: npy_bytes(p, b""), "not a .npy file"),
     "header not a dict": (lambda p: npy_bytes(p, b"\x93NUMPY\x01\x00\x10\x00[1, 2, 3]      \n"),
                           "not a valid .npy header (Header is not a dictionary: [1, 2, 3])"),
+    "header an unclosed literal": (lambda p: npy_bytes(p, b"\x93NUMPY\x01\x00\x10\x00{'descr': ('<f4'\n"),
+                                   "not a valid .npy header (('EOF in multi-line statement', (2, 0)))"),
     "version 3.0": (lambda p: npy_bytes(p, b"\x93NUMPY\x03\x00\x10\x00\x00\x00{}" + b" " * 13 + b"\n"),
                     ".npy format version 3.0 is not read (1.0 and 2.0 are)"),
     "missing": (lambda p: p, "no such file"),

@@ -61,6 +61,8 @@ def key(name: str, value: str) -> Edit:
         (key("max_tensor_bytes", "4.0e6"), r"npu\.max_tensor_bytes: Input should be a valid integer, got 4000000\.0$"),
         (key("dilations", "[true]"), r"npu\.conv2d\.dilations\.0: Input should be a valid integer, got true$"),
         (key("factors", '["2"]'), r'npu\.upsample_nearest2d\.factors\.0: Input should be a valid integer, got "2"$'),
+        (key("factors", "[]"), r"npu\.upsample_nearest2d\.factors: must list at least one value \(leave the op out of \[npu\] ops"),
+        (key("dilations", "[]"), r"npu\.conv2d\.dilations: must list at least one value"),
         (key("concat_shares_input_scale", '"yes"'), r'quantization\.concat_shares_input_scale: Input should be a valid boolean, got "yes"$'),
         (key("concat_shares_input_scale", "1"), r"quantization\.concat_shares_input_scale: Input should be a valid boolean, got 1$"),
     ],

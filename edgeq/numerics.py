@@ -498,6 +498,18 @@ def relu6_ceiling(scale: float) -> int:
     return min(ACTIVATION_QMAX, int(np.round(np.float32(RELU6_CEILING) / np.float32(scale))))
 
 
+def clamp_levels(bounds: tuple[float, float], scale: float) -> tuple[int, int]:
+    """The int8 bounds of a clamp to real ``bounds`` at ``scale`` (a standalone ReLU, ReLU6, Hardtanh), each as
+    ReLU6's ceiling: ``saturate(round_half_to_even(float32(b) / float32(s)))``; an infinite bound is no bound."""
+
+    def level(bound: float) -> int:
+        if math.isinf(bound):
+            return ACTIVATION_QMAX if bound > 0 else ACTIVATION_QMIN
+        return min(max(int(np.round(np.float32(bound) / np.float32(scale))), ACTIVATION_QMIN), ACTIVATION_QMAX)
+
+    return level(bounds[0]), level(bounds[1])
+
+
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
@@ -517,8 +529,8 @@ def _gelu_tanh(x: float) -> float:
 TABLE_FUNCTIONS: OpTable[Callable[[float, float], float]] = OpTable(
     "table function in numerics.py", lambda info: info.lookup_table
 )
-"""The real function of each lookup-table op, in float64 (``alpha``: LeakyReLU's negative slope, unused by the
-others); docs/numerics.md section 7."""
+"""The real function of each lookup-table op, in float64 (``alpha``: the op's constant, ``OpInfo.alpha``:
+LeakyReLU's negative slope, ELU's alpha; unused by the others); docs/numerics.md section 7."""
 
 TABLE_FUNCTIONS.register(Op.SIGMOID)(lambda x, alpha: _sigmoid(x))
 TABLE_FUNCTIONS.register(Op.TANH)(lambda x, alpha: math.tanh(x))
@@ -528,6 +540,7 @@ TABLE_FUNCTIONS.register(Op.SILU)(lambda x, alpha: x * _sigmoid(x))
 TABLE_FUNCTIONS.register(Op.LEAKYRELU)(lambda x, alpha: x if x >= 0 else alpha * x)
 TABLE_FUNCTIONS.register(Op.GELU)(lambda x, alpha: _gelu(x))
 TABLE_FUNCTIONS.register(Op.GELU_TANH)(lambda x, alpha: _gelu_tanh(x))
+TABLE_FUNCTIONS.register(Op.ELU)(lambda x, alpha: x if x > 0 else alpha * math.expm1(x))
 
 LUT_SIZE = ACTIVATION_QMAX - ACTIVATION_QMIN + 1
 

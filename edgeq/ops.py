@@ -38,6 +38,9 @@ class OpInfo:
             ``edgeq.numerics.TABLE_FUNCTIONS``).
         gated: the op is ``x * g(x)`` for the op ``g`` named here (SiLU is ``x * sigmoid(x)``): its QDQ unit is
             ``g``'s ONNX node followed by a ``Mul`` with ``g``'s input, so it has no ONNX type of its own.
+        alpha: a lookup-table activation's one constant, ``(name, default)``: ``name`` is its PyTorch argument and
+            module attribute (LeakyReLU's ``negative_slope``), ONNX calls it ``alpha`` with the same default; the
+            table and torch functions take it as ``alpha``. ``None``: the activation has no constant.
     """
 
     onnx_types: tuple[str, ...] = ()
@@ -47,6 +50,7 @@ class OpInfo:
     npu_limits: bool = False
     lookup_table: bool = False
     gated: str | None = None
+    alpha: tuple[str, float] | None = None
 
 
 class Op(str, Enum):
@@ -72,6 +76,7 @@ class Op(str, Enum):
     LEAKYRELU = "leakyrelu"
     GELU = "gelu"
     GELU_TANH = "gelu_tanh"
+    ELU = "elu"
     RESHAPE = "reshape"
     TRANSPOSE = "transpose"
     SPLIT = "split"
@@ -101,9 +106,10 @@ _INFO: dict[Op, OpInfo] = {
     Op.HARDSIGMOID: OpInfo(("HardSigmoid",), requantizes=True, lookup_table=True),
     Op.HARDSWISH: OpInfo(requantizes=True, lookup_table=True, gated="hardsigmoid"),
     Op.SILU: OpInfo(requantizes=True, lookup_table=True, gated="sigmoid"),
-    Op.LEAKYRELU: OpInfo(("LeakyRelu",), requantizes=True, lookup_table=True),
+    Op.LEAKYRELU: OpInfo(("LeakyRelu",), requantizes=True, lookup_table=True, alpha=("negative_slope", 0.01)),
     Op.GELU: OpInfo(("Gelu",), requantizes=True, lookup_table=True),
     Op.GELU_TANH: OpInfo(("FastGelu",), requantizes=True, lookup_table=True),
+    Op.ELU: OpInfo(("Elu",), requantizes=True, lookup_table=True, alpha=("alpha", 1.0)),
     Op.RESHAPE: OpInfo(("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"), movement=True),
     Op.TRANSPOSE: OpInfo(("Transpose",), movement=True),
     Op.SPLIT: OpInfo(("Split",), movement=True),

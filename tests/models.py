@@ -139,6 +139,39 @@ class GeluBlocks(nn.Module):
         return self.dequant(self.head(tokens.flatten(1)))
 
 
+class EluBlock(nn.Module):
+    """Conv, ELU (alpha 1), conv, ``F.elu`` with alpha 0.5 (keyword), average pool, classifier; 8x8 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = QuantStub()
+        self.conv1, self.elu, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.ELU(), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+        self.dequant = DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.elu(self.conv2(self.elu(self.conv1(self.quant(x)))), alpha=0.5)
+        return self.dequant(self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
+
+
+class Clamps(nn.Module):
+    """Every spelling of a clamp of constant bounds: ``nn.Hardtanh`` (-1, 1), ``F.hardtanh``, ``x.clamp`` and
+    ``torch.clamp`` with one bound, ``torch.clip``; ``torch.clamp(x, min=0)`` after a conv (a ReLU: fused) and
+    ``torch.clamp(x, 0, 6)`` (a ReLU6); 8x8 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = QuantStub()
+        self.conv1, self.hardtanh, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Hardtanh(), nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 1)
+        self.dequant = DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.hardtanh(self.conv1(self.quant(x))))
+        x = torch.clamp(F.hardtanh(x, min_val=-0.3, max_val=0.7).clamp(min=-0.2), max=0.5) + torch.clip(x, -2.5, 0.9)
+        return self.dequant(torch.clamp(torch.cat([torch.clamp(self.conv3(x), min=0), x], dim=1), 0, 6))
+
+
 TOKENS, DIM, HEADS = 5, 12, 3
 """AttentionBlock's tokens, their dimensions and its heads: odd sizes."""
 

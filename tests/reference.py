@@ -119,6 +119,7 @@ _ACTIVATIONS = {
     "leakyrelu": lambda x, alpha: np.where(x >= 0, x, np.float64(np.float32(alpha)) * x),
     "gelu": lambda x, alpha: x * (1 + _erf(x * np.sqrt(0.5))) / 2,
     "gelu_tanh": lambda x, alpha: x * (1 + np.tanh(np.sqrt(2 / np.pi) * x * (1 + 0.044715 * x * x))) / 2,
+    "elu": lambda x, alpha: np.where(x > 0, x, np.float64(np.float32(alpha)) * np.expm1(np.minimum(x, 0))),
 }
 
 
@@ -167,6 +168,13 @@ def bilinear_resize(x: np.ndarray, size: tuple[int, int], align_corners: bool, m
                 + x[:, :, bottom, left] * w_bottom * w_left + x[:, :, bottom, right] * w_bottom * w_right
             )
     return saturate8(round_shift(acc, multiplier, shift))
+
+
+def clamp_levels(bounds: tuple[float, float], scale: float) -> tuple[int, int]:
+    """A clamp's real bounds as int8 at ``scale``, as ReLU6's ceiling: float32 quotient rounded half to even,
+    saturated; an infinite bound is none."""
+    levels = [np.rint(np.float32(b) / np.float32(scale)) if np.isfinite(b) else np.sign(b) * 1000 for b in bounds]
+    return tuple(int(level) for level in saturate8(np.array(levels)))
 
 
 def evaluate_op(module: torch.nn.Module, args: list[Any]) -> Any:

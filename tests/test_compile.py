@@ -13,6 +13,8 @@ import torch.nn.functional as F
 import tvm
 from models import (
     BilinearResizes,
+    Clamps,
+    EluBlock,
     FunctionalOps,
     GroupedBlock,
     SmallCNN,
@@ -309,6 +311,44 @@ def test_table_activations_run_on_npus_that_have_tables(tmp_path):
         if target == "npu-s":
             assert tables[0].reasons[0].rule == "op_not_on_npu" and "relu6" in tables[0].advice[0]
         assert_artifact_exact(result.artifact, int_model, torch.randn(2, 1, 8, 8))
+
+
+def test_elu_compiles_exactly_as_a_table(tmp_path):
+    """ONNX ``Elu`` (TVM imports it as ``-alpha * relu(1 - exp(x)) + relu(x)``) lowers to a gather from the same
+    table: on npu-m's NPU, on npu-s's host (its NPU has no tables) and on x86_64, equal to the integer model."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 8, 8)
+    for target, placement in (("npu-m", "NPU"), ("npu-s", "CPU"), ("x86_64", "CPU")):
+        int_model = integer_model(EluBlock().eval(), example, target)
+        simulate = target != "x86_64"
+        result = compile_model(int_model, (example,), target=target, out=tmp_path / f"{target}.edgeq", simulate=simulate)
+        tables = [n for n in result.report.nodes if n.record.op == "elu"]
+        assert [n.record.attrs["alpha"] for n in tables] == [1.0, 0.5] and {n.placement.value for n in tables} == {placement}
+        assert result.module.script().count("R.take(") == 2
+        if target == "npu-s":
+            assert tables[0].reasons[0].rule == "op_not_on_npu" and tables[0].advice == ["elu is not on npu-s: relu is"]
+        assert_artifact_exact(result.artifact, int_model, torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="TVM imports ONNX Clip (opset 13) as call_tir maximum/minimum, not relax.clip: the clamp rule does not "
+    "match, the clamp stays float (an NPU region refuses it) and the build loses the PrimFunc (x86_64); a standalone "
+    "ReLU6 below 127 levels fails the same way",
+)
+def test_hardtanh_and_clamps_compile_exactly(tmp_path):
+    """Hardtanh and clamps (ONNX ``Clip`` at the quantized bounds) lower to relu's integer clamp, on the NPUs and
+    x86_64, equal to the integer model."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 8, 8)
+    for target in ("x86_64", "npu-m", "npu-s"):
+        int_model = integer_model(Clamps().eval(), example, target)
+        simulate = target != "x86_64"
+        result = compile_model(int_model, (example,), target=target, out=tmp_path / f"{target}.edgeq", simulate=simulate)
+        clamps = [n for n in result.report.nodes if n.record.op == "relu" and n.record.onnx_op in ("Clip", "Relu")]
+        assert len(clamps) == 6 and {n.placement.value for n in clamps} == {"CPU" if target == "x86_64" else "NPU"}
+        assert result.module.script().count("call_tir(cls.maximum") == 0
+        assert_artifact_exact(result.artifact, int_model, torch.randn(2, 3, 8, 8))
 
 
 def _gelu_file(int_model, example, rewrite) -> onnx.ModelProto:

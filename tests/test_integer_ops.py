@@ -3,14 +3,25 @@ with saturation and rounding ties."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+import reference
 import torch
 import torch.nn.functional as F
 from reference import evaluate_op
 
 from edgeq.errors import QuantizationError
-from edgeq.numerics import FixedPointMultiplier, bilinear_multiplier, bilinear_taps, lookup_table, quantize_multiplier
+from edgeq.numerics import (
+    FixedPointMultiplier,
+    bilinear_multiplier,
+    bilinear_taps,
+    clamp_levels,
+    lookup_table,
+    quantize_multiplier,
+    relu6_ceiling,
+)
 from edgeq.ops import LOOKUP_TABLE_OPS, Op
 from edgeq.quantization import integer_ops as ops
 
@@ -203,6 +214,14 @@ def test_bilinear_weights_are_exact_and_round_ties_to_even():
     assert ties.low[-1] == ties.high[-1] == 1 and ties.weight_high[-1] == 0
 
 
+def test_clamp_levels_round_like_relu6_and_saturate():
+    """A clamp's real bounds at s = 1/2: ties to even (0.25 -> 0, 0.75 -> 2, -0.25 -> 0), saturation, no bound."""
+    for bounds in [(0.25, 0.75), (-0.25, 100.0), (-1000.0, math.inf), (-math.inf, -0.75), (0.0, 6.0)]:
+        assert clamp_levels(bounds, 0.5) == reference.clamp_levels(bounds, 0.5)
+    assert clamp_levels((0.25, 0.75), 0.5) == (0, 2) and clamp_levels((-0.25, 100.0), 0.5) == (0, 127)
+    assert clamp_levels((-1000.0, math.inf), 0.5) == (-128, 127) and clamp_levels((0.0, 6.0), 0.1) == (0, relu6_ceiling(0.1))
+
+
 def test_clamp_upsample_quantize_dequantize():
     check(ops.IntClamp(0, 96), int8((2, 3, 4, 4)))
     check(ops.IntUpsampleNearest2d((2, 3)), int8((1, 2, 3, 4)))
@@ -235,6 +254,8 @@ def test_lookup_table_goldens_and_ties():
     assert hardswish[np.array([2, 4, 6, -8, -1, 127]) + 128].tolist() == [1, 3, 6, 0, 0, 127]
     leaky = lookup_table(Op.LEAKYRELU, 1.0, 2.0, 0.25)
     assert leaky[np.array([1, 3, 5, 7, -2, -6, -10]) + 128].tolist() == [0, 2, 2, 4, 0, -1, -1]
+    elu = lookup_table(Op.ELU, 1.0, 2.0, 2.0)  # the same ties on the identity half; 2 * (e^x - 1) / 2 below zero
+    assert elu[np.array([1, 3, 5, 0, -1, -10, -128]) + 128].tolist() == [0, 2, 2, 0, -1, -1, -1]
 
 
 def test_gelu_tables_goldens_ties_and_their_two_forms():

@@ -101,7 +101,7 @@ class EveryOp(nn.Module):
         self.quant = QuantStub()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.fc = nn.Linear(8, 4)
-        self.hardswish, self.leaky, self.gelu = nn.Hardswish(), nn.LeakyReLU(0.1), nn.GELU()
+        self.hardswish, self.leaky, self.gelu, self.elu = nn.Hardswish(), nn.LeakyReLU(0.1), nn.GELU(), nn.ELU(0.5)
         self.dequant = DeQuantStub()
         self.dequant_map = DeQuantStub()
 
@@ -109,7 +109,7 @@ class EveryOp(nn.Module):
         x = self.quant(x)
         a = self.conv(x)
         a = F.relu(self.leaky(torch.tanh(torch.sigmoid(self.hardswish(a * torch.sigmoid(a))))) + F.hardsigmoid(a))
-        a = F.gelu(self.gelu(a), approximate="tanh")
+        a = F.hardtanh(self.elu(F.gelu(self.gelu(a), approximate="tanh")), -0.5, 0.5)
         s = torch.cat([a + a, F.relu6(a)], dim=1)
         s = F.interpolate(F.avg_pool2d(F.max_pool2d(s, 2), 2), scale_factor=2, mode="bilinear", align_corners=True)
         first, second = F.interpolate(s, scale_factor=2.0, mode="nearest").chunk(2, dim=1)

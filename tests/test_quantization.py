@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from models import DIM, HEADS, TOKENS, AttentionBlock, BilinearResizes, FunctionalOps, GeluBlocks, SmallCNN, calibrate, integer_model
-from reference import run_reference
+from models import (
+    DIM,
+    HEADS,
+    TOKENS,
+    AttentionBlock,
+    BilinearResizes,
+    Clamps,
+    EluBlock,
+    FunctionalOps,
+    GeluBlocks,
+    SmallCNN,
+    calibrate,
+    integer_model,
+)
+from reference import clamp_levels, run_reference
 from torch import nn
 
 from edgeq.errors import QuantizationError, TraceError, UnsupportedOpError
@@ -83,6 +97,49 @@ def test_gelu_blocks_keep_gelu_in_integers(target):
     tables = [m.op.value for m in int_model.graph_module.modules() if isinstance(m, ops.IntLookupTable)]
     assert tables == ["gelu", "gelu_tanh"]
     assert_matches_reference(int_model, torch.randn(3, 3, 16, 16))
+
+
+@pytest.mark.parametrize("target", ["x86_64", "npu-s"])
+def test_elu_is_a_lookup_table(target):
+    """nn.ELU and F.elu (alpha as set) quantize with strict=True as tables, and the integer model equals the
+    reference."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 8, 8)
+    prepare_qat_fx(EluBlock().eval(), example_inputs=(example,), target=target, strict=True)
+    int_model = integer_model(EluBlock().eval(), example, target)
+    tables = [(m.op.value, m.alpha) for m in int_model.graph_module.modules() if isinstance(m, ops.IntLookupTable)]
+    assert tables == [("elu", 1.0), ("elu", 0.5)]
+    assert_matches_reference(int_model, torch.randn(3, 3, 8, 8))
+
+
+@pytest.mark.parametrize("target", ["x86_64", "npu-s"])
+def test_hardtanh_and_clamps_are_integer_clamps(target):
+    """Hardtanh and clamps of constant bounds are relu's integer clamp at their input's scale, each bound quantized
+    as ReLU6's ceiling; ``clamp(min=0)`` fuses into its conv as a ReLU, ``clamp(0, 6)`` is a ReLU6."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 8, 8)
+    prepared = prepare_qat_fx(Clamps().eval(), example_inputs=(example,), target=target, strict=True)
+    modules = dict(prepared.named_modules())
+    assert modules["conv3"].activation.value == "relu"
+    int_model = integer_model(Clamps().eval(), example, target)
+    graph = int_model.graph_module
+    clamps = [node for node in graph.graph.nodes if isinstance(getattr(graph, str(node.target), None), ops.IntClamp)]
+    bounds = [(-1, 1), (-0.3, 0.7), (-0.2, math.inf), (-math.inf, 0.5), (-2.5, 0.9), (0, 6)]
+    assert len(clamps) == len(bounds)
+    for node, real in zip(clamps, bounds):
+        clamp, (scale,) = getattr(graph, node.target), int_model.tensor_quant[node.args[0].name].scales
+        assert (clamp.low, clamp.high) == clamp_levels(real, scale), node.name
+    assert_matches_reference(int_model, torch.randn(3, 3, 8, 8))
+
+
+def test_clamp_to_a_tensor_is_unsupported():
+    with pytest.raises(UnsupportedOpError, match="clamp to tensor bounds"):
+        _prepare(_ClampToTensor())
+
+
+class _ClampToTensor(nn.Module):
+    def forward(self, x):
+        return torch.clamp(x, max=torch.sigmoid(x))
 
 
 @pytest.mark.parametrize("target", ["x86_64", "npu-s"])

@@ -189,7 +189,7 @@ def _global_avg_pool(module: qm.GlobalAvgPool2d) -> tuple[str, dict[str, Any]]:
 
 @DESCRIPTIONS.register(Op.RELU)
 def _clamp(module: qm.Clamp) -> tuple[str, dict[str, Any]]:
-    return module.activation.value, {"activation": module.activation.value}
+    return module.name, {"activation": module.name}
 
 
 @DESCRIPTIONS.register(*LOOKUP_TABLE_OPS)

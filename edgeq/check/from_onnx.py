@@ -215,7 +215,8 @@ def _resize(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[s
 
 @ONNX_DESCRIPTIONS.register(*LOOKUP_TABLE_OPS)
 def _lookup_table(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    return op.value, {"function": op.value, "alpha": float(attributes.get("alpha", 0.0)) if op is Op.LEAKYRELU else 0.0}
+    alpha = float(attributes.get("alpha", op.info.alpha[1])) if op.info.alpha else 0.0  # ONNX's default is torch's
+    return op.value, {"function": op.value, "alpha": alpha}
 
 
 @ONNX_DESCRIPTIONS.register(Op.ADD, Op.MUL, Op.CONCAT, Op.RELU, Op.GLOBAL_AVG_POOL2D, Op.RESHAPE, Op.TRANSPOSE, Op.SPLIT, Op.SLICE)

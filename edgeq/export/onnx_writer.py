@@ -285,7 +285,7 @@ def _lookup_table(builder: QDQBuilder, node: fx.Node, op: IntLookupTable, args: 
     source = builder.dequantize(args[0])
     gate = Op(op.op.info.gated) if op.op.info.gated else op.op
     op_type = gate.info.onnx_types[0]
-    attributes = {"alpha": op.alpha} if gate is Op.LEAKYRELU else HARDSIGMOID_ATTRIBUTES if gate is Op.HARDSIGMOID else {}
+    attributes = {"alpha": op.alpha} if gate.info.alpha else HARDSIGMOID_ATTRIBUTES if gate is Op.HARDSIGMOID else {}
     if gate is op.op:
         out = builder.node(op_type, [source], f"{path}.out", f"{path}/{op_type}", **attributes)
         if op_type in CONTRIB_OPS:  # ONNX has no schema for it: shape inference cannot give its output a shape

@@ -10,6 +10,7 @@ prepared graph with the quantizer its output needs.
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 from collections.abc import Callable
 from fractions import Fraction
@@ -19,11 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeq.errors import QuantizationError
+from edgeq.numerics import RELU6_CEILING
 from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable, gated_op
 from edgeq.quantization.fake_quantize import ActivationFakeQuantize
 from edgeq.quantization.fusion import Fusion
 from edgeq.quantization.graph import VALUE_KEY, TensorInfo, describe_node, getattr_path, makes_one_tensor, tensor_info
-from edgeq.quantization.patterns import PreFusionOp, SourceOp, argument, interpolation, pair
+from edgeq.quantization.patterns import PreFusionOp, SourceOp, argument, clamp_bounds, interpolation, pair
 from edgeq.quantization.qat_modules import (
     Activation,
     AddAct,
@@ -334,17 +336,25 @@ def _emit_bilinear(rewriter: Rewriter, node: fx.Node) -> fx.Node:
 
 @CANONICAL_EMITTERS.register(Op.RELU)
 def _emit_relu(rewriter: Rewriter, node: fx.Node) -> fx.Node:
-    return _emit_clamp(rewriter, node, Activation.RELU)
+    return _emit_clamp(rewriter, node, "relu", (0.0, math.inf))
 
 
 @_pre_fusion(PreFusionOp.RELU6)
 def _emit_relu6(rewriter: Rewriter, node: fx.Node) -> fx.Node:
-    return _emit_clamp(rewriter, node, Activation.RELU6)
+    return _emit_clamp(rewriter, node, "relu6", (0.0, RELU6_CEILING))
 
 
-def _emit_clamp(rewriter: Rewriter, node: fx.Node, activation: Activation) -> fx.Node:
-    path = rewriter.functional_path(node, activation.value)
-    return rewriter.call(path, Clamp(activation), (node.args[0],), node)
+@_pre_fusion(PreFusionOp.HARDTANH)
+def _emit_hardtanh(rewriter: Rewriter, node: fx.Node) -> fx.Node:
+    bounds = clamp_bounds(node, rewriter.modules)
+    if not all(isinstance(bound, (int, float)) for bound in bounds):
+        raise rewriter.unsupported(node, "clamp to tensor bounds (allowed: constant bounds)")
+    return _emit_clamp(rewriter, node, "hardtanh", bounds)
+
+
+def _emit_clamp(rewriter: Rewriter, node: fx.Node, name: str, bounds: tuple[float, float]) -> fx.Node:
+    path = rewriter.functional_path(node, name)
+    return rewriter.call(path, Clamp(name, bounds), (node.args[0],), node)
 
 
 @CANONICAL_EMITTERS.register(*LOOKUP_TABLE_OPS)
@@ -353,11 +363,10 @@ def _emit_lookup_table(rewriter: Rewriter, node: fx.Node) -> fx.Node:
     fusion = rewriter.fusions.get(node)
     if fusion is not None:
         op = gated_op(op)
-    if op is Op.LEAKYRELU:
-        module = rewriter.modules[node.target] if node.op == "call_module" else None
-        alpha = module.negative_slope if module is not None else argument(node, 1, "negative_slope", 0.01)
-    else:
-        alpha = 0.0
+    alpha = 0.0
+    if op.info.alpha is not None:
+        name, default = op.info.alpha
+        alpha = getattr(rewriter.modules[node.target], name) if node.op == "call_module" else argument(node, 1, name, default)
     path = rewriter.functional_path(node, op.value)
     module = LookupTableActivation(op, alpha, rewriter.quantizer(node, path))
     return rewriter.call(path, module, (node.args[0],), fusion.last if fusion else node)

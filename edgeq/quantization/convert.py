@@ -27,6 +27,7 @@ from edgeq.numerics import (
     bilinear_multiplier,
     check_accumulator_bound,
     check_product_accumulator_bound,
+    clamp_levels,
     conv_multipliers,
     lookup_table,
     product_multiplier,
@@ -320,7 +321,7 @@ class _Converter:
     @CONVERTERS.register(Op.RELU)
     def _clamp(self, node: fx.Node, module: Clamp) -> tuple[nn.Module, TensorQuant]:
         quant = self._input_quant(node)
-        return IntClamp(*self._clamp_for(module.activation, quant.scale)), quant
+        return IntClamp(*clamp_levels(module.bounds, quant.scale)), quant
 
     @CONVERTERS.register(Op.MAX_POOL2D)
     def _max_pool(self, node: fx.Node, module: MaxPool2d) -> tuple[nn.Module, TensorQuant]:

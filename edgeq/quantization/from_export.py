@@ -87,6 +87,8 @@ ATEN_SPELLINGS: dict[Any, Spelling] = {
     aten.silu_.default: Spelling(F.silu),
     aten.leaky_relu.default: Spelling(F.leaky_relu),
     aten.gelu.default: Spelling(F.gelu),
+    aten.elu.default: Spelling(F.elu),
+    aten.elu_.default: Spelling(F.elu),
     aten.softmax.int: Spelling(torch.softmax),
     aten.layer_norm.default: Spelling(F.layer_norm, lambda a: (tuple(a[:5]), {})),
     aten.batch_norm.default: Spelling(F.batch_norm, lambda a: ((a[0], a[3], a[4], a[1], a[2], *a[5:8]), {})),

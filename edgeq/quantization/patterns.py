@@ -10,6 +10,7 @@ passed by position or by keyword. An op's spellings go here once its ``Op`` is d
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from enum import Enum
@@ -40,6 +41,9 @@ class PreFusionOp(Enum):
     """Folded into the conv before it, or a conv2d of its own (a depthwise 1x1 conv of unit weights)."""
     RELU6 = "relu6"
     """Fused into the conv, linear or add before it, or a relu of its own (a clamp to [0, 6])."""
+    HARDTANH = "hardtanh"
+    """A clamp to constant bounds other than ReLU's and ReLU6's (``nn.Hardtanh``, ``F.hardtanh``, ``torch.clamp``,
+    ``torch.clip``): a relu of its own (a clamp to its bounds), fused with nothing."""
     DROPOUT = "dropout"
     """Active in QAT training, removed by convert."""
     ALIAS = "alias"
@@ -55,6 +59,7 @@ _MODULE_OPS: dict[type[nn.Module], SourceOp] = {
     nn.BatchNorm2d: PreFusionOp.BATCH_NORM2D,
     nn.ReLU: Op.RELU,
     nn.ReLU6: PreFusionOp.RELU6,
+    nn.Hardtanh: PreFusionOp.HARDTANH,
     nn.MaxPool2d: Op.MAX_POOL2D,
     nn.AvgPool2d: Op.AVG_POOL2D,
     nn.AdaptiveAvgPool2d: Op.AVG_POOL2D,
@@ -68,6 +73,7 @@ _MODULE_OPS: dict[type[nn.Module], SourceOp] = {
     nn.SiLU: Op.SILU,
     nn.LeakyReLU: Op.LEAKYRELU,
     nn.GELU: Op.GELU,
+    nn.ELU: Op.ELU,
     nn.Flatten: Op.RESHAPE,
     nn.Unflatten: Op.RESHAPE,
     nn.Identity: PreFusionOp.ALIAS,
@@ -80,6 +86,9 @@ _FUNCTION_OPS: dict[Any, SourceOp] = {
     torch.relu: Op.RELU,
     torch.relu_: Op.RELU,
     F.relu6: PreFusionOp.RELU6,
+    F.hardtanh: PreFusionOp.HARDTANH,
+    torch.clamp: PreFusionOp.HARDTANH,
+    torch.clip: PreFusionOp.HARDTANH,
     operator.add: Op.ADD,
     operator.iadd: Op.ADD,
     torch.add: Op.ADD,
@@ -101,6 +110,7 @@ _FUNCTION_OPS: dict[Any, SourceOp] = {
     F.silu: Op.SILU,
     F.leaky_relu: Op.LEAKYRELU,
     F.gelu: Op.GELU,
+    F.elu: Op.ELU,
     operator.mul: Op.MUL,
     torch.mul: Op.MUL,
     operator.matmul: Op.MATMUL,
@@ -126,6 +136,8 @@ _FUNCTION_OPS_BY_NAME: dict[str, SourceOp] = {
 _METHOD_OPS: dict[str, SourceOp] = {
     "relu": Op.RELU,
     "relu_": Op.RELU,
+    "clamp": PreFusionOp.HARDTANH,
+    "clip": PreFusionOp.HARDTANH,
     "add": Op.ADD,
     "add_": Op.ADD,
     "__add__": Op.ADD,
@@ -150,9 +162,10 @@ _METHOD_OPS: dict[str, SourceOp] = {
 
 SUPPORTED_OPS = (
     "Conv2d (+BatchNorm2d, +ReLU/ReLU6), BatchNorm2d / F.batch_norm anywhere (+ReLU/ReLU6), Linear (+ReLU/ReLU6), add (+ReLU/ReLU6), cat, ReLU, ReLU6, "
+    "Hardtanh / clamp / clip of constant bounds, "
     "max_pool2d, avg_pool2d, adaptive_avg_pool2d, mean over H and W, nearest upsample by integer factors, "
     "bilinear resize (F.interpolate, nn.Upsample, nn.UpsamplingBilinear2d; align_corners either way; no antialias), "
-    "Sigmoid, Tanh, Hardsigmoid, Hardswish, SiLU (also x * sigmoid(x)), LeakyReLU, GELU (approximate 'none' or 'tanh'), "
+    "Sigmoid, Tanh, Hardsigmoid, Hardswish, SiLU (also x * sigmoid(x)), LeakyReLU, ELU, GELU (approximate 'none' or 'tanh'), "
     "product of two tensors, matrix product of two tensors (matmul, @, bmm), "
     "flatten / view / reshape / transpose / permute / chunk / split / getitem, dropout, stochastic depth"
 )
@@ -166,15 +179,8 @@ def _spelled(node: fx.Node, modules: dict[str, nn.Module]) -> SourceOp | None:
             return PreFusionOp.QUANT_STUB
         if is_dequant_stub(module):
             return PreFusionOp.DEQUANT_STUB
-        if isinstance(module, nn.Hardtanh) and (module.min_val, module.max_val) == (0.0, 6.0):
-            return PreFusionOp.RELU6
         return _MODULE_OPS.get(type(module))
     if node.op == "call_function":
-        if node.target is F.hardtanh and (argument(node, 1, "min_val", -1.0), argument(node, 2, "max_val", 1.0)) == (
-            0.0,
-            6.0,
-        ):
-            return PreFusionOp.RELU6
         if node.target in _FUNCTION_OPS:
             return _FUNCTION_OPS[node.target]
         name = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__qualname__', '')}"
@@ -192,11 +198,29 @@ def source_op(node: fx.Node, modules: dict[str, nn.Module]) -> SourceOp | None:
     with ``approximate='tanh'`` is ``Op.GELU_TANH``; a resize is ``Op.UPSAMPLE_BILINEAR2D`` in mode ``'bilinear'``,
     else ``Op.UPSAMPLE_NEAREST2D`` (whose emitter refuses modes other than ``'nearest'``, naming the mode)."""
     op = _spelled(node, modules)
+    if op is PreFusionOp.HARDTANH:
+        return _CLAMPS_OF_BOUNDS.get(clamp_bounds(node, modules), op)
     if op is Op.GELU and _gelu_approximation(node, modules) == "tanh":
         return Op.GELU_TANH
     if op in _RESIZES:
         return Op.UPSAMPLE_BILINEAR2D if interpolation(node, modules).mode == "bilinear" else Op.UPSAMPLE_NEAREST2D
     return op
+
+
+_CLAMPS_OF_BOUNDS: dict[tuple[float, float], SourceOp] = {(0.0, math.inf): Op.RELU, (0.0, 6.0): PreFusionOp.RELU6}
+"""The clamps that are a ReLU (``torch.clamp(x, min=0)``) or a ReLU6 (``nn.ReLU6`` is an ``nn.Hardtanh``): they fuse."""
+
+
+def clamp_bounds(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[Any, Any]:
+    """The ``(low, high)`` of a Hardtanh or clamp node (``-inf`` / ``inf`` for a bound ``torch.clamp`` is not
+    given; a tensor bound is its fx node)."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        return (module.min_val, module.max_val)
+    if node.target is F.hardtanh:
+        return (argument(node, 1, "min_val", -1.0), argument(node, 2, "max_val", 1.0))
+    low, high = argument(node, 1, "min"), argument(node, 2, "max")
+    return (-math.inf if low is None else low, math.inf if high is None else high)
 
 
 def spelled_ops() -> set[SourceOp]:

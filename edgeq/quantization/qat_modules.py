@@ -347,18 +347,20 @@ class GlobalAvgPool2d(Requantizing):
 
 @CANONICAL.register(Op.RELU)
 class Clamp(nn.Module):
-    """A ReLU or ReLU6 that could not be fused into its producer: an integer clamp at the input's scale."""
+    """A ReLU or ReLU6 that could not be fused into its producer, or a Hardtanh (``nn.Hardtanh``, ``F.hardtanh``,
+    ``torch.clamp`` of constant bounds): an integer clamp at the input's scale to ``bounds`` (real numbers, ``inf``
+    for none; ``numerics.clamp_levels``). ``name`` is what the user wrote (``relu``, ``relu6``, ``hardtanh``)."""
 
-
-    def __init__(self, activation: Activation) -> None:
+    def __init__(self, name: str, bounds: tuple[float, float]) -> None:
         super().__init__()
-        self.activation = activation
+        self.name = name
+        self.bounds = (float(bounds[0]), float(bounds[1]))
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
-        return self.activation(value)
+        return F.hardtanh(value, *self.bounds)  # F.relu's and F.relu6's values and gradients at their bounds
 
     def extra_repr(self) -> str:
-        return f"activation={self.activation.value}"
+        return f"{self.name}, bounds={self.bounds}"
 
 
 @CANONICAL.register(Op.MAX_POOL2D)
@@ -410,8 +412,8 @@ class UpsampleBilinear2d(Requantizing):
 TorchFunction = Callable[[torch.Tensor, float], torch.Tensor]
 
 TORCH_FUNCTIONS: OpTable[TorchFunction] = OpTable("torch function in quantization/qat_modules.py", lambda info: info.lookup_table)
-"""The float function of each lookup-table activation, ``(value, alpha) -> result`` (``alpha``: LeakyReLU's
-slope), that its canonical op runs before quantizing its output."""
+"""The float function of each lookup-table activation, ``(value, alpha) -> result`` (``alpha``: the op's
+constant, ``OpInfo.alpha``), that its canonical op runs before quantizing its output."""
 
 
 @TORCH_FUNCTIONS.register(Op.SIGMOID)
@@ -454,6 +456,11 @@ def _gelu_tanh(value: torch.Tensor, alpha: float) -> torch.Tensor:
     return F.gelu(value, approximate="tanh")
 
 
+@TORCH_FUNCTIONS.register(Op.ELU)
+def _elu(value: torch.Tensor, alpha: float) -> torch.Tensor:
+    return F.elu(value, alpha)
+
+
 @CANONICAL.register(*LOOKUP_TABLE_OPS)
 class LookupTableActivation(Requantizing):
     """An elementwise activation that the integer model computes as an int8 lookup table (``op`` says which)."""
@@ -468,4 +475,4 @@ class LookupTableActivation(Requantizing):
         return self._quantize_output(TORCH_FUNCTIONS[self.op](value, self.alpha))
 
     def extra_repr(self) -> str:
-        return f"{self.op.value}" + (f", alpha={self.alpha}" if self.op is Op.LEAKYRELU else "")
+        return f"{self.op.value}" + (f", alpha={self.alpha}" if self.op.info.alpha else "")

@@ -36,7 +36,8 @@ class TableForm:
     Attributes:
         pattern: its float computation of the dequantized source.
         fits: whether a match's constants are the activation's (a match that does not fit stays in float).
-        slope: the activation's parameter in a match (LeakyReLU's negative slope; 0 for the others).
+        slope: the activation's constant in a match (``OpInfo.alpha``: LeakyReLU's negative slope, ELU's alpha; 0 for
+            the others).
     """
 
     pattern: DFPattern
@@ -63,6 +64,21 @@ TABLE_FORMS.register(Op.GELU)(_unary("relax.nn.gelu"))
 def _leaky(source: DFPattern) -> TableForm:
     leaky = is_op("relax.nn.leakyrelu")(source)
     return TableForm(leaky, slope=lambda m: float(m[leaky].attrs.alpha))
+
+
+@TABLE_FORMS.register(Op.ELU)
+def _elu(source: DFPattern) -> TableForm:
+    """``-alpha * relu(1 - exp(x)) + relu(x)``, TVM's import of ONNX ``Elu``."""
+    negated_alpha, one = is_const(), is_const()
+    relu = is_op("relax.nn.relu")
+    elu = is_op("relax.add")(
+        is_op("relax.multiply")(negated_alpha, relu(is_op("relax.subtract")(one, is_op("relax.exp")(source)))), relu(source)
+    )
+
+    def fits(m: dict) -> bool:
+        return qdq.scalar(m[one]) == 1.0 and qdq.scalar(m[negated_alpha]) is not None
+
+    return TableForm(elu, fits, slope=lambda m: -qdq.scalar(m[negated_alpha]))
 
 
 @TABLE_FORMS.register(Op.HARDSIGMOID)

@@ -330,12 +330,6 @@ def test_elu_compiles_exactly_as_a_table(tmp_path):
         assert_artifact_exact(result.artifact, int_model, torch.randn(2, 3, 8, 8))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TVM imports ONNX Clip (opset 13) as call_tir maximum/minimum, not relax.clip: the clamp rule does not "
-    "match, the clamp stays float (an NPU region refuses it) and the build loses the PrimFunc (x86_64); a standalone "
-    "ReLU6 below 127 levels fails the same way",
-)
 def test_hardtanh_and_clamps_compile_exactly(tmp_path):
     """Hardtanh and clamps (ONNX ``Clip`` at the quantized bounds) lower to relu's integer clamp, on the NPUs and
     x86_64, equal to the integer model."""
@@ -346,8 +340,30 @@ def test_hardtanh_and_clamps_compile_exactly(tmp_path):
         simulate = target != "x86_64"
         result = compile_model(int_model, (example,), target=target, out=tmp_path / f"{target}.edgeq", simulate=simulate)
         clamps = [n for n in result.report.nodes if n.record.op == "relu" and n.record.onnx_op in ("Clip", "Relu")]
-        assert len(clamps) == 6 and {n.placement.value for n in clamps} == {"CPU" if target == "x86_64" else "NPU"}
+        assert [n.record.onnx_op for n in clamps] == ["Clip"] * 5 + ["Relu"] * 2  # the fused clamp and ReLU6 at 0, 127
+        assert {n.placement.value for n in clamps} == {"CPU" if target == "x86_64" else "NPU"}
         assert result.module.script().count("call_tir(cls.maximum") == 0
+        assert_artifact_exact(result.artifact, int_model, torch.randn(2, 3, 8, 8))
+
+
+def test_relu6_below_127_levels_compiles_exactly(tmp_path):
+    """A ReLU6 whose activation scale puts 6.0 below 127 levels is written as ONNX ``Clip`` (opset 13: TVM imports it
+    as ``maximum`` / ``minimum`` kernels) and lowers to the integer clamp, on x86_64 and on npu-m's NPU, equal to the
+    integer model."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 8, 8)
+    model = Wrapped(nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.ReLU6())).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(30)  # conv outputs far beyond 6: the ReLU6 ceiling is a few levels
+    for target in ("x86_64", "npu-m"):
+        int_model = integer_model(model, example, target)
+        simulate = target != "x86_64"
+        result = compile_model(int_model, (example,), target=target, out=tmp_path / f"{target}.edgeq", simulate=simulate)
+        clamps = [n for n in result.report.nodes if n.record.op == "relu"]
+        assert [(n.record.onnx_op, n.placement.value) for n in clamps] == [("Clip", "CPU" if target == "x86_64" else "NPU")]
+        script = result.module.script()
+        assert "call_tir(cls.maximum" not in script and "call_tir(cls.minimum" not in script
         assert_artifact_exact(result.artifact, int_model, torch.randn(2, 3, 8, 8))
 
 

@@ -66,6 +66,13 @@ def build_relax_module(partition: Partition, progress: Progress) -> relax.IRModu
     progress("lower to integers")
     module = lower_integer()(builder.get())
     for region, global_var in zip(partition.regions, functions):
+        lost = _lost_kernels(module[global_var.name_hint], module)
+        if lost:
+            raise CompileError(
+                f"{region.name}: TVM's ONNX frontend imported ops {region.nodes[:5]} as kernels {sorted(lost)} that "
+                "edgeq's integer lowering did not replace; this is a bug in edgeq's lowering, please report it with "
+                "the model"
+            )
         leftover = _float_calls(module[global_var.name_hint]) if region.placement is Placement.NPU else set()
         if leftover:
             raise CompileError(
@@ -123,6 +130,21 @@ def _float_calls(function: relax.Function) -> set[str]:
 
     relax.analysis.post_order_visit(function.body, visit)
     return found
+
+
+def _lost_kernels(function: relax.Function, module: relax.IRModule) -> set[str]:
+    """The kernels ``function`` calls that are not in ``module``: ones TVM's importer wrote into its own module
+    (``call_tir`` of an op it built with ``emit_te``), which only a lowering rule replacing the call removes."""
+    lost: set[str] = set()
+
+    def visit(expr: relax.Expr) -> None:
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", None) == "relax.call_tir":
+            kernel = expr.args[0]
+            if isinstance(kernel, tvm.ir.GlobalVar) and kernel not in module.get_global_vars():
+                lost.add(kernel.name_hint)
+
+    relax.analysis.post_order_visit(function.body, visit)
+    return lost
 
 
 def _tensor_type(spec: TensorSpec) -> relax.TensorType:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax
 from tvm.relax import op as R
-from tvm.relax.dpl import is_op, is_tuple_get_item, wildcard
+from tvm.relax.dpl import is_call_tir, is_const, is_op, is_tuple_get_item, wildcard
 
-from edgeq.compile.integer_relax import saturate
+from edgeq.compile.integer_relax import Activation, saturate
 from edgeq.compile.lowering import qdq
 from edgeq.compile.lowering.rule import LOWERING, Rule, dq, q
 from edgeq.numerics import ACTIVATION_QMAX, ACTIVATION_QMIN
@@ -17,10 +17,16 @@ from edgeq.ops import Op
 
 @LOWERING.register(Op.RELU)
 def _clamp_rule() -> Rule:
+    """ReLU, and Clip at constant bounds: ``relax.clip``, or, as TVM imports ONNX's Clip of opset 11 and later,
+    ``call_tir`` kernels ``maximum`` (the floor) then ``minimum`` (the ceiling), either alone when that bound is
+    absent, each bound a constant or the ``where(isnan(bound), inf, bound)`` TVM wraps it in."""
     source = dq()
     relu = is_op("relax.nn.relu")(source)
     clip = is_op("relax.clip")(source, wildcard(), wildcard())
-    quantize = q(relu | clip)
+    low, high = _ClipBound(), _ClipBound()
+    floor = is_call_tir("maximum", [source, low.pattern])
+    ceiling = is_call_tir("minimum", [floor | source, high.pattern])
+    quantize = q(relu | clip | ceiling | floor)
 
     def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
         if not qdq.same_quantization(matched, m[source]):
@@ -28,13 +34,42 @@ def _clamp_rule() -> Rule:
         value, output = m[source].args[0], qdq.output_activation(matched)
         if relu in m:
             return R.maximum(value, relax.const(output.zero_point, "int8"))
-        bounds = [qdq.prim_float(m[clip].args[i]) for i in (1, 2)]
+        if clip in m:
+            bounds = [qdq.prim_float(m[clip].args[i]) for i in (1, 2)]
+        else:
+            sides = ((floor, low, -np.inf), (ceiling, high, np.inf))
+            bounds = [bound.value(m, unbounded) if call in m else unbounded for call, bound, unbounded in sides]
         if None in bounds:
             return None
-        low, high = (int(np.round(np.float32(b) / np.float32(output.scale))) + output.zero_point for b in bounds)
-        return saturate(value, 0, max(low, ACTIVATION_QMIN), min(high, ACTIVATION_QMAX))
+        levels = [_level(b, output) for b in bounds]
+        return saturate(value, 0, max(levels[0], ACTIVATION_QMIN), min(levels[1], ACTIVATION_QMAX))
 
     return Rule("clamp", quantize, rewrite)
+
+
+class _ClipBound:
+    """A float bound of TVM's import of ONNX Clip: a constant, or ``where(isnan(c), ±inf, c)`` of one."""
+
+    def __init__(self) -> None:
+        self.tested, self.kept, self.plain = is_const(), is_const(), is_const()
+        self.pattern = self.plain | is_op("relax.where")(is_op("relax.isnan")(self.tested), is_const(), self.kept)
+
+    def value(self, m: dict, unbounded: float) -> float | None:
+        """The matched bound (``unbounded`` for NaN, which ONNX reads as no bound; None if not one constant)."""
+        if self.plain in m:
+            value = qdq.scalar(m[self.plain])
+        else:  # where(isnan(c), ±inf, c): c, unless the two constants differ
+            value, tested = qdq.scalar(m[self.kept]), qdq.scalar(m[self.tested])
+            if tested is None or not np.array_equal(tested, value, equal_nan=True):
+                return None
+        return unbounded if value is not None and np.isnan(value) else value
+
+
+def _level(bound: float, output: Activation) -> int:
+    """An activation level of a float bound at the output's quantization (beyond int8 for an infinite one)."""
+    if np.isinf(bound):
+        return ACTIVATION_QMIN - 1 if bound < 0 else ACTIVATION_QMAX + 1
+    return int(np.round(np.float32(bound) / np.float32(output.scale))) + output.zero_point
 
 
 @LOWERING.register(Op.RESHAPE, Op.TRANSPOSE, Op.MAX_POOL2D, Op.SLICE, Op.UPSAMPLE_NEAREST2D)

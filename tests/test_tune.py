@@ -20,6 +20,7 @@ from edgeq.compile import compile_model
 from edgeq.compile.tuning_records import TuningRecords, records_folder
 from edgeq.errors import CompileError
 from edgeq.export import to_onnx
+from edgeq.targets import load_target
 from edgeq.tune import Tracker, TuneError, tune_model
 from edgeq.tune.budget import TuningState
 from edgeq.tune.tasks import Task
@@ -95,8 +96,8 @@ def test_tuning_on_a_board_through_the_rpc_tracker_and_compile_uses_the_records(
     printed = capsys.readouterr().out
     assert f"board(s) with key {KEY}" in printed and f"measured on {address} key {KEY}" in printed
     assert "tunable kernels per run: default" in printed and " left" in printed
-    host_cpu = tvm.target.codegen.llvm_get_system_cpu()
-    folder = records_folder("x86_64", {"mtriple": "x86_64-linux-gnu", "mcpu": host_cpu})
+    baseline = load_target("x86_64").llvm  # the model's target: the x86-64-v3 baseline, whatever this CPU is
+    folder = records_folder("x86_64", {"mtriple": baseline.mtriple, "mcpu": baseline.mcpu})
     assert (folder / "database_tuning_record.json").stat().st_size > 0
 
     artifact = tmp_path / "tuned.edgeq"

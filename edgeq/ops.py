@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -53,7 +53,7 @@ class OpInfo:
     alpha: tuple[str, float] | None = None
 
 
-class Op(str, Enum):
+class Op(StrEnum):
     """edgeq's integer ops after fusion (the ``op`` of a check record, the names of ``[npu] ops``)."""
 
     CONV2D = "conv2d"

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeq.check.work import work
+from edgeq.ops import Op, op_named
 
 INPUT_PREFIX = "input:"
 """Prefix of the producer name of a model input (``input:x``)."""
@@ -47,8 +48,9 @@ class OpRecord:
 
     Attributes:
         name: the node's name (module path, or ONNX node name).
-        op: edgeq's op name (``conv2d``, ``add``... an :class:`edgeq.ops.Op`) or, for an op edgeq has no
-            integer implementation of, its own lowercase name (``logsoftmax``).
+        op: edgeq's op (an :class:`edgeq.ops.Op`, itself its name: ``conv2d``, ``add``...; a name given as a
+            string becomes the member) or, for an op edgeq has no integer implementation of, its own lowercase
+            name (``logsoftmax``).
         source_op: what the model says (``Conv2d+BatchNorm2d+ReLU6``, ``Conv``) for display.
         inputs: names of the records producing this op's inputs (``input:<name>`` for model inputs).
         input_shapes: shapes of the activation inputs.
@@ -66,7 +68,7 @@ class OpRecord:
     """
 
     name: str
-    op: str
+    op: Op | str
     source_op: str
     inputs: list[str]
     input_shapes: list[tuple[int, ...]]
@@ -77,6 +79,9 @@ class OpRecord:
     float_only: bool = False
     float_reason: str | None = None
     onnx_op: str | None = None
+
+    def __post_init__(self) -> None:
+        self.op = op_named(self.op) or self.op
 
     @property
     def itemsizes(self) -> tuple[int, int]:

@@ -29,7 +29,7 @@ from edgeq.export.qoperator import qdq_from_qoperator
 from edgeq.run import run_artifact
 from edgeq_runtime import Model
 from edgeq_runtime.model import aligned
-from edgeq_runtime.vm import load_vm
+from edgeq_runtime.vm import load_library, new_vm
 
 INPUT_SHAPE = (1, 3, 32, 32)
 
@@ -387,7 +387,7 @@ def test_the_library_quantizes_float_inputs_as_the_runtimes_do(ort_file, tmp_pat
         by_numpy = info.quantize(x)
         with zipfile.ZipFile(result.artifact) as archive:
             archive.extract(LIBRARY, tmp_path)
-        by_library = np.from_dlpack(load_vm(tmp_path / LIBRARY)[info.quantizer](tvm_ffi.from_dlpack(aligned(x))))
+        by_library = np.from_dlpack(new_vm(load_library(tmp_path / LIBRARY))[info.quantizer](tvm_ffi.from_dlpack(aligned(x))))
         np.testing.assert_array_equal(by_library, by_numpy)
         expected = artifact.run({"x": by_numpy}, raw=True)
         for model in (artifact, plain):

@@ -86,11 +86,6 @@ def new_vm(module: Any) -> Any:
     return vm
 
 
-def load_vm(library: Path) -> Any:
-    """A Relax VM of the executable in the shared library ``library``."""
-    return new_vm(load_library(library))
-
-
 @functools.cache
 def available_cores() -> tuple[int, ...]:
     """The ids of the CPU cores this process may run on, read once: TVM pins a thread whose pool it sizes itself."""

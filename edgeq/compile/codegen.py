@@ -121,30 +121,27 @@ def _head_function(head: Int32Head) -> relax.Function:
     return builder.get()["head"]
 
 
+def _calls(function: relax.Function) -> list[relax.Call]:
+    """Every call in ``function``'s body."""
+    calls: list[relax.Call] = []
+    relax.analysis.post_order_visit(function.body, lambda expr: calls.append(expr) if isinstance(expr, relax.Call) else None)
+    return calls
+
+
+def _op_name(call: relax.Call) -> str | None:
+    return getattr(call.op, "name", None)
+
+
 def _float_calls(function: relax.Function) -> set[str]:
-    found: set[str] = set()
-
-    def visit(expr: relax.Expr) -> None:
-        if isinstance(expr, relax.Call) and hasattr(expr.op, "name") and expr.op.name in _FLOAT_OPS:
-            found.add(expr.op.name)
-
-    relax.analysis.post_order_visit(function.body, visit)
-    return found
+    return {_op_name(call) for call in _calls(function) if _op_name(call) in _FLOAT_OPS}
 
 
 def _lost_kernels(function: relax.Function, module: relax.IRModule) -> set[str]:
     """The kernels ``function`` calls that are not in ``module``: ones TVM's importer wrote into its own module
     (``call_tir`` of an op it built with ``emit_te``), which only a lowering rule replacing the call removes."""
-    lost: set[str] = set()
-
-    def visit(expr: relax.Expr) -> None:
-        if isinstance(expr, relax.Call) and getattr(expr.op, "name", None) == "relax.call_tir":
-            kernel = expr.args[0]
-            if isinstance(kernel, tvm.ir.GlobalVar) and kernel not in module.get_global_vars():
-                lost.add(kernel.name_hint)
-
-    relax.analysis.post_order_visit(function.body, visit)
-    return lost
+    defined = module.get_global_vars()
+    kernels = [call.args[0] for call in _calls(function) if _op_name(call) == "relax.call_tir"]
+    return {kernel.name_hint for kernel in kernels if isinstance(kernel, tvm.ir.GlobalVar) and kernel not in defined}
 
 
 def _tensor_type(spec: TensorSpec) -> relax.TensorType:

@@ -70,6 +70,15 @@ class ScaleRule(str, Enum):
     """Scales are powers of two, rounded up (never clipping more); requantization is a pure rounding shift."""
 
 
+class Rounding(str, Enum):
+    """How a target's integer arithmetic rounds a value exactly halfway between two integers (docs/numerics.md)."""
+
+    HALF_TO_EVEN = "half_to_even"
+    """Ties to the even neighbour: edgeq's rule, ONNX QuantizeLinear's and aten's (``nearbyint``)."""
+    HALF_UP = "half_up"
+    """Ties towards +infinity: TOSA RESCALE's SINGLE_ROUND and the Ethos-U output scaler's NATURAL rounding."""
+
+
 class TargetKind(str, Enum):
     """What executes the model: a CPU alone, or an NPU beside a host CPU that runs what the NPU cannot."""
 
@@ -291,6 +300,8 @@ class QuantizationRules(_Strict):
 
     scale_rule: ScaleRule
     concat_shares_input_scale: StrictBool
+    rounding: Rounding = Rounding.HALF_TO_EVEN
+    """The rounding rule of every requantization, quantization and activation fake quantization."""
 
 
 class Target(_Strict):

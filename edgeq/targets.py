@@ -17,16 +17,12 @@ from enum import Enum
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
     StrictBool,
-    StrictInt,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -37,28 +33,14 @@ from pydantic_core import ErrorDetails
 from edgeq.errors import InputFileError, TargetError
 from edgeq.fileio import readable_file
 from edgeq.llvm_names import BUILD_ARCHITECTURES, BUILDABLE_TRIPLE, llvm_cpu_features, llvm_cpus, llvm_knows_feature, nearest
-from edgeq.ops import OP_NAMES, Op, OpTable
+from edgeq.npu_limits import ConvRules, Count, LinearRules, NonNegativeCount, NpuOp, PoolRules, Strict, UpsampleRules
+from edgeq.ops import Op
+from edgeq.vela_configs import VelaOptions
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-Count = Annotated[StrictInt, Field(gt=0)]
-"""An integer > 0. Strict: TOML's ``true``, ``"8"`` and ``8.0`` are refused, not converted."""
-NonNegativeCount = Annotated[StrictInt, Field(ge=0)]
-"""An integer ≥ 0 (a fixed cost that may be nothing), strict like :data:`Count`."""
 PositiveNumber = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
 """A finite number > 0 (an integer is taken as one); ``true``, ``"1e9"``, ``inf`` and ``nan`` are refused."""
 NonNegativeNumber = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]
 """A finite number ≥ 0, strict like :data:`PositiveNumber`."""
-
-
-def _listed(values: tuple[int, ...]) -> tuple[int, ...]:
-    """``values`` when it names at least one: an empty list of what an NPU supports would refuse every op."""
-    if not values:
-        raise ValueError("must list at least one value (leave the op out of [npu] ops for an NPU without it)")
-    return values
 
 
 class ScaleRule(str, Enum):
@@ -86,7 +68,7 @@ class TargetKind(str, Enum):
     NPU = "npu"
 
 
-class LLVMCodegen(_Strict):
+class LLVMCodegen(Strict):
     """How TVM's LLVM backend generates code for a CPU target."""
 
     mtriple: str
@@ -135,7 +117,7 @@ class LLVMCodegen(_Strict):
         return mattr
 
 
-class Hardware(_Strict):
+class Hardware(Strict):
     """An NPU's figures, read by the op-support check and the performance estimator."""
 
     int8_macs_per_cycle: Count
@@ -155,7 +137,7 @@ class Hardware(_Strict):
         return 2 * self.int8_macs_per_cycle * self.clock_hz
 
 
-class CpuFigures(_Strict):
+class CpuFigures(Strict):
     """A CPU's speed on edgeq's compiled kernels, read by the performance estimator (``[perf]`` of a CPU target).
 
     These are nominal figures for a CPU that is not the build machine; on the build machine itself the estimator
@@ -198,73 +180,7 @@ class CpuFigures(_Strict):
     faster per MAC in cache than large ones stream through memory on all cores)."""
 
 
-NPU_OPS = OP_NAMES
-"""The integer ops an NPU target can list in ``[npu] ops`` (edgeq's vocabulary after fusion, :mod:`edgeq.ops`)."""
-NpuOp = Literal[NPU_OPS]  # type: ignore[valid-type]
-
-NPU_LIMITS: OpTable[type[BaseModel]] = OpTable("[npu.<op>] limits section in targets.py", lambda info: info.npu_limits)
-"""The section that describes an op's limits in a target file, for the ops whose :class:`~edgeq.ops.OpInfo` says
-``npu_limits``; ``NpuRules`` has a field of that type named after the op."""
-
-
-@NPU_LIMITS.register(Op.CONV2D)
-class ConvRules(_Strict):
-    """Limits of the NPU's convolution engine."""
-
-    max_kernel: Count
-    max_stride: Count
-    dilations: Annotated[tuple[Count, ...], AfterValidator(_listed)]
-    """At least one (1: undilated)."""
-    max_padding: NonNegativeCount
-    groups: Literal["any", "depthwise", "none"]
-    channel_alignment: Count
-    """Channel counts that are multiples of this use every MAC (advice only)."""
-
-    def describe(self) -> str:
-        """The limits in words (docs/supported-ops.md)."""
-        return (
-            f"kernel ≤ {self.max_kernel}x{self.max_kernel}, stride ≤ {self.max_stride}, padding ≤ {self.max_padding}, "
-            f"dilation {', '.join(map(str, self.dilations))}, groups: {self.groups}; full MAC use at multiples of "
-            f"{self.channel_alignment} channels"
-        )
-
-
-@NPU_LIMITS.register(Op.LINEAR)
-class LinearRules(_Strict):
-    """Limits of fully connected layers."""
-
-    max_in_features: Count
-    channel_alignment: Count
-
-    def describe(self) -> str:
-        """The limits in words (docs/supported-ops.md)."""
-        return f"in_features ≤ {self.max_in_features}; full MAC use at multiples of {self.channel_alignment}"
-
-
-@NPU_LIMITS.register(Op.MAX_POOL2D, Op.AVG_POOL2D)
-class PoolRules(_Strict):
-    """Limits of a pooling unit."""
-
-    max_kernel: Count
-    max_stride: Count
-
-    def describe(self) -> str:
-        """The limits in words (docs/supported-ops.md)."""
-        return f"kernel ≤ {self.max_kernel}x{self.max_kernel}, stride ≤ {self.max_stride}"
-
-
-@NPU_LIMITS.register(Op.UPSAMPLE_NEAREST2D)
-class UpsampleRules(_Strict):
-    """Nearest-neighbour upsampling factors the NPU supports."""
-
-    factors: Annotated[tuple[Annotated[StrictInt, Field(gt=1)], ...], AfterValidator(_listed)]
-
-    def describe(self) -> str:
-        """The limits in words (docs/supported-ops.md)."""
-        return "factors " + ", ".join(f"x{f}" for f in self.factors)
-
-
-class NpuRules(_Strict):
+class NpuRules(Strict):
     """Which ops run on the NPU, and the limits that decide it (everything else falls back to the host CPU)."""
 
     ops: tuple[NpuOp, ...]
@@ -272,6 +188,8 @@ class NpuRules(_Strict):
     """Largest activation tensor the NPU addresses."""
     max_spatial: Count
     """Largest height or width of a tensor."""
+    max_channels: Count | None = None
+    """Largest channel count of a 4-D tensor (none: no limit but ``max_tensor_bytes``)."""
     conv2d: ConvRules | None = None
     linear: LinearRules | None = None
     max_pool2d: PoolRules | None = None
@@ -279,6 +197,8 @@ class NpuRules(_Strict):
     upsample_nearest2d: UpsampleRules | None = None
     substitutes: dict[str, str] = {}
     """An op the NPU lacks -> one it has that often replaces it (advice)."""
+    why_not: dict[NpuOp, Annotated[str, Field(min_length=1)]] = {}
+    """An op the NPU does not run -> why, in one sentence check adds to ``op_not_on_npu``'s reason."""
 
     def limits(self, op: str) -> ConvRules | LinearRules | PoolRules | UpsampleRules | None:
         """The ``[npu.<op>]`` section of ``op`` (``None`` when the NPU lacks the op or the op has no limits)."""
@@ -292,10 +212,13 @@ class NpuRules(_Strict):
                 raise ValueError(f"op '{op}' is listed in npu.ops but has no [npu.{op}] section")
             if section and not listed:
                 raise ValueError(f"[npu.{op}] describes an op that npu.ops does not list")
+        for op in self.why_not:
+            if op in self.ops:
+                raise ValueError(f"[npu.why_not] says why the NPU lacks '{op}', which npu.ops lists")
         return self
 
 
-class QuantizationRules(_Strict):
+class QuantizationRules(Strict):
     """Constraints that ``prepare_qat_fx`` applies to every scale it chooses."""
 
     scale_rule: ScaleRule
@@ -304,13 +227,18 @@ class QuantizationRules(_Strict):
     """The rounding rule of every requantization, quantization and activation fake quantization."""
 
 
-class Target(_Strict):
+class Target(Strict):
     """One deployment target."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
     kind: TargetKind
     description: str = Field(min_length=1)
     host: str | None = None
+    firmware_host: str | None = Field(default=None, min_length=1)
+    """NPU targets only, instead of ``host``: the CPU beside the NPU that runs the user's own firmware and that edgeq
+    builds no code for (``Cortex-M55``): every op must run on the NPU, none falls back to a CPU."""
+    vela: VelaOptions | None = None
+    """An Arm Ethos-U NPU target's Vela options (its NPU regions are compiled by Vela)."""
     llvm: LLVMCodegen | None = None
     hardware: Hardware | None = None
     perf: CpuFigures | None = None
@@ -326,15 +254,18 @@ class Target(_Strict):
         if self.kind is TargetKind.CPU:
             if self.llvm is None:
                 raise ValueError("a cpu target needs an [llvm] section")
-            if self.host is not None or self.npu is not None or self.hardware is not None:
-                raise ValueError("a cpu target has no host, [npu] or [hardware] section (it is the host)")
+            if any(x is not None for x in (self.host, self.firmware_host, self.npu, self.hardware, self.vela)):
+                raise ValueError("a cpu target has no host, firmware_host, [npu], [hardware] or [vela] section (it is the host)")
             if self.perf is None:
                 raise ValueError("a cpu target needs a [perf] section (the performance estimator's figures)")
         else:
             if self.hardware is None or self.npu is None:
                 raise ValueError("an npu target needs [hardware] and [npu] sections")
-            if self.host is None:
-                raise ValueError("an npu target needs host = '<cpu target name>' for what falls back to the CPU")
+            if (self.host is None) == (self.firmware_host is None):
+                raise ValueError(
+                    "an npu target needs either host = '<cpu target name>' for what falls back to the CPU, or "
+                    "firmware_host = '<cpu>' for a host edgeq builds no code for (not both)"
+                )
             if self.perf is not None:
                 raise ValueError("an npu target has no [perf] section (its host CPU's figures cost what falls back)")
         return self
@@ -483,8 +414,18 @@ TargetLike = str | Path | Target
 
 
 def host_cpu(target: Target) -> Target:
-    """The CPU target that runs ``target``'s CPU layers: itself, or an NPU target's host (resolved on load)."""
+    """The CPU target that runs ``target``'s CPU layers: itself, or an NPU target's host (resolved on load).
+
+    Raises:
+        TargetError: ``target``'s host is a firmware host, which edgeq builds no code for.
+    """
+    if target.firmware_host is not None:
+        raise TargetError(f"{target.name}'s host is a {target.firmware_host}: edgeq builds no code for it ({HOST_CODE_ADVICE})")
     return target._host if target._host is not None else target
+
+
+HOST_CODE_ADVICE = "keep the op out of the quantized region or run it in your firmware"
+"""What to do with an op that would run on a firmware host (:attr:`Target.firmware_host`)."""
 
 
 def resolve_target(target: TargetLike | None, recorded: str | None, source: str) -> Target:

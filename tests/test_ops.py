@@ -23,11 +23,12 @@ from edgeq.check import Placement, check_model, check_qdq
 from edgeq.check.rules import RULES
 from edgeq.export.onnx_nodes import node_op
 from edgeq.export.sources import quantized_form
+from edgeq.npu_limits import NPU_LIMITS
 from edgeq.ops import TABLES, Op, gated_op, op_of_onnx_type
 from edgeq.quantization import DeQuantStub, QuantStub
 from edgeq.quantization.canonical_emitters import CANONICAL_EMITTERS, PRE_FUSION_EMITTERS
 from edgeq.quantization.patterns import PreFusionOp
-from edgeq.targets import NPU_LIMITS, NpuRules, Target, TargetKind, list_targets
+from edgeq.targets import NpuRules, Target, TargetKind, list_targets
 
 LAYERS = (
     edgeq.check,

@@ -50,7 +50,7 @@ def write(tmp_path: Path, text: str, name: str = "my-npu") -> Path:
 
 
 def test_builtin_targets():
-    assert target_names() == ["aarch64", "npu-m", "npu-s", "x86_64", "x86_64-native"]
+    assert target_names() == ["aarch64", "ethos-u55-128", "ethos-u65-256", "ethos-u85-256", "npu-m", "npu-s", "x86_64", "x86_64-native"]
     targets = {t.name: t for t in list_targets()}
     assert targets["x86_64"].kind is TargetKind.CPU and targets["x86_64"].llvm.mtriple.startswith("x86_64")
     assert targets["aarch64"].llvm.mattr == ("+neon",)
@@ -68,7 +68,7 @@ def test_load_by_path(tmp_path):
 
 
 def test_unknown_target_lists_known_ones():
-    with pytest.raises(TargetError, match="unknown target 'npu-x'; known targets: aarch64, npu-m, npu-s, x86_64"):
+    with pytest.raises(TargetError, match="unknown target 'npu-x'; known targets: aarch64, ethos-u55-128, ethos-u65-256, ethos-u85-256, npu-m"):
         load_target("npu-x")
 
 
@@ -81,7 +81,10 @@ def test_unknown_target_lists_known_ones():
         (lambda t: t.replace("clock_hz = 500_000_000", "clock_hz = 0"), r"hardware.clock_hz: Input should be greater than 0"),
         (lambda t: t.replace('"power_of_two"', '"log2"'), r"quantization.scale_rule: Input should be 'any' or 'power_of_two'"),
         (lambda t: t.replace("concat_shares_input_scale = true\n", ""), r"quantization.concat_shares_input_scale: Field required"),
-        (lambda t: t.replace('host = "aarch64"\n', ""), r"an npu target needs host"),
+        (lambda t: t.replace('host = "aarch64"\n', ""), r"an npu target needs either host"),
+        (lambda t: t.replace('host = "aarch64"\n', 'host = "aarch64"\nfirmware_host = "Cortex-M55"\n'), r"\(not both\)"),
+        (lambda t: t.replace('ops = ["add", "relu", "conv2d"]', 'ops = ["add", "relu", "conv2d"]\nwhy_not = {add = "no"}'),
+         r"\[npu.why_not\] says why the NPU lacks 'add', which npu.ops lists"),
         (lambda t: t.replace("[hardware]", "[hardware_]"), r"hardware_: Extra inputs are not permitted"),
         (lambda t: t.replace('ops = ["add", "relu", "conv2d"]', 'ops = ["add", "relu"]'), r"\[npu.conv2d\] describes an op that npu.ops does not list"),
         (lambda t: t.replace('ops = ["add", "relu", "conv2d"]', 'ops = ["add", "relu", "conv2d", "linear"]'),

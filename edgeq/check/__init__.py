@@ -16,7 +16,7 @@ from edgeq.check.from_fx import records_from_prepared
 from edgeq.check.from_onnx import records_from_qdq
 from edgeq.check.records import OpRecord
 from edgeq.check.report import CheckReport, NodeReport, Placement, Summary
-from edgeq.check.rules import COMMON_RULES, NPU_RULES, not_quantized
+from edgeq.check.rules import COMMON_RULES, NPU_RULES, no_host_code, not_quantized
 from edgeq.errors import EdgeqError
 from edgeq.export.onnx_reader import QDQModel
 from edgeq.export.sources import ModelLike, quantized_form
@@ -105,5 +105,9 @@ def _place(record: OpRecord, target: Target) -> NodeReport:
     if target.kind is TargetKind.CPU:
         return NodeReport(record, Placement.CPU, [r for r in [not_quantized(record, target)] if r is not None])
     results = [result for rule in NPU_RULES if (result := rule(record, target)) is not None]
-    placement = Placement.CPU if any(r.blocking for r in results) else Placement.NPU
-    return NodeReport(record, placement, results)
+    if not any(r.blocking for r in results):
+        return NodeReport(record, Placement.NPU, results)
+    no_host = no_host_code(record, target)
+    if no_host is not None:  # no CPU to fall back to
+        return NodeReport(record, Placement.UNSUPPORTED, [*results, no_host])
+    return NodeReport(record, Placement.CPU, results)

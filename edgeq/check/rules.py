@@ -16,9 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edgeq.check.records import OpRecord
+from edgeq.npu_limits import NPU_OPS
 from edgeq.numerics import is_power_of_two
 from edgeq.ops import Op, is_depthwise
-from edgeq.targets import NPU_OPS, ScaleRule, Target
+from edgeq.targets import HOST_CODE_ADVICE, ScaleRule, Target
 from edgeq.units import bytes_text, shape_text
 
 
@@ -129,10 +130,11 @@ def not_quantized(record: OpRecord, target: Target) -> Outcome | None:
 
 @rule("op_not_on_npu")
 def op_not_on_npu(record: OpRecord, target: Target) -> Outcome | None:
-    """The NPU does not have this op."""
+    """The NPU does not have this op (the target file may say why)."""
     if record.op in target.npu.ops or record.rejected:
         return None
-    return Outcome(f"{record.op} is not among {target.name}'s ops", True, _substitute_advice(record, target))
+    why = target.npu.why_not.get(record.op)
+    return Outcome(f"{record.op} is not among {target.name}'s ops" + (f": {why}" if why else ""), True, _substitute_advice(record, target))
 
 
 @rule("int8_symmetric")
@@ -180,13 +182,42 @@ def kernel_too_large(record: OpRecord, target: Target) -> Outcome | None:
     )
 
 
+def _padded(record: OpRecord) -> bool:
+    return any(record.attrs.get("padding", ()))
+
+
 @rule("max_stride", Op.CONV2D, Op.MAX_POOL2D, Op.AVG_POOL2D)
 def stride_too_large(record: OpRecord, target: Target) -> Outcome | None:
-    """Strides larger than the NPU's maximum run on the CPU."""
+    """Strides beyond the NPU's maximum (for unpadded, non-depthwise windows: its unpadded maximum) run on the CPU."""
     limits = target.npu.limits(record.op)
-    if limits is None or "stride" not in record.attrs or max(record.attrs["stride"]) <= limits.max_stride:
+    if limits is None or "stride" not in record.attrs:
         return None
-    return Outcome(f"stride {shape_text(record.attrs['stride'])}, {target.name} supports ≤ {limits.max_stride}", True)
+    unpadded = limits.max_unpadded_stride is not None and not _padded(record) and not is_depthwise(record.attrs)
+    allowed = limits.max_unpadded_stride if unpadded else limits.max_stride
+    if max(record.attrs["stride"]) <= allowed:
+        return None
+    message = f"stride {shape_text(record.attrs['stride'])}, {target.name} supports ≤ {limits.max_stride}"
+    if limits.max_unpadded_stride is not None and not unpadded:
+        kind = "depthwise" if is_depthwise(record.attrs) else "padded"
+        message += f" for a {kind} window (≤ {limits.max_unpadded_stride} without padding, not depthwise)"
+    return Outcome(message, True)
+
+
+@rule("max_padded_kernel", Op.MAX_POOL2D, Op.AVG_POOL2D)
+def padded_kernel_too_large(record: OpRecord, target: Target) -> Outcome | None:
+    """A padded pooling window larger than the NPU's maximum for padded windows runs on the CPU."""
+    limits = target.npu.limits(record.op)
+    if limits is None or limits.max_padded_kernel is None or not _padded(record) or "kernel" not in record.attrs:
+        return None
+    if max(record.attrs["kernel"]) <= limits.max_padded_kernel:
+        return None
+    most = f"{limits.max_padded_kernel}x{limits.max_padded_kernel}"
+    return Outcome(
+        f"kernel {shape_text(record.attrs['kernel'])} with padding {shape_text(record.attrs['padding'])}, {target.name} "
+        f"supports ≤ {most} with padding",
+        True,
+        f"pool without padding (kernels up to {limits.max_kernel}x{limits.max_kernel}), or pad the input explicitly",
+    )
 
 
 @rule("max_padding", Op.CONV2D)
@@ -266,6 +297,16 @@ def tensor_too_wide(record: OpRecord, target: Target) -> Outcome | None:
     )
 
 
+@rule("max_channels")
+def too_many_channels(record: OpRecord, target: Target) -> Outcome | None:
+    """Tensors with more channels than the NPU addresses run on the CPU."""
+    most = target.npu.max_channels
+    shape = next((s for s in _shapes(record) if most is not None and len(s) == 4 and s[1] > most), None)
+    if shape is None:
+        return None
+    return Outcome(f"{shape[1]} channels, {target.name} supports ≤ {most}", True, "split the channels")
+
+
 @rule("max_tensor_bytes")
 def tensor_too_large(record: OpRecord, target: Target) -> Outcome | None:
     """Tensors larger than the NPU addresses run on the CPU."""
@@ -342,6 +383,14 @@ def weights_exceed_sram(record: OpRecord, target: Target) -> Outcome | None:
     )
 
 
+@rule("no_host_code")
+def no_host_code(record: OpRecord, target: Target) -> Outcome | None:
+    """On an NPU beside a firmware host (edgeq builds no code for it), an op the NPU cannot run is unsupported."""
+    if target.firmware_host is None:
+        return None
+    return Outcome(f"{target.name}'s host is a {target.firmware_host}; edgeq builds no host code; {HOST_CODE_ADVICE}", True)
+
+
 COMMON_RULES: tuple[Rule, ...] = (rejected, no_cpu_implementation)
 """Rules for every target; any result makes the op unsupported."""
 
@@ -352,12 +401,14 @@ NPU_RULES: tuple[Rule, ...] = (
     scale_not_power_of_two,
     kernel_too_large,
     stride_too_large,
+    padded_kernel_too_large,
     padding_too_large,
     dilation_unsupported,
     groups_unsupported,
     linear_too_wide,
     upsample_factor_unsupported,
     tensor_too_wide,
+    too_many_channels,
     tensor_too_large,
     concat_cannot_rescale,
     concat_scales_differ,
@@ -366,5 +417,5 @@ NPU_RULES: tuple[Rule, ...] = (
 )
 """Rules for NPU targets, in the order their results are listed."""
 
-RULES: tuple[Rule, ...] = (*COMMON_RULES, *NPU_RULES)
+RULES: tuple[Rule, ...] = (*COMMON_RULES, *NPU_RULES, no_host_code)
 """Every rule, common ones first."""

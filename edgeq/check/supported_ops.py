@@ -23,9 +23,15 @@ def _target_section(target: Target) -> list[str]:
     if target.kind is TargetKind.CPU:
         return lines + ["A CPU target: every op edgeq can compile runs here, in the integer arithmetic of docs/numerics.md.", ""]
     rules = target.npu
+    elsewhere = (
+        f"everything else falls back to the `{target.host}` host"
+        if target.firmware_host is None
+        else f"everything else is unsupported: the host is a {target.firmware_host}, which edgeq builds no code for"
+    )
+    channels = f", {rules.max_channels:,} channels" if rules.max_channels else ""
     lines += [
-        f"Ops on the NPU (everything else falls back to the `{target.host}` host): tensors up to "
-        f"{rules.max_tensor_bytes:,} bytes and {rules.max_spatial} pixels high or wide; scales: "
+        f"Ops on the NPU ({elsewhere}): tensors up to "
+        f"{rules.max_tensor_bytes:,} bytes and {rules.max_spatial} pixels high or wide{channels}; scales: "
         f"`{target.quantization.scale_rule.value}`; concat inputs share one scale: "
         f"{'yes' if target.quantization.concat_shares_input_scale else 'no'}.",
         "",
@@ -33,6 +39,10 @@ def _target_section(target: Target) -> list[str]:
         "|---|---|",
     ]
     lines += [f"| `{op}` | {_limits(target, op)} |" for op in rules.ops]
+    if target.vela is not None:
+        lines += ["", f"Rounding: `{target.quantization.rounding.value}`. Compiled by Vela: `{' '.join(target.vela.arguments())}`."]
+    if rules.why_not:
+        lines += ["", "Not on the NPU: " + "; ".join(f"`{op}`: {why}" for op, why in rules.why_not.items()) + "."]
     if rules.substitutes:
         lines += ["", "Advice for ops it lacks: " + ", ".join(f"`{a}` → `{b}`" for a, b in rules.substitutes.items()) + "."]
     return lines + [""]

@@ -229,12 +229,12 @@ def plan_build(
     if input_shapes:
         qdq = _with_input_shapes(qdq, input_shapes)
     resolved = resolve_target(target, qdq.target, str(qdq.source))
-    machine = _machine(resolved, simulate)
     step("import")
 
     report_progress(f"partition: placing {source} on {resolved.name}")
     report = check_qdq(qdq, resolved)
-    parts = partition(qdq, report)
+    parts = partition(qdq, report)  # refuses an unsupported op before any other work
+    machine = _machine(resolved, simulate)
     step("partition")
 
     module = build_relax_module(parts, report_progress)

@@ -75,7 +75,7 @@ def partition(qdq: QDQModel, report: CheckReport) -> Partition:
         first = unsupported[0]
         raise CompileError(
             f"{first.record.source_op} '{first.record.name}' cannot run on {report.target.name}: "
-            f"{first.reasons[0].message}" + (f" ({len(unsupported) - 1} more unsupported op(s); run edgeq check)" if len(unsupported) > 1 else "")
+            f"{'; '.join(r.message for r in first.reasons)}" + (f" ({len(unsupported) - 1} more unsupported op(s); run edgeq check)" if len(unsupported) > 1 else "")
         )
     graph = _Graph(qdq)
     model = graph.model

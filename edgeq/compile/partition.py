@@ -73,9 +73,10 @@ def partition(qdq: QDQModel, report: CheckReport) -> Partition:
     unsupported = [n for n in report.nodes if n.placement is Placement.UNSUPPORTED]
     if unsupported:
         first = unsupported[0]
+        more = f" ({len(unsupported) - 1} more unsupported op(s); run edgeq check)" if len(unsupported) > 1 else ""
         raise CompileError(
             f"{first.record.source_op} '{first.record.name}' cannot run on {report.target.name}: "
-            f"{'; '.join(r.message for r in first.reasons)}" + (f" ({len(unsupported) - 1} more unsupported op(s); run edgeq check)" if len(unsupported) > 1 else "")
+            f"{'; '.join(r.message for r in first.reasons)}{more}"
         )
     graph = _Graph(qdq)
     model = graph.model

@@ -263,7 +263,7 @@ class Target(Strict):
                 raise ValueError("an npu target needs [hardware] and [npu] sections")
             if (self.host is None) == (self.firmware_host is None):
                 raise ValueError(
-                    "an npu target needs either host = '<cpu target name>' for what falls back to the CPU, or "
+                    "an npu target needs host = '<cpu target name>' for what falls back to the CPU, or instead "
                     "firmware_host = '<cpu>' for a host edgeq builds no code for (not both)"
                 )
             if self.perf is not None:

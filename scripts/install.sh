@@ -47,6 +47,13 @@ echo "edgeq install: setting up .venv/ (the first time takes a minute: torch is 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[dev]" -e runtime/python
+# The TOSA tools (tosa_serializer writes TOSA 1.0 flatbuffers; tosa_reference_model runs them as the specification
+# defines) pin numpy<2.2 and flatbuffers==25.2.10, which clash with edgeq's numpy 2.x and ONNX Runtime's newer
+# flatbuffers. They are installed without their pins (--no-deps), with the pure-Python packages they import beside
+# numpy, flatbuffers and ml_dtypes (which edgeq's dependencies bring): semver, and jsonschema (their schema checks).
+# Measured: the serializer and the reference model import and run with numpy 2.4.6 and flatbuffers 25.12.19.
+.venv/bin/python -m pip install --quiet "semver==3.0.4" "jsonschema>=4.24"
+.venv/bin/python -m pip install --quiet --no-deps "tosa-tools==2026.8.0"
 echo "$wanted" > "$stamp"
 build_runtime
 echo "edgeq install: done ($(.venv/bin/python -c 'import torch, edgeq; print("edgeq", edgeq.__version__, "torch", torch.__version__)'))"

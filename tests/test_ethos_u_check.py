@@ -60,12 +60,14 @@ def test_stride_above_3_only_without_padding():
     x = torch.randn(1, 8, 33, 33)
     assert single_op(nn.Sequential(nn.Conv2d(8, 8, 3, stride=4)), "ethos-u65-256", x).placement is Placement.NPU
     padded = single_op(nn.Sequential(nn.Conv2d(8, 8, 3, stride=4, padding=1)), "ethos-u65-256", x)
-    assert reasons(padded) == ["stride 4x4, ethos-u65-256 supports ≤ 3 for a padded window (≤ 8 without padding, not depthwise)"]
+    assert reasons(padded) == ["stride 4x4, ethos-u65-256 supports ≤ 3 for a padded window (≤ 32 without padding, not depthwise)"]
     depthwise = single_op(nn.Sequential(nn.Conv2d(8, 8, 5, stride=4, groups=8)), "ethos-u65-256", x)
-    assert reasons(depthwise) == ["stride 4x4, ethos-u65-256 supports ≤ 3 for a depthwise window (≤ 8 without padding, not depthwise)"]
+    assert reasons(depthwise) == ["stride 4x4, ethos-u65-256 supports ≤ 3 for a depthwise window (≤ 32 without padding, not depthwise)"]
     assert single_op(nn.Sequential(nn.Conv2d(8, 8, 3, stride=4, padding=1)), "ethos-u85-256", x).placement is Placement.NPU
+    unpadded = single_op(nn.Sequential(nn.Conv2d(8, 8, 1, stride=33)), "ethos-u65-256", torch.randn(1, 8, 67, 67))
+    assert reasons(unpadded) == ["stride 33x33, ethos-u65-256 supports ≤ 32 without padding"]
     pool = single_op(nn.Sequential(nn.MaxPool2d(3, stride=4, padding=1)), "ethos-u65-256", x)
-    assert reasons(pool) == ["stride 4x4, ethos-u65-256 supports ≤ 3 for a padded window (≤ 16 without padding, not depthwise)"]
+    assert reasons(pool) == ["stride 4x4, ethos-u65-256 supports ≤ 3 for a padded window (≤ 16 without padding)"]
 
 
 def test_padded_average_pool_kernel():

@@ -196,10 +196,13 @@ def stride_too_large(record: OpRecord, target: Target) -> Outcome | None:
     allowed = limits.max_unpadded_stride if unpadded else limits.max_stride
     if max(record.attrs["stride"]) <= allowed:
         return None
-    message = f"stride {shape_text(record.attrs['stride'])}, {target.name} supports ≤ {limits.max_stride}"
-    if limits.max_unpadded_stride is not None and not unpadded:
+    message = f"stride {shape_text(record.attrs['stride'])}, {target.name} supports ≤ {allowed}"
+    if unpadded:
+        message += " without padding"
+    elif limits.max_unpadded_stride is not None:
         kind = "depthwise" if is_depthwise(record.attrs) else "padded"
-        message += f" for a {kind} window (≤ {limits.max_unpadded_stride} without padding, not depthwise)"
+        convolution = ", not depthwise" if record.op == Op.CONV2D else ""
+        message += f" for a {kind} window (≤ {limits.max_unpadded_stride} without padding{convolution})"
     return Outcome(message, True)
 
 

@@ -32,7 +32,7 @@ def _target_section(target: Target) -> list[str]:
     lines += [
         f"Ops on the NPU ({elsewhere}): tensors up to "
         f"{rules.max_tensor_bytes:,} bytes and {rules.max_spatial} pixels high or wide{channels}; scales: "
-        f"`{target.quantization.scale_rule.value}`; concat inputs share one scale: "
+        f"`{target.quantization.scale_rule.value}`; rounding: `{target.quantization.rounding.value}`; concat inputs share one scale: "
         f"{'yes' if target.quantization.concat_shares_input_scale else 'no'}.",
         "",
         "| op | limits |",
@@ -40,7 +40,7 @@ def _target_section(target: Target) -> list[str]:
     ]
     lines += [f"| `{op}` | {_limits(target, op)} |" for op in rules.ops]
     if target.vela is not None:
-        lines += ["", f"Rounding: `{target.quantization.rounding.value}`. Compiled by Vela: `{' '.join(target.vela.arguments())}`."]
+        lines += ["", f"Compiled by Vela: `vela {' '.join(target.vela.arguments())}`."]
     if rules.why_not:
         lines += ["", "Not on the NPU: " + "; ".join(f"`{op}`: {why}" for op, why in rules.why_not.items()) + "."]
     if rules.substitutes:

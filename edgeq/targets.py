@@ -1,9 +1,9 @@
 """Target descriptions: hardware facts and rules read from ``targets/*.toml``.
 
 No Python file names a target: code reads a :class:`Target`. Files are validated strictly on load (an unknown
-key, a wrong type, a value out of range, a missing section, an LLVM CPU or feature LLVM does not know, or a
-``host`` that is not a CPU target is a :class:`~edgeq.errors.TargetError` naming the file and key path). Units are
-part of the key names (``clock_hz``, ``sram_bytes``).
+key, a wrong type, a value out of range, a missing section, an LLVM CPU or feature LLVM does not know, a
+``host`` that is not a CPU target, or a ``[vela]`` name Vela does not know is a :class:`~edgeq.errors.TargetError`
+naming the file and key path). Units are part of the key names (``clock_hz``, ``sram_bytes``).
 
 pydantic does the validation: it reports every problem with its key path, and the schema below doubles as
 the documentation of the file format (``docs/targets.md``).
@@ -375,7 +375,8 @@ def load_target_file(path: str | Path) -> Target:
     Raises:
         TargetError: ``<file>: <key path>: <problem>`` for a file that cannot be read or is not UTF-8 TOML,
             unknown keys, wrong types, values out of range, a ``name`` that differs from the file name, an LLVM
-            CPU or feature LLVM does not know, or a ``host`` that is not a CPU target.
+            CPU or feature LLVM does not know, a ``host`` that is not a CPU target, or a ``[vela]`` name Vela does
+            not know.
     """
     return _load_file(Path(path), as_host=False)
 
@@ -420,7 +421,7 @@ def host_cpu(target: Target) -> Target:
         TargetError: ``target``'s host is a firmware host, which edgeq builds no code for.
     """
     if target.firmware_host is not None:
-        raise TargetError(f"{target.name}'s host is a {target.firmware_host}: edgeq builds no code for it ({HOST_CODE_ADVICE})")
+        raise TargetError(f"{target.name}'s host is a {target.firmware_host}, which edgeq builds no code for (it runs your firmware)")
     return target._host if target._host is not None else target
 
 

@@ -42,6 +42,16 @@ def test_mobilenet_v2_runs_on_the_npu(target):
     assert not off and report.summary.ops_on_npu == report.summary.ops > 60 and report.summary.npu_mac_share == 1.0
 
 
+@pytest.mark.parametrize("target", ETHOS_U)
+def test_quantized_mobilenet_v2_runs_on_the_npu(target):
+    """The integer model quantized for the target, checked as its QDQ description (scales included)."""
+    x = torch.randn(1, 3, 64, 64)
+    report = check_model(integer_model(torchvision_model("mobilenet_v2").eval(), x, target), (x,))
+    assert report.target.name == target
+    assert [(n.record.name, reasons(n)) for n in report.nodes if n.placement is not Placement.NPU] == []
+    assert report.summary.verdict == f"NPU-ready: every op runs on {target}"
+
+
 def test_bilinear_resize_stays_on_the_cpu_and_says_why():
     bilinear = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear"))
     for target in ("ethos-u65-256", "ethos-u85-256"):

@@ -9,7 +9,7 @@ import pytest
 from ethosu.vela.architecture_features import ArchitectureFeatures
 
 from edgeq.errors import TargetError
-from edgeq.targets import HOST_CODE_ADVICE, Rounding, ScaleRule, TargetKind, host_cpu, load_target
+from edgeq.targets import Rounding, ScaleRule, TargetKind, host_cpu, load_target
 from edgeq.vela_configs import VELA_CONFIG_FILE, accelerator_configs, memory_modes, system_configs
 
 ETHOS_U = ("ethos-u55-128", "ethos-u65-256", "ethos-u85-256")
@@ -55,7 +55,7 @@ def test_hosts():
     assert host_cpu(load_target("ethos-u65-256")).name == "aarch64" == host_cpu(load_target("ethos-u85-256")).name
     u55 = load_target("ethos-u55-128")
     assert u55.host is None and u55.firmware_host == "Cortex-M55"
-    with pytest.raises(TargetError, match=f"ethos-u55-128's host is a Cortex-M55: edgeq builds no code for it \\({HOST_CODE_ADVICE}\\)"):
+    with pytest.raises(TargetError, match=r"^ethos-u55-128's host is a Cortex-M55, which edgeq builds no code for \(it runs your firmware\)$"):
         host_cpu(u55)
 
 

@@ -12,6 +12,7 @@ from reference import round_shift
 
 from edgeq import numerics as nx
 from edgeq.errors import QuantizationError
+from edgeq.targets import ScaleRule
 
 RNG = np.random.default_rng(1234)
 
@@ -90,10 +91,10 @@ def test_dequantize_is_a_float32_product():
 def test_scale_from_amax_rules():
     amax = torch.tensor([127.0, 1.0, 0.0, 3.0])
     np.testing.assert_array_equal(
-        nx.scale_from_amax(amax, 127, nx.ScaleRule.ANY).numpy(),
+        nx.scale_from_amax(amax, 127, ScaleRule.ANY).numpy(),
         np.array([1.0, 1 / 127, nx.SCALE_FLOOR, 3 / 127], dtype=np.float32),
     )
-    pow2 = nx.scale_from_amax(amax, 127, nx.ScaleRule.POWER_OF_TWO).numpy()
+    pow2 = nx.scale_from_amax(amax, 127, ScaleRule.POWER_OF_TWO).numpy()
     np.testing.assert_array_equal(pow2, np.array([1.0, 2.0**-6, 2.0**-23, 2.0**-5], dtype=np.float32))
     assert all(nx.is_power_of_two(float(s)) for s in pow2)
     assert not nx.is_power_of_two(0.1)

@@ -1,0 +1,229 @@
+"""Fixed-point multipliers and the accumulator bounds that prove them exact (docs/numerics.md sections 4 and 5)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+from edgeq.errors import QuantizationError
+from edgeq.numerics.rounding import ACTIVATION_QMIN, INT32_MAX, INT32_MIN, WEIGHT_QMAX
+from edgeq.numerics.scales import largest_input_magnitude
+
+MULTIPLIER_BITS = 31
+"""A requantization multiplier M is a 31-bit positive integer: ``2**30 <= M < 2**31`` (or smaller when it
+shares a shift with a larger one, see :func:`quantize_multipliers`)."""
+MIN_SHIFT = 1
+MAX_SHIFT = 62
+SMALLEST_MULTIPLIER = 2.0 ** (MULTIPLIER_BITS - 1 - MAX_SHIFT)
+"""2**-32: smaller factors need a shift above 62 (docs/numerics.md section 4)."""
+
+
+@dataclass(frozen=True)
+class FixedPointMultiplier:
+    """A real multiplier represented as ``multiplier * 2**-shift``."""
+
+    multiplier: int
+    shift: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.multiplier < 2**MULTIPLIER_BITS:
+            raise QuantizationError(f"multiplier {self.multiplier} outside [0, 2**31)")
+        if not MIN_SHIFT <= self.shift <= MAX_SHIFT:
+            raise QuantizationError(f"shift {self.shift} outside [{MIN_SHIFT}, {MAX_SHIFT}]")
+
+    @property
+    def real(self) -> float:
+        """The real number this multiplier represents."""
+        return math.ldexp(self.multiplier, -self.shift)
+
+
+ZERO_MULTIPLIER = FixedPointMultiplier(0, MAX_SHIFT)
+"""A factor proven to round every output to 0 (docs/numerics.md section 4): ``M = 0``."""
+
+
+def quantize_multipliers(reals: Sequence[float], *, what: str) -> tuple[list[int], int]:
+    """Represent real multipliers as 31-bit integers sharing one shift: ``real_i ~ M_i * 2**-n``.
+
+    The shift is chosen so the largest multiplier uses all 31 bits (``2**30 <= M_max < 2**31``); each ``M_i`` is
+    ``round_half_to_even(real_i * 2**n)``, which is exact in float64 before the rounding. One multiplier alone
+    is the common case (:func:`quantize_multiplier`); elementwise add gives each input its own ``M_i`` with
+    a shared shift, so their sum is rounded once.
+
+    Raises:
+        QuantizationError: a multiplier is not positive and finite, or needs a shift outside [1, 62]
+            (it is at least 2**30, or so small that it rounds to zero), naming ``what``.
+    """
+    if not reals or any(not (math.isfinite(r) and r > 0) for r in reals):
+        raise QuantizationError(f"{what}: requantization multipliers must be positive and finite; got {list(reals)}")
+    largest = max(reals)
+    _, exponent = math.frexp(largest)
+    shift = MULTIPLIER_BITS - exponent
+    if round(math.ldexp(largest, shift)) == 2**MULTIPLIER_BITS:
+        shift -= 1
+    if not MIN_SHIFT <= shift <= MAX_SHIFT:
+        raise QuantizationError(
+            f"{what}: requantization multiplier {largest:.6g} needs shift {shift}; "
+            f"allowed: multipliers in [2**-32, 2**30) (shift {MIN_SHIFT}..{MAX_SHIFT}). "
+            "The scales around this op are inconsistent: check its calibration"
+        )
+    multipliers = [round(math.ldexp(r, shift)) for r in reals]
+    if min(multipliers) == 0:
+        raise QuantizationError(
+            f"{what}: multiplier {min(reals):.6g} rounds to zero next to {largest:.6g} with a shared shift {shift}; "
+            "the input scales differ by more than 2**31"
+        )
+    return multipliers, shift
+
+
+def quantize_multiplier(real: float, *, what: str, accumulator_bound: int | None = None) -> FixedPointMultiplier:
+    """Represent one real multiplier as ``M * 2**-n`` (see :func:`quantize_multipliers`).
+
+    Args:
+        real: the requantization factor.
+        what: the op (and channel), for messages.
+        accumulator_bound: the largest ``|acc|`` the factor can multiply, when known (:func:`accumulator_bounds`).
+            A factor below ``2**-32`` (shift above 62) for which ``accumulator_bound * real < 1/2`` gives 0 for
+            every accumulator, exactly: it is represented as ``M = 0`` (shift 62), docs/numerics.md section 4.
+
+    Raises:
+        QuantizationError: as :func:`quantize_multipliers`, unless the bound proves the output is always 0.
+    """
+    if accumulator_bound is not None and 0 < real < SMALLEST_MULTIPLIER:
+        if Fraction(real) * accumulator_bound < Fraction(1, 2):
+            return ZERO_MULTIPLIER
+        raise QuantizationError(
+            f"{what}: requantization multiplier {real:.6g} is below 2**-32, and accumulators up to {accumulator_bound} "
+            "can reach half a step; the scales around this op are inconsistent: check its calibration"
+        )
+    (multiplier,), shift = quantize_multipliers([real], what=what)
+    return FixedPointMultiplier(multiplier, shift)
+
+
+def accumulator_bounds(
+    weights: np.ndarray | torch.Tensor, bias: np.ndarray | torch.Tensor | None, axis: int, input_zero_point: int = 0
+) -> list[int]:
+    """Per output channel, the largest ``|acc|`` any int8 input can give: ``a * Σ_k |w_q[c, k]| + |b_q[c]|`` with
+    ``a`` the :func:`largest_input_magnitude` (128 without a zero point).
+
+    Args:
+        weights: int8 weights; ``axis`` is the output-channel axis (0 for OIHW and for ``[out, in]``).
+        bias: the int32 bias, one per channel, or None.
+        axis: the output-channel axis of ``weights``.
+        input_zero_point: the int8 input's zero point (docs/numerics.md section 9).
+    """
+    values = np.abs(np.moveaxis(np.asarray(weights, dtype=np.int64), axis, 0)).reshape(np.shape(weights)[axis], -1)
+    totals = largest_input_magnitude(input_zero_point) * values.sum(axis=1)
+    if bias is not None:
+        totals = totals + np.abs(np.asarray(bias, dtype=np.int64).reshape(-1))
+    return [int(t) for t in totals]
+
+
+def real_multiplier(input_scale: float, output_scale: float, weight_scale: float = 1.0, count: int = 1) -> float:
+    """The real requantization factor ``(s_in * s_w) / (s_out * count)`` evaluated in float64.
+
+    ``count`` folds the 1/N of average pooling; ``weight_scale`` is 1 for ops without weights. All inputs are
+    float32 values, so ``s_in * s_w`` is exact in float64.
+    """
+    return (float(input_scale) * float(weight_scale)) / (float(output_scale) * count)
+
+
+def conv_multipliers(
+    input_scale: float,
+    weight_scales: Sequence[float],
+    output_scale: float,
+    *,
+    what: str,
+    bounds: Sequence[int] | None = None,
+) -> list[FixedPointMultiplier]:
+    """Per-output-channel multipliers of a conv or linear layer; ``bounds`` are the channels'
+    :func:`accumulator_bounds` (a factor too small for a shift is then 0 where the bound proves it exact)."""
+    return [
+        quantize_multiplier(
+            real_multiplier(input_scale, output_scale, w),
+            what=f"{what} channel {c}",
+            accumulator_bound=bounds[c] if bounds is not None else None,
+        )
+        for c, w in enumerate(weight_scales)
+    ]
+
+
+def product_accumulator_bound(reduction_size: int = 1, zero_points: Sequence[int] = (0, 0)) -> int:
+    """The largest ``|acc|`` of a sum of ``reduction_size`` products of two int8 activations:
+    ``K * max|a - z_a| * max|b - z_b|`` (``K * 128 * 128`` without zero points; ``K = 1`` for an elementwise
+    product)."""
+    return reduction_size * math.prod(largest_input_magnitude(z) for z in zero_points)
+
+
+def product_multiplier(
+    input_scales: Sequence[float],
+    output_scale: float,
+    *,
+    what: str,
+    zero_points: Sequence[int] = (0, 0),
+    reduction_size: int = 1,
+) -> FixedPointMultiplier:
+    """The multiplier of a product of two activations, elementwise (``a * b``) or summed over ``reduction_size``
+    products (a matmul): ``m = s_a * s_b / s_out``; :func:`product_accumulator_bound` bounds the accumulator (a
+    factor too small for a shift is 0 where that proves it exact, as for conv)."""
+    return quantize_multiplier(
+        real_multiplier(input_scales[0], output_scale, input_scales[1]),
+        what=what,
+        accumulator_bound=product_accumulator_bound(reduction_size, zero_points),
+    )
+
+
+def check_product_accumulator_bound(reduction_size: int, zero_points: Sequence[int] = (0, 0), *, what: str) -> None:
+    """Prove that the int32 accumulator of a matmul of two activations cannot overflow:
+    ``K * 128 * 128 <= 2**31 - 1`` (that is ``K <= 131071``; with zero points, :func:`product_accumulator_bound`).
+
+    Raises:
+        QuantizationError: the bound is exceeded, naming ``what``, K and the bound.
+    """
+    bound = product_accumulator_bound(reduction_size, zero_points)
+    if bound > INT32_MAX:
+        largest = INT32_MAX // product_accumulator_bound(1, zero_points)
+        raise QuantizationError(
+            f"{what}: int32 accumulator may overflow; got {reduction_size} products of two int8 activations per "
+            f"output, bound {bound} (allowed: <= {INT32_MAX}, that is at most {largest} products). Split the "
+            "product along its reduction axis"
+        )
+
+
+def bias_with_input_zero_point(
+    bias: np.ndarray, weights: np.ndarray, axis: int, zero_point: int, *, what: str
+) -> np.ndarray:
+    """The int32 bias that absorbs an input zero point: ``b'[c] = b[c] - z * Σ_k w_q[c, k]`` (docs/numerics.md
+    section 9), so that ``b'[c] + Σ_k q[k] * w_q[c, k] = b[c] + Σ_k (q[k] - z) * w_q[c, k]``.
+
+    Raises:
+        QuantizationError: ``b'`` does not fit int32, naming ``what``.
+    """
+    sums = np.moveaxis(np.asarray(weights, dtype=np.int64), axis, 0).reshape(np.shape(weights)[axis], -1).sum(axis=1)
+    folded = np.asarray(bias, dtype=np.int64).reshape(-1) - zero_point * sums
+    if folded.size and (folded.min() < INT32_MIN or folded.max() > INT32_MAX):
+        raise QuantizationError(
+            f"{what}: the bias with the input zero point {zero_point} folded in reaches {int(np.abs(folded).max())} "
+            f"(allowed: int32); the layer's weights or bias are too large for its input's zero point"
+        )
+    return folded.astype(np.int32)
+
+
+def check_accumulator_bound(reduction_size: int, bias: torch.Tensor | np.ndarray | None, *, what: str) -> None:
+    """Prove that an int32 accumulator cannot overflow: ``K * 128 * 127 + max|bias| <= 2**31 - 1``.
+
+    ``reduction_size`` K is the number of products summed per output (in_channels / groups * kh * kw for a conv).
+    With the bound met, int64 arithmetic in the integer model equals the NPU's int32 accumulator.
+    """
+    magnitudes = np.abs(np.asarray(bias, dtype=np.int64)) if bias is not None else np.zeros(0, dtype=np.int64)
+    largest_bias = int(magnitudes.max()) if magnitudes.size else 0
+    bound = reduction_size * -ACTIVATION_QMIN * WEIGHT_QMAX + largest_bias
+    if bound > INT32_MAX:
+        raise QuantizationError(
+            f"{what}: int32 accumulator may overflow; got {reduction_size} products per output and bias up to "
+            f"{largest_bias}, bound {bound} (allowed: <= {INT32_MAX}). Split the reduction into smaller layers"
+        )

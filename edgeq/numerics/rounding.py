@@ -1,0 +1,103 @@
+"""Rounding and requantization, and the conversions between float and int (docs/numerics.md sections 3 and 6).
+
+The integer ranges of activations, weights and accumulators are named here; every rounding of a value to the integer
+grid is one of these functions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from edgeq.errors import QuantizationError
+
+ACTIVATION_QMIN = -128
+ACTIVATION_QMAX = 127
+WEIGHT_QMIN = -127
+WEIGHT_QMAX = 127
+INT32_MIN = -(2**31)
+INT32_MAX = 2**31 - 1
+
+
+def float32(value: float) -> float:
+    """Round a Python float to the nearest float32 and return it as a Python float."""
+    return float(np.float32(value))
+
+
+def rounding_right_shift(value: torch.Tensor, shift: torch.Tensor | int) -> torch.Tensor:
+    """``value / 2**shift`` on int64, rounded to nearest with ties to even.
+
+    ``q = value >> shift`` (floor) and the remainder ``r = value - (q << shift)`` in ``[0, 2**shift)``; the result
+    is ``q + 1`` when ``r > 2**(shift-1)``, or when ``r == 2**(shift-1)`` and ``q`` is odd.
+    """
+    if isinstance(shift, int):
+        shift = torch.tensor(shift, dtype=torch.int64, device=value.device)
+    floor = torch.bitwise_right_shift(value, shift)
+    remainder = value - torch.bitwise_left_shift(floor, shift)
+    half = torch.bitwise_left_shift(torch.ones_like(shift), shift - 1)
+    round_up = (remainder > half) | ((remainder == half) & (torch.bitwise_and(floor, 1) == 1))
+    return floor + round_up.to(torch.int64)
+
+
+def requantize(acc: torch.Tensor, multiplier: torch.Tensor | int, shift: torch.Tensor | int) -> torch.Tensor:
+    """Scale an int32-range accumulator by ``M * 2**-n`` with one rounding (to nearest, ties to even): int64 in,
+    int64 out (unsaturated). ``|acc| < 2**31`` and ``M < 2**31`` keep ``acc * M`` inside int64.
+    """
+    return rounding_right_shift(acc.to(torch.int64) * multiplier, shift)
+
+
+FLOAT64_EXACT = 2**53
+"""Every integer below this magnitude is a float64 (53-bit significand)."""
+
+
+def exact_in_float64(product_bound: int) -> bool:
+    """Whether a requantization ``round_half_to_even(Σ_i acc_i * M_i / 2**n)`` whose ``Σ_i |acc_i| * M_i`` is at
+    most ``product_bound`` equals ``nearbyint(Σ_i float64(acc_i) * float64(M_i * 2**-n))`` for every accumulator:
+    true below 2**53, where every product and partial sum is exact in float64 (docs/numerics.md section 6)."""
+    return product_bound < FLOAT64_EXACT
+
+
+def saturate(value: torch.Tensor, low: int, high: int, dtype: torch.dtype) -> torch.Tensor:
+    """Clamp to ``[low, high]`` and cast to ``dtype``."""
+    return torch.clamp(value, low, high).to(dtype)
+
+
+def quantize(value: torch.Tensor, scale: float) -> torch.Tensor:
+    """float -> int8: ``saturate(round_half_to_even(float32(x) / float32(s)))``, as ONNX QuantizeLinear."""
+    scaled = value.to(torch.float32) / torch.tensor(scale, dtype=torch.float32)
+    return saturate(torch.round(scaled), ACTIVATION_QMIN, ACTIVATION_QMAX, torch.int8)
+
+
+def dequantize(value: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """int -> float32: ``float32(q) * float32(s)``, as ONNX DequantizeLinear."""
+    return value.to(torch.float32) * torch.as_tensor(scale, dtype=torch.float32)
+
+
+def quantize_weight(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float weight -> int8 per output channel (axis 0), the same computation as aten's fake-quantize kernels.
+
+    ``q = saturate(round_half_to_even(w * float32(1 / s_c)), -127, 127)`` in float32, so the integer weights equal
+    the ones the QAT model trained and validated with.
+    """
+    inverse = (1.0 / scales.to(torch.float32)).reshape(-1, *([1] * (weight.dim() - 1)))
+    return saturate(torch.round(weight.to(torch.float32) * inverse), WEIGHT_QMIN, WEIGHT_QMAX, torch.int8)
+
+
+def quantize_bias(bias: torch.Tensor, scales: Sequence[float], *, what: str) -> torch.Tensor:
+    """float bias -> int32 at ``scales`` (from :func:`bias_scales`): ``round_half_to_even(b / s)`` in float64.
+
+    Raises:
+        QuantizationError: a bias does not fit int32, naming the channel and the values.
+    """
+    scaled = bias.detach().to(torch.float64) / torch.tensor(scales, dtype=torch.float64)
+    rounded = torch.round(scaled)
+    too_large = (rounded < INT32_MIN) | (rounded > INT32_MAX)
+    if bool(too_large.any()):
+        channel = int(torch.nonzero(too_large)[0])
+        raise QuantizationError(
+            f"{what}: bias of channel {channel} is {float(bias[channel]):.6g}, which is {float(rounded[channel]):.6g} "
+            f"steps of its scale {scales[channel]:.6g} (allowed: int32). The channel's weights are almost all zero; "
+            "prune the channel or give its weights a non-zero range"
+        )
+    return rounded.to(torch.int32)

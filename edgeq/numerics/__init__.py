@@ -24,6 +24,8 @@ Conventions (see the spec for the why):
 from __future__ import annotations
 
 from edgeq.numerics.multipliers import (
+    ADD_HALF_UP_BITS,
+    HALF_UP_MIN_SHIFT,
     MAX_SHIFT,
     MIN_SHIFT,
     MULTIPLIER_BITS,
@@ -31,10 +33,12 @@ from edgeq.numerics.multipliers import (
     ZERO_MULTIPLIER,
     FixedPointMultiplier,
     accumulator_bounds,
+    add_multipliers,
     bias_with_input_zero_point,
     check_accumulator_bound,
     check_product_accumulator_bound,
     conv_multipliers,
+    min_shift,
     product_accumulator_bound,
     product_multiplier,
     quantize_multiplier,
@@ -64,6 +68,7 @@ from edgeq.numerics.rounding import (
     quantize_bias,
     quantize_weight,
     requantize,
+    round_half,
     rounding_right_shift,
     saturate,
 )
@@ -86,10 +91,17 @@ from edgeq.numerics.tables import (
     clamp_levels,
     look_up,
     lookup_table,
+    quantized_level,
     relu6_ceiling,
 )
 
 __all__ = [
+    "ADD_HALF_UP_BITS",
+    "HALF_UP_MIN_SHIFT",
+    "add_multipliers",
+    "min_shift",
+    "round_half",
+    "quantized_level",
     "ACTIVATION_QMAX",
     "ACTIVATION_QMIN",
     "BIAS_SCALE_TOLERANCE",

@@ -13,12 +13,18 @@ import torch
 from edgeq.errors import QuantizationError
 from edgeq.numerics.rounding import ACTIVATION_QMIN, INT32_MAX, INT32_MIN, WEIGHT_QMAX
 from edgeq.numerics.scales import largest_input_magnitude
+from edgeq.targets import Rounding
 
 MULTIPLIER_BITS = 31
 """A requantization multiplier M is a 31-bit positive integer: ``2**30 <= M < 2**31`` (or smaller when it
 shares a shift with a larger one, see :func:`quantize_multipliers`)."""
 MIN_SHIFT = 1
+HALF_UP_MIN_SHIFT = 2
+"""TOSA's RESCALE takes shifts 2..62: under half up a factor needing shift 1 is an error (docs/numerics.md 6.1)."""
 MAX_SHIFT = 62
+ADD_HALF_UP_BITS = 23
+"""Under half up an add's largest multiplier is in ``[2**22, 2**23)``: ``128 * (M_a + M_b) < 2**31``, so TOSA's
+int32 ADD of the rescaled inputs is exact (docs/numerics.md 6.1)."""
 SMALLEST_MULTIPLIER = 2.0 ** (MULTIPLIER_BITS - 1 - MAX_SHIFT)
 """2**-32: smaller factors need a shift above 62 (docs/numerics.md section 4)."""
 
@@ -46,29 +52,39 @@ ZERO_MULTIPLIER = FixedPointMultiplier(0, MAX_SHIFT)
 """A factor proven to round every output to 0 (docs/numerics.md section 4): ``M = 0``."""
 
 
-def quantize_multipliers(reals: Sequence[float], *, what: str) -> tuple[list[int], int]:
-    """Represent real multipliers as 31-bit integers sharing one shift: ``real_i ~ M_i * 2**-n``.
+def min_shift(rounding: Rounding) -> int:
+    """The smallest shift a requantization under ``rounding`` may use: 1, or TOSA's 2 for half up."""
+    return HALF_UP_MIN_SHIFT if rounding is Rounding.HALF_UP else MIN_SHIFT
 
-    The shift is chosen so the largest multiplier uses all 31 bits (``2**30 <= M_max < 2**31``); each ``M_i`` is
+
+def quantize_multipliers(
+    reals: Sequence[float], *, what: str, rounding: Rounding = Rounding.HALF_TO_EVEN, bits: int = MULTIPLIER_BITS
+) -> tuple[list[int], int]:
+    """Represent real multipliers as ``bits``-bit integers sharing one shift: ``real_i ~ M_i * 2**-n``.
+
+    The shift is chosen so the largest multiplier uses all ``bits`` bits (``2**(bits-1) <= M_max < 2**bits``,
+    31 bits unless :func:`add_multipliers` asks for fewer); each ``M_i`` is
     ``round_half_to_even(real_i * 2**n)``, which is exact in float64 before the rounding. One multiplier alone
     is the common case (:func:`quantize_multiplier`); elementwise add gives each input its own ``M_i`` with
     a shared shift, so their sum is rounded once.
 
     Raises:
-        QuantizationError: a multiplier is not positive and finite, or needs a shift outside [1, 62]
-            (it is at least 2**30, or so small that it rounds to zero), naming ``what``.
+        QuantizationError: a multiplier is not positive and finite, or needs a shift outside [1, 62] ([2, 62]
+            under half up: :func:`min_shift`) (it is at least ``2**(bits-1-min_shift)``, or so small that it rounds
+            to zero), naming ``what``.
     """
     if not reals or any(not (math.isfinite(r) and r > 0) for r in reals):
         raise QuantizationError(f"{what}: requantization multipliers must be positive and finite; got {list(reals)}")
     largest = max(reals)
     _, exponent = math.frexp(largest)
-    shift = MULTIPLIER_BITS - exponent
-    if round(math.ldexp(largest, shift)) == 2**MULTIPLIER_BITS:
+    shift = bits - exponent
+    if round(math.ldexp(largest, shift)) == 2**bits:
         shift -= 1
-    if not MIN_SHIFT <= shift <= MAX_SHIFT:
+    lowest = min_shift(rounding)
+    if not lowest <= shift <= MAX_SHIFT:
         raise QuantizationError(
-            f"{what}: requantization multiplier {largest:.6g} needs shift {shift}; "
-            f"allowed: multipliers in [2**-32, 2**30) (shift {MIN_SHIFT}..{MAX_SHIFT}). "
+            f"{what}: requantization multiplier {largest:.6g} needs shift {shift}; allowed under {rounding.value} "
+            f"rounding: multipliers in [2**{bits - 1 - MAX_SHIFT}, 2**{bits - 1 - lowest}) (shift {lowest}..{MAX_SHIFT}). "
             "The scales around this op are inconsistent: check its calibration"
         )
     multipliers = [round(math.ldexp(r, shift)) for r in reals]
@@ -80,7 +96,17 @@ def quantize_multipliers(reals: Sequence[float], *, what: str) -> tuple[list[int
     return multipliers, shift
 
 
-def quantize_multiplier(real: float, *, what: str, accumulator_bound: int | None = None) -> FixedPointMultiplier:
+def add_multipliers(factors: Sequence[float], *, what: str, rounding: Rounding = Rounding.HALF_TO_EVEN) -> tuple[list[int], int]:
+    """The multipliers of an add's inputs, sharing one shift (:func:`quantize_multipliers`): 31 bits, or under half
+    up :data:`ADD_HALF_UP_BITS`, the largest in ``[2**22, 2**23)`` so that TOSA adds the rescaled int8 inputs
+    exactly in int32 (docs/numerics.md 6.1)."""
+    bits = ADD_HALF_UP_BITS if rounding is Rounding.HALF_UP else MULTIPLIER_BITS
+    return quantize_multipliers(factors, what=what, rounding=rounding, bits=bits)
+
+
+def quantize_multiplier(
+    real: float, *, what: str, accumulator_bound: int | None = None, rounding: Rounding = Rounding.HALF_TO_EVEN
+) -> FixedPointMultiplier:
     """Represent one real multiplier as ``M * 2**-n`` (see :func:`quantize_multipliers`).
 
     Args:
@@ -100,7 +126,7 @@ def quantize_multiplier(real: float, *, what: str, accumulator_bound: int | None
             f"{what}: requantization multiplier {real:.6g} is below 2**-32, and accumulators up to {accumulator_bound} "
             "can reach half a step; the scales around this op are inconsistent: check its calibration"
         )
-    (multiplier,), shift = quantize_multipliers([real], what=what)
+    (multiplier,), shift = quantize_multipliers([real], what=what, rounding=rounding)
     return FixedPointMultiplier(multiplier, shift)
 
 
@@ -139,6 +165,7 @@ def conv_multipliers(
     *,
     what: str,
     bounds: Sequence[int] | None = None,
+    rounding: Rounding = Rounding.HALF_TO_EVEN,
 ) -> list[FixedPointMultiplier]:
     """Per-output-channel multipliers of a conv or linear layer; ``bounds`` are the channels'
     :func:`accumulator_bounds` (a factor too small for a shift is then 0 where the bound proves it exact)."""
@@ -147,6 +174,7 @@ def conv_multipliers(
             real_multiplier(input_scale, output_scale, w),
             what=f"{what} channel {c}",
             accumulator_bound=bounds[c] if bounds is not None else None,
+            rounding=rounding,
         )
         for c, w in enumerate(weight_scales)
     ]
@@ -166,6 +194,7 @@ def product_multiplier(
     what: str,
     zero_points: Sequence[int] = (0, 0),
     reduction_size: int = 1,
+    rounding: Rounding = Rounding.HALF_TO_EVEN,
 ) -> FixedPointMultiplier:
     """The multiplier of a product of two activations, elementwise (``a * b``) or summed over ``reduction_size``
     products (a matmul): ``m = s_a * s_b / s_out``; :func:`product_accumulator_bound` bounds the accumulator (a
@@ -174,6 +203,7 @@ def product_multiplier(
         real_multiplier(input_scales[0], output_scale, input_scales[1]),
         what=what,
         accumulator_bound=product_accumulator_bound(reduction_size, zero_points),
+        rounding=rounding,
     )
 
 

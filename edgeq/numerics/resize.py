@@ -10,6 +10,7 @@ import torch
 
 from edgeq.errors import QuantizationError
 from edgeq.numerics.multipliers import FixedPointMultiplier, quantize_multiplier, real_multiplier
+from edgeq.targets import Rounding
 
 RESIZE_FRACTION_BITS = 11
 """F: bilinear resize weights are integers in ``[0, 2**F]``; a pixel's four weights sum to ``2**(2F)``, so the
@@ -88,8 +89,10 @@ def bilinear_accumulate(value: torch.Tensor, rows: BilinearTaps, columns: Biline
     return along(along(wide, rows, 2), columns, 3)
 
 
-def bilinear_multiplier(input_scale: float, output_scale: float, *, what: str) -> FixedPointMultiplier:
+def bilinear_multiplier(
+    input_scale: float, output_scale: float, *, what: str, rounding: Rounding = Rounding.HALF_TO_EVEN
+) -> FixedPointMultiplier:
     """The requantization of a bilinear resize: ``m = s_in / (s_out * 2**(2F))`` (the weights' fixed point folded
     in)."""
     count = 1 << (2 * RESIZE_FRACTION_BITS)
-    return quantize_multiplier(real_multiplier(input_scale, output_scale, count=count), what=what)
+    return quantize_multiplier(real_multiplier(input_scale, output_scale, count=count), what=what, rounding=rounding)

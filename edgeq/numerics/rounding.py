@@ -1,7 +1,9 @@
 """Rounding and requantization, and the conversions between float and int (docs/numerics.md sections 3 and 6).
 
 The integer ranges of activations, weights and accumulators are named here; every rounding of a value to the integer
-grid is one of these functions."""
+grid is one of these functions, ties decided by the target's :class:`~edgeq.targets.Rounding` where the spec says
+the target's rule applies (requantization, quantizing a float input, activation fake quantization, table entries),
+half to even for the constants (weights, biases)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import numpy as np
 import torch
 
 from edgeq.errors import QuantizationError
+from edgeq.targets import Rounding
 
 ACTIVATION_QMIN = -128
 ACTIVATION_QMAX = 127
@@ -25,36 +28,56 @@ def float32(value: float) -> float:
     return float(np.float32(value))
 
 
-def rounding_right_shift(value: torch.Tensor, shift: torch.Tensor | int) -> torch.Tensor:
-    """``value / 2**shift`` on int64, rounded to nearest with ties to even.
+def round_half(value: torch.Tensor, rounding: Rounding = Rounding.HALF_TO_EVEN) -> torch.Tensor:
+    """Float values rounded to the nearest integer, ties by the target's ``rounding``, exactly: ``nearbyint`` for
+    half to even; ``f + (x - f >= 1/2)`` with ``f = floor(x)`` for half up (``x - f`` is exact for a float ``x``,
+    where ``floor(x + 1/2)`` can round the sum up: ``0.5 - 2**-25`` in float32)."""
+    if rounding is Rounding.HALF_TO_EVEN:
+        return torch.round(value)
+    floor = torch.floor(value)
+    return floor + (value - floor >= 0.5).to(value.dtype)
 
-    ``q = value >> shift`` (floor) and the remainder ``r = value - (q << shift)`` in ``[0, 2**shift)``; the result
-    is ``q + 1`` when ``r > 2**(shift-1)``, or when ``r == 2**(shift-1)`` and ``q`` is odd.
+
+def rounding_right_shift(value: torch.Tensor, shift: torch.Tensor | int, rounding: Rounding = Rounding.HALF_TO_EVEN) -> torch.Tensor:
+    """``value / 2**shift`` on int64, rounded to nearest, ties by ``rounding``.
+
+    Half to even: ``q = value >> shift`` (floor) and the remainder ``r = value - (q << shift)`` in
+    ``[0, 2**shift)``; the result is ``q + 1`` when ``r > 2**(shift-1)``, or when ``r == 2**(shift-1)`` and ``q`` is
+    odd. Half up (TOSA's SINGLE_ROUND): ``(value + 2**(shift-1)) >> shift``, exact in int64 for
+    ``|value| < 2**62`` and ``shift <= 62``.
     """
     if isinstance(shift, int):
         shift = torch.tensor(shift, dtype=torch.int64, device=value.device)
+    half = torch.bitwise_left_shift(torch.ones_like(shift), shift - 1)
+    if rounding is Rounding.HALF_UP:
+        return torch.bitwise_right_shift(value + half, shift)
     floor = torch.bitwise_right_shift(value, shift)
     remainder = value - torch.bitwise_left_shift(floor, shift)
-    half = torch.bitwise_left_shift(torch.ones_like(shift), shift - 1)
     round_up = (remainder > half) | ((remainder == half) & (torch.bitwise_and(floor, 1) == 1))
     return floor + round_up.to(torch.int64)
 
 
-def requantize(acc: torch.Tensor, multiplier: torch.Tensor | int, shift: torch.Tensor | int) -> torch.Tensor:
-    """Scale an int32-range accumulator by ``M * 2**-n`` with one rounding (to nearest, ties to even): int64 in,
-    int64 out (unsaturated). ``|acc| < 2**31`` and ``M < 2**31`` keep ``acc * M`` inside int64.
+def requantize(
+    acc: torch.Tensor, multiplier: torch.Tensor | int, shift: torch.Tensor | int, rounding: Rounding = Rounding.HALF_TO_EVEN
+) -> torch.Tensor:
+    """Scale an int32-range accumulator by ``M * 2**-n`` with one rounding (to nearest, ties by ``rounding``):
+    int64 in, int64 out (unsaturated). ``|acc| < 2**31`` and ``M < 2**31`` keep ``acc * M`` inside int64.
     """
-    return rounding_right_shift(acc.to(torch.int64) * multiplier, shift)
+    return rounding_right_shift(acc.to(torch.int64) * multiplier, shift, rounding)
 
 
 FLOAT64_EXACT = 2**53
 """Every integer below this magnitude is a float64 (53-bit significand)."""
 
 
-def exact_in_float64(product_bound: int) -> bool:
-    """Whether a requantization ``round_half_to_even(Σ_i acc_i * M_i / 2**n)`` whose ``Σ_i |acc_i| * M_i`` is at
-    most ``product_bound`` equals ``nearbyint(Σ_i float64(acc_i) * float64(M_i * 2**-n))`` for every accumulator:
-    true below 2**53, where every product and partial sum is exact in float64 (docs/numerics.md section 6)."""
+def exact_in_float64(product_bound: int, shift: int, rounding: Rounding = Rounding.HALF_TO_EVEN) -> bool:
+    """Whether a requantization ``round(Σ_i acc_i * M_i / 2**n)`` whose ``Σ_i |acc_i| * M_i`` is at most
+    ``product_bound`` is computed exactly by the kernels' float64 form for every accumulator (docs/numerics.md
+    section 6): ``nearbyint(p)`` of ``p = Σ_i float64(acc_i) * float64(M_i * 2**-n)`` for half to even, true below
+    2**53, where every product and partial sum is exact; ``floor(p + 1/2)`` for half up, true when
+    ``product_bound + 2**(n-1) < 2**53``, where ``p + 1/2`` is exact too."""
+    if rounding is Rounding.HALF_UP:
+        return product_bound + (1 << (shift - 1)) < FLOAT64_EXACT
     return product_bound < FLOAT64_EXACT
 
 
@@ -63,10 +86,11 @@ def saturate(value: torch.Tensor, low: int, high: int, dtype: torch.dtype) -> to
     return torch.clamp(value, low, high).to(dtype)
 
 
-def quantize(value: torch.Tensor, scale: float) -> torch.Tensor:
-    """float -> int8: ``saturate(round_half_to_even(float32(x) / float32(s)))``, as ONNX QuantizeLinear."""
+def quantize(value: torch.Tensor, scale: float, rounding: Rounding = Rounding.HALF_TO_EVEN) -> torch.Tensor:
+    """float -> int8: ``saturate(round(float32(x) / float32(s)))``, ties by ``rounding`` (half to even: ONNX
+    QuantizeLinear)."""
     scaled = value.to(torch.float32) / torch.tensor(scale, dtype=torch.float32)
-    return saturate(torch.round(scaled), ACTIVATION_QMIN, ACTIVATION_QMAX, torch.int8)
+    return saturate(round_half(scaled, rounding), ACTIVATION_QMIN, ACTIVATION_QMAX, torch.int8)
 
 
 def dequantize(value: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:

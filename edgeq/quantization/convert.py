@@ -23,6 +23,7 @@ from edgeq.numerics import (
     ACTIVATION_QMIN,
     FixedPointMultiplier,
     accumulator_bounds,
+    add_multipliers,
     bias_scales,
     bilinear_multiplier,
     check_accumulator_bound,
@@ -33,7 +34,6 @@ from edgeq.numerics import (
     product_multiplier,
     quantize_bias,
     quantize_multiplier,
-    quantize_multipliers,
     quantize_weight,
     real_multiplier,
     relu6_ceiling,
@@ -63,7 +63,7 @@ from edgeq.quantization.integer_ops import (
     TensorQuant,
 )
 from edgeq.quantization.patterns import PreFusionOp, moves_values, source_op
-from edgeq.quantization.prepare import TARGET_ATTRIBUTE, is_prepared
+from edgeq.quantization.prepare import ROUNDING_ATTRIBUTE, TARGET_ATTRIBUTE, is_prepared
 from edgeq.quantization.qat_modules import (
     CANONICAL,
     Activation,
@@ -86,6 +86,7 @@ from edgeq.quantization.qat_modules import (
     UpsampleBilinear2d,
     UpsampleNearest2d,
 )
+from edgeq.targets import Rounding
 
 logger = logging.getLogger(__name__)
 
@@ -109,11 +110,12 @@ def convert_fx(model: fx.GraphModule) -> IntegerModel:
             f"convert_fx: {type(model).__name__} was not prepared by edgeq's prepare_qat_fx; prepare, calibrate "
             "or train, then convert"
         )
+    converter = _Converter(model)
     with torch.no_grad():
-        graph_module, tensor_quant = _Converter(model).run()
+        graph_module, tensor_quant = converter.run()
     target = getattr(model, TARGET_ATTRIBUTE)
-    logger.info("converted %s to the integer model for %s", type(model).__name__, target)
-    return IntegerModel(graph_module, tensor_quant, target)
+    logger.info("converted %s to the integer model for %s (rounding %s)", type(model).__name__, target, converter.rounding.value)
+    return IntegerModel(graph_module, tensor_quant, target, converter.rounding)
 
 
 class _Converter:
@@ -121,6 +123,7 @@ class _Converter:
 
     def __init__(self, prepared: fx.GraphModule) -> None:
         self.prepared = prepared
+        self.rounding: Rounding = getattr(prepared, ROUNDING_ATTRIBUTE, Rounding.HALF_TO_EVEN)
         self.modules = dict(prepared.named_modules())
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
@@ -196,12 +199,11 @@ class _Converter:
         assert module.output_quantizer is not None
         return module.output_quantizer.scale()
 
-    @staticmethod
-    def _clamp_for(activation: Activation, scale: float) -> tuple[int, int]:
+    def _clamp_for(self, activation: Activation, scale: float) -> tuple[int, int]:
         if activation is Activation.RELU:
             return (0, ACTIVATION_QMAX)
         if activation is Activation.RELU6:
-            return (0, relu6_ceiling(scale))
+            return (0, relu6_ceiling(scale, self.rounding))
         return (ACTIVATION_QMIN, ACTIVATION_QMAX)
 
     # ---- one converter per canonical op ---------------------------------------------------------------------
@@ -209,7 +211,7 @@ class _Converter:
         """A QuantStub, or the quantize after an op left in float."""
         scale = self._output_scale(module)
         integer_op = IntLeaveFloat if isinstance(module, LeaveFloat) else IntQuantize
-        return integer_op(scale), TensorQuant("int8", (scale,))
+        return integer_op(scale, self.rounding), TensorQuant("int8", (scale,))
 
     def _dequantize(self, node: fx.Node, module: DequantizeOutput | EnterFloat) -> tuple[nn.Module, None]:
         """A DeQuantStub, or the dequantize before an op left in float."""
@@ -237,6 +239,7 @@ class _Converter:
                 output_scale,
                 what=f"{type(module).__name__} '{path}'",
                 bounds=accumulator_bounds(weight_q, bias_q, axis=0),
+                rounding=self.rounding,
             )
             clamp = self._clamp_for(module.activation, output_scale)
         return dict(
@@ -247,6 +250,7 @@ class _Converter:
             output=output,
             multipliers=multipliers,
             clamp=clamp,
+            rounding=self.rounding,
         )
 
     @CONVERTERS.register(Op.CONV2D)
@@ -264,18 +268,19 @@ class _Converter:
     def _add(self, node: fx.Node, module: AddAct) -> tuple[nn.Module, TensorQuant]:
         scales = (self._input_quant(node, 0).scale, self._input_quant(node, 1).scale)
         output_scale = self._output_scale(module)
-        multipliers, shift = quantize_multipliers(
-            [real_multiplier(s, output_scale) for s in scales], what=f"add '{node.target}'"
+        multipliers, shift = add_multipliers(
+            [real_multiplier(s, output_scale) for s in scales], what=f"add '{node.target}'", rounding=self.rounding
         )
         clamp = self._clamp_for(module.activation, output_scale)
-        return IntAdd(scales, output_scale, (multipliers[0], multipliers[1]), shift, clamp), TensorQuant("int8", (output_scale,))
+        op = IntAdd(scales, output_scale, (multipliers[0], multipliers[1]), shift, clamp, self.rounding)
+        return op, TensorQuant("int8", (output_scale,))
 
     @CONVERTERS.register(Op.MUL)
     def _mul(self, node: fx.Node, module: Multiply) -> tuple[nn.Module, TensorQuant]:
         scales = (self._input_quant(node, 0).scale, self._input_quant(node, 1).scale)
         output_scale = self._output_scale(module)
-        multiplier = product_multiplier(scales, output_scale, what=f"mul '{node.target}'")
-        return IntMul(scales, output_scale, multiplier), TensorQuant("int8", (output_scale,))
+        multiplier = product_multiplier(scales, output_scale, what=f"mul '{node.target}'", rounding=self.rounding)
+        return IntMul(scales, output_scale, multiplier, self.rounding), TensorQuant("int8", (output_scale,))
 
     @CONVERTERS.register(Op.MATMUL)
     def _matmul(self, node: fx.Node, module: MatMul) -> tuple[nn.Module, TensorQuant]:
@@ -283,45 +288,47 @@ class _Converter:
         scales = (self._input_quant(node, 0).scale, self._input_quant(node, 1).scale)
         output_scale = self._output_scale(module)
         check_product_accumulator_bound(module.reduction_size, what=what)
-        multiplier = product_multiplier(scales, output_scale, what=what, reduction_size=module.reduction_size)
-        return IntMatMul(scales, output_scale, module.reduction_size, multiplier), TensorQuant("int8", (output_scale,))
+        multiplier = product_multiplier(scales, output_scale, what=what, reduction_size=module.reduction_size, rounding=self.rounding)
+        return IntMatMul(scales, output_scale, module.reduction_size, multiplier, self.rounding), TensorQuant("int8", (output_scale,))
 
     @CONVERTERS.register(Op.CONCAT)
     def _concat(self, node: fx.Node, module: Concat) -> tuple[nn.Module, TensorQuant]:
         scales = [self._input_quant(node, i).scale for i in range(len(node.args))]
         output_scale = self._output_scale(module)
         multipliers = [
-            quantize_multiplier(real_multiplier(s, output_scale), what=f"cat '{node.target}' input {i}")
+            quantize_multiplier(real_multiplier(s, output_scale), what=f"cat '{node.target}' input {i}", rounding=self.rounding)
             for i, s in enumerate(scales)
         ]
-        return IntConcat(module.dim, scales, output_scale, multipliers), TensorQuant("int8", (output_scale,))
+        return IntConcat(module.dim, scales, output_scale, multipliers, self.rounding), TensorQuant("int8", (output_scale,))
 
     def _pooling_multiplier(
         self, node: fx.Node, module: Requantizing, count: int
     ) -> tuple[float, float, FixedPointMultiplier]:
         input_scale = self._input_quant(node).scale
         output_scale = self._output_scale(module)
-        multiplier = quantize_multiplier(real_multiplier(input_scale, output_scale, count=count), what=f"'{node.target}'")
+        multiplier = quantize_multiplier(
+            real_multiplier(input_scale, output_scale, count=count), what=f"'{node.target}'", rounding=self.rounding
+        )
         return input_scale, output_scale, multiplier
 
     @CONVERTERS.register(Op.AVG_POOL2D)
     def _avg_pool(self, node: fx.Node, module: AvgPool2d) -> tuple[nn.Module, TensorQuant]:
         count = module.kernel_size[0] * module.kernel_size[1]
         input_scale, output_scale, multiplier = self._pooling_multiplier(node, module, count)
-        op = IntAvgPool2d(module.kernel_size, module.stride, module.padding, input_scale, output_scale, multiplier)
+        op = IntAvgPool2d(module.kernel_size, module.stride, module.padding, input_scale, output_scale, multiplier, self.rounding)
         return op, TensorQuant("int8", (output_scale,))
 
     @CONVERTERS.register(Op.GLOBAL_AVG_POOL2D)
     def _global_avg_pool(self, node: fx.Node, module: GlobalAvgPool2d) -> tuple[nn.Module, TensorQuant]:
         count = module.input_size[0] * module.input_size[1]
         input_scale, output_scale, multiplier = self._pooling_multiplier(node, module, count)
-        op = IntGlobalAvgPool2d(module.keepdim, module.input_size, input_scale, output_scale, multiplier)
+        op = IntGlobalAvgPool2d(module.keepdim, module.input_size, input_scale, output_scale, multiplier, self.rounding)
         return op, TensorQuant("int8", (output_scale,))
 
     @CONVERTERS.register(Op.RELU)
     def _clamp(self, node: fx.Node, module: Clamp) -> tuple[nn.Module, TensorQuant]:
         quant = self._input_quant(node)
-        return IntClamp(*clamp_levels(module.bounds, quant.scale)), quant
+        return IntClamp(*clamp_levels(module.bounds, quant.scale, self.rounding)), quant
 
     @CONVERTERS.register(Op.MAX_POOL2D)
     def _max_pool(self, node: fx.Node, module: MaxPool2d) -> tuple[nn.Module, TensorQuant]:
@@ -332,15 +339,15 @@ class _Converter:
     @CONVERTERS.register(*LOOKUP_TABLE_OPS)
     def _lookup_table(self, node: fx.Node, module: LookupTableActivation) -> tuple[nn.Module, TensorQuant]:
         input_scale, output_scale = self._input_quant(node).scale, self._output_scale(module)
-        table = lookup_table(module.op, input_scale, output_scale, module.alpha)
-        op = IntLookupTable(module.op, module.alpha, input_scale, output_scale, torch.from_numpy(table))
+        table = lookup_table(module.op, input_scale, output_scale, module.alpha, rounding=self.rounding)
+        op = IntLookupTable(module.op, module.alpha, input_scale, output_scale, torch.from_numpy(table), self.rounding)
         return op, TensorQuant("int8", (output_scale,))
 
     @CONVERTERS.register(Op.UPSAMPLE_BILINEAR2D)
     def _bilinear(self, node: fx.Node, module: UpsampleBilinear2d) -> tuple[nn.Module, TensorQuant]:
         input_scale, output_scale = self._input_quant(node).scale, self._output_scale(module)
-        multiplier = bilinear_multiplier(input_scale, output_scale, what=f"'{node.target}'")
-        op = IntUpsampleBilinear2d(module.size, module.align_corners, input_scale, output_scale, multiplier)
+        multiplier = bilinear_multiplier(input_scale, output_scale, what=f"'{node.target}'", rounding=self.rounding)
+        op = IntUpsampleBilinear2d(module.size, module.align_corners, input_scale, output_scale, multiplier, self.rounding)
         return op, TensorQuant("int8", (output_scale,))
 
     @CONVERTERS.register(Op.UPSAMPLE_NEAREST2D)

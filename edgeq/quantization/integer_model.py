@@ -9,6 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from edgeq.quantization.integer_ops import IntDequantize, TensorQuant
+from edgeq.targets import Rounding
 
 
 class IntegerModel(nn.Module):
@@ -22,13 +23,21 @@ class IntegerModel(nn.Module):
         graph_module: the integer graph; each ``call_module`` node is one integer op.
         tensor_quant: :class:`TensorQuant` of every integer tensor, by node name in ``graph_module.graph``.
         target: name of the target the model was quantized for.
+        rounding: that target's :class:`~edgeq.targets.Rounding`, the rule every op of the model rounds ties by.
     """
 
-    def __init__(self, graph_module: fx.GraphModule, tensor_quant: dict[str, TensorQuant], target: str) -> None:
+    def __init__(
+        self,
+        graph_module: fx.GraphModule,
+        tensor_quant: dict[str, TensorQuant],
+        target: str,
+        rounding: Rounding = Rounding.HALF_TO_EVEN,
+    ) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.tensor_quant = tensor_quant
         self.target = target
+        self.rounding = rounding
 
     def forward(self, *inputs: torch.Tensor) -> Any:
         return self.graph_module(*inputs)

@@ -1,6 +1,8 @@
 """Integer ops: the modules of the integer model, each one op of ``docs/numerics.md``.
 
-Tensors between ops are int8 (int32 for a high-precision output). Every op keeps its integer parameters as
+Tensors between ops are int8 (int32 for a high-precision output). Every op that rounds (requantization,
+quantizing a float input) carries the target's rule as ``rounding`` (:class:`~edgeq.targets.Rounding`; lookup tables
+and clamp levels are built with it at convert). Every op keeps its integer parameters as
 buffers and its quantization parameters as plain attributes, so that export and the compiler read them
 directly. Convolutions and sums run in float64 on integer values, which is exact: every product and partial
 sum is an integer below 2**53 (products are at most 2**14; a reduction would need 2**39 terms to reach 2**53),
@@ -10,8 +12,6 @@ so no rounding can occur whatever the summation order; the result is then cast b
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,33 +33,11 @@ from edgeq.numerics import (
 )
 from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable
 from edgeq.quantization.qat_modules import UpsampleNearest2d
+from edgeq.quantization.tensor_quant import TensorQuant
+from edgeq.targets import Rounding
 
 INTEGER_OPS: OpTable[type[nn.Module]] = OpTable("integer op in integer_ops.py", lambda info: not info.movement)
 """The integer op (a module class of this file) that ``convert_fx`` makes of each op."""
-
-
-@dataclass(frozen=True)
-class TensorQuant:
-    """How an integer tensor maps to real numbers: ``real = float32(q) * scale``.
-
-    ``scales`` has one entry (per tensor) or one per channel along ``axis`` (an int32 output of a conv/linear,
-    whose scale is ``s_in * s_w[c]``). The zero point is always 0.
-    """
-
-    dtype: Literal["int8", "int32"]
-    scales: tuple[float, ...]
-    axis: int | None = None
-
-    @property
-    def scale(self) -> float:
-        """The per-tensor scale.
-
-        Raises:
-            QuantizationError: the tensor is quantized per channel.
-        """
-        if len(self.scales) != 1 or self.axis is not None:
-            raise QuantizationError(f"expected a per-tensor scale; got {len(self.scales)} scales along axis {self.axis}")
-        return self.scales[0]
 
 
 def _channel_view(values: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
@@ -76,14 +54,15 @@ def _multiplier_buffers(module: nn.Module, multipliers: Sequence[FixedPointMulti
 class IntQuantize(nn.Module):
     """QuantStub: float -> int8 at ``output_scale``. An int8 input is taken as already quantized (raw)."""
 
-    def __init__(self, output_scale: float) -> None:
+    def __init__(self, output_scale: float, rounding: Rounding = Rounding.HALF_TO_EVEN) -> None:
         super().__init__()
         self.output_scale = output_scale
+        self.rounding = rounding
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
         if value.dtype == torch.int8:
             return value
-        return quantize(value, self.output_scale)
+        return quantize(value, self.output_scale, self.rounding)
 
     def extra_repr(self) -> str:
         return f"scale={self.output_scale:.6g}"
@@ -130,8 +109,10 @@ class _WeightedOp(nn.Module):
         output: TensorQuant,
         multipliers: Sequence[FixedPointMultiplier] | None,
         clamp: tuple[int, int] | None,
+        rounding: Rounding = Rounding.HALF_TO_EVEN,
     ) -> None:
         super().__init__()
+        self.rounding = rounding
         if (multipliers is None or clamp is None) != (output.dtype == "int32"):
             raise ValueError("multipliers and clamp are given exactly when the output is int8")
         self.register_buffer("weight", weight.to(torch.int8))
@@ -153,6 +134,7 @@ class _WeightedOp(nn.Module):
             accumulator,
             _channel_view(self.multiplier, rank, channel_axis),
             _channel_view(self.shift, rank, channel_axis),
+            self.rounding,
         )
         return saturate(scaled, *self.clamp, torch.int8)
 
@@ -174,8 +156,9 @@ class IntConv2d(_WeightedOp):
         padding: tuple[int, int],
         dilation: tuple[int, int],
         groups: int,
+        rounding: Rounding = Rounding.HALF_TO_EVEN,
     ) -> None:
-        super().__init__(weight, bias, input_scale, weight_scales, output, multipliers, clamp)
+        super().__init__(weight, bias, input_scale, weight_scales, output, multipliers, clamp, rounding)
         self.stride = stride
         self.padding = padding
         self.dilation = dilation
@@ -210,8 +193,8 @@ class IntLinear(_WeightedOp):
 
 @INTEGER_OPS.register(Op.ADD)
 class IntAdd(nn.Module):
-    """``saturate(round_half_to_even((a * M_a + b * M_b) / 2**n))``: both inputs rescaled to the output, one
-    rounding."""
+    """``saturate(round((a * M_a + b * M_b) / 2**n))``: both inputs rescaled to the output, one rounding (ties by
+    ``rounding``; ``numerics.add_multipliers`` chose the multipliers for it)."""
 
     def __init__(
         self,
@@ -220,8 +203,10 @@ class IntAdd(nn.Module):
         multipliers: tuple[int, int],
         shift: int,
         clamp: tuple[int, int],
+        rounding: Rounding = Rounding.HALF_TO_EVEN,
     ) -> None:
         super().__init__()
+        self.rounding = rounding
         self.input_scales = input_scales
         self.output_scale = output_scale
         self.multipliers = multipliers
@@ -230,7 +215,7 @@ class IntAdd(nn.Module):
 
     def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         total = left.to(torch.int64) * self.multipliers[0] + right.to(torch.int64) * self.multipliers[1]
-        return saturate(rounding_right_shift(total, self.shift), *self.clamp, torch.int8)
+        return saturate(rounding_right_shift(total, self.shift, self.rounding), *self.clamp, torch.int8)
 
     def extra_repr(self) -> str:
         return f"multipliers={self.multipliers}, shift={self.shift}, clamp={self.clamp}"
@@ -238,17 +223,24 @@ class IntAdd(nn.Module):
 
 @INTEGER_OPS.register(Op.MUL)
 class IntMul(nn.Module):
-    """``saturate(round_half_to_even(a * b * M / 2**n))`` with broadcasting; ``M * 2**-n`` is ``s_a * s_b / s_out``."""
+    """``saturate(round(a * b * M / 2**n))`` with broadcasting; ``M * 2**-n`` is ``s_a * s_b / s_out``."""
 
-    def __init__(self, input_scales: tuple[float, float], output_scale: float, multiplier: FixedPointMultiplier) -> None:
+    def __init__(
+        self,
+        input_scales: tuple[float, float],
+        output_scale: float,
+        multiplier: FixedPointMultiplier,
+        rounding: Rounding = Rounding.HALF_TO_EVEN,
+    ) -> None:
         super().__init__()
+        self.rounding = rounding
         self.input_scales = input_scales
         self.output_scale = output_scale
         self.multiplier = multiplier
 
     def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         product = left.to(torch.int64) * right.to(torch.int64)
-        return saturate(requantize(product, self.multiplier.multiplier, self.multiplier.shift), ACTIVATION_QMIN, ACTIVATION_QMAX, torch.int8)
+        return saturate(requantize(product, self.multiplier.multiplier, self.multiplier.shift, self.rounding), ACTIVATION_QMIN, ACTIVATION_QMAX, torch.int8)
 
     def extra_repr(self) -> str:
         return f"multiplier={self.multiplier.multiplier}, shift={self.multiplier.shift}"
@@ -256,14 +248,20 @@ class IntMul(nn.Module):
 
 @INTEGER_OPS.register(Op.MATMUL)
 class IntMatMul(nn.Module):
-    """``saturate(round_half_to_even(acc * M / 2**n))`` with ``acc[..., i, j] = Σ_k a[..., i, k] * b[..., k, j]``, the
+    """``saturate(round(acc * M / 2**n))`` with ``acc[..., i, j] = Σ_k a[..., i, k] * b[..., k, j]``, the
     int8 x int8 products summed exactly (``|acc| <= K * 128 * 128 < 2**31``, checked at convert), leading axes
     broadcast as ``torch.matmul``; ``M * 2**-n`` is ``s_a * s_b / s_out`` (docs/numerics.md, "Matrix product")."""
 
     def __init__(
-        self, input_scales: tuple[float, float], output_scale: float, reduction_size: int, multiplier: FixedPointMultiplier
+        self,
+        input_scales: tuple[float, float],
+        output_scale: float,
+        reduction_size: int,
+        multiplier: FixedPointMultiplier,
+        rounding: Rounding = Rounding.HALF_TO_EVEN,
     ) -> None:
         super().__init__()
+        self.rounding = rounding
         self.input_scales = input_scales
         self.output_scale = output_scale
         self.reduction_size = reduction_size
@@ -277,7 +275,7 @@ class IntMatMul(nn.Module):
                 "inputs of this size"
             )
         acc = torch.matmul(left.to(torch.float64), right.to(torch.float64)).to(torch.int64)
-        scaled = requantize(acc, self.multiplier.multiplier, self.multiplier.shift)
+        scaled = requantize(acc, self.multiplier.multiplier, self.multiplier.shift, self.rounding)
         return saturate(scaled, ACTIVATION_QMIN, ACTIVATION_QMAX, torch.int8)
 
     def extra_repr(self) -> str:
@@ -289,9 +287,15 @@ class IntConcat(nn.Module):
     """Concatenation; each input requantized to the output scale (exactly the identity when scales match)."""
 
     def __init__(
-        self, dim: int, input_scales: Sequence[float], output_scale: float, multipliers: Sequence[FixedPointMultiplier]
+        self,
+        dim: int,
+        input_scales: Sequence[float],
+        output_scale: float,
+        multipliers: Sequence[FixedPointMultiplier],
+        rounding: Rounding = Rounding.HALF_TO_EVEN,
     ) -> None:
         super().__init__()
+        self.rounding = rounding
         self.dim = dim
         self.input_scales = tuple(input_scales)
         self.output_scale = output_scale
@@ -299,7 +303,7 @@ class IntConcat(nn.Module):
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         rescaled = [
-            saturate(requantize(t, m.multiplier, m.shift), ACTIVATION_QMIN, ACTIVATION_QMAX, torch.int8)
+            saturate(requantize(t, m.multiplier, m.shift, self.rounding), ACTIVATION_QMIN, ACTIVATION_QMAX, torch.int8)
             for t, m in zip(tensors, self.multipliers)
         ]
         return torch.cat(rescaled, self.dim)
@@ -311,15 +315,16 @@ class IntConcat(nn.Module):
 class _PoolingRequantize(nn.Module):
     """An integer sum of ``count`` values, requantized with a multiplier that folds 1/count."""
 
-    def __init__(self, input_scale: float, output_scale: float, count: int, multiplier: FixedPointMultiplier) -> None:
+    def __init__(self, input_scale: float, output_scale: float, count: int, multiplier: FixedPointMultiplier, rounding: Rounding) -> None:
         super().__init__()
+        self.rounding = rounding
         self.input_scale = input_scale
         self.output_scale = output_scale
         self.count = count
         self.multiplier = multiplier
 
     def _finish(self, total: torch.Tensor) -> torch.Tensor:
-        scaled = requantize(total, self.multiplier.multiplier, self.multiplier.shift)
+        scaled = requantize(total, self.multiplier.multiplier, self.multiplier.shift, self.rounding)
         return saturate(scaled, ACTIVATION_QMIN, ACTIVATION_QMAX, torch.int8)
 
 
@@ -335,8 +340,9 @@ class IntAvgPool2d(_PoolingRequantize):
         input_scale: float,
         output_scale: float,
         multiplier: FixedPointMultiplier,
+        rounding: Rounding = Rounding.HALF_TO_EVEN,
     ) -> None:
-        super().__init__(input_scale, output_scale, kernel_size[0] * kernel_size[1], multiplier)
+        super().__init__(input_scale, output_scale, kernel_size[0] * kernel_size[1], multiplier, rounding)
         self.kernel_size = kernel_size
         self.stride = stride
         self.padding = padding
@@ -362,8 +368,9 @@ class IntGlobalAvgPool2d(_PoolingRequantize):
         input_scale: float,
         output_scale: float,
         multiplier: FixedPointMultiplier,
+        rounding: Rounding = Rounding.HALF_TO_EVEN,
     ) -> None:
-        super().__init__(input_scale, output_scale, input_size[0] * input_size[1], multiplier)
+        super().__init__(input_scale, output_scale, input_size[0] * input_size[1], multiplier, rounding)
         self.keepdim = keepdim
         self.input_size = input_size
 
@@ -435,9 +442,16 @@ class IntUpsampleBilinear2d(nn.Module):
     requantization folding the weights' ``2**(2F)`` (docs/numerics.md, "Bilinear resize")."""
 
     def __init__(
-        self, size: tuple[int, int], align_corners: bool, input_scale: float, output_scale: float, multiplier: FixedPointMultiplier
+        self,
+        size: tuple[int, int],
+        align_corners: bool,
+        input_scale: float,
+        output_scale: float,
+        multiplier: FixedPointMultiplier,
+        rounding: Rounding = Rounding.HALF_TO_EVEN,
     ) -> None:
         super().__init__()
+        self.rounding = rounding
         self.size = size
         self.align_corners = align_corners
         self.input_scale = input_scale
@@ -447,7 +461,7 @@ class IntUpsampleBilinear2d(nn.Module):
     def forward(self, value: torch.Tensor) -> torch.Tensor:
         rows, columns = (bilinear_taps(n, o, self.align_corners) for n, o in zip(value.shape[-2:], self.size))
         acc = bilinear_accumulate(value, rows, columns)
-        scaled = requantize(acc, self.multiplier.multiplier, self.multiplier.shift)
+        scaled = requantize(acc, self.multiplier.multiplier, self.multiplier.shift, self.rounding)
         return saturate(scaled, ACTIVATION_QMIN, ACTIVATION_QMAX, torch.int8)
 
     def extra_repr(self) -> str:
@@ -456,10 +470,12 @@ class IntUpsampleBilinear2d(nn.Module):
 
 @INTEGER_OPS.register(*LOOKUP_TABLE_OPS)
 class IntLookupTable(nn.Module):
-    """A table activation: ``table[q + 128]`` (docs/numerics.md, lookup-table activations); ``op`` says which."""
+    """A table activation: ``table[q + 128]`` (docs/numerics.md, lookup-table activations); ``op`` says which,
+    ``rounding`` the rule its entries were rounded by."""
 
-    def __init__(self, op: Op, alpha: float, input_scale: float, output_scale: float, table: torch.Tensor) -> None:
+    def __init__(self, op: Op, alpha: float, input_scale: float, output_scale: float, table: torch.Tensor, rounding: Rounding = Rounding.HALF_TO_EVEN) -> None:
         super().__init__()
+        self.rounding = rounding
         self.op = op
         self.alpha = alpha
         self.input_scale = input_scale

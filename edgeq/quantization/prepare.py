@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 TARGET_ATTRIBUTE = "edgeq_target"
 """Attribute of a prepared (and converted) model: the name of the target it was prepared for."""
+ROUNDING_ATTRIBUTE = "edgeq_rounding"
+"""Attribute of a prepared model: its target's :class:`~edgeq.targets.Rounding`, which ``convert_fx`` gives the
+integer model."""
 
 _SINGLE_CALL_OPS = {
     PreFusionOp.QUANT_STUB,
@@ -132,6 +135,7 @@ def _prepare(
     prepared.train(model.training)
     set_fake_quantize(prepared, FakeQuantState.QAT)
     setattr(prepared, TARGET_ATTRIBUTE, target.name)
+    setattr(prepared, ROUNDING_ATTRIBUTE, target.quantization.rounding)
     setattr(prepared, CAPTURE_ATTRIBUTE, getattr(traced, CAPTURE_ATTRIBUTE))
     return prepared, rejected
 

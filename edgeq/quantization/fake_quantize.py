@@ -1,7 +1,10 @@
 """Fake quantization: float tensors rounded to the integer grid, with straight-through gradients.
 
 Built on aten's ``fake_quantize_per_tensor_affine`` / ``fake_quantize_per_channel_affine``, whose backward is
-the straight-through estimator (gradient 1 inside the representable range, 0 where the value saturates).
+the straight-through estimator (gradient 1 inside the representable range, 0 where the value saturates). aten
+rounds half to even; on a target whose rule is half up (:class:`~edgeq.targets.Rounding`) activations are fake
+quantized by :class:`_FakeQuantizeHalfUp` instead, ``saturate(round_half_up(x / s)) * s`` with the same gradient,
+so QAT rounds as the integer model does.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from edgeq.numerics import (
     WEIGHT_QMAX,
     WEIGHT_QMIN,
     float32,
+    round_half,
     scale_from_amax,
 )
 from edgeq.quantization.observers import Observer
 from edgeq.quantization.state import FakeQuantStateful
-from edgeq.targets import ScaleRule
+from edgeq.targets import Rounding, ScaleRule
 
 
 class ActivationFakeQuantize(FakeQuantStateful):
@@ -30,10 +34,16 @@ class ActivationFakeQuantize(FakeQuantStateful):
         scale_rule: the target's :class:`~edgeq.targets.ScaleRule`.
         fixed_scale: a scale that nothing changes (a ``QuantStub(scale=...)``).
         owner: the node this quantizer belongs to, for error messages.
+        rounding: the target's :class:`~edgeq.targets.Rounding` of ties.
     """
 
     def __init__(
-        self, observer: Observer | None, scale_rule: ScaleRule, fixed_scale: float | None = None, owner: str = ""
+        self,
+        observer: Observer | None,
+        scale_rule: ScaleRule,
+        fixed_scale: float | None = None,
+        owner: str = "",
+        rounding: Rounding = Rounding.HALF_TO_EVEN,
     ) -> None:
         super().__init__()
         if (observer is None) == (fixed_scale is None):
@@ -42,6 +52,7 @@ class ActivationFakeQuantize(FakeQuantStateful):
         self.scale_rule = scale_rule
         self.fixed_scale = None if fixed_scale is None else float32(fixed_scale)
         self.owner = owner
+        self.rounding = rounding
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32), persistent=False)
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
@@ -50,6 +61,8 @@ class ActivationFakeQuantize(FakeQuantStateful):
         if not self.fake_quant_state.fake_quantizes:
             return value
         scale = torch.tensor(self.scale(), dtype=torch.float32, device=value.device)
+        if self.rounding is Rounding.HALF_UP:
+            return _FakeQuantizeHalfUp.apply(value, scale)
         return torch.fake_quantize_per_tensor_affine(value, scale, self.zero_point, ACTIVATION_QMIN, ACTIVATION_QMAX)
 
     def scale(self) -> float:
@@ -71,9 +84,27 @@ class ActivationFakeQuantize(FakeQuantStateful):
         return float(scale_from_amax(amax, ACTIVATION_QMAX, self.scale_rule))
 
     def extra_repr(self) -> str:
+        rounding = f", rounding={self.rounding.value}" if self.rounding is not Rounding.HALF_TO_EVEN else ""
         if self.fixed_scale is not None:
-            return f"fixed_scale={self.fixed_scale:.6g}"
-        return f"scale_rule={self.scale_rule.value}"
+            return f"fixed_scale={self.fixed_scale:.6g}{rounding}"
+        return f"scale_rule={self.scale_rule.value}{rounding}"
+
+
+class _FakeQuantizeHalfUp(torch.autograd.Function):
+    """``saturate(round_half_up(x / s), -128, 127) * s`` (float32 division, as the integer model's quantize), with
+    aten's straight-through gradient: 1 where the rounded value is inside the range, 0 where it saturates."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        steps = round_half(value / scale, Rounding.HALF_UP)
+        inside = (steps >= ACTIVATION_QMIN) & (steps <= ACTIVATION_QMAX)
+        ctx.save_for_backward(inside)
+        return torch.clamp(steps, ACTIVATION_QMIN, ACTIVATION_QMAX) * scale
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (inside,) = ctx.saved_tensors
+        return grad * inside.to(grad.dtype), None
 
 
 def weight_scales(weight: torch.Tensor, rule: ScaleRule) -> torch.Tensor:

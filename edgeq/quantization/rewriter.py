@@ -21,7 +21,7 @@ from edgeq.quantization.fusion import Fusion
 from edgeq.quantization.graph import constant_tensors, describe_node, getattr_path, module_scope
 from edgeq.quantization.patterns import SUPPORTED_OPS, source_op
 from edgeq.quantization.qconfig import QConfig, default_qat_qconfig
-from edgeq.targets import ScaleRule, Target
+from edgeq.targets import Rounding, ScaleRule, Target
 
 
 class Rewriter:
@@ -44,6 +44,7 @@ class Rewriter:
         self.region = region
         self.target = target
         self.scale_rule: ScaleRule = target.quantization.scale_rule
+        self.rounding: Rounding = target.quantization.rounding
         self.resolve = resolve
         self.modules = dict(traced.named_modules())
         self.kinds = {node: source_op(node, self.modules) for node in region}
@@ -110,9 +111,9 @@ class Rewriter:
     def quantizer(self, node: fx.Node, path: str, fixed_scale: float | None = None) -> ActivationFakeQuantize:
         """The quantizer of the output of the canonical op at ``path`` (``fixed_scale``: a QuantStub's)."""
         if fixed_scale is not None:
-            return ActivationFakeQuantize(None, self.scale_rule, fixed_scale=fixed_scale, owner=path)
+            return ActivationFakeQuantize(None, self.scale_rule, fixed_scale=fixed_scale, owner=path, rounding=self.rounding)
         qconfig = self.qconfig(node, allows_int32=False)
-        return ActivationFakeQuantize(qconfig.activation_observer(), self.scale_rule, owner=path)
+        return ActivationFakeQuantize(qconfig.activation_observer(), self.scale_rule, owner=path, rounding=self.rounding)
 
     @property
     def global_qconfig(self) -> QConfig:

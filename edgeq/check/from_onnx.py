@@ -21,6 +21,7 @@ from edgeq.export.onnx_reader import QDQModel, QuantParams
 from edgeq.export.qdq_graph import QDQGraph
 from edgeq.numerics import accumulator_bounds, resize_align_corners
 from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable, gated_op
+from edgeq.targets import Rounding
 
 
 def records_from_qdq(qdq: QDQModel) -> list[OpRecord]:
@@ -81,7 +82,7 @@ class _OnnxWalker(QDQGraph):
         if quantized:
             record.quant = self._quant_facts(node, input_quant, output_quant)
         if quantized and record.output_shape is not None and len(record.input_shapes) == len(activations):
-            record.rejected = _requantization_problem(record)
+            record.rejected = _requantization_problem(record, self.qdq.rounding)
         return record
 
     def _feeds_model_output(self, node: onnx.NodeProto) -> bool:
@@ -224,7 +225,7 @@ def _no_attributes(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes:
     return op.value, {}
 
 
-def _requantization_problem(record: OpRecord) -> str | None:
+def _requantization_problem(record: OpRecord, rounding: Rounding) -> str | None:
     """Why the scales around a quantized op of static shapes give no requantization edgeq's integers represent (a
     multiplier outside ``[2**-32, 2**30)``), from the compiler's own constants, so that the check refuses what
     compile would; None when they give one. (An op with a dynamic dimension has constants only once compile is
@@ -232,7 +233,7 @@ def _requantization_problem(record: OpRecord) -> str | None:
     from edgeq.compile.requantization import requantization  # not at the top: edgeq.compile imports edgeq.check
 
     try:
-        requantization(record)
+        requantization(record, rounding)
     except QuantizationError as error:
         return str(error)
     return None

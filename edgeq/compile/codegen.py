@@ -37,6 +37,7 @@ from edgeq.compile.resize_coordinates import with_resize_coordinates_of_onnx
 from edgeq.compile.schedules import KernelSchedule, TunedSchedules, kernel_schedules
 from edgeq.errors import CompileError
 from edgeq.export.onnx_nodes import node_attributes
+from edgeq.targets import Rounding
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +49,9 @@ Progress = Callable[[str], None]
 _FLOAT_OPS = ("relax.quantize", "relax.dequantize")
 
 
-def build_relax_module(partition: Partition, progress: Progress) -> relax.IRModule:
+def build_relax_module(partition: Partition, progress: Progress, rounding: Rounding = Rounding.HALF_TO_EVEN) -> relax.IRModule:
     """One Relax module: a function per region and ``main`` calling them in order, through the pipeline's
-    ``lower_integer`` stage.
+    ``lower_integer`` stage; ties round by the target's ``rounding`` (the input quantizers' too).
 
     Raises:
         CompileError: TVM cannot import a region, or an NPU region keeps float arithmetic after lowering.
@@ -62,9 +63,9 @@ def build_relax_module(partition: Partition, progress: Progress) -> relax.IRModu
         function = _head_function(region.head) if region.head is not None else _region_function(region)
         functions.append(builder.add_func(_annotated(function, region), region.name))
     _emit_main(builder, partition, functions)
-    _emit_input_quantizers(builder, partition)
+    _emit_input_quantizers(builder, partition, rounding)
     progress("lower to integers")
-    module = lower_integer()(builder.get())
+    module = lower_integer(rounding)(builder.get())
     for region, global_var in zip(partition.regions, functions):
         lost = _lost_kernels(module[global_var.name_hint], module)
         if lost:
@@ -169,10 +170,11 @@ def input_quantizer(index: int) -> str:
     return f"quantize_input{index}"
 
 
-def _emit_input_quantizers(builder: relax.BlockBuilder, partition: Partition) -> None:
+def _emit_input_quantizers(builder: relax.BlockBuilder, partition: Partition, rounding: Rounding) -> None:
     """A function per quantized input, float32 values -> the integers ``main`` takes, as the runtimes quantize
-    (docs/runtime.md): ``saturate(nearbyint(x / s) + z)`` with a float32 division, NaN -> ``z``. The runtimes call
-    it on float inputs: one parallel, vectorized pass instead of theirs."""
+    (docs/runtime.md): ``saturate(nearbyint(x / s) + z)`` with a float32 division, NaN -> ``z``; on a half-up target
+    ``floor(x / s)`` plus 1 where the exact remainder is at least 1/2 (``edgeq.numerics.round_half``), as the integer
+    model's QuantStub. The runtimes call it on float inputs: one parallel, vectorized pass instead of theirs."""
     for index, spec in enumerate(partition.inputs):
         if spec.quant is None:
             continue
@@ -187,11 +189,20 @@ def _emit_input_quantizers(builder: relax.BlockBuilder, partition: Partition) ->
         values = relax.Var("values", relax.TensorType(list(spec.shape), "float32"))
         with builder.function(name, [values], {"global_symbol": name}):
             with builder.dataflow():
-                steps = R.round(R.divide(values, scales))
+                steps = _rounded(R.divide(values, scales), rounding)
                 steps = R.where(R.isnan(steps), relax.const(0.0, "float32"), steps)
                 shifted = R.add(R.astype(steps, "float64"), zero_points)  # exact: int32 inputs too
                 output = builder.emit_output(R.astype(R.clip(shifted, int(limits.min), int(limits.max)), spec.dtype))
             builder.emit_func_output(output)
+
+
+def _rounded(value: relax.Expr, rounding: Rounding) -> relax.Expr:
+    """``value`` (float32) rounded to integers as ``edgeq.numerics.round_half``: ties to even, or up."""
+    if rounding is Rounding.HALF_TO_EVEN:
+        return R.round(value)
+    floor = R.floor(value)
+    half_or_more = R.greater_equal(R.subtract(value, floor), relax.const(0.5, "float32"))
+    return R.add(floor, R.astype(half_or_more, "float32"))
 
 
 def _identifier(name: str) -> str:

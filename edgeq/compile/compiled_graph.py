@@ -392,7 +392,7 @@ class _Builder:
             bytes_in=sum(tensors[t].bytes for t in inputs),
             bytes_out=sum(tensors[t].bytes for t in outputs),
             weight_bytes=sum(tensors[t].bytes for t in constants),
-            requantization=requantization(record),
+            requantization=requantization(record, self.report.target.quantization.rounding),
             kernel=None,
             parallel=False,
             reasons=[r.message for r in node.reasons],

@@ -3,12 +3,16 @@ accumulation of docs/numerics.md, built by the integer lowering (:mod:`edgeq.com
 compiler's int32 heads (:mod:`edgeq.compile.codegen`).
 
 The requantization is computed in float64 where :func:`edgeq.numerics.exact_in_float64` proves it exact
-(docs/numerics.md section 6), else in int64, with the multipliers and shifts the integer model uses.
+(docs/numerics.md section 6), else in int64, with the multipliers and shifts the integer model uses, and rounds ties
+by the target's rule: :func:`lowering_rounding`, which :func:`edgeq.compile.lower_integer.lower_to_integer` sets for
+the rules it runs (:func:`rounding_rule`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +30,24 @@ from edgeq.numerics import (
     quantize_multiplier,
     real_multiplier,
 )
+from edgeq.targets import Rounding
+
+_ROUNDING: ContextVar[Rounding] = ContextVar("edgeq_lowering_rounding", default=Rounding.HALF_TO_EVEN)
+
+
+@contextmanager
+def rounding_rule(rounding: Rounding) -> Iterator[None]:
+    """Within the block, the arithmetic written here rounds ties by ``rounding`` (the compiled target's rule)."""
+    token = _ROUNDING.set(rounding)
+    try:
+        yield
+    finally:
+        _ROUNDING.reset(token)
+
+
+def lowering_rounding() -> Rounding:
+    """The rounding rule of the lowering in progress (:func:`rounding_rule`; half to even outside one)."""
+    return _ROUNDING.get()
 
 
 @dataclass(frozen=True)
@@ -48,9 +70,12 @@ def channel_shape(rank: int, axis: int, channels: int) -> list[int]:
 
 
 def _round_shift(product: relax.Expr, shifts: Sequence[int], shape: Sequence[int]) -> relax.Expr:
-    """``round_half_to_even(product / 2**n)`` on int64, as ``edgeq.numerics.rounding_right_shift``, in the
-    kernels' epilogue form ``(p + 2**(n-1) - 1 + ((p >> n) & 1)) >> n`` (equal for ``1 <= n``, ``|p| < 2**62``)."""
+    """``round(product / 2**n)`` on int64, as ``edgeq.numerics.rounding_right_shift``: half up
+    ``(p + 2**(n-1)) >> n``; half to even in the kernels' epilogue form ``(p + 2**(n-1) - 1 + ((p >> n) & 1)) >> n``
+    (equal for ``1 <= n``, ``|p| < 2**62``)."""
     shift = _i64(shifts, shape)
+    if lowering_rounding() is Rounding.HALF_UP:
+        return R.right_shift(R.add(product, _i64([1 << (n - 1) for n in shifts], shape)), shift)
     odd = R.bitwise_and(R.right_shift(product, shift), relax.const(1, "int64"))
     return R.right_shift(R.add(R.add(product, _i64([(1 << (n - 1)) - 1 for n in shifts], shape)), odd), shift)
 
@@ -80,19 +105,24 @@ INT32_EXACT = 2**31 - 2**8
 
 
 def rounded_in_float64(terms: Sequence[Term], shape: Sequence[int], zero_point: int, largest: int) -> relax.Expr:
-    """``saturate(nearbyint(Σ float64(value) * float64(M * 2**-n)) + zero_point)`` as int8, each term's multipliers
+    """``saturate(round(Σ float64(value) * float64(M * 2**-n)) + zero_point)`` as int8, each term's multipliers
     shaped as ``shape``: the requantization where :func:`edgeq.numerics.exact_in_float64` proves it exact
-    (docs/numerics.md section 6). A convert, a multiply and a round, where the int64 form needs a 64-bit shift
-    that AVX2 lacks. ``largest``: a bound on ``|Σ value * M * 2**-n|``; below :data:`INT32_EXACT` the rounded
-    value converts to int32 exactly, so the zero point and the clamp take twice the vector lanes of float64."""
+    (docs/numerics.md section 6); ``round`` is ``nearbyint`` (half to even) or ``floor(p + 1/2)`` (half up). A
+    convert, a multiply and a round, where the int64 form needs a 64-bit shift that AVX2 lacks. ``largest``: a bound
+    on ``|Σ value * M * 2**-n|``; below :data:`INT32_EXACT` the rounded value converts to int32 exactly, so the zero
+    point and the clamp take twice the vector lanes of float64."""
     total = None
     for value, multipliers in terms:
         factors = np.array([m.real for m in multipliers], np.float64).reshape(shape)
         term = R.multiply(R.astype(value, "float64"), relax.const(factors, "float64"))
         total = term if total is None else R.add(total, term)
+    if lowering_rounding() is Rounding.HALF_UP:
+        rounded = R.floor(R.add(total, relax.const(0.5, "float64")))
+    else:
+        rounded = R.round(total)
     if largest < INT32_EXACT:
-        return saturate(R.astype(R.round(total), "int32"), zero_point, dtype="int32")
-    return saturate(R.round(total), zero_point, dtype="float64")
+        return saturate(R.astype(rounded, "int32"), zero_point, dtype="int32")
+    return saturate(rounded, zero_point, dtype="float64")
 
 
 def largest_rounded(bounds: Sequence[int], multipliers: Sequence[FixedPointMultiplier]) -> int:
@@ -112,18 +142,37 @@ def requantize(
     channel on ``axis``; in float64 where ``bounds``, the largest ``|acc|`` each multiplier scales (one per channel,
     or one), prove that exact for every channel, else in int64."""
     shape = channel_shape(rank, axis, len(multipliers)) if len(multipliers) > 1 else [1] * rank
-    if bounds is not None and all(exact_in_float64(bound * m.multiplier) for bound, m in zip(bounds, multipliers, strict=True)):
+    rule = lowering_rounding()
+    if bounds is not None and all(
+        exact_in_float64(bound * m.multiplier, m.shift, rule) for bound, m in zip(bounds, multipliers, strict=True)
+    ):
         return rounded_in_float64([(acc, multipliers)], shape, zero_point, largest_rounded(bounds, multipliers))
     # the multipliers fit int32: kernel selection keeps them so, for a 32 x 32 -> 64-bit multiply (vpmuldq, smull)
     product = R.multiply(R.astype(acc, "int64"), _i64([m.multiplier for m in multipliers], shape))
     return saturate(_round_shift(product, [m.shift for m in multipliers], shape), zero_point)
 
 
+def requantize_sum(terms: Sequence[tuple[relax.Expr, FixedPointMultiplier, int]], rank: int, zero_point: int = 0) -> relax.Expr:
+    """``saturate(round(Σ_i value_i * M_i / 2**n) + zero_point)`` as int8 for per-tensor terms ``(value, M_i * 2**-n,
+    largest |value|)`` sharing ``n`` (an add): in float64 where :func:`edgeq.numerics.exact_in_float64` proves it
+    exact (always under half to even: ``Σ |value_i| * M_i < 2 * 2**8 * 2**31``), else in int64."""
+    shape = [1] * rank
+    shift = terms[0][1].shift
+    if exact_in_float64(sum(bound * m.multiplier for _, m, bound in terms), shift, lowering_rounding()):
+        largest = sum(largest_rounded([bound], [m]) for _, m, bound in terms)
+        return rounded_in_float64([(value, [m]) for value, m, _ in terms], shape, zero_point, largest)
+    total = None
+    for value, m, _ in terms:
+        term = R.multiply(R.astype(value, "int64"), _i64([m.multiplier], shape))
+        total = term if total is None else R.add(total, term)
+    return saturate(_round_shift(total, [shift], shape), zero_point)
+
+
 def rescale(value: relax.Expr, source: Activation, target: Activation, rank: int, what: str) -> relax.Expr:
     """An int8 tensor brought to another quantization (the identity, skipped, when they are equal)."""
     if source == target:
         return value
-    multiplier = quantize_multiplier(real_multiplier(source.scale, target.scale), what=what)
+    multiplier = quantize_multiplier(real_multiplier(source.scale, target.scale), what=what, rounding=lowering_rounding())
     return requantize(centred(value, source.zero_point), [multiplier], rank, 0, target.zero_point, [largest_input_magnitude(source.zero_point)])
 
 

@@ -20,18 +20,22 @@ from __future__ import annotations
 
 from tvm import relax
 
+from edgeq.compile.integer_relax import rounding_rule
 from edgeq.compile.lowering.rule import LOWERING, Lowering  # the package's import registers every rule
 from edgeq.ops import Op
+from edgeq.targets import Rounding
 
 
-def lower_to_integer(func: relax.Function) -> relax.Function:
-    """Rewrite every QDQ unit of ``func`` that fits docs/numerics.md into integer Relax ops (see module doc).
+def lower_to_integer(func: relax.Function, rounding: Rounding = Rounding.HALF_TO_EVEN) -> relax.Function:
+    """Rewrite every QDQ unit of ``func`` that fits docs/numerics.md into integer Relax ops (see module doc), ties
+    rounded by the target's ``rounding``.
 
     Raises:
         QuantizationError: a unit fits but its scales need a multiplier outside the numerics' range.
     """
-    for rule in _rules():
-        func = rule(func)
+    with rounding_rule(rounding):
+        for rule in _rules():
+            func = rule(func)
     return func
 
 

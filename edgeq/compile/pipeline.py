@@ -30,6 +30,7 @@ from edgeq.compile.lower_integer import lower_to_integer
 from edgeq.compile.schedules import TunedSchedules, schedule_kernels
 from edgeq.compile.select_kernels import select_kernels
 from edgeq.errors import CompileError
+from edgeq.targets import Rounding
 
 OPT_LEVELS = (0, 1, 2)
 
@@ -48,15 +49,16 @@ def check_opt_level(opt_level: int) -> None:
         raise CompileError(f"optimisation level {opt_level} is unknown (allowed: {', '.join(map(str, OPT_LEVELS))})")
 
 
-def lower_integer() -> tvm.transform.Pass:
-    """edgeq's integer lowering (:func:`edgeq.compile.lower_integer.lower_to_integer`) of every Relax function, as
-    a registered module pass (``edgeq.LowerInteger``); dead float ops are removed."""
+def lower_integer(rounding: Rounding = Rounding.HALF_TO_EVEN) -> tvm.transform.Pass:
+    """edgeq's integer lowering (:func:`edgeq.compile.lower_integer.lower_to_integer`) of every Relax function, ties
+    rounded by the target's ``rounding``, as a registered module pass (``edgeq.LowerInteger``); dead float ops are
+    removed."""
 
     @tvm.transform.module_pass(opt_level=0, name="edgeq.LowerInteger")
     def run(module: tvm.IRModule, _context: tvm.transform.PassContext) -> tvm.IRModule:
         for global_var, function in list(module.functions.items()):
             if isinstance(function, relax.Function):
-                module[global_var] = lower_to_integer(function)
+                module[global_var] = lower_to_integer(function, rounding)
         return relax.transform.DeadCodeElimination()(module)
 
     return run

@@ -7,16 +7,16 @@ from tvm import relax
 from tvm.relax import op as R
 from tvm.relax.dpl import is_op, wildcard
 
-from edgeq.compile.integer_relax import centred, largest_rounded, padded, requantize, rescale, rounded_in_float64
+from edgeq.compile.integer_relax import centred, lowering_rounding, padded, requantize, requantize_sum, rescale
 from edgeq.compile.lowering import qdq
 from edgeq.compile.lowering.rule import LOWERING, Lowering, Rule, dq, function_bindings, q
 from edgeq.numerics import (
     ACTIVATION_QMAX,
     ACTIVATION_QMIN,
     FixedPointMultiplier,
+    add_multipliers,
     largest_input_magnitude,
     quantize_multiplier,
-    quantize_multipliers,
     real_multiplier,
 )
 from edgeq.ops import Op
@@ -31,14 +31,13 @@ def _add_rule() -> Rule:
         inputs, output = (qdq.input_activation(m[left]), qdq.input_activation(m[right])), qdq.output_activation(matched)
         if None in inputs or output is None:
             return None
-        multipliers, shift = quantize_multipliers([real_multiplier(i.scale, output.scale) for i in inputs], what="add")
-        # Σ |q_i - z_i| * M_i < 2 * 2**8 * 2**31: always exact in float64
+        factors = [real_multiplier(i.scale, output.scale) for i in inputs]
+        multipliers, shift = add_multipliers(factors, what="add", rounding=lowering_rounding())
         terms = [
-            (centred(m[d].args[0], i.zero_point), [FixedPointMultiplier(f, shift)])
+            (centred(m[d].args[0], i.zero_point), FixedPointMultiplier(f, shift), ACTIVATION_QMAX - ACTIVATION_QMIN)
             for d, i, f in zip((left, right), inputs, multipliers)
         ]
-        largest = sum(largest_rounded([ACTIVATION_QMAX - ACTIVATION_QMIN], factors) for _, factors in terms)
-        return rounded_in_float64(terms, [1] * len(matched.ty.shape), output.zero_point, largest)
+        return requantize_sum(terms, len(matched.ty.shape), output.zero_point)
 
     return Rule("add", quantize, rewrite)
 
@@ -74,7 +73,8 @@ def _pool_rule() -> Rule:
             count = shape[2] * shape[3]
         if source_quant.zero_point:  # Σ (q - z) over the window = Σ q - N * z
             total = R.subtract(total, relax.const(count * source_quant.zero_point, "int32"))
-        multiplier = quantize_multiplier(real_multiplier(source_quant.scale, output.scale, count=count), what="pool")
+        factor = real_multiplier(source_quant.scale, output.scale, count=count)
+        multiplier = quantize_multiplier(factor, what="pool", rounding=lowering_rounding())
         bound = count * largest_input_magnitude(source_quant.zero_point)
         return requantize(total, [multiplier], len(matched.ty.shape), 0, output.zero_point, [bound])
 

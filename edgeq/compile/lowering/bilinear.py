@@ -7,7 +7,7 @@ from tvm import relax
 from tvm.relax import op as R
 from tvm.relax.dpl import is_op, wildcard
 
-from edgeq.compile.integer_relax import channel_shape, requantize
+from edgeq.compile.integer_relax import channel_shape, lowering_rounding, requantize
 from edgeq.compile.lowering import qdq
 from edgeq.compile.lowering.rule import LOWERING, Rule, dq, q
 from edgeq.numerics import BilinearTaps, bilinear_multiplier, bilinear_taps, resize_align_corners
@@ -36,7 +36,7 @@ def _bilinear_rule() -> Rule:
             return None
         rows, columns = (bilinear_taps(n, o, align_corners) for n, o in zip(in_size, out_size))
         acc = _taps_sum(_taps_sum(R.astype(value, "int32"), rows, 2), columns, 3)
-        multiplier = bilinear_multiplier(source_quant.scale, output.scale, what="bilinear resize")
+        multiplier = bilinear_multiplier(source_quant.scale, output.scale, what="bilinear resize", rounding=lowering_rounding())
         return requantize(acc, [multiplier], 4, 0)
 
     return Rule("bilinear resize", quantize, rewrite)

@@ -15,6 +15,7 @@ from tvm import relax
 from tvm.relax import op as R
 from tvm.relax.dpl import DFPattern, is_const, is_op, wildcard
 
+from edgeq.compile.integer_relax import lowering_rounding
 from edgeq.compile.lowering import qdq
 from edgeq.compile.lowering.rule import LOWERING, Rule, dq, q
 from edgeq.numerics import ACTIVATION_QMIN, lookup_table
@@ -153,7 +154,7 @@ def _lookup_table_rule() -> Rule:
         if source_quant is None or output is None or not form.fits(m):
             return None
         zero_points = (source_quant.zero_point, output.zero_point)
-        table = lookup_table(op, source_quant.scale, output.scale, form.slope(m), zero_points)
+        table = lookup_table(op, source_quant.scale, output.scale, form.slope(m), zero_points, lowering_rounding())
         index = R.add(R.astype(m[source].args[0], "int32"), relax.const(-ACTIVATION_QMIN, "int32"))
         return R.take(relax.const(table, "int8"), index, axis=0, mode="clip")  # indices are in [0, 255]: clip is a no-op
 

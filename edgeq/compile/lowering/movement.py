@@ -8,10 +8,10 @@ from tvm import relax
 from tvm.relax import op as R
 from tvm.relax.dpl import is_call_tir, is_const, is_op, is_tuple_get_item, wildcard
 
-from edgeq.compile.integer_relax import Activation, saturate
+from edgeq.compile.integer_relax import Activation, lowering_rounding, saturate
 from edgeq.compile.lowering import qdq
 from edgeq.compile.lowering.rule import LOWERING, Rule, dq, q
-from edgeq.numerics import ACTIVATION_QMAX, ACTIVATION_QMIN
+from edgeq.numerics import ACTIVATION_QMAX, ACTIVATION_QMIN, quantized_level
 from edgeq.ops import Op
 
 
@@ -69,7 +69,7 @@ def _level(bound: float, output: Activation) -> int:
     """An activation level of a float bound at the output's quantization (beyond int8 for an infinite one)."""
     if np.isinf(bound):
         return ACTIVATION_QMIN - 1 if bound < 0 else ACTIVATION_QMAX + 1
-    return int(np.round(np.float32(bound) / np.float32(output.scale))) + output.zero_point
+    return quantized_level(bound, output.scale, lowering_rounding()) + output.zero_point
 
 
 @LOWERING.register(Op.RESHAPE, Op.TRANSPOSE, Op.MAX_POOL2D, Op.SLICE, Op.UPSAMPLE_NEAREST2D)

@@ -9,7 +9,7 @@ from tvm import relax
 from tvm.relax import op as R
 from tvm.relax.dpl import is_op
 
-from edgeq.compile.integer_relax import Activation, centred, requantize
+from edgeq.compile.integer_relax import Activation, centred, lowering_rounding, requantize
 from edgeq.compile.lowering import qdq
 from edgeq.compile.lowering.rule import LOWERING, Rule, dq, q
 from edgeq.numerics import check_product_accumulator_bound, product_accumulator_bound, product_multiplier
@@ -36,7 +36,12 @@ def _product_rule(name: str, relax_op: str, accumulate: Accumulate) -> Rule:
         acc, reduction_size = accumulated
         zero_points = [i.zero_point for i in inputs]
         multiplier = product_multiplier(
-            [i.scale for i in inputs], output.scale, what=name, zero_points=zero_points, reduction_size=reduction_size
+            [i.scale for i in inputs],
+            output.scale,
+            what=name,
+            zero_points=zero_points,
+            reduction_size=reduction_size,
+            rounding=lowering_rounding(),
         )
         bound = product_accumulator_bound(reduction_size, zero_points)
         return requantize(acc, [multiplier], len(matched.ty.shape), 0, output.zero_point, [bound])

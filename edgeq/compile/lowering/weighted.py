@@ -6,7 +6,7 @@ from __future__ import annotations
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from edgeq.compile.integer_relax import Conv2dSettings, integer_accumulator, requantize
+from edgeq.compile.integer_relax import Conv2dSettings, integer_accumulator, lowering_rounding, requantize
 from edgeq.compile.lowering import qdq
 from edgeq.compile.lowering.rule import LOWERING, Rule, dq, q
 from edgeq.numerics import accumulator_bounds, conv_multipliers
@@ -59,7 +59,9 @@ class _WeightedUnit:
         channel_axis = 0 if conv is not None else 1
         acc = integer_accumulator(m[self.source].args[0], values, bias, conv, source.zero_point)
         bounds = accumulator_bounds(values, bias, channel_axis, source.zero_point)
-        multipliers = conv_multipliers(source.scale, weight_scales, output.scale, what=self.name, bounds=bounds)
+        multipliers = conv_multipliers(
+            source.scale, weight_scales, output.scale, what=self.name, bounds=bounds, rounding=lowering_rounding()
+        )
         return requantize(acc, multipliers, rank, axis, output.zero_point, bounds)
 
 

@@ -229,6 +229,7 @@ def plan_build(
     if input_shapes:
         qdq = _with_input_shapes(qdq, input_shapes)
     resolved = resolve_target(target, qdq.target, str(qdq.source))
+    check_rounding(qdq, resolved)
     step("import")
 
     report_progress(f"partition: placing {source} on {resolved.name}")
@@ -237,9 +238,24 @@ def plan_build(
     machine = _machine(resolved, simulate)
     step("partition")
 
-    module = build_relax_module(parts, report_progress)
+    module = build_relax_module(parts, report_progress, resolved.quantization.rounding)
     step("lowering")
     return BuildPlan(qdq, source, resolved, machine, report, parts, module)
+
+
+def check_rounding(qdq: QDQModel, target: Target) -> None:
+    """Refuse a model whose integers round ties by another rule than the target's (docs/export.md).
+
+    Raises:
+        CompileError: one line naming the file, both rules and what to do.
+    """
+    rule = target.quantization.rounding
+    if qdq.rounding is not rule:
+        raise CompileError(
+            f"{qdq.source}: its integers round {qdq.rounding.value} (ONNX metadata 'edgeq.rounding'), but target "
+            f"{target.name} rounds {rule.value}; quantize the model for {target.name} (prepare_qat_fx(..., "
+            f"target='{target.name}')), convert and export it again"
+        )
 
 
 def _tuning_records(plan: BuildPlan, folder: str | Path | None, tuned: bool) -> TuningRecords | None:

@@ -35,10 +35,11 @@ from edgeq.export.onnx_nodes import (
     unquantized,
     with_tensor_constants,
 )
-from edgeq.export.onnx_writer import TARGET_METADATA_KEY
+from edgeq.export.onnx_writer import ROUNDING_METADATA_KEY, TARGET_METADATA_KEY
 from edgeq.export.qoperator import is_qoperator, qdq_from_qoperator
 from edgeq.numerics import bias_joins_accumulator, bias_scales, int8_zero_point
 from edgeq.ops import op_of_onnx_type
+from edgeq.targets import Rounding
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ class QDQModel:
         target: the target edgeq quantized it for (``None`` for files from other tools).
         form: ``QDQ``, or ``QOperator`` for a file in ONNX's operator form, which ``model`` holds rewritten to QDQ
             (:mod:`edgeq.export.qoperator`).
+        rounding: the rule its integers round ties by: the ``edgeq.rounding`` metadata, else QuantizeLinear's, half
+            to even (files from other tools, and edgeq's before the key existed).
     """
 
     source: Path
@@ -95,6 +98,7 @@ class QDQModel:
     findings: list[Finding] = field(default_factory=list)
     target: str | None = None
     form: str = "QDQ"
+    rounding: Rounding = Rounding.HALF_TO_EVEN
 
     @property
     def fits_edgeq_numerics(self) -> bool:
@@ -195,8 +199,24 @@ def read_qdq(model: onnx.ModelProto, path: str | Path) -> QDQModel:
     check_graph(model.graph, path)
     reader = _QuantReader(model, path)
     reader.run()
-    target = next((p.value for p in model.metadata_props if p.key == TARGET_METADATA_KEY), None)
-    return QDQModel(path, model, reader.quant, reader.constants, reader.findings, target, form)
+    metadata = {p.key: p.value for p in model.metadata_props}
+    return QDQModel(
+        path, model, reader.quant, reader.constants, reader.findings, metadata.get(TARGET_METADATA_KEY), form, _rounding(metadata, path)
+    )
+
+
+def _rounding(metadata: dict[str, str], path: Path) -> Rounding:
+    """The file's rounding rule from its ``edgeq.rounding`` metadata (half to even without one).
+
+    Raises:
+        ModelFileError: the metadata names no rule edgeq knows.
+    """
+    value = metadata.get(ROUNDING_METADATA_KEY, Rounding.HALF_TO_EVEN.value)
+    try:
+        return Rounding(value)
+    except ValueError:
+        known = ", ".join(r.value for r in Rounding)
+        raise ModelFileError(f"{path}: metadata '{ROUNDING_METADATA_KEY}' is {value!r}; known rules: {known}") from None
 
 
 SCALE_RANGE = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max) / 2**31)

@@ -73,6 +73,9 @@ HARDSIGMOID_ATTRIBUTES = {"alpha": 1 / 6, "beta": 0.5}
 
 TARGET_METADATA_KEY = "edgeq.target"
 """``metadata_props`` key holding the name of the target the model was quantized for."""
+ROUNDING_METADATA_KEY = "edgeq.rounding"
+"""``metadata_props`` key holding the rounding rule of the model's integers (:class:`~edgeq.targets.Rounding`):
+QuantizeLinear rounds half to even, so a file whose rule is ``half_up`` says so here (docs/export.md)."""
 
 QDQUnit = Callable[[QDQBuilder, fx.Node, Any, list[Any]], Any]
 
@@ -132,7 +135,9 @@ def _build(builder: QDQBuilder) -> onnx.ModelProto:
         graph, opset_imports=[standard, *contrib], producer_name="edgeq", producer_version=__version__
     )
     model.ir_version = helper.find_min_ir_version_for([standard])
-    helper.set_model_props(model, {TARGET_METADATA_KEY: builder.int_model.target})
+    helper.set_model_props(
+        model, {TARGET_METADATA_KEY: builder.int_model.target, ROUNDING_METADATA_KEY: builder.int_model.rounding.value}
+    )
     return model
 
 

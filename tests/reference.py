@@ -4,7 +4,7 @@ Written from the spec, not from edgeq.numerics: division by powers of two uses `
 convolution is an explicit sum over kernel taps, and nothing runs in floating point except the float32
 quantize / dequantize steps that the spec defines in float32, and the ops of the float fallback, which run in
 torch as the spec says. The interpreter at the bottom evaluates an integer model's graph with these functions, op
-by op.
+by op. ``rounding`` is the spec's rule name (``half_to_even``, or ``half_up``: section 6.1), read from each op.
 """
 
 from __future__ import annotations
@@ -21,22 +21,33 @@ import torch.fx as fx
 from edgeq.quantization import integer_ops as ops
 
 
-def round_shift(values: np.ndarray, multiplier: Any, shift: Any) -> np.ndarray:
-    """values * M / 2**n rounded to nearest, ties to even, in int64 (floor division and remainder, no shifts)."""
+def round_shift(values: np.ndarray, multiplier: Any, shift: Any, rounding: str = "half_to_even") -> np.ndarray:
+    """values * M / 2**n rounded to nearest, ties to even or up, in int64 (floor division and remainder, no
+    shifts)."""
     product = np.asarray(values, dtype=np.int64) * np.asarray(multiplier, dtype=np.int64)
     power = np.left_shift(np.int64(1), np.asarray(shift, dtype=np.int64))
-    quotient, remainder = np.divmod(product, power)
     half = power // 2
+    if rounding == "half_up":
+        return np.floor_divide(product + half, power)
+    quotient, remainder = np.divmod(product, power)
     return quotient + ((remainder > half) | ((remainder == half) & (quotient % 2 == 1)))
+
+
+def round_half(values: np.ndarray, rounding: str) -> np.ndarray:
+    """float32 values rounded to integers: ``np.rint`` (half to even), or ``floor(x + 1/2)`` in float64 (half up:
+    exact for a float32 ``x`` of magnitude above 2**-30, and 0 as it should be below)."""
+    if rounding == "half_up":
+        return np.floor(np.asarray(values, dtype=np.float64) + 0.5)
+    return np.rint(values)
 
 
 def saturate8(values: np.ndarray, low: int = -128, high: int = 127) -> np.ndarray:
     return np.clip(values, low, high).astype(np.int64)
 
 
-def quantize(values: np.ndarray, scale: float) -> np.ndarray:
+def quantize(values: np.ndarray, scale: float, rounding: str = "half_to_even") -> np.ndarray:
     scaled = np.asarray(values, dtype=np.float32) / np.float32(scale)
-    return saturate8(np.rint(scaled).astype(np.int64))  # np.rint rounds half to even
+    return saturate8(round_half(scaled, rounding).astype(np.int64))
 
 
 def dequantize(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -80,10 +91,10 @@ def matmul_accumulate(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def requantize_channels(acc: np.ndarray, multiplier: np.ndarray, shift: np.ndarray, axis: int) -> np.ndarray:
+def requantize_channels(acc: np.ndarray, multiplier: np.ndarray, shift: np.ndarray, axis: int, rounding: str) -> np.ndarray:
     shape = [1] * acc.ndim
     shape[axis] = -1
-    return round_shift(acc, np.reshape(multiplier, shape), np.reshape(shift, shape))
+    return round_shift(acc, np.reshape(multiplier, shape), np.reshape(shift, shape), rounding)
 
 
 def weighted_output(op: ops._WeightedOp, acc: np.ndarray, axis: int) -> np.ndarray:
@@ -92,7 +103,7 @@ def weighted_output(op: ops._WeightedOp, acc: np.ndarray, axis: int) -> np.ndarr
     acc = acc + op.bias.numpy().astype(np.int64).reshape(shape)
     if op.output.dtype == "int32":
         return acc
-    return saturate8(requantize_channels(acc, op.multiplier.numpy(), op.shift.numpy(), axis), *op.clamp)
+    return saturate8(requantize_channels(acc, op.multiplier.numpy(), op.shift.numpy(), axis, op.rounding.value), *op.clamp)
 
 
 def window_view(x: np.ndarray, kernel: tuple, stride: tuple, padding: tuple, dilation: tuple, fill: int) -> np.ndarray:
@@ -128,11 +139,13 @@ def _erf(x: np.ndarray) -> np.ndarray:
     return torch.special.erf(torch.from_numpy(x)).numpy()
 
 
-def lookup_table(function: str, input_scale: float, output_scale: float, alpha: float = 0.0) -> np.ndarray:
+def lookup_table(function: str, input_scale: float, output_scale: float, alpha: float = 0.0, rounding: str = "half_to_even") -> np.ndarray:
     """The spec's table, vectorised in numpy float64 (sigmoid through tanh, erf through torch): index q + 128 holds
-    the output for q."""
+    the output for q; half up as ``floor(y + 1/2)`` computed exactly on fractions."""
     x = dequantize(np.arange(-128, 128), input_scale).astype(np.float64)
     y = _ACTIVATIONS[function](x, alpha) / np.float64(np.float32(output_scale))
+    if rounding == "half_up":
+        return saturate8(np.array([math.floor(Fraction(float(v)) + Fraction(1, 2)) for v in y], dtype=np.int64))
     return saturate8(np.rint(y).astype(np.int64))
 
 
@@ -155,7 +168,9 @@ def bilinear_axis(in_size: int, out_size: int, align_corners: bool) -> list[tupl
     return taps
 
 
-def bilinear_resize(x: np.ndarray, size: tuple[int, int], align_corners: bool, multiplier: int, shift: int) -> np.ndarray:
+def bilinear_resize(
+    x: np.ndarray, size: tuple[int, int], align_corners: bool, multiplier: int, shift: int, rounding: str = "half_to_even"
+) -> np.ndarray:
     """The four-tap integer sum of each output pixel, requantized and saturated, pixel by pixel."""
     x = np.asarray(x, dtype=np.int64)
     rows = bilinear_axis(x.shape[2], size[0], align_corners)
@@ -167,21 +182,22 @@ def bilinear_resize(x: np.ndarray, size: tuple[int, int], align_corners: bool, m
                 x[:, :, top, left] * w_top * w_left + x[:, :, top, right] * w_top * w_right
                 + x[:, :, bottom, left] * w_bottom * w_left + x[:, :, bottom, right] * w_bottom * w_right
             )
-    return saturate8(round_shift(acc, multiplier, shift))
+    return saturate8(round_shift(acc, multiplier, shift, rounding))
 
 
-def clamp_levels(bounds: tuple[float, float], scale: float) -> tuple[int, int]:
-    """A clamp's real bounds as int8 at ``scale``, as ReLU6's ceiling: float32 quotient rounded half to even,
+def clamp_levels(bounds: tuple[float, float], scale: float, rounding: str = "half_to_even") -> tuple[int, int]:
+    """A clamp's real bounds as int8 at ``scale``, as ReLU6's ceiling: float32 quotient rounded by the rule,
     saturated; an infinite bound is none."""
-    levels = [np.rint(np.float32(b) / np.float32(scale)) if np.isfinite(b) else np.sign(b) * 1000 for b in bounds]
+    levels = [round_half(np.float32(b) / np.float32(scale), rounding) if np.isfinite(b) else np.sign(b) * 1000 for b in bounds]
     return tuple(int(level) for level in saturate8(np.array(levels)))
 
 
 def evaluate_op(module: torch.nn.Module, args: list[Any]) -> Any:
-    """One integer op in numpy int64."""
+    """One integer op in numpy int64, rounding by the op's rule."""
+    rounding = module.rounding.value if hasattr(module, "rounding") else "half_to_even"
     if isinstance(module, ops.IntQuantize):
         (x,) = args
-        return x if x.dtype == np.int8 else quantize(x, module.output_scale)
+        return x if x.dtype == np.int8 else quantize(x, module.output_scale, rounding)
     if isinstance(module, (ops.IntDequantize, ops.IntEnterFloat)):
         (x,) = args
         scales = np.asarray(module.quant.scales, dtype=np.float32)
@@ -199,16 +215,16 @@ def evaluate_op(module: torch.nn.Module, args: list[Any]) -> Any:
     if isinstance(module, ops.IntAdd):
         left, right = (np.asarray(a, dtype=np.int64) for a in args)
         total = left * module.multipliers[0] + right * module.multipliers[1]
-        return saturate8(round_shift(total, 1, module.shift), *module.clamp)
+        return saturate8(round_shift(total, 1, module.shift, rounding), *module.clamp)
     if isinstance(module, ops.IntConcat):
-        parts = [saturate8(round_shift(a, m.multiplier, m.shift)) for a, m in zip(args, module.multipliers)]
+        parts = [saturate8(round_shift(a, m.multiplier, m.shift, rounding)) for a, m in zip(args, module.multipliers)]
         return np.concatenate(parts, axis=module.dim)
     if isinstance(module, ops.IntAvgPool2d):
         windows = window_view(np.asarray(args[0], dtype=np.int64), module.kernel_size, module.stride, module.padding, (1, 1), 0)
-        return saturate8(round_shift(windows.sum(axis=-1), module.multiplier.multiplier, module.multiplier.shift))
+        return saturate8(round_shift(windows.sum(axis=-1), module.multiplier.multiplier, module.multiplier.shift, rounding))
     if isinstance(module, ops.IntGlobalAvgPool2d):
         total = np.asarray(args[0], dtype=np.int64).sum(axis=(2, 3), keepdims=module.keepdim)
-        return saturate8(round_shift(total, module.multiplier.multiplier, module.multiplier.shift))
+        return saturate8(round_shift(total, module.multiplier.multiplier, module.multiplier.shift, rounding))
     if isinstance(module, ops.IntMaxPool2d):
         assert not module.ceil_mode
         windows = window_view(np.asarray(args[0], dtype=np.int64), module.kernel_size, module.stride, module.padding, module.dilation, -(2**40))
@@ -219,14 +235,15 @@ def evaluate_op(module: torch.nn.Module, args: list[Any]) -> Any:
         fh, fw = module.scale_factor
         return np.repeat(np.repeat(args[0], fh, axis=2), fw, axis=3)
     if isinstance(module, ops.IntUpsampleBilinear2d):
-        return bilinear_resize(args[0], module.size, module.align_corners, module.multiplier.multiplier, module.multiplier.shift)
+        multiplier = module.multiplier
+        return bilinear_resize(args[0], module.size, module.align_corners, multiplier.multiplier, multiplier.shift, rounding)
     if isinstance(module, ops.IntMul):
         product = np.asarray(args[0], dtype=np.int64) * np.asarray(args[1], dtype=np.int64)
-        return saturate8(round_shift(product, module.multiplier.multiplier, module.multiplier.shift))
+        return saturate8(round_shift(product, module.multiplier.multiplier, module.multiplier.shift, rounding))
     if isinstance(module, ops.IntMatMul):
-        return saturate8(round_shift(matmul_accumulate(*args), module.multiplier.multiplier, module.multiplier.shift))
+        return saturate8(round_shift(matmul_accumulate(*args), module.multiplier.multiplier, module.multiplier.shift, rounding))
     if isinstance(module, ops.IntLookupTable):
-        table = lookup_table(module.op.value, module.input_scale, module.output_scale, module.alpha)
+        table = lookup_table(module.op.value, module.input_scale, module.output_scale, module.alpha, rounding)
         return table[np.asarray(args[0], dtype=np.int64) + 128]
     raise NotImplementedError(type(module).__name__)
 

@@ -14,10 +14,12 @@ Conventions (see the spec for the why):
 - weights: int8, symmetric, range [-127, 127], one float32 scale per output channel;
 - bias: int32 at scale ``s_in * s_w[c]``; accumulation in int32 (proved not to overflow, see
   :func:`check_accumulator_bound`);
-- requantization: ``y = round_half_to_even(acc * M / 2**n)`` exactly in int64, with ``2**30 <= M < 2**31`` and
-  ``1 <= n <= 62``: one rounding, to nearest with ties to even, the rule of every rounding in edgeq; ``M = 0``
-  when the factor is below ``2**-32`` and the accumulator bound proves every output rounds to 0;
-- float to int8: ``round_half_to_even(x / s)`` in float32, then saturation (as ONNX QuantizeLinear);
+- requantization: ``y = round(acc * M / 2**n)`` exactly in int64, with ``2**30 <= M < 2**31`` and
+  ``1 <= n <= 62``: one rounding, to nearest, ties by the target's :class:`~edgeq.targets.Rounding` (to even, or
+  up with ``2 <= n``: TOSA's ``SINGLE_ROUND``); ``M = 0`` when the factor is below ``2**-32`` and the accumulator
+  bound proves every output rounds to 0;
+- float to int8: ``round(x / s)`` in float32, ties by the same rule, then saturation (half to even: ONNX
+  QuantizeLinear);
 - int to float: ``float32(q) * s`` in float32 (as ONNX DequantizeLinear).
 """
 

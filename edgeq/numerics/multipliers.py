@@ -81,10 +81,11 @@ def quantize_multipliers(
     if round(math.ldexp(largest, shift)) == 2**bits:
         shift -= 1
     lowest = min_shift(rounding)
+    under = f" under {rounding.value} rounding" if rounding is not Rounding.HALF_TO_EVEN else ""
     if not lowest <= shift <= MAX_SHIFT:
         raise QuantizationError(
-            f"{what}: requantization multiplier {largest:.6g} needs shift {shift}; allowed under {rounding.value} "
-            f"rounding: multipliers in [2**{bits - 1 - MAX_SHIFT}, 2**{bits - 1 - lowest}) (shift {lowest}..{MAX_SHIFT}). "
+            f"{what}: requantization multiplier {largest:.6g} needs shift {shift}; allowed{under}: "
+            f"multipliers in [2**{bits - 1 - MAX_SHIFT}, 2**{bits - lowest}) (shift {lowest}..{MAX_SHIFT}). "
             "The scales around this op are inconsistent: check its calibration"
         )
     multipliers = [round(math.ldexp(r, shift)) for r in reals]

@@ -91,7 +91,7 @@ def matmul_accumulate(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def requantize_channels(acc: np.ndarray, multiplier: np.ndarray, shift: np.ndarray, axis: int, rounding: str) -> np.ndarray:
+def requantize_channels(acc: np.ndarray, multiplier: np.ndarray, shift: np.ndarray, axis: int, rounding: str = "half_to_even") -> np.ndarray:
     shape = [1] * acc.ndim
     shape[axis] = -1
     return round_shift(acc, np.reshape(multiplier, shape), np.reshape(shift, shape), rounding)

@@ -1,7 +1,8 @@
 """The half_up rounding rule (docs/numerics.md section 6.1) through every layer: one table of cases computed
 identically by the integer model's torch arithmetic, the Relax lowering's two forms and the numpy reference; QAT's
-fake quantization; an add's TOSA form; the ONNX metadata compile checks; and a model on a half_up target whose
-integer model, reference and compiled artifact agree bit for bit and differ from half_to_even's."""
+fake quantization; an add's TOSA form; the ONNX metadata compile checks; and a model on half_up targets (ethos-u65-256,
+npu-m's file with the rule) whose integer model, reference and compiled artifact agree bit for bit and differ from
+half_to_even's."""
 
 from __future__ import annotations
 
@@ -227,40 +228,43 @@ class RoundingNet(nn.Module):
         return self.dequant(self.fc(both.mean((2, 3)))), self.dequant_map(both)
 
 
-def half_up_target(folder: Path, scale_rule: str = "any") -> Path:
-    """npu-m's file with ``rounding = "half_up"`` (until the Ethos-U targets land), and ``scale_rule``: with powers of
-    two every requantization is a rounding shift, where ties are frequent."""
-    text = (REPO / "targets" / "npu-m.toml").read_text()
-    name = "npu-m-half-up" + ("-pow2" if scale_rule == "power_of_two" else "")
+def derived_target(folder: Path, source: str, name: str, *replacements: tuple[str, str]) -> Path:
+    """A target file of the user's: built-in ``source``'s, renamed ``name``, with ``replacements`` made."""
+    text = (REPO / "targets" / f"{source}.toml").read_text().replace(f'name = "{source}"', f'name = "{name}"')
+    for old, new in replacements:
+        assert old in text
+        text = text.replace(old, new)
     path = folder / f"{name}.toml"
-    path.write_text(text.replace('name = "npu-m"', f'name = "{name}"').replace('scale_rule = "any"', f'scale_rule = "{scale_rule}"').replace(
-        "concat_shares_input_scale = false", 'concat_shares_input_scale = false\nrounding = "half_up"'))
-    assert load_target(path).quantization.rounding is Rounding.HALF_UP
+    path.write_text(text)
     return path
 
 
-def even_target(folder: Path, scale_rule: str) -> str | Path:
-    """npu-m, or its file with power-of-two scales (half to even)."""
-    if scale_rule == "any":
-        return "npu-m"
-    path = folder / "npu-m-pow2.toml"
-    text = (REPO / "targets" / "npu-m.toml").read_text()
-    path.write_text(text.replace('name = "npu-m"', 'name = "npu-m-pow2"').replace('scale_rule = "any"', 'scale_rule = "power_of_two"'))
-    return path
+HALF_UP = ("concat_shares_input_scale = false", 'concat_shares_input_scale = false\nrounding = "half_up"')
+POWER_OF_TWO = ('scale_rule = "any"', 'scale_rule = "power_of_two"')
+TARGETS = {
+    "npu-m half_up": lambda folder: (derived_target(folder, "npu-m", "npu-m-half-up", HALF_UP), "npu-m"),
+    "npu-m half_up, power-of-two scales": lambda folder: (  # every requantization a rounding shift: ties are frequent
+        derived_target(folder, "npu-m", "npu-m-half-up-pow2", HALF_UP, POWER_OF_TWO),
+        derived_target(folder, "npu-m", "npu-m-pow2", POWER_OF_TWO),
+    ),
+    "ethos-u65-256": lambda folder: ("ethos-u65-256", derived_target(folder, "ethos-u65-256", "ethos-u65-even", ('rounding = "half_up"', ""))),
+}
+"""Each case's half_up target and its half_to_even twin (the same file but for the rule)."""
 
 
-@pytest.fixture(scope="module", params=["any", "power_of_two"])
+@pytest.fixture(scope="module", params=list(TARGETS))
 def models(request, tmp_path_factory):
-    """RoundingNet calibrated on the same batches for a half_up target and for its half_to_even twin (npu-m, or
-    npu-m with power-of-two scales): the same scales, two rules."""
+    """RoundingNet calibrated on the same batches for a half_up target and for its half_to_even twin: the same scales,
+    two rules."""
     folder = tmp_path_factory.mktemp("rounding")
-    target = half_up_target(folder, request.param)
+    target, twin = TARGETS[request.param](folder)
+    assert (load_target(target).quantization.rounding, load_target(twin).quantization.rounding) == (Rounding.HALF_UP, Rounding.HALF_TO_EVEN)
     torch.manual_seed(0)
     net, example = RoundingNet().eval(), torch.rand(8, 3, 12, 12) * 2 - 1
     batches = [torch.rand(4, 3, 12, 12) * 2 - 1 for _ in range(3)]
     int_models = {
         rule: convert_fx(calibrate(net, example, where, iter(batches).__next__))
-        for rule, where in ((Rounding.HALF_UP, target), (Rounding.HALF_TO_EVEN, even_target(folder, request.param)))
+        for rule, where in ((Rounding.HALF_UP, target), (Rounding.HALF_TO_EVEN, twin))
     }
     return int_models, target, example, folder
 
@@ -299,7 +303,8 @@ def test_onnx_and_torchscript_record_the_rule_and_compile_refuses_another(models
     with pytest.raises(CompileError, match=r"up\.onnx: its integers round half_up .* but target npu-m rounds half_to_even; quantize"):
         compile_model(half_up, (example,), target="npu-m", out=tmp_path / "a.edgeq", simulate=True)
     even = to_onnx(int_models[Rounding.HALF_TO_EVEN], (example,), tmp_path / "even.onnx")
-    with pytest.raises(CompileError, match="rounds half_up; quantize the model for npu-m-half-up"):
+    name = load_target(target).name
+    with pytest.raises(CompileError, match=f"but target {name} rounds half_up; quantize the model for {name} "):
         compile_model(even, (example,), target=target, out=tmp_path / "b.edgeq", simulate=True)
 
 

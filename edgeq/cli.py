@@ -125,6 +125,17 @@ def _compile(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace, console: Console) -> int:
+    from edgeq.export.tosa import to_tosa
+
+    _check_output(args.output, args.model, "-o")
+    graph = to_tosa(args.model, None, args.output, target=args.target)
+    inputs = ", ".join(f"{t.source} {'x'.join(map(str, t.shape))}" for t in graph.inputs)
+    outputs = ", ".join(f"{t.source} {'x'.join(map(str, t.shape))} {t.dtype}" for t in graph.outputs)
+    console.print(f"wrote {args.output} (TOSA 1.0; inputs {inputs}; outputs {outputs}; 4-D tensors NHWC)", highlight=False, soft_wrap=True)
+    return 0
+
+
 def _minutes(text: str) -> float:
     """A positive, finite number of minutes (``--budget``)."""
     try:
@@ -217,7 +228,7 @@ def _model_arguments(model_help: str, target_help: str) -> argparse.ArgumentPars
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommands: targets, check, compile, tune, run, perf, visualize)."""
+    """The argument parser (subcommands: targets, check, compile, export, tune, run, perf, visualize)."""
     parser = argparse.ArgumentParser(prog="edgeq", description="Open deployment compiler toolchain for edge NPUs.")
     parser.add_argument("--version", action="version", version=f"edgeq {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -259,6 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
                           help="tuning records from `edgeq tune -o DIR` (default: the target's and CPU's records, if tuned)")
     compile_.add_argument("--untuned", action="store_true", help="default schedules only, whatever tuning records exist")
     compile_.set_defaults(run=_compile)
+
+    export = commands.add_parser(
+        "export",
+        parents=[quantized_model],
+        help="write a quantized model in another format (TOSA, for Arm's Vela and the Ethos-U NPUs)",
+        description="Write the integer region of a QDQ ONNX file or an edgeq TorchScript file as a TOSA 1.0 "
+        "flatbuffer (profile PRO-INT): int8 inputs after QuantStub, outputs before DeQuantStub, 4-D tensors NHWC. "
+        "The model must be quantized for a target whose arithmetic rounds half up (an Ethos-U target).",
+    )
+    export.add_argument("--format", required=True, choices=("tosa",), help="the format to write")
+    export.add_argument("-o", "--output", type=_path, required=True, help="the file to write")
+    export.set_defaults(run=_export)
 
     tune = commands.add_parser(
         "tune",

@@ -16,6 +16,7 @@ import edgeq.compile.kernel_map
 import edgeq.compile.lower_integer
 import edgeq.compile.requantization
 import edgeq.export.onnx_writer
+import edgeq.export.tosa.forms
 import edgeq.numerics
 import edgeq.perf.estimate
 import edgeq.quantization.convert
@@ -23,12 +24,13 @@ from edgeq.check import Placement, check_model, check_qdq
 from edgeq.check.rules import RULES
 from edgeq.export.onnx_nodes import node_op
 from edgeq.export.sources import quantized_form
+from edgeq.export.tosa.forms import TOSA_FORMS
 from edgeq.npu_limits import NPU_LIMITS
 from edgeq.ops import TABLES, Op, gated_op, op_of_onnx_type
 from edgeq.quantization import DeQuantStub, QuantStub
 from edgeq.quantization.canonical_emitters import CANONICAL_EMITTERS, PRE_FUSION_EMITTERS
 from edgeq.quantization.patterns import PreFusionOp
-from edgeq.targets import NpuRules, Target, TargetKind, list_targets
+from edgeq.targets import NpuRules, Rounding, Target, TargetKind, list_targets
 
 LAYERS = (
     edgeq.check,
@@ -36,6 +38,7 @@ LAYERS = (
     edgeq.compile.lower_integer,
     edgeq.compile.requantization,
     edgeq.export.onnx_writer,
+    edgeq.export.tosa.forms,
     edgeq.numerics,
     edgeq.perf.estimate,
     edgeq.quantization.convert,
@@ -72,6 +75,26 @@ def test_every_op_reads_from_onnx():
     matmul = helper.make_node("MatMul", ["x", "w"], ["y"])
     assert node_op(matmul, lambda tensor: tensor == "w") is Op.LINEAR
     assert node_op(matmul, lambda tensor: False) is Op.MATMUL
+
+
+def _npu_ops_without_tosa_form(target: Target) -> list[str]:
+    """The ops a target whose arithmetic rounds half up (an Ethos-U target, whose NPU takes TOSA) places on its NPU
+    and that have no TOSA form."""
+    return [op for op in target.npu.ops if Op(op) not in TOSA_FORMS]
+
+
+@pytest.mark.parametrize(
+    "target", [t for t in list_targets() if t.kind is TargetKind.NPU and t.quantization.rounding is Rounding.HALF_UP], ids=lambda t: t.name
+)
+def test_every_npu_op_of_a_tosa_target_has_a_tosa_form(target):
+    assert _npu_ops_without_tosa_form(target) == [], f"{target.name}: NPU ops without a TOSA form in export/tosa/forms/"
+
+
+def test_an_npu_op_without_a_tosa_form_is_found():
+    data = tomllib.loads(list_targets()[0].source.parent.joinpath("npu-m.toml").read_text())
+    data["quantization"]["rounding"] = "half_up"
+    target = Target.model_validate({**data, "source": None})
+    assert _npu_ops_without_tosa_form(target) == ["upsample_bilinear2d"]
 
 
 def test_npu_limits_sections_are_fields_of_the_npu_rules():

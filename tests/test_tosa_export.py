@@ -24,7 +24,7 @@ from edgeq.export.tosa.forms import TOSA_FORMS
 from edgeq.export.tosa.reference import run_reference
 from edgeq.numerics import quantize
 from edgeq.ops import Op
-from edgeq.quantization import DeQuantStub, QuantStub
+from edgeq.quantization import DeQuantStub, QuantStub, default_calib_int32_output_qconfig, default_calib_qconfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,8 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 class TosaOps(nn.Module):
     """Every op with a TOSA form: conv (+ReLU), depthwise conv, add, mul, concat, max / average / global pools,
-    nearest upsampling, chunk, slice, transpose, tables, a clamp, flatten + linear and matmul; two outputs."""
+    nearest upsampling, chunk, slice, transpose, tables, a clamp, a linear layer over the last of four axes,
+    flatten + linear and matmul; two outputs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -53,6 +54,7 @@ class TosaOps(nn.Module):
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.depthwise = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
         self.fc = nn.Linear(4 * 4 * 4, 6)
+        self.rows = nn.Linear(4, 4)
         self.hardswish, self.gelu = nn.Hardswish(), nn.GELU()
         self.dequant = DeQuantStub()
         self.dequant_map = DeQuantStub()
@@ -64,7 +66,7 @@ class TosaOps(nn.Module):
         d = F.avg_pool2d(self.depthwise(c[:, :8]), 2)
         up = F.interpolate(d, scale_factor=2.0, mode="nearest")
         first, second = up.chunk(2, dim=1)
-        mixed = (first * torch.tanh(second)).transpose(2, 3)
+        mixed = self.rows((first * torch.tanh(second)).transpose(2, 3))
         pooled = mixed.mean((2, 3), keepdim=True)
         head = self.fc(torch.flatten(mixed + pooled, 1))
         return self.dequant(head), self.dequant_map(mixed @ mixed.transpose(2, 3))
@@ -170,12 +172,14 @@ def test_vela_compiles_every_form(every_form, target, tmp_path, accelerator):
 
 @pytest.mark.flow
 def test_digits_cnn(target, tmp_path):
-    """The digits CNN (SmallCNN): reference model == integer model on random inputs; Vela compiles it for every
-    accelerator."""
+    """The digits CNN (SmallCNN with the int32 classifier of examples/digits_qat.py): reference model == integer
+    model on random inputs; Vela compiles it for every accelerator."""
     torch.manual_seed(0)
     example = torch.rand(1, 1, 8, 8) * 2 - 1
-    int_model = integer_model(SmallCNN().eval(), example, str(target))
+    int32_head = {"": default_calib_qconfig, "module_name": {"fc": default_calib_int32_output_qconfig}}
+    int_model = integer_model(SmallCNN().eval(), example, str(target), qconfig=int32_head)
     graph = to_tosa(int_model, (example,), tmp_path / "digits.tosa", target=target)
+    assert [t.dtype for t in graph.outputs] == ["int32"]
     generator = torch.Generator().manual_seed(2)
     _compare(int_model, graph, [torch.rand(1, 1, 8, 8, generator=generator) * 2 - 1 for _ in range(8)])
     for accelerator in ACCELERATORS:

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import tosa_serializer as ts
 
+from edgeq.export.onnx_nodes import node_name
 from edgeq.export.tosa.builder import NHWC, TosaBuilder, TosaValue, attribute, identity, image_layout
 from edgeq.export.tosa.forms.unit import TOSA_FORMS, OpUnit
 from edgeq.export.tosa.forms.windows import window_input
@@ -98,8 +99,8 @@ def _linear(builder: TosaBuilder, unit: OpUnit) -> list[TosaValue]:
     weights = unit.constant(node.input[1])
     if not (node.op_type == "Gemm" and attributes.get("transB", 0)):
         weights = weights.T
-    members = unit.graph.members(node)
-    bias_tensor = node.input[2] if len(node.input) > 2 else next((t for t in members[-1].input if t != node.output[0]), "") if len(members) > 1 else ""
+    bias_add = unit.graph.bias_adds.get(node_name(node))  # a linear layer over more than two axes: MatMul, then Add
+    bias_tensor = (node.input[2:3] or [""])[0] if bias_add is None else next(t for t in bias_add.input if t != node.output[0])
     source, output_shape, name = unit.inputs[0], unit.output_shape(), unit.outputs[0]
     rows, (out_features, in_features) = math.prod(source.shape[:-1]), weights.shape
     pixels = builder.in_layout(builder.reshape(source, (rows, in_features, 1, 1), f"{name}.rows"), NHWC)

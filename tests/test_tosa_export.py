@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from models import SmallCNN, integer_model
+from models import SmallCNN, YoloStyleDetector, integer_model, torchvision_model
 from torch import nn
 
 from edgeq.check import check_model
@@ -44,14 +44,15 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class TosaOps(nn.Module):
-    """Every op with a TOSA form: conv (+ReLU), depthwise conv, add, mul, concat, max / average / global pools,
-    nearest upsampling, chunk, slice, transpose, tables, a clamp, a linear layer over the last of four axes,
-    flatten + linear and matmul; two outputs."""
+    """Every op with a TOSA form: conv (+ReLU), grouped and depthwise convs, add, mul, concat, max / average /
+    global pools, nearest upsampling, chunk, slice, transpose, tables, a clamp, a linear layer over the last of four
+    axes, flatten + linear and matmul; two outputs."""
 
     def __init__(self) -> None:
         super().__init__()
         self.quant = QuantStub()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)
         self.depthwise = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
         self.fc = nn.Linear(4 * 4 * 4, 6)
         self.rows = nn.Linear(4, 4)
@@ -63,7 +64,7 @@ class TosaOps(nn.Module):
         a = F.relu(self.conv(self.quant(x)))
         b = torch.sigmoid(a) * self.hardswish(a) + a
         c = torch.cat([F.max_pool2d(b, 3, 1, 1), F.hardtanh(self.gelu(b), -0.5, 0.5)], dim=1)
-        d = F.avg_pool2d(self.depthwise(c[:, :8]), 2)
+        d = F.avg_pool2d(self.depthwise(self.grouped(c)[:, :8]), 2)
         up = F.interpolate(d, scale_factor=2.0, mode="nearest")
         first, second = up.chunk(2, dim=1)
         mixed = self.rows((first * torch.tanh(second)).transpose(2, 3))
@@ -187,6 +188,23 @@ def test_digits_cnn(target, tmp_path):
         assert done.returncode == 0, (accelerator, done.stdout[-2000:])
 
 
+@pytest.mark.flow
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "mobilenet_v3_small", "yolo"])
+def test_edge_models(target, tmp_path, name):
+    """Depthwise and residual networks, lookup tables and products (mobilenet_v3_small), a YOLO-style detector
+    (split, concat, nearest upsampling) at 64x64: reference model == integer model; Vela compiles each."""
+    torch.manual_seed(0)
+    model = YoloStyleDetector() if name == "yolo" else torchvision_model(name)
+    example = torch.randn(1, 3, 64, 64)
+    int_model = integer_model(model.eval(), example, str(target))
+    graph = to_tosa(int_model, (example,), tmp_path / "model.tosa", target=target)
+    generator = torch.Generator().manual_seed(3)
+    _compare(int_model, graph, [torch.randn(1, 3, 64, 64, generator=generator) for _ in range(2)])
+    for accelerator in ACCELERATORS:
+        done = vela(tmp_path / "model.tosa", accelerator, tmp_path / accelerator)
+        assert done.returncode == 0, (accelerator, done.stdout[-2000:])
+
+
 # ---- errors --------------------------------------------------------------------------------------------------------
 
 
@@ -220,18 +238,18 @@ def test_an_op_without_a_tosa_form_is_named(target):
         tosa_graph(int_model, (example,), target=target)
 
 
-def test_a_grouped_convolution_is_named(target):
-    class Grouped(nn.Module):
+def test_a_slice_with_steps_is_named(target):
+    class Strided(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.quant, self.conv, self.dequant = QuantStub(), nn.Conv2d(4, 4, 3, groups=2), DeQuantStub()
+            self.quant, self.dequant = QuantStub(), DeQuantStub()
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.dequant(self.conv(self.quant(x)))
+            return self.dequant(self.quant(x)[:, :, ::2])
 
     example = torch.randn(1, 4, 6, 6)
-    int_model = integer_model(Grouped().eval(), example, str(target))
-    with pytest.raises(ExportError, match="conv2d 'conv/Conv': a convolution of 2 groups of 2 channels has no TOSA form"):
+    int_model = integer_model(Strided().eval(), example, str(target))
+    with pytest.raises(ExportError, match=r"slice '.*Slice': a slice with steps \[2\] has no TOSA form \(allowed: 1\)"):
         tosa_graph(int_model, (example,), target=target)
 
 

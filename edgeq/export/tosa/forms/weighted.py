@@ -1,7 +1,7 @@
-"""TOSA forms of the ops that accumulate products in int32 and requantize: conv2d (CONV2D, DEPTHWISE_CONV2D),
-linear (a 1x1 CONV2D), the average pools (a DEPTHWISE_CONV2D of ones: the window sum, padding counted as zeros),
-matmul (MATMUL) and mul (MUL); each accumulator then one RESCALE with edgeq's multipliers and shifts
-(docs/numerics.md sections 5-7), which under the half_up rule is exactly TOSA's SINGLE_ROUND."""
+"""TOSA forms of the ops that accumulate products in int32 and requantize: conv2d (CONV2D, DEPTHWISE_CONV2D, or
+a CONV2D per group), linear (a 1x1 CONV2D), the average pools (a DEPTHWISE_CONV2D of ones: the window sum, padding
+counted as zeros), matmul (MATMUL) and mul (MUL); each accumulator then one RESCALE with edgeq's multipliers and
+shifts (docs/numerics.md sections 5-7), which under the half_up rule is exactly TOSA's SINGLE_ROUND."""
 
 from __future__ import annotations
 
@@ -35,21 +35,32 @@ def _accumulator_bound(unit: OpUnit) -> int:
 
 def _convolution(
     builder: TosaBuilder, unit: OpUnit, source: TosaValue, weights: np.ndarray, bias: np.ndarray,
-    *, stride: list[int], dilation: list[int], pads: list[int], depthwise: bool,
+    *, stride: list[int], dilation: list[int], pads: list[int], groups: int,
 ) -> TosaValue:
-    """CONV2D (``weights`` OIHW, one group) or DEPTHWISE_CONV2D (``weights`` of ``[C * M, 1, KH, KW]``) of int8
-    ``source`` with the int32 ``bias``, to the op's output size: the int32 accumulator, NHWC."""
+    """The int32 accumulator (NHWC) of a convolution of int8 ``source`` with OIHW ``weights`` in ``groups`` and the
+    int32 ``bias``, to the op's output size: CONV2D for one group, DEPTHWISE_CONV2D for a group per input channel,
+    otherwise a CONV2D per group (its channels sliced) and the accumulators concatenated."""
     output_shape = unit.output_shape()
-    out_channels, _, kh, kw = weights.shape
+    out_channels, group_channels, kh, kw = weights.shape
     extents = [(k - 1) * d + 1 for k, d in zip((kh, kw), dilation)]
-    source, padding = window_input(builder, source, output_shape[2:], extents, stride, pads, unit.outputs[0])
-    if depthwise:
-        channels = source.shape[1]
-        kernel = weights.reshape(channels, out_channels // channels, kh, kw).transpose(2, 3, 0, 1)  # [KH, KW, C, M]
-    else:
-        kernel = weights.transpose(0, 2, 3, 1)  # [O, KH, KW, I]
+    name = unit.outputs[0]
+    source, padding = window_input(builder, source, output_shape[2:], extents, stride, pads, name)
     shape = (output_shape[0], out_channels, *output_shape[2:])
-    return _convolution_operator(builder, unit.outputs[0], source, kernel, bias, shape, padding, stride, dilation, depthwise)
+    if groups == 1 or group_channels == 1:
+        depthwise = groups != 1
+        kernel = weights.reshape(groups, out_channels // groups, kh, kw).transpose(2, 3, 0, 1) if depthwise else weights.transpose(0, 2, 3, 1)
+        return _convolution_operator(builder, name, source, kernel, bias, shape, padding, stride, dilation, depthwise)
+    per_group = out_channels // groups
+    parts = []
+    for group in range(groups):
+        sizes = [*source.shape[:1], group_channels, *source.shape[2:]]
+        part = builder.slice(source, [0, group * group_channels, 0, 0], sizes, f"{name}.group{group}.input")
+        rows = slice(group * per_group, (group + 1) * per_group)
+        kernel = weights[rows].transpose(0, 2, 3, 1)
+        group_shape = (shape[0], per_group, *shape[2:])
+        parts.append(_convolution_operator(builder, f"{name}.group{group}", part, kernel, bias[rows], group_shape, padding, stride, dilation, False))
+    made = attribute("ConcatAttribute", NHWC.index(1))
+    return builder.operator(ts.Op.CONCAT, [p.name for p in parts], f"{name}.acc", shape, ts.DType.INT32, NHWC, made)
 
 
 def _convolution_operator(
@@ -76,16 +87,12 @@ def _bias(unit: OpUnit, tensor: str | None, channels: int) -> np.ndarray:
 
 @TOSA_FORMS.register(Op.CONV2D)
 def _conv2d(builder: TosaBuilder, unit: OpUnit) -> list[TosaValue]:
-    """One group: CONV2D; a group per input channel: DEPTHWISE_CONV2D; then RESCALE per output channel."""
+    """The convolution's int32 accumulator (:func:`_convolution`), then RESCALE per output channel."""
     attributes, weights = unit.attributes, unit.constant(unit.node.input[1])
-    groups, channels = int(attributes.get("group", 1)), unit.inputs[0].shape[1]
-    depthwise = groups == channels and weights.shape[0] % channels == 0 and weights.shape[1] == 1
-    if groups != 1 and not depthwise:
-        raise unit.refuse(f"a convolution of {groups} groups of {weights.shape[1]} channels has no TOSA form (allowed: 1 group, or 1 per channel)")
     acc = _convolution(
         builder, unit, unit.inputs[0], weights, _bias(unit, (unit.node.input[2:3] or [""])[0], weights.shape[0]),
         stride=list(attributes.get("strides", (1, 1))), dilation=list(attributes.get("dilations", (1, 1))),
-        pads=list(attributes.get("pads", (0, 0, 0, 0))), depthwise=depthwise,
+        pads=list(attributes.get("pads", (0, 0, 0, 0))), groups=int(attributes.get("group", 1)),
     )
     return [_requantized(builder, unit, acc, _accumulator_bound(unit))]
 
@@ -126,7 +133,7 @@ def _average(builder: TosaBuilder, unit: OpUnit) -> list[TosaValue]:
         pads = list(attributes.get("pads", (0, 0, 0, 0)))
     ones = np.ones((channels, 1, *kernel), dtype=np.int8)
     acc = _convolution(
-        builder, unit, source, ones, np.zeros(channels, dtype=np.int32), stride=stride, dilation=[1, 1], pads=pads, depthwise=True,
+        builder, unit, source, ones, np.zeros(channels, dtype=np.int32), stride=stride, dilation=[1, 1], pads=pads, groups=channels,
     )
     return [_requantized(builder, unit, acc, 128 * math.prod(kernel))]
 

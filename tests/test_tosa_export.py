@@ -3,6 +3,7 @@ and bad inputs are clear errors."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,18 +30,23 @@ from edgeq.quantization import DeQuantStub, QuantStub, default_calib_int32_outpu
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def half_up_target(folder: Path) -> Path:
-    """npu-m with ``rounding = "half_up"``, as a target file (until the Ethos-U targets land)."""
-    text = (ROOT / "targets" / "npu-m.toml").read_text().replace('name = "npu-m"', 'name = "npu-m-half-up"')
-    text = text.replace("concat_shares_input_scale = false", 'concat_shares_input_scale = false\nrounding = "half_up"')
-    path = folder / "npu-m-half-up.toml"
+TARGET = "ethos-u65-256"
+"""The Ethos-U target the models are quantized for (its arithmetic rounds half up, as TOSA's RESCALE)."""
+
+
+def target_file(folder: Path, **quantization: str) -> Path:
+    """ethos-u65-256 as a target file of another name (``ethos-u65-256-file``), with ``quantization`` keys changed."""
+    text = (ROOT / "targets" / f"{TARGET}.toml").read_text().replace(f'name = "{TARGET}"', f'name = "{TARGET}-file"')
+    for key, value in quantization.items():
+        text = re.sub(rf"^{key} = .*$", f'{key} = "{value}"', text, count=1, flags=re.M)
+    path = folder / f"{TARGET}-file.toml"
     path.write_text(text)
     return path
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return half_up_target(tmp_path_factory.mktemp("targets"))
+def target() -> str:
+    return TARGET
 
 
 class TosaOps(nn.Module):
@@ -91,7 +97,7 @@ def _compare(int_model, graph, inputs: list[torch.Tensor]) -> int:
 def every_form(target):
     torch.manual_seed(0)
     example = torch.randn(1, 3, 8, 8)
-    return integer_model(TosaOps().eval(), example, str(target)), example
+    return integer_model(TosaOps().eval(), example, target), example
 
 
 def test_every_form_equals_the_integer_model(every_form, target, tmp_path):
@@ -127,8 +133,7 @@ class PowerOfTwoTies(nn.Module):
 
 @pytest.mark.xfail(strict=True, reason="the integer model's half_up rule is not on main yet: it rounds these ties to even")
 def test_ties_round_half_up(tmp_path):
-    path = half_up_target(tmp_path)
-    path.write_text(path.read_text().replace('scale_rule = "any"', 'scale_rule = "power_of_two"'))
+    path = target_file(tmp_path, scale_rule="power_of_two")
     torch.manual_seed(0)
     example = torch.randn(1, 2, 8, 8)
     int_model = integer_model(PowerOfTwoTies().eval(), example, str(path))
@@ -178,7 +183,7 @@ def test_digits_cnn(target, tmp_path):
     torch.manual_seed(0)
     example = torch.rand(1, 1, 8, 8) * 2 - 1
     int32_head = {"": default_calib_qconfig, "module_name": {"fc": default_calib_int32_output_qconfig}}
-    int_model = integer_model(SmallCNN().eval(), example, str(target), qconfig=int32_head)
+    int_model = integer_model(SmallCNN().eval(), example, target, qconfig=int32_head)
     graph = to_tosa(int_model, (example,), tmp_path / "digits.tosa", target=target)
     assert [t.dtype for t in graph.outputs] == ["int32"]
     generator = torch.Generator().manual_seed(2)
@@ -196,7 +201,7 @@ def test_edge_models(target, tmp_path, name):
     torch.manual_seed(0)
     model = YoloStyleDetector() if name == "yolo" else torchvision_model(name)
     example = torch.randn(1, 3, 64, 64)
-    int_model = integer_model(model.eval(), example, str(target))
+    int_model = integer_model(model.eval(), example, target)
     graph = to_tosa(int_model, (example,), tmp_path / "model.tosa", target=target)
     generator = torch.Generator().manual_seed(3)
     _compare(int_model, graph, [torch.randn(1, 3, 64, 64, generator=generator) for _ in range(2)])
@@ -217,10 +222,14 @@ def test_a_target_that_rounds_half_to_even_is_refused(tmp_path):
     assert not (tmp_path / "m.tosa").exists()
 
 
-def test_a_file_recording_no_target_needs_one(every_form, tmp_path):
-    int_model, example = every_form
-    with pytest.raises(TargetError, match="npu-m-half-up', which is not a built-in target"):
-        tosa_graph(to_onnx(int_model, (example,), tmp_path / "ops.onnx"))
+def test_a_file_recording_a_target_file_needs_it(tmp_path):
+    path = target_file(tmp_path)
+    torch.manual_seed(0)
+    example = torch.randn(1, 1, 8, 8)
+    model = to_onnx(integer_model(SmallCNN().eval(), example, str(path)), (example,), tmp_path / "cnn.onnx")
+    with pytest.raises(TargetError, match=f"{TARGET}-file', which is not a built-in target"):
+        tosa_graph(model)
+    assert tosa_graph(model, target=path).outputs[0].shape == (1, 10)
 
 
 def test_an_op_without_a_tosa_form_is_named(target):
@@ -233,7 +242,7 @@ def test_an_op_without_a_tosa_form_is_named(target):
             return self.dequant(F.interpolate(self.quant(x), scale_factor=2.0, mode="bilinear"))
 
     example = torch.randn(1, 2, 4, 4)
-    int_model = integer_model(Bilinear().eval(), example, str(target))
+    int_model = integer_model(Bilinear().eval(), example, target)
     with pytest.raises(ExportError, match=r"upsample_bilinear2d '.*Resize': has no TOSA form"):
         tosa_graph(int_model, (example,), target=target)
 
@@ -248,7 +257,7 @@ def test_a_slice_with_steps_is_named(target):
             return self.dequant(self.quant(x)[:, :, ::2])
 
     example = torch.randn(1, 4, 6, 6)
-    int_model = integer_model(Strided().eval(), example, str(target))
+    int_model = integer_model(Strided().eval(), example, target)
     with pytest.raises(ExportError, match=r"slice '.*Slice': a slice with steps \[2\] has no TOSA form \(allowed: 1\)"):
         tosa_graph(int_model, (example,), target=target)
 
@@ -263,7 +272,7 @@ def test_command_line(every_form, target, tmp_path):
 
     int_model, example = every_form
     model = save_torchscript(int_model, (example,), tmp_path / "int_model.pt")
-    assert main(["export", str(model), "--format", "tosa", "--target", str(target), "-o", str(tmp_path / "m.tosa")]) == 0
-    assert (tmp_path / "m.tosa").read_bytes() == tosa_graph(int_model, (example,), target=target).flatbuffer
-    assert main(["export", str(model), "--format", "tosa", "-o", str(tmp_path / "n.tosa")]) != 0  # records a target file
+    assert main(["export", str(model), "--format", "tosa", "-o", str(tmp_path / "m.tosa")]) == 0
+    assert (tmp_path / "m.tosa").read_bytes() == tosa_graph(int_model, (example,)).flatbuffer
+    assert main(["export", str(model), "--format", "tosa", "--target", "npu-m", "-o", str(tmp_path / "n.tosa")]) != 0
     assert not (tmp_path / "n.tosa").exists()

@@ -129,7 +129,7 @@ def _export(args: argparse.Namespace, console: Console) -> int:
     from edgeq.export.tosa import to_tosa
 
     _check_output(args.output, args.model, "-o")
-    graph = to_tosa(args.model, None, args.output, target=args.target)
+    graph = to_tosa(args.model, None, args.output)
     inputs = ", ".join(f"{t.source} {'x'.join(map(str, t.shape))}" for t in graph.inputs)
     outputs = ", ".join(f"{t.source} {'x'.join(map(str, t.shape))} {t.dtype}" for t in graph.outputs)
     console.print(f"wrote {args.output} (TOSA 1.0; inputs {inputs}; outputs {outputs}; 4-D tensors NHWC)", highlight=False, soft_wrap=True)
@@ -273,12 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export",
-        parents=[quantized_model],
         help="write a quantized model in another format (TOSA, for Arm's Vela and the Ethos-U NPUs)",
         description="Write the integer region of a QDQ ONNX file or an edgeq TorchScript file as a TOSA 1.0 "
         "flatbuffer (profile PRO-INT): int8 inputs after QuantStub, outputs before DeQuantStub, 4-D tensors NHWC. "
         "The model must be quantized for a target whose arithmetic rounds half up (an Ethos-U target).",
     )
+    export.add_argument("model", type=_path, help="QDQ ONNX file, or TorchScript file saved by edgeq")
     export.add_argument("--format", required=True, choices=("tosa",), help="the format to write")
     export.add_argument("-o", "--output", type=_path, required=True, help="the file to write")
     export.set_defaults(run=_export)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,9 +17,10 @@ from models import SmallCNN, YoloStyleDetector, integer_model, torchvision_model
 from torch import nn
 
 from edgeq.check import check_model
-from edgeq.errors import ExportError, TargetError
+from edgeq.errors import ExportError
 from edgeq.export import load_onnx, save_torchscript, to_onnx
 from edgeq.export.onnx_nodes import node_name
+from edgeq.export.onnx_writer import ROUNDING_METADATA_KEY
 from edgeq.export.qdq_graph import QDQGraph
 from edgeq.export.tosa import build_tosa, to_tosa, tosa_graph
 from edgeq.export.tosa.forms import TOSA_FORMS
@@ -102,7 +104,7 @@ def every_form(target):
 
 def test_every_form_equals_the_integer_model(every_form, target, tmp_path):
     int_model, example = every_form
-    graph = to_tosa(int_model, (example,), tmp_path / "ops.tosa", target=target)
+    graph = to_tosa(int_model, (example,), tmp_path / "ops.tosa")
     assert (tmp_path / "ops.tosa").read_bytes() == graph.flatbuffer
     assert [t.shape for t in graph.inputs] == [(1, 3, 8, 8)] and [t.perm for t in graph.inputs] == [(0, 2, 3, 1)]
     generator = torch.Generator().manual_seed(1)
@@ -111,7 +113,7 @@ def test_every_form_equals_the_integer_model(every_form, target, tmp_path):
 
 def test_the_model_uses_every_form(every_form, target):
     int_model, example = every_form
-    ops = {node.record.op for node in check_model(int_model, (example,), target=target).nodes}
+    ops = {node.record.op for node in check_model(int_model, (example,)).nodes}
     other_tables = {Op.SILU, Op.HARDSIGMOID, Op.LEAKYRELU, Op.GELU_TANH, Op.ELU}  # the same TABLE form as sigmoid's
     assert ops == {op for op in Op if op in TOSA_FORMS} - other_tables
 
@@ -131,13 +133,12 @@ class PowerOfTwoTies(nn.Module):
         return self.dequant(y.mean((2, 3), keepdim=True) + y)
 
 
-@pytest.mark.xfail(strict=True, reason="the integer model's half_up rule is not on main yet: it rounds these ties to even")
 def test_ties_round_half_up(tmp_path):
     path = target_file(tmp_path, scale_rule="power_of_two")
     torch.manual_seed(0)
     example = torch.randn(1, 2, 8, 8)
     int_model = integer_model(PowerOfTwoTies().eval(), example, str(path))
-    graph = tosa_graph(int_model, (example,), target=path)
+    graph = tosa_graph(int_model, (example,))
     # odd sums of 2x2 windows and odd pixels: every average and every add is a tie
     odd = torch.arange(-7, 9, dtype=torch.float32).repeat(8)[: 2 * 64].reshape(1, 2, 8, 8) * 2 + 1
     _compare(int_model, graph, [odd / 16, -odd / 16, torch.randn(1, 2, 8, 8)])
@@ -170,7 +171,7 @@ def vela(path: Path, accelerator: str, output: Path) -> subprocess.CompletedProc
 @pytest.mark.parametrize("accelerator", ACCELERATORS)
 def test_vela_compiles_every_form(every_form, target, tmp_path, accelerator):
     int_model, example = every_form
-    to_tosa(int_model, (example,), tmp_path / "ops.tosa", target=target)
+    to_tosa(int_model, (example,), tmp_path / "ops.tosa")
     done = vela(tmp_path / "ops.tosa", accelerator, tmp_path / "out")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert (tmp_path / "out" / "ops_vela.tflite").is_file()
@@ -184,7 +185,7 @@ def test_digits_cnn(target, tmp_path):
     example = torch.rand(1, 1, 8, 8) * 2 - 1
     int32_head = {"": default_calib_qconfig, "module_name": {"fc": default_calib_int32_output_qconfig}}
     int_model = integer_model(SmallCNN().eval(), example, target, qconfig=int32_head)
-    graph = to_tosa(int_model, (example,), tmp_path / "digits.tosa", target=target)
+    graph = to_tosa(int_model, (example,), tmp_path / "digits.tosa")
     assert [t.dtype for t in graph.outputs] == ["int32"]
     generator = torch.Generator().manual_seed(2)
     _compare(int_model, graph, [torch.rand(1, 1, 8, 8, generator=generator) * 2 - 1 for _ in range(8)])
@@ -202,7 +203,7 @@ def test_edge_models(target, tmp_path, name):
     model = YoloStyleDetector() if name == "yolo" else torchvision_model(name)
     example = torch.randn(1, 3, 64, 64)
     int_model = integer_model(model.eval(), example, target)
-    graph = to_tosa(int_model, (example,), tmp_path / "model.tosa", target=target)
+    graph = to_tosa(int_model, (example,), tmp_path / "model.tosa")
     generator = torch.Generator().manual_seed(3)
     _compare(int_model, graph, [torch.randn(1, 3, 64, 64, generator=generator) for _ in range(2)])
     for accelerator in ACCELERATORS:
@@ -217,19 +218,25 @@ def test_a_target_that_rounds_half_to_even_is_refused(tmp_path):
     torch.manual_seed(0)
     example = torch.randn(1, 1, 8, 8)
     int_model = integer_model(SmallCNN().eval(), example, "npu-m")
-    with pytest.raises(ExportError, match="'npu-m', whose integer arithmetic rounds half_to_even; TOSA's RESCALE rounds half_up"):
+    with pytest.raises(ExportError, match="quantized for 'npu-m', its integers round half_to_even; TOSA's RESCALE rounds half_up"):
         to_tosa(int_model, (example,), tmp_path / "m.tosa")
     assert not (tmp_path / "m.tosa").exists()
 
 
-def test_a_file_recording_a_target_file_needs_it(tmp_path):
-    path = target_file(tmp_path)
+def test_a_file_is_read_by_its_rounding_rule(tmp_path):
+    """A file records its rounding rule (``edgeq.rounding``): a target file needs no naming; a file without the
+    record (another tool's QDQ file) rounds half to even, as QuantizeLinear, and is refused."""
     torch.manual_seed(0)
     example = torch.randn(1, 1, 8, 8)
-    model = to_onnx(integer_model(SmallCNN().eval(), example, str(path)), (example,), tmp_path / "cnn.onnx")
-    with pytest.raises(TargetError, match=f"{TARGET}-file', which is not a built-in target"):
-        tosa_graph(model)
-    assert tosa_graph(model, target=path).outputs[0].shape == (1, 10)
+    path = to_onnx(integer_model(SmallCNN().eval(), example, str(target_file(tmp_path))), (example,), tmp_path / "cnn.onnx")
+    assert tosa_graph(path).outputs[0].shape == (1, 10)
+    model = onnx.load(str(path))
+    kept = [p for p in model.metadata_props if p.key != ROUNDING_METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, str(tmp_path / "plain.onnx"))
+    with pytest.raises(ExportError, match="plain.onnx: quantized for 'ethos-u65-256-file', its integers round half_to_even"):
+        tosa_graph(tmp_path / "plain.onnx")
 
 
 def test_an_op_without_a_tosa_form_is_named(target):
@@ -244,7 +251,7 @@ def test_an_op_without_a_tosa_form_is_named(target):
     example = torch.randn(1, 2, 4, 4)
     int_model = integer_model(Bilinear().eval(), example, target)
     with pytest.raises(ExportError, match=r"upsample_bilinear2d '.*Resize': has no TOSA form"):
-        tosa_graph(int_model, (example,), target=target)
+        tosa_graph(int_model, (example,))
 
 
 def test_a_slice_with_steps_is_named(target):
@@ -259,7 +266,7 @@ def test_a_slice_with_steps_is_named(target):
     example = torch.randn(1, 4, 6, 6)
     int_model = integer_model(Strided().eval(), example, target)
     with pytest.raises(ExportError, match=r"slice '.*Slice': a slice with steps \[2\] has no TOSA form \(allowed: 1\)"):
-        tosa_graph(int_model, (example,), target=target)
+        tosa_graph(int_model, (example,))
 
 
 def test_a_float_model_is_refused():
@@ -274,5 +281,6 @@ def test_command_line(every_form, target, tmp_path):
     model = save_torchscript(int_model, (example,), tmp_path / "int_model.pt")
     assert main(["export", str(model), "--format", "tosa", "-o", str(tmp_path / "m.tosa")]) == 0
     assert (tmp_path / "m.tosa").read_bytes() == tosa_graph(int_model, (example,)).flatbuffer
-    assert main(["export", str(model), "--format", "tosa", "--target", "npu-m", "-o", str(tmp_path / "n.tosa")]) != 0
+    other = save_torchscript(integer_model(SmallCNN().eval(), torch.randn(1, 1, 8, 8), "npu-m"), (torch.randn(1, 1, 8, 8),), tmp_path / "m.pt")
+    assert main(["export", str(other), "--format", "tosa", "-o", str(tmp_path / "n.tosa")]) != 0
     assert not (tmp_path / "n.tosa").exists()

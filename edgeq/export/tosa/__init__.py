@@ -15,37 +15,31 @@ import torch
 
 from edgeq.errors import ExportError
 from edgeq.export.sources import ModelLike, quantized_form
-from edgeq.export.tosa.writer import TosaGraph, TosaTensor, build_tosa, check_rounding
+from edgeq.export.tosa.writer import TosaGraph, TosaTensor, build_tosa
 from edgeq.fileio import atomic_write
-from edgeq.targets import TargetLike, resolve_target
 
 
-def tosa_graph(model: ModelLike, example_inputs: Sequence[torch.Tensor] | None = None, *, target: TargetLike | None = None) -> TosaGraph:
+def tosa_graph(model: ModelLike, example_inputs: Sequence[torch.Tensor] | None = None) -> TosaGraph:
     """The TOSA graph of a quantized model's integer region (inputs after QuantStub, outputs before DeQuantStub).
 
     Args:
         model: the integer model (or a calibrated prepared model), an edgeq TorchScript module, or the path of a
             QDQ ONNX or edgeq TorchScript file.
         example_inputs: the inputs giving a PyTorch model's shapes.
-        target: the target the model was quantized for, when it does not record one (or to name a target file).
 
     Raises:
-        ExportError: a target that does not round half up, an op without a TOSA form, naming the node and the op.
-        TargetError: no target given or recorded.
+        ExportError: a model whose integers do not round half up, an op without a TOSA form, naming the node and
+            the op.
     """
     found = quantized_form(model, example_inputs)
     if found is None:
         raise ExportError(f"{type(model).__name__} is not quantized; calibrate or train it and convert it first")
-    qdq, description = found
-    check_rounding(resolve_target(target, qdq.target, description), description)
-    return build_tosa(qdq)
+    return build_tosa(found[0])
 
 
-def to_tosa(
-    model: ModelLike, example_inputs: Sequence[torch.Tensor] | None, path: str | Path, *, target: TargetLike | None = None
-) -> TosaGraph:
+def to_tosa(model: ModelLike, example_inputs: Sequence[torch.Tensor] | None, path: str | Path) -> TosaGraph:
     """Write the TOSA flatbuffer of a quantized model (:func:`tosa_graph`) to ``path``, atomically."""
-    graph = tosa_graph(model, example_inputs, target=target)
+    graph = tosa_graph(model, example_inputs)
     with atomic_write(path) as temporary:
         temporary.write_bytes(graph.flatbuffer)
     return graph

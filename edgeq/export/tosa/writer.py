@@ -23,7 +23,7 @@ from edgeq.export.qdq_graph import QDQGraph
 from edgeq.export.tosa.builder import TosaBuilder, TosaValue
 from edgeq.export.tosa.forms import TOSA_FORMS, OpUnit
 from edgeq.ops import Op
-from edgeq.targets import Rounding, Target
+from edgeq.targets import Rounding
 
 
 @dataclass(frozen=True)
@@ -55,17 +55,19 @@ class TosaGraph:
     outputs: tuple[TosaTensor, ...]
 
 
-def check_rounding(target: Target, source: str) -> None:
-    """TOSA's RESCALE rounds half up (SINGLE_ROUND): only a model whose target's integer arithmetic rounds so
-    has a TOSA form computing its numbers.
+def check_rounding(qdq: QDQModel) -> None:
+    """TOSA's RESCALE rounds half up (SINGLE_ROUND): only a model whose integers round so (quantized for a target
+    with ``rounding = "half_up"``: an Ethos-U target; the file's ``edgeq.rounding`` metadata) has a TOSA form
+    computing its numbers.
 
     Raises:
-        ExportError: the target rounds otherwise, naming the model, the target and its rule.
+        ExportError: the model rounds otherwise, naming it, its target and its rule.
     """
-    if target.quantization.rounding is not Rounding.HALF_UP:
+    if qdq.rounding is not Rounding.HALF_UP:
+        quantized_for = f"quantized for '{qdq.target}', " if qdq.target else ""
         raise ExportError(
-            f"{source}: quantized for '{target.name}', whose integer arithmetic rounds {target.quantization.rounding.value}; "
-            f"TOSA's RESCALE rounds {Rounding.HALF_UP.value}, so only a model quantized for a target with rounding = "
+            f"{qdq.source}: {quantized_for}its integers round {qdq.rounding.value}; TOSA's RESCALE rounds "
+            f"{Rounding.HALF_UP.value}, so only a model quantized for a target with rounding = "
             f"\"{Rounding.HALF_UP.value}\" (an Ethos-U target) has a TOSA form computing its numbers"
         )
 
@@ -73,12 +75,12 @@ def check_rounding(target: Target, source: str) -> None:
 def build_tosa(qdq: QDQModel, ops: Sequence[str] | None = None) -> TosaGraph:
     """The TOSA graph of the ops named ``ops`` of a QDQ model (all of them by default), in graph order.
 
-    The caller checks the target's rounding (:func:`check_rounding`).
-
     Raises:
-        ExportError: an op without a TOSA form, an op left in float, an activation with a zero point, or settings a
-            form does not take, naming the node and the op.
+        ExportError: a model that does not round half up (:func:`check_rounding`); an op without a TOSA form, an op
+            left in float, an activation with a zero point, or settings a form does not take, naming the node and
+            the op.
     """
+    check_rounding(qdq)
     return _Writer(qdq, ops).run()
 
 

@@ -5,20 +5,14 @@ RESCALE to int8), concat (RESCALE each input, CONCAT), the clamps (CLAMP) and th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import tosa_serializer as ts
 
-from edgeq.errors import QuantizationError
 from edgeq.export.tosa.builder import TosaBuilder, TosaValue, attribute, image_layout
 from edgeq.export.tosa.forms.unit import TOSA_FORMS, OpUnit
-from edgeq.numerics import ACTIVATION_QMAX, clamp_levels, real_multiplier
+from edgeq.numerics import ACTIVATION_QMAX, clamp_levels
 from edgeq.ops import LOOKUP_TABLE_OPS, Op
-
-ADD_MULTIPLIER_BITS = 23
-"""An add's multipliers have 23 bits (the largest in ``[2**22, 2**23)``), so that ``q * M`` of an int8 ``q`` and
-the sum of two such terms fit int32, TOSA's ADD."""
 
 INT8_SHIFT = 8
 """RESCALE of an int8 ``q`` by ``2**8 * M`` and shift 8 is exactly ``q * M`` (``(2**8 * q * M + 2**7) >> 8``): the
@@ -32,31 +26,13 @@ IDENTITY_RESCALE = (2**30, 30)
 """The multiplier and shift of a rescale to the same scale: the identity, exactly."""
 
 
-def add_multipliers(input_scales: Sequence[float], output_scale: float, *, what: str) -> tuple[list[int], int]:
-    """The add's multipliers ``M_i`` sharing one shift ``n``, the largest in ``[2**22, 2**23)``: the half_up rule's
-    add (docs/numerics.md), ``y = round_half_up((a * M_a + b * M_b) / 2**n)``.
-
-    Raises:
-        QuantizationError: a shift outside TOSA's [2, 62], or a multiplier that rounds to 0, naming ``what``.
-    """
-    reals = [real_multiplier(s, output_scale) for s in input_scales]
-    _, exponent = math.frexp(max(reals))
-    shift = ADD_MULTIPLIER_BITS - exponent
-    if round(math.ldexp(max(reals), shift)) == 2**ADD_MULTIPLIER_BITS:
-        shift -= 1
-    multipliers = [round(math.ldexp(r, shift)) for r in reals]
-    if not 2 <= shift <= 62 or min(multipliers) == 0:
-        raise QuantizationError(f"{what}: add factors {reals} need shift {shift} with multipliers {multipliers} (allowed: shift 2..62, multipliers > 0)")
-    return multipliers, shift
-
-
 @TOSA_FORMS.register(Op.ADD)
 def _add(builder: TosaBuilder, unit: OpUnit) -> list[TosaValue]:
     """Each input RESCALEd to int32 by ``2**8 * M_i`` and shift 8 (``q_i * M_i`` exactly), ADD in int32
-    (``|sum| <= 128 * (M_a + M_b) < 2**31``), RESCALE by ``2**k`` and shift ``n + k``: ``sum / 2**n`` rounded
-    once, half up."""
-    quant = unit.record.quant
-    multipliers, shift = add_multipliers(quant.input_scales, quant.output_scale, what=unit.what)
+    (``|sum| <= 128 * (M_a + M_b) < 2**31``: the half_up rule's 23-bit multipliers, :func:`edgeq.numerics.
+    add_multipliers`), RESCALE by ``2**k`` and shift ``n + k``: ``sum / 2**n`` rounded once, half up."""
+    constants = unit.requantization()
+    multipliers, (shift,) = constants.multiplier, constants.shift
     shape, name = unit.output_shape(), unit.outputs[0]
     terms = []
     for index, (value, multiplier) in enumerate(zip(unit.inputs, multipliers)):

@@ -61,11 +61,11 @@ class OpUnit:
         return ExportError(f"{self.what}: {problem}")
 
     def requantization(self) -> Any:
-        """The op's integer constants (:func:`edgeq.compile.requantization.requantization`: the ones compile and
-        the NPU program use), or None for an op with an int32 output."""
+        """The op's integer constants under the file's rounding rule (:func:`edgeq.compile.requantization.
+        requantization`: the ones compile and the NPU program use), or None for an op with an int32 output."""
         from edgeq.compile.requantization import requantization  # not at the top: edgeq.compile imports TVM
 
-        return requantization(self.record)
+        return requantization(self.record, self.graph.qdq.rounding)
 
 
 TosaForm = Callable[[TosaBuilder, OpUnit], list[TosaValue]]

@@ -39,7 +39,7 @@ def _add(builder: TosaBuilder, unit: OpUnit) -> list[TosaValue]:
         value = builder.in_layout(value, image_layout(len(value.shape)))
         terms.append(builder.rescale(value, [multiplier << INT8_SHIFT], [INT8_SHIFT], ts.DType.INT32, f"{name}.term{index}", what=unit.what))
     total = builder.operator(ts.Op.ADD, [t.name for t in terms], f"{name}.sum", shape, ts.DType.INT32, terms[0].perm, attribute("AddAttribute"))
-    widen = min(30, 62 - shift, max(0, SUM_SHIFT_FLOOR - shift))
+    widen = max(0, SUM_SHIFT_FLOOR - shift)  # at most 30 (n >= 2), and n + k <= 62
     bound = 128 * sum(multipliers)
     return [builder.rescale(total, [1 << widen], [shift + widen], ts.DType.INT8, name, what=unit.what, value_range=(-bound, bound))]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -15,6 +15,9 @@ from edgeq.export.onnx_nodes import node_attributes
 from edgeq.export.qdq_graph import QDQGraph
 from edgeq.export.tosa.builder import TosaBuilder, TosaValue
 from edgeq.ops import Op, OpTable
+
+if TYPE_CHECKING:
+    from edgeq.compile.requantization import Requantization
 
 
 @dataclass
@@ -60,7 +63,7 @@ class OpUnit:
         """The error for settings this op's form does not take."""
         return ExportError(f"{self.what}: {problem}")
 
-    def requantization(self) -> Any:
+    def requantization(self) -> Requantization | None:
         """The op's integer constants under the file's rounding rule (:func:`edgeq.compile.requantization.
         requantization`: the ones compile and the NPU program use), or None for an op with an int32 output."""
         from edgeq.compile.requantization import requantization  # not at the top: edgeq.compile imports TVM

@@ -27,7 +27,8 @@ from edgeq.export.tosa.forms import TOSA_FORMS
 from edgeq.export.tosa.reference import run_reference
 from edgeq.numerics import quantize
 from edgeq.ops import Op
-from edgeq.quantization import DeQuantStub, QuantStub, default_calib_int32_output_qconfig, default_calib_qconfig
+from edgeq.quantization import DeQuantStub, QuantStub, convert_fx, default_calib_int32_output_qconfig, default_calib_qconfig
+from edgeq.quantization.calibrate import calibrate as calibrate_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -284,3 +285,33 @@ def test_command_line(every_form, target, tmp_path):
     other = save_torchscript(integer_model(SmallCNN().eval(), torch.randn(1, 1, 8, 8), "npu-m"), (torch.randn(1, 1, 8, 8),), tmp_path / "m.pt")
     assert main(["export", str(other), "--format", "tosa", "-o", str(tmp_path / "n.tosa")]) != 0
     assert not (tmp_path / "n.tosa").exists()
+
+
+class TwoInputs(nn.Module):
+    """Two inputs read in the other order than declared, two outputs made in the other order than returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant_a, self.quant_b = QuantStub(), QuantStub()
+        self.conv = nn.Conv2d(2, 2, 1)
+        self.dequant_a, self.dequant_b = DeQuantStub(), DeQuantStub()
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        second = self.conv(self.quant_b(b))
+        first = torch.sigmoid(self.quant_a(a))
+        return self.dequant_a(first + second), self.dequant_b(second)
+
+
+def test_inputs_and_outputs_in_the_model_order(target):
+    torch.manual_seed(0)
+    examples = (torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4))
+    prepared = calibrate_model(TwoInputs(), [examples] * 2, example_inputs=examples, target=target)
+    int_model = convert_fx(prepared)
+    graph = tosa_graph(int_model, examples)
+    assert [t.source for t in graph.inputs] == ["quant_a.q", "quant_b.q"]
+    expected = int_model.run_integer(*examples)
+    scales = [int_model.graph_module.quant_a.output_scale, int_model.graph_module.quant_b.output_scale]
+    got = run_reference(graph, [quantize(x, s).numpy() for x, s in zip(examples, scales)])
+    assert len(got) == 2
+    for want, have in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(have, want.numpy())

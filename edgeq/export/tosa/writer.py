@@ -98,12 +98,30 @@ class _Writer:
         self.inputs: list[TosaTensor] = []
 
     def run(self) -> TosaGraph:
+        for tensor in self._border_inputs():
+            self._value(tensor, f"'{tensor}'")
         for op in self.ops:
             unit = self._unit(op)
             results = TOSA_FORMS[unit.op](self.builder, unit)
             self.values.update(zip(unit.outputs, results, strict=True))
-        outputs = tuple(self._output(name) for name in self._read_outside())
+        outputs = tuple(self._output(name) for name in sorted(self._read_outside(), key=self._model_order))
         return TosaGraph(self.builder.serialize(), tuple(self.inputs), outputs)
+
+    def _border_inputs(self) -> list[str]:
+        """The tensors the ops read and none of them makes, but constants: the model's inputs in its order, then
+        the others in the order first read."""
+        made = {name for op in self.ops for name in self._outputs(op)}
+        read = [self._source(t) for op in self.ops for t in self.graph.quantized_inputs(op)]
+        border = [t for t in dict.fromkeys(read) if t not in made and t not in self.graph.constants]
+        return sorted(border, key=self._model_order)
+
+    def _model_order(self, tensor: str) -> int:
+        """Where a border tensor stands among the model's inputs (after QuantizeLinear) or outputs (before
+        DequantizeLinear); tensors that are neither after them (a stable sort keeps their order)."""
+        graph = self.graph.model.graph
+        ends = [*(q.output[0] for i in graph.input for q in self.graph.consumers.get(i.name, []) if q.op_type == "QuantizeLinear")]
+        ends += [self._source(o.name) for o in graph.output]
+        return ends.index(tensor) if tensor in ends else len(ends)
 
     # ---- one op ----------------------------------------------------------------------------------------------------
     def _unit(self, node: onnx.NodeProto) -> OpUnit:

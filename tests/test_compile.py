@@ -579,7 +579,7 @@ def small_onnx(tmp_path_factory):
 
 
 def test_unknown_target_lists_the_known_ones(small_onnx, tmp_path):
-    with pytest.raises(TargetError, match="unknown target 'npu-x'; known targets: aarch64, npu-m, npu-s, x86_64"):
+    with pytest.raises(TargetError, match="unknown target 'npu-x'; known targets: aarch64, ethos-u55-128, ethos-u65-256, ethos-u85-256, npu-m, npu-s, x86_64"):
         compile_model(small_onnx, target="npu-x", out=tmp_path / "x.edgeq")
 
 
@@ -667,4 +667,4 @@ def test_command_line_compile(small_onnx, tmp_path, capsys):
     assert "import region0_npu" in printed and "lower to integers" in printed and "NPU execution is simulated" in printed and "compile time:" in printed
     assert json.loads(zipfile.ZipFile(out).read("manifest.json"))["opt_level"] == 1
     assert main(["compile", str(small_onnx), "--target", "npu-x", "-o", str(out)]) == 1
-    assert "known targets: aarch64, npu-m, npu-s, x86_64" in capsys.readouterr().err
+    assert "known targets: aarch64, ethos-u55-128, ethos-u65-256, ethos-u85-256, npu-m, npu-s, x86_64" in capsys.readouterr().err

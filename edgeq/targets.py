@@ -190,6 +190,8 @@ class NpuRules(Strict):
     """Largest height or width of a tensor."""
     max_channels: Count | None = None
     """Largest channel count of a 4-D tensor (none: no limit but ``max_tensor_bytes``)."""
+    max_matmul_reduction: Count | None = None
+    """Most products a matmul of two activations sums per output (none: any)."""
     conv2d: ConvRules | None = None
     linear: LinearRules | None = None
     max_pool2d: PoolRules | None = None

@@ -95,6 +95,19 @@ def test_channels_beyond_65536():
     assert reasons(wide) == ["65537 channels, ethos-u65-256 supports ≤ 65536"]
 
 
+def test_matmul_reduction():
+    """Vela refuses a TOSA MATMUL summing 65,537 products on the U55 and U65 (measured), not on the U85."""
+
+    class Product(nn.Module):
+        def forward(self, x):
+            return torch.matmul(x, x.transpose(1, 2))
+
+    for width, target, placement in ((65_536, "ethos-u65-256", Placement.NPU), (65_537, "ethos-u85-256", Placement.NPU)):
+        assert single_op(Product(), target, torch.randn(1, 2, width), name="model.matmul").placement is placement
+    node = single_op(Product(), "ethos-u65-256", torch.randn(1, 2, 65_537), name="model.matmul")
+    assert reasons(node) == ["matmul summing 65537 products per output, ethos-u65-256 supports ≤ 65536"]
+
+
 def test_u55_refuses_what_its_npu_cannot_run():
     """On the U55 an op off the NPU is unsupported, with the reason; compile refuses the model, naming it, before any
     work (the check is the first step of a build)."""

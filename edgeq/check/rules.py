@@ -310,6 +310,15 @@ def too_many_channels(record: OpRecord, target: Target) -> Outcome | None:
     return Outcome(f"{shape[1]} channels, {target.name} supports ≤ {most}", True, "split the channels")
 
 
+@rule("max_matmul_reduction", Op.MATMUL)
+def matmul_reduction_too_long(record: OpRecord, target: Target) -> Outcome | None:
+    """Matmuls summing more products per output than the NPU's maximum run on the CPU."""
+    most, size = target.npu.max_matmul_reduction, record.attrs.get("reduction_size")
+    if most is None or size is None or size <= most:
+        return None
+    return Outcome(f"matmul summing {size} products per output, {target.name} supports ≤ {most}", True)
+
+
 @rule("max_tensor_bytes")
 def tensor_too_large(record: OpRecord, target: Target) -> Outcome | None:
     """Tensors larger than the NPU addresses run on the CPU."""
@@ -412,6 +421,7 @@ NPU_RULES: tuple[Rule, ...] = (
     upsample_factor_unsupported,
     tensor_too_wide,
     too_many_channels,
+    matmul_reduction_too_long,
     tensor_too_large,
     concat_cannot_rescale,
     concat_scales_differ,

@@ -29,6 +29,7 @@ def _target_section(target: Target) -> list[str]:
         else f"everything else is unsupported: the host is a {target.firmware_host}, which edgeq builds no code for"
     )
     channels = f", {rules.max_channels:,} channels" if rules.max_channels else ""
+    channels += f", matmuls of ≤ {rules.max_matmul_reduction:,} products per output" if rules.max_matmul_reduction else ""
     lines += [
         f"Ops on the NPU ({elsewhere}): tensors up to "
         f"{rules.max_tensor_bytes:,} bytes and {rules.max_spatial} pixels high or wide{channels}; scales: "

@@ -51,6 +51,16 @@ def same_order(value: TosaValue, perm: Sequence[int]) -> bool:
 
 
 @dataclass(frozen=True)
+class TosaOperator:
+    """An operator written into the graph: its TOSA kind (``CONV2D``...), the tensor it writes and the QDQ graph's op
+    whose form wrote it (the names compilers such as Vela report a layer by)."""
+
+    kind: str
+    output: str
+    source: str
+
+
+@dataclass(frozen=True)
 class TosaValue:
     """A tensor of the TOSA graph: its name, logical shape, type and physical order (``perm``)."""
 
@@ -76,6 +86,9 @@ class TosaBuilder:
         major, minor, patch = TOSA_VERSION
         self.serializer = ts.TosaSerializer("", targetMajor=major, targetMinor=minor, targetPatch=patch, targetDraft=False)
         self._names: set[str] = set()
+        self.source = ""
+        """The QDQ graph's op being written: the :attr:`TosaOperator.source` of the operators written now."""
+        self.operators: list[TosaOperator] = []
 
     # ---- tensors ---------------------------------------------------------------------------------------------------
     def unique(self, name: str) -> str:
@@ -120,6 +133,7 @@ class TosaBuilder:
         value = TosaValue(self.unique(name), tuple(shape), dtype, tuple(perm))
         self.serializer.currRegion.currBasicBlock.addTensor(value.name, value.physical_shape, dtype)
         self.serializer.addOperator(op, list(inputs), [value.name], made if made is not None else attribute("NoneAttribute"))
+        self.operators.append(TosaOperator(op.name, value.name, self.source))
         return value
 
     def serialize(self) -> bytes:

@@ -20,7 +20,7 @@ from edgeq.errors import ExportError
 from edgeq.export.onnx_nodes import node_name
 from edgeq.export.onnx_reader import QDQModel
 from edgeq.export.qdq_graph import QDQGraph
-from edgeq.export.tosa.builder import TosaBuilder, TosaValue
+from edgeq.export.tosa.builder import TosaBuilder, TosaOperator, TosaValue
 from edgeq.export.tosa.forms import TOSA_FORMS, OpUnit
 from edgeq.ops import Op
 from edgeq.targets import Rounding
@@ -48,11 +48,21 @@ class TosaTensor:
 
 @dataclass(frozen=True)
 class TosaGraph:
-    """A written TOSA graph: the flatbuffer and its border tensors, in the order the graph lists them."""
+    """A written TOSA graph: the flatbuffer, its border tensors in the order the graph lists them, and its operators
+    in the order written, each with the QDQ graph's op it comes from."""
 
     flatbuffer: bytes
     inputs: tuple[TosaTensor, ...]
     outputs: tuple[TosaTensor, ...]
+    operators: tuple[TosaOperator, ...]
+
+    def source_of(self, tensor: str) -> str | None:
+        """The QDQ graph's op whose form wrote TOSA tensor ``tensor``, or a tensor a compiler made from it and named
+        with a suffix after ``_`` (Vela's ``conv2.q_int32``); None for inputs, constants and other names."""
+        sources = {o.output: o.source for o in self.operators}
+        while tensor not in sources and "_" in tensor:
+            tensor = tensor.rpartition("_")[0]
+        return sources.get(tensor)
 
 
 def check_rounding(qdq: QDQModel) -> None:
@@ -100,12 +110,18 @@ class _Writer:
     def run(self) -> TosaGraph:
         for tensor in self._border_inputs():
             self._value(tensor, f"'{tensor}'")
+        made_by: dict[str, str] = {}
         for op in self.ops:
             unit = self._unit(op)
+            self.builder.source = node_name(op)
             results = TOSA_FORMS[unit.op](self.builder, unit)
             self.values.update(zip(unit.outputs, results, strict=True))
-        outputs = tuple(self._output(name) for name in sorted(self._read_outside(), key=self._model_order))
-        return TosaGraph(self.builder.serialize(), tuple(self.inputs), outputs)
+            made_by.update(dict.fromkeys(unit.outputs, node_name(op)))
+        outputs = []
+        for name in sorted(self._read_outside(), key=self._model_order):
+            self.builder.source = made_by[name]
+            outputs.append(self._output(name))
+        return TosaGraph(self.builder.serialize(), tuple(self.inputs), tuple(outputs), tuple(self.builder.operators))
 
     def _border_inputs(self) -> list[str]:
         """The tensors the ops read and none of them makes, but constants: the model's inputs in its order, then

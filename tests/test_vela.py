@@ -1,0 +1,89 @@
+"""The Vela driver: a TOSA graph from the TOSA writer compiled for each Ethos-U target's [vela] options, with the
+command stream, memory sizes and estimates read back typed and named after edgeq's ops; a refusal is one error
+naming the op and Vela's reason."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from models import SmallCNN, integer_model
+from torch import nn
+
+from edgeq.compile.vela import VelaRefusal, compile_tosa, vela_arguments
+from edgeq.export.tosa import tosa_graph
+from edgeq.export.tosa.writer import TosaGraph
+from edgeq.quantization import DeQuantStub, QuantStub
+from edgeq.targets import load_target
+from edgeq.vela_configs import vela_version
+
+TARGETS = ("ethos-u55-128", "ethos-u65-256", "ethos-u85-256")
+
+
+@pytest.fixture(scope="module")
+def digits() -> TosaGraph:
+    """The digits CNN quantized for ethos-u65-256 (all Ethos-U targets share its rounding rule) as TOSA."""
+    torch.manual_seed(0)
+    example = torch.rand(1, 1, 8, 8) * 2 - 1
+    return tosa_graph(integer_model(SmallCNN().eval(), example, "ethos-u65-256"), (example,))
+
+
+class WideStride(nn.Module):
+    """A 3x3 convolution, then a padded 5x5 convolution of stride 4, which Vela refuses on the U55 and U65."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.first = nn.Conv2d(3, 8, 3, padding=1)
+        self.wide = nn.Conv2d(8, 8, 5, stride=4, padding=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.wide(self.first(self.quant(x))))
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_compiles_digits(digits, name):
+    target = load_target(name)
+    result = compile_tosa(digits, target.vela)
+    stream = result.command_stream
+    assert stream.commands[:4] == b"COP1" and len(stream.weights) > 0
+    assert np.load(io.BytesIO(stream.raw))["cmd_data"].item() == stream.commands
+    assert [t.shape[-1] for t in stream.inputs] == [1] and [t.shape[-1] for t in stream.outputs] == [10]
+    assert result.version == vela_version()
+    assert result.options == vela_arguments(target.vela)
+    assert result.options[result.options.index("--accelerator-config") + 1] == name
+    assert result.options[result.options.index("--system-config") + 1] == target.vela.system_config
+    summary = result.summary
+    assert summary.clock_hz == target.hardware.clock_hz
+    assert summary.npu_cycles > 0 and summary.inference_time_s == pytest.approx(summary.total_cycles / summary.clock_hz, rel=1e-3)
+    assert summary.sram_bytes > 0 and summary.encoded_weight_bytes > 0
+    # the MACs of the layers add up to the summary's: every layer is read
+    assert sum(layer.macs for layer in result.layers) == summary.macs
+    ops = {layer.op for layer in result.layers}
+    assert None not in ops
+    assert {"conv1/Relu", "conv2/Conv", "add/Relu", "pool/MaxPool", "conv3/Relu", "fc/Gemm"} <= ops, ops
+    assert all(layer.cycles >= 0 and 0 <= layer.mac_utilisation_percent <= 100 for layer in result.layers)
+
+
+@pytest.mark.parametrize("name", ["ethos-u55-128", "ethos-u65-256"])
+def test_refusal_names_op_and_reason(name):
+    torch.manual_seed(0)
+    example = torch.randn(1, 3, 16, 16)
+    graph = tosa_graph(integer_model(WideStride().eval(), example, "ethos-u65-256"), (example,))
+    with pytest.raises(VelaRefusal) as refused:
+        compile_tosa(graph, load_target(name).vela, "NPU region 1")
+    message = str(refused.value)
+    assert message.startswith("NPU region 1: Vela refuses one of the ops 'first/Conv', 'wide/Conv' (Conv2D): "), message
+    assert "could not run on NPU" in message and "Traceback" not in message
+    assert refused.value.operator == "Conv2D" and refused.value.ops == ("first/Conv", "wide/Conv")
+
+
+def test_refusal_of_a_broken_graph(digits):
+    """Bytes that are no TOSA graph: Vela's own message, no traceback."""
+    broken = TosaGraph(digits.flatbuffer[: len(digits.flatbuffer) // 3], digits.inputs, digits.outputs, digits.operators)
+    with pytest.raises(VelaRefusal) as refused:
+        compile_tosa(broken, load_target("ethos-u65-256").vela)
+    assert str(refused.value).startswith("the TOSA graph: Vela refuses the graph: ")
+    assert "Traceback" not in str(refused.value) and refused.value.reason

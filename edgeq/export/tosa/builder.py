@@ -16,7 +16,7 @@ import numpy as np
 import tosa_serializer as ts
 
 from edgeq.errors import ExportError
-from edgeq.numerics import MAX_SHIFT
+from edgeq.numerics import ACTIVATION_QMAX, ACTIVATION_QMIN, HALF_UP_MIN_SHIFT, MAX_SHIFT
 
 TOSA_VERSION = (1, 0, 0)
 """The TOSA specification the files follow: v1.0, profile PRO-INT, as Vela reads it."""
@@ -24,10 +24,11 @@ TOSA_VERSION = (1, 0, 0)
 NHWC = (0, 2, 3, 1)
 """The physical order of a 4-D image tensor: TOSA's and the Ethos-U's."""
 
-RESCALE_SHIFTS = (2, MAX_SHIFT)
-"""TOSA RESCALE (scale32) takes shifts in [2, 62]."""
+RESCALE_SHIFTS = (HALF_UP_MIN_SHIFT, MAX_SHIFT)
+"""TOSA RESCALE (scale32) takes shifts in [2, 62]: the half_up rule's range (docs/numerics.md 6.1)."""
 
-INT8_RANGE = (-128, 127)
+INT8_RANGE = (ACTIVATION_QMIN, ACTIVATION_QMAX)
+"""The values an int8 tensor takes (the input range of a RESCALE of int8 values)."""
 
 _NUMPY_TYPES = {ts.DType.INT8: np.int8, ts.DType.INT32: np.int32}
 
@@ -165,6 +166,13 @@ class TosaBuilder:
             ts.Op.RESHAPE, [value.name, self.shape(f"{name}.shape", list(shape))], name, shape, value.dtype,
             identity(len(shape)), attribute("ReshapeAttribute"),
         )
+
+    def broadcastable(self, value: TosaValue, rank: int, name: str) -> TosaValue:
+        """``value`` as an operand of an elementwise operator of rank ``rank``: leading axes of size 1 added (as ONNX
+        broadcasting reads a lower rank), in :func:`image_layout`."""
+        if len(value.shape) < rank:
+            value = self.reshape(value, (1,) * (rank - len(value.shape)) + value.shape, f"{name}.ranked")
+        return self.in_layout(value, image_layout(rank))
 
     def slice(self, value: TosaValue, starts: Sequence[int], sizes: Sequence[int], name: str) -> TosaValue:
         """The block of ``value`` at logical ``starts`` of logical ``sizes``, in ``value``'s own layout."""

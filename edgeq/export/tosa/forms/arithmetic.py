@@ -11,7 +11,7 @@ import tosa_serializer as ts
 
 from edgeq.export.tosa.builder import TosaBuilder, TosaValue, attribute, image_layout
 from edgeq.export.tosa.forms.unit import TOSA_FORMS, OpUnit
-from edgeq.numerics import ACTIVATION_QMAX, clamp_levels
+from edgeq.numerics import ACTIVATION_QMAX, ACTIVATION_QMIN, clamp_levels
 from edgeq.ops import LOOKUP_TABLE_OPS, Op
 
 INT8_SHIFT = 8
@@ -36,11 +36,11 @@ def _add(builder: TosaBuilder, unit: OpUnit) -> list[TosaValue]:
     shape, name = unit.output_shape(), unit.outputs[0]
     terms = []
     for index, (value, multiplier) in enumerate(zip(unit.inputs, multipliers)):
-        value = builder.in_layout(value, image_layout(len(value.shape)))
+        value = builder.broadcastable(value, len(shape), f"{name}.{index}")
         terms.append(builder.rescale(value, [multiplier << INT8_SHIFT], [INT8_SHIFT], ts.DType.INT32, f"{name}.term{index}", what=unit.what))
     total = builder.operator(ts.Op.ADD, [t.name for t in terms], f"{name}.sum", shape, ts.DType.INT32, terms[0].perm, attribute("AddAttribute"))
     widen = max(0, SUM_SHIFT_FLOOR - shift)  # at most 30 (n >= 2), and n + k <= 62
-    bound = 128 * sum(multipliers)
+    bound = -ACTIVATION_QMIN * sum(multipliers)
     return [builder.rescale(total, [1 << widen], [shift + widen], ts.DType.INT8, name, what=unit.what, value_range=(-bound, bound))]
 
 

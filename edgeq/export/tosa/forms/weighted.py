@@ -11,7 +11,7 @@ import numpy as np
 import tosa_serializer as ts
 
 from edgeq.export.onnx_nodes import node_name
-from edgeq.export.tosa.builder import NHWC, TosaBuilder, TosaValue, attribute, identity, image_layout
+from edgeq.export.tosa.builder import NHWC, TosaBuilder, TosaValue, attribute, identity
 from edgeq.export.tosa.forms.unit import TOSA_FORMS, OpUnit
 from edgeq.export.tosa.forms.windows import window_input
 from edgeq.numerics import INT32_MAX, product_accumulator_bound
@@ -158,16 +158,8 @@ def _matmul(builder: TosaBuilder, unit: OpUnit) -> list[TosaValue]:
 def _mul(builder: TosaBuilder, unit: OpUnit) -> list[TosaValue]:
     """MUL of the int8 values into int32 (exact: ``|a * b| <= 2**14``), broadcasting, then RESCALE."""
     shape = unit.output_shape()
-    left, right = (_broadcastable(builder, v, len(shape), f"{unit.outputs[0]}.{i}") for i, v in enumerate(unit.inputs))
+    left, right = (builder.broadcastable(v, len(shape), f"{unit.outputs[0]}.{i}") for i, v in enumerate(unit.inputs))
     name = unit.outputs[0]
     inputs = [left.name, right.name, builder.const(f"{name}.shift", np.zeros(1), ts.DType.INT8)]
     product = builder.operator(ts.Op.MUL, inputs, f"{name}.product", shape, ts.DType.INT32, left.perm, attribute("MulAttribute"))
     return [_requantized(builder, unit, product, product_accumulator_bound())]
-
-
-def _broadcastable(builder: TosaBuilder, value: TosaValue, rank: int, name: str) -> TosaValue:
-    """``value`` of rank ``rank`` (leading axes of size 1, as ONNX broadcasting reads a lower rank), in
-    :func:`image_layout`."""
-    if len(value.shape) < rank:
-        value = builder.reshape(value, (1,) * (rank - len(value.shape)) + value.shape, f"{name}.ranked")
-    return builder.in_layout(value, image_layout(rank))

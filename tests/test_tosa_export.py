@@ -162,10 +162,13 @@ def test_a_run_of_ops_is_a_graph(every_form, target, tmp_path):
 ACCELERATORS = ("ethos-u55-128", "ethos-u65-256", "ethos-u85-256")
 
 
-def vela(path: Path, accelerator: str, output: Path) -> subprocess.CompletedProcess:
-    """Vela on a TOSA file (no CPU fallback for TOSA: an op it cannot run is an error)."""
+def vela(path: Path, accelerator: str, output: Path) -> None:
+    """Assert that Vela compiles a TOSA file for ``accelerator`` with every operator on the NPU (TOSA input has no
+    CPU fallback: an op it cannot run is an error)."""
     command = [str(Path(sys.executable).parent / "vela"), "--accelerator-config", accelerator, str(path), "--output-dir", str(output)]
-    return subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
+    assert done.returncode == 0 and "CPU operators = 0 (0.0%)" in done.stdout, (accelerator, done.stdout[-2000:], done.stderr[-2000:])
+    assert (output / f"{path.stem}_vela.tflite").is_file()
 
 
 @pytest.mark.flow
@@ -173,9 +176,7 @@ def vela(path: Path, accelerator: str, output: Path) -> subprocess.CompletedProc
 def test_vela_compiles_every_form(every_form, target, tmp_path, accelerator):
     int_model, example = every_form
     to_tosa(int_model, (example,), tmp_path / "ops.tosa")
-    done = vela(tmp_path / "ops.tosa", accelerator, tmp_path / "out")
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert (tmp_path / "out" / "ops_vela.tflite").is_file()
+    vela(tmp_path / "ops.tosa", accelerator, tmp_path / "out")
 
 
 @pytest.mark.flow
@@ -191,8 +192,7 @@ def test_digits_cnn(target, tmp_path):
     generator = torch.Generator().manual_seed(2)
     _compare(int_model, graph, [torch.rand(1, 1, 8, 8, generator=generator) * 2 - 1 for _ in range(8)])
     for accelerator in ACCELERATORS:
-        done = vela(tmp_path / "digits.tosa", accelerator, tmp_path / accelerator)
-        assert done.returncode == 0, (accelerator, done.stdout[-2000:])
+        vela(tmp_path / "digits.tosa", accelerator, tmp_path / accelerator)
 
 
 @pytest.mark.flow
@@ -208,8 +208,30 @@ def test_edge_models(target, tmp_path, name):
     generator = torch.Generator().manual_seed(3)
     _compare(int_model, graph, [torch.randn(1, 3, 64, 64, generator=generator) for _ in range(2)])
     for accelerator in ACCELERATORS:
-        done = vela(tmp_path / "model.tosa", accelerator, tmp_path / accelerator)
-        assert done.returncode == 0, (accelerator, done.stdout[-2000:])
+        vela(tmp_path / "model.tosa", accelerator, tmp_path / accelerator)
+
+
+class Upsample(nn.Module):
+    """Nearest upsampling by ``factor`` of an odd-sized map."""
+
+    def __init__(self, factor: int) -> None:
+        super().__init__()
+        self.factor = factor
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(F.interpolate(self.quant(x), scale_factor=float(self.factor), mode="nearest"))
+
+
+@pytest.mark.parametrize("factor", [2, 4, 8])
+def test_nearest_upsampling(target, tmp_path, factor):
+    """RESIZE's nearest source of ``(2i + 1 - f) / 2f`` is ``i // f`` for every factor Vela takes (2x to 8x); Vela
+    runs it on the NPU of each Ethos-U (the U55 and U65 included)."""
+    example = torch.randn(1, 4, 5, 3)
+    int_model = integer_model(Upsample(factor).eval(), example, target)
+    graph = to_tosa(int_model, (example,), tmp_path / "up.tosa")
+    _compare(int_model, graph, [example, -example])
+    vela(tmp_path / "up.tosa", "ethos-u55-128", tmp_path / "out")
 
 
 # ---- errors --------------------------------------------------------------------------------------------------------

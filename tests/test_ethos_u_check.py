@@ -58,7 +58,7 @@ def test_bilinear_resize_stays_on_the_cpu_and_says_why():
         node = single_op(bilinear, target, torch.randn(1, 8, 8, 8))
         assert node.placement is Placement.CPU
         assert reasons(node) == [
-            f"upsample_bilinear2d is not among {target}'s ops: edgeq's bilinear arithmetic (12-bit weights, "
+            f"upsample_bilinear2d is not among {target}'s ops: edgeq's bilinear arithmetic (11-bit weights, "
             "docs/numerics.md) is not TOSA RESIZE's, whose result Vela needs rescaled by a power of two"
         ]
     node = single_op(bilinear, "ethos-u55-128", torch.randn(1, 8, 8, 8))

@@ -12,7 +12,6 @@ from onnx import helper
 from torch import nn
 
 import edgeq.check
-import edgeq.compile.kernel_map
 import edgeq.compile.lower_integer
 import edgeq.compile.requantization
 import edgeq.export.onnx_writer
@@ -34,7 +33,6 @@ from edgeq.targets import NpuRules, Rounding, Target, TargetKind, list_targets
 
 LAYERS = (
     edgeq.check,
-    edgeq.compile.kernel_map,
     edgeq.compile.lower_integer,
     edgeq.compile.requantization,
     edgeq.export.onnx_writer,

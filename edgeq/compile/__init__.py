@@ -37,6 +37,7 @@ from edgeq.compile.kernel_map import kernel_map
 from edgeq.compile.npu_program import npu_program
 from edgeq.compile.partition import Partition, TensorSpec, partition
 from edgeq.compile.pipeline import OPT_LEVELS, check_opt_level
+from edgeq.compile.provenance import Provenance
 from edgeq.compile.schedules import TUNABLE, KernelSchedule
 from edgeq.compile.tuning_records import TuningRecords, has_records, records_folder
 from edgeq.errors import CompileError
@@ -195,7 +196,8 @@ class BuildPlan:
         qdq: the model as QDQ; source: what it was read from (for messages and the manifest).
         target: the target compiled for; machine: the CPU the library is built for.
         report: the check report the placement comes from; partition: its regions.
-        module: the Relax module after integer lowering.
+        module: the Relax module after integer lowering; provenance: the graph op each of its region's bindings
+            computes (part of).
     """
 
     qdq: QDQModel
@@ -205,6 +207,7 @@ class BuildPlan:
     report: CheckReport
     partition: Partition
     module: relax.IRModule
+    provenance: Provenance
 
 
 def plan_build(
@@ -238,9 +241,9 @@ def plan_build(
     machine = _machine(resolved, simulate)
     step("partition")
 
-    module = build_relax_module(parts, report_progress, resolved.quantization.rounding)
+    module, provenance = build_relax_module(parts, report_progress, resolved.quantization.rounding)
     step("lowering")
-    return BuildPlan(qdq, source, resolved, machine, report, parts, module)
+    return BuildPlan(qdq, source, resolved, machine, report, parts, module, provenance)
 
 
 def check_rounding(qdq: QDQModel, target: Target) -> None:
@@ -324,11 +327,11 @@ def compile_model(
     records = _tuning_records(plan, tuning_records, tuned) if opt_level == max(OPT_LEVELS) else None
     with tempfile.TemporaryDirectory() as folder:
         library = Path(folder) / LIBRARY
-        built = build_library(plan.module, plan.machine, opt_level, str(library), report_progress, records)
+        built = build_library(plan.module, plan.machine, opt_level, str(library), report_progress, records, plan.provenance)
         library_bytes = library.read_bytes()
     step("codegen")
     graph = build_compiled_graph(plan.qdq, plan.report, plan.partition, plan.machine.arch, plan.machine.dot_product().name)
-    graph = graph.with_kernels(kernel_map(built.executable, graph), {k.kernel for k in built.kernels if k.parallel})
+    graph = graph.with_kernels(kernel_map(built.executable, built.calls), {k.kernel for k in built.kernels if k.parallel})
 
     report_progress(f"write {out_path}")
     resolved, parts, report = plan.target, plan.partition, plan.report

@@ -25,7 +25,6 @@ import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax import op as R
-from tvm.relax.frontend.onnx import from_onnx
 
 from edgeq.check.report import Placement
 from edgeq.compile.cpu_features import DotProduct, dot_product
@@ -33,6 +32,7 @@ from edgeq.compile.int8_activations import as_int8_activations
 from edgeq.compile.integer_relax import Conv2dSettings, integer_accumulator
 from edgeq.compile.partition import Int32Head, Partition, Region, TensorSpec
 from edgeq.compile.pipeline import Stage, as_pass, lower_integer, run_stages, split_at, stages
+from edgeq.compile.provenance import KernelCalls, Provenance, import_onnx, node_owners
 from edgeq.compile.resize_coordinates import with_resize_coordinates_of_onnx
 from edgeq.compile.schedules import KernelSchedule, TunedSchedules, kernel_schedules
 from edgeq.errors import CompileError
@@ -49,23 +49,31 @@ Progress = Callable[[str], None]
 _FLOAT_OPS = ("relax.quantize", "relax.dequantize")
 
 
-def build_relax_module(partition: Partition, progress: Progress, rounding: Rounding = Rounding.HALF_TO_EVEN) -> relax.IRModule:
+def build_relax_module(
+    partition: Partition, progress: Progress, rounding: Rounding = Rounding.HALF_TO_EVEN
+) -> tuple[relax.IRModule, Provenance]:
     """One Relax module: a function per region and ``main`` calling them in order, through the pipeline's
-    ``lower_integer`` stage; ties round by the target's ``rounding`` (the input quantizers' too).
+    ``lower_integer`` stage; ties round by the target's ``rounding`` (the input quantizers' too). And the graph op
+    each binding of a region computes.
 
     Raises:
         CompileError: TVM cannot import a region, or an NPU region keeps float arithmetic after lowering.
     """
     builder = relax.BlockBuilder()
     functions: list[relax.GlobalVar] = []
+    provenance = Provenance()
     for region in partition.regions:
         progress(f"import {region.name} ({len(region.nodes)} op(s))")
-        function = _head_function(region.head) if region.head is not None else _region_function(region)
+        if region.head is not None:
+            function = _head_function(region.head)
+            provenance.built(region.name, function, region.nodes[0])
+        else:
+            function = _region_function(region, provenance)
         functions.append(builder.add_func(_annotated(function, region), region.name))
     _emit_main(builder, partition, functions)
     _emit_input_quantizers(builder, partition, rounding)
     progress("lower to integers")
-    module = lower_integer(rounding)(builder.get())
+    module = provenance.run(lower_integer(rounding), builder.get())
     for region, global_var in zip(partition.regions, functions):
         lost = _lost_kernels(module[global_var.name_hint], module)
         if lost:
@@ -80,18 +88,22 @@ def build_relax_module(partition: Partition, progress: Progress, rounding: Round
                 f"{region.name}: ops {region.nodes[:5]} are placed on the NPU but {sorted(leftover)} stayed in float "
                 "after integer lowering; this is a bug in edgeq's lowering, please report it with the model"
             )
-    return module
+    return module, provenance
 
 
-def _region_function(region: Region) -> relax.Function:
+def _region_function(region: Region, provenance: Provenance) -> relax.Function:
+    """The region imported by TVM's ONNX frontend, its provenance started in ``provenance``."""
     model = as_int8_activations(with_resize_coordinates_of_onnx(region.model))
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Renaming name")  # TVM makes ONNX names valid identifiers
-            imported = from_onnx(model, keep_params_in_input=False)
+            function, node_results = import_onnx(model)
+    except CompileError:
+        raise
     except Exception as error:  # TVM raises many kinds; the node is in its message
         raise CompileError(f"{region.name}: TVM's ONNX frontend failed on ops {region.nodes[:5]}: {error}") from error
-    return imported["main"]
+    provenance.imported(region.name, function, node_results, node_owners(model, region.node_ops))
+    return function
 
 
 def _annotated(function: relax.Function, region: Region) -> relax.Function:
@@ -238,11 +250,13 @@ class Library:
     executable: relax.Executable
     kernels: list[KernelSchedule]
     """The schedule of every scheduled kernel (:func:`edgeq.compile.schedules.kernel_schedules`)."""
+    calls: KernelCalls
+    """Each region's kernel calls with their ops (empty when built without provenance)."""
 
 
 def scheduled_module(module: relax.IRModule, target: tvm.target.Target, opt_level: int, tuned: TunedSchedules | None = None) -> relax.IRModule:
-    """``module`` (integer-lowered) through the pipeline up to and including the ``schedule`` stage: fused kernels
-    with their schedules, the form the kernel names of :class:`Library` refer to."""
+    """``module`` (integer-lowered) through the pipeline up to ``lower_dataflow`` (the ``schedule`` stage included):
+    fused kernels with their schedules, the form the kernel names of :class:`Library` refer to."""
     return run_stages(module, target, _build_stages(opt_level, target, tuned)[0])
 
 
@@ -253,15 +267,25 @@ def fused_module(module: relax.IRModule, target: tvm.target.Target) -> relax.IRM
 
 
 def _build_stages(opt_level: int, target: tvm.target.Target, tuned: TunedSchedules | None = None) -> tuple[list[Stage], list[Stage]]:
+    """The stages after ``lower_integer`` up to ``lower_dataflow``, which edgeq runs, and the rest, which
+    ``relax.build`` runs."""
     _, rest = split_at(stages(opt_level, target, tuned), "lower_integer")
-    return split_at(rest, "schedule")
+    first = next(index for index, stage in enumerate(rest) if stage.name == "lower_dataflow")
+    return rest[:first], rest[first:]
 
 
 def build_library(
-    module: relax.IRModule, machine: Machine, opt_level: int, path: str, progress: Progress, tuned: TunedSchedules | None = None
+    module: relax.IRModule,
+    machine: Machine,
+    opt_level: int,
+    path: str,
+    progress: Progress,
+    tuned: TunedSchedules | None = None,
+    provenance: Provenance | None = None,
 ) -> Library:
     """Build ``module`` (integer-lowered) for ``machine`` and export the shared library to ``path``, with the
-    tuned schedules of ``tuned`` where it has them.
+    tuned schedules of ``tuned`` where it has them; ``provenance`` (the module's, :func:`build_relax_module`) is
+    carried through the build to the kernel calls.
 
     Raises:
         CompileError: the cross compiler is missing, or LLVM / the linker fails.
@@ -277,7 +301,8 @@ def build_library(
     front, back = _build_stages(opt_level, target, tuned)
     progress(f"build for {machine.arch} (LLVM, -O{opt_level}, {dot_product(target).name} kernels)")
     try:
-        scheduled = run_stages(module, target, front)
+        scheduled = run_stages(module, target, front, provenance)
+        calls = provenance.kernel_calls(scheduled) if provenance is not None else {}
         executable = relax.build(scheduled, target, relax_pipeline=as_pass(target, back))
     except CompileError:
         raise
@@ -288,4 +313,4 @@ def build_library(
         executable.export_library(path, **machine.export_options())
     except Exception as error:
         raise CompileError(f"linking the {machine.arch} library failed: {error}") from error
-    return Library(executable, kernel_schedules(scheduled))
+    return Library(executable, kernel_schedules(scheduled), calls)

@@ -28,7 +28,7 @@ from edgeq.errors import EdgeqError
 from edgeq.export.onnx_nodes import node_attributes, node_name
 from edgeq.export.onnx_reader import QDQModel, QuantParams
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Version of :meth:`CompiledGraph.to_dict`'s layout; :meth:`CompiledGraph.from_dict` refuses others."""
 
 
@@ -92,7 +92,8 @@ class GraphOp:
             or comparisons, a copy or activation per element); ``ops`` in ``graph.json``.
         bytes_in, bytes_out, weight_bytes: bytes of ``inputs``, ``outputs`` and ``constants``.
         requantization: integer rescaling constants, None when the op keeps its input's scale.
-        kernel: the TVM PrimFunc it landed in (None when it needs no kernel of its own: a reshape is a view).
+        kernel: the TVM PrimFunc writing its output (None when it needs no kernel of its own: a reshape is a view).
+        calls: the indices of the kernel calls computing it (part of), among its region's (:mod:`.kernel_map`).
         parallel: whether that kernel runs on all cores (small kernels run on one: waking the threads costs more).
         reasons: why it is not on the NPU (empty when it is, or on a CPU target).
         advice: what would move it to the NPU or make it faster.
@@ -114,6 +115,7 @@ class GraphOp:
     weight_bytes: int
     requantization: Requantization | None
     kernel: str | None
+    calls: list[int]
     parallel: bool
     reasons: list[str]
     advice: list[str]
@@ -194,13 +196,13 @@ class CompiledGraph:
                 return op
         raise KeyError(name)
 
-    def with_kernels(self, kernels: dict[str, str], parallel: set[str]) -> CompiledGraph:
-        """The same graph with the kernel of each op named in ``kernels``; ``parallel``: the kernels that run on all
-        cores."""
+    def with_kernels(self, kernels: dict[str, tuple[str, list[int]]], parallel: set[str]) -> CompiledGraph:
+        """The same graph with the kernel and calls of each op named in ``kernels``
+        (:func:`edgeq.compile.kernel_map.kernel_map`); ``parallel``: the kernels that run on all cores."""
         ops = []
         for op in self.ops:
-            kernel = kernels.get(op.name, op.kernel)
-            ops.append(replace(op, kernel=kernel, parallel=kernel in parallel))
+            kernel, calls = kernels.get(op.name, (op.kernel, op.calls))
+            ops.append(replace(op, kernel=kernel, calls=calls, parallel=kernel in parallel))
         return replace(self, ops=ops)
 
     def to_dict(self) -> dict[str, Any]:
@@ -394,6 +396,7 @@ class _Builder:
             weight_bytes=sum(tensors[t].bytes for t in constants),
             requantization=requantization(record, self.report.target.quantization.rounding),
             kernel=None,
+            calls=[],
             parallel=False,
             reasons=[r.message for r in node.reasons],
             advice=node.advice,

@@ -93,7 +93,7 @@ class _CallBroadcasting(relax.PyExprMutator):
             return
         value = binding.value
         call = relax.call_tir(self._copy(value.args[0]), self.visit_expr(value.args[1]), value.ty_args[0])
-        self.set_var_remap(binding.var, self.builder_.emit(call, binding.var.name))
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(call)))  # the same variable: its provenance
 
 
 def _broadcasting(module: tvm.IRModule, function: relax.Function) -> set[relax.Var]:

@@ -48,6 +48,8 @@ class Region:
     """Output tensor -> the op (node name) that makes it."""
     model: onnx.ModelProto | None = None
     """The region's ONNX subgraph, for TVM's importer (None for an int32 head)."""
+    node_ops: dict[str, str] = field(default_factory=dict)
+    """Each node of the region's ops -> the op it is (part of): a MatMul's bias Add is the MatMul's."""
     head: Int32Head | None = None
 
     @property
@@ -91,6 +93,7 @@ def partition(qdq: QDQModel, report: CheckReport) -> Partition:
         if head is not None or not regions or regions[-1].placement is not placement or regions[-1].head is not None:
             regions.append(Region(len(regions), placement, [], head=head))
         regions[-1].nodes.append(node_name(node))
+        regions[-1].node_ops.update((node_name(member), node_name(node)) for member in graph.members(node))
     graph.connect(regions, [s.name for s in inputs], [s.name for s in outputs])
     extractor = onnx.utils.Extractor(model)
     for region in regions:

@@ -27,6 +27,7 @@ from edgeq.compile.cpu_features import dot_product
 from edgeq.compile.fusion_patterns import fusion_patterns
 from edgeq.compile.layout_plan import plan_layouts
 from edgeq.compile.lower_integer import lower_to_integer
+from edgeq.compile.provenance import Provenance
 from edgeq.compile.schedules import TunedSchedules, schedule_kernels
 from edgeq.compile.select_kernels import select_kernels
 from edgeq.errors import CompileError
@@ -90,11 +91,16 @@ def stages(opt_level: int, target: tvm.target.Target, tuned: TunedSchedules | No
     return listed
 
 
-def run_stages(module: tvm.IRModule, target: tvm.target.Target, selected: list[Stage]) -> tvm.IRModule:
-    """Apply ``selected`` stages to ``module`` in order, under ``target``."""
+def run_stages(module: tvm.IRModule, target: tvm.target.Target, selected: list[Stage], provenance: Provenance | None = None) -> tvm.IRModule:
+    """Apply ``selected`` stages to ``module`` in order, under ``target``; ``provenance`` (the module's) is carried
+    through every pass."""
     with target:
         for stage in selected:
-            module = tvm.transform.Sequential(list(stage.passes), name=f"edgeq.{stage.name}")(module)
+            if provenance is None:
+                module = tvm.transform.Sequential(list(stage.passes), name=f"edgeq.{stage.name}")(module)
+                continue
+            for step in stage.passes:
+                module = provenance.run(step, module)
     return module
 
 

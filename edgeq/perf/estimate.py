@@ -13,7 +13,6 @@ from edgeq.check.report import FLOAT_PLACEMENT
 from edgeq.compile import kernels, kernels_dot_product
 from edgeq.compile.compiled_graph import CompiledGraph, GraphOp
 from edgeq.compile.cpu_features import DOT_PRODUCTS, DotProduct
-from edgeq.compile.kernel_map import fused_follower, view_op
 from edgeq.compile.layout_plan import is_blocked
 from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable, is_depthwise, op_named
 from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
@@ -38,10 +37,14 @@ CPU_RATES = (
 MacClassOf = Callable[[GraphOp], str]
 """Which of :data:`MAC_CLASSES` an op's MACs run at, from its attributes."""
 
-COST_CLASSES: OpTable[MacClassOf | None] = OpTable("cost class in perf/estimate.py")
+VIEW = "view"
+"""The cost class of an op that costs nothing where it is a view: the NPU reads its input's bytes with another
+shape, and on a CPU it has no kernel call of its own when TVM makes it a view."""
+
+COST_CLASSES: OpTable[MacClassOf | str | None] = OpTable("cost class in perf/estimate.py")
 """Each op's cost class: for the ops whose MACs run on the NPU's MAC array and in the CPU's int8 matrix kernels
-(with a requantized output), the :data:`MacClassOf` that names their CPU rate; ``None`` for the ops costed by
-the bytes they move (and on the NPU, by their operations on its vector unit)."""
+(with a requantized output), the :data:`MacClassOf` that names their CPU rate; :data:`VIEW` for a reshape;
+``None`` for the ops costed by the bytes they move (and on the NPU, by their operations on its vector unit)."""
 
 
 @COST_CLASSES.register(Op.CONV2D)
@@ -64,21 +67,30 @@ COST_CLASSES.register(
     Op.GLOBAL_AVG_POOL2D,
     Op.UPSAMPLE_NEAREST2D,
     Op.UPSAMPLE_BILINEAR2D,
-    Op.RESHAPE,
     Op.TRANSPOSE,
     Op.SPLIT,
     Op.SLICE,
     *LOOKUP_TABLE_OPS,
 )(None)
+COST_CLASSES.register(Op.RESHAPE)(VIEW)
 
 
 def mac_class(op: GraphOp) -> str | None:
     """Which CPU rate an op's MACs run at (:data:`COST_CLASSES`): ``conv2d``, ``pointwise``, ``depthwise`` or
     ``linear`` (linear layers and matmuls); None for ops costed by the bytes they move (an op edgeq does not know
     among them)."""
+    of = _cost_class(op)
+    return of(op) if callable(of) else None
+
+
+def _cost_class(op: GraphOp) -> MacClassOf | str | None:
     known = op_named(op.op)
-    of = COST_CLASSES[known] if known is not None else None
-    return of(op) if of is not None else None
+    return COST_CLASSES[known] if known is not None else None
+
+
+def view_op(op: GraphOp) -> bool:
+    """Whether ``op`` costs nothing where it is a view (:data:`VIEW`)."""
+    return _cost_class(op) == VIEW
 
 
 def mac_op(op: GraphOp) -> bool:
@@ -92,12 +104,12 @@ def _elements(graph: CompiledGraph, tensors: list[str]) -> int:
 
 
 def fused_into_producer(op: GraphOp, graph: CompiledGraph) -> bool:
-    """Whether ``op`` runs in the kernel of an op making one of its inputs (a ReLU or residual add TVM fused into
-    a convolution's epilogue)."""
-    if op.kernel is None or not fused_follower(op.op):
+    """Whether ``op`` runs in kernel calls of an op making one of its inputs (a ReLU or residual add TVM fused into
+    a convolution's epilogue, a flatten into a pool's requantization)."""
+    if not op.calls:
         return False
     producers = [graph.op(p) for p in (graph.tensors[t].producer for t in op.inputs) if p is not None]
-    return any(p.region == op.region and p.kernel == op.kernel for p in producers)
+    return any(p.region == op.region and set(op.calls) <= set(p.calls) for p in producers)
 
 
 def cpu_work(op: GraphOp, graph: CompiledGraph, dot: DotProduct) -> list[float]:
@@ -231,7 +243,7 @@ class _Estimator:
         latency = overhead + max(compute, memory)
         if fused:
             bound = "fused"
-        elif (op.kernel is None and op.placement != "NPU") or (view_op(op.op) and op.placement == "NPU"):
+        elif (op.kernel is None and op.placement != "NPU") or (view_op(op) and op.placement == "NPU"):
             bound = "none"
         elif overhead >= max(compute, memory):
             bound = "overhead"
@@ -263,7 +275,7 @@ class _Estimator:
 
     def _npu(self, op: GraphOp) -> LayerEstimate:
         hardware = self.target.hardware
-        if view_op(op.op):  # the NPU reads the same bytes with another shape
+        if view_op(op):  # the NPU reads the same bytes with another shape
             return self._estimate(op, False, 0.0, 0.0, 0.0, dram=0)
         fused = fused_into_producer(op, self.graph)
         if mac_op(op):

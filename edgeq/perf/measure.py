@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from edgeq.compile.compiled_graph import CompiledGraph, load_compiled_graph
-from edgeq.compile.kernel_map import KernelCall, kernel_calls, op_calls
+from edgeq.compile.kernel_map import KernelCall, kernel_calls
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,8 @@ class Measurement:
         latency_s: median time of ``main`` (seconds).
         rounds_s: the median time of ``main`` in each round, in the order the rounds ran (seconds).
         calls: every kernel call of ``main``, in order.
-        ops: the kernel calls each op of the compiled graph runs in, by op name (ops that share a fused kernel
-            share its call; a bilinear resize runs in several).
+        ops: the kernel calls each op of the compiled graph runs in (its ``calls`` in ``graph.json``), by op name
+            (ops that share a fused kernel share its call; a bilinear resize runs in several).
     """
 
     latency_s: float
@@ -156,10 +156,7 @@ class _Subject:
             call = self.calls_of[region][index]
             calls.append(TimedCall(region, index, call.kernel, max(statistics.median(times) - cost.seconds(call.arguments), 0.0)))
         by_place = {(c.region, c.index): c for c in calls}
-        ops = {
-            name: tuple(by_place[(region, index)] for index in indices if (region, index) in by_place)
-            for name, (region, indices) in op_calls(self.calls_of, self.graph).items()
-        }
+        ops = {op.name: tuple(by_place[(op.region, index)] for index in op.calls if (op.region, index) in by_place) for op in self.graph.ops if op.calls}
         totals = [seconds for burst in self.rounds for seconds in burst]
         return Measurement(statistics.median(totals), [statistics.median(burst) for burst in self.rounds], calls, ops)
 

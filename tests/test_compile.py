@@ -186,6 +186,9 @@ def test_shufflenet_alternates_regions_exactly(tmp_path):
     result = compile_model(int_model, (example,), out=tmp_path / "s.edgeq", simulate=True)
     placements = [r.placement.value for r in result.partition.regions]
     assert placements.count("CPU") > 10 and placements.count("NPU") > 10
+    # identical regions (a channel shuffle's) run one function; each region's ops have its calls all the same
+    assert all(op.calls for op in result.graph.ops if op.op != "reshape")
+    assert result.graph.op("transpose_1/Transpose").calls == result.graph.op("transpose/Transpose").calls == [0]
     assert_artifact_exact(result.artifact, int_model, torch.randn(1, 3, 64, 64))
 
 

@@ -101,6 +101,7 @@ def test_traced_calls_that_are_not_the_executables_are_refused():
         def as_text(self) -> str:
             return "@region0_cpu:\n  call conv2d in: %0, %1 dst: %2\n"
 
-    assert kernel_map(Executable(), {"region0_cpu": [("conv2d", frozenset({"a"}))]}) == {"a": ("conv2d", [0])}
+    traced = {"region0_cpu": ("region0_cpu", [("conv2d", frozenset({"a"}))]), "region1_cpu": ("region0_cpu", [("conv2d", frozenset({"b"}))])}
+    assert kernel_map(Executable(), traced) == {"a": ("conv2d", [0]), "b": ("conv2d", [0])}  # region1 runs region0's function
     with pytest.raises(CompileError, match="region0_cpu: the kernel calls traced through the build are not the executable's"):
-        kernel_map(Executable(), {"region0_cpu": [("add", frozenset({"a"}))]})
+        kernel_map(Executable(), {"region0_cpu": ("region0_cpu", [("add", frozenset({"a"}))])})

@@ -61,6 +61,7 @@ def build_relax_module(
     """
     builder = relax.BlockBuilder()
     functions: list[relax.GlobalVar] = []
+    added: dict[str, relax.Function] = {}
     provenance = Provenance()
     for region in partition.regions:
         progress(f"import {region.name} ({len(region.nodes)} op(s))")
@@ -69,7 +70,13 @@ def build_relax_module(
             provenance.built(region.name, function, region.nodes[0])
         else:
             function = _region_function(region, provenance)
-        functions.append(builder.add_func(_annotated(function, region), region.name))
+        annotated = _annotated(function, region)
+        functions.append(builder.add_func(annotated, region.name))
+        running = functions[-1].name_hint
+        if running == region.name:
+            added[running] = annotated
+        else:  # identical to an earlier region, whose function it runs
+            provenance.runs_as(region.name, running, function, added[running])
     _emit_main(builder, partition, functions)
     _emit_input_quantizers(builder, partition, rounding)
     progress("lower to integers")

@@ -38,6 +38,22 @@ def kernel_calls(text: str) -> dict[str, list[KernelCall]]:
     Args:
         text: the executable's instructions (``as_text()`` of the built executable or of the loaded library).
     """
+    raw = _instructions(text)
+    return {
+        function: [KernelCall(name, arguments) for name, arguments in instructions if not name.startswith("vm.") and name not in raw]
+        for function, instructions in raw.items()
+    }
+
+
+def function_calls(text: str, function: str = "main") -> list[str]:
+    """The VM functions ``function`` calls, in call order (``main``'s: the function running each region, in the
+    order of the regions)."""
+    raw = _instructions(text)
+    return [name for name, _ in raw.get(function, []) if name in raw]
+
+
+def _instructions(text: str) -> dict[str, list[tuple[str, int]]]:
+    """The calls of each VM function: what is called, and how many arguments it takes."""
     raw: dict[str, list[tuple[str, int]]] = {}
     current: list | None = None
     for line in text.splitlines():
@@ -48,18 +64,16 @@ def kernel_calls(text: str) -> dict[str, list[KernelCall]]:
         call = _CALL.match(line)
         if call and current is not None:
             current.append((call.group(1), len([a for a in call.group(2).split(",") if a.strip()])))
-    return {
-        function: [KernelCall(name, arguments) for name, arguments in instructions if not name.startswith("vm.") and name not in raw]
-        for function, instructions in raw.items()
-    }
+    return raw
 
 
 def kernel_map(executable: relax.VMExecutable, traced: KernelCalls) -> dict[str, tuple[str, list[int]]]:
-    """Each op that runs in a kernel call -> (the kernel writing its output, the indices of its calls in its
-    region's calls), by op name.
+    """Each op that runs in a kernel call -> (the kernel writing its output, the indices of its calls among those
+    of the function running its region), by op name.
 
     Args:
-        executable: the built executable (each region is a VM function of its name).
+        executable: the built executable (a region runs the VM function of its name, or of an identical earlier
+            region's).
         traced: the kernel calls the build's provenance traced, with their ops (:meth:`Provenance.kernel_calls`).
 
     Raises:
@@ -67,9 +81,9 @@ def kernel_map(executable: relax.VMExecutable, traced: KernelCalls) -> dict[str,
     """
     built = kernel_calls(executable.as_text())
     placed: dict[str, tuple[str, list[int]]] = {}
-    for region, calls in traced.items():
+    for region, (function, calls) in traced.items():
         kernels = [kernel for kernel, _ in calls]
-        if kernels != [call.kernel for call in built.get(region, [])]:
+        if kernels != [call.kernel for call in built.get(function, [])]:
             raise CompileError(
                 f"{region}: the kernel calls traced through the build are not the executable's; this is a bug in edgeq's "
                 "provenance (compile/provenance.py), please report it with the model"

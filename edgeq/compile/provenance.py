@@ -40,8 +40,9 @@ Ops = frozenset[str]
 Bindings = dict[relax.Var, Ops]
 """The ops of each binding of one function."""
 
-KernelCalls = dict[str, list[tuple[str, Ops]]]
-"""Each region's kernel calls in call order: the kernel, and the ops the call computes (part of)."""
+KernelCalls = dict[str, tuple[str, list[tuple[str, Ops]]]]
+"""Each region's function (the one running it) and kernel calls in call order: the kernel, and the ops of the
+region the call computes (part of)."""
 
 
 class _RecordingImporter(ONNXGraphImporter):
@@ -177,9 +178,8 @@ def _carry_in_order(before: relax.Function, after: relax.Function, known: Bindin
 class _GroupMatcher:
     """Matches the body of each fused group ``FuseOps`` made against the bindings before it."""
 
-    def __init__(self, before: relax.Function, known: Bindings) -> None:
+    def __init__(self, before: relax.Function) -> None:
         self.computations = _computations(before)
-        self.known = known
         self.used: set[relax.Var] = set()
 
     def original(self, key: tuple) -> relax.Var:
@@ -208,7 +208,7 @@ class _GroupMatcher:
 
 def _carry_fused(before: relax.Function, after: relax.Function, module: tvm.IRModule, known: Bindings) -> Bindings:
     """``FuseOps``: see the module's docstring."""
-    matcher = _GroupMatcher(before, known)
+    matcher = _GroupMatcher(before)
     standing: dict[relax.Var, relax.Var | tuple] = {}
     carried: Bindings = {}
     for binding in _bindings(after):
@@ -242,10 +242,13 @@ _IN_ORDER = ("FuseTIR", "edgeq.PlanLayouts")
 
 
 class Provenance:
-    """The ops of each binding of each region function, carried through the build."""
+    """The ops of each region's bindings, carried through the build. A region runs the function of its name, or,
+    when it is identical to an earlier region, that one's (``BlockBuilder.add_func`` adds a function once): its
+    bindings are then that function's, with its own ops."""
 
     def __init__(self) -> None:
         self.regions: dict[str, Bindings] = {}
+        self.functions: dict[str, str] = {}
 
     def imported(self, region: str, function: relax.Function, node_results: dict[str, relax.Expr], owners: dict[str, str]) -> None:
         """Start region ``region`` from its import: each node's bindings are its owner's (:func:`node_owners`)."""
@@ -256,18 +259,24 @@ class Provenance:
             var = result if isinstance(result, relax.Var) and result in variables else bound.get(result)
             if var is not None and node in owners:
                 known[var] = frozenset([owners[node]])
-        self.regions[region] = _carry_to_next(function, known)
+        self.regions[region], self.functions[region] = _carry_to_next(function, known), region
 
     def built(self, region: str, function: relax.Function, op: str) -> None:
         """Start region ``region``, which edgeq built for op ``op`` alone (an int32 head)."""
-        self.regions[region] = {binding.var: frozenset([op]) for binding in _bindings(function)}
+        self.regions[region], self.functions[region] = {binding.var: frozenset([op]) for binding in _bindings(function)}, region
+
+    def runs_as(self, region: str, name: str, function: relax.Function, running: relax.Function) -> None:
+        """Region ``region`` (imported as ``function``) runs the identical function ``running``, named ``name``."""
+        known = self.regions[region]
+        self.regions[region] = {new.var: known[old.var] for old, new in zip(_bindings(function), _bindings(running)) if old.var in known}
+        self.functions[region] = name
 
     def run(self, step: tvm.transform.Pass, module: tvm.IRModule) -> tvm.IRModule:
         """``step`` applied to ``module`` (in a ``Sequential``, as a stage runs it), the provenance carried."""
         after = tvm.transform.Sequential([step])(module)
         name = step.info.name
         for region, known in self.regions.items():
-            before_function, after_function = module[region], after[region]
+            before_function, after_function = module[self.functions[region]], after[self.functions[region]]
             if name == "FuseOps":
                 self.regions[region] = _carry_fused(before_function, after_function, after, known)
             elif name in _IN_ORDER:
@@ -280,10 +289,11 @@ class Provenance:
         """Each region's kernel calls once TVM made reshapes views (``RewriteDataflowReshape``, the first pass of
         the build after the ``schedule`` stage), with their ops."""
         viewed = relax.transform.RewriteDataflowReshape()(module)
-        return {
-            region: list(self._calls(viewed[region], _carry_kept(module[region], viewed[region], known)))
-            for region, known in self.regions.items()
-        }
+        traced: KernelCalls = {}
+        for region, known in self.regions.items():
+            name = self.functions[region]
+            traced[region] = name, list(self._calls(viewed[name], _carry_kept(module[name], viewed[name], known)))
+        return traced
 
     @staticmethod
     def _calls(function: relax.Function, known: Bindings) -> Iterator[tuple[str, Ops]]:

@@ -29,13 +29,14 @@ from typing import Any
 import numpy as np
 
 from edgeq.compile.compiled_graph import CompiledGraph, load_compiled_graph
-from edgeq.compile.kernel_map import KernelCall, kernel_calls
+from edgeq.compile.kernel_map import KernelCall, function_calls, kernel_calls
 
 
 @dataclass(frozen=True)
 class TimedCall:
-    """One kernel call of a run: the region (VM function) calling it, its index among the region's kernel calls,
-    the kernel, and its median time in seconds (less the hook's share, :func:`hook_cost`)."""
+    """One kernel call of a run: the region it ran for, its index among the kernel calls of the VM function running
+    the region (its own, or an identical earlier region's), the kernel, and its median time in seconds (less the
+    hook's share, :func:`hook_cost`)."""
 
     region: str
     index: int
@@ -136,7 +137,11 @@ class _Subject:
         from tvm import relax
 
         self.graph, module, self.arguments = _loaded(artifact, library)
-        self.calls_of = kernel_calls(module["as_text"]())
+        text = module["as_text"]()
+        self.calls_of = kernel_calls(text)
+        self.running: dict[str, list[str]] = {}  # VM function -> the regions it runs, in order
+        for region, function in zip(self.graph.regions, function_calls(text)):
+            self.running.setdefault(function, []).append(region.name)
         plain, self.instrumented = (relax.VirtualMachine(module, tvm.cpu()) for _ in range(2))
         self.main = plain["main"]
         self.main(*self.arguments)
@@ -152,8 +157,10 @@ class _Subject:
     def result(self, cost: HookCost) -> Measurement:
         """The medians, each call's less the hook's share."""
         calls = []
-        for (region, index), times in self.samples.items():
-            call = self.calls_of[region][index]
+        for (function, counted), times in self.samples.items():
+            invocation, index = divmod(counted, len(self.calls_of[function]))
+            call = self.calls_of[function][index]
+            region = self.running.get(function, [function])[invocation]  # main runs no region
             calls.append(TimedCall(region, index, call.kernel, max(statistics.median(times) - cost.seconds(call.arguments), 0.0)))
         by_place = {(c.region, c.index): c for c in calls}
         ops = {op.name: tuple(by_place[(op.region, index)] for index in op.calls if (op.region, index) in by_place) for op in self.graph.ops if op.calls}
@@ -252,7 +259,8 @@ def _latencies(main: Any, arguments: list[Any], runs: int) -> list[float]:
 
 
 def _instrumented_times(vm: Any, arguments: list[Any], calls_of: dict[str, list[KernelCall]], runs: int) -> dict[tuple[str, int], list[float]]:
-    """(region, kernel call index) -> the call's timed intervals in ``runs`` runs of ``vm``'s ``main``."""
+    """(VM function, kernel call index over its invocations, :func:`_call_times`) -> the call's timed intervals in
+    ``runs`` runs of ``vm``'s ``main``."""
     samples: dict[tuple[str, int], list[float]] = {}
     events: list[tuple[str, bool, float]] = []
 
@@ -365,7 +373,8 @@ def _idle_arguments() -> list[Any]:
 
 
 def _call_times(events: list[tuple[str, bool, float]], calls_of: dict[str, list[KernelCall]]) -> dict[tuple[str, int], float]:
-    """(region, kernel call index) -> seconds, from the instrument's before/after events of one run."""
+    """(VM function, kernel call index counted over all its invocations in the run) -> seconds, from the
+    instrument's before/after events of one run."""
     times: dict[tuple[str, int], float] = {}
     stack: list[tuple[str, float]] = []
     counters: dict[str, int] = {}

@@ -273,10 +273,11 @@ class Provenance:
 
     def run(self, step: tvm.transform.Pass, module: tvm.IRModule) -> tvm.IRModule:
         """``step`` applied to ``module`` (in a ``Sequential``, as a stage runs it), the provenance carried."""
+        before = {function: module[function] for function in set(self.functions.values())}  # a Python pass may change module in place
         after = tvm.transform.Sequential([step])(module)
         name = step.info.name
         for region, known in self.regions.items():
-            before_function, after_function = module[self.functions[region]], after[self.functions[region]]
+            before_function, after_function = before[self.functions[region]], after[self.functions[region]]
             if name == "FuseOps":
                 self.regions[region] = _carry_fused(before_function, after_function, after, known)
             elif name in _IN_ORDER:

@@ -80,8 +80,8 @@ def _model(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
 
 @dataclass(frozen=True)
 class KernelTimes:
-    """One kernel call (or a bilinear resize's several): the first op in it, and its estimated and measured time
-    (ms; the ops fused into the call summed)."""
+    """Kernel calls ops tie together (one call, or an op's several: :meth:`Measurement.call_groups`): the first op in
+    them, and their estimated and measured time (ms; the ops in them summed)."""
 
     op: str
     estimated: float
@@ -111,17 +111,13 @@ def compare(artifact: Path, graph: CompiledGraph) -> Round:
     target = load_target(TARGET)
     calibration, (measured,) = calibrate_alongside(target, [artifact])
     estimated = estimate(graph, target, calibration.figures, "measured alongside", str(artifact))
-    kernels: dict[tuple[tuple[str, int], ...], KernelTimes] = {}
-    for layer in estimated.layers:
-        key = measured.places(layer.name)
-        if key:
-            first = kernels.get(key, KernelTimes(layer.name, 0.0, 0.0))
-            kernels[key] = KernelTimes(first.op, first.estimated + layer.latency_ms, measured.op_seconds(layer.name) * 1e3)
-    mapped = {place for key in kernels for place in key}
+    latency = {layer.name: layer.latency_ms for layer in estimated.layers}
+    kernels = [KernelTimes(ops[0].name, sum(latency[op.name] for op in ops), seconds * 1e3) for ops, seconds in measured.call_groups(graph)]
+    mapped = {place for op in graph.ops for place in measured.places(op.name)}
     unmapped = [c for c in measured.calls if (c.region, c.index) not in mapped]
     if unmapped:
         print(f"    {len(unmapped)} kernel calls map to no op ({sum(c.seconds for c in unmapped) * 1e3:.3f} ms)")
-    return Round(estimated.summary.latency_ms, measured.latency_s * 1e3, list(kernels.values()))
+    return Round(estimated.summary.latency_ms, measured.latency_s * 1e3, kernels)
 
 
 def run(name: str, rounds: int, worst: int, folder: Path) -> None:

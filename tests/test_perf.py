@@ -282,6 +282,10 @@ def test_measured_kernel_calls_map_to_ops(small):
     assert measured.ops["conv1/Relu"] == measured.ops["conv1/Conv"] and "conv2d" in measured.ops["conv1/Conv"][0].kernel
     assert measured.places("conv1/Relu") == measured.places("conv1/Conv") == ((measured.ops["conv1/Conv"][0].region, measured.ops["conv1/Conv"][0].index),)
     assert {(c.region, c.index) for c in measured.calls} == {(op.region, i) for op in small.graph.ops for i in op.calls}  # every call is an op's
+    groups = measured.call_groups(small.graph)  # each call in one group: the fit's and the benchmark's kernels
+    assert sum(seconds for _, seconds in groups) == pytest.approx(sum(c.seconds for c in measured.calls))
+    pool, flatten = small.graph.op("adaptive_avg_pool2d/GlobalAveragePool"), small.graph.op("flatten/Reshape")
+    assert len(pool.calls) == 2 and (not flatten.calls or any(pool in ops and flatten in ops for ops, _ in groups))
 
 
 def test_an_op_built_from_several_kernels_maps_to_all_of_them(tmp_path):

@@ -109,8 +109,8 @@ def fit_nonnegative(rows: list[list[float]], times: list[float]) -> list[float]:
 
 
 Kernel = tuple[list[GraphOp], CompiledGraph, float]
-"""A timed kernel call: the ops running in it (the first doing its main work), the compiled graph they are in,
-and the call's time (seconds)."""
+"""Timed kernel calls: the ops running in them (the first doing its main work), the compiled graph they are in,
+and the calls' time (seconds)."""
 
 
 def compiled_network(network: object, example: object, host: Target, path: Path) -> CompileResult:
@@ -130,13 +130,8 @@ def compiled_network(network: object, example: object, host: Target, path: Path)
 
 
 def _timed_kernels(graph: CompiledGraph, measured: Measurement) -> list[Kernel]:
-    """Each kernel call of ``graph``'s measurement, with the ops that run in it."""
-    kernels: dict[tuple[tuple[str, int], ...], Kernel] = {}
-    for op in graph.ops:
-        places = measured.places(op.name)
-        if places:
-            kernels.setdefault(places, ([], graph, measured.op_seconds(op.name)))[0].append(op)
-    return list(kernels.values())
+    """The kernel calls of ``graph``'s measurement, with the ops that run in them (:meth:`Measurement.call_groups`)."""
+    return [(ops, graph, seconds) for ops, seconds in measured.call_groups(graph)]
 
 
 def _fastest(amounts: list[list[float]], times: list[float], column: int, nominal: float) -> float:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.compile.compiled_graph import CompiledGraph, load_compiled_graph
+from edgeq.compile.compiled_graph import CompiledGraph, GraphOp, load_compiled_graph
 from edgeq.compile.kernel_map import KernelCall, function_calls, kernel_calls
 
 
@@ -70,6 +70,21 @@ class Measurement:
         """The time of the kernel calls op ``name`` runs in (None when it has none)."""
         calls = self.ops.get(name)
         return sum(call.seconds for call in calls) if calls else None
+
+    def call_groups(self, graph: CompiledGraph) -> list[tuple[list[GraphOp], float]]:
+        """The kernel calls of ``graph``'s ops (the graph measured) joined where ops tie them together (an op
+        running in several calls, ops sharing one), each group with its ops in graph order (the first doing its
+        main work) and its calls' total time (seconds)."""
+        groups: list[tuple[set[tuple[str, int]], list[GraphOp]]] = []
+        for op in graph.ops:
+            places = set(self.places(op.name))
+            if places:
+                joined = [group for group in groups if group[0] & places]
+                groups = [group for group in groups if not group[0] & places]
+                groups.append((places.union(*(calls for calls, _ in joined)), [o for _, ops in joined for o in ops] + [op]))
+        order = {op.name: index for index, op in enumerate(graph.ops)}
+        seconds = {(call.region, call.index): call.seconds for call in self.calls}
+        return [(sorted(ops, key=lambda op: order[op.name]), sum(seconds[place] for place in places)) for places, ops in groups]
 
 
 def _inputs(graph: CompiledGraph, seed: int = 0) -> list[np.ndarray]:

@@ -70,6 +70,7 @@ def test_ops_tensors_and_regions(small):
     assert conv.reasons == [] and "conv2d" in conv.kernel
     blocked = f"_nchw{dot_product(host_target()).lanes}c"  # between convolutions (edgeq/compile/layout_plan.py)
     assert graph.op("pool/MaxPool").kernel == f"max_pool2d{blocked}" and graph.op("conv1/Relu").kernel == conv.kernel
+    assert graph.op("conv1/Relu").calls == conv.calls == [0]  # the kernel calls it runs in (compile/provenance.py)
 
     bias = graph.tensors["conv1.bias_q"]
     assert (bias.shape, bias.dtype, bias.bytes, bias.kind, bias.producer, bias.consumers) == ([16], "int32", 64, "constant", None, ["conv1/Conv"])

@@ -12,10 +12,10 @@ This module imports nothing of edgeq's and nothing heavy, so that every layer (t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -132,12 +132,6 @@ _BY_ONNX_TYPE: dict[str, Op] = {op_type: op for op in reversed(list(Op)) for op_
 
 LOOKUP_TABLE_OPS: tuple[Op, ...] = tuple(op for op in Op if op.info.lookup_table)
 """The activations computed as int8 lookup tables."""
-
-
-def is_depthwise(attributes: Mapping[str, Any]) -> bool:
-    """Whether a conv2d of these attributes (``groups``, ``in_channels``, ``out_channels``) is depthwise: a group
-    per channel, one output channel per group (the compiler's depthwise kernel, the NPUs' depthwise rule)."""
-    return attributes.get("groups", 1) == attributes.get("in_channels") == attributes.get("out_channels")
 
 
 def gated_op(op: Op) -> Op | None:

@@ -26,6 +26,7 @@ from edgeq.errors import ModelFileError
 from edgeq.export.onnx_reader import load_onnx
 from edgeq.export.peer import session
 from edgeq.export.qoperator import qdq_from_qoperator
+from edgeq.op_attrs import Conv2dAttrs
 from edgeq.run import run_artifact
 from edgeq_runtime import Model
 from edgeq_runtime.model import aligned
@@ -118,11 +119,11 @@ def test_artifact_equals_the_int64_reference(ort_file, opt_level, tmp_path):
             np.testing.assert_array_equal(ours.astype(np.int64), expected)
 
 
-def _conv_schedule(attributes: dict) -> str:
-    """The schedule edgeq gives a convolution of these attributes."""
-    if attributes["groups"] == attributes["in_channels"] == attributes["out_channels"]:
+def _conv_schedule(attributes: Conv2dAttrs) -> str:
+    """The schedule edgeq gives a convolution of these settings."""
+    if attributes.groups == attributes.in_channels == attributes.out_channels:
         return "depthwise_conv2d"
-    return "conv2d_1x1" if attributes["kernel"] == [1, 1] else "conv2d"
+    return "conv2d_1x1" if attributes.kernel == (1, 1) else "conv2d"
 
 
 def test_every_convolution_is_mapped_to_a_kernel_of_its_kind(ort_file, tmp_path):

@@ -326,7 +326,7 @@ def test_elu_compiles_exactly_as_a_table(tmp_path):
         simulate = target != "x86_64"
         result = compile_model(int_model, (example,), target=target, out=tmp_path / f"{target}.edgeq", simulate=simulate)
         tables = [n for n in result.report.nodes if n.record.op == "elu"]
-        assert [n.record.attrs["alpha"] for n in tables] == [1.0, 0.5] and {n.placement.value for n in tables} == {placement}
+        assert [n.record.attrs.alpha for n in tables] == [1.0, 0.5] and {n.placement.value for n in tables} == {placement}
         assert result.module.script().count("R.take(") == 2
         if target == "npu-s":
             assert tables[0].reasons[0].rule == "op_not_on_npu" and tables[0].advice == ["elu is not on npu-s: relu is"]

@@ -15,6 +15,7 @@ from edgeq.compile import compile_model
 from edgeq.compile.compiled_graph import SCHEMA_VERSION, CompiledGraph, CompiledGraphError, load_compiled_graph
 from edgeq.compile.cpu_features import dot_product, host_target
 from edgeq.errors import EdgeqError
+from edgeq.op_attrs import Conv2dAttrs
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,9 @@ def test_ops_tensors_and_regions(small):
     conv = graph.op("conv1/Conv")
     assert conv.op == "conv2d" and conv.source_ops == ["Conv"] and conv.placement == "NPU" and conv.region == "region0_npu"
     assert conv.inputs == ["quant.q"] and conv.outputs == ["conv1.preact.q"] and conv.constants == ["conv1.weight_q", "conv1.bias_q"]
-    assert conv.attributes == {"kernel": [3, 3], "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1, "in_channels": 1, "out_channels": 16}
+    assert conv.attributes == Conv2dAttrs(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, in_channels=1, out_channels=16)
+    settings = {"kernel": [3, 3], "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1, "in_channels": 1, "out_channels": 16}
+    assert conv.to_dict()["attributes"] == settings
     assert conv.requantization.per == "channel" and conv.requantization.axis == 1 and len(conv.requantization.multiplier) == 16
     assert graph.op("add/Add").requantization.per == "input" and graph.op("conv1/Relu").requantization is None
     assert conv.reasons == [] and "conv2d" in conv.kernel
@@ -88,7 +91,7 @@ def test_cpu_fallback_ops_keep_shapes_and_attributes(fallback):
     graph = fallback.graph
     stem = graph.op("model.0/Conv")
     assert stem.placement == "CPU" and stem.region == "region0_cpu" and stem.reasons
-    assert stem.attributes["kernel"] == [7, 7] and stem.attributes["stride"] == [2, 2]
+    assert stem.attributes.kernel == (7, 7) and stem.attributes.stride == (2, 2)
     assert stem.macs == 8 * 8 * 8 * 3 * 49 and stem.bytes_in == 3 * 16 * 16 and stem.bytes_out == 8 * 8 * 8
     assert [r.placement for r in graph.regions] == ["CPU", "NPU"]
     border = graph.regions[0].outputs

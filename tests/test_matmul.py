@@ -123,7 +123,7 @@ def test_check_says_where_the_matmul_runs_and_why(attention, target, where):
     _, path = attention[target]
     for report in (check_model(path, target=target), check_model(AttentionBlock().eval(), (EXAMPLE,), target=target)):
         products = [n for n in report.nodes if n.record.op == "matmul"]
-        assert [n.record.attrs["reduction_size"] for n in products] == [DIM // HEADS, TOKENS]
+        assert [n.record.attrs.reduction_size for n in products] == [DIM // HEADS, TOKENS]
         assert [n.record.macs for n in products] == [2 * HEADS * TOKENS * TOKENS * (DIM // HEADS), 2 * HEADS * TOKENS * DIM // HEADS * TOKENS]
         for node in products:
             assert node.placement is where, (target, node.record.name, node.reasons)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 
 import pytest
@@ -17,14 +18,17 @@ import edgeq.compile.requantization
 import edgeq.export.onnx_writer
 import edgeq.export.tosa.forms
 import edgeq.numerics
+import edgeq.op_attrs
 import edgeq.perf.estimate
 import edgeq.quantization.convert
 from edgeq.check import Placement, check_model, check_qdq
+from edgeq.check.records import OpRecord
 from edgeq.check.rules import RULES
 from edgeq.export.onnx_nodes import node_op
 from edgeq.export.sources import quantized_form
 from edgeq.export.tosa.forms import TOSA_FORMS
 from edgeq.npu_limits import NPU_LIMITS
+from edgeq.op_attrs import ATTRIBUTE_CLASSES, OnnxAttrs, PoolAttrs, attributes_from_json
 from edgeq.ops import TABLES, Op, gated_op, op_of_onnx_type
 from edgeq.quantization import DeQuantStub, QuantStub
 from edgeq.quantization.canonical_emitters import CANONICAL_EMITTERS, PRE_FUSION_EMITTERS
@@ -38,6 +42,7 @@ LAYERS = (
     edgeq.export.onnx_writer,
     edgeq.export.tosa.forms,
     edgeq.numerics,
+    edgeq.op_attrs,
     edgeq.perf.estimate,
     edgeq.quantization.convert,
 )
@@ -46,7 +51,7 @@ LAYERS = (
 
 def test_every_layer_has_every_op():
     pieces = {table.piece for table in TABLES}
-    assert {"converter in convert.py", "QDQ unit in onnx_writer.py", "lowering rule in compile/lowering/"} <= pieces
+    assert {"converter in convert.py", "QDQ unit in onnx_writer.py", "lowering rule in compile/lowering/", "attribute class in op_attrs.py"} <= pieces
     assert {table.piece: table.missing() for table in TABLES} == {table.piece: [] for table in TABLES}
 
 
@@ -174,3 +179,20 @@ def test_targets_lacking_each_op(every_op, target):
                 expected = Placement.UNSUPPORTED if target.firmware_host else Placement.CPU
                 assert node.placement is expected, (target.name, op, node.record.name)
                 assert any(r.rule == "op_not_on_npu" for r in node.reasons), (target.name, op, node.reasons)
+
+
+def test_every_record_has_its_ops_settings_class_and_they_round_trip(every_op):
+    """Each record's settings are of the class its op registers (OpRecord refuses others), and their JSON reads back
+    as the same settings; an ONNX node's attributes read back as themselves."""
+    model, example, qdq = every_op
+    records = [n.record for report in (check_qdq(qdq, target="npu-m"), check_model(model, (example,), target="npu-m")) for n in report.nodes]
+    typed = [r for r in records if r.attrs is not None]
+    assert {r.op for r in typed} == {op for op in Op if ATTRIBUTE_CLASSES[op] is not None}
+    for record in typed:
+        assert isinstance(record.attrs, ATTRIBUTE_CLASSES[record.op]), record.name
+        assert attributes_from_json(record.op, json.loads(json.dumps(record.attrs.to_json()))) == record.attrs, record.name
+    onnx_conv = {"dilations": [1, 1], "group": 1, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "strides": [1, 1]}
+    assert attributes_from_json("conv2d", onnx_conv) == OnnxAttrs(onnx_conv)
+    assert attributes_from_json("logsoftmax", {"axis": -1}).to_json() == {"axis": -1}
+    with pytest.raises(TypeError, match="conv2d: settings PoolAttrs, the op has Conv2dAttrs"):
+        OpRecord("c", "conv2d", "Conv", [], [], None, PoolAttrs((3, 3), (1, 1), (0, 0)))

@@ -19,6 +19,7 @@ from edgeq.compile.compiled_graph import CompiledGraphError
 from edgeq.compile.cpu_features import DOT_PRODUCTS, dot_product, host_target
 from edgeq.compile.layout_plan import is_blocked
 from edgeq.errors import EdgeqError, TargetError
+from edgeq.op_attrs import Conv2dAttrs, LinearAttrs, PoolAttrs
 from edgeq.perf.calibrate import (
     Calibration,
     Timing,
@@ -135,37 +136,41 @@ def test_cpu_fallback_and_transitions(tmp_path, monkeypatch):
     assert summary.latency_ms == pytest.approx(summary.npu_ms + summary.cpu_ms + summary.transition_ms + cpu.invocation_overhead_ns * 1e-6)
 
 
+_Op = dataclasses.make_dataclass("Op", ["op", "attributes"])
+"""What the estimator's formulas read of a compiled graph's op."""
+
+
+def _conv(out_channels: int, in_channels: int, groups: int, kernel: tuple[int, int], dilation: tuple[int, int] = (1, 1)) -> _Op:
+    return _Op("conv2d", Conv2dAttrs(kernel, (1, 1), (0, 0), dilation, groups, in_channels, out_channels))
+
+
 def test_spill_and_utilisation_formulas():
     assert spill_bytes(100, 50, 1000) == 0
     assert spill_bytes(1000, 100, 1000) == 1000  # activations stream through DRAM, weights stay
     assert spill_bytes(2000, 800, 1000) == 2000 + 800 * (math.ceil(2000 / 500) - 1)  # weights fetched per tile
     hardware = load_target("npu-m").hardware
-    op = dataclasses.make_dataclass("Op", ["op", "attributes"])
-    conv = op("conv2d", {"out_channels": 48, "in_channels": 64, "groups": 1, "kernel": [3, 3]})
-    assert mac_utilisation(conv, hardware, 32) == (48 / 64) * (576 / 576)
-    depthwise = op("conv2d", {"out_channels": 32, "in_channels": 32, "groups": 32, "kernel": [3, 3]})
-    assert mac_utilisation(depthwise, hardware, 32) == 1 * (9 / 64)
+    assert mac_utilisation(_conv(48, 64, 1, (3, 3)), hardware, 32) == (48 / 64) * (576 / 576)
+    assert mac_utilisation(_conv(32, 32, 32, (3, 3)), hardware, 32) == 1 * (9 / 64)  # depthwise
 
 
 def test_lane_occupancy_of_cpu_layers():
     """Channels pad to the dot product's blocks: output channels to its lanes, input channels to its depth."""
-    op = dataclasses.make_dataclass("Op", ["op", "attributes"])
     avx2, vnni = DOT_PRODUCTS["avx2-pmaddwd"], DOT_PRODUCTS["vnni"]  # 8 lanes x 2 deep, 16 x 4
-    stem = op("conv2d", {"out_channels": 64, "in_channels": 3, "groups": 1, "kernel": [7, 7]})
+    stem = _conv(64, 3, 1, (7, 7))
     assert lane_occupancy(stem, avx2) == 3 / 4 and lane_occupancy(stem, vnni) == 3 / 4
-    odd = op("conv2d", {"out_channels": 20, "in_channels": 24, "groups": 1, "kernel": [1, 1]})
+    odd = _conv(20, 24, 1, (1, 1))
     assert lane_occupancy(odd, avx2) == 20 / 24 and lane_occupancy(odd, vnni) == 20 / 32
-    depthwise = op("conv2d", {"out_channels": 72, "in_channels": 72, "groups": 72, "kernel": [3, 3]})
+    depthwise = _conv(72, 72, 72, (3, 3))
     assert lane_occupancy(depthwise, avx2) == 72 / 80  # 16 channels per vector
     assert lane_occupancy(depthwise, vnni) == 72 / 80 * 3 / 4  # 16 channels x 4 taps of a row
-    dilated = op("conv2d", {**depthwise.attributes, "dilation": [2, 2]})
+    dilated = _conv(72, 72, 72, (3, 3), dilation=(2, 2))
     assert lane_occupancy(dilated, vnni) == 72 / 80  # int16 products, one tap at a time
-    grouped = op("conv2d", {"out_channels": 48, "in_channels": 48, "groups": 6, "kernel": [3, 3]})  # 8 channels a group
+    grouped = _conv(48, 48, 6, (3, 3))  # 8 channels a group
     assert lane_occupancy(grouped, vnni) == 8 / 16 and lane_occupancy(grouped, avx2) == 1.0
-    uneven = op("conv2d", {"out_channels": 48, "in_channels": 48, "groups": 2, "kernel": [3, 3]})  # 24: blocks span 2 groups
+    uneven = _conv(48, 48, 2, (3, 3))  # 24: blocks span 2 groups
     assert lane_occupancy(uneven, vnni) == 24 / 48
-    assert lane_occupancy(op("linear", {"out_channels": 10, "in_features": 32}), vnni) == 10 / 16
-    assert lane_occupancy(op("max_pool2d", {"kernel": [2, 2]}), avx2) == 1.0
+    assert lane_occupancy(_Op("linear", LinearAttrs(in_features=32, out_channels=10)), vnni) == 10 / 16
+    assert lane_occupancy(_Op("max_pool2d", PoolAttrs((2, 2), (2, 2), (0, 0))), avx2) == 1.0
 
 
 def test_cpu_work_of_each_op_kind(tmp_path):
@@ -184,11 +189,10 @@ def test_cpu_work_of_each_op_kind(tmp_path):
     assert not fused_into_producer(pool, graph) and cpu_work(pool, graph, dot) == [0] * 6
     filled = lane_occupancy(linear, dot)
     assert cpu_work(linear, graph, dot) == [0, 0, 0, 2 * 32 * 10 / filled, 2 * 10 / filled, 2 * 32 / filled]
-    op = dataclasses.make_dataclass("Op", ["op", "attributes"])
-    assert mac_class(op("conv2d", {"groups": 1, "kernel": [1, 1]})) == "pointwise"
-    assert mac_class(op("conv2d", {"groups": 1, "kernel": [3, 3]})) == "conv2d"
-    assert mac_class(op("conv2d", {"groups": 4, "in_channels": 16, "out_channels": 16, "kernel": [1, 1]})) == "pointwise"
-    assert mac_class(op("conv2d", {"groups": 16, "in_channels": 16, "out_channels": 16, "kernel": [3, 3]})) == "depthwise"
+    assert mac_class(_conv(16, 8, 1, (1, 1))) == "pointwise"
+    assert mac_class(_conv(16, 8, 1, (3, 3))) == "conv2d"
+    assert mac_class(_conv(16, 16, 4, (1, 1))) == "pointwise"
+    assert mac_class(_conv(16, 16, 16, (3, 3))) == "depthwise"
 
 
 @pytest.mark.parametrize("whole_blocks", [True, False])

@@ -14,6 +14,18 @@ import torch.fx as fx
 from torch import nn
 
 from edgeq.check.records import INPUT_PREFIX, OpRecord, foreign_op_name
+from edgeq.op_attrs import (
+    ActivationAttrs,
+    BilinearResizeAttrs,
+    ConcatAttrs,
+    Conv2dAttrs,
+    LinearAttrs,
+    LookupTableAttrs,
+    MatMulAttrs,
+    NearestResizeAttrs,
+    OpAttrs,
+    PoolAttrs,
+)
 from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable
 from edgeq.quantization import qat_modules as qm
 from edgeq.quantization.graph import VALUE_KEY, TensorInfo, input_nodes, produces_tensor
@@ -100,122 +112,116 @@ def _quantized_constant(operand: object) -> bool:
     return isinstance(source, fx.Node) and qm.CONSTANT_KEY in source.meta
 
 
-def _product_with_weights(weights: fx.Node) -> tuple[str, dict[str, Any]]:
+def _product_with_weights(weights: fx.Node) -> tuple[str, LinearAttrs]:
     """A product with a constant matrix (``x @ self.weight``) is a linear layer, per-tensor weights: its QDQ file
     reads so (:func:`edgeq.export.onnx_nodes.node_op`), and compile builds it so."""
     rows, columns = weights.meta[VALUE_KEY].shape[-2:]
-    return Op.LINEAR.value, {"in_features": rows, "out_channels": columns, "activation": "none", "weight_bytes": rows * columns}
+    return Op.LINEAR.value, LinearAttrs(rows, columns, qm.Activation.NONE.value)
 
 
-Description = Callable[[nn.Module], tuple[str, dict[str, Any]]]
+Description = Callable[[nn.Module], tuple[str, OpAttrs | None]]
 
 DESCRIPTIONS: OpTable[Description] = OpTable("check record in check/from_fx.py", lambda info: not info.movement)
-"""What the check records of each op's canonical module: the source op for display, and the attributes."""
+"""What the check records of each op's canonical module: the source op for display, and its settings."""
 
 
-def _describe(node: fx.Node, module: nn.Module | None, modules: dict[str, nn.Module]) -> tuple[str, str, dict[str, Any]]:
+def _describe(node: fx.Node, module: nn.Module | None, modules: dict[str, nn.Module]) -> tuple[str, str, OpAttrs | None]:
     op = qm.CANONICAL.op_of_instance(module) if module is not None else None
     if op is not None:
         spelled, attrs = DESCRIPTIONS[op](module)
         return op.value, spelled, attrs
     moved = source_op(node, modules)
     if moves_values(moved):
-        return moved.value, _spelling(node, module), {}
-    return foreign_op_name(_spelling(node, module)), _spelling(node, module), {}
+        return moved.value, _spelling(node, module), None
+    return foreign_op_name(_spelling(node, module)), _spelling(node, module), None
 
 
 @DESCRIPTIONS.register(Op.CONV2D)
-def _conv(module: qm.ConvAct2d) -> tuple[str, dict[str, Any]]:
-    attrs = {
-        "kernel": tuple(module.weight.shape[2:]),
-        "stride": tuple(module.stride),
-        "padding": tuple(module.padding),
-        "dilation": tuple(module.dilation),
-        "groups": module.groups,
-        "in_channels": module.weight.shape[1] * module.groups,
-        "out_channels": module.weight.shape[0],
-        "activation": module.activation.value,
-        "weight_bytes": module.weight.numel(),
-    }
+def _conv(module: qm.ConvAct2d) -> tuple[str, Conv2dAttrs]:
+    attrs = Conv2dAttrs(
+        kernel=tuple(module.weight.shape[2:]),
+        stride=tuple(module.stride),
+        padding=tuple(module.padding),
+        dilation=tuple(module.dilation),
+        groups=module.groups,
+        in_channels=module.weight.shape[1] * module.groups,
+        out_channels=module.weight.shape[0],
+        activation=module.activation.value,
+    )
     parts = ["Conv2d"] + (["BatchNorm2d"] if module.bn is not None else []) + _activation_part(module.activation)
     return "+".join(parts), attrs
 
 
 @DESCRIPTIONS.register(Op.LINEAR)
-def _linear(module: qm.LinearAct) -> tuple[str, dict[str, Any]]:
-    attrs = {
-        "in_features": module.weight.shape[1],
-        "out_channels": module.weight.shape[0],
-        "activation": module.activation.value,
-        "weight_bytes": module.weight.numel(),
-    }
+def _linear(module: qm.LinearAct) -> tuple[str, LinearAttrs]:
+    attrs = LinearAttrs(in_features=module.weight.shape[1], out_channels=module.weight.shape[0], activation=module.activation.value)
     return "+".join(["Linear", *_activation_part(module.activation)]), attrs
 
 
 @DESCRIPTIONS.register(Op.ADD)
-def _add(module: qm.AddAct) -> tuple[str, dict[str, Any]]:
-    return "+".join(["add", *_activation_part(module.activation)]), {"activation": module.activation.value}
+def _add(module: qm.AddAct) -> tuple[str, ActivationAttrs]:
+    return "+".join(["add", *_activation_part(module.activation)]), ActivationAttrs(module.activation.value)
 
 
 @DESCRIPTIONS.register(Op.MUL)
-def _mul(module: qm.Multiply) -> tuple[str, dict[str, Any]]:
-    return "mul", {}
+def _mul(module: qm.Multiply) -> tuple[str, None]:
+    return "mul", None
 
 
 @DESCRIPTIONS.register(Op.MATMUL)
-def _matmul(module: qm.MatMul) -> tuple[str, dict[str, Any]]:
-    return "matmul", {"reduction_size": module.reduction_size}
+def _matmul(module: qm.MatMul) -> tuple[str, MatMulAttrs]:
+    return "matmul", MatMulAttrs(module.reduction_size)
 
 
 @DESCRIPTIONS.register(Op.CONCAT)
-def _concat(module: qm.Concat) -> tuple[str, dict[str, Any]]:
-    return "cat", {"dim": module.dim}
+def _concat(module: qm.Concat) -> tuple[str, ConcatAttrs]:
+    return "cat", ConcatAttrs(module.dim)
 
 
 @DESCRIPTIONS.register(Op.MAX_POOL2D)
-def _max_pool(module: qm.MaxPool2d) -> tuple[str, dict[str, Any]]:
+def _max_pool(module: qm.MaxPool2d) -> tuple[str, PoolAttrs]:
     return "MaxPool2d", _pool_attrs(module.kernel_size, module.stride, module.padding)
 
 
 @DESCRIPTIONS.register(Op.AVG_POOL2D)
-def _avg_pool(module: qm.AvgPool2d) -> tuple[str, dict[str, Any]]:
+def _avg_pool(module: qm.AvgPool2d) -> tuple[str, PoolAttrs]:
     return "AvgPool2d", _pool_attrs(module.kernel_size, module.stride, module.padding)
 
 
 @DESCRIPTIONS.register(Op.GLOBAL_AVG_POOL2D)
-def _global_avg_pool(module: qm.GlobalAvgPool2d) -> tuple[str, dict[str, Any]]:
-    return "global average pool", {}
+def _global_avg_pool(module: qm.GlobalAvgPool2d) -> tuple[str, None]:
+    return "global average pool", None
 
 
 @DESCRIPTIONS.register(Op.RELU)
-def _clamp(module: qm.Clamp) -> tuple[str, dict[str, Any]]:
-    return module.name, {"activation": module.name}
+def _clamp(module: qm.Clamp) -> tuple[str, ActivationAttrs]:
+    return module.name, ActivationAttrs(module.name)
 
 
 @DESCRIPTIONS.register(*LOOKUP_TABLE_OPS)
-def _lookup_table(module: qm.LookupTableActivation) -> tuple[str, dict[str, Any]]:
-    return module.op.value, {"function": module.op.value, "alpha": module.alpha}
+def _lookup_table(module: qm.LookupTableActivation) -> tuple[str, LookupTableAttrs]:
+    return module.op.value, LookupTableAttrs(module.op.value, module.alpha)
 
 
 @DESCRIPTIONS.register(Op.UPSAMPLE_NEAREST2D)
-def _upsample(module: qm.UpsampleNearest2d) -> tuple[str, dict[str, Any]]:
-    return "upsample (nearest)", {"factor": tuple(module.scale_factor)}
+def _upsample(module: qm.UpsampleNearest2d) -> tuple[str, NearestResizeAttrs]:
+    return "upsample (nearest)", NearestResizeAttrs(tuple(module.scale_factor))
 
 
 @DESCRIPTIONS.register(Op.UPSAMPLE_BILINEAR2D)
-def _bilinear(module: qm.UpsampleBilinear2d) -> tuple[str, dict[str, Any]]:
-    return "upsample (bilinear)", {"align_corners": module.align_corners}
+def _bilinear(module: qm.UpsampleBilinear2d) -> tuple[str, BilinearResizeAttrs]:
+    return "upsample (bilinear)", BilinearResizeAttrs(module.align_corners)
 
 
 def _activation_part(activation: qm.Activation) -> list[str]:
     return [] if activation is qm.Activation.NONE else [{"relu": "ReLU", "relu6": "ReLU6"}[activation.value]]
 
 
-def _pool_attrs(kernel: Any, stride: Any, padding: Any) -> dict[str, Any]:
+def _pool_attrs(kernel: Any, stride: Any, padding: Any) -> PoolAttrs:
     def pair(value: Any) -> tuple[int, int]:
         return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
-    return {"kernel": pair(kernel), "stride": pair(stride), "padding": pair(padding)}
+    return PoolAttrs(pair(kernel), pair(stride), pair(padding))
 
 
 def _spelling(node: fx.Node, module: nn.Module | None) -> str:

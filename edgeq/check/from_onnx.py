@@ -20,6 +20,16 @@ from edgeq.export.onnx_nodes import QUANTIZE_NODES, attribute_text, node_attribu
 from edgeq.export.onnx_reader import QDQModel, QuantParams
 from edgeq.export.qdq_graph import QDQGraph
 from edgeq.numerics import accumulator_bounds, resize_align_corners
+from edgeq.op_attrs import (
+    BilinearResizeAttrs,
+    Conv2dAttrs,
+    LinearAttrs,
+    LookupTableAttrs,
+    MatMulAttrs,
+    NearestResizeAttrs,
+    OpAttrs,
+    PoolAttrs,
+)
 from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable, gated_op
 from edgeq.targets import Rounding
 
@@ -127,10 +137,10 @@ class _OnnxWalker(QDQGraph):
         op = self.op_of(node)
         return op is not None and op.info.weighted
 
-    def _describe(self, node: onnx.NodeProto) -> tuple[str, dict[str, Any]]:
+    def _describe(self, node: onnx.NodeProto) -> tuple[str, OpAttrs | None]:
         op = self.op_of(node)
         if op is None:
-            return foreign_op_name(node.op_type), {}
+            return foreign_op_name(node.op_type), None
         if node_name(node) in self.gate_muls:
             op = gated_op(op)
         return ONNX_DESCRIPTIONS[op](self, node, op, node_attributes(node))
@@ -142,87 +152,85 @@ class _OnnxWalker(QDQGraph):
         return tuple(self.constants[name].shape) if name in self.constants else None
 
 
-Description = Callable[[_OnnxWalker, onnx.NodeProto, Op, dict[str, Any]], tuple[str, dict[str, Any]]]
-"""The op name and attributes of a node that reads as an op, from the walker, the node, the op and the node's
-attributes (an op that does not fit edgeq's form reads as its foreign name)."""
+Description = Callable[[_OnnxWalker, onnx.NodeProto, Op, dict[str, Any]], tuple[str, OpAttrs | None]]
+"""The op name and settings (:mod:`edgeq.op_attrs`) of a node that reads as an op, from the walker, the node, the
+op and the node's attributes (an op that does not fit edgeq's form reads as its foreign name)."""
 
 ONNX_DESCRIPTIONS: OpTable[Description] = OpTable("check record in check/from_onnx.py")
 """What the check records of each op's ONNX node."""
 
 
 @ONNX_DESCRIPTIONS.register(Op.MATMUL)
-def _matmul(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _matmul(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, MatMulAttrs | None]:
     left = graph.static_shape(node.input[0])
-    return Op.MATMUL.value, {} if left is None else {"reduction_size": left[-1]}
+    return Op.MATMUL.value, None if left is None else MatMulAttrs(left[-1])
 
 
 @ONNX_DESCRIPTIONS.register(Op.CONV2D)
-def _conv(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _conv(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, Conv2dAttrs | None]:
     weight_shape = graph.weight_shape(node.input[1])
     if weight_shape is None:
-        return "conv2d", {}
-    kernel = tuple(attributes.get("kernel_shape", weight_shape[2:]))
+        return "conv2d", None
     pads = tuple(attributes.get("pads", [0] * 4))
     groups = int(attributes.get("group", 1))
-    return "conv2d", {
-        "kernel": kernel,
-        "stride": tuple(attributes.get("strides", (1, 1))),
-        "padding": (max(pads[0], pads[2]), max(pads[1], pads[3])),
-        "dilation": tuple(attributes.get("dilations", (1, 1))),
-        "groups": groups,
-        "in_channels": weight_shape[1] * groups,
-        "out_channels": weight_shape[0],
-        "weight_bytes": int(np.prod(weight_shape)),
-    }
+    return "conv2d", Conv2dAttrs(
+        kernel=tuple(attributes.get("kernel_shape", weight_shape[2:])),
+        stride=tuple(attributes.get("strides", (1, 1))),
+        padding=(max(pads[0], pads[2]), max(pads[1], pads[3])),
+        dilation=tuple(attributes.get("dilations", (1, 1))),
+        groups=groups,
+        in_channels=weight_shape[1] * groups,
+        out_channels=weight_shape[0],
+    )
 
 
 @ONNX_DESCRIPTIONS.register(Op.LINEAR)
-def _linear(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _linear(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, LinearAttrs | None]:
     """A Gemm, or a MatMul with a weight."""
     weight_shape = graph.weight_shape(node.input[1])
     if weight_shape is None:
-        return "linear", {}
+        return "linear", None
     transposed = node.op_type == "Gemm" and attributes.get("transB", 0)
     out_features, in_features = weight_shape if transposed else weight_shape[::-1]
-    return "linear", {"in_features": in_features, "out_channels": out_features, "weight_bytes": int(np.prod(weight_shape))}
+    return "linear", LinearAttrs(in_features=in_features, out_channels=out_features)
 
 
 @ONNX_DESCRIPTIONS.register(Op.MAX_POOL2D, Op.AVG_POOL2D)
-def _pool(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _pool(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, PoolAttrs]:
     pads = tuple(attributes.get("pads", [0] * 4))
-    kernel = tuple(attributes["kernel_shape"])
-    return op.value, {
-        "kernel": kernel,
-        "stride": tuple(attributes.get("strides", (1, 1))),
-        "padding": (max(pads[0], pads[2]), max(pads[1], pads[3])),
-    }
+    return op.value, PoolAttrs(
+        kernel=tuple(attributes["kernel_shape"]),
+        stride=tuple(attributes.get("strides", (1, 1))),
+        padding=(max(pads[0], pads[2]), max(pads[1], pads[3])),
+    )
 
 
 @ONNX_DESCRIPTIONS.register(Op.UPSAMPLE_NEAREST2D, Op.UPSAMPLE_BILINEAR2D)
-def _resize(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _resize(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, OpAttrs | None]:
     mode = attribute_text(attributes, "mode", "nearest")
     source, target = graph.static_shape(node.input[0]), graph.static_shape(node.output[0])
     if source is None or target is None or not resize_follows_sizes(node, graph.constants, source, target):
-        return foreign_op_name(f"resize_{mode}"), {}  # coordinates of its own scale: a float op (docs/compile.md)
+        return foreign_op_name(f"resize_{mode}"), None  # coordinates of its own scale: a float op (docs/compile.md)
     if mode == "linear" and len(target) == 4:
         coordinates = attribute_text(attributes, "coordinate_transformation_mode", "half_pixel")
         align_corners = resize_align_corners(coordinates, target[2:])
         if align_corners is not None and not attributes.get("antialias", 0):
-            return Op.UPSAMPLE_BILINEAR2D.value, {"align_corners": align_corners}
+            return Op.UPSAMPLE_BILINEAR2D.value, BilinearResizeAttrs(align_corners)
     if mode != "nearest" or any(t % s for t, s in zip(target[2:], source[2:])):
-        return foreign_op_name(f"resize_{mode}"), {}
-    return "upsample_nearest2d", {"factor": tuple(t // s for t, s in zip(target[2:], source[2:]))}
+        return foreign_op_name(f"resize_{mode}"), None
+    return "upsample_nearest2d", NearestResizeAttrs(tuple(t // s for t, s in zip(target[2:], source[2:])))
 
 
 @ONNX_DESCRIPTIONS.register(*LOOKUP_TABLE_OPS)
-def _lookup_table(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _lookup_table(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, LookupTableAttrs]:
     alpha = float(attributes.get("alpha", op.info.alpha[1])) if op.info.alpha else 0.0  # ONNX's default is torch's
-    return op.value, {"function": op.value, "alpha": alpha}
+    return op.value, LookupTableAttrs(op.value, alpha)
 
 
 @ONNX_DESCRIPTIONS.register(Op.ADD, Op.MUL, Op.CONCAT, Op.RELU, Op.GLOBAL_AVG_POOL2D, Op.RESHAPE, Op.TRANSPOSE, Op.SPLIT, Op.SLICE)
-def _no_attributes(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    return op.value, {}
+def _no_attributes(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, None]:
+    """Ops whose ONNX node has no settings the check reads (the compiled graph keeps the node's attributes)."""
+    return op.value, None
 
 
 def _requantization_problem(record: OpRecord, rounding: Rounding) -> str | None:

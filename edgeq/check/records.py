@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from edgeq.check.work import work
+from edgeq.op_attrs import OpAttrs, check_attributes
 from edgeq.ops import Op, op_named
 
 INPUT_PREFIX = "input:"
@@ -55,9 +55,9 @@ class OpRecord:
         inputs: names of the records producing this op's inputs (``input:<name>`` for model inputs).
         input_shapes: shapes of the activation inputs.
         output_shape: shape of the (first) output.
-        attrs: op settings: ``kernel``, ``stride``, ``padding``, ``dilation``, ``groups``, ``in_channels``,
-            ``out_channels``, ``in_features``, ``reduction_size`` (a matmul's products per output), ``factor``,
-            ``activation``, ``weight_bytes``.
+        attrs: the op's settings, of the class its op registers (:mod:`edgeq.op_attrs`: :class:`Conv2dAttrs`
+            for a conv2d...); ``None`` for an op without settings, one edgeq does not know, or one whose settings
+            the check could not read (a convolution whose weights are not constants).
         quant: quantization, ``None`` while the model is float.
         rejected: why edgeq cannot run this op at all (it cannot quantize it, or it is float code outside the
             integer region); ``None`` otherwise.
@@ -73,7 +73,7 @@ class OpRecord:
     inputs: list[str]
     input_shapes: list[tuple[int, ...]]
     output_shape: tuple[int, ...] | None
-    attrs: dict[str, Any] = field(default_factory=dict)
+    attrs: OpAttrs | None = None
     quant: QuantFacts | None = None
     rejected: str | None = None
     float_only: bool = False
@@ -82,6 +82,7 @@ class OpRecord:
 
     def __post_init__(self) -> None:
         self.op = op_named(self.op) or self.op
+        check_attributes(self.op, self.attrs)
 
     @property
     def itemsizes(self) -> tuple[int, int]:

@@ -6,6 +6,8 @@ applies to, reads an :class:`~edgeq.check.records.OpRecord` and the target's dat
 ``rejected``, makes it unsupported), a non-blocking one is advice for speed. The first line of each rule's
 docstring is its sentence on the generated page docs/supported-ops.md (``edgeq targets --markdown``). A rule
 that reads an op's ``[npu.<op>]`` limits runs only where the NPU has the op (``op_not_on_npu`` speaks otherwise).
+A rule declared for some ops reads their settings, ``record.attrs``, as the class those ops register in
+:mod:`edgeq.op_attrs` (``None`` when the check could not read them).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from dataclasses import dataclass
 from edgeq.check.records import OpRecord
 from edgeq.npu_limits import NPU_OPS
 from edgeq.numerics import is_power_of_two
-from edgeq.ops import Op, is_depthwise
+from edgeq.op_attrs import Conv2dAttrs
+from edgeq.ops import Op
 from edgeq.targets import HOST_CODE_ADVICE, ScaleRule, Target
 from edgeq.units import bytes_text, shape_text
 
@@ -171,36 +174,33 @@ def scale_not_power_of_two(record: OpRecord, target: Target) -> Outcome | None:
 @rule("max_kernel", Op.CONV2D, Op.MAX_POOL2D, Op.AVG_POOL2D)
 def kernel_too_large(record: OpRecord, target: Target) -> Outcome | None:
     """Kernels larger than the NPU's maximum run on the CPU."""
-    limits = target.npu.limits(record.op)
-    if limits is None or "kernel" not in record.attrs or max(record.attrs["kernel"]) <= limits.max_kernel:
+    limits, window = target.npu.limits(record.op), record.attrs
+    if limits is None or window is None or max(window.kernel) <= limits.max_kernel:
         return None
     advice = "two stacked 3x3 convolutions see as far as one 5x5, three as far as one 7x7" if record.op == "conv2d" else None
     return Outcome(
-        f"kernel {shape_text(record.attrs['kernel'])}, {target.name} supports ≤ {limits.max_kernel}x{limits.max_kernel}",
+        f"kernel {shape_text(window.kernel)}, {target.name} supports ≤ {limits.max_kernel}x{limits.max_kernel}",
         True,
         advice,
     )
 
 
-def _padded(record: OpRecord) -> bool:
-    return any(record.attrs.get("padding", ()))
-
-
 @rule("max_stride", Op.CONV2D, Op.MAX_POOL2D, Op.AVG_POOL2D)
 def stride_too_large(record: OpRecord, target: Target) -> Outcome | None:
     """Strides beyond the NPU's maximum (for unpadded, non-depthwise windows: its unpadded maximum) run on the CPU."""
-    limits = target.npu.limits(record.op)
-    if limits is None or "stride" not in record.attrs:
+    limits, window = target.npu.limits(record.op), record.attrs
+    if limits is None or window is None:
         return None
-    unpadded = limits.max_unpadded_stride is not None and not _padded(record) and not is_depthwise(record.attrs)
+    depthwise = isinstance(window, Conv2dAttrs) and window.depthwise
+    unpadded = limits.max_unpadded_stride is not None and not any(window.padding) and not depthwise
     allowed = limits.max_unpadded_stride if unpadded else limits.max_stride
-    if max(record.attrs["stride"]) <= allowed:
+    if max(window.stride) <= allowed:
         return None
-    message = f"stride {shape_text(record.attrs['stride'])}, {target.name} supports ≤ {allowed}"
+    message = f"stride {shape_text(window.stride)}, {target.name} supports ≤ {allowed}"
     if unpadded:
         message += " without padding"
     elif limits.max_unpadded_stride is not None:
-        kind = "depthwise" if is_depthwise(record.attrs) else "padded"
+        kind = "depthwise" if depthwise else "padded"
         convolution = ", not depthwise" if record.op == Op.CONV2D else ""
         message += f" for a {kind} window (≤ {limits.max_unpadded_stride} without padding{convolution})"
     return Outcome(message, True)
@@ -209,15 +209,14 @@ def stride_too_large(record: OpRecord, target: Target) -> Outcome | None:
 @rule("max_padded_kernel", Op.MAX_POOL2D, Op.AVG_POOL2D)
 def padded_kernel_too_large(record: OpRecord, target: Target) -> Outcome | None:
     """A padded pooling window larger than the NPU's maximum for padded windows runs on the CPU."""
-    limits = target.npu.limits(record.op)
-    if limits is None or limits.max_padded_kernel is None or not _padded(record) or "kernel" not in record.attrs:
+    limits, pool = target.npu.limits(record.op), record.attrs
+    if limits is None or limits.max_padded_kernel is None or pool is None or not any(pool.padding):
         return None
-    if max(record.attrs["kernel"]) <= limits.max_padded_kernel:
+    if max(pool.kernel) <= limits.max_padded_kernel:
         return None
     most = f"{limits.max_padded_kernel}x{limits.max_padded_kernel}"
     return Outcome(
-        f"kernel {shape_text(record.attrs['kernel'])} with padding {shape_text(record.attrs['padding'])}, {target.name} "
-        f"supports ≤ {most} with padding",
+        f"kernel {shape_text(pool.kernel)} with padding {shape_text(pool.padding)}, {target.name} supports ≤ {most} with padding",
         True,
         f"pool without padding (kernels up to {limits.max_kernel}x{limits.max_kernel}), or pad the input explicitly",
     )
@@ -226,33 +225,32 @@ def padded_kernel_too_large(record: OpRecord, target: Target) -> Outcome | None:
 @rule("max_padding", Op.CONV2D)
 def padding_too_large(record: OpRecord, target: Target) -> Outcome | None:
     """Convolution padding beyond the NPU's maximum runs on the CPU."""
-    limits = target.npu.limits(record.op)
-    if limits is None or "padding" not in record.attrs or max(record.attrs["padding"]) <= limits.max_padding:
+    limits, conv = target.npu.limits(record.op), record.attrs
+    if limits is None or conv is None or max(conv.padding) <= limits.max_padding:
         return None
-    return Outcome(f"padding {shape_text(record.attrs['padding'])}, {target.name} supports ≤ {limits.max_padding}", True)
+    return Outcome(f"padding {shape_text(conv.padding)}, {target.name} supports ≤ {limits.max_padding}", True)
 
 
 @rule("dilation", Op.CONV2D)
 def dilation_unsupported(record: OpRecord, target: Target) -> Outcome | None:
     """Dilations the NPU does not list run on the CPU."""
-    limits = target.npu.limits(record.op)
-    if limits is None or "dilation" not in record.attrs or all(d in limits.dilations for d in record.attrs["dilation"]):
+    limits, conv = target.npu.limits(record.op), record.attrs
+    if limits is None or conv is None or all(d in limits.dilations for d in conv.dilation):
         return None
     allowed = ", ".join(map(str, limits.dilations))
-    return Outcome(f"dilation {shape_text(record.attrs['dilation'])}, {target.name} supports {allowed}", True)
+    return Outcome(f"dilation {shape_text(conv.dilation)}, {target.name} supports {allowed}", True)
 
 
 @rule("groups", Op.CONV2D)
 def groups_unsupported(record: OpRecord, target: Target) -> Outcome | None:
     """Grouped convolutions the NPU cannot do (depthwise only, or none) run on the CPU."""
-    limits = target.npu.limits(record.op)
-    if limits is None or "groups" not in record.attrs or record.attrs["groups"] == 1:
+    limits, conv = target.npu.limits(record.op), record.attrs
+    if limits is None or conv is None or conv.groups == 1:
         return None
     allowed = limits.groups
-    depthwise = is_depthwise(record.attrs)
-    if allowed == "any" or (allowed == "depthwise" and depthwise):
+    if allowed == "any" or (allowed == "depthwise" and conv.depthwise):
         return None
-    kind = "depthwise" if depthwise else f"groups={record.attrs['groups']}"
+    kind = "depthwise" if conv.depthwise else f"groups={conv.groups}"
     supported = {"depthwise": "depthwise only", "none": "no grouped convolution"}[allowed]
     return Outcome(
         f"{kind} convolution, {target.name} supports {supported}",
@@ -264,20 +262,20 @@ def groups_unsupported(record: OpRecord, target: Target) -> Outcome | None:
 @rule("max_in_features", Op.LINEAR)
 def linear_too_wide(record: OpRecord, target: Target) -> Outcome | None:
     """Linear layers with more inputs than the NPU's maximum run on the CPU."""
-    limits = target.npu.limits(record.op)
-    if limits is None or "in_features" not in record.attrs or record.attrs["in_features"] <= limits.max_in_features:
+    limits, linear = target.npu.limits(record.op), record.attrs
+    if limits is None or linear is None or linear.in_features <= limits.max_in_features:
         return None
-    return Outcome(f"in_features {record.attrs['in_features']}, {target.name} supports ≤ {limits.max_in_features}", True)
+    return Outcome(f"in_features {linear.in_features}, {target.name} supports ≤ {limits.max_in_features}", True)
 
 
 @rule("upsample_factor", Op.UPSAMPLE_NEAREST2D)
 def upsample_factor_unsupported(record: OpRecord, target: Target) -> Outcome | None:
     """Upsampling factors the NPU does not list run on the CPU."""
-    limits = target.npu.limits(record.op)
-    if limits is None or "factor" not in record.attrs or all(f in limits.factors for f in record.attrs["factor"]):
+    limits, upsample = target.npu.limits(record.op), record.attrs
+    if limits is None or upsample is None or all(f in limits.factors for f in upsample.factor):
         return None
     return Outcome(
-        f"upsample x{shape_text(record.attrs['factor'])}, {target.name} supports x{', x'.join(map(str, limits.factors))}",
+        f"upsample x{shape_text(upsample.factor)}, {target.name} supports x{', x'.join(map(str, limits.factors))}",
         True,
         f"chain upsamples by x{limits.factors[0]}",
     )
@@ -371,7 +369,7 @@ def concat_scales_differ(record: OpRecord, target: Target) -> Outcome | None:
 def channels_misaligned(record: OpRecord, target: Target) -> Outcome | None:
     """Channel counts that are not a multiple of the MAC array's width leave MACs idle."""
     limits = target.npu.limits(record.op)
-    channels = record.attrs.get("out_channels")
+    channels = record.attrs.out_channels if record.attrs is not None else None
     if limits is None or channels is None or channels % limits.channel_alignment == 0:
         return None
     padded = -(-channels // limits.channel_alignment) * limits.channel_alignment
@@ -385,7 +383,7 @@ def channels_misaligned(record: OpRecord, target: Target) -> Outcome | None:
 @rule("weights_in_sram", Op.CONV2D, Op.LINEAR)
 def weights_exceed_sram(record: OpRecord, target: Target) -> Outcome | None:
     """Weights larger than the on-chip SRAM are streamed from DRAM on every inference."""
-    weight_bytes = record.attrs.get("weight_bytes", 0)
+    weight_bytes = record.attrs.weight_bytes if record.attrs is not None else 0
     if weight_bytes <= target.hardware.sram_bytes:
         return None
     return Outcome(

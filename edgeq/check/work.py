@@ -9,9 +9,10 @@ window, a comparison, a copy, a table look-up) is an operation. docs/artifact.md
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
+from edgeq.op_attrs import Conv2dAttrs, LinearAttrs, MatMulAttrs, OpAttrs, PoolAttrs
 from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable, op_named
 
 Shape = Sequence[int]
@@ -26,14 +27,15 @@ class Work(NamedTuple):
     """Elementary operations that are not MACs."""
 
 
-WorkOf = Callable[[Mapping[str, Any], list[Shape], int], Work]
-"""An op's work from its attributes, its input shapes and its output's element count."""
+WorkOf = Callable[[OpAttrs | None, list[Shape], int], Work]
+"""An op's work from its settings (an operation per output element when they are not the op's class: unknown),
+its input shapes and its output's element count."""
 
 WORK: OpTable[WorkOf] = OpTable("work (MACs and operations) in check/work.py")
 """Each op's :data:`WorkOf`."""
 
 
-def work(op: str, attributes: Mapping[str, Any], input_shapes: Sequence[Shape], output_shape: Shape | None) -> Work:
+def work(op: str, attributes: OpAttrs | None, input_shapes: Sequence[Shape], output_shape: Shape | None) -> Work:
     """(MACs, other elementary operations) of the op called ``op`` per inference; an op edgeq does not know does an
     operation per output element. Nothing for an output of unknown shape (``None``, or a dimension of -1)."""
     outputs = math.prod(output_shape) if output_shape and all(d > 0 for d in output_shape) else 0
@@ -43,36 +45,36 @@ def work(op: str, attributes: Mapping[str, Any], input_shapes: Sequence[Shape], 
 
 
 @WORK.register(Op.CONV2D)
-def _conv2d(attributes: Mapping[str, Any], input_shapes: list[Shape], outputs: int) -> Work:
-    if "kernel" not in attributes:
+def _conv2d(attributes: OpAttrs | None, input_shapes: list[Shape], outputs: int) -> Work:
+    if not isinstance(attributes, Conv2dAttrs):
         return Work(0, outputs)
-    return Work(outputs * attributes["in_channels"] // attributes["groups"] * math.prod(attributes["kernel"]), 0)
+    return Work(outputs * attributes.in_channels // attributes.groups * math.prod(attributes.kernel), 0)
 
 
 @WORK.register(Op.LINEAR)
-def _linear(attributes: Mapping[str, Any], input_shapes: list[Shape], outputs: int) -> Work:
-    return Work(outputs * attributes["in_features"], 0) if "in_features" in attributes else Work(0, outputs)
+def _linear(attributes: OpAttrs | None, input_shapes: list[Shape], outputs: int) -> Work:
+    return Work(outputs * attributes.in_features, 0) if isinstance(attributes, LinearAttrs) else Work(0, outputs)
 
 
 @WORK.register(Op.MATMUL)
-def _matmul(attributes: Mapping[str, Any], input_shapes: list[Shape], outputs: int) -> Work:
-    return Work(outputs * attributes["reduction_size"], 0) if "reduction_size" in attributes else Work(0, outputs)
+def _matmul(attributes: OpAttrs | None, input_shapes: list[Shape], outputs: int) -> Work:
+    return Work(outputs * attributes.reduction_size, 0) if isinstance(attributes, MatMulAttrs) else Work(0, outputs)
 
 
 @WORK.register(Op.ADD, Op.MUL)
-def _per_input(attributes: Mapping[str, Any], input_shapes: list[Shape], outputs: int) -> Work:
+def _per_input(attributes: OpAttrs | None, input_shapes: list[Shape], outputs: int) -> Work:
     """Each input scaled by its multiplier and combined."""
     return Work(0, outputs * max(len(input_shapes), 1))
 
 
 @WORK.register(Op.MAX_POOL2D, Op.AVG_POOL2D)
-def _window(attributes: Mapping[str, Any], input_shapes: list[Shape], outputs: int) -> Work:
+def _window(attributes: OpAttrs | None, input_shapes: list[Shape], outputs: int) -> Work:
     """A comparison or a sum per element of each window."""
-    return Work(0, outputs * math.prod(attributes["kernel"])) if "kernel" in attributes else Work(0, outputs)
+    return Work(0, outputs * math.prod(attributes.kernel)) if isinstance(attributes, PoolAttrs) else Work(0, outputs)
 
 
 @WORK.register(Op.GLOBAL_AVG_POOL2D)
-def _global_pool(attributes: Mapping[str, Any], input_shapes: list[Shape], outputs: int) -> Work:
+def _global_pool(attributes: OpAttrs | None, input_shapes: list[Shape], outputs: int) -> Work:
     """A sum per input element."""
     return Work(0, math.prod(input_shapes[0])) if input_shapes else Work(0, outputs)
 
@@ -88,6 +90,6 @@ def _global_pool(attributes: Mapping[str, Any], input_shapes: list[Shape], outpu
     Op.SLICE,
     *LOOKUP_TABLE_OPS,
 )
-def _per_output(attributes: Mapping[str, Any], input_shapes: list[Shape], outputs: int) -> Work:
+def _per_output(attributes: OpAttrs | None, input_shapes: list[Shape], outputs: int) -> Work:
     """A clamp, copy or table look-up per output element."""
     return Work(0, outputs)

@@ -1,10 +1,10 @@
 """The compiled graph: one typed description of the program edgeq built, the contract between compile, the perf
 estimator, the HTML report and the visualizer.
 
-Ops are the check's ops (after fusion) with their placement, region, typed attributes, MACs, bytes moved,
-requantization constants and the TVM kernel they landed in; tensors are the quantized tensors between ops (seen
-through QuantizeLinear / DequantizeLinear) with shape, dtype, real byte size, quantization, producer and consumers;
-regions list their border tensors. ``graph.json`` in the artifact is :meth:`CompiledGraph.to_dict`, and
+Ops are the check's ops (after fusion) with their placement, region, typed settings (:mod:`edgeq.op_attrs`), MACs,
+bytes moved, requantization constants and the TVM kernel they landed in; tensors are the quantized tensors between
+ops (seen through QuantizeLinear / DequantizeLinear) with shape, dtype, real byte size, quantization, producer and
+consumers; regions list their border tensors. ``graph.json`` in the artifact is :meth:`CompiledGraph.to_dict`, and
 ``npu_program.json`` is derived from it (:mod:`.npu_program`). docs/artifact.md describes every field.
 """
 
@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgeq.check.records import OpRecord
 from edgeq.check.report import CheckReport, NodeReport
 from edgeq.check.work import work
 from edgeq.compile.partition import Partition, TensorSpec, graph_of
@@ -27,6 +26,8 @@ from edgeq.compile.requantization import Requantization, requantization
 from edgeq.errors import EdgeqError
 from edgeq.export.onnx_nodes import node_attributes, node_name
 from edgeq.export.onnx_reader import QDQModel, QuantParams
+from edgeq.op_attrs import OnnxAttrs, OpAttrs, attributes_from_json
+from edgeq.ops import Op, op_named
 
 SCHEMA_VERSION = 4
 """Version of :meth:`CompiledGraph.to_dict`'s layout; :meth:`CompiledGraph.from_dict` refuses others."""
@@ -81,12 +82,14 @@ class GraphOp:
 
     Attributes:
         name: the ONNX node name (the MatMul's for a MatMul + bias Add).
-        op: edgeq's op kind (``conv2d``, ``linear``, ``add``, ``max_pool2d``...; a lowercase ONNX name otherwise).
+        op: edgeq's op (an :class:`edgeq.ops.Op`, as the check record's; a name given as a string becomes the
+            member) or, for an op edgeq does not know, the check's lowercase name of it.
         source_ops: the ONNX op types fused into it.
         placement: ``NPU``, ``CPU``, ``CPU (float)`` or ``unsupported``.
         region: the region it runs in.
         inputs: activation tensors it reads; outputs: tensors it makes; constants: weights and biases.
-        attributes: typed settings (kernel, stride, padding, dilation, groups, channels, features...).
+        attributes: the check record's settings (:mod:`edgeq.op_attrs`: :class:`~edgeq.op_attrs.Conv2dAttrs`...),
+            or for an op whose record has none, its ONNX node's attributes (:class:`~edgeq.op_attrs.OnnxAttrs`).
         macs: multiply-accumulates per inference (conv2d, linear, matmul; 0 for other ops, :mod:`edgeq.check.work`).
         non_mac_ops: elementary operations per inference that are not MACs (an add's scaled inputs, a pool's sums
             or comparisons, a copy or activation per element); ``ops`` in ``graph.json``.
@@ -100,14 +103,14 @@ class GraphOp:
     """
 
     name: str
-    op: str
+    op: Op | str
     source_ops: list[str]
     placement: str
     region: str
     inputs: list[str]
     outputs: list[str]
     constants: list[str]
-    attributes: dict[str, Any]
+    attributes: OpAttrs
     macs: int
     non_mac_ops: int
     bytes_in: int
@@ -120,9 +123,13 @@ class GraphOp:
     reasons: list[str]
     advice: list[str]
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "op", op_named(self.op) or self.op)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the op as ``graph.json`` holds it."""
-        return {_JSON_KEYS.get(key, key): value for key, value in asdict(self).items()}
+        data = {**asdict(self), "attributes": self.attributes.to_json()}
+        return {_JSON_KEYS.get(key, key): value for key, value in data.items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphOp:
@@ -133,7 +140,13 @@ class GraphOp:
         """
         fields = {_FIELDS.get(key, key): value for key, value in data.items()}
         requantization = fields["requantization"]
-        return cls(**{**fields, "requantization": Requantization(**requantization) if requantization is not None else None})
+        return cls(
+            **{
+                **fields,
+                "attributes": attributes_from_json(fields["op"], fields["attributes"]),
+                "requantization": Requantization(**requantization) if requantization is not None else None,
+            }
+        )
 
 
 _JSON_KEYS = {"non_mac_ops": "ops"}
@@ -377,7 +390,7 @@ class _Builder:
         record = node.record
         onnx_node = nodes[record.name]
         placement = node.where
-        attributes = _attributes(record, onnx_node)
+        attributes = record.attrs if record.attrs is not None else OnnxAttrs(_plain(_onnx_attributes(onnx_node)))
         macs, non_mac_ops = work(record.op, attributes, [tensors[t].shape for t in inputs], tensors[outputs[0]].shape if outputs else None)
         return GraphOp(
             name=record.name,
@@ -418,9 +431,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _attributes(record: OpRecord, node: onnx.NodeProto) -> dict[str, Any]:
-    """The check's typed settings of an op edgeq knows, the ONNX attributes of one it does not."""
-    if record.attrs:
-        return {k: _plain(v) for k, v in record.attrs.items() if k != "weight_bytes"}
-    return {k: _plain(v) for k, v in node_attributes(node).items() if not isinstance(v, onnx.TensorProto)}
+def _onnx_attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    """An ONNX node's attributes, without tensors."""
+    return {k: v for k, v in node_attributes(node).items() if not isinstance(v, onnx.TensorProto)}
 

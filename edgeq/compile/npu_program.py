@@ -52,7 +52,7 @@ def memory_plan(region: Region, graph: CompiledGraph, target: Target) -> dict[st
 
 
 def _op_entry(op: GraphOp, graph: CompiledGraph) -> dict[str, Any]:
-    entry = asdict(op)
+    entry = {**asdict(op), "attributes": op.attributes.to_json()}
     entry["input_shapes"] = [graph.tensors[t].shape for t in op.inputs]
     entry["output_shapes"] = [graph.tensors[t].shape for t in op.outputs]
     return entry

@@ -17,6 +17,7 @@ from edgeq.numerics import (
     quantize_multiplier,
     real_multiplier,
 )
+from edgeq.op_attrs import MatMulAttrs
 from edgeq.ops import LOOKUP_TABLE_OPS, OP_NAMES, Op, OpTable
 from edgeq.targets import Rounding
 
@@ -81,7 +82,7 @@ def _product(record: OpRecord, quant: QuantFacts, what: str, rounding: Rounding)
         quant.output_scale,
         what=what,
         zero_points=quant.input_zero_points or (0, 0),
-        reduction_size=record.attrs.get("reduction_size", 1),
+        reduction_size=record.attrs.reduction_size if isinstance(record.attrs, MatMulAttrs) else 1,
         rounding=rounding,
     )
     return Requantization([fixed.multiplier], [fixed.shift], None, "tensor")
@@ -95,7 +96,7 @@ def _per_input(record: OpRecord, quant: QuantFacts, what: str, rounding: Roundin
 
 @REQUANTIZATION.register(Op.AVG_POOL2D, Op.GLOBAL_AVG_POOL2D)
 def _average(record: OpRecord, quant: QuantFacts, what: str, rounding: Rounding) -> Requantization:
-    count = math.prod(record.attrs["kernel"]) if record.op == Op.AVG_POOL2D.value else math.prod(record.input_shapes[0][2:])
+    count = math.prod(record.attrs.kernel) if record.op == Op.AVG_POOL2D.value else math.prod(record.input_shapes[0][2:])
     fixed = quantize_multiplier(real_multiplier(quant.input_scales[0], quant.output_scale, count=count), what=what, rounding=rounding)
     return Requantization([fixed.multiplier], [fixed.shift], None, "tensor")
 
@@ -109,6 +110,5 @@ def _bilinear(record: OpRecord, quant: QuantFacts, what: str, rounding: Rounding
 @REQUANTIZATION.register(*LOOKUP_TABLE_OPS)
 def _table(record: OpRecord, quant: QuantFacts, what: str, rounding: Rounding) -> Requantization:
     zero_points = (quant.input_zero_point, quant.output_zero_point)
-    alpha = record.attrs.get("alpha", 0.0)
-    table = lookup_table(Op(record.op), quant.input_scales[0], quant.output_scale, alpha, zero_points, rounding)
+    table = lookup_table(Op(record.op), quant.input_scales[0], quant.output_scale, record.attrs.alpha, zero_points, rounding)
     return Requantization([], [], None, "table", [int(v) for v in table])

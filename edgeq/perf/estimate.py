@@ -14,7 +14,8 @@ from edgeq.compile import kernels, kernels_dot_product
 from edgeq.compile.compiled_graph import CompiledGraph, GraphOp
 from edgeq.compile.cpu_features import DOT_PRODUCTS, DotProduct
 from edgeq.compile.layout_plan import is_blocked
-from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable, is_depthwise, op_named
+from edgeq.op_attrs import Conv2dAttrs, LinearAttrs
+from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable, op_named
 from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
 from edgeq.targets import CpuFigures, Hardware, Target, TargetKind, host_cpu
 
@@ -50,10 +51,14 @@ COST_CLASSES: OpTable[MacClassOf | str | None] = OpTable("cost class in perf/est
 @COST_CLASSES.register(Op.CONV2D)
 def _conv2d_class(op: GraphOp) -> str:
     """``depthwise`` (a group per channel), ``pointwise`` (1x1) or ``conv2d`` (a window larger than 1x1). Grouped
-    convolutions run in the conv2d kernel (:func:`edgeq.compile.kernels.conv2d`)."""
-    if is_depthwise(op.attributes):
+    convolutions run in the conv2d kernel (:func:`edgeq.compile.kernels.conv2d`), and so does a convolution whose
+    settings the check could not read."""
+    conv = op.attributes
+    if not isinstance(conv, Conv2dAttrs):
+        return "conv2d"
+    if conv.depthwise:
         return "depthwise"
-    return "pointwise" if math.prod(op.attributes.get("kernel", [0])) == 1 else "conv2d"
+    return "pointwise" if math.prod(conv.kernel) == 1 else "conv2d"
 
 
 COST_CLASSES.register(Op.LINEAR, Op.MATMUL)(lambda op: "linear")
@@ -159,18 +164,18 @@ def lane_occupancy(op: GraphOp, dot: DotProduct) -> float:
     """
     attributes = op.attributes
     kind = mac_class(op)
-    if kind in ("conv2d", "pointwise") and "kernel" in attributes:
-        out_channels, groups = attributes["out_channels"], attributes["groups"]
-        in_per_group = attributes["in_channels"] // groups
+    if kind in ("conv2d", "pointwise") and isinstance(attributes, Conv2dAttrs):
+        out_channels, groups = attributes.out_channels, attributes.groups
+        in_per_group = attributes.in_channels // groups
         window = kernels.window_blocks(out_channels, in_per_group, groups, dot.lanes, dot.depth) * dot.depth
         return _filled(out_channels, dot.lanes) * in_per_group / window
-    if kind == "depthwise":
-        filled = _filled(attributes["out_channels"], dot.depthwise_lanes)
-        if kernels.depthwise_dot_product(dot, attributes.get("dilation", (1, 1))):
-            filled *= _filled(attributes["kernel"][1], kernels.DEPTHWISE_TAPS)
+    if kind == "depthwise" and isinstance(attributes, Conv2dAttrs):
+        filled = _filled(attributes.out_channels, dot.depthwise_lanes)
+        if kernels.depthwise_dot_product(dot, attributes.dilation):
+            filled *= _filled(attributes.kernel[1], kernels.DEPTHWISE_TAPS)
         return filled
-    if op.op == Op.LINEAR and "in_features" in attributes:
-        return _filled(attributes["out_channels"], dot.lanes) * _filled(attributes["in_features"], dot.depth)
+    if isinstance(attributes, LinearAttrs):
+        return _filled(attributes.out_channels, dot.lanes) * _filled(attributes.in_features, dot.depth)
     return 1.0
 
 
@@ -190,13 +195,13 @@ def mac_utilisation(op: GraphOp, hardware: Hardware, alignment: int) -> float:
     output channels or reduction depth are not multiples of these leaves the rest idle.
     """
     attributes = op.attributes
-    if op.op == Op.CONV2D and "kernel" in attributes:
-        outputs = attributes["out_channels"]
-        depth = attributes["in_channels"] // attributes["groups"] * math.prod(attributes["kernel"])
-        if attributes["groups"] > 1:  # each group has its own reduction: one channel of the array per group
-            outputs = attributes["groups"]
-    elif op.op == Op.LINEAR and "in_features" in attributes:
-        outputs, depth = attributes["out_channels"], attributes["in_features"]
+    if isinstance(attributes, Conv2dAttrs):
+        outputs = attributes.out_channels
+        depth = attributes.in_channels // attributes.groups * math.prod(attributes.kernel)
+        if attributes.groups > 1:  # each group has its own reduction: one channel of the array per group
+            outputs = attributes.groups
+    elif isinstance(attributes, LinearAttrs):
+        outputs, depth = attributes.out_channels, attributes.in_features
     else:
         return 1.0
     lanes = max(hardware.int8_macs_per_cycle // alignment, 1)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import graphviz
 
 from edgeq.compile.compiled_graph import CompiledGraph, GraphOp, Tensor
+from edgeq.op_attrs import ActivationAttrs, Conv2dAttrs, LinearAttrs, WindowAttrs
 from edgeq.units import bytes_text, count_text, shape_text
 
 __all__ = ["PLACEMENT_COLOURS", "TRANSITION_COLOUR", "Colours", "graph_dot"]
@@ -161,15 +162,14 @@ def _box(rows: list[str], colours: Colours) -> str:
 
 def _kind(op: GraphOp) -> str:
     """``conv2d 3x3/2 relu``: the op kind with its kernel, stride and fused activation."""
-    words = [op.op]
-    kernel, stride = op.attributes.get("kernel"), op.attributes.get("stride")
-    if kernel:
-        words.append(shape_text(kernel) + (f"/{stride[0]}" if stride and max(stride) > 1 else ""))
-    if op.attributes.get("groups", 1) > 1:
-        words.append(f"g{op.attributes['groups']}")
-    activation = op.attributes.get("activation")
+    words, attributes = [op.op], op.attributes
+    if isinstance(attributes, WindowAttrs):
+        words.append(shape_text(attributes.kernel) + (f"/{attributes.stride[0]}" if max(attributes.stride) > 1 else ""))
+    if isinstance(attributes, Conv2dAttrs) and attributes.groups > 1:
+        words.append(f"g{attributes.groups}")
+    activation = attributes.activation if isinstance(attributes, (Conv2dAttrs, LinearAttrs, ActivationAttrs)) else None
     if activation and activation != "none":
-        words.append(str(activation))
+        words.append(activation)
     return " ".join(words)
 
 

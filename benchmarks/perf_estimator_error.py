@@ -111,7 +111,7 @@ def compare(artifact: Path, graph: CompiledGraph) -> Round:
     target = load_target(TARGET)
     calibration, (measured,) = calibrate_alongside(target, [artifact])
     estimated = estimate(graph, target, calibration.figures, "measured alongside", str(artifact))
-    latency = {layer.name: layer.latency_ms for layer in estimated.layers}
+    latency = {layer.op.name: layer.latency_ms for layer in estimated.layers}
     kernels = [KernelTimes(ops[0].name, sum(latency[op.name] for op in ops), seconds * 1e3) for ops, seconds in measured.call_groups(graph)]
     mapped = {place for op in graph.ops for place in measured.places(op.name)}
     unmapped = [c for c in measured.calls if (c.region, c.index) not in mapped]

@@ -73,7 +73,7 @@ def test_npu_layer_costs_by_hand(small, tmp_path, monkeypatch):
     monkeypatch.setattr(calibration_module, "host_arch", lambda: "elsewhere")  # the host's nominal figures
     result = edgeq.perf_model(small.artifact, out_dir=tmp_path / "out")
     npu = load_target("npu-s").hardware
-    layers = {layer.name: layer for layer in result.layers}
+    layers = {layer.op.name: layer for layer in result.layers}
     conv = layers["conv1/Conv"]
     # 16 output channels fill the 16-wide array; a reduction of 1 x 3 x 3 = 9 uses 9 of its 256 / 16 = 16 lanes
     assert conv.utilisation == 9 / 16
@@ -114,19 +114,19 @@ def test_cpu_fallback_and_transitions(tmp_path, monkeypatch):
     result = edgeq.perf_model(integer_model(model.eval(), example, "npu-s"), (example,), out_dir=tmp_path, target="npu-s")
     cpu = load_target("aarch64").perf
     stem = result.layers[0]
-    assert stem.placement == "CPU" and stem.bound == "compute"
+    assert stem.op.placement == "CPU" and stem.bound == "compute"
     outputs = 8 * 8 * 8
-    assert not stem.parallel  # 75 k multiply-accumulates: one core, no thread-pool wake-up to pay, at 1 / 3.5 of the rates
+    assert not stem.op.parallel  # 75 k multiply-accumulates: one core, no thread-pool wake-up to pay, at 1 / 3.5 of the rates
     one_core = cpu.parallel_speedup
     assert one_core == 3.5
     inputs = 3 * 16 * 16  # packed into the kernel's blocked layout
-    work = stem.macs / cpu.conv2d_int8_macs_per_s + outputs / cpu.requantized_outputs_per_s + inputs / cpu.packed_inputs_per_s
+    work = stem.op.macs / cpu.conv2d_int8_macs_per_s + outputs / cpu.requantized_outputs_per_s + inputs / cpu.packed_inputs_per_s
     host_dot = host_dot_product(result.graph, load_target("npu-s"))  # aarch64 without dotprod, not this machine's
     assert host_dot.name == "plain" and result.graph.dot_product == dot_product(host_target()).name
-    assert stem.utilisation == lane_occupancy(result.graph.op(stem.name), host_dot) == 1.0  # 8 lanes x 1 deep
+    assert stem.utilisation == lane_occupancy(stem.op, host_dot) == 1.0  # 8 lanes x 1 deep
     assert stem.compute_ms == pytest.approx(one_core * work * 1e3)
     # an int8 MAC kernel's rates price what it packs and writes: no memory bound of its own (docs/perf.md)
-    assert stem.memory_ms == 0 and stem.dram_bytes == 3 * 256 + outputs + stem.weight_bytes
+    assert stem.memory_ms == 0 and stem.dram_bytes == 3 * 256 + outputs + stem.op.weight_bytes
     assert stem.overhead_ms == pytest.approx((cpu.kernel_overhead_ns + cpu.mac_kernel_overhead_ns) * 1e-6)
     (transition,) = result.transitions
     assert (transition.from_region, transition.to_region, transition.bytes) == ("region0_cpu", "region1_npu", outputs)

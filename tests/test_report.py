@@ -61,8 +61,8 @@ def test_report_has_summary_table_charts_accuracy_and_graph(fallback):
     rows = layer_rows(html, "layer-table")
     assert len(rows) == len(result.layers)
     for row, layer in zip(rows, result.layers):
-        assert f'<td class="name">{layer.name}</td>' in row and layer.placement in row and layer.bound in row
-    (split,) = [row for row, layer in zip(rows, result.layers) if layer.op == "split"]
+        assert f'<td class="name">{layer.op.name}</td>' in row and layer.op.placement in row and layer.bound in row
+    (split,) = [row for row, layer in zip(rows, result.layers) if layer.op.op == "split"]
     assert "split is not among npu-s&#39;s ops" in split  # the check's reason, escaped
     page = Elements(html)
     assert {f"op:{op.name}" for op in result.graph.ops} <= {a.get("id") for _, a in page.tags}
@@ -130,7 +130,7 @@ def test_clicking_a_column_sorts_the_table(fallback, tmp_path):
     (tmp_path / "clicked.html").write_text(path.read_text().replace("</body>", click + "</body>"))
     dom = chromium("--dump-dom", (tmp_path / "clicked.html").as_uri()).stdout
     names = [re.search(r'<td class="name">(.*?)</td>', row).group(1) for row in layer_rows(dom, "layer-table")]
-    assert names == [layer.name for layer in sorted(result.layers, key=lambda layer: layer.latency_ms)]
+    assert names == [layer.op.name for layer in sorted(result.layers, key=lambda layer: layer.latency_ms)]
     assert 'aria-sort="ascending"' in dom
 
 

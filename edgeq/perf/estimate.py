@@ -255,18 +255,8 @@ class _Estimator:
         else:
             bound = "compute" if compute >= memory else "memory"
         return LayerEstimate(
-            name=op.name,
-            op=op.op,
-            placement=op.placement,
-            region=op.region,
-            kernel=op.kernel,
-            parallel=op.parallel,
+            op=op,
             fused=fused,
-            macs=op.macs,
-            ops=op.non_mac_ops,
-            weight_bytes=op.weight_bytes,
-            bytes_in=op.bytes_in,
-            bytes_out=op.bytes_out,
             spill_bytes=int(figures.get("spill", 0)),
             dram_bytes=int(figures["dram"]),
             onchip_bytes=int(figures.get("onchip", 0)),
@@ -344,14 +334,14 @@ def estimate(graph: CompiledGraph, target: Target, cpu: CpuFigures, cpu_source: 
     estimator = _Estimator(graph, target, cpu)
     layers = [estimator.layer(op) for op in graph.ops]
     transitions = estimator.transitions()
-    npu_ms = sum(layer.latency_ms for layer in layers if layer.placement == "NPU")
-    cpu_ms = sum(layer.latency_ms for layer in layers if layer.placement != "NPU")
+    npu_ms = sum(layer.latency_ms for layer in layers if layer.op.placement == "NPU")
+    cpu_ms = sum(layer.latency_ms for layer in layers if layer.op.placement != "NPU")
     transition_ms = sum(t.latency_ms for t in transitions)
     invocation_ms = cpu.invocation_overhead_ns * 1e-9 * MS
     latency_ms = npu_ms + cpu_ms + transition_ms + invocation_ms
     first_input = graph.tensors[graph.inputs[0]] if graph.inputs else None
     batch = first_input.shape[0] if first_input is not None and first_input.shape and first_input.shape[0] > 0 else 1
-    macs = sum(layer.macs for layer in layers)
+    macs = sum(op.macs for op in graph.ops)
     hardware = target.hardware
     peak_macs_per_s = hardware.int8_macs_per_cycle * hardware.clock_hz if hardware is not None else cpu.conv2d_int8_macs_per_s
     bounds = [layer.bound for layer in layers]
@@ -361,7 +351,7 @@ def estimate(graph: CompiledGraph, target: Target, cpu: CpuFigures, cpu_source: 
         batch=batch,
         macs=macs,
         dram_bytes_per_frame=(sum(layer.dram_bytes for layer in layers) + sum(t.bytes for t in transitions)) / batch,
-        weight_bytes=sum(layer.weight_bytes for layer in layers),
+        weight_bytes=sum(op.weight_bytes for op in graph.ops),
         peak_onchip_bytes=max((layer.onchip_bytes for layer in layers), default=0),
         mac_utilisation=macs / (latency_ms / MS * peak_macs_per_s) if latency_ms > 0 else 0.0,
         npu_ms=npu_ms,

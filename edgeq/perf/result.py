@@ -7,11 +7,11 @@ milliseconds, sizes in bytes; docs/perf.md gives the formula of every field.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from edgeq.compile.compiled_graph import CompiledGraph
+from edgeq.compile.compiled_graph import CompiledGraph, GraphOp
 from edgeq.fileio import atomic_write
 
 REPORT_SCHEMA_VERSION = 1
@@ -19,13 +19,11 @@ REPORT_SCHEMA_VERSION = 1
 
 @dataclass(frozen=True)
 class LayerEstimate:
-    """One op of the compiled graph, costed.
+    """One op of the compiled graph, costed: the op, and what the estimator adds to it.
 
     Attributes:
-        name, op, placement, region, kernel, parallel: as in the compiled graph.
+        op: the compiled graph's op (its name, kind, placement, region, kernel, MACs and other operations, bytes).
         fused: the op runs inside the kernel of the op that makes its input (no call, no memory traffic of its own).
-        macs, ops: multiply-accumulates and other elementary operations.
-        weight_bytes, bytes_in, bytes_out: weights and activations the op reads and writes.
         spill_bytes: NPU only: extra DRAM traffic because the working set exceeds the SRAM.
         dram_bytes: bytes moved between DRAM and the processor (NPU: weights, region borders and spills; CPU:
             activations and weights, unless fused).
@@ -37,18 +35,8 @@ class LayerEstimate:
         bound: ``compute``, ``memory``, ``overhead`` (the fixed cost dominates), ``fused`` or ``none`` (no kernel).
     """
 
-    name: str
-    op: str
-    placement: str
-    region: str
-    kernel: str | None
-    parallel: bool
+    op: GraphOp
     fused: bool
-    macs: int
-    ops: int
-    weight_bytes: int
-    bytes_in: int
-    bytes_out: int
     spill_bytes: int
     dram_bytes: int
     onchip_bytes: int
@@ -58,6 +46,27 @@ class LayerEstimate:
     overhead_ms: float
     latency_ms: float
     bound: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the layer as ``report.json`` holds it, the op's figures first (``ops``: its operations that
+        are not MACs)."""
+        op = self.op
+        estimated = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("op", "fused")}
+        return {
+            "name": op.name,
+            "op": op.op,
+            "placement": op.placement,
+            "region": op.region,
+            "kernel": op.kernel,
+            "parallel": op.parallel,
+            "fused": self.fused,
+            "macs": op.macs,
+            "ops": op.non_mac_ops,
+            "weight_bytes": op.weight_bytes,
+            "bytes_in": op.bytes_in,
+            "bytes_out": op.bytes_out,
+            **estimated,
+        }
 
 
 @dataclass(frozen=True)
@@ -150,7 +159,7 @@ class PerfResult:
             "transitions": [asdict(t) for t in self.transitions],
         }
         if layer_details:
-            data["layers"] = [asdict(layer) for layer in self.layers]
+            data["layers"] = [layer.to_dict() for layer in self.layers]
         return data
 
     def write_json(self, path: str | Path, layer_details: bool = True) -> Path:

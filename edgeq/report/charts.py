@@ -35,7 +35,12 @@ def _colour(placement: str) -> str:
 def per_layer(result: PerfResult) -> list[Bar]:
     """Every layer's latency, in call order, coloured by placement."""
     return _bars(
-        (layer.name, layer.latency_ms, _colour(layer.placement), f"{layer.name} ({layer.op}, {layer.placement}): {layer.latency_ms:.4g} ms, {layer.bound}")
+        (
+            layer.op.name,
+            layer.latency_ms,
+            _colour(layer.op.placement),
+            f"{layer.op.name} ({layer.op.op}, {layer.op.placement}): {layer.latency_ms:.4g} ms, {layer.bound}",
+        )
         for layer in result.layers
     )
 
@@ -45,8 +50,8 @@ def per_op_kind(result: PerfResult) -> list[Bar]:
     totals: dict[str, float] = {}
     counts: dict[str, int] = {}
     for layer in result.layers:
-        totals[layer.op] = totals.get(layer.op, 0.0) + layer.latency_ms
-        counts[layer.op] = counts.get(layer.op, 0) + 1
+        totals[layer.op.op] = totals.get(layer.op.op, 0.0) + layer.latency_ms
+        counts[layer.op.op] = counts.get(layer.op.op, 0) + 1
     ranked = sorted(totals.items(), key=lambda item: -item[1])
     return _bars((op, ms, NEUTRAL, f"{op}: {counts[op]} layer(s), {ms:.4g} ms") for op, ms in ranked)
 

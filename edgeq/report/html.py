@@ -36,15 +36,19 @@ REPORT_HTML = "report.html"
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the per-layer table: the estimate, the compiled graph's op and its accuracy (if measured)."""
+    """One line of the per-layer table: the estimate (of the compiled graph's op) and its accuracy (if measured)."""
 
     index: int
     layer: LayerEstimate
-    op: GraphOp
     input_shapes: str
     output_shape: str
     share: float
     accuracy: LayerAccuracy | None
+
+    @property
+    def op(self) -> GraphOp:
+        """The compiled graph's op."""
+        return self.layer.op
 
 
 def _milliseconds(value: float) -> str:
@@ -76,16 +80,14 @@ def render_report(result: PerfResult, accuracy: Sequence[LayerAccuracy] | None =
     total = result.summary.latency_ms
     rows = []
     for index, layer in enumerate(result.layers):
-        op = graph.op(layer.name)
         rows.append(
             Row(
                 index=index,
                 layer=layer,
-                op=op,
-                input_shapes=", ".join(shape_text(graph.tensors[t].shape) for t in op.inputs),
-                output_shape=", ".join(shape_text(graph.tensors[t].shape) for t in op.outputs),
+                input_shapes=", ".join(shape_text(graph.tensors[t].shape) for t in layer.op.inputs),
+                output_shape=", ".join(shape_text(graph.tensors[t].shape) for t in layer.op.outputs),
                 share=layer.latency_ms / total if total > 0 else 0.0,
-                accuracy=by_op.get(layer.name),
+                accuracy=by_op.get(layer.op.name),
             )
         )
     flagged = [a for a in accuracy or () if a.flagged]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Self
 
 from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable, op_named
@@ -56,6 +56,14 @@ class WindowAttrs(OpAttrs):
     stride: tuple[int, int]
     padding: tuple[int, int]
     """Per side, the larger of the two sides' padding of each dimension."""
+    uneven_padding: tuple[int, int, int, int] | None = field(default=None, kw_only=True)
+    """Each side's padding (top, left, bottom, right: ONNX's ``pads``) where a dimension's two sides differ (a QDQ
+    file's asymmetric padding); None when both sides of each dimension have ``padding``."""
+
+    @property
+    def pads(self) -> tuple[int, int, int, int]:
+        """Each side's padding: top, left, bottom, right (ONNX's ``pads``)."""
+        return self.uneven_padding or (*self.padding, *self.padding)
 
 
 @ATTRIBUTE_CLASSES.register(Op.MAX_POOL2D, Op.AVG_POOL2D)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from models import SmallCNN, YoloStyleDetector, integer_model, torchvision_model
 from torch import nn
 
-from edgeq.check import check_model
+from edgeq.check import check_model, check_qdq
 from edgeq.errors import ExportError
 from edgeq.export import load_onnx, save_torchscript, to_onnx
 from edgeq.export.onnx_nodes import node_name
@@ -155,6 +155,22 @@ def test_a_run_of_ops_is_a_graph(every_form, target, tmp_path):
     assert {t.source for t in graph.inputs}.isdisjoint({t.source for t in graph.outputs})
     with pytest.raises(ExportError, match="no op named 'missing'"):
         build_tosa(qdq, ["missing"])
+
+
+def test_uneven_padding_is_read_from_the_file(every_form, target, tmp_path):
+    """A window padded unevenly in the file (the stride-2 depthwise conv's last row of padding, which no window
+    reads, left off): its settings keep each side, and its TOSA form computes the integer model's numbers."""
+    int_model, example = every_form
+    model = onnx.load(to_onnx(int_model, (example,), tmp_path / "ops.onnx"))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and any(a.name == "strides" and list(a.ints) == [2, 2] for a in n.attribute))
+    next(a for a in conv.attribute if a.name == "pads").ints[:] = [1, 1, 0, 0]
+    onnx.save(model, tmp_path / "uneven.onnx")
+    qdq = load_onnx(tmp_path / "uneven.onnx")
+    settings = next(n.record.attrs for n in check_qdq(qdq).nodes if n.record.name == node_name(conv))
+    assert (settings.padding, settings.uneven_padding, settings.pads) == ((1, 1), (1, 1, 0, 0), (1, 1, 0, 0))
+    assert settings.to_json()["uneven_padding"] == [1, 1, 0, 0]
+    generator = torch.Generator().manual_seed(2)
+    assert _compare(int_model, build_tosa(qdq), [torch.randn(1, 3, 8, 8, generator=generator) * 2 for _ in range(2)]) > 0
 
 
 # ---- Vela ----------------------------------------------------------------------------------------------------------

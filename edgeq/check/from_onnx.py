@@ -171,12 +171,13 @@ def _conv(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str
     weight_shape = graph.weight_shape(node.input[1])
     if weight_shape is None:
         return "conv2d", None
-    pads = tuple(attributes.get("pads", [0] * 4))
     groups = int(attributes.get("group", 1))
+    padding, uneven_padding = _window_padding(attributes)
     return "conv2d", Conv2dAttrs(
         kernel=tuple(attributes.get("kernel_shape", weight_shape[2:])),
         stride=tuple(attributes.get("strides", (1, 1))),
-        padding=(max(pads[0], pads[2]), max(pads[1], pads[3])),
+        padding=padding,
+        uneven_padding=uneven_padding,
         dilation=tuple(attributes.get("dilations", (1, 1))),
         groups=groups,
         in_channels=weight_shape[1] * groups,
@@ -197,12 +198,21 @@ def _linear(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[s
 
 @ONNX_DESCRIPTIONS.register(Op.MAX_POOL2D, Op.AVG_POOL2D)
 def _pool(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, PoolAttrs]:
-    pads = tuple(attributes.get("pads", [0] * 4))
+    padding, uneven_padding = _window_padding(attributes)
     return op.value, PoolAttrs(
         kernel=tuple(attributes["kernel_shape"]),
         stride=tuple(attributes.get("strides", (1, 1))),
-        padding=(max(pads[0], pads[2]), max(pads[1], pads[3])),
+        padding=padding,
+        uneven_padding=uneven_padding,
     )
+
+
+def _window_padding(attributes: dict[str, Any]) -> tuple[tuple[int, int], tuple[int, int, int, int] | None]:
+    """A window's ``padding`` (each dimension's larger side) and ``uneven_padding`` (ONNX's ``pads`` where a
+    dimension's two sides differ, else None)."""
+    pads = tuple(int(p) for p in attributes.get("pads", (0, 0, 0, 0)))
+    padding = (max(pads[0], pads[2]), max(pads[1], pads[3]))
+    return padding, pads if pads != (*padding, *padding) else None
 
 
 @ONNX_DESCRIPTIONS.register(Op.UPSAMPLE_NEAREST2D, Op.UPSAMPLE_BILINEAR2D)

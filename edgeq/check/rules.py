@@ -311,7 +311,7 @@ def too_many_channels(record: OpRecord, target: Target) -> Outcome | None:
 @rule("max_matmul_reduction", Op.MATMUL)
 def matmul_reduction_too_long(record: OpRecord, target: Target) -> Outcome | None:
     """Matmuls summing more products per output than the NPU's maximum run on the CPU."""
-    most, size = target.npu.max_matmul_reduction, record.attrs.get("reduction_size")
+    most, size = target.npu.max_matmul_reduction, record.attrs.reduction_size if record.attrs is not None else None
     if most is None or size is None or size <= most:
         return None
     return Outcome(f"matmul summing {size} products per output, {target.name} supports ≤ {most}", True)

@@ -90,11 +90,12 @@ def _upsample(builder: TosaBuilder, unit: OpUnit) -> list[TosaValue]:
 @TOSA_FORMS.register(Op.MAX_POOL2D)
 def _max_pool(builder: TosaBuilder, unit: OpUnit) -> list[TosaValue]:
     """MAX_POOL2D; padding never wins, in TOSA as in edgeq."""
-    attributes = unit.attributes
-    if any(d != 1 for d in attributes.get("dilations", (1, 1))):
-        raise unit.refuse(f"a max pool with dilations {list(attributes['dilations'])} has no TOSA form (allowed: 1)")
-    kernel, stride = list(attributes["kernel_shape"]), list(attributes.get("strides", (1, 1)))
+    dilations = unit.attributes.get("dilations", (1, 1))
+    if any(d != 1 for d in dilations):
+        raise unit.refuse(f"a max pool with dilations {list(dilations)} has no TOSA form (allowed: 1)")
+    pool = unit.settings
+    kernel, stride = list(pool.kernel), list(pool.stride)
     shape, name = unit.output_shape(), unit.outputs[0]
-    source, padding = window_input(builder, unit.inputs[0], shape[2:], kernel, stride, list(attributes.get("pads", (0, 0, 0, 0))), name)
+    source, padding = window_input(builder, unit.inputs[0], shape[2:], kernel, stride, list(pool.pads), name)
     made = attribute("MaxPool2dAttribute", kernel, stride, padding, ts.NanPropagationMode.PROPAGATE)
     return [builder.operator(ts.Op.MAX_POOL2D, [source.name], name, shape, source.dtype, NHWC, made)]

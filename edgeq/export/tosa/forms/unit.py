@@ -14,6 +14,7 @@ from edgeq.errors import ExportError
 from edgeq.export.onnx_nodes import node_attributes
 from edgeq.export.qdq_graph import QDQGraph
 from edgeq.export.tosa.builder import TosaBuilder, TosaValue
+from edgeq.op_attrs import OpAttrs
 from edgeq.ops import Op, OpTable
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ class OpUnit:
     Attributes:
         op: the op.
         node: its (first) ONNX node; ``graph.members(node)`` are all of them (a MatMul's bias Add, a gate's Mul).
-        record: the check's record of it (attributes, quantization).
+        record: the check's record of it (settings, quantization).
         graph: the QDQ graph.
         what: ``<op> '<node>'``, for messages.
         inputs: the TOSA values of its quantized inputs, in input order.
@@ -43,8 +44,16 @@ class OpUnit:
     outputs: list[str]
 
     @property
+    def settings(self) -> OpAttrs:
+        """The op's settings (:mod:`edgeq.op_attrs`: the check record's, as every stage reads them)."""
+        if self.record.attrs is None:
+            raise self.refuse("its settings could not be read from the file (a weight that is not a constant)")
+        return self.record.attrs
+
+    @property
     def attributes(self) -> dict[str, Any]:
-        """The node's ONNX attributes."""
+        """The node's ONNX attributes: the ONNX form's details the settings do not hold (a Gemm's transposes, a
+        pool's ``ceil_mode``), and the attributes of an op without settings (a transpose's ``perm``)."""
         return node_attributes(self.node)
 
     def output_shape(self, index: int = 0) -> tuple[int, ...]:

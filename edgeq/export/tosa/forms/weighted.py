@@ -88,11 +88,10 @@ def _bias(unit: OpUnit, tensor: str | None, channels: int) -> np.ndarray:
 @TOSA_FORMS.register(Op.CONV2D)
 def _conv2d(builder: TosaBuilder, unit: OpUnit) -> list[TosaValue]:
     """The convolution's int32 accumulator (:func:`_convolution`), then RESCALE per output channel."""
-    attributes, weights = unit.attributes, unit.constant(unit.node.input[1])
+    conv, weights = unit.settings, unit.constant(unit.node.input[1])
     acc = _convolution(
         builder, unit, unit.inputs[0], weights, _bias(unit, (unit.node.input[2:3] or [""])[0], weights.shape[0]),
-        stride=list(attributes.get("strides", (1, 1))), dilation=list(attributes.get("dilations", (1, 1))),
-        pads=list(attributes.get("pads", (0, 0, 0, 0))), groups=int(attributes.get("group", 1)),
+        stride=list(conv.stride), dilation=list(conv.dilation), pads=list(conv.pads), groups=conv.groups,
     )
     return [_requantized(builder, unit, acc, _accumulator_bound(unit))]
 
@@ -129,8 +128,8 @@ def _average(builder: TosaBuilder, unit: OpUnit) -> list[TosaValue]:
     else:
         if not attributes.get("count_include_pad", 0) or attributes.get("ceil_mode", 0):
             raise unit.refuse("an average pool without count_include_pad, or with ceil_mode, is not edgeq's average")
-        kernel, stride = list(attributes["kernel_shape"]), list(attributes.get("strides", (1, 1)))
-        pads = list(attributes.get("pads", (0, 0, 0, 0)))
+        pool = unit.settings
+        kernel, stride, pads = list(pool.kernel), list(pool.stride), list(pool.pads)
     ones = np.ones((channels, 1, *kernel), dtype=np.int8)
     acc = _convolution(
         builder, unit, source, ones, np.zeros(channels, dtype=np.int32), stride=stride, dilation=[1, 1], pads=pads, groups=channels,

@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import tokenize
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +90,7 @@ def run_artifact(
             path resolving outside it, a runtime that is not built, or a failed run (with its message).
     """
     from edgeq_runtime import Artifact, ArtifactError
-    from edgeq_runtime.model import host_arch
+    from edgeq_runtime.model import command_stream_note, host_arch
 
     try:
         verified = Artifact.read(artifact)
@@ -103,6 +104,8 @@ def run_artifact(
     emulated = arch != host_arch()
     if manifest.get("npu_execution"):
         say(f"NPU target {manifest['target']['name']}: NPU regions run as a bit-exact simulation on the CPU")
+    if "npu_command_streams" in manifest:
+        say(command_stream_note(manifest["target"]["name"], [s["region"] for s in manifest["npu_command_streams"]]))
     if emulated and runtime == "python":
         say(f"the artifact is built for {arch}: running it with the C++ runtime")
         runtime = "cpp"
@@ -169,7 +172,7 @@ def _npy_header(file: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
 def _run_python(
     artifact: Artifact, files: list[Path], outputs: dict[str, Path], bench: int | None, raw: bool, threads: int | None
 ) -> RunResult:
-    from edgeq_runtime import ArtifactError, Model
+    from edgeq_runtime import ArtifactError, CommandStreamWarning, Model
     from edgeq_runtime.model import TensorInfo
     from edgeq_runtime.vm import RuntimeLibraryError
 
@@ -178,7 +181,10 @@ def _run_python(
         raise EdgeqError(f"{artifact.path}: {len(files)} input(s) given; the model takes {len(infos)}")
     arrays = [_read_input(path, info) for path, info in zip(files, infos)]
     try:
-        with Model.from_artifact(artifact, threads) as model:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CommandStreamWarning)  # said already, as a line of edgeq run's
+            model = Model.from_artifact(artifact, threads)
+        with model:
             values = model.run(arrays, raw=raw)
             timing = model.benchmark(arrays, runs=bench) if bench else None
     except (ValueError, ArtifactError, RuntimeLibraryError) as error:  # the runtime's messages name the input

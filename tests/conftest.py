@@ -77,22 +77,35 @@ def digits_float_stage(tmp_path_factory) -> Callable[[str], DigitsFloatStage]:
 
 
 @pytest.fixture(scope="session")
-def digits_integer_model(tmp_path_factory, digits_float_stage):
-    """The example CNN, trained through the example's float -> calib -> qat stages (npu-m), converted; with the
-    test set's uint8 pixels."""
+def digits_integer_models(tmp_path_factory, digits_float_stage):
+    """The example CNN, trained through the example's float -> calib -> qat stages for ``target``, converted (once
+    per target and session); with the test set's uint8 pixels."""
     digits = load_example("digits_qat")
-    workdir = tmp_path_factory.mktemp("digits")
-    float_stage = digits_float_stage("cnn")
-    float_stage.continue_in(workdir)
-    data = float_stage.data
-    results: dict[str, float] = {}
-    for stage in ("calib", "qat"):
-        digits.run_stage(stage, workdir, "npu-m", data, results)
-    qat = digits.qat_model(workdir, "npu-m")
-    qat.load_state_dict(torch.load(workdir / "qat-checkpoint.pt"))
-    qat.eval()
-    digits.set_fake_quantize(qat, digits.FakeQuantState.VALIDATION)
-    return digits.convert_fx(qat), data[2]
+    made: dict[str, tuple] = {}
+
+    def for_target(target: str) -> tuple:
+        if target not in made:
+            workdir = tmp_path_factory.mktemp(f"digits-{target}")
+            float_stage = digits_float_stage("cnn")
+            float_stage.continue_in(workdir)
+            data = float_stage.data
+            results: dict[str, float] = {}
+            for stage in ("calib", "qat"):
+                digits.run_stage(stage, workdir, target, data, results)
+            qat = digits.qat_model(workdir, target)
+            qat.load_state_dict(torch.load(workdir / "qat-checkpoint.pt"))
+            qat.eval()
+            digits.set_fake_quantize(qat, digits.FakeQuantState.VALIDATION)
+            made[target] = (digits.convert_fx(qat), data[2])
+        return made[target]
+
+    return for_target
+
+
+@pytest.fixture(scope="session")
+def digits_integer_model(digits_integer_models):
+    """The example CNN through the example's stages for npu-m (:func:`digits_integer_models`)."""
+    return digits_integer_models("npu-m")
 
 
 @pytest.fixture(scope="session")

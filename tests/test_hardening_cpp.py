@@ -139,8 +139,8 @@ def _repeated(key: str) -> Callable[[dict, dict], None]:
 
 SCALE = "inputs/0/quant/scale"
 MANIFEST_RULES = {
-    "newer schema": (setter("schema_version", 3), "schema version 3; this runtime reads version 2 (update the edgeq runtime)"),
-    "older schema": (setter("schema_version", 1), "schema version 1; this runtime reads version 2 (recompile the model)"),
+    "newer schema": (setter("schema_version", 4), "schema version 4; this runtime reads versions 2 and 3 (update the edgeq runtime)"),
+    "older schema": (setter("schema_version", 1), "schema version 1; this runtime reads versions 2 and 3 (recompile the model)"),
     "schema as a string": (setter("schema_version", "2"), 'manifest.json: schema_version must be an integer >= 1; got "2"'),
     "unknown top-level key": (setter("signature", "x"), "manifest.json: signature is not a known key (known: schema_version,"),
     "unknown target key": (setter("target/vendor", "x"), "manifest.json: target.vendor is not a known key (known: name, kind, host)"),

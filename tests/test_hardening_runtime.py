@@ -20,7 +20,7 @@ from models import FunctionalOps, integer_model, read_only, rewrite_artifact
 from edgeq.cli import main
 from edgeq.compile import compile_model
 from edgeq_runtime import SCHEMA_VERSION, ArtifactError, Model, cpu
-from edgeq_runtime.manifest import SCHEMA, field
+from edgeq_runtime.manifest import SCHEMA, SCHEMA_VERSIONS, field
 
 pytestmark = pytest.mark.flow  # runs artifacts through both runtimes
 
@@ -146,7 +146,7 @@ BAD_MANIFESTS = {
     "float schema version": (_set("schema_version", to=2.0), "schema_version must be an integer; got 2.0"),
     "member size a string": (_set("members", "graph.json", "size", to="1"), 'members["graph.json"].size must be an integer from 0 to 2147483648; got "1"'),
     "unknown key": (_set("extra", to=1), "extra is not a known key (known: schema_version, edgeq_version, tvm_version, target, library, "
-                                         "npu_execution, opt_level, tuned_kernels, source, inputs, outputs, placement, members)"),
+                                         "npu_execution, opt_level, tuned_kernels, source, inputs, outputs, placement, members, npu_command_streams)"),
     "unknown tensor key": (_set("inputs", 0, "scale", to=1.0), f"inputs[0].scale is not a known key (known: {TENSOR_FIELDS}, quantizer)"),
     "output quantizer": (_set("outputs", 0, "quantizer", to="quantize_input0"), f"outputs[0].quantizer is not a known key (known: {TENSOR_FIELDS})"),
     "quantizer of a float input": (_set("inputs", 0, "quant", to=None), "inputs[0].quantizer is for quantized inputs only (quant is null)"),
@@ -167,7 +167,7 @@ BAD_MANIFESTS = {
     "library member not a member": (_set("library", "member", to="other.so"), 'library.member must name one of the members; got "other.so"'),
     "library format": (_set("library", "format", to="onnx"), 'library.format must be "tvm-relax-vm"; got "onnx"'),
     "library arch": (_set("library", "arch", to="riscv64"), 'library.arch must be "x86_64" or "aarch64"; got "riscv64"'),
-    "older schema": (_set("schema_version", to=1), "schema version 1; this runtime reads version 2 (recompile the model)"),
+    "older schema": (_set("schema_version", to=1), "schema version 1; this runtime reads versions 2 and 3 (recompile the model)"),
     "deep nesting": (_set("placement", to=_nested(40)), "nested more than 32 deep"),
 }
 
@@ -196,8 +196,11 @@ def test_manifest_text_that_is_not_plain_json_is_refused(case, artifacts, tmp_pa
 
 
 def test_the_runtime_reads_the_schema_version_compile_writes(artifacts):
+    """Version 2 without NPU command streams (runtimes of version 2 read it); 3 is the newest read, an Ethos-U
+    build's (tests/test_ethos_u_compile.py)."""
     with zipfile.ZipFile(artifacts["x86_64"]) as archive:
-        assert json.loads(archive.read("manifest.json"))["schema_version"] == SCHEMA_VERSION == 2
+        assert json.loads(archive.read("manifest.json"))["schema_version"] == min(SCHEMA_VERSIONS) == 2
+    assert SCHEMA_VERSION == 3
 
 
 def test_field_paths():

@@ -224,7 +224,7 @@ def _drop(manifest, members):
 
 
 def _future(manifest, members):
-    manifest["schema_version"] = 3
+    manifest["schema_version"] = 4
 
 
 def _elsewhere(manifest, members):
@@ -243,7 +243,7 @@ def _unknown_quantizer(manifest, members):
 BAD_ARTIFACTS = {
     "flipped byte": (_flip, "member model.so fails its sha256 check"),
     "missing member": (_drop, "npu_program.json"),
-    "future schema": (_future, "schema version 3; this runtime reads version 2"),
+    "future schema": (_future, "schema version 4; this runtime reads versions 2 and 3"),
     "other architecture": (_elsewhere, 'library.arch must be "x86_64" or "aarch64"; got "riscv64"'),
     "path traversal": (_escape, "member name '../evil.so' is not allowed"),
     "unknown quantizer": (_unknown_quantizer, "the library has no function 'quantize_nothing' (input 'x''s quantizer)"),

@@ -40,6 +40,8 @@ from edgeq.compile.pipeline import OPT_LEVELS, check_opt_level
 from edgeq.compile.provenance import Provenance
 from edgeq.compile.schedules import TUNABLE, KernelSchedule
 from edgeq.compile.tuning_records import TuningRecords, has_records, records_folder
+from edgeq.compile.vela_regions import RegionCommandStream, command_stream_manifest, command_stream_members, compile_vela_regions
+from edgeq.compile.vela_regions import summary_lines as command_stream_lines
 from edgeq.errors import CompileError
 from edgeq.export.onnx_reader import QDQModel, read_qdq
 from edgeq.export.sources import ModelLike, quantized_form
@@ -84,6 +86,8 @@ class CompileResult:
     kernels: list[KernelSchedule] = field(default_factory=list)
     tuning_records: Path | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    command_streams: list[RegionCommandStream] = field(default_factory=list)
+    """An Ethos-U target's NPU regions compiled by Vela (:mod:`.vela_regions`); empty for other targets."""
 
     def summary_lines(self) -> list[str]:
         """Placement, size and time, for the end of ``edgeq compile``."""
@@ -97,6 +101,7 @@ class CompileResult:
                 f"{npu} NPU region(s), {len(regions) - npu} CPU region(s)"
             )
             lines.append(f"  {SIMULATION_NOTE}" + ("" if self.arch == "aarch64" else f" ({self.arch} build)"))
+            lines += command_stream_lines(self.command_streams, self.target)
         size = self.artifact.stat().st_size
         lines.append(f"artifact: {self.artifact} ({size / 2**20:.1f} MiB, {self.arch} library)")
         if self.kernels:
@@ -119,9 +124,10 @@ for the compiling CPU when it is one)."""
 
 
 def _machine(target: Target, simulate: bool) -> Machine:
-    """The CPU the library runs on: the target's own, its NPU's host, or this machine's CPU when simulating."""
+    """The CPU the library runs on: the target's own, its NPU's host, or this machine's CPU when simulating or when
+    the NPU's host is a firmware host edgeq builds no code for (the library is then the simulation only)."""
     here = {"arm64": "aarch64"}.get(platform.machine(), platform.machine())
-    if simulate:
+    if simulate or target.firmware_host is not None:
         if here not in _THIS_MACHINE:
             raise CompileError(f"simulation needs an x86_64 or aarch64 build machine; this one is {platform.machine()}")
         cpu = load_target(_THIS_MACHINE[here])
@@ -324,6 +330,9 @@ def compile_model(
     if isinstance(model, (str, Path)):
         refuse_input_as_output(out_path, model, "out")
     plan = plan_build(model, example_inputs, target, simulate, input_shapes, report_progress, step)
+    command_streams = compile_vela_regions(plan.qdq, plan.partition, plan.target, report_progress)
+    if command_streams:
+        step("vela")
     records = _tuning_records(plan, tuning_records, tuned) if opt_level == max(OPT_LEVELS) else None
     with tempfile.TemporaryDirectory() as folder:
         library = Path(folder) / LIBRARY
@@ -353,17 +362,21 @@ def compile_model(
         "inputs": _input_entries(parts.inputs),
         "outputs": _tensor_entries(parts.outputs),
         "placement": {**asdict(report.summary), "regions": [{"name": r.name, "placement": r.placement.value, "ops": len(r.nodes)} for r in parts.regions]},
+        **command_stream_manifest(command_streams),
     }
     members = {
         LIBRARY: library_bytes,
         NPU_PROGRAM: json_bytes(npu_program(graph, resolved)),
         GRAPH: json_bytes(graph.to_dict()),
         CHECK: json_bytes(report.to_dict()),
+        **command_stream_members(command_streams),
     }
     write_artifact(out_path, manifest, members)
     step("write")
     used = records.folder if records is not None else None
-    return CompileResult(out_path, resolved, plan.machine.arch, report, parts, plan.module, graph, manifest, built.kernels, used, seconds)
+    return CompileResult(
+        out_path, resolved, plan.machine.arch, report, parts, plan.module, graph, manifest, built.kernels, used, seconds, command_streams
+    )
 
 
 def _default_out(model: ModelLike) -> Path:

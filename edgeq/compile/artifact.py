@@ -8,7 +8,9 @@ Members (docs/artifact.md describes each field):
 - ``model.so``: the compiled library (TVM Relax VM executable, function ``main``);
 - ``npu_program.json``: the NPU program, per NPU region (derived from the compiled graph);
 - ``graph.json``: the compiled graph (:mod:`edgeq.compile.compiled_graph`): ops, tensors, regions and kernels;
-- ``check.json``: the check report the placement came from.
+- ``check.json``: the check report the placement came from;
+- for an Arm Ethos-U target, per NPU region (:mod:`edgeq.compile.vela_regions`): its TOSA file, Vela's command
+  stream and encoded weights, and Vela's estimate (``<region>.tosa``, ``.cmd``, ``.weights``, ``.vela.json``).
 
 No member is a pickle. Members are stored (not deflated) so that a small reader can take them by offset, and a
 reader verifies every member against the manifest before loading the library.
@@ -25,7 +27,7 @@ from typing import Any
 from edgeq.errors import CompileError
 from edgeq.fileio import atomic_write
 from edgeq_runtime.artifact import MANIFEST
-from edgeq_runtime.manifest import SCHEMA_VERSION, ManifestError, parse_manifest
+from edgeq_runtime.manifest import ManifestError, parse_manifest, schema_version
 
 LIBRARY = "model.so"
 NPU_PROGRAM = "npu_program.json"
@@ -48,7 +50,7 @@ def write_artifact(path: str | Path, manifest: dict[str, Any], members: dict[str
     """
     manifest = {
         **manifest,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": schema_version(manifest),
         "members": {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in members.items()},
     }
     text = json_bytes(manifest)

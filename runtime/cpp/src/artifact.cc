@@ -471,19 +471,60 @@ std::map<std::string, Listed> ParseMembers(const Reader& reader, const Field& me
   return listed;
 }
 
-void CheckSchemaVersion(const Reader& reader, const Field& root) {
+int64_t CheckSchemaVersion(const Reader& reader, const Field& root) {
   int64_t version = root.Key("schema_version").Int(1, std::numeric_limits<int64_t>::max());
-  if (version != kSchemaVersion) {
-    reader.Fail("schema version " + std::to_string(version) + "; this runtime reads version " + std::to_string(kSchemaVersion) +
-                (version > kSchemaVersion ? " (update the edgeq runtime)" : " (recompile the model)"));
+  if (version < kMinSchemaVersion || version > kSchemaVersion) {
+    reader.Fail("schema version " + std::to_string(version) + "; this runtime reads versions " + std::to_string(kMinSchemaVersion) +
+                " and " + std::to_string(kSchemaVersion) + (version > kSchemaVersion ? " (update the edgeq runtime)" : " (recompile the model)"));
   }
+  return version;
+}
+
+// An Arm Ethos-U build's command streams (schema version 3): per NPU region, Vela's command stream and the members
+// holding it, which must be members of the artifact (each named once). Returns the regions.
+std::vector<std::string> ParseCommandStreams(const Field& list, int64_t version, const std::map<std::string, Listed>& listed) {
+  if (version < kCommandStreamsVersion) {
+    list.Fail("needs schema version " + std::to_string(kCommandStreamsVersion) + "; got " + std::to_string(version));
+  }
+  std::vector<Field> entries = list.Items();
+  if (entries.empty()) list.Fail("must be a list of 1 or more command streams; got " + list.Shown());
+  std::vector<std::string> regions;
+  std::map<std::string, std::string> named;  // member -> the field naming it
+  const std::vector<std::string> sizes = {"sram_bytes",         "dram_bytes",   "on_chip_flash_bytes", "off_chip_flash_bytes",
+                                          "scratch_bytes",      "fast_scratch_bytes", "weight_bytes", "command_stream_bytes"};
+  for (const Field& entry : entries) {
+    entry.Keys({"region", "compiler", "compiler_version", "options", "ops", "tosa", "command_stream", "weights", "estimate", "memory"});
+    Field region = entry.Key("region");
+    for (size_t i = 0; i < regions.size(); ++i) {
+      if (region.Str() == regions[i]) region.Fail("repeats " + entries[i].Key("region").Path() + " (" + region.Shown() + ")");
+    }
+    entry.Key("compiler").Choice({"vela"});
+    entry.Key("compiler_version").Str();
+    for (const Field& option : entry.Key("options").Items()) option.Str();
+    Field ops = entry.Key("ops");
+    std::vector<Field> op_names = ops.Items();
+    if (op_names.empty()) ops.Fail("must be a list of 1 or more op names; got " + ops.Shown());
+    for (const Field& op : op_names) op.Str();
+    for (const char* key : {"tosa", "command_stream", "weights", "estimate"}) {
+      Field member = entry.Key(key);
+      std::string name = member.Str();
+      if (!listed.count(name)) member.Fail("must name one of the members; got " + member.Shown());
+      auto [first, added] = named.emplace(name, member.Path());
+      if (!added) member.Fail("repeats " + first->second + " (" + member.Shown() + ")");
+    }
+    Field memory = entry.Key("memory");
+    memory.Keys(sizes);
+    for (const std::string& size : sizes) memory.Key(size).Int(0, std::numeric_limits<int64_t>::max());
+    regions.push_back(region.Str());
+  }
+  return regions;
 }
 
 // Every field of the manifest; `listed` receives its members.
 Manifest ParseManifest(const Reader& reader, const Field& root, std::map<std::string, Listed>* listed) {
-  CheckSchemaVersion(reader, root);  // first: another version has other fields
+  int64_t version = CheckSchemaVersion(reader, root);  // first: another version has other fields
   root.Keys({"schema_version", "edgeq_version", "tvm_version", "target", "library", "npu_execution", "opt_level",
-             "tuned_kernels", "source", "inputs", "outputs", "placement", "members"});
+             "tuned_kernels", "source", "inputs", "outputs", "placement", "members", "npu_command_streams"});
   for (const char* key : {"edgeq_version", "tvm_version", "source"}) root.Key(key).Str();
   Manifest manifest;
   Field target = root.Key("target");
@@ -504,6 +545,9 @@ Manifest ParseManifest(const Reader& reader, const Field& root, std::map<std::st
   *listed = ParseMembers(reader, root.Key("members"));
   if (!listed->count(manifest.library_member)) {
     root.Key("library").Key("member").Fail("must name one of the members; got " + Quoted(Printable(manifest.library_member)));
+  }
+  if (root.Has("npu_command_streams")) {
+    manifest.command_stream_regions = ParseCommandStreams(root.Key("npu_command_streams"), version, *listed);
   }
   return manifest;
 }

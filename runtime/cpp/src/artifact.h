@@ -14,7 +14,9 @@
 
 namespace edgeq {
 
-constexpr int64_t kSchemaVersion = 2;
+constexpr int64_t kMinSchemaVersion = 2;       // the oldest manifest version this runtime reads
+constexpr int64_t kSchemaVersion = 3;          // the newest
+constexpr int64_t kCommandStreamsVersion = 3;  // the first with npu_command_streams (an Arm Ethos-U build's)
 
 struct Manifest {
   std::string target;
@@ -23,6 +25,7 @@ struct Manifest {
   std::string library_member;
   std::vector<std::string> cpu_features;  // the CPU features the library may use (/proc/cpuinfo names)
   bool npu_simulated = false;
+  std::vector<std::string> command_stream_regions;  // NPU regions with a command stream for the device (Vela's)
   std::vector<TensorInfo> inputs;
   std::vector<TensorInfo> outputs;
 };

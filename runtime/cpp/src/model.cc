@@ -279,6 +279,7 @@ const std::vector<TensorInfo>& Model::Outputs() const { return impl_->artifact.m
 const std::string& Model::Target() const { return impl_->artifact.manifest.target; }
 const std::string& Model::Arch() const { return impl_->artifact.manifest.arch; }
 bool Model::NpuSimulated() const { return impl_->artifact.manifest.npu_simulated; }
+const std::vector<std::string>& Model::NpuCommandStreams() const { return impl_->artifact.manifest.command_stream_regions; }
 int Model::NumThreads() const { return impl_->num_threads; }
 
 void Model::CheckInputCount(size_t count) const {

@@ -120,6 +120,12 @@ int main(int argc, char** argv) {
     if (model.NpuSimulated()) {
       std::cerr << "edgeq-run: NPU target " << model.Target() << ": NPU regions run as a bit-exact simulation on this CPU\n";
     }
+    if (!model.NpuCommandStreams().empty()) {
+      std::string regions;
+      for (const std::string& region : model.NpuCommandStreams()) regions += (regions.empty() ? "" : ", ") + region;
+      std::cerr << "edgeq-run: NPU target " << model.Target() << ": the command streams of " << regions
+                << " need the NPU itself; here those regions run as their bit-exact simulation on the CPU\n";
+    }
     std::vector<std::string> output_paths;
     for (const edgeq::TensorInfo& output : model.Outputs()) output_paths.push_back(OutputPath(output_dir, output.file));
     std::vector<edgeq::HostTensor> inputs;

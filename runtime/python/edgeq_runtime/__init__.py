@@ -10,8 +10,8 @@ the environment variable ``EDGEQ_TVM_RUNTIME``); never torch, onnx or the TVM co
 """
 
 from edgeq_runtime.artifact import SCHEMA_VERSION, Artifact, ArtifactError
-from edgeq_runtime.model import Model, TensorInfo, Timing
+from edgeq_runtime.model import CommandStreamWarning, Model, TensorInfo, Timing
 
 __version__ = "0.1.0"
 
-__all__ = ["SCHEMA_VERSION", "Artifact", "ArtifactError", "Model", "TensorInfo", "Timing", "__version__"]
+__all__ = ["SCHEMA_VERSION", "Artifact", "ArtifactError", "CommandStreamWarning", "Model", "TensorInfo", "Timing", "__version__"]

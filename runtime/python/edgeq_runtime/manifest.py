@@ -23,7 +23,14 @@ import numpy as np
 from edgeq_runtime.names import SAFE_NAME, is_safe_name
 
 SCHEMA: dict[str, Any] = json.loads(resources.files("edgeq_runtime").joinpath("manifest.schema.json").read_text())
-SCHEMA_VERSION: int = SCHEMA["properties"]["schema_version"]["const"]
+SCHEMA_VERSIONS: tuple[int, ...] = tuple(SCHEMA["properties"]["schema_version"]["enum"])
+"""The versions this runtime reads: 2, and 3 (version 2 with ``npu_command_streams``, an Ethos-U build's)."""
+SCHEMA_VERSION: int = max(SCHEMA_VERSIONS)
+"""The newest version this runtime reads."""
+COMMAND_STREAMS_VERSION = 3
+"""The first version with ``npu_command_streams``."""
+COMMAND_STREAM_MEMBERS = ("tosa", "command_stream", "weights", "estimate")
+"""The members an entry of ``npu_command_streams`` names."""
 MAX_DEPTH = 32
 """Arrays and objects nest at most this deep."""
 MAX_TENSOR_BYTES = 1 << 31
@@ -47,7 +54,14 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
     _check_library(manifest)
     for group in ("inputs", "outputs"):
         _check_tensors(group, manifest[group])
+    _check_command_streams(manifest)
     return manifest
+
+
+def schema_version(manifest: Mapping[str, Any]) -> int:
+    """The version a manifest is written with: 3 with ``npu_command_streams``, else 2 (the artifacts of every other
+    build stay readable by version-2 runtimes)."""
+    return COMMAND_STREAMS_VERSION if "npu_command_streams" in manifest else min(SCHEMA_VERSIONS)
 
 
 # ---- JSON ---------------------------------------------------------------------------------------------------------
@@ -94,10 +108,11 @@ def _check_version(manifest: Any) -> None:
     if not isinstance(manifest, dict):
         raise ManifestError("not a JSON object")
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in SCHEMA_VERSIONS:
         newer = isinstance(version, int) and version > SCHEMA_VERSION
         hint = "update edgeq-runtime" if newer else "recompile the model"
-        raise ManifestError(f"schema version {version!r}; this runtime reads version {SCHEMA_VERSION} ({hint})")
+        readable = " and ".join(map(str, SCHEMA_VERSIONS))
+        raise ManifestError(f"schema version {version!r}; this runtime reads versions {readable} ({hint})")
 
 
 # ---- the schema ---------------------------------------------------------------------------------------------------
@@ -254,3 +269,21 @@ def _check_axis(path: list[str | int], shape: list[int], axis: int | None, scale
         raise _must([*path, "axis"], f"an integer from 0 to {len(shape) - 1} (a dimension of the tensor)", axis)
     if scales not in (1, shape[axis]):
         raise _problem([*path, "scale"], f"must list 1 or {shape[axis]} scales (shape[{axis}]); got {scales}")
+
+
+def _check_command_streams(manifest: dict[str, Any]) -> None:
+    """``npu_command_streams`` only from version 3; distinct regions; each names members of the artifact, distinct."""
+    streams = manifest.get("npu_command_streams")
+    if streams is None:
+        return
+    if manifest["schema_version"] < COMMAND_STREAMS_VERSION:
+        raise _problem(["npu_command_streams"], f"needs schema version {COMMAND_STREAMS_VERSION}; got {manifest['schema_version']}")
+    _check_distinct([(["npu_command_streams", index, "region"], stream["region"]) for index, stream in enumerate(streams)])
+    named = []
+    for index, stream in enumerate(streams):
+        for key in COMMAND_STREAM_MEMBERS:
+            path: list[str | int] = ["npu_command_streams", index, key]
+            if stream[key] not in manifest["members"]:
+                raise _problem(path, f"must name one of the members; got {_shown(stream[key])}")
+            named.append((path, stream[key]))
+    _check_distinct(named)

@@ -8,6 +8,7 @@ import statistics
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,11 @@ from edgeq_runtime.vm import available_cores, load_library, new_vm, pool_threads
 _ARCH_NAMES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 _PORTABLE_TARGETS = {"x86_64": "x86_64 (the x86-64-v3 baseline)", "aarch64": "aarch64"}
 """Per architecture, the target whose artifacts run on any CPU of it that edgeq supports."""
+
+class CommandStreamWarning(UserWarning):
+    """The artifact holds NPU command streams (an Arm Ethos-U build): they need the device; the runtime runs their
+    regions' bit-exact simulation, compiled into the library."""
+
 
 TVM_ALIGNMENT = 64
 """Bytes TVM's compiled kernels assume their tensors' data is aligned to (``kAllocAlignment`` in TVM's
@@ -137,6 +143,14 @@ class Timing:
         return f"latency over {self.runs} runs on {self.threads} thread(s): median {self.median_ms:.3f} ms, min {self.min_ms:.3f} ms"
 
 
+def command_stream_note(target: str, regions: Sequence[str]) -> str:
+    """What running an artifact with command streams means, in one line."""
+    return (
+        f"NPU target {target}: the command streams of {', '.join(regions)} need the NPU itself; here those regions "
+        "run as their bit-exact simulation on the CPU"
+    )
+
+
 def host_arch() -> str:
     """This machine's architecture in the manifest's spelling."""
     return _ARCH_NAMES.get(platform.machine().lower(), platform.machine().lower())
@@ -193,6 +207,8 @@ class Model:
         self.arch: str = manifest["library"]["arch"]
         self.inputs = [TensorInfo.from_manifest(e) for e in manifest["inputs"]]
         self.outputs = [TensorInfo.from_manifest(e) for e in manifest["outputs"]]
+        self.command_stream_regions: list[str] = [s["region"] for s in manifest.get("npu_command_streams", [])]
+        """The NPU regions compiled to a command stream for the device (Vela's, for an Ethos-U target)."""
         self._cleanup = weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
         library = folder / manifest["library"]["member"]
         library.write_bytes(artifact.members[manifest["library"]["member"]])
@@ -255,10 +271,13 @@ class Model:
         _check_runs_here(artifact)
         folder = Path(tempfile.mkdtemp(prefix="edgeq-"))  # a fresh path: the loader caches libraries by path
         try:
-            return cls(artifact, folder, threads)
+            model = cls(artifact, folder, threads)
         except Exception:
             shutil.rmtree(folder, ignore_errors=True)
             raise
+        if model.command_stream_regions:
+            warnings.warn(CommandStreamWarning(command_stream_note(model.target, model.command_stream_regions)), stacklevel=3)
+        return model
 
     def close(self) -> None:
         """Delete the extracted library now (it is also deleted when the model is garbage collected)."""

@@ -74,6 +74,9 @@ class Model {
   const std::string& Target() const;  // the target the artifact was compiled for
   const std::string& Arch() const;    // the architecture of its library
   bool NpuSimulated() const;          // NPU regions run as a simulation on the host CPU
+  // The NPU regions compiled to a command stream for the device (Vela's, for an Arm Ethos-U target): the
+  // command stream needs the NPU itself; Run executes those regions' bit-exact simulation.
+  const std::vector<std::string>& NpuCommandStreams() const;
   int NumThreads() const;             // the threads its parallel kernels run on
 
   // Throws Error unless the model takes `count` inputs.

@@ -7,7 +7,8 @@ artifact with the compiled graph, the kernel each op landed in and the NPU progr
 (:mod:`.artifact`, :mod:`.compiled_graph`, :mod:`.kernel_map`, :mod:`.npu_program`).
 
 NPU hardware does not exist here: NPU regions are compiled for the host CPU as a bit-exact simulation of the
-NPU, and the artifact records the NPU program a driver for real silicon would take.
+NPU, and the artifact records the NPU program a driver for real silicon would take. For an Arm Ethos-U target,
+Vela also compiles each NPU region (as TOSA) into the command stream the NPU runs (:mod:`.vela_regions`).
 """
 
 from __future__ import annotations
@@ -309,8 +310,9 @@ def compile_model(
             ``-O2`` only (they are measured with parallel tiles; ``-O1`` keeps one core).
 
     Raises:
-        CompileError: unsupported ops (named), a model that is not quantized, an unknown optimisation level, a
-            ``tuning_records`` folder without records, or a failure of TVM or the linker (with the region).
+        CompileError: unsupported ops (named), an NPU region Vela refuses (region, op and Vela's reason), a model
+            that is not quantized, an unknown optimisation level, a ``tuning_records`` folder without records, or a
+            failure of TVM or the linker (with the region).
         TargetError, ModelFileError: no target given or recorded, unknown target (listing the known ones),
             unreadable model.
         OutputFileError: ``out`` is the model file itself, or cannot be written (a folder, a device, ...).

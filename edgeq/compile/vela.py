@@ -37,6 +37,7 @@ from edgeq.vela_configs import VelaOptions, vela_version
 RAW_SUFFIX = "_vela.npz"
 PER_LAYER_SUFFIX = "_per-layer.csv"
 TIMEOUT_S = 1800
+"""How long one Vela run may take: a generous bound (the digits CNN compiles in under a second here)."""
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,11 @@ def compile_tosa(graph: TosaGraph, options: VelaOptions, what: str = "the TOSA g
         network = work / "region.tosa"
         network.write_bytes(graph.flatbuffer)
         command = [sys.executable, "-m", "ethosu.vela", *arguments, "--output-dir", str(work / "out"), str(network)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=TIMEOUT_S)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            reason = f"Vela did not finish in {TIMEOUT_S} s"
+            raise VelaRefusal(f"{what}: {reason}", None, (), reason) from None
         if done.returncode != 0:
             raise _refusal(graph, what, done)
         out = work / "out"

@@ -5,6 +5,7 @@ naming the op and Vela's reason."""
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 from models import SmallCNN, integer_model
 from torch import nn
 
-from edgeq.compile.vela import VelaRefusal, compile_tosa, vela_arguments
+from edgeq.compile.vela import VelaLayer, VelaRefusal, refuse_cpu_operators, compile_tosa, vela_arguments
 from edgeq.export.tosa import tosa_graph
 from edgeq.export.tosa.writer import TosaGraph
 from edgeq.quantization import DeQuantStub, QuantStub
@@ -87,3 +88,17 @@ def test_refusal_of_a_broken_graph(digits):
         compile_tosa(broken, load_target("ethos-u65-256").vela)
     assert str(refused.value).startswith("the TOSA graph: Vela refuses the graph: ")
     assert "Traceback" not in str(refused.value) and refused.value.reason
+
+
+def test_operators_left_to_a_cpu_are_a_refusal():
+    """Vela may exit 0 with operators it places on a CPU; TOSA input has no CPU fallback, so they are refused,
+    named by the layers Vela marks CPU (its per-layer Target column) or counted from its summary line."""
+    npu = VelaLayer("conv1.q", "conv1/Relu", "Conv2D", "Conv2D", "NPU", 10, 10, 0, 0, 0, 0, 100, 1.0, 0)
+    cpu = replace(npu, name="up.q", op="up/Resize", original_operator="Resize", operator="Resize", target="CPU")
+    refuse_cpu_operators("region0_npu", "CPU operators = 0 (0.0%)\nNPU operators = 1 (100.0%)", (npu,))
+    with pytest.raises(VelaRefusal) as refused:
+        refuse_cpu_operators("region0_npu", "CPU operators = 1 (50.0%)", (npu, cpu))
+    assert str(refused.value) == "region0_npu: Vela leaves 'up/Resize' (Resize) to a CPU; a TOSA graph has no CPU fallback"
+    assert refused.value.ops == ("up/Resize",) and refused.value.operator == "Resize"
+    with pytest.raises(VelaRefusal, match=r"^region0_npu: Vela leaves 2 operator\(s\) to a CPU; "):
+        refuse_cpu_operators("region0_npu", "CPU operators = 2 (50.0%)", (npu,))

@@ -81,6 +81,8 @@ class VelaLayer:
     op: str | None
     original_operator: str
     operator: str
+    target: str
+    """Where Vela runs the layer: ``NPU`` (``CPU`` makes the compile a :class:`VelaRefusal`)."""
     cycles: int
     npu_cycles: int
     sram_access_cycles: int
@@ -172,11 +174,13 @@ def compile_tosa(graph: TosaGraph, options: VelaOptions, what: str = "the TOSA g
         summaries = list(out.glob(f"region_summary_{options.system_config}.csv"))
         if not summaries:
             raise VelaRefusal(f"{what}: Vela wrote no summary; its output ends: {_last_line(done.stdout)}", None, (), done.stdout)
+        layers = read_layers(out / f"region{PER_LAYER_SUFFIX}", graph)
+        refuse_cpu_operators(what, done.stdout, layers)
         return VelaResult(
             command_stream=read_command_stream(out / f"region{RAW_SUFFIX}"),
             version=vela_version(),
             options=arguments,
-            layers=read_layers(out / f"region{PER_LAYER_SUFFIX}", graph),
+            layers=layers,
             summary=read_summary(summaries[0]),
         )
 
@@ -215,6 +219,7 @@ def read_layers(path: Path, graph: TosaGraph) -> tuple[VelaLayer, ...]:
             op=graph.source_of(row["Name"]),
             original_operator=row["Original Operator"],
             operator=row["NNG Operator"],
+            target=row["Target"],
             cycles=int(row["Op Cycles"]),
             npu_cycles=int(row["NPU"]),
             sram_access_cycles=int(row["SRAM AC"]),
@@ -277,6 +282,26 @@ def _refusal(graph: TosaGraph, what: str, done: subprocess.CompletedProcess) -> 
     else:
         where = "the graph"
     return VelaRefusal(f"{what}: Vela refuses {where}: {reason}", operator, ops, reason)
+
+
+_CPU_OPERATORS = re.compile(r"^CPU operators = (\d+)", re.M)
+
+
+def refuse_cpu_operators(what: str, stdout: str, layers: tuple[VelaLayer, ...]) -> None:
+    """A graph Vela compiled with operators left to a CPU is refused too: TOSA input has no CPU fallback, so those
+    operators would run nowhere.
+
+    Raises:
+        VelaRefusal: naming the layers Vela placed on the CPU and their ops (or their count, when it names none).
+    """
+    counted = _CPU_OPERATORS.search(stdout)
+    on_cpu = [layer for layer in layers if layer.target != "NPU"]
+    if not on_cpu and (counted is None or int(counted.group(1)) == 0):
+        return
+    named = ", ".join(f"'{layer.op or layer.name}' ({layer.original_operator})" for layer in on_cpu)
+    reason = f"Vela leaves {named or counted.group(1) + ' operator(s)'} to a CPU; a TOSA graph has no CPU fallback"
+    ops = tuple(dict.fromkeys(layer.op for layer in on_cpu if layer.op is not None))
+    raise VelaRefusal(f"{what}: {reason}", on_cpu[0].original_operator if on_cpu else None, ops, reason)
 
 
 def ops_writing(graph: TosaGraph, operator: str) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ import torch
 from models import SmallCNN, integer_model
 from torch import nn
 
-from edgeq.compile.vela import VelaLayer, VelaRefusal, refuse_cpu_operators, compile_tosa, vela_arguments
+from edgeq.compile.vela import VelaLayer, VelaRefusal, compile_tosa, refuse_cpu_operators, vela_arguments
 from edgeq.export.tosa import tosa_graph
 from edgeq.export.tosa.writer import TosaGraph
 from edgeq.quantization import DeQuantStub, QuantStub

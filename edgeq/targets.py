@@ -130,6 +130,26 @@ class Hardware(Strict):
     """Fixed cost of each layer: command fetch, descriptor setup, pipeline fill and drain."""
     transition_overhead_ns: NonNegativeCount
     """Fixed cost of each switch between the NPU and its host CPU: driver call, interrupt, cache maintenance."""
+    micro_block: tuple[Count, Count, Count] | None = None
+    """Output micro-block (height, width, channels) the MAC array computes per step, each output summing
+    ``int8_macs_per_cycle / (height x width x channels)`` input channels (Ethos-U: Vela's ``ofm_ublock``). With it
+    the estimator costs NPU layers by blocks (docs/perf.md, "NPU layers by blocks"); without it by alignment."""
+    depthwise_taps_per_step: Count = 1
+    """Kernel taps a depthwise step sums per output (a window pads to a multiple): block model only."""
+    output_ops_per_element: NonNegativeNumber = 0.0
+    """Elementwise-unit operations to scale, round and write one output element of a MAC layer: block model only."""
+    elementwise_ops: dict[str, NonNegativeNumber] = {}
+    """Elementwise-unit operations per output element of each non-MAC op kind (an op missing: 1): block model only."""
+    sram_bandwidth_bytes_per_s: Count | None = None
+    """Feature maps that fit ``sram_bytes`` move at this rate (block model only; else at the DRAM bandwidth)."""
+
+    @field_validator("elementwise_ops")
+    @classmethod
+    def _known_ops(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - {op.value for op in Op})
+        if unknown:
+            raise ValueError(f"elementwise_ops names no op {unknown}; ops: {', '.join(sorted(op.value for op in Op))}")
+        return value
 
     @property
     def peak_int8_ops_per_s(self) -> int:

@@ -93,6 +93,10 @@ def test_unknown_target_lists_known_ones():
         (lambda t: t.replace('groups = "none"', 'groups = "some"'), r"npu.conv2d.groups: Input should be 'any', 'depthwise' or 'none'"),
         (lambda t: t.replace('name = "my-npu"', 'name = "other"'), r"name: 'other' differs from the file name 'my-npu'"),
         (lambda t: t + "\n[hardware\n", r"not valid TOML"),
+        (lambda t: t.replace("clock_hz = 500_000_000", "clock_hz = 500_000_000\nelementwise_ops = { addd = 14 }"),
+         r"hardware.elementwise_ops: elementwise_ops names no op \['addd'\]"),
+        (lambda t: t.replace("clock_hz = 500_000_000", "clock_hz = 500_000_000\nmicro_block = [2, 0, 8]"),
+         r"hardware.micro_block.1: Input should be greater than 0"),
     ],
 )
 def test_malformed_target_files(tmp_path, edit, message):

@@ -48,6 +48,8 @@ def estimate_graph(graph: CompiledGraph, target: Target | None = None, source: s
     if target is not None and target.name != graph.target.name:
         raise EdgeqError(f"{source or 'the graph'} was compiled for {graph.target.name}, not {target.name}; compile it for {target.name}")
     resolved = target or load_target(graph.target.name)
+    if resolved.firmware_host is not None:  # every op on the NPU: no CPU figures
+        return estimate(graph, resolved, None, f"none (the {resolved.firmware_host} runs your firmware)", source)
     figures, cpu_source = host_figures(host_cpu(resolved), recalibrate)
     return estimate(graph, resolved, figures, cpu_source, source)
 

@@ -14,10 +14,12 @@ from edgeq.compile import kernels, kernels_dot_product
 from edgeq.compile.compiled_graph import CompiledGraph, GraphOp
 from edgeq.compile.cpu_features import DOT_PRODUCTS, DotProduct
 from edgeq.compile.layout_plan import is_blocked
+from edgeq.errors import EdgeqError
 from edgeq.op_attrs import Conv2dAttrs, LinearAttrs
 from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable, op_named
+from edgeq.perf.npu_blocks import block_cost, feature_map_rate, fused_activation
 from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
-from edgeq.targets import CpuFigures, Hardware, Target, TargetKind, host_cpu
+from edgeq.targets import HOST_CODE_ADVICE, CpuFigures, Hardware, Target, TargetKind, host_cpu
 
 MS = 1e3
 
@@ -232,11 +234,12 @@ def host_dot_product(graph: CompiledGraph, target: Target) -> DotProduct:
 
 
 class _Estimator:
-    def __init__(self, graph: CompiledGraph, target: Target, cpu: CpuFigures) -> None:
+    def __init__(self, graph: CompiledGraph, target: Target, cpu: CpuFigures | None) -> None:
         self.graph = graph
         self.target = target
         self.cpu = cpu
-        self.dot = host_dot_product(graph, target)
+        self.dot = host_dot_product(graph, target) if target.firmware_host is None else None
+        self.computing_ops = frozenset(op.name for op in graph.ops if op.placement == "NPU" and not view_op(op))
         self.borders = {t for region in graph.regions for t in [*region.inputs, *region.outputs]}
 
     def layer(self, op: GraphOp) -> LayerEstimate:
@@ -272,6 +275,8 @@ class _Estimator:
         hardware = self.target.hardware
         if view_op(op):  # the NPU reads the same bytes with another shape
             return self._estimate(op, False, 0.0, 0.0, 0.0, dram=0)
+        if hardware.micro_block is not None:
+            return self._npu_blocks(op, hardware)
         fused = fused_into_producer(op, self.graph)
         if mac_op(op):
             alignment = getattr(self.target.npu.limits(op.op), "channel_alignment", 1)
@@ -297,7 +302,32 @@ class _Estimator:
             utilisation=utilisation,
         )
 
+    def _npu_blocks(self, op: GraphOp, hardware: Hardware) -> LayerEstimate:
+        """An NPU layer on a block-model NPU (:mod:`.npu_blocks`): compute by blocks, feature maps at the SRAM's or
+        the DRAM's bandwidth, weights at the DRAM's."""
+        if fused_activation(op, self.graph, self.computing_ops):
+            return self._estimate(op, True, 0.0, 0.0, 0.0, dram=0)
+        cost = block_cost(self.graph, op, hardware, mac_op(op))
+        activations = op.bytes_in + op.bytes_out
+        working_set = activations + op.weight_bytes
+        rate = feature_map_rate(hardware, working_set)
+        memory = op.weight_bytes / hardware.dram_bandwidth_bytes_per_s + activations / rate
+        dram = op.weight_bytes + (activations if rate == hardware.dram_bandwidth_bytes_per_s else 0)
+        return self._estimate(
+            op,
+            False,
+            cost.compute_cycles / hardware.clock_hz,
+            memory,
+            hardware.layer_overhead_cycles / hardware.clock_hz,
+            spill=dram - op.weight_bytes,
+            dram=dram,
+            onchip=min(working_set, hardware.sram_bytes),
+            utilisation=cost.utilisation,
+        )
+
     def _cpu(self, op: GraphOp) -> LayerEstimate:
+        if self.cpu is None or self.dot is None:
+            raise EdgeqError(f"op '{op.name}' runs on {self.target.name}'s {self.target.firmware_host}, whose speed edgeq does not model; {HOST_CODE_ADVICE}")
         fused = fused_into_producer(op, self.graph)
         if op.kernel is None:  # a view: no kernel, no cost
             return self._estimate(op, fused, 0.0, 0.0, 0.0, dram=0)
@@ -329,15 +359,16 @@ class _Estimator:
         return found
 
 
-def estimate(graph: CompiledGraph, target: Target, cpu: CpuFigures, cpu_source: str, source: str) -> PerfResult:
-    """Cost every op and transition of ``graph`` on ``target`` (its host CPU at ``cpu``)."""
+def estimate(graph: CompiledGraph, target: Target, cpu: CpuFigures | None, cpu_source: str, source: str) -> PerfResult:
+    """Cost every op and transition of ``graph`` on ``target`` (its host CPU at ``cpu``; None for a target whose host
+    runs the user's firmware, where every op is on the NPU)."""
     estimator = _Estimator(graph, target, cpu)
     layers = [estimator.layer(op) for op in graph.ops]
     transitions = estimator.transitions()
     npu_ms = sum(layer.latency_ms for layer in layers if layer.op.placement == "NPU")
     cpu_ms = sum(layer.latency_ms for layer in layers if layer.op.placement != "NPU")
     transition_ms = sum(t.latency_ms for t in transitions)
-    invocation_ms = cpu.invocation_overhead_ns * 1e-9 * MS
+    invocation_ms = cpu.invocation_overhead_ns * 1e-9 * MS if cpu is not None else 0.0
     latency_ms = npu_ms + cpu_ms + transition_ms + invocation_ms
     first_input = graph.tensors[graph.inputs[0]] if graph.inputs else None
     batch = first_input.shape[0] if first_input is not None and first_input.shape and first_input.shape[0] > 0 else 1
@@ -364,7 +395,7 @@ def estimate(graph: CompiledGraph, target: Target, cpu: CpuFigures, cpu_source: 
     )
     figures = {
         "npu": hardware.model_dump() if hardware is not None else None,
-        "cpu": cpu.model_dump(),
+        "cpu": cpu.model_dump() if cpu is not None else None,
         "cpu_source": cpu_source,
     }
     return PerfResult(source, target.name, figures, summary, layers, transitions, graph)

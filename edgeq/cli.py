@@ -194,6 +194,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 
 def _perf(args: argparse.Namespace, console: Console) -> int:
     from edgeq.perf import perf_model
+    from edgeq.perf.text import perf_region_lines
 
     result = perf_model(args.model, out_dir=args.output, target=args.target, recalibrate=args.recalibrate)
     summary = result.summary
@@ -205,6 +206,8 @@ def _perf(args: argparse.Namespace, console: Console) -> int:
         markup=False,
         soft_wrap=True,
     )
+    for line in perf_region_lines(result):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     console.print(f"wrote {result.report_json} and {result.report_html}", highlight=False, markup=False, soft_wrap=True)
     return 0
 

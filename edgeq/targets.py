@@ -140,6 +140,9 @@ class Hardware(Strict):
     """Elementwise-unit operations to scale, round and write one output element of a MAC layer: block model only."""
     elementwise_ops: dict[str, NonNegativeNumber] = {}
     """Elementwise-unit operations per output element of each non-MAC op kind (an op missing: 1): block model only."""
+    input_reads_per_channels: Count | None = None
+    """A convolution reads its whole input once per block of this many output channels (block model only; without
+    it, once)."""
     sram_bandwidth_bytes_per_s: Count | None = None
     """Feature maps that fit ``sram_bytes`` move at this rate (block model only; else at the DRAM bandwidth)."""
 

@@ -1,16 +1,24 @@
 """edgeq's own Ethos-U estimate (the block model, docs/perf.md) against Vela's, on the digits CNN: the bounds
-docs/perf.md states for it, and a firmware-host target estimated without CPU figures."""
+docs/perf.md states for it, a firmware-host target estimated without CPU figures, and ``edgeq perf``'s Vela
+section for a model (Vela run) and an artifact (the estimate compile stores)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
-from models import SmallCNN, integer_model
+from models import SmallCNN, integer_model, rewrite_artifact
 
+from edgeq.compile import compile_model
+from edgeq.compile.compiled_graph import CompiledGraphError
 from edgeq.compile.graph_source import compiled_graph_of
+from edgeq.export import to_onnx
 from edgeq.export.sources import quantized_form
-from edgeq.perf import estimate_graph
-from edgeq.perf.vela_compare import compare, spearman, vela_regions
+from edgeq.perf import estimate_graph, perf_model
+from edgeq.perf.text import perf_region_lines
+from edgeq.perf.vela_compare import STREAMS_KEY, artifact_vela_regions, compare, spearman, vela_regions
 from edgeq.targets import load_target
 
 DIGITS_ERROR = 0.20
@@ -42,3 +50,53 @@ def test_digits_estimate_against_vela(target_name):
     assert abs(comparison.error) <= DIGITS_ERROR, comparison
     assert comparison.spearman >= DIGITS_SPEARMAN, comparison
     assert {op for group in comparison.groups for op in group.ops} <= {op.name for op in graph.ops}
+
+
+@pytest.fixture(scope="module")
+def digits_u55(tmp_path_factory):
+    """The digits CNN quantized for ethos-u55-128: its QDQ file and its artifact."""
+    folder = tmp_path_factory.mktemp("digits_u55")
+    torch.manual_seed(0)
+    example = torch.randn(1, 1, 8, 8)
+    int_model = integer_model(SmallCNN().eval(), example, "ethos-u55-128")
+    onnx = to_onnx(int_model, (example,), folder / "digits.onnx")
+    artifact = compile_model(onnx, target="ethos-u55-128", out=folder / "digits.edgeq", simulate=True, progress=lambda _: None).artifact
+    return onnx, artifact
+
+
+@pytest.mark.flow
+def test_perf_of_a_model_runs_vela(digits_u55, tmp_path):
+    """A model (not compiled yet): Vela runs on the NPU region's TOSA; report.json, the HTML report and the
+    terminal lines show its estimate beside edgeq's."""
+    result = perf_model(digits_u55[0], out_dir=tmp_path)
+    assert result.vela is not None and result.figures["vela_source"].startswith("Vela run on each NPU region")
+    report = json.loads(result.report_json.read_text())
+    assert report["vela"]["regions"][0]["summary"]["total_cycles"] == result.vela.regions[0].summary.total_cycles
+    assert sum(g["vela"]["cycles"] for g in report["vela"]["groups"]) == sum(layer.cycles for layer in result.vela.regions[0].layers)
+    assert "Vela's estimate of the NPU" in result.report_html.read_text()
+    lines = perf_region_lines(result)
+    assert lines[0].startswith("region0_npu (NPU, 11 ops): edgeq ") and "cycles at 500 MHz" in lines[0]
+    assert any(line.startswith("  conv3/Conv + conv3/Relu: edgeq ") for line in lines)
+
+
+@pytest.mark.flow
+def test_perf_of_an_artifact_reads_the_stored_estimate(digits_u55, tmp_path):
+    """An artifact: Vela's estimate is read from the members compile stores (``npu_command_streams`` in the
+    manifest, ``<region>.vela.json``: what Vela ran gives, read back); an artifact without them says so and has no
+    Vela section."""
+    result = perf_model(digits_u55[1], out_dir=tmp_path / "plain")
+    assert result.vela is None and result.figures["vela_source"].startswith("none: the artifact stores no Vela estimate")
+    ran = perf_model(digits_u55[0], out_dir=tmp_path / "model").vela
+    region = ran.regions[0]
+    estimate = {"region": region.region, "vela_version": region.version, "layers": [dataclasses.asdict(layer) for layer in region.layers],
+                "summary": dataclasses.asdict(region.summary)}  # fmt: skip
+
+    def store(manifest: dict, members: dict) -> None:
+        manifest[STREAMS_KEY] = [{"region": region.region, "estimate": f"{region.region}.vela.json"}]
+        members[f"{region.region}.vela.json"] = json.dumps(estimate).encode()
+
+    stored = rewrite_artifact(digits_u55[1], tmp_path / "stored.edgeq", store)
+    assert artifact_vela_regions(stored) == {region.region: region}
+    broken = rewrite_artifact(stored, tmp_path / "broken.edgeq", lambda manifest, members: members.update({f"{region.region}.vela.json": b"{}"}))
+    with pytest.raises(CompiledGraphError, match=r"broken.edgeq: Vela's estimate of region0_npu cannot be read \('layers'\); compile the model again"):
+        artifact_vela_regions(broken)

@@ -15,13 +15,14 @@ import torch
 from torch import nn
 
 from edgeq.compile.compiled_graph import CompiledGraph
-from edgeq.compile.graph_source import compiled_graph_of
+from edgeq.compile.graph_source import compiled_graph_of, is_artifact
 from edgeq.errors import EdgeqError
-from edgeq.export.sources import ModelLike
+from edgeq.export.sources import ModelLike, quantized_form
 from edgeq.fileio import make_folder
 from edgeq.perf.calibrate import Calibration, calibrate, host_figures
 from edgeq.perf.estimate import estimate
 from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
+from edgeq.perf.vela_compare import artifact_vela_regions, compare, vela_regions
 from edgeq.quantization.integer_model import IntegerModel
 from edgeq.targets import Target, TargetLike, host_cpu, load_target
 
@@ -52,6 +53,25 @@ def estimate_graph(graph: CompiledGraph, target: Target | None = None, source: s
         return estimate(graph, resolved, None, f"none (the {resolved.firmware_host} runs your firmware)", source)
     figures, cpu_source = host_figures(host_cpu(resolved), recalibrate)
     return estimate(graph, resolved, figures, cpu_source, source)
+
+
+def with_vela(result: PerfResult, model: ModelLike, example_inputs: Sequence[torch.Tensor] | None) -> PerfResult:
+    """``result`` with Vela's estimate of its NPU regions beside edgeq's, on a target Vela compiles for: the one an
+    artifact stores, or for a model, Vela run on each NPU region's TOSA graph (the Vela driver). Where it comes
+    from is ``figures["vela_source"]``."""
+    target = load_target(result.graph.target.name)
+    if target.vela is None or not any(region.placement == "NPU" for region in result.graph.regions):
+        return result
+    if is_artifact(model):
+        regions = artifact_vela_regions(model)
+        stored = "stored in the artifact by edgeq compile"
+        source = stored if regions is not None else "none: the artifact stores no Vela estimate (compile the model again to store it)"
+    else:
+        found = quantized_form(model, example_inputs)
+        regions = vela_regions(found[0], result.graph, target) if found is not None else None
+        source = "Vela run on each NPU region's TOSA graph for this estimate"
+    figures = {**result.figures, "vela_source": source}
+    return dataclasses.replace(result, figures=figures, vela=compare(result, regions) if regions is not None else None)
 
 
 def perf_model(
@@ -96,6 +116,7 @@ def perf_model(
     resolved = load_target(target) if target is not None else None
     graph = compiled_graph_of(model, example_inputs, resolved)
     result = estimate_graph(graph, resolved, str(model) if isinstance(model, (str, Path)) else type(model).__name__, recalibrate)
+    result = with_vela(result, model, example_inputs)
     out = make_folder(out_dir)
     from edgeq.report import layer_accuracy, write_report  # the report renders PerfResult: imported on use
 

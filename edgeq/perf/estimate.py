@@ -17,7 +17,7 @@ from edgeq.compile.layout_plan import is_blocked
 from edgeq.errors import EdgeqError
 from edgeq.op_attrs import Conv2dAttrs, LinearAttrs
 from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable, op_named
-from edgeq.perf.npu_blocks import block_cost, feature_map_rate, fused_activation
+from edgeq.perf.npu_blocks import block_cost, feature_map_bytes, feature_map_rate, fused_activation
 from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
 from edgeq.targets import HOST_CODE_ADVICE, CpuFigures, Hardware, Target, TargetKind, host_cpu
 
@@ -308,8 +308,8 @@ class _Estimator:
         if fused_activation(op, self.graph, self.computing_ops):
             return self._estimate(op, True, 0.0, 0.0, 0.0, dram=0)
         cost = block_cost(self.graph, op, hardware, mac_op(op))
-        activations = op.bytes_in + op.bytes_out
-        working_set = activations + op.weight_bytes
+        activations = feature_map_bytes(op, hardware, mac_op(op))
+        working_set = op.bytes_in + op.bytes_out + op.weight_bytes
         rate = feature_map_rate(hardware, working_set)
         memory = op.weight_bytes / hardware.dram_bandwidth_bytes_per_s + activations / rate
         dram = op.weight_bytes + (activations if rate == hardware.dram_bandwidth_bytes_per_s else 0)

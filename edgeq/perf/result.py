@@ -13,6 +13,7 @@ from typing import Any
 
 from edgeq.compile.compiled_graph import CompiledGraph, GraphOp
 from edgeq.fileio import atomic_write
+from edgeq.perf.vela_compare import VelaComparison
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -132,6 +133,8 @@ class PerfResult:
         graph: the compiled graph the estimate is made from (not part of ``to_dict``: ``graph.json``).
         report_json: where ``report.json`` was written (None when not written).
         report_html: where ``report.html`` was written (None when not written).
+        vela: on an Ethos-U target, Vela's estimate of the NPU regions beside edgeq's (per layer, per op group and
+            in total; ``figures["vela_source"]`` says where it comes from), else None.
         accuracy: per-layer accuracy (:class:`edgeq.report.LayerAccuracy`, in the integer graph's order) when
             ``perf_model`` was given the float model, else None.
     """
@@ -146,6 +149,7 @@ class PerfResult:
     report_json: Path | None = None
     report_html: Path | None = None
     accuracy: list[Any] | None = field(default=None, repr=False, compare=False)
+    vela: VelaComparison | None = None
 
     def to_dict(self, layer_details: bool = True) -> dict[str, Any]:
         """``report.json``: schema version, source, target, figures, summary, transitions and (with
@@ -160,6 +164,8 @@ class PerfResult:
         }
         if layer_details:
             data["layers"] = [layer.to_dict() for layer in self.layers]
+        if self.vela is not None:
+            data["vela"] = self.vela.to_dict()
         return data
 
     def write_json(self, path: str | Path, layer_details: bool = True) -> Path:

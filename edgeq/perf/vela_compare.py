@@ -5,46 +5,107 @@ correlation of the groups (docs/perf.md, "Against Vela").
 
 from __future__ import annotations
 
+import json
+import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeq.compile.compiled_graph import CompiledGraph
-from edgeq.compile.vela import VelaLayer, VelaResult, compile_tosa
+from edgeq.compile.artifact import MANIFEST
+from edgeq.compile.compiled_graph import CompiledGraph, CompiledGraphError
+from edgeq.compile.vela import VelaLayer, VelaSummary, compile_tosa
 from edgeq.errors import EdgeqError
 from edgeq.export.onnx_reader import QDQModel
 from edgeq.export.tosa.writer import build_tosa
-from edgeq.perf.result import PerfResult
 from edgeq.targets import Target
+
+if TYPE_CHECKING:
+    from edgeq.perf.result import PerfResult
 
 MS = 1e3
 
 
 @dataclass(frozen=True)
+class VelaRegion:
+    """Vela's estimate of one NPU region: its per-layer table (each layer with the op of edgeq's graph that wrote
+    it) and its summary (cycles, inference time at the clock, SRAM / DRAM / flash used), from Vela ``version``."""
+
+    region: str
+    version: str
+    layers: tuple[VelaLayer, ...]
+    summary: VelaSummary
+
+
+@dataclass(frozen=True)
+class VelaCycles:
+    """Vela's cycles of some layers: in all (``cycles``, at the clock ``time_ms``), the NPU's own, and the memory
+    access cycles of the SRAM, the DRAM and flash (on and off chip), summed over the layers."""
+
+    cycles: int = 0
+    npu_cycles: int = 0
+    sram_access_cycles: int = 0
+    dram_access_cycles: int = 0
+    flash_access_cycles: int = 0
+    time_ms: float = 0.0
+
+    def plus(self, layer: VelaLayer, clock_hz: float) -> VelaCycles:
+        """These cycles and ``layer``'s."""
+        return VelaCycles(
+            self.cycles + layer.cycles,
+            self.npu_cycles + layer.npu_cycles,
+            self.sram_access_cycles + layer.sram_access_cycles,
+            self.dram_access_cycles + layer.dram_access_cycles,
+            self.flash_access_cycles + layer.on_chip_flash_access_cycles + layer.off_chip_flash_access_cycles,
+            self.time_ms + layer.cycles / clock_hz * MS,
+        )
+
+    def __add__(self, other: VelaCycles) -> VelaCycles:
+        return VelaCycles(*(getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__))
+
+
+@dataclass(frozen=True)
 class OpGroup:
     """Ops of one NPU region Vela runs as one layer (an activation in its producer's output stage), with edgeq's
-    estimate and Vela's, in milliseconds."""
+    estimate (milliseconds) and Vela's."""
 
     ops: tuple[str, ...]
     estimated_ms: float
-    vela_ms: float
+    vela: VelaCycles
+
+    @property
+    def vela_ms(self) -> float:
+        return self.vela.time_ms
 
 
 @dataclass(frozen=True)
 class VelaComparison:
     """edgeq's estimate of the NPU regions against Vela's: totals, the error ``estimated / vela - 1``, Spearman's
-    rank correlation over the groups either side costs, and the groups."""
+    rank correlation over the groups either side costs, the groups, and Vela's regions."""
 
     estimated_ms: float
     vela_ms: float
     error: float
     spearman: float
     groups: tuple[OpGroup, ...]
+    regions: tuple[VelaRegion, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``report.json``'s ``vela``: totals, error, Spearman, each region's summary and layers, the groups."""
+        return {
+            "estimated_ms": self.estimated_ms,
+            "vela_ms": self.vela_ms,
+            "error": self.error,
+            "spearman": self.spearman,
+            "regions": [asdict(region) for region in self.regions],
+            "groups": [asdict(group) for group in self.groups],
+        }
 
 
-def vela_regions(qdq: QDQModel, graph: CompiledGraph, target: Target) -> dict[str, VelaResult]:
-    """Vela's result for each NPU region of ``graph`` (compiled from ``qdq`` for ``target``): the region's ops
+def vela_regions(qdq: QDQModel, graph: CompiledGraph, target: Target) -> dict[str, VelaRegion]:
+    """Vela's estimate of each NPU region of ``graph`` (compiled from ``qdq`` for ``target``): the region's ops
     written as TOSA and compiled by the Vela driver.
 
     Raises:
@@ -52,19 +113,48 @@ def vela_regions(qdq: QDQModel, graph: CompiledGraph, target: Target) -> dict[st
     """
     if target.vela is None:
         raise EdgeqError(f"{target.name} has no [vela] section: Vela compiles for the Ethos-U targets only")
-    return {
-        region.name: compile_tosa(build_tosa(qdq, region.ops), target.vela, region.name)
-        for region in graph.regions
-        if region.placement == "NPU"
-    }
+    found = {}
+    for region in (r for r in graph.regions if r.placement == "NPU"):
+        result = compile_tosa(build_tosa(qdq, region.ops), target.vela, region.name)
+        found[region.name] = VelaRegion(region.name, result.version, result.layers, result.summary)
+    return found
 
 
-def cycles_per_op(layers: Sequence[VelaLayer]) -> dict[str, int]:
-    """Vela's cycles of each op of edgeq's graph: the layers it wrote, summed (layers of no op left out)."""
-    found: dict[str, int] = {}
-    for layer in layers:
+STREAMS_KEY = "npu_command_streams"
+"""The manifest's list of NPU regions Vela compiled, each naming its ``estimate`` member (``<region>.vela.json``:
+Vela's ``layers`` and ``summary`` as the driver's types)."""
+
+
+def artifact_vela_regions(path: str | Path) -> dict[str, VelaRegion] | None:
+    """Vela's estimate of each NPU region an artifact stores (compile keeps it beside the command stream), or None
+    for an artifact that stores none (built before command streams were kept, or for a target without Vela).
+
+    Raises:
+        CompiledGraphError: an estimate member that is missing or cannot be read.
+    """
+    with zipfile.ZipFile(path) as archive:
+        streams = json.loads(archive.read(MANIFEST)).get(STREAMS_KEY)
+        if not streams:
+            return None
+        found = {}
+        for stream in streams:
+            try:
+                data = json.loads(archive.read(stream["estimate"]))
+                layers = tuple(VelaLayer(**layer) for layer in data["layers"])
+                found[stream["region"]] = VelaRegion(stream["region"], data["vela_version"], layers, VelaSummary(**data["summary"]))
+            except (KeyError, TypeError, ValueError) as error:
+                what = stream.get("region", "an NPU region")
+                raise CompiledGraphError(f"{path}: Vela's estimate of {what} cannot be read ({error}); compile the model again") from None
+    return found
+
+
+def cycles_per_op(region: VelaRegion) -> dict[str, VelaCycles]:
+    """Vela's cycles of each op of edgeq's graph in a region: the layers it wrote, summed (layers of no op left
+    out)."""
+    found: dict[str, VelaCycles] = {}
+    for layer in region.layers:
         if layer.op is not None:
-            found[layer.op] = found.get(layer.op, 0) + layer.cycles
+            found[layer.op] = found.get(layer.op, VelaCycles()).plus(layer, region.summary.clock_hz)
     return found
 
 
@@ -94,23 +184,20 @@ def _groups(graph: CompiledGraph, vela_ms: Mapping[str, float], estimated: Mappi
     return list(groups.values())
 
 
-def compare(result: PerfResult, vela: Mapping[str, VelaResult]) -> VelaComparison:
-    """Compare ``result``'s NPU layers with Vela's results for the regions they are in (``vela``: by region name)."""
-    hz = {region: compiled.summary.clock_hz for region, compiled in vela.items()}
-    vela_ms: dict[str, float] = {}
-    for region, compiled in vela.items():
-        for op, cycles in cycles_per_op(compiled.layers).items():
-            vela_ms[op] = vela_ms.get(op, 0.0) + cycles / hz[region] * MS
+def compare(result: PerfResult, vela: Mapping[str, VelaRegion]) -> VelaComparison:
+    """Compare ``result``'s NPU layers with Vela's estimates of the regions they are in (``vela``: by region)."""
+    per_op = {op: cycles for region in vela.values() for op, cycles in cycles_per_op(region).items()}
     estimated = {layer.op.name: layer.latency_ms for layer in result.layers if layer.op.region in vela}
     groups = [
-        OpGroup(tuple(ops), sum(estimated[o] for o in ops), sum(vela_ms.get(o, 0.0) for o in ops))
-        for ops in _groups(result.graph, vela_ms, estimated)
+        OpGroup(tuple(ops), sum(estimated[o] for o in ops), sum((per_op.get(o, VelaCycles()) for o in ops), VelaCycles()))
+        for ops in _groups(result.graph, {op: c.time_ms for op, c in per_op.items()}, estimated)
     ]
-    costed = [g for g in groups if g.estimated_ms > 0 or g.vela_ms > 0]
+    costed = tuple(g for g in groups if g.estimated_ms > 0 or g.vela_ms > 0)
     total_estimated = sum(estimated.values())
-    total_vela = sum(compiled.summary.inference_time_s * MS for compiled in vela.values())
+    total_vela = sum(region.summary.inference_time_s * MS for region in vela.values())
     rho = spearman([g.estimated_ms for g in costed], [g.vela_ms for g in costed]) if len(costed) > 1 else 1.0
-    return VelaComparison(total_estimated, total_vela, total_estimated / total_vela - 1, rho, tuple(costed))
+    error = total_estimated / total_vela - 1 if total_vela > 0 else 0.0
+    return VelaComparison(total_estimated, total_vela, error, rho, costed, tuple(vela.values()))
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:

@@ -29,7 +29,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,28 +40,10 @@ from edgeq.compile import compile_model  # noqa: E402
 from edgeq.compile.compiled_graph import CompiledGraph  # noqa: E402
 from edgeq.perf.calibrate import calibrate_alongside  # noqa: E402
 from edgeq.perf.estimate import estimate  # noqa: E402
+from edgeq.perf.vela_compare import spearman  # noqa: E402
 from edgeq.targets import load_target  # noqa: E402
 
 TARGET = "x86_64-native"
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman's rank correlation (scipy's when installed; else Pearson's correlation of average ranks)."""
-    try:
-        from scipy.stats import spearmanr
-    except ImportError:
-        return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
-    return float(spearmanr(a, b).statistic)
-
-
-def _ranks(values: list[float]) -> np.ndarray:
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(len(values))
-    for value in set(values):  # ties share their average rank
-        tied = np.asarray(values) == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
 
 
 def _digits() -> tuple[torch.nn.Module, torch.Tensor]:

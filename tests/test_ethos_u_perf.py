@@ -4,7 +4,6 @@ section for a model (Vela run) and an artifact (the estimate compile stores)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -18,7 +17,7 @@ from edgeq.export import to_onnx
 from edgeq.export.sources import quantized_form
 from edgeq.perf import estimate_graph, perf_model
 from edgeq.perf.text import perf_region_lines
-from edgeq.perf.vela_compare import STREAMS_KEY, artifact_vela_regions, compare, spearman, vela_regions
+from edgeq.perf.vela_compare import artifact_vela_regions, compare, spearman, vela_regions
 from edgeq.targets import load_target
 
 DIGITS_ERROR = 0.20
@@ -81,22 +80,14 @@ def test_perf_of_a_model_runs_vela(digits_u55, tmp_path):
 
 @pytest.mark.flow
 def test_perf_of_an_artifact_reads_the_stored_estimate(digits_u55, tmp_path):
-    """An artifact: Vela's estimate is read from the members compile stores (``npu_command_streams`` in the
-    manifest, ``<region>.vela.json``: what Vela ran gives, read back); an artifact without them says so and has no
-    Vela section."""
-    result = perf_model(digits_u55[1], out_dir=tmp_path / "plain")
-    assert result.vela is None and result.figures["vela_source"].startswith("none: the artifact stores no Vela estimate")
+    """An artifact: Vela's estimate is the one compile stored (``npu_command_streams`` in the manifest,
+    ``<region>.vela.json``), equal to Vela run on the model; a damaged one is one error naming the region."""
     ran = perf_model(digits_u55[0], out_dir=tmp_path / "model").vela
-    region = ran.regions[0]
-    estimate = {"region": region.region, "vela_version": region.version, "layers": [dataclasses.asdict(layer) for layer in region.layers],
-                "summary": dataclasses.asdict(region.summary)}  # fmt: skip
-
-    def store(manifest: dict, members: dict) -> None:
-        manifest[STREAMS_KEY] = [{"region": region.region, "estimate": f"{region.region}.vela.json"}]
-        members[f"{region.region}.vela.json"] = json.dumps(estimate).encode()
-
-    stored = rewrite_artifact(digits_u55[1], tmp_path / "stored.edgeq", store)
-    assert artifact_vela_regions(stored) == {region.region: region}
-    broken = rewrite_artifact(stored, tmp_path / "broken.edgeq", lambda manifest, members: members.update({f"{region.region}.vela.json": b"{}"}))
+    result = perf_model(digits_u55[1], out_dir=tmp_path / "artifact")
+    assert result.figures["vela_source"] == "stored in the artifact by edgeq compile"
+    assert result.vela == ran
+    assert artifact_vela_regions(digits_u55[1]) == {region.region: region for region in ran.regions}
+    member = f"{ran.regions[0].region}.vela.json"
+    broken = rewrite_artifact(digits_u55[1], tmp_path / "broken.edgeq", lambda manifest, members: members.update({member: b"{}"}))
     with pytest.raises(CompiledGraphError, match=r"broken.edgeq: Vela's estimate of region0_npu cannot be read \('layers'\); compile the model again"):
         artifact_vela_regions(broken)

@@ -90,6 +90,7 @@ def run_artifact(
             path resolving outside it, a runtime that is not built, or a failed run (with its message).
     """
     from edgeq_runtime import Artifact, ArtifactError
+    from edgeq_runtime.manifest import COMMAND_STREAMS_KEY
     from edgeq_runtime.model import command_stream_note, host_arch
 
     try:
@@ -104,8 +105,8 @@ def run_artifact(
     emulated = arch != host_arch()
     if manifest.get("npu_execution"):
         say(f"NPU target {manifest['target']['name']}: NPU regions run as a bit-exact simulation on the CPU")
-    if "npu_command_streams" in manifest:
-        say(command_stream_note(manifest["target"]["name"], [s["region"] for s in manifest["npu_command_streams"]]))
+    if COMMAND_STREAMS_KEY in manifest:
+        say(command_stream_note(manifest["target"]["name"], [s["region"] for s in manifest[COMMAND_STREAMS_KEY]]))
     if emulated and runtime == "python":
         say(f"the artifact is built for {arch}: running it with the C++ runtime")
         runtime = "cpp"

@@ -20,6 +20,7 @@ from edgeq.errors import CompileError, ExportError
 from edgeq.export.onnx_reader import QDQModel
 from edgeq.export.tosa.writer import TosaGraph, build_tosa
 from edgeq.targets import Target
+from edgeq_runtime.manifest import COMMAND_STREAMS_KEY
 from edgeq_runtime.model import command_stream_note
 
 
@@ -135,7 +136,7 @@ def _localized(qdq: QDQModel, region: Region, target: Target, refusal: VelaRefus
 
 def command_stream_manifest(streams: list[RegionCommandStream]) -> dict[str, Any]:
     """The manifest's ``npu_command_streams`` (nothing for a build without them)."""
-    return {"npu_command_streams": [s.manifest_entry() for s in streams]} if streams else {}
+    return {COMMAND_STREAMS_KEY: [s.manifest_entry() for s in streams]} if streams else {}
 
 
 def command_stream_members(streams: list[RegionCommandStream]) -> dict[str, bytes]:

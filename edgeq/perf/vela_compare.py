@@ -21,6 +21,7 @@ from edgeq.errors import EdgeqError
 from edgeq.export.onnx_reader import QDQModel
 from edgeq.export.tosa.writer import build_tosa
 from edgeq.targets import Target
+from edgeq_runtime.manifest import COMMAND_STREAMS_KEY
 
 if TYPE_CHECKING:
     from edgeq.perf.result import PerfResult
@@ -120,10 +121,6 @@ def vela_regions(qdq: QDQModel, graph: CompiledGraph, target: Target) -> dict[st
     return found
 
 
-STREAMS_KEY = "npu_command_streams"
-"""The manifest's list of NPU regions Vela compiled, each naming its ``estimate`` member (``<region>.vela.json``:
-Vela's ``layers`` and ``summary`` as the driver's types)."""
-
 
 def artifact_vela_regions(path: str | Path) -> dict[str, VelaRegion] | None:
     """Vela's estimate of each NPU region an artifact stores (compile keeps it beside the command stream), or None
@@ -133,7 +130,7 @@ def artifact_vela_regions(path: str | Path) -> dict[str, VelaRegion] | None:
         CompiledGraphError: an estimate member that is missing or cannot be read.
     """
     with zipfile.ZipFile(path) as archive:
-        streams = json.loads(archive.read(MANIFEST)).get(STREAMS_KEY)
+        streams = json.loads(archive.read(MANIFEST)).get(COMMAND_STREAMS_KEY)
         if not streams:
             return None
         found = {}

@@ -27,6 +27,8 @@ SCHEMA_VERSIONS: tuple[int, ...] = tuple(SCHEMA["properties"]["schema_version"][
 """The versions this runtime reads: 2, and 3 (version 2 with ``npu_command_streams``, an Ethos-U build's)."""
 SCHEMA_VERSION: int = max(SCHEMA_VERSIONS)
 """The newest version this runtime reads."""
+COMMAND_STREAMS_KEY = "npu_command_streams"
+"""The manifest key listing an NPU build's command streams (compile writes it; the runtimes, run and perf read it)."""
 COMMAND_STREAMS_VERSION = 3
 """The first version with ``npu_command_streams``."""
 COMMAND_STREAM_MEMBERS = ("tosa", "command_stream", "weights", "estimate")
@@ -61,7 +63,7 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
 def schema_version(manifest: Mapping[str, Any]) -> int:
     """The version a manifest is written with: 3 with ``npu_command_streams``, else 2 (the artifacts of every other
     build stay readable by version-2 runtimes)."""
-    return COMMAND_STREAMS_VERSION if "npu_command_streams" in manifest else min(SCHEMA_VERSIONS)
+    return COMMAND_STREAMS_VERSION if COMMAND_STREAMS_KEY in manifest else min(SCHEMA_VERSIONS)
 
 
 # ---- JSON ---------------------------------------------------------------------------------------------------------
@@ -273,16 +275,16 @@ def _check_axis(path: list[str | int], shape: list[int], axis: int | None, scale
 
 def _check_command_streams(manifest: dict[str, Any]) -> None:
     """``npu_command_streams`` only from version 3; distinct regions; each names members of the artifact, distinct."""
-    streams = manifest.get("npu_command_streams")
+    streams = manifest.get(COMMAND_STREAMS_KEY)
     if streams is None:
         return
     if manifest["schema_version"] < COMMAND_STREAMS_VERSION:
-        raise _problem(["npu_command_streams"], f"needs schema version {COMMAND_STREAMS_VERSION}; got {manifest['schema_version']}")
-    _check_distinct([(["npu_command_streams", index, "region"], stream["region"]) for index, stream in enumerate(streams)])
+        raise _problem([COMMAND_STREAMS_KEY], f"needs schema version {COMMAND_STREAMS_VERSION}; got {manifest['schema_version']}")
+    _check_distinct([([COMMAND_STREAMS_KEY, index, "region"], stream["region"]) for index, stream in enumerate(streams)])
     named = []
     for index, stream in enumerate(streams):
         for key in COMMAND_STREAM_MEMBERS:
-            path: list[str | int] = ["npu_command_streams", index, key]
+            path: list[str | int] = [COMMAND_STREAMS_KEY, index, key]
             if stream[key] not in manifest["members"]:
                 raise _problem(path, f"must name one of the members; got {_shown(stream[key])}")
             named.append((path, stream[key]))

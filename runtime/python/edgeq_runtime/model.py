@@ -19,6 +19,7 @@ import numpy as np
 
 from edgeq_runtime.artifact import Artifact, ArtifactError
 from edgeq_runtime.cpu import missing_features
+from edgeq_runtime.manifest import COMMAND_STREAMS_KEY
 from edgeq_runtime.vm import available_cores, load_library, new_vm, pool_threads, thread_count, use_threads
 
 _ARCH_NAMES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
@@ -207,7 +208,7 @@ class Model:
         self.arch: str = manifest["library"]["arch"]
         self.inputs = [TensorInfo.from_manifest(e) for e in manifest["inputs"]]
         self.outputs = [TensorInfo.from_manifest(e) for e in manifest["outputs"]]
-        self.command_stream_regions: list[str] = [s["region"] for s in manifest.get("npu_command_streams", [])]
+        self.command_stream_regions: list[str] = [s["region"] for s in manifest.get(COMMAND_STREAMS_KEY, [])]
         """The NPU regions compiled to a command stream for the device (Vela's, for an Ethos-U target)."""
         self._cleanup = weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
         library = folder / manifest["library"]["member"]

@@ -20,6 +20,12 @@ artifact's accuracy with the Python runtime and checks that every artifact equal
 runtime on every test image; C++ runtime on one, the aarch64 artifact under qemu), and, as the seed ends,
 estimates the board's latency (``perf/report.json`` and ``perf/report.html``, with each layer's accuracy against
 the float model) and draws the compiled graph (``model.svg``).
+
+On an Arm Ethos-U target (``--target ethos-u65-256``: one whose file has a ``[vela]`` section) the compile stage
+also writes ``model.tosa`` (the integer model as TOSA 1.0), checks that the TOSA reference model equals the integer
+model on every test image (its logits in ``tosa-reference.npy``) and prints Vela's estimate of each NPU region.
+A target whose host is a microcontroller running your firmware (``ethos-u55-128``: ``firmware_host``) gets no
+board library: every op runs on the NPU, and ``digits-x86_64.edgeq`` simulates it on this machine.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -51,6 +58,10 @@ from edgeq.quantization import (
     prepare_qat_fx,
     set_fake_quantize,
 )
+
+if TYPE_CHECKING:
+    from edgeq.compile import CompileResult
+    from edgeq.targets import Target
 
 STAGES = ("float", "calib", "qat", "int_infer", "compile")
 
@@ -249,29 +260,85 @@ def compile_stage(
     integer: IntegerModel, workdir: Path, target: str, test_x: torch.Tensor, test_y: torch.Tensor, network: str
 ) -> float:
     """Export, check, compile for the board and for this machine, run every artifact with both runtimes and compare
-    it with the integer model, then the perf report and the graph; the artifact's accuracy on the test set."""
+    it with the integer model (and, for an Ethos-U target, with the TOSA reference model and Vela's estimate), then
+    the perf report and the graph; the artifact's accuracy on the test set."""
     from edgeq.check import check_model
     from edgeq.compile import compile_model
     from edgeq.export import save_torchscript, to_onnx
+    from edgeq.targets import load_target
 
     example = (normalise(test_x[:1]),)
     save_torchscript(integer, example, workdir / "int_model.pt")
     onnx_path = to_onnx(integer, example, workdir / "model.onnx")
     report = check_model(onnx_path, target=target)
     print("\n".join(f"  check: {line}" for line in report.summary_lines()))
-    board = compile_model(onnx_path, out=workdir / "digits.edgeq", progress=lambda line: print(f"  compile: {line}"))
-    here = compile_model(onnx_path, out=workdir / "digits-x86_64.edgeq", simulate=True, progress=lambda line: None)
-    print(f"  compiled {board.artifact.name} ({board.arch}) and {here.artifact.name} ({here.arch}); "
-          f"{board.report.summary.verdict}; {sum(board.seconds.values()):.1f} s")
-    correct = compare_artifacts(integer, board.artifact, here.artifact, workdir, test_x, test_y)
-    perf_stage(board.artifact, integer, workdir, normalise(test_x[:64]), float_model(workdir, True, network))
+    resolved = load_target(target)
+
+    def progress(line: str) -> None:
+        print(f"  compile: {line}")
+
+    board = None
+    if resolved.firmware_host is None:
+        board = compile_model(onnx_path, out=workdir / "digits.edgeq", progress=progress)
+    here = compile_model(onnx_path, out=workdir / "digits-x86_64.edgeq", simulate=True, progress=progress if board is None else lambda line: None)
+    if board is not None:
+        print(f"  compiled {board.artifact.name} ({board.arch}) and {here.artifact.name} ({here.arch}); "
+              f"{board.report.summary.verdict}; {sum(board.seconds.values()):.1f} s")
+    else:
+        print(f"  compiled {here.artifact.name} ({here.arch}); {here.report.summary.verdict}; {sum(here.seconds.values()):.1f} s; "
+              f"no board library: {resolved.name}'s host is a {resolved.firmware_host} running your firmware, which edgeq "
+              f"builds no code for, so every op runs on the NPU and {here.artifact.name} simulates it on this machine")
+    if resolved.vela is not None:
+        tosa_stage(integer, workdir, test_x)
+        vela_stage(onnx_path, here, resolved)
+    correct = compare_artifacts(integer, board.artifact if board else None, here.artifact, workdir, test_x, test_y)
+    perf_stage((board or here).artifact, integer, workdir, normalise(test_x[:64]), float_model(workdir, True, network))
     return 100.0 * correct / len(test_x)
 
 
-def compare_artifacts(integer: IntegerModel, board: Path, here: Path, workdir: Path, test_x: torch.Tensor, test_y: torch.Tensor) -> int:
+def tosa_stage(integer: IntegerModel, workdir: Path, test_x: torch.Tensor) -> None:
+    """Write the integer model as ``model.tosa`` (batch 1, NHWC input) and print whether the TOSA reference model,
+    given every test image at once (the same graph at the test set's batch), equals the integer model; its logits
+    go to ``tosa-reference.npy``."""
+    from edgeq.export.tosa import to_tosa, tosa_graph
+    from edgeq.export.tosa.reference import run_reference
+
+    graph = to_tosa(integer, (normalise(test_x[:1]),), workdir / "model.tosa")
+    print(f"  wrote model.tosa: TOSA 1.0, {len(graph.operators)} operators, input {graph.inputs[0].shape} NHWC, "
+          f"output {graph.outputs[0].shape} {graph.outputs[0].dtype}")
+    (reference,) = run_reference(tosa_graph(integer, (normalise(test_x),)), [raw_pixels(test_x).numpy()])
+    np.save(workdir / "tosa-reference.npy", reference)
+    expected = integer.run_integer(normalise(test_x)).numpy()
+    print(f"  the integer model equals the TOSA reference model on all {len(test_x)} test images: "
+          f"{bool(np.array_equal(reference, expected))}")
+
+
+def vela_stage(onnx_path: Path, compiled: CompileResult, target: Target) -> None:
+    """Compile each NPU region of ``compiled`` with Vela for the target's ``[vela]`` options and print Vela's
+    summary: NPU cycles, inference time at the NPU's clock, memory used."""
+    from edgeq.check.report import Placement
+    from edgeq.compile.vela import compile_tosa
+    from edgeq.export import load_model_file
+    from edgeq.export.tosa import build_tosa
+
+    qdq = load_model_file(onnx_path)
+    for region in compiled.partition.regions:
+        if region.placement is Placement.NPU:
+            result = compile_tosa(build_tosa(qdq, region.nodes), target.vela, region.name)
+            summary = result.summary
+            print(f"  vela: {region.name} ({len(region.nodes)} op{'s' if len(region.nodes) != 1 else ''}) on {target.vela.accelerator_config}: "
+                  f"{summary.npu_cycles} NPU cycles ({summary.total_cycles} with memory access), {summary.inference_time_s * 1e3:.4f} ms at "
+                  f"{summary.clock_hz / 1e6:.0f} MHz, SRAM {summary.sram_bytes / 1024:.1f} KiB, DRAM "
+                  f"{summary.dram_bytes / 1024:.1f} KiB, flash {(summary.on_chip_flash_bytes + summary.off_chip_flash_bytes) / 1024:.1f} KiB "
+                  f"(Vela {result.version}; the command stream itself needs the device)")
+
+
+def compare_artifacts(
+    integer: IntegerModel, board: Path | None, here: Path, workdir: Path, test_x: torch.Tensor, test_y: torch.Tensor
+) -> int:
     """Run this machine's artifact with the Python runtime on every test image and with the C++ runtime on one, and
-    the board's aarch64 artifact with the C++ runtime under qemu; print whether each equals the integer model.
-    Returns how many test images the Python runtime classified right."""
+    the board's aarch64 artifact (if any) with the C++ runtime under qemu; print whether each equals the integer
+    model. Returns how many test images the Python runtime classified right."""
     from edgeq.run import run_artifact
     from edgeq_runtime import Model
 
@@ -286,6 +353,8 @@ def compare_artifacts(integer: IntegerModel, board: Path, here: Path, workdir: P
     print(f"  {here.name} with the Python runtime equals the integer model on all {len(test_x)} test images: {same}")
     np.save(workdir / "pixel0.npy", raw_pixels(test_x[:1]).numpy())
     for artifact, folder in ((here, "cpp-x86_64"), (board, "cpp-aarch64")):
+        if artifact is None:
+            continue
         result = run_artifact(artifact, [str(workdir / "pixel0.npy")], workdir / folder, "cpp", raw=True, say=lambda line: print(f"  run: {line}"))
         output = np.load(next(iter(result.outputs.values())))
         print(f"  {artifact.name} with the C++ runtime{' under qemu' if artifact == board else ''} equals the integer model: "
@@ -333,9 +402,22 @@ def main() -> None:
     if "float" in results and "int_infer" in results:
         print(f"integer model vs float: {results['int_infer'] - results['float']:+.2f} points")
     if args.stage in ("all", "compile"):
-        print(f"\nin {args.workdir}/: int_model.pt and model.onnx (the integer model), digits.edgeq (the {args.target} "
-              "board's artifact, aarch64) and digits-x86_64.edgeq (this machine's), perf/report.html and perf/report.json "
-              "(the perf report with per-layer accuracy), model.svg (the compiled graph)")
+        print(f"\nin {args.workdir}/: {', '.join(compiled_files(args.target))}")
+
+
+def compiled_files(target: str) -> list[str]:
+    """What the compile stage leaves in the work folder for ``target``, each with what it is."""
+    from edgeq.targets import load_target
+
+    resolved = load_target(target)
+    files = ["int_model.pt and model.onnx (the integer model)"]
+    if resolved.vela is not None:
+        files.append("model.tosa (the integer model as TOSA, for Vela) and tosa-reference.npy (the TOSA reference model's logits)")
+    if resolved.firmware_host is None:
+        files.append(f"digits.edgeq (the {target} board's artifact, aarch64) and digits-x86_64.edgeq (this machine's)")
+    else:
+        files.append("digits-x86_64.edgeq (this machine's bit-exact simulation of the NPU)")
+    return [*files, "perf/report.html and perf/report.json (the perf report with per-layer accuracy)", "model.svg (the compiled graph)"]
 
 
 if __name__ == "__main__":

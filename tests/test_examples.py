@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import load_example
 
@@ -54,6 +55,55 @@ def test_digits_se_network_keeps_float_accuracy(target, tmp_path, digits_float_s
         digits.run_stage(stage, tmp_path, target, float_stage.data, results, network="se")
     assert results["float"] > 95.0
     assert abs(results["int_infer"] - results["float"]) <= 1.0
+
+
+
+@pytest.mark.flow
+@pytest.mark.parametrize("target", ["ethos-u65-256", "ethos-u55-128"])
+def test_digits_on_ethos_u(target, tmp_path, digits_float_stage):
+    """The example's compile stage, as a program, on an Arm Ethos-U target (stages calib -> int_infer in this
+    process from the session's float stage): model.tosa written, the TOSA reference model equal to the integer
+    model on all 540 test images, Vela's estimate of each NPU region, every artifact equal to the integer model; the
+    U65's aarch64 board artifact under qemu, none for the U55 (its host runs your firmware). The reference model's
+    logits are checked here against the artifact run by the Python runtime, so the printed equality came from a
+    real run of the reference model."""
+    from edgeq_runtime import Model
+
+    digits = load_example("digits_qat")
+    float_stage = digits_float_stage("cnn")
+    float_stage.continue_in(tmp_path)
+    results: dict[str, float] = {"float": float_stage.accuracy}
+    for stage in ("calib", "qat", "int_infer"):
+        digits.run_stage(stage, tmp_path, target, float_stage.data, results)
+    (tmp_path / "accuracy.json").write_text(json.dumps(results))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "digits_qat.py"), "--stage", "compile", "--target", target, "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "the integer model equals the TOSA reference model on all 540 test images: True" in out
+    assert "digits-x86_64.edgeq with the Python runtime equals the integer model on all 540 test images: True" in out
+    assert "digits-x86_64.edgeq with the C++ runtime equals the integer model: True" in out
+    vela_line = rf"vela: region\d+_npu \(\d+ ops?\) on {target}: (\d+) NPU cycles \(\d+ with memory access\), ([\d.]+) ms at \d+ MHz, SRAM ([\d.]+) KiB"
+    estimates = re.findall(vela_line, out)
+    assert estimates and all(int(cycles) > 0 and float(ms) > 0 for cycles, ms, _ in estimates), out
+    board = tmp_path / "digits.edgeq"
+    if target == "ethos-u65-256":
+        assert "digits.edgeq with the C++ runtime under qemu equals the integer model: True" in out and board.is_file()
+    else:
+        assert "no board library: ethos-u55-128's host is a Cortex-M55 running your firmware" in out and not board.exists()
+
+    assert (tmp_path / "model.tosa").read_bytes()[4:8] == b"TOSA"  # the flatbuffer's file identifier
+    reference = np.load(tmp_path / "tosa-reference.npy")
+    test_x, test_y = float_stage.data[2], float_stage.data[3]
+    assert reference.shape == (540, 10) and reference.dtype == np.int32 and len(np.unique(reference)) > 100
+    with Model.load(tmp_path / "digits-x86_64.edgeq") as model:
+        (output,) = model.outputs
+        artifact = np.concatenate([model.run(digits.raw_pixels(x[None]).numpy(), raw=True)[output.name] for x in test_x])
+    np.testing.assert_array_equal(reference, artifact)
+    accuracy = 100.0 * float((reference.argmax(1) == test_y.numpy()).mean())
+    assert accuracy == pytest.approx(results["int_infer"]) and accuracy > 95.0
 
 
 def _tutorial_region(text: str) -> str:

@@ -290,7 +290,7 @@ def compile_stage(
               f"builds no code for, so every op runs on the NPU and {here.artifact.name} simulates it on this machine")
     if resolved.vela is not None:
         tosa_stage(integer, workdir, test_x)
-        vela_stage(onnx_path, here, resolved)
+        vela_stage(here, resolved)
     correct = compare_artifacts(integer, board.artifact if board else None, here.artifact, workdir, test_x, test_y)
     perf_stage((board or here).artifact, integer, workdir, normalise(test_x[:64]), float_model(workdir, True, network))
     return 100.0 * correct / len(test_x)
@@ -313,24 +313,16 @@ def tosa_stage(integer: IntegerModel, workdir: Path, test_x: torch.Tensor) -> No
           f"{bool(np.array_equal(reference, expected))}")
 
 
-def vela_stage(onnx_path: Path, compiled: CompileResult, target: Target) -> None:
-    """Compile each NPU region of ``compiled`` with Vela for the target's ``[vela]`` options and print Vela's
-    summary: NPU cycles, inference time at the NPU's clock, memory used."""
-    from edgeq.check.report import Placement
-    from edgeq.compile.vela import compile_tosa
-    from edgeq.export import load_model_file
-    from edgeq.export.tosa import build_tosa
-
-    qdq = load_model_file(onnx_path)
-    for region in compiled.partition.regions:
-        if region.placement is Placement.NPU:
-            result = compile_tosa(build_tosa(qdq, region.nodes), target.vela, region.name)
-            summary = result.summary
-            print(f"  vela: {region.name} ({len(region.nodes)} op{'s' if len(region.nodes) != 1 else ''}) on {target.vela.accelerator_config}: "
-                  f"{summary.npu_cycles} NPU cycles ({summary.total_cycles} with memory access), {summary.inference_time_s * 1e3:.4f} ms at "
-                  f"{summary.clock_hz / 1e6:.0f} MHz, SRAM {summary.sram_bytes / 1024:.1f} KiB, DRAM "
-                  f"{summary.dram_bytes / 1024:.1f} KiB, flash {(summary.on_chip_flash_bytes + summary.off_chip_flash_bytes) / 1024:.1f} KiB "
-                  f"(Vela {result.version}; the command stream itself needs the device)")
+def vela_stage(compiled: CompileResult, target: Target) -> None:
+    """Print Vela's summary of each NPU region compile wrote as a command stream (what the artifact stores): NPU
+    cycles, inference time at the NPU's clock, memory used."""
+    for stream in compiled.command_streams:
+        summary, ops = stream.vela.summary, len(stream.ops)
+        print(f"  vela: {stream.region} ({ops} op{'s' if ops != 1 else ''}) on {target.vela.accelerator_config}: "
+              f"{summary.npu_cycles} NPU cycles ({summary.total_cycles} with memory access), {summary.inference_time_s * 1e3:.4f} ms at "
+              f"{summary.clock_hz / 1e6:.0f} MHz, SRAM {summary.sram_bytes / 1024:.1f} KiB, DRAM "
+              f"{summary.dram_bytes / 1024:.1f} KiB, flash {(summary.on_chip_flash_bytes + summary.off_chip_flash_bytes) / 1024:.1f} KiB "
+              f"(Vela {stream.vela.version}; the command stream itself needs the device)")
 
 
 def compare_artifacts(

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ethos_u import assert_equal, assert_vela_compiled_every_npu_region, expected, python_outputs
 from models import YoloStyleDetector, integer_model, torchvision_model
-from test_ethos_u_compile import assert_equal, assert_vela_compiled_every_npu_region, expected, python_outputs
 
 from edgeq.compile import CompileResult, compile_model
 from edgeq.quantization.integer_model import IntegerModel

@@ -63,6 +63,19 @@ class SmallCNN(nn.Module):
         return self.dequant(self.fc(x))
 
 
+class WideStride(nn.Module):
+    """A 3x3 convolution, then a padded 5x5 convolution of stride 4, which Vela refuses on the U55 and U65."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.first = nn.Conv2d(3, 8, 3, padding=1)
+        self.wide = nn.Conv2d(8, 8, 5, stride=4, padding=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.wide(self.first(self.quant(x))))
+
+
 class FunctionalOps(nn.Module):
     """Every functional spelling edgeq quantizes: +, torch.add, torch.cat, F.relu, pooling, flatten, mean..."""
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ethos_u import DEVICE_LINE, assert_equal, assert_vela_compiled_every_npu_region, expected, python_outputs
-from models import integer_model, rewrite_artifact
+from models import WideStride, integer_model, rewrite_artifact
 from torch import nn
 
 from edgeq.check.report import Placement
@@ -54,19 +54,6 @@ class ResizeBetweenConvs(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = F.relu(self.first(self.quant(x)))
         return self.dequant(self.second(F.interpolate(a, scale_factor=2, mode="bilinear")))
-
-
-class WideStride(nn.Module):
-    """A padded 5x5 convolution of stride 4 after a 3x3 one: Vela refuses the first on the U55 and U65."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.quant, self.dequant = QuantStub(), DeQuantStub()
-        self.first = nn.Conv2d(3, 8, 3, padding=1)
-        self.wide = nn.Conv2d(8, 8, 5, stride=4, padding=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dequant(self.wide(self.first(self.quant(x))))
 
 
 @pytest.fixture(scope="module")

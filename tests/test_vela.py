@@ -10,13 +10,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from models import SmallCNN, integer_model
-from torch import nn
+from models import SmallCNN, WideStride, integer_model
 
 from edgeq.compile.vela import VelaLayer, VelaRefusal, compile_tosa, refuse_cpu_operators, vela_arguments
 from edgeq.export.tosa import tosa_graph
 from edgeq.export.tosa.writer import TosaGraph
-from edgeq.quantization import DeQuantStub, QuantStub
 from edgeq.targets import load_target
 from edgeq.vela_configs import vela_version
 
@@ -29,19 +27,6 @@ def digits() -> TosaGraph:
     torch.manual_seed(0)
     example = torch.rand(1, 1, 8, 8) * 2 - 1
     return tosa_graph(integer_model(SmallCNN().eval(), example, "ethos-u65-256"), (example,))
-
-
-class WideStride(nn.Module):
-    """A 3x3 convolution, then a padded 5x5 convolution of stride 4, which Vela refuses on the U55 and U65."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.quant, self.dequant = QuantStub(), DeQuantStub()
-        self.first = nn.Conv2d(3, 8, 3, padding=1)
-        self.wide = nn.Conv2d(8, 8, 5, stride=4, padding=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dequant(self.wide(self.first(self.quant(x))))
 
 
 @pytest.mark.parametrize("name", TARGETS)

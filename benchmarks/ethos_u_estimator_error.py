@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +27,10 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from models import YoloStyleDetector, integer_model, torchvision_model  # noqa: E402
 
-from edgeq.compile.graph_source import compiled_graph_of  # noqa: E402
 from edgeq.errors import EdgeqError  # noqa: E402
-from edgeq.export.sources import quantized_form  # noqa: E402
-from edgeq.perf import estimate_graph  # noqa: E402
+from edgeq.perf import perf_model  # noqa: E402
 from edgeq.perf.estimate import view_op  # noqa: E402
-from edgeq.perf.vela_compare import VelaComparison, compare, vela_regions  # noqa: E402
+from edgeq.perf.vela_compare import VelaComparison  # noqa: E402
 from edgeq.targets import load_target  # noqa: E402
 
 TARGETS = ("ethos-u55-128", "ethos-u65-256", "ethos-u85-256")
@@ -69,14 +68,13 @@ def run(name: str, target_name: str, size: int) -> Row:
     model, example = model_named(name, size)
     target = load_target(target_name)
     int_model = integer_model(model, example, target_name)
-    graph = compiled_graph_of(int_model, (example,), target)
-    found = quantized_form(int_model, (example,))
-    assert found is not None
-    vela = vela_regions(found[0], graph, target)
-    comparison = compare(estimate_graph(graph, target, name), vela)
+    with tempfile.TemporaryDirectory() as folder:
+        result = perf_model(int_model, (example,), out_dir=folder, target=target)  # compiles, Vela on each NPU region
+    comparison, graph = result.vela, result.graph
+    assert comparison is not None
     computing = [op for op in graph.ops if not view_op(op)]
     share = sum(op.placement == "NPU" for op in computing) / len(computing)
-    return Row(name, target_name, comparison, share, max((r.summary.sram_bytes for r in vela.values()), default=0))
+    return Row(name, target_name, comparison, share, max((r.summary.sram_bytes for r in comparison.regions), default=0))
 
 
 def main() -> None:

@@ -12,12 +12,10 @@ from models import SmallCNN, integer_model, rewrite_artifact
 
 from edgeq.compile import compile_model
 from edgeq.compile.compiled_graph import CompiledGraphError
-from edgeq.compile.graph_source import compiled_graph_of
 from edgeq.export import to_onnx
-from edgeq.export.sources import quantized_form
-from edgeq.perf import estimate_graph, perf_model
+from edgeq.perf import perf_model
 from edgeq.perf.text import perf_region_lines
-from edgeq.perf.vela_compare import artifact_vela_regions, compare, spearman, vela_regions
+from edgeq.perf.vela_compare import artifact_vela_regions, spearman
 from edgeq.targets import load_target
 
 DIGITS_ERROR = 0.20
@@ -34,18 +32,18 @@ def test_spearman_of_ranks_with_ties():
 
 @pytest.mark.flow
 @pytest.mark.parametrize("target_name", ["ethos-u55-128", "ethos-u65-256"])
-def test_digits_estimate_against_vela(target_name):
+def test_digits_estimate_against_vela(target_name, tmp_path):
     torch.manual_seed(0)
     example = torch.randn(1, 1, 8, 8)
     int_model = integer_model(SmallCNN().eval(), example, target_name)
     target = load_target(target_name)
-    graph = compiled_graph_of(int_model, (example,), target)
-    result = estimate_graph(graph, target, "digits")
+    result = perf_model(int_model, (example,), out_dir=tmp_path, target=target)  # compiles, Vela on each NPU region
+    graph = result.graph
     if target.firmware_host is not None:
         assert result.figures["cpu"] is None and result.summary.cpu_ms == 0
-    vela = vela_regions(quantized_form(int_model, (example,))[0], graph, target)
-    comparison = compare(result, vela)
-    assert comparison.vela_ms == pytest.approx(sum(r.summary.inference_time_s for r in vela.values()) * 1e3)
+    comparison = result.vela
+    assert comparison is not None and comparison.regions
+    assert comparison.vela_ms == pytest.approx(sum(r.summary.inference_time_s for r in comparison.regions) * 1e3)
     assert abs(comparison.error) <= DIGITS_ERROR, comparison
     assert comparison.spearman >= DIGITS_SPEARMAN, comparison
     assert {op for group in comparison.groups for op in group.ops} <= {op.name for op in graph.ops}

@@ -8,6 +8,7 @@ machine when the CPU is this machine's kind (:mod:`.calibrate`), the target's no
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,12 +18,12 @@ from torch import nn
 from edgeq.compile.compiled_graph import CompiledGraph
 from edgeq.compile.graph_source import compiled_graph_of, is_artifact
 from edgeq.errors import EdgeqError
-from edgeq.export.sources import ModelLike, quantized_form
+from edgeq.export.sources import ModelLike
 from edgeq.fileio import make_folder
 from edgeq.perf.calibrate import Calibration, calibrate, host_figures
 from edgeq.perf.estimate import estimate
 from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
-from edgeq.perf.vela_compare import artifact_vela_regions, compare, vela_regions
+from edgeq.perf.vela_compare import artifact_vela_regions, compare
 from edgeq.quantization.integer_model import IntegerModel
 from edgeq.targets import Target, TargetLike, host_cpu, load_target
 
@@ -55,23 +56,33 @@ def estimate_graph(graph: CompiledGraph, target: Target | None = None, source: s
     return estimate(graph, resolved, figures, cpu_source, source)
 
 
-def with_vela(result: PerfResult, model: ModelLike, example_inputs: Sequence[torch.Tensor] | None) -> PerfResult:
-    """``result`` with Vela's estimate of its NPU regions beside edgeq's, on a target Vela compiles for: the one an
-    artifact stores, or for a model, Vela run on each NPU region's TOSA graph (the Vela driver). Where it comes
-    from is ``figures["vela_source"]``."""
+def with_vela(result: PerfResult, artifact: ModelLike | CompiledGraph, compiled_here: bool) -> PerfResult:
+    """``result`` with Vela's estimate of its NPU regions beside edgeq's, on a target Vela compiles for: the one the
+    artifact stores (``compiled_here``: the artifact compiled for this estimate, whose compile ran Vela on each NPU
+    region's TOSA graph). Where it comes from is ``figures["vela_source"]``."""
     target = load_target(result.graph.target.name)
     if target.vela is None or not any(region.placement == "NPU" for region in result.graph.regions):
         return result
-    if is_artifact(model):
-        regions = artifact_vela_regions(model)
-        stored = "stored in the artifact by edgeq compile"
-        source = stored if regions is not None else "none: the artifact stores no Vela estimate (compile the model again to store it)"
-    else:
-        found = quantized_form(model, example_inputs)
-        regions = vela_regions(found[0], result.graph, target) if found is not None else None
+    regions = artifact_vela_regions(artifact) if is_artifact(artifact) else None
+    if compiled_here:
         source = "Vela run on each NPU region's TOSA graph for this estimate"
+    elif regions is not None:
+        source = "stored in the artifact by edgeq compile"
+    else:
+        source = "none: the artifact stores no Vela estimate (compile the model again to store it)"
     figures = {**result.figures, "vela_source": source}
     return dataclasses.replace(result, figures=figures, vela=compare(result, regions) if regions is not None else None)
+
+
+def _compiled(model: ModelLike | CompiledGraph, example_inputs: Sequence[torch.Tensor] | None, target: Target | None, folder: Path) -> Path | None:
+    """``model`` compiled into ``folder`` for this estimate (built for this machine: its graph and Vela's regions are
+    the same for every build machine); None for an artifact or a compiled graph, which are estimated as they are."""
+    if isinstance(model, CompiledGraph) or is_artifact(model):
+        return None
+    from edgeq.compile import compile_model
+
+    out = folder / "model.edgeq"
+    return compile_model(model, example_inputs, target=target, out=out, simulate=True, progress=lambda _: None).artifact
 
 
 def perf_model(
@@ -114,9 +125,11 @@ def perf_model(
         if int_model is None or example_inputs is None:
             raise EdgeqError("per-layer accuracy needs the integer model (as model or int_model) and example_inputs besides float_model")
     resolved = load_target(target) if target is not None else None
-    graph = compiled_graph_of(model, example_inputs, resolved)
-    result = estimate_graph(graph, resolved, str(model) if isinstance(model, (str, Path)) else type(model).__name__, recalibrate)
-    result = with_vela(result, model, example_inputs)
+    with tempfile.TemporaryDirectory() as folder:
+        compiled = _compiled(model, example_inputs, resolved, Path(folder))
+        graph = compiled_graph_of(compiled or model, None, resolved)
+        result = estimate_graph(graph, resolved, str(model) if isinstance(model, (str, Path)) else type(model).__name__, recalibrate)
+        result = with_vela(result, compiled or model, compiled is not None)
     out = make_folder(out_dir)
     from edgeq.report import layer_accuracy, write_report  # the report renders PerfResult: imported on use
 

@@ -16,11 +16,7 @@ import numpy as np
 
 from edgeq.compile.artifact import MANIFEST
 from edgeq.compile.compiled_graph import CompiledGraph, CompiledGraphError
-from edgeq.compile.vela import VelaLayer, VelaSummary, compile_tosa
-from edgeq.errors import EdgeqError
-from edgeq.export.onnx_reader import QDQModel
-from edgeq.export.tosa.writer import build_tosa
-from edgeq.targets import Target
+from edgeq.compile.vela import VelaLayer, VelaSummary
 from edgeq_runtime.manifest import COMMAND_STREAMS_KEY
 
 if TYPE_CHECKING:
@@ -103,22 +99,6 @@ class VelaComparison:
             "regions": [asdict(region) for region in self.regions],
             "groups": [asdict(group) for group in self.groups],
         }
-
-
-def vela_regions(qdq: QDQModel, graph: CompiledGraph, target: Target) -> dict[str, VelaRegion]:
-    """Vela's estimate of each NPU region of ``graph`` (compiled from ``qdq`` for ``target``): the region's ops
-    written as TOSA and compiled by the Vela driver.
-
-    Raises:
-        EdgeqError: a target without ``[vela]`` options; CompileError / ExportError as the driver and writer raise.
-    """
-    if target.vela is None:
-        raise EdgeqError(f"{target.name} has no [vela] section: Vela compiles for the Ethos-U targets only")
-    found = {}
-    for region in (r for r in graph.regions if r.placement == "NPU"):
-        result = compile_tosa(build_tosa(qdq, region.ops), target.vela, region.name)
-        found[region.name] = VelaRegion(region.name, result.version, result.layers, result.summary)
-    return found
 
 
 

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 
 import numpy as np
+import onnx
 import pytest
 import torch
-from models import ConvBnSiLU, SmallCNN, with_batchnorm_statistics
+import torch.nn.functional as F
+from models import ConvBnSiLU, SmallCNN, Wrapped, with_batchnorm_statistics
+from reference import run_reference
 from torch import nn
 
 from edgeq.check import check_model
+from edgeq.compile import compile_model
 from edgeq.errors import TraceError, UnsupportedOpError
+from edgeq.export import to_onnx, trace
 from edgeq.quantization import (
     DeQuantStub,
     FakeQuantState,
@@ -26,6 +32,8 @@ from edgeq.quantization import (
     set_fake_quantize,
 )
 from edgeq.quantization.capture import CAPTURE_ATTRIBUTE, Capture
+from edgeq.quantization.prepare import FloatFallbackWarning
+from edgeq_runtime import Model
 
 SHAPE = (3, 8, 8)
 
@@ -187,3 +195,141 @@ def test_aten_op_without_a_spelling_is_named_like_any_unsupported_op():
 
     with pytest.raises(UnsupportedOpError, match=r"aten.cumsum.default 'cumsum': edgeq has no integer implementation"):
         prepare_qat_fx(Cumulative(), example_inputs=(torch.randn(1, 4, 2, 2),), target="npu-m", strict=True)
+
+
+# ---- torch.export at any batch size -------------------------------------------------------------------------------
+
+
+class Patches(nn.Module):
+    """MobileViT's unfold by reshape (the map's 2x2 patch positions folded into the batch), a ViT class token expanded
+    to that batch, a Linear over the tokens, the fold back: every size but the channels read from the input's shape,
+    and MobileViT's branch on it (which torch.fx cannot trace)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = QuantStub(scale=1 / 32)
+        self.stem = ConvBnSiLU(3, 8, 3)
+        self.cls = nn.Parameter(torch.randn(1, 1, 8) * 0.5)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Conv2d(8, 5, 1)
+        self.dequant = DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(self.quant(x))
+        b, c, h, w = x.shape
+        if h % 2 or w % 2:  # resize a map the patches do not tile
+            x = F.interpolate(x, size=(h + h % 2, w + w % 2), mode="bilinear")
+            h, w = h + h % 2, w + w % 2
+        patches = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 2, 4, 1).reshape(b * 4, h * w // 4, c)
+        tokens = self.mix(torch.cat([self.cls.expand(b * 4, -1, -1), patches], 1))[:, 1:]
+        x = tokens.reshape(b, 2, 2, h // 2, w // 2, c).permute(0, 5, 3, 1, 4, 2).reshape(b, c, h, w)
+        return self.dequant(self.head(x))
+
+
+def calibrate_train_convert(model: nn.Module, example: torch.Tensor, calibration: int, training: int, target: str):
+    """Calibrated on batches of ``calibration`` samples, the calibration state loaded into the QAT model, three
+    SGD steps on batches of ``training`` samples, converted: (QAT model, integer model)."""
+    shape = example.shape[1:]
+    calib = prepare_qat_fx(model, default_calib_qconfig, example_inputs=(example,), target=target).eval()
+    set_fake_quantize(calib, FakeQuantState.CALIBRATION)
+    with torch.no_grad():
+        for _ in range(2):
+            calib(torch.randn(calibration, *shape))
+    qat = prepare_qat_fx(model, default_qat_qconfig, example_inputs=(example,), target=target).train()
+    qat.load_state_dict(calib.state_dict())
+    set_fake_quantize(qat, FakeQuantState.QAT)
+    optimizer = torch.optim.SGD(qat.parameters(), lr=0.01)
+    for _ in range(3):
+        optimizer.zero_grad()
+        qat(torch.randn(training, *shape)).square().mean().backward()
+        optimizer.step()
+    qat.eval()
+    set_fake_quantize(qat, FakeQuantState.VALIDATION)
+    return qat, convert_fx(qat)
+
+
+def assert_batch_equals_samples(int_model, x: torch.Tensor) -> None:
+    """The integer model on the batch ``x`` gives exactly its results on each sample alone."""
+    samples = torch.cat([int_model.run_integer(x[i : i + 1]) for i in range(len(x))])
+    np.testing.assert_array_equal(int_model.run_integer(x).numpy(), samples.numpy())
+
+
+def test_sizes_read_from_the_batch_follow_the_batch(tmp_path):
+    """Captured at a batch of 1, calibrated at 2, trained at 4, run at 3, exported at 1."""
+    torch.manual_seed(0)
+    model = with_batchnorm_statistics(Patches(), (4, *SHAPE))
+    example = torch.randn(1, *SHAPE)
+    qat, int_model = calibrate_train_convert(model, example, calibration=2, training=4, target="npu-m")
+    assert getattr(qat, CAPTURE_ATTRIBUTE) is Capture.EXPORT
+    x = torch.randn(3, *SHAPE)
+    assert_batch_equals_samples(int_model, x)
+    np.testing.assert_array_equal(int_model.run_integer(x).numpy(), run_reference(int_model.graph_module, x.numpy()))
+
+    path = to_onnx(int_model, (example,), tmp_path / "patches.onnx")
+    graph = onnx.load(str(path)).graph
+    dims = [[d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*graph.input, *graph.output)]
+    assert dims == [[1, *SHAPE], [1, 5, *SHAPE[1:]]]
+    # TorchScript traces at the example too, and runs at any batch size, as for a model torch.fx traced.
+    scripted = trace(int_model, (example,))
+    np.testing.assert_array_equal(scripted(x).numpy(), int_model(x).numpy())
+    compiled = compile_model(path, target="x86_64", out=tmp_path / "patches.edgeq")
+    with Model.load(compiled.artifact) as artifact:
+        (got,) = artifact.run(x[:1].numpy(), raw=True).values()
+    np.testing.assert_array_equal(got, int_model.run_integer(x[:1]).numpy())
+
+
+class FixedBatch(nn.Module):
+    """Code that fixes the batch size: an offset per sample of a batch of ``rows``, or (``rows=None``) a check that
+    the batch is one image."""
+
+    def __init__(self, rows: int | None) -> None:
+        super().__init__()
+        self.rows = rows
+        self.quant, self.conv, self.dequant = QuantStub(), nn.Conv2d(3, 4, 3), DeQuantStub()
+        self.offsets = nn.Parameter(torch.zeros(rows or 1, 4, 6, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is None and x.shape[0] != 1:
+            raise ValueError("one image at a time")
+        x = self.conv(self.quant(x))
+        if x.shape[-1] > 4:  # torch.fx cannot trace a branch on a shape
+            x = x + self.offsets
+        return self.dequant(x)
+
+
+@pytest.mark.parametrize(("rows", "batch", "why"), [
+    (4, 4, "its code fixes the batch size"),
+    (None, 1, "capturing it at any batch size failed: ValueError: one image at a time"),
+])
+def test_code_that_fixes_the_batch_size_is_captured_at_the_example(rows, batch, why, caplog):
+    example = torch.randn(batch, *SHAPE)
+    with caplog.at_level(logging.INFO, logger="edgeq"):
+        prepared = prepare_qat_fx(FixedBatch(rows), example_inputs=(example,), target="npu-m")
+    assert getattr(prepared, CAPTURE_ATTRIBUTE) is Capture.EXPORT_FIXED_BATCH
+    assert (f"FixedBatch: {why}, so it is captured at the example's shapes: calibrate and train it at batch size "
+            f"{batch}") in caplog.text
+    assert "prepared FixedBatch for npu-m (graph captured with torch.export at the example's batch size)" in caplog.text
+    assert prepared(example).shape == (batch, 4, 6, 6)
+    report = check_model(FixedBatch(rows), (example,), target="npu-m")
+    assert any(note.startswith("graph captured with torch.export at the example's batch size: ") for note in report.notes)
+
+
+@pytest.mark.flow
+@pytest.mark.parametrize("name", ["mobilevitv2_050", "tiny_vit_5m_224"])
+def test_timm_vision_transformers_run_at_any_batch_size(name):
+    """timm's MobileViT (unfold by reshape) and TinyViT (window partitions) at 224, random init: captured at a
+    batch of 1 by torch.export, calibrated at 2, trained at 4; the integer model at 3 equals each sample alone."""
+    import timm
+
+    torch.manual_seed(0)
+    shape = (3, 224, 224)
+    model = Wrapped(timm.create_model(name, pretrained=False, num_classes=10))
+    for module in model.modules():  # timm zeroes the last BatchNorm of a residual branch; a trained model's is not
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+    model = with_batchnorm_statistics(model, (2, *shape))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FloatFallbackWarning)  # GroupNorm, softmax, attention stay float
+        qat, int_model = calibrate_train_convert(model, torch.randn(1, *shape), calibration=2, training=4, target="x86_64")
+    assert getattr(qat, CAPTURE_ATTRIBUTE) is Capture.EXPORT
+    assert_batch_equals_samples(int_model, torch.randn(3, *shape))

@@ -114,10 +114,14 @@ ATEN_SPELLINGS: dict[Any, Spelling] = {
     aten.slice.Tensor: Spelling(operator.getitem, lambda a: ((a[0], _index(a[1], slice(*a[2:5]))), {})),
     aten.select.int: Spelling(operator.getitem, lambda a: ((a[0], _index(a[1], a[2])), {})),
     aten.dropout.default: Spelling(F.dropout),
+    aten.sym_size.int: Spelling(torch.Tensor.size),
+    aten.expand.default: Spelling(torch.Tensor.expand),
     operator.getitem: Spelling(operator.getitem),
 }
 """Each aten op of torch.export's graph as the torch function prepare reads (patterns.py's spellings, and those
-of the float fallback's ONNX forms)."""
+of the float fallback's ONNX forms). ``aten.sym_size`` and ``aten.expand`` read and use the symbolic batch size:
+as tensor methods, as torch.fx records them, TorchScript's trace keeps the size a value of the input instead of
+the example's number."""
 
 _SAME_VALUE = {aten.clone.default, aten.alias.default, aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default}
 """Aten ops whose result has its input's values."""

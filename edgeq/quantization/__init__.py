@@ -26,9 +26,26 @@ from edgeq.quantization.qconfig import (
 from edgeq.quantization.state import FakeQuantState, set_fake_quantize
 from edgeq.quantization.stubs import DeQuantStub, QuantStub
 
+_PT2E_NAMES = ("EdgeqQuantizer",)
+"""Names of :mod:`edgeq.quantization.pt2e`, loaded on first use: they need torchao, an optional extra."""
+
+
+def __getattr__(name: str) -> object:
+    if name not in _PT2E_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        from edgeq.quantization import pt2e
+    except ModuleNotFoundError as error:
+        if error.name is None or not error.name.startswith("torchao"):
+            raise
+        raise ImportError(f"edgeq.quantization.{name} needs torchao (PT2E quantization): pip install edgeq[pt2e]") from error
+    return getattr(pt2e, name)
+
+
 __all__ = [
     "DeQuantStub",
     "EMAMinMaxObserver",
+    "EdgeqQuantizer",
     "FakeQuantState",
     "HistogramObserver",
     "IntegerModel",

@@ -1,0 +1,124 @@
+"""edgeq's observers and scale rules in torchao's PT2E flow: the observer classes an :class:`EdgeqQuantizer`'s
+quantization specs construct.
+
+PT2E observers only watch tensors; the scale of each is edgeq's: an activation's from its edgeq observer's
+clipping range (:func:`~edgeq.numerics.scale_from_amax` with the target's scale rule, zero point 0, int8
+[-128, 127]), a weight's per output channel from its absolute maximum (int8 [-127, 127]), a bias's
+``float32(s_in * s_w[c])`` in int32 (docs/numerics.md). torchao's ``convert_pt2e`` writes these scales into its
+quantize / dequantize ops.
+
+Imports torchao: load it through :mod:`edgeq.quantization.pt2e`, which says how to install it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchao.quantization.pt2e.observer import ObserverBase
+
+from edgeq.numerics import ACTIVATION_QMAX, bias_scales, scale_from_amax
+from edgeq.quantization.fake_quantize import weight_scales
+from edgeq.quantization.observers import ObserverFactory
+from edgeq.targets import ScaleRule
+
+
+class EdgeqActivationObserver(ObserverBase):
+    """An edgeq :class:`~edgeq.quantization.observers.Observer` (from a qconfig's ``activation_observer``) as a
+    PT2E observer: per-tensor symmetric int8 at edgeq's scale.
+
+    Args:
+        observer_factory: the qconfig's activation observer factory.
+        scale_rule: the target's scale rule.
+        dtype, qscheme, quant_min, quant_max, is_dynamic: what torchao passes from the quantization spec.
+    """
+
+    def __init__(
+        self,
+        observer_factory: ObserverFactory,
+        scale_rule: ScaleRule,
+        dtype: torch.dtype = torch.int8,
+        qscheme: torch.qscheme = torch.per_tensor_symmetric,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        is_dynamic: bool = False,
+        **_: Any,
+    ) -> None:
+        super().__init__(dtype=dtype, is_dynamic=is_dynamic)
+        self.observer = observer_factory()
+        self.scale_rule = scale_rule
+        self.qscheme = qscheme
+        self.quant_min = quant_min
+        self.quant_max = quant_max
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        self.observer.observe(value)
+        return value
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """edgeq's float32 scale of the range observed (as ``ActivationFakeQuantize.scale``) and zero point 0."""
+        if not self.observer.has_data:
+            raise RuntimeError("an EdgeqQuantizer observer has seen no data: calibrate (run batches) before convert_pt2e")
+        low, high = self.observer.clipping_range()
+        scale = scale_from_amax(torch.tensor(max(-low, high, 0.0)), ACTIVATION_QMAX, self.scale_rule)
+        return scale.reshape(1), torch.zeros(1, dtype=torch.int32)
+
+
+class EdgeqPerChannelWeightObserver(ObserverBase):
+    """A weight's per-output-channel symmetric int8 scales, from its absolute maximum under the target's scale
+    rule (:func:`~edgeq.quantization.fake_quantize.weight_scales`, as edgeq's flow quantizes weights)."""
+
+    def __init__(
+        self,
+        scale_rule: ScaleRule,
+        dtype: torch.dtype = torch.int8,
+        qscheme: torch.qscheme = torch.per_channel_symmetric,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        ch_axis: int = 0,
+        is_dynamic: bool = False,
+        **_: Any,
+    ) -> None:
+        super().__init__(dtype=dtype, is_dynamic=is_dynamic)
+        self.scale_rule = scale_rule
+        self.qscheme = qscheme
+        self.quant_min = quant_min
+        self.quant_max = quant_max
+        self.ch_axis = ch_axis
+        self.register_buffer("scales", torch.zeros(0))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        self.scales = weight_scales(weight, self.scale_rule)
+        return weight
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scales, torch.zeros(self.scales.shape, dtype=torch.int32)
+
+
+def derive_bias_qparams(observers: list[ObserverBase]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int32 bias's per-channel scales ``float32(s_in * s_w[c])`` (:func:`~edgeq.numerics.bias_scales`), from
+    the input's and the weight's observers (a ``DerivedQuantizationSpec``'s ``derive_qparams_fn``)."""
+    input_observer, weight_observer = observers
+    input_scale, _ = input_observer.calculate_qparams()
+    weights, _ = weight_observer.calculate_qparams()
+    scales = torch.tensor(bias_scales(float(input_scale), weights.tolist()), dtype=torch.float32)
+    return scales, torch.zeros(scales.shape, dtype=torch.int32)
+
+
+class SharedScaleObserver(ObserverBase):
+    """A tensor quantized at another tensor's scale without being observed itself (a max pool's output at its
+    input's scale), as edgeq's own flow shares one quantizer: the leader's range comes from the leader's tensor
+    alone."""
+
+    def __init__(self, leader: ObserverBase) -> None:
+        super().__init__(dtype=leader.dtype, is_dynamic=leader.is_dynamic)
+        self._leader = (leader,)  # a tuple: not a submodule, so its state is saved once, where it is inserted
+        self.qscheme = leader.qscheme
+        self.quant_min = leader.quant_min
+        self.quant_max = leader.quant_max
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._leader[0].calculate_qparams()

@@ -1,0 +1,102 @@
+"""EdgeqQuantizer in torchao's PT2E flow: the converted graph's scales and int8 weights are edgeq's own flow's on
+the same model, qconfig and calibration data (issue 33)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeq.errors import QuantizationError
+from edgeq.quantization import DeQuantStub, QuantStub, calibrate, convert_fx, default_calib_int32_output_qconfig
+from edgeq.quantization.fake_quantize import ActivationFakeQuantize
+from edgeq.quantization.integer_ops import IntConv2d, IntLinear
+
+pt2e = pytest.importorskip("torchao.quantization.pt2e.quantize_pt2e")
+from edgeq.quantization import EdgeqQuantizer  # noqa: E402
+
+decomposed = torch.ops.quantized_decomposed
+
+
+class ConvBlocks(nn.Module):
+    """Conv + ReLU, a residual add, a concat, a max pool, global average pooling and a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pointwise = nn.Conv2d(8, 8, 1)
+        self.classifier = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.relu(self.conv(self.quant(x)))
+        merged = torch.cat([self.pointwise(features) + features, features], 1)
+        pooled = F.adaptive_avg_pool2d(F.max_pool2d(merged, 2), 1).flatten(1)
+        return self.dequant(self.classifier(pooled))
+
+
+def _both_flows(target: str) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """The PT2E-converted graph and edgeq's calibrated model of one model, on the same batches."""
+    torch.manual_seed(0)
+    model = ConvBlocks().eval()
+    example = torch.randn(2, 3, 8, 8)
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(3)]
+    prepared = pt2e.prepare_pt2e(torch.export.export(model, (example,)).module(), EdgeqQuantizer(target))
+    for batch in batches:
+        prepared(batch)
+    converted = pt2e.convert_pt2e(prepared)
+    calibrated = calibrate(model, batches, example_inputs=(example,), target=target)
+    return converted, calibrated
+
+
+@pytest.mark.parametrize("target", ["npu-m", "ethos-u65-256"])
+def test_scales_and_weights_equal_edgeqs_flow(target: str) -> None:
+    converted, calibrated = _both_flows(target)
+    pt2e_scales = {n.args[1] for n in converted.graph.nodes if n.target == decomposed.quantize_per_tensor.default}
+    edgeq_scales = {q.scale() for q in calibrated.modules() if isinstance(q, ActivationFakeQuantize)}
+    assert pt2e_scales == edgeq_scales
+    dequantized = [n for n in converted.graph.nodes if n.target == decomposed.dequantize_per_channel.default]
+    weights = [n for n in dequantized if n.args[-1] == torch.int8]
+    biases = [n for n in dequantized if n.args[-1] == torch.int32]
+    layers = [m for m in convert_fx(calibrated).modules() if isinstance(m, (IntConv2d, IntLinear))]
+    assert len(weights) == len(biases) == len(layers) == 3
+    for weight, bias, layer in zip(weights, biases, layers):
+        torch.testing.assert_close(getattr(converted, weight.args[0].target), layer.weight, rtol=0, atol=0)
+        assert getattr(converted, weight.args[1].target).tolist() == list(layer.weight_scales)
+        torch.testing.assert_close(getattr(converted, bias.args[0].target), layer.bias, rtol=0, atol=0)
+
+
+def test_fixed_input_scale() -> None:
+    model = ConvBlocks().eval()
+    example = torch.randn(2, 3, 8, 8)
+    exported = torch.export.export(model, (example,)).module()
+    prepared = pt2e.prepare_pt2e(exported, EdgeqQuantizer("npu-s", input_scales={"x": 1 / 64}))
+    prepared(example)
+    converted = pt2e.convert_pt2e(prepared)
+    first = next(n for n in converted.graph.nodes if n.target == decomposed.quantize_per_tensor.default)
+    assert first.args[0].name == "x" and first.args[1] == 1 / 64
+
+
+def test_refusals() -> None:
+    with pytest.raises(QuantizationError, match="not a power of two"):
+        EdgeqQuantizer("npu-s", input_scales={"x": 0.01})
+    with pytest.raises(QuantizationError, match="int32 outputs"):
+        EdgeqQuantizer("npu-m", default_calib_int32_output_qconfig)
+    exported = torch.export.export(ConvBlocks().eval(), (torch.randn(1, 3, 8, 8),)).module()
+    with pytest.raises(QuantizationError, match=r"input_scales names \['image'\]"):
+        pt2e.prepare_pt2e(exported, EdgeqQuantizer("npu-m", input_scales={"image": 1 / 64}))
+
+
+def test_edgeq_imports_without_torchao() -> None:
+    """Importing edgeq needs no torchao; EdgeqQuantizer without it says how to install it."""
+    code = (
+        "import sys; sys.modules['torchao'] = None\n"
+        "import edgeq, edgeq.quantization\n"
+        "try:\n    edgeq.quantization.EdgeqQuantizer\nexcept ImportError as e:\n    print(e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install edgeq[pt2e]" in result.stdout

@@ -1,11 +1,12 @@
-"""EdgeqQuantizer in torchao's PT2E flow: the converted graph's scales and int8 weights are edgeq's own flow's on
-the same model, qconfig and calibration data (issue 33)."""
+"""EdgeqQuantizer in torchao's PT2E flow: the converted graph's scales and int8 weights, and the integer model
+from_pt2e makes of it, are edgeq's own flow's on the same model, qconfig and calibration data (issue 33)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from edgeq.quantization.fake_quantize import ActivationFakeQuantize
 from edgeq.quantization.integer_ops import IntConv2d, IntLinear
 
 pt2e = pytest.importorskip("torchao.quantization.pt2e.quantize_pt2e")
-from edgeq.quantization import EdgeqQuantizer  # noqa: E402
+from edgeq.quantization import EdgeqQuantizer, from_pt2e  # noqa: E402
 
 decomposed = torch.ops.quantized_decomposed
 
@@ -39,12 +40,13 @@ class ConvBlocks(nn.Module):
         return self.dequant(self.classifier(pooled))
 
 
-def _both_flows(target: str) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-    """The PT2E-converted graph and edgeq's calibrated model of one model, on the same batches."""
-    torch.manual_seed(0)
-    model = ConvBlocks().eval()
-    example = torch.randn(2, 3, 8, 8)
-    batches = [torch.randn(2, 3, 8, 8) for _ in range(3)]
+def _both_flows(
+    model: nn.Module, target: str, shape: tuple[int, ...] = (2, 3, 8, 8)
+) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """The PT2E-converted graph and edgeq's calibrated model of ``model``, on the same batches."""
+    model = model.eval()
+    example = torch.randn(shape)
+    batches = [torch.randn(shape) for _ in range(3)]
     prepared = pt2e.prepare_pt2e(torch.export.export(model, (example,)).module(), EdgeqQuantizer(target))
     for batch in batches:
         prepared(batch)
@@ -55,19 +57,27 @@ def _both_flows(target: str) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule
 
 @pytest.mark.parametrize("target", ["npu-m", "ethos-u65-256"])
 def test_scales_and_weights_equal_edgeqs_flow(target: str) -> None:
-    converted, calibrated = _both_flows(target)
+    torch.manual_seed(0)
+    converted, calibrated = _both_flows(ConvBlocks(), target)
     pt2e_scales = {n.args[1] for n in converted.graph.nodes if n.target == decomposed.quantize_per_tensor.default}
     edgeq_scales = {q.scale() for q in calibrated.modules() if isinstance(q, ActivationFakeQuantize)}
     assert pt2e_scales == edgeq_scales
-    dequantized = [n for n in converted.graph.nodes if n.target == decomposed.dequantize_per_channel.default]
-    weights = [n for n in dequantized if n.args[-1] == torch.int8]
-    biases = [n for n in dequantized if n.args[-1] == torch.int32]
+    weights = [n for n in converted.graph.nodes if n.target == decomposed.dequantize_per_channel.default]
     layers = [m for m in convert_fx(calibrated).modules() if isinstance(m, (IntConv2d, IntLinear))]
-    assert len(weights) == len(biases) == len(layers) == 3
-    for weight, bias, layer in zip(weights, biases, layers):
-        torch.testing.assert_close(getattr(converted, weight.args[0].target), layer.weight, rtol=0, atol=0)
+    assert len(weights) == len(layers) == 3
+    for weight, layer in zip(weights, layers):
+        assert torch.equal(getattr(converted, weight.args[0].target), layer.weight)
         assert getattr(converted, weight.args[1].target).tolist() == list(layer.weight_scales)
-        torch.testing.assert_close(getattr(converted, bias.args[0].target), layer.bias, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("target", ["npu-m", "npu-s", "ethos-u65-256"])
+def test_from_pt2e_equals_edgeqs_integer_model(target: str) -> None:
+    torch.manual_seed(0)
+    converted, calibrated = _both_flows(ConvBlocks(), target)
+    integer_model, expected = from_pt2e(converted), convert_fx(calibrated)
+    assert list(integer_model.tensor_quant.values()) == list(expected.tensor_quant.values())
+    x = torch.randn(4, 3, 8, 8)
+    np.testing.assert_array_equal(integer_model.run_integer(x).numpy(), expected.run_integer(x).numpy())
 
 
 def test_fixed_input_scale() -> None:

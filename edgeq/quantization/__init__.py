@@ -26,7 +26,7 @@ from edgeq.quantization.qconfig import (
 from edgeq.quantization.state import FakeQuantState, set_fake_quantize
 from edgeq.quantization.stubs import DeQuantStub, QuantStub
 
-_PT2E_NAMES = ("EdgeqQuantizer",)
+_PT2E_NAMES = ("EdgeqQuantizer", "from_pt2e")
 """Names of :mod:`edgeq.quantization.pt2e`, loaded on first use: they need torchao, an optional extra."""
 
 
@@ -59,6 +59,7 @@ __all__ = [
     "default_calib_qconfig",
     "default_qat_int32_output_qconfig",
     "default_qat_qconfig",
+    "from_pt2e",
     "prepare_qat_fx",
     "set_fake_quantize",
 ]

@@ -40,6 +40,8 @@ class Capture(str, Enum):
     EXPORT_FIXED_BATCH = "torch.export at the example's batch size"
     """``torch.export.export(..., strict=False)`` at the example inputs' shapes, when the model's code fixes the
     batch size: the graph runs at the example's batch size only."""
+    PT2E = "torchao PT2E"
+    """A graph converted by torchao's ``convert_pt2e``, rebuilt by :func:`edgeq.quantization.from_pt2e`."""
 
 
 CAPTURE_ATTRIBUTE = "edgeq_capture"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -34,7 +34,7 @@ from edgeq.quantization.fusion import find_fusions
 from edgeq.quantization.graph import integer_region, module_scope, record_example_values
 from edgeq.quantization.patterns import PreFusionOp, moves_values, source_op
 from edgeq.quantization.qat_modules import CONSTANT_KEY, FLOAT_REASON_KEY, DequantizeOutput
-from edgeq.quantization.qconfig import QConfigSpec, qconfig_resolver
+from edgeq.quantization.qconfig import QConfig, QConfigSpec, qconfig_resolver
 from edgeq.quantization.rewriter import Rewriter
 from edgeq.quantization.state import FakeQuantState, set_fake_quantize
 from edgeq.quantization.target_constraints import check_int32_outputs, share_concat_scales
@@ -128,11 +128,26 @@ def _prepare(
 ) -> tuple[fx.GraphModule, dict[str, str]]:
     resolve = qconfig_resolver(qconfig, model)
     traced = capture(model, example_inputs)
+    return prepare_captured(traced, resolve, example_inputs, target, model.training, lenient=lenient, strict=strict)
+
+
+def prepare_captured(
+    traced: fx.GraphModule,
+    resolve: Callable[[str], QConfig | None],
+    example_inputs: Sequence[torch.Tensor],
+    target: Target,
+    training: bool,
+    *,
+    lenient: bool,
+    strict: bool,
+) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Prepare a captured module-level graph (its :data:`CAPTURE_ATTRIBUTE` set), e.g. one rebuilt from a PT2E
+    graph; the prepared model and the reason of each node rejected (``lenient``)."""
     record_example_values(traced, example_inputs)
     region = integer_region(traced)
     rewriter = Rewriter(traced, region, target, resolve, strict)
     prepared, rejected = _rewrite(rewriter, lenient)
-    prepared.train(model.training)
+    prepared.train(training)
     set_fake_quantize(prepared, FakeQuantState.QAT)
     setattr(prepared, TARGET_ATTRIBUTE, target.name)
     setattr(prepared, ROUNDING_ATTRIBUTE, target.quantization.rounding)

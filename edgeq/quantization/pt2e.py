@@ -5,6 +5,7 @@
     for batch in batches:
         prepared(batch)                       # calibration: edgeq's observers watch every quantized tensor
     converted = convert_pt2e(prepared)        # quantize / dequantize ops at edgeq's scales
+    int_model = from_pt2e(converted)          # edgeq's IntegerModel: export, check, compile as usual
 
 The quantizer places quantizers where edgeq's ``prepare_qat_fx`` does (:mod:`.pt2e_annotate`) and observes with
 the qconfig's edgeq observers under the target's scale rule (:mod:`.pt2e_observers`), so every scale of the
@@ -24,9 +25,12 @@ from torchao.quantization.pt2e.quantizer import EdgeOrNode, Quantizer
 from edgeq.errors import QuantizationError
 from edgeq.quantization.pt2e_annotate import ANNOTATION_KEY, FOLLOWS_KEY, Specs, annotate_graph
 from edgeq.quantization.pt2e_observers import SharedScaleObserver
+from edgeq.quantization.pt2e_rebuild import TARGET_META, from_pt2e
 from edgeq.quantization.qconfig import QConfig, default_calib_qconfig
 from edgeq.quantization.target_constraints import check_fixed_scale
 from edgeq.targets import TargetLike, load_target
+
+__all__ = ["EdgeqQuantizer", "from_pt2e"]
 
 
 class EdgeqQuantizer(Quantizer):
@@ -68,6 +72,7 @@ class EdgeqQuantizer(Quantizer):
     def annotate(self, model: fx.GraphModule) -> fx.GraphModule:
         """Mark every tensor edgeq quantizes (:func:`~edgeq.quantization.pt2e_annotate.annotate_graph`)."""
         annotate_graph(model.graph, self.specs, self.target.quantization.concat_shares_input_scale)
+        model.meta[TARGET_META] = self.target
         return model
 
     def prepare_obs_or_fq_callback(self, model: fx.GraphModule, edge_or_node_to_obs_or_fq: dict[EdgeOrNode, ObserverBase]) -> None:

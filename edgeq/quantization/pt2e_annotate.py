@@ -3,8 +3,10 @@
 
 They place quantizers where edgeq's ``prepare_qat_fx`` does (docs/numerics.md):
 
-- a weighted op (conv2d, linear): int8 input, int8 per-channel weight, int32 bias at ``s_in * s_w[c]``; a ReLU /
-  ReLU6 that is its only reader is fused (the quantizer follows the activation), as for add;
+- a weighted op (conv2d, linear): int8 input and int8 per-channel weight; its bias stays float in the converted
+  graph, for :func:`~edgeq.quantization.from_pt2e` to quantize to int32 by edgeq's rule (``round(b / (s_in *
+  s_w[c]))`` in float64, where torchao's quantize op multiplies by a float32 reciprocal); a ReLU / ReLU6 that is
+  its only reader is fused (the quantizer follows the activation), as for add;
 - every other op that requantizes (add, mul, matmul, concat, average pools, lookup-table activations): its inputs
   and its output;
 - ops that only move values (max pool, reshape, flatten, transpose, permute, a lone ReLU): the output shares the
@@ -23,7 +25,6 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 from torchao.quantization.pt2e.quantizer import (
-    DerivedQuantizationSpec,
     FixedQParamsQuantizationSpec,
     QuantizationAnnotation,
     QuantizationSpec,
@@ -32,7 +33,7 @@ from torchao.quantization.pt2e.quantizer import (
 )
 
 from edgeq.numerics import ACTIVATION_QMAX, ACTIVATION_QMIN, WEIGHT_QMAX, WEIGHT_QMIN
-from edgeq.quantization.pt2e_observers import EdgeqActivationObserver, EdgeqPerChannelWeightObserver, derive_bias_qparams
+from edgeq.quantization.pt2e_observers import EdgeqActivationObserver, EdgeqPerChannelWeightObserver
 from edgeq.quantization.qconfig import QConfig
 from edgeq.targets import Target
 
@@ -166,26 +167,32 @@ def _fuse_activation(node: fx.Node, specs: Specs) -> bool:
 
 def _annotate_weighted(node: fx.Node, specs: Specs) -> None:
     source, weight = node.args[0], node.args[1]
-    bias = node.args[2] if len(node.args) > 2 else None
     inputs: dict[fx.Node, QuantizationSpecBase] = {source: specs.input_edge(source), weight: specs.weight}
-    if isinstance(bias, fx.Node):
-        inputs[bias] = DerivedQuantizationSpec(
-            derived_from=[(source, node), (weight, node)],
-            derive_qparams_fn=derive_bias_qparams,
-            dtype=torch.int32,
-            quant_min=-(2**31),
-            quant_max=2**31 - 1,
-            qscheme=torch.per_channel_symmetric,
-            ch_axis=0,
-        )
     _annotate(node, inputs, None if _fuse_activation(node, specs) else specs.activation)
 
 
 def _annotate_concat(node: fx.Node, specs: Specs, shares_input_scale: bool) -> None:
+    """A concat's output is observed; where the target's concat cannot rescale, each input whose producer has a
+    quantizer of its own and no other reader is quantized at the concat's scale instead (as
+    :func:`~edgeq.quantization.target_constraints.share_concat_scales` does).
+
+    torchao shares a quantizer only with a tensor annotated before, so the group's root is the sharing input that
+    comes first in the graph; all its members but the concat's output are :data:`FOLLOWS_KEY` (not observed)."""
     tensors = list(node.args[0])
-    if shares_input_scale:
-        inputs: dict[fx.Node, QuantizationSpecBase] = {tensors[0]: specs.input_edge(tensors[0])}
-        inputs |= {t: SharedQuantizationSpec((tensors[0], node)) for t in tensors[1:]}
-        _annotate(node, inputs, SharedQuantizationSpec((tensors[0], node)))
-    else:
+    sharing = [t for t in tensors if shares_input_scale and _owns_quantizer(t, specs) and len(t.users) == 1]
+    if not sharing:
         _annotate(node, {t: specs.input_edge(t) for t in tensors}, specs.activation)
+        return
+    root = next(n for n in node.graph.nodes if n in sharing)
+    shared = SharedQuantizationSpec(root)
+    for tensor in sharing:
+        tensor.meta[FOLLOWS_KEY] = True
+        if tensor is not root:
+            tensor.meta[ANNOTATION_KEY].output_qspec = shared
+    _annotate(node, {t: shared if t in sharing else specs.input_edge(t) for t in tensors}, shared)
+
+
+def _owns_quantizer(node: fx.Node, specs: Specs) -> bool:
+    """Whether ``node``'s output has a quantizer of its own (not shared, not fused)."""
+    annotation = node.meta.get(ANNOTATION_KEY)
+    return annotation is not None and annotation.output_qspec is specs.activation

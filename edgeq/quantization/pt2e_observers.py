@@ -3,9 +3,8 @@ quantization specs construct.
 
 PT2E observers only watch tensors; the scale of each is edgeq's: an activation's from its edgeq observer's
 clipping range (:func:`~edgeq.numerics.scale_from_amax` with the target's scale rule, zero point 0, int8
-[-128, 127]), a weight's per output channel from its absolute maximum (int8 [-127, 127]), a bias's
-``float32(s_in * s_w[c])`` in int32 (docs/numerics.md). torchao's ``convert_pt2e`` writes these scales into its
-quantize / dequantize ops.
+[-128, 127]), a weight's per output channel from its absolute maximum (int8 [-127, 127]) (docs/numerics.md).
+torchao's ``convert_pt2e`` writes these scales into its quantize / dequantize ops.
 
 Imports torchao: load it through :mod:`edgeq.quantization.pt2e`, which says how to install it.
 """
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from torchao.quantization.pt2e.observer import ObserverBase
 
-from edgeq.numerics import ACTIVATION_QMAX, bias_scales, scale_from_amax
+from edgeq.numerics import ACTIVATION_QMAX, scale_from_amax
 from edgeq.quantization.fake_quantize import weight_scales
 from edgeq.quantization.observers import ObserverFactory
 from edgeq.targets import ScaleRule
@@ -93,16 +92,6 @@ class EdgeqPerChannelWeightObserver(ObserverBase):
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scales, torch.zeros(self.scales.shape, dtype=torch.int32)
-
-
-def derive_bias_qparams(observers: list[ObserverBase]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The int32 bias's per-channel scales ``float32(s_in * s_w[c])`` (:func:`~edgeq.numerics.bias_scales`), from
-    the input's and the weight's observers (a ``DerivedQuantizationSpec``'s ``derive_qparams_fn``)."""
-    input_observer, weight_observer = observers
-    input_scale, _ = input_observer.calculate_qparams()
-    weights, _ = weight_observer.calculate_qparams()
-    scales = torch.tensor(bias_scales(float(input_scale), weights.tolist()), dtype=torch.float32)
-    return scales, torch.zeros(scales.shape, dtype=torch.int32)
 
 
 class SharedScaleObserver(ObserverBase):

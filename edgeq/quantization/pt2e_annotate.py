@@ -60,6 +60,7 @@ REQUANTIZING = {
     aten.sigmoid.default,
     aten.tanh.default,
     aten.hardsigmoid.default,
+    aten.hardsigmoid_.default,
     aten.hardswish.default,
     aten.hardswish_.default,
     aten.silu.default,
@@ -78,9 +79,12 @@ MOVING = {
     aten.transpose.int,
     aten.squeeze.dim,
     aten.unsqueeze.default,
+    aten.dropout.default,
+    aten.dropout_.default,
     *FUSED_ACTIVATIONS,
 }
-"""Ops whose output has their input's scale (a lone ReLU / ReLU6 clamps at that scale)."""
+"""Ops whose output has their input's scale (a lone ReLU / ReLU6 clamps at that scale; dropout is the identity in
+the integer model)."""
 
 
 @dataclass(frozen=True)

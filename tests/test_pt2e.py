@@ -20,6 +20,7 @@ from edgeq.errors import QuantizationError
 from edgeq.export import build_onnx
 from edgeq.quantization import DeQuantStub, IntegerModel, QuantStub, calibrate, convert_fx, default_calib_int32_output_qconfig
 from edgeq.quantization.fake_quantize import ActivationFakeQuantize
+from edgeq.quantization.float_boundaries import FloatFallbackWarning
 from edgeq.quantization.integer_ops import IntConv2d, IntLinear
 
 pt2e = pytest.importorskip("torchao.quantization.pt2e.quantize_pt2e")
@@ -80,6 +81,29 @@ def test_from_pt2e_equals_edgeqs_integer_model(target: str) -> None:
     torch.manual_seed(0)
     converted, calibrated = _both_flows(ConvBlocks(), target)
     integer_model, expected = from_pt2e(converted), convert_fx(calibrated)
+    assert list(integer_model.tensor_quant.values()) == list(expected.tensor_quant.values())
+    x = torch.randn(4, 3, 8, 8)
+    np.testing.assert_array_equal(integer_model.run_integer(x).numpy(), expected.run_integer(x).numpy())
+
+
+class FloatSoftmax(nn.Module):
+    """A softmax between two convolutions: edgeq runs it in float."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.conv, self.head = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.head(torch.softmax(self.conv(self.quant(x)), 1)))
+
+
+def test_float_fallback_equals_edgeqs_flow() -> None:
+    torch.manual_seed(0)
+    converted, calibrated = _both_flows(FloatSoftmax(), "npu-m")
+    with pytest.warns(FloatFallbackWarning, match="softmax 'softmax'"):
+        integer_model = from_pt2e(converted)
+    expected = convert_fx(calibrated)
     assert list(integer_model.tensor_quant.values()) == list(expected.tensor_quant.values())
     x = torch.randn(4, 3, 8, 8)
     np.testing.assert_array_equal(integer_model.run_integer(x).numpy(), expected.run_integer(x).numpy())

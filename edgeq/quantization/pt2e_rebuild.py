@@ -7,7 +7,9 @@ edgeq's prepare reads: a model input's quantize becomes a ``QuantStub`` with its
 float bias, every other aten op the torch function :data:`~edgeq.quantization.from_export.ATEN_SPELLINGS` gives
 it; each tensor's scale is kept on its node. edgeq then prepares that graph for the quantizer's target, fixes every
 quantizer at the graph's scale and converts (``convert_fx``): the multipliers, shifts, int32 biases and rounding
-are edgeq's (docs/numerics.md). The integer weights are checked against the converted graph's.
+are edgeq's (docs/numerics.md). An op edgeq cannot run in integers (softmax, layer norm...) stays float between a
+dequantize and a quantize at the graph's scale, with a ``FloatFallbackWarning``, as in edgeq's flow. The integer
+weights are checked against the converted graph's.
 """
 
 from __future__ import annotations
@@ -51,9 +53,9 @@ def from_pt2e(converted: fx.GraphModule) -> IntegerModel:
     ``prepare_qat_pt2e`` with an :class:`~edgeq.quantization.pt2e.EdgeqQuantizer` (its target and scales).
 
     Raises:
-        QuantizationError: the graph was not annotated by an EdgeqQuantizer, holds a quantize edgeq's flow would
-            not place, an op edgeq cannot run in integers, or weights edgeq would quantize differently; each names
-            the node.
+        QuantizationError: the graph was not annotated by an EdgeqQuantizer, quantizes a tensor at two scales,
+            lacks a quantize edgeq's flow needs, or holds weights edgeq would quantize differently; each names the
+            node.
     """
     target = converted.meta.get(TARGET_META)
     if not isinstance(target, Target):
@@ -64,7 +66,7 @@ def from_pt2e(converted: fx.GraphModule) -> IntegerModel:
     rebuilt, weights = _Rebuilder(converted).run()
     example_inputs = tuple(torch.zeros(n.meta["val"].shape) for n in converted.graph.nodes if n.op == "placeholder")
     prepared, _ = prepare_captured(
-        rebuilt, lambda path: default_calib_qconfig, example_inputs, target, training=False, lenient=False, strict=True
+        rebuilt, lambda path: default_calib_qconfig, example_inputs, target, training=False, lenient=False, strict=False
     )
     _fix_scales(prepared)
     integer_model = convert_fx(prepared)

@@ -3,6 +3,7 @@ from_pt2e makes of it, are edgeq's own flow's on the same model, qconfig and cal
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -18,7 +19,18 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from edgeq.errors import QuantizationError
 from edgeq.export import build_onnx
-from edgeq.quantization import DeQuantStub, IntegerModel, QuantStub, calibrate, convert_fx, default_calib_int32_output_qconfig
+from edgeq.quantization import (
+    DeQuantStub,
+    FakeQuantState,
+    IntegerModel,
+    QuantStub,
+    calibrate,
+    convert_fx,
+    default_calib_int32_output_qconfig,
+    default_qat_qconfig,
+    prepare_qat_fx,
+    set_fake_quantize,
+)
 from edgeq.quantization.fake_quantize import ActivationFakeQuantize
 from edgeq.quantization.float_boundaries import FloatFallbackWarning
 from edgeq.quantization.integer_ops import IntConv2d, IntLinear
@@ -84,6 +96,33 @@ def test_from_pt2e_equals_edgeqs_integer_model(target: str) -> None:
     assert list(integer_model.tensor_quant.values()) == list(expected.tensor_quant.values())
     x = torch.randn(4, 3, 8, 8)
     np.testing.assert_array_equal(integer_model.run_integer(x).numpy(), expected.run_integer(x).numpy())
+
+
+def _train(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for batch in batches:
+        optimizer.zero_grad()
+        model(batch).square().mean().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("target", ["npu-m", "npu-s", "ethos-u65-256"])
+def test_qat_equals_edgeqs_flow(target: str) -> None:
+    """prepare_qat_pt2e with EdgeqQuantizer(is_qat=True) trains as prepare_qat_fx does (edgeq's fake quantizers,
+    same weights after every step), and set_fake_quantize reaches its quantizers: equal integer models."""
+    torch.manual_seed(0)
+    model, example = ConvBlocks(), torch.randn(2, 3, 8, 8)
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(4)]
+    quantizer = EdgeqQuantizer(target, default_qat_qconfig, is_qat=True)
+    prepared = pt2e.prepare_qat_pt2e(torch.export.export(copy.deepcopy(model), (example,)).module(), quantizer)
+    qat = prepare_qat_fx(model, default_qat_qconfig, example_inputs=(example,), target=target)
+    for trained in (prepared, qat):
+        _train(trained, batches)
+        set_fake_quantize(trained, FakeQuantState.VALIDATION)
+        trained(batches[0])  # frozen ranges: a forward changes nothing
+    integer_model, expected = from_pt2e(pt2e.convert_pt2e(prepared)), convert_fx(qat)
+    assert list(integer_model.tensor_quant.values()) == list(expected.tensor_quant.values())
+    np.testing.assert_array_equal(integer_model.run_integer(example).numpy(), expected.run_integer(example).numpy())
 
 
 class FloatSoftmax(nn.Module):

@@ -41,6 +41,8 @@ class EdgeqQuantizer(Quantizer):
         qconfig: an edgeq :class:`QConfig` preset (its activation observer watches every activation). Only the
             int8 output is taken here; an int32 output (``output_dtype="int32"``) is edgeq's flow only.
         input_scales: fixed scales of model inputs by placeholder name (``QuantStub(scale=...)``).
+        is_qat: for ``prepare_qat_pt2e``: edgeq's fake quantizers (``set_fake_quantize`` sets their state) instead
+            of observers.
 
     Raises:
         QuantizationError: a qconfig that is not an edgeq QConfig or asks for an int32 output, or a fixed input
@@ -53,6 +55,7 @@ class EdgeqQuantizer(Quantizer):
         qconfig: QConfig = default_calib_qconfig,
         *,
         input_scales: Mapping[str, float] | None = None,
+        is_qat: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(qconfig, QConfig):
@@ -67,7 +70,7 @@ class EdgeqQuantizer(Quantizer):
         self.input_scales = dict(input_scales or {})
         for name, scale in self.input_scales.items():
             check_fixed_scale(self.target, name, scale)
-        self.specs = Specs.of(self.target, qconfig, self.input_scales)
+        self.specs = Specs.of(self.target, qconfig, self.input_scales, is_qat)
 
     def annotate(self, model: fx.GraphModule) -> fx.GraphModule:
         """Mark every tensor edgeq quantizes (:func:`~edgeq.quantization.pt2e_annotate.annotate_graph`)."""

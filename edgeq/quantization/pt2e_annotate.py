@@ -33,7 +33,12 @@ from torchao.quantization.pt2e.quantizer import (
 )
 
 from edgeq.numerics import ACTIVATION_QMAX, ACTIVATION_QMIN, WEIGHT_QMAX, WEIGHT_QMIN
-from edgeq.quantization.pt2e_observers import EdgeqActivationObserver, EdgeqPerChannelWeightObserver
+from edgeq.quantization.pt2e_observers import (
+    EdgeqActivationFakeQuantize,
+    EdgeqActivationObserver,
+    EdgeqPerChannelWeightFakeQuantize,
+    EdgeqPerChannelWeightObserver,
+)
 from edgeq.quantization.qconfig import QConfig
 from edgeq.targets import Target
 
@@ -96,20 +101,27 @@ class Specs:
     input_scales: Mapping[str, float]
 
     @staticmethod
-    def of(target: Target, qconfig: QConfig, input_scales: Mapping[str, float]) -> Specs:
+    def of(target: Target, qconfig: QConfig, input_scales: Mapping[str, float], is_qat: bool) -> Specs:
+        """The specs for ``target`` and ``qconfig``: observers, or (``is_qat``) fake quantizers."""
         rule = target.quantization.scale_rule
+        if is_qat:
+            activation_ctr = EdgeqActivationFakeQuantize.with_args(
+                observer_factory=qconfig.activation_observer, scale_rule=rule, rounding=target.quantization.rounding
+            )
+            weight_ctr = EdgeqPerChannelWeightFakeQuantize.with_args(scale_rule=rule)
+        else:
+            activation_ctr = EdgeqActivationObserver.with_args(observer_factory=qconfig.activation_observer, scale_rule=rule)
+            weight_ctr = EdgeqPerChannelWeightObserver.with_args(scale_rule=rule)
         activation = QuantizationSpec(
             dtype=torch.int8,
-            observer_or_fake_quant_ctr=EdgeqActivationObserver.with_args(
-                observer_factory=qconfig.activation_observer, scale_rule=rule
-            ),
+            observer_or_fake_quant_ctr=activation_ctr,
             quant_min=ACTIVATION_QMIN,
             quant_max=ACTIVATION_QMAX,
             qscheme=torch.per_tensor_symmetric,
         )
         weight = QuantizationSpec(
             dtype=torch.int8,
-            observer_or_fake_quant_ctr=EdgeqPerChannelWeightObserver.with_args(scale_rule=rule),
+            observer_or_fake_quant_ctr=weight_ctr,
             quant_min=WEIGHT_QMIN,
             quant_max=WEIGHT_QMAX,
             qscheme=torch.per_channel_symmetric,

@@ -44,9 +44,9 @@ decomposed = torch.ops.quantized_decomposed
 class ConvBlocks(nn.Module):
     """Conv + ReLU, a residual add, a concat, a max pool, global average pooling and a linear layer."""
 
-    def __init__(self) -> None:
+    def __init__(self, input_scale: float | None = None) -> None:
         super().__init__()
-        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.quant, self.dequant = QuantStub(scale=input_scale), DeQuantStub()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.pointwise = nn.Conv2d(8, 8, 1)
         self.classifier = nn.Linear(16, 4)
@@ -189,15 +189,31 @@ def test_mobilenet_v3_small_equals_edgeqs_flow(target: str) -> None:
     np.testing.assert_array_equal(output, expected_output)
 
 
-def test_fixed_input_scale() -> None:
-    model = ConvBlocks().eval()
-    example = torch.randn(2, 3, 8, 8)
-    exported = torch.export.export(model, (example,)).module()
-    prepared = pt2e.prepare_pt2e(exported, EdgeqQuantizer("npu-s", input_scales={"x": 1 / 64}))
-    prepared(example)
+@pytest.mark.parametrize("is_qat", [False, True])
+def test_fixed_input_scale(is_qat: bool) -> None:
+    """input_scales is QuantStub(scale=...): the same integer model after calibration or QAT, on a half-up target
+    (the fixed input's fake quantization rounds as the target does)."""
+    torch.manual_seed(0)
+    model, example = ConvBlocks(input_scale=1 / 64), torch.randn(2, 3, 8, 8)
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(3)]
+    quantizer = EdgeqQuantizer("ethos-u65-256", default_qat_qconfig, input_scales={"x": 1 / 64}, is_qat=is_qat)
+    exported = torch.export.export(copy.deepcopy(model), (example,)).module()
+    prepared = (pt2e.prepare_qat_pt2e if is_qat else pt2e.prepare_pt2e)(exported, quantizer)
+    expected_model = prepare_qat_fx(model, default_qat_qconfig, example_inputs=(example,), target="ethos-u65-256")
+    set_fake_quantize(expected_model, FakeQuantState.QAT if is_qat else FakeQuantState.CALIBRATION)
+    for trained in (prepared, expected_model):
+        if is_qat:
+            _train(trained, batches)
+        else:
+            with torch.no_grad():
+                for batch in batches:
+                    trained(batch)
     converted = pt2e.convert_pt2e(prepared)
     first = next(n for n in converted.graph.nodes if n.target == decomposed.quantize_per_tensor.default)
     assert first.args[0].name == "x" and first.args[1] == 1 / 64
+    integer_model, expected = from_pt2e(converted), convert_fx(expected_model)
+    assert list(integer_model.tensor_quant.values()) == list(expected.tensor_quant.values())
+    np.testing.assert_array_equal(integer_model.run_integer(example).numpy(), expected.run_integer(example).numpy())
 
 
 def test_refusals() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -94,31 +95,32 @@ the integer model)."""
 
 @dataclass(frozen=True)
 class Specs:
-    """The quantization specs of one quantizer: activations, weights, fixed input scales."""
+    """The quantization specs of one quantizer: activations, weights, and the specs of fixed input scales."""
 
     activation: QuantizationSpec
     weight: QuantizationSpec
-    input_scales: Mapping[str, float]
+    fixed_inputs: Mapping[str, QuantizationSpecBase]
 
     @staticmethod
     def of(target: Target, qconfig: QConfig, input_scales: Mapping[str, float], is_qat: bool) -> Specs:
-        """The specs for ``target`` and ``qconfig``: observers, or (``is_qat``) fake quantizers."""
-        rule = target.quantization.scale_rule
+        """The specs for ``target`` and ``qconfig``: observers, or (``is_qat``) fake quantizers, which round a fixed
+        input scale by the target's rule too."""
+        rule, rounding = target.quantization.scale_rule, target.quantization.rounding
         if is_qat:
             activation_ctr = EdgeqActivationFakeQuantize.with_args(
-                observer_factory=qconfig.activation_observer, scale_rule=rule, rounding=target.quantization.rounding
+                observer_factory=qconfig.activation_observer, scale_rule=rule, rounding=rounding
             )
             weight_ctr = EdgeqPerChannelWeightFakeQuantize.with_args(scale_rule=rule)
+            fixed_inputs: dict[str, QuantizationSpecBase] = {
+                name: _activation_spec(
+                    EdgeqActivationFakeQuantize.with_args(observer_factory=None, scale_rule=rule, rounding=rounding, fixed_scale=scale)
+                )
+                for name, scale in input_scales.items()
+            }
         else:
             activation_ctr = EdgeqActivationObserver.with_args(observer_factory=qconfig.activation_observer, scale_rule=rule)
             weight_ctr = EdgeqPerChannelWeightObserver.with_args(scale_rule=rule)
-        activation = QuantizationSpec(
-            dtype=torch.int8,
-            observer_or_fake_quant_ctr=activation_ctr,
-            quant_min=ACTIVATION_QMIN,
-            quant_max=ACTIVATION_QMAX,
-            qscheme=torch.per_tensor_symmetric,
-        )
+            fixed_inputs = {name: _fixed_spec(scale) for name, scale in input_scales.items()}
         weight = QuantizationSpec(
             dtype=torch.int8,
             observer_or_fake_quant_ctr=weight_ctr,
@@ -127,20 +129,29 @@ class Specs:
             qscheme=torch.per_channel_symmetric,
             ch_axis=0,
         )
-        return Specs(activation, weight, dict(input_scales))
+        return Specs(_activation_spec(activation_ctr), weight, fixed_inputs)
 
     def input_edge(self, producer: fx.Node) -> QuantizationSpecBase:
         """The spec of an op's input read from ``producer`` (a fixed scale for a model input that has one)."""
-        if producer.op == "placeholder" and producer.name in self.input_scales:
-            return FixedQParamsQuantizationSpec(
-                dtype=torch.int8,
-                scale=self.input_scales[producer.name],
-                zero_point=0,
-                quant_min=ACTIVATION_QMIN,
-                quant_max=ACTIVATION_QMAX,
-                qscheme=torch.per_tensor_affine,
-            )
+        if producer.op == "placeholder" and producer.name in self.fixed_inputs:
+            return self.fixed_inputs[producer.name]
         return self.activation
+
+
+def _activation_spec(constructor: Any) -> QuantizationSpec:
+    return QuantizationSpec(
+        dtype=torch.int8,
+        observer_or_fake_quant_ctr=constructor,
+        quant_min=ACTIVATION_QMIN,
+        quant_max=ACTIVATION_QMAX,
+        qscheme=torch.per_tensor_symmetric,
+    )
+
+
+def _fixed_spec(scale: float) -> FixedQParamsQuantizationSpec:
+    return FixedQParamsQuantizationSpec(
+        dtype=torch.int8, scale=scale, zero_point=0, quant_min=ACTIVATION_QMIN, quant_max=ACTIVATION_QMAX, qscheme=torch.per_tensor_affine
+    )
 
 
 def annotate_graph(graph: fx.Graph, specs: Specs, concat_shares_input_scale: bool) -> None:

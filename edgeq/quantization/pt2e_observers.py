@@ -124,16 +124,18 @@ class EdgeqActivationFakeQuantize(FakeQuantizeBase):
     it (``QAT`` at first).
 
     Args:
-        observer_factory, scale_rule: as for :class:`EdgeqActivationObserver`.
+        observer_factory, scale_rule: as for :class:`EdgeqActivationObserver` (``None``: the scale is fixed).
         rounding: the target's rounding of ties.
+        fixed_scale: a model input's fixed scale (``QuantStub(scale=...)``), instead of an observer.
         dtype, qscheme, quant_min, quant_max, is_dynamic: what torchao passes from the quantization spec.
     """
 
     def __init__(
         self,
-        observer_factory: ObserverFactory,
+        observer_factory: ObserverFactory | None,
         scale_rule: ScaleRule,
         rounding: Rounding,
+        fixed_scale: float | None = None,
         dtype: torch.dtype = torch.int8,
         qscheme: torch.qscheme = torch.per_tensor_symmetric,
         quant_min: int | None = None,
@@ -142,7 +144,8 @@ class EdgeqActivationFakeQuantize(FakeQuantizeBase):
         **_: Any,
     ) -> None:
         super().__init__()
-        self.quantizer = ActivationFakeQuantize(observer_factory(), scale_rule, rounding=rounding)
+        observer = None if observer_factory is None else observer_factory()
+        self.quantizer = ActivationFakeQuantize(observer, scale_rule, fixed_scale, rounding=rounding)
         self.dtype, self.qscheme, self.quant_min, self.quant_max, self.is_dynamic = dtype, qscheme, quant_min, quant_max, is_dynamic
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ weights are checked against the converted graph's.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -113,6 +114,8 @@ class _Rebuilder:
             return self.env[node.args[0]]
         if node.target is decomposed.dequantize_per_channel.default:
             values, scales, zero_points, axis = (self.env[a] if isinstance(a, fx.Node) else a for a in node.args[:4])
+            if bool(torch.as_tensor(zero_points).any()):
+                raise QuantizationError(f"from_pt2e: '{node.name}' has nonzero zero points; edgeq's weights are symmetric")
             shape = [-1 if d == axis else 1 for d in range(values.dim())]
             return _Weight(values, (values.to(torch.float32) * scales.reshape(shape)).to(torch.float32))
         if node.target in (aten.conv2d.default, aten.linear.default):
@@ -134,13 +137,9 @@ class _Rebuilder:
     def _quantize(self, node: fx.Node) -> fx.Node:
         source, scale = node.args[0], float32(node.args[1])
         value = self.env[source]
-        if source.op == "placeholder":
-            path = f"{source.name}_quant"
-            if not hasattr(self.root, path):
-                self.root.add_module(path, QuantStub(scale=scale))
-                self.env[source] = self.graph.call_module(path, (value,))
-                self.env[source].meta[SCALE_KEY] = scale
-            return self.env[source]
+        if source.op == "placeholder" and not hasattr(self.root, f"{source.name}_quant"):
+            self.root.add_module(f"{source.name}_quant", QuantStub(scale=scale))
+            self.env[source] = value = self.graph.call_module(f"{source.name}_quant", (value,))
         if value.meta.get(SCALE_KEY, scale) != scale:
             raise QuantizationError(
                 f"from_pt2e: '{source.name}' is quantized at two scales ({value.meta[SCALE_KEY]:.6g} and {scale:.6g}); "
@@ -189,12 +188,12 @@ class _Rebuilder:
         return self.graph.call_module(path, (self.env[value],))
 
 
+@dataclass(frozen=True)
 class _Weight:
     """A weight of the converted graph: its int8 values and its float values (``q * s_c``)."""
 
-    def __init__(self, integers: torch.Tensor, values: torch.Tensor) -> None:
-        self.integers = integers
-        self.float = values
+    integers: torch.Tensor
+    float: torch.Tensor
 
 
 def _attribute(module: nn.Module, path: str) -> Any:

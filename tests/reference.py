@@ -23,14 +23,18 @@ from edgeq.quantization import integer_ops as ops
 
 def round_shift(values: np.ndarray, multiplier: Any, shift: Any, rounding: str = "half_to_even") -> np.ndarray:
     """values * M / 2**n rounded to nearest, ties to even or up, in int64 (floor division and remainder, no
-    shifts)."""
-    product = np.asarray(values, dtype=np.int64) * np.asarray(multiplier, dtype=np.int64)
-    power = np.left_shift(np.int64(1), np.asarray(shift, dtype=np.int64))
+    shifts; Python's integers where the product or 2**n would pass int64)."""
+    values, multiplier, shift = (np.asarray(a, dtype=np.int64) for a in (values, multiplier, shift))
+    if values.size and (int(np.abs(values).max()) * int(multiplier.max()) >= 2**62 or shift.max() > 62):
+        values, multiplier = values.astype(object), multiplier.astype(object)  # beyond int64: Python's integers
+    product = values * multiplier
+    power = np.vectorize(lambda n: 1 << int(n), otypes=[object])(shift) if product.dtype == object else np.left_shift(np.int64(1), shift)
     half = power // 2
     if rounding == "half_up":
-        return np.floor_divide(product + half, power)
-    quotient, remainder = np.divmod(product, power)
-    return quotient + ((remainder > half) | ((remainder == half) & (quotient % 2 == 1)))
+        return np.floor_divide(product + half, power).astype(np.int64)
+    quotient = product // power
+    remainder = product - quotient * power
+    return (quotient + ((remainder > half) | ((remainder == half) & (quotient % 2 == 1)))).astype(np.int64)
 
 
 def round_half(values: np.ndarray, rounding: str) -> np.ndarray:

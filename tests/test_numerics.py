@@ -152,14 +152,13 @@ def test_accumulator_bounds_literal():
 
 
 def test_zero_point_bounds_and_bias_literal():
-    """docs/numerics.md section 9: |q - z| <= max(128 + z, 127 - z); b' = b - z * Σw, an error past int32."""
+    """docs/numerics.md section 9: |q - z| <= max(128 + z, 127 - z); b' = b - z * Σw; int64 past int32."""
     weights = np.array([[1, -2, 0], [-127, 127, 3]], dtype=np.int8)
     assert nx.largest_input_magnitude(-128) == 255 and nx.largest_input_magnitude(100) == 228
     assert nx.accumulator_bounds(weights, np.array([5, -6]), axis=0, input_zero_point=-128) == [255 * 3 + 5, 255 * 257 + 6]
-    folded = nx.bias_with_input_zero_point(np.array([5, -6]), weights, 0, -128, what="conv")
-    assert folded.dtype == np.int32 and folded.tolist() == [5 + 128 * -1, -6 + 128 * 3]
-    with pytest.raises(QuantizationError, match=r"conv: the bias with the input zero point -128 folded in reaches"):
-        nx.bias_with_input_zero_point(np.array([2**31 - 100]), np.full((1, 9), 127, np.int8), 0, -128, what="conv")
+    assert nx.folded_bias(np.array([5, -6]), weights, 0, -128).tolist() == [5 + 128 * -1, -6 + 128 * 3]
+    bounds = nx.accumulator_bounds(np.full((1, 9), 127, np.int8), np.array([2**31 - 1 - 255 * 1143]), 0, -128)
+    assert bounds == [2**31 - 1] and not nx.needs_int64_accumulator(bounds) and nx.needs_int64_accumulator([2**31])
     assert nx.int8_zero_point("uint8", 128) == 0 and nx.int8_zero_point("int8", 3) == 3
 
 

@@ -16,7 +16,7 @@ from edgeq.check.from_fx import records_from_prepared
 from edgeq.check.from_onnx import records_from_qdq
 from edgeq.check.records import OpRecord
 from edgeq.check.report import CheckReport, NodeReport, Placement, Summary
-from edgeq.check.rules import COMMON_RULES, NPU_RULES, no_host_code, not_quantized
+from edgeq.check.rules import COMMON_RULES, NPU_RULES, int64_accumulator, no_host_code, not_quantized
 from edgeq.errors import EdgeqError
 from edgeq.export.onnx_reader import QDQModel
 from edgeq.export.sources import ModelLike, quantized_form
@@ -103,7 +103,7 @@ def _place(record: OpRecord, target: Target) -> NodeReport:
     if results:
         return NodeReport(record, Placement.UNSUPPORTED, results)
     if target.kind is TargetKind.CPU:
-        return NodeReport(record, Placement.CPU, [r for r in [not_quantized(record, target)] if r is not None])
+        return NodeReport(record, Placement.CPU, [r for rule in (not_quantized, int64_accumulator) if (r := rule(record, target)) is not None])
     results = [result for rule in NPU_RULES if (result := rule(record, target)) is not None]
     if not any(r.blocking for r in results):
         return NodeReport(record, Placement.NPU, results)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from edgeq.check.records import OpRecord
 from edgeq.npu_limits import NPU_OPS
-from edgeq.numerics import is_power_of_two
+from edgeq.numerics import INT32_MAX, is_power_of_two, needs_int64_accumulator
 from edgeq.op_attrs import Conv2dAttrs
 from edgeq.ops import Op
 from edgeq.targets import HOST_CODE_ADVICE, ScaleRule, Target
@@ -129,6 +129,20 @@ def not_quantized(record: OpRecord, target: Target) -> Outcome | None:
     if record.float_reason is not None:
         return Outcome(f"{record.source_op} stays float: {record.float_reason}", True)
     return Outcome(f"{record.source_op} is not quantized in the file: it runs in float", True)
+
+
+@rule("int64_accumulator", Op.CONV2D, Op.LINEAR)
+def int64_accumulator(record: OpRecord, target: Target) -> Outcome | None:
+    """A layer whose accumulator can exceed int32 is computed exactly with an int64 accumulator on the CPU."""
+    bounds = record.quant.accumulator_bounds if record.quant is not None else ()
+    if not needs_int64_accumulator(bounds):
+        return None
+    return Outcome(
+        f"its accumulator can reach {max(bounds)} (int32: up to {INT32_MAX}): computed with an int64 accumulator on "
+        "the CPU",
+        True,
+        "a channel's bias is large for its scale s_in * s_w[c] (tiny weights); recalibrating or retraining the layer brings it within int32",
+    )
 
 
 @rule("op_not_on_npu")
@@ -406,6 +420,7 @@ COMMON_RULES: tuple[Rule, ...] = (rejected, no_cpu_implementation)
 
 NPU_RULES: tuple[Rule, ...] = (
     not_quantized,
+    int64_accumulator,
     op_not_on_npu,
     not_int8_symmetric,
     scale_not_power_of_two,

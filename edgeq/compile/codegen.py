@@ -30,9 +30,10 @@ from edgeq.check.report import Placement
 from edgeq.compile.cpu_features import DotProduct, dot_product
 from edgeq.compile.int8_activations import as_int8_activations
 from edgeq.compile.integer_relax import Conv2dSettings, integer_accumulator
+from edgeq.compile.lowering.rule import LoweringFailure, collected_failures
 from edgeq.compile.partition import Int32Head, Partition, Region, TensorSpec
 from edgeq.compile.pipeline import Stage, as_pass, lower_integer, run_stages, split_at, stages
-from edgeq.compile.provenance import KernelCalls, Provenance, import_onnx, node_owners
+from edgeq.compile.provenance import Bindings, KernelCalls, Provenance, import_onnx, node_owners
 from edgeq.compile.resize_coordinates import with_resize_coordinates_of_onnx
 from edgeq.compile.schedules import KernelSchedule, TunedSchedules, kernel_schedules
 from edgeq.errors import CompileError
@@ -80,7 +81,14 @@ def build_relax_module(
     _emit_main(builder, partition, functions)
     _emit_input_quantizers(builder, partition, rounding)
     progress("lower to integers")
-    module = provenance.run(lower_integer(rounding), builder.get())
+    imported = {region: dict(known) for region, known in provenance.regions.items()}
+    try:
+        with collected_failures() as failures:
+            module = provenance.run(lower_integer(rounding), builder.get())
+    except Exception as error:  # TVM raises many kinds
+        raise CompileError(f"integer lowering failed: {last_line(error)}") from error
+    if failures:
+        raise CompileError(_failure_text(failures[0], imported))
     for region, global_var in zip(partition.regions, functions):
         lost = _lost_kernels(module[global_var.name_hint], module)
         if lost:
@@ -98,6 +106,19 @@ def build_relax_module(
     return module, provenance
 
 
+def _failure_text(failure: LoweringFailure, imported: dict[str, Bindings]) -> str:
+    """One line naming the ONNX node whose unit a lowering rule refused, and why."""
+    ops = next((known[failure.var] for known in imported.values() if failure.var in known), frozenset())
+    where = f"{failure.rule} '{', '.join(sorted(ops))}'" if ops else failure.rule
+    return f"{where}: {failure.error}"
+
+
+def last_line(error: Exception) -> str:
+    """The last line of an error's text: TVM's own message, without the C++ and Python traceback above it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
 def _region_function(region: Region, provenance: Provenance) -> relax.Function:
     """The region imported by TVM's ONNX frontend, its provenance started in ``provenance``."""
     model = as_int8_activations(with_resize_coordinates_of_onnx(region.model))
@@ -108,7 +129,7 @@ def _region_function(region: Region, provenance: Provenance) -> relax.Function:
     except CompileError:
         raise
     except Exception as error:  # TVM raises many kinds; the node is in its message
-        raise CompileError(f"{region.name}: TVM's ONNX frontend failed on ops {region.nodes[:5]}: {error}") from error
+        raise CompileError(f"{region.name}: TVM's ONNX frontend failed on ops {region.nodes[:5]}: {last_line(error)}") from error
     provenance.imported(region.name, function, node_results, node_owners(model, region.node_ops))
     return function
 
@@ -120,6 +141,7 @@ def _annotated(function: relax.Function, region: Region) -> relax.Function:
 def _head_function(head: Int32Head) -> relax.Function:
     """A Conv/Gemm whose int32 accumulator is a model output, built directly from its integer weights."""
     attributes = node_attributes(head.node)
+    what = f"{head.node.op_type} '{head.node.name}'"
     builder = relax.BlockBuilder()
     source = relax.Var("source", relax.TensorType(list(head.input_shape), "int8"))
     with builder.function("head", [source]):
@@ -132,10 +154,10 @@ def _head_function(head: Int32Head) -> relax.Function:
                     tuple(attributes.get("dilations", [1] * rank)),
                     int(attributes.get("group", 1)),
                 )
-                acc = integer_accumulator(source, head.weights, head.bias, conv)
+                acc = integer_accumulator(source, head.weights, head.bias, conv, what=what)
             else:
                 weights = head.weights.T if attributes.get("transB", 0) else head.weights
-                acc = integer_accumulator(source, weights, head.bias)
+                acc = integer_accumulator(source, weights, head.bias, what=what)
             output = builder.emit_output(acc)
         builder.emit_func_output(output)
     return builder.get()["head"]
@@ -314,10 +336,10 @@ def build_library(
     except CompileError:
         raise
     except Exception as error:
-        raise CompileError(f"TVM failed to build the program for {machine.arch}: {error}") from error
+        raise CompileError(f"TVM failed to build the program for {machine.arch}: {last_line(error)}") from error
     progress(f"link {machine.arch} library")
     try:
         executable.export_library(path, **machine.export_options())
     except Exception as error:
-        raise CompileError(f"linking the {machine.arch} library failed: {error}") from error
+        raise CompileError(f"linking the {machine.arch} library failed: {last_line(error)}") from error
     return Library(executable, kernel_schedules(scheduled), calls)

@@ -19,14 +19,17 @@ import numpy as np
 from tvm import relax
 from tvm.relax import op as R
 
+from edgeq.errors import QuantizationError
 from edgeq.numerics import (
     ACTIVATION_QMAX,
     ACTIVATION_QMIN,
+    INT32_MAX,
     FixedPointMultiplier,
-    bias_with_input_zero_point,
-    check_accumulator_bound,
+    accumulator_bounds,
     exact_in_float64,
+    folded_bias,
     largest_input_magnitude,
+    needs_int64_accumulator,
     quantize_multiplier,
     real_multiplier,
 )
@@ -147,9 +150,52 @@ def requantize(
         exact_in_float64(bound * m.multiplier, m.shift, rule) for bound, m in zip(bounds, multipliers, strict=True)
     ):
         return rounded_in_float64([(acc, multipliers)], shape, zero_point, largest_rounded(bounds, multipliers))
+    if bounds is not None and any(bound * m.multiplier >= PRODUCT_LIMIT for bound, m in zip(bounds, multipliers, strict=True)):
+        return saturate(_split_round_shift(acc, multipliers, shape, bounds), zero_point)
     # the multipliers fit int32: kernel selection keeps them so, for a 32 x 32 -> 64-bit multiply (vpmuldq, smull)
     product = R.multiply(R.astype(acc, "int64"), _i64([m.multiplier for m in multipliers], shape))
     return saturate(_round_shift(product, [m.shift for m in multipliers], shape), zero_point)
+
+
+PRODUCT_LIMIT = 2**62
+"""``|acc * M|`` below this: :func:`_round_shift` computes ``round(acc * M / 2**n)`` in int64."""
+
+SPLIT_BITS = 31
+"""An int64 accumulator's low part in :func:`_split_round_shift`: ``l < 2**31``, so ``l * M < 2**62``."""
+
+
+def _split_round_shift(
+    acc: relax.Expr, multipliers: Sequence[FixedPointMultiplier], shape: Sequence[int], bounds: Sequence[int]
+) -> relax.Expr:
+    """``round(acc * M / 2**n)`` (ties by the lowering's rule) of an int64 accumulator whose product with ``M`` may
+    exceed int64 (docs/numerics.md section 5): with ``k = min(n, 31)``, ``acc = h * 2**k + l`` (``0 <= l < 2**k``)
+    and ``floor((acc * M + c) / 2**n) = (h * M + ((l * M + c) >> k)) >> (n - k)`` for any integer ``c``; half up
+    adds ``c = 2**(n-1)``, half to even ``2**(n-1) - 1 + (floor(acc * M / 2**n) & 1)``, as :func:`_round_shift`.
+
+    Raises:
+        QuantizationError: ``|h * M|`` could reach 2**61 (an accumulator beyond ``2**61 * 2**k / M``).
+    """
+    for bound, m in zip(bounds, multipliers, strict=True):
+        if ((bound >> min(m.shift, SPLIT_BITS)) + 1) * m.multiplier >= PRODUCT_LIMIT // 2:
+            raise QuantizationError(
+                f"int64 accumulator up to {bound} times multiplier {m.multiplier} * 2**-{m.shift} is beyond the "
+                "requantization's range; the scales around this layer are inconsistent: check its calibration"
+            )
+    low_bits = [min(m.shift, SPLIT_BITS) for m in multipliers]
+    k, factor = _i64(low_bits, shape), _i64([m.multiplier for m in multipliers], shape)
+    rest = _i64([m.shift - bits for m, bits in zip(multipliers, low_bits, strict=True)], shape)
+    high = R.right_shift(acc, k)
+    low = R.subtract(acc, R.left_shift(high, k))
+    high_product, low_product = R.multiply(high, factor), R.multiply(low, factor)
+
+    def floor_of(added: relax.Expr) -> relax.Expr:
+        return R.right_shift(R.add(high_product, R.right_shift(R.add(low_product, added), k)), rest)
+
+    halves = [1 << (m.shift - 1) for m in multipliers]
+    if lowering_rounding() is Rounding.HALF_UP:
+        return floor_of(_i64(halves, shape))
+    odd = R.bitwise_and(floor_of(relax.const(0, "int64")), relax.const(1, "int64"))
+    return floor_of(R.add(_i64([half - 1 for half in halves], shape), odd))
 
 
 def requantize_sum(terms: Sequence[tuple[relax.Expr, FixedPointMultiplier, int]], rank: int, zero_point: int = 0) -> relax.Expr:
@@ -187,31 +233,47 @@ class Conv2dSettings:
 
 
 def integer_accumulator(
-    source: relax.Expr, weights: np.ndarray, bias: np.ndarray, conv: Conv2dSettings | None = None, zero_point: int = 0
+    source: relax.Expr,
+    weights: np.ndarray,
+    bias: np.ndarray,
+    conv: Conv2dSettings | None = None,
+    zero_point: int = 0,
+    *,
+    what: str = "accumulator",
+    allow_int64: bool = False,
 ) -> relax.Expr:
-    """int8 x int8 -> int32 accumulation plus the int32 bias (docs/numerics.md section 5).
+    """int8 x int8 -> int32 accumulation plus the int32 bias (docs/numerics.md section 5), or int64 for a layer
+    whose int32 accumulator could overflow (:func:`edgeq.numerics.needs_int64_accumulator`) when ``allow_int64``.
 
     ``weights`` are OIHW for a convolution (``conv`` given), else ``[in_features, out_features]`` for a matmul
     over the last axis of ``source``. An input ``zero_point`` (section 9) folds into the bias, and a convolution
     then pads with the zero point (the real 0) instead of 0.
 
     Raises:
-        QuantizationError: the int32 accumulator could overflow (the bound of ``check_accumulator_bound``).
+        QuantizationError: the int32 accumulator could overflow and ``allow_int64`` is false (an int32 output),
+            naming ``what``.
     """
-    products_per_output = weights[0].size if conv is not None else weights.shape[0]
-    if zero_point:
-        bias = bias_with_input_zero_point(bias, weights, 0 if conv is not None else 1, zero_point, what="accumulator")
-    check_accumulator_bound(products_per_output, bias, what="accumulator")
+    axis = 0 if conv is not None else 1
+    bound = max(accumulator_bounds(weights, bias, axis, zero_point))
+    dtype = "int64" if needs_int64_accumulator([bound]) else "int32"
+    if dtype == "int64" and not allow_int64:
+        raise QuantizationError(
+            f"{what}: int32 accumulator may overflow; bound {bound} (allowed: <= {INT32_MAX}), and an int32 output "
+            "cannot widen. Split the reduction into smaller layers"
+        )
+    bias = folded_bias(bias, weights, axis, zero_point)
     if conv is not None:
         source, padding = padded(source, conv.padding, zero_point)
         acc = R.nn.conv2d(
             source, relax.const(weights, "int8"), conv.strides, padding, conv.dilation, conv.groups,
-            "NCHW", "OIHW", "NCHW", "int32",
+            "NCHW", "OIHW", "NCHW", dtype,
         )
         shape = [1, -1, 1, 1]
     else:
-        acc = R.matmul(source, relax.const(np.ascontiguousarray(weights), "int8"), out_dtype="int32")
+        acc = R.matmul(source, relax.const(np.ascontiguousarray(weights), "int8"), out_dtype=dtype)
         shape = [-1]
+    if dtype == "int64":
+        return R.add(acc, relax.const(bias.reshape(shape), "int64"))
     return _wrapping_add(acc, relax.const(bias.astype(np.int32).reshape(shape), "int32"))
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from edgeq.errors import QuantizationError
-from edgeq.numerics.rounding import ACTIVATION_QMIN, INT32_MAX, INT32_MIN, WEIGHT_QMAX
+from edgeq.numerics.rounding import ACTIVATION_QMIN, INT32_MAX, WEIGHT_QMAX
 from edgeq.numerics.scales import largest_input_magnitude
 from edgeq.targets import Rounding
 
@@ -225,23 +225,19 @@ def check_product_accumulator_bound(reduction_size: int, zero_points: Sequence[i
         )
 
 
-def bias_with_input_zero_point(
-    bias: np.ndarray, weights: np.ndarray, axis: int, zero_point: int, *, what: str
-) -> np.ndarray:
-    """The int32 bias that absorbs an input zero point: ``b'[c] = b[c] - z * Σ_k w_q[c, k]`` (docs/numerics.md
-    section 9), so that ``b'[c] + Σ_k q[k] * w_q[c, k] = b[c] + Σ_k (q[k] - z) * w_q[c, k]``.
-
-    Raises:
-        QuantizationError: ``b'`` does not fit int32, naming ``what``.
-    """
+def folded_bias(bias: np.ndarray, weights: np.ndarray, axis: int, zero_point: int) -> np.ndarray:
+    """``b[c] - z * Σ_k w_q[c, k]`` in int64: the bias that absorbs an input zero point (docs/numerics.md section 9)."""
     sums = np.moveaxis(np.asarray(weights, dtype=np.int64), axis, 0).reshape(np.shape(weights)[axis], -1).sum(axis=1)
-    folded = np.asarray(bias, dtype=np.int64).reshape(-1) - zero_point * sums
-    if folded.size and (folded.min() < INT32_MIN or folded.max() > INT32_MAX):
-        raise QuantizationError(
-            f"{what}: the bias with the input zero point {zero_point} folded in reaches {int(np.abs(folded).max())} "
-            f"(allowed: int32); the layer's weights or bias are too large for its input's zero point"
-        )
-    return folded.astype(np.int32)
+    return np.asarray(bias, dtype=np.int64).reshape(-1) - zero_point * sums
+
+
+def needs_int64_accumulator(bounds: Sequence[int]) -> bool:
+    """Whether a conv or linear layer with these :func:`accumulator_bounds` needs an int64 accumulator: some
+    channel's bound exceeds int32 (a third-party file's bias quantized at a tiny ``s_in * s_w``; docs/numerics.md
+    section 5). Otherwise every step of its int32 accumulation is exact: the sum of products
+    ``|Σ_k q[k] * w_q[c, k]| <= 128 * Σ_k |w_q[c, k]|`` and the :func:`folded_bias` ``|b - z * Σ_k w_q[c, k]|``
+    are both at most the bound, as ``max|q - z| >= 128`` for every int8 zero point."""
+    return max(bounds, default=0) > INT32_MAX
 
 
 def check_accumulator_bound(reduction_size: int, bias: torch.Tensor | np.ndarray | None, *, what: str) -> None:

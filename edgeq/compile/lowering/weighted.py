@@ -57,7 +57,7 @@ class _WeightedUnit:
         if conv is None and transposed:
             values = values.T
         channel_axis = 0 if conv is not None else 1
-        acc = integer_accumulator(m[self.source].args[0], values, bias, conv, source.zero_point)
+        acc = integer_accumulator(m[self.source].args[0], values, bias, conv, source.zero_point, what=self.name, allow_int64=True)
         bounds = accumulator_bounds(values, bias, channel_axis, source.zero_point)
         multipliers = conv_multipliers(
             source.scale, weight_scales, output.scale, what=self.name, bounds=bounds, rounding=lowering_rounding()

@@ -107,9 +107,10 @@ def without_outputs(model: onnx.ModelProto) -> None:
     del model.graph.output[:]
 
 
-def only_quantization(model: onnx.ModelProto) -> None:
-    """x -> QuantizeLinear -> DequantizeLinear -> output: no op computes the output."""
-    model.CopyFrom(qdq_convs(count=0))
+def input_as_output(model: onnx.ModelProto) -> None:
+    """The input itself is also an output: no op computes it (a quantization of an input, x -> QuantizeLinear ->
+    DequantizeLinear -> output, is computed: issue 32)."""
+    model.graph.output.append(model.graph.input[0])
 
 
 def input_dimension(size: int) -> Callable[[onnx.ModelProto], None]:
@@ -169,7 +170,7 @@ BAD_MODELS = {
     "no nodes": (without_nodes, re.escape("the graph has no nodes (nothing to compute); export the model with its nodes")),
     "no inputs": (input_as_initializer, re.escape("the graph has no inputs (a compiled model reads at least one tensor)")),
     "no outputs": (without_outputs, re.escape("the graph has no outputs (a compiled model returns at least one tensor)")),
-    "output no op computes": (only_quantization, re.escape("output 'x_dq' is an input ('x'), which no op computes")),
+    "output no op computes": (input_as_output, re.escape("output 'x' is an input ('x'), which no op computes")),
     "input dimension 0": (input_dimension(0), re.escape("input 'x': dimension 0 is 0 (shape [0, 2, 4, 4]); sizes must be at least")),
     "input dimension -5": (input_dimension(-5), re.escape("input 'x': dimension 0 is -5 (shape [-5, 2, 4, 4])")),
     "duplicate node names": (conv_1_renamed("Conv_0"), re.escape("2 nodes are named 'Conv_0' (Conv, Conv); give each node its own")),

@@ -135,6 +135,9 @@ class _Graph(QDQGraph):
     def input_spec(self, info: onnx.ValueInfoProto) -> TensorSpec:
         consumers = self.consumers.get(info.name, [])
         shape = self._static_shape(info.name, "input")
+        integer = _integer_dtype(info)
+        if integer is not None:  # the file's integers, taken as they are
+            return TensorSpec(info.name, shape, integer, None, info.name)
         if consumers and all(c.op_type == "QuantizeLinear" for c in consumers) and len({c.output[0] for c in consumers}) == 1:
             quantized = consumers[0].output[0]
             params = self.qdq.quant[quantized]
@@ -144,6 +147,9 @@ class _Graph(QDQGraph):
     def output_spec(self, info: onnx.ValueInfoProto, head: Int32Head | None) -> TensorSpec:
         node = self.producer.get(info.name)
         shape = self._static_shape(info.name, "output")
+        integer = _integer_dtype(info)
+        if integer is not None and head is None:  # the file's integers, given as they are
+            return TensorSpec(info.name, shape, integer, None, info.name)
         if node is not None and node.op_type == "DequantizeLinear" and node.input[0] not in self.constants:
             params = self.qdq.quant[node.input[0]]
             return TensorSpec(node.input[0], shape, params.dtype, params, info.name)
@@ -217,9 +223,17 @@ class _Graph(QDQGraph):
                         regions[origin].outputs.append(tensor)
         for tensor in program_outputs:
             origin = made_in.get(tensor)
+            if origin is None and tensor in program_inputs:  # a quantized input as it is (a graph of one Q or DQ)
+                continue
             if origin is None:
                 raise CompileError(f"{self.qdq.source}: output '{tensor}' is not made by any op")
             if tensor not in regions[origin].outputs:
                 regions[origin].outputs.append(tensor)
         for region in regions:
             region.output_producers = {tensor: made_by[tensor] for tensor in region.outputs}
+
+
+def _integer_dtype(info: onnx.ValueInfoProto) -> str | None:
+    """The numpy name of a graph input's or output's integer element type (uint8, int8, int32...); None for float."""
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)
+    return dtype.name if np.issubdtype(dtype, np.integer) else None

@@ -73,13 +73,15 @@ def _check_single_writers(graph: onnx.GraphProto, path: Path) -> None:
 
 
 def _check_outputs_computed(graph: onnx.GraphProto, path: Path) -> None:
-    """Every output comes from a compute node, not straight (or through Q/DQ only) from an input or a constant."""
+    """Every output comes from a compute node or a quantization of an input, not straight from an input or from a
+    constant."""
     producer = {out: node for node in graph.node for out in node.output}
     initializers = {init.name for init in graph.initializer}
+    inputs = {i.name for i in graph.input}
     for output in graph.output:
         tensor = unquantized(output.name, producer)
         node = producer.get(tensor)
-        if node is not None and node.op_type != "Constant":
+        if (node is not None and node.op_type != "Constant") or (tensor in inputs and tensor != output.name):
             continue
         origin = "a constant" if node is not None or tensor in initializers else "an input"
         raise ModelFileError(

@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 import tvm
-from models import float_onnx, ort_quantize_static, random_batches
+from models import float_onnx, ort_quantize_static, random_batches, without_identities
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType
 from qdq_reference import run_qdq_reference
@@ -162,26 +162,6 @@ def test_a_unit_the_lowering_refuses_is_one_line_naming_its_node(tmp_path, monke
 GOOGLENET_SHAPE = (1, 3, 64, 64)
 
 
-def _without_identities(path: Path) -> Path:
-    """torch.onnx shares googlenet's equal biases through Identity nodes, which quantize_static cannot read as
-    initializers: each Identity of an initializer becomes a copy of it."""
-    model = onnx.load(str(path))
-    initializers = {t.name: t for t in model.graph.initializer}
-    kept = []
-    for node in model.graph.node:
-        if node.op_type == "Identity" and node.input[0] in initializers:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(initializers[node.input[0]])
-            copy.name = node.output[0]
-            model.graph.initializer.append(copy)
-        else:
-            kept.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
-    onnx.save(model, str(path))
-    return path
-
-
 _GOOGLENET_VARIANTS = {  # quantize_static's settings, and the layers needing an int64 accumulator
     "uint8": ({}, 0),
     "int8-per-channel": (dict(activation=QuantType.QInt8, per_channel=True), 1),
@@ -197,7 +177,7 @@ def googlenet_file(request, tmp_path_factory) -> tuple[Path, int]:
     folder = tmp_path_factory.mktemp("googlenet")
     torch.manual_seed(0)
     model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True).eval()
-    float_path = _without_identities(float_onnx(model, torch.randn(GOOGLENET_SHAPE), folder / "f.onnx"))
+    float_path = without_identities(float_onnx(model, torch.randn(GOOGLENET_SHAPE), folder / "f.onnx"))
     settings, wide = _GOOGLENET_VARIANTS[request.param]
     return ort_quantize_static(float_path, folder / "q.onnx", random_batches(GOOGLENET_SHAPE, count=2), **settings), wide
 

@@ -143,7 +143,8 @@ def requantize(
 ) -> relax.Expr:
     """int32/int64 accumulator -> int8 (``edgeq.numerics.requantize``, the output zero point, saturation), per
     channel on ``axis``; in float64 where ``bounds``, the largest ``|acc|`` each multiplier scales (one per channel,
-    or one), prove that exact for every channel, else in int64."""
+    or one), prove that exact for every channel, else in int64 (by halves of the accumulator where ``acc * M`` can
+    pass 2**62: :func:`_split_round_shift`)."""
     shape = channel_shape(rank, axis, len(multipliers)) if len(multipliers) > 1 else [1] * rank
     rule = lowering_rounding()
     if bounds is not None and all(

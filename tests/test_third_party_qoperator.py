@@ -1,0 +1,55 @@
+"""Every contrib op ONNX Runtime's ``quantize_static(quant_format=QOperator)`` writes for torchvision models
+(QLinearConv, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, QGemm, and MaxPool / Flatten on integers) is
+read as QDQ (edgeq/export/qoperator.py): the artifact is within one output step of ONNX Runtime on the original
+file. Slow: each model is built whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from models import float_onnx, ort_quantize_static, random_batches, torchvision_model, without_identities
+from onnxruntime.quantization import QuantFormat, QuantType
+
+from edgeq.compile import compile_model
+from edgeq.export.peer import session
+from edgeq_runtime import Model
+
+SHAPE = (1, 3, 64, 64)
+MODELS = {  # the contrib ops each file holds
+    "resnet18": {"QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm"},
+    "mobilenet_v2": {"QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm"},
+    "googlenet": {"QLinearConv", "QLinearConcat", "QLinearGlobalAveragePool", "QGemm"},
+}
+
+
+def _float_file(name: str, folder: Path) -> Path:
+    if name == "googlenet":
+        import torchvision
+
+        torch.manual_seed(0)
+        model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True).eval()
+        return without_identities(float_onnx(model, torch.randn(SHAPE), folder / "f.onnx"))
+    return float_onnx(torchvision_model(name), torch.randn(SHAPE), folder / "f.onnx")
+
+
+@pytest.mark.flow
+@pytest.mark.parametrize("activation", [QuantType.QUInt8, QuantType.QInt8], ids=["uint8", "int8"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_qoperator_files_of_torchvision_models_are_within_one_step(name, activation, tmp_path):
+    float_path = _float_file(name, tmp_path)
+    path = ort_quantize_static(float_path, tmp_path / "q.onnx", random_batches(SHAPE, count=2), activation=activation,
+                               per_channel=activation is QuantType.QInt8, quant_format=QuantFormat.QOperator)
+    model_file = onnx.load(str(path))
+    assert MODELS[name] <= {n.op_type for n in model_file.graph.node}
+    result = compile_model(path, target="x86_64", out=tmp_path / "q.edgeq", opt_level=0, progress=lambda _: None)
+    peer, quant = session(model_file), result.manifest["outputs"][0]["quant"]
+    with Model.load(result.artifact) as artifact:
+        output = artifact.outputs[0].name
+        for x in random_batches(SHAPE, count=2, seed=1):
+            ours = artifact.run({"x": x}, raw=True)[output].astype(np.int64)
+            (theirs,) = peer.run(None, {"x": x})
+            assert np.abs(ours - (np.rint(theirs / np.float32(quant["scale"][0])) + quant["zero_point"][0])).max() <= 1

@@ -8,8 +8,9 @@ data-movement ops (``MaxPool``, ``Flatten``, ...) on the integers directly. The 
 ``s_in * s_w``), so :func:`qdq_from_qoperator` rewrites each such node so, and the rest of edgeq (check, compile,
 the compiled graph) sees one form. The rewrite is exact: both forms define the same integers.
 
-``ConvInteger`` / ``MatMulInteger`` belong to dynamic quantization (input scales computed at run time), which
-has no fixed integer program: they are refused with that reason.
+Dynamic quantization (``DynamicQuantizeLinear``: input scales computed at run time) has no fixed integer program
+and is refused with that reason. ``ConvInteger`` / ``MatMulInteger`` with constant zero points are one, but have no
+QDQ form edgeq compiles yet: they are refused by name.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from edgeq.errors import ModelFileError
 DATA_MOVEMENT = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Slice", "Identity"}
 """Ops ONNX Runtime runs on quantized integers unchanged (their output keeps the input's scale and zero point)."""
 
-DYNAMIC = {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}
+DYNAMIC = {"DynamicQuantizeLinear"}
+INTEGER_ONLY = {"ConvInteger", "MatMulInteger"}
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,9 @@ FORMS: dict[str, _Form] = {
 }
 """Every QOperator op edgeq rewrites (``QLinearConcat``, whose operands are variadic, is handled apart)."""
 
-OPERATOR_FORM = {*FORMS, "QLinearConcat", *DYNAMIC}
-"""The op types that make a file the operator form (dynamic quantization included, to be refused)."""
+OPERATOR_FORM = {*FORMS, "QLinearConcat", *DYNAMIC, *INTEGER_ONLY}
+"""The op types that make a file the operator form (dynamic quantization and integer-only ops included, to be
+refused)."""
 
 
 def is_qoperator(model: onnx.ModelProto) -> bool:
@@ -75,7 +78,8 @@ def qdq_from_qoperator(model: onnx.ModelProto, path: str) -> onnx.ModelProto:
     """The QDQ form of a QOperator model (module doc).
 
     Raises:
-        ModelFileError: dynamic quantization, or a QOperator node edgeq cannot rewrite (named, with the reason).
+        ModelFileError: dynamic quantization, an integer-only op, or a QOperator node edgeq cannot rewrite (named,
+            with the reason).
     """
     return _Rewriter(model, path).run()
 
@@ -112,6 +116,12 @@ class _Rewriter:
                 node,
                 "dynamic quantization (scales computed at run time) has no fixed integer program; quantize the model "
                 "statically (onnxruntime.quantization.quantize_static, QDQ or QOperator format) and compile that",
+            )
+        if node.op_type in INTEGER_ONLY:
+            raise self._error(
+                node,
+                "integer-only ops (ConvInteger, MatMulInteger) are not supported; quantize the model statically "
+                "(onnxruntime.quantization.quantize_static, QDQ or QOperator format) and compile that",
             )
         if node.op_type == "QuantizeLinear":
             self.quant[node.output[0]] = _Quant(node.input[1], node.input[2] if len(node.input) > 2 else "")

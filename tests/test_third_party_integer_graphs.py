@@ -66,7 +66,8 @@ def compiled(request, tmp_path) -> tuple[Path, Path, list[np.ndarray]]:
     """A graph with integer inputs or outputs, compiled, and its inputs in the file's dtype."""
     path = GRAPHS[request.param](tmp_path)
     result = compile_model(path, target="x86_64", out=tmp_path / "m.edgeq", progress=lambda _: None)
-    x, y = (onnx.load(str(path)).graph.__getattribute__(side)[0] for side in ("input", "output"))
+    graph = onnx.load(str(path)).graph
+    x, y = graph.input[0], graph.output[0]
     for entry, info in ((result.manifest["inputs"][0], x), (result.manifest["outputs"][0], y)):
         declared = onnx.helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)
         assert entry["dtype"] == "uint8" and (entry["quant"] is None) is (declared == np.uint8)  # integers as they are

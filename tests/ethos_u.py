@@ -1,11 +1,12 @@
-"""Checks shared by the Ethos-U compile tests: what an Ethos-U artifact must hold, and its outputs against the
-integer model's."""
+"""Checks shared by the Ethos-U tests: what an Ethos-U artifact must hold, its outputs against the integer model's,
+and the TOSA reference model's against the integer model's."""
 
 from __future__ import annotations
 
 import json
 import warnings
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,10 @@ import torch
 
 from edgeq.check.report import Placement
 from edgeq.compile import CompileResult
+from edgeq.export.tosa import TosaGraph
+from edgeq.export.tosa.reference import run_reference
+from edgeq.numerics import quantize
+from edgeq.quantization.integer_model import IntegerModel
 from edgeq.targets import load_target
 from edgeq.vela_configs import vela_version
 from edgeq_runtime import CommandStreamWarning, Model
@@ -70,3 +75,15 @@ def assert_equal(got: list[np.ndarray], want: list[np.ndarray]) -> None:
     assert len(got) == len(want)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+def assert_reference_equals(int_model: IntegerModel, graph: TosaGraph, inputs: Sequence[torch.Tensor]) -> int:
+    """Assert that the TOSA reference model's outputs of ``graph`` equal ``run_integer``'s on each input (given to
+    the model's one QuantStub, ``quant``); the number of values compared."""
+    scale = int_model.graph_module.quant.output_scale
+    count = 0
+    for x in inputs:
+        want = expected(int_model, x)
+        assert_equal(run_reference(graph, [quantize(x, scale).numpy()]), want)
+        count += sum(w.size for w in want)
+    return count

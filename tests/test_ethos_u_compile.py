@@ -1,5 +1,6 @@
 """Compiling for the Arm Ethos-U targets: every NPU region written as TOSA and compiled by Vela into the artifact
-(members named in the manifest), which both runtimes run as the bit-exact simulation, equal to the integer model;
+(members named in the manifest), which both runtimes run as the bit-exact simulation, equal to the integer model (the
+digits CNN's TOSA graph in the TOSA reference model too);
 the command stream's need of the device said once; check's NPU placement is what Vela compiled; a region Vela
 refuses is one clear error and no artifact."""
 
@@ -17,13 +18,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from ethos_u import DEVICE_LINE, assert_equal, assert_vela_compiled_every_npu_region, expected, python_outputs
+from ethos_u import DEVICE_LINE, assert_equal, assert_reference_equals, assert_vela_compiled_every_npu_region, expected, python_outputs
 from models import WideStride, integer_model, rewrite_artifact
 from torch import nn
 
 from edgeq.check.report import Placement
 from edgeq.compile import compile_model
 from edgeq.errors import CompileError
+from edgeq.export.tosa import tosa_graph
 from edgeq.quantization import DeQuantStub, QuantStub
 from edgeq.run import run_artifact
 from edgeq.targets import load_target
@@ -113,6 +115,13 @@ def test_digits_cnn(digits, edgeq_run, target, tmp_path):
     want = expected(int_model, x)
     assert_equal(python_outputs(result.artifact, x), want)
     assert_equal(cpp_outputs([str(edgeq_run["x86_64"])], result.artifact, x, tmp_path / "cpp"), want)
+
+
+def test_digits_cnn_tosa_reference_model(digits):
+    """The digits CNN's TOSA graph (of the one integer model test_digits_cnn compiles for each target) run by the TOSA
+    reference model == the integer model on the 16 test images."""
+    int_model, x = digits
+    assert assert_reference_equals(int_model, tosa_graph(int_model, (x,)), [x]) > 0
 
 
 def test_u55_library_is_the_simulation_for_this_machine(digits, tmp_path):

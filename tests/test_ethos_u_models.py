@@ -1,48 +1,110 @@
-"""The edge models compiled for the Arm Ethos-U targets: mobilenet_v2, resnet18, mobilenet_v3_small (lookup tables,
-products) and the YOLO-style detector at 64x64 on ethos-u65-256, mobilenet_v3_small on ethos-u55-128 too, each
-compiled once with the bit-exact simulation: the artifact run by the Python runtime equals the integer model, Vela
-compiled every NPU region, and check's NPU placement is what Vela compiled."""
+"""The edge models on each Arm Ethos-U target: mobilenet_v2, resnet18, mobilenet_v3_small (lookup tables, products)
+and the YOLO-style detector (split, concat, nearest upsampling) at 64x64, on ethos-u55-128, ethos-u65-256 and
+ethos-u85-256 (the digits CNN: test_ethos_u_compile.py).
+
+Each model is quantized once and shared by the three targets, which quantize it alike (asserted per model). The TOSA
+reference model runs its TOSA graph == the integer model. Compiled once per target with the simulation: the artifact
+run by the Python runtime == the integer model; check places the whole model on the NPU, and Vela compiles that one
+region, whose TOSA file is the graph the reference model ran: check's placement is what Vela accepts."""
 
 from __future__ import annotations
 
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import pytest
 import torch
-from ethos_u import assert_equal, assert_vela_compiled_every_npu_region, expected, python_outputs
+from ethos_u import assert_equal, assert_reference_equals, assert_vela_compiled_every_npu_region, expected, python_outputs
 from models import YoloStyleDetector, integer_model, torchvision_model
 
+from edgeq.check.report import Placement
 from edgeq.compile import CompileResult, compile_model
+from edgeq.export.tosa import TosaGraph, tosa_graph
 from edgeq.quantization.integer_model import IntegerModel
 
-pytestmark = pytest.mark.flow  # quantizes and compiles five networks with TVM and Vela
+pytestmark = pytest.mark.flow  # quantizes four networks, compiles each for three targets with TVM and Vela
 
 MODELS = ("mobilenet_v2", "resnet18", "mobilenet_v3_small", "yolo")
-CASES = [("ethos-u65-256", name) for name in MODELS] + [("ethos-u55-128", "mobilenet_v3_small")]
-"""(target, model): the four on the U65, and the one with lookup tables and products on the U55 too."""
+TARGETS = ("ethos-u55-128", "ethos-u65-256", "ethos-u85-256")
+QUANTIZED_FOR = "ethos-u65-256"
+"""Each model is quantized for this target; the others quantize it alike (test_the_targets_quantize_alike)."""
+CASES = [(name, target) for name in MODELS for target in TARGETS]
 SHAPE = (1, 3, 64, 64)
 
 
-def build(name: str) -> torch.nn.Module:
+@dataclass(frozen=True)
+class Quantized:
+    """A model's integer model, its TOSA graph, and an input drawn apart from the calibration."""
+
+    int_model: IntegerModel
+    graph: TosaGraph
+    x: torch.Tensor
+
+
+def quantize(name: str, target: str) -> IntegerModel:
+    """The model (random init, seed 0) calibrated for ``target`` on random batches and converted."""
     torch.manual_seed(0)
-    return (YoloStyleDetector() if name == "yolo" else torchvision_model(name)).eval()
+    model = YoloStyleDetector() if name == "yolo" else torchvision_model(name)
+    return integer_model(model.eval(), torch.randn(SHAPE), target)
+
+
+@pytest.fixture(scope="module")
+def quantized() -> Callable[[str], Quantized]:
+    """Each model quantized for QUANTIZED_FOR and written as TOSA, once per module."""
+    made: dict[str, Quantized] = {}
+
+    def of(name: str) -> Quantized:
+        if name not in made:
+            int_model = quantize(name, QUANTIZED_FOR)
+            x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+            made[name] = Quantized(int_model, tosa_graph(int_model, (x,)), x)
+        return made[name]
+
+    return of
 
 
 @pytest.fixture(scope="module", params=CASES, ids=["-".join(case) for case in CASES])
-def compiled(request, tmp_path_factory) -> tuple[str, IntegerModel, CompileResult, torch.Tensor]:
-    """The model quantized for the target and compiled once, with an input drawn apart from the calibration."""
-    target, name = request.param
-    int_model = integer_model(build(name), torch.randn(SHAPE), target)
-    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
-    out = tmp_path_factory.mktemp(name) / f"{name}.edgeq"
-    return target, int_model, compile_model(int_model, (x,), target=target, out=out, simulate=True), x
+def compiled(request, quantized, tmp_path_factory) -> tuple[str, Quantized, CompileResult]:
+    """The shared integer model compiled once for the target."""
+    name, target = request.param
+    model = quantized(name)
+    out = tmp_path_factory.mktemp(f"{name}-{target}") / f"{name}.edgeq"
+    return target, model, compile_model(model.int_model, (model.x,), target=target, out=out, simulate=True)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_targets_quantize_alike(quantized, name):
+    """The model quantized for each other target is the shared integer model: its graph, weights, every tensor's
+    quantization, its rounding rule, and the TOSA graph of its arithmetic."""
+    shared = quantized(name)
+    for target in [t for t in TARGETS if t != QUANTIZED_FOR]:
+        int_model = quantize(name, target)
+        assert int_model.target == target and int_model.rounding == shared.int_model.rounding
+        assert int_model.graph_module.code == shared.int_model.graph_module.code
+        assert int_model.tensor_quant == shared.int_model.tensor_quant
+        weights, shared_weights = int_model.graph_module.state_dict(), shared.int_model.graph_module.state_dict()
+        assert weights.keys() == shared_weights.keys() and all(torch.equal(weights[k], shared_weights[k]) for k in weights)
+        assert tosa_graph(int_model, (shared.x,)).flatbuffer == shared.graph.flatbuffer
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_tosa_reference_model_equals_the_integer_model(quantized, name):
+    model = quantized(name)
+    generator = torch.Generator().manual_seed(4)
+    assert assert_reference_equals(model.int_model, model.graph, [model.x, torch.randn(SHAPE, generator=generator)]) > 0
 
 
 def test_artifact_equals_the_integer_model(compiled):
-    _, int_model, result, x = compiled
-    assert_equal(python_outputs(result.artifact, x), expected(int_model, x))
+    _, model, result = compiled
+    assert_equal(python_outputs(result.artifact, model.x), expected(model.int_model, model.x))
 
 
-def test_vela_compiled_every_npu_region(compiled):
-    """Every NPU region has its Vela command stream, and check placed on the NPU exactly the ops they hold."""
-    target, _, result, _ = compiled
-    assert result.manifest["npu_command_streams"]
+def test_vela_compiled_the_whole_model(compiled):
+    """check places every op on the NPU, one region; Vela compiled it, and its TOSA file is the model's graph."""
+    target, model, result = compiled
+    assert [r.placement for r in result.partition.regions] == [Placement.NPU]
     assert_vela_compiled_every_npu_region(result, target)
+    (stream,) = result.manifest["npu_command_streams"]
+    with zipfile.ZipFile(result.artifact) as archive:
+        assert archive.read(stream["tosa"]) == model.graph.flatbuffer

@@ -26,6 +26,7 @@ from onnx import helper
 
 from edgeq import __version__
 from edgeq.errors import ExportError
+from edgeq.export.float_onnx import OPSETS
 from edgeq.export.qdq_builder import (
     CONTRIB_DOMAIN,
     CONTRIB_OPS,
@@ -63,9 +64,10 @@ from edgeq.quantization.integer_ops import (
 from edgeq.quantization.patterns import moves_values, source_op
 from edgeq.quantization.qat_modules import CONSTANT_KEY, FLOAT_REASON_KEY
 
-OPSET = 13
+OPSET = OPSETS[0]
 """Per-axis QuantizeLinear / DequantizeLinear arrived in opset 13, the oldest opset every QDQ consumer reads
-(ONNX Runtime, TensorRT 8+, OpenVINO, TVM); nothing edgeq writes needs a newer one."""
+(ONNX Runtime, TensorRT 8+, OpenVINO, TVM); only an op left in float that torch writes at a newer opset alone
+raises a file's (:data:`edgeq.export.float_onnx.OPSETS`)."""
 
 
 HARDSIGMOID_ATTRIBUTES = {"alpha": 1 / 6, "beta": 0.5}
@@ -129,7 +131,7 @@ def _build(builder: QDQBuilder) -> onnx.ModelProto:
     graph = helper.make_graph(
         builder.nodes, _graph_name(builder.int_model), inputs, outputs, builder.initializers, value_info=builder.value_infos
     )
-    standard = helper.make_opsetid("", OPSET)
+    standard = helper.make_opsetid("", builder.opset)
     contrib = [helper.make_opsetid(CONTRIB_DOMAIN, 1)] if any(n.domain == CONTRIB_DOMAIN for n in builder.nodes) else []
     model = helper.make_model(
         graph, opset_imports=[standard, *contrib], producer_name="edgeq", producer_version=__version__
@@ -154,7 +156,7 @@ def _emit(builder: QDQBuilder, node: fx.Node) -> Any:
     if CONSTANT_KEY in node.meta:
         return FloatConstant(node)
     if FLOAT_REASON_KEY in node.meta:
-        return builder.float_op(node, [*args, *fx.node.map_arg(node.kwargs, builder.env.__getitem__).values()])
+        return builder.float_op(node)
     if not _holds_qtensor(args):
         raise ExportError(
             f"'{node.name}' ({node.target}): float ops outside the QuantStub/DeQuantStub region cannot be "

@@ -20,7 +20,7 @@ import torch.fx as fx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeq.errors import ExportError
-from edgeq.export.float_onnx import emit_float_op
+from edgeq.export.float_onnx import OPSETS, emit_float_op
 from edgeq.numerics import bias_scales
 from edgeq.ops import Op
 from edgeq.quantization.integer_model import IntegerModel
@@ -89,6 +89,7 @@ class QDQBuilder:
         self.dequantized: dict[str, str] = {}
         self.quant_initializers: dict[str, tuple[str, str]] = {}
         self.float_constants: set[str] = set()
+        self.opset = OPSETS[0]
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         dequantizers = [n for n in self.graph.nodes if n.op == "call_module" and isinstance(self.modules[n.target], IntDequantize)]
         self.input_names = self._names("input", input_names, [n.name for n in placeholders])
@@ -169,16 +170,19 @@ class QDQBuilder:
     def enter_float(self, node: fx.Node, op: IntEnterFloat, args: list[Any]) -> FloatTensor:
         return FloatTensor(self.dequantize(args[0]))
 
-    def float_op(self, node: fx.Node, args: list[Any]) -> FloatTensor:
+    def float_op(self, node: fx.Node) -> Any:
         """An op left in float (docs/numerics.md "Float fallback"): its float ONNX nodes, reading the float tensors
-        among ``args`` (its arguments, then its keyword arguments' values) in order."""
-        inputs: list[str] = []
-        fx.node.map_aggregate(args, lambda a: inputs.append(self._float_name(a)) if isinstance(a, (FloatTensor, FloatConstant)) else None)
+        (and float constants) among its arguments."""
+        inputs: dict[fx.Node, Any] = {}
+        for arg in node.all_input_nodes:
+            value = self.env[arg]
+            if isinstance(value, (FloatTensor, FloatConstant)):
+                inputs[arg] = self._float_name(value)
+            elif isinstance(value, tuple) and any(isinstance(v, FloatTensor) for v in value):
+                inputs[arg] = tuple(v.name if isinstance(v, FloatTensor) else None for v in value)
         module = self.modules[node.target] if node.op == "call_module" else None
-        value = self.values[node]
-        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else ()
-        output = emit_float_op(self, node, module, inputs, shape, self.path(node), node.meta[FLOAT_REASON_KEY])
-        return FloatTensor(output)
+        output = emit_float_op(self, node, module, inputs, self.values, self.path(node), node.meta[FLOAT_REASON_KEY])
+        return FloatTensor(output) if isinstance(output, str) else tuple(None if o is None else FloatTensor(o) for o in output)
 
     def _float_name(self, value: FloatTensor | FloatConstant) -> str:
         """The ONNX name of a float tensor; a constant's float values become an initializer the first time."""

@@ -18,7 +18,7 @@ from torch import nn
 from edgeq.check import check_model
 from edgeq.compile import compile_model
 from edgeq.compile.resize_coordinates import with_resize_coordinates_of_onnx
-from edgeq.errors import CompileError, ExportError, UnsupportedOpError
+from edgeq.errors import CompileError, UnsupportedOpError
 from edgeq.export import to_onnx
 from edgeq.export.peer import PEER_PATHS, session
 from edgeq.quantization import DeQuantStub, QuantStub, default_calib_qconfig, prepare_qat_fx

@@ -175,7 +175,9 @@ def _splice(graph: FloatGraph, exported: onnx.GraphProto, sources: dict[str, str
     for initializer in exported.initializer:
         graph.initializers.append(numpy_helper.from_array(numpy_helper.to_array(initializer), name(initializer.name)))
     for count, node in enumerate(exported.node, 1):
-        copy = helper.make_node(node.op_type, [name(t) for t in node.input], [name(t) for t in node.output], name=f"{path}/{node.op_type}_{count}", domain=node.domain or None)
+        copy = helper.make_node(
+            node.op_type, [name(t) for t in node.input], [name(t) for t in node.output], name=f"{path}/{node.op_type}_{count}", domain=node.domain or None
+        )
         copy.attribute.extend(node.attribute)
         graph.nodes.append(copy)
     for output, final in zip(exported.output, outputs):

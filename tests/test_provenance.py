@@ -44,7 +44,7 @@ def _two_node_model() -> onnx.ModelProto:
 
 
 def test_import_records_what_each_node_became():
-    function, results = import_onnx(_two_node_model())
+    function, results, _ = import_onnx(_two_node_model())
     assert list(results) == ["first", "second"]
     bound = {binding.var: binding.value for block in function.body.blocks for binding in block.bindings}
     assert [bound.get(results[name], results[name]).op.name for name in results] == ["relax.nn.relu", "relax.negative"]

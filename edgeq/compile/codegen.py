@@ -70,7 +70,7 @@ def build_relax_module(
             function = _head_function(region.head)
             provenance.built(region.name, function, region.nodes[0])
         else:
-            function = _region_function(region, provenance)
+            function = _region_function(region, provenance, builder)
         annotated = _annotated(function, region)
         functions.append(builder.add_func(annotated, region.name))
         running = functions[-1].name_hint
@@ -119,17 +119,20 @@ def last_line(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _region_function(region: Region, provenance: Provenance) -> relax.Function:
-    """The region imported by TVM's ONNX frontend, its provenance started in ``provenance``."""
+def _region_function(region: Region, provenance: Provenance, builder: relax.BlockBuilder) -> relax.Function:
+    """The region imported by TVM's ONNX frontend, its provenance started in ``provenance``; the kernels TVM built for
+    its float fallback ops are added to ``builder``'s module."""
     model = as_int8_activations(with_resize_coordinates_of_onnx(region.model))
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Renaming name")  # TVM makes ONNX names valid identifiers
-            function, node_results = import_onnx(model)
+            function, node_results, kernels = import_onnx(model, builder.get())
     except CompileError:
         raise
     except Exception as error:  # TVM raises many kinds; the node is in its message
         raise CompileError(f"{region.name}: TVM's ONNX frontend failed on ops {region.nodes[:5]}: {last_line(error)}") from error
+    for kernel, body in kernels.items():
+        builder.update_func(kernel, body)
     provenance.imported(region.name, function, node_results, node_owners(model, region.node_ops))
     return function
 

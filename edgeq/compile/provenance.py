@@ -28,6 +28,7 @@ from collections.abc import Iterator
 import onnx
 import tvm
 from tvm import relax
+from tvm.ir import GlobalVar, IRModule
 from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
 
 from edgeq.compile.bindings import called_kernel
@@ -50,7 +51,14 @@ class _RecordingImporter(ONNXGraphImporter):
     """TVM's ONNX importer, recording the expression each node became (in node order).
 
     It overrides the private ``_construct_nodes`` of TVM 0.27.0.post1, which converts the nodes in order, each
-    through one ``_convert_operator`` call (tests/test_provenance.py fails when TVM changes it)."""
+    through one ``_convert_operator`` call (tests/test_provenance.py fails when TVM changes it). A node TVM converts
+    into a kernel of its own (``emit_te``: reflect padding, einsum...) adds it to ``context``, the module being
+    compiled, so that its name is new there; a float fallback node's are kept in ``float_kernels``."""
+
+    def __init__(self, context: IRModule | None) -> None:
+        super().__init__(None, "float32", keep_params_in_input=False, sanitize=True)
+        self.bb = relax.BlockBuilder(context)
+        self.float_kernels: dict[GlobalVar, tvm.tirx.PrimFunc] = {}
 
     def _construct_nodes(self, graph: onnx.GraphProto) -> None:
         self.results: list[relax.Expr] = []
@@ -59,18 +67,16 @@ class _RecordingImporter(ONNXGraphImporter):
 
         def recorded(op_name: str, inputs: list, attrs: dict, opset: int) -> relax.Expr:
             node = nodes[len(self.results)]
-            kernels = len(self.bb.get().functions)
+            before = set(self.bb.get().get_global_vars())
             try:
                 result = convert(op_name, inputs, attrs, opset)
             except Exception as error:  # TVM raises many kinds; one line naming the node instead of its traceback
                 raise CompileError(
                     f"{op_name} '{node_name(node)}': TVM {tvm.__version__}'s ONNX importer cannot convert it: {_first_line(error)}{_fallback(node)}"
                 ) from error
-            if len(self.bb.get().functions) > kernels and node.doc_string.startswith(FLOAT_FALLBACK_DOC):
-                raise CompileError(
-                    f"{op_name} '{node_name(node)}': TVM {tvm.__version__}'s ONNX importer builds it as a kernel of its own, which "
-                    f"edgeq's compile does not carry yet{_fallback(node)}; keep this op out of the QuantStub/DeQuantStub region"
-                )
+            if node.doc_string.startswith(FLOAT_FALLBACK_DOC):
+                module = self.bb.get()
+                self.float_kernels.update((var, module[var]) for var in module.get_global_vars() if var not in before)
             self.results.append(result)
             return result
 
@@ -91,9 +97,12 @@ def _fallback(node: onnx.NodeProto) -> str:
     return f" ({node.doc_string})" if node.doc_string.startswith(FLOAT_FALLBACK_DOC) else ""
 
 
-def import_onnx(model: onnx.ModelProto) -> tuple[relax.Function, dict[str, relax.Expr]]:
-    """``model`` imported as TVM's ``from_onnx(model, keep_params_in_input=False)`` imports it: its ``main``, and
-    the expression each node (by name) became.
+def import_onnx(
+    model: onnx.ModelProto, context: IRModule | None = None
+) -> tuple[relax.Function, dict[str, relax.Expr], dict[GlobalVar, tvm.tirx.PrimFunc]]:
+    """``model`` imported as TVM's ``from_onnx(model, keep_params_in_input=False)`` imports it: its ``main``, the
+    expression each node (by name) became, and the kernels TVM built for its float fallback nodes, named anew in
+    ``context`` (the module they are to be added to, with these very GlobalVars).
 
     Raises:
         CompileError: TVM's importer no longer converts each node once, in order (a TVM this edgeq does not know).
@@ -103,7 +112,7 @@ def import_onnx(model: onnx.ModelProto) -> tuple[relax.Function, dict[str, relax
     except Exception as error:  # TVM's from_onnx warns and goes on, as here
         warnings.warn(str(error))
     opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-    importer = _RecordingImporter(None, "float32", keep_params_in_input=False, sanitize=True)
+    importer = _RecordingImporter(context)
     function = importer.from_onnx(model.graph, opset)["main"]
     nodes = list(model.graph.node)
     if len(importer.results) != len(nodes):
@@ -111,7 +120,7 @@ def import_onnx(model: onnx.ModelProto) -> tuple[relax.Function, dict[str, relax
             f"TVM {tvm.__version__}'s ONNX importer converted {len(importer.results)} of {len(nodes)} nodes through "
             "_convert_operator; edgeq's provenance needs TVM 0.27's importer (compile/provenance.py)"
         )
-    return function, {node_name(node): result for node, result in zip(nodes, importer.results)}
+    return function, {node_name(node): result for node, result in zip(nodes, importer.results)}, importer.float_kernels
 
 
 def node_owners(model: onnx.ModelProto, node_ops: dict[str, str]) -> dict[str, str]:

@@ -409,4 +409,4 @@ def test_supported_ops_page_is_current():
     from edgeq.check.supported_ops import PAGE, supported_ops_markdown
 
     page = Path(__file__).resolve().parent.parent / PAGE
-    assert page.read_text() == supported_ops_markdown() + "\n", "regenerate: edgeq targets --markdown > docs/supported-ops.md"
+    assert page.read_text() == supported_ops_markdown() + "\n", "regenerate: python scripts/supported_ops.py"

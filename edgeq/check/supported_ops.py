@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from edgeq.check.rules import RULES, Rule
-from edgeq.ops import Op
+from edgeq.op_attrs import ATTRIBUTE_CLASSES
+from edgeq.ops import Op, OpInfo
 from edgeq.targets import Target, TargetKind, list_targets
 
 PAGE = "docs/supported-ops.md"
@@ -16,6 +19,46 @@ def _ops(rule: Rule) -> str:
 def _limits(target: Target, op: str) -> str:
     limits = target.npu.limits(op)
     return limits.describe() if limits is not None else ""
+
+
+def _integer_form(op: Op) -> str:
+    """How the op computes in integers and which ONNX nodes between DequantizeLinear and QuantizeLinear read as it."""
+    info: OpInfo = op.info
+    if info.movement:
+        kind = "moves int8 values (same scale in and out)"
+    elif info.lookup_table:
+        kind = "int8 lookup table"
+    elif info.weighted:
+        kind = "int8 per-channel weights, int32 bias and accumulator, requantized"
+    else:
+        kind = "int8, requantized" if info.requantizes else "int8, same scale"
+    nodes = " / ".join(Op(info.gated).info.onnx_types) + " + Mul" if info.gated else " / ".join(info.onnx_types)
+    return f"{kind}; ONNX: {nodes}"
+
+
+def _settings(op: Op) -> str:
+    attributes = ATTRIBUTE_CLASSES.get(op)
+    return ", ".join(f.name for f in fields(attributes)) if attributes is not None else ""
+
+
+def _op_table(targets: list[Target]) -> list[str]:
+    """Every op of the vocabulary: its integer form, the settings check reads, its float fallback, each target."""
+    header = ["op", "integer form", "settings", "float fallback", *(t.name for t in targets)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for op in Op:
+        on = [_where(op, t) for t in targets]
+        lines.append(f"| `{op.value}` | {_integer_form(op)} | {_settings(op)} | {FLOAT_FALLBACK} | " + " | ".join(on) + " |")
+    return lines
+
+
+def _where(op: Op, target: Target) -> str:
+    if target.npu is not None and op.value in target.npu.ops:
+        return "NPU"
+    return "unsupported" if target.firmware_host is not None else "CPU"
+
+
+FLOAT_FALLBACK = "torch's ONNX export of the op"
+"""Every op's float fallback (settings its integer form refuses, a qconfig of None): one general path."""
 
 
 def _target_section(target: Target) -> list[str]:
@@ -54,12 +97,24 @@ def supported_ops_markdown() -> str:
     lines = [
         "# Supported ops per target",
         "",
-        "Generated from `targets/*.toml` and `edgeq/check/rules.py` by `edgeq targets --markdown`; do not edit.",
+        "Generated from `edgeq/ops.py`, `edgeq/op_attrs.py`, `targets/*.toml` and `edgeq/check/rules.py` by "
+        "`scripts/supported_ops.py` (or `edgeq targets --markdown`); do not edit.",
         "`check_model` and `edgeq check` apply these rules op by op.",
         "",
         "An op edgeq has no integer form of (LayerNorm, Softmax, Mish, ...) and every op of a module whose qconfig "
         "is `None` stays float: on every target it runs on the CPU, placed `CPU (float)`, between a dequantize and a "
-        "calibrated quantize (docs/numerics.md \"Float fallback\"); `prepare_qat_fx(..., strict=True)` refuses it.",
+        "calibrated quantize (docs/numerics.md \"Float fallback\"); `prepare_qat_fx(..., strict=True)` refuses it. "
+        "Its float ONNX nodes are the ones torch's own ONNX exporter writes for it, whatever the op; compile runs "
+        "those TVM's ONNX frontend converts (the `no_cpu_implementation` rule).",
+        "",
+        "## Ops",
+        "",
+        "Each op of edgeq's integer vocabulary (`edgeq/ops.py`): how it computes in integers, the settings the check "
+        "reads (`edgeq/op_attrs.py`), its float fallback, and where it runs on each target (`NPU`: in the target's "
+        "`[npu] ops`, subject to the limits below; `CPU`: on the host, in the same integers; `unsupported`: the host runs "
+        "the user's firmware, which edgeq builds no code for).",
+        "",
+        *_op_table(list_targets()),
         "",
         "## Rules",
         "",

@@ -77,7 +77,7 @@ def emit_float_op(
     exported = _export(program, examples, len(names), graph.opset, f"{what} '{path}'")
     graph.opset = max(graph.opset, next(o.version for o in exported.opset_import if o.domain in ("", "ai.onnx")))
     first = len(graph.nodes)
-    _splice(graph, exported.graph, dict(zip([i.name for i in exported.graph.input], sources)), names, path)
+    _splice(graph, exported.graph, {f"input{i}": source for i, source in enumerate(sources)}, names, path)
     for onnx_node in graph.nodes[first:]:
         onnx_node.doc_string = f"{FLOAT_FALLBACK_DOC}{what} '{path}': {reason}"
     if not isinstance(result, tuple):

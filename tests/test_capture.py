@@ -34,6 +34,7 @@ from edgeq.quantization import (
 from edgeq.quantization.capture import CAPTURE_ATTRIBUTE, Capture
 from edgeq.quantization.prepare import FloatFallbackWarning
 from edgeq_runtime import Model
+from edgeq.quantization.qat_modules import LookupTableActivation
 
 SHAPE = (3, 8, 8)
 
@@ -117,6 +118,31 @@ def test_what_fx_cannot_trace_is_captured_with_torch_export_and_quantizes_alike(
     got, expected = exported_int.run_integer(x), fx_int.run_integer(x)
     assert got.dtype == torch.int32
     np.testing.assert_array_equal(got.numpy(), expected.numpy())
+
+
+def sharing_one_activation(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose ConvBnSiLU blocks all use one nn.SiLU instance, as ultralytics' ``Conv`` shares
+    its class attribute ``default_act``."""
+    model = copy.deepcopy(model)
+    shared = nn.SiLU()
+    for block in model.modules():
+        if isinstance(block, ConvBnSiLU):
+            block.act = shared
+    return model
+
+
+@pytest.mark.parametrize("captured_by", [Capture.EXPORT, Capture.FX])
+def test_a_shared_activation_is_an_op_of_its_own_at_each_place(captured_by):
+    model = twins()[0 if captured_by is Capture.EXPORT else 1]
+    shared_qat, shared_int = calibrate_then_train(sharing_one_activation(model))
+    own_qat, own_int = calibrate_then_train(model)
+    assert getattr(shared_qat, CAPTURE_ATTRIBUTE) is captured_by
+    modules = dict(shared_qat.named_modules())
+    tables = [n.target for n in shared_qat.graph.nodes if isinstance(modules.get(n.target), LookupTableActivation)]
+    assert tables == ["cv1.act", "m.act"]
+    assert shared_qat.state_dict().keys() == own_qat.state_dict().keys()
+    x = torch.randn(4, *SHAPE)
+    np.testing.assert_array_equal(shared_int.run_integer(x).numpy(), own_int.run_integer(x).numpy())
 
 
 class ShapeBranch(nn.Module):

@@ -540,6 +540,37 @@ def test_module_called_twice_is_rejected():
         _prepare(nn.Sequential(conv, conv))
 
 
+class TwoActivations(nn.Module):
+    """Two convolutions, each followed by Hardswish: one module each, or (``twice``) the first one called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.conv1, self.conv2 = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3)
+        self.act, self.act2 = nn.Hardswish(), nn.Hardswish()
+        self.twice = False
+
+    def forward(self, x):
+        second = self.act if self.twice else self.act2
+        return self.dequant(second(self.conv2(self.act(self.conv1(self.quant(x))))))
+
+
+def test_an_activation_called_twice_is_two_ops():
+    torch.manual_seed(0)
+    once_each = TwoActivations()
+    twice = copy.deepcopy(once_each)
+    twice.twice = True
+    int_models = []
+    for model in (twice, once_each):
+        torch.manual_seed(1)  # the same calibration batches
+        int_models.append(integer_model(model, digits_like(), "npu-s"))
+    twice_int, once_int = int_models
+    assert [type(twice_int.graph_module.get_submodule(path)) for path in ("act", "act_1")] == [ops.IntLookupTable] * 2
+    x = digits_like(16)
+    np.testing.assert_array_equal(twice_int.run_integer(x).numpy(), once_int.run_integer(x).numpy())
+    assert_matches_reference(twice_int, x)
+
+
 def test_float_and_quantized_tensors_must_not_mix():
     class Mix(nn.Module):
         def __init__(self):

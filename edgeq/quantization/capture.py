@@ -24,7 +24,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from edgeq.errors import TraceError
 from edgeq.quantization.from_export import rebuild_module_graph, visible_stubs
-from edgeq.quantization.graph import check_example_inputs, is_leaf_module
+from edgeq.quantization.graph import check_example_inputs, is_leaf_module, unshare_stateless_modules
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.Grap
     """
     example_inputs = check_example_inputs(example_inputs)
     model = copy.deepcopy(model)
+    unshare_stateless_modules(model)
     name = type(model).__name__
     try:
         captured = fx.GraphModule(model, _Tracer().trace(model), class_name=name)

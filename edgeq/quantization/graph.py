@@ -6,6 +6,7 @@ pre- and post-processing) are left as they are; shape arithmetic (``x.size()``, 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,26 @@ def is_leaf_module(module: nn.Module, path: str) -> bool:
     """Whether a call of ``module`` is one node of the graph: torch.nn's layers (which torch.fx does not trace
     into) and edgeq's stubs (which must stay visible)."""
     return is_quant_stub(module) or is_dequant_stub(module) or _FX_TRACER.is_leaf_module(module, path)
+
+
+def unshare_stateless_modules(model: nn.Module) -> None:
+    """Give each further place of a module instance used at several places (ultralytics' ``Conv`` shares one
+    ``nn.SiLU``, ``default_act``, among all its convolutions) a copy of its own, so that each place is its own op
+    with its own quantization. Only modules without parameters and buffers are copied: a copy of one computes the
+    same as the original and holds nothing that training would update. Modules with state (tied weights) stay
+    shared."""
+    seen: set[int] = set()
+    replaced: list[str] = []
+    for path, module in list(model.named_modules(remove_duplicate=False)):
+        if any(path.startswith(f"{done}.") for done in replaced):
+            continue  # inside a copy made already
+        if id(module) not in seen:
+            seen.add(id(module))
+            continue
+        if next(module.parameters(), None) is None and next(module.buffers(), None) is None:
+            parent, _, name = path.rpartition(".")
+            setattr(getattr_path(model, parent) if parent else model, name, copy.deepcopy(module))
+            replaced.append(path)
 
 
 def check_example_inputs(example_inputs: object) -> tuple[torch.Tensor, ...]:

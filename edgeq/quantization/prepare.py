@@ -26,7 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from edgeq.errors import QuantizationError, UnsupportedOpError
-from edgeq.ops import LOOKUP_TABLE_OPS, Op
+from edgeq.ops import Op
 from edgeq.quantization.canonical_emitters import emitter_of
 from edgeq.quantization.capture import CAPTURE_ATTRIBUTE, capture
 from edgeq.quantization.float_boundaries import FloatFallbackWarning
@@ -48,15 +48,10 @@ ROUNDING_ATTRIBUTE = "edgeq_rounding"
 """Attribute of a prepared model: its target's :class:`~edgeq.targets.Rounding`, which ``convert_fx`` gives the
 integer model."""
 
-_SINGLE_CALL_OPS = {
-    PreFusionOp.QUANT_STUB,
-    Op.CONV2D,
-    Op.LINEAR,
-    PreFusionOp.BATCH_NORM2D,
-    Op.AVG_POOL2D,
-    *LOOKUP_TABLE_OPS,
-}
-"""The modules that own a quantizer or weights, so that each call of one needs a module of its own."""
+_SINGLE_CALL_OPS = {PreFusionOp.QUANT_STUB, Op.CONV2D, Op.LINEAR, PreFusionOp.BATCH_NORM2D}
+"""The modules whose canonical op takes their place and weights (or, a QuantStub, its fixed scale), so that each
+call of one needs a module of its own. Further calls of any other module (an activation called twice) are ops of
+their own at ``<path>_1``..."""
 
 
 def is_prepared(model: object) -> bool:

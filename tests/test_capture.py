@@ -17,7 +17,7 @@ from torch import nn
 
 from edgeq.check import check_model
 from edgeq.compile import compile_model
-from edgeq.errors import TraceError, UnsupportedOpError
+from edgeq.errors import QuantizationError, TraceError, UnsupportedOpError
 from edgeq.export import to_onnx, trace
 from edgeq.quantization import (
     DeQuantStub,
@@ -143,6 +143,26 @@ def test_a_shared_activation_is_an_op_of_its_own_at_each_place(captured_by):
     assert shared_qat.state_dict().keys() == own_qat.state_dict().keys()
     x = torch.randn(4, *SHAPE)
     np.testing.assert_array_equal(shared_int.run_integer(x).numpy(), own_int.run_integer(x).numpy())
+
+
+class TiedConvolutions(nn.Module):
+    """One convolution at two places (``conv`` and ``again``), on the two halves of the input."""
+
+    def __init__(self, as_list: bool) -> None:
+        super().__init__()
+        self.as_list = as_list
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.conv = self.again = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        halves = list(self.quant(x).chunk(2, 1)) if self.as_list else self.quant(x).chunk(2, 1)
+        return self.dequant(torch.cat([self.conv(halves[0]), self.again(halves[1])], 1))
+
+
+@pytest.mark.parametrize("as_list", [True, False])  # torch.export, torch.fx
+def test_tied_weights_are_one_module_called_twice_under_either_capture(as_list):
+    with pytest.raises(QuantizationError, match="Conv2d 'conv': called 2 times in the integer region"):
+        prepare_qat_fx(TiedConvolutions(as_list), example_inputs=(torch.randn(1, 4, 8, 8),), target="npu-m")
 
 
 class ShapeBranch(nn.Module):

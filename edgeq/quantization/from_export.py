@@ -174,6 +174,7 @@ class _Rebuilder:
             for path, module in model.named_modules(remove_duplicate=False)
             if path and is_leaf_module(module, path)
         }
+        self.first_paths = {id(module): path for path, module in model.named_modules()}
         self.graph = fx.Graph()
         self.env: dict[fx.Node, Any] = {}
         self.attributes: dict[str, str] = {}
@@ -241,7 +242,9 @@ class _Rebuilder:
                     "in and one out (make the model traceable by torch.fx, which keeps any module call, or give "
                     "the module one input)"
                 )
-            self.calls[results[0]] = _LeafCall(path, sources[0])
+            # The module's first path: a module with state at several places (tied weights) is one module, as
+            # torch.fx records it.
+            self.calls[results[0]] = _LeafCall(self.first_paths[id(self.leaves[path])], sources[0])
 
     def _value(self, node: Any) -> Any:
         """The rebuilt graph's value of an exported node (module attributes are read where first used)."""

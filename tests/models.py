@@ -107,6 +107,38 @@ class FunctionalOps(nn.Module):
         return self.dequant(self.fc(pooled.flatten(1))), self.dequant_map(mixed.transpose(2, 3).contiguous())
 
 
+class ForwardLinear(nn.Linear):
+    """timm's ``Linear``: an ``nn.Linear`` subclass whose forward calls ``F.linear`` (torch.fx traces into it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class InheritedConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` subclass outside torch.nn with its parent's forward: torch.fx traces into it (``F.conv2d``)."""
+
+
+class Layers(nn.Module):
+    """A conv (+BatchNorm, ReLU), a depthwise conv and a linear classifier, as torch.nn's layers or (``subclassed``)
+    as the subclasses above; ``halves_listed``: the conv's output is split and concatenated again with
+    ``list(x.chunk(2, 1))``, which only torch.export captures."""
+
+    def __init__(self, subclassed: bool, halves_listed: bool = False) -> None:
+        super().__init__()
+        conv, linear = (InheritedConv2d, ForwardLinear) if subclassed else (nn.Conv2d, nn.Linear)
+        self.halves_listed = halves_listed
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.conv, self.bn, self.relu = conv(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.depthwise = conv(8, 8, 3, stride=2, groups=8, bias=False)
+        self.fc = linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn(self.conv(self.quant(x))))
+        if self.halves_listed:
+            x = torch.cat(list(x.chunk(2, 1)), 1)
+        return self.dequant(self.fc(self.depthwise(x).mean((2, 3))))
+
+
 class BilinearResizes(nn.Module):
     """Bilinear resizes of every kind edgeq computes in integers: a size with odd ratios, a factor of 2, a factor of
     1.5 that gives whole sizes, align_corners both ways (``nn.UpsamplingBilinear2d``), down to a smaller size, and

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -19,9 +20,11 @@ from models import (
     EluBlock,
     FunctionalOps,
     GeluBlocks,
+    Layers,
     SmallCNN,
     calibrate,
     integer_model,
+    with_batchnorm_statistics,
 )
 from reference import clamp_levels, run_reference
 from torch import nn
@@ -73,6 +76,31 @@ def test_small_cnn_integer_model_equals_reference(target):
     model = SmallCNN().eval()
     int_model = integer_model(model, digits_like(), target)
     assert_matches_reference(int_model, digits_like(16))
+
+
+@pytest.mark.parametrize("halves_listed", [False, True])  # torch.fx, torch.export
+@pytest.mark.parametrize("target", ["x86_64", "npu-s"])
+def test_linear_and_conv_are_recognised_by_their_computation(target, halves_listed):
+    """F.linear and F.conv2d (timm's Linear, an nn.Conv2d subclass) are the integer ops nn.Linear and nn.Conv2d
+    are, fused alike (conv + BatchNorm + ReLU), with bit-identical integers."""
+    torch.manual_seed(0)
+    plain = with_batchnorm_statistics(Layers(subclassed=False, halves_listed=halves_listed), (4, 3, 8, 8))
+    subclassed = Layers(subclassed=True, halves_listed=halves_listed).eval()
+    subclassed.load_state_dict(plain.state_dict())
+    int_models = []
+    for model in (plain, subclassed):
+        torch.manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FloatFallbackWarning)
+            int_models.append(integer_model(model, torch.randn(2, 3, 8, 8), target))
+    kinds = [
+        [type(m.graph_module.get_submodule(n.target)) for n in m.graph_module.graph.nodes if n.op == "call_module"]
+        for m in int_models
+    ]
+    assert kinds[0] == kinds[1] and kinds[0].count(ops.IntConv2d) == 2 and ops.IntLinear in kinds[0]
+    x = torch.randn(4, 3, 8, 8)
+    np.testing.assert_array_equal(int_models[1].run_integer(x).numpy(), int_models[0].run_integer(x).numpy())
+    assert_matches_reference(int_models[1], x)
 
 
 @pytest.mark.parametrize("target", ["x86_64", "npu-s"])

@@ -89,27 +89,78 @@ def _emit_quant_stub(rewriter: Rewriter, node: fx.Node) -> fx.Node:
 
 @CANONICAL_EMITTERS.register(Op.CONV2D)
 def _emit_conv2d(rewriter: Rewriter, node: fx.Node) -> fx.Node:
-    conv = rewriter.modules[node.target]
+    conv = rewriter.modules[node.target] if node.op == "call_module" else _functional_conv2d(rewriter, node)
     fusion = rewriter.fusions[node]
     if conv.padding_mode != "zeros":
         raise rewriter.unsupported(node, f"padding_mode '{conv.padding_mode}' (allowed: 'zeros')")
     conv.padding = _explicit_padding(conv, lambda reason: rewriter.unsupported(node, reason))
     batchnorm = _batchnorm(rewriter, fusion.batchnorm) if fusion.batchnorm is not None else None
-    quantizer = _weighted_output_quantizer(rewriter, node, fusion)
+    path = _weighted_path(rewriter, node, "conv2d")
+    quantizer = _weighted_output_quantizer(rewriter, node, path, fusion)
     module = ConvAct2d(conv, batchnorm, fusion.activation, rewriter.scale_rule, quantizer)
-    return rewriter.call(str(node.target), module, node.args, fusion.last)
+    return rewriter.call(path, module, (argument(node, 0, "input"),), fusion.last)
 
 
 @CANONICAL_EMITTERS.register(Op.LINEAR)
 def _emit_linear(rewriter: Rewriter, node: fx.Node) -> fx.Node:
+    linear = rewriter.modules[node.target] if node.op == "call_module" else _functional_linear(rewriter, node)
     fusion = rewriter.fusions[node]
-    quantizer = _weighted_output_quantizer(rewriter, node, fusion)
-    module = LinearAct(rewriter.modules[node.target], fusion.activation, rewriter.scale_rule, quantizer)
-    return rewriter.call(str(node.target), module, node.args, fusion.last)
+    path = _weighted_path(rewriter, node, "linear")
+    quantizer = _weighted_output_quantizer(rewriter, node, path, fusion)
+    module = LinearAct(linear, fusion.activation, rewriter.scale_rule, quantizer)
+    return rewriter.call(path, module, (argument(node, 0, "input"),), fusion.last)
 
 
-def _weighted_output_quantizer(rewriter: Rewriter, node: fx.Node, fusion: Fusion) -> ActivationFakeQuantize | None:
-    path = str(node.target)
+def _weighted_path(rewriter: Rewriter, node: fx.Node, base: str) -> str:
+    """A layer's own path, or a functional call's (``F.linear`` in timm's ``Linear`` at ``head.fc``:
+    ``head.fc.linear``)."""
+    return str(node.target) if node.op == "call_module" else rewriter.functional_path(node, base)
+
+
+def _parameters(rewriter: Rewriter, node: fx.Node, names: tuple[str, str]) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """The weight and bias of an ``F.linear`` / ``F.conv2d`` call, which must be the model's own tensors (as an
+    ``nn.Linear`` or ``nn.Conv2d`` subclass passes its ``self.weight`` and ``self.bias``); the prepared op shares
+    them, so that training updates the model's parameters."""
+    found = []
+    for position, name in enumerate(names, start=1):
+        value = argument(node, position, name)
+        if value is not None and not (isinstance(value, fx.Node) and value.op == "get_attr"):
+            raise rewriter.unsupported(node, f"its {name} is computed in forward, not a parameter or buffer of the model")
+        tensor = None if value is None else getattr_path(rewriter.traced, str(value.target))
+        found.append(tensor if tensor is None or isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False))
+    return found[0], found[1]
+
+
+def _functional_linear(rewriter: Rewriter, node: fx.Node) -> nn.Linear:
+    """The ``nn.Linear`` an ``F.linear`` call computes, on the call's own weight and bias."""
+    weight, bias = _parameters(rewriter, node, ("weight", "bias"))
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight, linear.bias = weight, bias
+    return linear
+
+
+def _functional_conv2d(rewriter: Rewriter, node: fx.Node) -> nn.Conv2d:
+    """The ``nn.Conv2d`` an ``F.conv2d`` call computes, on the call's own weight and bias."""
+    weight, bias = _parameters(rewriter, node, ("weight", "bias"))
+    if weight.dim() != 4:
+        raise rewriter.unsupported(node, f"a conv2d of a {weight.dim()}-D weight (allowed: 4-D)")
+    groups = argument(node, 6, "groups", 1)
+    conv = nn.Conv2d(
+        weight.shape[1] * groups,
+        weight.shape[0],
+        tuple(weight.shape[2:]),
+        stride=argument(node, 3, "stride", 1),
+        padding=argument(node, 4, "padding", 0),
+        dilation=argument(node, 5, "dilation", 1),
+        groups=groups,
+        bias=bias is not None,
+        device="meta",
+    )
+    conv.weight, conv.bias = weight, bias
+    return conv
+
+
+def _weighted_output_quantizer(rewriter: Rewriter, node: fx.Node, path: str, fusion: Fusion) -> ActivationFakeQuantize | None:
     if rewriter.qconfig(node, allows_int32=True).output_dtype == "int8":
         return rewriter.quantizer(node, path)
     if fusion.activation is not Activation.NONE:

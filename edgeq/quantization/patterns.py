@@ -82,6 +82,8 @@ _MODULE_OPS: dict[type[nn.Module], SourceOp] = {
 }
 
 _FUNCTION_OPS: dict[Any, SourceOp] = {
+    F.conv2d: Op.CONV2D,
+    F.linear: Op.LINEAR,
     F.relu: Op.RELU,
     torch.relu: Op.RELU,
     torch.relu_: Op.RELU,
@@ -161,7 +163,8 @@ _METHOD_OPS: dict[str, SourceOp] = {
 }
 
 SUPPORTED_OPS = (
-    "Conv2d (+BatchNorm2d, +ReLU/ReLU6), BatchNorm2d / F.batch_norm anywhere (+ReLU/ReLU6), Linear (+ReLU/ReLU6), add (+ReLU/ReLU6), cat, ReLU, ReLU6, "
+    "Conv2d / F.conv2d (+BatchNorm2d, +ReLU/ReLU6), BatchNorm2d / F.batch_norm anywhere (+ReLU/ReLU6), "
+    "Linear / F.linear (+ReLU/ReLU6), add (+ReLU/ReLU6), cat, ReLU, ReLU6, "
     "Hardtanh / clamp / clip of constant bounds, "
     "max_pool2d, avg_pool2d, adaptive_avg_pool2d, mean over H and W, nearest upsample by integer factors, "
     "bilinear resize (F.interpolate, nn.Upsample, nn.UpsamplingBilinear2d; align_corners either way; no antialias), "

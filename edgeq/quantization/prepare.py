@@ -175,9 +175,18 @@ def _rewrite(rewriter: Rewriter, lenient: bool) -> tuple[fx.GraphModule, dict[st
     if rewriter.target.quantization.concat_shares_input_scale:
         share_concat_scales(rewriter.graph, rewriter.new_modules, set(floats.quantized_constants.values()))
     check_int32_outputs(rewriter.graph, rewriter.new_modules)
+    _drop_unread_attributes(rewriter.graph)
     prepared = fx.GraphModule(rewriter.new_modules, rewriter.graph, class_name=f"{type(rewriter.traced).__name__}QAT")
     prepared.graph.lint()
     return prepared, rejected
+
+
+def _drop_unread_attributes(graph: fx.Graph) -> None:
+    """Remove the parameters nothing reads any more: those of an ``F.linear`` or ``F.conv2d`` call, which its
+    canonical op holds."""
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
 
 
 def _check_single_calls(rewriter: Rewriter) -> None:

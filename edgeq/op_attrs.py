@@ -166,7 +166,7 @@ class BilinearResizeAttrs(OpAttrs):
     align_corners: bool
 
 
-ATTRIBUTE_CLASSES.register(Op.MUL, Op.GLOBAL_AVG_POOL2D, Op.RESHAPE, Op.TRANSPOSE, Op.SPLIT, Op.SLICE)(None)
+ATTRIBUTE_CLASSES.register(Op.MUL, Op.GLOBAL_AVG_POOL2D, Op.RESHAPE, Op.TRANSPOSE, Op.SPLIT, Op.SLICE, Op.PAD)(None)
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,9 @@ class OpInfo:
         onnx_types: the ONNX op types that read as this op between DequantizeLinear and QuantizeLinear (the
             check refines some by their attributes, e.g. ``Resize`` by its mode, ``Gelu`` by its approximation, and
             ``MatMul`` by its inputs: a weight makes it ``linear``, a second activation ``matmul``).
-        movement: the op only moves int8 values (same scale in and out): there is no canonical QAT op and no
-            integer op for it, the fx node is kept as the user wrote it.
+        movement: the op only moves int8 values (same scale in and out; a pad writes the zero point, 0 in
+            edgeq's models): there is no canonical QAT op and no integer op for it, the fx node is kept as the
+            user wrote it.
         weighted: int8 per-channel weights and an int32 bias; the output may be int32.
         requantizes: the output scale differs from the input's, so the NPU program carries requantization
             constants for it.
@@ -81,6 +82,7 @@ class Op(StrEnum):
     TRANSPOSE = "transpose"
     SPLIT = "split"
     SLICE = "slice"
+    PAD = "pad"
 
     @property
     def info(self) -> OpInfo:
@@ -114,6 +116,7 @@ _INFO: dict[Op, OpInfo] = {
     Op.TRANSPOSE: OpInfo(("Transpose",), movement=True),
     Op.SPLIT: OpInfo(("Split",), movement=True),
     Op.SLICE: OpInfo(("Slice",), movement=True),
+    Op.PAD: OpInfo(("Pad",), movement=True),
 }
 
 OP_NAMES: tuple[str, ...] = tuple(op.value for op in Op)

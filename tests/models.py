@@ -218,6 +218,30 @@ class Clamps(nn.Module):
         return self.dequant(torch.clamp(torch.cat([torch.clamp(self.conv3(x), min=0), x], dim=1), 0, 6))
 
 
+class Pads(nn.Module):
+    """Every spelling of a pad with zeros: ``nn.ZeroPad2d`` of one side (HGNetV2's stem), ``nn.ConstantPad2d`` with
+    0, ``F.pad`` of H and W before a max pool and a conv (timm's "same" padding), ``F.pad`` of the last axis only,
+    and of the channels; ``halves_listed``: the input is split and concatenated again with ``list(x.chunk(2, 1))``,
+    which only torch.export captures."""
+
+    def __init__(self, halves_listed: bool = False) -> None:
+        super().__init__()
+        self.halves_listed = halves_listed
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.conv1 = nn.Conv2d(4, 8, 3)
+        self.zero_pad, self.constant_pad = nn.ZeroPad2d((0, 1, 0, 1)), nn.ConstantPad2d(1, 0.0)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quant(x)
+        if self.halves_listed:
+            x = torch.cat(list(x.chunk(2, 1)), 1)
+        x = self.constant_pad(self.zero_pad(self.conv1(x)))
+        x = F.max_pool2d(F.pad(x, (1, 1, 0, 2)), 2, 1)
+        x = self.conv2(F.pad(x, [0, 1, 1, 0], mode="constant", value=0.0))
+        return self.dequant(F.pad(F.pad(x, (2, 1)), (0, 0, 0, 0, 1, 2)))
+
+
 TOKENS, DIM, HEADS = 5, 12, 3
 """AttentionBlock's tokens, their dimensions and its heads: odd sizes."""
 

@@ -17,6 +17,7 @@ from models import (
     EluBlock,
     FunctionalOps,
     GroupedBlock,
+    Pads,
     SmallCNN,
     SqueezeExcitationBlock,
     Wrapped,
@@ -347,6 +348,21 @@ def test_hardtanh_and_clamps_compile_exactly(tmp_path):
         assert {n.placement.value for n in clamps} == {"CPU" if target == "x86_64" else "NPU"}
         assert result.module.script().count("call_tir(cls.maximum") == 0
         assert_artifact_exact(result.artifact, int_model, torch.randn(2, 3, 8, 8))
+
+
+def test_pads_compile_to_integer_pads_exactly(tmp_path):
+    """ONNX ``Pad`` of constant zeros (every spelling of tests/models.py's Pads) lowers to a pad of the integers
+    with the zero point, on the host of every target (no NPU lists pad), equal to the integer model."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 4, 7, 7)
+    for target in ("x86_64", "npu-m", "npu-s"):
+        int_model = integer_model(Pads().eval(), example, target)
+        simulate = target != "x86_64"
+        result = compile_model(int_model, (example,), target=target, out=tmp_path / f"{target}.edgeq", simulate=simulate)
+        pads = [n for n in result.report.nodes if n.record.op == "pad"]
+        assert len(pads) == 6 and {n.placement.value for n in pads} == {"CPU"}
+        assert result.module.script().count('dtype="int8") = R.nn.pad(') == 6
+        assert_artifact_exact(result.artifact, int_model, torch.randn(2, 4, 7, 7))
 
 
 def test_relu6_below_127_levels_compiles_exactly(tmp_path):

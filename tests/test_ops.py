@@ -140,7 +140,7 @@ class EveryOp(nn.Module):
         s = torch.cat([a + a, F.relu6(a)], dim=1)
         s = F.interpolate(F.avg_pool2d(F.max_pool2d(s, 2), 2), scale_factor=2, mode="bilinear", align_corners=True)
         first, second = F.interpolate(s, scale_factor=2.0, mode="nearest").chunk(2, dim=1)
-        mixed = (first + second * first)[:, :4]
+        mixed = F.pad((first + second * first)[:, :4], (1, 0, 0, 1))
         pooled = mixed.mean((2, 3))
         return self.dequant(self.fc(torch.cat([pooled, pooled], 1).reshape(1, 8))), self.dequant_map(mixed @ mixed.transpose(2, 3))
 

@@ -21,6 +21,7 @@ from models import (
     FunctionalOps,
     GeluBlocks,
     Layers,
+    Pads,
     SmallCNN,
     calibrate,
     integer_model,
@@ -101,6 +102,20 @@ def test_linear_and_conv_are_recognised_by_their_computation(target, halves_list
     x = torch.randn(4, 3, 8, 8)
     np.testing.assert_array_equal(int_models[1].run_integer(x).numpy(), int_models[0].run_integer(x).numpy())
     assert_matches_reference(int_models[1], x)
+
+
+@pytest.mark.parametrize("halves_listed", [False, True])  # torch.fx, torch.export
+def test_pads_with_zeros_pad_the_integers_with_zeros(halves_listed):
+    torch.manual_seed(0)
+    model = Pads(halves_listed).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FloatFallbackWarning)
+        int_model = integer_model(model, torch.randn(2, 4, 7, 7), "npu-m")
+    x = torch.randn(3, 4, 7, 7)
+    got = int_model.run_integer(x)
+    assert got.shape == (3, 11, 4, 7)
+    assert (got[:, :1] == 0).all() and (got[:, -2:] == 0).all() and (got[..., :2] == 0).all()
+    assert_matches_reference(int_model, x)
 
 
 @pytest.mark.parametrize("target", ["x86_64", "npu-s"])
@@ -655,6 +670,17 @@ def test_example_inputs_must_be_a_tuple():
         prepare_qat_fx(SmallCNN(), example_inputs=digits_like(), target="npu-m")
 
 
+class PadWith(nn.Module):
+    """``F.pad`` of the given settings."""
+
+    def __init__(self, pad=(1, 1), **settings):
+        super().__init__()
+        self.pad, self.settings = pad, settings
+
+    def forward(self, x):
+        return F.pad(x, self.pad, **self.settings)
+
+
 @pytest.mark.parametrize(
     "body,message",
     [
@@ -662,6 +688,10 @@ def test_example_inputs_must_be_a_tuple():
         (nn.Upsample(scale_factor=2, mode="bicubic"), "upsampling mode 'bicubic'"),
         (nn.Upsample(scale_factor=1.3, mode="bilinear"), r"scale_factor \(1.3, 1.3\) maps \(8, 8\) to \(10, 10\)"),
         (nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), "padding_mode 'reflect'"),
+        (nn.ReflectionPad2d(1), "ReflectionPad2d 'body': edgeq has no integer implementation"),
+        (nn.ConstantPad2d(1, 0.5), r"ConstantPad2d 'body': padding with 0.5 \(allowed: zeros\)"),
+        (PadWith((1, 1, 1, 1), mode="replicate"), r"pad 'pad' \(in body\): padding mode 'replicate'"),
+        (PadWith(pad=(-1, 0)), r"negative padding \[-1, 0\] \(a crop: slice instead\)"),
     ],
 )
 def test_unsupported_settings(body, message):

@@ -237,7 +237,9 @@ def _lookup_table(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: 
     return op.value, LookupTableAttrs(op.value, alpha)
 
 
-@ONNX_DESCRIPTIONS.register(Op.ADD, Op.MUL, Op.CONCAT, Op.RELU, Op.GLOBAL_AVG_POOL2D, Op.RESHAPE, Op.TRANSPOSE, Op.SPLIT, Op.SLICE)
+@ONNX_DESCRIPTIONS.register(
+    Op.ADD, Op.MUL, Op.CONCAT, Op.RELU, Op.GLOBAL_AVG_POOL2D, Op.RESHAPE, Op.TRANSPOSE, Op.SPLIT, Op.SLICE, Op.PAD
+)
 def _no_attributes(graph: _OnnxWalker, node: onnx.NodeProto, op: Op, attributes: dict[str, Any]) -> tuple[str, None]:
     """Ops whose ONNX node has no settings the check reads (the compiled graph keeps the node's attributes)."""
     return op.value, None

@@ -88,6 +88,7 @@ def _global_pool(attributes: OpAttrs | None, input_shapes: list[Shape], outputs:
     Op.TRANSPOSE,
     Op.SPLIT,
     Op.SLICE,
+    Op.PAD,
     *LOOKUP_TABLE_OPS,
 )
 def _per_output(attributes: OpAttrs | None, input_shapes: list[Shape], outputs: int) -> Work:

@@ -29,7 +29,7 @@ import onnx
 import tvm
 from tvm import relax
 from tvm.ir import GlobalVar, IRModule
-from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
+from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter, Pad
 
 from edgeq.compile.bindings import called_kernel
 from edgeq.errors import CompileError
@@ -53,7 +53,9 @@ class _RecordingImporter(ONNXGraphImporter):
     It overrides the private ``_construct_nodes`` of TVM 0.27.0.post1, which converts the nodes in order, each
     through one ``_convert_operator`` call (tests/test_provenance.py fails when TVM changes it). A node TVM converts
     into a kernel of its own (``emit_te``: reflect padding, einsum...) adds it to ``context``, the module being
-    compiled, so that its name is new there; a float fallback node's are kept in ``float_kernels``."""
+    compiled, so that its name is new there; a float fallback node's are kept in ``float_kernels``. A Pad of constant
+    mode becomes ``relax.nn.pad``, whose widths and value the integer lowering reads (TVM's converter writes a
+    kernel with them inside, which no pattern can read)."""
 
     def __init__(self, context: IRModule | None) -> None:
         super().__init__(None, "float32", keep_params_in_input=False, sanitize=True)
@@ -68,8 +70,9 @@ class _RecordingImporter(ONNXGraphImporter):
         def recorded(op_name: str, inputs: list, attrs: dict, opset: int) -> relax.Expr:
             node = nodes[len(self.results)]
             before = set(self.bb.get().get_global_vars())
+            constant_pad = op_name == "Pad" and opset >= 11 and attrs.get("mode", b"constant") == b"constant"
             try:
-                result = convert(op_name, inputs, attrs, opset)
+                result = self._pad(inputs) if constant_pad else convert(op_name, inputs, attrs, opset)
             except Exception as error:  # TVM raises many kinds; one line naming the node instead of its traceback
                 raise CompileError(
                     f"{op_name} '{node_name(node)}': TVM {tvm.__version__}'s ONNX importer cannot convert it: {_first_line(error)}{_fallback(node)}"
@@ -85,6 +88,11 @@ class _RecordingImporter(ONNXGraphImporter):
             super()._construct_nodes(graph)
         finally:
             del self._convert_operator
+
+    def _pad(self, inputs: list) -> relax.Expr:
+        before, after, value = Pad._parse_pads_and_axes(inputs, [self._nodes, self._params])
+        widths = [int(w) for pair in zip(before, after) for w in pair]
+        return self.bb.normalize(relax.op.nn.pad(inputs[0], widths, "constant", float(value)))
 
 
 def _first_line(error: Exception) -> str:

@@ -25,7 +25,7 @@ from edgeq.numerics import bias_scales
 from edgeq.ops import Op
 from edgeq.quantization.integer_model import IntegerModel
 from edgeq.quantization.integer_ops import IntDequantize, IntEnterFloat, IntQuantize, TensorQuant, _WeightedOp
-from edgeq.quantization.patterns import PreFusionOp, permutation, source_op, split_axis
+from edgeq.quantization.patterns import PreFusionOp, padding, permutation, source_op, split_axis
 from edgeq.quantization.qat_modules import FLOAT_REASON_KEY
 
 CONTRIB_DOMAIN = "com.microsoft"
@@ -252,6 +252,11 @@ class QDQBuilder:
         rank = self.values[node.args[0]].dim()
         if kind is Op.TRANSPOSE:
             out = self.node("Transpose", [self.dequantize(source)], f"{path}.out", f"{path}/Transpose", perm=permutation(node, rank))
+            return self.quantize(out, path, source.quant)
+        if kind is Op.PAD:
+            widths = padding(node, self.modules).widths(rank)
+            pads = self.initializer(f"{path}.pads", np.array([w[0] for w in widths] + [w[1] for w in widths], dtype=np.int64))
+            out = self.node("Pad", [self.dequantize(source), pads], f"{path}.out", f"{path}/Pad", mode="constant")
             return self.quantize(out, path, source.quant)
         if kind is Op.SPLIT:
             axis = split_axis(node, rank)

@@ -77,6 +77,7 @@ COST_CLASSES.register(
     Op.TRANSPOSE,
     Op.SPLIT,
     Op.SLICE,
+    Op.PAD,
     *LOOKUP_TABLE_OPS,
 )(None)
 COST_CLASSES.register(Op.RESHAPE)(VIEW)

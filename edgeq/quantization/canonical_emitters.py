@@ -25,7 +25,7 @@ from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable, gated_op
 from edgeq.quantization.fake_quantize import ActivationFakeQuantize
 from edgeq.quantization.fusion import Fusion
 from edgeq.quantization.graph import VALUE_KEY, TensorInfo, describe_node, getattr_path, makes_one_tensor, tensor_info
-from edgeq.quantization.patterns import PreFusionOp, SourceOp, argument, clamp_bounds, interpolation, pair
+from edgeq.quantization.patterns import PreFusionOp, SourceOp, argument, clamp_bounds, interpolation, padding, pair
 from edgeq.quantization.qat_modules import (
     Activation,
     AddAct,
@@ -448,9 +448,22 @@ def _emit_matmul(rewriter: Rewriter, node: fx.Node) -> fx.Node:
 
 
 @_pre_fusion(PreFusionOp.DROPOUT, PreFusionOp.ALIAS)
-@CANONICAL_EMITTERS.register(*MOVEMENT_OPS)
+@CANONICAL_EMITTERS.register(*(op for op in MOVEMENT_OPS if op is not Op.PAD))
 def _emit_as_written(rewriter: Rewriter, node: fx.Node) -> fx.Node:
     """Data movement, aliases and dropout are kept as the user wrote them."""
+    return rewriter.copy(node)
+
+
+@CANONICAL_EMITTERS.register(Op.PAD)
+def _emit_pad(rewriter: Rewriter, node: fx.Node) -> fx.Node:
+    """A pad with zeros, kept as written: on the integers it writes the zero point, 0."""
+    settings = padding(node, rewriter.modules)
+    if settings.mode != "constant":
+        raise rewriter.unsupported(node, f"padding mode '{settings.mode}' (allowed: 'constant' with zeros)")
+    if settings.value != 0.0:
+        raise rewriter.unsupported(node, f"padding with {settings.value} (allowed: zeros)")
+    if any(p < 0 for p in settings.pad):
+        raise rewriter.unsupported(node, f"negative padding {list(settings.pad)} (a crop: slice instead)")
     return rewriter.copy(node)
 
 

@@ -118,6 +118,8 @@ ATEN_SPELLINGS: dict[Any, Spelling] = {
     aten.split_with_sizes.default: Spelling(torch.split),
     aten.slice.Tensor: Spelling(operator.getitem, lambda a: ((a[0], _index(a[1], slice(*a[2:5]))), {})),
     aten.select.int: Spelling(operator.getitem, lambda a: ((a[0], _index(a[1], a[2])), {})),
+    aten.pad.default: Spelling(F.pad),
+    aten.constant_pad_nd.default: Spelling(F.pad, lambda a: ((a[0], a[1]), {"value": a[2]})),
     aten.dropout.default: Spelling(F.dropout),
     aten.dropout_.default: Spelling(F.dropout),
     aten.sym_size.int: Spelling(torch.Tensor.size),

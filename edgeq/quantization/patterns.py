@@ -74,6 +74,8 @@ _MODULE_OPS: dict[type[nn.Module], SourceOp] = {
     nn.LeakyReLU: Op.LEAKYRELU,
     nn.GELU: Op.GELU,
     nn.ELU: Op.ELU,
+    nn.ZeroPad2d: Op.PAD,
+    nn.ConstantPad2d: Op.PAD,
     nn.Flatten: Op.RESHAPE,
     nn.Unflatten: Op.RESHAPE,
     nn.Identity: PreFusionOp.ALIAS,
@@ -127,6 +129,7 @@ _FUNCTION_OPS: dict[Any, SourceOp] = {
     torch.chunk: Op.SPLIT,
     torch.split: Op.SPLIT,
     operator.getitem: Op.SLICE,
+    F.pad: Op.PAD,
     F.dropout: PreFusionOp.DROPOUT,
 }
 
@@ -170,7 +173,8 @@ SUPPORTED_OPS = (
     "bilinear resize (F.interpolate, nn.Upsample, nn.UpsamplingBilinear2d; align_corners either way; no antialias), "
     "Sigmoid, Tanh, Hardsigmoid, Hardswish, SiLU (also x * sigmoid(x)), LeakyReLU, ELU, GELU (approximate 'none' or 'tanh'), "
     "product of two tensors, matrix product of two tensors (matmul, @, bmm), "
-    "flatten / view / reshape / transpose / permute / chunk / split / getitem, dropout, stochastic depth"
+    "flatten / view / reshape / transpose / permute / chunk / split / getitem, "
+    "F.pad / nn.ZeroPad2d / nn.ConstantPad2d with zeros, dropout, stochastic depth"
 )
 
 
@@ -270,6 +274,30 @@ def permutation(node: fx.Node, rank: int) -> list[int]:
     if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
         dims = dims[0]
     return [d % rank for d in dims]
+
+
+@dataclass(frozen=True)
+class Padding:
+    """The settings of an ``F.pad`` call or an ``nn.ZeroPad2d`` / ``nn.ConstantPad2d`` module."""
+
+    pad: tuple[int, ...]
+    """``F.pad``'s order: the last axis's (before, after), then the one before it..."""
+    mode: str
+    value: float
+
+    def widths(self, rank: int) -> list[tuple[int, int]]:
+        """The (before, after) of each of ``rank`` axes, first axis first."""
+        pairs = [(self.pad[i], self.pad[i + 1]) for i in range(0, len(self.pad), 2)]
+        return [(0, 0)] * (rank - len(pairs)) + pairs[::-1]
+
+
+def padding(node: fx.Node, modules: dict[str, nn.Module]) -> Padding:
+    """The padding of an ``Op.PAD`` node, whether a module or ``F.pad`` (positional or keyword)."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        return Padding(tuple(int(p) for p in module.padding), "constant", float(module.value))
+    value = argument(node, 3, "value")
+    return Padding(tuple(int(p) for p in argument(node, 1, "pad")), argument(node, 2, "mode", "constant"), float(value or 0.0))
 
 
 def split_axis(node: fx.Node, rank: int) -> int:

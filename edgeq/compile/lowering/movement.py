@@ -1,5 +1,5 @@
 """Lowering of the ops that keep their input's quantization: data movement (reshape, transpose, max pool, nearest
-resize, slices), split and clamps (ReLU, ReLU6, clip)."""
+resize, slices), split, pad and clamps (ReLU, ReLU6, clip)."""
 
 from __future__ import annotations
 
@@ -108,6 +108,23 @@ def _repeat(value: relax.Expr, resize: relax.Call) -> relax.Expr | None:
     if any(t % s for t, s in zip(target[2:], source[2:])):
         return None
     return R.repeat(R.repeat(value, target[2] // source[2], axis=2), target[3] // source[3], axis=3)
+
+
+@LOWERING.register(Op.PAD)
+def _pad_rule() -> Rule:
+    """A pad with the real value 0: the same pad of the integers with the zero point."""
+    source = dq()
+    pad = is_op("relax.nn.pad")(source)
+    quantize = q(pad)
+
+    def rewrite(matched: relax.Call, m: dict) -> relax.Expr | None:
+        attrs = m[pad].attrs
+        if not qdq.same_quantization(matched, m[source]) or attrs.pad_mode != "constant" or float(attrs.pad_value) != 0.0:
+            return None
+        zero_point = qdq.output_activation(matched).zero_point
+        return R.nn.pad(m[source].args[0], [int(w) for w in attrs.pad_width], "constant", float(zero_point))
+
+    return Rule("pad", quantize, rewrite)
 
 
 @LOWERING.register(Op.SPLIT)

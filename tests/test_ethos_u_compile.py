@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ethos_u import DEVICE_LINE, assert_equal, assert_reference_equals, assert_vela_compiled_every_npu_region, expected, python_outputs
-from models import WideStride, integer_model, rewrite_artifact
+from models import Pads, WideStride, integer_model, rewrite_artifact
 from torch import nn
 
 from edgeq.check.report import Placement
@@ -134,6 +134,22 @@ def test_u55_library_is_the_simulation_for_this_machine(digits, tmp_path):
     lines = "\n".join(result.summary_lines())
     assert "host library: the bit-exact simulation only" in lines and "Cortex-M55 runs your firmware" in lines
     assert f"Vela {vela_version()}: 2 NPU region(s) compiled to command streams for ethos-u55-128" in lines
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_pads_run_on_the_npu(target, tmp_path):
+    """Every spelling of a pad with zeros (tests/models.py's Pads) is a TOSA PAD Vela compiles: the whole model on
+    the NPU, its simulation == the integer model."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 4, 7, 7)
+    int_model = integer_model(Pads().eval(), example, QUANTIZED_FOR)
+    result = compile_model(int_model, (example,), target=target, out=tmp_path / "pads.edgeq", simulate=True)
+    pads = [n for n in result.report.nodes if n.record.op == "pad"]
+    assert len(pads) == 6 and {n.placement for n in pads} == {Placement.NPU}
+    assert [r.placement for r in result.partition.regions] == [Placement.NPU]
+    assert_vela_compiled_every_npu_region(result, target)
+    x = torch.randn(2, 4, 7, 7)
+    assert_equal(python_outputs(result.artifact, x), expected(int_model, x))
 
 
 # ---- CPU fallback --------------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def target() -> str:
 
 class TosaOps(nn.Module):
     """Every op with a TOSA form: conv (+ReLU), grouped and depthwise convs, add, mul, concat, max / average /
-    global pools, nearest upsampling, chunk, slice, transpose, tables, a clamp, a linear layer over the last of four
+    global pools, nearest upsampling, chunk, slice, pad, transpose, tables, a clamp, a linear layer over the last of four
     axes, flatten + linear and matmul; two outputs."""
 
     def __init__(self) -> None:
@@ -74,7 +74,7 @@ class TosaOps(nn.Module):
         a = F.relu(self.conv(self.quant(x)))
         b = torch.sigmoid(a) * self.hardswish(a) + a
         c = torch.cat([F.max_pool2d(b, 3, 1, 1), F.hardtanh(self.gelu(b), -0.5, 0.5)], dim=1)
-        d = F.avg_pool2d(self.depthwise(self.grouped(c)[:, :8]), 2)
+        d = F.avg_pool2d(self.depthwise(F.pad(self.grouped(c)[:, :8], (0, 1, 1, 0))), 2)
         up = F.interpolate(d, scale_factor=2.0, mode="nearest")
         first, second = up.chunk(2, dim=1)
         mixed = self.rows((first * torch.tanh(second)).transpose(2, 3))

@@ -1,9 +1,10 @@
 """TOSA forms of the ops that only move int8 values: reshape (RESHAPE, in the logical order), transpose (nothing:
-the value's layout changes), slice and split (SLICE in the value's own layout), nearest upsampling (RESIZE) and max
-pooling (MAX_POOL2D)."""
+the value's layout changes), slice and split (SLICE in the value's own layout), pad with zeros (PAD), nearest
+upsampling (RESIZE) and max pooling (MAX_POOL2D)."""
 
 from __future__ import annotations
 
+import numpy as np
 import tosa_serializer as ts
 
 from edgeq.export.onnx_nodes import attribute_text
@@ -62,6 +63,25 @@ def _split(builder: TosaBuilder, unit: OpUnit) -> list[TosaValue]:
         results.append(builder.slice(source, starts, sizes, name))
         start += size
     return results
+
+
+@TOSA_FORMS.register(Op.PAD)
+def _pad(builder: TosaBuilder, unit: OpUnit) -> list[TosaValue]:
+    """PAD with the zero point, 0, of the widths the ONNX Pad reads, in the value's own layout."""
+    source = unit.inputs[0]
+    rank = len(source.shape)
+    inputs = unit.node.input
+    if len(inputs) > 2 and inputs[2] and np.any(unit.constant(inputs[2]) != 0):
+        raise unit.refuse("a pad with a value other than 0 has no TOSA form")
+    if len(inputs) > 3 and inputs[3]:
+        raise unit.refuse("a pad of some axes (the axes input) has no TOSA form (pad every axis)")
+    if attribute_text(unit.attributes, "mode", "constant") != "constant":
+        raise unit.refuse("a pad of mode other than 'constant' has no TOSA form")
+    pads = [int(p) for p in unit.constant(inputs[1]).tolist()]
+    widths = [w for axis in source.perm for w in (pads[axis], pads[rank + axis])]
+    name = unit.outputs[0]
+    operands = [source.name, builder.shape(f"{name}.padding", widths), builder.zero_point(f"{name}.pad", source.dtype)]
+    return [builder.operator(ts.Op.PAD, operands, name, unit.output_shape(), source.dtype, source.perm, attribute("PadAttribute"))]
 
 
 @TOSA_FORMS.register(Op.UPSAMPLE_NEAREST2D)

@@ -242,6 +242,34 @@ class Pads(nn.Module):
         return self.dequant(F.pad(F.pad(x, (2, 1)), (0, 0, 0, 0, 1, 2)))
 
 
+class DataMovement(nn.Module):
+    """Data movement of vision transformers and their kin, on 8x8 maps of 8 channels: Swin's window partition and
+    its reverse (reshape / permute over six axes), its shifted windows (``torch.roll``), ``unbind``, ``narrow``,
+    ``split`` with sizes and indexing with constant slices; ``halves_listed``: the input is split and concatenated
+    again with ``list(x.chunk(2, 1))``, which only torch.export captures."""
+
+    def __init__(self, halves_listed: bool = False) -> None:
+        super().__init__()
+        self.halves_listed = halves_listed
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.conv = nn.Conv2d(4, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(self.quant(x))
+        if self.halves_listed:
+            x = torch.cat(list(x.chunk(2, 1)), 1)
+        n, c, h, w = x.shape
+        shifted = torch.roll(x.permute(0, 2, 3, 1), shifts=(-2, -2), dims=(1, 2))
+        windows = shifted.reshape(n, h // 4, 4, w // 4, 4, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, 4, 4, c)
+        merged = windows.reshape(n, h // 4, w // 4, 4, 4, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, h, w)
+        x = torch.roll(merged, 2, 3)
+        first, rest = torch.split(x, [3, 5], dim=1)
+        rows = rest.unbind(2)
+        picked = torch.cat([rows[1], rows[-1], rest.narrow(3, 2, 4)[:, :, 0]], 2)
+        tail = torch.cat([first[:, 1:, 3], first[:, 1:, -3], first[:, 1:, 0, 2:6]], 2)
+        return self.dequant(torch.cat([picked, tail], 1))
+
+
 TOKENS, DIM, HEADS = 5, 12, 3
 """AttentionBlock's tokens, their dimensions and its heads: odd sizes."""
 

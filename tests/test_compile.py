@@ -14,6 +14,7 @@ import tvm
 from models import (
     BilinearResizes,
     Clamps,
+    DataMovement,
     EluBlock,
     FunctionalOps,
     GroupedBlock,
@@ -363,6 +364,19 @@ def test_pads_compile_to_integer_pads_exactly(tmp_path):
         assert len(pads) == 6 and {n.placement.value for n in pads} == {"CPU"}
         assert result.module.script().count('dtype="int8") = R.nn.pad(') == 6
         assert_artifact_exact(result.artifact, int_model, torch.randn(2, 4, 7, 7))
+
+
+def test_data_movement_compiles_exactly(tmp_path):
+    """tests/models.py's DataMovement (window partitions, roll as Slice + Concat, unbind as Split + Reshape, narrow,
+    split with sizes, constant indexing) on x86_64 and the NPU targets, equal to the integer model."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 4, 8, 8)
+    for target in ("x86_64", "npu-m", "npu-s"):
+        int_model = integer_model(DataMovement().eval(), example, target)
+        result = compile_model(int_model, (example,), target=target, out=tmp_path / f"{target}.edgeq", simulate=target != "x86_64")
+        ops = [n.record.op for n in result.report.nodes]
+        assert ops.count("split") == 2 and ops.count("concat") == 6 and ops.count("transpose") == 3
+        assert_artifact_exact(result.artifact, int_model, torch.randn(2, 4, 8, 8))
 
 
 def test_relu6_below_127_levels_compiles_exactly(tmp_path):

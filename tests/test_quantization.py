@@ -17,6 +17,7 @@ from models import (
     AttentionBlock,
     BilinearResizes,
     Clamps,
+    DataMovement,
     EluBlock,
     FunctionalOps,
     GeluBlocks,
@@ -102,6 +103,18 @@ def test_linear_and_conv_are_recognised_by_their_computation(target, halves_list
     x = torch.randn(4, 3, 8, 8)
     np.testing.assert_array_equal(int_models[1].run_integer(x).numpy(), int_models[0].run_integer(x).numpy())
     assert_matches_reference(int_models[1], x)
+
+
+@pytest.mark.parametrize("halves_listed", [False, True])  # torch.fx, torch.export
+def test_data_movement_is_integer(halves_listed):
+    """Window partitions, roll, unbind, narrow, split with sizes and constant indexing only move the integers."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FloatFallbackWarning)
+        int_model = integer_model(DataMovement(halves_listed).eval(), torch.randn(2, 4, 8, 8), "npu-m")
+    x = torch.randn(2, 4, 8, 8)  # the example's batch: torch.export's capture reads its sizes (docs/architecture.md)
+    assert int_model.run_integer(x).shape == (2, 7, 20)
+    assert_matches_reference(int_model, x)
 
 
 @pytest.mark.parametrize("halves_listed", [False, True])  # torch.fx, torch.export

@@ -25,7 +25,7 @@ from edgeq.numerics import bias_scales
 from edgeq.ops import Op
 from edgeq.quantization.integer_model import IntegerModel
 from edgeq.quantization.integer_ops import IntDequantize, IntEnterFloat, IntQuantize, TensorQuant, _WeightedOp
-from edgeq.quantization.patterns import PreFusionOp, padding, permutation, source_op, split_axis
+from edgeq.quantization.patterns import PreFusionOp, padding, permutation, roll_shifts, slice_index, source_op, split_axis
 from edgeq.quantization.qat_modules import FLOAT_REASON_KEY
 
 CONTRIB_DOMAIN = "com.microsoft"
@@ -259,12 +259,37 @@ class QDQBuilder:
             out = self.node("Pad", [self.dequantize(source), pads], f"{path}.out", f"{path}/Pad", mode="constant")
             return self.quantize(out, path, source.quant)
         if kind is Op.SPLIT:
-            axis = split_axis(node, rank)
-            sizes = self.initializer(f"{path}.split", np.array([t.shape[axis] for t in output], dtype=np.int64))
-            names = [f"{path}.out{i}" for i in range(len(output))]
-            self.nodes.append(helper.make_node("Split", [self.dequantize(source), sizes], names, name=f"{path}/Split", axis=axis))
-            return tuple(self.quantize(name, f"{path}.{i}", source.quant) for i, name in enumerate(names))
-        return self._slice(node, path, source, args[1], rank, tuple(output.shape))
+            return self._split(path, source, split_axis(node, rank), [tuple(t.shape) for t in output], rank)
+        if node.target in (torch.roll, "roll"):
+            return self._roll(node, path, source, rank, tuple(output.shape))
+        return self._slice(node, path, source, slice_index(node, args[1] if len(args) > 1 else None), rank, tuple(output.shape))
+
+    def _roll(self, node: fx.Node, path: str, source: QTensor, rank: int, shape: tuple[int, ...]) -> QTensor:
+        """``torch.roll`` along given axes: per axis, the last ``shift`` values Sliced off and Concatenated before
+        the rest (a copy: the same scale)."""
+        shifts = roll_shifts(node, rank)
+        if shifts is None:
+            raise ExportError(f"'{node.name}': a roll of the flattened tensor (no dims) has no export; give dims")
+        for step, (axis, shift) in enumerate(shifts):
+            size = shape[axis]
+            shift %= size
+            if shift == 0:
+                continue
+            stem = f"{path}.{step}"
+            tail = self._slice(node, f"{stem}.tail", source, (*(slice(None),) * axis, slice(size - shift, None)), rank, shape[:axis] + (shift,) + shape[axis + 1 :])
+            head = self._slice(node, f"{stem}.head", source, (*(slice(None),) * axis, slice(0, size - shift)), rank, shape[:axis] + (size - shift,) + shape[axis + 1 :])
+            out = self.node("Concat", [self.dequantize(tail), self.dequantize(head)], f"{stem}.out", f"{stem}/Concat", axis=axis)
+            source = self.quantize(out, stem, source.quant)
+        return source
+
+    def _split(self, path: str, source: QTensor, axis: int, shapes: list[tuple[int, ...]], rank: int) -> tuple[QTensor, ...]:
+        """ONNX Split into parts of ``shapes``; parts without the axis (``unbind``'s) reshaped after it."""
+        unbound = len(shapes[0]) < rank
+        sizes = self.initializer(f"{path}.split", np.array([1 if unbound else s[axis] for s in shapes], dtype=np.int64))
+        names = [f"{path}.out{i}" for i in range(len(shapes))]
+        self.nodes.append(helper.make_node("Split", [self.dequantize(source), sizes], names, name=f"{path}/Split", axis=axis))
+        parts = tuple(self.quantize(name, f"{path}.{i}", source.quant) for i, name in enumerate(names))
+        return tuple(self.reshape(f"{path}.{i}.unbound", p, s) for i, (p, s) in enumerate(zip(parts, shapes))) if unbound else parts
 
     def _slice(self, node: fx.Node, path: str, source: QTensor, index: Any, rank: int, shape: tuple[int, ...]) -> QTensor:
         index = index if isinstance(index, tuple) else (index,)

@@ -128,7 +128,10 @@ _FUNCTION_OPS: dict[Any, SourceOp] = {
     torch.unsqueeze: Op.RESHAPE,
     torch.chunk: Op.SPLIT,
     torch.split: Op.SPLIT,
+    torch.unbind: Op.SPLIT,
     operator.getitem: Op.SLICE,
+    torch.narrow: Op.SLICE,
+    torch.roll: Op.SLICE,
     F.pad: Op.PAD,
     F.dropout: PreFusionOp.DROPOUT,
 }
@@ -162,7 +165,10 @@ _METHOD_OPS: dict[str, SourceOp] = {
     "unsqueeze": Op.RESHAPE,
     "chunk": Op.SPLIT,
     "split": Op.SPLIT,
+    "unbind": Op.SPLIT,
     "__getitem__": Op.SLICE,
+    "narrow": Op.SLICE,
+    "roll": Op.SLICE,
 }
 
 SUPPORTED_OPS = (
@@ -173,7 +179,7 @@ SUPPORTED_OPS = (
     "bilinear resize (F.interpolate, nn.Upsample, nn.UpsamplingBilinear2d; align_corners either way; no antialias), "
     "Sigmoid, Tanh, Hardsigmoid, Hardswish, SiLU (also x * sigmoid(x)), LeakyReLU, ELU, GELU (approximate 'none' or 'tanh'), "
     "product of two tensors, matrix product of two tensors (matmul, @, bmm), "
-    "flatten / view / reshape / transpose / permute / chunk / split / getitem, "
+    "flatten / view / reshape / transpose / permute / chunk / split / unbind / getitem / narrow / roll, "
     "F.pad / nn.ZeroPad2d / nn.ConstantPad2d with zeros, dropout, stochastic depth"
 )
 
@@ -301,8 +307,34 @@ def padding(node: fx.Node, modules: dict[str, nn.Module]) -> Padding:
 
 
 def split_axis(node: fx.Node, rank: int) -> int:
-    """The axis a ``Op.SPLIT`` node splits along."""
-    return argument(node, 2, "dim", 0) % rank
+    """The axis a ``Op.SPLIT`` node splits along (``unbind``'s is its second argument, ``chunk``'s and
+    ``split``'s their third)."""
+    return argument(node, 1 if _called(node) == "unbind" else 2, "dim", 0) % rank
+
+
+def slice_index(node: fx.Node, index: Any) -> Any:
+    """The ``tensor[...]`` index an ``Op.SLICE`` node reads: its own for ``getitem``; for ``narrow(dim, start,
+    length)``, the slice ``start:start + length`` along ``dim``."""
+    if _called(node) != "narrow":
+        return index
+    dim, start, length = argument(node, 1, "dim"), argument(node, 2, "start"), argument(node, 3, "length")
+    along = slice(start, start + length)
+    return (Ellipsis, along, *(slice(None),) * (-dim - 1)) if dim < 0 else (*(slice(None),) * dim, along)
+
+
+def roll_shifts(node: fx.Node, rank: int) -> list[tuple[int, int]] | None:
+    """The (axis, shift) pairs of a ``torch.roll`` node, ``None`` for a roll of the flattened tensor (no ``dims``)
+    or a node that is no roll."""
+    if _called(node) != "roll" or argument(node, 2, "dims") is None:
+        return None
+    shifts, dims = argument(node, 1, "shifts"), argument(node, 2, "dims")
+    shifts, dims = (shifts if isinstance(shifts, (tuple, list)) else [shifts]), (dims if isinstance(dims, (tuple, list)) else [dims])
+    return [(int(d) % rank, int(s)) for d, s in zip(dims, shifts)]
+
+
+def _called(node: fx.Node) -> str:
+    """The name of the function or method a call node calls."""
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,8 @@ def target() -> str:
 
 class TosaOps(nn.Module):
     """Every op with a TOSA form: conv (+ReLU), grouped and depthwise convs, add, mul, concat, max / average /
-    global pools, nearest upsampling, chunk, slice, pad, transpose, tables, a clamp, a linear layer over the last of four
-    axes, flatten + linear and matmul; two outputs."""
+    global pools, nearest upsampling, chunk, slice, pad, transpose, tables, a clamp, a linear layer over the last
+    of four axes, flatten + linear and matmul; two outputs."""
 
     def __init__(self) -> None:
         super().__init__()

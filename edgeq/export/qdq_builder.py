@@ -275,9 +275,9 @@ class QDQBuilder:
             shift %= size
             if shift == 0:
                 continue
-            stem = f"{path}.{step}"
-            tail = self._slice(node, f"{stem}.tail", source, (*(slice(None),) * axis, slice(size - shift, None)), rank, shape[:axis] + (shift,) + shape[axis + 1 :])
-            head = self._slice(node, f"{stem}.head", source, (*(slice(None),) * axis, slice(0, size - shift)), rank, shape[:axis] + (size - shift,) + shape[axis + 1 :])
+            stem, before, after = f"{path}.{step}", (slice(None),) * axis, shape[axis + 1 :]
+            tail = self._slice(node, f"{stem}.tail", source, (*before, slice(size - shift, None)), rank, (*shape[:axis], shift, *after))
+            head = self._slice(node, f"{stem}.head", source, (*before, slice(0, size - shift)), rank, (*shape[:axis], size - shift, *after))
             out = self.node("Concat", [self.dequantize(tail), self.dequantize(head)], f"{stem}.out", f"{stem}/Concat", axis=axis)
             source = self.quantize(out, stem, source.quant)
         return source

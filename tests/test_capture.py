@@ -33,8 +33,8 @@ from edgeq.quantization import (
 )
 from edgeq.quantization.capture import CAPTURE_ATTRIBUTE, Capture
 from edgeq.quantization.prepare import FloatFallbackWarning
-from edgeq_runtime import Model
 from edgeq.quantization.qat_modules import LookupTableActivation
+from edgeq_runtime import Model
 
 SHAPE = (3, 8, 8)
 

@@ -322,10 +322,15 @@ def slice_index(node: fx.Node, index: Any) -> Any:
     return (Ellipsis, along, *(slice(None),) * (-dim - 1)) if dim < 0 else (*(slice(None),) * dim, along)
 
 
+def is_flattened_roll(node: fx.Node) -> bool:
+    """Whether ``node`` is a ``torch.roll`` of the flattened tensor (no ``dims``), which has no integer form."""
+    return _called(node) == "roll" and argument(node, 2, "dims") is None
+
+
 def roll_shifts(node: fx.Node, rank: int) -> list[tuple[int, int]] | None:
     """The (axis, shift) pairs of a ``torch.roll`` node, ``None`` for a roll of the flattened tensor (no ``dims``)
     or a node that is no roll."""
-    if _called(node) != "roll" or argument(node, 2, "dims") is None:
+    if _called(node) != "roll" or is_flattened_roll(node):
         return None
     shifts, dims = argument(node, 1, "shifts"), argument(node, 2, "dims")
     shifts, dims = (shifts if isinstance(shifts, (tuple, list)) else [shifts]), (dims if isinstance(dims, (tuple, list)) else [dims])

@@ -39,6 +39,7 @@ from edgeq.numerics import (
     relu6_ceiling,
 )
 from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable
+from edgeq.quantization.distributed import synchronize_ranks
 from edgeq.quantization.fake_quantize import weight_scales
 from edgeq.quantization.graph import getattr_path, input_nodes
 from edgeq.quantization.integer_model import IntegerModel
@@ -99,7 +100,9 @@ CONVERTERS: OpTable[Converter] = OpTable("converter in convert.py", lambda info:
 def convert_fx(model: fx.GraphModule) -> IntegerModel:
     """Convert a prepared (calibrated or QAT-trained) model to the integer model.
 
-    The prepared model is not modified. Convert in any fake-quant state: the ranges observed so far are used.
+    The prepared model is not modified, except under torch.distributed: there every rank's observers are first
+    combined and BatchNorm statistics copied from rank 0 (a collective: every rank converts), so every rank
+    converts the same integer model. Convert in any fake-quant state: the ranges observed so far are used.
 
     Raises:
         QuantizationError: the model was not prepared by ``prepare_qat_fx``, an activation range was never
@@ -110,6 +113,7 @@ def convert_fx(model: fx.GraphModule) -> IntegerModel:
             f"convert_fx: {type(model).__name__} was not prepared by edgeq's prepare_qat_fx; prepare, calibrate "
             "or train, then convert"
         )
+    synchronize_ranks(model)
     converter = _Converter(model)
     with torch.no_grad():
         graph_module, tensor_quant = converter.run()

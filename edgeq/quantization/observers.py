@@ -3,6 +3,9 @@
 Every observer keeps the chosen range in two persistent buffers, ``running_min`` and ``running_max``, whatever
 its method. A checkpoint of a calibrated model therefore loads into a QAT model prepared with another observer
 (the seed flow: calibrate with a histogram, then train with an EMA), which continues from the calibrated range.
+
+Under torch.distributed each rank observes its own batches; :meth:`Observer.reduce_across_ranks` combines the
+ranks' states (docs/quantization.md "Distributed training" says what is exact).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import functools
 from typing import Any, Callable, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from edgeq.numerics import SCALE_FLOOR
@@ -43,6 +47,13 @@ class Observer(nn.Module):
     def clipping_range(self) -> tuple[float, float]:
         """The range ``(low, high)`` to quantize to."""
         return float(self.running_min), float(self.running_max)
+
+    def reduce_across_ranks(self) -> None:
+        """Combine the state of every rank of torch.distributed's default group, in place: the range becomes the
+        smallest ``running_min`` and the largest ``running_max`` of any rank (a rank with no data is neutral).
+        A collective: every rank calls it. Repeating it changes nothing."""
+        dist.all_reduce(self.running_min, op=dist.ReduceOp.MIN)
+        dist.all_reduce(self.running_max, op=dist.ReduceOp.MAX)
 
     def extra_repr(self) -> str:
         if not self.has_data:
@@ -127,6 +138,8 @@ class HistogramObserver(Observer):
         magnitude = value.abs().flatten().to(torch.float64)
         largest = float(magnitude.max())
         if float(self.histogram_max) == 0.0:
+            if _distributed():  # every rank starts from the same grid, so reduce_across_ranks can add the counts
+                largest = _max_over_ranks(largest, magnitude.device)
             self.histogram_max.fill_(max(largest, SCALE_FLOOR))
         elif largest > float(self.histogram_max):
             self._grow(largest)
@@ -145,8 +158,7 @@ class HistogramObserver(Observer):
         self.histogram = merged
         self.histogram_max.mul_(factor)
 
-    def _threshold(self) -> float:
-        counts = self.histogram
+    def _threshold(self, counts: torch.Tensor) -> float:
         width = float(self.histogram_max) / self.bins
         upper_edges = torch.arange(1, self.bins + 1, dtype=torch.float64, device=counts.device) * width
         if self.method == "percentile":
@@ -168,15 +180,48 @@ class HistogramObserver(Observer):
 
     def clipping_range(self) -> tuple[float, float]:
         if self._stale:
-            threshold = self._threshold()
-            self.running_min = torch.clamp(self.data_min, min=-threshold)
-            self.running_max = torch.clamp(self.data_max, max=threshold)
-            self._stale = False
+            self._choose_range(self.histogram, self.data_min, self.data_max)
         return super().clipping_range()
+
+    def _choose_range(self, counts: torch.Tensor, data_min: torch.Tensor, data_max: torch.Tensor) -> None:
+        threshold = self._threshold(counts)
+        self.running_min = torch.clamp(data_min, min=-threshold)
+        self.running_max = torch.clamp(data_max, max=threshold)
+        self._stale = False
+
+    def reduce_across_ranks(self) -> None:
+        """Choose the range from the sum of every rank's histogram (the ranks' own histograms are kept, so
+        repeating it changes nothing). The ranks started from one grid (the largest first batch of any rank)
+        and each doubled it as its data needed; each doubles its copy to the largest, then the counts add up:
+        the histogram a single process would have built from each step's batches of all ranks together."""
+        histogram_max = self.histogram_max.clone()
+        dist.all_reduce(histogram_max, op=dist.ReduceOp.MAX)
+        if float(histogram_max) == 0.0:  # no rank has a histogram: a range loaded from a checkpoint, or none
+            super().reduce_across_ranks()
+            return
+        if float(self.histogram_max) == 0.0:
+            self.histogram_max.copy_(histogram_max)
+        elif float(histogram_max) > float(self.histogram_max):
+            self._grow(float(histogram_max))
+        counts, data_min, data_max = self.histogram.clone(), self.data_min.clone(), self.data_max.clone()
+        dist.all_reduce(counts)
+        dist.all_reduce(data_min, op=dist.ReduceOp.MIN)
+        dist.all_reduce(data_max, op=dist.ReduceOp.MAX)
+        self._choose_range(counts, data_min, data_max)
 
     @property
     def has_data(self) -> bool:
         return self._stale or super().has_data
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _max_over_ranks(value: float, device: torch.device) -> float:
+    largest = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return float(largest)
 
 
 def _choose_range_before_saving(module: HistogramObserver, prefix: str, keep_vars: bool) -> None:

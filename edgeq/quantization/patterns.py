@@ -57,6 +57,7 @@ _MODULE_OPS: dict[type[nn.Module], SourceOp] = {
     nn.Conv2d: Op.CONV2D,
     nn.Linear: Op.LINEAR,
     nn.BatchNorm2d: PreFusionOp.BATCH_NORM2D,
+    nn.SyncBatchNorm: PreFusionOp.BATCH_NORM2D,  # what torch's convert_sync_batchnorm makes of a BatchNorm2d
     nn.ReLU: Op.RELU,
     nn.ReLU6: PreFusionOp.RELU6,
     nn.Hardtanh: PreFusionOp.HARDTANH,

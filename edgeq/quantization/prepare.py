@@ -29,6 +29,7 @@ from edgeq.errors import QuantizationError, UnsupportedOpError
 from edgeq.ops import Op
 from edgeq.quantization.canonical_emitters import emitter_of
 from edgeq.quantization.capture import CAPTURE_ATTRIBUTE, capture
+from edgeq.quantization.distributed import DDP_IGNORE_ATTRIBUTE, observer_buffer_names
 from edgeq.quantization.float_boundaries import FloatFallbackWarning
 from edgeq.quantization.fusion import find_fusions
 from edgeq.quantization.graph import integer_region, module_scope, record_example_values
@@ -147,6 +148,7 @@ def prepare_captured(
     setattr(prepared, TARGET_ATTRIBUTE, target.name)
     setattr(prepared, ROUNDING_ATTRIBUTE, target.quantization.rounding)
     setattr(prepared, CAPTURE_ATTRIBUTE, getattr(traced, CAPTURE_ATTRIBUTE))
+    setattr(prepared, DDP_IGNORE_ATTRIBUTE, observer_buffer_names(prepared))
     return prepared, rejected
 
 

@@ -7,6 +7,7 @@ from enum import Enum
 from torch import nn
 
 from edgeq.errors import QuantizationError
+from edgeq.quantization.distributed import synchronize_ranks
 
 
 class FakeQuantState(str, Enum):
@@ -47,6 +48,9 @@ class FakeQuantStateful(nn.Module):
 def set_fake_quantize(model: nn.Module, state: FakeQuantState) -> None:
     """Switch every fake-quant part of a prepared model to ``state``.
 
+    Leaving ``CALIBRATION`` under torch.distributed combines every rank's observers (a collective: every rank
+    calls it; see :func:`~edgeq.quantization.distributed.synchronize_ranks`).
+
     Raises:
         QuantizationError: the model has no fake-quant parts (it was not prepared with ``prepare_qat_fx``).
 
@@ -63,5 +67,10 @@ def set_fake_quantize(model: nn.Module, state: FakeQuantState) -> None:
         raise QuantizationError(
             f"set_fake_quantize: {type(model).__name__} has no fake-quant parts; prepare it with prepare_qat_fx first"
         )
+    leaving_calibration = state is not FakeQuantState.CALIBRATION and any(
+        module.fake_quant_state is FakeQuantState.CALIBRATION for module in stateful
+    )
     for module in stateful:
         module.set_fake_quant_state(state)
+    if leaving_calibration:
+        synchronize_ranks(model)

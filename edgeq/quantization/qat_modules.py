@@ -136,9 +136,9 @@ class ConvAct2d(_WeightedLayer):
     """Conv2d with an optional BatchNorm2d folded in and an optional ReLU/ReLU6, then int8 requantization.
 
     With BatchNorm, training follows torch.ao's approach: the weight is scaled by ``gamma / running_std`` before
-    fake quantization (so it is quantized as it will be folded), the conv output is scaled back, and the real
-    BatchNorm runs on it, keeping batch statistics and running estimates correct. In eval mode this equals the
-    folded conv.
+    fake quantization (so it is quantized as it will be folded), scaled back (torch.ao scales the conv output
+    back; the same per channel), and the real BatchNorm runs on the conv's output, keeping batch statistics and
+    running estimates correct. In eval mode this equals the folded conv.
     """
 
     def __init__(
@@ -187,10 +187,13 @@ class ConvAct2d(_WeightedLayer):
         if self.bn is None:
             return self._finish(self._conv(value, self._fake_quantized(self.weight), self.bias))
         factor = self.bn_scale_factor()
-        out = self._conv(value, self._fake_quantized(self.folded_weight()), None)
         # A zero gamma folds its channel to zero; divide by 1 there (BatchNorm then outputs beta, as it should).
+        # The conv is linear per output channel, so the fake-quantized folded weight is scaled back before the
+        # conv rather than its output after it: the same function (up to float32 rounding) and gradients, at the
+        # cost of one weight-sized product instead of three activation-sized passes (forward and backward).
         safe_factor = torch.where(factor == 0, torch.ones_like(factor), factor)
-        out = out / safe_factor.reshape(1, -1, 1, 1)
+        weight = self._fake_quantized(self.folded_weight()) / safe_factor.reshape(-1, 1, 1, 1)
+        out = self._conv(value, weight, None)
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1)
         return self._finish(self.bn(out))

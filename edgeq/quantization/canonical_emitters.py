@@ -84,7 +84,7 @@ def _emit_quant_stub(rewriter: Rewriter, node: fx.Node) -> fx.Node:
     fixed_scale = fixed_scale_of(rewriter.modules[path])
     check_fixed_scale(rewriter.target, path, fixed_scale)
     rewriter.qconfig(node, allows_int32=False)
-    return rewriter.call(path, QuantizeInput(rewriter.quantizer(node, path, fixed_scale)), node.args, node)
+    return rewriter.call(path, QuantizeInput(rewriter.quantizer(node, path, fixed_scale, quantizes_float=True)), node.args, node)
 
 
 @CANONICAL_EMITTERS.register(Op.CONV2D)

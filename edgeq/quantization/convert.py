@@ -9,6 +9,7 @@ between the dequantize and the quantize of the float fallback.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Callable
@@ -115,11 +116,15 @@ def convert_fx(model: fx.GraphModule) -> IntegerModel:
         )
     synchronize_ranks(model)
     converter = _Converter(model)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", enabled=False), _cuda_autocast_disabled():  # scales are float32 values
         graph_module, tensor_quant = converter.run()
     target = getattr(model, TARGET_ATTRIBUTE)
     logger.info("converted %s to the integer model for %s (rounding %s)", type(model).__name__, target, converter.rounding.value)
     return IntegerModel(graph_module, tensor_quant, target, converter.rounding)
+
+
+def _cuda_autocast_disabled() -> contextlib.AbstractContextManager:
+    return torch.autocast("cuda", enabled=False) if torch.cuda.is_available() else contextlib.nullcontext()
 
 
 class _Converter:

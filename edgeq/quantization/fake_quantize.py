@@ -1,10 +1,15 @@
 """Fake quantization: float tensors rounded to the integer grid, with straight-through gradients.
 
-Built on aten's ``fake_quantize_per_tensor_affine`` / ``fake_quantize_per_channel_affine``, whose backward is
-the straight-through estimator (gradient 1 inside the representable range, 0 where the value saturates). aten
-rounds half to even; on a target whose rule is half up (:class:`~edgeq.targets.Rounding`) activations are fake
-quantized by :class:`_FakeQuantizeHalfUp` instead, ``saturate(round_half_up(x / s)) * s`` with the same gradient,
-so QAT rounds as the integer model does.
+Built on aten's fused kernels ``fake_quantize_per_tensor_affine`` / ``fake_quantize_per_channel_affine`` (one
+pass; the backward is the straight-through estimator: gradient 1 inside the representable range, 0 where the
+value saturates). aten computes ``nearbyint(x * float32(1 / s))``: ties to even, and a product by the reciprocal,
+which is the integer model's ``x / s`` exactly when ``s`` is a power of two and can differ by one step within
+float rounding of a tie otherwise. That is exactly what convert does with weights (docs/numerics.md section 3),
+and it models the requantization of every activation inside the integer region, which no float computation
+reproduces bit for bit. Where the integer model itself quantizes floats (a QuantStub, a float fallback's way
+back) and on a target whose rule is half up (:class:`~edgeq.targets.Rounding`), activations are fake quantized by
+:class:`_FakeQuantizeExact` instead: ``saturate(round(x / s)) * s`` with the target's ties and the same gradient,
+the integer model's quantize bit for bit. Fake quantization computes in float32 whatever ``torch.autocast`` says.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ class ActivationFakeQuantize(FakeQuantStateful):
         fixed_scale: a scale that nothing changes (a ``QuantStub(scale=...)``).
         owner: the node this quantizer belongs to, for error messages.
         rounding: the target's :class:`~edgeq.targets.Rounding` of ties.
+        quantizes_float: the integer model quantizes this tensor from float (``x / s``) rather than requantizing
+            it: fake quantize exactly as it does (a QuantStub, a float fallback's way back).
     """
 
     def __init__(
@@ -44,6 +51,7 @@ class ActivationFakeQuantize(FakeQuantStateful):
         fixed_scale: float | None = None,
         owner: str = "",
         rounding: Rounding = Rounding.HALF_TO_EVEN,
+        quantizes_float: bool = False,
     ) -> None:
         super().__init__()
         if (observer is None) == (fixed_scale is None):
@@ -53,6 +61,7 @@ class ActivationFakeQuantize(FakeQuantStateful):
         self.fixed_scale = None if fixed_scale is None else float32(fixed_scale)
         self.owner = owner
         self.rounding = rounding
+        self.exact = quantizes_float or rounding is not Rounding.HALF_TO_EVEN
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32), persistent=False)
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
@@ -60,9 +69,10 @@ class ActivationFakeQuantize(FakeQuantStateful):
             self.observer.observe(value)
         if not self.fake_quant_state.fake_quantizes:
             return value
+        value = value.to(torch.float32)
         scale = torch.tensor(self.scale(), dtype=torch.float32, device=value.device)
-        if self.rounding is Rounding.HALF_UP:
-            return _FakeQuantizeHalfUp.apply(value, scale)
+        if self.exact:
+            return _FakeQuantizeExact.apply(value, scale, self.rounding)
         return torch.fake_quantize_per_tensor_affine(value, scale, self.zero_point, ACTIVATION_QMIN, ACTIVATION_QMAX)
 
     def scale(self) -> float:
@@ -90,21 +100,22 @@ class ActivationFakeQuantize(FakeQuantStateful):
         return f"scale_rule={self.scale_rule.value}{rounding}"
 
 
-class _FakeQuantizeHalfUp(torch.autograd.Function):
-    """``saturate(round_half_up(x / s), -128, 127) * s`` (float32 division, as the integer model's quantize), with
-    aten's straight-through gradient: 1 where the rounded value is inside the range, 0 where it saturates."""
+class _FakeQuantizeExact(torch.autograd.Function):
+    """``saturate(round(x / s), -128, 127) * s`` (float32 division and ties by the target's rule, as the integer
+    model's quantize), with aten's straight-through gradient: 1 where the rounded value is inside the range, 0
+    where it saturates."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        steps = round_half(value / scale, Rounding.HALF_UP)
+    def forward(ctx: torch.autograd.function.FunctionCtx, value: torch.Tensor, scale: torch.Tensor, rounding: Rounding) -> torch.Tensor:
+        steps = round_half(value / scale, rounding)
         inside = (steps >= ACTIVATION_QMIN) & (steps <= ACTIVATION_QMAX)
         ctx.save_for_backward(inside)
         return torch.clamp(steps, ACTIVATION_QMIN, ACTIVATION_QMAX) * scale
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (inside,) = ctx.saved_tensors
-        return grad * inside.to(grad.dtype), None
+        return grad * inside.to(grad.dtype), None, None
 
 
 def weight_scales(weight: torch.Tensor, rule: ScaleRule) -> torch.Tensor:

@@ -104,7 +104,9 @@ class FloatBoundaries:
         rewriter = self.rewriter
         path = rewriter.unique_path(f"{stem}_quantize")
         observer = rewriter.global_qconfig.activation_observer()
-        rewriter.new_modules[path] = LeaveFloat(ActivationFakeQuantize(observer, rewriter.scale_rule, owner=path, rounding=rewriter.rounding))
+        rewriter.new_modules[path] = LeaveFloat(
+            ActivationFakeQuantize(observer, rewriter.scale_rule, owner=path, rounding=rewriter.rounding, quantizes_float=True)
+        )
         with rewriter.graph.inserting_after(value):
             quantized = rewriter.graph.call_module(path, (value,))
         quantized.meta = dict(node.meta)

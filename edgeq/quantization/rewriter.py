@@ -108,12 +108,13 @@ class Rewriter:
             )
         return qconfig
 
-    def quantizer(self, node: fx.Node, path: str, fixed_scale: float | None = None) -> ActivationFakeQuantize:
-        """The quantizer of the output of the canonical op at ``path`` (``fixed_scale``: a QuantStub's)."""
-        if fixed_scale is not None:
-            return ActivationFakeQuantize(None, self.scale_rule, fixed_scale=fixed_scale, owner=path, rounding=self.rounding)
-        qconfig = self.qconfig(node, allows_int32=False)
-        return ActivationFakeQuantize(qconfig.activation_observer(), self.scale_rule, owner=path, rounding=self.rounding)
+    def quantizer(self, node: fx.Node, path: str, fixed_scale: float | None = None, quantizes_float: bool = False) -> ActivationFakeQuantize:
+        """The quantizer of the output of the canonical op at ``path`` (``fixed_scale``: a QuantStub's;
+        ``quantizes_float``: the integer model quantizes this output from float, as at a QuantStub)."""
+        observer = None if fixed_scale is not None else self.qconfig(node, allows_int32=False).activation_observer()
+        return ActivationFakeQuantize(
+            observer, self.scale_rule, fixed_scale=fixed_scale, owner=path, rounding=self.rounding, quantizes_float=quantizes_float
+        )
 
     @property
     def global_qconfig(self) -> QConfig:

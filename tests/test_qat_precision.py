@@ -1,0 +1,139 @@
+"""Fake quantization against the integer model's rounding, under torch.autocast and on any device.
+
+What is exact (docs/quantization.md "Devices and mixed precision"): aten's fused kernel equals ``round(x / s)`` for
+power-of-two scales only, so a QuantStub (where the integer model quantizes floats) fake quantizes by division,
+bit for bit; fake quantization computes in float32 under autocast, observers keep float32 ranges, and convert_fx
+gives the same integer model inside autocast as outside.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from models import SmallCNN
+
+from edgeq.numerics import quantize, round_half
+from edgeq.quantization import (
+    DeQuantStub,
+    FakeQuantState,
+    QuantStub,
+    calibrate,
+    convert_fx,
+    default_calib_qconfig,
+    prepare_qat_fx,
+    set_fake_quantize,
+)
+from edgeq.quantization.fake_quantize import ActivationFakeQuantize
+from edgeq.quantization.observers import Observer
+from edgeq.targets import Rounding, ScaleRule
+
+STEPS = torch.arange(-130, 130, dtype=torch.float32)
+
+
+def _near_ties(scale: float) -> torch.Tensor:
+    """Every tie ``(k + 1/2) * s`` of the int8 range and its float32 neighbours."""
+    ties = (STEPS + 0.5) * scale
+    return torch.cat([ties, torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1)])
+
+
+def _aten(value: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.fake_quantize_per_tensor_affine(value, torch.tensor([scale]), torch.zeros((), dtype=torch.int32), -128, 127)
+
+
+def _rule(value: torch.Tensor, scale: float, rounding: Rounding = Rounding.HALF_TO_EVEN) -> torch.Tensor:
+    return torch.clamp(round_half(value / torch.tensor(scale), rounding), -128, 127) * scale
+
+
+@pytest.mark.parametrize("scale", [2.0**-7, 2.0**-3, 2.0**2])
+def test_aten_kernel_is_the_rule_for_power_of_two_scales(scale):
+    values = _near_ties(scale)
+    np.testing.assert_array_equal(_aten(values, scale).numpy(), _rule(values, scale).numpy())
+
+
+def test_aten_kernel_is_not_the_rule_for_other_scales():
+    """Why a QuantStub does not use aten's kernel: ``x * (1/s)`` rounds differently from ``x / s`` near ties."""
+    values = _near_ties(0.0234)
+    assert (_aten(values, 0.0234) != _rule(values, 0.0234)).any()
+
+
+@pytest.mark.parametrize("rounding", list(Rounding))
+def test_float_input_fake_quantizes_as_the_integer_model(rounding):
+    quantizer = ActivationFakeQuantize(None, ScaleRule.ANY, fixed_scale=0.0234, rounding=rounding, quantizes_float=True)
+    values = _near_ties(0.0234).requires_grad_()
+    fake = quantizer(values)
+    steps = quantize(values.detach(), quantizer.scale(), rounding).to(torch.float32)
+    np.testing.assert_array_equal(fake.detach().numpy(), (steps * quantizer.scale()).numpy())  # dequantize(quantize(x))
+    fake.sum().backward()  # straight through inside the range, 0 where it saturates
+    unsaturated = round_half(values.detach() / torch.tensor(0.0234), rounding)
+    np.testing.assert_array_equal(values.grad.numpy(), ((unsaturated >= -128) & (unsaturated <= 127)).float().numpy())
+
+
+def test_quant_stub_of_a_prepared_model_is_the_integer_quantize():
+    """An observed (not power-of-two) QuantStub scale on npu-m: the calibrated model's first fake quantization is
+    the integer model's quantize, tie for tie."""
+    model = torch.nn.Sequential(QuantStub(), torch.nn.Conv2d(1, 2, 1), DeQuantStub())
+    probe = torch.randn(1, 1, 4, 4)
+    calibrated = calibrate(model, [probe * 3], example_inputs=(probe,), target="npu-m")
+    quantizer = calibrated.get_submodule("0").output_quantizer
+    scale = quantizer.scale()
+    values = _near_ties(scale).reshape(1, 1, -1, 3)
+    integer = convert_fx(calibrated)
+    first = next(m for m in integer.graph_module.modules() if type(m).__name__ == "IntQuantize")
+    np.testing.assert_array_equal(calibrated.get_submodule("0")(values).numpy(), (first(values).to(torch.float32) * scale).numpy())
+
+
+def _qat_model() -> torch.fx.GraphModule:
+    torch.manual_seed(0)
+    images = torch.randn(8, 1, 12, 12)
+    calibrated = calibrate(SmallCNN(), [images], example_inputs=(images[:1],), target="npu-m")
+    qat = prepare_qat_fx(SmallCNN(), None, example_inputs=(images[:1],), target="npu-m").train()
+    qat.load_state_dict(calibrated.state_dict())
+    return qat
+
+
+def test_autocast_bfloat16_keeps_the_integer_arithmetic():
+    qat = _qat_model()
+    optimizer = torch.optim.SGD(qat.parameters(), lr=0.01)
+    generator = torch.Generator().manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(2):
+            images = torch.randn(8, 1, 12, 12, generator=generator)
+            optimizer.zero_grad()
+            F.cross_entropy(qat(images).float(), torch.randint(0, 10, (8,), generator=generator)).backward()
+            optimizer.step()
+        quantizer = next(m for m in qat.modules() if isinstance(m, ActivationFakeQuantize) and m.observer is not None)
+        bf16 = torch.randn(64, generator=generator).to(torch.bfloat16)
+        set_fake_quantize(qat, FakeQuantState.VALIDATION)
+        fake = quantizer(bf16)
+        assert fake.dtype == torch.float32  # fake quantization computes in float32 whatever autocast says
+        np.testing.assert_array_equal(fake.numpy(), quantizer(bf16.float()).numpy())
+        inside = convert_fx(qat)
+    for observer in (m for m in qat.modules() if isinstance(m, Observer)):
+        assert observer.running_min.dtype == observer.running_max.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in qat.parameters())
+    probe = torch.randn(4, 1, 12, 12, generator=generator)
+    np.testing.assert_array_equal(inside.run_integer(probe).numpy(), convert_fx(qat).run_integer(probe).numpy())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_calibration_qat_and_convert():
+    """On a power-of-two target a CUDA calibration gives the CPU's integer model (ranges differ only by float
+    rounding, which a power-of-two scale absorbs); a QAT step and convert run on the device."""
+    torch.manual_seed(0)
+    images = torch.randn(8, 1, 12, 12)
+    model = SmallCNN().eval()
+    on_cpu = calibrate(model, [images], example_inputs=(images[:1],), target="npu-s")
+    prepared = prepare_qat_fx(model, default_calib_qconfig, example_inputs=(images[:1],), target="npu-s").eval().cuda()
+    set_fake_quantize(prepared, FakeQuantState.CALIBRATION)
+    with torch.no_grad():
+        prepared(images.cuda())
+    set_fake_quantize(prepared, FakeQuantState.QAT)
+    expected = convert_fx(on_cpu).run_integer(images).numpy()
+    np.testing.assert_array_equal(convert_fx(prepared).run_integer(images.cuda()).cpu().numpy(), expected)
+    prepared.train()
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.01)
+    F.cross_entropy(prepared(images.cuda()), torch.zeros(8, dtype=torch.long, device="cuda")).backward()
+    optimizer.step()
+    assert convert_fx(prepared).run_integer(images.cuda()).shape == expected.shape

@@ -1,6 +1,6 @@
 """DistributedDataParallel: two gloo processes on 127.0.0.1 against one process fed the union of their batches.
 
-docs/quantization.md "Distributed training" states what is exact: calibration ranges (min/max and histogram) are
+docs/training.md "Distributed training" states what is exact: calibration ranges (min/max and histogram) are
 those of the union, bit for bit; after SGD steps the weights agree within float32 rounding (DDP averages the ranks'
 gradients, one process sums one larger batch); every rank converts the same integer model.
 """

@@ -1,6 +1,6 @@
 """Fake quantization against the integer model's rounding, under torch.autocast and on any device.
 
-What is exact (docs/quantization.md "Devices and mixed precision"): aten's fused kernel equals ``round(x / s)`` for
+What is exact (docs/training.md "Devices and mixed precision"): aten's fused kernel equals ``round(x / s)`` for
 power-of-two scales only, so a QuantStub (where the integer model quantizes floats) fake quantizes by division,
 bit for bit; fake quantization computes in float32 under autocast, observers keep float32 ranges, and convert_fx
 gives the same integer model inside autocast as outside.

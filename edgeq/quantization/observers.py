@@ -5,7 +5,7 @@ its method. A checkpoint of a calibrated model therefore loads into a QAT model 
 (the seed flow: calibrate with a histogram, then train with an EMA), which continues from the calibrated range.
 
 Under torch.distributed each rank observes its own batches; :meth:`Observer.reduce_across_ranks` combines the
-ranks' states (docs/quantization.md "Distributed training" says what is exact).
+ranks' states (docs/training.md "Distributed training" says what is exact).
 """
 
 from __future__ import annotations

@@ -13,6 +13,12 @@ Each stage saves a checkpoint in ``--workdir`` and the next one starts from it, 
     python examples/digits_qat.py --stage compile
     python examples/digits_qat.py              # all five in order
     python examples/digits_qat.py --model se   # the same with Hardswish / SiLU and squeeze-and-excitation
+    python examples/digits_qat.py --nproc 2    # calib and qat in 2 processes with DistributedDataParallel
+
+With ``--nproc N`` the calib and qat stages run in N processes (torch.distributed's gloo backend on 127.0.0.1,
+started by the script itself; docs/training.md): every process draws the same batches and takes every N-th image
+of each, calibration ranges are combined over the processes, QAT trains the model wrapped in
+DistributedDataParallel, and process 0 saves the checkpoint.
 
 The compile stage saves ``int_model.pt`` (TorchScript) and ``model.onnx`` (QDQ), prints the target check, compiles
 ``digits.edgeq`` for the target's board (aarch64) and ``digits-x86_64.edgeq`` for this machine, measures the
@@ -33,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,10 +47,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from edgeq.quantization import (
     DeQuantStub,
@@ -58,6 +67,7 @@ from edgeq.quantization import (
     prepare_qat_fx,
     set_fake_quantize,
 )
+from edgeq.quantization.distributed import is_distributed, synchronize_ranks
 
 if TYPE_CHECKING:
     from edgeq.compile import CompileResult
@@ -157,6 +167,15 @@ def batches(pixels: torch.Tensor, labels: torch.Tensor, size: int, shuffle: bool
         yield pixels[index], labels[index]
 
 
+def rank_share(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's share of a batch under torch.distributed (every N-th image), the whole batch otherwise."""
+    return tensor[dist.get_rank() :: dist.get_world_size()] if is_distributed() else tensor
+
+
+def is_main_process() -> bool:
+    return not is_distributed() or dist.get_rank() == 0
+
+
 def accuracy(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, raw_int8: bool = False) -> float:
     """Top-1 accuracy in percent. ``raw_int8`` feeds ``pixel - 128`` as int8, as the NPU receives it."""
     model.eval()
@@ -176,6 +195,7 @@ def train(model: nn.Module, data: tuple, epochs: int, optimizer: torch.optim.Opt
             set_fake_quantize(model, FakeQuantState.QAT)
         total = 0.0
         for x, y in batches(train_x, train_y, 64, shuffle=True):
+            x, y = rank_share(x), rank_share(y)
             loss = F.cross_entropy(model(normalise(x)), y)
             optimizer.zero_grad()
             loss.backward()
@@ -185,7 +205,9 @@ def train(model: nn.Module, data: tuple, epochs: int, optimizer: torch.optim.Opt
         if stage == "qat":
             set_fake_quantize(model, FakeQuantState.VALIDATION)
         if epoch % 5 == 4 or epoch == epochs - 1:
-            print(f"  {stage} epoch {epoch + 1}/{epochs}: loss {total / len(train_x):.4f}, test accuracy {accuracy(model, test_x, test_y):.2f}%")
+            test_accuracy = accuracy(model, test_x, test_y)  # every process: a DDP forward is a collective
+            if is_main_process():
+                print(f"  {stage} epoch {epoch + 1}/{epochs}: loss {total / len(train_x):.4f}, test accuracy {test_accuracy:.2f}%")
 
 
 def float_model(workdir: Path, trained: bool, network: str = "cnn") -> DigitsNet:
@@ -211,8 +233,47 @@ def qat_model(workdir: Path, target: str, network: str = "cnn") -> torch.fx.Grap
     return prepare_qat_fx(model, qconfig, example_inputs=(example_input(),), target=target)
 
 
+def quantization_stage(stage: str, workdir: Path, target: str, data: tuple, network: str) -> torch.fx.GraphModule:
+    """The calib or qat stage in this process (one process of a torch.distributed group, or alone): returns the
+    model and saves its checkpoint (process 0)."""
+    train_x, train_y = data[0], data[1]
+    if stage == "calib":
+        model = calib_model(workdir, target, network).eval()
+        set_fake_quantize(model, FakeQuantState.CALIBRATION)
+        with torch.no_grad():
+            for x, _ in batches(train_x, train_y, 128, shuffle=False):
+                model(normalise(rank_share(x)))
+        set_fake_quantize(model, FakeQuantState.VALIDATION)  # under torch.distributed: the ranges of every process
+    else:
+        model = qat_model(workdir, target, network)
+        model.load_state_dict(torch.load(workdir / "calib-checkpoint.pt"))
+        trained = DistributedDataParallel(model) if is_distributed() else model
+        optimizer = torch.optim.SGD(trained.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+        train(trained, data, epochs=5, optimizer=optimizer, stage=stage)
+        synchronize_ranks(model)  # the observers of every process, BatchNorm statistics of process 0
+    if is_main_process():
+        torch.save(model.state_dict(), workdir / f"{stage}-checkpoint.pt")
+    return model
+
+
+def stage_process(rank: int, nproc: int, port: int, stage: str, workdir: Path, target: str, data: tuple, network: str, rng: torch.Tensor) -> None:
+    """One of ``nproc`` processes running ``stage``, started by ``torch.multiprocessing.spawn``."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=nproc)
+    torch.set_rng_state(rng)  # every process draws the batches the single process would
+    try:
+        quantization_stage(stage, workdir, target, data, network)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_stage(
-    stage: str, workdir: Path, target: str, data: tuple, results: dict[str, float], network: str = "cnn"
+    stage: str, workdir: Path, target: str, data: tuple, results: dict[str, float], network: str = "cnn", nproc: int = 1
 ) -> None:
     train_x, train_y, test_x, test_y = data
     started = time.perf_counter()
@@ -222,22 +283,16 @@ def run_stage(
         train(model, data, epochs=40, optimizer=torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4), stage=stage)
         torch.save(model.state_dict(), workdir / "float-checkpoint.pt")
         results["float"] = accuracy(model, test_x, test_y)
-    elif stage == "calib":
-        model = calib_model(workdir, target, network).eval()
-        set_fake_quantize(model, FakeQuantState.CALIBRATION)
-        with torch.no_grad():
-            for x, _ in batches(train_x, train_y, 128, shuffle=False):
-                model(normalise(x))
-        set_fake_quantize(model, FakeQuantState.VALIDATION)
-        torch.save(model.state_dict(), workdir / "calib-checkpoint.pt")
-        results["calib"] = accuracy(model, test_x, test_y)
-    elif stage == "qat":
-        model = qat_model(workdir, target, network)
-        model.load_state_dict(torch.load(workdir / "calib-checkpoint.pt"))
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-        train(model, data, epochs=5, optimizer=optimizer, stage=stage)
-        torch.save(model.state_dict(), workdir / "qat-checkpoint.pt")
-        results["qat"] = accuracy(model, test_x, test_y)
+    elif stage in ("calib", "qat"):
+        if nproc > 1:
+            port = free_port()
+            torch.multiprocessing.spawn(stage_process, (nproc, port, stage, workdir, target, data, network, torch.get_rng_state()), nproc)
+            model = calib_model(workdir, target, network) if stage == "calib" else qat_model(workdir, target, network)
+            model.load_state_dict(torch.load(workdir / f"{stage}-checkpoint.pt"))
+            set_fake_quantize(model, FakeQuantState.VALIDATION)
+        else:
+            model = quantization_stage(stage, workdir, target, data, network)
+        results[stage] = accuracy(model, test_x, test_y)
     elif stage == "int_infer":
         integer = int_model(workdir, target, network)
         results["int_infer"] = accuracy(integer, test_x, test_y)
@@ -374,6 +429,7 @@ def main() -> None:
                         help="cnn: the residual CNN (default); se: with Hardswish / SiLU and squeeze-and-excitation")
     parser.add_argument("--workdir", type=Path, help="where checkpoints go (default: build/digits, build/digits-se)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nproc", type=int, default=1, help="processes for the calib and qat stages (DistributedDataParallel)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(args.seed)
@@ -384,7 +440,7 @@ def main() -> None:
     results_file = args.workdir / "accuracy.json"
     results: dict[str, float] = json.loads(results_file.read_text()) if results_file.exists() else {}
     for stage in STAGES if args.stage == "all" else (args.stage,):
-        run_stage(stage, args.workdir, args.target, data, results, args.model)
+        run_stage(stage, args.workdir, args.target, data, results, args.model, args.nproc)
     results_file.write_text(json.dumps(results, indent=2))
     print("\nstage       test accuracy")
     for stage in ("float", "calib", "qat", "int_infer", "int_infer_raw_pixels", "compile"):

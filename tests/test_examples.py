@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import load_example
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,6 +57,29 @@ def test_digits_se_network_keeps_float_accuracy(target, tmp_path, digits_float_s
     assert results["float"] > 95.0
     assert abs(results["int_infer"] - results["float"]) <= 1.0
 
+
+
+@pytest.mark.flow
+def test_digits_in_two_processes(tmp_path, digits_float_stage, monkeypatch):
+    """``--nproc 2``: calib and qat in two gloo processes with DistributedDataParallel. The calibration checkpoint
+    equals the single process's bit for bit (each process takes every other image of each batch: the union is the
+    single process's batch); the integer model's accuracy is within 1 point of the single process's."""
+    monkeypatch.syspath_prepend(str(REPO / "examples"))  # the spawned processes import the example by name
+    digits = load_example("digits_qat")
+    float_stage = digits_float_stage("cnn")
+    results: dict[int, dict[str, float]] = {}
+    for nproc in (1, 2):
+        workdir = tmp_path / f"nproc{nproc}"
+        workdir.mkdir()
+        float_stage.continue_in(workdir)
+        results[nproc] = {"float": float_stage.accuracy}
+        for stage in ("calib", "qat", "int_infer"):
+            digits.run_stage(stage, workdir, "npu-s", float_stage.data, results[nproc], nproc=nproc)
+    calibrated = [torch.load(tmp_path / f"nproc{nproc}" / "calib-checkpoint.pt") for nproc in (1, 2)]
+    assert calibrated[0].keys() == calibrated[1].keys()
+    for key, value in calibrated[0].items():
+        assert torch.equal(value, calibrated[1][key]), key
+    assert abs(results[2]["int_infer"] - results[1]["int_infer"]) <= 1.0
 
 
 @pytest.mark.flow

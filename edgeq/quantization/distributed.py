@@ -13,17 +13,14 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import nn
 
-from edgeq.quantization.observers import Observer
+from edgeq.quantization.observers import Observer, is_distributed
+
+__all__ = ["DDP_IGNORE_ATTRIBUTE", "is_distributed", "observer_buffer_names", "synchronize_ranks"]
 
 DDP_IGNORE_ATTRIBUTE = "_ddp_params_and_buffers_to_ignore"
 """The attribute DistributedDataParallel reads (``_set_params_and_buffers_to_ignore_for_model``): names of the
 buffers it must not broadcast from rank 0 before each forward. ``prepare_qat_fx`` lists every observer's buffers
 there, so each rank's observers keep seeing that rank's batches until :func:`synchronize_ranks` combines them."""
-
-
-def is_distributed() -> bool:
-    """Whether torch.distributed's default process group is initialized."""
-    return dist.is_available() and dist.is_initialized()
 
 
 def synchronize_ranks(model: nn.Module) -> None:

@@ -138,7 +138,7 @@ class HistogramObserver(Observer):
         magnitude = value.abs().flatten().to(torch.float64)
         largest = float(magnitude.max())
         if float(self.histogram_max) == 0.0:
-            if _distributed():  # every rank starts from the same grid, so reduce_across_ranks can add the counts
+            if is_distributed():  # every rank starts from the same grid, so reduce_across_ranks can add the counts
                 largest = _max_over_ranks(largest, magnitude.device)
             self.histogram_max.fill_(max(largest, SCALE_FLOOR))
         elif largest > float(self.histogram_max):
@@ -214,7 +214,8 @@ class HistogramObserver(Observer):
         return self._stale or super().has_data
 
 
-def _distributed() -> bool:
+def is_distributed() -> bool:
+    """Whether torch.distributed's default process group is initialized (observers then combine over ranks)."""
     return dist.is_available() and dist.is_initialized()
 
 

@@ -145,6 +145,23 @@ class Hardware(Strict):
     it, once)."""
     sram_bandwidth_bytes_per_s: Count | None = None
     """Feature maps that fit ``sram_bytes`` move at this rate (block model only; else at the DRAM bandwidth)."""
+    sram_burst_bytes: Count | None = None
+    """Bytes the SRAM moves per burst: an access shorter than a burst costs a whole one (block model only)."""
+    dram_burst_bytes: Count | None = None
+    """Bytes the DRAM (or off-chip flash) moves per burst (block model only)."""
+    ifm_run_bytes: Count | None = None
+    """Most contiguous bytes of an input feature map the NPU reads per access (its input block's depth; block
+    model only: without it, or without burst lengths, every byte costs one)."""
+    ofm_run_bytes: Count | None = None
+    """Most contiguous bytes of an output feature map the NPU writes per access (block model only)."""
+    region_io_in_dram: bool = False
+    """An NPU region's inputs and outputs live in the DRAM (Vela's arena in a dedicated-SRAM memory mode; block
+    model only): the NPU reads and writes them there."""
+    dram_read_buffer_bytes: Count | None = None
+    """Bytes of DRAM reads the NPU keeps in flight (its read buffer; block model only): with
+    ``dram_read_latency_cycles`` it bounds the DRAM read rate at ``buffer / latency`` per cycle."""
+    dram_read_latency_cycles: Count | None = None
+    """Cycles from a DRAM read request to its data (block model only)."""
 
     @field_validator("elementwise_ops")
     @classmethod

@@ -17,7 +17,8 @@ from edgeq.compile.layout_plan import is_blocked
 from edgeq.errors import EdgeqError
 from edgeq.op_attrs import Conv2dAttrs, LinearAttrs
 from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable, op_named
-from edgeq.perf.npu_blocks import block_cost, feature_map_bytes, feature_map_rate, fused_activation
+from edgeq.perf.npu_blocks import block_cost, fused_activation, input_reads
+from edgeq.perf.npu_memory import layer_traffic
 from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
 from edgeq.targets import HOST_CODE_ADVICE, CpuFigures, Hardware, Target, TargetKind, host_cpu
 
@@ -241,7 +242,7 @@ class _Estimator:
         self.cpu = cpu
         self.dot = host_dot_product(graph, target) if target.firmware_host is None else None
         self.computing_ops = frozenset(op.name for op in graph.ops if op.placement == "NPU" and not view_op(op))
-        self.borders = {t for region in graph.regions for t in [*region.inputs, *region.outputs]}
+        self.borders = frozenset(t for region in graph.regions for t in [*region.inputs, *region.outputs])
 
     def layer(self, op: GraphOp) -> LayerEstimate:
         if op.placement == "NPU":
@@ -304,24 +305,21 @@ class _Estimator:
         )
 
     def _npu_blocks(self, op: GraphOp, hardware: Hardware) -> LayerEstimate:
-        """An NPU layer on a block-model NPU (:mod:`.npu_blocks`): compute by blocks, feature maps at the SRAM's or
-        the DRAM's bandwidth, weights at the DRAM's."""
+        """An NPU layer on a block-model NPU: compute by blocks (:mod:`.npu_blocks`), memory as the busier of the
+        SRAM and the DRAM (:mod:`.npu_memory`)."""
         if fused_activation(op, self.graph, self.computing_ops):
             return self._estimate(op, True, 0.0, 0.0, 0.0, dram=0)
         cost = block_cost(self.graph, op, hardware, mac_op(op))
-        activations = feature_map_bytes(op, hardware, mac_op(op))
+        traffic = layer_traffic(self.graph, op, hardware, input_reads(op, hardware, mac_op(op)), self.borders)
         working_set = op.bytes_in + op.bytes_out + op.weight_bytes
-        rate = feature_map_rate(hardware, working_set)
-        memory = op.weight_bytes / hardware.dram_bandwidth_bytes_per_s + activations / rate
-        dram = op.weight_bytes + (activations if rate == hardware.dram_bandwidth_bytes_per_s else 0)
         return self._estimate(
             op,
             False,
             cost.compute_cycles / hardware.clock_hz,
-            memory,
+            traffic.seconds(hardware),
             hardware.layer_overhead_cycles / hardware.clock_hz,
-            spill=dram - op.weight_bytes,
-            dram=dram,
+            spill=0 if traffic.in_sram else traffic.dram_bytes - op.weight_bytes,
+            dram=traffic.dram_bytes,
             onchip=min(working_set, hardware.sram_bytes),
             utilisation=cost.utilisation,
         )

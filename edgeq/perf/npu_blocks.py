@@ -109,20 +109,11 @@ def fused_activation(op: GraphOp, graph: CompiledGraph, computing_ops: frozenset
     return graph.op(tensor.producer).region == op.region
 
 
-def feature_map_rate(hardware: Hardware, working_set: int) -> int:
-    """Bytes per second a layer's feature maps move at: the SRAM's bandwidth while its working set fits the SRAM,
-    else the DRAM's."""
-    if hardware.sram_bandwidth_bytes_per_s is not None and working_set <= hardware.sram_bytes:
-        return hardware.sram_bandwidth_bytes_per_s
-    return hardware.dram_bandwidth_bytes_per_s
-
-
-def feature_map_bytes(op: GraphOp, hardware: Hardware, mac_layer: bool) -> int:
-    """Bytes of feature maps an NPU layer moves: its output once, its input once per block of output channels
+def input_reads(op: GraphOp, hardware: Hardware, mac_layer: bool) -> int:
+    """How many times an NPU layer reads its input: once per block of output channels
     (``input_reads_per_channels``) for a convolution or linear layer that is not depthwise, else once."""
-    reads = 1
     attributes = op.attributes
     dense = isinstance(attributes, Conv2dAttrs) and not attributes.depthwise or isinstance(attributes, LinearAttrs)
     if mac_layer and dense and hardware.input_reads_per_channels is not None:
-        reads = _ceil_div(attributes.out_channels, hardware.input_reads_per_channels)
-    return op.bytes_in * reads + op.bytes_out
+        return _ceil_div(attributes.out_channels, hardware.input_reads_per_channels)
+    return 1

@@ -1,14 +1,14 @@
 """An NPU layer's memory traffic on a block-model NPU (the Arm Ethos-U's, as Vela models it): which memory its
 feature maps and weights live in, how many bytes each memory moves for it, and how long each memory is busy.
 
-Feature maps live in the SRAM while a layer's input and output fit ``sram_bytes`` (the NPU's SRAM, or on a U65 /
-U85 the cache Vela keeps them in), else in the DRAM (off-chip: the U65 / U85 arena); weights live in the DRAM (the
-U55's off-chip flash, the U65 / U85 DRAM) and are read once. A memory moves whole bursts of its burst length: the
-NPU reads an input in runs of its depth (rounded up to the micro-block's channels) up to ``ifm_run_bytes``, and
-writes an output in runs up to ``ofm_run_bytes``, so a burst longer than the run carries the run's bytes only.
-Each memory is busy for its bytes over its bandwidth; the layer takes as long as the busiest memory or the
-compute, whichever is longer (Vela's ``max(npu cycles, memory access cycles)``). docs/perf.md, "NPU layers by
-blocks", gives the formulas.
+Weights live in the DRAM (the U55's off-chip flash, the U65 / U85 DRAM) and are read once. A feature map lives in
+the SRAM (the NPU's, or on a U65 / U85 the cache Vela keeps them in) when the NPU cascades its maker and its one
+reader, or when it fits there whole beside its layer's; else in the DRAM, as a region's inputs and outputs do
+under a dedicated-SRAM memory mode. A memory moves whole bursts of its burst length: the NPU reads an input in
+runs of its depth (rounded up to the micro-block's channels) up to ``ifm_run_bytes`` and writes an output in runs
+up to ``ofm_run_bytes``, so a burst longer than the run carries the run's bytes only. Each memory is busy for its
+bytes over its bandwidth; the layer takes as long as the busier memory or its compute, whichever is longer
+(Vela's ``max(npu cycles, memory access cycles)``). docs/perf.md, "NPU layers by blocks", gives the formulas.
 """
 
 from __future__ import annotations
@@ -67,16 +67,32 @@ def burst_factor(hardware: Hardware, burst: int | None, depth_bytes: int, run_li
     return burst / min(burst, run)
 
 
+def cascaded(graph: CompiledGraph, tensor: str) -> bool:
+    """Whether a tensor is made and read within one region by one op each: the NPU runs the two in a cascade
+    (Vela's), the reader consuming rows as the maker writes them, so only a band of rows needs the SRAM."""
+    made = graph.tensors[tensor]
+    if made.producer is None or len(made.consumers) != 1:
+        return False
+    return graph.op(made.producer).region == graph.op(made.consumers[0]).region
+
+
+def held(graph: CompiledGraph, tensor: str, hardware: Hardware) -> bool:
+    """Whether a tensor the NPU cannot cascade (read by several ops: a residual's input) can stay whole in the SRAM
+    while it lives: beside the input and output of the layers between its readers, two more of its size."""
+    return 3 * graph.tensors[tensor].bytes <= hardware.sram_bytes
+
+
 def layer_traffic(graph: CompiledGraph, op: GraphOp, hardware: Hardware, input_reads: int, borders: frozenset[str]) -> MemoryTraffic:
     """The bytes an NPU layer moves through each memory: its inputs read ``input_reads`` times and its output
-    written once, each in the memory it lives in, and its weights read once from the DRAM. A feature map lives in
-    the SRAM while the layer's input and output fit ``sram_bytes``, else in the DRAM; one of ``borders`` (an NPU
-    region's inputs and outputs, which the host hands over) in the DRAM where ``region_io_in_dram``."""
+    written once, each in the memory it lives in, and its weights read once from the DRAM. One of ``borders`` (an
+    NPU region's inputs and outputs, which the host hands over) lives in the DRAM where ``region_io_in_dram``;
+    another feature map in the SRAM if it is :func:`cascaded`, or if the layer's input and output fit
+    ``sram_bytes`` and it is :func:`held`; else in the DRAM."""
     fits = op.bytes_in + op.bytes_out <= hardware.sram_bytes
     sram = dram = dram_reads = 0.0
     for tensors, repeat, run in ((op.inputs, input_reads, hardware.ifm_run_bytes), (op.outputs, 1, hardware.ofm_run_bytes)):
         for name in tensors:
-            in_sram = fits and not (hardware.region_io_in_dram and name in borders)
+            in_sram = not (hardware.region_io_in_dram and name in borders) and (cascaded(graph, name) or fits and held(graph, name, hardware))
             burst = hardware.sram_burst_bytes if in_sram else hardware.dram_burst_bytes
             moved = graph.tensors[name].bytes * repeat * burst_factor(hardware, burst, _depth_bytes(graph, name), run)
             if in_sram:

@@ -31,6 +31,7 @@ def test_figures_are_velas(name):
     target = load_target(name)
     vela = target.vela
     from ethosu.vela.architecture_features import CONFIG_FILES_PATH, MemArea
+    from ethosu.vela.tensor import BandwidthDirection
 
     arch = ArchitectureFeatures(
         vela_config_files=[str(Path(CONFIG_FILES_PATH) / VELA_CONFIG_FILE)],
@@ -49,6 +50,12 @@ def test_figures_are_velas(name):
         assert target.hardware.sram_bytes == arch.arena_cache_size
     if not arch.is_ethos_u85_system:
         assert target.hardware.vector_ops_per_cycle == arch.config.elem_units
+    hardware = target.hardware  # the memory model's figures (docs/perf.md, "NPU layers by blocks")
+    assert hardware.sram_burst_bytes == arch.memory_burst_length[MemArea.Sram]
+    assert hardware.dram_burst_bytes == arch.memory_burst_length[arch.axi1_port]
+    assert hardware.region_io_in_dram == (arch._mem_port_mapping(arch.arena_mem_area) == arch.axi1_port)
+    if hardware.dram_read_latency_cycles is not None:
+        assert hardware.dram_read_latency_cycles == arch.memory_latency[arch.axi1_port][BandwidthDirection.Read]
 
 
 def test_hosts():

@@ -1,0 +1,109 @@
+"""The Ethos-U estimator's memory model (edgeq/perf/npu_memory.py, docs/perf.md "NPU layers by blocks") by hand:
+where feature maps live, what a memory moves for them in whole bursts, the DRAM read rate, the busier memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from edgeq.perf.npu_memory import MemoryTraffic, burst_factor, dram_read_rate, layer_traffic
+from edgeq.targets import load_target
+
+U55, U65, U85 = (load_target(name).hardware for name in ("ethos-u55-128", "ethos-u65-256", "ethos-u85-256"))
+
+
+@dataclass
+class _Tensor:
+    shape: tuple[int, ...]
+    producer: str | None = None
+    consumers: list[str] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:  # int8
+        size = 1
+        for n in self.shape:
+            size *= n
+        return size
+
+
+@dataclass
+class _Op:
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+    weight_bytes: int
+    region: str = "region0_npu"
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class _Graph:
+    """What layer_traffic reads of a compiled graph: tensors (shape, bytes, producer, consumers) and ops' regions."""
+
+    def __init__(self, tensors: dict[str, _Tensor], ops: list[_Op]) -> None:
+        self.tensors = tensors
+        self.ops = {op.name: op for op in ops}
+        for op in ops:
+            op.bytes_in = sum(tensors[t].bytes for t in op.inputs)
+            op.bytes_out = sum(tensors[t].bytes for t in op.outputs)
+
+    def op(self, name: str) -> _Op:
+        return self.ops[name]
+
+
+def _stem() -> _Graph:
+    """resnet18's 7x7 stem at 224: a region's 3-channel input, 64 output channels cascaded into one reader."""
+    tensors = {"image": _Tensor((1, 3, 224, 224), None, ["conv"]), "x": _Tensor((1, 64, 112, 112), "conv", ["pool"])}
+    return _Graph(tensors, [_Op("conv", ["image"], ["x"], 9664), _Op("pool", ["x"], [], 0)])
+
+
+def test_burst_factor_counts_whole_bursts():
+    assert burst_factor(U65, 128, 3, U65.ifm_run_bytes) == 16  # 3 channels read as a run of 8 from 128-byte bursts
+    assert burst_factor(U65, 128, 64, U65.ifm_run_bytes) == 4  # a run of 32
+    assert burst_factor(U65, 128, 64, U65.ofm_run_bytes) == 8  # written in runs of 16
+    assert burst_factor(U65, 32, 64, U65.ifm_run_bytes) == 1  # the SRAM's 32-byte burst: full
+    assert burst_factor(U65, None, 3, None) == 1
+
+
+def test_dram_read_rate_is_the_port_or_the_reads_in_flight():
+    assert dram_read_rate(U65) == U65.dram_bandwidth_bytes_per_s == 3_750_000_000
+    assert dram_read_rate(U85) == pytest.approx(1638 / 500 * 1e9)  # below its 12 GB/s port
+
+
+def test_region_input_in_dram_under_a_dedicated_sram():
+    """The U65 reads the region's image from the DRAM (4 reads: 64 output channels / 16; 16 bytes moved a byte) and
+    writes the cascaded output to the SRAM (runs of 16 in 32-byte bursts); weights once from the DRAM."""
+    graph = _stem()
+    conv = graph.op("conv")
+    traffic = layer_traffic(graph, conv, U65, 4, frozenset({"image"}))
+    assert traffic == MemoryTraffic(sram_bytes=802_816 * 2, dram_bytes=150_528 * 4 * 16 + 9664, dram_read_bytes=150_528 * 4 * 16 + 9664, in_sram=False)
+    assert traffic.seconds(U65) == pytest.approx(max(802_816 * 2 / 16e9, (150_528 * 64 + 9664) / 3.75e9))
+    shared = layer_traffic(graph, conv, U55, 4, frozenset({"image"}))  # the U55's Shared_Sram: all in its SRAM
+    assert shared.in_sram and shared.dram_bytes == 9664 and shared.sram_bytes == 150_528 * 4 * 4 + 802_816 * 2
+
+
+def test_a_tensor_read_by_several_layers_stays_in_the_sram_only_if_held():
+    """A residual input (and sum) of 196 KiB does not fit three times in the U65's 384 KiB: the add reads it from
+    and writes its sum to the DRAM; ones of 98 KiB stay in the SRAM. The convolution's output, read by the add
+    alone, is cascaded: in the SRAM either way."""
+    for channels, in_sram in ((64, False), (128, True)):
+        side = 56 if channels == 64 else 28
+        tensors = {
+            "skip": _Tensor((1, channels, side, side), "before", ["conv", "add"]),
+            "y": _Tensor((1, channels, side, side), "conv", ["add"]),
+            "sum": _Tensor((1, channels, side, side), "add", ["next", "add2"]),
+        }
+        ops = [
+            _Op("before", [], ["skip"], 0),
+            _Op("conv", ["skip"], ["y"], 0),
+            _Op("add", ["skip", "y"], ["sum"], 0),
+            _Op("next", ["sum"], [], 0),
+            _Op("add2", ["sum"], [], 0),
+        ]
+        graph = _Graph(tensors, ops)
+        traffic = layer_traffic(graph, graph.op("add"), U65, 1, frozenset())
+        skip = tensors["skip"].bytes
+        assert (traffic.dram_bytes == 0) is in_sram
+        if not in_sram:  # read in runs of 32 and written in runs of 16 from 128-byte bursts; y in 32-byte ones
+            assert traffic.dram_bytes == skip * 4 + skip * 8 and traffic.sram_bytes == skip

@@ -23,7 +23,8 @@ from edgeq.targets import Hardware
 @dataclass(frozen=True)
 class MemoryTraffic:
     """Bytes an NPU layer moves through each memory, as the memory moves them (whole bursts): feature maps in the
-    SRAM, feature maps and weights in the DRAM; and whether its feature maps are in the SRAM."""
+    SRAM; feature maps and weights in the DRAM, and of those the ones it reads; and whether all its feature maps
+    are in the SRAM."""
 
     sram_bytes: float
     dram_bytes: float

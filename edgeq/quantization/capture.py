@@ -22,7 +22,7 @@ from torch import nn
 from torch.export import Dim, ExportedProgram
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from edgeq.errors import TraceError
+from edgeq.errors import TraceError, first_line
 from edgeq.quantization.from_export import rebuild_module_graph, visible_stubs
 from edgeq.quantization.graph import check_example_inputs, is_leaf_module, unshare_stateless_modules
 
@@ -77,7 +77,7 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.Grap
         exported, how = _export(model, example_inputs)
     except Exception as error:
         raise TraceError(
-            f"{fx_failure}; torch.export could not capture it either: {type(error).__name__}: {_first_line(error)} "
+            f"{fx_failure}; torch.export could not capture it either: {type(error).__name__}: {first_line(error)} "
             "(the chained exception has the rest). "
             "edgeq needs a static graph: move data-dependent control flow (if/for on tensor values) out of "
             "forward, or wrap it in a leaf module outside the QuantStub/DeQuantStub region"
@@ -110,7 +110,7 @@ def _export(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> tuple
                 return exported, Capture.EXPORT
             reason = "its code fixes the batch size"
         except Exception as error:  # some code is traceable at static sizes only; the static capture may still work
-            reason = f"capturing it at any batch size failed: {type(error).__name__}: {_first_line(error)}"
+            reason = f"capturing it at any batch size failed: {type(error).__name__}: {first_line(error)}"
         exported = torch.export.export(model, example_inputs, strict=False)
     logger.info(
         "%s: %s, so it is captured at the example's shapes: calibrate and train it at batch size %s",
@@ -137,8 +137,3 @@ def _batch_is_symbolic(exported: ExportedProgram) -> bool:
     user_inputs = set(exported.graph_signature.user_inputs)
     values = [n.meta.get("val") for n in exported.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
     return not any(is_concrete_int(v.shape[0]) for v in values if _has_batch(v))
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -31,7 +32,7 @@ from torch import nn
 from tvm import relax
 
 from edgeq.cli import main
-from edgeq.compile import compile_model, plan_build
+from edgeq.compile import CompileResult, compile_model, plan_build
 from edgeq.compile.codegen import fused_module
 from edgeq.compile.cpu_features import dot_product, host_target
 from edgeq.errors import CompileError, TargetError
@@ -39,6 +40,7 @@ from edgeq.export import to_onnx
 from edgeq.export.onnx_reader import load_onnx
 from edgeq.export.onnx_writer import build_onnx
 from edgeq.quantization import DeQuantStub, FakeQuantState, QuantStub, convert_fx, default_qat_qconfig, prepare_qat_fx, set_fake_quantize
+from edgeq.quantization.integer_model import IntegerModel
 from edgeq_runtime import Model
 
 
@@ -318,6 +320,11 @@ def test_table_activations_run_on_npus_that_have_tables(tmp_path):
         assert_artifact_exact(result.artifact, int_model, torch.randn(2, 1, 8, 8))
 
 
+def compiled_for(int_model: IntegerModel, example: torch.Tensor, target: str, tmp_path: Path) -> CompileResult:
+    """``int_model`` compiled for ``target`` into ``tmp_path``, an NPU target's regions as their simulation."""
+    return compile_model(int_model, (example,), target=target, out=tmp_path / f"{target}.edgeq", simulate=target != "x86_64")
+
+
 def test_elu_compiles_exactly_as_a_table(tmp_path):
     """ONNX ``Elu`` (TVM imports it as ``-alpha * relu(1 - exp(x)) + relu(x)``) lowers to a gather from the same
     table: on npu-m's NPU, on npu-s's host (its NPU has no tables) and on x86_64, equal to the integer model."""
@@ -325,8 +332,7 @@ def test_elu_compiles_exactly_as_a_table(tmp_path):
     example = torch.randn(2, 3, 8, 8)
     for target, placement in (("npu-m", "NPU"), ("npu-s", "CPU"), ("x86_64", "CPU")):
         int_model = integer_model(EluBlock().eval(), example, target)
-        simulate = target != "x86_64"
-        result = compile_model(int_model, (example,), target=target, out=tmp_path / f"{target}.edgeq", simulate=simulate)
+        result = compiled_for(int_model, example, target, tmp_path)
         tables = [n for n in result.report.nodes if n.record.op == "elu"]
         assert [n.record.attrs.alpha for n in tables] == [1.0, 0.5] and {n.placement.value for n in tables} == {placement}
         assert result.module.script().count("R.take(") == 2
@@ -342,8 +348,7 @@ def test_hardtanh_and_clamps_compile_exactly(tmp_path):
     example = torch.randn(2, 3, 8, 8)
     for target in ("x86_64", "npu-m", "npu-s"):
         int_model = integer_model(Clamps().eval(), example, target)
-        simulate = target != "x86_64"
-        result = compile_model(int_model, (example,), target=target, out=tmp_path / f"{target}.edgeq", simulate=simulate)
+        result = compiled_for(int_model, example, target, tmp_path)
         clamps = [n for n in result.report.nodes if n.record.op == "relu" and n.record.onnx_op in ("Clip", "Relu")]
         assert [n.record.onnx_op for n in clamps] == ["Clip"] * 5 + ["Relu"] * 2  # the fused clamp and ReLU6 at 0, 127
         assert {n.placement.value for n in clamps} == {"CPU" if target == "x86_64" else "NPU"}
@@ -358,8 +363,7 @@ def test_pads_compile_to_integer_pads_exactly(tmp_path):
     example = torch.randn(2, 4, 7, 7)
     for target in ("x86_64", "npu-m", "npu-s"):
         int_model = integer_model(Pads().eval(), example, target)
-        simulate = target != "x86_64"
-        result = compile_model(int_model, (example,), target=target, out=tmp_path / f"{target}.edgeq", simulate=simulate)
+        result = compiled_for(int_model, example, target, tmp_path)
         pads = [n for n in result.report.nodes if n.record.op == "pad"]
         assert len(pads) == 6 and {n.placement.value for n in pads} == {"CPU"}
         assert result.module.script().count('dtype="int8") = R.nn.pad(') == 6
@@ -373,7 +377,7 @@ def test_data_movement_compiles_exactly(tmp_path):
     example = torch.randn(2, 4, 8, 8)
     for target in ("x86_64", "npu-m", "npu-s"):
         int_model = integer_model(DataMovement().eval(), example, target)
-        result = compile_model(int_model, (example,), target=target, out=tmp_path / f"{target}.edgeq", simulate=target != "x86_64")
+        result = compiled_for(int_model, example, target, tmp_path)
         ops = [n.record.op for n in result.report.nodes]
         assert ops.count("split") == 2 and ops.count("concat") == 6 and ops.count("transpose") == 3
         assert_artifact_exact(result.artifact, int_model, torch.randn(2, 4, 8, 8))
@@ -391,8 +395,7 @@ def test_relu6_below_127_levels_compiles_exactly(tmp_path):
             parameter.mul_(30)  # conv outputs far beyond 6: the ReLU6 ceiling is a few levels
     for target in ("x86_64", "npu-m"):
         int_model = integer_model(model, example, target)
-        simulate = target != "x86_64"
-        result = compile_model(int_model, (example,), target=target, out=tmp_path / f"{target}.edgeq", simulate=simulate)
+        result = compiled_for(int_model, example, target, tmp_path)
         clamps = [n for n in result.report.nodes if n.record.op == "relu"]
         assert [(n.record.onnx_op, n.placement.value) for n in clamps] == [("Clip", "CPU" if target == "x86_64" else "NPU")]
         script = result.module.script()

@@ -1,10 +1,11 @@
 """The coverage table of issue 32: each model through edgeq's default flow, as a new user would run it.
 
-For each model (random init, no weights downloaded): ``prepare_qat_fx`` -> calibration on random batches of 2 ->
-``convert_fx`` -> ``to_onnx`` -> ``compile_model`` for x86_64 -> the artifact (Python runtime) against the integer
-model on one random input. Prints a markdown table: where the front end stopped (or ok), whether compile did, the
-equality (exact, or the largest difference in output steps and the share within the float fallback's bound of
-docs/numerics.md: 1 step), and how many ops fell back to float (prepare's FloatFallbackWarning, one per op).
+For each model (random init, no weights downloaded): ``calibrate`` (``prepare_qat_fx`` with the calibration qconfig,
+then observing random batches of 2) -> ``convert_fx`` -> ``to_onnx`` -> ``compile_model`` for x86_64 -> the artifact
+(Python runtime) against the integer model on one random input. Prints a markdown table: where the front end stopped
+(or ok), whether compile did, the equality (exact, or the largest difference in output steps and the share within
+the float fallback's bound of docs/numerics.md: 1 step), and how many ops fell back to float (prepare's
+FloatFallbackWarning, one per op).
 
 Usage: python scripts/coverage_table.py [--size 64] [--work DIR] [MODEL ...]   (default: every model below)
 """
@@ -24,7 +25,7 @@ from torch import nn
 
 from edgeq.compile import compile_model
 from edgeq.export import to_onnx
-from edgeq.quantization import DeQuantStub, QuantStub, convert_fx, prepare_qat_fx
+from edgeq.quantization import DeQuantStub, QuantStub, calibrate, convert_fx
 from edgeq.quantization.prepare import FloatFallbackWarning
 from edgeq_runtime import Model
 
@@ -106,16 +107,12 @@ def run(name: str, size: int, work: Path) -> Row:
     try:
         model = Quantized(MODELS[name]()).eval()
         example = torch.randn(1, 3, size, size)
-        stage = "prepare"
+        stage = "prepare and calibrate"
+        batches = (torch.randn(2, 3, size, size) for _ in range(CALIBRATION_BATCHES))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", FloatFallbackWarning)
-            prepared = prepare_qat_fx(model, example_inputs=(example,), target="x86_64")
+            prepared = calibrate(model, batches, example_inputs=(example,), target="x86_64")
         row.float_ops = str(sum(issubclass(w.category, FloatFallbackWarning) for w in caught))
-        stage = "calibrate"
-        prepared.eval()
-        with torch.no_grad():
-            for _ in range(CALIBRATION_BATCHES):
-                prepared(torch.randn(2, 3, size, size))
         stage = "convert"
         int_model = convert_fx(prepared)
         stage = "to_onnx"

@@ -27,7 +27,7 @@ from tvm import relax, s_tir, tirx
 from edgeq.compile import kernels
 from edgeq.compile.bindings import called_kernel, readers
 from edgeq.compile.cpu_features import DotProduct
-from edgeq.compile.schedules import classify
+from edgeq.compile.schedules import classify, root_blocks
 from edgeq.compile.schedules.generic import POOL_BLOCKS
 
 
@@ -60,7 +60,7 @@ def _layout_role(function: tirx.PrimFunc) -> str | None:
     sch = s_tir.Schedule(function)
     if classify(sch) in CONVOLUTION_SCHEDULES:
         return CONVOLUTION
-    names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    names = {sch.get(b).name_hint for b in root_blocks(sch)}
     return POOL if names.intersection(POOL_BLOCKS) else None
 
 

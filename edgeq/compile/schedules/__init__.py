@@ -21,6 +21,7 @@ from typing import Protocol
 
 import tvm
 from tvm import s_tir, tirx
+from tvm.s_tir import SBlockRealize
 
 from edgeq.compile import kernels
 from edgeq.compile.cpu_features import DotProduct
@@ -49,6 +50,23 @@ PARALLEL_ITERATIONS_OTHERS = 1 << 16
 
 Schedule = Callable[[s_tir.Schedule, DotProduct, bool, Choices], None]
 
+LOOPS = "loops"
+"""The schedule name of a kernel written as plain loops in one opaque block (TVM's extern kernels: the scan and
+sort its CPU dispatch writes for cumsum, topk, argsort), which no schedule primitive reads: it keeps TVM's form."""
+
+
+def root_blocks(sch: s_tir.Schedule) -> list[s_tir.schedule.SBlockRV]:
+    """The blocks inside the outermost block of the kernel in ``sch`` (``root`` for TE's kernels, the op's own
+    name for an extern kernel, which has none inside: :data:`LOOPS`)."""
+    body = sch.mod["main"].body
+    if not isinstance(body, SBlockRealize):
+        return []
+    return list(sch.get_child_blocks(sch.get_sblock(body.block.name_hint)))
+
+
+def _as_written(sch: s_tir.Schedule, dot: DotProduct, parallel: bool, choose: Choices) -> None:
+    """No schedule: the kernel's loops stay as TVM wrote them."""
+
 
 def _generic(sch: s_tir.Schedule, dot: DotProduct, parallel: bool, choose: Choices) -> None:
     generic.schedule_generic(sch, parallel)
@@ -62,6 +80,7 @@ SCHEDULES: dict[str, Schedule] = {
     "conv2d_generic": _generic,
     "pool": _generic,
     "elementwise": _generic,
+    LOOPS: _as_written,
 }
 """Schedule name -> schedule. The name is what :func:`kernel_schedules` reports."""
 
@@ -88,8 +107,10 @@ class KernelSchedule:
 
 
 def classify(sch: s_tir.Schedule) -> str:
-    """The schedule name for a fused kernel (unscheduled, in ``sch``), from its blocks."""
-    blocks = {sch.get(b).name_hint: sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    """The schedule name for a fused kernel (unscheduled, in ``sch``), from its blocks (:data:`LOOPS` without any)."""
+    blocks = {sch.get(b).name_hint: sch.get(b) for b in root_blocks(sch)}
+    if not blocks:
+        return LOOPS
     if kernels.CONV in blocks:
         spatial = [v for v in blocks[kernels.CONV].iter_vars if v.iter_type == v.CommReduce][1:3]
         return "conv2d_1x1" if all(int(v.dom.extent) == 1 for v in spatial) else "conv2d"
@@ -107,7 +128,7 @@ def iterations(sch: s_tir.Schedule) -> int:
     """The scalar iterations of a kernel's blocks (``sch``, unscheduled): the multiply-accumulates of a
     convolution, the elements of each step of an elementwise chain."""
     total = 0
-    for block in sch.get_child_blocks(sch.get_sblock("root")):
+    for block in root_blocks(sch):
         total += math.prod(int(var.dom.extent) for var in sch.get(block).iter_vars)
     return total
 

@@ -323,8 +323,8 @@ def _qoperator_model(node: onnx.NodeProto) -> onnx.ModelProto:
          "QGemm 'fc': alpha other than 1 is not supported"),
         (onnx.helper.make_node("QGemm", ["x", "s", "z", "w", "ws", "wz"], ["y"], "fc", domain="com.microsoft"),
          r"QGemm 'fc': a QGemm without an output scale \(float output\) is not supported"),
-        (onnx.helper.make_node("MatMulInteger", ["x", "w", "z", "wz"], ["y"], "mm"),
-         r"MatMulInteger 'mm': integer-only ops \(ConvInteger, MatMulInteger\) are not supported; quantize the model statically"),
+        (onnx.helper.make_node("MatMulInteger", ["x", "w", "z", "x"], ["y"], "mm"),
+         r"MatMulInteger 'mm': zero point 'x' is computed when the model runs \(dynamic quantization\) and has no fixed integer program"),
     ],
 )
 def test_qoperator_nodes_edgeq_cannot_rewrite_are_named(node, message):

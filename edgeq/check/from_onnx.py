@@ -19,6 +19,7 @@ from edgeq.export.float_onnx import FLOAT_FALLBACK_DOC
 from edgeq.export.onnx_nodes import QUANTIZE_NODES, attribute_text, node_attributes, node_name, resize_follows_sizes
 from edgeq.export.onnx_reader import QDQModel, QuantParams
 from edgeq.export.qdq_graph import QDQGraph
+from edgeq.export.qoperator import INTEGER_ONLY
 from edgeq.numerics import accumulator_bounds, resize_align_corners
 from edgeq.op_attrs import (
     BilinearResizeAttrs,
@@ -85,7 +86,7 @@ class _OnnxWalker(QDQGraph):
             input_shapes=[shape for shape in map(self.static_shape, activations) if shape is not None],
             output_shape=self.static_shape(self.op_output(node)),
             attrs=attrs,
-            float_only=not quantized or node.doc_string.startswith(FLOAT_FALLBACK_DOC),
+            float_only=(not quantized and node.op_type not in INTEGER_ONLY) or node.doc_string.startswith(FLOAT_FALLBACK_DOC),
             float_reason=node.doc_string.removeprefix(FLOAT_FALLBACK_DOC) or None,
             onnx_op=node.op_type,
         )

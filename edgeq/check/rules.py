@@ -113,9 +113,12 @@ def no_cpu_implementation(record: OpRecord, target: Target) -> Outcome | None:
 
 @functools.cache
 def _tvm_onnx_ops() -> frozenset[str]:
+    """The ONNX ops compile imports: TVM's frontend's, and those edgeq converts itself (ConvInteger)."""
     from tvm.relax.frontend.onnx import onnx_frontend  # imported only when a file holds an op edgeq does not know
 
-    return frozenset(onnx_frontend._get_convert_map())
+    from edgeq.compile.integer_only import CONVERTED
+
+    return frozenset(onnx_frontend._get_convert_map()) | CONVERTED
 
 
 # ---- rules for NPU targets ------------------------------------------------------------------------------------

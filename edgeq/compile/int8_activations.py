@@ -4,9 +4,10 @@ A uint8 activation ``q`` with zero point ``z`` stands for the same real numbers 
 with zero point ``z - 128``: ``(q - z) * s = ((q - 128) - (z - 128)) * s``, and QuantizeLinear's rounding and
 saturation commute with the shift (``[0, 255]`` becomes ``[-128, 127]``). So a region's ONNX graph is rewritten,
 exactly, before TVM imports it: every QuantizeLinear / DequantizeLinear of a uint8 activation gets the int8 zero
-point, a uint8 region input is shifted once on entry (``Cast``, ``Sub``, ``Cast``) and a uint8 region output
-once on exit. The compiled program keeps the file's uint8 inputs and outputs; in between, the integer lowering
-sees only int8 activations, with zero points. Constant (weight) tensors are left alone.
+point (so does a ``ConvInteger`` / ``MatMulInteger`` operand's), a uint8 region input is shifted once on entry
+(``Cast``, ``Sub``, ``Cast``) and a uint8 region output once on exit. The compiled program keeps the file's uint8
+inputs and outputs; in between, the integer lowering sees only int8 activations, with zero points. Constant
+(weight) tensors are left alone.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeq.export.qoperator import INTEGER_ONLY
 from edgeq.numerics import UINT8_SHIFT
 
 
@@ -51,6 +53,12 @@ def as_int8_activations(model: onnx.ModelProto) -> onnx.ModelProto:
             quantized = node.output[0] if node.op_type == "QuantizeLinear" else node.input[0]
             if quantized in activations:
                 node.input[2] = _int8_zero_point(graph, constants, node.input[2])
+        if node.op_type in INTEGER_ONLY:  # operands 0 and 1 at zero points 2 and 3: each shifted one's follows it
+            for operand, zero_point in ((0, 2), (1, 3)):
+                if node.input[operand] in activations:
+                    inputs = [*node.input, *[""] * (zero_point + 1 - len(node.input))]
+                    inputs[zero_point] = _int8_zero_point(graph, constants, inputs[zero_point] or _uint8_zero(graph, constants))
+                    node.input[:] = inputs
     entry = []
     for name in uint8_inputs:
         shifted = f"{name}__int8"
@@ -76,6 +84,15 @@ def as_int8_activations(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _uint8_zero_point(node: onnx.NodeProto, constants: dict[str, TensorProto]) -> bool:
     return len(node.input) > 2 and node.input[2] in constants and constants[node.input[2]].data_type == TensorProto.UINT8
+
+
+def _uint8_zero(graph: onnx.GraphProto, constants: dict[str, TensorProto]) -> str:
+    """The name of a uint8 zero initializer (added once): an absent zero point of a uint8 operand."""
+    name = "__edgeq_uint8_zero"
+    if name not in constants:
+        constants[name] = numpy_helper.from_array(np.array(0, np.uint8), name)
+        graph.initializer.append(constants[name])
+    return name
 
 
 def _int8_zero_point(graph: onnx.GraphProto, constants: dict[str, TensorProto], name: str) -> str:

@@ -31,6 +31,7 @@ from tvm import relax
 from tvm.ir import GlobalVar, IRModule
 from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter, Pad
 
+from edgeq.compile import integer_only
 from edgeq.compile.bindings import called_kernel
 from edgeq.errors import CompileError, first_line
 from edgeq.export.float_onnx import FLOAT_FALLBACK_DOC
@@ -55,7 +56,8 @@ class _RecordingImporter(ONNXGraphImporter):
     into a kernel of its own (``emit_te``: reflect padding, einsum...) adds it to ``context``, the module being
     compiled, so that its name is new there; a float fallback node's are kept in ``float_kernels``. A Pad of constant
     mode becomes ``relax.nn.pad``, whose widths and value the integer lowering reads (TVM's converter writes a
-    kernel with them inside, which no pattern can read)."""
+    kernel with them inside, which no pattern can read). A ``ConvInteger``, which TVM has no converter for, becomes
+    :func:`edgeq.compile.integer_only.convert`'s int32 convolution."""
 
     def __init__(self, context: IRModule | None) -> None:
         super().__init__(None, "float32", keep_params_in_input=False, sanitize=True)
@@ -72,7 +74,12 @@ class _RecordingImporter(ONNXGraphImporter):
             before = set(self.bb.get().get_global_vars())
             constant_pad = op_name == "Pad" and opset >= 11 and attrs.get("mode", b"constant") == b"constant"
             try:
-                result = self._pad(inputs) if constant_pad else convert(op_name, inputs, attrs, opset)
+                if op_name in integer_only.CONVERTED:
+                    result = integer_only.convert(self.bb, op_name, inputs, attrs, f"{op_name} '{node_name(node)}'")
+                else:
+                    result = self._pad(inputs) if constant_pad else convert(op_name, inputs, attrs, opset)
+            except CompileError:
+                raise
             except Exception as error:  # TVM raises many kinds; one line naming the node instead of its traceback
                 reason = first_line(error) or type(error).__name__
                 raise CompileError(
@@ -89,6 +96,12 @@ class _RecordingImporter(ONNXGraphImporter):
             super()._construct_nodes(graph)
         finally:
             del self._convert_operator
+
+    def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
+        """TVM's check, with the ops edgeq converts itself (:data:`integer_only.CONVERTED`) left out of it."""
+        kept = onnx.GraphProto()
+        kept.node.extend(node for node in graph.node if node.op_type not in integer_only.CONVERTED)
+        super()._check_for_unsupported_ops(kept)
 
     def _pad(self, inputs: list) -> relax.Expr:
         before, after, value = Pad._parse_pads_and_axes(inputs, [self._nodes, self._params])

@@ -9,8 +9,9 @@ data-movement ops (``MaxPool``, ``Flatten``, ...) on the integers directly. The 
 the compiled graph) sees one form. The rewrite is exact: both forms define the same integers.
 
 Dynamic quantization (``DynamicQuantizeLinear``: input scales computed at run time) has no fixed integer program
-and is refused with that reason. ``ConvInteger`` / ``MatMulInteger`` with constant zero points are one, but have no
-QDQ form edgeq compiles yet: they are refused by name.
+and is refused with that reason. ``ConvInteger`` / ``MatMulInteger`` with constant zero points (or none) are one,
+and have no QDQ form (QuantizeLinear writes no int32): they stay as they are, and compile runs them exactly in
+int32 on the CPU (:mod:`edgeq.compile.integer_only`); computed zero points are refused as dynamic.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class _Rewriter:
         self.quant: dict[str, _Quant] = {}
         self.nodes: list[onnx.NodeProto] = []
         self.dequantized_biases: set[str] = set()
+        self.constant_nodes = {n.output[0] for n in self.graph.node if n.op_type == "Constant"}
 
     def run(self) -> onnx.ModelProto:
         for node in self.source.graph.node:
@@ -118,11 +120,14 @@ class _Rewriter:
                 "statically (onnxruntime.quantization.quantize_static, QDQ or QOperator format) and compile that",
             )
         if node.op_type in INTEGER_ONLY:
-            raise self._error(
-                node,
-                "integer-only ops (ConvInteger, MatMulInteger) are not supported; quantize the model statically "
-                "(onnxruntime.quantization.quantize_static, QDQ or QOperator format) and compile that",
-            )
+            for name in filter(None, node.input[2:4]):
+                if name not in self.constants and name not in self.constant_nodes:
+                    raise self._error(
+                        node,
+                        f"zero point '{name}' is computed when the model runs (dynamic quantization) and has no fixed "
+                        "integer program; quantize the model statically (onnxruntime.quantization.quantize_static) "
+                        "or give the op constant zero points",
+                    )
         if node.op_type == "QuantizeLinear":
             self.quant[node.output[0]] = _Quant(node.input[1], node.input[2] if len(node.input) > 2 else "")
         if node.op_type in FORMS:

@@ -134,23 +134,33 @@ def test_a_computed_zero_point_is_refused_as_dynamic_in_one_line(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def edgeq_run() -> Path:
-    """The C++ runtime for x86_64, built (incrementally)."""
-    subprocess.run([str(REPO / "scripts" / "build_runtime.sh"), "x86_64"], check=True, capture_output=True)
-    return REPO / "runtime" / "cpp" / "build" / "x86_64" / "edgeq-run"
+def edgeq_run() -> dict[str, list[str]]:
+    """The C++ runtime for x86_64 and for aarch64 (run under qemu), built (incrementally): each one's command."""
+    subprocess.run([str(REPO / "scripts" / "build_runtime.sh"), "x86_64", "aarch64"], check=True, capture_output=True)
+    build = REPO / "runtime" / "cpp" / "build"
+    return {"x86_64": [str(build / "x86_64" / "edgeq-run")], "aarch64": [*QEMU, str(build / "aarch64" / "edgeq-run")]}
+
+
+QEMU = ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]
 
 
 @pytest.mark.flow
-def test_the_cpp_runtime_equals_the_python_runtime(compiled, edgeq_run, tmp_path):
-    """Slow (builds the C++ runtime): edgeq-run reads and writes the file's dtypes."""
-    _, artifact, inputs = compiled
+@pytest.mark.parametrize("target", ["x86_64", "aarch64"])
+def test_the_cpp_runtime_equals_the_python_runtime(compiled, edgeq_run, target, tmp_path):
+    """Slow (builds the C++ runtime): edgeq-run reads and writes the file's dtypes; the program built for aarch64,
+    run under qemu, gives the same numbers."""
+    model, artifact, inputs = compiled
+    run = artifact
+    if target != "x86_64":
+        onnx.save(model, str(tmp_path / "m.onnx"))
+        run = compile_model(tmp_path / "m.onnx", target=target, out=tmp_path / f"{target}.edgeq", progress=lambda _: None).artifact
     with Model.load(artifact) as loaded:
         output = loaded.outputs[0]
         for index, x in enumerate(inputs):
             np.save(tmp_path / f"x{index}.npy", x)
             folder = tmp_path / f"out{index}"
-            done = subprocess.run([str(edgeq_run), str(artifact), "--input", str(tmp_path / f"x{index}.npy"), "--output-dir", str(folder)],
-                                  capture_output=True, text=True, check=False, timeout=120)
+            command = [*edgeq_run[target], str(run), "--input", str(tmp_path / f"x{index}.npy"), "--output-dir", str(folder)]
+            done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
             assert done.returncode == 0, done.stderr
             ours, expected = np.load(folder / f"{output.name}.npy"), loaded.run({"x": x})[output.name]
             assert ours.dtype == expected.dtype

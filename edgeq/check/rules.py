@@ -116,9 +116,9 @@ def _tvm_onnx_ops() -> frozenset[str]:
     """The ONNX ops compile imports: TVM's frontend's, and those edgeq converts itself (ConvInteger)."""
     from tvm.relax.frontend.onnx import onnx_frontend  # imported only when a file holds an op edgeq does not know
 
-    from edgeq.compile.integer_only import CONVERTED
+    from edgeq.compile.integer_only import CONVERTERS
 
-    return frozenset(onnx_frontend._get_convert_map()) | CONVERTED
+    return frozenset(onnx_frontend._get_convert_map()) | frozenset(CONVERTERS)
 
 
 # ---- rules for NPU targets ------------------------------------------------------------------------------------

@@ -1,15 +1,16 @@
-"""ONNX's integer-only ops in Relax: ``ConvInteger`` (TVM's ONNX frontend has no converter for it; its
-``MatMulInteger`` converter computes the same way).
+"""ONNX's integer-only ops in Relax: ``ConvInteger``, which TVM's ONNX frontend has no converter for (its
+``MatMulInteger`` converter computes as below).
 
 ``ConvInteger(x, w, x_zero_point, w_zero_point)`` is ``Σ (x - z_x)(w - z_w)`` in int32, the input padded with
-its zero point (so padding adds 0, as ONNX Runtime computes it): both operands widened to int32 less their zero
+its zero point (padding adds 0, as ONNX Runtime computes it): both operands widened to int32 less their zero
 points (``w``'s per output channel, or one), then an int32 convolution. Exact, like ONNX Runtime's: the products
 of two 8-bit values less their zero points and their sums are integers int32 holds (the ONNX specification's
-bound). The ops run on the CPU (no NPU computes int32 outputs; :func:`edgeq.check.rules.integer_only`).
+bound). The ops run on the CPU (check: they are not among any NPU's ops).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tvm import relax
@@ -17,15 +18,10 @@ from tvm.relax import op as R
 
 from edgeq.errors import CompileError
 
-CONVERTED = frozenset({"ConvInteger"})
-"""The ONNX ops edgeq converts itself (:func:`convert`), besides TVM's frontend's own."""
 
-
-def convert(
-    builder: relax.BlockBuilder, op_type: str, inputs: list[relax.Expr | None], attributes: dict[str, Any], what: str
-) -> relax.Expr:
-    """The Relax expression of an op of :data:`CONVERTED`, normalized by ``builder`` (``what`` names the node in
-    errors).
+def conv_integer(builder: relax.BlockBuilder, inputs: list[relax.Expr | None], attributes: dict[str, Any], what: str) -> relax.Expr:
+    """The Relax expression of a ``ConvInteger`` node (its inputs and attributes as TVM's importer gives them),
+    normalized by ``builder``; ``what`` names the node in errors.
 
     Raises:
         CompileError: a form edgeq does not compile (not 2-D, ``auto_pad``), one line naming the node.
@@ -47,6 +43,12 @@ def convert(
         groups=int(attributes.get("group", 1)),
         out_dtype="int32",
     ))
+
+
+Converter = Callable[[relax.BlockBuilder, list, dict[str, Any], str], relax.Expr]
+
+CONVERTERS: dict[str, Converter] = {"ConvInteger": conv_integer}
+"""The ONNX ops edgeq converts itself, besides TVM's frontend's own, and how."""
 
 
 def _less_zero_point(value: relax.Expr, zero_point: relax.Expr | None, per_channel_shape: list[int] | None) -> relax.Expr:

@@ -57,7 +57,7 @@ class _RecordingImporter(ONNXGraphImporter):
     compiled, so that its name is new there; a float fallback node's are kept in ``float_kernels``. A Pad of constant
     mode becomes ``relax.nn.pad``, whose widths and value the integer lowering reads (TVM's converter writes a
     kernel with them inside, which no pattern can read). A ``ConvInteger``, which TVM has no converter for, becomes
-    :func:`edgeq.compile.integer_only.convert`'s int32 convolution."""
+    :func:`edgeq.compile.integer_only.conv_integer`'s int32 convolution."""
 
     def __init__(self, context: IRModule | None) -> None:
         super().__init__(None, "float32", keep_params_in_input=False, sanitize=True)
@@ -74,8 +74,8 @@ class _RecordingImporter(ONNXGraphImporter):
             before = set(self.bb.get().get_global_vars())
             constant_pad = op_name == "Pad" and opset >= 11 and attrs.get("mode", b"constant") == b"constant"
             try:
-                if op_name in integer_only.CONVERTED:
-                    result = integer_only.convert(self.bb, op_name, inputs, attrs, f"{op_name} '{node_name(node)}'")
+                if op_name in integer_only.CONVERTERS:
+                    result = integer_only.CONVERTERS[op_name](self.bb, inputs, attrs, f"{op_name} '{node_name(node)}'")
                 else:
                     result = self._pad(inputs) if constant_pad else convert(op_name, inputs, attrs, opset)
             except CompileError:
@@ -98,9 +98,9 @@ class _RecordingImporter(ONNXGraphImporter):
             del self._convert_operator
 
     def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
-        """TVM's check, with the ops edgeq converts itself (:data:`integer_only.CONVERTED`) left out of it."""
+        """TVM's check, with the ops edgeq converts itself (:data:`integer_only.CONVERTERS`) left out of it."""
         kept = onnx.GraphProto()
-        kept.node.extend(node for node in graph.node if node.op_type not in integer_only.CONVERTED)
+        kept.node.extend(node for node in graph.node if node.op_type not in integer_only.CONVERTERS)
         super()._check_for_unsupported_ops(kept)
 
     def _pad(self, inputs: list) -> relax.Expr:

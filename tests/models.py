@@ -242,6 +242,37 @@ class Pads(nn.Module):
         return self.dequant(F.pad(F.pad(x, (2, 1)), (0, 0, 0, 0, 1, 2)))
 
 
+class BatchNorms1d(nn.Module):
+    """BatchNorm1d everywhere it can stand, on an (N, 4, 6) input: alone on (N, C, L) after the QuantStub, after a
+    linear layer of a 3-D input (over L, so alone too), folded into a linear layer of a 2-D output with the ReLU after
+    it, alone on (N, C) after that ReLU, and as ``F.batch_norm`` folded into the last linear layer (timm's
+    BatchNormAct1d); gammas and betas drawn at random. ``halves_listed``: as in :class:`Pads` (torch.export)."""
+
+    def __init__(self, halves_listed: bool = False) -> None:
+        super().__init__()
+        self.halves_listed = halves_listed
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.norm_sequence = nn.BatchNorm1d(4)
+        self.mix = nn.Linear(6, 8)
+        self.norm_mixed = nn.BatchNorm1d(4)
+        self.fc1, self.norm_fc1 = nn.Linear(32, 12), nn.BatchNorm1d(12)
+        self.norm_alone = nn.BatchNorm1d(12)
+        self.fc2, self.norm_fc2 = nn.Linear(12, 10), nn.BatchNorm1d(10)
+        with torch.no_grad():
+            for norm in (self.norm_sequence, self.norm_mixed, self.norm_fc1, self.norm_alone, self.norm_fc2):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quant(x)
+        if self.halves_listed:
+            x = torch.cat(list(x.chunk(2, 1)), 1)
+        x = self.norm_mixed(self.mix(self.norm_sequence(x)))
+        x = self.norm_alone(F.relu(self.norm_fc1(self.fc1(x.flatten(1)))))
+        norm = self.norm_fc2
+        return self.dequant(F.batch_norm(self.fc2(x), norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.1, norm.eps))
+
+
 class DataMovement(nn.Module):
     """Data movement of vision transformers and their kin, on 8x8 maps of 8 channels: Swin's window partition and
     its reverse (reshape / permute over six axes), its shifted windows (``torch.roll``), ``unbind``, ``narrow``,

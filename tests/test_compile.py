@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import tvm
 from models import (
+    BatchNorms1d,
     BilinearResizes,
     Clamps,
     DataMovement,
@@ -368,6 +369,22 @@ def test_pads_compile_to_integer_pads_exactly(tmp_path):
         assert len(pads) == 6 and {n.placement.value for n in pads} == {"CPU"}
         assert result.module.script().count('dtype="int8") = R.nn.pad(') == 6
         assert_artifact_exact(result.artifact, int_model, torch.randn(2, 4, 7, 7))
+
+
+def test_batchnorm1d_compiles_exactly(tmp_path):
+    """tests/models.py's BatchNorms1d: the BatchNorm1d folded into linear layers are ONNX ``Gemm``s, the three
+    alone depthwise 1x1 ``Conv``s between ``Reshape``s (on the NPU of npu-m and npu-s), equal to the integer model."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 4, 6)
+    model = with_batchnorm_statistics(BatchNorms1d(), (8, 4, 6))
+    for target in ("x86_64", "npu-m", "npu-s"):
+        int_model = integer_model(model, example, target)
+        result = compiled_for(int_model, example, target, tmp_path)
+        ops = [n.record.op for n in result.report.nodes]
+        assert ops.count("linear") == 3 and ops.count("conv2d") == 3 and ops.count("reshape") == 7
+        if target != "x86_64":
+            assert {n.placement.value for n in result.report.nodes} == {"NPU"}
+        assert_artifact_exact(result.artifact, int_model, torch.randn(2, 4, 6))
 
 
 def test_data_movement_compiles_exactly(tmp_path):

@@ -15,6 +15,7 @@ from models import (
     HEADS,
     TOKENS,
     AttentionBlock,
+    BatchNorms1d,
     BilinearResizes,
     Clamps,
     DataMovement,
@@ -519,6 +520,46 @@ def test_batchnorm_anywhere_is_a_per_channel_affine_or_folded(target):
     torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("halves_listed", [False, True])  # torch.fx, torch.export
+@pytest.mark.parametrize("target", ["x86_64", "npu-s"])
+def test_batchnorm1d_folds_into_linear_or_is_a_per_channel_affine(target, halves_listed):
+    """tests/models.py's BatchNorms1d: the two BatchNorm1d after a linear layer of 2-D output (one an ``F.batch_norm``)
+    fold into it, the three others (on (N, C, L), after a linear layer of a 3-D input, after a ReLU) are depthwise
+    1x1 convs of their input viewed as NCHW; nothing stays float, the calibrating model is the float model and the
+    integer model the reference."""
+    torch.manual_seed(0)
+    model = with_batchnorm_statistics(BatchNorms1d(halves_listed), (8, 4, 6))
+    example = torch.randn(2, 4, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FloatFallbackWarning)
+        int_model = integer_model(model, example, target)
+        prepared = prepare_qat_fx(model, example_inputs=(example,), target=target).eval()
+    integer_ops = list(int_model.graph_module.modules())
+    affine = [m for m in integer_ops if isinstance(m, ops.IntConv2d) and m.weight.shape[1:] == (1, 1, 1) and m.groups > 1]
+    assert [m.groups for m in affine] == [4, 4, 12]
+    assert sum(isinstance(m, ops.IntLinear) for m in integer_ops) == 3
+    assert isinstance(prepared.get_submodule("fc1").bn, nn.BatchNorm1d) and prepared.get_submodule("fc1").activation.value == "relu"
+    set_fake_quantize(prepared, FakeQuantState.CALIBRATION)
+    x = torch.randn(5, 4, 6)
+    torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-5)
+    assert_matches_reference(int_model, torch.randn(3, 4, 6))
+
+
+def test_batchnorm1d_trains_its_statistics_through_the_fold():
+    """In QAT, a BatchNorm1d folded into a linear layer or alone updates the model's own running statistics (the
+    prepared op shares them) from the batch, as the float BatchNorm1d does."""
+    torch.manual_seed(0)
+    model = BatchNorms1d().eval()
+    prepared = prepare_qat_fx(model, example_inputs=(torch.randn(2, 4, 6),), target="npu-m").train()
+    set_fake_quantize(prepared, FakeQuantState.CALIBRATION)
+    x = torch.randn(16, 4, 6)
+    prepared(x)
+    model.train()(x)
+    for op, norm in (("norm_sequence", model.norm_sequence), ("fc1", model.norm_fc1), ("norm_alone", model.norm_alone)):
+        torch.testing.assert_close(prepared.get_submodule(op).bn.running_mean, norm.running_mean)
+        torch.testing.assert_close(prepared.get_submodule(op).bn.running_var, norm.running_var)
+
+
 @pytest.mark.parametrize("out_size", [(7, 3), (3, 5)])
 def test_adaptive_avg_pool_with_uneven_windows(out_size):
     torch.manual_seed(0)
@@ -683,6 +724,18 @@ def test_example_inputs_must_be_a_tuple():
         prepare_qat_fx(SmallCNN(), example_inputs=digits_like(), target="npu-m")
 
 
+class Normalized5d(nn.Module):
+    """``F.batch_norm`` of a 5-D tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm3d(3).eval()
+
+    def forward(self, x):
+        norm = self.norm
+        return F.batch_norm(x.unsqueeze(2), norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.1, norm.eps)
+
+
 class PadWith(nn.Module):
     """``F.pad`` of the given settings."""
 
@@ -705,6 +758,8 @@ class PadWith(nn.Module):
         (nn.ConstantPad2d(1, 0.5), r"ConstantPad2d 'body': padding with 0.5 \(allowed: zeros\)"),
         (PadWith((1, 1, 1, 1), mode="replicate"), r"pad 'pad' \(in body\): padding mode 'replicate'"),
         (PadWith(pad=(-1, 0)), r"negative padding \[-1, 0\] \(a crop: slice instead\)"),
+        (nn.Sequential(nn.Flatten(2), nn.BatchNorm1d(3, track_running_stats=False)), "BatchNorm1d without running statistics"),
+        (Normalized5d(), r"batch_norm 'batch_norm' \(in body\): BatchNorm of a 5-D tensor"),
     ],
 )
 def test_unsupported_settings(body, message):

@@ -22,6 +22,7 @@ from torch import nn
 from edgeq.errors import QuantizationError
 from edgeq.numerics import RELU6_CEILING
 from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable, gated_op
+from edgeq.quantization.batch_norms import batchnorm_as
 from edgeq.quantization.fake_quantize import ActivationFakeQuantize
 from edgeq.quantization.fusion import Fusion
 from edgeq.quantization.graph import VALUE_KEY, TensorInfo, describe_node, getattr_path, makes_one_tensor, tensor_info
@@ -59,10 +60,6 @@ driver writes its ``DequantizeOutput``)."""
 MOVEMENT_OPS: tuple[Op, ...] = tuple(op for op in Op if op.info.movement)
 """The ops that only move values."""
 
-_BATCH_NORM_TENSORS = ("running_mean", "running_var", "weight", "bias")
-"""``F.batch_norm``'s tensor arguments after the input, in order."""
-
-
 def _pre_fusion(*ops: PreFusionOp) -> Callable[[Emitter], Emitter]:
     def register(emitter: Emitter) -> Emitter:
         PRE_FUSION_EMITTERS.update(dict.fromkeys(ops, emitter))
@@ -94,7 +91,7 @@ def _emit_conv2d(rewriter: Rewriter, node: fx.Node) -> fx.Node:
     if conv.padding_mode != "zeros":
         raise rewriter.unsupported(node, f"padding_mode '{conv.padding_mode}' (allowed: 'zeros')")
     conv.padding = _explicit_padding(conv, lambda reason: rewriter.unsupported(node, reason))
-    batchnorm = _batchnorm(rewriter, fusion.batchnorm) if fusion.batchnorm is not None else None
+    batchnorm = batchnorm_as(rewriter, fusion.batchnorm, nn.BatchNorm2d) if fusion.batchnorm is not None else None
     path = _weighted_path(rewriter, node, "conv2d")
     quantizer = _weighted_output_quantizer(rewriter, node, path, fusion)
     module = ConvAct2d(conv, batchnorm, fusion.activation, rewriter.scale_rule, quantizer)
@@ -105,9 +102,10 @@ def _emit_conv2d(rewriter: Rewriter, node: fx.Node) -> fx.Node:
 def _emit_linear(rewriter: Rewriter, node: fx.Node) -> fx.Node:
     linear = rewriter.modules[node.target] if node.op == "call_module" else _functional_linear(rewriter, node)
     fusion = rewriter.fusions[node]
+    batchnorm = batchnorm_as(rewriter, fusion.batchnorm, nn.BatchNorm1d) if fusion.batchnorm is not None else None
     path = _weighted_path(rewriter, node, "linear")
     quantizer = _weighted_output_quantizer(rewriter, node, path, fusion)
-    module = LinearAct(linear, fusion.activation, rewriter.scale_rule, quantizer)
+    module = LinearAct(linear, batchnorm, fusion.activation, rewriter.scale_rule, quantizer)
     return rewriter.call(path, module, (argument(node, 0, "input"),), fusion.last)
 
 
@@ -171,46 +169,32 @@ def _weighted_output_quantizer(rewriter: Rewriter, node: fx.Node, path: str, fus
     return None
 
 
-def _batchnorm(rewriter: Rewriter, node: fx.Node) -> nn.BatchNorm2d:
-    """The BatchNorm2d of a module call, or one sharing the parameters of an ``F.batch_norm`` call."""
-    if node.op == "call_module":
-        batchnorm = rewriter.modules[node.target]
-    else:
-        tensors = [argument(node, i, name) for i, name in enumerate(_BATCH_NORM_TENSORS, start=1)]
-        running_mean, running_var, weight, bias = (
-            getattr_path(rewriter.traced, n.target) if isinstance(n, fx.Node) and n.op == "get_attr" else n
-            for n in tensors
-        )
-        if running_mean is None or running_var is None:
-            raise rewriter.unsupported(node, "F.batch_norm without running statistics cannot be folded")
-        batchnorm = nn.BatchNorm2d(
-            running_mean.numel(),
-            eps=argument(node, 7, "eps", 1e-5),
-            momentum=argument(node, 6, "momentum", 0.1),
-            affine=weight is not None,
-        )
-        batchnorm.running_mean, batchnorm.running_var = running_mean, running_var
-        if weight is not None:
-            batchnorm.weight, batchnorm.bias = weight, bias
-    if batchnorm.running_var is None:
-        raise rewriter.unsupported(node, "BatchNorm2d without running statistics cannot be folded")
-    return batchnorm
-
-
-@_pre_fusion(PreFusionOp.BATCH_NORM2D)
-def _emit_batchnorm2d(rewriter: Rewriter, node: fx.Node) -> fx.Node:
-    """A BatchNorm2d with no conv before it: a per-channel affine, i.e. a depthwise 1x1 conv of unit weights
-    with the BatchNorm folded in (docs/numerics.md "BatchNorm")."""
+@_pre_fusion(PreFusionOp.BATCH_NORM)
+def _emit_batchnorm(rewriter: Rewriter, node: fx.Node) -> fx.Node:
+    """A BatchNorm with no conv or linear layer to fold into: a per-channel affine, i.e. a depthwise 1x1 conv of
+    unit weights with the BatchNorm folded in (docs/numerics.md "BatchNorm"); a BatchNorm1d's (N, C) or (N, C, L)
+    input is viewed as (N, C, 1, 1) or (N, C, L, 1) for it, and its output viewed back."""
     fusion = rewriter.fusions[node]
-    batchnorm = _batchnorm(rewriter, node)
-    channels = batchnorm.running_var.numel()
+    info = tensor_info(node.args[0])
+    if len(info.shape) not in (2, 3, 4):
+        raise rewriter.unsupported(node, f"BatchNorm of a {len(info.shape)}-D tensor (allowed: (N, C), (N, C, L), (N, C, H, W))")
+    batchnorm = batchnorm_as(rewriter, node, nn.BatchNorm2d)
+    channels = info.shape[1]
     identity = nn.Conv2d(channels, channels, 1, groups=channels, bias=False)
     identity.weight.requires_grad_(False)
     nn.init.ones_(identity.weight)
     path = rewriter.functional_path(node, "batch_norm")
-    quantizer = rewriter.quantizer(node, path)
-    module = ConvAct2d(identity, batchnorm, fusion.activation, rewriter.scale_rule, quantizer)
-    return rewriter.call(path, module, (node.args[0],), fusion.last)
+    module = ConvAct2d(identity, batchnorm, fusion.activation, rewriter.scale_rule, rewriter.quantizer(node, path))
+    if len(info.shape) == 4:
+        return rewriter.call(path, module, (node.args[0],), fusion.last)
+    nchw = TensorInfo((*info.shape, 1, 1)[:4], info.dtype)
+    viewed = rewriter.graph.call_method("reshape", (rewriter.floats.integer_value(node.args[0]), -1, *nchw.shape[1:]))
+    viewed.meta[VALUE_KEY] = nchw
+    conv = rewriter.call(path, module, (), fusion.last)
+    conv.args, conv.meta[VALUE_KEY] = (viewed,), nchw
+    output = rewriter.graph.call_method("reshape", (conv, -1, *info.shape[1:]))
+    output.meta = dict(fusion.last.meta)
+    return output
 
 
 @CANONICAL_EMITTERS.register(Op.ADD)

@@ -37,8 +37,10 @@ class PreFusionOp(Enum):
     """Becomes the region's ``QuantizeInput``."""
     DEQUANT_STUB = "dequant_stub"
     """Becomes the region's ``DequantizeOutput``."""
-    BATCH_NORM2D = "batch_norm2d"
-    """Folded into the conv before it, or a conv2d of its own (a depthwise 1x1 conv of unit weights)."""
+    BATCH_NORM = "batch_norm"
+    """BatchNorm2d or BatchNorm1d: folded into the conv before it, or into the linear layer before it whose output
+    is 2-D (N, C); else a conv2d of its own (a depthwise 1x1 conv of unit weights), a BatchNorm1d's (N, C) or
+    (N, C, L) input viewed as (N, C, 1, 1) or (N, C, L, 1) around it."""
     RELU6 = "relu6"
     """Fused into the conv, linear or add before it, or a relu of its own (a clamp to [0, 6])."""
     HARDTANH = "hardtanh"
@@ -56,8 +58,9 @@ SourceOp = Op | PreFusionOp
 _MODULE_OPS: dict[type[nn.Module], SourceOp] = {
     nn.Conv2d: Op.CONV2D,
     nn.Linear: Op.LINEAR,
-    nn.BatchNorm2d: PreFusionOp.BATCH_NORM2D,
-    nn.SyncBatchNorm: PreFusionOp.BATCH_NORM2D,  # what torch's convert_sync_batchnorm makes of a BatchNorm2d
+    nn.BatchNorm1d: PreFusionOp.BATCH_NORM,
+    nn.BatchNorm2d: PreFusionOp.BATCH_NORM,
+    nn.SyncBatchNorm: PreFusionOp.BATCH_NORM,  # what torch's convert_sync_batchnorm makes of a BatchNorm1d / 2d
     nn.ReLU: Op.RELU,
     nn.ReLU6: PreFusionOp.RELU6,
     nn.Hardtanh: PreFusionOp.HARDTANH,
@@ -103,7 +106,7 @@ _FUNCTION_OPS: dict[Any, SourceOp] = {
     F.max_pool2d: Op.MAX_POOL2D,
     F.avg_pool2d: Op.AVG_POOL2D,
     F.adaptive_avg_pool2d: Op.AVG_POOL2D,
-    F.batch_norm: PreFusionOp.BATCH_NORM2D,
+    F.batch_norm: PreFusionOp.BATCH_NORM,
     torch.mean: Op.GLOBAL_AVG_POOL2D,
     F.interpolate: Op.UPSAMPLE_NEAREST2D,
     torch.sigmoid: Op.SIGMOID,
@@ -173,8 +176,8 @@ _METHOD_OPS: dict[str, SourceOp] = {
 }
 
 SUPPORTED_OPS = (
-    "Conv2d / F.conv2d (+BatchNorm2d, +ReLU/ReLU6), BatchNorm2d / F.batch_norm anywhere (+ReLU/ReLU6), "
-    "Linear / F.linear (+ReLU/ReLU6), add (+ReLU/ReLU6), cat, ReLU, ReLU6, "
+    "Conv2d / F.conv2d (+BatchNorm2d, +ReLU/ReLU6), BatchNorm2d / BatchNorm1d / F.batch_norm anywhere (+ReLU/ReLU6), "
+    "Linear / F.linear (+BatchNorm1d on a 2-D output, +ReLU/ReLU6), add (+ReLU/ReLU6), cat, ReLU, ReLU6, "
     "Hardtanh / clamp / clip of constant bounds, "
     "max_pool2d, avg_pool2d, adaptive_avg_pool2d, mean over H and W, nearest upsample by integer factors, "
     "bilinear resize (F.interpolate, nn.Upsample, nn.UpsamplingBilinear2d; align_corners either way; no antialias), "

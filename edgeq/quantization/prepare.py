@@ -49,7 +49,7 @@ ROUNDING_ATTRIBUTE = "edgeq_rounding"
 """Attribute of a prepared model: its target's :class:`~edgeq.targets.Rounding`, which ``convert_fx`` gives the
 integer model."""
 
-_SINGLE_CALL_OPS = {PreFusionOp.QUANT_STUB, Op.CONV2D, Op.LINEAR, PreFusionOp.BATCH_NORM2D}
+_SINGLE_CALL_OPS = {PreFusionOp.QUANT_STUB, Op.CONV2D, Op.LINEAR, PreFusionOp.BATCH_NORM}
 """The modules whose canonical op takes their place and weights (or, a QuantStub, its fixed scale), so that each
 call of one needs a module of its own. Further calls of any other module (an activation called twice) are ops of
 their own at ``<path>_1``..."""

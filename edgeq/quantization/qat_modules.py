@@ -8,6 +8,7 @@ scale (max pool, ReLU, reshapes) have none. ``convert_fx`` turns each module int
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from enum import Enum
 
@@ -99,17 +100,24 @@ class DequantizeOutput(nn.Module):
         return value
 
 
-class _WeightedLayer(Requantizing, FakeQuantStateful):
-    """Shared parts of conv and linear: weight fake quantization and the output quantizer.
+class _WeightedLayer(Requantizing, FakeQuantStateful, ABC):
+    """Shared parts of conv and linear: weight fake quantization, the BatchNorm folded in, the output quantizer.
 
     ``output_quantizer`` is ``None`` for an int32 output (``output_dtype == "int32"``): the accumulator leaves
     the layer unrounded, at scale ``s_in * s_w[c]``.
+
+    With BatchNorm (over the output channels: a conv's axis 1, a 2-D linear output's features), training follows
+    torch.ao's approach: the weight is scaled by ``gamma / running_std`` before fake quantization (so it is
+    quantized as it will be folded), scaled back (torch.ao scales the layer's output back; the same per channel),
+    and the real BatchNorm runs on the layer's output, keeping batch statistics and running estimates correct. In
+    eval mode this equals the folded layer.
     """
 
     def __init__(
         self,
         weight: nn.Parameter,
         bias: nn.Parameter | None,
+        bn: nn.modules.batchnorm._BatchNorm | None,
         activation: Activation,
         scale_rule: ScaleRule,
         output_quantizer: ActivationFakeQuantize | None,
@@ -117,48 +125,19 @@ class _WeightedLayer(Requantizing, FakeQuantStateful):
         super().__init__()
         self.weight = weight
         self.bias = bias
+        self.bn = bn
         self.activation = activation
         self.scale_rule = scale_rule
         self.output_quantizer = output_quantizer
         self.output_dtype = "int32" if output_quantizer is None else "int8"
 
-    def _fake_quantized(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self.fake_quant_state.fake_quantizes:
-            return weight
-        return fake_quantize_weight(weight, weight_scales(weight, self.scale_rule))
+    @abstractmethod
+    def _layer(self, value: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The conv or linear product of ``value`` with ``weight`` (and ``bias``)."""
 
-    def _finish(self, value: torch.Tensor) -> torch.Tensor:
-        return self._quantize_output(self.activation(value))
-
-
-@CANONICAL.register(Op.CONV2D)
-class ConvAct2d(_WeightedLayer):
-    """Conv2d with an optional BatchNorm2d folded in and an optional ReLU/ReLU6, then int8 requantization.
-
-    With BatchNorm, training follows torch.ao's approach: the weight is scaled by ``gamma / running_std`` before
-    fake quantization (so it is quantized as it will be folded), scaled back (torch.ao scales the conv output
-    back; the same per channel), and the real BatchNorm runs on the conv's output, keeping batch statistics and
-    running estimates correct. In eval mode this equals the folded conv.
-    """
-
-    def __init__(
-        self,
-        conv: nn.Conv2d,
-        bn: nn.BatchNorm2d | None,
-        activation: Activation,
-        scale_rule: ScaleRule,
-        output_quantizer: ActivationFakeQuantize | None,
-    ) -> None:
-        super().__init__(conv.weight, conv.bias, activation, scale_rule, output_quantizer)
-        self.bn = bn
-        self.stride = conv.stride
-        self.padding = conv.padding
-        self.dilation = conv.dilation
-        self.groups = conv.groups
-
-    @property
-    def out_channels(self) -> int:
-        return self.weight.shape[0]
+    def _per_output_channel(self, values: torch.Tensor, rank: int) -> torch.Tensor:
+        """``values`` (one per output channel) shaped to broadcast along axis 0 of a tensor of ``rank`` axes."""
+        return values.reshape(-1, *([1] * (rank - 1)))
 
     def bn_scale_factor(self) -> torch.Tensor:
         """``gamma / sqrt(running_var + eps)`` per output channel."""
@@ -170,33 +149,64 @@ class ConvAct2d(_WeightedLayer):
         """The weight with BatchNorm's scale folded in (the weight itself without BatchNorm)."""
         if self.bn is None:
             return self.weight
-        return self.weight * self.bn_scale_factor().reshape(-1, 1, 1, 1)
+        return self.weight * self._per_output_channel(self.bn_scale_factor(), self.weight.dim())
 
     def folded_bias(self) -> torch.Tensor:
         """The bias with BatchNorm folded in, from running statistics (zeros when there is neither)."""
-        bias = self.bias if self.bias is not None else torch.zeros_like(self.weight[:, 0, 0, 0])
+        bias = self.bias if self.bias is not None else self.weight.new_zeros(self.weight.shape[0])
         if self.bn is None:
             return bias
         beta = self.bn.bias if self.bn.bias is not None else torch.zeros_like(bias)
         return (bias - self.bn.running_mean) * self.bn_scale_factor() + beta
 
-    def _conv(self, value: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.conv2d(value, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+    def _fake_quantized(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.fake_quant_state.fake_quantizes:
+            return weight
+        return fake_quantize_weight(weight, weight_scales(weight, self.scale_rule))
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
         if self.bn is None:
-            return self._finish(self._conv(value, self._fake_quantized(self.weight), self.bias))
+            return self._finish(self._layer(value, self._fake_quantized(self.weight), self.bias))
         factor = self.bn_scale_factor()
         # A zero gamma folds its channel to zero; divide by 1 there (BatchNorm then outputs beta, as it should).
-        # The conv is linear per output channel, so the fake-quantized folded weight is scaled back before the
-        # conv rather than its output after it: the same function (up to float32 rounding) and gradients, at the
+        # The layer is linear per output channel, so the fake-quantized folded weight is scaled back before the
+        # layer rather than its output after it: the same function (up to float32 rounding) and gradients, at the
         # cost of one weight-sized product instead of three activation-sized passes (forward and backward).
         safe_factor = torch.where(factor == 0, torch.ones_like(factor), factor)
-        weight = self._fake_quantized(self.folded_weight()) / safe_factor.reshape(-1, 1, 1, 1)
-        out = self._conv(value, weight, None)
+        weight = self._fake_quantized(self.folded_weight()) / self._per_output_channel(safe_factor, self.weight.dim())
+        out = self._layer(value, weight, None)
         if self.bias is not None:
-            out = out + self.bias.reshape(1, -1, 1, 1)
+            out = out + self._per_output_channel(self.bias, out.dim() - 1)
         return self._finish(self.bn(out))
+
+    def _finish(self, value: torch.Tensor) -> torch.Tensor:
+        return self._quantize_output(self.activation(value))
+
+
+@CANONICAL.register(Op.CONV2D)
+class ConvAct2d(_WeightedLayer):
+    """Conv2d with an optional BatchNorm2d folded in and an optional ReLU/ReLU6, then int8 requantization."""
+
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        bn: nn.BatchNorm2d | None,
+        activation: Activation,
+        scale_rule: ScaleRule,
+        output_quantizer: ActivationFakeQuantize | None,
+    ) -> None:
+        super().__init__(conv.weight, conv.bias, bn, activation, scale_rule, output_quantizer)
+        self.stride = conv.stride
+        self.padding = conv.padding
+        self.dilation = conv.dilation
+        self.groups = conv.groups
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    def _layer(self, value: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(value, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return (
@@ -208,27 +218,21 @@ class ConvAct2d(_WeightedLayer):
 
 @CANONICAL.register(Op.LINEAR)
 class LinearAct(_WeightedLayer):
-    """Linear with an optional ReLU/ReLU6, then int8 requantization (or an int32 output)."""
+    """Linear with an optional BatchNorm1d folded in (on a 2-D output: over its features) and an optional
+    ReLU/ReLU6, then int8 requantization (or an int32 output)."""
 
     def __init__(
         self,
         linear: nn.Linear,
+        bn: nn.BatchNorm1d | None,
         activation: Activation,
         scale_rule: ScaleRule,
         output_quantizer: ActivationFakeQuantize | None,
     ) -> None:
-        super().__init__(linear.weight, linear.bias, activation, scale_rule, output_quantizer)
+        super().__init__(linear.weight, linear.bias, bn, activation, scale_rule, output_quantizer)
 
-    def folded_weight(self) -> torch.Tensor:
-        """The weight (nothing folds into a linear layer)."""
-        return self.weight
-
-    def folded_bias(self) -> torch.Tensor:
-        """The bias, zeros when there is none."""
-        return self.bias if self.bias is not None else torch.zeros_like(self.weight[:, 0])
-
-    def forward(self, value: torch.Tensor) -> torch.Tensor:
-        return self._finish(F.linear(value, self._fake_quantized(self.weight), self.bias))
+    def _layer(self, value: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(value, weight, bias)
 
     def extra_repr(self) -> str:
         return (

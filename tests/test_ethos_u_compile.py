@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ethos_u import DEVICE_LINE, assert_equal, assert_reference_equals, assert_vela_compiled_every_npu_region, expected, python_outputs
-from models import Pads, WideStride, integer_model, rewrite_artifact
+from models import BatchNorms1d, Pads, WideStride, integer_model, rewrite_artifact, with_batchnorm_statistics
 from torch import nn
 
 from edgeq.check.report import Placement
@@ -149,6 +149,22 @@ def test_pads_run_on_the_npu(target, tmp_path):
     assert [r.placement for r in result.partition.regions] == [Placement.NPU]
     assert_vela_compiled_every_npu_region(result, target)
     x = torch.randn(2, 4, 7, 7)
+    assert_equal(python_outputs(result.artifact, x), expected(int_model, x))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_batchnorm1d_runs_on_the_npu(target, tmp_path):
+    """BatchNorm1d folded into linear layers and alone (tests/models.py's BatchNorms1d: TOSA depthwise convs between
+    reshapes) is wholly on the NPU, Vela compiles it, and both the TOSA reference model and the simulation equal the
+    integer model."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 4, 6)
+    int_model = integer_model(with_batchnorm_statistics(BatchNorms1d(), (8, 4, 6)), example, QUANTIZED_FOR)
+    result = compile_model(int_model, (example,), target=target, out=tmp_path / "norms.edgeq", simulate=True)
+    assert [r.placement for r in result.partition.regions] == [Placement.NPU]
+    assert_vela_compiled_every_npu_region(result, target)
+    x = torch.randn(2, 4, 6)
+    assert assert_reference_equals(int_model, tosa_graph(int_model, (example,)), [x]) == 20
     assert_equal(python_outputs(result.artifact, x), expected(int_model, x))
 
 

@@ -12,7 +12,20 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from models import SPPF, BilinearResizes, FunctionalOps, SmallCNN, Wrapped, float_onnx, integer_model, ort_quantize_static, random_batches, torchvision_model
+from models import (
+    SPPF,
+    BatchNorms1d,
+    BilinearResizes,
+    FunctionalOps,
+    SmallCNN,
+    Wrapped,
+    float_onnx,
+    integer_model,
+    ort_quantize_static,
+    random_batches,
+    torchvision_model,
+    with_batchnorm_statistics,
+)
 from onnx import helper, numpy_helper
 from torch import nn
 
@@ -515,6 +528,24 @@ def test_onnx_runtime_agrees_on_bilinear_resizes():
     assert len(resizes) == 6
     assert max(int(d.max()) for d in resizes) <= 1
     assert sum(int((d > 0).sum()) for d in resizes) <= 0.02 * sum(d.size for d in resizes)
+
+
+@pytest.mark.parametrize("target", ["npu-s", "npu-m"])
+def test_onnx_runtime_agrees_on_batchnorm1d(target):
+    """BatchNorm1d folded into ``Gemm`` / ``MatMul`` or alone as a depthwise ``Conv`` between ``Reshape``s
+    (tests/models.py's BatchNorms1d): ONNX Runtime runs the file; on power-of-two scales (npu-s) it computes the
+    integer model's numbers exactly, op by op and end to end, elsewhere each op within docs/numerics.md's 1 step."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 4, 6)
+    int_model = integer_model(with_batchnorm_statistics(BatchNorms1d(), (8, 4, 6)), example, target)
+    model = build_onnx(int_model, (example,))
+    assert [n.op_type for n in model.graph.node].count("Reshape") == 7
+    x = torch.randn(2, 4, 6)
+    differences = per_op_differences(model, int_model, x)
+    assert len(differences) == 13 and max(int(d.max()) for d in differences.values()) <= (0 if target == "npu-s" else 1)
+    if target == "npu-s":
+        (output,) = session(model).run(None, {"x": x.numpy()})
+        assert steps_apart(output, int_model.run_integer(x), int_model.output_quant()[0].scale).max() == 0
 
 
 def test_onnx_runtime_agrees_on_table_activations():

@@ -107,6 +107,10 @@ def supported_ops_markdown() -> str:
         "Its float ONNX nodes are the ones torch's own ONNX exporter writes for it, whatever the op; compile runs "
         "those TVM's ONNX frontend converts (the `no_cpu_implementation` rule).",
         "",
+        "BatchNorm (BatchNorm2d, BatchNorm1d, `F.batch_norm`) is no op of its own: it folds into the `conv2d` before it, "
+        "or the `linear` of (N, C) output before it, and is otherwise a depthwise 1x1 `conv2d` (a BatchNorm1d's input "
+        "viewed as NCHW by two `reshape`s around it; docs/numerics.md \"BatchNorm\"), placed as those ops are.",
+        "",
         "## Ops",
         "",
         "Each op of edgeq's integer vocabulary (`edgeq/ops.py`): how it computes in integers, the settings the check "

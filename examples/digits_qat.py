@@ -13,6 +13,7 @@ Each stage saves a checkpoint in ``--workdir`` and the next one starts from it, 
     python examples/digits_qat.py --stage compile
     python examples/digits_qat.py              # all five in order
     python examples/digits_qat.py --model se   # the same with Hardswish / SiLU and squeeze-and-excitation
+    python examples/digits_qat.py --model pads # zero pads, one shared SiLU, a linear layer with BatchNorm1d
     python examples/digits_qat.py --nproc 2    # calib and qat in 2 processes with DistributedDataParallel
 
 With ``--nproc N`` the calib and qat stages run in N processes (torch.distributed's gloo backend on 127.0.0.1,
@@ -136,7 +137,34 @@ class DigitsSENet(DigitsNet):
         return F.silu(x)
 
 
-NETWORKS: dict[str, type[DigitsNet]] = {"cnn": DigitsNet, "se": DigitsSENet}
+class DigitsPadsNet(DigitsNet):
+    """DigitsNet with each conv's padding a zero pad of its own (``nn.ZeroPad2d``, ``F.pad``), one ``nn.SiLU``
+    instance after every conv and the residual add (as ultralytics' ``Conv`` shares its ``default_act``), and a
+    hidden linear layer with BatchNorm1d (folded into it) before the classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.SiLU()
+        self.stem = nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(1, 16, 3, bias=False), nn.BatchNorm2d(16), self.act)
+        self.block = nn.Sequential(
+            nn.ZeroPad2d(1), nn.Conv2d(16, 16, 3, bias=False), nn.BatchNorm2d(16), self.act,
+            nn.ZeroPad2d(1), nn.Conv2d(16, 16, 3, bias=False), nn.BatchNorm2d(16),
+        )
+        self.head = nn.Sequential(nn.Conv2d(16, 32, 3, bias=False), nn.BatchNorm2d(32), self.act)
+        self.hidden = nn.Sequential(nn.Linear(32, 32, bias=False), nn.BatchNorm1d(32), self.act)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.stem(self.quant(pixels))
+        x = self.join(x + self.block(x))
+        x = self.head(F.pad(self.pool(x), (1, 1, 1, 1)))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.dequant(self.classifier(self.hidden(x)))
+
+    def join(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x)
+
+
+NETWORKS: dict[str, type[DigitsNet]] = {"cnn": DigitsNet, "se": DigitsSENet, "pads": DigitsPadsNet}
 """The networks ``--model`` chooses from."""
 
 
@@ -426,8 +454,9 @@ def main() -> None:
     parser.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="stage to run (default: all, in order)")
     parser.add_argument("--target", default="npu-s", help="target whose quantization rules apply (default: npu-s)")
     parser.add_argument("--model", choices=NETWORKS, default="cnn",
-                        help="cnn: the residual CNN (default); se: with Hardswish / SiLU and squeeze-and-excitation")
-    parser.add_argument("--workdir", type=Path, help="where checkpoints go (default: build/digits, build/digits-se)")
+                        help="cnn: the residual CNN (default); se: with Hardswish / SiLU and squeeze-and-excitation; "
+                        "pads: with zero pads, one shared SiLU and a linear layer with BatchNorm1d")
+    parser.add_argument("--workdir", type=Path, help="where checkpoints go (default: build/digits, build/digits-<model>)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nproc", type=int, default=1, help="processes for the calib and qat stages (DistributedDataParallel)")
     args = parser.parse_args()

@@ -58,8 +58,8 @@ class DigitsFloatStage:
 
 @pytest.fixture(scope="session")
 def digits_float_stage(tmp_path_factory) -> Callable[[str], DigitsFloatStage]:
-    """The example's float stage (40 epochs, the same for every target) of ``network`` (``cnn`` or ``se``), trained
-    once per session: seed 0, the example's data, then ``run_stage("float")``."""
+    """The example's float stage (40 epochs, the same for every target) of ``network`` (``cnn``, ``se``, ``pads``),
+    trained once per session: seed 0, the example's data, then ``run_stage("float")``."""
     digits = load_example("digits_qat")
     trained: dict[str, DigitsFloatStage] = {}
 

@@ -11,7 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import load_example
+from torch import nn
+
+from edgeq.ops import Op
+from edgeq.quantization.qat_modules import LookupTableActivation
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,16 +49,25 @@ def test_digits_staged_flow(tmp_path):
 @pytest.mark.flow
 @pytest.mark.filterwarnings("error::edgeq.quantization.prepare.FloatFallbackWarning")
 @pytest.mark.parametrize("target", ["npu-s", "npu-m"])
-def test_digits_se_network_keeps_float_accuracy(target, tmp_path, digits_float_stage):
-    """QAT on real data with Hardswish, SiLU and squeeze-and-excitation, every op integer (no float fallback): the
-    integer model within 1.0 point of the float model. Stages float -> int_infer of ``--model se`` (the float stage
-    trained once for both targets); the compile stage's promises are test_digits_staged_flow's."""
+@pytest.mark.parametrize("network", ["se", "pads"])
+def test_digits_variants_keep_float_accuracy(network, target, tmp_path, digits_float_stage):
+    """QAT on real data, every op integer (no float fallback): the integer model within 1.0 point of the float model.
+    ``--model se``: Hardswish, SiLU and squeeze-and-excitation; ``--model pads``: zero pads (``nn.ZeroPad2d``,
+    ``F.pad``), one ``nn.SiLU`` instance at five places, a linear layer with BatchNorm1d (folded). Stages float ->
+    int_infer (the float stage trained once for both targets); the compile stage's promises are
+    test_digits_staged_flow's."""
     digits = load_example("digits_qat")
-    float_stage = digits_float_stage("se")
+    float_stage = digits_float_stage(network)
     float_stage.continue_in(tmp_path)
     results: dict[str, float] = {"float": float_stage.accuracy}
     for stage in ("calib", "qat", "int_infer"):
-        digits.run_stage(stage, tmp_path, target, float_stage.data, results, network="se")
+        digits.run_stage(stage, tmp_path, target, float_stage.data, results, network=network)
+    if network == "pads":  # the ops it is there for, integer
+        qat = digits.qat_model(tmp_path, target, network)
+        modules = [qat.get_submodule(n.target) if n.op == "call_module" else n.target for n in qat.graph.nodes]
+        assert sum(isinstance(m, nn.ZeroPad2d) or m is F.pad for m in modules) == 4
+        assert [m.op for m in modules if isinstance(m, LookupTableActivation)] == [Op.SILU] * 5
+        assert isinstance(qat.get_submodule("hidden.0").bn, nn.BatchNorm1d)
     assert results["float"] > 95.0
     assert abs(results["int_infer"] - results["float"]) <= 1.0
 

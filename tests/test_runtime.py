@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from models import FunctionalOps, integer_model, rewrite_artifact, torchvision_model
+from models import BatchNorms1d, FunctionalOps, integer_model, rewrite_artifact, torchvision_model, with_batchnorm_statistics
 
 from edgeq.cli import main
 from edgeq.compile import compile_model
@@ -170,6 +170,22 @@ def test_aarch64_depthwise_kernels_under_qemu_equal_x86_64(edgeq_run, tmp_path, 
     got = cli_outputs([*QEMU, str(edgeq_run["aarch64"])], arm, [tmp_path / "x.npy"], tmp_path / "out")
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_cpp_runtime_runs_batchnorm1d(edgeq_run, tmp_path):
+    """BatchNorm1d folded into linear layers and alone (tests/models.py's BatchNorms1d), compiled for npu-m's board
+    and for this machine: the C++ runtime's outputs, on x86_64 and on aarch64 under qemu, equal the integer model's."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 4, 6)
+    int_model = integer_model(with_batchnorm_statistics(BatchNorms1d(), (8, 4, 6)), example, "npu-m")
+    board = compile_model(int_model, (example,), out=tmp_path / "board.edgeq").artifact
+    here = compile_model(int_model, (example,), out=tmp_path / "here.edgeq", simulate=True).artifact
+    x = torch.randn(2, 4, 6)
+    np.save(tmp_path / "x.npy", x.numpy())
+    expected = int_model.run_integer(x).numpy()
+    for command, artifact in (([str(edgeq_run["x86_64"])], here), ([*QEMU, str(edgeq_run["aarch64"])], board)):
+        (got,) = cli_outputs(command, artifact, [tmp_path / "x.npy"], tmp_path / artifact.stem).values()
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_runtime_imports_without_torch_onnx_or_the_tvm_compiler(models):

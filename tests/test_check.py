@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from models import SmallCNN, Wrapped, calibrate, float_onnx, integer_model, ort_quantize_static, random_batches, torchvision_model
+from models import BatchNorms1d, SmallCNN, Wrapped, calibrate, float_onnx, integer_model, ort_quantize_static, random_batches, torchvision_model
 from onnx import helper
 from rich.console import Console
 from torch import nn
@@ -120,6 +120,17 @@ def test_weights_larger_than_sram_is_advice():
     node = single_op(nn.Sequential(nn.Conv2d(256, 256, 3)), "npu-s", example=image(8, 256))
     assert node.placement is Placement.NPU
     assert any("weights 576.0 KiB are streamed from DRAM" in a for a in node.advice)
+
+
+def test_batchnorm1d_is_a_linear_layers_or_a_depthwise_conv_on_the_npu():
+    """A float model's report names the BatchNorm1d folded into a linear layer in its op, and places the ones alone as
+    depthwise convs between reshapes, every op on npu-s's NPU."""
+    report = check_model(BatchNorms1d().eval(), (torch.randn(2, 4, 6),), target="npu-s")
+    assert report.node("fc1").record.source_op == "Linear+BatchNorm1d+ReLU" and report.node("fc2").record.source_op == "Linear+BatchNorm1d"
+    alone = [report.node(name).record for name in ("norm_sequence", "norm_mixed", "norm_alone")]
+    expected = [("conv2d", 4, (2, 4, 6, 1)), ("conv2d", 4, (2, 4, 8, 1)), ("conv2d", 12, (2, 12, 1, 1))]
+    assert [(r.op.value, r.attrs.groups, r.input_shapes[0]) for r in alone] == expected
+    assert {n.placement for n in report.nodes} == {Placement.NPU}
 
 
 def test_op_edgeq_cannot_quantize_runs_in_float_on_the_cpu_with_advice():

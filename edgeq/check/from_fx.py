@@ -155,7 +155,7 @@ def _conv(module: qm.ConvAct2d) -> tuple[str, Conv2dAttrs]:
 @DESCRIPTIONS.register(Op.LINEAR)
 def _linear(module: qm.LinearAct) -> tuple[str, LinearAttrs]:
     attrs = LinearAttrs(in_features=module.weight.shape[1], out_channels=module.weight.shape[0], activation=module.activation.value)
-    return "+".join(["Linear", *_activation_part(module.activation)]), attrs
+    return "+".join(["Linear"] + (["BatchNorm1d"] if module.bn is not None else []) + _activation_part(module.activation)), attrs
 
 
 @DESCRIPTIONS.register(Op.ADD)

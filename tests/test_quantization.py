@@ -724,6 +724,15 @@ def test_example_inputs_must_be_a_tuple():
         prepare_qat_fx(SmallCNN(), example_inputs=digits_like(), target="npu-m")
 
 
+def test_the_example_inputs_do_not_reach_the_batchnorm_statistics():
+    """Preparing a model in training mode runs the example through it once; its BatchNorms count nothing of it."""
+    model = SmallCNN().train()
+    prepared = prepare_qat_fx(model, example_inputs=(digits_like() * 5 + 3,), target="npu-m")
+    for folded, batchnorm in [(prepared.conv1.bn, model.bn1), (prepared.conv2.bn, model.bn2)]:
+        assert int(folded.num_batches_tracked) == 0
+        assert torch.equal(folded.running_mean, batchnorm.running_mean) and torch.equal(folded.running_var, batchnorm.running_var)
+
+
 class Normalized5d(nn.Module):
     """``F.batch_norm`` of a 5-D tensor."""
 

@@ -101,12 +101,19 @@ def record_values(module: fx.GraphModule, *inputs: Any) -> dict[fx.Node, Any]:
 
 
 def record_example_values(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
-    """Run ``example_inputs`` through ``module`` and store every node's shape/dtype in ``node.meta``."""
+    """Run ``example_inputs`` through ``module`` and store every node's shape/dtype in ``node.meta``. The module's
+    buffers are as they were before (a BatchNorm in training mode would otherwise count the example in its running
+    statistics: the example's values must not matter)."""
     example_inputs = check_example_inputs(example_inputs)
+    buffers = {name: buffer.clone() for name, buffer in module.named_buffers()}
     try:
         values = record_values(module, *example_inputs)
     except Exception as error:
         raise QuantizationError(f"running the example inputs through the model failed: {error}") from error
+    finally:
+        with torch.no_grad():
+            for name, buffer in module.named_buffers():
+                buffer.copy_(buffers[name])
     for node, value in values.items():
         node.meta[VALUE_KEY] = _describe(value)
 

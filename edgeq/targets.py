@@ -134,12 +134,18 @@ class Hardware(Strict):
     """Output micro-block (height, width, channels) the MAC array computes per step, each output summing
     ``int8_macs_per_cycle / (height x width x channels)`` input channels (Ethos-U: Vela's ``ofm_ublock``). With it
     the estimator costs NPU layers by blocks (docs/perf.md, "NPU layers by blocks"); without it by alignment."""
-    depthwise_taps_per_step: Count = 1
-    """Kernel taps a depthwise step sums per output (a window pads to a multiple): block model only."""
-    output_ops_per_element: NonNegativeNumber = 0.0
-    """Elementwise-unit operations to scale, round and write one output element of a MAC layer: block model only."""
-    elementwise_ops: dict[str, NonNegativeNumber] = {}
-    """Elementwise-unit operations per output element of each non-MAC op kind (an op missing: 1): block model only."""
+    output_cycles_per_element: NonNegativeNumber = 0.0
+    """Cycles the output stage takes to scale, round and write one output of a MAC layer or pool (Ethos-U: Vela's
+    output cycles per element): block model only."""
+    lookup_table_cycles_per_element: NonNegativeNumber = 0.0
+    """Cycles per output of a layer whose output stage applies a lookup table (Vela's activation cycles per
+    element of a table): block model only."""
+    elementwise_cycles: dict[str, NonNegativeNumber] = {}
+    """Cycles per output element of each op kind the elementwise units run (an op missing:
+    ``output_cycles_per_element``): block model only."""
+    chains_elementwise: bool = False
+    """The NPU runs an add or a product in the output stage of the layer making one of its inputs, at no cost of
+    its own (the Ethos-U85's chaining): block model only."""
     input_reads_per_channels: Count | None = None
     """A convolution reads its whole input once per block of this many output channels (block model only; without
     it, once)."""
@@ -163,12 +169,12 @@ class Hardware(Strict):
     dram_read_latency_cycles: Count | None = None
     """Cycles from a DRAM read request to its data (block model only)."""
 
-    @field_validator("elementwise_ops")
+    @field_validator("elementwise_cycles")
     @classmethod
     def _known_ops(cls, value: dict[str, float]) -> dict[str, float]:
         unknown = sorted(set(value) - {op.value for op in Op})
         if unknown:
-            raise ValueError(f"elementwise_ops names no op {unknown}; ops: {', '.join(sorted(op.value for op in Op))}")
+            raise ValueError(f"elementwise_cycles names no op {unknown}; ops: {', '.join(sorted(op.value for op in Op))}")
         return value
 
     @property

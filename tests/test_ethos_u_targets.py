@@ -54,8 +54,13 @@ def test_figures_are_velas(name):
     assert hardware.sram_burst_bytes == arch.memory_burst_length[MemArea.Sram]
     assert hardware.dram_burst_bytes == arch.memory_burst_length[arch.axi1_port]
     assert hardware.region_io_in_dram == (arch._mem_port_mapping(arch.arena_mem_area) == arch.axi1_port)
-    if hardware.dram_read_latency_cycles is not None:
-        assert hardware.dram_read_latency_cycles == arch.memory_latency[arch.axi1_port][BandwidthDirection.Read]
+    assert hardware.dram_read_latency_cycles == arch.memory_latency[arch.axi1_port][BandwidthDirection.Read]
+    if not arch.is_ethos_u85_system:  # the output stage's cycles per element (the U85's table is in Vela's C++ core)
+        output, activation = arch.output_cycles_per_elem, arch.activation_cycles_per_elem
+        assert hardware.output_cycles_per_element == output[7] and hardware.lookup_table_cycles_per_element == activation[0]
+        # edgeq's TOSA forms as Vela runs them: add = two RESCALEs to int32 (an 8-bit Add, a 32-bit Mul each) and
+        # the 32-bit Add; mul = one 8-bit Mul (its RESCALE fused)
+        assert hardware.elementwise_cycles == {"add": 2 * (output[5] + output[1]) + output[1], "mul": output[3]}
 
 
 def test_hosts():

@@ -17,7 +17,7 @@ from edgeq.compile.layout_plan import is_blocked
 from edgeq.errors import EdgeqError
 from edgeq.op_attrs import Conv2dAttrs, LinearAttrs
 from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable, op_named
-from edgeq.perf.npu_blocks import block_cost, fused_activation, input_reads
+from edgeq.perf.npu_blocks import block_cost, chained_elementwise, fused_activation, fused_lookup_table, input_reads, weight_latency_cycles
 from edgeq.perf.npu_memory import layer_traffic
 from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
 from edgeq.targets import HOST_CODE_ADVICE, CpuFigures, Hardware, Target, TargetKind, host_cpu
@@ -307,9 +307,10 @@ class _Estimator:
     def _npu_blocks(self, op: GraphOp, hardware: Hardware) -> LayerEstimate:
         """An NPU layer on a block-model NPU: compute by blocks (:mod:`.npu_blocks`), memory as the busier of the
         SRAM and the DRAM (:mod:`.npu_memory`)."""
-        if fused_activation(op, self.graph, self.computing_ops):
+        chained = hardware.chains_elementwise and chained_elementwise(op, self.graph, self.computing_ops)
+        if chained or fused_activation(op, self.graph, self.computing_ops):
             return self._estimate(op, True, 0.0, 0.0, 0.0, dram=0)
-        cost = block_cost(self.graph, op, hardware, mac_op(op))
+        cost = block_cost(self.graph, op, hardware, mac_op(op), fused_lookup_table(op, self.graph, self.computing_ops))
         traffic = layer_traffic(self.graph, op, hardware, input_reads(op, hardware, mac_op(op)), self.borders)
         working_set = op.bytes_in + op.bytes_out + op.weight_bytes
         return self._estimate(
@@ -317,7 +318,7 @@ class _Estimator:
             False,
             cost.compute_cycles / hardware.clock_hz,
             traffic.seconds(hardware),
-            hardware.layer_overhead_cycles / hardware.clock_hz,
+            (hardware.layer_overhead_cycles + weight_latency_cycles(op, hardware)) / hardware.clock_hz,
             spill=0 if traffic.in_sram else traffic.dram_bytes - op.weight_bytes,
             dram=traffic.dram_bytes,
             onchip=min(working_set, hardware.sram_bytes),

@@ -1,12 +1,18 @@
 """NPU layers costed by blocks: the model of an NPU whose target describes its MAC array's output micro-block
-(``[hardware] micro_block``: the Arm Ethos-U's, as Vela's architecture describes it).
+(``[hardware] micro_block``: the Arm Ethos-U's), after Vela's own model of it (its C++ core, ``EthosU55Performance``
+and ``EthosU85Performance``: ``EstimateConvCycles``, ``EstimateOutputCyclesPerElement``).
 
-The MAC array computes one micro-block of outputs per step, each output summing ``int8_macs_per_cycle / block``
-input channels of one kernel tap; a layer pays for whole blocks (rows, columns and channels rounded up) and whole
-steps of input channels. Depthwise convolutions and pools sum one tap per output per step, their windows rounded
-up to ``depthwise_taps_per_step``. Every output then passes the elementwise units (scale, round, activation);
-other ops run on those units only, at ``elementwise_ops`` operations per output element. A layer's memory
-traffic is :mod:`edgeq.perf.npu_memory`'s. docs/perf.md, "NPU layers by blocks", gives the formulas.
+The MAC array computes one micro-block of outputs per step. A dense convolution runs depth first (each tap of the
+kernel over blocks of :data:`DEPTH_FIRST_INPUT_DEPTH` input channels) or, where that fills the array better,
+part-kernel first (:data:`TAPS_PER_STEP` taps of :data:`PART_KERNEL_INPUT_DEPTH` channels per step); depthwise
+convolutions and global pools step :data:`TAPS_PER_STEP` taps per output, pools one tap per output per
+:data:`POOLING_CYCLES_PER_TAP` cycles; kernels run in sub-kernels of at most :data:`SUB_KERNEL` taps. A step over
+few micro-blocks is bounded below by the write-back of its channels (:data:`WRITE_BACK_CYCLES_PER_CHANNEL`).
+Every output then passes the output stage at ``output_cycles_per_element`` (``lookup_table_cycles_per_element``
+with a lookup-table activation); other ops run on the elementwise units only, at ``elementwise_cycles`` per output
+element (channels in bricks of :data:`BRICK_CHANNELS`). A layer with weights waits the read latency of their
+memory for the first ones. A layer's memory traffic is :mod:`edgeq.perf.npu_memory`'s. docs/perf.md, "NPU layers
+by blocks", gives the formulas.
 """
 
 from __future__ import annotations
@@ -19,17 +25,46 @@ from edgeq.op_attrs import Conv2dAttrs, LinearAttrs, WindowAttrs
 from edgeq.ops import LOOKUP_TABLE_OPS, Op
 from edgeq.targets import Hardware
 
-WINDOW_OPS = frozenset({Op.MAX_POOL2D.value, Op.AVG_POOL2D.value, Op.GLOBAL_AVG_POOL2D.value})
-"""Ops the MAC array's pooling path runs, a tap per output per step (like a depthwise convolution)."""
+POOL_OPS = frozenset({Op.MAX_POOL2D.value, Op.AVG_POOL2D.value})
+"""Ops the MAC array's pooling path runs, a tap per output per step."""
 
-ACTIVATIONS = frozenset({Op.RELU.value, *(op.value for op in LOOKUP_TABLE_OPS)})
+WINDOW_OPS = POOL_OPS | {Op.GLOBAL_AVG_POOL2D.value}
+"""Ops with a window the MAC array runs (a global average pool as a depthwise convolution over the whole plane)."""
+
+LOOKUP_TABLE_VALUES = frozenset(op.value for op in LOOKUP_TABLE_OPS)
+
+ACTIVATIONS = frozenset({Op.RELU.value, *LOOKUP_TABLE_VALUES})
 """Ops the NPU applies on the way out of the op making their input (its output stage), at no cost of their own."""
+
+CHAINED_OPS = frozenset({Op.ADD.value, Op.MUL.value})
+"""Elementwise ops an NPU that chains them (the Ethos-U85) runs in the output stage of the op making an input."""
+
+# Vela's architecture facts (its C++ core, EthosU55Performance::EstimateConvCycles and EstimateOutputCyclesPerElement,
+# ArchEthosU55::FindBlockConfig; the U85's EthosU85Performance alike), for 8-bit feature maps:
+SUB_KERNEL = (8, 8)
+"""A kernel runs in sub-kernels of at most 8x8 taps (``s_SubkernelLimits``)."""
+TAPS_PER_STEP = 4
+"""A depthwise or part-kernel step sums 4 taps (``DivRoundUp(subKernelElements, 4)``)."""
+DEPTH_FIRST_INPUT_DEPTH = 32
+"""A depth-first convolution step reads a block of 32 input channels (``ifmBlockDepth``, 8-bit)..."""
+PART_KERNEL_INPUT_DEPTH = 16
+"""...a part-kernel step 16, 8 at a time (``DivRoundUp(ifmBlock.Depth(), 8)``)."""
+PART_KERNEL_LANES = 8
+POOLING_CYCLES_PER_TAP = 4
+"""A pooling step costs ``ifmBits / 2`` cycles per tap, at least 4 taps (``max(4, subKernelElements)``)."""
+WRITE_BACK_CYCLES_PER_CHANNEL = 4
+"""A step takes at least ``cyclesWb = 32 x micro-block channels / 8`` cycles: the write-back of its channels."""
+STEP_DELAY_CYCLES = 2
+"""Each step after the first over a single micro-block waits 2 cycles (``delayCycles``, 32-bit accumulators)."""
+BRICK_CHANNELS = 16
+"""An elementwise op's feature maps are held in bricks of 16 channels (NHCWB16, ``GetStorageRounding``): it costs
+its output's elements with the channels rounded up to 16 (``EstimateElementwiseCycles``)."""
 
 
 @dataclass(frozen=True)
 class BlockCost:
-    """One NPU layer in cycles: the MAC array's (or pooling path's) steps, the elementwise units' work and the
-    share of the MAC array its shape keeps busy."""
+    """One NPU layer in cycles: the MAC array's (or pooling path's) steps, the output stage's or elementwise units'
+    work and the share of the MAC array its shape keeps busy."""
 
     array_cycles: float
     elementwise_cycles: float
@@ -37,12 +72,16 @@ class BlockCost:
 
     @property
     def compute_cycles(self) -> float:
-        """The array and the elementwise units work in a pipeline: the slower one sets the pace."""
+        """The array and the output stage work in a pipeline: the slower one sets the pace."""
         return max(self.array_cycles, self.elementwise_cycles)
 
 
 def _ceil_div(value: int, step: int) -> int:
     return -(-value // step)
+
+
+def _ceil_to(value: int, step: int) -> int:
+    return _ceil_div(value, step) * step
 
 
 def _output_hwc(graph: CompiledGraph, op: GraphOp) -> tuple[int, int, int]:
@@ -53,47 +92,112 @@ def _output_hwc(graph: CompiledGraph, op: GraphOp) -> tuple[int, int, int]:
     return math.prod(shape[:-1]) if len(shape) > 1 else 1, 1, shape[-1] if shape else 1
 
 
-def _blocks(graph: CompiledGraph, op: GraphOp, hardware: Hardware, channels: int | None = None) -> int:
+@dataclass(frozen=True)
+class _Blocks:
+    """An output in micro-blocks: per plane (rows x columns) and per channels, and the cycles a step takes."""
+
+    plane: int
+    depth: int
+    step_cycles: int
+
+    @property
+    def total(self) -> int:
+        return self.plane * self.depth
+
+
+def _micro_blocks(graph: CompiledGraph, op: GraphOp, hardware: Hardware, channels: int | None = None) -> _Blocks:
+    """``op``'s output in micro-blocks, and the cycles of one step over them: as long as the micro-blocks of the
+    plane take (one cycle each per 8 input channels of a step), at least the write-back of their channels."""
     assert hardware.micro_block is not None
     height, width, depth = hardware.micro_block
     rows, columns, out_channels = _output_hwc(graph, op)
-    return _ceil_div(rows, height) * _ceil_div(columns, width) * _ceil_div(channels or out_channels, depth)
+    plane = _ceil_div(rows, height) * _ceil_div(columns, width)
+    per_block = math.prod(hardware.micro_block) * DEPTH_FIRST_INPUT_DEPTH // hardware.int8_macs_per_cycle
+    step = max(WRITE_BACK_CYCLES_PER_CHANNEL * depth, per_block * plane)
+    return _Blocks(plane, _ceil_div(channels or out_channels, depth), step)
 
 
-def _input_depth(hardware: Hardware) -> int:
-    assert hardware.micro_block is not None
-    return max(hardware.int8_macs_per_cycle // math.prod(hardware.micro_block), 1)
+def _sub_kernels(kernel: tuple[int, ...]) -> list[int]:
+    """The taps of each sub-kernel a kernel runs in."""
+    rows, columns = kernel[0], kernel[-1]
+    return [min(rows - y, SUB_KERNEL[0]) * min(columns - x, SUB_KERNEL[1]) for x in range(0, columns, SUB_KERNEL[1]) for y in range(0, rows, SUB_KERNEL[0])]
+
+
+def _delay(blocks: _Blocks, steps: int) -> int:
+    """The wait between steps over a single micro-block of the plane."""
+    if blocks.plane != 1:
+        return 0
+    return STEP_DELAY_CYCLES * (steps if blocks.depth == 1 else (steps - 1) * blocks.depth)
+
+
+def part_kernel(in_channels: int, taps: int) -> bool:
+    """Whether Vela runs a dense convolution part-kernel first: few input channels, or a better share of the array
+    filled by 4 taps x 8 channels than by 32 channels of one tap (``ChooseKernelMethod``)."""
+    if in_channels <= PART_KERNEL_LANES:
+        return True
+    depth_first = in_channels / _ceil_to(in_channels, DEPTH_FIRST_INPUT_DEPTH)
+    return in_channels / _ceil_to(in_channels, PART_KERNEL_LANES) * taps / _ceil_to(taps, TAPS_PER_STEP) >= depth_first
+
+
+def _dense_cycles(kernel: tuple[int, ...], in_channels: int, blocks: _Blocks) -> int:
+    """Cycles of a dense convolution (a linear layer: 1x1) over ``blocks``."""
+    part = part_kernel(in_channels, math.prod(kernel))
+    input_block = min(in_channels, _ceil_to(min(in_channels, PART_KERNEL_INPUT_DEPTH if part else DEPTH_FIRST_INPUT_DEPTH), PART_KERNEL_LANES))
+    lanes = _ceil_div(input_block, PART_KERNEL_LANES) if part else 1
+    cycles = 0
+    for taps in _sub_kernels(kernel):
+        steps = _ceil_div(taps, TAPS_PER_STEP) if part else taps
+        cycles += (blocks.step_cycles * steps * blocks.depth + _delay(blocks, steps)) * lanes
+    return cycles * _ceil_div(in_channels, input_block)
+
+
+def _depthwise_cycles(kernel: tuple[int, ...], blocks: _Blocks) -> int:
+    cycles = 0
+    for taps in _sub_kernels(kernel):
+        steps = _ceil_div(taps, TAPS_PER_STEP)
+        cycles += blocks.step_cycles * steps * blocks.depth + _delay(blocks, steps)
+    return cycles
 
 
 def _array_cycles(graph: CompiledGraph, op: GraphOp, hardware: Hardware) -> float:
-    """Steps of the MAC array (one cycle each) of a conv2d, linear or matmul layer, or of a pool."""
+    """Cycles of the MAC array of a conv2d, linear or matmul layer, or of a pool."""
     attributes = op.attributes
-    taps_step = hardware.depthwise_taps_per_step
     if isinstance(attributes, Conv2dAttrs):
-        taps = math.prod(attributes.kernel)
+        kernel = tuple(attributes.kernel)
         if attributes.depthwise:
-            return _blocks(graph, op, hardware) * _ceil_div(taps, taps_step) * taps_step
+            return _depthwise_cycles(kernel, _micro_blocks(graph, op, hardware))
         groups = attributes.groups
-        per_group = _blocks(graph, op, hardware, attributes.out_channels // groups)
-        return groups * per_group * taps * _ceil_div(attributes.in_channels // groups, _input_depth(hardware))
-    if op.op in WINDOW_OPS:  # a global pool: the whole input plane
-        window = attributes.kernel if isinstance(attributes, WindowAttrs) else graph.tensors[op.inputs[0]].shape[2:]
-        return _blocks(graph, op, hardware) * _ceil_div(math.prod(window), taps_step) * taps_step
+        blocks = _micro_blocks(graph, op, hardware, attributes.out_channels // groups)
+        return groups * _dense_cycles(kernel, attributes.in_channels // groups, blocks)
+    if op.op == Op.GLOBAL_AVG_POOL2D.value:
+        return _depthwise_cycles(tuple(graph.tensors[op.inputs[0]].shape[2:]), _micro_blocks(graph, op, hardware))
+    if op.op in POOL_OPS and isinstance(attributes, WindowAttrs):
+        blocks = _micro_blocks(graph, op, hardware)
+        return sum(max(TAPS_PER_STEP, taps) * POOLING_CYCLES_PER_TAP * blocks.total for taps in _sub_kernels(tuple(attributes.kernel)))
     if isinstance(attributes, LinearAttrs):
-        return _blocks(graph, op, hardware) * _ceil_div(attributes.in_features, _input_depth(hardware))
+        return _dense_cycles((1, 1), attributes.in_features, _micro_blocks(graph, op, hardware))
     return op.macs / hardware.int8_macs_per_cycle
 
 
-def block_cost(graph: CompiledGraph, op: GraphOp, hardware: Hardware, mac_layer: bool) -> BlockCost:
-    """The cycles of one NPU op (``mac_layer``: its MACs run on the MAC array) on a block-model NPU."""
+def block_cost(graph: CompiledGraph, op: GraphOp, hardware: Hardware, mac_layer: bool, lookup_table: bool = False) -> BlockCost:
+    """The cycles of one NPU op (``mac_layer``: its MACs run on the MAC array; ``lookup_table``: a lookup-table
+    activation in its output stage) on a block-model NPU."""
     outputs = sum(math.prod(graph.tensors[t].shape) for t in op.outputs)
-    units = hardware.vector_ops_per_cycle
     if mac_layer or op.op in WINDOW_OPS:
         array = _array_cycles(graph, op, hardware)
-        per_output = hardware.elementwise_ops.get(op.op, hardware.output_ops_per_element)
+        per_output = max(hardware.output_cycles_per_element, hardware.lookup_table_cycles_per_element if lookup_table else 0.0)
+        output_stage = outputs * per_output
         utilisation = min(op.macs / (array * hardware.int8_macs_per_cycle), 1.0) if mac_layer and array > 0 else 1.0
-        return BlockCost(array, outputs * per_output / units, utilisation)
-    return BlockCost(0.0, outputs * hardware.elementwise_ops.get(op.op, 1.0) / units, 1.0)
+        return BlockCost(array, output_stage, utilisation)
+    rows, columns, channels = _output_hwc(graph, op)
+    elements = rows * columns * _ceil_to(channels, BRICK_CHANNELS)
+    return BlockCost(0.0, elements * hardware.elementwise_cycles.get(op.op, hardware.output_cycles_per_element), 1.0)
+
+
+def weight_latency_cycles(op: GraphOp, hardware: Hardware) -> int:
+    """Cycles a layer with weights waits for its first ones: the read latency of the memory they live in (Vela's
+    ``WeightDecodeCycles`` adds it to their transfer)."""
+    return (hardware.dram_read_latency_cycles or 0) if op.weight_bytes else 0
 
 
 def fused_activation(op: GraphOp, graph: CompiledGraph, computing_ops: frozenset[str]) -> bool:
@@ -106,6 +210,31 @@ def fused_activation(op: GraphOp, graph: CompiledGraph, computing_ops: frozenset
     if tensor.producer is None or tensor.producer not in computing_ops or tensor.consumers != [op.name]:
         return False
     return graph.op(tensor.producer).region == op.region
+
+
+def fused_lookup_table(op: GraphOp, graph: CompiledGraph, computing_ops: frozenset[str]) -> bool:
+    """Whether the NPU applies a lookup-table activation in ``op``'s output stage (:func:`fused_activation`)."""
+    (tensor,) = op.outputs[:1] or [None]
+    readers = graph.tensors[tensor].consumers if tensor is not None else []
+    if len(readers) != 1:
+        return False
+    reader = graph.op(readers[0])
+    return reader.op in LOOKUP_TABLE_VALUES and fused_activation(reader, graph, computing_ops)
+
+
+def chained_elementwise(op: GraphOp, graph: CompiledGraph, computing_ops: frozenset[str]) -> bool:
+    """Whether ``op`` is an elementwise op the NPU chains into the output stage of a MAC layer making one of its
+    inputs (the Ethos-U85's, :attr:`~edgeq.targets.Hardware.chains_elementwise`): that layer computes in the same
+    region and nothing else reads its output."""
+    if op.op not in CHAINED_OPS:
+        return False
+    for name in op.inputs:
+        tensor = graph.tensors[name]
+        if tensor.producer in computing_ops and tensor.consumers == [op.name]:
+            producer = graph.op(tensor.producer)
+            if producer.region == op.region and producer.macs > 0 and producer.op not in WINDOW_OPS:
+                return True
+    return False
 
 
 def input_reads(op: GraphOp, hardware: Hardware, mac_layer: bool) -> int:

@@ -53,12 +53,13 @@ def same_order(value: TosaValue, perm: Sequence[int]) -> bool:
 
 @dataclass(frozen=True)
 class TosaOperator:
-    """An operator written into the graph: its TOSA kind (``CONV2D``...), the tensor it writes and the QDQ graph's op
-    whose form wrote it (the names compilers such as Vela report a layer by)."""
+    """An operator written into the graph: its TOSA kind (``CONV2D``...), the tensor it writes, the QDQ graph's op
+    whose form wrote it (the names compilers such as Vela report a layer by) and the tensors it reads."""
 
     kind: str
     output: str
     source: str
+    inputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class TosaBuilder:
         value = TosaValue(self.unique(name), tuple(shape), dtype, tuple(perm))
         self.serializer.currRegion.currBasicBlock.addTensor(value.name, value.physical_shape, dtype)
         self.serializer.addOperator(op, list(inputs), [value.name], made if made is not None else attribute("NoneAttribute"))
-        self.operators.append(TosaOperator(op.name, value.name, self.source))
+        self.operators.append(TosaOperator(op.name, value.name, self.source, tuple(inputs)))
         return value
 
     def serialize(self) -> bytes:

@@ -57,12 +57,19 @@ class TosaGraph:
     operators: tuple[TosaOperator, ...]
 
     def source_of(self, tensor: str) -> str | None:
-        """The QDQ graph's op whose form wrote TOSA tensor ``tensor``, or a tensor a compiler made from it and named
-        with a suffix after ``_`` (Vela's ``conv2.q_int32``); None for inputs, constants and other names."""
+        """The QDQ graph's op whose form wrote TOSA tensor ``tensor``; for a tensor a compiler made from one and named
+        with a suffix after ``_`` (Vela's ``conv2.q_int32``: the first half of a RESCALE of ``conv2.q``, which Vela
+        splits in two), the op whose form rescales that tensor where one does, else the op that wrote it; None for
+        inputs, constants and other names."""
         sources = {o.output: o.source for o in self.operators}
-        while tensor not in sources and "_" in tensor:
-            tensor = tensor.rpartition("_")[0]
-        return sources.get(tensor)
+        base = tensor
+        while base not in sources and "_" in base:
+            base = base.rpartition("_")[0]
+        if base != tensor:
+            rescaled_by = {o.source for o in self.operators if o.kind == "RESCALE" and base in o.inputs}
+            if len(rescaled_by) == 1:
+                return rescaled_by.pop()
+        return sources.get(base)
 
 
 def check_rounding(qdq: QDQModel) -> None:

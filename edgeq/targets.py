@@ -143,6 +143,12 @@ class Hardware(Strict):
     elementwise_cycles: dict[str, NonNegativeNumber] = {}
     """Cycles per output element of each op kind the elementwise units run (an op missing:
     ``output_cycles_per_element``): block model only."""
+    shram_bytes: Count | None = None
+    """The NPU's internal buffer of input blocks and accumulators (Vela's SHRAM): an output block's double-buffered
+    32-bit accumulators fit it, which bounds a layer's blocks from below (block model only; without it, one)."""
+    pooled_copies: tuple[str, ...] = ()
+    """Op kinds the NPU runs as a copy of each output element through its pooling path (a 1x1 pool: Vela's concat
+    and nearest resize on the Ethos-U55 / U65): block model only."""
     chains_elementwise: bool = False
     """The NPU runs an add or a product in the output stage of the layer making one of its inputs, at no cost of
     its own (the Ethos-U85's chaining): block model only."""
@@ -169,12 +175,12 @@ class Hardware(Strict):
     dram_read_latency_cycles: Count | None = None
     """Cycles from a DRAM read request to its data (block model only)."""
 
-    @field_validator("elementwise_cycles")
+    @field_validator("elementwise_cycles", "pooled_copies")
     @classmethod
-    def _known_ops(cls, value: dict[str, float]) -> dict[str, float]:
+    def _known_ops(cls, value: dict[str, float] | tuple[str, ...], info: ValidationInfo) -> dict[str, float] | tuple[str, ...]:
         unknown = sorted(set(value) - {op.value for op in Op})
         if unknown:
-            raise ValueError(f"elementwise_cycles names no op {unknown}; ops: {', '.join(sorted(op.value for op in Op))}")
+            raise ValueError(f"{info.field_name} names no op {unknown}; ops: {', '.join(sorted(op.value for op in Op))}")
         return value
 
     @property

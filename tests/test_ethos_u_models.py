@@ -6,7 +6,7 @@ Each model is quantized once and shared by the three targets, which quantize it 
 reference model runs its TOSA graph == the integer model. Compiled once per target with the simulation: the artifact
 run by the Python runtime == the integer model; check places the whole model on the NPU, and Vela compiles that one
 region, whose TOSA file is the graph the reference model ran: check's placement is what Vela accepts. edgeq's own
-estimate is within 20 % of Vela's (issue 31's goal for the totals; docs/measurements.md has the ranking's)."""
+estimate is within 20 % of Vela's and ranks the layers as Vela does (Spearman >= 0.9; issue 31's goals)."""
 
 from __future__ import annotations
 
@@ -113,22 +113,42 @@ def test_vela_compiled_the_whole_model(compiled):
 
 
 ESTIMATE_ERROR = 0.20
-"""edgeq's estimate of the NPU regions against Vela's (docs/perf.md, "Against Vela"): within 20 %."""
-
+"""edgeq's estimate of the NPU regions against Vela's (docs/perf.md, "Against Vela"): within 20 %..."""
+ESTIMATE_SPEARMAN = 0.9
+"""...and its layers ranked as Vela's with Spearman's correlation at least 0.9 (issue 31's goals)."""
 
 ESTIMATE_MISSES = {
-    "yolo-ethos-u85-256": "the U85's DRAM reads of a small region's inputs and outputs at its read buffer's rate weigh "
-    "more than Vela's own: +50 % (docs/measurements.md, 'edgeq's Ethos-U estimate against Vela's')",
+    "yolo-ethos-u85-256": "+27 %: its stem reads a 3-channel input from the DRAM, 61 us in edgeq's memory model (8-byte runs "
+    "of 128-byte bursts at the read buffer's rate) against Vela's 41 us (docs/measurements.md)",
 }
-"""Cases whose estimate is known to miss the 20 % goal, and why; a strict xfail, so a fix says to remove it."""
+"""Cases whose total is known to miss the 20 % goal, and why; a strict xfail, so a fix says to remove it."""
+RANKING_MISSES = {
+    "yolo-ethos-u65-256": "Spearman 0.85: its concats, SPPF pools and 4x4 convolutions cost Vela 0.5-1 us more each than "
+    "the block model gives (Vela's per-block latencies on maps this small)",
+    "yolo-ethos-u85-256": "Spearman 0.67: its stem's DRAM reads weigh 1.5x Vela's, and its small layers as on the U65",
+}
+"""Cases whose ranking is known to miss 0.9, and why (strict xfails)."""
+
+
+def _vela_comparison(compiled, request, misses, tmp_path):
+    case = request.node.callspec.id
+    if case in misses:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=misses[case]))
+    _, _, result = compiled
+    comparison = perf_model(result.artifact, out_dir=tmp_path).vela
+    assert comparison is not None
+    return comparison
 
 
 def test_estimate_within_20_percent_of_velas(compiled, request, tmp_path):
-    """The estimator's memory model (docs/perf.md, "NPU layers by blocks") against the estimate compile stored: the
-    YOLO-style detector's was 55 % short on the U65 before it."""
-    case = request.node.callspec.id
-    if case in ESTIMATE_MISSES:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=ESTIMATE_MISSES[case]))
-    _, _, result = compiled
-    comparison = perf_model(result.artifact, out_dir=tmp_path).vela
-    assert comparison is not None and abs(comparison.error) <= ESTIMATE_ERROR, comparison.error
+    """The estimator's block and memory models (docs/perf.md, "NPU layers by blocks") against the estimate compile
+    stored: the YOLO-style detector's was 55 % short on the U65 before the memory model."""
+    comparison = _vela_comparison(compiled, request, ESTIMATE_MISSES, tmp_path)
+    assert abs(comparison.error) <= ESTIMATE_ERROR, comparison.error
+
+
+def test_estimate_ranks_layers_as_vela(compiled, request, tmp_path):
+    """The layers' order by cost: Vela's output stage, pooling and elementwise cycles (docs/perf.md) took
+    mobilenet_v3_small on the U65 from Spearman 0.69 to 0.97 at 64x64."""
+    comparison = _vela_comparison(compiled, request, RANKING_MISSES, tmp_path)
+    assert comparison.spearman >= ESTIMATE_SPEARMAN, comparison.spearman

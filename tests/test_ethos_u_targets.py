@@ -55,7 +55,8 @@ def test_figures_are_velas(name):
     assert hardware.dram_burst_bytes == arch.memory_burst_length[arch.axi1_port]
     assert hardware.region_io_in_dram == (arch._mem_port_mapping(arch.arena_mem_area) == arch.axi1_port)
     assert hardware.dram_read_latency_cycles == arch.memory_latency[arch.axi1_port][BandwidthDirection.Read]
-    if not arch.is_ethos_u85_system:  # the output stage's cycles per element (the U85's table is in Vela's C++ core)
+    if not arch.is_ethos_u85_system:  # the SHRAM and the output stage's cycles per element (the U85's are in Vela's C++ core)
+        assert hardware.shram_bytes == arch.shram_size_bytes
         output, activation = arch.output_cycles_per_elem, arch.activation_cycles_per_elem
         assert hardware.output_cycles_per_element == output[7] and hardware.lookup_table_cycles_per_element == activation[0]
         # edgeq's TOSA forms as Vela runs them: add = two RESCALEs to int32 (an 8-bit Add, a 32-bit Mul each) and

@@ -9,10 +9,12 @@ convolutions and global pools step :data:`TAPS_PER_STEP` taps per output, pools 
 :data:`POOLING_CYCLES_PER_TAP` cycles; kernels run in sub-kernels of at most :data:`SUB_KERNEL` taps. A step over
 few micro-blocks is bounded below by the write-back of its channels (:data:`WRITE_BACK_CYCLES_PER_CHANNEL`).
 Every output then passes the output stage at ``output_cycles_per_element`` (``lookup_table_cycles_per_element``
-with a lookup-table activation); other ops run on the elementwise units only, at ``elementwise_cycles`` per output
-element (channels in bricks of :data:`BRICK_CHANNELS`). A layer with weights waits the read latency of their
-memory for the first ones. A layer's memory traffic is :mod:`edgeq.perf.npu_memory`'s. docs/perf.md, "NPU layers
-by blocks", gives the formulas.
+with a lookup-table activation); ops the NPU runs as copies through a 1x1 pool (``pooled_copies``) take a pool's
+steps too; other ops run on the elementwise units only, at ``elementwise_cycles`` per output element (channels in
+bricks of :data:`BRICK_CHANNELS`). The array and the output stage work in a pipeline of output blocks no larger
+than the accumulators' room in ``shram_bytes``. A layer with weights waits the read latency of their memory for the
+first ones. A layer's memory traffic is :mod:`edgeq.perf.npu_memory`'s. docs/perf.md, "NPU layers by blocks",
+gives the formulas.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ WINDOW_OPS = POOL_OPS | {Op.GLOBAL_AVG_POOL2D.value}
 """Ops with a window the MAC array runs (a global average pool as a depthwise convolution over the whole plane)."""
 
 LOOKUP_TABLE_VALUES = frozenset(op.value for op in LOOKUP_TABLE_OPS)
+"""The lookup-table activations' op names."""
 
 ACTIVATIONS = frozenset({Op.RELU.value, *LOOKUP_TABLE_VALUES})
 """Ops the NPU applies on the way out of the op making their input (its output stage), at no cost of their own."""
@@ -50,12 +53,17 @@ DEPTH_FIRST_INPUT_DEPTH = 32
 PART_KERNEL_INPUT_DEPTH = 16
 """...a part-kernel step 16, 8 at a time (``DivRoundUp(ifmBlock.Depth(), 8)``)."""
 PART_KERNEL_LANES = 8
+"""Input channels a part-kernel step reads at once; a layer with at most this many always runs part-kernel first."""
 POOLING_CYCLES_PER_TAP = 4
 """A pooling step costs ``ifmBits / 2`` cycles per tap, at least 4 taps (``max(4, subKernelElements)``)."""
 WRITE_BACK_CYCLES_PER_CHANNEL = 4
 """A step takes at least ``cyclesWb = 32 x micro-block channels / 8`` cycles: the write-back of its channels."""
 STEP_DELAY_CYCLES = 2
 """Each step after the first over a single micro-block waits 2 cycles (``delayCycles``, 32-bit accumulators)."""
+ACCUMULATOR_BYTES = 4
+"""A MAC layer accumulates in 32 bits..."""
+ACCUMULATOR_BUFFERS = 2
+"""...in two buffers of its block's outputs in the SHRAM (``TryBlockConfig``: ``acc_banks x 2``)."""
 BRICK_CHANNELS = 16
 """An elementwise op's feature maps are held in bricks of 16 channels (NHCWB16, ``GetStorageRounding``): it costs
 its output's elements with the channels rounded up to 16 (``EstimateElementwiseCycles``)."""
@@ -70,10 +78,16 @@ class BlockCost:
     elementwise_cycles: float
     utilisation: float
 
+    blocks: int = 1
+    """Output blocks the layer runs in (the array works on one while the output stage drains the one before)."""
+
     @property
     def compute_cycles(self) -> float:
-        """The array and the output stage work in a pipeline: the slower one sets the pace."""
-        return max(self.array_cycles, self.elementwise_cycles)
+        """The array and the output stage work in a pipeline of blocks: the slower one sets the pace, and the other
+        one's share of the first (or last) block is not overlapped (Vela: ``cyclesDpuBlk x numOfmBlks +
+        cyclesOutputBlk``)."""
+        slower, faster = sorted((self.array_cycles, self.elementwise_cycles), reverse=True)
+        return slower + faster / self.blocks
 
 
 def _ceil_div(value: int, step: int) -> int:
@@ -102,6 +116,7 @@ class _Blocks:
 
     @property
     def total(self) -> int:
+        """All the output's micro-blocks."""
         return self.plane * self.depth
 
 
@@ -176,19 +191,29 @@ def _array_cycles(graph: CompiledGraph, op: GraphOp, hardware: Hardware) -> floa
         return sum(max(TAPS_PER_STEP, taps) * POOLING_CYCLES_PER_TAP * blocks.total for taps in _sub_kernels(tuple(attributes.kernel)))
     if isinstance(attributes, LinearAttrs):
         return _dense_cycles((1, 1), attributes.in_features, _micro_blocks(graph, op, hardware))
+    if op.op in hardware.pooled_copies:  # each output element once through a 1x1 pool
+        return _micro_blocks(graph, op, hardware).total * TAPS_PER_STEP * POOLING_CYCLES_PER_TAP
     return op.macs / hardware.int8_macs_per_cycle
+
+
+def output_blocks(outputs: int, hardware: Hardware) -> int:
+    """How many blocks a layer of ``outputs`` elements runs in, at least: a block's accumulators, double-buffered,
+    fit the NPU's ``shram_bytes`` (Vela's block search picks the block within that room); 1 without the figure."""
+    if hardware.shram_bytes is None:
+        return 1
+    return max(1, _ceil_div(outputs * ACCUMULATOR_BYTES * ACCUMULATOR_BUFFERS, hardware.shram_bytes))
 
 
 def block_cost(graph: CompiledGraph, op: GraphOp, hardware: Hardware, mac_layer: bool, lookup_table: bool = False) -> BlockCost:
     """The cycles of one NPU op (``mac_layer``: its MACs run on the MAC array; ``lookup_table``: a lookup-table
     activation in its output stage) on a block-model NPU."""
     outputs = sum(math.prod(graph.tensors[t].shape) for t in op.outputs)
-    if mac_layer or op.op in WINDOW_OPS:
+    if mac_layer or op.op in WINDOW_OPS or op.op in hardware.pooled_copies:
         array = _array_cycles(graph, op, hardware)
         per_output = max(hardware.output_cycles_per_element, hardware.lookup_table_cycles_per_element if lookup_table else 0.0)
         output_stage = outputs * per_output
         utilisation = min(op.macs / (array * hardware.int8_macs_per_cycle), 1.0) if mac_layer and array > 0 else 1.0
-        return BlockCost(array, output_stage, utilisation)
+        return BlockCost(array, output_stage, utilisation, output_blocks(outputs, hardware))
     rows, columns, channels = _output_hwc(graph, op)
     elements = rows * columns * _ceil_to(channels, BRICK_CHANNELS)
     return BlockCost(0.0, elements * hardware.elementwise_cycles.get(op.op, hardware.output_cycles_per_element), 1.0)
@@ -214,8 +239,7 @@ def fused_activation(op: GraphOp, graph: CompiledGraph, computing_ops: frozenset
 
 def fused_lookup_table(op: GraphOp, graph: CompiledGraph, computing_ops: frozenset[str]) -> bool:
     """Whether the NPU applies a lookup-table activation in ``op``'s output stage (:func:`fused_activation`)."""
-    (tensor,) = op.outputs[:1] or [None]
-    readers = graph.tensors[tensor].consumers if tensor is not None else []
+    readers = graph.tensors[op.outputs[0]].consumers if op.outputs else []
     if len(readers) != 1:
         return False
     reader = graph.op(readers[0])

@@ -14,6 +14,7 @@ from models import SmallCNN, WideStride, integer_model
 
 from edgeq.compile.vela import VelaLayer, VelaRefusal, compile_tosa, refuse_cpu_operators, vela_arguments
 from edgeq.export.tosa import tosa_graph
+from edgeq.export.tosa.builder import TosaOperator
 from edgeq.export.tosa.writer import TosaGraph
 from edgeq.targets import load_target
 from edgeq.vela_configs import vela_version
@@ -64,6 +65,23 @@ def test_refusal_names_op_and_reason(name):
     assert message.startswith("NPU region 1: Vela refuses one of the ops 'first/Conv', 'wide/Conv' (Conv2D): "), message
     assert "could not run on NPU" in message and "Traceback" not in message
     assert refused.value.operator == "Conv2D" and refused.value.ops == ("first/Conv", "wide/Conv")
+
+
+def test_layers_name_the_op_whose_form_wrote_them():
+    """A tensor Vela makes from one of the graph's (``conv.q_int32``: the first half of a RESCALE it splits in two)
+    is the work of the op whose form rescales that tensor, where one does; else of the op that wrote it."""
+    operators = (
+        TosaOperator("CONV2D", "conv.q", "conv/Conv", ("x", "conv.w")),
+        TosaOperator("RESCALE", "add.term0", "add/Add", ("conv.q", "add.m")),
+        TosaOperator("CONV2D", "next.q", "next/Conv", ("conv.q", "next.w")),
+        TosaOperator("RESCALE", "cat.part0", "cat/Concat", ("next.q",)),
+        TosaOperator("RESCALE", "cat2.part0", "cat2/Concat", ("next.q",)),
+    )
+    graph = TosaGraph(b"", (), (), operators)
+    assert graph.source_of("conv.q") == "conv/Conv" and graph.source_of("add.term0") == "add/Add"
+    assert graph.source_of("conv.q_int32") == "add/Add"
+    assert graph.source_of("next.q_int32") == "next/Conv"  # two ops rescale it: the op that wrote it
+    assert graph.source_of("x") is None and graph.source_of("unknown_int32") is None
 
 
 def test_refusal_of_a_broken_graph(digits):

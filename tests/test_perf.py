@@ -273,7 +273,7 @@ def test_calibration_measures_this_machine(small, monkeypatch):
     figures = calibration.figures
     assert all(getattr(figures, rate) > 1e6 for rate in [*CPU_RATES, "memory_bytes_per_s", "blocked_memory_bytes_per_s"])
     assert figures.invocation_overhead_ns > 0 and figures.parallel_speedup > 0  # below 1 when small kernels run in cache
-    assert cached_calibration(host) == calibration and calibration.seconds < 60 and calibration.probe_s > 0
+    assert cached_calibration(host) == calibration and calibration.seconds > 0 and calibration.probe_s > 0
     assert probe(probe_path(host.name)).seconds > 0  # the cached probe runs
     assert measured.latency_s > 0 and {(c.region, c.index) for c in measured.calls} == {(op.region, i) for op in small.graph.ops for i in op.calls}
 

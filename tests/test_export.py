@@ -426,11 +426,11 @@ def test_non_positive_scale(good_file):
 
 
 def test_bias_at_another_scale_is_a_finding(good_file):
-    def double(model):
+    def triple(model):  # a power-of-two multiple of s_in * s_w would mean the integers times it (test_numerics)
         scale = _initializer(model, "conv1.bias_q.scale")
-        scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 2, "conv1.bias_q.scale"))
+        scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 3, "conv1.bias_q.scale"))
 
-    edit(good_file, double)
+    edit(good_file, triple)
     qdq = load_onnx(good_file)
     assert [(f.node, f.kind) for f in qdq.findings] == [("conv1/Conv", "bias_scale")]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from reference import round_shift
 
 from edgeq import numerics as nx
 from edgeq.errors import QuantizationError
-from edgeq.targets import ScaleRule
+from edgeq.targets import Rounding, ScaleRule
 
 RNG = np.random.default_rng(1234)
 
@@ -113,8 +114,23 @@ def test_bias_quantization_and_overflow():
     scales = nx.bias_scales(0.5, [0.25, 0.125])
     assert scales == [0.125, 0.0625]
     np.testing.assert_array_equal(nx.quantize_bias(torch.tensor([1.0, -0.09375]), scales, what="c").numpy(), [8, -2])
-    with pytest.raises(QuantizationError, match=r"conv 'c': bias of channel 1 is 1e\+09"):
-        nx.quantize_bias(torch.tensor([0.0, 1e9]), scales, what="conv 'c'")
+    with pytest.raises(QuantizationError, match=r"conv 'c': bias of channel 1 is inf, which is inf steps"):
+        nx.quantize_bias(torch.tensor([0.0, float("inf")]), scales, what="conv 'c'")
+    with pytest.raises(QuantizationError, match=r"conv 'c': bias of channel 0 is 1e\+18, which is 8e\+18 steps .* below 2\*\*62"):
+        nx.quantize_bias(torch.tensor([1e18, 0.0]), scales, what="conv 'c'")
+
+
+def test_a_bias_beyond_int32_is_rounded_at_a_power_of_two_multiple_of_its_scale():
+    # 2**31 + 3 steps: at 2 * s, round_half_to_even(1073741825.5) = 1073741826, so 2147483652; 2**33 + 5 steps at
+    # 8 * s: round(1073741824.625) * 8; -(2**31 - 1) steps fits int32 as it is
+    scales = [1.0, 1.0, 1.0, 0.5]
+    bias = torch.tensor([2.0**31 + 3, 2.0**33 + 5, -(2.0**31 - 1), 1.0], dtype=torch.float64)
+    wide = nx.quantize_bias(bias, scales, what="c")
+    assert wide.dtype == torch.int64
+    np.testing.assert_array_equal(wide.numpy(), [2147483652, 8589934600, -(2**31 - 1), 2])
+    np.testing.assert_array_equal(nx.bias_exponents(wide), [1, 3, 0, 0])
+    with pytest.raises(QuantizationError, match="not a multiple of 2"):
+        nx.bias_exponents(np.array([2**31 + 1]))
 
 
 def test_accumulator_bound():
@@ -143,6 +159,35 @@ def test_a_zero_bias_joins_the_accumulator_at_any_scale():
     assert nx.bias_joins_accumulator(zeros, [7.0], 0.5, [0.25, 0.125])
     assert not nx.bias_joins_accumulator(ones, [7.0], 0.5, [0.25, 0.125])
     assert nx.bias_joins_accumulator(ones, [0.125, 0.0625], 0.5, [0.25, 0.125])
+
+
+def test_a_bias_at_a_power_of_two_multiple_of_the_accumulator_scale_means_its_integers_times_it():
+    values = np.array([3, -5], np.int32)
+    np.testing.assert_array_equal(nx.accumulator_bias(values, [0.125, 0.0625], 0.5, [0.25, 0.125]), [3, -5])
+    np.testing.assert_array_equal(nx.accumulator_bias(values, [0.125 * 2**3, 0.0625], 0.5, [0.25, 0.125]), [24, -5])
+    assert nx.accumulator_bias(values, [0.125 * 3, 0.0625], 0.5, [0.25, 0.125]) is None
+    assert nx.accumulator_bias(values, [0.125 / 2, 0.0625], 0.5, [0.25, 0.125]) is None
+    assert nx.accumulator_bias(values, [-0.125, 0.0625], 0.5, [0.25, 0.125]) is None
+
+
+def _exact_round(value: Fraction, rounding: Rounding) -> int:
+    floor = math.floor(value)
+    rest = value - floor
+    tie_up = rounding is Rounding.HALF_UP or floor % 2 == 1
+    return floor + int(rest > Fraction(1, 2) or (rest == Fraction(1, 2) and tie_up))
+
+
+@pytest.mark.parametrize("rounding", list(Rounding))
+def test_requantize_of_a_wide_accumulator_is_the_exact_rounding(rounding):
+    # accumulators past 2**31 (an int64 accumulator) with M near 2**31: acc * M passes int64; ties included
+    multiplier, shift = 2**31 - 1, 45
+    accs = [2**40 + 2**14, -(2**40) - 2**14, 3 * 2**38 + 1, 2**31, -(2**31) - 7, 5 * 2**44]
+    got = nx.requantize(torch.tensor(accs, dtype=torch.int64), multiplier, shift, rounding).tolist()
+    expected = [_exact_round(Fraction(a * multiplier, 2**shift), rounding) for a in accs]
+    assert got == expected
+    tie = 2**44  # (2**44 * M) / 2**45 = M / 2: a tie between (M - 1) / 2 and (M + 1) / 2
+    rounded = nx.requantize(torch.tensor([tie, -tie]), multiplier, shift, rounding).tolist()
+    assert rounded == ([2**30, -(2**30 - 1)] if rounding is Rounding.HALF_UP else [2**30, -(2**30)])
 
 
 def test_accumulator_bounds_literal():

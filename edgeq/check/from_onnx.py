@@ -20,7 +20,7 @@ from edgeq.export.onnx_nodes import QUANTIZE_NODES, attribute_text, node_attribu
 from edgeq.export.onnx_reader import QDQModel, QuantParams
 from edgeq.export.qdq_graph import QDQGraph
 from edgeq.export.qoperator import INTEGER_ONLY
-from edgeq.numerics import accumulator_bounds, resize_align_corners
+from edgeq.numerics import accumulator_bias, accumulator_bounds, resize_align_corners
 from edgeq.op_attrs import (
     BilinearResizeAttrs,
     Conv2dAttrs,
@@ -130,9 +130,15 @@ class _OnnxWalker(QDQGraph):
         transposed = node.op_type == "Conv" or (node.op_type == "Gemm" and node_attributes(node).get("transB", 0))
         add = self.bias_adds.get(node_name(node))
         bias_input = [t for t in add.input if t != node.output[0]][0] if add is not None else (node.input[2:3] or [""])[0]
+        axis = 0 if transposed else values.ndim - 1
         bias = self.dequantized(bias_input) if bias_input else None
         bias_values = self.constants.get(bias[0]) if bias is not None else None
-        return tuple(accumulator_bounds(values, bias_values, 0 if transposed else values.ndim - 1, input_zero_point))
+        source, weight_quant = self.dequantized(node.input[0]), self.dequantized(node.input[1])
+        if bias is not None and bias_values is not None and source is not None and weight_quant is not None:
+            scales = list(weight_quant[1].scales) * (values.shape[axis] if len(weight_quant[1].scales) == 1 else 1)
+            at_accumulator = accumulator_bias(bias_values, bias[1].scales, source[1].scales[0], scales)
+            bias_values = at_accumulator if at_accumulator is not None else bias_values
+        return tuple(accumulator_bounds(values, bias_values, axis, input_zero_point))
 
     def _weighted(self, node: onnx.NodeProto) -> bool:
         op = self.op_of(node)

@@ -20,7 +20,7 @@ from edgeq.errors import CompileError
 from edgeq.export.onnx_nodes import node_attributes, node_name
 from edgeq.export.onnx_reader import QDQModel, QuantParams
 from edgeq.export.qdq_graph import QDQGraph
-from edgeq.numerics import bias_joins_accumulator, bias_scales
+from edgeq.numerics import accumulator_bias, bias_scales
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,8 @@ class _Graph(QDQGraph):
             return None
         channels = weight_values.shape[0] if node.op_type == "Conv" or attributes.get("transB", 0) else weight_values.shape[1]
         weight_scales = list(weights[1].scales) * (channels if len(weights[1].scales) == 1 else 1)
-        if not bias_joins_accumulator(bias_values, bias[1].scales, source[1].scales[0], weight_scales):
+        bias_values = accumulator_bias(bias_values, bias[1].scales, source[1].scales[0], weight_scales)
+        if bias_values is None:
             return None
         expected = bias_scales(source[1].scales[0], weight_scales)
         axis = 1 if node.op_type == "Conv" else len(self.shapes[output]) - 1

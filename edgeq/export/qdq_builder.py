@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeq.errors import ExportError
 from edgeq.export.float_onnx import OPSETS, emit_float_op
-from edgeq.numerics import bias_scales
+from edgeq.numerics import bias_exponents, bias_scales, float32
 from edgeq.ops import Op
 from edgeq.quantization.integer_model import IntegerModel
 from edgeq.quantization.integer_ops import IntDequantize, IntEnterFloat, IntQuantize, TensorQuant, _WeightedOp
@@ -225,9 +225,13 @@ class QDQBuilder:
         return f"{self.path(node)}.out"
 
     def weights(self, path: str, op: _WeightedOp, transposed: bool = False) -> tuple[str, str]:
+        """The dequantized weight and bias; a bias beyond int32 as its int32 integers at ``s_in * s_w[c] * 2**k``."""
         weight = op.weight.t().contiguous() if transposed else op.weight
         weight_name = self._constant_dequantized(f"{path}.weight_q", weight, op.weight_scales, axis=1 if transposed else 0)
-        bias_name = self._constant_dequantized(f"{path}.bias_q", op.bias, bias_scales(op.input_scale, op.weight_scales), axis=0)
+        exponents = bias_exponents(op.bias)
+        scales = [float32(s * 2.0**k) for s, k in zip(bias_scales(op.input_scale, op.weight_scales), exponents.tolist(), strict=True)]
+        values = torch.from_numpy(op.bias.numpy() >> exponents).to(torch.int32)
+        bias_name = self._constant_dequantized(f"{path}.bias_q", values, scales, axis=0)
         return weight_name, bias_name
 
     # ---- data movement ----------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ Conventions (see the spec for the why):
 - activations: int8, symmetric, zero point 0, range [-128, 127], one float32 scale per tensor;
 - weights: int8, symmetric, range [-127, 127], one float32 scale per output channel;
 - bias: int32 at scale ``s_in * s_w[c]``; accumulation in int32 (proved not to overflow, see
-  :func:`check_accumulator_bound`);
+  :func:`check_accumulator_bound`), or in int64 for a layer whose bias passes int32 (:func:`quantize_bias`);
 - requantization: ``y = round(acc * M / 2**n)`` exactly in int64, with ``2**30 <= M < 2**31`` and
   ``1 <= n <= 62``: one rounding, to nearest, ties by the target's :class:`~edgeq.targets.Rounding` (to even, or
   up with ``2 <= n``: TOSA's ``SINGLE_ROUND``); ``M = 0`` when the factor is below ``2**-32`` and the accumulator
@@ -64,6 +64,7 @@ from edgeq.numerics.rounding import (
     INT32_MIN,
     WEIGHT_QMAX,
     WEIGHT_QMIN,
+    bias_exponents,
     dequantize,
     exact_in_float64,
     float32,
@@ -79,6 +80,7 @@ from edgeq.numerics.scales import (
     BIAS_SCALE_TOLERANCE,
     SCALE_FLOOR,
     UINT8_SHIFT,
+    accumulator_bias,
     bias_at_accumulator_scale,
     bias_joins_accumulator,
     bias_scales,
@@ -128,7 +130,9 @@ __all__ = [
     "WEIGHT_QMIN",
     "ZERO_MULTIPLIER",
     "accumulator_bounds",
+    "accumulator_bias",
     "bias_at_accumulator_scale",
+    "bias_exponents",
     "bias_joins_accumulator",
     "bias_scales",
     "bilinear_accumulate",

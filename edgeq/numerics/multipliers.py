@@ -139,7 +139,7 @@ def accumulator_bounds(
 
     Args:
         weights: int8 weights; ``axis`` is the output-channel axis (0 for OIHW and for ``[out, in]``).
-        bias: the int32 bias, one per channel, or None.
+        bias: the bias's integers (int32, or int64 beyond it), one per channel, or None.
         axis: the output-channel axis of ``weights``.
         input_zero_point: the int8 input's zero point (docs/numerics.md section 9).
     """

@@ -60,10 +60,49 @@ def rounding_right_shift(value: torch.Tensor, shift: torch.Tensor | int, roundin
 def requantize(
     acc: torch.Tensor, multiplier: torch.Tensor | int, shift: torch.Tensor | int, rounding: Rounding = Rounding.HALF_TO_EVEN
 ) -> torch.Tensor:
-    """Scale an int32-range accumulator by ``M * 2**-n`` with one rounding (to nearest, ties by ``rounding``):
-    int64 in, int64 out (unsaturated). ``|acc| < 2**31`` and ``M < 2**31`` keep ``acc * M`` inside int64.
+    """Scale an accumulator by ``M * 2**-n`` with one rounding (to nearest, ties by ``rounding``): int64 in, int64
+    out (unsaturated). ``|acc| < 2**31`` and ``M < 2**31`` keep ``acc * M`` inside int64; a wider (int64)
+    accumulator is requantized by halves (:func:`split_requantize`), with the same result."""
+    acc = acc.to(torch.int64)
+    if bool((acc.abs() >= 2**31).any()):
+        return split_requantize(acc, multiplier, shift, rounding)
+    return rounding_right_shift(acc * multiplier, shift, rounding)
+
+
+SPLIT_BITS = 31
+"""The low part of an int64 accumulator in :func:`split_requantize`: ``l < 2**31``, so ``l * M < 2**62``."""
+
+
+def split_requantize(
+    acc: torch.Tensor, multiplier: torch.Tensor | int, shift: torch.Tensor | int, rounding: Rounding = Rounding.HALF_TO_EVEN
+) -> torch.Tensor:
+    """``round(acc * M / 2**n)`` of an int64 accumulator whose product with ``M`` may pass int64 (docs/numerics.md
+    section 5): with ``k = min(n, 31)`` and ``acc = h * 2**k + l`` (``0 <= l < 2**k``),
+    ``floor((acc * M + c) / 2**n) = (h * M + ((l * M + c) >> k)) >> (n - k)``; half up adds ``c = 2**(n-1)``, half
+    to even ``c = 2**(n-1) - 1 + (floor(acc * M / 2**n) & 1)``. Exact while ``|h * M| < 2**61``.
+
+    Raises:
+        QuantizationError: ``|h * M|`` reaches 2**61 (an accumulator beyond ``2**61 * 2**k / M``).
     """
-    return rounding_right_shift(acc.to(torch.int64) * multiplier, shift, rounding)
+    acc = acc.to(torch.int64)
+    multiplier = torch.as_tensor(multiplier, dtype=torch.int64)
+    shift = torch.as_tensor(shift, dtype=torch.int64)
+    low_bits = torch.clamp(shift, max=SPLIT_BITS)
+    high = acc >> low_bits
+    if bool(((high.abs() + 1) * multiplier >= 2**61).any()):
+        raise QuantizationError(
+            f"int64 accumulator up to {int(acc.abs().max())} times multiplier {multiplier.max().item()} is beyond the "
+            "requantization's range; the scales around this layer are inconsistent: check its calibration"
+        )
+    high_product, low_product = high * multiplier, (acc - (high << low_bits)) * multiplier
+
+    def floor_of(added: torch.Tensor) -> torch.Tensor:
+        return (high_product + ((low_product + added) >> low_bits)) >> (shift - low_bits)
+
+    half = torch.ones_like(shift) << (shift - 1)
+    if rounding is Rounding.HALF_UP:
+        return floor_of(half)
+    return floor_of(half - 1 + (floor_of(torch.zeros_like(half)) & 1))
 
 
 FLOAT64_EXACT = 2**53
@@ -108,20 +147,50 @@ def quantize_weight(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return saturate(torch.round(weight.to(torch.float32) * inverse), WEIGHT_QMIN, WEIGHT_QMAX, torch.int8)
 
 
+WIDE_BIAS_LIMIT = 2.0**62
+"""A bias beyond int32 is at most this many steps of its scale, so that its int64 integers leave room for the sum of
+products in the int64 accumulator."""
+
+
 def quantize_bias(bias: torch.Tensor, scales: Sequence[float], *, what: str) -> torch.Tensor:
-    """float bias -> int32 at ``scales`` (from :func:`bias_scales`): ``round_half_to_even(b / s)`` in float64.
+    """float bias -> int64 integers at ``scales`` (from :func:`bias_scales`): ``round_half_to_even(b / s)`` in
+    float64 where that fits int32; beyond int32 (a channel whose ``s_in * s_w[c]`` is tiny for its bias),
+    ``round_half_to_even(b / (s * 2**k)) * 2**k`` with the smallest ``k`` that fits the rounded value in int32, so
+    that a QDQ file holds it as int32 integers at the scale ``s * 2**k`` (:func:`bias_exponents`). The layer then
+    needs an int64 accumulator (docs/numerics.md sections 3 and 5).
 
     Raises:
-        QuantizationError: a bias does not fit int32, naming the channel and the values.
+        QuantizationError: a bias is not finite, or is ``2**62`` steps of its scale or more, naming the channel.
     """
     scaled = bias.detach().to(torch.float64) / torch.tensor(scales, dtype=torch.float64)
-    rounded = torch.round(scaled)
-    too_large = (rounded < INT32_MIN) | (rounded > INT32_MAX)
-    if bool(too_large.any()):
-        channel = int(torch.nonzero(too_large)[0])
+    beyond = ~torch.isfinite(scaled) | (scaled.abs() >= WIDE_BIAS_LIMIT)
+    if bool(beyond.any()):
+        channel = int(torch.nonzero(beyond)[0])
         raise QuantizationError(
-            f"{what}: bias of channel {channel} is {float(bias[channel]):.6g}, which is {float(rounded[channel]):.6g} "
-            f"steps of its scale {scales[channel]:.6g} (allowed: int32). The channel's weights are almost all zero; "
-            "prune the channel or give its weights a non-zero range"
+            f"{what}: bias of channel {channel} is {float(bias[channel]):.6g}, which is {float(scaled[channel]):.6g} "
+            f"steps of its scale {scales[channel]:.6g} (allowed: below 2**62). The channel's weights are almost all "
+            "zero; prune the channel or give its weights a non-zero range"
         )
-    return rounded.to(torch.int32)
+    exponents = torch.zeros_like(scaled, dtype=torch.int64)
+    while True:
+        rounded = torch.round(torch.ldexp(scaled, -exponents))
+        too_large = rounded.abs() > INT32_MAX
+        if not bool(too_large.any()):
+            return rounded.to(torch.int64) << exponents
+        exponents = exponents + too_large.to(torch.int64)
+
+
+def bias_exponents(bias: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Per channel, the smallest ``k >= 0`` whose ``b >> k`` fits int32, for int64 bias integers from
+    :func:`quantize_bias`: the QDQ file writes ``b >> k`` at the scale ``s_in * s_w[c] * 2**k``.
+
+    Raises:
+        QuantizationError: a bias is not a multiple of its ``2**k`` (not from :func:`quantize_bias`).
+    """
+    values = np.asarray(bias, dtype=np.int64).reshape(-1)
+    exponents = np.zeros(values.shape, dtype=np.int64)
+    while np.any(np.abs(values >> exponents) > INT32_MAX):
+        exponents += np.abs(values >> exponents) > INT32_MAX
+    if np.any((values >> exponents) << exponents != values):
+        raise QuantizationError(f"bias {values.tolist()[:4]} beyond int32 is not a multiple of 2**{exponents.tolist()[:4]}")
+    return exponents

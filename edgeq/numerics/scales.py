@@ -76,7 +76,28 @@ def bias_at_accumulator_scale(bias_scale: Sequence[float], input_scale: float, w
     return bool(np.allclose(np.broadcast_to(actual, expected.shape), expected, rtol=BIAS_SCALE_TOLERANCE, atol=0))
 
 
+def accumulator_bias(values: np.ndarray, bias_scale: Sequence[float], input_scale: float, weight_scales: Sequence[float]) -> np.ndarray | None:
+    """A bias's integers ``values`` as int64 integers at ``s_in * s_w[c]``, the accumulator's scale, or None when
+    they do not join it exactly. They do when all zeros (at any scale: a zero bias shared by several layers is
+    quantized once, at one of their scales), at ``s_in * s_w[c]``, or per channel at ``s_in * s_w[c] * 2**k`` for
+    an integer ``k >= 1``, which means the integers ``b * 2**k`` (edgeq writes a bias beyond int32 so,
+    :func:`~edgeq.numerics.rounding.bias_exponents`)."""
+    values = np.asarray(values).reshape(-1)
+    expected = np.asarray(bias_scales(input_scale, weight_scales), dtype=np.float64)
+    if not np.any(values):
+        return np.zeros(expected.size, dtype=np.int64)
+    actual = np.asarray(bias_scale, dtype=np.float64).reshape(-1)
+    if actual.size not in (1, expected.size) or values.size not in (1, expected.size):
+        return None
+    ratios = np.broadcast_to(actual, expected.shape) / expected
+    if not np.all(ratios > 0):
+        return None
+    exponents = np.maximum(np.round(np.log2(ratios)), 0).astype(np.int64)
+    if not np.allclose(ratios, np.ldexp(1.0, exponents), rtol=BIAS_SCALE_TOLERANCE, atol=0):
+        return None
+    return np.broadcast_to(values.astype(np.int64), expected.shape) << exponents
+
+
 def bias_joins_accumulator(values: np.ndarray, bias_scale: Sequence[float], input_scale: float, weight_scales: Sequence[float]) -> bool:
-    """Whether a bias's integers ``values`` join the int32 accumulator exactly: all zeros (at any scale: a zero
-    bias shared by several layers is quantized once, at one of their scales), or at ``s_in * s_w[c]``."""
-    return not np.any(values) or bias_at_accumulator_scale(bias_scale, input_scale, weight_scales)
+    """Whether a bias's integers ``values`` join the accumulator exactly (:func:`accumulator_bias`)."""
+    return accumulator_bias(values, bias_scale, input_scale, weight_scales) is not None

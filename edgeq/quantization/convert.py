@@ -1,8 +1,9 @@
 """``convert_fx``: a calibrated / QAT model becomes the integer model.
 
 Each canonical op of the prepared graph becomes its integer twin: BatchNorm is folded with its running
-statistics, weights are quantized exactly as the QAT model fake-quantized them, biases become int32, and every
-requantization factor becomes a fixed-point multiplier and shift (docs/numerics.md). Ops that only move values
+statistics, weights are quantized exactly as the QAT model fake-quantized them, biases become int32 (a layer whose
+bias passes int32 accumulates in int64, with a :class:`WideAccumulatorWarning`), and every requantization factor
+becomes a fixed-point multiplier and shift (docs/numerics.md). Ops that only move values
 (reshape, transpose, chunk, getitem) are kept; dropout disappears. Ops left in float are kept as they are,
 between the dequantize and the quantize of the float fallback.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -22,6 +24,7 @@ from edgeq.errors import QuantizationError
 from edgeq.numerics import (
     ACTIVATION_QMAX,
     ACTIVATION_QMIN,
+    INT32_MAX,
     FixedPointMultiplier,
     accumulator_bounds,
     add_multipliers,
@@ -32,6 +35,7 @@ from edgeq.numerics import (
     clamp_levels,
     conv_multipliers,
     lookup_table,
+    needs_int64_accumulator,
     product_multiplier,
     quantize_bias,
     quantize_multiplier,
@@ -96,6 +100,23 @@ Converter = Callable[["_Converter", fx.Node, nn.Module], "tuple[nn.Module, Tenso
 
 CONVERTERS: OpTable[Converter] = OpTable("converter in convert.py", lambda info: not info.movement)
 """How ``convert_fx`` turns each op's canonical module into its integer op (a method of ``_Converter``)."""
+
+
+class WideAccumulatorWarning(UserWarning):
+    """A conv or linear layer's accumulator can pass int32 (a channel's bias is large for its tiny ``s_in * s_w``):
+    it is computed exactly with an int64 accumulator, on the CPU (docs/numerics.md section 5)."""
+
+
+def _warn_wide_accumulator(what: str, bounds: list[int], bias: torch.Tensor, scales: list[float]) -> None:
+    channel = max(range(len(bounds)), key=bounds.__getitem__)
+    warnings.warn(
+        f"{what}: its accumulator can reach {bounds[channel]} (int32: up to {INT32_MAX}; channel {channel}'s bias is "
+        f"{int(bias[channel])} steps of its scale {scales[channel]:.6g}): it is computed exactly with an int64 "
+        "accumulator, on the CPU of NPU targets. Calibrating with representative data, or training the layer, brings "
+        "it within int32",
+        WideAccumulatorWarning,
+        stacklevel=2,
+    )
 
 
 def convert_fx(model: fx.GraphModule) -> IntegerModel:
@@ -235,21 +256,18 @@ class _Converter:
         weight_q = quantize_weight(weight, scales)
         scale_list = [float(s) for s in scales]
         bias_scale = bias_scales(input_scale, scale_list)
-        bias_q = quantize_bias(module.folded_bias(), bias_scale, what=f"{type(module).__name__} '{path}'")
-        check_accumulator_bound(weight[0].numel(), bias_q, what=f"{type(module).__name__} '{path}'")
+        what = f"{type(module).__name__} '{path}'"
+        bias_q = quantize_bias(module.folded_bias(), bias_scale, what=what)
         if module.output_dtype == "int32":
+            check_accumulator_bound(weight[0].numel(), bias_q, what=what)
             output, multipliers, clamp = TensorQuant("int32", tuple(bias_scale), axis=channel_axis), None, None
         else:
             output_scale = self._output_scale(module)
             output = TensorQuant("int8", (output_scale,))
-            multipliers = conv_multipliers(
-                input_scale,
-                scale_list,
-                output_scale,
-                what=f"{type(module).__name__} '{path}'",
-                bounds=accumulator_bounds(weight_q, bias_q, axis=0),
-                rounding=self.rounding,
-            )
+            bounds = accumulator_bounds(weight_q, bias_q, axis=0)
+            if needs_int64_accumulator(bounds):
+                _warn_wide_accumulator(what, bounds, bias_q, bias_scale)
+            multipliers = conv_multipliers(input_scale, scale_list, output_scale, what=what, bounds=bounds, rounding=self.rounding)
             clamp = self._clamp_for(module.activation, output_scale)
         return dict(
             weight=weight_q,

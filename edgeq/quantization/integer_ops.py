@@ -98,7 +98,8 @@ class IntEnterFloat(_Dequantizing):
 
 
 class _WeightedOp(nn.Module):
-    """Conv and linear: int8 x int8 -> int32 accumulator (+ int32 bias), then requantization or int32 out."""
+    """Conv and linear: int8 x int8 -> accumulator (+ bias; int32, or int64 where the bias passes int32: docs/numerics.md
+    section 5), then requantization or int32 out."""
 
     def __init__(
         self,
@@ -116,7 +117,7 @@ class _WeightedOp(nn.Module):
         if (multipliers is None or clamp is None) != (output.dtype == "int32"):
             raise ValueError("multipliers and clamp are given exactly when the output is int8")
         self.register_buffer("weight", weight.to(torch.int8))
-        self.register_buffer("bias", bias.to(torch.int32))
+        self.register_buffer("bias", bias.to(torch.int64))
         self.input_scale = input_scale
         self.weight_scales = tuple(weight_scales)
         self.output = output

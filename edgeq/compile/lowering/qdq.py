@@ -10,7 +10,7 @@ import numpy as np
 from tvm import relax
 
 from edgeq.compile.integer_relax import Activation
-from edgeq.numerics import bias_joins_accumulator
+from edgeq.numerics import accumulator_bias
 
 
 def constant(expr: relax.Expr) -> np.ndarray | None:
@@ -103,14 +103,12 @@ def weights(dequantize: relax.Call, channels_axis: int, channels: int) -> tuple[
 
 
 def bias(dequantize: relax.Call | None, input_scale: float, weight_scales: list[float]) -> np.ndarray | None:
-    """The int32 bias, if it sits at ``s_in * s_w`` (zeros when there is none, or when it is all zeros at any
-    scale, as a bias shared by several layers can be); None if it does not fit."""
+    """The bias's integers at ``s_in * s_w`` (:func:`edgeq.numerics.accumulator_bias`: zeros when there is none,
+    or when it is all zeros at any scale; int64 for one written at ``s_in * s_w * 2**k``); None if it does not
+    fit."""
     if dequantize is None:
         return np.zeros(len(weight_scales), dtype=np.int32)
     symmetric = _symmetric_constant(dequantize, np.int32)
     if symmetric is None:
         return None
-    values = symmetric[0].reshape(-1)
-    if not bias_joins_accumulator(values, symmetric[1].scales, input_scale, weight_scales):
-        return None
-    return np.broadcast_to(values, (len(weight_scales),)).copy()
+    return accumulator_bias(symmetric[0], symmetric[1].scales, input_scale, weight_scales)

@@ -164,3 +164,29 @@ def test_a_roll_of_the_flattened_tensor_falls_back_and_export_names_it(tmp_path)
     with pytest.raises(ExportError, match=r"^roll 'roll': left in float, but torch's ONNX exporter cannot write it") as caught:
         to_onnx(int_model, (example,), tmp_path / "m.onnx")
     assert "\n" not in str(caught.value)
+
+
+class SharedFloatResult(nn.Module):
+    """A float op's result read twice: quantized by an integer add, and as it is by the next float op (YOLOv8's
+    box decoding: ``x1y1 = anchors - lt`` feeds ``x1y1 + x2y2`` and ``x2y2 - x1y1``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feature = self.conv(self.quant(x))
+        gate = torch.atan(feature)
+        return self.dequant(torch.cat([gate + feature, torch.atan(gate)], 1))
+
+
+def test_a_float_result_read_quantized_and_as_it_is_compiles_within_the_bound(tmp_path):
+    torch.manual_seed(0)
+    example = torch.randn(SHAPE)
+    int_model = integer_model(SharedFloatResult().eval(), example, "x86_64")
+    result = compile_model(to_onnx(int_model, (example,), tmp_path / "m.onnx"), target="x86_64", out=tmp_path / "m.edgeq")
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    with Model.load(result.artifact) as artifact:
+        (got,) = artifact.run({"x": x.numpy()}, raw=True).values()
+    assert_within_float_region_bound(got, int_model.run_integer(x).numpy())

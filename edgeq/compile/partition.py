@@ -194,11 +194,15 @@ class _Graph(QDQGraph):
         return tensors
 
     def produced(self, op: onnx.NodeProto) -> list[str]:
-        """Tensors an op's nodes make, seen through QuantizeLinear (its quantized output)."""
+        """Tensors an op's nodes make, seen through QuantizeLinear (its quantized output); a float output also
+        as it is when another node reads it unquantized (consecutive float ops of the float fallback)."""
         tensors = []
         for name in (t for node in self.members(op) for t in node.output):
-            quantizers = [c for c in self.consumers.get(name, []) if c.op_type == "QuantizeLinear"]
-            tensors += [q.output[0] for q in quantizers] or [name]
+            consumers = self.consumers.get(name, [])
+            quantizers = [c for c in consumers if c.op_type == "QuantizeLinear"]
+            tensors += [q.output[0] for q in quantizers]
+            if not quantizers or len(quantizers) < len(consumers):
+                tensors.append(name)
         return tensors
 
     def connect(self, regions: list[Region], program_inputs: list[str], program_outputs: list[str]) -> None:

@@ -34,7 +34,7 @@ what opset 13's do (opset 18 moves reductions' axes to an input), for ops torch 
 ``scaled_dot_product_attention`` needs 14). A file holding such an op imports the newer opset."""
 
 FloatValue = Any
-"""A float op's ONNX value: a tensor name, or for an op returning a tuple, a tuple of names (``None`` where the
+"""A float op's ONNX value: a tensor name, or for an op returning a tuple or list, a tuple of names (``None`` where the
 tuple holds no tensor)."""
 
 
@@ -61,7 +61,8 @@ def emit_float_op(
         inputs: the ONNX value of each of ``node``'s float inputs (an fx node not here is a static value).
         values: every fx node's example value (the float inputs' shapes, the static arguments' values, the result's
             structure).
-        path: the stem of every name written (``P/<OpType>_<i>`` nodes, ``P.out`` result, ``P.out<i>`` for a tuple).
+        path: the stem of every name written (``P/<OpType>_<i>`` nodes, ``P.out`` result, ``P.out<i>`` for a tuple
+            or list).
         reason: why the op is float; written as each node's ``doc_string`` (``check`` reports it).
 
     Raises:
@@ -72,15 +73,16 @@ def emit_float_op(
         return inputs[node.args[0]][node.args[1]]  # an item of a float op's tuple: one of its ONNX outputs
     program, examples, sources = _single_op_program(node, module, inputs, values)
     result = values[node]
-    positions = [i for i, item in enumerate(result) if isinstance(item, torch.Tensor)] if isinstance(result, tuple) else []
-    names = [f"{path}.out{i}" for i in positions] if isinstance(result, tuple) else [f"{path}.out"]
+    several = isinstance(result, (tuple, list))  # aten.meshgrid, unbind... return a list
+    positions = [i for i, item in enumerate(result) if isinstance(item, torch.Tensor)] if several else []
+    names = [f"{path}.out{i}" for i in positions] if several else [f"{path}.out"]
     exported = _export(program, examples, len(names), graph.opset, f"{what} '{path}'")
     graph.opset = max(graph.opset, next(o.version for o in exported.opset_import if o.domain in ("", "ai.onnx")))
     first = len(graph.nodes)
     _splice(graph, exported.graph, {f"input{i}": source for i, source in enumerate(sources)}, names, path)
     for onnx_node in graph.nodes[first:]:
         onnx_node.doc_string = f"{FLOAT_FALLBACK_DOC}{what} '{path}': {reason}"
-    if not isinstance(result, tuple):
+    if not several:
         return names[0]
     by_position = dict(zip(positions, names))
     return tuple(by_position.get(i) for i in range(len(result)))
@@ -90,7 +92,7 @@ def _single_op_program(
     node: fx.Node, module: nn.Module | None, inputs: dict[fx.Node, FloatValue], values: dict[fx.Node, Any]
 ) -> tuple[fx.GraphModule, list[torch.Tensor], list[str]]:
     """``node`` alone in a GraphModule: each float tensor it reads is an input (with its example value and ONNX
-    name), a tuple of them a tuple of inputs, anything else its static value; a tuple result is returned as its
+    name), a tuple of them a tuple of inputs, anything else its static value; a tuple or list result is returned as its
     tensors alone."""
     graph = fx.Graph()
     examples: list[torch.Tensor] = []
@@ -112,7 +114,7 @@ def _single_op_program(
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lift)
     op = graph.create_node(node.op, node.target, args, kwargs)
     result = values[node]
-    if isinstance(result, tuple):
+    if isinstance(result, (tuple, list)):
         graph.output(tuple(graph.call_function(operator.getitem, (op, i)) for i, item in enumerate(result) if isinstance(item, torch.Tensor)))
     else:
         graph.output(op)

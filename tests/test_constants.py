@@ -5,6 +5,8 @@ compile and both runtimes; ONNX Runtime runs the QDQ file."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 import pytest
@@ -189,3 +191,39 @@ def test_an_op_left_in_float_reads_parameters_as_float_initializers(tmp_path):
     with Model.load(result.artifact) as model:
         (got,) = model.run(x.numpy(), raw=True).values()
     assert_within_float_region_bound(got, int_model.run_integer(x).numpy())
+
+
+
+class GridOffsets(nn.Module):
+    """YOLO's anchors and strides in small: ``torch.arange(w).type_as(feature)`` and ``feature.new_full(...)`` read
+    the feature only for its dtype; the integer add reads their product as a constant. With ``branch``, an ``if`` on
+    a shape makes torch.fx fail and torch.export capture it (aten ops, as YOLOv8's C2f does)."""
+
+    def __init__(self, branch: bool = False) -> None:
+        super().__init__()
+        self.quant, self.dequant = QuantStub(), DeQuantStub()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+        self.branch = branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feature = self.conv(self.quant(x))
+        width = feature.shape[-1]
+        if self.branch and width < 1:
+            raise ValueError("an empty feature map")
+        grid = torch.arange(width).type_as(feature) + 0.5
+        stride = feature.new_full((1, 1, 1, width), 2.0)
+        return self.dequant(feature + grid * stride)
+
+
+@pytest.mark.parametrize(("branch", "capture"), [(False, Capture.FX), (True, Capture.EXPORT)])
+def test_an_op_reading_a_tensor_only_for_its_dtype_makes_a_constant(branch, capture):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FloatFallbackWarning)
+        prepared = calibrate(GridOffsets(branch).eval(), [torch.randn(2, 3, 8, 8)], example_inputs=(EXAMPLE,), target="x86_64")
+    assert getattr(prepared, CAPTURE_ATTRIBUTE) is capture
+    assert not [n for n in prepared.graph.nodes if "type_as" in str(n.target) or "new_full" in str(n.target)]
+    int_model = convert_fx(prepared)
+    x = torch.randn(1, 3, 8, 8)
+    expected = prepared.conv(x).detach() + (torch.arange(8) + 0.5) * 2.0
+    assert float((int_model(x) - expected).abs().max()) <= 2 * int_model.output_quant()[0].scales[0]

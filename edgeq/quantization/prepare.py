@@ -33,6 +33,7 @@ from edgeq.quantization.distributed import DDP_IGNORE_ATTRIBUTE, observer_buffer
 from edgeq.quantization.float_boundaries import FloatFallbackWarning
 from edgeq.quantization.fusion import find_fusions
 from edgeq.quantization.graph import integer_region, module_scope, record_example_values
+from edgeq.quantization.metadata_reads import drop_metadata_reads
 from edgeq.quantization.patterns import PreFusionOp, moves_values, source_op
 from edgeq.quantization.qat_modules import CONSTANT_KEY, FLOAT_REASON_KEY, DequantizeOutput
 from edgeq.quantization.qconfig import QConfig, QConfigSpec, qconfig_resolver
@@ -140,6 +141,7 @@ def prepare_captured(
     """Prepare a captured module-level graph (its :data:`CAPTURE_ATTRIBUTE` set), e.g. one rebuilt from a PT2E
     graph; the prepared model and the reason of each node rejected (``lenient``)."""
     record_example_values(traced, example_inputs)
+    drop_metadata_reads(traced)
     region = integer_region(traced)
     rewriter = Rewriter(traced, region, target, resolve, strict)
     prepared, rejected = _rewrite(rewriter, lenient)

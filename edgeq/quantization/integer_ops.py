@@ -98,8 +98,8 @@ class IntEnterFloat(_Dequantizing):
 
 
 class _WeightedOp(nn.Module):
-    """Conv and linear: int8 x int8 -> accumulator (+ bias; int32, or int64 where the bias passes int32: docs/numerics.md
-    section 5), then requantization or int32 out."""
+    """Conv and linear: int8 x int8 -> accumulator (+ bias; int32, or int64 where the bias passes int32:
+    docs/numerics.md section 5), then requantization or int32 out."""
 
     def __init__(
         self,

@@ -182,12 +182,21 @@ def test_requantize_of_a_wide_accumulator_is_the_exact_rounding(rounding):
     # accumulators past 2**31 (an int64 accumulator) with M near 2**31: acc * M passes int64; ties included
     multiplier, shift = 2**31 - 1, 45
     accs = [2**40 + 2**14, -(2**40) - 2**14, 3 * 2**38 + 1, 2**31, -(2**31) - 7, 5 * 2**44]
-    got = nx.requantize(torch.tensor(accs, dtype=torch.int64), multiplier, shift, rounding).tolist()
+    got = nx.split_requantize(torch.tensor(accs, dtype=torch.int64), multiplier, shift, rounding).tolist()
     expected = [_exact_round(Fraction(a * multiplier, 2**shift), rounding) for a in accs]
     assert got == expected
     tie = 2**44  # (2**44 * M) / 2**45 = M / 2: a tie between (M - 1) / 2 and (M + 1) / 2
-    rounded = nx.requantize(torch.tensor([tie, -tie]), multiplier, shift, rounding).tolist()
+    rounded = nx.split_requantize(torch.tensor([tie, -tie]), multiplier, shift, rounding).tolist()
     assert rounded == ([2**30, -(2**30 - 1)] if rounding is Rounding.HALF_UP else [2**30, -(2**30)])
+    small = torch.tensor([5, -7, 2**30 + 3], dtype=torch.int64)  # int32-range accumulators: the same as requantize
+    assert nx.split_requantize(small, multiplier, 31, rounding).tolist() == nx.requantize(small, multiplier, 31, rounding).tolist()
+
+
+def test_the_split_requantization_is_proved_from_the_accumulator_bound():
+    multipliers = [nx.FixedPointMultiplier(2**31 - 1, 45)]
+    nx.check_split_requantization([2**60], multipliers, what="c")  # (2**29 + 1) * M < 2**61
+    with pytest.raises(QuantizationError, match=r"^conv 'c': int64 accumulator up to 4611686018427387904 times multiplier"):
+        nx.check_split_requantization([2**62], multipliers, what="conv 'c'")
 
 
 def test_accumulator_bounds_literal():

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from edgeq.compile import compile_model
-from edgeq.export import to_onnx
+from edgeq.export import to_onnx, trace
 from edgeq.numerics import INT32_MAX, bias_scales
 from edgeq.quantization import DeQuantStub, QuantStub
 from edgeq.quantization.convert import WideAccumulatorWarning
@@ -60,6 +60,16 @@ def test_a_bias_beyond_int32_is_written_at_a_power_of_two_multiple_of_its_scale(
     exponents = np.round(np.log2(scales / np.float32(bias_scales(head.input_scale, head.weight_scales)))).astype(np.int64)
     assert values.dtype == np.int32 and exponents.min() >= 0 and exponents.max() > 0
     np.testing.assert_array_equal(values.astype(np.int64) << exponents, head.bias.numpy())
+
+
+def test_the_traced_integer_model_requantizes_a_wide_accumulator_as_the_integer_model():
+    """The split requantization is chosen once per layer, not per input (a trace records one path): the traced
+    model equals the integer model on other inputs."""
+    int_model, example = _converted("x86_64")
+    traced = trace(int_model, (torch.zeros_like(example),))
+    for seed in range(3):
+        x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) * 4
+        np.testing.assert_array_equal(traced(x).numpy(), int_model(x).detach().numpy())
 
 
 @pytest.mark.flow

@@ -24,8 +24,10 @@ from edgeq.numerics import (
     ACTIVATION_QMAX,
     ACTIVATION_QMIN,
     INT32_MAX,
+    SPLIT_BITS,
     FixedPointMultiplier,
     accumulator_bounds,
+    check_split_requantization,
     exact_in_float64,
     folded_bias,
     largest_input_magnitude,
@@ -161,10 +163,6 @@ def requantize(
 PRODUCT_LIMIT = 2**62
 """``|acc * M|`` below this: :func:`_round_shift` computes ``round(acc * M / 2**n)`` in int64."""
 
-SPLIT_BITS = 31
-"""An int64 accumulator's low part in :func:`_split_round_shift`: ``l < 2**31``, so ``l * M < 2**62``."""
-
-
 def _split_round_shift(
     acc: relax.Expr, multipliers: Sequence[FixedPointMultiplier], shape: Sequence[int], bounds: Sequence[int]
 ) -> relax.Expr:
@@ -174,14 +172,9 @@ def _split_round_shift(
     adds ``c = 2**(n-1)``, half to even ``2**(n-1) - 1 + (floor(acc * M / 2**n) & 1)``, as :func:`_round_shift`.
 
     Raises:
-        QuantizationError: ``|h * M|`` could reach 2**61 (an accumulator beyond ``2**61 * 2**k / M``).
+        QuantizationError: ``|h * M|`` could reach 2**61 (:func:`edgeq.numerics.check_split_requantization`).
     """
-    for bound, m in zip(bounds, multipliers, strict=True):
-        if ((bound >> min(m.shift, SPLIT_BITS)) + 1) * m.multiplier >= PRODUCT_LIMIT // 2:
-            raise QuantizationError(
-                f"int64 accumulator up to {bound} times multiplier {m.multiplier} * 2**-{m.shift} is beyond the "
-                "requantization's range; the scales around this layer are inconsistent: check its calibration"
-            )
+    check_split_requantization(bounds, multipliers, what="split requantization")
     low_bits = [min(m.shift, SPLIT_BITS) for m in multipliers]
     k, factor = _i64(low_bits, shape), _i64([m.multiplier for m in multipliers], shape)
     rest = _i64([m.shift - bits for m, bits in zip(multipliers, low_bits, strict=True)], shape)

@@ -38,6 +38,7 @@ from edgeq.numerics.multipliers import (
     add_multipliers,
     check_accumulator_bound,
     check_product_accumulator_bound,
+    check_split_requantization,
     conv_multipliers,
     folded_bias,
     min_shift,
@@ -62,6 +63,7 @@ from edgeq.numerics.rounding import (
     FLOAT64_EXACT,
     INT32_MAX,
     INT32_MIN,
+    SPLIT_BITS,
     WEIGHT_QMAX,
     WEIGHT_QMIN,
     bias_exponents,
@@ -75,6 +77,7 @@ from edgeq.numerics.rounding import (
     round_half,
     rounding_right_shift,
     saturate,
+    split_requantize,
 )
 from edgeq.numerics.scales import (
     BIAS_SCALE_TOLERANCE,
@@ -124,6 +127,7 @@ __all__ = [
     "RESIZE_FRACTION_BITS",
     "SCALE_FLOOR",
     "SMALLEST_MULTIPLIER",
+    "SPLIT_BITS",
     "TABLE_FUNCTIONS",
     "UINT8_SHIFT",
     "WEIGHT_QMAX",
@@ -140,6 +144,7 @@ __all__ = [
     "bilinear_taps",
     "check_accumulator_bound",
     "check_product_accumulator_bound",
+    "check_split_requantization",
     "clamp_levels",
     "conv_multipliers",
     "dequantize",
@@ -164,5 +169,6 @@ __all__ = [
     "resize_align_corners",
     "rounding_right_shift",
     "saturate",
+    "split_requantize",
     "scale_from_amax",
 ]

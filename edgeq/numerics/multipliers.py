@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from edgeq.errors import QuantizationError
-from edgeq.numerics.rounding import ACTIVATION_QMIN, INT32_MAX, WEIGHT_QMAX
+from edgeq.numerics.rounding import ACTIVATION_QMIN, INT32_MAX, SPLIT_BITS, WEIGHT_QMAX
 from edgeq.numerics.scales import largest_input_magnitude
 from edgeq.targets import Rounding
 
@@ -238,6 +238,22 @@ def needs_int64_accumulator(bounds: Sequence[int]) -> bool:
     ``|Σ_k q[k] * w_q[c, k]| <= 128 * Σ_k |w_q[c, k]|`` and the :func:`folded_bias` ``|b - z * Σ_k w_q[c, k]|``
     are both at most the bound, as ``max|q - z| >= 128`` for every int8 zero point."""
     return max(bounds, default=0) > INT32_MAX
+
+
+def check_split_requantization(bounds: Sequence[int], multipliers: Sequence[FixedPointMultiplier], *, what: str) -> None:
+    """Prove that :func:`~edgeq.numerics.rounding.split_requantize` is exact for int64 accumulators bounded by
+    ``bounds`` (one per multiplier): ``(|acc| >> k + 1) * M < 2**61`` with ``k = min(n, 31)`` (docs/numerics.md
+    section 5).
+
+    Raises:
+        QuantizationError: an accumulator bound beyond ``2**61 * 2**k / M``, naming ``what``.
+    """
+    for bound, m in zip(bounds, multipliers, strict=True):
+        if ((bound >> min(m.shift, SPLIT_BITS)) + 1) * m.multiplier >= 2**61:
+            raise QuantizationError(
+                f"{what}: int64 accumulator up to {bound} times multiplier {m.multiplier} * 2**-{m.shift} is beyond the "
+                "requantization's range; the scales around this layer are inconsistent: check its calibration"
+            )
 
 
 def check_accumulator_bound(reduction_size: int, bias: torch.Tensor | np.ndarray | None, *, what: str) -> None:

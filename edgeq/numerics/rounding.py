@@ -60,17 +60,11 @@ def rounding_right_shift(value: torch.Tensor, shift: torch.Tensor | int, roundin
 def requantize(
     acc: torch.Tensor, multiplier: torch.Tensor | int, shift: torch.Tensor | int, rounding: Rounding = Rounding.HALF_TO_EVEN
 ) -> torch.Tensor:
-    """Scale an accumulator by ``M * 2**-n`` with one rounding (to nearest, ties by ``rounding``): int64 in, int64
-    out (unsaturated). ``|acc| < 2**31`` and ``M < 2**31`` keep ``acc * M`` inside int64; a wider (int64)
-    accumulator is requantized by halves (:func:`split_requantize`), with the same result."""
-    acc = acc.to(torch.int64)
-    if bool((acc.abs() >= 2**31).any()):
-        return split_requantize(acc, multiplier, shift, rounding)
-    return rounding_right_shift(acc * multiplier, shift, rounding)
-
-
-SPLIT_BITS = 31
-"""The low part of an int64 accumulator in :func:`split_requantize`: ``l < 2**31``, so ``l * M < 2**62``."""
+    """Scale an int32-range accumulator by ``M * 2**-n`` with one rounding (to nearest, ties by ``rounding``):
+    int64 in, int64 out (unsaturated). ``|acc| < 2**31`` and ``M < 2**31`` keep ``acc * M`` inside int64; a wider
+    (int64) accumulator needs :func:`split_requantize`.
+    """
+    return rounding_right_shift(acc.to(torch.int64) * multiplier, shift, rounding)
 
 
 def split_requantize(
@@ -79,21 +73,14 @@ def split_requantize(
     """``round(acc * M / 2**n)`` of an int64 accumulator whose product with ``M`` may pass int64 (docs/numerics.md
     section 5): with ``k = min(n, 31)`` and ``acc = h * 2**k + l`` (``0 <= l < 2**k``),
     ``floor((acc * M + c) / 2**n) = (h * M + ((l * M + c) >> k)) >> (n - k)``; half up adds ``c = 2**(n-1)``, half
-    to even ``c = 2**(n-1) - 1 + (floor(acc * M / 2**n) & 1)``. Exact while ``|h * M| < 2**61``.
-
-    Raises:
-        QuantizationError: ``|h * M|`` reaches 2**61 (an accumulator beyond ``2**61 * 2**k / M``).
+    to even ``c = 2**(n-1) - 1 + (floor(acc * M / 2**n) & 1)``. Exact while ``|h * M| < 2**61``, which
+    :func:`~edgeq.numerics.multipliers.check_split_requantization` proves from the accumulator's bound.
     """
     acc = acc.to(torch.int64)
     multiplier = torch.as_tensor(multiplier, dtype=torch.int64)
     shift = torch.as_tensor(shift, dtype=torch.int64)
     low_bits = torch.clamp(shift, max=SPLIT_BITS)
     high = acc >> low_bits
-    if bool(((high.abs() + 1) * multiplier >= 2**61).any()):
-        raise QuantizationError(
-            f"int64 accumulator up to {int(acc.abs().max())} times multiplier {multiplier.max().item()} is beyond the "
-            "requantization's range; the scales around this layer are inconsistent: check its calibration"
-        )
     high_product, low_product = high * multiplier, (acc - (high << low_bits)) * multiplier
 
     def floor_of(added: torch.Tensor) -> torch.Tensor:
@@ -146,6 +133,9 @@ def quantize_weight(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     inverse = (1.0 / scales.to(torch.float32)).reshape(-1, *([1] * (weight.dim() - 1)))
     return saturate(torch.round(weight.to(torch.float32) * inverse), WEIGHT_QMIN, WEIGHT_QMAX, torch.int8)
 
+
+SPLIT_BITS = 31
+"""The low part of an int64 accumulator in :func:`split_requantize`: ``l < 2**31``, so ``l * M < 2**62``."""
 
 WIDE_BIAS_LIMIT = 2.0**62
 """A bias beyond int32 is at most this many steps of its scale, so that its int64 integers leave room for the sum of

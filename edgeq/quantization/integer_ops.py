@@ -22,14 +22,18 @@ from edgeq.numerics import (
     ACTIVATION_QMAX,
     ACTIVATION_QMIN,
     FixedPointMultiplier,
+    accumulator_bounds,
     bilinear_accumulate,
     bilinear_taps,
+    check_split_requantization,
     dequantize,
     look_up,
+    needs_int64_accumulator,
     quantize,
     requantize,
     rounding_right_shift,
     saturate,
+    split_requantize,
 )
 from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable
 from edgeq.quantization.qat_modules import UpsampleNearest2d
@@ -99,7 +103,7 @@ class IntEnterFloat(_Dequantizing):
 
 class _WeightedOp(nn.Module):
     """Conv and linear: int8 x int8 -> accumulator (+ bias; int32, or int64 where the bias passes int32:
-    docs/numerics.md section 5), then requantization or int32 out."""
+    ``wide_accumulator``, docs/numerics.md section 5), then requantization (by halves when wide) or int32 out."""
 
     def __init__(
         self,
@@ -122,7 +126,11 @@ class _WeightedOp(nn.Module):
         self.weight_scales = tuple(weight_scales)
         self.output = output
         self.clamp = clamp
+        bounds = accumulator_bounds(weight, bias, axis=0)
+        self.wide_accumulator = needs_int64_accumulator(bounds)
         if multipliers is not None:
+            if self.wide_accumulator:
+                check_split_requantization(bounds, multipliers, what=type(self).__name__)
             _multiplier_buffers(self, multipliers)
 
     def _finish(self, accumulator: torch.Tensor, channel_axis: int) -> torch.Tensor:
@@ -131,7 +139,8 @@ class _WeightedOp(nn.Module):
         if self.output.dtype == "int32":
             return accumulator.to(torch.int32)
         assert self.clamp is not None
-        scaled = requantize(
+        requantizing = split_requantize if self.wide_accumulator else requantize  # chosen once: a trace records it
+        scaled = requantizing(
             accumulator,
             _channel_view(self.multiplier, rank, channel_axis),
             _channel_view(self.shift, rank, channel_axis),

@@ -16,6 +16,7 @@ from torch import nn
 
 from edgeq.compile import compile_model
 from edgeq.export import to_onnx, trace
+from edgeq.export.peer import PEER_PATHS, session, steps_apart
 from edgeq.numerics import INT32_MAX, bias_scales
 from edgeq.quantization import DeQuantStub, QuantStub
 from edgeq.quantization.convert import WideAccumulatorWarning
@@ -60,6 +61,15 @@ def test_a_bias_beyond_int32_is_written_at_a_power_of_two_multiple_of_its_scale(
     exponents = np.round(np.log2(scales / np.float32(bias_scales(head.input_scale, head.weight_scales)))).astype(np.int64)
     assert values.dtype == np.int32 and exponents.min() >= 0 and exponents.max() > 0
     np.testing.assert_array_equal(values.astype(np.int64) << exponents, head.bias.numpy())
+
+
+def test_onnx_runtime_without_graph_optimizations_runs_the_file_within_a_step(tmp_path):
+    """ORT's float path reads the bias's scale (its fused QLinearConv does not: docs/numerics.md section 8)."""
+    int_model, example = _converted("x86_64")
+    path = to_onnx(int_model, (example,), tmp_path / "model.onnx")
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    (got,) = session(onnx.load(str(path)), PEER_PATHS["float"]).run(None, {"x": x.numpy()})
+    assert steps_apart(got, int_model.run_integer(x), int_model.output_quant()[0].scales[0]).max() <= 1
 
 
 def test_the_traced_integer_model_requantizes_a_wide_accumulator_as_the_integer_model():

@@ -112,8 +112,9 @@ def _warn_wide_accumulator(what: str, bounds: list[int], bias: torch.Tensor, sca
     warnings.warn(
         f"{what}: its accumulator can reach {bounds[channel]} (int32: up to {INT32_MAX}; channel {channel}'s bias is "
         f"{int(bias[channel])} steps of its scale {scales[channel]:.6g}): it is computed exactly with an int64 "
-        "accumulator, on the CPU of NPU targets. Calibrating with representative data, or training the layer, brings "
-        "it within int32",
+        "accumulator, on the CPU of NPU targets (ONNX Runtime's fused int8 kernels misread the QDQ file's bias: run it "
+        "with graph optimizations off, docs/numerics.md section 8). Calibrating with representative data, or training "
+        "the layer, brings it within int32",
         WideAccumulatorWarning,
         stacklevel=2,
     )

@@ -1,5 +1,5 @@
 """edgeq against the int8 CPU engines a user would pick, each at its best, in its own environment and process
-(issue 34; method and earlier figures in docs/measurements.md):
+(issue 34; the method in docs/measurements.md):
 
 - edgeq: its artifact (-O2, default schedules; with ``--tune MINUTES`` also tuned that long per model), quantized
   for npu-m and compiled for this CPU, as benchmarks/latency.py does;
@@ -11,10 +11,11 @@
 torchvision models (10 classes, BatchNorm statistics set on random data, seeded: the float weights are saved once
 and loaded by every process), the same calibration batches and input: batch 1, 3x224x224, 2 threads, idle threads
 not spinning. The engines take turns over ``--rounds`` rounds (the order rotating); each run is a new process of
-the engine's runner (benchmarks/peers/run_*.py) doing ``--warmup`` then ``--runs`` runs back to back, started only
-when the CPU is idle, and repeated (up to ``--attempts`` times) when other processes kept more than ``--idle``
-cores busy meanwhile. Prints per model and engine the median of the round medians, edgeq's ratio to each peer and
-to the best one, each engine's share of this CPU's int8 peak (benchmarks/peak_int8.py), and a markdown table.
+the engine's runner (benchmarks/peers/run_*.py) doing ``--warmup`` then at least ``--runs`` runs back to back (1 s
+at least), started only when the CPU is idle, and repeated (up to ``--attempts`` times) when other processes kept
+more than ``--idle`` cores busy meanwhile. Prints per model and engine the median of the round medians, edgeq's
+ratio to each peer and to the best one, each engine's share of this CPU's int8 peak (benchmarks/peak_int8.py), and
+a markdown table.
 
     .venv/bin/python benchmarks/peers.py [--models resnet18,mobilenet_v2,mobilenet_v3_small]
         [--engines edgeq,onnxruntime,executorch,litert] [--rounds 5] [--runs 30] [--warmup 10] [--tune MINUTES]

@@ -25,7 +25,7 @@ from edgeq.quantization import (
     prepare_qat_fx,
     set_fake_quantize,
 )
-from edgeq.quantization.fake_quantize import ActivationFakeQuantize
+from edgeq.quantization.fake_quantize import ActivationFakeQuantize, fake_quantize_weight, weight_scales
 from edgeq.quantization.observers import Observer
 from edgeq.targets import Rounding, ScaleRule
 
@@ -50,6 +50,50 @@ def _rule(value: torch.Tensor, scale: float, rounding: Rounding = Rounding.HALF_
 def test_aten_kernel_is_the_rule_for_power_of_two_scales(scale):
     values = _near_ties(scale)
     np.testing.assert_array_equal(_aten(values, scale).numpy(), _rule(values, scale).numpy())
+
+
+def _wide(scale: float, *shape: int) -> torch.Tensor:
+    """Values from far below to far above the int8 range at ``scale``, ties and their neighbours, and infinities."""
+    generator = torch.Generator().manual_seed(7)
+    spread = torch.randn(*shape, generator=generator) * 100 * scale
+    ties = _near_ties(scale)
+    flat = spread.flatten()
+    flat[: ties.numel()] = ties[: flat.numel()]
+    flat[-2:] = torch.tensor([float("inf"), float("-inf")])
+    return flat.reshape(shape)
+
+
+@pytest.mark.parametrize("scale", [2.0**-7, 0.0234, 3.3])
+def test_activation_fake_quantize_is_atens_kernel(scale):
+    """edgeq's fake quantization (vectorized ops, docs/training.md "Speed of the QAT step") equals aten's fused
+    per-tensor kernel bit for bit on a half-to-even target, values and straight-through gradients, saturation and
+    ties included."""
+    quantizer = ActivationFakeQuantize(None, ScaleRule.ANY, fixed_scale=scale)
+    values = _wide(scale, 4, 3, 60).requires_grad_()
+    reference = values.detach().clone().requires_grad_()
+    upstream = torch.randn(values.shape, generator=torch.Generator().manual_seed(1))
+    quantizer(values).backward(upstream)
+    _aten(reference, scale).backward(upstream)
+    np.testing.assert_array_equal(quantizer(values).detach().numpy(), _aten(reference, scale).detach().numpy())
+    np.testing.assert_array_equal(values.grad.numpy(), reference.grad.numpy())
+    assert (values.grad == 0).any() and (values.grad == upstream).any()
+
+
+def test_weight_fake_quantize_is_atens_per_channel_kernel():
+    """A weight's fake quantization equals aten's ``fake_quantize_per_channel_affine`` bit for bit, values and
+    gradients, at any scales (saturating ones too)."""
+    generator = torch.Generator().manual_seed(5)
+    weight = (torch.randn(6, 3, 3, 3, generator=generator) * torch.logspace(-3, 1, 6).reshape(-1, 1, 1, 1)).requires_grad_()
+    scales = weight_scales(weight, ScaleRule.ANY) * torch.tensor([1.0, 0.5, 0.013, 1.7, 0.25, 0.999])
+    reference = weight.detach().clone().requires_grad_()
+    upstream = torch.randn(weight.shape, generator=generator)
+    fake = fake_quantize_weight(weight, scales)
+    aten = torch.fake_quantize_per_channel_affine(reference, scales, torch.zeros(6, dtype=torch.int32), 0, -127, 127)
+    fake.backward(upstream)
+    aten.backward(upstream)
+    np.testing.assert_array_equal(fake.detach().numpy(), aten.detach().numpy())
+    np.testing.assert_array_equal(weight.grad.numpy(), reference.grad.numpy())
+    assert (weight.grad == 0).any()
 
 
 def test_aten_kernel_is_not_the_rule_for_other_scales():
@@ -115,6 +159,28 @@ def test_autocast_bfloat16_keeps_the_integer_arithmetic():
     assert all(p.dtype == torch.float32 for p in qat.parameters())
     probe = torch.randn(4, 1, 12, 12, generator=generator)
     np.testing.assert_array_equal(inside.run_integer(probe).numpy(), convert_fx(qat).run_integer(probe).numpy())
+
+
+def test_qat_step_reads_nothing_on_the_host(monkeypatch):
+    """A QAT step (forward, backward, optimizer step) never turns a tensor into a Python value: on a GPU that
+    would wait for the device once per quantizer. The first QAT batch (EMA observers without data) included."""
+    torch.manual_seed(0)
+    images = torch.randn(8, 1, 12, 12)
+    qat = prepare_qat_fx(SmallCNN(), None, example_inputs=(images[:1],), target="npu-m").train()
+    optimizer = torch.optim.SGD(qat.parameters(), lr=0.01)
+    labels = torch.randint(0, 10, (8,))
+
+    def host_read(*_: object) -> None:
+        raise AssertionError("a tensor was read on the host")
+
+    for method in ("__bool__", "__float__", "__int__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, method, host_read)
+    for _ in range(2):
+        optimizer.zero_grad()
+        F.cross_entropy(qat(images), labels).backward()
+        optimizer.step()
+    monkeypatch.undo()
+    assert all(m.observer.has_data for m in qat.modules() if isinstance(m, ActivationFakeQuantize) and m.observer is not None)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

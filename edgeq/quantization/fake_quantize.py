@@ -1,15 +1,21 @@
 """Fake quantization: float tensors rounded to the integer grid, with straight-through gradients.
 
-Built on aten's fused kernels ``fake_quantize_per_tensor_affine`` / ``fake_quantize_per_channel_affine`` (one
-pass; the backward is the straight-through estimator: gradient 1 inside the representable range, 0 where the
-value saturates). aten computes ``nearbyint(x * float32(1 / s))``: ties to even, and a product by the reciprocal,
-which is the integer model's ``x / s`` exactly when ``s`` is a power of two and can differ by one step within
-float rounding of a tie otherwise. That is exactly what convert does with weights (docs/numerics.md section 3),
-and it models the requantization of every activation inside the integer region, which no float computation
-reproduces bit for bit. Where the integer model itself quantizes floats (a QuantStub, a float fallback's way
-back) and on a target whose rule is half up (:class:`~edgeq.targets.Rounding`), activations are fake quantized by
-:class:`_FakeQuantizeExact` instead: ``saturate(round(x / s)) * s`` with the target's ties and the same gradient,
-the integer model's quantize bit for bit. Fake quantization computes in float32 whatever ``torch.autocast`` says.
+One autograd function, :class:`_FakeQuantize`, for activations and weights: ``saturate(round(x * (1/s))) * s``
+(aten's computation in ``fake_quantize_per_tensor_affine`` / ``fake_quantize_per_channel_affine``: the product
+by the float32 reciprocal, ties to even) or ``saturate(round(x / s)) * s`` (the integer model's quantize, ties by
+the target's rule), with aten's straight-through gradient: 1 where the rounded value is in the range, 0 where it
+saturates. It is a few of aten's vectorized elementwise ops (product, round, clamp, product) and, backward,
+aten's ``hardtanh_backward`` on the rounded steps, which are saved: about twice as fast as aten's fused
+fake-quant kernels, a scalar loop that writes a boolean mask (docs/training.md "Speed of the QAT step"), and
+equal to them bit for bit (tests/test_qat_precision.py).
+
+The product by ``1/s`` is exactly the integer model's ``x / s`` when ``s`` is a power of two and can differ by one
+step within float rounding of a tie otherwise. That is exactly what convert does with weights (docs/numerics.md
+section 3), and it models the requantization of every activation inside the integer region, which no float
+computation reproduces bit for bit. Where the integer model itself quantizes floats (a QuantStub, a float
+fallback's way back) and on a target whose rule is half up (:class:`~edgeq.targets.Rounding`), activations are
+fake quantized by division with the target's ties instead, the integer model's quantize bit for bit. Fake
+quantization computes in float32 whatever ``torch.autocast`` says; nothing in it reads a tensor on the host.
 """
 
 from __future__ import annotations
@@ -62,18 +68,25 @@ class ActivationFakeQuantize(FakeQuantStateful):
         self.owner = owner
         self.rounding = rounding
         self.exact = quantizes_float or rounding is not Rounding.HALF_TO_EVEN
-        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32), persistent=False)
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
-        if self.observer is not None and self.fake_quant_state.observes:
+        observes = self.observer is not None and self.fake_quant_state.observes
+        if observes:
             self.observer.observe(value)
         if not self.fake_quant_state.fake_quantizes:
             return value
-        value = value.to(torch.float32)
-        scale = torch.tensor(self.scale(), dtype=torch.float32, device=value.device)
-        if self.exact:
-            return _FakeQuantizeExact.apply(value, scale, self.rounding)
-        return torch.fake_quantize_per_tensor_affine(value, scale, self.zero_point, ACTIVATION_QMIN, ACTIVATION_QMAX)
+        if not observes:
+            self._check_observed()  # a range this call just observed needs no check (and no read on the host)
+        scale = self.scale_tensor().to(value.device)
+        return _FakeQuantize.apply(value.to(torch.float32), scale, ACTIVATION_QMIN, ACTIVATION_QMAX, self.rounding, self.exact)
+
+    def scale_tensor(self) -> torch.Tensor:
+        """The float32 scale this tensor is quantized with now, a 0-d tensor (on the observer's device), computed
+        without reading anything on the host; :meth:`scale` checks that a range has been observed."""
+        if self.fixed_scale is not None:
+            return torch.tensor(self.fixed_scale, dtype=torch.float32)
+        assert self.observer is not None
+        return scale_from_amax(self.observer.clipping_amax(), ACTIVATION_QMAX, self.scale_rule)
 
     def scale(self) -> float:
         """The float32 scale this tensor is quantized with now.
@@ -81,17 +94,15 @@ class ActivationFakeQuantize(FakeQuantStateful):
         Raises:
             QuantizationError: the observer has seen no data (neither calibration nor QAT has run).
         """
-        if self.fixed_scale is not None:
-            return self.fixed_scale
-        assert self.observer is not None
-        if not self.observer.has_data:
+        self._check_observed()
+        return float(self.scale_tensor())
+
+    def _check_observed(self) -> None:
+        if self.observer is not None and not self.observer.has_data:
             raise QuantizationError(
                 f"'{self.owner}': its activation range has not been observed; run calibration "
                 "(set_fake_quantize(model, FakeQuantState.CALIBRATION) and a few batches) or QAT first"
             )
-        low, high = self.observer.clipping_range()
-        amax = torch.tensor(max(-low, high, 0.0))
-        return float(scale_from_amax(amax, ACTIVATION_QMAX, self.scale_rule))
 
     def extra_repr(self) -> str:
         rounding = f", rounding={self.rounding.value}" if self.rounding is not Rounding.HALF_TO_EVEN else ""
@@ -100,22 +111,36 @@ class ActivationFakeQuantize(FakeQuantStateful):
         return f"scale_rule={self.scale_rule.value}{rounding}"
 
 
-class _FakeQuantizeExact(torch.autograd.Function):
-    """``saturate(round(x / s), -128, 127) * s`` (float32 division and ties by the target's rule, as the integer
-    model's quantize), with aten's straight-through gradient: 1 where the rounded value is inside the range, 0
-    where it saturates."""
+class _FakeQuantize(torch.autograd.Function):
+    """``saturate(round(x * (1/s)), qmin, qmax) * s`` (aten's fake-quant computation, ties to even), or with
+    ``divides`` ``saturate(round(x / s), qmin, qmax) * s`` with ties by ``rounding`` (the integer model's quantize);
+    ``scale`` broadcasts against ``value`` (one per tensor, or per channel). The gradient is aten's
+    straight-through one: the incoming gradient where the rounded value is in ``[qmin, qmax]``, 0 elsewhere
+    (``hardtanh_backward`` on the rounded steps between ``qmin - 1/2`` and ``qmax + 1/2``, bounds excluded).
+    A NaN stays NaN (aten's kernels return ``qmin * s``)."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, value: torch.Tensor, scale: torch.Tensor, rounding: Rounding) -> torch.Tensor:
-        steps = round_half(value / scale, rounding)
-        inside = (steps >= ACTIVATION_QMIN) & (steps <= ACTIVATION_QMAX)
-        ctx.save_for_backward(inside)
-        return torch.clamp(steps, ACTIVATION_QMIN, ACTIVATION_QMAX) * scale
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        value: torch.Tensor,
+        scale: torch.Tensor,
+        qmin: int,
+        qmax: int,
+        rounding: Rounding,
+        divides: bool,
+    ) -> torch.Tensor:
+        if divides:
+            steps = round_half(value / scale, rounding)
+        else:
+            steps = torch.mul(value, torch.reciprocal(scale)).round_()
+        ctx.save_for_backward(steps)
+        ctx.bounds = (qmin - 0.5, qmax + 0.5)
+        return torch.clamp(steps, qmin, qmax).mul_(scale)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (inside,) = ctx.saved_tensors
-        return grad * inside.to(grad.dtype), None, None
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (steps,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad, steps, *ctx.bounds), None, None, None, None, None
 
 
 def weight_scales(weight: torch.Tensor, rule: ScaleRule) -> torch.Tensor:
@@ -125,6 +150,7 @@ def weight_scales(weight: torch.Tensor, rule: ScaleRule) -> torch.Tensor:
 
 
 def fake_quantize_weight(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Round a weight to int8 per output channel (range [-127, 127]) and back, with straight-through gradients."""
-    zero_points = torch.zeros(scales.shape, dtype=torch.int32, device=weight.device)
-    return torch.fake_quantize_per_channel_affine(weight, scales, zero_points, 0, WEIGHT_QMIN, WEIGHT_QMAX)
+    """Round a weight to int8 per output channel (range [-127, 127]) and back, with straight-through gradients:
+    aten's ``fake_quantize_per_channel_affine`` bit for bit."""
+    per_channel = scales.to(torch.float32).reshape(-1, *([1] * (weight.dim() - 1)))
+    return _FakeQuantize.apply(weight, per_channel, WEIGHT_QMIN, WEIGHT_QMAX, Rounding.HALF_TO_EVEN, False)

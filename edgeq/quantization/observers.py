@@ -46,7 +46,18 @@ class Observer(nn.Module):
 
     def clipping_range(self) -> tuple[float, float]:
         """The range ``(low, high)`` to quantize to."""
+        self._update_range()
         return float(self.running_min), float(self.running_max)
+
+    def clipping_amax(self) -> torch.Tensor:
+        """``max(-low, high, 0)`` of :meth:`clipping_range`: the magnitude a symmetric scale must represent, a
+        float32 0-d tensor on the observer's device (0 before any data), computed without reading it on the host."""
+        self._update_range()
+        return torch.clamp(torch.maximum(-self.running_min, self.running_max), min=0.0)
+
+    def _update_range(self) -> None:
+        """Bring ``running_min`` / ``running_max`` up to date with what was observed (they are, unless a subclass
+        chooses its range lazily)."""
 
     def reduce_across_ranks(self) -> None:
         """Combine the state of every rank of torch.distributed's default group, in place: the range becomes the
@@ -86,12 +97,10 @@ class EMAMinMaxObserver(Observer):
 
     def observe(self, value: torch.Tensor) -> None:
         low, high = torch.aminmax(value.detach().to(torch.float32))
-        if not self.has_data:
-            self.running_min, self.running_max = low.clone(), high.clone()
-            return
+        first = ~(self.running_min <= self.running_max)  # no data yet: start from this batch (a tensor: no host read)
         c = self.averaging_constant
-        self.running_min = self.running_min + c * (low - self.running_min)
-        self.running_max = self.running_max + c * (high - self.running_max)
+        self.running_min = torch.where(first, low, self.running_min + c * (low - self.running_min))
+        self.running_max = torch.where(first, high, self.running_max + c * (high - self.running_max))
 
 
 class HistogramObserver(Observer):
@@ -178,10 +187,9 @@ class HistogramObserver(Observer):
         rounding = (thresholds / 127.0) ** 2 / 12.0 * (counts.sum() - above_count)
         return float(thresholds[int(torch.argmin(clipping + rounding))])
 
-    def clipping_range(self) -> tuple[float, float]:
+    def _update_range(self) -> None:
         if self._stale:
             self._choose_range(self.histogram, self.data_min, self.data_max)
-        return super().clipping_range()
 
     def _choose_range(self, counts: torch.Tensor, data_min: torch.Tensor, data_max: torch.Tensor) -> None:
         threshold = self._threshold(counts)

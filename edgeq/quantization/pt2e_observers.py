@@ -63,8 +63,7 @@ class EdgeqActivationObserver(ObserverBase):
         """edgeq's float32 scale of the range observed (as ``ActivationFakeQuantize.scale``) and zero point 0."""
         if not self.observer.has_data:
             raise RuntimeError("an EdgeqQuantizer observer has seen no data: calibrate (run batches) before convert_pt2e")
-        low, high = self.observer.clipping_range()
-        scale = scale_from_amax(torch.tensor(max(-low, high, 0.0)), ACTIVATION_QMAX, self.scale_rule)
+        scale = scale_from_amax(self.observer.clipping_amax(), ACTIVATION_QMAX, self.scale_rule)
         return scale.reshape(1), torch.zeros(1, dtype=torch.int32)
 
 

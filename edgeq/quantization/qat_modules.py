@@ -32,11 +32,13 @@ class Activation(str, Enum):
     RELU = "relu"
     RELU6 = "relu6"
 
-    def __call__(self, value: torch.Tensor) -> torch.Tensor:
+    def __call__(self, value: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """The activation of ``value``; ``inplace`` overwrites it (a fresh result that its producer's backward does
+        not read: a conv's, a linear's, BatchNorm's or a sum's, as torchvision's ``ReLU6(inplace=True)``)."""
         if self is Activation.RELU:
-            return F.relu(value)
+            return F.relu(value, inplace)
         if self is Activation.RELU6:
-            return F.relu6(value)
+            return F.relu6(value, inplace)
         return value
 
 
@@ -180,7 +182,7 @@ class _WeightedLayer(Requantizing, FakeQuantStateful, ABC):
         return self._finish(self.bn(out))
 
     def _finish(self, value: torch.Tensor) -> torch.Tensor:
-        return self._quantize_output(self.activation(value))
+        return self._quantize_output(self.activation(value, inplace=True))
 
 
 @CANONICAL.register(Op.CONV2D)
@@ -251,7 +253,7 @@ class AddAct(Requantizing):
         self.output_quantizer = output_quantizer
 
     def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        return self._quantize_output(self.activation(left + right))
+        return self._quantize_output(self.activation(left + right, inplace=True))
 
     def extra_repr(self) -> str:
         return f"activation={self.activation.value}"

@@ -1,13 +1,13 @@
 """Fake quantization: float tensors rounded to the integer grid, with straight-through gradients.
 
-One autograd function, :class:`_FakeQuantize`, for activations and weights: ``saturate(round(x * (1/s))) * s``
+One function, :func:`fake_quantize`, for activations and weights: ``saturate(round(x * (1/s))) * s``
 (aten's computation in ``fake_quantize_per_tensor_affine`` / ``fake_quantize_per_channel_affine``: the product
 by the float32 reciprocal, ties to even) or ``saturate(round(x / s)) * s`` (the integer model's quantize, ties by
 the target's rule), with aten's straight-through gradient: 1 where the rounded value is in the range, 0 where it
 saturates. It is a few of aten's vectorized elementwise ops (product, round, clamp, product) and, backward,
 aten's ``hardtanh_backward`` on the rounded steps, which are saved: about twice as fast as aten's fused
-fake-quant kernels, a scalar loop that writes a boolean mask (docs/training.md "Speed of the QAT step"), and
-equal to them bit for bit (tests/test_qat_precision.py).
+fake-quant kernels on the CPU, a scalar loop there that writes a boolean mask (docs/training.md "Speed of the QAT
+step"), and equal to them bit for bit (tests/test_qat_precision.py). On other devices (a GPU) aten's kernels run.
 
 The product by ``1/s`` is exactly the integer model's ``x / s`` when ``s`` is a power of two and can differ by one
 step within float rounding of a tie otherwise. That is exactly what convert does with weights (docs/numerics.md
@@ -78,7 +78,7 @@ class ActivationFakeQuantize(FakeQuantStateful):
         if not observes:
             self._check_observed()  # a range this call just observed needs no check (and no read on the host)
         scale = self.scale_tensor().to(value.device)
-        return _FakeQuantize.apply(value.to(torch.float32), scale, ACTIVATION_QMIN, ACTIVATION_QMAX, self.rounding, self.exact)
+        return fake_quantize(value.to(torch.float32), scale, ACTIVATION_QMIN, ACTIVATION_QMAX, self.rounding, self.exact)
 
     def scale_tensor(self) -> torch.Tensor:
         """The float32 scale this tensor is quantized with now, a 0-d tensor (on the observer's device), computed
@@ -109,6 +109,22 @@ class ActivationFakeQuantize(FakeQuantStateful):
         if self.fixed_scale is not None:
             return f"fixed_scale={self.fixed_scale:.6g}{rounding}"
         return f"scale_rule={self.scale_rule.value}{rounding}"
+
+
+def fake_quantize(
+    value: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, rounding: Rounding, divides: bool
+) -> torch.Tensor:
+    """``saturate(round(x * (1/s))) * s`` (or ``x / s`` with ``divides``) with straight-through gradients, ``scale`` a
+    0-d tensor or one per channel along axis 0 (shaped to broadcast). On the CPU :class:`_FakeQuantize`; elsewhere,
+    unless it divides, aten's fused kernels, which compute the same numbers and are one vectorized pass on a GPU."""
+    if divides or value.device.type == "cpu":
+        return _FakeQuantize.apply(value, scale, qmin, qmax, rounding, divides)
+    if scale.dim() == 0:
+        zero_point = torch.zeros((), dtype=torch.int32, device=value.device)
+        return torch.fake_quantize_per_tensor_affine(value, scale, zero_point, qmin, qmax)
+    scales = scale.reshape(-1)
+    zero_points = torch.zeros(scales.shape, dtype=torch.int32, device=value.device)
+    return torch.fake_quantize_per_channel_affine(value, scales, zero_points, 0, qmin, qmax)
 
 
 class _FakeQuantize(torch.autograd.Function):
@@ -153,4 +169,4 @@ def fake_quantize_weight(weight: torch.Tensor, scales: torch.Tensor) -> torch.Te
     """Round a weight to int8 per output channel (range [-127, 127]) and back, with straight-through gradients:
     aten's ``fake_quantize_per_channel_affine`` bit for bit."""
     per_channel = scales.to(torch.float32).reshape(-1, *([1] * (weight.dim() - 1)))
-    return _FakeQuantize.apply(weight, per_channel, WEIGHT_QMIN, WEIGHT_QMAX, Rounding.HALF_TO_EVEN, False)
+    return fake_quantize(weight, per_channel, WEIGHT_QMIN, WEIGHT_QMAX, Rounding.HALF_TO_EVEN, False)

@@ -6,7 +6,7 @@ the process's CPU time (user + system, every thread), which moves less when othe
 profiled rounds, so a round slowed by the load counts less) and how many ops each step calls. Speed targets live
 here, not in the tests.
 
-    .venv/bin/python benchmarks/qat_step_time.py [--batch 8] [--size 224] [--steps 5] [--target npu-m] [--profile]
+    .venv/bin/python benchmarks/qat_step_time.py [--batch 8] [--size 224] [--steps 10] [--target npu-m] [--profile]
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--target", default="npu-m")
     parser.add_argument("--profile", action="store_true", help="also print the self CPU time per op of each step")
     args = parser.parse_args()

@@ -243,6 +243,23 @@ def test_aten_op_without_a_spelling_is_named_like_any_unsupported_op():
         prepare_qat_fx(Cumulative(), example_inputs=(torch.randn(1, 4, 2, 2),), target="npu-m", strict=True)
 
 
+
+def test_contiguous_under_torch_export_is_its_input_as_under_torch_fx():
+    """TinyViT's window merge ends in ``.contiguous()``; torch.export records it as an aten op of its own."""
+
+    class Merge(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.quant, self.conv, self.dequant = QuantStub(), nn.Conv2d(4, 4, 1), DeQuantStub()
+
+        def forward(self, x):
+            y = list(self.quant(x).chunk(2, 1))  # torch.fx cannot trace it
+            return self.dequant(self.conv(torch.cat(y, 1).transpose(2, 3).contiguous()))
+
+    prepared = prepare_qat_fx(Merge(), example_inputs=(torch.randn(1, 4, 2, 3),), target="npu-m", strict=True)
+    assert getattr(prepared, CAPTURE_ATTRIBUTE) is Capture.EXPORT
+    assert not any("contiguous" in node.name for node in prepared.graph.nodes)
+
 # ---- torch.export at any batch size -------------------------------------------------------------------------------
 
 

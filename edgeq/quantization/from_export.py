@@ -134,8 +134,10 @@ of the float fallback's ONNX forms). ``aten.sym_size`` and ``aten.expand`` read 
 as tensor methods, as torch.fx records them, TorchScript's trace keeps the size a value of the input instead of
 the example's number."""
 
-_SAME_VALUE = {aten.clone.default, aten.alias.default, aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default}
-"""Aten ops whose result has its input's values."""
+_SAME_VALUE = {
+    aten.clone.default, aten.alias.default, aten.contiguous.default, aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default,
+}
+"""Aten ops whose result has its input's values (``contiguous`` too, as under torch.fx: TinyViT's window merge)."""
 
 
 @contextmanager

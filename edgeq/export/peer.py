@@ -163,7 +163,7 @@ def intermediate_values(int_model: IntegerModel, *inputs: torch.Tensor) -> dict[
     return {str(node.target) if node.op == "call_module" else node.name: value for node, value in values.items()}
 
 
-def _integer_value(values: dict[str, Any], tensor: str) -> torch.Tensor | None:
+def integer_value(values: dict[str, Any], tensor: str) -> torch.Tensor | None:
     """The integer model's value of a quantized ONNX tensor, from the writer's naming scheme."""
     if not tensor.endswith(".q"):
         return None
@@ -218,9 +218,9 @@ def per_op_differences(
     values = intermediate_values(int_model, *inputs)
     results = {}
     extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model))
-    for output, unit_inputs in op_units(model, lambda name: _integer_value(values, name) is not None):
+    for output, unit_inputs in op_units(model, lambda name: integer_value(values, name) is not None):
         sub = extractor.extract_model(unit_inputs, [output])
-        feeds = {name: _integer_value(values, name).numpy() for name in unit_inputs}
+        feeds = {name: integer_value(values, name).numpy() for name in unit_inputs}
         got = session(sub, path).run(None, feeds)[0]
-        results[output] = np.abs(got.astype(np.int64) - _integer_value(values, output).numpy().astype(np.int64))
+        results[output] = np.abs(got.astype(np.int64) - integer_value(values, output).numpy().astype(np.int64))
     return results

@@ -324,3 +324,29 @@ def test_attention_with_masks_weights_or_other_key_sizes_exports_within_the_boun
     (got,) = session(onnx.load(str(path)), PEER_PATHS["float"]).run(None, {"x": x.numpy()})
     scale = int_model.output_quant()[0].scales[0]
     assert_within_float_region_bound(np.round(got / np.float32(scale)), int_model.run_integer(x).numpy())
+
+
+class GroupNormed(nn.Module):
+    """A conv and a GroupNorm of one group (MobileViTv2's), left in float: statistics over every value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.conv, self.norm, self.dequant = QuantStub(), nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(1, 16), DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.norm(self.conv(self.quant(x))))
+
+
+def test_a_group_norm_over_many_values_computes_its_statistics_as_torch_does(tmp_path):
+    """Mean and variance over 262,144 values of an input off zero, summed in float64 by the compiled artifact
+    (edgeq.compile.float_reductions): the region equals the integer model's PyTorch GroupNorm. TVM's float32
+    sums moved 1,484 of the values one step."""
+    torch.manual_seed(0)
+    example = torch.randn(1, 3, 128, 128) + 2
+    with pytest.warns(FloatFallbackWarning, match="GroupNorm 'norm'"):
+        int_model = integer_model(GroupNormed().eval(), example, "x86_64")
+    result = compile_model(int_model, (example,), target="x86_64", out=tmp_path / "g.edgeq", progress=lambda _: None)
+    x = torch.randn(1, 3, 128, 128) + 2
+    with Model.load(result.artifact) as artifact:
+        (got,) = artifact.run(x.numpy(), raw=True).values()
+    np.testing.assert_array_equal(got, int_model.run_integer(x).numpy())

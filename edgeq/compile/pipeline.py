@@ -3,6 +3,7 @@
 | stage | passes | levels |
 |---|---|---|
 | ``lower_integer`` | edgeq's integer lowering of every Relax function (:func:`lower_integer`) | all |
+| ``widen_reductions`` | the float fallback's float32 means, variances and sums computed in float64 (:mod:`.float_reductions`) | all |
 | ``dispatch`` | TVM's CPU library dispatch (sampling, sort/scan) | all |
 | ``select_kernels`` | legalization; int8 conv2d / matmul become edgeq's blocked kernels (:mod:`.select_kernels`) | 1, 2 |
 | ``legalize`` | TVM's legalization of every op into its default kernel | 0 |
@@ -24,6 +25,7 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 
 from edgeq.compile.cpu_features import dot_product
+from edgeq.compile.float_reductions import widen_float_reductions
 from edgeq.compile.fusion_patterns import fusion_patterns
 from edgeq.compile.layout_plan import plan_layouts
 from edgeq.compile.lower_integer import lower_to_integer
@@ -69,7 +71,11 @@ def stages(opt_level: int, target: tvm.target.Target, tuned: TunedSchedules | No
     """The stages of an optimisation level for ``target`` (see the module's table); ``tuned``: tuning records
     the ``schedule`` stage takes tuned schedules from."""
     check_opt_level(opt_level)
-    listed = [Stage("lower_integer", (lower_integer(),)), Stage("dispatch", tuple(cpu.library_dispatch_passes(target)))]
+    listed = [
+        Stage("lower_integer", (lower_integer(),)),
+        Stage("widen_reductions", (widen_float_reductions(),)),
+        Stage("dispatch", tuple(cpu.library_dispatch_passes(target))),
+    ]
     if opt_level == 0:
         listed.append(Stage("legalize", (relax.transform.LegalizeOps(),)))
     else:

@@ -170,6 +170,14 @@ def test_a_bias_at_a_power_of_two_multiple_of_the_accumulator_scale_means_its_in
     assert nx.accumulator_bias(values, [-0.125, 0.0625], 0.5, [0.25, 0.125]) is None
 
 
+def test_a_bias_of_per_tensor_weights_has_one_accumulator_scale_for_every_channel():
+    """ONNX Runtime's per-tensor files: one weight scale, one bias integer per output channel."""
+    values = np.array([3, -5, 7], np.int32)
+    np.testing.assert_array_equal(nx.accumulator_bias(values, [0.125], 0.5, [0.25]), [3, -5, 7])
+    assert nx.bias_joins_accumulator(values, [0.125], 0.5, [0.25])
+    assert not nx.bias_joins_accumulator(values, [0.125 * 3], 0.5, [0.25])
+
+
 def _exact_round(value: Fraction, rounding: Rounding) -> int:
     floor = math.floor(value)
     rest = value - floor

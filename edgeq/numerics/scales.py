@@ -83,7 +83,9 @@ def accumulator_bias(values: np.ndarray, bias_scale: Sequence[float], input_scal
     an integer ``k >= 1``, which means the integers ``b * 2**k`` (edgeq writes a bias beyond int32 so,
     :func:`~edgeq.numerics.rounding.bias_exponents`)."""
     values = np.asarray(values).reshape(-1)
-    expected = np.asarray(bias_scales(input_scale, weight_scales), dtype=np.float64)
+    expected = np.asarray(bias_scales(input_scale, weight_scales), dtype=np.float64).reshape(-1)
+    if expected.size == 1:  # per-tensor weights: one accumulator scale for every channel of the bias
+        expected = np.broadcast_to(expected, values.shape)
     if not np.any(values):
         return np.zeros(expected.size, dtype=np.int64)
     actual = np.asarray(bias_scale, dtype=np.float64).reshape(-1)

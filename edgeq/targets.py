@@ -149,6 +149,9 @@ class Hardware(Strict):
     pooled_copies: tuple[str, ...] = ()
     """Op kinds the NPU runs as a copy of each output element through its pooling path (a 1x1 pool: Vela's concat
     and nearest resize on the Ethos-U55 / U65): block model only."""
+    sliced_views: tuple[str, ...] = ()
+    """Op kinds the NPU runs as no command of their own, its readers reading slices of the input (Vela's split):
+    block model only."""
     chains_elementwise: bool = False
     """The NPU runs an add or a product in the output stage of the layer making one of its inputs, at no cost of
     its own (the Ethos-U85's chaining): block model only."""
@@ -174,8 +177,12 @@ class Hardware(Strict):
     ``dram_read_latency_cycles`` it bounds the DRAM read rate at ``buffer / latency`` per cycle."""
     dram_read_latency_cycles: Count | None = None
     """Cycles from a DRAM read request to its data (block model only)."""
+    dram_write_latency_cycles: NonNegativeCount = 0
+    """Cycles from a DRAM write request to its completion (block model only)."""
+    sram_latency_cycles: NonNegativeCount = 0
+    """Cycles from an SRAM read or write request to its completion (block model only)."""
 
-    @field_validator("elementwise_cycles", "pooled_copies")
+    @field_validator("elementwise_cycles", "pooled_copies", "sliced_views")
     @classmethod
     def _known_ops(cls, value: dict[str, float] | tuple[str, ...], info: ValidationInfo) -> dict[str, float] | tuple[str, ...]:
         unknown = sorted(set(value) - {op.value for op in Op})

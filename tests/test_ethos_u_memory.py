@@ -1,5 +1,6 @@
 """The Ethos-U estimator's memory model (edgeq/perf/npu_memory.py, docs/perf.md "NPU layers by blocks") by hand:
-where feature maps live, what a memory moves for them in whole bursts, the DRAM read rate, the busier memory."""
+where feature maps live, what a memory moves for them in whole bursts, the DRAM read rate, the busier memory, the
+first and last blocks no other work overlaps, and the weights a layer waits for."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from edgeq.perf.npu_memory import MemoryTraffic, burst_factor, dram_read_rate, layer_traffic
+from edgeq.op_attrs import Conv2dAttrs
+from edgeq.perf.npu_blocks import visible_weight_cycles, weight_transfer_cycles
+from edgeq.perf.npu_memory import MemoryTraffic, block_latency_cycles, burst_factor, dram_read_rate, layer_traffic
 from edgeq.targets import load_target
 
 U55, U65, U85 = (load_target(name).hardware for name in ("ethos-u55-128", "ethos-u65-256", "ethos-u85-256"))
@@ -34,6 +37,7 @@ class _Op:
     outputs: list[str]
     weight_bytes: int
     region: str = "region0_npu"
+    attributes: Conv2dAttrs | None = None
     bytes_in: int = 0
     bytes_out: int = 0
 
@@ -107,3 +111,32 @@ def test_a_tensor_read_by_several_layers_stays_in_the_sram_only_if_held():
         assert (traffic.dram_bytes == 0) is in_sram
         if not in_sram:  # read in runs of 32 and written in runs of 16 from 128-byte bursts; y in 32-byte ones
             assert traffic.dram_bytes == skip * 4 + skip * 8 and traffic.sram_bytes == skip
+
+
+def test_first_and_last_blocks_are_not_overlapped():
+    """The U65's stem in 4 blocks: a quarter of the image read from the DRAM after its 500-cycle latency, a quarter
+    of the cascaded output written to the SRAM after 32 cycles; the U55's Shared_Sram reads the image from its
+    SRAM too."""
+    graph = _stem()
+    conv = graph.op("conv")
+    u65 = block_latency_cycles(graph, conv, U65, 4, frozenset({"image"}))
+    assert u65 == pytest.approx(500 + 150_528 / 4 / 3.75 + 32 + 802_816 / 4 / 16)
+    u55 = block_latency_cycles(graph, conv, U55, 4, frozenset({"image"}))
+    assert u55 == pytest.approx(32 + 150_528 / 4 / 8 + 32 + 802_816 / 4 / 8)  # 8 bytes a cycle at 500 MHz
+
+
+def _conv(in_channels: int, out_channels: int) -> Conv2dAttrs:
+    return Conv2dAttrs(kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, in_channels=in_channels, out_channels=out_channels)
+
+
+def test_a_layer_waits_for_the_weights_the_layer_before_leaves_to_bring():
+    """Weights come from the DRAM at 3.75 bytes a cycle after 500 cycles: a 32-channel layer's whole, a 64-channel
+    layer's first 16 channels (the rest while it runs); whatever the layer before does not cover shows. A region's
+    first layer streams its weights as it runs."""
+    conv = _Op("conv", [], [], 9664, attributes=_conv(in_channels=32, out_channels=32))
+    assert weight_transfer_cycles(conv, U65) == pytest.approx(9664 / 3.75 + 500)
+    assert visible_weight_cycles(conv, U65, 1000.0) == pytest.approx(9664 / 3.75 + 500 - 1000)
+    assert visible_weight_cycles(conv, U65, 1e6) == 0 and visible_weight_cycles(conv, U65, None) == 0
+    wide = _Op("wide", [], [], 9664, attributes=_conv(in_channels=151, out_channels=64))
+    assert weight_transfer_cycles(wide, U65) == pytest.approx(9664 / 4 / 3.75 + 500)
+    assert weight_transfer_cycles(_Op("pool", [], [], 0), U65) == 0

@@ -55,6 +55,10 @@ def test_figures_are_velas(name):
     assert hardware.dram_burst_bytes == arch.memory_burst_length[arch.axi1_port]
     assert hardware.region_io_in_dram == (arch._mem_port_mapping(arch.arena_mem_area) == arch.axi1_port)
     assert hardware.dram_read_latency_cycles == arch.memory_latency[arch.axi1_port][BandwidthDirection.Read]
+    if hardware.region_io_in_dram:  # the U55 writes nothing to its flash
+        assert hardware.dram_write_latency_cycles == arch.memory_latency[arch.axi1_port][BandwidthDirection.Write]
+    assert hardware.sram_latency_cycles == arch.memory_latency[MemArea.Sram][BandwidthDirection.Read]
+    assert hardware.sram_latency_cycles == arch.memory_latency[MemArea.Sram][BandwidthDirection.Write]
     if not arch.is_ethos_u85_system:  # the SHRAM and the output stage's cycles per element (the U85's are in Vela's C++ core)
         assert hardware.shram_bytes == arch.shram_size_bytes
         output, activation = arch.output_cycles_per_elem, arch.activation_cycles_per_elem

@@ -69,18 +69,26 @@ def test_refusal_names_op_and_reason(name):
 
 def test_layers_name_the_op_whose_form_wrote_them():
     """A tensor Vela makes from one of the graph's (``conv.q_int32``: the first half of a RESCALE it splits in two)
-    is the work of the op whose form rescales that tensor, where one does; else of the op that wrote it."""
+    is the work of the op whose form rescales that tensor or a SLICE of it (Vela runs a slice as no command), where
+    one does or one alone rescales it to the suffix's type; else of the op that wrote it."""
     operators = (
         TosaOperator("CONV2D", "conv.q", "conv/Conv", ("x", "conv.w")),
         TosaOperator("RESCALE", "add.term0", "add/Add", ("conv.q", "add.m")),
         TosaOperator("CONV2D", "next.q", "next/Conv", ("conv.q", "next.w")),
         TosaOperator("RESCALE", "cat.part0", "cat/Concat", ("next.q",)),
         TosaOperator("RESCALE", "cat2.part0", "cat2/Concat", ("next.q",)),
+        TosaOperator("CONV2D", "cv1.q", "cv1/Conv", ("x", "cv1.w")),
+        TosaOperator("SLICE", "chunk.0", "chunk/Split", ("cv1.q", "chunk.0.start", "chunk.0.size")),
+        TosaOperator("SLICE", "chunk.1", "chunk/Split", ("cv1.q", "chunk.1.start", "chunk.1.size")),
+        TosaOperator("RESCALE", "res.term0", "res/Add", ("chunk.1", "res.m"), "INT32"),
+        TosaOperator("RESCALE", "c2f.part0", "c2f/Concat", ("chunk.0", "c2f.m"), "INT8"),
+        TosaOperator("RESCALE", "c2f.part1", "c2f/Concat", ("chunk.1", "c2f.m"), "INT8"),
     )
     graph = TosaGraph(b"", (), (), operators)
     assert graph.source_of("conv.q") == "conv/Conv" and graph.source_of("add.term0") == "add/Add"
     assert graph.source_of("conv.q_int32") == "add/Add"
     assert graph.source_of("next.q_int32") == "next/Conv"  # two ops rescale it: the op that wrote it
+    assert graph.source_of("cv1.q_int32") == "res/Add"  # through the split, the one rescaling to int32
     assert graph.source_of("x") is None and graph.source_of("unknown_int32") is None
 
 

@@ -64,6 +64,10 @@ ACCUMULATOR_BYTES = 4
 """A MAC layer accumulates in 32 bits..."""
 ACCUMULATOR_BUFFERS = 2
 """...in two buffers of its block's outputs in the SHRAM (``TryBlockConfig``: ``acc_banks x 2``)."""
+WEIGHT_SLICE_CHANNELS = 16
+"""The DMA brings the weights of a layer with more than two slices of 16 output channels (``OFM_SPLIT_DEPTH``)
+slice by slice, the first one before the layer starts, the others while it runs; a smaller layer's weights whole
+before it starts (``ProposeSlicedWeightBuffering``)."""
 BRICK_CHANNELS = 16
 """An elementwise op's feature maps are held in bricks of 16 channels (NHCWB16, ``GetStorageRounding``): it costs
 its output's elements with the channels rounded up to 16 (``EstimateElementwiseCycles``)."""
@@ -219,10 +223,25 @@ def block_cost(graph: CompiledGraph, op: GraphOp, hardware: Hardware, mac_layer:
     return BlockCost(0.0, elements * hardware.elementwise_cycles.get(op.op, hardware.output_cycles_per_element), 1.0)
 
 
-def weight_latency_cycles(op: GraphOp, hardware: Hardware) -> int:
-    """Cycles a layer with weights waits for its first ones: the read latency of the memory they live in (Vela's
-    ``WeightDecodeCycles`` adds it to their transfer)."""
-    return (hardware.dram_read_latency_cycles or 0) if op.weight_bytes else 0
+def weight_transfer_cycles(op: GraphOp, hardware: Hardware) -> float:
+    """Cycles the NPU's DMA takes to bring the weights a layer needs before it starts from the DRAM (the U55's
+    flash) into the SRAM (:data:`WEIGHT_SLICE_CHANNELS`): their bytes at the DRAM's bandwidth after its read latency
+    (Vela's ``MemToMemCycles``); 0 without weights."""
+    if not op.weight_bytes:
+        return 0.0
+    attributes = op.attributes
+    channels = attributes.out_channels if isinstance(attributes, (Conv2dAttrs, LinearAttrs)) else 1
+    first = op.weight_bytes * (WEIGHT_SLICE_CHANNELS / channels if channels > 2 * WEIGHT_SLICE_CHANNELS else 1.0)
+    return first / hardware.dram_bandwidth_bytes_per_s * hardware.clock_hz + (hardware.dram_read_latency_cycles or 0)
+
+
+def visible_weight_cycles(op: GraphOp, hardware: Hardware, previous_cycles: float | None) -> float:
+    """Cycles a layer waits for its first weights: the DMA brings them while the NPU runs the layer before
+    (``previous_cycles``: its cycles), and the rest of the transfer shows. A region's first layer (None) streams
+    its weights as it runs instead (Vela prebuffers no weights at the start of a command stream)."""
+    if previous_cycles is None:
+        return 0.0
+    return max(0.0, weight_transfer_cycles(op, hardware) - previous_cycles)
 
 
 def fused_activation(op: GraphOp, graph: CompiledGraph, computing_ops: frozenset[str]) -> bool:

@@ -83,17 +83,42 @@ def held(graph: CompiledGraph, tensor: str, hardware: Hardware) -> bool:
     return 3 * graph.tensors[tensor].bytes <= hardware.sram_bytes
 
 
+def lives_in_sram(graph: CompiledGraph, op: GraphOp, tensor: str, hardware: Hardware, borders: frozenset[str]) -> bool:
+    """Whether an input or output of ``op`` lives in the SRAM (:func:`layer_traffic`)."""
+    if hardware.region_io_in_dram and tensor in borders:
+        return False
+    return cascaded(graph, tensor) or op.bytes_in + op.bytes_out <= hardware.sram_bytes and held(graph, tensor, hardware)
+
+
+def block_latency_cycles(graph: CompiledGraph, op: GraphOp, hardware: Hardware, blocks: int, borders: frozenset[str]) -> float:
+    """Cycles of an NPU layer that its other work does not overlap: reading its first input block before the MAC
+    array starts and writing its last output block after it stops, each the latency of the memory the tensor lives
+    in and the block's bytes (the tensor's share of ``blocks``) at that memory's bandwidth (Vela's
+    ``MinimumIfmCycles`` and ``MinimumOfmCycles``, which ``EstimateMacOpCycles`` adds for a layer's first and last
+    block)."""
+
+    def access(name: str, read: bool) -> float:
+        if lives_in_sram(graph, op, name, hardware, borders):
+            latency, bandwidth = hardware.sram_latency_cycles, hardware.sram_bandwidth_bytes_per_s or hardware.dram_bandwidth_bytes_per_s
+        else:
+            latency = (hardware.dram_read_latency_cycles or 0) if read else hardware.dram_write_latency_cycles
+            bandwidth = hardware.dram_bandwidth_bytes_per_s
+        return latency + graph.tensors[name].bytes / blocks / bandwidth * hardware.clock_hz
+
+    first = max((access(name, True) for name in op.inputs), default=0.0)
+    return first + max((access(name, False) for name in op.outputs), default=0.0)
+
+
 def layer_traffic(graph: CompiledGraph, op: GraphOp, hardware: Hardware, input_reads: int, borders: frozenset[str]) -> MemoryTraffic:
     """The bytes an NPU layer moves through each memory: its inputs read ``input_reads`` times and its output
     written once, each in the memory it lives in, and its weights read once from the DRAM. One of ``borders`` (an
     NPU region's inputs and outputs, which the host hands over) lives in the DRAM where ``region_io_in_dram``;
     another feature map in the SRAM if it is :func:`cascaded`, or if the layer's input and output fit
     ``sram_bytes`` and it is :func:`held`; else in the DRAM."""
-    fits = op.bytes_in + op.bytes_out <= hardware.sram_bytes
     sram = dram = dram_reads = 0.0
     for tensors, repeat, run in ((op.inputs, input_reads, hardware.ifm_run_bytes), (op.outputs, 1, hardware.ofm_run_bytes)):
         for name in tensors:
-            in_sram = not (hardware.region_io_in_dram and name in borders) and (cascaded(graph, name) or fits and held(graph, name, hardware))
+            in_sram = lives_in_sram(graph, op, name, hardware, borders)
             burst = hardware.sram_burst_bytes if in_sram else hardware.dram_burst_bytes
             moved = graph.tensors[name].bytes * repeat * burst_factor(hardware, burst, _depth_bytes(graph, name), run)
             if in_sram:

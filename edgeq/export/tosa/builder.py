@@ -54,12 +54,14 @@ def same_order(value: TosaValue, perm: Sequence[int]) -> bool:
 @dataclass(frozen=True)
 class TosaOperator:
     """An operator written into the graph: its TOSA kind (``CONV2D``...), the tensor it writes, the QDQ graph's op
-    whose form wrote it (the names compilers such as Vela report a layer by) and the tensors it reads."""
+    whose form wrote it (the names compilers such as Vela report a layer by), the tensors it reads and its
+    output's TOSA type (``INT8``...)."""
 
     kind: str
     output: str
     source: str
     inputs: tuple[str, ...] = ()
+    dtype: str = ""
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ class TosaBuilder:
         value = TosaValue(self.unique(name), tuple(shape), dtype, tuple(perm))
         self.serializer.currRegion.currBasicBlock.addTensor(value.name, value.physical_shape, dtype)
         self.serializer.addOperator(op, list(inputs), [value.name], made if made is not None else attribute("NoneAttribute"))
-        self.operators.append(TosaOperator(op.name, value.name, self.source, tuple(inputs)))
+        self.operators.append(TosaOperator(op.name, value.name, self.source, tuple(inputs), dtype.name))
         return value
 
     def serialize(self) -> bytes:

@@ -59,16 +59,20 @@ class TosaGraph:
     def source_of(self, tensor: str) -> str | None:
         """The QDQ graph's op whose form wrote TOSA tensor ``tensor``; for a tensor a compiler made from one and named
         with a suffix after ``_`` (Vela's ``conv2.q_int32``: the first half of a RESCALE of ``conv2.q``, which Vela
-        splits in two), the op whose form rescales that tensor where one does, else the op that wrote it; None for
+        splits in two), the op whose form rescales that tensor (or a SLICE of it: Vela runs a slice as no command of
+        its own) where one does, or one whose output has the suffix's type; else the op that wrote it; None for
         inputs, constants and other names."""
         sources = {o.output: o.source for o in self.operators}
         base = tensor
         while base not in sources and "_" in base:
             base = base.rpartition("_")[0]
         if base != tensor:
-            rescaled_by = {o.source for o in self.operators if o.kind == "RESCALE" and base in o.inputs}
-            if len(rescaled_by) == 1:
-                return rescaled_by.pop()
+            read = {base} | {o.output for o in self.operators if o.kind == "SLICE" and base in o.inputs}
+            rescales = [o for o in self.operators if o.kind == "RESCALE" and read & set(o.inputs)]
+            if len({o.source for o in rescales}) > 1:
+                rescales = [o for o in rescales if o.dtype and o.dtype.lower() == tensor.rpartition("_")[2]]
+            if len({o.source for o in rescales}) == 1:
+                return rescales[0].source
         return sources.get(base)
 
 

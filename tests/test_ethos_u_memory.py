@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from edgeq.op_attrs import Conv2dAttrs
-from edgeq.perf.npu_blocks import visible_weight_cycles, weight_transfer_cycles
+from edgeq.perf.npu_blocks import WeightDma, weight_dma, weight_transfer_cycles
 from edgeq.perf.npu_memory import MemoryTraffic, block_latency_cycles, burst_factor, dram_read_rate, layer_traffic
 from edgeq.targets import load_target
 
@@ -38,6 +38,7 @@ class _Op:
     weight_bytes: int
     region: str = "region0_npu"
     attributes: Conv2dAttrs | None = None
+    op: str = "conv2d"
     bytes_in: int = 0
     bytes_out: int = 0
 
@@ -129,14 +130,19 @@ def _conv(in_channels: int, out_channels: int) -> Conv2dAttrs:
     return Conv2dAttrs(kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, in_channels=in_channels, out_channels=out_channels)
 
 
-def test_a_layer_waits_for_the_weights_the_layer_before_leaves_to_bring():
-    """Weights come from the DRAM at 3.75 bytes a cycle after 500 cycles: a 32-channel layer's whole, a 64-channel
-    layer's first 16 channels (the rest while it runs); whatever the layer before does not cover shows. A region's
-    first layer streams its weights as it runs."""
+def test_a_layer_waits_for_the_weights_the_command_before_leaves_to_bring():
+    """Weights come from the DRAM at 3.75 bytes a cycle after 500 cycles, while the command before runs: whole
+    where that leaves less than 1,000 cycles to wait, else the first 16 output channels (the rest while the layer
+    runs, the DMA busy); a region's first layer streams its weights as it runs. A global average pool brings its
+    channels' scales and biases."""
+    graph = _Graph({"y": _Tensor((1, 64, 1, 1), "pool")}, [_Op("pool", [], ["y"], 0, op="global_avg_pool2d")])
     conv = _Op("conv", [], [], 9664, attributes=_conv(in_channels=32, out_channels=32))
-    assert weight_transfer_cycles(conv, U65) == pytest.approx(9664 / 3.75 + 500)
-    assert visible_weight_cycles(conv, U65, 1000.0) == pytest.approx(9664 / 3.75 + 500 - 1000)
-    assert visible_weight_cycles(conv, U65, 1e6) == 0 and visible_weight_cycles(conv, U65, None) == 0
-    wide = _Op("wide", [], [], 9664, attributes=_conv(in_channels=151, out_channels=64))
-    assert weight_transfer_cycles(wide, U65) == pytest.approx(9664 / 4 / 3.75 + 500)
-    assert weight_transfer_cycles(_Op("pool", [], [], 0), U65) == 0
+    whole = 9664 / 3.75 + 500
+    assert weight_transfer_cycles(graph, conv, U65) == pytest.approx(whole)
+    assert weight_dma(graph, conv, U65, 2500.0) == WeightDma(pytest.approx(whole - 2500), 0.0)  # 577 cycles to wait
+    assert weight_dma(graph, conv, U65, 1e6) == WeightDma() and weight_dma(graph, conv, U65, None) == WeightDma()
+    sliced = weight_dma(graph, conv, U65, 1000.0)  # whole, 2077 cycles would show: the first half first
+    assert sliced == WeightDma(pytest.approx(9664 / 2 / 3.75 + 500 - 1000), pytest.approx(9664 / 2 / 3.75))
+    pool = graph.op("pool")
+    assert weight_transfer_cycles(graph, pool, U65) == pytest.approx(64 * 10 / 3.75 + 500)
+    assert weight_transfer_cycles(graph, _Op("max", [], ["y"], 0, op="max_pool2d"), U65) == 0

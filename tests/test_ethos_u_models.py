@@ -122,12 +122,11 @@ ESTIMATE_MISSES: dict[str, str] = {}
 YOLO-style detector on the U85 was +27 % until a split cost nothing and each layer waited only for the weights the
 one before left to bring)."""
 RANKING_MISSES = {
-    "yolo-ethos-u65-256": "Spearman 0.89: Vela's weight buffering (which layers it slices, how much of each transfer "
-    "the layer before hides) and the lookup tables it loads are its scheduler's choices, modelled by a rule",
     "yolo-ethos-u85-256": "Spearman 0.66: the U85's block model is the U65's in edgeq (its own block configs, 16-byte "
     "input runs and per-block halos of its 6x16 stem blocks are Vela's C++ ArchEthosU85::FindBlockConfig)",
 }
-"""Cases whose ranking is known to miss 0.9, and why (strict xfails)."""
+"""Cases whose ranking is known to miss 0.9, and why (strict xfails; the detector on the U65 ranked 0.85 until its
+layers' first and last blocks and their wait for weights were costed)."""
 
 
 def _vela_comparison(compiled, request, misses, tmp_path):

@@ -17,7 +17,7 @@ from edgeq.compile.layout_plan import is_blocked
 from edgeq.errors import EdgeqError
 from edgeq.op_attrs import Conv2dAttrs, LinearAttrs
 from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable, op_named
-from edgeq.perf.npu_blocks import WINDOW_OPS, block_cost, chained_elementwise, fused_activation, fused_lookup_table, input_reads, visible_weight_cycles
+from edgeq.perf.npu_blocks import WINDOW_OPS, block_cost, chained_elementwise, fused_activation, fused_lookup_table, input_reads, weight_dma
 from edgeq.perf.npu_memory import block_latency_cycles, layer_traffic
 from edgeq.perf.result import LayerEstimate, PerfResult, PerfSummary, TransitionEstimate
 from edgeq.targets import HOST_CODE_ADVICE, CpuFigures, Hardware, Target, TargetKind, host_cpu
@@ -244,8 +244,8 @@ class _Estimator:
         self.computing_ops = frozenset(op.name for op in graph.ops if op.placement == "NPU" and not view_op(op))
         self.borders = frozenset(t for region in graph.regions for t in [*region.inputs, *region.outputs])
         self.previous_npu: tuple[str | None, float] = (None, 0.0)
-        """The region of the NPU command run last and its cycles (block model: the DMA brings the next layer's
-        weights while it runs)."""
+        """The region of the NPU command run last and the cycles it left the DMA free (block model: the DMA brings
+        the next layer's weights while it runs)."""
 
     def layer(self, op: GraphOp) -> LayerEstimate:
         if op.placement == "NPU":
@@ -320,12 +320,12 @@ class _Estimator:
         array_path = mac_op(op) or op.op in WINDOW_OPS or op.op in hardware.pooled_copies
         edges = block_latency_cycles(self.graph, op, hardware, cost.blocks, self.borders) if array_path else 0.0
         region, previous = self.previous_npu
-        weights = visible_weight_cycles(op, hardware, previous if region == op.region else None)
+        weights = weight_dma(self.graph, op, hardware, previous if region == op.region else None)
         working_set = op.bytes_in + op.bytes_out + op.weight_bytes
         estimated = self._estimate(
             op,
             False,
-            (cost.compute_cycles + edges + weights) / hardware.clock_hz,
+            (cost.compute_cycles + edges + weights.wait) / hardware.clock_hz,
             traffic.seconds(hardware),
             hardware.layer_overhead_cycles / hardware.clock_hz,
             spill=0 if traffic.in_sram else traffic.dram_bytes - op.weight_bytes,
@@ -334,7 +334,8 @@ class _Estimator:
             utilisation=cost.utilisation,
         )
         commands = len(op.inputs) if op.op in hardware.pooled_copies else 1  # a concat: a copy command per input
-        self.previous_npu = (op.region, estimated.latency_ms / MS * hardware.clock_hz / commands)
+        free = max(0.0, estimated.latency_ms / MS * hardware.clock_hz - weights.wait - weights.during)
+        self.previous_npu = (op.region, free / commands)
         return estimated
 
     def _cpu(self, op: GraphOp) -> LayerEstimate:

@@ -64,10 +64,14 @@ ACCUMULATOR_BYTES = 4
 """A MAC layer accumulates in 32 bits..."""
 ACCUMULATOR_BUFFERS = 2
 """...in two buffers of its block's outputs in the SHRAM (``TryBlockConfig``: ``acc_banks x 2``)."""
+SCALE_BYTES_PER_CHANNEL = 10
+"""Vela encodes an output channel's scale and bias in 10 bytes (its weight encoder's scale stream)."""
 WEIGHT_SLICE_CHANNELS = 16
-"""The DMA brings the weights of a layer with more than two slices of 16 output channels (``OFM_SPLIT_DEPTH``)
-slice by slice, the first one before the layer starts, the others while it runs; a smaller layer's weights whole
-before it starts (``ProposeSlicedWeightBuffering``)."""
+"""The DMA brings a layer's weights in slices of 16 output channels (``OFM_SPLIT_DEPTH``) where it slices them..."""
+HIDDEN_TRANSFER_CYCLES = 1000
+"""...which it does when bringing them whole would leave at least 1,000 cycles of the transfer visible
+(``ProposeSlicedWeightBuffering``'s ``STARTUP_DELAY_CYCLES``): the first slice before the layer starts, the others
+while it runs."""
 BRICK_CHANNELS = 16
 """An elementwise op's feature maps are held in bricks of 16 channels (NHCWB16, ``GetStorageRounding``): it costs
 its output's elements with the channels rounded up to 16 (``EstimateElementwiseCycles``)."""
@@ -223,25 +227,48 @@ def block_cost(graph: CompiledGraph, op: GraphOp, hardware: Hardware, mac_layer:
     return BlockCost(0.0, elements * hardware.elementwise_cycles.get(op.op, hardware.output_cycles_per_element), 1.0)
 
 
-def weight_transfer_cycles(op: GraphOp, hardware: Hardware) -> float:
-    """Cycles the NPU's DMA takes to bring the weights a layer needs before it starts from the DRAM (the U55's
-    flash) into the SRAM (:data:`WEIGHT_SLICE_CHANNELS`): their bytes at the DRAM's bandwidth after its read latency
-    (Vela's ``MemToMemCycles``); 0 without weights."""
-    if not op.weight_bytes:
+def weight_transfer_cycles(graph: CompiledGraph, op: GraphOp, hardware: Hardware, channels: int | None = None) -> float:
+    """Cycles the NPU's DMA takes to bring a layer's weights (those of its first ``channels`` output channels) from
+    the DRAM (the U55's flash) into the SRAM: their bytes at the DRAM's bandwidth after its read latency (Vela's
+    ``MemToMemCycles``); 0 without weights. A global average pool, a depthwise convolution on the NPU, brings the
+    scales and biases of its channels (:data:`SCALE_BYTES_PER_CHANNEL`)."""
+    total = _out_channels(graph, op)
+    weights = total * SCALE_BYTES_PER_CHANNEL if op.op == Op.GLOBAL_AVG_POOL2D.value else op.weight_bytes
+    if not weights:
         return 0.0
+    share = min(channels / total, 1.0) if channels is not None else 1.0
+    return weights * share / hardware.dram_bandwidth_bytes_per_s * hardware.clock_hz + (hardware.dram_read_latency_cycles or 0)
+
+
+@dataclass(frozen=True)
+class WeightDma:
+    """The NPU's DMA bringing a layer's weights: the cycles the layer waits for them before it starts, and the cycles
+    the DMA keeps bringing the rest while it runs (busy for the layer after)."""
+
+    wait: float = 0.0
+    during: float = 0.0
+
+
+def weight_dma(graph: CompiledGraph, op: GraphOp, hardware: Hardware, previous_cycles: float | None) -> WeightDma:
+    """How the DMA brings a layer's weights while the NPU runs the command before (``previous_cycles``: the cycles
+    that command leaves the DMA free): whole or, where that leaves :data:`HIDDEN_TRANSFER_CYCLES` or more to wait,
+    their first slice before the layer starts and the others while it runs; what the command before does not cover
+    shows. A region's first layer (None) streams its weights as it runs (Vela prebuffers no weights at the start
+    of a command stream)."""
+    whole = weight_transfer_cycles(graph, op, hardware)
+    if previous_cycles is None or not whole:
+        return WeightDma()
+    if whole - previous_cycles >= HIDDEN_TRANSFER_CYCLES and _out_channels(graph, op) > WEIGHT_SLICE_CHANNELS:
+        first = weight_transfer_cycles(graph, op, hardware, WEIGHT_SLICE_CHANNELS)
+        return WeightDma(max(0.0, first - previous_cycles), whole - first)
+    return WeightDma(max(0.0, whole - previous_cycles))
+
+
+def _out_channels(graph: CompiledGraph, op: GraphOp) -> int:
     attributes = op.attributes
-    channels = attributes.out_channels if isinstance(attributes, (Conv2dAttrs, LinearAttrs)) else 1
-    first = op.weight_bytes * (WEIGHT_SLICE_CHANNELS / channels if channels > 2 * WEIGHT_SLICE_CHANNELS else 1.0)
-    return first / hardware.dram_bandwidth_bytes_per_s * hardware.clock_hz + (hardware.dram_read_latency_cycles or 0)
-
-
-def visible_weight_cycles(op: GraphOp, hardware: Hardware, previous_cycles: float | None) -> float:
-    """Cycles a layer waits for its first weights: the DMA brings them while the NPU runs the layer before
-    (``previous_cycles``: its cycles), and the rest of the transfer shows. A region's first layer (None) streams
-    its weights as it runs instead (Vela prebuffers no weights at the start of a command stream)."""
-    if previous_cycles is None:
-        return 0.0
-    return max(0.0, weight_transfer_cycles(op, hardware) - previous_cycles)
+    if isinstance(attributes, (Conv2dAttrs, LinearAttrs)):
+        return attributes.out_channels
+    return _output_hwc(graph, op)[2] if op.outputs else 1
 
 
 def fused_activation(op: GraphOp, graph: CompiledGraph, computing_ops: frozenset[str]) -> bool:

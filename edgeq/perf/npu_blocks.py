@@ -12,9 +12,9 @@ Every output then passes the output stage at ``output_cycles_per_element`` (``lo
 with a lookup-table activation); ops the NPU runs as copies through a 1x1 pool (``pooled_copies``) take a pool's
 steps too; other ops run on the elementwise units only, at ``elementwise_cycles`` per output element (channels in
 bricks of :data:`BRICK_CHANNELS`). The array and the output stage work in a pipeline of output blocks no larger
-than the accumulators' room in ``shram_bytes``. A layer with weights waits the read latency of their memory for the
-first ones. A layer's memory traffic is :mod:`edgeq.perf.npu_memory`'s. docs/perf.md, "NPU layers by blocks",
-gives the formulas.
+than the accumulators' room in ``shram_bytes``. A layer waits for the weights the DMA could not bring while the
+command before it ran (:func:`weight_dma`). A layer's memory traffic, and its first and last blocks, are
+:mod:`edgeq.perf.npu_memory`'s. docs/perf.md, "NPU layers by blocks", gives the formulas.
 """
 
 from __future__ import annotations

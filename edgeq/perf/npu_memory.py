@@ -8,7 +8,8 @@ under a dedicated-SRAM memory mode. A memory moves whole bursts of its burst len
 runs of its depth (rounded up to the micro-block's channels) up to ``ifm_run_bytes`` and writes an output in runs
 up to ``ofm_run_bytes``, so a burst longer than the run carries the run's bytes only. Each memory is busy for its
 bytes over its bandwidth; the layer takes as long as the busier memory or its compute, whichever is longer
-(Vela's ``max(npu cycles, memory access cycles)``). docs/perf.md, "NPU layers by blocks", gives the formulas.
+(Vela's ``max(npu cycles, memory access cycles)``); its first input block and last output block wait for their
+memory's latency (:func:`block_latency_cycles`). docs/perf.md, "NPU layers by blocks", gives the formulas.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ from edgeq.targets import load_target
 
 DIGITS_ERROR = 0.20
 """docs/perf.md, "Against Vela": the digits CNN's total within 20 % of Vela's..."""
-DIGITS_SPEARMAN = 0.75
-"""...and its op groups ranked with Spearman's correlation at least 0.75 (7 groups)."""
+DIGITS_SPEARMAN = 0.85
+"""...and its op groups ranked with Spearman's correlation at least 0.85 (7 groups; 1.0 and 0.89 measured, 0.75 the
+bound until the layers' first and last blocks and their wait for weights were costed)."""
 
 
 def test_spearman_of_ranks_with_ties():

@@ -53,6 +53,13 @@ def run(module, opt_level, x, tmp_path, tuned=None, target=HERE):
     return vm["main"](tvm.runtime.tensor(x)).numpy(), library.kernels
 
 
+def table_activation(q):
+    """A lookup-table activation of an int8 tensor, as edgeq's lowering writes it (256 random entries)."""
+    table = np.random.default_rng(7).integers(-128, 128, 256, dtype=np.int8)
+    index = relax.op.add(relax.op.astype(q, "int32"), relax.const(128, "int32"))
+    return relax.op.take(relax.const(table, "int8"), index, axis=0, mode="clip")
+
+
 CASES = {
     "conv2d": (dict(shape=(1, 16, 12, 12), out_channels=32), "conv2d"),
     "conv2d odd channels, stride 2": (dict(shape=(2, 13, 9, 11), out_channels=21, stride=2), "conv2d"),
@@ -67,6 +74,9 @@ CASES = {
     "grouped, 3 channels a group, stride 2": (dict(shape=(1, 15, 7, 5), out_channels=10, stride=2, groups=5), "conv2d"),
     "grouped, groups of whole blocks": (dict(shape=(1, 32, 8, 8), out_channels=64, groups=2), "conv2d"),
     "grouped 1x1": (dict(shape=(1, 24, 5, 5), out_channels=24, kernel=1, pad=0, groups=4), "conv2d_1x1"),
+    "conv2d, table activation": (dict(shape=(2, 13, 9, 11), out_channels=21, stride=2, epilogue=table_activation), "conv2d"),
+    "conv2d 1x1, table activation": (dict(shape=(1, 24, 7, 7), out_channels=40, kernel=1, pad=0, epilogue=table_activation), "conv2d_1x1"),
+    "depthwise odd, table activation": (dict(shape=(1, 37, 9, 7), out_channels=37, stride=2, groups=37, epilogue=table_activation), "depthwise_conv2d"),
     "dense": (dict(shape=(2, 37), out_channels=19, dense=True), "dense"),
     "dense 3-d": (dict(shape=(2, 3, 40), out_channels=16, dense=True), "dense"),
 }
@@ -201,9 +211,9 @@ class TileMutations:
         return trace
 
 
-def depthwise_after_conv(shape=(1, 16, 10, 10), channels=64):
-    """A conv2d whose int8 output only a depthwise conv2d reads: the layout plan blocks it between them, and the
-    depthwise kernel packs its blocked input."""
+def depthwise_after_conv(shape=(1, 16, 10, 10), channels=64, table=False):
+    """A conv2d whose int8 output only a depthwise conv2d reads (``table``: through a table activation, fused into
+    the conv2d): the layout plan blocks it between them, and the depthwise kernel packs its blocked input."""
     rng = np.random.default_rng(2)
 
     def depthwise(q):
@@ -212,15 +222,16 @@ def depthwise_after_conv(shape=(1, 16, 10, 10), channels=64):
         acc = integer_accumulator(q, weights, bias, Conv2dSettings((1, 1), (1,) * 4, (1, 1), channels))
         return requantize(acc, conv_multipliers(0.1, list(rng.uniform(0.001, 0.01, channels)), 0.1, what="test"), 4, 1)
 
-    return kernel_module(shape, channels, epilogue=depthwise)
+    return kernel_module(shape, channels, epilogue=(lambda q: depthwise(table_activation(q))) if table else depthwise)
 
 
+@pytest.mark.parametrize("table", [False, True])
 @pytest.mark.parametrize("channels", [64, 20])
-def test_sampled_points_reading_a_blocked_input_are_exact(channels, tmp_path):
+def test_sampled_points_reading_a_blocked_input_are_exact(channels, table, tmp_path):
     """The depthwise kernel packing its blocked input (a block's channels per vector), at sampled points and the
     corners (packed inside each tile), equals the unscheduled program; 20 channels fill no dot product's blocks
     (the last one padded)."""
-    module = depthwise_after_conv(channels=channels)
+    module = depthwise_after_conv(channels=channels, table=table)
     x = np.random.default_rng(1).integers(-128, 128, (1, 16, 10, 10), dtype=np.int8)
     reference, _ = run(module, 0, x, tmp_path)
     for tuned in (None, SampledSchedules(1), SampledSchedules(123457), OtherAlternatives()):

@@ -13,21 +13,22 @@ import math
 from tvm import s_tir, tirx
 
 
-def inline_epilogue(sch: s_tir.Schedule, after: s_tir.schedule.SBlockRV | None = None) -> s_tir.schedule.SBlockRV:
-    """Inline every block after ``after`` (every injective block if None) into the function's last block.
+def inline_epilogue(sch: s_tir.Schedule, after: s_tir.schedule.SBlockRV | None = None, keep: int = 1) -> s_tir.schedule.SBlockRV:
+    """Inline every block after ``after`` (every injective block if None) but the last ``keep`` into the blocks after
+    them.
 
     Returns:
-        The last block (the kernel's output).
+        The first block kept (by default the last block: the kernel's output).
     """
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     start = 0 if after is None else [sch.get(b).same_as(sch.get(after)) for b in blocks].index(True) + 1
-    for block in blocks[start:-1]:
+    for block in blocks[start:-keep]:
         if not _is_reduction(sch, block):
             try:
                 sch.compute_inline(block)
             except s_tir.ScheduleError:
                 continue
-    return sch.get_child_blocks(sch.get_sblock("root"))[-1]
+    return sch.get_child_blocks(sch.get_sblock("root"))[-keep]
 
 
 def _is_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:

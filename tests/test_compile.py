@@ -168,12 +168,15 @@ def _wide_activations(module) -> list[str]:
     return wide
 
 
-@pytest.mark.parametrize("block", [GroupedBlock, SqueezeExcitationBlock])
+@pytest.mark.parametrize(
+    "block", [GroupedBlock, SqueezeExcitationBlock, pytest.param(lambda: SqueezeExcitationBlock(48), id="SqueezeExcitationBlock-48")]
+)
 def test_kernels_pass_int8_activations(block, tmp_path):
     """Kernels end at their int8 outputs (edgeq.compile.fusion_patterns): fused into the kernel making it, the
     widening that starts a residual add's term, a pool's sum or a product made that kernel write float64 (the
     projection shortcut's term of the add) or int32 (squeeze-and-excitation's input, for its pool and product).
-    The artifact equals the integer model."""
+    The artifact equals the integer model (48 channels: the scaling's blocked output fills whole blocks, and its
+    epilogue iterates over them, schedules.blocked._vectorize_broadcast)."""
     torch.manual_seed(0)
     example = torch.randn(2, 3, 12, 12)
     int_model = integer_model(with_batchnorm_statistics(block(), (4, 3, 12, 12)), example, "x86_64")

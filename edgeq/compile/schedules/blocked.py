@@ -21,7 +21,7 @@ from tvm import s_tir, tirx
 from edgeq.compile import intrinsics, kernels
 from edgeq.compile.cpu_features import DotProduct
 from edgeq.compile.schedules.choices import DEFAULT, Choices, LoopRV
-from edgeq.compile.schedules.generic import inline_epilogue, parallel_outer
+from edgeq.compile.schedules.generic import inline_epilogue, parallel_outer, rows_columns
 
 MAX_TILE = 8
 """Output columns accumulated together by the default schedules (register tile): enough independent accumulators
@@ -109,8 +109,7 @@ def _epilogue_at(sch: s_tir.Schedule, last: s_tir.schedule.SBlockRV, tile_loop: 
     that names the epilogue's loops needs the same number of them (TVM stops the whole search otherwise).
     """
     if _broadcasts(sch, last):
-        if parallel:
-            parallel_outer(sch, last)
+        _vectorize_broadcast(sch, last, parallel)
         return False
     try:
         sch.reverse_compute_at(last, tile_loop, preserve_unit_loops=True)
@@ -121,16 +120,29 @@ def _epilogue_at(sch: s_tir.Schedule, last: s_tir.schedule.SBlockRV, tile_loop: 
     return True
 
 
+def _vectorize_broadcast(sch: s_tir.Schedule, last: s_tir.schedule.SBlockRV, parallel: bool) -> None:
+    """An epilogue broadcasting a per-channel result (:func:`_broadcasts`) vectorized along its output's innermost
+    axis: a blocked output's channels (the block iterating over a block's channels innermost, where they fill whole
+    blocks), an NCHW output's columns; its outer loops in parallel. Left in its NCHW loop order, it stored a blocked
+    output byte by byte, 16 bytes apart, with scalar arithmetic. Measured here (AVX-512 VNNI, paired A/B,
+    bit-identical): mobilenet_v3_small 0.98x the CPU time on 1 thread, within the noise on 2."""
+    block = _output_block(sch, last)
+    loops = sch.get_loops(last)
+    if block is not None and len(loops) == 4 and int(sch.get(loops[1]).extent) % block == 0:
+        index = tirx.IndexMap.from_func(lambda n, c, h, w: [n, c // block, h, w, c % block], ndim=4)
+        sch.transform_block_layout(last, index)
+        loops = sch.get_loops(last)
+    sch.vectorize(loops[-1])
+    if parallel:
+        parallel_outer(sch, last, len(loops) - 2)
+
+
 def _broadcasts(sch: s_tir.Schedule, last: s_tir.schedule.SBlockRV) -> bool:
     """Whether the kernel's output has more rows and columns than its accumulator: an epilogue that broadcasts a
     per-channel result over another tensor (squeeze-and-excitation's scaling, fused after its last convolution and
     its lookup-table activation) runs after the accumulation, not per tile."""
     accumulators = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint in (kernels.CONV, kernels.DEPTHWISE)]
-
-    def rows_columns(block: s_tir.schedule.SBlockRV) -> list[int]:  # NCHW or NCHW{B}c
-        return [int(d) for d in sch.get(block).writes[0].source.shape[2:4]]
-
-    return bool(accumulators) and rows_columns(last) != rows_columns(accumulators[0])
+    return bool(accumulators) and rows_columns(sch, last) != rows_columns(sch, accumulators[0])
 
 
 COLUMNS_ON_LANES, CHANNELS_ON_LANES = 0, 1

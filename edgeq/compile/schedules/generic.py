@@ -15,7 +15,7 @@ from tvm import s_tir, tirx
 
 def inline_epilogue(sch: s_tir.Schedule, after: s_tir.schedule.SBlockRV | None = None, keep: int = 1) -> s_tir.schedule.SBlockRV:
     """Inline every block after ``after`` (every injective block if None) but the last ``keep`` into the blocks after
-    them.
+    them, except a per-channel result that a block broadcasts over rows and columns (:func:`feeds_a_broadcast`).
 
     Returns:
         The first block kept (by default the last block: the kernel's output).
@@ -23,12 +23,27 @@ def inline_epilogue(sch: s_tir.Schedule, after: s_tir.schedule.SBlockRV | None =
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     start = 0 if after is None else [sch.get(b).same_as(sch.get(after)) for b in blocks].index(True) + 1
     for block in blocks[start:-keep]:
-        if not _is_reduction(sch, block):
+        if not _is_reduction(sch, block) and not feeds_a_broadcast(sch, block):
             try:
                 sch.compute_inline(block)
             except s_tir.ScheduleError:
                 continue
     return sch.get_child_blocks(sch.get_sblock("root"))[-keep]
+
+
+def rows_columns(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> list[int] | None:
+    """The rows and columns of the NCHW (or ``NCHW{B}c``) tensor ``block`` writes; None for other ranks."""
+    shape = sch.get(block).writes[0].source.shape
+    return [int(d) for d in shape[2:4]] if len(shape) in (4, 5) else None
+
+
+def feeds_a_broadcast(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:
+    """Whether a block reading ``block``'s result writes more rows or columns than it (squeeze-and-excitation's
+    scaling reads a per-channel result for every pixel). Inlined there, the chain that computes the per-channel
+    result (a convolution's requantization, a table activation) is written for every pixel, and only LLVM's hoisting
+    out of the pixel loops saves its cost; kept apart, it runs once per channel whatever the loops around it."""
+    own = rows_columns(sch, block)
+    return own is not None and any(rows_columns(sch, consumer) not in (own, None) for consumer in sch.get_consumers(block))
 
 
 def _is_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:

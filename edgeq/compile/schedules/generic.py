@@ -43,7 +43,10 @@ def feeds_a_broadcast(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bo
     result (a convolution's requantization, a table activation) is written for every pixel, and only LLVM's hoisting
     out of the pixel loops saves its cost; kept apart, it runs once per channel whatever the loops around it."""
     own = rows_columns(sch, block)
-    return own is not None and any(rows_columns(sch, consumer) not in (own, None) for consumer in sch.get_consumers(block))
+    if own is None:
+        return False
+    wider = [rows_columns(sch, consumer) for consumer in sch.get_consumers(block)]
+    return any(other is not None and (other[0] > own[0] or other[1] > own[1]) for other in wider)
 
 
 def _is_reduction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> bool:

@@ -151,15 +151,17 @@ def test_aarch64_cli_under_qemu_equals_x86_64(models, edgeq_run, tmp_path, which
         np.testing.assert_array_equal(got[name], expected[name])
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small"])
 @pytest.mark.parametrize("dotprod", [False, True], ids=["neon", "dotprod"])
-def test_aarch64_depthwise_kernels_under_qemu_equal_x86_64(edgeq_run, tmp_path, dotprod):
+def test_aarch64_depthwise_kernels_under_qemu_equal_x86_64(edgeq_run, tmp_path, dotprod, name):
     """Depthwise convolutions on aarch64 (NEON int16 products; with ``+dotprod``, ``sdot`` on 4 taps of 4 channels;
     rows packed per part inside the parallel loop) and the input quantizer, run by the C++ runtime under qemu,
     equal the same program built for this machine: mobilenet_v2 at 32x32, whose depthwise layers have strides 1 and
-    2 and even and odd row counts."""
+    2 and even and odd row counts; mobilenet_v3_small, whose convolutions end in table activations (read per tile
+    after the requantization) and whose squeeze-and-excitation scalings broadcast per-channel results."""
     torch.manual_seed(0)
     example = torch.randn(1, 3, 32, 32)
-    int_model = integer_model(torchvision_model("mobilenet_v2"), example, "aarch64")
+    int_model = integer_model(torchvision_model(name), example, "aarch64")
     target = dotprod_target(tmp_path) if dotprod else "aarch64"
     arm = compile_model(int_model, (example,), target=target, out=tmp_path / "arm.edgeq").artifact
     here = compile_model(int_model, (example,), out=tmp_path / "here.edgeq", simulate=True).artifact

@@ -89,7 +89,7 @@ def test_bilinear_resizes_are_exact(target, tmp_path):
 
 @pytest.mark.flow
 @pytest.mark.parametrize("target", ["x86_64", "npu-s"])
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "mobilenet_v3_small"])
 def test_torchvision_models_are_exact(name, target, tmp_path):
     torch.manual_seed(0)
     example = torch.randn(1, 3, 224, 224)

@@ -122,3 +122,37 @@ def functional_ops_npu_s(tmp_path_factory):
     int_model = integer_model(float_model, samples, "npu-s")
     artifact = tmp_path_factory.mktemp("functional_ops") / "f.edgeq"
     return float_model, int_model, samples, compile_model(int_model, (samples[:1],), out=artifact, simulate=True)
+
+
+def own_x86_64_target(folder: Path, name: str, mcpu: str) -> Path:
+    """targets/x86_64.toml as a user's own target file (``folder/name.toml``) for the LLVM CPU ``mcpu``."""
+    text = (REPO / "targets" / "x86_64.toml").read_text()
+    assert 'name = "x86_64"' in text and 'mcpu = "x86-64-v3"' in text
+    path = folder / f"{name}.toml"
+    path.write_text(text.replace('name = "x86_64"', f'name = "{name}"').replace('mcpu = "x86-64-v3"', f'mcpu = "{mcpu}"'))
+    return path
+
+
+@pytest.fixture(scope="session")
+def functional_ops_artifacts(tmp_path_factory) -> Callable[[str], Path]:
+    """FunctionalOps (two outputs) calibrated for x86_64 on a batch of 2 random 3x8x8 samples (seed 0), compiled
+    once per session and target (the hardening tests of both runtimes and the C++ runtime's share them; none changes
+    an artifact): ``artifact(target)`` for ``x86_64``, ``aarch64``, or ``zen3`` (a target file of the user's for AMD
+    Zen 3: targets/x86_64.toml with LLVM mcpu znver3, which uses SSE4a, VAES and VPCLMULQDQ besides x86-64-v3's)."""
+    from models import FunctionalOps, integer_model
+
+    from edgeq.compile import compile_model
+
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 8, 8)
+    int_model = integer_model(FunctionalOps().eval(), example, "x86_64")
+    folder = tmp_path_factory.mktemp("functional_ops_x86_64")
+    compiled: dict[str, Path] = {}
+
+    def artifact(target: str) -> Path:
+        if target not in compiled:
+            where = own_x86_64_target(folder, "zen3", "znver3") if target == "zen3" else target
+            compiled[target] = compile_model(int_model, (example,), target=where, out=folder / f"{target}.edgeq").artifact
+        return compiled[target]
+
+    return artifact

@@ -17,10 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from models import FunctionalOps, integer_model, read_only, rewrite_artifact
+from models import read_only, rewrite_artifact
 
-from edgeq.compile import compile_model
 from edgeq.compile.artifact import LIBRARY
 
 pytestmark = pytest.mark.flow  # builds the C++ runtime (with AddressSanitizer too) and runs it, aarch64 under qemu
@@ -45,18 +43,12 @@ def binaries() -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def subject(tmp_path_factory) -> dict[str, Path]:
-    """A two-output model compiled for x86_64 and for aarch64, and an input file."""
-    torch.manual_seed(0)
-    example = torch.randn(2, 3, 8, 8)
-    int_model = integer_model(FunctionalOps().eval(), example, "x86_64")
-    folder = tmp_path_factory.mktemp("hardening_cpp")
-    np.save(folder / "x.npy", torch.randn(2, 3, 8, 8).numpy())
-    return {
-        "x86_64": compile_model(int_model, (example,), out=folder / "x86.edgeq").artifact,
-        "aarch64": compile_model(int_model, (example,), target="aarch64", out=folder / "arm.edgeq").artifact,
-        "input": folder / "x.npy",
-    }
+def subject(functional_ops_artifacts, tmp_path_factory) -> dict[str, Path]:
+    """A two-output model compiled for x86_64 and for aarch64 (:func:`conftest.functional_ops_artifacts`), and an
+    input file."""
+    path = tmp_path_factory.mktemp("hardening_cpp") / "x.npy"
+    np.save(path, np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32))
+    return {"x86_64": functional_ops_artifacts("x86_64"), "aarch64": functional_ops_artifacts("aarch64"), "input": path}
 
 
 def run(binary: Path, artifact: Path, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -513,17 +505,10 @@ def test_one_model_run_from_4_threads_equals_one_thread(variant, binaries, subje
 
 
 @pytest.fixture(scope="module")
-def zen3(tmp_path_factory) -> Path:
+def zen3(functional_ops_artifacts) -> Path:
     """A tiny model compiled for a target of the user's own for AMD Zen 3 (targets/x86_64.toml with LLVM mcpu znver3,
-    which uses SSE4a, VAES and VPCLMULQDQ besides x86-64-v3's features)."""
-    torch.manual_seed(0)
-    example = torch.randn(2, 3, 8, 8)
-    int_model = integer_model(FunctionalOps().eval(), example, "x86_64")
-    folder = tmp_path_factory.mktemp("zen3_cpp")
-    text = (REPO / "targets" / "x86_64.toml").read_text()
-    target = folder / "zen3.toml"
-    target.write_text(text.replace('name = "x86_64"', 'name = "zen3"').replace('mcpu = "x86-64-v3"', 'mcpu = "znver3"'))
-    return compile_model(int_model, (example,), target=target, out=folder / "zen3.edgeq").artifact
+    which uses SSE4a, VAES and VPCLMULQDQ besides x86-64-v3's features; :func:`conftest.functional_ops_artifacts`)."""
+    return functional_ops_artifacts("zen3")
 
 
 def features_of(artifact: Path) -> list[str]:

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from models import FunctionalOps, integer_model, read_only, rewrite_artifact
+from models import read_only, rewrite_artifact
 
 from edgeq.cli import main
-from edgeq.compile import compile_model
 from edgeq_runtime import SCHEMA_VERSION, ArtifactError, Model, cpu
 from edgeq_runtime.manifest import SCHEMA, SCHEMA_VERSIONS, field
 
@@ -29,16 +27,9 @@ X86_FEATURES = SCHEMA["properties"]["library"]["allOf"][0]["then"]["properties"]
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory) -> dict[str, Path]:
-    """One two-output model compiled for x86_64 and for aarch64."""
-    torch.manual_seed(0)
-    example = torch.randn(*SHAPE)
-    int_model = integer_model(FunctionalOps().eval(), example, "x86_64")
-    folder = tmp_path_factory.mktemp("hardening_runtime")
-    return {
-        arch: compile_model(int_model, (example,), target=arch, out=folder / f"{arch}.edgeq").artifact
-        for arch in ("x86_64", "aarch64")
-    }
+def artifacts(functional_ops_artifacts) -> dict[str, Path]:
+    """One two-output model compiled for x86_64 and for aarch64 (:func:`conftest.functional_ops_artifacts`)."""
+    return {arch: functional_ops_artifacts(arch) for arch in ("x86_64", "aarch64")}
 
 
 @pytest.fixture(scope="module")
@@ -456,23 +447,10 @@ def test_compiler_records_exactly_the_cpu_features_the_runtimes_check():
 # ---- every feature LLVM may use, AMD's too ----------------------------------------------------------------------
 
 
-def own_x86_64_target(folder: Path, name: str, mcpu: str) -> Path:
-    """targets/x86_64.toml as a user's own target file (``folder/name.toml``) for the LLVM CPU ``mcpu``."""
-    text = (Path(__file__).resolve().parent.parent / "targets" / "x86_64.toml").read_text()
-    assert 'name = "x86_64"' in text and 'mcpu = "x86-64-v3"' in text
-    path = folder / f"{name}.toml"
-    path.write_text(text.replace('name = "x86_64"', f'name = "{name}"').replace('mcpu = "x86-64-v3"', f'mcpu = "{mcpu}"'))
-    return path
-
-
 @pytest.fixture(scope="module")
-def zen3_artifact(tmp_path_factory) -> Path:
+def zen3_artifact(functional_ops_artifacts) -> Path:
     """A tiny model compiled for a target of the user's own for AMD Zen 3 (LLVM mcpu znver3, which uses SSE4a)."""
-    torch.manual_seed(0)
-    example = torch.randn(*SHAPE)
-    int_model = integer_model(FunctionalOps().eval(), example, "x86_64")
-    folder = tmp_path_factory.mktemp("zen3")
-    return compile_model(int_model, (example,), target=own_x86_64_target(folder, "zen3", "znver3"), out=folder / "zen3.edgeq").artifact
+    return functional_ops_artifacts("zen3")
 
 
 def test_an_amd_build_records_sse4a_and_is_refused_by_name_on_a_cpu_without_it(zen3_artifact):

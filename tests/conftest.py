@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+CPP_BUILD = REPO / "runtime" / "cpp" / "build"
+"""The C++ runtime's build folders: ``CPP_BUILD / variant / "edgeq-run"``."""
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -29,6 +32,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if flow:
         config.hook.pytest_deselected(items=flow)
         items[:] = [item for item in items if not item.get_closest_marker("flow")]
+
+
+@pytest.fixture(scope="session")
+def cpp_build() -> Path:
+    """The C++ runtime built (incrementally) once per session for x86_64, x86_64 with AddressSanitizer and aarch64:
+    :data:`CPP_BUILD`."""
+    subprocess.run([str(REPO / "scripts" / "build_runtime.sh"), "x86_64", "x86_64-asan", "aarch64"], check=True, capture_output=True)
+    return CPP_BUILD
 
 
 def load_example(name: str):

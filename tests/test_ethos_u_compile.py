@@ -35,7 +35,6 @@ from edgeq_runtime import ArtifactError, CommandStreamWarning, Model
 pytestmark = pytest.mark.flow  # compiles with TVM and Vela, builds the C++ runtime, runs aarch64 under qemu
 
 REPO = Path(__file__).resolve().parent.parent
-BUILD = REPO / "runtime" / "cpp" / "build"
 QEMU = ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]
 TARGETS = ("ethos-u55-128", "ethos-u65-256", "ethos-u85-256")
 LINUX_HOSTS = ("ethos-u65-256", "ethos-u85-256")
@@ -59,10 +58,9 @@ class ResizeBetweenConvs(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def edgeq_run() -> dict[str, Path]:
-    """The C++ runtime, built (incrementally) for x86_64 and aarch64."""
-    subprocess.run([str(REPO / "scripts" / "build_runtime.sh"), "x86_64", "aarch64"], check=True, capture_output=True)
-    return {variant: BUILD / variant / "edgeq-run" for variant in ("x86_64", "aarch64")}
+def edgeq_run(cpp_build) -> dict[str, Path]:
+    """The C++ runtime for x86_64 and aarch64 (:func:`conftest.cpp_build`)."""
+    return {variant: cpp_build / variant / "edgeq-run" for variant in ("x86_64", "aarch64")}
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,6 @@ from edgeq.compile.artifact import LIBRARY
 
 pytestmark = pytest.mark.flow  # builds the C++ runtime (with AddressSanitizer too) and runs it, aarch64 under qemu
 
-REPO = Path(__file__).resolve().parent.parent
-BUILD = REPO / "runtime" / "cpp" / "build"
 SYSROOT = ["-L", "/usr/aarch64-linux-gnu"]
 ASAN_ENV = {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0", "PATH": "/usr/bin:/bin"}
 X86_64_FEATURES = ("sse4_1", "sse4_2", "ssse3", "popcnt", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "abm", "movbe",
@@ -35,11 +33,9 @@ X86_64_FEATURES = ("sse4_1", "sse4_2", "ssse3", "popcnt", "avx", "avx2", "fma", 
 
 
 @pytest.fixture(scope="session")
-def binaries() -> dict[str, Path]:
-    """The build folders of the C++ runtime (built incrementally): x86_64, x86_64 with AddressSanitizer, aarch64."""
-    variants = ("x86_64", "x86_64-asan", "aarch64")
-    subprocess.run([str(REPO / "scripts" / "build_runtime.sh"), *variants], check=True, capture_output=True)
-    return {variant: BUILD / variant for variant in variants}
+def binaries(cpp_build) -> dict[str, Path]:
+    """The C++ runtime's build folders (:func:`conftest.cpp_build`): x86_64, x86_64 with AddressSanitizer, aarch64."""
+    return {variant: cpp_build / variant for variant in ("x86_64", "x86_64-asan", "aarch64")}
 
 
 @pytest.fixture(scope="module")

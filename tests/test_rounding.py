@@ -342,13 +342,12 @@ def test_compiled_artifact_equals_the_half_up_integer_model(models, artifact):
 
 @pytest.mark.flow
 @pytest.mark.filterwarnings("ignore::edgeq_runtime.CommandStreamWarning")  # ethos-u65-256: its command streams need the device
-def test_cpp_runtime_equals_the_half_up_integer_model(models, artifact, tmp_path):
+def test_cpp_runtime_equals_the_half_up_integer_model(models, artifact, cpp_build, tmp_path):
     """The C++ runtime (edgeq-run, x86_64) runs the same artifact to the integer model's integers, from float inputs."""
-    subprocess.run([str(REPO / "scripts" / "build_runtime.sh"), "x86_64"], check=True, capture_output=True)
     half_up = models[0][Rounding.HALF_UP]
     x = _inputs()
     np.save(tmp_path / "x.npy", x.numpy())
-    command = [str(REPO / "runtime" / "cpp" / "build" / "x86_64" / "edgeq-run"), str(artifact)]
+    command = [str(cpp_build / "x86_64" / "edgeq-run"), str(artifact)]
     completed = subprocess.run(
         [*command, "--output-dir", str(tmp_path / "out"), "--input", str(tmp_path / "x.npy"), "--raw"], capture_output=True, text=True, timeout=120
     )

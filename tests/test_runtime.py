@@ -28,15 +28,13 @@ from edgeq_runtime.vm import POOL_SPIN_COUNT, RuntimeLibraryError, available_cor
 pytestmark = pytest.mark.flow  # builds the C++ runtime and runs artifacts through both runtimes, aarch64 under qemu
 
 REPO = Path(__file__).resolve().parent.parent
-BUILD = REPO / "runtime" / "cpp" / "build"
 QEMU = ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]
 
 
 @pytest.fixture(scope="session")
-def edgeq_run() -> dict[str, Path]:
-    """The C++ runtime, built (incrementally) for x86_64, x86_64 with AddressSanitizer, and aarch64."""
-    subprocess.run([str(REPO / "scripts" / "build_runtime.sh")], check=True, capture_output=True)
-    return {variant: BUILD / variant / "edgeq-run" for variant in ("x86_64", "x86_64-asan", "aarch64")}
+def edgeq_run(cpp_build) -> dict[str, Path]:
+    """The C++ runtime for x86_64, x86_64 with AddressSanitizer, and aarch64 (:func:`conftest.cpp_build`)."""
+    return {variant: cpp_build / variant / "edgeq-run" for variant in ("x86_64", "x86_64-asan", "aarch64")}
 
 
 def dotprod_target(folder: Path) -> Path:

@@ -15,7 +15,6 @@ from edgeq.compile import compile_model
 from edgeq.export.peer import session
 from edgeq_runtime import Model
 
-REPO = Path(__file__).resolve().parent.parent
 SCALE = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "z")]
 
 
@@ -88,10 +87,9 @@ def test_the_python_runtime_equals_onnx_runtime(compiled):
 
 
 @pytest.fixture(scope="module")
-def edgeq_run() -> Path:
-    """The C++ runtime for x86_64, built (incrementally)."""
-    subprocess.run([str(REPO / "scripts" / "build_runtime.sh"), "x86_64"], check=True, capture_output=True)
-    return REPO / "runtime" / "cpp" / "build" / "x86_64" / "edgeq-run"
+def edgeq_run(cpp_build) -> Path:
+    """The C++ runtime for x86_64 (:func:`conftest.cpp_build`)."""
+    return cpp_build / "x86_64" / "edgeq-run"
 
 
 @pytest.mark.flow

@@ -18,7 +18,6 @@ from edgeq.errors import ModelFileError
 from edgeq.export.peer import session
 from edgeq_runtime import Model
 
-REPO = Path(__file__).resolve().parent.parent
 CONV_INPUT, CONV_OUTPUT = [1, 4, 9, 7], [1, 6, 5, 6]  # pads (1, 0, 2, 1), strides (2, 1), 2 groups of a 3x3 kernel
 MATMUL_INPUT, MATMUL_OUTPUT = [2, 3, 24], [2, 3, 5]
 
@@ -134,11 +133,9 @@ def test_a_computed_zero_point_is_refused_as_dynamic_in_one_line(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def edgeq_run() -> dict[str, list[str]]:
-    """The C++ runtime for x86_64 and for aarch64 (run under qemu), built (incrementally): each one's command."""
-    subprocess.run([str(REPO / "scripts" / "build_runtime.sh"), "x86_64", "aarch64"], check=True, capture_output=True)
-    build = REPO / "runtime" / "cpp" / "build"
-    return {"x86_64": [str(build / "x86_64" / "edgeq-run")], "aarch64": [*QEMU, str(build / "aarch64" / "edgeq-run")]}
+def edgeq_run(cpp_build) -> dict[str, list[str]]:
+    """The C++ runtime for x86_64 and for aarch64 (run under qemu; :func:`conftest.cpp_build`): each one's command."""
+    return {"x86_64": [str(cpp_build / "x86_64" / "edgeq-run")], "aarch64": [*QEMU, str(cpp_build / "aarch64" / "edgeq-run")]}
 
 
 QEMU = ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]

@@ -5,7 +5,7 @@ ONNX Runtime within one step per op."""
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +84,22 @@ def ort_file(request, tmp_path_factory) -> Path:
     return ort_quantize_static(branchy_float_onnx(folder), folder / "q.onnx", random_batches(INPUT_SHAPE, count=4), **VARIANTS[request.param])
 
 
+@pytest.fixture(scope="module")
+def compiled(ort_file, tmp_path_factory) -> Callable[[int], CompileResult]:
+    """``compiled(opt_level)``: ``ort_file`` compiled for x86_64 at that optimisation level, once per file and level
+    (the tests read the artifacts, none changes one)."""
+    folder = tmp_path_factory.mktemp("asymmetric_compiled")
+    results: dict[int, CompileResult] = {}
+
+    def at(opt_level: int) -> CompileResult:
+        if opt_level not in results:
+            out = folder / f"q-O{opt_level}.edgeq"
+            results[opt_level] = compile_model(ort_file, target="x86_64", out=out, opt_level=opt_level, progress=lambda _: None)
+        return results[opt_level]
+
+    return at
+
+
 def inputs(count: int = 3) -> Iterator[np.ndarray]:
     generator = np.random.default_rng(7)
     for _ in range(count):
@@ -106,8 +122,8 @@ def misaligned(array: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("opt_level", [0, 2])
-def test_artifact_equals_the_int64_reference(ort_file, opt_level, tmp_path):
-    result = compile_model(ort_file, target="x86_64", out=tmp_path / "q.edgeq", opt_level=opt_level, progress=lambda _: None)
+def test_artifact_equals_the_int64_reference(ort_file, compiled, opt_level):
+    result = compiled(opt_level)
     assert not float_ops(result)
     model_file = onnx.load(str(ort_file))
     with Model.load(result.artifact) as artifact:
@@ -126,10 +142,10 @@ def _conv_schedule(attributes: Conv2dAttrs) -> str:
     return "conv2d_1x1" if attributes.kernel == (1, 1) else "conv2d"
 
 
-def test_every_convolution_is_mapped_to_a_kernel_of_its_kind(ort_file, tmp_path):
+def test_every_convolution_is_mapped_to_a_kernel_of_its_kind(compiled):
     """The compiled graph's op -> kernel map (the report's per-layer figures) stays aligned where kernels no op
     anchors run: the conversion of the uint8 input, zero-point paddings folded into the kernels."""
-    result = compile_model(ort_file, target="x86_64", out=tmp_path / "q.edgeq", opt_level=2, progress=lambda _: None)
+    result = compiled(2)
     schedules = {k.kernel: k.schedule for k in result.kernels}
     convolutions = [op for op in result.graph.ops if op.op == "conv2d"]
     assert {_conv_schedule(op.attributes) for op in convolutions} == {"conv2d", "conv2d_1x1", "depthwise_conv2d"}
@@ -138,10 +154,10 @@ def test_every_convolution_is_mapped_to_a_kernel_of_its_kind(ort_file, tmp_path)
     assert "pad" not in " ".join(schedules)  # folded into the kernels' packing
 
 
-def test_unaligned_inputs_reach_the_kernels_aligned(ort_file, tmp_path):
+def test_unaligned_inputs_reach_the_kernels_aligned(compiled, tmp_path):
     """An unfused build's first kernel (the zero-point padding of the int8 input) loads the program input with
     aligned vector instructions: both runtimes hand TVM 64-byte-aligned tensors whatever the caller's array."""
-    result = compile_model(ort_file, target="x86_64", out=tmp_path / "q.edgeq", opt_level=0, progress=lambda _: None)
+    result = compiled(0)
     x = next(inputs())
     np.save(tmp_path / "x.npy", x)
     with Model.load(result.artifact) as artifact:
@@ -155,9 +171,9 @@ def test_unaligned_inputs_reach_the_kernels_aligned(ort_file, tmp_path):
         np.testing.assert_array_equal(np.load(path), expected[name])
 
 
-def _steps_from_onnx_runtime(path: Path, tmp_path: Path, samples: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-    """Per sample, |artifact - ONNX Runtime| in output steps (ORT's float output quantized to the output's steps)."""
-    result = compile_model(path, target="x86_64", out=tmp_path / "q.edgeq", progress=lambda _: None)
+def _steps_from_onnx_runtime(path: Path, result: CompileResult, samples: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """Per sample, |artifact - ONNX Runtime| in output steps (ORT's float output quantized to the output's steps),
+    ``result`` being ``path`` compiled."""
     peer = session(onnx.load(str(path)))
     quant = result.manifest["outputs"][0]["quant"]
     with Model.load(result.artifact) as artifact:
@@ -168,10 +184,10 @@ def _steps_from_onnx_runtime(path: Path, tmp_path: Path, samples: Iterator[np.nd
             yield np.abs(artifact.run({"x": x}, raw=True)[name].astype(np.int64) - steps)
 
 
-def test_onnx_runtime_agrees_within_two_steps_end_to_end(ort_file, tmp_path):
+def test_onnx_runtime_agrees_within_two_steps_end_to_end(ort_file, compiled):
     """ORT's one-step differences per op (its float32 requantization) start at the average pool and pass through
     the two chained products: at most 2 steps at the output (docs/numerics.md section 9)."""
-    for steps in _steps_from_onnx_runtime(ort_file, tmp_path, inputs()):
+    for steps in _steps_from_onnx_runtime(ort_file, compiled(2), inputs()):
         assert steps.max() <= 2
 
 
@@ -192,9 +208,9 @@ def test_onnx_runtime_agrees_on_a_matmul_within_one_step(variant, tmp_path):
     model = onnx.load(str(path))
     assert [n.op_type for n in model.graph.node if n.op_type == "MatMul"] == ["MatMul"]
     samples = [x.astype(np.float32) for x in random_batches(shape, count=3, seed=5)]
-    for steps in _steps_from_onnx_runtime(path, tmp_path, iter(samples)):
+    result = compile_model(path, target="x86_64", out=tmp_path / "q.edgeq", progress=lambda _: None)
+    for steps in _steps_from_onnx_runtime(path, result, iter(samples)):
         assert steps.max() <= 1
-    result = compile_model(path, target="x86_64", out=tmp_path / "exact.edgeq", progress=lambda _: None)
     assert not float_ops(result)
     with Model.load(result.artifact) as artifact:
         for x in samples:
@@ -377,11 +393,11 @@ def _without_quantizer(manifest: dict, members: dict) -> None:
     del manifest["inputs"][0]["quantizer"]
 
 
-def test_the_library_quantizes_float_inputs_as_the_runtimes_do(ort_file, tmp_path):
+def test_the_library_quantizes_float_inputs_as_the_runtimes_do(compiled, tmp_path):
     """The artifact's input quantizer (a kernel of the library, which both runtimes call on float inputs) gives
     exactly the integers of ``TensorInfo.quantize``; an artifact without one is quantized by the runtimes
     themselves (numpy, the C++ runtime's loop), to the same integers, zero point included."""
-    result = compile_model(ort_file, target="x86_64", out=tmp_path / "q.edgeq", opt_level=2, progress=lambda _: None)
+    result = compiled(2)
     without = rewrite_artifact(result.artifact, tmp_path / "without.edgeq", _without_quantizer)
     with Model.load(result.artifact) as artifact, Model.load(without) as plain:
         info = artifact.inputs[0]

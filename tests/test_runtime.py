@@ -149,27 +149,43 @@ def test_aarch64_cli_under_qemu_equals_x86_64(models, edgeq_run, tmp_path, which
         np.testing.assert_array_equal(got[name], expected[name])
 
 
+@pytest.fixture(scope="module")
+def built_here(tmp_path_factory):
+    """A torchvision model at 32x32 quantized for aarch64, with the same program built for this machine (compiled once
+    for both aarch64 builds below): the integer model, its example and the x86_64 artifact, by model name."""
+    made = {}
+
+    def of(name):
+        if name not in made:
+            torch.manual_seed(0)
+            example = torch.randn(1, 3, 32, 32)
+            int_model = integer_model(torchvision_model(name), example, "aarch64")
+            out = tmp_path_factory.mktemp(name) / "here.edgeq"
+            made[name] = int_model, example, compile_model(int_model, (example,), out=out, simulate=True).artifact
+        return made[name]
+
+    return of
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small"])
 @pytest.mark.parametrize("dotprod", [False, True], ids=["neon", "dotprod"])
-def test_aarch64_depthwise_kernels_under_qemu_equal_x86_64(edgeq_run, tmp_path, dotprod, name):
+def test_aarch64_depthwise_kernels_under_qemu_equal_x86_64(edgeq_run, built_here, tmp_path, dotprod, name):
     """Depthwise convolutions on aarch64 (NEON int16 products; with ``+dotprod``, ``sdot`` on 4 taps of 4 channels;
     rows packed per part inside the parallel loop) and the input quantizer, run by the C++ runtime under qemu,
     equal the same program built for this machine: mobilenet_v2 at 32x32, whose depthwise layers have strides 1 and
     2 and even and odd row counts; mobilenet_v3_small, whose convolutions end in table activations (read per tile
     after the requantization) and whose squeeze-and-excitation scalings broadcast per-channel results."""
-    torch.manual_seed(0)
-    example = torch.randn(1, 3, 32, 32)
-    int_model = integer_model(torchvision_model(name), example, "aarch64")
+    int_model, example, here = built_here(name)
     target = dotprod_target(tmp_path) if dotprod else "aarch64"
     arm = compile_model(int_model, (example,), target=target, out=tmp_path / "arm.edgeq").artifact
-    here = compile_model(int_model, (example,), out=tmp_path / "here.edgeq", simulate=True).artifact
+    torch.manual_seed(1)
     x = torch.randn(1, 3, 32, 32).numpy()
     np.save(tmp_path / "x.npy", x)
     with Model.load(here) as model:
         expected = model.run(x, raw=True)
     got = cli_outputs([*QEMU, str(edgeq_run["aarch64"])], arm, [tmp_path / "x.npy"], tmp_path / "out")
-    for name in expected:
-        np.testing.assert_array_equal(got[name], expected[name])
+    for output in expected:
+        np.testing.assert_array_equal(got[output], expected[output])
 
 
 def test_cpp_runtime_runs_batchnorm1d(edgeq_run, tmp_path):

@@ -218,14 +218,12 @@ def test_a_region_vela_refuses_is_one_error_and_no_artifact(tmp_path):
 # ---- running it --------------------------------------------------------------------------------------------------
 
 
-def test_edgeq_run_says_once_that_the_command_stream_needs_the_device(digits, tmp_path):
+def test_edgeq_run_says_once_that_the_command_stream_needs_the_device(digits, u65_artifact, tmp_path):
     int_model, x = digits
-    result = compile_model(int_model, (x[:1],), target="ethos-u65-256", out=tmp_path / "d.edgeq", simulate=True)
-    np.save(tmp_path / "x.npy", x[:1].numpy())
     said: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("error", CommandStreamWarning)  # edgeq run says it as a line, not as a warning too
-        run = run_artifact(result.artifact, [str(tmp_path / "x.npy")], tmp_path / "out", raw=True, say=said.append)
+        run = run_artifact(u65_artifact, [str(u65_artifact.parent / "x.npy")], tmp_path / "out", raw=True, say=said.append)
     assert sum(DEVICE_LINE in line for line in said) == 1, said
     assert "NPU target ethos-u65-256: the command streams of region0_npu, region1_npu need the NPU itself" in "\n".join(said)
     np.testing.assert_array_equal(np.load(run.outputs["dequant"]), expected(int_model, x[:1])[0])
@@ -255,6 +253,7 @@ BAD_MANIFESTS = {
 
 @pytest.fixture(scope="module")
 def u65_artifact(digits, tmp_path_factory) -> Path:
+    """The digits CNN compiled for ethos-u65-256 (simulated) at a batch of one."""
     int_model, x = digits
     folder = tmp_path_factory.mktemp("u65")
     np.save(folder / "x.npy", x[:1].numpy())

@@ -5,6 +5,7 @@ file. Slow: each model is built whole."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,22 +27,33 @@ MODELS = {  # the contrib ops each file holds
 }
 
 
-def _float_file(name: str, folder: Path) -> Path:
-    if name == "googlenet":
-        import torchvision
+@pytest.fixture(scope="module")
+def float_file(tmp_path_factory) -> Callable[[str], Path]:
+    """``float_file(name)``: the float ONNX file of the torchvision model ``name``, exported once for both
+    activation types."""
+    exported: dict[str, Path] = {}
 
-        torch.manual_seed(0)
-        model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True).eval()
-        return without_identities(float_onnx(model, torch.randn(SHAPE), folder / "f.onnx"))
-    return float_onnx(torchvision_model(name), torch.randn(SHAPE), folder / "f.onnx")
+    def of(name: str) -> Path:
+        if name not in exported:
+            path = tmp_path_factory.mktemp(name) / "f.onnx"
+            if name == "googlenet":
+                import torchvision
+
+                torch.manual_seed(0)
+                model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True).eval()
+                exported[name] = without_identities(float_onnx(model, torch.randn(SHAPE), path))
+            else:
+                exported[name] = float_onnx(torchvision_model(name), torch.randn(SHAPE), path)
+        return exported[name]
+
+    return of
 
 
 @pytest.mark.flow
 @pytest.mark.parametrize("activation", [QuantType.QUInt8, QuantType.QInt8], ids=["uint8", "int8"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_qoperator_files_of_torchvision_models_are_within_one_step(name, activation, tmp_path):
-    float_path = _float_file(name, tmp_path)
-    path = ort_quantize_static(float_path, tmp_path / "q.onnx", random_batches(SHAPE, count=2), activation=activation,
+def test_qoperator_files_of_torchvision_models_are_within_one_step(name, activation, float_file, tmp_path):
+    path = ort_quantize_static(float_file(name), tmp_path / "q.onnx", random_batches(SHAPE, count=2), activation=activation,
                                per_channel=activation is QuantType.QInt8, quant_format=QuantFormat.QOperator)
     model_file = onnx.load(str(path))
     assert MODELS[name] <= {n.op_type for n in model_file.graph.node}

@@ -42,28 +42,44 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _listening(port: int, seconds: float = 60) -> None:
+    """Wait until a process listens on 127.0.0.1:``port`` (``seconds`` at most)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _start(command: list[str]) -> subprocess.Popen:
+    """``python command`` in the background, ending by itself after LIFETIME_SECONDS."""
+    return subprocess.Popen(["timeout", str(LIFETIME_SECONDS), sys.executable, *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 @pytest.fixture(scope="module")
 def tracker():
     """A TVM RPC tracker with one server (this machine) registered under ``KEY``."""
     port, server_port = _free_port(), _free_port()
-    commands = [
-        ["-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
-        ["-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", KEY, "--host", "127.0.0.1",
-         "--port", str(server_port), "--port-end", str(server_port + 50)],
-    ]
+    tracker_command = ["-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)]
+    server_command = ["-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", KEY, "--host", "127.0.0.1",
+                      "--port", str(server_port), "--port-end", str(server_port + 50)]
     processes = []
     try:
-        for command in commands:
-            processes.append(subprocess.Popen(["timeout", str(LIFETIME_SECONDS), sys.executable, *command], stdout=subprocess.DEVNULL,
-                                              stderr=subprocess.DEVNULL))
-            time.sleep(2)
+        processes.append(_start(tracker_command))
+        _listening(port)  # before the server starts: it retries a tracker only every 5 seconds
+        processes.append(_start(server_command))
         found = Tracker("127.0.0.1", port, KEY)
-        for _ in range(30):
+        for _ in range(300):  # until the server has registered
             try:
                 if found.check():
                     break
             except TuneError:
-                time.sleep(1)
+                pass
+            time.sleep(0.2)
         yield found
     finally:
         for process in processes:

@@ -26,6 +26,12 @@ STANDARD_OUTPUT = Path("-")
 """``--json -``: the report goes to standard output."""
 
 
+def _say(console: Console, line: str) -> None:
+    """Print one line as it is: no markup (a path may hold brackets), no highlighting, never wrapped (a path stays
+    whole for the user to copy, however narrow the terminal)."""
+    console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
 def _targets(args: argparse.Namespace, console: Console) -> int:
     from edgeq.targets import list_targets
 
@@ -35,7 +41,7 @@ def _targets(args: argparse.Namespace, console: Console) -> int:
         sys.stdout.write(supported_ops_markdown() + "\n")
         return 0
     for target in list_targets():
-        console.print(target.summary(), highlight=False, soft_wrap=True)
+        _say(console, target.summary())
     return 0
 
 
@@ -51,7 +57,7 @@ def _check(args: argparse.Namespace, console: Console) -> int:
     elif args.json:
         with atomic_write(args.json) as temporary:
             temporary.write_text(report.to_json() + "\n", encoding="utf-8")
-        console.print(f"wrote {args.json}", highlight=False)
+        _say(console, f"wrote {args.json}")
     return 0 if report.deployable else EXIT_NOT_DEPLOYABLE
 
 
@@ -99,7 +105,7 @@ def _numbered(console: Console):
 
     def progress(line: str) -> None:
         count[0] += 1
-        console.print(f"[{count[0]}] {line}", highlight=False, markup=False, soft_wrap=True)
+        _say(console, f"[{count[0]}] {line}")
 
     return progress
 
@@ -121,7 +127,7 @@ def _compile(args: argparse.Namespace, console: Console) -> int:
         tuned=not args.untuned,
     )
     for line in result.summary_lines():
-        console.print(line, highlight=False, soft_wrap=True)
+        _say(console, line)
     return 0
 
 
@@ -132,7 +138,7 @@ def _export(args: argparse.Namespace, console: Console) -> int:
     graph = to_tosa(args.model, None, args.output)
     inputs = ", ".join(f"{t.source} {'x'.join(map(str, t.shape))}" for t in graph.inputs)
     outputs = ", ".join(f"{t.source} {'x'.join(map(str, t.shape))} {t.dtype}" for t in graph.outputs)
-    console.print(f"wrote {args.output} (TOSA 1.0; inputs {inputs}; outputs {outputs}; 4-D tensors NHWC)", highlight=False, soft_wrap=True)
+    _say(console, f"wrote {args.output} (TOSA 1.0; inputs {inputs}; outputs {outputs}; 4-D tensors NHWC)")
     return 0
 
 
@@ -163,7 +169,7 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
         progress=_numbered(console),
     )
     for line in result.summary_lines():
-        console.print(line, highlight=False, markup=False, soft_wrap=True)
+        _say(console, line)
     return 0
 
 
@@ -182,7 +188,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     from edgeq.run import run_artifact
 
     def say(line: str) -> None:
-        console.print(line, highlight=False, soft_wrap=True)
+        _say(console, line)
 
     result = run_artifact(args.model, args.input or [], args.output_dir, args.runtime, args.bench, args.raw, say, args.threads)
     for path in result.outputs.values():
@@ -198,17 +204,15 @@ def _perf(args: argparse.Namespace, console: Console) -> int:
 
     result = perf_model(args.model, out_dir=args.output, target=args.target, recalibrate=args.recalibrate)
     summary = result.summary
-    console.print(
+    _say(
+        console,
         f"estimated latency {summary.latency_ms:.3f} ms ({summary.fps:.1f} fps) on {result.target}: NPU {summary.npu_ms:.3f} ms, "
         f"CPU {summary.cpu_ms:.3f} ms, transitions {summary.transition_ms:.3f} ms, invocation {summary.invocation_ms:.3f} ms; "
         f"CPU figures {result.figures['cpu_source']}",
-        highlight=False,
-        markup=False,
-        soft_wrap=True,
     )
     for line in perf_region_lines(result):
-        console.print(line, highlight=False, markup=False, soft_wrap=True)
-    console.print(f"wrote {result.report_json} and {result.report_html}", highlight=False, markup=False, soft_wrap=True)
+        _say(console, line)
+    _say(console, f"wrote {result.report_json} and {result.report_html}")
     return 0
 
 
@@ -218,7 +222,7 @@ def _visualize(args: argparse.Namespace, console: Console) -> int:
     output = args.output or args.model.with_suffix(".svg")
     _check_output(output, args.model, "-o")
     path = visualize_model(args.model, save_path=output, target=args.target)
-    console.print(f"wrote {path}", highlight=False)
+    _say(console, f"wrote {path}")
     return 0
 
 
@@ -374,7 +378,7 @@ def _os_error_line(error: OSError) -> str:
 
 def _error(command: str, message: str) -> int:
     """Print ``edgeq <command>: error: <message>`` on standard error; the exit status of an error."""
-    Console(stderr=True).print(f"edgeq {command}: error: {message}", highlight=False, markup=False, soft_wrap=True)
+    _say(Console(stderr=True), f"edgeq {command}: error: {message}")
     return EXIT_ERROR
 
 

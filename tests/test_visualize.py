@@ -77,9 +77,10 @@ def test_float_ops_have_their_own_colour(fallback):
 def test_visualize_model_and_command_line(fallback, tmp_path, capsys):
     svg_path = visualize_model(fallback.artifact, save_path=tmp_path / "a.svg")
     assert svg_path.read_text().startswith("<?xml")
-    assert main(["visualize", str(fallback.artifact), "-o", str(tmp_path / "b.svg")]) == 0
-    assert f"wrote {tmp_path / 'b.svg'}" in capsys.readouterr().out
-    assert (tmp_path / "b.svg").read_text() == svg_path.read_text()
+    output = tmp_path / f"[b] {'long name ' * 10}.svg"  # brackets are no markup; a path wider than the terminal is not wrapped
+    assert main(["visualize", str(fallback.artifact), "-o", str(output)]) == 0
+    assert f"wrote {output}\n" in capsys.readouterr().out
+    assert output.read_text() == svg_path.read_text()
 
 
 def test_a_model_is_compiled_first_for_the_target_given(functional_ops_npu_s, tmp_path):

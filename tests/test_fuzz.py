@@ -55,7 +55,8 @@ class Subject:
 
 
 @pytest.fixture(scope="module")
-def subject(tmp_path_factory) -> Subject:
+def subject(tmp_path_factory, cpp_build) -> Subject:
+    """The FunctionalOps model in every form; ``cpp_build``: the C++ runtime :func:`run_cpp` runs is built."""
     torch.manual_seed(0)
     example = torch.randn(2, 3, 8, 8)
     folder = tmp_path_factory.mktemp("fuzz")

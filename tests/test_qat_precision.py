@@ -25,7 +25,7 @@ from edgeq.quantization import (
     prepare_qat_fx,
     set_fake_quantize,
 )
-from edgeq.quantization.fake_quantize import ActivationFakeQuantize, fake_quantize_weight, weight_scales
+from edgeq.quantization.fake_quantize import ActivationFakeQuantize, fake_quantize, fake_quantize_weight, weight_scales
 from edgeq.quantization.observers import Observer
 from edgeq.targets import Rounding, ScaleRule
 
@@ -79,21 +79,44 @@ def test_activation_fake_quantize_is_atens_kernel(scale):
     assert (values.grad == 0).any() and (values.grad == upstream).any()
 
 
-def test_weight_fake_quantize_is_atens_per_channel_kernel():
-    """A weight's fake quantization equals aten's ``fake_quantize_per_channel_affine`` bit for bit, values and
+def test_per_channel_fake_quantize_is_atens_per_channel_kernel():
+    """Fake quantization per channel equals aten's ``fake_quantize_per_channel_affine`` bit for bit, values and
     gradients, at any scales (saturating ones too)."""
     generator = torch.Generator().manual_seed(5)
     weight = (torch.randn(6, 3, 3, 3, generator=generator) * torch.logspace(-3, 1, 6).reshape(-1, 1, 1, 1)).requires_grad_()
     scales = weight_scales(weight, ScaleRule.ANY) * torch.tensor([1.0, 0.5, 0.013, 1.7, 0.25, 0.999])
     reference = weight.detach().clone().requires_grad_()
     upstream = torch.randn(weight.shape, generator=generator)
-    fake = fake_quantize_weight(weight, scales)
+    fake = fake_quantize(weight, scales.reshape(-1, 1, 1, 1), -127, 127, Rounding.HALF_TO_EVEN, False)
     aten = torch.fake_quantize_per_channel_affine(reference, scales, torch.zeros(6, dtype=torch.int32), 0, -127, 127)
     fake.backward(upstream)
     aten.backward(upstream)
     np.testing.assert_array_equal(fake.detach().numpy(), aten.detach().numpy())
     np.testing.assert_array_equal(weight.grad.numpy(), reference.grad.numpy())
     assert (weight.grad == 0).any()
+
+
+@pytest.mark.parametrize("rule", list(ScaleRule))
+def test_weight_fake_quantize_at_its_own_scales_is_atens_kernel(rule):
+    """A weight fake-quantized at its own scales (rounded without a clamp or a mask: nothing saturates there) equals
+    aten's per-channel kernel at those scales bit for bit, values and gradients: channels of every magnitude, one
+    of zeros, one below the scale floor."""
+    generator = torch.Generator().manual_seed(11)
+    weight = torch.randn(8, 4, 3, 3, generator=generator) * torch.logspace(-6, 3, 8).reshape(-1, 1, 1, 1)
+    weight[2] = 0.0
+    weight[3] = 1e-9
+    weight = weight.requires_grad_()
+    reference = weight.detach().clone().requires_grad_()
+    upstream = torch.randn(weight.shape, generator=generator)
+    fake = fake_quantize_weight(weight, rule)
+    scales = weight_scales(reference, rule)
+    aten = torch.fake_quantize_per_channel_affine(reference, scales, torch.zeros(8, dtype=torch.int32), 0, -127, 127)
+    fake.backward(upstream)
+    aten.backward(upstream)
+    np.testing.assert_array_equal(fake.detach().numpy(), aten.detach().numpy())
+    np.testing.assert_array_equal(weight.grad.numpy(), reference.grad.numpy())
+    steps = torch.round(fake.detach() / scales.reshape(-1, 1, 1, 1)).abs().amax(dim=(1, 2, 3))
+    assert steps.max() == 127 if rule is ScaleRule.ANY else steps.max() <= 127  # the largest values at the edge
 
 
 def test_aten_kernel_is_not_the_rule_for_other_scales():

@@ -165,8 +165,26 @@ def weight_scales(weight: torch.Tensor, rule: ScaleRule) -> torch.Tensor:
     return scale_from_amax(amax, WEIGHT_QMAX, rule)
 
 
-def fake_quantize_weight(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Round a weight to int8 per output channel (range [-127, 127]) and back, with straight-through gradients:
-    aten's ``fake_quantize_per_channel_affine`` bit for bit."""
-    per_channel = scales.to(torch.float32).reshape(-1, *([1] * (weight.dim() - 1)))
-    return fake_quantize(weight, per_channel, WEIGHT_QMIN, WEIGHT_QMAX, Rounding.HALF_TO_EVEN, False)
+def fake_quantize_weight(weight: torch.Tensor, rule: ScaleRule) -> torch.Tensor:
+    """Round a weight to int8 per output channel at its own scales (:func:`weight_scales`) and back, with
+    straight-through gradients: aten's ``fake_quantize_per_channel_affine`` at those scales, bit for bit.
+
+    At its own scales no value saturates: ``|w| * (1/s)`` is at most ``127 * (1 + 3 * 2**-24)``, which rounds to
+    127 (a power-of-two scale is only larger). So on the CPU this is ``round(w * (1/s)) * s`` and the gradient
+    passes unchanged, without the clamp, the saved steps and the masking pass of :func:`fake_quantize`."""
+    scales = weight_scales(weight, rule).reshape(-1, *([1] * (weight.dim() - 1)))
+    if weight.device.type != "cpu":
+        return fake_quantize(weight, scales, WEIGHT_QMIN, WEIGHT_QMAX, Rounding.HALF_TO_EVEN, False)
+    return _RoundToScale.apply(weight, scales)
+
+
+class _RoundToScale(torch.autograd.Function):
+    """``round(x * (1/s)) * s`` with the gradient passed unchanged: fake quantization where nothing saturates."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return torch.mul(value, torch.reciprocal(scale)).round_().mul_(scale)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None

@@ -179,7 +179,7 @@ class EdgeqPerChannelWeightFakeQuantize(FakeQuantizeBase):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         self._weight = (weight,)
-        return fake_quantize_weight(weight, weight_scales(weight, self.scale_rule))
+        return fake_quantize_weight(weight, self.scale_rule)
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._weight:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable
-from edgeq.quantization.fake_quantize import ActivationFakeQuantize, fake_quantize_weight, weight_scales
+from edgeq.quantization.fake_quantize import ActivationFakeQuantize, fake_quantize_weight
 from edgeq.quantization.state import FakeQuantStateful
 from edgeq.targets import ScaleRule
 
@@ -164,7 +164,7 @@ class _WeightedLayer(Requantizing, FakeQuantStateful, ABC):
     def _fake_quantized(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.fake_quant_state.fake_quantizes:
             return weight
-        return fake_quantize_weight(weight, weight_scales(weight, self.scale_rule))
+        return fake_quantize_weight(weight, self.scale_rule)
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
         if self.bn is None:

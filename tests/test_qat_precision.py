@@ -79,6 +79,17 @@ def test_activation_fake_quantize_is_atens_kernel(scale):
     assert (values.grad == 0).any() and (values.grad == upstream).any()
 
 
+@pytest.mark.parametrize("qmin, qmax", [(-128, 127), (-127, 127), (-128, 126), (-127, 126)])
+def test_fake_quantize_gradient_bounds_at_ties(qmin, qmax):
+    """The backward's bounds on ``x * (1/s)`` (a tie at ``qmin - 1/2`` or ``qmax + 1/2`` rounds into the range when
+    the bound is even) give aten's gradient at every tie of the range and its neighbours."""
+    values = _near_ties(0.0234).requires_grad_()
+    reference = values.detach().clone().requires_grad_()
+    fake_quantize(values, torch.tensor(0.0234), qmin, qmax, Rounding.HALF_TO_EVEN, False).sum().backward()
+    torch.fake_quantize_per_tensor_affine(reference, torch.tensor([0.0234]), torch.zeros((), dtype=torch.int32), qmin, qmax).sum().backward()
+    np.testing.assert_array_equal(values.grad.numpy(), reference.grad.numpy())
+
+
 def test_per_channel_fake_quantize_is_atens_per_channel_kernel():
     """Fake quantization per channel equals aten's ``fake_quantize_per_channel_affine`` bit for bit, values and
     gradients, at any scales (saturating ones too)."""

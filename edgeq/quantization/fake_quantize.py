@@ -1,12 +1,12 @@
 """Fake quantization: float tensors rounded to the integer grid, with straight-through gradients.
 
-One function, :func:`fake_quantize`, for activations and weights: ``saturate(round(x * (1/s))) * s``
+One function, :func:`fake_quantize`, for activations and weights at any scales: ``saturate(round(x * (1/s))) * s``
 (aten's computation in ``fake_quantize_per_tensor_affine`` / ``fake_quantize_per_channel_affine``: the product
 by the float32 reciprocal, ties to even) or ``saturate(round(x / s)) * s`` (the integer model's quantize, ties by
 the target's rule), with aten's straight-through gradient: 1 where the rounded value is in the range, 0 where it
 saturates. It is a few of aten's vectorized elementwise ops (product, round, clamp, product) and, backward,
-aten's ``hardtanh_backward`` on the rounded steps, which are saved: about twice as fast as aten's fused
-fake-quant kernels on the CPU, a scalar loop there that writes a boolean mask (docs/training.md "Speed of the QAT
+the product again and aten's ``hardtanh_backward`` on it: about twice as fast as aten's fused fake-quant kernels
+on the CPU, a scalar loop there that writes a boolean mask (docs/training.md "Speed of the QAT
 step"), and equal to them bit for bit (tests/test_qat_precision.py). On other devices (a GPU) aten's kernels run.
 
 The product by ``1/s`` is exactly the integer model's ``x / s`` when ``s`` is a power of two and can differ by one
@@ -20,6 +20,9 @@ quantization computes in float32 whatever ``torch.autocast`` says; nothing in it
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
 from edgeq.errors import QuantizationError
@@ -131,9 +134,13 @@ class _FakeQuantize(torch.autograd.Function):
     """``saturate(round(x * (1/s)), qmin, qmax) * s`` (aten's fake-quant computation, ties to even), or with
     ``divides`` ``saturate(round(x / s), qmin, qmax) * s`` with ties by ``rounding`` (the integer model's quantize);
     ``scale`` broadcasts against ``value`` (one per tensor, or per channel). The gradient is aten's
-    straight-through one: the incoming gradient where the rounded value is in ``[qmin, qmax]``, 0 elsewhere
-    (``hardtanh_backward`` on the rounded steps between ``qmin - 1/2`` and ``qmax + 1/2``, bounds excluded).
-    A NaN stays NaN (aten's kernels return ``qmin * s``)."""
+    straight-through one: the incoming gradient where the rounded value is in ``[qmin, qmax]``, 0 elsewhere.
+    A NaN stays NaN (aten's kernels return ``qmin * s``).
+
+    Multiplying, the forward rounds, clamps and scales one new tensor in place and saves its input; the backward
+    computes ``x * (1/s)`` again and masks it in place where it rounds outside the range (``hardtanh_backward``
+    between :func:`_product_bounds`). No tensor of steps lives from the forward to the backward. Dividing, the
+    rounded steps are saved and masked between ``qmin - 1/2`` and ``qmax + 1/2``."""
 
     @staticmethod
     def forward(
@@ -147,16 +154,36 @@ class _FakeQuantize(torch.autograd.Function):
     ) -> torch.Tensor:
         if divides:
             steps = round_half(value / scale, rounding)
-        else:
-            steps = torch.mul(value, torch.reciprocal(scale)).round_()
-        ctx.save_for_backward(steps)
-        ctx.bounds = (qmin - 0.5, qmax + 0.5)
-        return torch.clamp(steps, qmin, qmax).mul_(scale)
+            ctx.save_for_backward(steps)
+            ctx.bounds = (qmin - 0.5, qmax + 0.5)
+            return torch.clamp(steps, qmin, qmax).mul_(scale)
+        reciprocal = torch.reciprocal(scale)
+        ctx.save_for_backward(value, reciprocal)
+        ctx.bounds = _product_bounds(qmin, qmax)
+        return torch.mul(value, reciprocal).round_().clamp_(qmin, qmax).mul_(scale)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (steps,) = ctx.saved_tensors
-        return torch.ops.aten.hardtanh_backward(grad, steps, *ctx.bounds), None, None, None, None, None
+        saved = ctx.saved_tensors
+        if len(saved) == 1:  # the rounded steps of a division
+            return torch.ops.aten.hardtanh_backward(grad, saved[0], *ctx.bounds), None, None, None, None, None
+        value, reciprocal = saved
+        product = torch.mul(value, reciprocal)
+        masked = torch.ops.aten.hardtanh_backward(grad, product, *ctx.bounds, grad_input=product)
+        return masked, None, None, None, None, None
+
+
+@functools.cache
+def _product_bounds(qmin: int, qmax: int) -> tuple[float, float]:
+    """The float32 bounds, both excluded, between which ``t`` rounds (ties to even) into ``[qmin, qmax]``:
+    ``qmin - 1/2`` rounds to ``qmin`` when it is even (the bound is then the float32 below it), ``qmax + 1/2`` to
+    ``qmax`` when it is even (the bound is then the float32 above it)."""
+    low, high = np.float32(qmin - 0.5), np.float32(qmax + 0.5)
+    if qmin % 2 == 0:
+        low = np.nextafter(low, np.float32(-np.inf))
+    if qmax % 2 == 0:
+        high = np.nextafter(high, np.float32(np.inf))
+    return float(low), float(high)
 
 
 def weight_scales(weight: torch.Tensor, rule: ScaleRule) -> torch.Tensor:

@@ -26,7 +26,8 @@ from edgeq.quantization import (
     set_fake_quantize,
 )
 from edgeq.quantization.fake_quantize import ActivationFakeQuantize, fake_quantize, fake_quantize_weight, weight_scales
-from edgeq.quantization.observers import Observer
+from edgeq.quantization.observers import EMAMinMaxObserver, Observer
+from edgeq.quantization.qat_modules import Activation
 from edgeq.targets import Rounding, ScaleRule
 
 STEPS = torch.arange(-130, 130, dtype=torch.float32)
@@ -88,6 +89,32 @@ def test_fake_quantize_gradient_bounds_at_ties(qmin, qmax):
     fake_quantize(values, torch.tensor(0.0234), qmin, qmax, Rounding.HALF_TO_EVEN, False).sum().backward()
     torch.fake_quantize_per_tensor_affine(reference, torch.tensor([0.0234]), torch.zeros((), dtype=torch.int32), qmin, qmax).sum().backward()
     np.testing.assert_array_equal(values.grad.numpy(), reference.grad.numpy())
+
+
+@pytest.mark.parametrize("activation", [Activation.RELU, Activation.RELU6])
+def test_activation_fused_into_fake_quantization(activation):
+    """A ReLU / ReLU6 fused into its output quantizer (``clamp_and_quantize``) equals the in-place activation then
+    the quantizer bit for bit: values, gradients and the range observed, at the clamp's bounds, ties, saturation
+    and infinities, in QAT (observing) and in validation."""
+    scale = 0.0234
+    quantizers = [ActivationFakeQuantize(EMAMinMaxObserver(), ScaleRule.ANY) for _ in range(2)]
+    edges = torch.tensor([0.0, -0.0, 6.0, 6.0 - 2**-21, 6.0 + 2**-21, -(2**-30), 2**-30])
+    values = torch.cat([_wide(scale, 600), edges, _near_ties(scale) + 3.0])
+    upstream = torch.randn(values.shape, generator=torch.Generator().manual_seed(2))
+    for state in (FakeQuantState.QAT, FakeQuantState.VALIDATION):
+        inputs = [values.clone().requires_grad_() for _ in range(2)]
+        for quantizer in quantizers:
+            quantizer.set_fake_quant_state(state)
+        fresh = [x * 1.0 for x in inputs]  # a fresh result, which the in-place activation may overwrite
+        assert quantizers[0].fuses_clamp(fresh[0])
+        fused = quantizers[0].clamp_and_quantize(fresh[0], activation.bounds)
+        plain = quantizers[1](activation(fresh[1], inplace=True))
+        fused.backward(upstream)
+        plain.backward(upstream)
+        np.testing.assert_array_equal(fused.detach().numpy(), plain.detach().numpy())
+        np.testing.assert_array_equal(inputs[0].grad.numpy(), inputs[1].grad.numpy())
+        assert (inputs[0].grad == 0).any() and (inputs[0].grad == upstream).any()
+        np.testing.assert_array_equal(quantizers[0].observer.running_max.numpy(), quantizers[1].observer.running_max.numpy())
 
 
 def test_per_channel_fake_quantize_is_atens_per_channel_kernel():

@@ -73,15 +73,34 @@ class ActivationFakeQuantize(FakeQuantStateful):
         self.exact = quantizes_float or rounding is not Rounding.HALF_TO_EVEN
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
-        observes = self.observer is not None and self.fake_quant_state.observes
-        if observes:
-            self.observer.observe(value)
+        self._observe(value)
         if not self.fake_quant_state.fake_quantizes:
             return value
-        if not observes:
-            self._check_observed()  # a range this call just observed needs no check (and no read on the host)
         scale = self.scale_tensor().to(value.device)
         return fake_quantize(value.to(torch.float32), scale, ACTIVATION_QMIN, ACTIVATION_QMAX, self.rounding, self.exact)
+
+    def fuses_clamp(self, value: torch.Tensor) -> bool:
+        """Whether :meth:`clamp_and_quantize` applies to ``value`` now: this quantizer fake quantizes, by the product,
+        a float32 tensor on the CPU."""
+        return self.fake_quant_state.fake_quantizes and not self.exact and value.device.type == "cpu" and value.dtype == torch.float32
+
+    def clamp_and_quantize(self, value: torch.Tensor, bounds: tuple[float, float | None]) -> torch.Tensor:
+        """A ReLU / ReLU6 (``bounds``: its clamp) and this quantizer in one (where :meth:`fuses_clamp`): the values and
+        gradients of the in-place activation followed by :meth:`forward`, with an activation-sized tensor fewer each
+        way (the clamp is fake quantized in place; the backward clamps the input again instead of the in-place
+        ReLU6's saved copy of it)."""
+        with torch.no_grad():
+            clamped = torch.clamp(value, *bounds)
+        self._observe(clamped)
+        return _ClampFakeQuantize.apply(value, clamped, self.scale_tensor(), bounds)
+
+    def _observe(self, value: torch.Tensor) -> None:
+        """Observe ``value`` if this state observes; otherwise, if it fake quantizes, check that a range is known (a
+        range this call just observed needs no check, and no read on the host)."""
+        if self.observer is not None and self.fake_quant_state.observes:
+            self.observer.observe(value)
+        elif self.fake_quant_state.fake_quantizes:
+            self._check_observed()
 
     def scale_tensor(self) -> torch.Tensor:
         """The float32 scale this tensor is quantized with now, a 0-d tensor (on the observer's device), computed
@@ -171,6 +190,39 @@ class _FakeQuantize(torch.autograd.Function):
         product = torch.mul(value, reciprocal)
         masked = torch.ops.aten.hardtanh_backward(grad, product, *ctx.bounds, grad_input=product)
         return masked, None, None, None, None, None
+
+
+class _ClampFakeQuantize(torch.autograd.Function):
+    """Activation fake quantization (:class:`_FakeQuantize` by the product) of ``clamp(x, low, high)``, a ReLU
+    (``high`` None) or ReLU6 before it, given that clamp, which it fake quantizes in place. The backward clamps and
+    multiplies ``x`` again, masks like :class:`_FakeQuantize`, then like the activation's own backward in aten
+    (``threshold_backward`` on ``x`` for a ReLU, ``hardtanh_backward`` for a ReLU6), in place."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        value: torch.Tensor,
+        clamped: torch.Tensor,
+        scale: torch.Tensor,
+        bounds: tuple[float, float | None],
+    ) -> torch.Tensor:
+        reciprocal = torch.reciprocal(scale)
+        ctx.save_for_backward(value, reciprocal)
+        ctx.clamp_bounds = bounds
+        ctx.mark_dirty(clamped)
+        return clamped.mul_(reciprocal).round_().clamp_(ACTIVATION_QMIN, ACTIVATION_QMAX).mul_(scale)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        value, reciprocal = ctx.saved_tensors
+        low, high = ctx.clamp_bounds
+        masked = torch.clamp(value, low, high).mul_(reciprocal)
+        torch.ops.aten.hardtanh_backward(grad, masked, *_product_bounds(ACTIVATION_QMIN, ACTIVATION_QMAX), grad_input=masked)
+        if high is None:
+            torch.ops.aten.threshold_backward(masked, value, low, grad_input=masked)
+        else:
+            torch.ops.aten.hardtanh_backward(masked, value, low, high, grad_input=masked)
+        return masked, None, None, None
 
 
 @functools.cache

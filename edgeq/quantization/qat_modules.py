@@ -41,6 +41,11 @@ class Activation(str, Enum):
             return F.relu6(value, inplace)
         return value
 
+    @property
+    def bounds(self) -> tuple[float, float | None]:
+        """The activation's clamp ``(low, high)`` (``high`` None: none), as ``torch.clamp`` takes it."""
+        return (0.0, 6.0) if self is Activation.RELU6 else (0.0, None)
+
 
 class Requantizing(nn.Module):
     """An op whose int8 output has a scale of its own.
@@ -58,8 +63,13 @@ class Requantizing(nn.Module):
         self.output_quantizer = None
         self.output_scale_from = module_path
 
-    def _quantize_output(self, value: torch.Tensor) -> torch.Tensor:
-        return value if self.output_quantizer is None else self.output_quantizer(value)
+    def _quantize_output(self, value: torch.Tensor, activation: Activation = Activation.NONE) -> torch.Tensor:
+        """``value`` through ``activation`` (in place: a fresh result) and the output quantizer, fused where it can."""
+        quantizer = self.output_quantizer
+        if activation is not Activation.NONE and quantizer is not None and quantizer.fuses_clamp(value):
+            return quantizer.clamp_and_quantize(value, activation.bounds)
+        value = activation(value, inplace=True)
+        return value if quantizer is None else quantizer(value)
 
 
 class QuantizeInput(Requantizing):
@@ -182,7 +192,7 @@ class _WeightedLayer(Requantizing, FakeQuantStateful, ABC):
         return self._finish(self.bn(out))
 
     def _finish(self, value: torch.Tensor) -> torch.Tensor:
-        return self._quantize_output(self.activation(value, inplace=True))
+        return self._quantize_output(value, self.activation)
 
 
 @CANONICAL.register(Op.CONV2D)
@@ -253,7 +263,7 @@ class AddAct(Requantizing):
         self.output_quantizer = output_quantizer
 
     def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        return self._quantize_output(self.activation(left + right, inplace=True))
+        return self._quantize_output(left + right, self.activation)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation.value}"

@@ -275,9 +275,10 @@ class BatchNorms1d(nn.Module):
 
 class DataMovement(nn.Module):
     """Data movement of vision transformers and their kin, on 8x8 maps of 8 channels: Swin's window partition and
-    its reverse (reshape / permute over six axes), its shifted windows (``torch.roll``), ``unbind``, ``narrow``,
-    ``split`` with sizes and indexing with constant slices; ``halves_listed``: the input is split and concatenated
-    again with ``list(x.chunk(2, 1))``, which only torch.export captures."""
+    its reverse (reshape / permute over six axes), its shifted windows (``torch.roll``), a roll of the flattened
+    tensor (no ``dims``), ``unbind``, ``narrow``, ``split`` with sizes and indexing with constant slices;
+    ``halves_listed``: the input is split and concatenated again with ``list(x.chunk(2, 1))``, which only
+    torch.export captures."""
 
     def __init__(self, halves_listed: bool = False) -> None:
         super().__init__()
@@ -296,7 +297,7 @@ class DataMovement(nn.Module):
         x = torch.roll(merged, 2, 3)
         first, rest = torch.split(x, [3, 5], dim=1)
         rows = rest.unbind(2)
-        picked = torch.cat([rows[1], rows[-1], rest.narrow(3, 2, 4)[:, :, 0]], 2)
+        picked = torch.roll(torch.cat([rows[1], rows[-1], rest.narrow(3, 2, 4)[:, :, 0]], 2), 11)
         tail = torch.cat([first[:, 1:, 3], first[:, 1:, -3], first[:, 1:, 0, 2:6]], 2)
         return self.dequant(torch.cat([picked, tail], 1))
 

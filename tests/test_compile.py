@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from edgeq.export.onnx_reader import load_onnx
 from edgeq.export.onnx_writer import build_onnx
 from edgeq.quantization import DeQuantStub, FakeQuantState, QuantStub, convert_fx, default_qat_qconfig, prepare_qat_fx, set_fake_quantize
 from edgeq.quantization.integer_model import IntegerModel
+from edgeq.quantization.prepare import FloatFallbackWarning
 from edgeq_runtime import Model
 
 
@@ -391,16 +393,44 @@ def test_batchnorm1d_compiles_exactly(tmp_path):
 
 
 def test_data_movement_compiles_exactly(tmp_path):
-    """tests/models.py's DataMovement (window partitions, roll as Slice + Concat, unbind as Split + Reshape, narrow,
-    split with sizes, constant indexing) on x86_64 and the NPU targets, equal to the integer model."""
+    """tests/models.py's DataMovement (window partitions, roll as Slice + Concat, a roll of the flattened tensor as
+    the same between two Reshapes, unbind as Split + Reshape, narrow, split with sizes, constant indexing) on x86_64
+    and the NPU targets, equal to the integer model."""
     torch.manual_seed(0)
     example = torch.randn(2, 4, 8, 8)
     for target in ("x86_64", "npu-m", "npu-s"):
         int_model = integer_model(DataMovement().eval(), example, target)
         result = compiled_for(int_model, example, target, tmp_path)
         ops = [n.record.op for n in result.report.nodes]
-        assert ops.count("split") == 2 and ops.count("concat") == 6 and ops.count("transpose") == 3
+        assert ops.count("split") == 2 and ops.count("concat") == 7 and ops.count("transpose") == 3
         assert_artifact_exact(result.artifact, int_model, torch.randn(2, 4, 8, 8))
+
+
+class FlattenedRoll(nn.Module):
+    """A roll of the flattened tensor between two convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.out = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.roll(self.conv(x), shifts=-29))
+
+
+def test_a_roll_of_the_flattened_tensor_is_integer_and_the_artifact_equals(tmp_path):
+    """``torch.roll`` without dims moves the integers (nothing falls back to float): the QDQ file rolls the tensor
+    Reshaped to one axis (a Concat of two Slices) and Reshapes it back, and the x86_64 artifact equals the integer
+    model."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FloatFallbackWarning)
+        int_model = integer_model(Wrapped(FlattenedRoll()).eval(), example, "x86_64")
+    path = to_onnx(int_model, (example,), tmp_path / "m.onnx")
+    moved = [n.op_type for n in onnx.load(str(path)).graph.node if n.op_type in ("Reshape", "Slice", "Concat")]
+    assert moved == ["Reshape", "Slice", "Slice", "Concat", "Reshape"]
+    result = compile_model(path, target="x86_64", out=tmp_path / "m.edgeq")
+    assert_artifact_exact(result.artifact, int_model, torch.randn(2, 3, 6, 6))
 
 
 def test_relu6_below_127_levels_compiles_exactly(tmp_path):

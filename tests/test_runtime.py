@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from models import BatchNorms1d, FunctionalOps, integer_model, rewrite_artifact, torchvision_model, with_batchnorm_statistics
+from models import BatchNorms1d, DataMovement, FunctionalOps, integer_model, rewrite_artifact, torchvision_model, with_batchnorm_statistics
 
 from edgeq.cli import main
 from edgeq.compile import compile_model
@@ -122,6 +122,23 @@ def test_cpp_cli_takes_raw_int8_inputs(models, edgeq_run, tmp_path):
     outputs = cli_outputs([str(edgeq_run["x86_64"])], artifacts["x86_64"], [tmp_path / "q.npy"], tmp_path / "out")
     for name, expected in zip(("dequant", "dequant_map"), int_model.run_integer(x)):
         np.testing.assert_array_equal(outputs[name], expected.numpy())
+
+
+def test_data_movement_in_both_runtimes(edgeq_run, tmp_path):
+    """tests/models.py's DataMovement (rolls along axes and of the flattened tensor among them) compiled for x86_64:
+    edgeq-run and the Python runtime give the integer model's integers."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 4, 8, 8)
+    int_model = integer_model(DataMovement().eval(), example, "x86_64")
+    artifact = compile_model(int_model, (example,), target="x86_64", out=tmp_path / "moves.edgeq").artifact
+    x = torch.randn(2, 4, 8, 8)
+    np.save(tmp_path / "x.npy", x.numpy())
+    expected = int_model.run_integer(x).numpy()
+    with Model.load(artifact) as model:
+        (python,) = model.run(x.numpy(), raw=True).values()
+    (cpp,) = cli_outputs([str(edgeq_run["x86_64"])], artifact, [tmp_path / "x.npy"], tmp_path / "out").values()
+    np.testing.assert_array_equal(python, expected)
+    np.testing.assert_array_equal(cpp, expected)
 
 
 def test_aarch64_dotprod_artifact_uses_sdot(models, tmp_path):

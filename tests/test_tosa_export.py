@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ethos_u import assert_reference_equals
-from models import SmallCNN, integer_model
+from models import DataMovement, SmallCNN, integer_model
 from torch import nn
 
 from edgeq.check import check_model, check_qdq
@@ -219,6 +219,16 @@ def test_nearest_upsampling(target, tmp_path, factor):
     graph = to_tosa(int_model, (example,), tmp_path / "up.tosa")
     assert_reference_equals(int_model, graph, [example, -example])
     vela(tmp_path / "up.tosa", "ethos-u55-128", tmp_path / "out")
+
+
+def test_data_movement(target, tmp_path):
+    """tests/models.py's DataMovement (window partitions over six axes, rolls along axes and of the flattened tensor,
+    unbind, narrow, split with sizes, constant indexing): reference model == integer model."""
+    torch.manual_seed(0)
+    example = torch.randn(2, 4, 8, 8)
+    int_model = integer_model(DataMovement().eval(), example, target)
+    graph = to_tosa(int_model, (example,), tmp_path / "moves.tosa")
+    assert assert_reference_equals(int_model, graph, [torch.randn(2, 4, 8, 8), example]) == 2 * 2 * 7 * 20
 
 
 # ---- errors --------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ outputs of a split) and its dequantized copy ``P.q.dq``; with a fused ReLU/ReLU6
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from edgeq.numerics import bias_exponents, bias_scales, float32
 from edgeq.ops import Op
 from edgeq.quantization.integer_model import IntegerModel
 from edgeq.quantization.integer_ops import IntDequantize, IntEnterFloat, IntQuantize, TensorQuant, _WeightedOp
-from edgeq.quantization.patterns import PreFusionOp, padding, permutation, roll_shifts, slice_index, source_op, split_axis
+from edgeq.quantization.patterns import PreFusionOp, is_flattened_roll, padding, permutation, roll_shifts, slice_index, source_op, split_axis
 from edgeq.quantization.qat_modules import FLOAT_REASON_KEY
 
 CONTRIB_DOMAIN = "com.microsoft"
@@ -270,21 +271,23 @@ class QDQBuilder:
 
     def _roll(self, node: fx.Node, path: str, source: QTensor, rank: int, shape: tuple[int, ...]) -> QTensor:
         """``torch.roll`` along given axes: per axis, the last ``shift`` values Sliced off and Concatenated before
-        the rest (a copy: the same scale)."""
-        shifts = roll_shifts(node, rank)
-        if shifts is None:
-            raise ExportError(f"'{node.name}': a roll of the flattened tensor (no dims) has no export; give dims")
-        for step, (axis, shift) in enumerate(shifts):
-            size = shape[axis]
+        the rest (a copy: the same scale); a roll of the flattened tensor (no ``dims``) is that roll along axis 0 of
+        the tensor Reshaped to one axis, Reshaped back."""
+        flattened = is_flattened_roll(node)
+        rolled_shape = (math.prod(shape),) if flattened else shape
+        rolled, rolled_rank = (self.reshape(f"{path}.flat", source, rolled_shape) if flattened else source), len(rolled_shape)
+        for step, (axis, shift) in enumerate(roll_shifts(node, rank)):
+            size = rolled_shape[axis]
             shift %= size
             if shift == 0:
                 continue
-            stem, before, after = f"{path}.{step}", (slice(None),) * axis, shape[axis + 1 :]
-            tail = self._slice(node, f"{stem}.tail", source, (*before, slice(size - shift, None)), rank, (*shape[:axis], shift, *after))
-            head = self._slice(node, f"{stem}.head", source, (*before, slice(0, size - shift)), rank, (*shape[:axis], size - shift, *after))
+            stem, before, after = f"{path}.{step}", (slice(None),) * axis, rolled_shape[axis + 1 :]
+            tail_shape, head_shape = (*rolled_shape[:axis], shift, *after), (*rolled_shape[:axis], size - shift, *after)
+            tail = self._slice(node, f"{stem}.tail", rolled, (*before, slice(size - shift, None)), rolled_rank, tail_shape)
+            head = self._slice(node, f"{stem}.head", rolled, (*before, slice(0, size - shift)), rolled_rank, head_shape)
             out = self.node("Concat", [self.dequantize(tail), self.dequantize(head)], f"{stem}.out", f"{stem}/Concat", axis=axis)
-            source = self.quantize(out, stem, source.quant)
-        return source
+            rolled = self.quantize(out, stem, source.quant)
+        return self.reshape(path, rolled, shape) if flattened else rolled
 
     def _split(self, path: str, source: QTensor, axis: int, shapes: list[tuple[int, ...]], rank: int) -> tuple[QTensor, ...]:
         """ONNX Split into parts of ``shapes``; parts without the axis (``unbind``'s) reshaped after it."""

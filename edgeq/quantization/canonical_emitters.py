@@ -26,7 +26,7 @@ from edgeq.quantization.batch_norms import batchnorm_as
 from edgeq.quantization.fake_quantize import ActivationFakeQuantize
 from edgeq.quantization.fusion import Fusion
 from edgeq.quantization.graph import VALUE_KEY, TensorInfo, describe_node, getattr_path, makes_one_tensor, tensor_info
-from edgeq.quantization.patterns import PreFusionOp, SourceOp, argument, clamp_bounds, interpolation, is_flattened_roll, padding, pair
+from edgeq.quantization.patterns import PreFusionOp, SourceOp, argument, clamp_bounds, interpolation, padding, pair
 from edgeq.quantization.qat_modules import (
     Activation,
     AddAct,
@@ -434,9 +434,7 @@ def _emit_matmul(rewriter: Rewriter, node: fx.Node) -> fx.Node:
 @_pre_fusion(PreFusionOp.DROPOUT, PreFusionOp.ALIAS)
 @CANONICAL_EMITTERS.register(*(op for op in MOVEMENT_OPS if op is not Op.PAD))
 def _emit_as_written(rewriter: Rewriter, node: fx.Node) -> fx.Node:
-    """Data movement, aliases and dropout are kept as the user wrote them (a roll needs its axes: ONNX has no roll)."""
-    if is_flattened_roll(node):
-        raise rewriter.unsupported(node, "a roll of the flattened tensor (no dims); give dims for an integer roll")
+    """Data movement, aliases and dropout are kept as the user wrote them."""
     return rewriter.copy(node)
 
 

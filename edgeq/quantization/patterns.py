@@ -327,17 +327,21 @@ def slice_index(node: fx.Node, index: Any) -> Any:
 
 
 def is_flattened_roll(node: fx.Node) -> bool:
-    """Whether ``node`` is a ``torch.roll`` of the flattened tensor (no ``dims``), which has no integer form."""
-    return _called(node) == "roll" and argument(node, 2, "dims") is None
+    """Whether ``node`` is a ``torch.roll`` of the flattened tensor (no ``dims``): a roll along axis 0 of the
+    tensor flattened, reshaped back."""
+    return _called(node) == "roll" and argument(node, 2, "dims") in (None, [], ())
 
 
 def roll_shifts(node: fx.Node, rank: int) -> list[tuple[int, int]] | None:
-    """The (axis, shift) pairs of a ``torch.roll`` node, ``None`` for a roll of the flattened tensor (no ``dims``)
-    or a node that is no roll."""
-    if _called(node) != "roll" or is_flattened_roll(node):
+    """The (axis, shift) pairs of a ``torch.roll`` node (a roll of the flattened tensor: ``[(0, shift)]`` of the
+    flattened tensor), ``None`` for a node that is no roll."""
+    if _called(node) != "roll":
         return None
     shifts, dims = argument(node, 1, "shifts"), argument(node, 2, "dims")
-    shifts, dims = (shifts if isinstance(shifts, (tuple, list)) else [shifts]), (dims if isinstance(dims, (tuple, list)) else [dims])
+    shifts = shifts if isinstance(shifts, (tuple, list)) else [shifts]
+    if is_flattened_roll(node):
+        return [(0, int(shifts[0]))]
+    dims = dims if isinstance(dims, (tuple, list)) else [dims]
     return [(int(d) % rank, int(s)) for d, s in zip(dims, shifts)]
 
 

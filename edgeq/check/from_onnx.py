@@ -135,8 +135,7 @@ class _OnnxWalker(QDQGraph):
         bias_values = self.constants.get(bias[0]) if bias is not None else None
         source, weight_quant = self.dequantized(node.input[0]), self.dequantized(node.input[1])
         if bias is not None and bias_values is not None and source is not None and weight_quant is not None:
-            scales = list(weight_quant[1].scales) * (values.shape[axis] if len(weight_quant[1].scales) == 1 else 1)
-            at_accumulator = accumulator_bias(bias_values, bias[1].scales, source[1].scales[0], scales)
+            at_accumulator = accumulator_bias(bias_values, bias[1].scales, source[1].scales[0], weight_quant[1].scales)
             bias_values = at_accumulator if at_accumulator is not None else bias_values
         return tuple(accumulator_bounds(values, bias_values, axis, input_zero_point))
 

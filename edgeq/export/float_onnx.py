@@ -13,6 +13,8 @@ from __future__ import annotations
 import io
 import operator
 import warnings
+from collections import deque
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -22,6 +24,7 @@ import torch.fx as fx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from edgeq.errors import ExportError, first_line
 
@@ -69,8 +72,9 @@ def emit_float_op(
         ExportError: torch's exporter writes no ONNX form of the op (the message names the node, the op and why).
     """
     what = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
-    if node.target is operator.getitem and isinstance(inputs.get(node.args[0]), tuple):
-        return inputs[node.args[0]][node.args[1]]  # an item of a float op's tuple: one of its ONNX outputs
+    if node.target in (operator.getitem, getattr) and isinstance(inputs.get(node.args[0]), tuple):
+        # an item of a float op's tuple (``max(x, dim)[0]``, ``.values``): one of its ONNX outputs
+        return inputs[node.args[0]][next(i for i, item in enumerate(values[node.args[0]]) if item is values[node])]
     program, examples, sources = _single_op_program(node, module, inputs, values)
     result = values[node]
     several = isinstance(result, (tuple, list))  # aten.meshgrid, unbind... return a list
@@ -124,43 +128,100 @@ def _single_op_program(
 
 def _export(program: fx.GraphModule, examples: list[torch.Tensor], outputs: int, opset: int, what: str) -> onnx.ModelProto:
     """The float ONNX model torch's TorchScript exporter writes of ``program``, at the first of :data:`OPSETS` from
-    ``opset`` on that it can write."""
+    ``opset`` on that it can write; for an op it has no ONNX form of (``channel_shuffle``, ``diag_embed``,
+    ``interpolate``'s ``nearest-exact``), of ``program`` decomposed into core ATen ops by torch's own decompositions
+    (torch.export's). What it writes must pass the ONNX checker's full check."""
     failure: Exception | None = None
-    for version in [v for v in OPSETS if v >= opset] or [opset]:
-        buffer = io.BytesIO()
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    program, tuple(examples), buffer, dynamo=False, opset_version=version,
-                    input_names=[f"input{i}" for i in range(len(examples))], output_names=[f"output{i}" for i in range(outputs)],
-                )
-        except Exception as error:  # torch's exporter has no single error type for "cannot write this op"
-            failure = error
-            continue
-        return _folded(onnx.load_from_string(buffer.getvalue()))
+    for candidate in _programs(program, examples):
+        for version in [v for v in OPSETS if v >= opset] or [opset]:
+            buffer = io.BytesIO()
+            try:
+                with warnings.catch_warnings(), torch.no_grad():
+                    warnings.simplefilter("ignore")
+                    torch.onnx.export(
+                        candidate, tuple(examples), buffer, dynamo=False, opset_version=version,
+                        input_names=[f"input{i}" for i in range(len(examples))], output_names=[f"output{i}" for i in range(outputs)],
+                    )
+                model = onnx.load_from_string(buffer.getvalue())
+                onnx.checker.check_model(model, full_check=True)
+            except Exception as error:  # torch's exporter has no single error type for "cannot write this op"
+                failure = error if candidate is program else failure  # the op's own reason, at the newest opset
+                continue
+            return _folded(model)
     reason = first_line(failure) or type(failure).__name__
     raise ExportError(f"{what}: left in float, but torch's ONNX exporter cannot write it (opsets {', '.join(map(str, OPSETS))}): {reason}")
 
 
+def _programs(program: fx.GraphModule, examples: list[torch.Tensor]) -> Iterator[nn.Module]:
+    """``program``, then (made only when asked for) ``program`` as core ATen ops: torch.export's default
+    decompositions traced on ``examples``."""
+    yield program
+    try:
+        with torch.no_grad():
+            decomposed = make_fx(program, decomposition_table=dict(torch.export.default_decompositions().items()))(*examples)
+    except Exception:  # an op torch cannot trace or decompose: the first program's failure is the reason given
+        return
+    yield decomposed
+
+
 def _folded(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with every node computed from constants alone (the shape arithmetic torch's exporter leaves, such
-    as reflect padding's pads) evaluated by ONNX's reference evaluator into an initializer: consumers (TVM's
-    importer) need such values static."""
-    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    kept: list[onnx.NodeProto] = []
-    for node in model.graph.node:
-        inputs = [t for t in node.input if t]
-        if node.domain or not (inputs or node.op_type == "Constant") or not all(t in constants for t in inputs):
-            kept.append(node)
-            continue
-        results = ReferenceEvaluator(node).run(None, {t: constants[t] for t in inputs})
-        constants.update(zip(node.output, results))
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(numpy_helper.from_array(np.asarray(value), name) for name, value in constants.items())
-    return model
+    """``model`` with every node computed from constants and static shapes alone evaluated by ONNX's reference
+    evaluator into an initializer: the shape arithmetic torch's exporter leaves (reflect padding's pads, ``sort``'s
+    ``k`` from ``Shape`` -> ``Gather``, a ``Reshape``'s target from ``Shape`` -> ``Slice`` -> ``Concat``). The file
+    has static shapes: a ``Shape`` (or ``Size``) of a tensor whose shape ONNX's shape inference knows is a constant,
+    and as a fold may tell a later tensor's shape, folding is repeated until nothing is left to fold. Consumers
+    need such values static (TVM's importer takes ``TopK``'s ``k`` only as a constant), and shape inference then
+    knows every tensor's shape (the ONNX checker requires shapes on a compiled region's inputs and outputs). An
+    ``If`` of a constant condition (torch's checks of a shape) is the branch it takes."""
+    while True:
+        shapes = _static_shapes(model)
+        constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        kept: list[onnx.NodeProto] = []
+        pending, folded = deque(model.graph.node), 0
+        while pending:
+            node = pending.popleft()
+            inputs = [t for t in node.input if t]
+            if node.op_type == "If" and not node.domain and inputs[0] in constants:
+                pending.extendleft(reversed(_taken_branch(node, bool(constants[inputs[0]]), constants)))
+                folded += 1
+                continue
+            if node.op_type in ("Shape", "Size") and not node.domain and inputs[0] in shapes:
+                feeds = {inputs[0]: np.broadcast_to(np.float32(0), shapes[inputs[0]])}  # the shape alone, no values
+                folded += 1
+            elif node.domain or not (inputs or node.op_type == "Constant") or not all(t in constants for t in inputs):
+                kept.append(node)
+                continue
+            else:
+                feeds = {t: constants[t] for t in inputs}
+                folded += 1
+            constants.update(zip(node.output, ReferenceEvaluator(node).run(None, feeds)))
+        used = {t for node in kept for t in node.input} | {o.name for o in model.graph.output}
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(numpy_helper.from_array(np.asarray(value), name) for name, value in constants.items() if name in used)
+        if not folded:
+            return model
+
+
+def _taken_branch(node: onnx.NodeProto, condition: bool, constants: dict[str, np.ndarray]) -> list[onnx.NodeProto]:
+    """The nodes of the branch an ``If`` of a constant condition takes, its outputs copied to the ``If``'s (the
+    branch's initializers added to ``constants``); torch's exporter names tensors uniquely across branches."""
+    branch = next(helper.get_attribute_value(a) for a in node.attribute if a.name == ("then_branch" if condition else "else_branch"))
+    constants.update((i.name, numpy_helper.to_array(i)) for i in branch.initializer)
+    outputs = zip(branch.output, node.output)
+    return [*branch.node, *(helper.make_node("Identity", [out.name], [name], name=f"{node.name}/Identity_{i}") for i, (out, name) in enumerate(outputs))]
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of ``model`` whose every dimension ONNX's shape inference knows."""
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    shapes = {}
+    for info in (*graph.input, *graph.value_info, *graph.output):
+        tensor = info.type.tensor_type
+        if tensor.HasField("shape") and all(d.HasField("dim_value") for d in tensor.shape.dim):
+            shapes[info.name] = tuple(d.dim_value for d in tensor.shape.dim)
+    return shapes
 
 
 def _splice(graph: FloatGraph, exported: onnx.GraphProto, sources: dict[str, str], outputs: list[str], path: str) -> None:

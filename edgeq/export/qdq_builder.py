@@ -173,7 +173,8 @@ class QDQBuilder:
 
     def float_op(self, node: fx.Node) -> Any:
         """An op left in float (docs/numerics.md "Float fallback"): its float ONNX nodes, reading the float tensors
-        (and float constants) among its arguments."""
+        (and float constants) among its arguments; an op whose result the file's static shapes alone determine is a
+        constant."""
         inputs: dict[fx.Node, Any] = {}
         for arg in node.all_input_nodes:
             value = self.env[arg]
@@ -183,6 +184,10 @@ class QDQBuilder:
                 inputs[arg] = tuple(v.name if isinstance(v, FloatTensor) else None for v in value)
         module = self.modules[node.target] if node.op == "call_module" else None
         output = emit_float_op(self, node, module, inputs, self.values, self.path(node), node.meta[FLOAT_REASON_KEY])
+        folded = next((i for i in self.initializers if i.name == output), None)
+        if folded is not None:  # computed from shapes alone (``torch.zeros_like(x)``): a constant of the file
+            self.initializers.remove(folded)
+            return FloatConstant(node)
         return FloatTensor(output) if isinstance(output, str) else tuple(None if o is None else FloatTensor(o) for o in output)
 
     def _float_name(self, value: FloatTensor | FloatConstant) -> str:

@@ -25,7 +25,7 @@ from edgeq.ops import LOOKUP_TABLE_OPS, Op, OpTable, gated_op
 from edgeq.quantization.batch_norms import batchnorm_as
 from edgeq.quantization.fake_quantize import ActivationFakeQuantize
 from edgeq.quantization.fusion import Fusion
-from edgeq.quantization.graph import VALUE_KEY, TensorInfo, describe_node, getattr_path, makes_one_tensor, tensor_info
+from edgeq.quantization.graph import VALUE_KEY, TensorInfo, describe_node, getattr_path, makes_one_tensor, produces_tensor, tensor_info
 from edgeq.quantization.patterns import PreFusionOp, SourceOp, argument, clamp_bounds, interpolation, padding, pair
 from edgeq.quantization.qat_modules import (
     Activation,
@@ -434,7 +434,10 @@ def _emit_matmul(rewriter: Rewriter, node: fx.Node) -> fx.Node:
 @_pre_fusion(PreFusionOp.DROPOUT, PreFusionOp.ALIAS)
 @CANONICAL_EMITTERS.register(*(op for op in MOVEMENT_OPS if op is not Op.PAD))
 def _emit_as_written(rewriter: Rewriter, node: fx.Node) -> fx.Node:
-    """Data movement, aliases and dropout are kept as the user wrote them."""
+    """Data movement, aliases and dropout are kept as the user wrote them; indexing with a tensor (a gather) is no
+    movement of constant positions."""
+    if rewriter.kinds.get(node) is Op.SLICE and any(produces_tensor(arg) for arg in node.all_input_nodes[1:]):
+        raise rewriter.unsupported(node, "indexing with a tensor (allowed: constant ints and slices)")
     return rewriter.copy(node)
 
 

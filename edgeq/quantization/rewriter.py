@@ -42,6 +42,7 @@ class Rewriter:
         self.traced = traced
         self.strict = strict
         self.region = region
+        self.region_names = {n.name for n in region}
         self.target = target
         self.scale_rule: ScaleRule = target.quantization.scale_rule
         self.rounding: Rounding = target.quantization.rounding
@@ -82,17 +83,19 @@ class Rewriter:
 
     def functional_path(self, node: fx.Node, base: str) -> str:
         """Where the canonical op of ``node`` goes: the module's own path (each further call of a module without
-        weights nor quantizer, such as SPPF's max pool, gets ``<path>_1``...), or ``<scope>.<base>``."""
+        weights nor quantizer, such as SPPF's max pool, gets ``<path>_1``...), or ``<scope>.<base>``, which names no
+        other node of the region (a float op or data movement is written under its node's name)."""
         if node.op == "call_module":
             path = str(node.target)
-            return self.unique_path(path) if path in self.new_modules else path
+            return self.unique_path(path, node) if path in self.new_modules else path
         scope = module_scope(node)
-        return self.unique_path(f"{scope}.{base}" if scope else base)
+        return self.unique_path(f"{scope}.{base}" if scope else base, node)
 
-    def unique_path(self, stem: str) -> str:
-        """``stem``, or ``stem_1``, ``stem_2``... the first that names no module yet."""
+    def unique_path(self, stem: str, node: fx.Node | None = None) -> str:
+        """``stem``, or ``stem_1``, ``stem_2``... the first that names no module yet, nor a node of the region other
+        than ``node``."""
         path, suffix = stem, 0
-        while path in self.new_modules or path in self.modules:
+        while path in self.new_modules or path in self.modules or (path in self.region_names and path != getattr(node, "name", None)):
             suffix += 1
             path = f"{stem}_{suffix}"
         return path

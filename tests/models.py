@@ -276,9 +276,9 @@ class BatchNorms1d(nn.Module):
 class DataMovement(nn.Module):
     """Data movement of vision transformers and their kin, on 8x8 maps of 8 channels: Swin's window partition and
     its reverse (reshape / permute over six axes), its shifted windows (``torch.roll``), a roll of the flattened
-    tensor (no ``dims``), ``unbind``, ``narrow``, ``split`` with sizes and indexing with constant slices;
-    ``halves_listed``: the input is split and concatenated again with ``list(x.chunk(2, 1))``, which only
-    torch.export captures."""
+    tensor (no ``dims``), ``unbind``, ``narrow``, ``split`` with sizes, indexing with constant slices and a
+    slice of a tuple of chunks concatenated; ``halves_listed``: the input is split and concatenated again with
+    ``list(x.chunk(2, 1))``, which only torch.export captures."""
 
     def __init__(self, halves_listed: bool = False) -> None:
         super().__init__()
@@ -290,6 +290,7 @@ class DataMovement(nn.Module):
         x = self.conv(self.quant(x))
         if self.halves_listed:
             x = torch.cat(list(x.chunk(2, 1)), 1)
+        x = torch.cat(x.chunk(2, 1)[::-1], 1)  # a slice of the tuple of chunks: the halves swapped
         n, c, h, w = x.shape
         shifted = torch.roll(x.permute(0, 2, 3, 1), shifts=(-2, -2), dims=(1, 2))
         windows = shifted.reshape(n, h // 4, 4, w // 4, 4, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, 4, 4, c)

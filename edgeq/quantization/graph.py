@@ -7,6 +7,7 @@ pre- and post-processing) are left as they are; shape arithmetic (``x.size()``, 
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -116,6 +117,30 @@ def record_example_values(module: fx.GraphModule, example_inputs: Sequence[torch
                 buffer.copy_(buffers[name])
     for node, value in values.items():
         node.meta[VALUE_KEY] = _describe(value)
+
+
+def list_sliced_tuples(module: fx.GraphModule) -> None:
+    """Rewrite each slice of a tuple of tensors that its users read as a sequence (``torch.cat(x.chunk(2, 1)[::-1])``,
+    traced by torch.fx as one ``getitem`` of a slice) into the list of its items, one ``getitem`` each, so that an op
+    taking tensors (cat, stack) reads them one by one (``record_example_values`` ran before)."""
+    for node in list(module.graph.nodes):
+        if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[1], slice):
+            continue
+        source, window = node.args
+        items = source.meta.get(VALUE_KEY) if isinstance(source, fx.Node) else None
+        if not isinstance(items, tuple):
+            continue
+        with module.graph.inserting_before(node):
+            listed = [module.graph.call_function(operator.getitem, (source, index)) for index in range(len(items))[window]]
+        for item, index in zip(listed, range(len(items))[window]):
+            item.meta[VALUE_KEY] = items[index]
+        for user in list(node.users):
+            user.args = tuple(listed if arg is node else arg for arg in user.args)
+            user.kwargs = {key: listed if arg is node else arg for key, arg in user.kwargs.items()}
+        if not node.users:
+            module.graph.erase_node(node)
+    module.graph.lint()
+    module.recompile()
 
 
 def produces_tensor(node: fx.Node) -> bool:

@@ -32,7 +32,7 @@ from edgeq.quantization.capture import CAPTURE_ATTRIBUTE, capture
 from edgeq.quantization.distributed import DDP_IGNORE_ATTRIBUTE, observer_buffer_names
 from edgeq.quantization.float_boundaries import FloatFallbackWarning
 from edgeq.quantization.fusion import find_fusions
-from edgeq.quantization.graph import integer_region, module_scope, record_example_values
+from edgeq.quantization.graph import integer_region, list_sliced_tuples, module_scope, record_example_values
 from edgeq.quantization.metadata_reads import drop_metadata_reads
 from edgeq.quantization.patterns import PreFusionOp, moves_values, source_op
 from edgeq.quantization.qat_modules import CONSTANT_KEY, FLOAT_REASON_KEY, DequantizeOutput
@@ -142,6 +142,7 @@ def prepare_captured(
     graph; the prepared model and the reason of each node rejected (``lenient``)."""
     record_example_values(traced, example_inputs)
     drop_metadata_reads(traced)
+    list_sliced_tuples(traced)
     region = integer_region(traced)
     rewriter = Rewriter(traced, region, target, resolve, strict)
     prepared, rejected = _rewrite(rewriter, lenient)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from filelock import FileLock
 
 REPO = Path(__file__).resolve().parent.parent
 CPP_BUILD = REPO / "runtime" / "cpp" / "build"
@@ -23,18 +22,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--flow", action="store_true", help="also run the whole-flow tests (marked flow) when no test paths are given")
 
 
-SLOW_FILES_FIRST = ("test_examples.py", "test_compile.py", "test_zoo_models.py", "test_ethos_u_models.py", "test_edge_models.py")
-"""Files whose tests take minutes together: run first, so that pytest-xdist's workers (a whole file each at a time,
-./scripts/test.sh) start them early and no worker ends the suite alone on one of them."""
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The slow files first (:data:`SLOW_FILES_FIRST`), the others in their order. ``pytest`` alone (the test paths
-    of pyproject.toml, no ``-m``) runs the fast selection: the whole-flow tests (marked ``flow``) are deselected
-    unless ``--flow`` is given (``./scripts/test.sh`` and CI give it). Tests named on the command line (a file, a
-    node id) run whatever their marks."""
-    rank = {name: index for index, name in enumerate(SLOW_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    """``pytest`` alone (the test paths of pyproject.toml, no ``-m``) runs the fast selection: the whole-flow tests
+    (marked ``flow``) are deselected unless ``--flow`` is given (``./scripts/test.sh`` and CI give it). Tests named
+    on the command line (a file, a node id) run whatever their marks."""
     if config.getoption("flow") or config.option.markexpr or config.args_source is not pytest.Config.ArgsSource.TESTPATHS:
         return
     flow = [item for item in items if item.get_closest_marker("flow")]
@@ -47,9 +38,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def cpp_build() -> Path:
     """The C++ runtime built (incrementally) once per session for x86_64, x86_64 with AddressSanitizer and aarch64:
     :data:`CPP_BUILD`."""
-    CPP_BUILD.mkdir(parents=True, exist_ok=True)
-    with FileLock(CPP_BUILD / ".lock"):  # each pytest-xdist worker has its own session: one builds while the others wait
-        subprocess.run([str(REPO / "scripts" / "build_runtime.sh"), "x86_64", "x86_64-asan", "aarch64"], check=True, capture_output=True)
+    subprocess.run([str(REPO / "scripts" / "build_runtime.sh"), "x86_64", "x86_64-asan", "aarch64"], check=True, capture_output=True)
     return CPP_BUILD
 
 
